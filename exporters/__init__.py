@@ -1,0 +1,1 @@
+"""Export back ends: ExecuTorch (.pte + per-task data) and ONNX (graph + .onnx_adapter files)."""

@@ -1,0 +1,1 @@
+"""hydraopt-mobile: many LoRA task adapters of one LLM on a phone."""

@@ -1,0 +1,116 @@
+"""The merged bank in memory: per module, shared and per-task factors and which task uses which.
+
+Every merge method (HydraOpt and the baselines) produces a :class:`MergedBank`, so bundles,
+``inspect``, ``unpack``, evaluation and the exporters treat all methods alike. Task ``t`` is served
+by ``B[b_index[t]] @ A[a_index[t]]`` in each module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import AdapterSet, LoraFactors
+from .formats import NumberFormat, StoredFactor
+
+
+@dataclass
+class MergedModule:
+    shape: tuple[int, int]  # (d_out, d_in)
+    a_index: list[int]  # task -> index into A
+    b_index: list[int]  # task -> index into B
+    A: list[StoredFactor]  # each (r', d_in)
+    B: list[StoredFactor]  # each (d_out, r')
+
+    @property
+    def rank(self) -> int:
+        return self.A[0].shape[0] if self.A else 0
+
+    @property
+    def fmt(self) -> NumberFormat:
+        return self.A[0].fmt
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(k_A, k_B): how many distinct A and B factors this module stores."""
+        return (len(self.A), len(self.B))
+
+    def a_shared(self) -> bool:
+        """True when one A serves every task, so a device keeps it resident."""
+        return len(self.A) == 1
+
+    def b_shared(self) -> bool:
+        return len(self.B) == 1
+
+    def task_factors(self, t: int) -> LoraFactors:
+        return LoraFactors(self.A[self.a_index[t]].values(), self.B[self.b_index[t]].values())
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes() for f in self.A + self.B)
+
+
+@dataclass
+class MergedBank:
+    tasks: list[str]
+    modules: dict[str, MergedModule]
+    method: str
+    params: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
+    reference_fp16_bytes: int = 0  # bytes of every input adapter in fp16 (the budget's unit)
+
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not in this bank (tasks: {', '.join(self.tasks)})")
+        return self.tasks.index(task)
+
+    def task_factors(self, task: str) -> dict[str, LoraFactors]:
+        """The effective adapter of ``task``: dequantised factors per module."""
+        t = self.task_index(task)
+        return {name: m.task_factors(t) for name, m in self.modules.items()}
+
+    def payload_bytes(self) -> int:
+        return sum(m.nbytes() for m in self.modules.values())
+
+    def relative_errors(self, adapters: AdapterSet) -> dict[str, float]:
+        """Per task ||dW - dW^||_F / ||dW||_F over all modules, computed without dense matrices."""
+        from .factored import factored_sq_error, sq_norm
+
+        out = {}
+        for t, task in enumerate(self.tasks):
+            err = ref = 0.0
+            for name, m in self.modules.items():
+                target = adapters.factors(name)[t]
+                approx = m.task_factors(t)
+                err += factored_sq_error(target, approx)
+                ref += sq_norm(target)
+            out[task] = (err / ref) ** 0.5 if ref > 0 else 0.0
+        return out
+
+
+def single_adapter_module(factors: LoraFactors, n_tasks: int, fmt: NumberFormat) -> MergedModule:
+    """A module where one merged adapter serves every task (k_A = k_B = 1)."""
+    return MergedModule(
+        shape=factors.shape,
+        a_index=[0] * n_tasks,
+        b_index=[0] * n_tasks,
+        A=[StoredFactor.encode(factors.A, fmt, transposed=False)],
+        B=[StoredFactor.encode(factors.B, fmt, transposed=True)],
+    )
+
+
+def grouped_module(
+    shape: tuple[int, int],
+    a_index: list[int],
+    b_index: list[int],
+    A: list[torch.Tensor],
+    B: list[torch.Tensor],
+    fmt: NumberFormat,
+) -> MergedModule:
+    return MergedModule(
+        shape=shape,
+        a_index=list(a_index),
+        b_index=list(b_index),
+        A=[StoredFactor.encode(a, fmt, transposed=False) for a in A],
+        B=[StoredFactor.encode(b, fmt, transposed=True) for b in B],
+    )

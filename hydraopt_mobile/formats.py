@@ -1,0 +1,119 @@
+"""Number formats for stored low-rank factors, with exact byte counts.
+
+A factor is stored as a set of rank-1 component vectors: the rows of ``A`` (length d_in) and the
+columns of ``B`` (length d_out). Quantisation scales follow those vectors, which is what a
+low-rank factor needs (a per-row scale on ``B`` would cost d_out scales for r' values each):
+
+- ``fp16``: the values.
+- ``int8``: symmetric, one fp16 scale per component vector (per output channel of the factor).
+- ``int4``: symmetric, one fp16 scale per group of ``group_size`` consecutive values of a vector;
+  two values per byte; vectors are zero-padded to a whole number of groups (padding is counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+FormatName = Literal["fp16", "int8", "int4"]
+FORMAT_NAMES: tuple[str, ...] = ("fp16", "int8", "int4")
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    name: FormatName = "fp16"
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.name not in FORMAT_NAMES:
+            raise ValueError(f"--format {self.name!r}: choose one of {', '.join(FORMAT_NAMES)}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"--group-size {self.group_size}: choose one of {GROUP_SIZES}")
+
+    def label(self) -> str:
+        return f"int4-g{self.group_size}" if self.name == "int4" else self.name
+
+    @classmethod
+    def parse(cls, label: str) -> "NumberFormat":
+        if label.startswith("int4-g"):
+            return cls("int4", int(label.removeprefix("int4-g")))
+        return cls(label)  # type: ignore[arg-type]
+
+    def _padded(self, length: int) -> int:
+        g = self.group_size
+        return -(-length // g) * g
+
+    def nbytes(self, n_vectors: int, length: int) -> int:
+        """Exact payload bytes of ``n_vectors`` component vectors of ``length`` values."""
+        if self.name == "fp16":
+            return 2 * n_vectors * length
+        if self.name == "int8":
+            return n_vectors * length + 2 * n_vectors
+        padded = self._padded(length)
+        return n_vectors * padded // 2 + 2 * n_vectors * (padded // self.group_size)
+
+    def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantise ``vectors`` (n, length) into the tensors that are written to disk."""
+        v = vectors.float()
+        if self.name == "fp16":
+            return {"w": v.half()}
+        if self.name == "int8":
+            scale = (v.abs().amax(dim=1, keepdim=True) / 127).half()
+            q = torch.round(v / _safe(scale)).clamp(-127, 127).to(torch.int8)
+            return {"q": q, "scale": scale}
+        n, length = v.shape
+        padded = self._padded(length)
+        grouped = torch.nn.functional.pad(v, (0, padded - length)).reshape(n, -1, self.group_size)
+        scale = (grouped.abs().amax(dim=2, keepdim=True) / 7).half()
+        q = torch.round(grouped / _safe(scale)).clamp(-8, 7).to(torch.int8).reshape(n, padded)
+        packed = ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).to(torch.uint8)
+        return {"q": packed, "scale": scale.reshape(n, -1)}
+
+    def decode(self, stored: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+        """The float32 values that ``stored`` represents, shape (n, length)."""
+        if self.name == "fp16":
+            return stored["w"].float()
+        if self.name == "int8":
+            return stored["q"].float() * stored["scale"].float()
+        packed = stored["q"].to(torch.int16)
+        lo, hi = packed & 0x0F, (packed >> 4) & 0x0F
+        q = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)
+        q = torch.where(q > 7, q - 16, q).float()
+        n = q.shape[0]
+        values = q.reshape(n, -1, self.group_size) * stored["scale"].float().unsqueeze(2)
+        return values.reshape(n, -1)[:, :length]
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale).float()
+
+
+@dataclass
+class StoredFactor:
+    """One factor as it lives on disk: encoded component vectors plus their format.
+
+    ``transposed`` is True for B factors, whose component vectors are the columns.
+    """
+
+    fmt: NumberFormat
+    data: dict[str, torch.Tensor]
+    shape: tuple[int, int]
+    transposed: bool
+
+    @classmethod
+    def encode(cls, matrix: torch.Tensor, fmt: NumberFormat, transposed: bool) -> "StoredFactor":
+        vectors = matrix.T if transposed else matrix
+        return cls(fmt, fmt.encode(vectors.contiguous()), tuple(matrix.shape), transposed)
+
+    def values(self) -> torch.Tensor:
+        """Dequantised float32 matrix in its natural orientation."""
+        n, length = (self.shape[1], self.shape[0]) if self.transposed else self.shape
+        v = self.fmt.decode(self.data, length) if n else torch.zeros(0, length)
+        return (v.T if self.transposed else v).contiguous()
+
+    def nbytes(self) -> int:
+        n, length = (self.shape[1], self.shape[0]) if self.transposed else self.shape
+        return self.fmt.nbytes(n, length)
