@@ -58,6 +58,7 @@ class MergedBank:
     params: dict = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)
     reference_fp16_bytes: int = 0  # bytes of every input adapter in fp16 (the budget's unit)
+    rel_errors: dict[str, float] = field(default_factory=dict)  # per task, measured at merge time
 
     def task_index(self, task: str) -> int:
         if task not in self.tasks:

@@ -1,0 +1,163 @@
+"""The ``hydraopt`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .adapters import AdapterError, load_adapter_set
+from .atomic import OutputExists
+from .bundle import BundleError, load_bundle, write_bundle
+from .formats import NumberFormat
+from .merge.budget import Budget, InfeasibleBudget
+from .merge.registry import METHODS, MergeConfig, merge
+from .peft_io import write_peft_folder
+
+app = typer.Typer(help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def main(
+    threads: int = typer.Option(1, "--threads", envvar="HYDRAOPT_THREADS", help="torch CPU threads (oversubscribed cores run many times slower)"),
+) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+USER_ERRORS = (AdapterError, BundleError, OutputExists, InfeasibleBudget, ValueError, KeyError, FileNotFoundError)
+
+
+def fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods in the registry, with parameters and references."""
+    table = Table("method", "what it does", "parameters (default)", "storage", "reference")
+    for m in METHODS.values():
+        params = ", ".join(f"{p.name}={p.default}" for p in m.params) or "-"
+        table.add_row(m.name, m.summary, params, "--budget" if m.budgeted else "fixed", m.reference)
+    console.print(table)
+
+
+@app.command()
+def analyze(
+    adapters: list[str] = typer.Argument(..., help="adapter folders, PATH or NAME=PATH"),
+    out: Path = typer.Option(..., "--out", help="output folder (similarity.json + heatmap PNGs)"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="treat modules an adapter lacks as zero updates"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Similarity of the adapters' A's and B's, raw and rotation-invariant, per module and layer type."""
+    from .analysis import METRICS, write_analysis
+
+    try:
+        result = write_analysis(load_adapter_set(adapters, allow_missing), out, overwrite)
+    except USER_ERRORS as e:
+        fail(e)
+    table = Table("layer type", *METRICS, title="mean off-diagonal similarity between tasks")
+    for lt, vals in result["summary"].items():
+        table.add_row(lt, *(f"{vals[m]:.3f}" for m in METRICS))
+    console.print(table)
+    console.print(f"wrote {out}/similarity.json and heatmaps")
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@app.command("merge")
+def merge_cmd(
+    adapters: list[str] = typer.Argument(..., help="adapter folders, PATH or NAME=PATH"),
+    method: str = typer.Option("hydraopt", "--method", help="see `hydraopt methods`"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="0.5 = half the fp16 bytes of all adapters; or 12MB"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="fp16 | int8 | int4 (hydraopt: default lets the planner choose)"),
+    group_size: int = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128"),
+    param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable)"),
+    out: Path = typer.Option(..., "--out", help="bundle folder to write"),
+    allow_missing: bool = typer.Option(False, "--allow-missing"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Merge adapters into a bundle."""
+    try:
+        if out.exists() and not overwrite:
+            raise OutputExists(f"{out}: already exists; pass --overwrite to replace it")
+        config = MergeConfig(
+            method=method,
+            fmt=NumberFormat(fmt, group_size) if fmt else None,  # type: ignore[arg-type]
+            budget=Budget.parse(budget) if budget else None,
+            group_size=group_size,
+            params=_parse_params(param),
+        )
+        adapter_set = load_adapter_set(adapters, allow_missing)
+        bank = merge(adapter_set, config)
+        write_bundle(bank, out, overwrite)
+    except USER_ERRORS as e:
+        fail(e)
+    _print_inspect(out)
+
+
+def _print_inspect(path: Path) -> None:
+    from .inspect_bundle import inspect_bundle
+
+    info = inspect_bundle(path)
+    b = info["bytes"]
+    console.print(f"[bold]{info['bundle']}[/]: method {info['method']} {info['params']}, {len(info['tasks'])} tasks, {info['n_modules']} modules")
+    console.print("layouts: " + "; ".join(f"{k} x{v}" for k, v in info["layouts"].items()))
+    frac = info["fraction_of_reference"]
+    console.print(
+        f"bytes: shared {b['shared']:,}, per task {sum(b['per_task'].values()):,} in all, manifest {b['manifest']:,}, "
+        f"total {b['total']:,}; {frac['payload']:.3f} of fp16 one-adapter-per-task ({frac['files']:.3f} counting file headers)"
+    )
+    table = Table("task", "task file bytes", "rel. error ||dW-dW^||/||dW||")
+    for t in info["tasks"]:
+        err = info["rel_errors"].get(t)
+        table.add_row(t, f"{b['per_task'][t]:,}", "-" if err is None else f"{err:.4f}")
+    console.print(table)
+
+
+@app.command()
+def inspect(bundle: Path, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Tasks, layouts, exact bytes on disk and per-task reconstruction error of a bundle."""
+    from .inspect_bundle import inspect_bundle
+
+    try:
+        if as_json:
+            print(json.dumps(inspect_bundle(bundle), indent=1))
+        else:
+            _print_inspect(bundle)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+@app.command()
+def unpack(
+    bundle: Path,
+    task: str = typer.Option(..., "--task"),
+    out: Path = typer.Option(..., "--out"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write one task's effective adapter as a standard PEFT LoRA folder."""
+    try:
+        bank = load_bundle(bundle)
+        write_peft_folder(bank.task_factors(task), out, bank.fingerprint.get("base_model"), overwrite)
+    except USER_ERRORS as e:
+        fail(e)
+    console.print(f"wrote {out} (PEFT LoRA, loads with peft.PeftModel.from_pretrained)")
+
+
+if __name__ == "__main__":
+    app()

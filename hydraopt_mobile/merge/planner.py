@@ -1,0 +1,74 @@
+"""Choosing, per module, the layout, shared rank and number format that buy the most error
+reduction per byte within a storage budget (METHOD.md, "A storage budget ...").
+
+Each module gets a list of candidates (bytes, weighted squared error). Only the lower convex hull
+of each list matters; its successive points are upgrades with decreasing error-per-byte gains.
+All upgrades of all modules are sorted by gain and the longest prefix that fits the budget is
+taken. Taking a prefix (rather than skipping an upgrade that does not fit and trying smaller ones)
+makes the plan monotone: a larger budget never gives a larger error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .budget import InfeasibleBudget
+
+
+@dataclass(frozen=True)
+class Candidate:
+    k_a: int
+    k_b: int
+    rank: int
+    fmt: str  # NumberFormat label
+    nbytes: int
+    error: float  # weighted squared reconstruction error of the stored factors
+
+
+def lower_hull(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates on the lower convex hull of (bytes, error), cheapest first, error decreasing."""
+    pts = sorted(cands, key=lambda c: (c.nbytes, c.error))
+    front: list[Candidate] = []
+    for c in pts:  # Pareto front: strictly decreasing error
+        if not front or c.error < front[-1].error:
+            if front and front[-1].nbytes == c.nbytes:
+                front.pop()
+            front.append(c)
+    hull: list[Candidate] = []
+    for c in front:
+        while len(hull) >= 2:
+            p, q = hull[-2], hull[-1]
+            # drop q if it lies on or above the segment p -> c
+            if (q.error - p.error) * (c.nbytes - p.nbytes) >= (c.error - p.error) * (q.nbytes - p.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return hull
+
+
+def plan(candidates: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, Candidate]:
+    """Per module, the chosen candidate for ``budget_bytes``; raises InfeasibleBudget naming the minimum."""
+    hulls = {m: lower_hull(c) for m, c in candidates.items()}
+    choice = {m: h[0] for m, h in hulls.items()}
+    total = sum(c.nbytes for c in choice.values())
+    if total > budget_bytes:
+        raise InfeasibleBudget(
+            f"budget of {budget_bytes:,} bytes is infeasible: the smallest feasible budget is {total:,} bytes"
+        )
+    upgrades = []
+    for m, h in hulls.items():
+        for prev, nxt in zip(h, h[1:]):
+            gain = (prev.error - nxt.error) / max(nxt.nbytes - prev.nbytes, 1)
+            upgrades.append((gain, m, nxt, nxt.nbytes - prev.nbytes))
+    upgrades.sort(key=lambda u: -u[0])
+    for _, m, nxt, extra in upgrades:
+        if total + extra > budget_bytes:
+            break
+        choice[m] = nxt
+        total += extra
+    return choice
+
+
+def minimum_bytes(candidates: dict[str, list[Candidate]]) -> int:
+    return sum(min(c.nbytes for c in cands) for cands in candidates.values())

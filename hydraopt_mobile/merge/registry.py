@@ -1,0 +1,183 @@
+"""The merge-method registry: each method is data (name, parameters, reference) plus one function.
+
+The CLI lists what this registry holds (``hydraopt methods``) and merges by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rich.progress import Progress
+
+from ..adapters import AdapterSet
+from ..bank import MergedBank, MergedModule
+from ..formats import FORMAT_NAMES, NumberFormat
+from . import baselines
+from .budget import Budget, InfeasibleBudget
+from .method_hydraopt import HydraOptConfig, build_modules, plan_candidates
+from .planner import minimum_bytes
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    summary: str
+    reference: str
+    params: tuple[Param, ...] = ()
+    budgeted: bool = False  # True: storage follows --budget; False: fixed storage (one adapter, or all)
+
+    def resolve_params(self, given: dict[str, str]) -> dict[str, Any]:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no parameter {unknown[0]!r} (it has: {', '.join(known) or 'none'})")
+        out: dict[str, Any] = {}
+        for p in self.params:
+            raw = given.get(p.name, p.default)
+            if raw is None or raw in ("", "none"):
+                out[p.name] = None
+                continue
+            convert = type(p.default) if p.default is not None else _number
+            try:
+                out[p.name] = convert(raw)
+            except ValueError as e:
+                raise ValueError(f"--param {p.name}={raw!r}: {e}") from e
+        return out
+
+
+def _number(raw: Any) -> Any:
+    s = str(raw)
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """What to merge and how: a method name, its parameters, the number format and the budget."""
+
+    method: str
+    fmt: NumberFormat | None = None  # None: hydraopt chooses per module; baselines use fp16
+    budget: Budget | None = None
+    group_size: int = 32  # int4 group size when hydraopt chooses formats itself
+    params: dict[str, str] = field(default_factory=dict)
+
+
+_W = Param("weight", 1.0, "weight of every task's update")
+_DENSITY = Param("density", 0.2, "fraction of values kept per task")
+_SIGN = Param("majority_sign", "total", "TIES sign election: total or frequency")
+_RANK = Param("rank", None, "rank of the merged adapter (default: largest input rank)")
+_SEED = Param("seed", 0, "random seed of DARE's drop mask")
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in [
+        MergeMethod(
+            "hydraopt",
+            "shared factors + per-task tensors, layout/rank/format per module under a storage budget",
+            "Ceritli et al., HydraOpt, EMNLP 2025 (arXiv 2507.17706)",
+            (
+                Param("k_a", None, "fix the number of A-groups"),
+                Param("k_b", None, "fix the number of B-groups"),
+                Param("rank", None, "fix the shared rank r'"),
+            ),
+            budgeted=True,
+        ),
+        MergeMethod("task-arithmetic", "lambda * sum of task updates, re-factorised to rank r", "Ilharco et al., ICLR 2023 (arXiv 2212.04089)", (Param("weight", 0.3, "lambda"), _RANK)),
+        MergeMethod("ties", "trim, elect sign, disjoint mean; re-factorised to rank r", "Yadav et al., NeurIPS 2023 (arXiv 2306.01708)", (_W, _DENSITY, _SIGN, _RANK)),
+        MergeMethod("dare-linear", "random drop + rescale, then weighted sum; re-factorised", "Yu et al., ICML 2024 (arXiv 2311.03099)", (Param("weight", 0.3, "lambda"), Param("density", 0.5, "keep probability"), _SEED, _RANK)),
+        MergeMethod("dare-ties", "random drop + rescale, then TIES sign election; re-factorised", "Yu et al., ICML 2024 (arXiv 2311.03099)", (_W, Param("density", 0.5, "keep probability"), _SIGN, _SEED, _RANK)),
+        MergeMethod("svd", "PEFT add_weighted_adapter(combination_type='svd'): weighted sum, truncated SVD", "PEFT, LoraModel.add_weighted_adapter", (Param("weight", None, "weight per task (default 1/T)"), _RANK)),
+        MergeMethod("knots", "SVD of side-by-side updates aligns tasks; TIES on the per-task V; rank r", "Stoica et al., ICLR 2025 (arXiv 2410.19735)", (_W, Param("density", 0.5, "TIES density on V"), _SIGN, _RANK)),
+        MergeMethod("cat", "concatenate factors (exact weighted sum, rank sum r_t)", "PEFT, add_weighted_adapter(combination_type='cat')", (Param("weight", None, "weight per task (default 1/T)"),)),
+        MergeMethod("none", "one adapter per task: the reference", "-", ()),
+    ]
+}
+
+_DENSE_RULES: dict[str, Callable] = {
+    "task-arithmetic": baselines.task_arithmetic,
+    "ties": baselines.ties,
+    "dare-linear": baselines.dare_linear,
+    "dare-ties": baselines.dare_ties,
+    "svd": baselines.svd_merge,
+    "knots": baselines.knots,
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise ValueError(f"--method {name!r}: unknown; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def merge(adapters: AdapterSet, config: MergeConfig, progress: bool = True) -> MergedBank:
+    """Merge ``adapters`` as ``config`` says and return the bank (not yet written to disk)."""
+    method = get_method(config.method)
+    params = method.resolve_params(config.params)
+    if config.budget is not None and not method.budgeted:
+        raise ValueError(f"--budget applies to budgeted methods (hydraopt); {method.name!r} has fixed storage")
+    reference = adapters.fp16_bytes()
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"{method.name}: modules", total=len(adapters.module_names))
+
+        def tick() -> None:
+            bar.advance(task)
+
+        modules = _merge_modules(adapters, method, params, config, reference, tick)
+    recorded = {k: v for k, v in params.items() if v is not None}
+    if method.budgeted:
+        recorded["budget"] = (config.budget or DEFAULT_BUDGET).label()
+        recorded["formats"] = [f.label() for f in _formats(config)]
+    else:
+        recorded["format"] = (config.fmt or NumberFormat("fp16")).label()
+    bank = MergedBank(
+        tasks=adapters.task_names,
+        modules=modules,
+        method=method.name,
+        params=recorded,
+        fingerprint=adapters.fingerprint(),
+        reference_fp16_bytes=reference,
+    )
+    bank.rel_errors = bank.relative_errors(adapters)
+    return bank
+
+
+DEFAULT_BUDGET = Budget(fraction=0.5)
+
+
+def _formats(config: MergeConfig) -> tuple[NumberFormat, ...]:
+    if config.fmt is not None:
+        return (config.fmt,)
+    return tuple(NumberFormat(name, config.group_size) for name in FORMAT_NAMES)  # type: ignore[arg-type]
+
+
+def _merge_modules(adapters, method, params, config, reference, tick) -> dict[str, MergedModule]:
+    fmt = config.fmt or NumberFormat("fp16")
+    if method.name == "hydraopt":
+        cfg = HydraOptConfig(formats=_formats(config), k_a=params["k_a"], k_b=params["k_b"], rank=params["rank"])
+        planners, cands = plan_candidates(adapters, cfg, tick)
+        budget = config.budget or DEFAULT_BUDGET
+        smallest = minimum_bytes(cands)
+        if smallest > budget.resolve(reference):
+            raise InfeasibleBudget(
+                f"--budget {budget.label()} ({budget.resolve(reference):,} bytes) is infeasible: the smallest feasible "
+                f"budget is {smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task)"
+            )
+        return build_modules(planners, cands, budget.resolve(reference))
+    if method.name == "none":
+        return baselines.merge_modules(adapters, baselines.one_per_task, params, fmt, tick)
+    if method.name == "cat":
+        return baselines.merge_modules(adapters, baselines.concatenate, params, fmt, tick)
+    rule = _DENSE_RULES[method.name]
+    return baselines.merge_modules(adapters, lambda f, p, x: baselines.merged_module(rule, f, p, x), params, fmt, tick)

@@ -1,0 +1,116 @@
+"""Scoring the base model, or any set of per-task effective adapters, on the suite.
+
+An adapter is applied exactly by adding ``B @ A`` into the base weights of its modules, evaluating,
+and restoring the saved originals: the same function as PEFT's unmerged forward, with no LoRA layers
+in the graph, so any effective adapter (an original one or a merged bundle's) is evaluated alike.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import LoraFactors, load_adapter
+from .metrics import score
+from .model import load_base_model
+from .prompts import render_prompt
+from .tasks import TaskSpec
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def adapters_from_folders(paths: dict[str, Path] | list[Path]) -> dict[str, dict[str, LoraFactors]]:
+    """Read PEFT folders into ``task -> module -> LoraFactors`` (a list is keyed by folder name)."""
+    items = paths.items() if isinstance(paths, dict) else ((Path(p).name, p) for p in paths)
+    return {name: load_adapter(Path(path), name).modules for name, path in items}
+
+
+@contextmanager
+def applied(model, factors: dict[str, LoraFactors] | None):
+    """Temporarily add each module's ``B @ A`` to the model's weights (``None``: the base model)."""
+    if not factors:
+        yield model
+        return
+    modules = dict(model.named_modules())
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, f in factors.items():
+                if name not in modules:
+                    raise KeyError(f"adapter module {name!r} is not in the model")
+                weight = modules[name].weight
+                if tuple(weight.shape) != f.shape:
+                    raise ValueError(f"adapter module {name!r}: update {f.shape} vs weight {tuple(weight.shape)}")
+                saved[name] = weight.detach().clone()
+                weight.add_((f.B.to(torch.float32) @ f.A.to(torch.float32)).to(weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                modules[name].weight.copy_(original)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, task: TaskSpec, split: str = "test", batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+    """Greedy, KV-cached, batched (left-padded) answers to every example of ``split``, in order."""
+    examples = task.split(split)
+    prompts = [render_prompt(tokenizer, task, ex) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    out: list[str] = [""] * len(prompts)
+    tokenizer.padding_side = "left"
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=task.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            out[i] = text.strip()
+    return out
+
+
+def evaluate(
+    tasks: list[TaskSpec],
+    adapters: dict[str, dict[str, LoraFactors]] | None,
+    model=None,
+    tokenizer=None,
+    split: str = "test",
+    threads: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    predictions: dict[str, list[str]] | None = None,
+) -> dict[str, float]:
+    """``task -> score`` (0..100) on ``split``; ``adapters=None`` scores the base model.
+
+    Otherwise every task is scored with its own effective adapter ``adapters[task.name]``.
+    Pass a dict as ``predictions`` to also receive the generated texts.
+    """
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if model is None or tokenizer is None:
+        model, tokenizer = load_base_model()
+    if adapters is not None:
+        missing = [t.name for t in tasks if t.name not in adapters]
+        if missing:
+            raise KeyError(f"no adapter for tasks {missing}")
+    model.eval()
+    scores: dict[str, float] = {}
+    bar = tqdm(tasks, desc="evaluate", unit="task")
+    for task in bar:
+        bar.set_postfix(task=task.name)
+        with applied(model, None if adapters is None else adapters[task.name]):
+            texts = generate(model, tokenizer, task, split, batch_size)
+        scores[task.name] = score(task, texts, split)
+        if predictions is not None:
+            predictions[task.name] = texts
+    return scores

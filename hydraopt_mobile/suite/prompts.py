@@ -1,0 +1,22 @@
+"""Prompts in the model's own chat template, and the training sequences built from them."""
+
+from __future__ import annotations
+
+from .tasks import Example, TaskSpec
+
+
+def render_prompt(tokenizer, task: TaskSpec, example: Example) -> str:
+    """The chat-formatted prompt (with the assistant turn opened) for one example."""
+    messages = [{"role": "user", "content": f"{task.instruction}\n\n{example.prompt}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def training_ids(tokenizer, task: TaskSpec, example: Example) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` for one example: the loss falls only on the answer and its end token.
+
+    The answer is closed with the tokenizer's end-of-turn token (``<|im_end|>``), which is what
+    generation stops on, so the adapter learns to stop as well as what to say.
+    """
+    prompt_ids = tokenizer(render_prompt(tokenizer, task, example), add_special_tokens=False).input_ids
+    answer_ids = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids

@@ -1,0 +1,153 @@
+"""The embedded task suite: 3 applications x 4 languages, built only from data shipped in packages.
+
+- ``country-<lang>``: English country name -> its name in German, Spanish, Italian or Portuguese
+  (pycountry's ISO 3166 gettext catalogues), exact match after normalisation.
+- ``topic-<lang>``: which topic a chatterbot-corpus question belongs to (label = the corpus file's
+  English stem, e.g. ``food``), in English, Italian, Spanish and Portuguese; accuracy.
+- ``reply-<lang>``: the chatterbot-corpus answer to a question, same languages; ROUGE-L.
+
+Splits are fixed by a seeded shuffle of a sorted, de-duplicated list, so they are identical across
+runs and machines and disjoint by prompt (no question or country is in two splits).
+"""
+
+from __future__ import annotations
+
+import gettext
+import importlib.util
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TEST_SIZE = 48
+VAL_SIZE = 30
+
+COUNTRY_LANGS = {"de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
+CHAT_LANGS = {"en": "english", "it": "italian", "es": "spanish", "pt": "portuguese"}
+LANGUAGE_NAMES = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
+# A topic needs this many distinct questions in a language to be a label there.
+MIN_TOPIC_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str
+
+
+@dataclass
+class TaskSpec:
+    """One task of the suite: what to ask, how to score it, and its three splits."""
+
+    name: str
+    app: str
+    language: str
+    metric: str  # "accuracy" | "exact_match" | "rougeL"
+    labels: list[str] | None
+    max_new_tokens: int
+    instruction: str
+    train: list[Example] = field(default_factory=list, repr=False)
+    val: list[Example] = field(default_factory=list, repr=False)
+    test: list[Example] = field(default_factory=list, repr=False)
+
+    def split(self, name: str) -> list[Example]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; use train, val or test")
+        return getattr(self, name)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _split(pairs: list[Example], seed: int, key: str) -> tuple[list[Example], list[Example], list[Example]]:
+    """Seeded disjoint test / val / train split; the key keeps tasks' shuffles independent."""
+    items = sorted(pairs, key=lambda e: (e.prompt, e.target))
+    random.Random(f"{seed}:{key}").shuffle(items)
+    test, val, train = items[:TEST_SIZE], items[TEST_SIZE : TEST_SIZE + VAL_SIZE], items[TEST_SIZE + VAL_SIZE :]
+    if len(train) < TEST_SIZE:
+        raise ValueError(f"task {key}: only {len(items)} examples, too few for the fixed splits")
+    return train, val, test
+
+
+def _country_pairs(lang: str) -> list[Example]:
+    import pycountry
+
+    mo = _package_dir("pycountry") / "locales" / lang / "LC_MESSAGES" / "iso3166-1.mo"
+    with mo.open("rb") as f:
+        catalog = gettext.GNUTranslations(f)
+    pairs = []
+    for country in pycountry.countries:
+        local = catalog.gettext(country.name)
+        if local and local != country.name:  # untranslated or identical names test nothing
+            pairs.append(Example(country.name, local))
+    return pairs
+
+
+def _chat_conversations(folder: str) -> list[tuple[str, str, str]]:
+    """(topic, question, first answer) for every conversation of one chatterbot-corpus language."""
+    out = []
+    for path in sorted((_package_dir("chatterbot_corpus") / "data" / folder).glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for conv in data.get("conversations") or []:
+            if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, str) for t in conv[:2]):
+                q, a = conv[0].strip(), conv[1].strip()
+                if q and a:
+                    out.append((path.stem, q, a))
+    return out
+
+
+def _topic_pairs(folder: str) -> tuple[list[Example], list[str]]:
+    by_question: dict[str, set[str]] = {}
+    for topic, q, _ in _chat_conversations(folder):
+        by_question.setdefault(q, set()).add(topic)
+    unique = {q: next(iter(t)) for q, t in by_question.items() if len(t) == 1}  # drop ambiguous questions
+    counts: dict[str, int] = {}
+    for topic in unique.values():
+        counts[topic] = counts.get(topic, 0) + 1
+    labels = sorted(t for t, n in counts.items() if n >= MIN_TOPIC_EXAMPLES)
+    return [Example(q, t) for q, t in unique.items() if t in labels], labels
+
+
+def _reply_pairs(folder: str) -> list[Example]:
+    first: dict[str, str] = {}
+    for _, q, a in _chat_conversations(folder):
+        first.setdefault(q, a)  # one reference per question: the first answer in corpus order
+    return [Example(q, a) for q, a in first.items()]
+
+
+def _build(name: str, seed: int) -> TaskSpec:
+    app, _, lang = name.partition("-")
+    if app == "country" and lang in COUNTRY_LANGS:
+        train, val, test = _split(_country_pairs(lang), seed, name)
+        instruction = f"Translate this country name from English to {COUNTRY_LANGS[lang]}. Answer with the name only."
+        return TaskSpec(name, "country", lang, "exact_match", None, 24, instruction, train, val, test)
+    if app == "topic" and lang in CHAT_LANGS:
+        pairs, labels = _topic_pairs(CHAT_LANGS[lang])
+        train, val, test = _split(pairs, seed, name)
+        instruction = (
+            f"Which topic is this {LANGUAGE_NAMES[lang]} message about? "
+            f"Answer with one word from: {', '.join(labels)}."
+        )
+        return TaskSpec(name, "topic", lang, "accuracy", labels, 8, instruction, train, val, test)
+    if app == "reply" and lang in CHAT_LANGS:
+        train, val, test = _split(_reply_pairs(CHAT_LANGS[lang]), seed, name)
+        instruction = f"Reply to this message in {LANGUAGE_NAMES[lang]} with one short sentence."
+        return TaskSpec(name, "reply", lang, "rougeL", None, 32, instruction, train, val, test)
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
+
+
+TASK_NAMES: list[str] = (
+    [f"country-{lang}" for lang in COUNTRY_LANGS]
+    + [f"topic-{lang}" for lang in CHAT_LANGS]
+    + [f"reply-{lang}" for lang in CHAT_LANGS]
+)
+
+
+def load_suite(names: list[str] | None = None, seed: int = 0) -> list[TaskSpec]:
+    """The suite's tasks (all of :data:`TASK_NAMES` by default) with their fixed splits."""
+    return [_build(name, seed) for name in (names or TASK_NAMES)]

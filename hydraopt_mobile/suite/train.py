@@ -1,0 +1,207 @@
+"""Training one PEFT LoRA adapter per task, deterministically, on CPU.
+
+Determinism: the LoRA initialisation and the batch order both come from ``seed``; with one thread
+and the same torch build, retraining reproduces the adapters bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .model import MODEL_ID, base_model_dir, load_base_model
+from .prompts import training_ids
+from .tasks import TaskSpec, load_suite
+
+INITS = ("shared-seed", "independent-seeds")
+# Default training settings; train_suite's defaults are exactly what made the committed adapters.
+DEFAULT_STEPS: dict[str, int] = {"country": 100, "topic": 80, "reply": 80}
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_LR = 2e-3
+WARMUP_FRACTION = 0.1
+
+
+def task_seed(seed: int, task: str, init: str) -> int:
+    """The seed a task trains with: ``seed`` itself (shared-seed) or one derived from the task name."""
+    if init == "shared-seed":
+        return seed
+    if init == "independent-seeds":
+        return (seed * 1_000_003 + zlib.crc32(task.encode())) % 2**31
+    raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+
+
+def _batches(task: TaskSpec, tokenizer, steps: int, batch_size: int, generator: torch.Generator):
+    """``steps`` padded batches drawn epoch by epoch from a seeded permutation of the training set."""
+    encoded = [training_ids(tokenizer, task, ex) for ex in task.train]
+    order: list[int] = []
+    for _ in range(steps):
+        idx = []
+        while len(idx) < batch_size:
+            if not order:
+                order = torch.randperm(len(encoded), generator=generator).tolist()
+            idx.append(order.pop())
+        rows = [encoded[i] for i in idx]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for j, (ids, lab) in enumerate(rows):
+            input_ids[j, : len(ids)] = torch.tensor(ids)
+            labels[j, : len(lab)] = torch.tensor(lab)
+            mask[j, : len(ids)] = 1
+        yield input_ids, labels, mask
+
+
+def _save_fp16(peft_model, out_dir: Path, meta: dict) -> None:
+    """Write a standard PEFT folder with fp16 LoRA weights, atomically (temp dir + rename)."""
+    from peft import get_peft_model_state_dict
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(str(tmp))
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_adapter(
+    task: TaskSpec,
+    model_dir: Path | None,
+    out_dir: Path,
+    *,
+    steps: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    rank: int = 8,
+    alpha: int = 16,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    threads: int = 1,
+    model=None,
+    tokenizer=None,
+) -> Path:
+    """Train one LoRA adapter on ``task.train`` and write it to ``out_dir`` (fp16 PEFT folder).
+
+    AdamW with linear warm-up then cosine decay; loss only on answer tokens. ``model``/``tokenizer``
+    may be passed to reuse an already loaded base model (it is left unchanged).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(threads)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_base_model(model_dir)
+    torch.manual_seed(seed)  # fixes the LoRA A initialisation
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    )
+    config.base_model_name_or_path = MODEL_ID
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(seed)
+    peft_model.train()
+    start = time.time()
+    losses: list[float] = []
+    bar = tqdm(_batches(task, tokenizer, steps, batch_size, generator), total=steps, desc=task.name, unit="step")
+    try:
+        for step, (input_ids, labels, mask) in enumerate(bar):
+            loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(task=task.name, step=step + 1, loss=f"{loss.item():.3f}")
+        meta = {
+            "task": task.name,
+            "base_model": MODEL_ID,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "rank": rank,
+            "alpha": alpha,
+            "target_modules": list(target_modules),
+            "seed": seed,
+            "threads": threads,
+            "torch": torch.__version__,
+            "seconds": round(time.time() - start, 1),
+            "first_loss": round(losses[0], 4),
+            "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        }
+        _save_fp16(peft_model, Path(out_dir), meta)
+    finally:
+        bar.close()
+        peft_model.unload()  # removes the LoRA layers, leaving the shared base model as it was
+    return Path(out_dir)
+
+
+def train_suite(
+    out_dir: Path,
+    *,
+    init: str = "shared-seed",
+    tasks: list[str] | None = None,
+    steps: int | dict[str, int] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    rank: int = 8,
+    alpha: int = 16,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    threads: int = 1,
+    model_dir: Path | None = None,
+) -> dict[str, Path]:
+    """Train every suite task's adapter into ``out_dir/<task>/``; returns task -> folder.
+
+    ``steps``: one number for all tasks, a per-application dict, or None for :data:`DEFAULT_STEPS`.
+    ``init="shared-seed"`` uses ``seed`` for every task; ``"independent-seeds"`` one seed per task.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model_dir = model_dir or base_model_dir()
+    model, tokenizer = load_base_model(model_dir)
+    per_app = steps if isinstance(steps, dict) else DEFAULT_STEPS if steps is None else None
+    out: dict[str, Path] = {}
+    for task in load_suite(tasks, seed=0):
+        n = per_app[task.app] if per_app is not None else int(steps)  # type: ignore[arg-type]
+        out[task.name] = train_adapter(
+            task,
+            model_dir,
+            Path(out_dir) / task.name,
+            steps=n,
+            batch_size=batch_size,
+            lr=lr,
+            rank=rank,
+            alpha=alpha,
+            target_modules=target_modules,
+            seed=task_seed(seed, task.name, init),
+            threads=threads,
+            model=model,
+            tokenizer=tokenizer,
+        )
+    return out
