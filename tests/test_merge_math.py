@@ -1,0 +1,120 @@
+"""HydraOpt's factored solver against dense references, planted structure and its guarantees."""
+
+import pytest
+import torch
+
+from hydraopt_mobile.adapters import LoraFactors
+from hydraopt_mobile.factored import factor_space, factored_sq_error
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.hydraopt import objective, solve_layout
+from hydraopt_mobile.merge.planner import Candidate, lower_hull, plan
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+
+torch.manual_seed(0)
+
+
+def random_factors(T=5, d_out=24, d_in=40, ranks=(3, 4, 2, 4, 3)):
+    return [LoraFactors(torch.randn(r, d_in), torch.randn(d_out, r)) for r in ranks[:T]]
+
+
+def dense_closed_form(factors, w, rank):
+    """Dense reference of the one-shared-A layout: SVD of the stacked, weighted dW_t."""
+    stacked = torch.cat([w[t].sqrt() * f.dense().double() for t, f in enumerate(factors)], dim=0)
+    A = torch.linalg.svd(stacked, full_matrices=False)[2][:rank]
+    return A, [f.dense().double() @ A.T for f in factors]
+
+
+def test_factored_error_equals_dense():
+    f, g = random_factors(2, ranks=(3, 5))
+    assert factored_sq_error(f, g) == pytest.approx(float(((f.dense() - g.dense()) ** 2).sum()), rel=1e-4)
+
+
+def test_closed_form_matches_dense_reference():
+    factors = random_factors()
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    fm = factor_space(factors)
+    sol = solve_layout(fm, w, [0] * 5, list(range(5)), rank=6)
+    A_ref, B_ref = dense_closed_form(factors, w, 6)
+    A = sol.a[0] @ fm.Q.T
+    # same row space and the same reconstruction of every task
+    assert torch.allclose(A.T @ A, A_ref.T @ A_ref, atol=1e-8)
+    for t in range(5):
+        assert torch.allclose(sol.B[t] @ A, B_ref[t] @ A_ref, rtol=1e-6, atol=1e-5)  # inputs are fp32
+    dense_obj = sum(w[t] * ((factors[t].dense().double() - B_ref[t] @ A_ref) ** 2).sum() for t in range(5))
+    assert float(objective(fm, w, sol).sum()) == pytest.approx(float(dense_obj), rel=1e-8)
+
+
+def test_als_objective_never_increases_and_matches_dense_value():
+    factors = random_factors()
+    w = torch.ones(5, dtype=torch.float64)
+    fm = factor_space(factors)
+    a_index, b_index = [0, 0, 1, 1, 1], [0, 1, 1, 2, 2]
+    sol = solve_layout(fm, w, a_index, b_index, rank=4, max_iters=40, tol=0)
+    h = sol.history
+    assert len(h) > 5
+    assert all(b <= a * (1 + 1e-10) for a, b in zip(h, h[1:]))
+    assert h[-1] < h[0]
+    A = [sol.a[g] @ fm.Q.T for g in range(2)]
+    dense = sum(float(((factors[t].dense().double() - sol.B[b_index[t]] @ A[a_index[t]]) ** 2).sum()) for t in range(5))
+    assert h[-1] == pytest.approx(dense, rel=1e-8)
+
+
+def test_one_per_task_layout_is_exact():
+    factors = random_factors()
+    fm = factor_space(factors)
+    sol = solve_layout(fm, torch.ones(5, dtype=torch.float64), list(range(5)), list(range(5)), rank=4)
+    total = sum(float((f.dense() ** 2).sum()) for f in factors)
+    assert float(objective(fm, torch.ones(5, dtype=torch.float64), sol).sum()) < 1e-12 * total
+
+
+def test_planted_shared_A_recovered_to_noise_floor(make_adapters, tmp_path):
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+
+    for noise, bound in ((0.0, 2e-3), (0.05, 0.06)):
+        paths = make_adapters(n_tasks=6, noise=noise, root=tmp_path / f"noise{noise}")
+        aset = build_adapter_set([load_adapter(p) for p in paths])
+        params = {"k_a": "1", "k_b": "6", "rank": "4"}
+        bank = merge(aset, MergeConfig("hydraopt", fmt=NumberFormat("fp16"), budget=Budget(fraction=1.0), params=params), progress=False)
+        errs = bank.relative_errors(aset)
+        assert max(errs.values()) < bound, (noise, errs)
+        assert all(m.layout == (1, 6) for m in bank.modules.values())
+        # one merged adapter cannot represent six different B's
+        single = merge(aset, MergeConfig("svd"), progress=False)
+        assert min(single.relative_errors(aset).values()) > 0.5
+
+
+def test_more_budget_never_more_error(make_adapters):
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+
+    paths = make_adapters(n_tasks=5, noise=0.3)
+    aset = build_adapter_set([load_adapter(p) for p in paths])
+    previous, sizes = float("inf"), []
+    for frac in (0.08, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0):
+        bank = merge(aset, MergeConfig("hydraopt", budget=Budget(fraction=frac)), progress=False)
+        assert bank.payload_bytes() <= frac * aset.fp16_bytes()
+        total = sum(e**2 for e in bank.relative_errors(aset).values())
+        assert total <= previous * (1 + 1e-9) + 1e-12
+        previous = total
+        sizes.append(bank.payload_bytes())
+    assert previous < 1e-4  # at the full budget the inputs come back (to fp16 precision)
+    assert sizes[0] < sizes[-1]
+
+
+def test_infeasible_budget_names_smallest(make_adapters):
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+
+    aset = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=3)])
+    with pytest.raises(InfeasibleBudget, match=r"smallest feasible budget is [\d,]+ bytes \(0\.\d+ of fp16"):
+        merge(aset, MergeConfig("hydraopt", budget=Budget(nbytes=10)), progress=False)
+
+
+def test_planner_hull_and_prefix():
+    c = [Candidate(1, 1, 1, "fp16", b, e) for b, e in ((10, 9.0), (20, 5.0), (30, 4.9), (40, 1.0), (25, 8.0))]
+    hull = lower_hull(c)
+    assert [h.nbytes for h in hull] == [10, 20, 40]
+    assert sorted(x.nbytes for x in plan({"m": c, "n": c}, budget_bytes=35).values()) == [10, 20]
+    assert sorted(x.nbytes for x in plan({"m": c, "n": c}, budget_bytes=45).values()) == [20, 20]
+    assert sorted(x.nbytes for x in plan({"m": c, "n": c}, budget_bytes=80).values()) == [40, 40]
+    with pytest.raises(InfeasibleBudget):
+        plan({"m": c, "n": c}, budget_bytes=19)
