@@ -1,0 +1,199 @@
+"""``bench_host``: every export measured on its real runtime, against PyTorch on the same bank.
+
+Runtime measurements (program load, task load, switch, prefill and decode latency, generated
+tokens, peak RSS) run in a fresh child process per export, so that peak RSS is the runtime's own
+and not the PyTorch reference's. The parent then scores the runtime's own greedy outputs with the
+suite's metric and checks parity against the PyTorch model with the same effective adapter
+(teacher-forced on the runtime's tokens: max logit error and greedy-token agreement).
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import multiprocessing
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hydraopt_mobile.bank import MergedBank
+
+from .manifest import Manifest, verify_all
+from .slots import layout_from_bank
+
+SWITCHES = 21  # switch-time samples per task (median reported)
+PARITY_EXAMPLES = 2  # examples per task whose full logits come back for the max-error check
+
+
+def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int) -> dict:
+    """Child process: load the export, switch between its tasks, generate greedily; timings in ms."""
+    import resource
+    import time
+
+    torch.set_num_threads(threads)
+    from .runtime import greedy, open_export
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    session = open_export(folder, threads)
+    program_load_ms = (time.perf_counter() - t0) * 1e3
+    tasks = list(prompts)
+    out: dict = {"program_load_ms": program_load_ms, "rss_baseline_mb": baseline, "tasks": {}}
+    for task in tasks:
+        t0 = time.perf_counter()
+        session.load_task(task)
+        out["tasks"][task] = {"task_load_ms": (time.perf_counter() - t0) * 1e3}
+    for task in tasks:
+        other = next((t for t in tasks if t != task), task)
+        samples = []
+        for _ in range(SWITCHES):
+            session.set_task(other)
+            t0 = time.perf_counter()
+            session.set_task(task)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        rec = out["tasks"][task]
+        rec["switch_ms"] = statistics.median(samples)
+        rec["generations"] = []
+        for i, ids in enumerate(prompts[task]):
+            gen = greedy(session, ids, max_new[task], keep_logits=i < PARITY_EXAMPLES)
+            logits = None
+            if gen.logits:  # rows that predicted each generated token
+                logits = np.concatenate([gen.logits[0][-1:], np.stack(gen.logits[1:])]) if len(gen.logits) > 1 else gen.logits[0][-1:]
+            rec["generations"].append(
+                {"tokens": gen.tokens, "prefill_ms": gen.prefill_s * 1e3, "decode_ms": [s * 1e3 for s in gen.decode_s], "logits": logits}
+            )
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _in_child(folder: Path, prompts: dict, max_new: dict, threads: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_measure, (str(folder), prompts, max_new, threads))
+
+
+@torch.no_grad()
+def _parity(model, prompt: list[int], gen: dict) -> tuple[float | None, list[bool]]:
+    """Teacher-forced on the runtime's tokens: max |logit error| (when logits came back) and agreement."""
+    seq = prompt + gen["tokens"]
+    ref = model(torch.tensor([seq[:-1]])).logits[0, len(prompt) - 1 :].float().numpy()
+    agree = [int(r.argmax()) == t for r, t in zip(ref, gen["tokens"])]
+    err = None if gen["logits"] is None else float(np.abs(gen["logits"] - ref[: len(gen["logits"])]).max())
+    return err, agree
+
+
+def bench_host(
+    export_dirs: list[str | Path],
+    tasks: list[str] | None = None,
+    json: str | Path | None = None,
+    banks: dict[str, MergedBank] | None = None,
+    model_dir: str | Path | None = None,
+    n_examples: int = 20,
+    threads: int = 1,
+) -> list[dict]:
+    """One record per export and task (see module docstring); writes ``json`` (+ ``.md``, ``.png``).
+
+    ``banks`` maps an export folder (as given) to the bank it was made from, for the PyTorch
+    reference; without it the bank is read from the bundle path recorded in the manifest.
+    ``n_examples``: test examples per task (the suite's test split, first ``n``).
+    """
+    from transformers import AutoTokenizer
+
+    from hydraopt_mobile.suite.evaluate import applied, generate
+    from hydraopt_mobile.suite.metrics import score
+    from hydraopt_mobile.suite.model import base_model_dir, load_base_model
+    from hydraopt_mobile.suite.prompts import render_prompt
+    from hydraopt_mobile.suite.tasks import load_suite
+
+    torch.set_num_threads(threads)
+    model, ref_tokenizer = load_base_model(Path(model_dir) if model_dir else base_model_dir())
+    records: list[dict] = []
+    reference_scores: dict[tuple, float] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as bar:
+        job = bar.add_task("bench host", total=len(export_dirs))
+        for folder in map(Path, export_dirs):
+            bar.update(job, description=f"bench {folder.name}: runtime")
+            manifest = Manifest.read(folder)
+            verify_all(manifest, folder)
+            bank = (banks or {}).get(str(folder)) or _bank_from_manifest(manifest)
+            layout = layout_from_bank(bank)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / manifest.tokenizer_dir))
+            names = [t for t in manifest.tasks if tasks is None or t in tasks]
+            specs = {s.name: replace(s, test=s.test[:n_examples]) for s in load_suite(names)}
+            prompts = {
+                t: [tokenizer(render_prompt(tokenizer, specs[t], ex), add_special_tokens=False).input_ids for ex in specs[t].test]
+                for t in names
+            }
+            max_new = {t: specs[t].max_new_tokens for t in names}
+            measured = _in_child(folder, prompts, max_new, threads)
+            bar.update(job, description=f"bench {folder.name}: PyTorch reference")
+            for task in names:
+                factors = layout.task_factors(task)
+                m = measured["tasks"][task]
+                errs, agree = [], []
+                with applied(model, factors):
+                    for ids, gen in zip(prompts[task], m["generations"]):
+                        err, ok = _parity(model, ids, gen)
+                        errs += [] if err is None else [err]
+                        agree += ok
+                    key = (bank.method, str(bank.fingerprint), task, n_examples)
+                    if key not in reference_scores:
+                        reference_scores[key] = score(specs[task], generate(model, ref_tokenizer, specs[task]), "test")
+                texts = [tokenizer.decode(g["tokens"], skip_special_tokens=True).strip() for g in m["generations"]]
+                decode = [d for g in m["generations"] for d in g["decode_ms"]]
+                records.append(
+                    {
+                        "export": folder.name,
+                        "runtime": manifest.runtime,
+                        "quant": manifest.quant,
+                        "method": manifest.method,
+                        "task": task,
+                        "n_examples": len(texts),
+                        "bytes_resident": manifest.bytes_of("program"),
+                        "bytes_task": manifest.task_file(task).bytes if manifest.task_tensors else 0,
+                        "bytes_total": manifest.bytes_of("program") + manifest.bytes_of("task"),
+                        "score": score(specs[task], texts, "test"),
+                        "score_pytorch": reference_scores[key],
+                        "max_logit_err": max(errs) if errs else None,
+                        "token_agreement": float(np.mean(agree)) if agree else None,
+                        "switch_ms": m["switch_ms"],
+                        "task_load_ms": m["task_load_ms"],
+                        "program_load_ms": measured["program_load_ms"],
+                        "prefill_ms": statistics.median(g["prefill_ms"] for g in m["generations"]),
+                        "decode_ms_per_token": statistics.median(decode) if decode else None,
+                        "peak_rss_mb": measured["peak_rss_mb"],
+                        "rss_baseline_mb": measured["rss_baseline_mb"],
+                        "threads": threads,
+                    }
+                )
+            bar.advance(job)
+    if json is not None:
+        write_reports(records, Path(json))
+    return records
+
+
+def _bank_from_manifest(manifest: Manifest) -> MergedBank:
+    source = manifest.extra.get("bundle")
+    if not source:
+        raise ValueError(
+            f"export {manifest.export_id} was made from an in-memory bank; pass banks={{folder: bank}} for the reference"
+        )
+    from hydraopt_mobile.bundle import load_bundle
+
+    return load_bundle(Path(source))
+
+
+def write_reports(records: list[dict], json_path: Path, notes: dict | None = None) -> None:
+    """``json_path`` (records + notes), ``.md`` (per-export summary and per-task table), ``.png``."""
+    from .report import write_markdown, write_plot
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(jsonlib.dumps({"notes": notes or {}, "records": records}, indent=1))
+    tmp.rename(json_path)
+    write_markdown(records, json_path.with_suffix(".md"), notes or {})
+    write_plot(records, json_path.with_suffix(".png"))

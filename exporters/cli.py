@@ -1,0 +1,79 @@
+"""Typer commands ``export`` and ``bench host``; the main ``hydraopt`` app registers them:
+
+    app.command("export")(exporters.cli.export)
+    app.add_typer(exporters.cli.bench_app, name="bench")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .manifest import TaskFileError
+
+console = Console()
+bench_app = typer.Typer(help="Measure exports on the real runtimes.", no_args_is_help=True)
+
+
+def export(
+    bundle: Path = typer.Argument(..., help="bundle folder written by `hydraopt merge`"),
+    model: Optional[Path] = typer.Option(None, "--model", help="Hugging Face model folder (default: the suite's SmolLM2-135M)"),
+    fmt: str = typer.Option("executorch", "--format", help="executorch | onnx"),
+    quant: str = typer.Option("fp32", "--quant", help="executorch: fp32 | 8da4w | 8da8w; onnx: fp32 | int4"),
+    out: Path = typer.Option(..., "--out", help="export folder to create"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+    merged_task: Optional[str] = typer.Option(None, "--merged-task", help="fold this task's adapter into the weights instead (reference deployment)"),
+    max_cache_len: int = typer.Option(256, "--max-cache-len", help="ExecuTorch static KV cache length (prompt + generated tokens)"),
+) -> None:
+    """Export a bundle as a generation-ready graph with resident shared factors and per-task files."""
+    from hydraopt_mobile.atomic import OutputExists
+
+    from .export import export_bank
+
+    if model is None:
+        from hydraopt_mobile.suite.model import base_model_dir
+
+        model = base_model_dir()
+    try:
+        path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task, max_cache_len=max_cache_len)  # type: ignore[arg-type]
+    except (OutputExists, ValueError, KeyError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2)
+    from .manifest import Manifest
+
+    m = Manifest.read(path)
+    console.print(
+        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, resident {m.bytes_of('program') / 1e6:.1f} MB, "
+        f"task files {m.bytes_of('task') / 1e3:.1f} KB in all"
+    )
+
+
+@bench_app.command("host")
+def bench_host_cmd(
+    exports: list[Path] = typer.Argument(..., help="export folders"),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write OUT.json, OUT.md and OUT.png"),
+    n_examples: int = typer.Option(20, "--examples", help="test examples per task"),
+    model: Optional[Path] = typer.Option(None, "--model", help="base model folder for the PyTorch reference"),
+    threads: int = typer.Option(1, "--threads", help="runtime and torch threads"),
+) -> None:
+    """Bytes, score from the runtime's own outputs, parity vs PyTorch, switch and decode latency, RSS."""
+    from .bench import bench_host
+
+    try:
+        records = bench_host(exports, tasks=tasks, json=out, model_dir=model, n_examples=n_examples, threads=threads)
+    except (TaskFileError, ValueError, KeyError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(records, indent=1))
+    else:
+        from .report import summarise
+
+        for row in summarise(records):
+            console.print(row)

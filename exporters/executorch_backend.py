@@ -1,0 +1,138 @@
+"""ExecuTorch back end: one ``.pte`` (XNNPACK) with two methods, and one safetensors file per task.
+
+``forward(input_ids, cache_position) -> logits`` runs prefill (any length) and decode (length 1)
+over a static KV cache that lives inside the program. ``set_task(*task_tensors)`` copies a task's
+switchable LoRA tensors into mutable buffers that ``forward`` reads; both methods share those
+buffers (``share_mutable_buffers``), so a switch writes a few hundred KB and touches nothing else:
+no reload, no re-packing of the resident XNNPACK weights (see README "Switching on ExecuTorch").
+
+Why ``forward`` adds zero to each switchable buffer: a buffer that ``forward`` never writes is
+exported as a constant and baked into the program, and ``set_task``'s writes would then go to a
+different copy. The in-place ``add_(0)`` makes it a mutable buffer, shared by name with
+``set_task``, and keeps XNNPACK from packing it as a static weight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .slots import TASK_DTYPE, SlotLayout
+
+QUANTS = ("fp32", "8da4w", "8da8w")
+GROUP_SIZE = 32
+PROGRAM = "model.pte"
+PREFIX = "model.model."  # where the Hugging Face model sits inside ExecuTorchDecoder
+
+
+class ExecuTorchDecoder(nn.Module):
+    """Static-cache decoder whose switchable LoRA buffers are mutable state."""
+
+    def __init__(self, hf_model: nn.Module, switchable: list[str], max_cache_len: int) -> None:
+        super().__init__()
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+        hf_model.generation_config.use_cache = True
+        hf_model.generation_config.cache_implementation = "static"
+        self.model = TorchExportableModuleWithStaticCache(hf_model, batch_size=1, max_cache_len=max_cache_len)
+        self.switchable = switchable
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        for name in self.switchable:
+            self.model.model.get_buffer(name).add_(0)  # marks it mutable (module docstring)
+        return self.model(input_ids=input_ids, cache_position=cache_position)
+
+
+class SetTask(nn.Module):
+    """Only the switchable buffers, under the same names as in :class:`ExecuTorchDecoder`."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        super().__init__()
+        self.names = [PREFIX + n for n in shapes]
+        for name, shape in zip(self.names, shapes.values()):
+            parent: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.register_buffer(leaf, torch.zeros(shape))
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        for name, value in zip(self.names, tensors):
+            self.get_buffer(name).copy_(value.float())
+        return torch.zeros(1)
+
+
+def quantize(model: nn.Module, quant: str) -> None:
+    """torchao 8da4w (int4 weights, group 32) or 8da8w (int8 per channel) on the base Linears.
+
+    LoRA factors stay fp32: they are a few percent of the bytes, are already stored in the bank's
+    own format, and a second quantisation of a low-rank factor compounds its error (ExecuTorch's
+    llama LoRA export excludes them for the same reason).
+    """
+    if quant == "fp32":
+        return
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup, quantize_
+    from torchao.utils import unwrap_tensor_subclass
+
+    if quant == "8da4w":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
+    else:
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+    def filter_fn(m: nn.Module, fqn: str) -> bool:
+        return isinstance(m, nn.Linear) and (quant == "8da8w" or m.in_features % GROUP_SIZE == 0)
+
+    with torch.no_grad():
+        quantize_(model, config, filter_fn=filter_fn)
+    unwrap_tensor_subclass(model)
+
+
+def write_task_file(path: Path, tensors: dict[str, torch.Tensor], export_id: str, task: str) -> None:
+    save_file({k: v.to(TASK_DTYPE).contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"export_id": export_id, "task": task})
+
+
+def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant: str, max_cache_len: int) -> Path:
+    """Lower ``hf_model`` (already wrapped with LoRA slots) to ``folder/model.pte``."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    if quant not in QUANTS:
+        raise ValueError(f"--quant {quant!r}: ExecuTorch exports support {', '.join(QUANTS)}")
+    switchable = layout.switchable
+    quantize(hf_model, quant)
+    decoder = ExecuTorchDecoder(hf_model, switchable, max_cache_len).eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    seq = torch.export.Dim("seq", min=1, max=max_cache_len)
+    with torch.no_grad():
+        programs = {
+            "forward": torch.export.export(
+                decoder, (ids, torch.arange(4)), dynamic_shapes=({1: seq}, {0: seq}), strict=True
+            )
+        }
+        if switchable:
+            shapes = {n: layout.slot_shape(n) for n in switchable}
+            example = tuple(torch.zeros(s, dtype=TASK_DTYPE) for s in shapes.values())
+            programs["set_task"] = torch.export.export(SetTask(shapes), example, strict=True)
+    edge = to_edge_transform_and_lower(
+        programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}
+    )
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            # switchable buffers start at zero (the base model) instead of uninitialised memory
+            passes=[InitializedMutableBufferPass(["lora_a", "lora_b"])],
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+        )
+    )
+    path = folder / PROGRAM
+    with open(path, "wb") as fh:
+        program.write_to_file(fh)
+    return path

@@ -1,0 +1,152 @@
+"""``export_bank``: a merged bank plus a base model folder -> a self-contained export folder.
+
+Layout of an export folder::
+
+    manifest.json            files, bytes, SHA-256, tasks, slots, tokenizer location, export id
+    model.pte | model.onnx   resident part: base weights + shared LoRA factors + generation graph
+    tasks/<task>.<ext>       one per task: that task's switchable LoRA tensors (fp16)
+    tokenizer/               tokenizer and chat template copied from the model folder
+
+The folder is written in a temporary place and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import torch
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from hydraopt_mobile.atomic import atomic_dir
+from hydraopt_mobile.bank import MergedBank
+
+from . import executorch_backend, onnx_backend
+from .manifest import FileEntry, Manifest, file_entry
+from .slots import TASK_DTYPE, SlotLayout, attach_slots, layout_from_bank, merge_into
+
+Format = Literal["executorch", "onnx"]
+TASK_EXT = {"executorch": ".safetensors", "onnx": ".onnx_adapter"}
+RUNTIME = {"executorch": "executorch", "onnx": "onnxruntime"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "vocab.json", "merges.txt", "generation_config.json",
+)
+DEFAULT_MAX_CACHE_LEN = 256
+
+
+def _load_bank(bank_or_path: MergedBank | str | Path) -> MergedBank:
+    if isinstance(bank_or_path, MergedBank):
+        return bank_or_path
+    from hydraopt_mobile.bundle import load_bundle
+
+    return load_bundle(Path(bank_or_path))
+
+
+def _load_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def _copy_tokenizer(model_dir: Path, folder: Path) -> list[str]:
+    present = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if present:
+        (folder / "tokenizer").mkdir()
+        for name in present:
+            shutil.copy2(model_dir / name, folder / "tokenizer" / name)
+    return [f"tokenizer/{name}" for name in present]
+
+
+def _model_info(model: torch.nn.Module, max_cache_len: int) -> dict:
+    config = model.config
+    kv_heads, head_dim = onnx_backend.kv_shape(config)
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else config.eos_token_id
+    return {
+        "architecture": type(model).__name__,
+        "n_layers": config.num_hidden_layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": config.vocab_size,
+        "eos_token_id": eos if isinstance(eos, list) else ([eos] if eos is not None else []),
+        "max_cache_len": max_cache_len,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def export_bank(
+    bank_or_path: MergedBank | str | Path,
+    model_dir: str | Path,
+    fmt: Format,
+    quant: str,
+    out: str | Path,
+    overwrite: bool = False,
+    merged_task: str | None = None,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+) -> Path:
+    """Export a bank for ``fmt`` (``executorch`` or ``onnx``) with the base model in ``model_dir``.
+
+    ``quant``: ``fp32``/``8da4w``/``8da8w`` for ExecuTorch, ``fp32``/``int4`` for ONNX.
+    ``merged_task``: instead of switchable slots, fold that task's effective adapter into the base
+    weights (the "one fully merged model per task" deployment, used as the latency and bytes
+    reference); the export then serves only that task and has no task files.
+    """
+    if fmt not in TASK_EXT:
+        raise ValueError(f"--format {fmt!r}: choose executorch or onnx")
+    allowed = executorch_backend.QUANTS if fmt == "executorch" else onnx_backend.QUANTS
+    if quant not in allowed:
+        raise ValueError(f"--quant {quant!r}: {fmt} exports support {', '.join(allowed)}")
+    bank = _load_bank(bank_or_path)
+    model_dir = Path(model_dir)
+    export_id = uuid.uuid4().hex[:16]
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with atomic_dir(Path(out), overwrite=overwrite) as folder, Progress(*columns, transient=True) as bar:
+        step = bar.add_task(f"export {fmt}/{quant}: loading base model")
+        model = _load_model(model_dir)
+        info = _model_info(model, max_cache_len)
+        layout = layout_from_bank(bank)
+        if merged_task is not None:
+            merge_into(model, layout.task_factors(merged_task))
+            tasks, layout = [merged_task], SlotLayout([merged_task], {}, {}, {merged_task: {}})
+        else:
+            tasks = list(bank.tasks)
+            attach_slots(model, layout, torch.float32 if fmt == "executorch" else TASK_DTYPE)
+        bar.update(step, description=f"export {fmt}/{quant}: tracing and lowering (ExecuTorch XNNPACK: minutes)")
+        if fmt == "executorch":
+            program = executorch_backend.export_program(model, layout, folder, quant, max_cache_len)
+        else:
+            program = onnx_backend.export_program(model, layout, folder, quant)
+        files: list[FileEntry] = [file_entry(folder, program.name, "program")]
+        bar.update(step, description=f"export {fmt}/{quant}: task files")
+        if layout.switchable:
+            (folder / "tasks").mkdir()
+            for task in tasks:
+                rel = f"tasks/{task}{TASK_EXT[fmt]}"
+                if fmt == "executorch":
+                    executorch_backend.write_task_file(folder / rel, layout.per_task[task], export_id, task)
+                else:
+                    onnx_backend.write_task_file(folder / rel, layout.per_task[task])
+                files.append(file_entry(folder, rel, "task", task))
+        tokenizer = _copy_tokenizer(model_dir, folder)
+        files += [file_entry(folder, rel, "tokenizer") for rel in tokenizer]
+        Manifest(
+            export_id=export_id,
+            runtime=RUNTIME[fmt],
+            quant=quant,
+            method=bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}",
+            tasks=tasks,
+            files=files,
+            task_tensors={n: list(layout.slot_shape(n)) for n in layout.switchable},
+            task_dtype=str(TASK_DTYPE).removeprefix("torch."),
+            resident_slots=sorted(layout.resident),
+            tokenizer_dir="tokenizer" if tokenizer else None,
+            bank_fingerprint={"fingerprint": bank.fingerprint, "params": bank.params, "tasks": bank.tasks},
+            model=info,
+            extra={"bundle": None if isinstance(bank_or_path, MergedBank) else str(Path(bank_or_path).resolve())},
+        ).write(folder)
+        bar.update(step, description=f"export {fmt}/{quant}: done")
+    return Path(out)

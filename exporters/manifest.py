@@ -1,0 +1,124 @@
+"""The manifest of an export: what each file is, its bytes and SHA-256, and which tensors a task fills.
+
+A task file is checked against the manifest (size, then SHA-256 of its bytes) before any runtime
+sees it, so a file from another export, a truncated copy or a corrupted download is refused with
+an error that names the file, instead of producing wrong outputs or crashing a runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SCHEMA = "hydraopt-export/1"
+
+
+class TaskFileError(ValueError):
+    """A task file that does not belong to this export, or whose bytes are not the exported ones."""
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the export folder
+    bytes: int
+    sha256: str
+    role: str  # "program" | "task" | "tokenizer"
+    task: str | None = None
+
+
+@dataclass
+class Manifest:
+    export_id: str
+    runtime: str  # "executorch" | "onnxruntime"
+    quant: str
+    method: str
+    tasks: list[str]
+    files: list[FileEntry]
+    task_tensors: dict[str, list[int]]  # switchable slot -> shape (every task file fills all of them)
+    task_dtype: str
+    resident_slots: list[str]
+    tokenizer_dir: str | None
+    bank_fingerprint: dict
+    model: dict  # what the runtime needs: layers, kv heads, head dim, vocab, eos, max cache length
+    extra: dict = field(default_factory=dict)
+
+    def entry(self, role: str, task: str | None = None) -> FileEntry:
+        for f in self.files:
+            if f.role == role and f.task == task:
+                return f
+        raise KeyError(f"export {self.export_id}: no {role} file" + (f" for task {task!r}" if task else ""))
+
+    def task_file(self, task: str) -> FileEntry:
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
+        return self.entry("task", task)
+
+    def bytes_of(self, role: str) -> int:
+        return sum(f.bytes for f in self.files if f.role == role)
+
+    def write(self, folder: Path) -> Path:
+        path = folder / MANIFEST
+        path.write_text(json.dumps({"schema": SCHEMA, **asdict(self)}, indent=1, default=str))
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no {MANIFEST}; not an export folder")
+        raw = json.loads(path.read_text())
+        if raw.pop("schema", None) != SCHEMA:
+            raise ValueError(f"{path}: not a {SCHEMA} manifest")
+        raw["files"] = [FileEntry(**f) for f in raw["files"]]
+        return cls(**raw)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(folder: Path, rel: str, role: str, task: str | None = None) -> FileEntry:
+    path = folder / rel
+    return FileEntry(rel, path.stat().st_size, sha256_file(path), role, task)
+
+
+def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path | None = None) -> Path:
+    """The path of ``task``'s file after checking its size and SHA-256 against the manifest.
+
+    ``path`` overrides where the file is read from (a file shipped separately); it must still be
+    byte-identical to what this export wrote for ``task``.
+    """
+    entry = manifest.task_file(task)
+    path = Path(path) if path is not None else Path(folder) / entry.path
+    if not path.is_file():
+        raise TaskFileError(f"{path}: task file for {task!r} is missing")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise TaskFileError(
+            f"{path}: {size} bytes, but export {manifest.export_id} wrote {entry.bytes} for task {task!r}; "
+            "it is truncated or belongs to another export"
+        )
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        others = [f.task for f in manifest.files if f.role == "task" and f.sha256 == digest]
+        hint = f" (it is this export's file for {others[0]!r})" if others else " (from another export, or corrupted)"
+        raise TaskFileError(
+            f"{path}: SHA-256 {digest[:16]}... does not match export {manifest.export_id}'s task {task!r} "
+            f"({entry.sha256[:16]}...){hint}; refusing to load it"
+        )
+    return path
+
+
+def verify_all(manifest: Manifest, folder: Path) -> None:
+    """Check every file of the export (used by tests and ``bench``)."""
+    for f in manifest.files:
+        path = Path(folder) / f.path
+        if not path.is_file() or path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
+            raise TaskFileError(f"{path}: does not match the manifest of export {manifest.export_id}")

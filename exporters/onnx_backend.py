@@ -1,0 +1,180 @@
+"""ONNX back end: one ``model.onnx`` whose switchable LoRA tensors are graph inputs with zero
+defaults, and one ``.onnx_adapter`` per task for ONNX Runtime's ``LoraAdapter``.
+
+The graph takes the KV cache as explicit tensors (``past.{2i}`` keys, ``past.{2i+1}`` values of
+layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``present.*``. A run
+without an active adapter is the base model (zero defaults); ``RunOptions.add_active_adapter``
+feeds a task's tensors without copying them per call and without touching the resident weights.
+
+Quantised variant ``int4``: ONNX Runtime's MatMulNBits (4-bit, block 32, symmetric) on the base
+MatMuls; the LoRA MatMuls are excluded, otherwise the quantiser folds the switchable inputs into
+constants and they stop being switchable (FIELD_NOTES, ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from .slots import TASK_DTYPE, SlotLayout
+
+QUANTS = ("fp32", "int4")
+BLOCK_SIZE = 32
+PROGRAM = "model.onnx"
+PREFIX = "model."  # where the Hugging Face model sits inside OnnxDecoder
+
+
+class OnnxDecoder(nn.Module):
+    """Decoder step with the KV cache in and out as tensors (prefill: past length 0)."""
+
+    def __init__(self, hf_model: nn.Module, n_layers: int) -> None:
+        super().__init__()
+        self.model = hf_model
+        self.n_layers = n_layers
+
+    def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)])
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True)
+        present: list[torch.Tensor] = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(kv heads, head dim) of a Llama-style config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads, head_dim
+
+
+def _trace_to_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[str, list[onnx.NodeProto]]:
+    """Follow Transpose/Cast/Identity back to the tensor a MatMul operand comes from."""
+    chain = []
+    while name in producers and producers[name].op_type in ("Transpose", "Cast", "Identity"):
+        chain.append(producers[name])
+        name = producers[name].input[0]
+    return name, chain
+
+
+def _make_inputs_with_defaults(model: onnx.ModelProto, layout: SlotLayout) -> None:
+    """Turn each switchable LoRA initializer into a graph input named like its slot, default zero."""
+    renames = {PREFIX + slot: slot for slot in layout.switchable}
+    kept = []
+    for init in model.graph.initializer:
+        if init.name in renames:
+            arr = numpy_helper.to_array(init)
+            zero = numpy_helper.from_array(np.zeros(arr.shape, dtype=np.float16), renames[init.name])
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(renames[init.name], onnx.TensorProto.FLOAT16, list(arr.shape))
+            )
+            kept.append(zero)
+        else:
+            kept.append(init)
+    missing = set(renames) - {i.name for i in model.graph.initializer}
+    if missing:
+        raise RuntimeError(f"the ONNX exporter renamed LoRA tensors {sorted(missing)[:3]}; cannot make them inputs")
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
+    """Give every base MatMul a constant (d_in, d_out) weight so the 4-bit quantiser sees it.
+
+    Returns the names of the LoRA MatMuls, which must stay unquantised.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    lora_nodes: list[str] = []
+    new_inits: dict[str, onnx.TensorProto] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        source, chain = _trace_to_source(node.input[1], producers)
+        if "lora_" in source:
+            lora_nodes.append(node.name)
+            continue
+        if source in inits and [n.op_type for n in chain] == ["Transpose"]:
+            folded = source + ".T"
+            if folded not in new_inits:
+                new_inits[folded] = numpy_helper.from_array(
+                    np.ascontiguousarray(numpy_helper.to_array(inits[source]).T), folded
+                )
+            node.input[1] = folded
+    model.graph.initializer.extend(new_inits.values())
+    # Transposes and initializers nothing reads any more
+    used = {name for n in model.graph.node for name in n.input}
+    alive = [n for n in model.graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(alive)
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return lora_nodes
+
+
+def _quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    lora_nodes = _fold_weight_transposes(model)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora_nodes
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant: str) -> Path:
+    """Export ``hf_model`` (already wrapped with LoRA slots, switchable ones in fp16) to ``model.onnx``."""
+    if quant not in QUANTS:
+        raise ValueError(f"--quant {quant!r}: ONNX exports support {', '.join(QUANTS)}")
+    config = hf_model.config
+    n_layers = config.num_hidden_layers
+    kv_heads, head_dim = kv_shape(config)
+    decoder = OnnxDecoder(hf_model, n_layers).eval()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    past = tuple(torch.zeros(1, kv_heads, 2, head_dim) for _ in range(2 * n_layers))
+    seq, past_len = torch.export.Dim("seq"), torch.export.Dim("past_len")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            decoder,
+            (ids, past),
+            dynamo=True,
+            optimize=False,  # the optimiser renames initializers; the LoRA slots must keep their names
+            dynamic_shapes=({1: seq}, tuple({2: past_len} for _ in past)),
+            input_names=["input_ids"] + [f"past.{i}" for i in range(2 * n_layers)],
+            output_names=["logits"] + [f"present.{i}" for i in range(2 * n_layers)],
+            verbose=False,
+        )
+    model = program.model_proto
+    for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
+        del node.metadata_props[:]
+    _make_inputs_with_defaults(model, layout)
+    if quant == "int4":
+        model = _quantize_int4(model)
+    path = folder / PROGRAM
+    onnx.save(model, str(path))
+    return path
+
+
+def write_task_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One task's switchable tensors as an ``.onnx_adapter`` (fp16, graph input names)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    arrays = {k: v.to(TASK_DTYPE).contiguous().numpy() for k, v in tensors.items()}  # OrtValues borrow these
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()})
+    fmt.export_adapter(str(path))

@@ -1,0 +1,103 @@
+"""Markdown table and plot of ``bench_host`` records (one summary row per export)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per export: bytes, mean scores over its tasks, worst parity, median latencies."""
+    rows = []
+    for export in dict.fromkeys(r["export"] for r in records):
+        rs = [r for r in records if r["export"] == export]
+        errs = [r["max_logit_err"] for r in rs if r["max_logit_err"] is not None]
+        agree = [r["token_agreement"] for r in rs if r["token_agreement"] is not None]
+        decode = [r["decode_ms_per_token"] for r in rs if r["decode_ms_per_token"] is not None]
+        rows.append(
+            {
+                "export": export,
+                "runtime": rs[0]["runtime"],
+                "quant": rs[0]["quant"],
+                "method": rs[0]["method"],
+                "tasks": len(rs),
+                "bytes_resident": rs[0]["bytes_resident"],
+                "bytes_task_mean": statistics.mean(r["bytes_task"] for r in rs),
+                "bytes_total": rs[0]["bytes_total"],
+                "score": statistics.mean(r["score"] for r in rs),
+                "score_pytorch": statistics.mean(r["score_pytorch"] for r in rs),
+                "max_logit_err": max(errs) if errs else None,
+                "token_agreement": statistics.mean(agree) if agree else None,
+                "switch_ms": statistics.median(r["switch_ms"] for r in rs),
+                "program_load_ms": rs[0]["program_load_ms"],
+                "decode_ms_per_token": statistics.median(decode) if decode else None,
+                "prefill_ms": statistics.median(r["prefill_ms"] for r in rs),
+                "peak_rss_mb": rs[0]["peak_rss_mb"],
+            }
+        )
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return lines
+
+
+def write_markdown(records: list[dict], path: Path, notes: dict) -> None:
+    summary = summarise(records)
+    for row in summary:
+        row["MB_total"] = row["bytes_total"] / 1e6
+        row["MB_resident"] = row["bytes_resident"] / 1e6
+        row["KB_task"] = row["bytes_task_mean"] / 1e3
+    lines = ["# Host benchmark of the exports", ""]
+    lines += [f"- **{k}**: {v}" for k, v in notes.items()]
+    lines += ["", "## Per export (means over tasks; latencies are medians)", ""]
+    lines += _table(
+        summary,
+        ["export", "runtime", "quant", "method", "tasks", "MB_resident", "KB_task", "MB_total", "score", "score_pytorch",
+         "max_logit_err", "token_agreement", "switch_ms", "program_load_ms", "prefill_ms", "decode_ms_per_token", "peak_rss_mb"],
+    )
+    lines += ["", "## Per task", ""]
+    lines += _table(
+        records,
+        ["export", "task", "bytes_task", "score", "score_pytorch", "max_logit_err", "token_agreement", "switch_ms",
+         "task_load_ms", "decode_ms_per_token"],
+    )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(records)
+    labels = [r["export"] for r in summary]
+    panels = [
+        ("total MB on disk (all tasks)", [r["bytes_total"] / 1e6 for r in summary]),
+        ("mean score (runtime)", [r["score"] for r in summary]),
+        ("decode ms / token", [r["decode_ms_per_token"] or 0 for r in summary]),
+        ("task switch ms", [r["switch_ms"] for r in summary]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(labels) + 2.2))
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(labels, values, color=["tab:blue" if "onnx" in r["runtime"] else "tab:orange" for r in summary])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle("hydraopt exports on the host (blue: ONNX Runtime, orange: ExecuTorch)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,94 @@
+"""Export folders: manifest accuracy, refusal of foreign task files, atomic and non-clobbering writes.
+
+ONNX exports only (seconds each); the ExecuTorch-specific refusals are in test_export_runtimes.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.export import export_bank
+from exporters.manifest import MANIFEST, Manifest, TaskFileError, sha256_file
+from exporters.runtime import greedy, open_export
+from hydraopt_mobile.atomic import OutputExists
+from test_export_runtimes import PROMPT, TASKS, make_bank, make_tiny_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("manifest")
+    model_dir = make_tiny_model(root / "model")
+    first = export_bank(make_bank(seed=1), model_dir, "onnx", "fp32", root / "first")
+    second = export_bank(make_bank(seed=2), model_dir, "onnx", "fp32", root / "second")
+    return model_dir, first, second
+
+
+def test_manifest_lists_every_file_with_its_bytes_and_sha256(setup):
+    _, first, _ = setup
+    manifest = Manifest.read(first)
+    on_disk = {p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()} - {MANIFEST}
+    assert {f.path for f in manifest.files} == on_disk
+    for f in manifest.files:
+        assert (first / f.path).stat().st_size == f.bytes
+        assert sha256_file(first / f.path) == f.sha256
+    assert manifest.tasks == TASKS
+    assert {f.task for f in manifest.files if f.role == "task"} == set(TASKS)
+    # q_proj B, v_proj A and o_proj A and B are per task; q_proj A and v_proj B are resident
+    assert sorted(manifest.task_tensors) == sorted(
+        f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_b", "v_proj.lora_a", "o_proj.lora_a", "o_proj.lora_b")
+    )
+    assert manifest.resident_slots == sorted(
+        f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_a", "v_proj.lora_b")
+    )
+
+
+def test_task_file_of_another_export_is_refused(setup):
+    _, first, second = setup
+    foreign = second / Manifest.read(second).task_file("alpha").path
+    session = open_export(first)
+    with pytest.raises(TaskFileError, match="another export"):
+        session.load_task("alpha", foreign)
+    assert "alpha" not in session.adapters
+    session.load_task("alpha")  # its own file is accepted
+    assert "alpha" in session.adapters
+
+
+def test_existing_output_is_not_overwritten_unless_asked(setup):
+    model_dir, first, _ = setup
+    before = json.loads((first / MANIFEST).read_text())["export_id"]
+    with pytest.raises(OutputExists):
+        export_bank(make_bank(seed=3), model_dir, "onnx", "fp32", first)
+    assert json.loads((first / MANIFEST).read_text())["export_id"] == before
+    export_bank(make_bank(seed=3), model_dir, "onnx", "fp32", first, overwrite=True)
+    assert json.loads((first / MANIFEST).read_text())["export_id"] != before
+    assert [p.name for p in first.parent.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+
+
+def test_failed_export_leaves_nothing_behind(setup, tmp_path):
+    model_dir, _, _ = setup
+    with pytest.raises(ValueError, match="quant"):
+        export_bank(make_bank(), model_dir, "onnx", "8da4w", tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merged_reference_export_equals_the_slot_export_of_that_task(setup, tmp_path):
+    model_dir, first, _ = setup
+    bank = make_bank(seed=1)
+    slots = open_export(export_bank(bank, model_dir, "onnx", "fp32", tmp_path / "slots"))
+    merged = open_export(export_bank(bank, model_dir, "onnx", "fp32", tmp_path / "merged", merged_task="beta"))
+    assert Manifest.read(tmp_path / "merged").task_tensors == {}
+    slots.set_task("beta")
+    merged.set_task("beta")
+    a = greedy(slots, PROMPT, 6, keep_logits=True)
+    b = greedy(merged, PROMPT, 6, keep_logits=True)
+    assert a.tokens == b.tokens
+    assert np.abs(a.logits[0] - b.logits[0]).max() < 1e-4
+    with pytest.raises(KeyError):
+        merged.set_task("alpha")

@@ -1,0 +1,248 @@
+"""Both back ends on a tiny Llama, run on the real runtimes (ExecuTorch Python runtime, ONNX Runtime).
+
+The reference is plain Hugging Face PyTorch with the task's ``B @ A`` added into the base weights
+and no KV cache (one full forward), so it checks the LoRA slots, the cache graph and the switching
+together. Tolerances:
+
+- fp32: 1e-4 absolute on logits of magnitude ~1. Both sides compute the same fp32 arithmetic in a
+  different order (unmerged vs merged LoRA, cached vs full attention); observed ~1e-6. A wrong or
+  stale task moves logits by ~0.7 here, 4 orders of magnitude above the bound.
+- quantised (4-bit weights, group 32, int8 dynamic activations): observed 0.05-0.17. Bound 0.3, and
+  the quantised output must stay at least twice as close to its own task's reference as to any other
+  task's, i.e. quantisation noise must not swamp the task signal that switching selects.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exporters.executorch_backend import write_task_file
+from exporters.export import export_bank
+from exporters.manifest import Manifest, TaskFileError
+from exporters.runtime import greedy, open_export
+from exporters.slots import layout_from_bank, merge_into
+from hydraopt_mobile.bank import MergedBank, grouped_module
+from hydraopt_mobile.formats import NumberFormat
+
+torch.set_num_threads(1)
+HIDDEN, KV, LAYERS, VOCAB, RANK = 64, 32, 2, 256, 4
+TASKS = ["alpha", "beta", "gamma"]
+FP32_TOL = 1e-4
+QUANT_TOL = 0.3
+
+
+def make_tiny_model(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
+def make_bank(seed: int = 1) -> MergedBank:
+    """Every kind of slot: q (shared A, B per task), v (A in 2 groups, shared B), o (both per task)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.4
+
+    fp16 = NumberFormat("fp16")
+    modules = {}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}.self_attn."
+        modules[p + "q_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 0, 0], [0, 1, 2], [rnd(RANK, HIDDEN)],
+                                               [rnd(HIDDEN, RANK) for _ in TASKS], fp16)
+        modules[p + "v_proj"] = grouped_module((KV, HIDDEN), [0, 1, 0], [0, 0, 0], [rnd(RANK, HIDDEN) for _ in range(2)],
+                                               [rnd(KV, RANK)], fp16)
+        modules[p + "o_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 1, 2], [0, 1, 2], [rnd(RANK, HIDDEN) for _ in TASKS],
+                                               [rnd(HIDDEN, RANK) for _ in TASKS], fp16)
+    return MergedBank(list(TASKS), modules, "test-grouped")
+
+
+def reference_logits(model_dir: Path, bank: MergedBank | None, task: str | None, seq: list[int]) -> np.ndarray:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    if task is not None:
+        merge_into(model, layout_from_bank(bank).task_factors(task))
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0].numpy()
+
+
+def run_logits(session, prompt: list[int], n_new: int = 6) -> tuple[list[int], np.ndarray]:
+    """Greedy on the runtime; returns the full sequence and the logits of every position."""
+    gen = greedy(session, prompt, n_new, keep_logits=True)
+    rows = np.concatenate([gen.logits[0]] + [row[None] for row in gen.logits[1:]])
+    return prompt + gen.tokens, rows
+
+
+PROMPT = [5, 17, 200, 33, 9, 121, 64, 3, 250, 77]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def bank() -> MergedBank:
+    return make_bank()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_dir, bank) -> dict:
+    root = tmp_path_factory.mktemp("exports")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(fmt: str, quant: str) -> Path:
+        if (fmt, quant) not in made:
+            made[(fmt, quant)] = export_bank(bank, tiny_dir, fmt, quant, root / f"{fmt}-{quant}", max_cache_len=64)
+        return made[(fmt, quant)]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_dir, bank) -> dict:
+    cache: dict = {}
+
+    def get(task: str | None, seq: list[int]) -> np.ndarray:
+        key = (task, tuple(seq))
+        if key not in cache:
+            cache[key] = reference_logits(tiny_dir, bank, task, seq)
+        return cache[key]
+
+    return get
+
+
+RUNTIMES = ["onnx", "executorch"]
+QUANTISED = {"onnx": "int4", "executorch": "8da4w"}
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
+def test_fp32_matches_pytorch_for_every_task(fmt, exports, refs):
+    session = open_export(exports(fmt, "fp32"))
+    for task in TASKS:
+        session.set_task(task)
+        seq, got = run_logits(session, PROMPT)
+        err = np.abs(got - refs(task, seq)[: len(got)]).max()
+        assert err < FP32_TOL, f"{fmt} task {task}: max logit error {err}"
+        assert np.abs(got - refs(None, seq)[: len(got)]).max() > 100 * FP32_TOL, "the adapter had no effect"
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
+def test_no_task_is_the_base_model(fmt, exports, refs):
+    session = open_export(exports(fmt, "fp32"))
+    seq, got = run_logits(session, PROMPT)
+    assert np.abs(got - refs(None, seq)[: len(got)]).max() < FP32_TOL
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
+def test_switching_1_2_1_gives_each_tasks_own_outputs(fmt, exports, refs):
+    session = open_export(exports(fmt, "fp32"))
+    outputs = []
+    for task in ["alpha", "beta", "alpha", "gamma"]:
+        session.set_task(task)
+        seq, got = run_logits(session, PROMPT)
+        assert np.abs(got - refs(task, seq)[: len(got)]).max() < FP32_TOL, f"after switching to {task}"
+        outputs.append(got)
+    np.testing.assert_array_equal(outputs[0], outputs[2])  # back to alpha: bit-identical
+    assert np.abs(outputs[0][: len(PROMPT)] - outputs[1][: len(PROMPT)]).max() > 0.05
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
+def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
+    session = open_export(exports(fmt, QUANTISED[fmt]))
+    for task in TASKS:
+        session.set_task(task)
+        seq, got = run_logits(session, PROMPT)
+        own = np.abs(got - refs(task, seq)[: len(got)]).max()
+        others = min(np.abs(got - refs(t, seq)[: len(got)]).max() for t in TASKS if t != task)
+        assert own < QUANT_TOL, f"{fmt} {task}: quantised error {own}"
+        assert own < others / 2, f"{fmt} {task}: error to own task {own} vs to another {others}"
+
+
+def _linear_params(model_dir: Path) -> tuple[int, int]:
+    """(base Linear weights without lm_head, lm_head weights) of the tiny model."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    body = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    return body, model.lm_head.weight.numel()
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
+def test_quantised_program_is_smaller_by_the_expected_factor(fmt, exports, tiny_dir):
+    """Only base Linear weights change: 4 bytes -> 4 bits + one fp32 scale per 32 = 0.625 bytes.
+
+    The tied lm_head: ExecuTorch's fp32 program already stores it apart from the embedding, so it
+    just shrinks; ONNX stores it once, and the 4-bit MatMul gets its own copy beside the fp32
+    embedding that Gather still reads.
+    """
+    fp32 = Manifest.read(exports(fmt, "fp32")).bytes_of("program")
+    quant = Manifest.read(exports(fmt, QUANTISED[fmt])).bytes_of("program")
+    body, head = _linear_params(tiny_dir)
+    if fmt == "executorch":
+        expected = fp32 - (body + head) * (4 - 0.625)
+    else:
+        expected = fp32 - body * (4 - 0.625) + head * 0.625
+    assert abs(quant - expected) / expected < 0.1, f"{fmt}: {quant} bytes, expected about {expected:.0f} (fp32 {fp32})"
+    assert fp32 / quant > 2.0
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit near the end (tensor data in a safetensors file)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
+def test_corrupted_or_swapped_task_file_is_refused_before_loading(fmt, exports, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exports(fmt, "fp32"), folder)
+    manifest = Manifest.read(folder)
+    alpha = folder / manifest.task_file("alpha").path
+    session = open_export(folder)
+    session.set_task("gamma")
+    _corrupt(alpha)
+    with pytest.raises(TaskFileError, match="SHA-256"):
+        session.set_task("alpha")
+    shutil.copy(folder / manifest.task_file("beta").path, alpha)
+    with pytest.raises(TaskFileError, match="this export's file for 'beta'"):
+        session.load_task("alpha")
+    alpha.write_bytes(alpha.read_bytes()[:-10])
+    with pytest.raises(TaskFileError, match="truncated"):
+        session.load_task("alpha")
+    assert session.active == "gamma"
+    loaded = session.loaded if fmt == "executorch" else session.adapters
+    assert "alpha" not in loaded
+
+
+def test_executorch_task_file_of_another_export_is_refused(exports, tmp_path):
+    """Same tensors, written for another export id: refused by checksum, before ExecuTorch sees it."""
+    folder = exports("executorch", "fp32")
+    manifest = Manifest.read(folder)
+    tensors = load_file(str(folder / manifest.task_file("alpha").path))
+    foreign = tmp_path / "alpha.safetensors"
+    write_task_file(foreign, tensors, "another-export", "alpha")
+    session = open_export(folder)
+    with pytest.raises(TaskFileError, match="another export"):
+        session.load_task("alpha", foreign)
+    assert "alpha" not in session.loaded
+
+
+def test_unknown_task_is_a_clear_error(exports):
+    session = open_export(exports("onnx", "fp32"))
+    with pytest.raises(KeyError, match="not in export"):
+        session.set_task("delta")
