@@ -34,7 +34,7 @@ USER_ERRORS = (AdapterError, BundleError, OutputExists, InfeasibleBudget, ValueE
 
 
 def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    console.print(f"[bold red]error:[/] {e.args[0] if isinstance(e, KeyError) and e.args else e}", soft_wrap=True)
     raise typer.Exit(2)
 
 
