@@ -26,6 +26,8 @@ VAL_SIZE = 30
 COUNTRY_LANGS = {"de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
 CHAT_LANGS = {"en": "english", "it": "italian", "es": "spanish", "pt": "portuguese"}
 LANGUAGE_NAMES = {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
+# Reply references longer than this (a few multi-paragraph answers) are left out: the task is a short reply.
+MAX_REPLY_CHARS = 160
 # A topic needs this many distinct questions in a language to be a label there.
 MIN_TOPIC_EXAMPLES = 8
 
@@ -117,7 +119,7 @@ def _reply_pairs(folder: str) -> list[Example]:
     first: dict[str, str] = {}
     for _, q, a in _chat_conversations(folder):
         first.setdefault(q, a)  # one reference per question: the first answer in corpus order
-    return [Example(q, a) for q, a in first.items()]
+    return [Example(q, a) for q, a in first.items() if len(a) <= MAX_REPLY_CHARS]
 
 
 def _build(name: str, seed: int) -> TaskSpec:

@@ -25,7 +25,7 @@ from .tasks import TaskSpec, load_suite
 
 INITS = ("shared-seed", "independent-seeds")
 # Default training settings; train_suite's defaults are exactly what made the committed adapters.
-DEFAULT_STEPS: dict[str, int] = {"country": 100, "topic": 80, "reply": 80}
+DEFAULT_STEPS: dict[str, int] = {"country": 70, "topic": 60, "reply": 50}
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LR = 2e-3
 WARMUP_FRACTION = 0.1
@@ -60,6 +60,19 @@ def _batches(task: TaskSpec, tokenizer, steps: int, batch_size: int, generator: 
             labels[j, : len(lab)] = torch.tensor(lab)
             mask[j, : len(ids)] = 1
         yield input_ids, labels, mask
+
+
+def _answer_loss(lm, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens, projecting only those positions to the vocabulary.
+
+    Same value as the model's own loss, but the 49k-way LM head (a fifth of the model's compute)
+    runs on a few answer positions instead of the whole padded batch.
+    """
+    hidden = lm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = lm.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def _save_fp16(peft_model, out_dir: Path, meta: dict) -> None:
@@ -129,7 +142,7 @@ def train_adapter(
     bar = tqdm(_batches(task, tokenizer, steps, batch_size, generator), total=steps, desc=task.name, unit="step")
     try:
         for step, (input_ids, labels, mask) in enumerate(bar):
-            loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss = _answer_loss(peft_model.get_base_model(), input_ids, mask, labels)
             loss.backward()
             optimizer.step()
             scheduler.step()

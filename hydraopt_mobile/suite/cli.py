@@ -1,0 +1,74 @@
+"""``hydraopt suite ...``: train the suite's adapters and evaluate them (or the base model)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .tasks import TASK_NAMES, load_suite
+
+suite_app = typer.Typer(help="The embedded SmolLM2-135M task suite: train adapters, evaluate.", no_args_is_help=True)
+console = Console()
+
+
+def _task_list(tasks: str | None) -> list[str] | None:
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+
+
+@suite_app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder to write one PEFT adapter folder per task into."),
+    init: str = typer.Option("shared-seed", "--init", help="shared-seed (one LoRA init seed) or independent-seeds."),
+    steps: int | None = typer.Option(None, "--steps", help="Steps for every task (default: per application)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 avoids oversubscribing shared cores)."),
+    tasks: str | None = typer.Option(None, "--tasks", help=f"Comma-separated subset of: {','.join(TASK_NAMES)}."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train one LoRA adapter per task (r 8, alpha 16, q_proj + v_proj, fp16 PEFT folders)."""
+    from .train import train_suite
+
+    start = time.time()
+    paths = train_suite(out, init=init, tasks=_task_list(tasks), steps=steps, seed=seed, threads=threads)
+    console.print(f"trained {len(paths)} adapters into {out} in {time.time() - start:.0f} s ({threads} thread(s))")
+
+
+@suite_app.command("eval")
+def eval_(
+    adapters: Path | None = typer.Option(None, "--adapters", help="Folder of per-task adapter folders; omit for the base model."),
+    split: str = typer.Option("test", "--split", help="test or val."),
+    threads: int = typer.Option(1, "--threads"),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
+) -> None:
+    """Score the base model or a folder of adapters on each task's own metric."""
+    from .evaluate import adapters_from_folders, evaluate
+
+    torch.set_num_threads(threads)
+    suite = load_suite(_task_list(tasks))
+    factors = None
+    if adapters is not None:
+        factors = adapters_from_folders({t.name: adapters / t.name for t in suite})
+    start = time.time()
+    scores = evaluate(suite, factors, split=split, threads=threads)
+    seconds = time.time() - start
+    table = Table("task", "metric", "score")
+    for t in suite:
+        table.add_row(t.name, t.metric, f"{scores[t.name]:.1f}")
+    table.add_row("average", "", f"{sum(scores.values()) / len(scores):.1f}")
+    console.print(table)
+    console.print(f"{split} split evaluated in {seconds:.0f} s with {threads} thread(s)")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"adapters": str(adapters) if adapters else None, "split": split, "threads": threads,
+                  "seconds": round(seconds, 1), "scores": scores}
+        json_out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    suite_app()
