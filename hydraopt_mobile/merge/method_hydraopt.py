@@ -7,12 +7,12 @@ from typing import Callable
 
 import torch
 
-from ..adapters import AdapterSet
+from ..adapters import AdapterSet, LoraFactors
 from ..bank import MergedModule
-from ..factored import FactoredModule, factor_space, sq_norm
+from ..factored import factor_space, sq_norm
 from ..formats import NumberFormat
 from .grouping import cluster, row_space_similarity, update_cosine
-from .hydraopt import fit_stored, solve_layout
+from .hydraopt import LayoutSolution, fit_stored, solve_layout
 from .planner import Candidate, plan
 
 
@@ -62,43 +62,48 @@ def task_weights(adapters: AdapterSet) -> torch.Tensor:
 class ModulePlanner:
     """Candidates of one module, and the rebuild of the chosen one."""
 
-    def __init__(self, fm: FactoredModule, weights: torch.Tensor, cfg: HydraOptConfig, r_max: int):
-        self.fm, self.w, self.cfg = fm, weights, cfg
-        T = fm.n_tasks
-        self._a_sim, self._b_sim = row_space_similarity(fm), update_cosine(fm)
-        q = fm.Q.shape[1]
+    def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig):
+        self.fm, self.w, self.cfg = factor_space(factors), weights, cfg
+        self._a_sim, self._b_sim = row_space_similarity(self.fm), update_cosine(self.fm)
+        r_max, q = max(f.rank for f in factors), self.fm.Q.shape[1]
         ranks = [cfg.rank] if cfg.rank else sorted({max(1, min(q, round(m * r_max))) for m in cfg.rank_multipliers})
-        self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(T, cfg) for r in ranks]
+        self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
 
-    def _groupings(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
-        return cluster(self._a_sim, k_a), cluster(self._b_sim, k_b)
+    def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
+        groups = cluster(self._a_sim, k_a), cluster(self._b_sim, k_b)
+        return solve_layout(self.fm, self.w, *groups, rank, max_iters=self.cfg.max_iters)
 
     def candidates(self) -> list[Candidate]:
         out = []
         for k_a, k_b, r in self.specs:
-            sol = solve_layout(self.fm, self.w, *self._groupings(k_a, k_b), r, max_iters=self.cfg.max_iters)
+            sol = self._solve(k_a, k_b, r)
             for fmt in self.cfg.formats:
                 module, err = fit_stored(self.fm, self.w, sol, fmt)
                 out.append(Candidate(k_a, k_b, r, fmt.label(), module.nbytes(), float(err.sum())))
         return out
 
     def build(self, c: Candidate) -> MergedModule:
-        sol = solve_layout(self.fm, self.w, *self._groupings(c.k_a, c.k_b), c.rank, max_iters=self.cfg.max_iters)
-        return fit_stored(self.fm, self.w, sol, NumberFormat.parse(c.fmt))[0]
+        return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
 
 
-def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, tick: Callable[[], None] | None = None) -> tuple[dict[str, ModulePlanner], dict[str, list[Candidate]]]:
-    """Every module's candidates; reusable across budgets."""
+def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, tick: Callable[[], None] | None = None) -> dict[str, list[Candidate]]:
+    """Every module's candidates (reusable across budgets). Module state is dropped after each
+    module, so memory stays at one module's factored space."""
     w = task_weights(adapters)
-    planners, cands = {}, {}
+    cands = {}
     for name in adapters.module_names:
-        factors = adapters.factors(name)
-        planners[name] = ModulePlanner(factor_space(factors), w, cfg, max(f.rank for f in factors))
-        cands[name] = planners[name].candidates()
+        cands[name] = ModulePlanner(adapters.factors(name), w, cfg).candidates()
         if tick:
             tick()
-    return planners, cands
+    return cands
 
 
-def build_modules(planners: dict[str, ModulePlanner], cands: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, MergedModule]:
-    return {name: planners[name].build(c) for name, c in plan(cands, budget_bytes).items()}
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, cands: dict[str, list[Candidate]], budget_bytes: int, tick: Callable[[], None] | None = None) -> dict[str, MergedModule]:
+    """Rebuild each module's chosen candidate (recomputing its factored space: cheaper than keeping it)."""
+    w = task_weights(adapters)
+    out = {}
+    for name, c in plan(cands, budget_bytes).items():
+        out[name] = ModulePlanner(adapters.factors(name), w, cfg).build(c)
+        if tick:
+            tick()
+    return out

@@ -6,7 +6,8 @@ The CLI lists what this registry holds (``hydraopt methods``) and merges by name
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from rich.progress import Progress
 
@@ -123,34 +124,69 @@ def get_method(name: str) -> MergeMethod:
 
 def merge(adapters: AdapterSet, config: MergeConfig, progress: bool = True) -> MergedBank:
     """Merge ``adapters`` as ``config`` says and return the bank (not yet written to disk)."""
+    if get_method(config.method).budgeted:
+        return merge_budgets(adapters, config, [config.budget or DEFAULT_BUDGET], progress)[0]
     method = get_method(config.method)
     params = method.resolve_params(config.params)
-    if config.budget is not None and not method.budgeted:
+    if config.budget is not None:
         raise ValueError(f"--budget applies to budgeted methods (hydraopt); {method.name!r} has fixed storage")
+    fmt = config.fmt or NumberFormat("fp16")
+    with _progress(progress, method.name, len(adapters.module_names)) as tick:
+        if method.name == "none":
+            modules = baselines.merge_modules(adapters, baselines.one_per_task, params, fmt, tick)
+        elif method.name == "cat":
+            modules = baselines.merge_modules(adapters, baselines.concatenate, params, fmt, tick)
+        else:
+            rule = _DENSE_RULES[method.name]
+            modules = baselines.merge_modules(adapters, lambda f, p, x: baselines.merged_module(rule, f, p, x), params, fmt, tick)
+    recorded = {k: v for k, v in params.items() if v is not None} | {"format": fmt.label()}
+    return _bank(adapters, method, recorded, modules)
+
+
+def merge_budgets(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], progress: bool = True) -> list[MergedBank]:
+    """HydraOpt at several budgets from one pass over the candidates (they do not depend on the budget)."""
+    method = get_method(config.method)
+    if not method.budgeted:
+        raise ValueError(f"--budget applies to budgeted methods (hydraopt); {method.name!r} has fixed storage")
+    params = method.resolve_params(config.params)
+    cfg = HydraOptConfig(formats=_formats(config), k_a=params["k_a"], k_b=params["k_b"], rank=params["rank"])
     reference = adapters.fp16_bytes()
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"{method.name}: modules", total=len(adapters.module_names))
+    n = len(adapters.module_names)
+    with _progress(progress, method.name, n * (1 + len(budgets))) as tick:
+        cands = plan_candidates(adapters, cfg, tick)
+        smallest = minimum_bytes(cands)
+        banks = []
+        for budget in budgets:
+            if smallest > budget.resolve(reference):
+                raise InfeasibleBudget(
+                    f"--budget {budget.label()} ({budget.resolve(reference):,} bytes) is infeasible: the smallest feasible "
+                    f"budget is {smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task)"
+                )
+            modules = build_modules(adapters, cfg, cands, budget.resolve(reference), tick)
+            recorded = {k: v for k, v in params.items() if v is not None}
+            recorded |= {"budget": budget.label(), "formats": [f.label() for f in cfg.formats]}
+            banks.append(_bank(adapters, method, recorded, modules))
+    return banks
 
-        def tick() -> None:
-            bar.advance(task)
 
-        modules = _merge_modules(adapters, method, params, config, reference, tick)
-    recorded = {k: v for k, v in params.items() if v is not None}
-    if method.budgeted:
-        recorded["budget"] = (config.budget or DEFAULT_BUDGET).label()
-        recorded["formats"] = [f.label() for f in _formats(config)]
-    else:
-        recorded["format"] = (config.fmt or NumberFormat("fp16")).label()
+def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict[str, MergedModule]) -> MergedBank:
     bank = MergedBank(
         tasks=adapters.task_names,
         modules=modules,
         method=method.name,
-        params=recorded,
+        params=params,
         fingerprint=adapters.fingerprint(),
-        reference_fp16_bytes=reference,
+        reference_fp16_bytes=adapters.fp16_bytes(),
     )
     bank.rel_errors = bank.relative_errors(adapters)
     return bank
+
+
+@contextmanager
+def _progress(enabled: bool, label: str, total: int) -> Iterator[Callable[[], None]]:
+    with Progress(disable=not enabled, transient=True) as bar:
+        task = bar.add_task(f"{label}: modules", total=total)
+        yield lambda: bar.advance(task)
 
 
 DEFAULT_BUDGET = Budget(fraction=0.5)
@@ -160,24 +196,3 @@ def _formats(config: MergeConfig) -> tuple[NumberFormat, ...]:
     if config.fmt is not None:
         return (config.fmt,)
     return tuple(NumberFormat(name, config.group_size) for name in FORMAT_NAMES)  # type: ignore[arg-type]
-
-
-def _merge_modules(adapters, method, params, config, reference, tick) -> dict[str, MergedModule]:
-    fmt = config.fmt or NumberFormat("fp16")
-    if method.name == "hydraopt":
-        cfg = HydraOptConfig(formats=_formats(config), k_a=params["k_a"], k_b=params["k_b"], rank=params["rank"])
-        planners, cands = plan_candidates(adapters, cfg, tick)
-        budget = config.budget or DEFAULT_BUDGET
-        smallest = minimum_bytes(cands)
-        if smallest > budget.resolve(reference):
-            raise InfeasibleBudget(
-                f"--budget {budget.label()} ({budget.resolve(reference):,} bytes) is infeasible: the smallest feasible "
-                f"budget is {smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task)"
-            )
-        return build_modules(planners, cands, budget.resolve(reference))
-    if method.name == "none":
-        return baselines.merge_modules(adapters, baselines.one_per_task, params, fmt, tick)
-    if method.name == "cat":
-        return baselines.merge_modules(adapters, baselines.concatenate, params, fmt, tick)
-    rule = _DENSE_RULES[method.name]
-    return baselines.merge_modules(adapters, lambda f, p, x: baselines.merged_module(rule, f, p, x), params, fmt, tick)
