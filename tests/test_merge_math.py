@@ -38,11 +38,11 @@ def test_closed_form_matches_dense_reference():
     A_ref, B_ref = dense_closed_form(factors, w, 6)
     A = sol.a[0] @ fm.Q.T
     # same row space and the same reconstruction of every task
-    assert torch.allclose(A.T @ A, A_ref.T @ A_ref, atol=1e-8)
+    assert torch.allclose((A.T @ A).double(), A_ref.T @ A_ref, atol=1e-4)
     for t in range(5):
-        assert torch.allclose(sol.B[t] @ A, B_ref[t] @ A_ref, rtol=1e-6, atol=1e-5)  # inputs are fp32
+        assert torch.allclose((sol.B[t] @ A).double(), B_ref[t] @ A_ref, rtol=1e-4, atol=1e-3)  # solved in fp32
     dense_obj = sum(w[t] * ((factors[t].dense().double() - B_ref[t] @ A_ref) ** 2).sum() for t in range(5))
-    assert float(objective(fm, w, sol).sum()) == pytest.approx(float(dense_obj), rel=1e-8)
+    assert float(objective(fm, w, sol).sum()) == pytest.approx(float(dense_obj), rel=1e-4)
 
 
 def test_als_objective_never_increases_and_matches_dense_value():
@@ -53,11 +53,11 @@ def test_als_objective_never_increases_and_matches_dense_value():
     sol = solve_layout(fm, w, a_index, b_index, rank=4, max_iters=40, tol=0)
     h = sol.history
     assert len(h) > 5
-    assert all(b <= a * (1 + 1e-10) for a, b in zip(h, h[1:]))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(h, h[1:]))  # fp32 rounding
     assert h[-1] < h[0]
-    A = [sol.a[g] @ fm.Q.T for g in range(2)]
-    dense = sum(float(((factors[t].dense().double() - sol.B[b_index[t]] @ A[a_index[t]]) ** 2).sum()) for t in range(5))
-    assert h[-1] == pytest.approx(dense, rel=1e-8)
+    A = [(sol.a[g] @ fm.Q.T).double() for g in range(2)]
+    dense = sum(float(((factors[t].dense().double() - sol.B[b_index[t]].double() @ A[a_index[t]]) ** 2).sum()) for t in range(5))
+    assert h[-1] == pytest.approx(dense, rel=1e-4)
 
 
 def test_one_per_task_layout_is_exact():
@@ -65,7 +65,7 @@ def test_one_per_task_layout_is_exact():
     fm = factor_space(factors)
     sol = solve_layout(fm, torch.ones(5, dtype=torch.float64), list(range(5)), list(range(5)), rank=4)
     total = sum(float((f.dense() ** 2).sum()) for f in factors)
-    assert float(objective(fm, torch.ones(5, dtype=torch.float64), sol).sum()) < 1e-12 * total
+    assert float(objective(fm, torch.ones(5, dtype=torch.float64), sol).sum()) < 1e-6 * total
 
 
 def test_planted_shared_A_recovered_to_noise_floor(make_adapters, tmp_path):

@@ -21,7 +21,11 @@ def row_space_similarity(fm: FactoredModule) -> torch.Tensor:
 
 def update_cosine(fm: FactoredModule) -> torch.Tensor:
     """(T, T) cosine similarity of the updates dW_t."""
-    gram = ((fm.B.transpose(1, 2).unsqueeze(1) @ fm.B.unsqueeze(0)) * (fm.a.unsqueeze(0) @ fm.a.transpose(1, 2).unsqueeze(1)).transpose(2, 3)).sum((2, 3))
+    T, d_out, r = fm.B.shape
+    gb = (fm.B.permute(1, 0, 2).reshape(d_out, T * r).T @ fm.B.permute(1, 0, 2).reshape(d_out, T * r)).reshape(T, r, T, r)
+    ga = (fm.a.reshape(T * r, -1) @ fm.a.reshape(T * r, -1).T).reshape(T, r, T, r)
+    # <dW_s, dW_t> = tr((B_s^T B_t)(a_t a_s^T)) = sum_ij gb[s,i,t,j] * ga[s,i,t,j]
+    gram = (gb * ga).sum((1, 3))
     norms = fm.sq_norms.sqrt().clamp_min(1e-30)
     return gram / norms.view(-1, 1) / norms.view(1, -1)
 

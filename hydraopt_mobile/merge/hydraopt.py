@@ -1,11 +1,17 @@
 """HydraOpt: shared factors plus per-task tensors, solved in the factored space (METHOD.md).
 
-For one module and a layout (A-grouping ``a_index``, B-grouping ``b_index``, shared rank r'),
-``solve_layout`` minimises ``sum_t w_t ||dW_t - B^_{b(t)} A^_{a(t)}||_F^2``: A-groups start from the
-closed form (top right singular vectors of the group's stacked updates), then alternating least
-squares, each step an exact least-squares solve, so the objective never increases. With one
-A-group and a B per task the start is already optimal. ``fit_stored`` quantises A^, re-fits B to
-the quantised A (cheap, and it recovers much of the quantisation error), then quantises B.
+For one module and a layout (A-grouping ``a_index``, B-grouping ``b_index``, shared rank r'), the
+objective is ``sum_t w_t ||dW_t - B^_{b(t)} A^_{a(t)}||_F^2``.
+
+Closed forms cover the layouts the planner walks through:
+- one shared A (k_A = 1), any B-grouping: with A's rows orthonormal, each group's best B is
+  ``M_h A^T / W_h`` (``M_h = sum_{t in h} w_t dW_t``), so the best A spans the top right singular
+  vectors of the stacked ``M_h / sqrt(W_h)``; METHOD.md's k_B = T case is the special case.
+- a B per task (k_B = T), any A-grouping: each A-group independently, from its stacked ``sqrt(w_t) dW_t``.
+The singular values give the error of every rank r' at once. Other groupings start from the
+per-A-group closed form and run alternating least squares, each step an exact least-squares
+solve, so the objective never increases. ``fit_stored`` quantises A^, re-fits B^ to the stored A^
+(which recovers part of the quantisation error), then quantises B^.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ class LayoutSolution:
     b_index: list[int]
     a: torch.Tensor  # (k_A, r', q): shared A's in Q coordinates
     B: torch.Tensor  # (k_B, d_out, r')
-    history: list[float] = field(default_factory=list)  # objective after each ALS step
+    history: list[float] = field(default_factory=list)  # objective after each step
+
+
+def _members(index: list[int], g: int) -> list[int]:
+    return [t for t, x in enumerate(index) if x == g]
 
 
 def _group_sum(values: torch.Tensor, index: list[int], k: int) -> torch.Tensor:
@@ -33,23 +43,68 @@ def _group_sum(values: torch.Tensor, index: list[int], k: int) -> torch.Tensor:
     return out.index_add_(0, torch.tensor(index), values)
 
 
+def _stacked_rows(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Rows X with X^T X = sum_h M_h^T M_h / W_h, M_h = sum_{t in h} w_t B_t a_t (Q coordinates)."""
+    blocks = []
+    for h in groups:
+        if len(h) == 1:
+            blocks.append(fm.RA[h[0]] * w[h[0]].sqrt())
+            continue
+        S = torch.cat([fm.B[t] * w[t] for t in h], dim=1)  # (d_out, |h| r)
+        R = torch.linalg.qr(S, mode="r")[1]
+        blocks.append(R @ torch.cat([fm.a[t] for t in h], dim=0) / w[h].sum().sqrt())
+    return torch.cat(blocks, dim=0)
+
+
+def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per A-group: right singular vectors (all of them) and squared singular values of the rows
+    whose top singular vectors are the closed-form A (one SVD serves every rank r')."""
+    k_a, k_b = max(a_index) + 1, max(b_index) + 1
+    if k_a == 1:
+        groups = [[_members(b_index, h) for h in range(k_b)]]
+    elif k_b == fm.n_tasks:
+        groups = [[[t] for t in _members(a_index, g)] for g in range(k_a)]
+    else:
+        raise ValueError("closed form needs k_A = 1 or k_B = T")
+    out = []
+    for g in groups:
+        _, s, vh = torch.linalg.svd(_stacked_rows(fm, w, g), full_matrices=False)
+        out.append((vh, s**2))
+    return out
+
+
+def closed_form_errors(fm: FactoredModule, w: torch.Tensor, spaces: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> dict[int, float]:
+    """Weighted squared error of the closed-form layout at each rank, from singular values only."""
+    total = float((w * fm.sq_norms).sum())
+    return {r: max(total - sum(float(s2[:r].sum()) for _, s2 in spaces), 0.0) for r in ranks}
+
+
+def _truncate(vh: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
+    keep = min(rank, int((s2 > s2[0] * 1e-20).sum())) if s2.numel() and s2[0] > 0 else 0
+    out = torch.zeros(rank, vh.shape[1], dtype=vh.dtype)
+    out[:keep] = vh[:keep]
+    return out
+
+
 def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch.Tensor:
     """Per-task weighted squared errors (T,), from r x r' traces only."""
+    w = w.to(DTYPE)
     ag, Bh = sol.a[sol.a_index], sol.B[sol.b_index]
     cross = ((fm.B.transpose(1, 2) @ Bh) * (fm.a @ ag.transpose(1, 2))).sum((1, 2))
     own = ((Bh.transpose(1, 2) @ Bh) * (ag @ ag.transpose(1, 2))).sum((1, 2))
     return w * (fm.sq_norms - 2 * cross + own).clamp_min(0)
 
 
-def _solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
-    ag = a[a_index]  # (T, r', q)
+def _solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares B's for fixed A's (``gram``: A Gram matrices if A has parts outside span Q)."""
+    ag = a[a_index]
     num = w.view(-1, 1, 1) * (fm.B @ (fm.a @ ag.transpose(1, 2)))  # (T, d_out, r')
-    den = w.view(-1, 1, 1) * (ag @ ag.transpose(1, 2))  # (T, r', r')
+    den = w.view(-1, 1, 1) * (gram[a_index] if gram is not None else ag @ ag.transpose(1, 2))
     return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
 
 
 def _solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
-    Bh = B[b_index]  # (T, d_out, r')
+    Bh = B[b_index]
     num = w.view(-1, 1, 1) * ((Bh.transpose(1, 2) @ fm.B) @ fm.a)  # (T, r', q)
     den = w.view(-1, 1, 1) * (Bh.transpose(1, 2) @ Bh)
     return torch.linalg.pinv(_group_sum(den, a_index, k_a), hermitian=True) @ _group_sum(num, a_index, k_a)
@@ -63,17 +118,19 @@ def solve_layout(
     rank: int,
     max_iters: int = 25,
     tol: float = 1e-6,
+    spaces: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> LayoutSolution:
-    """Best shared factors for one grouping (closed-form start, then ALS)."""
+    """Best shared factors for one grouping: closed form where it exists, else ALS from the
+    per-A-group start. ``spaces`` (from :func:`row_spaces`) saves recomputing the SVDs."""
     w = weights.to(DTYPE)
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
-    a = torch.stack([fm.top_row_space([t for t, g in enumerate(a_index) if g == grp], w, rank) for grp in range(k_a)])
-    B = _solve_B(fm, w, a, a_index, b_index, k_b)
-    sol = LayoutSolution(list(a_index), list(b_index), a, B)
+    if spaces is None:
+        start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
+        spaces = row_spaces(fm, w, a_index, start_b)
+    a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
+    sol = LayoutSolution(list(a_index), list(b_index), a, _solve_B(fm, w, a, a_index, b_index, k_b))
     sol.history.append(float(objective(fm, w, sol).sum()))
-    closed_form = k_a == 1 and k_b == fm.n_tasks
-    exact = k_a == k_b == fm.n_tasks and rank >= fm.a.shape[1]
-    if closed_form or exact:
+    if k_a == 1 or k_b == fm.n_tasks:
         return sol
     for _ in range(max_iters):
         sol.a = _solve_a(fm, w, sol.B, a_index, b_index, k_a)
@@ -86,37 +143,30 @@ def solve_layout(
 
 
 def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat) -> tuple[MergedModule, torch.Tensor]:
-    """Quantise A^, re-fit B^ to the stored A^, quantise B^. Returns the module and per-task
-    weighted squared errors of what is actually stored."""
+    """Quantise A^, re-fit B^ to the stored A^, quantise B^. Returns the module and the per-task
+    weighted squared errors of exactly what is stored."""
     w = weights.to(DTYPE)
     A_full = sol.a @ fm.Q.T  # (k_A, r', d_in)
     A_st = [StoredFactor.encode(A_full[g].float(), fmt, transposed=False) for g in range(A_full.shape[0])]
     Aq = torch.stack([s.values() for s in A_st]).to(DTYPE)
     a_q = Aq @ fm.Q  # coordinates inside span(Q); the rest of Aq is orthogonal to every dW_t
+    gram = Aq @ Aq.transpose(1, 2)
     k_b = max(sol.b_index) + 1
-    B = _solve_refit_B(fm, w, Aq, a_q, sol.a_index, sol.b_index, k_b)
+    B = _solve_B(fm, w, a_q, sol.a_index, sol.b_index, k_b, gram=gram)
     B_st = [StoredFactor.encode(B[h].float(), fmt, transposed=True) for h in range(k_b)]
     Bq = torch.stack([s.values() for s in B_st]).to(DTYPE)
-    stored = LayoutSolution(sol.a_index, sol.b_index, a_q, Bq)
-    err = objective(fm, w, stored)
-    # the part of Aq outside span(Q) only adds ||Bq Aq_perp||^2
-    perp = _perp_gram(Aq, fm.Q)
+    err = objective(fm, w, LayoutSolution(sol.a_index, sol.b_index, a_q, Bq))
+    # the part of Aq outside span(Q) adds ||Bq Aq_perp||^2
+    perp = gram - a_q @ a_q.transpose(1, 2)
     err = err + w * ((Bq[sol.b_index].transpose(1, 2) @ Bq[sol.b_index]) * perp[sol.a_index]).sum((1, 2))
     module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=A_st, B=B_st)
     return module, err
 
 
-def _perp_gram(Aq: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Gram matrices (k, r', r') of the rows of Aq projected off span(Q)."""
-    a_q = Aq @ Q
-    return Aq @ Aq.transpose(1, 2) - a_q @ a_q.transpose(1, 2)
-
-
-def _solve_refit_B(
-    fm: FactoredModule, w: torch.Tensor, Aq: torch.Tensor, a_q: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int
-) -> torch.Tensor:
-    """B-step against the stored (dequantised) A's, using their full Gram (inside and outside span Q)."""
-    ag, full = a_q[a_index], Aq[a_index]
-    num = w.view(-1, 1, 1) * (fm.B @ (fm.a @ ag.transpose(1, 2)))
-    den = w.view(-1, 1, 1) * (full @ full.transpose(1, 2))
-    return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
+def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:
+    """Relative error that storing ``sol`` in ``fmt`` adds (used to rank candidates; the planner
+    measures the candidates it may pick exactly)."""
+    _, err = fit_stored(fm, weights, sol, fmt)
+    total = float((weights.to(DTYPE) * fm.sq_norms).sum())
+    fitted = max(total - sol.history[-1], 1e-30)
+    return max(float(err.sum()) - sol.history[-1], 0.0) / fitted

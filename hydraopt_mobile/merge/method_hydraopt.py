@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -12,8 +12,8 @@ from ..bank import MergedModule
 from ..factored import factor_space, sq_norm
 from ..formats import NumberFormat
 from .grouping import cluster, row_space_similarity, update_cosine
-from .hydraopt import LayoutSolution, fit_stored, solve_layout
-from .planner import Candidate, plan
+from .hydraopt import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
+from .planner import Candidate, lower_hull, plan
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,13 @@ class HydraOptConfig:
 
 
 def group_counts(T: int) -> list[int]:
-    """1, 2, 4, ... below T, then T: the rungs between one shared factor and one per task."""
+    """1, 2, 4, ... (1, 4, 16, ... above 16 tasks) below T, then T: the rungs between one shared
+    factor and one per task."""
+    step = 2 if T <= 16 else 4
     ks, k = [], 1
     while k < T:
         ks.append(k)
-        k *= 2
+        k *= step
     return ks + [T]
 
 
@@ -64,23 +66,58 @@ class ModulePlanner:
 
     def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig):
         self.fm, self.w, self.cfg = factor_space(factors), weights, cfg
+        self._space_cache: dict[tuple[int, int], list] = {}
         self._a_sim, self._b_sim = row_space_similarity(self.fm), update_cosine(self.fm)
         r_max, q = max(f.rank for f in factors), self.fm.Q.shape[1]
         ranks = [cfg.rank] if cfg.rank else sorted({max(1, min(q, round(m * r_max))) for m in cfg.rank_multipliers})
         self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
 
+    def _groups(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
+        return cluster(self._a_sim, k_a), cluster(self._b_sim, k_b)
+
     def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
-        groups = cluster(self._a_sim, k_a), cluster(self._b_sim, k_b)
-        return solve_layout(self.fm, self.w, *groups, rank, max_iters=self.cfg.max_iters)
+        closed = k_a == 1 or k_b == self.fm.n_tasks
+        spaces = self._spaces(k_a, k_b) if closed else None
+        return solve_layout(self.fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces)
 
     def candidates(self) -> list[Candidate]:
-        out = []
-        for k_a, k_b, r in self.specs:
-            sol = self._solve(k_a, k_b, r)
-            for fmt in self.cfg.formats:
-                module, err = fit_stored(self.fm, self.w, sol, fmt)
-                out.append(Candidate(k_a, k_b, r, fmt.label(), module.nbytes(), float(err.sum())))
-        return out
+        """Every (layout, rank, format) is scored by an estimate (closed-form error from singular
+        values plus this module's measured quantisation noise); the ones on the estimate's lower
+        convex hull, the only ones the planner can pick, are then measured exactly."""
+        fm, w = self.fm, self.w
+        total = float((w * fm.sq_norms).sum())
+        ranks = sorted({r for _, _, r in self.specs})
+        float_err: dict[tuple[int, int, int], float] = {}
+        for k_a, k_b in dict.fromkeys((ka, kb) for ka, kb, _ in self.specs):
+            if k_a == 1 or k_b == fm.n_tasks:
+                for r, e in closed_form_errors(fm, w, self._spaces(k_a, k_b), ranks).items():
+                    float_err[(k_a, k_b, r)] = e
+            else:
+                for r in ranks:
+                    float_err[(k_a, k_b, r)] = self._solve(k_a, k_b, r).history[-1]
+        probe = next(iter(dict.fromkeys((ka, kb, r) for ka, kb, r in self.specs if r == ranks[len(ranks) // 2])))
+        probe_sol = self._solve(*probe)
+        noise = {fmt.label(): quantisation_noise(fm, w, fmt, probe_sol) for fmt in self.cfg.formats}
+        estimates = [
+            Candidate(k_a, k_b, r, fmt.label(), self._nbytes(k_a, k_b, r, fmt), e + noise[fmt.label()] * (total - e))
+            for (k_a, k_b, r), e in float_err.items()
+            for fmt in self.cfg.formats
+        ]
+        measured = []
+        for c in lower_hull(estimates):
+            _, err = fit_stored(fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
+            measured.append(replace(c, error=float(err.sum())))
+        return measured
+
+    def _spaces(self, k_a: int, k_b: int) -> list:
+        if (k_a, k_b) not in self._space_cache:
+            a_idx, b_idx = self._groups(k_a, k_b)
+            self._space_cache[(k_a, k_b)] = row_spaces(self.fm, self.w, a_idx, b_idx)
+        return self._space_cache[(k_a, k_b)]
+
+    def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> int:
+        d_out, d_in = self.fm.shape
+        return k_a * fmt.nbytes(rank, d_in) + k_b * fmt.nbytes(rank, d_out)
 
     def build(self, c: Candidate) -> MergedModule:
         return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
