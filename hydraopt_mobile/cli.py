@@ -159,5 +159,47 @@ def unpack(
     console.print(f"wrote {out} (PEFT LoRA, loads with peft.PeftModel.from_pretrained)")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", help="output folder"),
+    budget: float = typer.Option(0.52, "--budget", help="hydraopt budget (fraction of fp16 one-adapter-per-task)"),
+    init: str = typer.Option("shared-seed", "--init", help="shared-seed | independent-seeds"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated subset of the suite"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="baseline to compare (default: best in the committed frontier)"),
+    lr: Optional[float] = typer.Option(None, "--train-lr", help="train with another learning rate (retrains into the cache)"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """The main job end to end on the packaged SmolLM2-135M and the suite's adapters."""
+    import torch
+
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        budget=budget,
+        init=init,
+        tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else None,
+        threads=torch.get_num_threads(),
+        baseline=baseline,
+        train_overrides={"lr": lr} if lr is not None else {},
+    )
+    try:
+        run_demo(out, cfg, overwrite, console)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+def _register_subsystems() -> None:
+    """The suite and the exporters add their commands here (their heavy imports stay lazy)."""
+    from exporters import cli as export_cli
+
+    from .suite.cli import suite_app
+
+    app.add_typer(suite_app, name="suite")
+    app.command("export")(export_cli.export)
+    app.add_typer(export_cli.bench_app, name="bench")
+
+
+_register_subsystems()
+
 if __name__ == "__main__":
     app()

@@ -67,13 +67,18 @@ class ModulePlanner:
     def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig):
         self.fm, self.w, self.cfg = factor_space(factors), weights, cfg
         self._space_cache: dict[tuple[int, int], list] = {}
-        self._a_sim, self._b_sim = row_space_similarity(self.fm), update_cosine(self.fm)
+        self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
         r_max, q = max(f.rank for f in factors), self.fm.Q.shape[1]
         ranks = [cfg.rank] if cfg.rank else sorted({max(1, min(q, round(m * r_max))) for m in cfg.rank_multipliers})
         self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
 
     def _groups(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
-        return cluster(self._a_sim, k_a), cluster(self._b_sim, k_b)
+        T = self.fm.n_tasks
+        if k_a in (1, T) and k_b in (1, T):  # trivial groupings need no similarity
+            return ([0] * T if k_a == 1 else list(range(T))), ([0] * T if k_b == 1 else list(range(T)))
+        if self._sims is None:
+            self._sims = row_space_similarity(self.fm), update_cosine(self.fm)
+        return cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
 
     def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
         closed = k_a == 1 or k_b == self.fm.n_tasks
@@ -135,12 +140,26 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, tick: Callable[[]
     return cands
 
 
-def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, cands: dict[str, list[Candidate]], budget_bytes: int, tick: Callable[[], None] | None = None) -> dict[str, MergedModule]:
-    """Rebuild each module's chosen candidate (recomputing its factored space: cheaper than keeping it)."""
+def build_modules(
+    adapters: AdapterSet,
+    cfg: HydraOptConfig,
+    cands: dict[str, list[Candidate]],
+    budgets_bytes: list[int],
+    tick: Callable[[], None] | None = None,
+) -> list[dict[str, MergedModule]]:
+    """For each budget, the modules the plan chose. Each module's factored space is rebuilt once
+    (cheaper than keeping every module's in memory) and serves all budgets."""
     w = task_weights(adapters)
-    out = {}
-    for name, c in plan(cands, budget_bytes).items():
-        out[name] = ModulePlanner(adapters.factors(name), w, cfg).build(c)
+    plans = [plan(cands, b) for b in budgets_bytes]
+    out: list[dict[str, MergedModule]] = [{} for _ in budgets_bytes]
+    for name in adapters.module_names:
+        planner = ModulePlanner(adapters.factors(name), w, cfg)
+        built: dict[Candidate, MergedModule] = {}
+        for i, chosen in enumerate(plans):
+            c = chosen[name]
+            if c not in built:
+                built[c] = planner.build(c)
+            out[i][name] = built[c]
         if tick:
             tick()
     return out

@@ -152,21 +152,18 @@ def merge_budgets(adapters: AdapterSet, config: MergeConfig, budgets: list[Budge
     cfg = HydraOptConfig(formats=_formats(config), k_a=params["k_a"], k_b=params["k_b"], rank=params["rank"])
     reference = adapters.fp16_bytes()
     n = len(adapters.module_names)
-    with _progress(progress, method.name, n * (1 + len(budgets))) as tick:
+    with _progress(progress, method.name, 2 * n) as tick:
         cands = plan_candidates(adapters, cfg, tick)
         smallest = minimum_bytes(cands)
-        banks = []
         for budget in budgets:
             if smallest > budget.resolve(reference):
                 raise InfeasibleBudget(
                     f"--budget {budget.label()} ({budget.resolve(reference):,} bytes) is infeasible: the smallest feasible "
                     f"budget is {smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task)"
                 )
-            modules = build_modules(adapters, cfg, cands, budget.resolve(reference), tick)
-            recorded = {k: v for k, v in params.items() if v is not None}
-            recorded |= {"budget": budget.label(), "formats": [f.label() for f in cfg.formats]}
-            banks.append(_bank(adapters, method, recorded, modules))
-    return banks
+        built = build_modules(adapters, cfg, cands, [b.resolve(reference) for b in budgets], tick)
+    recorded = {k: v for k, v in params.items() if v is not None} | {"formats": [f.label() for f in cfg.formats]}
+    return [_bank(adapters, method, recorded | {"budget": b.label()}, modules) for b, modules in zip(budgets, built)]
 
 
 def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict[str, MergedModule]) -> MergedBank:

