@@ -70,9 +70,10 @@ def _matches(folder: Path, settings: dict) -> bool:
     return all(recorded.get(k) == v for k, v in settings.items())
 
 
-def ensure_adapters(cfg: DemoConfig, console: Console) -> dict[str, Path]:
+def ensure_adapters(cfg: DemoConfig, console: Console, cache: Path | None = None) -> dict[str, Path]:
     """The committed adapters when they were made with exactly these settings; otherwise adapters
-    trained into a cache folder keyed by the settings' hash (reused on the next run)."""
+    trained into a cache folder (under ``cache``, default the model cache) keyed by the settings'
+    hash, and reused on the next run."""
     from .suite.model import cache_root
     from .suite.tasks import TASK_NAMES
     from .suite.train import train_suite
@@ -84,7 +85,7 @@ def ensure_adapters(cfg: DemoConfig, console: Console) -> dict[str, Path]:
         console.print(f"adapters: committed {cfg.init} set ({len(tasks)} tasks) in {COMMITTED / cfg.init}")
         return committed
     key = hashlib.sha256(json.dumps([cfg.init, settings], sort_keys=True).encode()).hexdigest()[:12]
-    cached = cache_root() / "adapters" / f"{cfg.init}-{key}"
+    cached = (cache or cache_root() / "adapters") / f"{cfg.init}-{key}"
     paths = {t: cached / t for t in tasks}
     if all(_matches(p, settings[t]) for t, p in paths.items()):
         console.print(f"adapters: cached set {cached}")
