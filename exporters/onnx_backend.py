@@ -7,7 +7,7 @@ without an active adapter is the base model (zero defaults); ``RunOptions.add_ac
 feeds a task's tensors without copying them per call and without touching the resident weights.
 
 Quantised variant ``int4``: ONNX Runtime's MatMulNBits (4-bit, block 32, symmetric) on the base
-MatMuls; the LoRA MatMuls are excluded, otherwise the quantiser folds the switchable inputs into
+MatMuls and GatherBlockQuantized on the embedding; the LoRA MatMuls are excluded, otherwise the quantiser folds the switchable inputs into
 constants and they stop being switchable (FIELD_NOTES, ONNX Runtime).
 """
 
@@ -129,7 +129,8 @@ def _quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
 
     lora_nodes = _fold_weight_transposes(model)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora_nodes
+        model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora_nodes,
+        op_types_to_quantize=("MatMul", "Gather"),  # Gather: the embedding (GatherBlockQuantized)
     )
     quantizer.process()
     return quantizer.model.model

@@ -7,9 +7,10 @@ together. Tolerances:
 - fp32: 1e-4 absolute on logits of magnitude ~1. Both sides compute the same fp32 arithmetic in a
   different order (unmerged vs merged LoRA, cached vs full attention); observed ~1e-6. A wrong or
   stale task moves logits by ~0.7 here, 4 orders of magnitude above the bound.
-- quantised (4-bit weights, group 32, int8 dynamic activations): observed 0.05-0.17. Bound 0.3, and
-  the quantised output must stay at least twice as close to its own task's reference as to any other
-  task's, i.e. quantisation noise must not swamp the task signal that switching selects.
+- quantised (4-bit weights and, on ONNX, embedding; group 32): observed 0.05-0.35 on this random tiny
+  model, whose logits differ by 0.7-1.0 between tasks. Bound 0.5, and the quantised output must stay
+  clearly closer to its own task's reference than to any other task's (under 3/4 of the distance),
+  i.e. quantisation noise must not swamp the task signal that switching selects.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ torch.set_num_threads(1)
 HIDDEN, KV, LAYERS, VOCAB, RANK = 64, 32, 2, 256, 4
 TASKS = ["alpha", "beta", "gamma"]
 FP32_TOL = 1e-4
-QUANT_TOL = 0.3
+QUANT_TOL = 0.5
 
 
 def make_tiny_model(folder: Path) -> Path:
@@ -170,7 +171,7 @@ def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
         own = np.abs(got - refs(task, seq)[: len(got)]).max()
         others = min(np.abs(got - refs(t, seq)[: len(got)]).max() for t in TASKS if t != task)
         assert own < QUANT_TOL, f"{fmt} {task}: quantised error {own}"
-        assert own < others / 2, f"{fmt} {task}: error to own task {own} vs to another {others}"
+        assert own < 0.75 * others, f"{fmt} {task}: error to own task {own} vs to another {others}"
 
 
 def _linear_params(model_dir: Path) -> tuple[int, int]:
@@ -184,11 +185,12 @@ def _linear_params(model_dir: Path) -> tuple[int, int]:
 
 @pytest.mark.parametrize("fmt", RUNTIMES)
 def test_quantised_program_is_smaller_by_the_expected_factor(fmt, exports, tiny_dir):
-    """Only base Linear weights change: 4 bytes -> 4 bits + one fp32 scale per 32 = 0.625 bytes.
+    """Quantised weights go from 4 bytes to 4 bits + one fp32 scale per 32 values = 0.625 bytes.
 
-    The tied lm_head: ExecuTorch's fp32 program already stores it apart from the embedding, so it
-    just shrinks; ONNX stores it once, and the 4-bit MatMul gets its own copy beside the fp32
-    embedding that Gather still reads.
+    ExecuTorch (8da4w): the base Linears incl. the lm_head, which the fp32 program already stores
+    apart from the tied embedding; the embedding stays fp32. ONNX (int4): the base MatMuls and the
+    embedding (GatherBlockQuantized); the tied lm_head, stored once in fp32, gets a 4-bit copy of
+    its own for MatMulNBits.
     """
     fp32 = Manifest.read(exports(fmt, "fp32")).bytes_of("program")
     quant = Manifest.read(exports(fmt, QUANTISED[fmt])).bytes_of("program")
@@ -196,7 +198,7 @@ def test_quantised_program_is_smaller_by_the_expected_factor(fmt, exports, tiny_
     if fmt == "executorch":
         expected = fp32 - (body + head) * (4 - 0.625)
     else:
-        expected = fp32 - body * (4 - 0.625) + head * 0.625
+        expected = fp32 - (body + head) * (4 - 0.625) + head * 0.625
     assert abs(quant - expected) / expected < 0.1, f"{fmt}: {quant} bytes, expected about {expected:.0f} (fp32 {fp32})"
     assert fp32 / quant > 2.0
 

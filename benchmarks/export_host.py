@@ -1,0 +1,127 @@
+"""Host benchmark of the exporters on SmolLM2-135M with the suite's adapters.
+
+    .venv/bin/python benchmarks/export_host.py [--examples 10] [--plan onnx-fp32,...]
+
+Banks: one-adapter-per-task (method ``none``) and HydraOpt at two storage budgets. Exports (in
+this order, each kept in --work so an interrupted run resumes): see PLAN. Every finished export
+is measured with ``bench_host`` and the results are rewritten after each one, so a run cut short
+still leaves valid, complete records for what it measured.
+
+Writes benchmarks/results/export_host.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporters.bench import bench_host, write_reports  # noqa: E402
+from exporters.export import export_bank  # noqa: E402
+from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
+from hydraopt_mobile.merge.budget import Budget  # noqa: E402
+from hydraopt_mobile.merge.registry import MergeConfig, merge  # noqa: E402
+from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
+
+ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
+RESULTS = ROOT / "benchmarks" / "results" / "export_host.json"
+BANKS = {"per-task": ("none", None), "hydraopt-50": ("hydraopt", "0.5"), "hydraopt-30": ("hydraopt", "0.3")}
+# (bank, format, quant, merged task?) in priority order: ONNX first (minutes), then ExecuTorch (XNNPACK
+# lowering of the real model takes 5-8 min per export on 2 cores).
+PLAN = [
+    ("hydraopt-50", "onnx", "fp32", False),
+    ("per-task", "onnx", "fp32", False),
+    ("per-task", "onnx", "fp32", True),
+    ("hydraopt-30", "onnx", "fp32", False),
+    ("hydraopt-50", "onnx", "int4", False),
+    ("per-task", "onnx", "int4", False),
+    ("per-task", "onnx", "int4", True),
+    ("hydraopt-50", "executorch", "8da4w", False),
+    ("per-task", "executorch", "8da4w", True),
+    ("hydraopt-50", "executorch", "fp32", False),
+    ("per-task", "executorch", "8da4w", False),
+    ("hydraopt-30", "executorch", "8da4w", False),
+]
+
+
+def export_name(bank: str, fmt: str, quant: str, merged: bool) -> str:
+    return f"{fmt}-{quant}-{bank}" + ("-merged1" if merged else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", type=Path, default=ADAPTERS)
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "export_host")
+    parser.add_argument("--examples", type=int, default=10, help="test examples per task")
+    parser.add_argument("--plan", default=None, help="comma-separated export names to run (default: all of PLAN)")
+    parser.add_argument("--deadline", default=None, help="UTC HH:MM after which no new export is started")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    task_dirs = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
+    if not task_dirs:
+        raise SystemExit(f"{args.adapters}: no adapters yet (the suite trains them)")
+    adapter_set = load_adapter_set([f"{p.name}={p}" for p in task_dirs])
+    model_dir = base_model_dir()
+    args.work.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.plan.split(",")) if args.plan else None
+    plan = [p for p in PLAN if wanted is None or export_name(*p) in wanted]
+
+    banks = {}
+    for name in dict.fromkeys(p[0] for p in plan):
+        method, budget = BANKS[name]
+        banks[name] = merge(adapter_set, MergeConfig(method=method, budget=Budget.parse(budget) if budget else None))
+
+    notes = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32; not the bf16 release)",
+        "adapters": f"{args.adapters.relative_to(ROOT)} ({len(task_dirs)} tasks, LoRA r and targets as trained by the suite)",
+        "banks": {k: {"method": v[0], "budget": v[1], "payload_bytes": banks[k].payload_bytes()} for k, v in BANKS.items() if k in banks},
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), 2 shared cores",
+        "examples_per_task": args.examples,
+        "switch_ms": "median of 21 switches to the task from another one, task files already loaded (ExecuTorch: set_task "
+        "method writing shared mutable buffers; ONNX Runtime: RunOptions.add_active_adapter)",
+        "program_load_ms": "opening the resident program: what a 'separate program per task' deployment pays per switch",
+        "peak_rss_mb": "peak RSS of a child process that only runs the export (includes Python + torch import, see rss_baseline_mb)",
+        "score": "suite metric on the runtime's own greedy outputs (batch 1); score_pytorch: PyTorch fp32 reference, same adapter",
+    }
+    records: list[dict] = []
+    for bank_name, fmt, quant, merged in plan:
+        if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
+            notes.setdefault("not_run", []).append(export_name(bank_name, fmt, quant, merged))
+            continue
+        name = export_name(bank_name, fmt, quant, merged)
+        folder = args.work / name
+        bank = banks[bank_name]
+        if not (folder / "manifest.json").is_file():
+            t0 = time.time()
+            export_bank(bank, model_dir, fmt, quant, folder, overwrite=True, merged_task=bank.tasks[0] if merged else None)
+            notes.setdefault("export_seconds", {})[name] = round(time.time() - t0, 1)
+        tasks = [bank.tasks[0]] if merged else None
+        records += bench_host([folder], tasks=tasks, banks={str(folder): bank}, model_dir=model_dir,
+                              n_examples=args.examples, threads=args.threads)
+        _naive(records, notes, len(bank.tasks))
+        write_reports(records, RESULTS, notes)
+        print(f"{name}: done", flush=True)
+
+
+def _naive(records: list[dict], notes: dict, n_tasks: int) -> None:
+    """The naive deployment: one fully merged program per task, T times the merged program's bytes."""
+    naive = {}
+    for r in records:
+        if "+merged:" in r["method"]:
+            naive[f"{r['runtime']}/{r['quant']}"] = {"bytes_per_task_program": r["bytes_total"], "bytes_all_tasks": n_tasks * r["bytes_total"],
+                                                     "tasks": n_tasks}
+    notes["naive_deployment"] = naive
+
+
+if __name__ == "__main__":
+    main()
