@@ -94,6 +94,7 @@ def main() -> None:
         "score": "suite metric on the runtime's own greedy outputs (batch 1); score_pytorch: PyTorch fp32 reference, same adapter",
     }
     records: list[dict] = []
+    reference_scores: dict = {}
     for bank_name, fmt, quant, merged in plan:
         if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
             notes.setdefault("not_run", []).append(export_name(bank_name, fmt, quant, merged))
@@ -107,7 +108,7 @@ def main() -> None:
             notes.setdefault("export_seconds", {})[name] = round(time.time() - t0, 1)
         tasks = [bank.tasks[0]] if merged else None
         records += bench_host([folder], tasks=tasks, banks={str(folder): bank}, model_dir=model_dir,
-                              n_examples=args.examples, threads=args.threads)
+                              n_examples=args.examples, threads=args.threads, reference_scores=reference_scores)
         _naive(records, notes, len(bank.tasks))
         write_reports(records, RESULTS, notes)
         print(f"{name}: done", flush=True)

@@ -93,12 +93,15 @@ def bench_host(
     model_dir: str | Path | None = None,
     n_examples: int = 20,
     threads: int = 1,
+    reference_scores: dict | None = None,
 ) -> list[dict]:
     """One record per export and task (see module docstring); writes ``json`` (+ ``.md``, ``.png``).
 
     ``banks`` maps an export folder (as given) to the bank it was made from, for the PyTorch
     reference; without it the bank is read from the bundle path recorded in the manifest.
     ``n_examples``: test examples per task (the suite's test split, first ``n``).
+    ``reference_scores``: a dict kept across calls so that exports of the same bank (fp32 and
+    quantised) share one PyTorch reference score per task.
     """
     from transformers import AutoTokenizer
 
@@ -111,7 +114,7 @@ def bench_host(
     torch.set_num_threads(threads)
     model, ref_tokenizer = load_base_model(Path(model_dir) if model_dir else base_model_dir())
     records: list[dict] = []
-    reference_scores: dict[tuple, float] = {}
+    reference_scores = {} if reference_scores is None else reference_scores
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
         job = bar.add_task("bench host", total=len(export_dirs))
@@ -140,7 +143,7 @@ def bench_host(
                         err, ok = _parity(model, ids, gen)
                         errs += [] if err is None else [err]
                         agree += ok
-                    key = (bank.method, str(bank.fingerprint), task, n_examples)
+                    key = (id(bank), task, n_examples)
                     if key not in reference_scores:
                         reference_scores[key] = score(specs[task], generate(model, ref_tokenizer, specs[task]), "test")
                 texts = [tokenizer.decode(g["tokens"], skip_special_tokens=True).strip() for g in m["generations"]]
