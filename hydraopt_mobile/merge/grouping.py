@@ -12,11 +12,8 @@ from ..factored import FactoredModule
 
 def row_space_similarity(fm: FactoredModule) -> torch.Tensor:
     """(T, T) overlap of the tasks' row spaces: mean squared cosine of their principal angles."""
-    bases = []
-    for t in range(fm.n_tasks):
-        u, s, vh = torch.linalg.svd(fm.RA[t], full_matrices=False)
-        bases.append(vh[s > (s[0] * 1e-8 if s.numel() and s[0] > 0 else 1)])
-    return _overlap(bases)
+    _, s, vh = torch.linalg.svd(fm.RA, full_matrices=False)  # batched over tasks
+    return _overlap([vh[t][s[t] > (s[t][0] * 1e-6 if s[t][0] > 0 else 1)] for t in range(fm.n_tasks)])
 
 
 def update_cosine(fm: FactoredModule) -> torch.Tensor:

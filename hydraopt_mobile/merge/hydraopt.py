@@ -66,11 +66,30 @@ def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index:
         groups = [[[t] for t in _members(a_index, g)] for g in range(k_a)]
     else:
         raise ValueError("closed form needs k_A = 1 or k_B = T")
-    out = []
-    for g in groups:
-        _, s, vh = torch.linalg.svd(_stacked_rows(fm, w, g), full_matrices=False)
-        out.append((vh, s**2))
-    return out
+    return _batched_svd([_stacked_rows(fm, w, g) for g in groups])
+
+
+def _batched_svd(blocks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Right singular vectors (rows, descending) and squared singular values of each block.
+
+    Computed from the eigendecomposition of the smaller Gram matrix, batched over blocks
+    zero-padded to the same height (padding leaves both unchanged): several times faster than an
+    SVD of the 640 x 640 blocks that 40 rank-16 tasks give, and exact enough for ranking ranks."""
+    height = max(b.shape[0] for b in blocks)
+    X = torch.zeros(len(blocks), height, blocks[0].shape[1], dtype=DTYPE)
+    for i, b in enumerate(blocks):
+        X[i, : b.shape[0]] = b
+    if height >= X.shape[2]:
+        lam, V = torch.linalg.eigh(X.transpose(1, 2) @ X)
+        vh = V.flip(2).transpose(1, 2)
+    else:
+        lam, U = torch.linalg.eigh(X @ X.transpose(1, 2))
+        U = U.flip(2)
+        vh = U.transpose(1, 2) @ X
+        norms = vh.norm(dim=2, keepdim=True)
+        vh = torch.where(norms > 1e-12 * norms.amax(dim=1, keepdim=True).clamp_min(1e-300), vh / norms.clamp_min(1e-300), torch.zeros_like(vh))
+    lam = lam.flip(1).clamp_min(0)
+    return [(vh[i].to(DTYPE), lam[i].to(DTYPE)) for i in range(len(blocks))]
 
 
 def closed_form_errors(fm: FactoredModule, w: torch.Tensor, spaces: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> dict[int, float]:
