@@ -1,0 +1,49 @@
+"""Metrics on known cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from hydraopt_mobile.suite.metrics import accuracy, exact_match, normalize, rouge_l, score
+from hydraopt_mobile.suite.tasks import load_suite
+
+
+def test_normalize():
+    assert normalize("  Bonaire, Sint Eustatius  und SABA. ") == "bonaire sint eustatius und saba"
+    assert normalize("Islândia") == "islândia"  # accents are spelling, not noise
+    assert normalize("Islândia") != normalize("Islandia")
+    assert normalize("Ｆｕｌｌ") == "full"  # NFKC
+
+
+def test_exact_match():
+    assert exact_match(["Deutschland", "frankreich!\nmore text", "Spanien"], ["Deutschland", "Frankreich", "Italien"]) == pytest.approx(200 / 3)
+    assert exact_match(["Kroatien Land"], ["Kroatien"]) == 0.0
+    with pytest.raises(ValueError):
+        exact_match(["a"], ["a", "b"])
+
+
+def test_accuracy_takes_first_word():
+    assert accuracy(["food.", "Sports are fun", "ai"], ["food", "sports", "money"]) == pytest.approx(200 / 3)
+    assert accuracy(["", "tech_support"], ["food", "tech_support"]) == 50.0
+
+
+def test_rouge_l_known_values():
+    assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
+    # LCS "the cat" = 2 of 3 tokens on both sides -> F1 = 2/3
+    assert rouge_l(["the cat ran"], ["the cat sat"]) == pytest.approx(200 / 3)
+    assert rouge_l(["nothing"], ["in common"]) == 0.0
+
+
+def test_rouge_l_keeps_accents_and_cjk():
+    # rouge-score's default tokenizer would reduce these to nothing (or to 'perch'), scoring 0 or a false 100.
+    assert rouge_l(["perché sì"], ["perché no"]) == pytest.approx(50.0)
+    assert rouge_l(["我喜欢猫"], ["我喜欢狗"]) == pytest.approx(75.0)
+
+
+def test_score_uses_the_tasks_metric_on_its_test_split():
+    country, topic = load_suite(["country-de", "topic-en"])
+    assert score(country, [e.target for e in country.test]) == 100.0
+    assert score(country, [e.prompt for e in country.test]) == 0.0
+    assert score(topic, [e.target for e in topic.val], split="val") == 100.0
+    with pytest.raises(ValueError):
+        score(topic, [e.target for e in topic.val])  # 30 predictions for 48 test examples

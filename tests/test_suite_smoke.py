@@ -1,0 +1,95 @@
+"""Real-model smoke test of the suite: convert, train two tiny adapters, evaluate them (and check the committed ones)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "hydraopt_mobile" / "suite" / "adapters"
+
+
+def test_committed_adapters_are_complete_fp16_peft_folders():
+    from hydraopt_mobile.suite.evaluate import adapters_from_folders
+
+    root = ADAPTERS / "shared-seed"
+    factors = adapters_from_folders({t: root / t for t in TASK_NAMES})
+    assert set(factors) == set(TASK_NAMES)
+    for task in TASK_NAMES:
+        cfg = json.loads((root / task / "adapter_config.json").read_text())
+        assert (cfg["r"], cfg["lora_alpha"], sorted(cfg["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
+        tensors = load_file(str(root / task / "adapter_model.safetensors"))
+        assert len(tensors) == 2 * 2 * 30 and all(t.dtype == torch.float16 for t in tensors.values())
+        assert all(f.B.abs().max() > 0 for f in factors[task].values())  # trained, not the zero init
+    total = sum(p.stat().st_size for p in ADAPTERS.rglob("*") if p.is_file())
+    assert total <= 15 * 2**20
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_two_tasks(tmp_path: Path):
+    from peft import PeftModel
+
+    from hydraopt_mobile.suite.evaluate import adapters_from_folders, applied, evaluate
+    from hydraopt_mobile.suite.model import base_model_dir, load_base_model
+    from hydraopt_mobile.suite.prompts import render_prompt
+    from hydraopt_mobile.suite.train import task_seed, train_adapter
+
+    torch.set_num_threads(1)
+    model_dir = base_model_dir()
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    model, tokenizer = load_base_model(model_dir)
+    assert "<|im_start|>assistant" in render_prompt(tokenizer, *_first(load_suite(["country-de"])))
+
+    tasks = [dataclasses.replace(t, test=t.test[:6]) for t in load_suite(["country-de", "topic-en"])]
+    kw = dict(steps=3, batch_size=2, lr=2e-3, model=model, tokenizer=tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "q_proj" in k or "v_proj" in k}
+    shared = {t.name: train_adapter(t, model_dir, tmp_path / "shared" / t.name, seed=task_seed(0, t.name, "shared-seed"), **kw) for t in tasks}
+    again = train_adapter(tasks[0], model_dir, tmp_path / "again", seed=0, **kw)
+    indep = train_adapter(tasks[1], model_dir, tmp_path / "indep", seed=task_seed(0, tasks[1].name, "independent-seeds"), **kw)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # training leaves the base model untouched
+    assert not any("lora" in k for k in after)
+
+    w = {name: load_file(str(p / "adapter_model.safetensors")) for name, p in shared.items()}
+    key_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    # Shared seed: the same A initialisation, and A has moved only slightly after 3 steps.
+    assert (w["country-de"][key_a].float() - w["topic-en"][key_a].float()).abs().max() < 0.02
+    assert not torch.equal(w["country-de"][key_a], w["topic-en"][key_a])
+    # Same seed, same data: bit-identical retraining.
+    retrained = load_file(str(again / "adapter_model.safetensors"))
+    assert retrained.keys() == w["country-de"].keys()
+    assert all(torch.equal(a, w["country-de"][k]) for k, a in retrained.items())
+    # Independent seeds: a different A initialisation.
+    a_indep = load_file(str(indep / "adapter_model.safetensors"))[key_a].float()
+    assert (a_indep - w["topic-en"][key_a].float()).abs().max() > 0.05
+
+    factors = adapters_from_folders(shared)
+    # Folding B @ A into the weights is the same function as PEFT's unmerged LoRA forward.
+    enc = tokenizer([render_prompt(tokenizer, tasks[0], tasks[0].test[0])], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad(), applied(model, factors["country-de"]):
+        folded = model(**enc).logits
+    peft_model = PeftModel.from_pretrained(model, str(shared["country-de"]))
+    with torch.no_grad():
+        reference = peft_model(**enc).logits
+    peft_model.unload()
+    assert torch.allclose(folded, reference, atol=2e-3, rtol=0), (folded - reference).abs().max()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # weights restored
+
+    base = evaluate(tasks, None, model, tokenizer)
+    tuned = evaluate(tasks, factors, model, tokenizer)
+    assert set(base) == set(tuned) == {"country-de", "topic-en"}
+    assert all(0.0 <= s <= 100.0 for s in list(base.values()) + list(tuned.values()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(KeyError, match="no adapter"):
+        evaluate(tasks, {"country-de": factors["country-de"]}, model, tokenizer)
+
+
+def _first(tasks):
+    return tasks[0], tasks[0].test[0]
