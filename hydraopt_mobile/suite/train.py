@@ -85,6 +85,11 @@ def _save_fp16(peft_model, out_dir: Path, meta: dict) -> None:
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         peft_model.peft_config["default"].save_pretrained(str(tmp))
+        # PEFT records the local model path; a portable id keeps committed adapters machine-independent.
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(base_model_name_or_path=MODEL_ID, inference_mode=True)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -123,7 +128,6 @@ def train_adapter(
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
     )
-    config.base_model_name_or_path = MODEL_ID
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
