@@ -39,12 +39,12 @@ PLAN = [
     ("hydraopt-50", "onnx", "fp32", False),
     ("per-task", "onnx", "fp32", False),
     ("per-task", "onnx", "fp32", True),
-    ("hydraopt-30", "onnx", "fp32", False),
-    ("hydraopt-50", "onnx", "int4", False),
-    ("per-task", "onnx", "int4", False),
-    ("per-task", "onnx", "int4", True),
     ("hydraopt-50", "executorch", "8da4w", False),
+    ("hydraopt-50", "onnx", "int4", False),
+    ("hydraopt-30", "onnx", "fp32", False),
+    ("per-task", "onnx", "int4", True),
     ("per-task", "executorch", "8da4w", True),
+    ("per-task", "onnx", "int4", False),
     ("hydraopt-50", "executorch", "fp32", False),
     ("per-task", "executorch", "8da4w", False),
     ("hydraopt-30", "executorch", "8da4w", False),
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--plan", default=None, help="comma-separated export names to run (default: all of PLAN)")
     parser.add_argument("--deadline", default=None, help="UTC HH:MM after which no new export is started")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON path (.md and .png beside it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,7 +83,7 @@ def main() -> None:
 
     notes = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32; not the bf16 release)",
-        "adapters": f"{args.adapters.relative_to(ROOT)} ({len(task_dirs)} tasks, LoRA r and targets as trained by the suite)",
+        "adapters": f"{args.adapters} ({len(task_dirs)} tasks, LoRA r and targets as trained by the suite)",
         "banks": {k: {"method": v[0], "budget": v[1], "payload_bytes": banks[k].payload_bytes()} for k, v in BANKS.items() if k in banks},
         "threads": args.threads,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), 2 shared cores",
@@ -110,7 +111,7 @@ def main() -> None:
         records += bench_host([folder], tasks=tasks, banks={str(folder): bank}, model_dir=model_dir,
                               n_examples=args.examples, threads=args.threads, reference_scores=reference_scores)
         _naive(records, notes, len(bank.tasks))
-        write_reports(records, RESULTS, notes)
+        write_reports(records, args.results, notes)
         print(f"{name}: done", flush=True)
 
 

@@ -113,6 +113,7 @@ class OrtSession(Session):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # LoRA inputs with defaults are intended; ORT warns about each one
         path = self.folder / self.manifest.entry("program").path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.adapters: dict[str, object] = {}

@@ -47,12 +47,8 @@ class SlotLayout:
 
     def task_factors(self, task: str) -> dict[str, LoraFactors]:
         """The effective adapter a runtime computes for ``task`` (for PyTorch references)."""
-        out = {}
-        for module in self.ranks:
-            a, b = f"{module}.{SLOT_A}", f"{module}.{SLOT_B}"
-            values = {**self.resident, **self.per_task[task]}
-            out[module] = LoraFactors(values[a], values[b])
-        return out
+        values = {**self.resident, **self.per_task[task]}
+        return {m: LoraFactors(values[f"{m}.{SLOT_A}"], values[f"{m}.{SLOT_B}"]) for m in self.ranks}
 
 
 def layout_from_bank(bank: MergedBank) -> SlotLayout:
@@ -116,13 +112,6 @@ def attach_slots(model: nn.Module, layout: SlotLayout, switch_dtype: torch.dtype
         parent_name, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoraSlotLinear(base, *slots))
     return layout.switchable
-
-
-def fill_slots(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Write task tensors into a wrapped model's switchable buffers (PyTorch reference path)."""
-    for name, value in tensors.items():
-        buf = model.get_buffer(name)
-        buf.copy_(value.to(buf.dtype))
 
 
 def merge_into(model: nn.Module, adapter: dict[str, LoraFactors]) -> None:
