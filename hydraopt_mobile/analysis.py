@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from rich.progress import Progress
 
 from .adapters import AdapterSet, LoraFactors
 from .atomic import atomic_dir
@@ -75,8 +76,11 @@ def _off_diagonal_mean(mat: list[list[float]]) -> float:
     return float(torch.nanmean(t[mask])) if t.shape[0] > 1 else float("nan")
 
 
-def analyze(adapters: AdapterSet) -> dict:
-    per_module = {name: module_similarity(adapters.factors(name)) for name in adapters.module_names}
+def analyze(adapters: AdapterSet, progress: bool = True) -> dict:
+    per_module = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        for name in bar.track(adapters.module_names, description="similarity: modules"):
+            per_module[name] = module_similarity(adapters.factors(name))
     by_type: dict[str, dict[str, list]] = {}
     for name, sims in per_module.items():
         entry = by_type.setdefault(layer_type(name), {m: [] for m in METRICS})

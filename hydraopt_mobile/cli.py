@@ -167,6 +167,7 @@ def demo(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated subset of the suite"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="baseline to compare (default: best in the committed frontier)"),
     lr: Optional[float] = typer.Option(None, "--train-lr", help="train with another learning rate (retrains into the cache)"),
+    export: str = typer.Option("onnx", "--export", help="onnx | executorch | none: export the bundles and measure them on the runtime"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """The main job end to end on the packaged SmolLM2-135M and the suite's adapters."""
@@ -181,6 +182,7 @@ def demo(
         threads=torch.get_num_threads(),
         baseline=baseline,
         train_overrides={"lr": lr} if lr is not None else {},
+        export=export,
     )
     try:
         run_demo(out, cfg, overwrite, console)

