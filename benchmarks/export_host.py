@@ -13,6 +13,7 @@ Writes benchmarks/results/export_host.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -94,7 +95,7 @@ def main() -> None:
         "peak_rss_mb": "peak RSS of a child process that only runs the export (includes Python + torch import, see rss_baseline_mb)",
         "score": "suite metric on the runtime's own greedy outputs (batch 1); score_pytorch: PyTorch fp32 reference, same adapter",
     }
-    records: list[dict] = []
+    records = _previous(args.results, args.work)
     reference_scores: dict = {}
     for bank_name, fmt, quant, merged in plan:
         if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
@@ -107,12 +108,26 @@ def main() -> None:
             t0 = time.time()
             export_bank(bank, model_dir, fmt, quant, folder, overwrite=True, merged_task=bank.tasks[0] if merged else None)
             notes.setdefault("export_seconds", {})[name] = round(time.time() - t0, 1)
+        if any(r["export"] == name for r in records):
+            continue  # measured by an earlier run on this very export (same export id)
         tasks = [bank.tasks[0]] if merged else None
         records += bench_host([folder], tasks=tasks, banks={str(folder): bank}, model_dir=model_dir,
                               n_examples=args.examples, threads=args.threads, reference_scores=reference_scores)
         _naive(records, notes, len(bank.tasks))
         write_reports(records, args.results, notes)
         print(f"{name}: done", flush=True)
+
+
+def _previous(results: Path, work: Path) -> list[dict]:
+    """Records of an earlier run whose export folders are still the ones measured (same export id)."""
+    if not results.is_file():
+        return []
+    kept = []
+    for r in json.loads(results.read_text())["records"]:
+        manifest = work / r["export"] / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text())["export_id"] == r.get("export_id"):
+            kept.append(r)
+    return kept
 
 
 def _naive(records: list[dict], notes: dict, n_tasks: int) -> None:

@@ -151,6 +151,7 @@ def bench_host(
                 records.append(
                     {
                         "export": folder.name,
+                        "export_id": manifest.export_id,
                         "runtime": manifest.runtime,
                         "quant": manifest.quant,
                         "method": manifest.method,

@@ -16,13 +16,17 @@ different copy. The in-place ``add_(0)`` makes it a mutable buffer, shared by na
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .slots import TASK_DTYPE, SlotLayout
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+
+from .slots import SlotLayout
 
 QUANTS = ("fp32", "8da4w", "8da8w")
 GROUP_SIZE = 32
@@ -65,7 +69,7 @@ class SetTask(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         for name, value in zip(self.names, tensors):
-            self.get_buffer(name).copy_(value.float())
+            self.get_buffer(name).copy_(value)
         return torch.zeros(1)
 
 
@@ -94,9 +98,32 @@ def quantize(model: nn.Module, quant: str) -> None:
     unwrap_tensor_subclass(model)
 
 
-def write_task_file(path: Path, tensors: dict[str, torch.Tensor], export_id: str, task: str) -> None:
-    save_file({k: v.to(TASK_DTYPE).contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"export_id": export_id, "task": task})
+def write_task_file(path: Path, stored: dict[str, StoredFactor], export_id: str, task: str) -> None:
+    """A task's switchable factors in the bank's own number format (fp16 / int8 / int4 + scales).
+
+    Keeping the bank's encoding keeps its storage saving on the device; the loader decodes once per
+    task load (:func:`read_task_file`), so ``set_task`` still only copies ready fp32 tensors.
+    """
+    tensors, formats = {}, {}
+    for slot, factor in stored.items():
+        formats[slot] = [factor.fmt.label(), list(factor.shape), factor.transposed]
+        tensors.update({f"{slot}/{key}": value.contiguous() for key, value in factor.data.items()})
+    metadata = {"export_id": export_id, "task": task, "formats": json.dumps(formats)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_task_file(path: Path, order: list[str]) -> list[torch.Tensor]:
+    """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order."""
+    with safe_open(str(path), framework="pt") as fh:
+        formats = json.loads(fh.metadata()["formats"])
+        out = []
+        for slot in order:
+            label, shape, transposed = formats[slot]
+            fmt = NumberFormat.parse(label)
+            keys = [k for k in fh.keys() if k.startswith(slot + "/")]
+            data = {k.removeprefix(slot + "/"): fh.get_tensor(k) for k in keys}
+            out.append(StoredFactor(fmt, data, tuple(shape), transposed).values())
+    return out
 
 
 def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant: str, max_cache_len: int) -> Path:
@@ -121,7 +148,7 @@ def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant:
         }
         if switchable:
             shapes = {n: layout.slot_shape(n) for n in switchable}
-            example = tuple(torch.zeros(s, dtype=TASK_DTYPE) for s in shapes.values())
+            example = tuple(torch.zeros(s) for s in shapes.values())
             programs["set_task"] = torch.export.export(SetTask(shapes), example, strict=True)
     edge = to_edge_transform_and_lower(
         programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}

@@ -127,7 +127,7 @@ def export_bank(
             for task in tasks:
                 rel = f"tasks/{task}{TASK_EXT[fmt]}"
                 if fmt == "executorch":
-                    executorch_backend.write_task_file(folder / rel, layout.per_task[task], export_id, task)
+                    executorch_backend.write_task_file(folder / rel, layout.stored[task], export_id, task)
                 else:
                     onnx_backend.write_task_file(folder / rel, layout.per_task[task])
                 files.append(file_entry(folder, rel, "task", task))
@@ -141,7 +141,7 @@ def export_bank(
             tasks=tasks,
             files=files,
             task_tensors={n: list(layout.slot_shape(n)) for n in layout.switchable},
-            task_dtype=str(TASK_DTYPE).removeprefix("torch."),
+            task_dtype="bank format, decoded to float32 at load" if fmt == "executorch" else str(TASK_DTYPE).removeprefix("torch."),
             resident_slots=sorted(layout.resident),
             tokenizer_dir="tokenizer" if tokenizer else None,
             bank_fingerprint={"fingerprint": bank.fingerprint, "params": bank.params, "tasks": bank.tasks},

@@ -83,10 +83,9 @@ class ExecuTorchSession(Session):
         self.max_len = self.manifest.model["max_cache_len"]
 
     def _load(self, task: str, path: Path) -> None:
-        from safetensors.torch import load_file
+        from .executorch_backend import read_task_file
 
-        tensors = load_file(str(path))
-        self.loaded[task] = [tensors[name] for name in self.manifest.task_tensors]
+        self.loaded[task] = read_task_file(path, list(self.manifest.task_tensors))
 
     def _switch(self, task: str) -> None:
         if task not in self.loaded:

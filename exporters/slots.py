@@ -9,13 +9,14 @@ differ only in how a switchable slot is filled (ExecuTorch: mutable buffers writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from hydraopt_mobile.adapters import LoraFactors
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.formats import StoredFactor
 
 SLOT_A = "lora_a"
 SLOT_B = "lora_b"
@@ -34,6 +35,7 @@ class SlotLayout:
     ranks: dict[str, int]  # module -> rank
     resident: dict[str, torch.Tensor]  # slot -> float32 values
     per_task: dict[str, dict[str, torch.Tensor]]  # task -> slot -> values (float32)
+    stored: dict[str, dict[str, StoredFactor]] = field(default_factory=dict)  # task -> slot -> bank encoding
 
     @property
     def switchable(self) -> list[str]:
@@ -56,6 +58,7 @@ def layout_from_bank(bank: MergedBank) -> SlotLayout:
     ranks: dict[str, int] = {}
     resident: dict[str, torch.Tensor] = {}
     per_task: dict[str, dict[str, torch.Tensor]] = {t: {} for t in bank.tasks}
+    stored: dict[str, dict[str, StoredFactor]] = {t: {} for t in bank.tasks}
     for module, m in bank.modules.items():
         if m.rank == 0:
             continue
@@ -71,7 +74,8 @@ def layout_from_bank(bank: MergedBank) -> SlotLayout:
                 values = [f.values() for f in factors]
                 for t, task in enumerate(bank.tasks):
                     per_task[task][name] = values[index[t]]
-    return SlotLayout(list(bank.tasks), ranks, resident, per_task)
+                    stored[task][name] = factors[index[t]]
+    return SlotLayout(list(bank.tasks), ranks, resident, per_task, stored)
 
 
 class LoraSlotLinear(nn.Module):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from exporters.executorch_backend import write_task_file
 from exporters.export import export_bank
@@ -51,23 +51,23 @@ def make_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def make_bank(seed: int = 1) -> MergedBank:
+def make_bank(seed: int = 1, formats: tuple[str, str, str] = ("fp16", "fp16", "fp16")) -> MergedBank:
     """Every kind of slot: q (shared A, B per task), v (A in 2 groups, shared B), o (both per task)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * 0.4
 
-    fp16 = NumberFormat("fp16")
+    q_fmt, v_fmt, o_fmt = (NumberFormat.parse(f) for f in formats)
     modules = {}
     for layer in range(LAYERS):
         p = f"model.layers.{layer}.self_attn."
         modules[p + "q_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 0, 0], [0, 1, 2], [rnd(RANK, HIDDEN)],
-                                               [rnd(HIDDEN, RANK) for _ in TASKS], fp16)
+                                               [rnd(HIDDEN, RANK) for _ in TASKS], q_fmt)
         modules[p + "v_proj"] = grouped_module((KV, HIDDEN), [0, 1, 0], [0, 0, 0], [rnd(RANK, HIDDEN) for _ in range(2)],
-                                               [rnd(KV, RANK)], fp16)
+                                               [rnd(KV, RANK)], v_fmt)
         modules[p + "o_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 1, 2], [0, 1, 2], [rnd(RANK, HIDDEN) for _ in TASKS],
-                                               [rnd(HIDDEN, RANK) for _ in TASKS], fp16)
+                                               [rnd(HIDDEN, RANK) for _ in TASKS], o_fmt)
     return MergedBank(list(TASKS), modules, "test-grouped")
 
 
@@ -231,13 +231,11 @@ def test_corrupted_or_swapped_task_file_is_refused_before_loading(fmt, exports, 
     assert "alpha" not in loaded
 
 
-def test_executorch_task_file_of_another_export_is_refused(exports, tmp_path):
+def test_executorch_task_file_of_another_export_is_refused(exports, bank, tmp_path):
     """Same tensors, written for another export id: refused by checksum, before ExecuTorch sees it."""
     folder = exports("executorch", "fp32")
-    manifest = Manifest.read(folder)
-    tensors = load_file(str(folder / manifest.task_file("alpha").path))
     foreign = tmp_path / "alpha.safetensors"
-    write_task_file(foreign, tensors, "another-export", "alpha")
+    write_task_file(foreign, layout_from_bank(bank).stored["alpha"], "another-export", "alpha")
     session = open_export(folder)
     with pytest.raises(TaskFileError, match="another export"):
         session.load_task("alpha", foreign)
@@ -248,3 +246,22 @@ def test_unknown_task_is_a_clear_error(exports):
     session = open_export(exports("onnx", "fp32"))
     with pytest.raises(KeyError, match="not in export"):
         session.set_task("delta")
+
+
+def test_executorch_task_files_keep_the_banks_number_format(tiny_dir, tmp_path):
+    """int8 / int4 factors stay int8 / int4 on disk (the bank's storage saving survives the export),
+    and decoding them at load gives exactly the bank's effective adapter."""
+    bank = make_bank(seed=4, formats=("int8", "int4-g32", "fp16"))
+    folder = export_bank(bank, tiny_dir, "executorch", "fp32", tmp_path / "mixed", max_cache_len=64)
+    manifest, layout = Manifest.read(folder), layout_from_bank(bank)
+    session = open_export(folder)
+    for task in TASKS:
+        payload = sum(f.nbytes() for f in layout.stored[task].values())
+        fp16 = sum(2 * t.numel() for t in layout.per_task[task].values())
+        with safe_open(str(folder / manifest.task_file(task).path), framework="pt") as fh:
+            on_disk = sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
+        assert on_disk == payload, f"{task}: {on_disk} bytes of tensors for a {payload}-byte bank payload"
+        assert payload < 0.8 * fp16
+        session.set_task(task)
+        seq, got = run_logits(session, PROMPT)
+        assert np.abs(got - reference_logits(tiny_dir, bank, task, seq)[: len(got)]).max() < FP32_TOL
