@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hydraopt_mobile.suite.metrics import accuracy, exact_match, normalize, rouge_l, score
+from hydraopt_mobile.suite.metrics import accuracy, average, drop, exact_match, normalize, rouge_l, score
 from hydraopt_mobile.suite.tasks import load_suite
 
 
@@ -43,7 +43,19 @@ def test_rouge_l_keeps_accents_and_cjk():
 def test_score_uses_the_tasks_metric_on_its_test_split():
     country, topic = load_suite(["country-de", "topic-en"])
     assert score(country, [e.target for e in country.test]) == 100.0
-    assert score(country, [e.prompt for e in country.test]) == 0.0
+    # Copying the English name is right exactly where the translation keeps it.
+    kept = sum(e.prompt == e.target for e in country.test)
+    assert 0 < kept < len(country.test)
+    assert score(country, [e.prompt for e in country.test]) == pytest.approx(100 * kept / len(country.test))
     assert score(topic, [e.target for e in topic.val], split="val") == 100.0
     with pytest.raises(ValueError):
         score(topic, [e.target for e in topic.val])  # 30 predictions for 48 test examples
+
+
+def test_average_and_drop():
+    ref = {"a": 60.0, "b": 40.0}
+    assert average(ref) == 50.0
+    assert drop({"a": 55.0, "b": 40.0}, ref) == pytest.approx((2.5, 5.0))
+    assert drop(ref, ref) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different task sets"):
+        drop({"a": 1.0}, ref)

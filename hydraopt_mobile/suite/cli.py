@@ -48,6 +48,7 @@ def eval_(
 ) -> None:
     """Score the base model or a folder of adapters on each task's own metric."""
     from .evaluate import adapters_from_folders, evaluate
+    from .metrics import average
 
     torch.set_num_threads(threads)
     suite = load_suite(_task_list(tasks))
@@ -60,7 +61,7 @@ def eval_(
     table = Table("task", "metric", "score")
     for t in suite:
         table.add_row(t.name, t.metric, f"{scores[t.name]:.1f}")
-    table.add_row("average", "", f"{sum(scores.values()) / len(scores):.1f}")
+    table.add_row("average", "", f"{average(scores):.1f}")
     console.print(table)
     console.print(f"{split} split evaluated in {seconds:.0f} s with {threads} thread(s)")
     if json_out is not None:

@@ -75,3 +75,19 @@ METRICS = {"exact_match": exact_match, "accuracy": accuracy, "rougeL": rouge_l}
 def score(task: TaskSpec, predictions: list[str], split: str = "test") -> float:
     """``task``'s own metric of ``predictions`` against the targets of ``split`` (test by default)."""
     return METRICS[task.metric](predictions, [e.target for e in task.split(split)])
+
+
+def average(scores: dict[str, float]) -> float:
+    """Unweighted mean over tasks."""
+    if not scores:
+        raise ValueError("no scores to average")
+    return sum(scores.values()) / len(scores)
+
+
+def drop(scores: dict[str, float], reference: dict[str, float]) -> tuple[float, float]:
+    """``(points, percent)`` by which the average of ``scores`` falls below ``reference``'s (same tasks)."""
+    if scores.keys() != reference.keys():
+        raise ValueError(f"different task sets: {sorted(scores)} vs {sorted(reference)}")
+    ref = average(reference)
+    points = ref - average(scores)
+    return points, (100.0 * points / ref if ref else float("nan"))

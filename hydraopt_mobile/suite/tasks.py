@@ -82,12 +82,10 @@ def _country_pairs(lang: str) -> list[Example]:
     mo = _package_dir("pycountry") / "locales" / lang / "LC_MESSAGES" / "iso3166-1.mo"
     with mo.open("rb") as f:
         catalog = gettext.GNUTranslations(f)
-    pairs = []
-    for country in pycountry.countries:
-        local = catalog.gettext(country.name)
-        if local and local != country.name:  # untranslated or identical names test nothing
-            pairs.append(Example(country.name, local))
-    return pairs
+    # gettext() returns the English name for untranslated entries too; only the catalogue itself tells
+    # a translation that keeps the name ("Angola" -> "Angola", a real answer) from a missing one.
+    translations: dict[str, str] = catalog._catalog  # type: ignore[attr-defined]
+    return [Example(c.name, translations[c.name]) for c in pycountry.countries if translations.get(c.name)]
 
 
 def _chat_conversations(folder: str) -> list[tuple[str, str, str]]:
