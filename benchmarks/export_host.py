@@ -95,7 +95,8 @@ def main() -> None:
         "peak_rss_mb": "peak RSS of a child process that only runs the export (includes Python + torch import, see rss_baseline_mb)",
         "score": "suite metric on the runtime's own greedy outputs (batch 1); score_pytorch: PyTorch fp32 reference, same adapter",
     }
-    records = _previous(args.results, args.work)
+    records, seconds = _previous(args.results, args.work)
+    notes["export_seconds"] = seconds
     reference_scores: dict = {}
     for bank_name, fmt, quant, merged in plan:
         if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
@@ -118,16 +119,20 @@ def main() -> None:
         print(f"{name}: done", flush=True)
 
 
-def _previous(results: Path, work: Path) -> list[dict]:
-    """Records of an earlier run whose export folders are still the ones measured (same export id)."""
+def _previous(results: Path, work: Path) -> tuple[list[dict], dict]:
+    """Records of an earlier run whose export folders are still the ones measured (same export id),
+    and the export times recorded for them."""
     if not results.is_file():
-        return []
+        return [], {}
+    saved = json.loads(results.read_text())
     kept = []
-    for r in json.loads(results.read_text())["records"]:
+    for r in saved["records"]:
         manifest = work / r["export"] / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text())["export_id"] == r.get("export_id"):
             kept.append(r)
-    return kept
+    names = {r["export"] for r in kept}
+    seconds = {k: v for k, v in saved["notes"].get("export_seconds", {}).items() if k in names}
+    return kept, seconds
 
 
 def _naive(records: list[dict], notes: dict, n_tasks: int) -> None:

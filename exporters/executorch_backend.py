@@ -26,7 +26,6 @@ from torch import nn
 
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 
-from .slots import SlotLayout
 
 QUANTS = ("fp32", "8da4w", "8da8w")
 GROUP_SIZE = 32
@@ -126,7 +125,9 @@ def read_task_file(path: Path, order: list[str]) -> list[torch.Tensor]:
     return out
 
 
-def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant: str, max_cache_len: int) -> Path:
+def export_program(
+    hf_model: nn.Module, switchable: dict[str, tuple[int, ...]], folder: Path, quant: str, max_cache_len: int
+) -> Path:
     """Lower ``hf_model`` (already wrapped with LoRA slots) to ``folder/model.pte``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -135,9 +136,8 @@ def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant:
 
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r}: ExecuTorch exports support {', '.join(QUANTS)}")
-    switchable = layout.switchable
     quantize(hf_model, quant)
-    decoder = ExecuTorchDecoder(hf_model, switchable, max_cache_len).eval()
+    decoder = ExecuTorchDecoder(hf_model, list(switchable), max_cache_len).eval()
     ids = torch.zeros(1, 4, dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=max_cache_len)
     with torch.no_grad():
@@ -147,9 +147,8 @@ def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant:
             )
         }
         if switchable:
-            shapes = {n: layout.slot_shape(n) for n in switchable}
-            example = tuple(torch.zeros(s) for s in shapes.values())
-            programs["set_task"] = torch.export.export(SetTask(shapes), example, strict=True)
+            example = tuple(torch.zeros(s) for s in switchable.values())
+            programs["set_task"] = torch.export.export(SetTask(switchable), example, strict=True)
     edge = to_edge_transform_and_lower(
         programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}
     )

@@ -25,7 +25,7 @@ from hydraopt_mobile.bank import MergedBank
 
 from . import executorch_backend, onnx_backend
 from .manifest import FileEntry, Manifest, file_entry
-from .slots import TASK_DTYPE, SlotLayout, attach_slots, layout_from_bank, merge_into
+from .slots import SlotLayout, attach_slots, layout_from_bank, merge_into, task_graph_tensors
 
 Format = Literal["executorch", "onnx"]
 TASK_EXT = {"executorch": ".safetensors", "onnx": ".onnx_adapter"}
@@ -35,6 +35,10 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "generation_config.json",
 )
 DEFAULT_MAX_CACHE_LEN = 256
+TASK_ENCODING = {
+    "executorch": "the bank's encoding (fp16, or int8/int4 codes + fp16 scales), decoded to fp32 on load",
+    "onnx": "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded in the graph",
+}
 
 
 def _load_bank(bank_or_path: MergedBank | str | Path) -> MergedBank:
@@ -114,22 +118,22 @@ def export_bank(
             tasks, layout = [merged_task], SlotLayout([merged_task], {}, {}, {merged_task: {}})
         else:
             tasks = list(bank.tasks)
-            attach_slots(model, layout, torch.float32 if fmt == "executorch" else TASK_DTYPE)
+        switchable = attach_slots(model, layout, encoded=fmt == "onnx")
         bar.update(step, description=f"export {fmt}/{quant}: tracing and lowering (ExecuTorch XNNPACK: minutes)")
         if fmt == "executorch":
-            program = executorch_backend.export_program(model, layout, folder, quant, max_cache_len)
+            program = executorch_backend.export_program(model, switchable, folder, quant, max_cache_len)
         else:
-            program = onnx_backend.export_program(model, layout, folder, quant)
+            program = onnx_backend.export_program(model, list(switchable), folder, quant)
         files: list[FileEntry] = [file_entry(folder, program.name, "program")]
         bar.update(step, description=f"export {fmt}/{quant}: task files")
-        if layout.switchable:
+        if switchable:
             (folder / "tasks").mkdir()
             for task in tasks:
                 rel = f"tasks/{task}{TASK_EXT[fmt]}"
                 if fmt == "executorch":
                     executorch_backend.write_task_file(folder / rel, layout.stored[task], export_id, task)
                 else:
-                    onnx_backend.write_task_file(folder / rel, layout.per_task[task])
+                    onnx_backend.write_task_file(folder / rel, task_graph_tensors(layout, task))
                 files.append(file_entry(folder, rel, "task", task))
         tokenizer = _copy_tokenizer(model_dir, folder)
         files += [file_entry(folder, rel, "tokenizer") for rel in tokenizer]
@@ -140,8 +144,8 @@ def export_bank(
             method=bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}",
             tasks=tasks,
             files=files,
-            task_tensors={n: list(layout.slot_shape(n)) for n in layout.switchable},
-            task_dtype="bank format, decoded to float32 at load" if fmt == "executorch" else str(TASK_DTYPE).removeprefix("torch."),
+            task_tensors={n: list(shape) for n, shape in switchable.items()},
+            task_dtype=TASK_ENCODING[fmt],
             resident_slots=sorted(layout.resident),
             tokenizer_dir="tokenizer" if tokenizer else None,
             bank_fingerprint={"fingerprint": bank.fingerprint, "params": bank.params, "tasks": bank.tasks},

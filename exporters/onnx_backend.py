@@ -21,7 +21,6 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from .slots import TASK_DTYPE, SlotLayout
 
 QUANTS = ("fp32", "int4")
 BLOCK_SIZE = 32
@@ -63,16 +62,16 @@ def _trace_to_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[s
     return name, chain
 
 
-def _make_inputs_with_defaults(model: onnx.ModelProto, layout: SlotLayout) -> None:
-    """Turn each switchable LoRA initializer into a graph input named like its slot, default zero."""
-    renames = {PREFIX + slot: slot for slot in layout.switchable}
+def _make_inputs_with_defaults(model: onnx.ModelProto, switchable: list[str]) -> None:
+    """Turn each switchable LoRA initializer into a graph input named like its buffer, default zero."""
+    renames = {PREFIX + name: name for name in switchable}
     kept = []
     for init in model.graph.initializer:
         if init.name in renames:
             arr = numpy_helper.to_array(init)
-            zero = numpy_helper.from_array(np.zeros(arr.shape, dtype=np.float16), renames[init.name])
+            zero = numpy_helper.from_array(np.zeros_like(arr), renames[init.name])
             model.graph.input.append(
-                onnx.helper.make_tensor_value_info(renames[init.name], onnx.TensorProto.FLOAT16, list(arr.shape))
+                onnx.helper.make_tensor_value_info(renames[init.name], init.data_type, list(arr.shape))
             )
             kept.append(zero)
         else:
@@ -136,8 +135,8 @@ def _quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant: str) -> Path:
-    """Export ``hf_model`` (already wrapped with LoRA slots, switchable ones in fp16) to ``model.onnx``."""
+def export_program(hf_model: nn.Module, switchable: list[str], folder: Path, quant: str) -> Path:
+    """Export ``hf_model`` (already wrapped with encoded LoRA slots) to ``model.onnx``."""
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r}: ONNX exports support {', '.join(QUANTS)}")
     config = hf_model.config
@@ -161,7 +160,7 @@ def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant:
     model = program.model_proto
     for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
         del node.metadata_props[:]
-    _make_inputs_with_defaults(model, layout)
+    _make_inputs_with_defaults(model, switchable)
     if quant == "int4":
         model = _quantize_int4(model)
     path = folder / PROGRAM
@@ -170,12 +169,12 @@ def export_program(hf_model: nn.Module, layout: SlotLayout, folder: Path, quant:
 
 
 def write_task_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One task's switchable tensors as an ``.onnx_adapter`` (fp16, graph input names)."""
+    """One task's switchable tensors as an ``.onnx_adapter`` (graph input names, their dtypes)."""
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
-    arrays = {k: v.to(TASK_DTYPE).contiguous().numpy() for k, v in tensors.items()}  # OrtValues borrow these
+    arrays = {k: v.contiguous().numpy() for k, v in tensors.items()}  # OrtValues borrow these
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()})
     fmt.export_adapter(str(path))

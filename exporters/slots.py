@@ -3,8 +3,10 @@
 A merged bank says, per module, whether its A and its B are shared by every task (then the export
 keeps them *resident*, baked into the graph) or differ between tasks (then they are *switchable*:
 a slot the runtime fills from a per-task file). Both back ends use the same wrapped model; they
-differ only in how a switchable slot is filled (ExecuTorch: mutable buffers written by a
-``set_task`` method; ONNX Runtime: graph inputs with defaults fed by ``.onnx_adapter`` files).
+differ only in how a switchable slot is filled (ExecuTorch: fp32 mutable buffers written by a
+``set_task`` method; ONNX Runtime: graph inputs with zero defaults, in the bank's own encoding and
+decoded in the graph, fed by ``.onnx_adapter`` files). Task files keep the bank's number format, so
+the bank's storage saving reaches the device.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from hydraopt_mobile.formats import StoredFactor
 
 SLOT_A = "lora_a"
 SLOT_B = "lora_b"
-TASK_DTYPE = torch.float16  # task tensors are stored and fed in fp16: lossless for fp16 banks
 
 
 @dataclass
@@ -36,11 +37,6 @@ class SlotLayout:
     resident: dict[str, torch.Tensor]  # slot -> float32 values
     per_task: dict[str, dict[str, torch.Tensor]]  # task -> slot -> values (float32)
     stored: dict[str, dict[str, StoredFactor]] = field(default_factory=dict)  # task -> slot -> bank encoding
-
-    @property
-    def switchable(self) -> list[str]:
-        first = next(iter(self.per_task.values()), {})
-        return list(first)
 
     def slot_shape(self, slot: str) -> tuple[int, ...]:
         if slot in self.resident:
@@ -78,44 +74,107 @@ def layout_from_bank(bank: MergedBank) -> SlotLayout:
     return SlotLayout(list(bank.tasks), ranks, resident, per_task, stored)
 
 
-class LoraSlotLinear(nn.Module):
-    """``y = base(x) + B (A x)``; ``lora_a`` (r, d_in) and ``lora_b`` (d_out, r) are buffers.
+class EncodedSlot(nn.Module):
+    """A switchable factor fed in the bank's encoding and decoded in the graph (ONNX Runtime path).
 
-    Switchable slots start at zero (the base model) in ``switch_dtype``; the product is computed in
-    the activation dtype.
+    Buffers hold the component vectors (rows of A, columns of B): ``w`` (n, length) fp16, or ``q``
+    (n, padded) int8 codes with ``scale`` (n, groups) fp16 per group of ``padded // groups`` values
+    (int8: one group per vector; int4: the bank's groups, codes unpacked to one per byte because
+    ONNX Runtime has no int4 graph inputs for adapters). All zero: the base model.
     """
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+    def __init__(self, fmt: str, n: int, length: int, padded: int, groups: int, transposed: bool) -> None:
+        super().__init__()
+        self.fmt, self.n, self.length, self.padded, self.groups = fmt, n, length, padded, groups
+        self.transposed = transposed
+        if fmt == "fp16":
+            self.register_buffer("w", torch.zeros(n, length, dtype=torch.float16))
+        else:
+            self.register_buffer("q", torch.zeros(n, padded, dtype=torch.int8))
+            self.register_buffer("scale", torch.zeros(n, groups, dtype=torch.float16))
+
+    def forward(self) -> torch.Tensor:
+        if self.fmt == "fp16":
+            v = self.w.float()
+        else:
+            grouped = self.q.float().reshape(self.n, self.groups, self.padded // self.groups)
+            v = (grouped * self.scale.float().unsqueeze(-1)).reshape(self.n, self.padded)[:, : self.length]
+        return v.T if self.transposed else v
+
+
+def encoded_slot(factor: StoredFactor) -> EncodedSlot:
+    n, length = (factor.shape[1], factor.shape[0]) if factor.transposed else factor.shape
+    codes = graph_codes(factor)
+    padded = codes["q"].shape[1] if "q" in codes else length
+    groups = codes["scale"].shape[1] if "scale" in codes else 1
+    return EncodedSlot(factor.fmt.name, n, length, padded, groups, factor.transposed)
+
+
+def graph_codes(factor: StoredFactor) -> dict[str, torch.Tensor]:
+    """The tensors an :class:`EncodedSlot` takes for ``factor`` (its buffer names as keys)."""
+    if factor.fmt.name == "fp16":
+        return {"w": factor.data["w"]}
+    q = factor.data["q"]
+    if factor.fmt.name == "int4":  # two's-complement nibbles, low nibble first (formats.py)
+        nibbles = torch.stack([q & 0x0F, (q >> 4) & 0x0F], dim=2).reshape(q.shape[0], -1).to(torch.int16)
+        q = torch.where(nibbles > 7, nibbles - 16, nibbles)
+    return {"q": q.to(torch.int8), "scale": factor.data["scale"].half()}
+
+
+class LoraSlotLinear(nn.Module):
+    """``y = base(x) + B (A x)``; each of ``lora_a`` (r, d_in) / ``lora_b`` (d_out, r) is a buffer
+    (resident, or switchable and written by ExecuTorch's ``set_task``) or an :class:`EncodedSlot`."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor | EncodedSlot, b: torch.Tensor | EncodedSlot) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer(SLOT_A, a)
-        self.register_buffer(SLOT_B, b)
+        for name, slot in ((SLOT_A, a), (SLOT_B, b)):
+            if isinstance(slot, EncodedSlot):
+                self.add_module(name, slot)
+            else:
+                self.register_buffer(name, slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_a.to(x.dtype)
-        b = self.lora_b.to(x.dtype)
-        return self.base(x) + nn.functional.linear(nn.functional.linear(x, a), b)
+        a = self.lora_a() if isinstance(self.lora_a, EncodedSlot) else self.lora_a
+        b = self.lora_b() if isinstance(self.lora_b, EncodedSlot) else self.lora_b
+        return self.base(x) + nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 
-def attach_slots(model: nn.Module, layout: SlotLayout, switch_dtype: torch.dtype) -> list[str]:
-    """Replace every target Linear of ``model`` in place; returns the switchable buffers' names."""
+def attach_slots(model: nn.Module, layout: SlotLayout, encoded: bool) -> dict[str, tuple[int, ...]]:
+    """Replace every target Linear of ``model`` in place; returns the switchable buffers and shapes.
+
+    ``encoded=False``: switchable slots are fp32 buffers (ExecuTorch). ``encoded=True``: they are
+    :class:`EncodedSlot` modules in the bank's encoding (ONNX Runtime).
+    """
+    switchable: dict[str, tuple[int, ...]] = {}
+    first = layout.tasks[0] if layout.tasks else None
     for module, rank in layout.ranks.items():
         base = model.get_submodule(module)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"module {module!r} is a {type(base).__name__}, not a Linear")
-        slots = []
+        slots: list[torch.Tensor | EncodedSlot] = []
         for slot, shape in ((SLOT_A, (rank, base.in_features)), (SLOT_B, (base.out_features, rank))):
             name = f"{module}.{slot}"
+            bank_shape = layout.slot_shape(name)
+            if bank_shape != shape:
+                raise ValueError(f"slot {name}: bank shape {bank_shape} does not fit the model's {shape}")
             if name in layout.resident:
-                value = layout.resident[name].float().clone()
+                slots.append(layout.resident[name].float().clone())
+            elif encoded:
+                enc = encoded_slot(layout.stored[first][name])
+                switchable.update({f"{name}.{k}": tuple(v.shape) for k, v in enc.named_buffers()})
+                slots.append(enc)
             else:
-                value = torch.zeros(shape, dtype=switch_dtype)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"slot {name}: bank shape {tuple(value.shape)} does not fit the model's {shape}")
-            slots.append(value)
+                switchable[name] = shape
+                slots.append(torch.zeros(shape))
         parent_name, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoraSlotLinear(base, *slots))
-    return layout.switchable
+    return switchable
+
+
+def task_graph_tensors(layout: SlotLayout, task: str) -> dict[str, torch.Tensor]:
+    """What an ONNX task file feeds: every switchable slot of ``task`` as :func:`graph_codes`."""
+    return {f"{slot}.{k}": v for slot, f in layout.stored[task].items() for k, v in graph_codes(f).items()}
 
 
 def merge_into(model: nn.Module, adapter: dict[str, LoraFactors]) -> None:

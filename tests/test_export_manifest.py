@@ -41,8 +41,9 @@ def test_manifest_lists_every_file_with_its_bytes_and_sha256(setup):
     assert manifest.tasks == TASKS
     assert {f.task for f in manifest.files if f.role == "task"} == set(TASKS)
     # q_proj B, v_proj A and o_proj A and B are per task; q_proj A and v_proj B are resident
-    assert sorted(manifest.task_tensors) == sorted(
-        f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_b", "v_proj.lora_a", "o_proj.lora_a", "o_proj.lora_b")
+    # ONNX feeds each switchable slot in the bank's encoding: fp16 values ``<slot>.w`` here
+    assert sorted(manifest.task_tensors) == sorted(f"{n}.w" for n in
+        (f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_b", "v_proj.lora_a", "o_proj.lora_a", "o_proj.lora_b"))
     )
     assert manifest.resident_slots == sorted(
         f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_a", "v_proj.lora_b")
