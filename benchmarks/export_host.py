@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporters.bench import bench_host, write_reports  # noqa: E402
-from exporters.export import export_bank  # noqa: E402
+from exporters.export import bank_digest, export_bank  # noqa: E402
 from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
 from hydraopt_mobile.merge.budget import Budget  # noqa: E402
 from hydraopt_mobile.merge.registry import MergeConfig, merge  # noqa: E402
@@ -85,6 +85,7 @@ def main() -> None:
     notes = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32; not the bf16 release)",
         "adapters": f"{args.adapters} ({len(task_dirs)} tasks, LoRA r and targets as trained by the suite)",
+        "bank_digests": {k: bank_digest(b) for k, b in banks.items()},
         "banks": {k: {"method": v[0], "budget": v[1], "payload_bytes": banks[k].payload_bytes()} for k, v in BANKS.items() if k in banks},
         "threads": args.threads,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), 2 shared cores",
@@ -105,7 +106,7 @@ def main() -> None:
         name = export_name(bank_name, fmt, quant, merged)
         folder = args.work / name
         bank = banks[bank_name]
-        if not (folder / "manifest.json").is_file():
+        if not _holds(folder, bank):
             t0 = time.time()
             export_bank(bank, model_dir, fmt, quant, folder, overwrite=True, merged_task=bank.tasks[0] if merged else None)
             notes.setdefault("export_seconds", {})[name] = round(time.time() - t0, 1)
@@ -117,6 +118,12 @@ def main() -> None:
         _naive(records, notes, len(bank.tasks))
         write_reports(records, args.results, notes)
         print(f"{name}: done", flush=True)
+
+
+def _holds(folder: Path, bank) -> bool:
+    """True when ``folder`` is a complete export of this very bank (adapters may have been retrained)."""
+    manifest = folder / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text())["extra"].get("bank_digest") == bank_digest(bank)
 
 
 def _previous(results: Path, work: Path) -> tuple[list[dict], dict]:

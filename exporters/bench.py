@@ -152,6 +152,7 @@ def bench_host(
                     {
                         "export": folder.name,
                         "export_id": manifest.export_id,
+                        "bank_digest": manifest.extra.get("bank_digest"),
                         "runtime": manifest.runtime,
                         "quant": manifest.quant,
                         "method": manifest.method,

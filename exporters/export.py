@@ -12,6 +12,8 @@ The folder is written in a temporary place and renamed into place when complete.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -47,6 +49,18 @@ def _load_bank(bank_or_path: MergedBank | str | Path) -> MergedBank:
     from hydraopt_mobile.bundle import load_bundle
 
     return load_bundle(Path(bank_or_path))
+
+
+def bank_digest(bank: MergedBank) -> str:
+    """SHA-256 (16 hex) over a bank's tasks, layouts and stored factor bytes: which bank an export holds."""
+    h = hashlib.sha256(json.dumps([bank.method, bank.tasks]).encode())
+    for name in sorted(bank.modules):
+        m = bank.modules[name]
+        h.update(json.dumps([name, m.a_index, m.b_index]).encode())
+        for factor in m.A + m.B:
+            for key in sorted(factor.data):
+                h.update(factor.data[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _load_model(model_dir: Path) -> torch.nn.Module:
@@ -150,7 +164,10 @@ def export_bank(
             tokenizer_dir="tokenizer" if tokenizer else None,
             bank_fingerprint={"fingerprint": bank.fingerprint, "params": bank.params, "tasks": bank.tasks},
             model=info,
-            extra={"bundle": None if isinstance(bank_or_path, MergedBank) else str(Path(bank_or_path).resolve())},
+            extra={
+                "bundle": None if isinstance(bank_or_path, MergedBank) else str(Path(bank_or_path).resolve()),
+                "bank_digest": bank_digest(bank),
+            },
         ).write(folder)
         bar.update(step, description=f"export {fmt}/{quant}: done")
     return Path(out)

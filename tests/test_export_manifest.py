@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.export import export_bank
+from exporters.export import bank_digest, export_bank
 from exporters.manifest import MANIFEST, Manifest, TaskFileError, sha256_file
 from exporters.runtime import greedy, open_export
 from hydraopt_mobile.atomic import OutputExists
@@ -48,6 +48,12 @@ def test_manifest_lists_every_file_with_its_bytes_and_sha256(setup):
     assert manifest.resident_slots == sorted(
         f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_a", "v_proj.lora_b")
     )
+
+
+def test_manifest_names_the_bank_it_holds(setup):
+    _, first, second = setup
+    assert Manifest.read(first).extra["bank_digest"] == bank_digest(make_bank(seed=1))
+    assert Manifest.read(second).extra["bank_digest"] == bank_digest(make_bank(seed=2)) != bank_digest(make_bank(seed=1))
 
 
 def test_task_file_of_another_export_is_refused(setup):
