@@ -184,15 +184,14 @@ def export_and_measure(cfg: DemoConfig, banks: dict[str, MergedBank], out: Path,
     from exporters.export import export_bank
 
     console.rule(f"6/6 export ({cfg.export}) and host measurement")
-    folders = []
-    for label, bank in banks.items():
+    exported: dict[str, MergedBank] = {}
+    for bank in banks.values():
         if bank.method in ("hydraopt", "none"):
             folder = out / f"export-{cfg.export}-{bank.method}"
             export_bank(bank, model_dir, cfg.export, "fp32", folder)  # type: ignore[arg-type]
-            folders.append(folder)
-    tasks = [t for t in banks["one adapter per task"].tasks][: cfg.export_tasks]
-    records = bench_host(folders, tasks=tasks, json=out / "export_host.json", n_examples=cfg.export_examples, threads=cfg.threads)
-    return records
+            exported[str(folder)] = bank
+    tasks = banks["one adapter per task"].tasks[: cfg.export_tasks]
+    return bench_host(list(exported), tasks=tasks, json=out / "export_host.json", banks=exported, model_dir=model_dir, n_examples=cfg.export_examples, threads=cfg.threads)
 
 
 def markdown(result: dict) -> str:
@@ -205,7 +204,7 @@ def markdown(result: dict) -> str:
     if result.get("export_host"):
         lines += ["", "Exports on the real runtime (first tasks, few examples):", "", "| export | task | bytes resident | bytes task | switch ms | decode ms/token | score |", "|---|---|---|---|---|---|---|"]
         for r in result["export_host"]:
-            lines.append(f"| {r['export']} | {r['task']} | {r['bytes_resident']:,} | {r['bytes_task']:,} | {r['switch_ms']} | {r['decode_ms_per_token']} | {r['score']} |")
+            lines.append(f"| {r['export']} | {r['task']} | {r['bytes_resident']:,} | {r['bytes_task']:,} | {r['switch_ms']:.4f} | {r['decode_ms_per_token']:.1f} | {r['score']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
