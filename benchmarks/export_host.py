@@ -116,6 +116,7 @@ def main() -> None:
         records += bench_host([folder], tasks=tasks, banks={str(folder): bank}, model_dir=model_dir,
                               n_examples=args.examples, threads=args.threads, reference_scores=reference_scores)
         _naive(records, notes, len(bank.tasks))
+        _flag_earlier_adapters(records, notes)
         write_reports(records, args.results, notes)
         print(f"{name}: done", flush=True)
 
@@ -140,6 +141,17 @@ def _previous(results: Path, work: Path) -> tuple[list[dict], dict]:
     names = {r["export"] for r in kept}
     seconds = {k: v for k, v in saved["notes"].get("export_seconds", {}).items() if k in names}
     return kept, seconds
+
+
+def _flag_earlier_adapters(records: list[dict], notes: dict) -> None:
+    stale = sorted({r["export"] for r in records if r.get("bank_digest") not in notes["bank_digests"].values()})
+    if stale:
+        notes["measured_on_earlier_adapters"] = {
+            "exports": stale,
+            "why": "the suite retrained its adapters after these were measured. Bytes, latency and switch time do "
+            "not depend on adapter values; their score and parity are against the PyTorch reference of the same "
+            "earlier adapters (and the suite's test split of that time), so compare them only with each other",
+        }
 
 
 def _naive(records: list[dict], notes: dict, n_tasks: int) -> None:
