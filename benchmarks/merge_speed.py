@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -106,6 +107,7 @@ def main() -> None:
             print(f"{name} {label}: factored {t_fact:.3f}s dense {t_dense:.2f}s x{t_dense / t_fact:.0f}", file=sys.stderr)
     result = {
         "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": "Llama-3.2-1B attention (hidden 2048, kv 512), 16 layers, q/k/v/o", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__},
+        "load_average_1_5_15": os.getloadavg(),  # other processes on the same 2 cores slow every number here
         "load_s": t_load,
         "merge_s_three_budgets": t_merge,
         "peak_rss_mb": rss_merge,
