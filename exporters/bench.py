@@ -28,15 +28,26 @@ SWITCHES = 21  # switch-time samples per task (median reported)
 PARITY_EXAMPLES = 2  # examples per task whose full logits come back for the max-error check
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process image (Linux ``VmHWM``).
+
+    Not ``ru_maxrss``: that survives ``exec``, so a spawned child would report the parent's RSS at
+    fork time (the PyTorch reference model) as its own peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int) -> dict:
     """Child process: load the export, switch between its tasks, generate greedily; timings in ms."""
-    import resource
     import time
 
     torch.set_num_threads(threads)
     from .runtime import greedy, open_export
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = _vm_hwm_mb()
     t0 = time.perf_counter()
     session = open_export(folder, threads)
     program_load_ms = (time.perf_counter() - t0) * 1e3
@@ -65,8 +76,14 @@ def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str
             rec["generations"].append(
                 {"tokens": gen.tokens, "prefill_ms": gen.prefill_s * 1e3, "decode_ms": [s * 1e3 for s in gen.decode_s], "logits": logits}
             )
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _vm_hwm_mb()
     return out
+
+
+def peak_rss(folder: str | Path, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int = 1) -> dict:
+    """Peak RSS (MB) of a fresh child that loads the export and generates once per task."""
+    measured = _in_child(Path(folder), {t: p[:1] for t, p in prompts.items()}, max_new, threads)
+    return {"peak_rss_mb": measured["peak_rss_mb"], "rss_baseline_mb": measured["rss_baseline_mb"]}
 
 
 def _in_child(folder: Path, prompts: dict, max_new: dict, threads: int) -> dict:
@@ -108,8 +125,6 @@ def bench_host(
     from hydraopt_mobile.suite.evaluate import applied, generate
     from hydraopt_mobile.suite.metrics import score
     from hydraopt_mobile.suite.model import base_model_dir, load_base_model
-    from hydraopt_mobile.suite.prompts import render_prompt
-    from hydraopt_mobile.suite.tasks import load_suite
 
     torch.set_num_threads(threads)
     model, ref_tokenizer = load_base_model(Path(model_dir) if model_dir else base_model_dir())
@@ -124,14 +139,9 @@ def bench_host(
             verify_all(manifest, folder)
             bank = (banks or {}).get(str(folder)) or _bank_from_manifest(manifest)
             layout = layout_from_bank(bank)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder / manifest.tokenizer_dir))
             names = [t for t in manifest.tasks if tasks is None or t in tasks]
-            specs = {s.name: replace(s, test=s.test[:n_examples]) for s in load_suite(names)}
-            prompts = {
-                t: [tokenizer(render_prompt(tokenizer, specs[t], ex), add_special_tokens=False).input_ids for ex in specs[t].test]
-                for t in names
-            }
-            max_new = {t: specs[t].max_new_tokens for t in names}
+            specs, prompts, max_new = task_prompts(folder, names, n_examples)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / manifest.tokenizer_dir))
             measured = _in_child(folder, prompts, max_new, threads)
             bar.update(job, description=f"bench {folder.name}: PyTorch reference")
             for task in names:
@@ -171,6 +181,7 @@ def bench_host(
                         "prefill_ms": statistics.median(g["prefill_ms"] for g in m["generations"]),
                         "decode_ms_per_token": statistics.median(decode) if decode else None,
                         "peak_rss_mb": measured["peak_rss_mb"],
+                        "rss_source": "VmHWM",
                         "rss_baseline_mb": measured["rss_baseline_mb"],
                         "threads": threads,
                     }
@@ -179,6 +190,23 @@ def bench_host(
     if json is not None:
         write_reports(records, Path(json))
     return records
+
+
+def task_prompts(folder: Path, names: list[str], n_examples: int) -> tuple[dict, dict, dict]:
+    """(task specs cut to ``n_examples`` test examples, prompt token ids, max new tokens) per task,
+    with the tokenizer and chat template shipped in the export."""
+    from transformers import AutoTokenizer
+
+    from hydraopt_mobile.suite.prompts import render_prompt
+    from hydraopt_mobile.suite.tasks import load_suite
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / Manifest.read(folder).tokenizer_dir))
+    specs = {s.name: replace(s, test=s.test[:n_examples]) for s in load_suite(names)}
+    prompts = {
+        t: [tokenizer(render_prompt(tokenizer, specs[t], ex), add_special_tokens=False).input_ids for ex in specs[t].test]
+        for t in names
+    }
+    return specs, prompts, {t: specs[t].max_new_tokens for t in names}
 
 
 def _bank_from_manifest(manifest: Manifest) -> MergedBank:
