@@ -121,6 +121,8 @@ def main() -> None:
         write_reports(records, args.results, notes)
         print(f"{name}: done", flush=True)
     _remeasure_rss(records, args.work, args.threads)
+    _naive(records, notes, len(adapter_set.tasks))
+    _flag_earlier_adapters(records, notes)
     write_reports(records, args.results, notes)
 
 
