@@ -7,10 +7,11 @@ an error that names the file, instead of producing wrong outputs or crashing a r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from hydraopt_mobile.bundle import sha256_file
 
 MANIFEST = "manifest.json"
 SCHEMA = "hydraopt-export/1"
@@ -74,14 +75,6 @@ class Manifest:
             raise ValueError(f"{path}: not a {SCHEMA} manifest")
         raw["files"] = [FileEntry(**f) for f in raw["files"]]
         return cls(**raw)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_entry(folder: Path, rel: str, role: str, task: str | None = None) -> FileEntry:

@@ -6,7 +6,6 @@ ONNX exports only (seconds each); the ExecuTorch-specific refusals are in test_e
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

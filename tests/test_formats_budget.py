@@ -1,6 +1,5 @@
 import pytest
 import torch
-from safetensors.torch import save
 
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget
