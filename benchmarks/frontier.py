@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="methods to run (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
+    ap.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
+    ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = load_suite()
@@ -55,12 +57,12 @@ def main() -> None:
         "storage": "exact payload bytes of the stored factors / fp16 bytes of every input adapter",
     }
     for init in args.init or ["shared-seed", "independent-seeds"]:
-        folders = sorted((ADAPTERS / init).iterdir())
+        folders = sorted((args.adapters / init).iterdir())
         adapters = build_adapter_set([load_adapter(p) for p in folders if (p / "adapter_config.json").exists()])
         sim_dir = RESULTS / f"similarity_{init}"
         if not sim_dir.exists():
             write_analysis(adapters, sim_dir)
-        points = [p for p in default_points(len(adapters.tasks)) if not args.only or p.method in args.only]
+        points = [p for p in default_points(len(adapters.tasks)) if not args.only or p.method in args.only][: args.max_points]
         suite = [t for t in tasks if t.name in adapters.task_names]
 
         def evaluate_bank(bank):
