@@ -55,17 +55,6 @@ class FactoredModule:
     def shape(self) -> tuple[int, int]:
         return (self.B.shape[1], self.Q.shape[0])
 
-    def top_row_space(self, tasks: list[int], weights: torch.Tensor, rank: int) -> torch.Tensor:
-        """Coordinates (rank x q) of the best shared row space for ``tasks``: the top right singular
-        vectors of the stacked, weighted updates (the closed form of METHOD.md). Rows beyond the
-        stack's rank are zero."""
-        stacked = (self.RA[tasks] * weights[tasks].sqrt().view(-1, 1, 1)).reshape(-1, self.RA.shape[2])
-        _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-        keep = min(rank, int((s > s[0] * 1e-10).sum()) if s.numel() and s[0] > 0 else 0)
-        out = torch.zeros(rank, self.RA.shape[2], dtype=DTYPE)
-        out[:keep] = vh[:keep]
-        return out
-
 
 def factor_space(factors: list[LoraFactors]) -> FactoredModule:
     """Build the factored representation of one module's task updates."""
