@@ -40,15 +40,15 @@ PLAN = [
     ("hydraopt-50", "onnx", "fp32", False),
     ("per-task", "onnx", "fp32", False),
     ("per-task", "onnx", "fp32", True),
+    ("per-task", "executorch", "8da4w", True),
     ("hydraopt-50", "executorch", "8da4w", False),
     ("hydraopt-50", "onnx", "int4", False),
     ("hydraopt-30", "onnx", "fp32", False),
     ("per-task", "onnx", "int4", True),
-    ("per-task", "executorch", "8da4w", True),
     ("per-task", "onnx", "int4", False),
-    ("hydraopt-50", "executorch", "fp32", False),
     ("per-task", "executorch", "8da4w", False),
     ("hydraopt-30", "executorch", "8da4w", False),
+    ("hydraopt-50", "executorch", "fp32", False),
 ]
 
 

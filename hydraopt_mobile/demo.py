@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,7 +129,7 @@ def _row(label: str, bank: MergedBank, scores: dict[str, float], reference: dict
 
 def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Console | None = None) -> dict:
     from .suite.evaluate import evaluate
-    from .suite.model import base_model_dir, load_base_model
+    from .suite.model import base_model_dir, cache_root, load_base_model
     from .suite.tasks import load_suite
 
     console = console or Console()
@@ -155,8 +157,9 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         console.rule("5/6 evaluate on the suite's test split")
         model, tokenizer = load_base_model(model_dir)
         suite = load_suite(adapters.task_names)
-        base = evaluate(suite, None, model, tokenizer, threads=cfg.threads)
-        scores = {label: evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads) for label, bank in banks.items()}
+        answers = cache_root() / "answers"  # a re-run does not decode again what it already decoded
+        base = evaluate(suite, None, model, tokenizer, threads=cfg.threads, cache=answers)
+        scores = {label: evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads, cache=answers) for label, bank in banks.items()}
         reference = scores["one adapter per task"]
         rows = [_row(label, bank, scores[label], reference) for label, bank in banks.items()]
         host = export_and_measure(cfg, banks, tmp, model_dir, console) if cfg.export != "none" else []
@@ -181,17 +184,49 @@ def export_and_measure(cfg: DemoConfig, banks: dict[str, MergedBank], out: Path,
     """Export the HydraOpt bundle and one-adapter-per-task the same way and measure both on the
     real runtime (bytes, switch time, decode latency, runtime scores on a few examples)."""
     from exporters.bench import bench_host
-    from exporters.export import export_bank
 
     console.rule(f"6/6 export ({cfg.export}) and host measurement")
     exported: dict[str, MergedBank] = {}
     for bank in banks.values():
         if bank.method in ("hydraopt", "none"):
             folder = out / f"export-{cfg.export}-{bank.method}"
-            export_bank(bank, model_dir, cfg.export, "fp32", folder)  # type: ignore[arg-type]
+            _link_tree(_cached_export(bank, model_dir, cfg.export, "fp32", console), folder)
             exported[str(folder)] = bank
     tasks = banks["one adapter per task"].tasks[: cfg.export_tasks]
     return bench_host(list(exported), tasks=tasks, json=out / "export_host.json", banks=exported, model_dir=model_dir, n_examples=cfg.export_examples, threads=cfg.threads)
+
+
+def _cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, console: Console) -> Path:
+    """The export of ``bank`` in the cache, made on the first run: keyed by the bank's digest, the
+    base model's files (name, size, mtime) and the format, so anything that changes them re-exports."""
+    from exporters.export import bank_digest, export_bank
+
+    from .suite.model import cache_root
+
+    model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
+    key = hashlib.sha256(json.dumps([bank_digest(bank), model_files, fmt, quant]).encode()).hexdigest()[:16]
+    folder = cache_root() / "exports" / f"{fmt}-{quant}-{bank.method}-{key}"
+    if (folder / "manifest.json").is_file():
+        console.print(f"export: cached {folder}")
+    else:
+        export_bank(bank, model_dir, fmt, quant, folder, overwrite=True)  # type: ignore[arg-type]
+    return folder
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy across file systems), so a 500 MB export
+    is not stored twice. A file edited through either name changes both; the manifest's sha256
+    check refuses such a file before it is loaded."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
 
 
 def markdown(result: dict) -> str:

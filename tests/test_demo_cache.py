@@ -27,3 +27,22 @@ def test_changed_setting_retrains_and_same_setting_reuses(tmp_path: Path):
     assert again == first and weights.stat().st_mtime_ns == stamp  # reused, not retrained
     changed = ensure_adapters(DemoConfig(tasks=("country-de",), train_overrides={"steps": 2, "lr": 1e-3}), console, cache=tmp_path)["country-de"]
     assert changed != first and (changed / "adapter_model.safetensors").is_file()
+
+
+def test_export_is_cached_by_bank_and_linked_into_the_output(tmp_path: Path, monkeypatch):
+    from hydraopt_mobile.demo import _cached_export, _link_tree
+    from test_export_runtimes import make_bank, make_tiny_model
+
+    monkeypatch.setenv("HYDRAOPT_CACHE", str(tmp_path / "cache"))
+    console = Console(quiet=True)
+    model_dir = make_tiny_model(tmp_path / "model")
+    first = _cached_export(make_bank(1), model_dir, "onnx", "fp32", console)
+    assert first.is_relative_to(tmp_path / "cache") and (first / "manifest.json").is_file()
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert _cached_export(make_bank(1), model_dir, "onnx", "fp32", console) == first
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp  # reused, not exported again
+    assert _cached_export(make_bank(2), model_dir, "onnx", "fp32", console) != first  # other factors: new export
+    _link_tree(first, tmp_path / "out" / "export")
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "out" / "export") for p in (tmp_path / "out" / "export").rglob("*") if p.is_file())
+    assert all((tmp_path / "out" / "export" / f).samefile(first / f) for f in files)

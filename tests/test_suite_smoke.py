@@ -93,3 +93,26 @@ def test_train_and_evaluate_two_tasks(tmp_path: Path):
 
 def _first(tasks):
     return tasks[0], tasks[0].test[0]
+
+
+@pytest.mark.slow
+def test_answer_cache_hit_and_miss(tmp_path: Path):
+    """A cached answer is read back instead of decoding again; another adapter misses."""
+    from hydraopt_mobile.adapters import LoraFactors
+    from hydraopt_mobile.suite.evaluate import evaluate, generate
+    from hydraopt_mobile.suite.model import load_base_model
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_base_model()
+    task = load_suite(["reply-en"])[0]
+    task = dataclasses.replace(task, test=task.test[:4], max_new_tokens=8)
+    cache = tmp_path / "answers"
+    first = evaluate([task], None, model, tokenizer, cache=cache)
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["texts"] == generate(model, tokenizer, task)
+    files[0].write_text(json.dumps({"texts": [e.target for e in task.test]}))  # a hit must read this file
+    assert evaluate([task], None, model, tokenizer, cache=cache) == {"reply-en": 100.0} != first
+    d = model.config.hidden_size
+    other = {"model.layers.0.self_attn.q_proj": LoraFactors(torch.zeros(8, d), torch.zeros(d, 8))}
+    evaluate([task], {"reply-en": other}, model, tokenizer, cache=cache)
+    assert len(list(cache.glob("*.json"))) == 2  # another adapter: a miss, answered and stored

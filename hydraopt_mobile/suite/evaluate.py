@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import LoraFactors, load_adapter
 from .metrics import score
+from .answer_cache import AnswerCache
 from .model import load_base_model
 from .prompts import render_prompt
 from .tasks import TaskSpec
@@ -89,11 +90,14 @@ def evaluate(
     threads: int = 1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     predictions: dict[str, list[str]] | None = None,
+    cache: Path | None = None,
 ) -> dict[str, float]:
     """``task -> score`` (0..100) on ``split``; ``adapters=None`` scores the base model.
 
     Otherwise every task is scored with its own effective adapter ``adapters[task.name]``.
-    Pass a dict as ``predictions`` to also receive the generated texts.
+    Pass a dict as ``predictions`` to also receive the generated texts. With a ``cache`` folder, a
+    task already scored with the same weights, adapter, examples and decoding settings is not
+    generated again (see :class:`AnswerCache`).
     """
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,12 +108,19 @@ def evaluate(
         if missing:
             raise KeyError(f"no adapter for tasks {missing}")
     model.eval()
+    store = AnswerCache(cache, model, tokenizer) if cache is not None else None
     scores: dict[str, float] = {}
     bar = tqdm(tasks, desc="evaluate", unit="task")
     for task in bar:
         bar.set_postfix(task=task.name)
-        with applied(model, None if adapters is None else adapters[task.name]):
-            texts = generate(model, tokenizer, task, split, batch_size)
+        factors = None if adapters is None else adapters[task.name]
+        key = store.key(task, split, factors, batch_size) if store else None
+        texts = store.get(key) if store else None
+        if texts is None:
+            with applied(model, factors):
+                texts = generate(model, tokenizer, task, split, batch_size)
+            if store:
+                store.put(key, texts)
         scores[task.name] = score(task, texts, split)
         if predictions is not None:
             predictions[task.name] = texts
