@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +25,16 @@ console = Console()
 
 @app.callback()
 def main(
-    threads: int = typer.Option(1, "--threads", envvar="HYDRAOPT_THREADS", help="torch CPU threads (oversubscribed cores run many times slower)"),
+    threads: int = typer.Option(0, "--threads", envvar="HYDRAOPT_THREADS", help="torch CPU threads; 0: the cores not already busy (oversubscribed cores run many times slower)"),
 ) -> None:
     import torch
 
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads if threads > 0 else idle_cores())
+
+
+def idle_cores() -> int:
+    """Cores minus the 1-minute load average, at least 1: torch threads on a busy core stall the rest."""
+    return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
 
 USER_ERRORS = (AdapterError, BundleError, OutputExists, InfeasibleBudget, ValueError, KeyError, FileNotFoundError)
 
