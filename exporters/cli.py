@@ -23,7 +23,7 @@ def export(
     bundle: Path = typer.Argument(..., help="bundle folder written by `hydraopt merge`"),
     model: Optional[Path] = typer.Option(None, "--model", help="Hugging Face model folder (default: the suite's SmolLM2-135M)"),
     fmt: str = typer.Option("executorch", "--format", help="executorch | onnx"),
-    quant: str = typer.Option("fp32", "--quant", help="executorch: fp32 | 8da4w | 8da8w; onnx: fp32 | int4"),
+    quant: str = typer.Option("fp32", "--quant", help="executorch: fp32 | 8da4w | 8da8w; onnx: fp32 | int4 | int8"),
     out: Path = typer.Option(..., "--out", help="export folder to create"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     merged_task: Optional[str] = typer.Option(None, "--merged-task", help="fold this task's adapter into the weights instead (reference deployment)"),

@@ -108,7 +108,7 @@ def export_bank(
 ) -> Path:
     """Export a bank for ``fmt`` (``executorch`` or ``onnx``) with the base model in ``model_dir``.
 
-    ``quant``: ``fp32``/``8da4w``/``8da8w`` for ExecuTorch, ``fp32``/``int4`` for ONNX.
+    ``quant``: ``fp32``/``8da4w``/``8da8w`` for ExecuTorch, ``fp32``/``int4``/``int8`` for ONNX.
     ``merged_task``: instead of switchable slots, fold that task's effective adapter into the base
     weights (the "one fully merged model per task" deployment, used as the latency and bytes
     reference); the export then serves only that task and has no task files.

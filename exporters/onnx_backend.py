@@ -6,9 +6,12 @@ layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``p
 without an active adapter is the base model (zero defaults); ``RunOptions.add_active_adapter``
 feeds a task's tensors without copying them per call and without touching the resident weights.
 
-Quantised variant ``int4``: ONNX Runtime's MatMulNBits (4-bit, block 32, symmetric) on the base
-MatMuls and GatherBlockQuantized on the embedding; the LoRA MatMuls are excluded, otherwise the quantiser folds the switchable inputs into
-constants and they stop being switchable (FIELD_NOTES, ONNX Runtime).
+Quantised variants ``int4`` and ``int8``: ONNX Runtime's MatMulNBits (4 or 8 bits, block 32,
+symmetric, int8 activations: accuracy level 4) on the base MatMuls and GatherBlockQuantized on the
+embedding (int4 only: the quantiser packs Gather to 4 bits alone, so at int8 the embedding stays
+fp32); the LoRA MatMuls are excluded, otherwise the quantiser folds the switchable inputs into
+constants and they stop being switchable (FIELD_NOTES, ONNX Runtime). int4 is the smallest; int8
+keeps the model's answers far closer to fp32 (benchmarks/results/export_host.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from onnx import numpy_helper
 from torch import nn
 
 
-QUANTS = ("fp32", "int4")
+QUANTS = ("fp32", "int4", "int8")
+BITS = {"int4": 4, "int8": 8}
 BLOCK_SIZE = 32
 PROGRAM = "model.onnx"
 PREFIX = "model."  # where the Hugging Face model sits inside OnnxDecoder
@@ -123,12 +127,12 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
     return lora_nodes
 
 
-def _quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+def _quantize_nbits(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     lora_nodes = _fold_weight_transposes(model)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora_nodes,
+        model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora_nodes,
         op_types_to_quantize=("MatMul", "Gather"),  # Gather: the embedding (GatherBlockQuantized)
     )
     quantizer.process()
@@ -161,8 +165,8 @@ def export_program(hf_model: nn.Module, switchable: list[str], folder: Path, qua
     for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
         del node.metadata_props[:]
     _make_inputs_with_defaults(model, switchable)
-    if quant == "int4":
-        model = _quantize_int4(model)
+    if quant in BITS:
+        model = _quantize_nbits(model, BITS[quant])
     path = folder / PROGRAM
     onnx.save(model, str(path))
     return path

@@ -1,0 +1,127 @@
+"""Where the LoRA path's decode time goes in ONNX Runtime: per-op-type kernel time of switchable
+exports against the same model with one adapter merged, from ORT's own profiler.
+
+    .venv/bin/python benchmarks/onnx_op_profile.py out/export_host/onnx-int4-per-task-merged1 \
+        out/export_host/onnx-int4-hydraopt-50 [--tokens 32] [--rounds 3]
+
+Each export decodes ``--tokens`` tokens after a 16-token prefill, one ORT thread, with its first
+task active; the exports alternate for ``--rounds`` rounds and medians are reported. Writes
+benchmarks/results/onnx_op_profile.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporters.manifest import Manifest  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "onnx_op_profile.json"
+
+
+def profile_once(folder: Path, tokens: int) -> dict:
+    manifest = Manifest.read(folder)
+    m = manifest.model
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(folder / manifest.entry("program").path), options, providers=["CPUExecutionProvider"])
+        run_options = ort.RunOptions()
+        tasks = [f for f in manifest.files if f.role == "task"]
+        if tasks:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(folder / tasks[0].path))
+            run_options.add_active_adapter(adapter)
+        past = [np.zeros((1, m["kv_heads"], 0, m["head_dim"]), np.float32) for _ in range(2 * m["n_layers"])]
+
+        def step(ids: list[int]) -> None:
+            nonlocal past
+            feeds = {"input_ids": np.array([ids], np.int64), **{f"past.{i}": p for i, p in enumerate(past)}}
+            past = session.run(None, feeds, run_options)[1:]
+
+        step(list(range(1, 17)))
+        start = time.perf_counter()
+        for t in range(tokens):
+            step([100 + t])
+        wall = (time.perf_counter() - start) / tokens
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = collections.Counter()
+    nodes: dict[str, int] = collections.Counter()
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    decode_start = runs[1]["ts"]  # run 0 is the prefill
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= decode_start:
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / tokens
+            nodes[e["args"]["op_name"]] += 1
+    return {"wall_ms_per_token": wall * 1e3, "kernel_ms_per_token": sum(per_op.values()),
+            "nodes_per_token": sum(nodes.values()) / tokens, "op_ms_per_token": dict(per_op),
+            "op_nodes_per_token": {k: v / tokens for k, v in nodes.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("exports", nargs="+", type=Path, help="the first is the reference (one adapter merged)")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    runs: dict[str, list[dict]] = {e.name: [] for e in args.exports}
+    for _ in range(args.rounds):
+        for export in args.exports:
+            runs[export.name].append(profile_once(export, args.tokens))
+    summary = {}
+    for name, rs in runs.items():
+        ops = {op for r in rs for op in r["op_ms_per_token"]}
+        summary[name] = {
+            "wall_ms_per_token": statistics.median(r["wall_ms_per_token"] for r in rs),
+            "kernel_ms_per_token": statistics.median(r["kernel_ms_per_token"] for r in rs),
+            "nodes_per_token": rs[0]["nodes_per_token"],
+            "op_ms_per_token": {op: statistics.median(r["op_ms_per_token"].get(op, 0.0) for r in rs) for op in ops},
+            "op_nodes_per_token": rs[0]["op_nodes_per_token"],
+        }
+    ref = summary[args.exports[0].name]
+    for s in summary.values():
+        s["wall_ratio_vs_reference"] = s["wall_ms_per_token"] / ref["wall_ms_per_token"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    notes = {"command": " ".join(sys.argv), "tokens": args.tokens, "rounds": args.rounds, "threads": 1,
+             "reference": args.exports[0].name, "ort": ort.__version__}
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"notes": notes, "exports": summary}, indent=1))
+    tmp.replace(args.out)
+    args.out.with_suffix(".md").write_text(markdown(summary, args.exports[0].name))
+    print(markdown(summary, args.exports[0].name))
+
+
+def markdown(summary: dict, reference: str) -> str:
+    names = list(summary)
+    lines = ["# ONNX Runtime decode profile (medians, ms per token, 1 thread)", "",
+             "| | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for key in ("wall_ms_per_token", "wall_ratio_vs_reference", "kernel_ms_per_token", "nodes_per_token"):
+        lines.append(f"| {key} | " + " | ".join(f"{summary[n][key]:.3f}" for n in names) + " |")
+    ops = sorted({op for s in summary.values() for op in s["op_ms_per_token"]},
+                 key=lambda op: -max(s["op_ms_per_token"].get(op, 0) - summary[reference]["op_ms_per_token"].get(op, 0) for s in summary.values()))
+    lines += ["", "Kernel ms per token (nodes) by op type, largest growth over the reference first:", "",
+              "| op | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for op in ops[:12]:
+        lines.append(f"| {op} | " + " | ".join(f"{summary[n]['op_ms_per_token'].get(op, 0):.3f} ({summary[n]['op_nodes_per_token'].get(op, 0):.0f})" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
