@@ -20,20 +20,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.manifest import Manifest  # noqa: E402
+from exporters.runtime import OrtSession  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "onnx_op_profile.json"
 
 
 def profile_once(folder: Path, tokens: int) -> dict:
-    manifest = Manifest.read(folder)
-    m = manifest.model
+    """Decode ``tokens`` tokens through the exporters' own ONNX Runtime session, the program
+    session swapped for one with ORT's profiler on."""
+    session = OrtSession(folder)
+    if session.manifest.task_tensors:
+        session.set_task(session.tasks[0])
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -41,26 +43,13 @@ def profile_once(folder: Path, tokens: int) -> dict:
         options.log_severity_level = 3
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(folder / manifest.entry("program").path), options, providers=["CPUExecutionProvider"])
-        run_options = ort.RunOptions()
-        tasks = [f for f in manifest.files if f.role == "task"]
-        if tasks:
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(folder / tasks[0].path))
-            run_options.add_active_adapter(adapter)
-        past = [np.zeros((1, m["kv_heads"], 0, m["head_dim"]), np.float32) for _ in range(2 * m["n_layers"])]
-
-        def step(ids: list[int]) -> None:
-            nonlocal past
-            feeds = {"input_ids": np.array([ids], np.int64), **{f"past.{i}": p for i, p in enumerate(past)}}
-            past = session.run(None, feeds, run_options)[1:]
-
-        step(list(range(1, 17)))
+        session.session = ort.InferenceSession(str(folder / session.manifest.entry("program").path), options, providers=["CPUExecutionProvider"])
+        session.prefill(list(range(1, 17)))
         start = time.perf_counter()
         for t in range(tokens):
-            step([100 + t])
+            session.decode(100 + t)
         wall = (time.perf_counter() - start) / tokens
-        events = json.loads(Path(session.end_profiling()).read_text())
+        events = json.loads(Path(session.session.end_profiling()).read_text())
     per_op: dict[str, float] = collections.Counter()
     nodes: dict[str, int] = collections.Counter()
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]

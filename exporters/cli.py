@@ -47,7 +47,7 @@ def export(
 
     m = Manifest.read(path)
     console.print(
-        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, resident {m.bytes_of('program') / 1e6:.1f} MB, "
+        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, resident {m.resident_bytes() / 1e6:.1f} MB, "
         f"task files {m.bytes_of('task') / 1e3:.1f} KB in all"
     )
 

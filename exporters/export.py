@@ -39,7 +39,7 @@ TOKENIZER_FILES = (
 DEFAULT_MAX_CACHE_LEN = 256
 TASK_ENCODING = {
     "executorch": "the bank's encoding (fp16, or int8/int4 codes + fp16 scales), decoded to fp32 on load",
-    "onnx": "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded in the graph",
+    "onnx": "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded to fp32 on load by task_decoder.onnx",
 }
 
 
@@ -132,7 +132,7 @@ def export_bank(
             tasks, layout = [merged_task], SlotLayout([merged_task], {}, {}, {merged_task: {}})
         else:
             tasks = list(bank.tasks)
-        switchable = attach_slots(model, layout, encoded=fmt == "onnx")
+        switchable = attach_slots(model, layout)
         bar.update(step, description=f"export {fmt}/{quant}: tracing and lowering (ExecuTorch XNNPACK: minutes)")
         if fmt == "executorch":
             program = executorch_backend.export_program(model, switchable, folder, quant, max_cache_len)
@@ -140,6 +140,10 @@ def export_bank(
             program = onnx_backend.export_program(model, list(switchable), folder, quant)
         files: list[FileEntry] = [file_entry(folder, program.name, "program")]
         bar.update(step, description=f"export {fmt}/{quant}: task files")
+        task_tensors = {n: list(shape) for n, shape in switchable.items()}
+        if switchable and fmt == "onnx":
+            files.append(file_entry(folder, onnx_backend.export_task_decoder(layout, folder).name, "task_decoder"))
+            task_tensors = {n: list(t.shape) for n, t in task_graph_tensors(layout, tasks[0]).items()}
         if switchable:
             (folder / "tasks").mkdir()
             for task in tasks:
@@ -158,7 +162,7 @@ def export_bank(
             method=bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}",
             tasks=tasks,
             files=files,
-            task_tensors={n: list(shape) for n, shape in switchable.items()},
+            task_tensors=task_tensors,
             task_dtype=TASK_ENCODING[fmt],
             resident_slots=sorted(layout.resident),
             tokenizer_dir="tokenizer" if tokenizer else None,

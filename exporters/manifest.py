@@ -26,7 +26,7 @@ class FileEntry:
     path: str  # relative to the export folder
     bytes: int
     sha256: str
-    role: str  # "program" | "task" | "tokenizer"
+    role: str  # "program" | "task_decoder" (ONNX) | "task" | "tokenizer"
     task: str | None = None
 
 
@@ -38,7 +38,7 @@ class Manifest:
     method: str
     tasks: list[str]
     files: list[FileEntry]
-    task_tensors: dict[str, list[int]]  # switchable slot -> shape (every task file fills all of them)
+    task_tensors: dict[str, list[int]]  # tensor -> shape (every task file holds all of them)
     task_dtype: str
     resident_slots: list[str]
     tokenizer_dir: str | None
@@ -59,6 +59,10 @@ class Manifest:
 
     def bytes_of(self, role: str) -> int:
         return sum(f.bytes for f in self.files if f.role == role)
+
+    def resident_bytes(self) -> int:
+        """What stays loaded whatever the task: the program, plus the ONNX task decoder."""
+        return self.bytes_of("program") + self.bytes_of("task_decoder")
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST

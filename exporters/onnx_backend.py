@@ -1,10 +1,14 @@
-"""ONNX back end: one ``model.onnx`` whose switchable LoRA tensors are graph inputs with zero
-defaults, and one ``.onnx_adapter`` per task for ONNX Runtime's ``LoraAdapter``.
+"""ONNX back end: one ``model.onnx`` whose switchable LoRA slots are fp32 graph inputs with zero
+defaults, one ``.onnx_adapter`` per task for ONNX Runtime's ``LoraAdapter`` (in the bank's own
+encoding: fp16, or int8/int4 codes + scales), and ``task_decoder.onnx``, a small graph that turns
+an active adapter into the fp32 slots. A runtime runs the task decoder once when it loads a task
+and feeds its outputs to every decoder step: decoding the codes inside ``model.onnx`` instead cost
+15 extra nodes per module on every token (+50 % decode time at int4; onnx_op_profile.md).
 
 The graph takes the KV cache as explicit tensors (``past.{2i}`` keys, ``past.{2i+1}`` values of
 layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``present.*``. A run
-without an active adapter is the base model (zero defaults); ``RunOptions.add_active_adapter``
-feeds a task's tensors without copying them per call and without touching the resident weights.
+without task slots is the base model (zero defaults); switching feeds another task's decoded slots
+without touching the resident weights.
 
 Quantised variants ``int4`` and ``int8``: ONNX Runtime's MatMulNBits (4 or 8 bits, block 32,
 symmetric, int8 activations: accuracy level 4) on the base MatMuls and GatherBlockQuantized on the
@@ -24,11 +28,13 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from .slots import SlotLayout, TaskDecoder
 
 QUANTS = ("fp32", "int4", "int8")
 BITS = {"int4": 4, "int8": 8}
 BLOCK_SIZE = 32
 PROGRAM = "model.onnx"
+TASK_DECODER = "task_decoder.onnx"
 PREFIX = "model."  # where the Hugging Face model sits inside OnnxDecoder
 
 
@@ -66,9 +72,8 @@ def _trace_to_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[s
     return name, chain
 
 
-def _make_inputs_with_defaults(model: onnx.ModelProto, switchable: list[str]) -> None:
-    """Turn each switchable LoRA initializer into a graph input named like its buffer, default zero."""
-    renames = {PREFIX + name: name for name in switchable}
+def _make_inputs_with_defaults(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Turn each initializer named in ``renames`` into a graph input of the new name, default zero."""
     kept = []
     for init in model.graph.initializer:
         if init.name in renames:
@@ -164,10 +169,24 @@ def export_program(hf_model: nn.Module, switchable: list[str], folder: Path, qua
     model = program.model_proto
     for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
         del node.metadata_props[:]
-    _make_inputs_with_defaults(model, switchable)
+    _make_inputs_with_defaults(model, {PREFIX + name: name for name in switchable})
     if quant in BITS:
         model = _quantize_nbits(model, BITS[quant])
     path = folder / PROGRAM
+    onnx.save(model, str(path))
+    return path
+
+
+def export_task_decoder(layout: SlotLayout, folder: Path) -> Path:
+    """``task_decoder.onnx``: task-file tensors (inputs) -> fp32 switchable slots (outputs)."""
+    decoder = TaskDecoder(layout).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(decoder, (), dynamo=True, optimize=False, output_names=decoder.slot_names, verbose=False)
+    model = program.model_proto
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    _make_inputs_with_defaults(model, decoder.input_names())
+    path = folder / TASK_DECODER
     onnx.save(model, str(path))
     return path
 

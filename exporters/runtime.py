@@ -104,44 +104,52 @@ class ExecuTorchSession(Session):
 
 
 class OrtSession(Session):
+    """``load_task`` reads the task's ``.onnx_adapter`` and runs the task decoder once with it
+    active (``RunOptions.add_active_adapter``); ``set_task`` then only picks which decoded slots
+    the decoder step is fed."""
+
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         import onnxruntime as ort
 
         self.ort = ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # LoRA inputs with defaults are intended; ORT warns about each one
-        path = self.folder / self.manifest.entry("program").path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.adapters: dict[str, object] = {}
-        self.run_options = ort.RunOptions()
+        self.session = self._open(self.manifest.entry("program").path)
+        self.task_decoder = self._open(self.manifest.entry("task_decoder").path) if self.manifest.task_tensors else None
+        self.slots: dict[str, dict[str, np.ndarray]] = {}  # task -> decoded fp32 slot values
+        self.feeds: dict[str, np.ndarray] = {}
         m = self.manifest.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
         self.n_kv = 2 * m["n_layers"]
         self.past: list[np.ndarray] = []
 
+    def _open(self, rel: str):
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # LoRA inputs with defaults are intended; ORT warns about each one
+        return self.ort.InferenceSession(str(self.folder / rel), options, providers=["CPUExecutionProvider"])
+
     def _load(self, task: str, path: Path) -> None:
         adapter = self.ort.LoraAdapter()
         adapter.Load(str(path))
-        self.adapters[task] = adapter
+        options = self.ort.RunOptions()
+        options.add_active_adapter(adapter)
+        names = [o.name for o in self.task_decoder.get_outputs()]
+        self.slots[task] = dict(zip(names, self.task_decoder.run(names, {}, options)))
 
     def _switch(self, task: str) -> None:
-        if task not in self.adapters:
+        if task not in self.slots:
             self.load_task(task)
-        options = self.ort.RunOptions()
-        options.add_active_adapter(self.adapters[task])
-        self.run_options = options
+        self.feeds = self.slots[task]
 
     def reset(self) -> None:
         super().reset()
         self.past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
 
     def _step(self, ids: list[int]) -> np.ndarray:
-        feeds = {"input_ids": np.array([ids], dtype=np.int64)}
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), **self.feeds}
         feeds.update({f"past.{i}": p for i, p in enumerate(self.past)})
-        out = self.session.run(None, feeds, self.run_options)
+        out = self.session.run(None, feeds)
         self.past = out[1:]
         self.pos += len(ids)
         return out[0][0]

@@ -2,11 +2,11 @@
 
 A merged bank says, per module, whether its A and its B are shared by every task (then the export
 keeps them *resident*, baked into the graph) or differ between tasks (then they are *switchable*:
-a slot the runtime fills from a per-task file). Both back ends use the same wrapped model; they
-differ only in how a switchable slot is filled (ExecuTorch: fp32 mutable buffers written by a
-``set_task`` method; ONNX Runtime: graph inputs with zero defaults, in the bank's own encoding and
-decoded in the graph, fed by ``.onnx_adapter`` files). Task files keep the bank's number format, so
-the bank's storage saving reaches the device.
+an fp32 slot the runtime fills from a per-task file). Both back ends use the same wrapped model;
+they differ only in how a switchable slot is filled (ExecuTorch: mutable buffers written by a
+``set_task`` method; ONNX Runtime: graph inputs with zero defaults). Task files keep the bank's
+number format, so the bank's storage saving reaches the device; they are decoded to fp32 once,
+when a task is loaded (ONNX: by the small :class:`TaskDecoder` graph), never per token.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def layout_from_bank(bank: MergedBank) -> SlotLayout:
 
 
 class EncodedSlot(nn.Module):
-    """A switchable factor fed in the bank's encoding and decoded in the graph (ONNX Runtime path).
+    """A switchable factor in the bank's encoding, decoded to its fp32 slot (ONNX task decoder).
 
     Buffers hold the component vectors (rows of A, columns of B): ``w`` (n, length) fp16, or ``q``
     (n, padded) int8 codes with ``scale`` (n, groups) fp16 per group of ``padded // groups`` values
@@ -122,37 +122,27 @@ def graph_codes(factor: StoredFactor) -> dict[str, torch.Tensor]:
 
 
 class LoraSlotLinear(nn.Module):
-    """``y = base(x) + B (A x)``; each of ``lora_a`` (r, d_in) / ``lora_b`` (d_out, r) is a buffer
-    (resident, or switchable and written by ExecuTorch's ``set_task``) or an :class:`EncodedSlot`."""
+    """``y = base(x) + B (A x)``; ``lora_a`` (r, d_in) and ``lora_b`` (d_out, r) are fp32 buffers:
+    resident values, or switchable slots (zero until a task fills them)."""
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor | EncodedSlot, b: torch.Tensor | EncodedSlot) -> None:
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
         super().__init__()
         self.base = base
-        for name, slot in ((SLOT_A, a), (SLOT_B, b)):
-            if isinstance(slot, EncodedSlot):
-                self.add_module(name, slot)
-            else:
-                self.register_buffer(name, slot)
+        self.register_buffer(SLOT_A, a)
+        self.register_buffer(SLOT_B, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_a() if isinstance(self.lora_a, EncodedSlot) else self.lora_a
-        b = self.lora_b() if isinstance(self.lora_b, EncodedSlot) else self.lora_b
-        return self.base(x) + nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
 
 
-def attach_slots(model: nn.Module, layout: SlotLayout, encoded: bool) -> dict[str, tuple[int, ...]]:
-    """Replace every target Linear of ``model`` in place; returns the switchable buffers and shapes.
-
-    ``encoded=False``: switchable slots are fp32 buffers (ExecuTorch). ``encoded=True``: they are
-    :class:`EncodedSlot` modules in the bank's encoding (ONNX Runtime).
-    """
+def attach_slots(model: nn.Module, layout: SlotLayout) -> dict[str, tuple[int, ...]]:
+    """Replace every target Linear of ``model`` in place; returns the switchable slots and shapes."""
     switchable: dict[str, tuple[int, ...]] = {}
-    first = layout.tasks[0] if layout.tasks else None
     for module, rank in layout.ranks.items():
         base = model.get_submodule(module)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"module {module!r} is a {type(base).__name__}, not a Linear")
-        slots: list[torch.Tensor | EncodedSlot] = []
+        slots: list[torch.Tensor] = []
         for slot, shape in ((SLOT_A, (rank, base.in_features)), (SLOT_B, (base.out_features, rank))):
             name = f"{module}.{slot}"
             bank_shape = layout.slot_shape(name)
@@ -160,16 +150,34 @@ def attach_slots(model: nn.Module, layout: SlotLayout, encoded: bool) -> dict[st
                 raise ValueError(f"slot {name}: bank shape {bank_shape} does not fit the model's {shape}")
             if name in layout.resident:
                 slots.append(layout.resident[name].float().clone())
-            elif encoded:
-                enc = encoded_slot(layout.stored[first][name])
-                switchable.update({f"{name}.{k}": tuple(v.shape) for k, v in enc.named_buffers()})
-                slots.append(enc)
             else:
                 switchable[name] = shape
                 slots.append(torch.zeros(shape))
         parent_name, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoraSlotLinear(base, *slots))
     return switchable
+
+
+class TaskDecoder(nn.Module):
+    """Every switchable slot decoded from a task file's tensors (the bank's encoding) to fp32.
+
+    Exported as its own small graph: a runtime runs it once per task load and feeds the outputs to
+    the decoder step, so no decoding happens per token. Buffers are named ``slots.<i>.<code>``;
+    :meth:`input_names` maps them to the task-file tensor names.
+    """
+
+    def __init__(self, layout: SlotLayout) -> None:
+        super().__init__()
+        first = layout.stored[layout.tasks[0]]
+        self.slot_names = sorted(first)
+        self.slots = nn.ModuleList(encoded_slot(first[name]) for name in self.slot_names)
+
+    def input_names(self) -> dict[str, str]:
+        return {f"slots.{i}.{code}": f"{name}.{code}" for i, name in enumerate(self.slot_names)
+                for code, _ in self.slots[i].named_buffers()}
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        return tuple(slot() for slot in self.slots)
 
 
 def task_graph_tensors(layout: SlotLayout, task: str) -> dict[str, torch.Tensor]:

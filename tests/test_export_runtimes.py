@@ -227,7 +227,7 @@ def test_corrupted_or_swapped_task_file_is_refused_before_loading(fmt, exports, 
     with pytest.raises(TaskFileError, match="truncated"):
         session.load_task("alpha")
     assert session.active == "gamma"
-    loaded = session.loaded if fmt == "executorch" else session.adapters
+    loaded = session.loaded if fmt == "executorch" else session.slots
     assert "alpha" not in loaded
 
 
