@@ -131,7 +131,7 @@ def main() -> None:
 
 def _remeasure_rss(records: list[dict], work: Path, threads: int) -> None:
     """Records measured before peak RSS was read from VmHWM get it from a separate child run."""
-    for export in dict.fromkeys(r["export"] for r in records if r.get("rss_source") != "VmHWM"):
+    for export in dict.fromkeys(r["export"] for r in records if not r.get("rss_source", "").startswith("VmHWM")):
         rows = [r for r in records if r["export"] == export]
         _, prompts, max_new = task_prompts(work / export, [r["task"] for r in rows], 1)
         rss = peak_rss(work / export, prompts, max_new, threads)
