@@ -94,7 +94,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), 2 shared cores",
         "examples_per_task": args.examples,
         "switch_ms": "median of 21 switches to the task from another one, task files already loaded (ExecuTorch: set_task "
-        "method writing shared mutable buffers; ONNX Runtime: RunOptions.add_active_adapter)",
+        "method writing shared mutable buffers; ONNX Runtime: feeding the task's slots, decoded once at load by "
+        "task_decoder.onnx run with the task's LoraAdapter active; task_load_ms includes that run)",
+        "decode_ms_per_token": "measured export by export while other jobs shared the 2 cores: compare latencies with "
+        "decode_latency.json, where each switchable export and its merged reference decode in turns in one process",
         "program_load_ms": "opening the resident program: what a 'separate program per task' deployment pays per switch",
         "peak_rss_mb": "peak RSS of a child process that only runs the export (includes Python + torch import, see rss_baseline_mb)",
         "score": "suite metric on the runtime's own greedy outputs (batch 1); score_pytorch: PyTorch fp32 reference, same adapter",
