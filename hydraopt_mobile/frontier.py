@@ -110,6 +110,7 @@ def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     inits = sorted({r["init"] for r in records})
     fig, axes = plt.subplots(1, len(inits), figsize=(7 * len(inits), 5), squeeze=False)
@@ -131,6 +132,8 @@ def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] 
                 continue
             ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers.get(r["format"], "x"), color=colours[r["method"]], s=40, label=f"{r['method']} {r['format']}")
         ax.set_xscale("log")
+        ax.set_xticks([0.02, 0.05, 0.1, 0.2, 0.5, 1.0], ["0.02", "0.05", "0.1", "0.2", "0.5", "1"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("storage (fraction of fp16 one-adapter-per-task, log)")
         ax.set_ylabel("average task score")
         ax.set_title(f"SmolLM2-135M suite, {init}")
