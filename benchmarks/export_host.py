@@ -52,6 +52,9 @@ PLAN = [
     ("per-task", "executorch", "8da4w", False),
     ("hydraopt-30", "executorch", "8da4w", False),
     ("hydraopt-50", "executorch", "fp32", False),
+    ("per-task", "executorch", "fp32", False),
+    ("hydraopt-30", "executorch", "fp32", False),
+    ("per-task", "executorch", "fp32", True),
 ]
 
 
