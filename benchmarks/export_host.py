@@ -49,6 +49,8 @@ PLAN = [
     ("per-task", "onnx", "int8", True),
     ("hydraopt-50", "onnx", "int8", False),
     ("per-task", "onnx", "int8", False),
+    ("hydraopt-30", "onnx", "int4", False),
+    ("hydraopt-30", "onnx", "int8", False),
     ("per-task", "executorch", "8da4w", False),
     ("hydraopt-30", "executorch", "8da4w", False),
     ("hydraopt-50", "executorch", "fp32", False),
