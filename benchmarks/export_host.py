@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.bench import bench_host, peak_rss, task_prompts, write_reports  # noqa: E402
+from exporters.bench import bench_host, export_tokenizer, peak_rss, task_prompts, write_reports  # noqa: E402
 from exporters.export import bank_digest, export_bank  # noqa: E402
 from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
 from hydraopt_mobile.merge.budget import Budget  # noqa: E402
@@ -141,7 +141,7 @@ def _remeasure_rss(records: list[dict], work: Path, threads: int) -> None:
     """Records measured before peak RSS was read from VmHWM get it from a separate child run."""
     for export in dict.fromkeys(r["export"] for r in records if not r.get("rss_source", "").startswith("VmHWM")):
         rows = [r for r in records if r["export"] == export]
-        _, prompts, max_new = task_prompts(work / export, [r["task"] for r in rows], 1)
+        _, prompts, max_new = task_prompts(export_tokenizer(work / export), [r["task"] for r in rows], 1)
         rss = peak_rss(work / export, prompts, max_new, threads)
         for r in rows:
             r.update(rss, rss_source="VmHWM of a separate child: load, every task, one generation each")

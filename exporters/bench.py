@@ -120,8 +120,6 @@ def bench_host(
     ``reference_scores``: a dict kept across calls so that exports of the same bank (fp32 and
     quantised) share one PyTorch reference score per task.
     """
-    from transformers import AutoTokenizer
-
     from hydraopt_mobile.suite.evaluate import applied, generate
     from hydraopt_mobile.suite.metrics import score
     from hydraopt_mobile.suite.model import base_model_dir, load_base_model
@@ -140,8 +138,8 @@ def bench_host(
             bank = (banks or {}).get(str(folder)) or _bank_from_manifest(manifest)
             layout = layout_from_bank(bank)
             names = [t for t in manifest.tasks if tasks is None or t in tasks]
-            specs, prompts, max_new = task_prompts(folder, names, n_examples)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder / manifest.tokenizer_dir))
+            tokenizer = export_tokenizer(folder)
+            specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
             measured = _in_child(folder, prompts, max_new, threads)
             bar.update(job, description=f"bench {folder.name}: PyTorch reference")
             for task in names:
@@ -192,15 +190,19 @@ def bench_host(
     return records
 
 
-def task_prompts(folder: Path, names: list[str], n_examples: int) -> tuple[dict, dict, dict]:
-    """(task specs cut to ``n_examples`` test examples, prompt token ids, max new tokens) per task,
-    with the tokenizer and chat template shipped in the export."""
+def export_tokenizer(folder: Path):
+    """The tokenizer and chat template shipped in the export."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(str(folder / Manifest.read(folder).tokenizer_dir))
+
+
+def task_prompts(tokenizer, names: list[str], n_examples: int) -> tuple[dict, dict, dict]:
+    """(task specs cut to ``n_examples`` test examples, prompt token ids, max new tokens) per task,
+    rendered with ``tokenizer`` (the export's own: :func:`export_tokenizer`)."""
     from hydraopt_mobile.suite.prompts import render_prompt
     from hydraopt_mobile.suite.tasks import load_suite
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / Manifest.read(folder).tokenizer_dir))
     specs = {s.name: replace(s, test=s.test[:n_examples]) for s in load_suite(names)}
     prompts = {
         t: [tokenizer(render_prompt(tokenizer, specs[t], ex), add_special_tokens=False).input_ids for ex in specs[t].test]
