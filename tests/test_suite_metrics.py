@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hydraopt_mobile.suite.metrics import accuracy, average, drop, exact_match, normalize, rouge_l, score
+from hydraopt_mobile.suite.metrics import accuracy, average, drop, exact_match, normalize, paired_gain, rouge_l, score
 from hydraopt_mobile.suite.tasks import load_suite
 
 
@@ -59,3 +59,27 @@ def test_average_and_drop():
     assert drop(ref, ref) == (0.0, 0.0)
     with pytest.raises(ValueError, match="different task sets"):
         drop({"a": 1.0}, ref)
+
+
+def test_paired_gain_separates_a_real_gain_from_noise():
+    (country,) = load_suite(["country-de"])
+    targets = [e.target for e in country.test]
+    wrong = ["?"] * len(targets)
+    gain = paired_gain(country, targets, wrong)
+    assert gain.points == 100.0 and gain.clear
+    same = paired_gain(country, wrong, wrong)
+    assert (same.points, same.low, same.high) == (0.0, 0.0, 0.0) and not same.clear
+    # one example right out of 48 is a gain of 2.1 points whose interval reaches zero: not a clear gain
+    one = paired_gain(country, targets[:1] + wrong[1:], wrong)
+    assert one.points == pytest.approx(100 / 48) and one.low == 0.0 and not one.clear
+    # a worse set has a negative gain
+    assert paired_gain(country, wrong, targets).high < 0
+
+
+def test_against_base_needs_adapters():
+    from typer.testing import CliRunner
+
+    from hydraopt_mobile.cli import app
+
+    result = CliRunner().invoke(app, ["suite", "eval", "--against-base", "--tasks", "country-de"])
+    assert result.exit_code != 0 and "--against-base needs --adapters" in result.output

@@ -27,7 +27,7 @@ def train(
     init: str = typer.Option("shared-seed", "--init", help="shared-seed (one LoRA init seed) or independent-seeds."),
     steps: int | None = typer.Option(None, "--steps", help="Steps for every task (default: per application)."),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 avoids oversubscribing shared cores)."),
-    tasks: str | None = typer.Option(None, "--tasks", help=f"Comma-separated subset of: {','.join(TASK_NAMES)}."),
+    tasks: str | None = typer.Option(None, "--tasks", help=f"Comma-separated subset of: {','.join(TASK_NAMES)} (or an optional reply-<lang> task)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train one LoRA adapter per task (r 8, alpha 16, q_proj + v_proj, fp16 PEFT folders)."""
@@ -44,30 +44,50 @@ def eval_(
     split: str = typer.Option("test", "--split", help="test or val."),
     threads: int = typer.Option(1, "--threads"),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
+    against_base: bool = typer.Option(False, "--against-base", help="Also score the base model and give each adapter's gain with a 95 % paired bootstrap interval."),
     json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
 ) -> None:
     """Score the base model or a folder of adapters on each task's own metric."""
     from .evaluate import adapters_from_folders, evaluate
-    from .metrics import average
+    from .metrics import average, paired_gain
+    from .model import cache_root, load_base_model
 
+    if against_base and adapters is None:
+        raise typer.BadParameter("--against-base needs --adapters", param_hint="--against-base")
     torch.set_num_threads(threads)
     suite = load_suite(_task_list(tasks))
     factors = None
     if adapters is not None:
         factors = adapters_from_folders({t.name: adapters / t.name for t in suite})
+    model, tokenizer = load_base_model()
+    answers = cache_root() / "answers"  # keyed by weights, adapter, prompts and decoding settings
     start = time.time()
-    scores = evaluate(suite, factors, split=split, threads=threads)
+    texts: dict[str, list[str]] = {}
+    scores = evaluate(suite, factors, model, tokenizer, split=split, threads=threads, predictions=texts, cache=answers)
     seconds = time.time() - start
-    table = Table("task", "metric", "score")
-    for t in suite:
-        table.add_row(t.name, t.metric, f"{scores[t.name]:.1f}")
-    table.add_row("average", "", f"{average(scores):.1f}")
+    record: dict = {"adapters": str(adapters) if adapters else None, "split": split, "threads": threads,
+                    "seconds": round(seconds, 1), "scores": scores}
+    if against_base:
+        base_texts: dict[str, list[str]] = {}
+        base = evaluate(suite, None, model, tokenizer, split=split, threads=threads, predictions=base_texts, cache=answers)
+        gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], split) for t in suite}
+        table = Table("task", "metric", "base", "adapter", "gain", "95 % interval", "clear gain")
+        for t in suite:
+            g = gains[t.name]
+            table.add_row(t.name, t.metric, f"{base[t.name]:.1f}", f"{scores[t.name]:.1f}", f"{g.points:+.1f}",
+                          f"[{g.low:+.1f}, {g.high:+.1f}]", "yes" if g.clear else "[red]no[/red]")
+        table.add_row("average", "", f"{average(base):.1f}", f"{average(scores):.1f}", f"{average(scores) - average(base):+.1f}", "", "")
+        record["base_scores"] = base
+        record["gains"] = {k: {"points": g.points, "ci95": [g.low, g.high], "clear": g.clear} for k, g in gains.items()}
+    else:
+        table = Table("task", "metric", "score")
+        for t in suite:
+            table.add_row(t.name, t.metric, f"{scores[t.name]:.1f}")
+        table.add_row("average", "", f"{average(scores):.1f}")
     console.print(table)
     console.print(f"{split} split evaluated in {seconds:.0f} s with {threads} thread(s)")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"adapters": str(adapters) if adapters else None, "split": split, "threads": threads,
-                  "seconds": round(seconds, 1), "scores": scores}
         json_out.write_text(json.dumps(record, indent=2) + "\n")
 
 
