@@ -4,7 +4,7 @@ The issue asks that every adapter *clearly* beat the base model; with 48 test ex
 gain of a few points can be noise, so each gain comes with its interval and "clear" means the whole
 interval is above zero. Writes suite_scores.json and suite_scores.md under benchmarks/results/.
 
-    python benchmarks/suite_scores.py [--init shared-seed] [--adapters ROOT] [--threads 1]
+    python benchmarks/suite_scores.py [--init shared-seed] [--adapters ROOT ...] [--threads 1]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _markdown(record: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", action="append", choices=["shared-seed", "independent-seeds"])
-    ap.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
+    ap.add_argument("--adapters", type=Path, action="append", help="folder holding <init>/<task>/ PEFT adapters; repeat for "
+                    "several (each init is taken from the first that has it; default: the committed adapters)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--split", default="test")
     args = ap.parse_args()
@@ -68,14 +69,17 @@ def main() -> None:
         "inits": {},
     }
     for init in args.init or ["shared-seed", "independent-seeds"]:
-        folders = {t.name: args.adapters / init / t.name for t in suite}
+        root = next((r / init for r in args.adapters or [ADAPTERS] if (r / init).is_dir()), None)
+        if root is None:
+            raise SystemExit(f"no {init} adapters under {[str(r) for r in args.adapters or [ADAPTERS]]}: pass --adapters ROOT")
+        folders = {t.name: root / t.name for t in suite}
         texts: dict[str, list[str]] = {}
         t0 = time.perf_counter()
         scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, threads=args.threads, predictions=texts, cache=answers)
         gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], args.split) for t in suite}
         meta = {name: json.loads((path / "training.json").read_text()) for name, path in folders.items()}
         record["inits"][init] = {
-            "adapters": str(args.adapters / init),
+            "adapters": str(root),
             "adapter": scores,
             "eval_seconds": round(time.perf_counter() - t0, 1),
             "gains": {k: {"points": g.points, "ci95": [g.low, g.high], "clear": g.clear} for k, g in gains.items()},
