@@ -82,7 +82,7 @@ def main() -> None:
             "adapters": str(root),
             "adapter": scores,
             "eval_seconds": round(time.perf_counter() - t0, 1),
-            "gains": {k: {"points": g.points, "ci95": [g.low, g.high], "clear": g.clear} for k, g in gains.items()},
+            "gains": {k: g.as_dict() for k, g in gains.items()},
             "train_seconds": {k: m["seconds"] for k, m in meta.items()},
             "settings": {k: {s: m[s] for s in ("steps", "lr", "batch_size", "rank", "alpha", "seed", "threads", "torch")} for k, m in meta.items()},
         }

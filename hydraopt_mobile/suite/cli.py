@@ -78,7 +78,7 @@ def eval_(
                           f"[{g.low:+.1f}, {g.high:+.1f}]", "yes" if g.clear else "[red]no[/red]")
         table.add_row("average", "", f"{average(base):.1f}", f"{average(scores):.1f}", f"{average(scores) - average(base):+.1f}", "", "")
         record["base_scores"] = base
-        record["gains"] = {k: {"points": g.points, "ci95": [g.low, g.high], "clear": g.clear} for k, g in gains.items()}
+        record["gains"] = {k: g.as_dict() for k, g in gains.items()}
     else:
         table = Table("task", "metric", "score")
         for t in suite:

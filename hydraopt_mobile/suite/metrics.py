@@ -108,6 +108,10 @@ class Gain:
         """The whole 95 % interval is above zero."""
         return self.low > 0
 
+    def as_dict(self) -> dict:
+        """The JSON form the CLI and the benchmarks write."""
+        return {"points": self.points, "ci95": [self.low, self.high], "clear": self.clear}
+
 
 def paired_gain(task: TaskSpec, predictions: list[str], reference_predictions: list[str], split: str = "test") -> Gain:
     """Score of ``predictions`` minus that of ``reference_predictions`` (e.g. an adapter's answers vs the

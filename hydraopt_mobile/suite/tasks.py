@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pycountry
 import yaml
 
 TEST_SIZE = 48
@@ -92,29 +93,16 @@ def _split(pairs: list[Example], seed: int, key: str) -> tuple[list[Example], li
     return train, val, test
 
 
-def _iso_pairs(domain: str, lang: str) -> list[Example]:
-    """(English name, its translation) for every entry of one pycountry gettext catalogue that has one."""
+def _iso_pairs(domain: str, lang: str, names: set[str]) -> list[Example]:
+    """(English name, its translation) for every name in ``names`` that one pycountry gettext catalogue
+    (``iso3166-1`` countries, ``iso4217`` currencies) translates into ``lang``."""
     mo = _package_dir("pycountry") / "locales" / lang / "LC_MESSAGES" / f"{domain}.mo"
     with mo.open("rb") as f:
         catalog = gettext.GNUTranslations(f)
     # gettext() returns the English name for untranslated entries too; only the catalogue itself tells
     # a translation that keeps the name ("Angola" -> "Angola", a real answer) from a missing one.
     translations: dict[str, str] = catalog._catalog  # type: ignore[attr-defined]
-    return [Example(k, v) for k, v in sorted(translations.items()) if k and v]
-
-
-def _country_pairs(lang: str) -> list[Example]:
-    import pycountry
-
-    names = {c.name for c in pycountry.countries}
-    return [e for e in _iso_pairs("iso3166-1", lang) if e.prompt in names]
-
-
-def _currency_pairs(lang: str) -> list[Example]:
-    import pycountry
-
-    names = {c.name for c in pycountry.currencies}
-    return [e for e in _iso_pairs("iso4217", lang) if e.prompt in names]
+    return [Example(k, v) for k, v in sorted(translations.items()) if k in names and v]
 
 
 def _chat_conversations(folder: str) -> list[tuple[str, str, str]]:
@@ -152,11 +140,11 @@ def _reply_pairs(folder: str) -> list[Example]:
 def _build(name: str, seed: int) -> TaskSpec:
     app, _, lang = name.partition("-")
     if app == "country" and lang in TRANSLATION_LANGS:
-        train, val, test = _split(_country_pairs(lang), seed, name)
+        train, val, test = _split(_iso_pairs("iso3166-1", lang, {c.name for c in pycountry.countries}), seed, name)
         instruction = f"Translate this country name from English to {TRANSLATION_LANGS[lang]}. Answer with the name only."
         return TaskSpec(name, "country", lang, "exact_match", None, 24, instruction, train, val, test)
     if app == "currency" and lang in TRANSLATION_LANGS:
-        train, val, test = _split(_currency_pairs(lang), seed, name)
+        train, val, test = _split(_iso_pairs("iso4217", lang, {c.name for c in pycountry.currencies}), seed, name)
         instruction = f"Translate this currency name from English to {TRANSLATION_LANGS[lang]}. Answer with the name only."
         return TaskSpec(name, "currency", lang, "rougeL", None, 24, instruction, train, val, test)
     if app == "topic" and lang in TOPIC_LANGS:
