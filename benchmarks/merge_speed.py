@@ -28,6 +28,7 @@ from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.hydraopt import solve_layout
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
+from hydraopt_mobile.sharing import layout_summary, plan_label
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,7 +114,7 @@ def main() -> None:
         "peak_rss_mb": rss_merge,
         "peak_rss_mb_before_merge": rss_before,
         "budgets": [
-            {"budget": b.label(), "payload_bytes": bank.payload_bytes(), "fraction": bank.payload_bytes() / bank.reference_fp16_bytes, "mean_rel_error": statistics.mean(bank.rel_errors.values())}
+            {"budget": b.label(), "file_bytes": bank.total_file_bytes(), "reference_file_bytes": bank.reference_file_bytes, "storage_fraction": bank.storage_fraction(), "payload_bytes": bank.payload_bytes(), "plan": plan_label(bank), "layout_summary": layout_summary(bank), "mean_rel_error": statistics.mean(bank.rel_errors.values())}
             for b, bank in zip(budgets, banks)
         ],
         "dense_vs_factored": compare,

@@ -91,6 +91,14 @@ class AdapterSet:
     def fp16_bytes(self) -> int:
         return sum(t.fp16_bytes() for t in self.tasks)
 
+    def reference_file_bytes(self) -> int:
+        """File bytes of every adapter stored as it is, in fp16, one safetensors file per task,
+        packed as a bundle packs (storage.py): the unit of budgets and storage fractions."""
+        from .storage import reference_file_bytes
+
+        modules = [self.factors(name) for name in self.module_names]
+        return reference_file_bytes([[(fs[t].rank, fs[t].shape) for fs in modules] for t in range(len(self.tasks))])
+
     def fingerprint(self) -> dict:
         """What identifies the base model these adapters were made for."""
         return {"base_model": self.base_model, "module_shapes": {m: list(s) for m, s in self.shapes.items()}}

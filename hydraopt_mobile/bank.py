@@ -8,11 +8,19 @@ by ``B[b_index[t]] @ A[a_index[t]]`` in each module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
 from .adapters import AdapterSet, LoraFactors
 from .formats import NumberFormat, StoredFactor
+from .storage import TensorSpec, factor_key, factor_specs, safetensors_bytes
+
+SHARED = "shared.safetensors"
+
+
+def task_file(task: str) -> str:
+    return f"tasks/{task}.safetensors"
 
 
 @dataclass
@@ -49,6 +57,15 @@ class MergedModule:
     def nbytes(self) -> int:
         return sum(f.nbytes() for f in self.A + self.B)
 
+    def users(self, kind: str, i: int) -> list[int]:
+        """The tasks that factor ``kind`` ``i`` serves."""
+        index = self.a_index if kind == "A" else self.b_index
+        return [t for t, g in enumerate(index) if g == i]
+
+    def shares(self) -> bool:
+        """True when some factor serves two or more tasks."""
+        return len(set(self.a_index)) < len(self.a_index) or len(set(self.b_index)) < len(self.b_index)
+
 
 @dataclass
 class MergedBank:
@@ -57,7 +74,8 @@ class MergedBank:
     method: str
     params: dict = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)
-    reference_fp16_bytes: int = 0  # bytes of every input adapter in fp16 (the budget's unit)
+    reference_file_bytes: int = 0  # file bytes of every input adapter in fp16 (the budget's unit; storage.py)
+    reference_payload_bytes: int = 0  # the same without file headers (what per-task rank/format saves is counted on it)
     rel_errors: dict[str, float] = field(default_factory=dict)  # per task, measured at merge time
 
     def task_index(self, task: str) -> int:
@@ -72,6 +90,37 @@ class MergedBank:
 
     def payload_bytes(self) -> int:
         return sum(m.nbytes() for m in self.modules.values())
+
+    def packed(self) -> Iterator[tuple[str, dict[str, torch.Tensor], list[TensorSpec]]]:
+        """``(file, tensors by key, their specs)`` for every stored factor: a factor serving one task
+        lives in that task's file, one serving several in the shared file (storage.py: key scheme)."""
+        for m, module in enumerate(self.modules.values()):
+            for kind, factors in (("A", module.A), ("B", module.B)):
+                for i, f in enumerate(factors):
+                    users = module.users(kind, i)
+                    file, index = (task_file(self.tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
+                    if not f.vectors_shape[0]:  # a rank-0 factor (a task without this module) stores nothing
+                        continue
+                    tensors = {factor_key(m, kind, index, part): t.contiguous() for part, t in f.data.items()}
+                    yield file, tensors, factor_specs(m, kind, index, f.fmt, *f.vectors_shape)
+
+    def file_specs(self) -> dict[str, list[TensorSpec]]:
+        """Per file, the tensors it holds; files that would hold none are not written."""
+        files: dict[str, list[TensorSpec]] = {}
+        for file, _, specs in self.packed():
+            files.setdefault(file, []).extend(specs)
+        return files
+
+    def file_bytes(self) -> dict[str, int]:
+        """The exact size of every tensor file a bundle of this bank holds."""
+        return {file: safetensors_bytes(specs) for file, specs in self.file_specs().items()}
+
+    def total_file_bytes(self) -> int:
+        return sum(self.file_bytes().values())
+
+    def storage_fraction(self) -> float:
+        """File bytes over the reference's file bytes (every input adapter in fp16): the one storage unit."""
+        return self.total_file_bytes() / self.reference_file_bytes if self.reference_file_bytes else float("nan")
 
     def relative_errors(self, adapters: AdapterSet) -> dict[str, float]:
         """Per task ||dW - dW^||_F / ||dW||_F over all modules, computed without dense matrices."""

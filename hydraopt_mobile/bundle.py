@@ -1,11 +1,16 @@
 """The bundle: a merged bank on disk.
 
-    BUNDLE/manifest.json          versioned manifest (tasks, modules, layouts, formats, sha256 of files)
-    BUNDLE/shared.safetensors     factors used by two or more tasks (resident on a device)
+    BUNDLE/manifest.json             versioned, compact manifest (tasks, modules, layouts, formats,
+                                     sha256 and bytes of every file, storage in file bytes)
+    BUNDLE/shared.safetensors        factors used by two or more tasks (resident on a device)
     BUNDLE/tasks/<task>.safetensors  factors used by that task alone (switched with the task)
 
-Tensor keys are ``<module>/A<i>/<part>`` and ``<module>/B<i>/<part>``; ``part`` is ``w`` (fp16) or
-``q`` + ``scale`` (int8 / int4, see formats.py). B factors are stored as their columns (B^T).
+Tensor keys follow storage.py (``<module index>.<A|B><i>.<part>`` in the shared file,
+``<module index>.<A|B>.<part>`` in a task's file); ``part`` is ``w`` (fp16) or ``q`` + ``scale``
+(int8 / int4, see formats.py). B factors are stored as their columns (B^T). A file that would hold
+no tensor is not written. The manifest does not repeat per-factor facts: modules with the same
+(format, ranks, task -> factor indices) share one ``layouts`` entry, and which file holds a factor
+follows from how many tasks use it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
-from .bank import MergedBank, MergedModule
+from .bank import SHARED, MergedBank, MergedModule, task_file
 from .formats import NumberFormat, StoredFactor
+from .storage import FILE_METADATA, factor_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-SHARED = "shared.safetensors"
 
 
 class BundleError(ValueError):
@@ -39,47 +44,57 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _task_file(task: str) -> str:
-    return f"tasks/{task}.safetensors"
+def _layout_entry(m: MergedModule) -> dict:
+    return {
+        "format": m.A[0].fmt.label() if m.A else "fp16",
+        "a_ranks": [f.shape[0] for f in m.A],
+        "b_ranks": [f.shape[1] for f in m.B],
+        "a_index": m.a_index,
+        "b_index": m.b_index,
+    }
 
 
-def _owner(users: set[int], tasks: list[str]) -> str:
-    return SHARED if len(users) > 1 else _task_file(tasks[next(iter(users))])
+def manifest_for(bank: MergedBank, files: dict[str, dict]) -> dict:
+    """The compact manifest of ``bank`` whose tensor files are ``files`` (rel path -> bytes, sha256)."""
+    layouts: list[dict] = []
+    modules = []
+    for name, m in bank.modules.items():
+        entry = _layout_entry(m)
+        if entry not in layouts:
+            layouts.append(entry)
+        modules.append([name, m.shape[0], m.shape[1], layouts.index(entry)])
+    file_bytes = sum(f["bytes"] for f in files.values())
+    return {
+        "format": "hydraopt-bundle",
+        "version": FORMAT_VERSION,
+        "method": bank.method,
+        "params": bank.params,
+        "tasks": bank.tasks,
+        "base_model": bank.fingerprint.get("base_model"),
+        "file_bytes": file_bytes,
+        "reference_file_bytes": bank.reference_file_bytes,
+        "storage_fraction": file_bytes / bank.reference_file_bytes if bank.reference_file_bytes else None,
+        "payload_bytes": bank.payload_bytes(),
+        "reference_payload_bytes": bank.reference_payload_bytes,
+        "rel_errors": bank.rel_errors,
+        "files": files,
+        "layouts": layouts,
+        "modules": modules,
+    }
 
 
 def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False) -> Path:
     """Write ``bank`` to ``out`` (temporary folder, renamed into place when complete)."""
-    files: dict[str, dict[str, torch.Tensor]] = {SHARED: {}}
-    files.update({_task_file(t): {} for t in bank.tasks})
-    modules = {}
-    for name, m in bank.modules.items():
-        entry = {"shape": list(m.shape), "a_index": m.a_index, "b_index": m.b_index, "A": [], "B": []}
-        for kind, factors, index in (("A", m.A, m.a_index), ("B", m.B, m.b_index)):
-            for i, f in enumerate(factors):
-                users = {t for t, g in enumerate(index) if g == i}
-                file = _owner(users, bank.tasks)
-                for part, tensor in f.data.items():
-                    files[file][f"{name}/{kind}{i}/{part}"] = tensor.contiguous()
-                entry[kind].append({"file": file, "shape": list(f.shape), "format": f.fmt.label(), "bytes": f.nbytes()})
-        modules[name] = entry
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for file, part, _ in bank.packed():
+        tensors.setdefault(file, {}).update(part)
     with atomic_dir(Path(out), overwrite) as tmp:
         (tmp / "tasks").mkdir()
-        for rel, tensors in files.items():
-            save_file(tensors, str(tmp / rel), metadata={"hydraopt_bundle": str(FORMAT_VERSION)})
-        manifest = {
-            "format": "hydraopt-bundle",
-            "version": FORMAT_VERSION,
-            "method": bank.method,
-            "params": bank.params,
-            "tasks": bank.tasks,
-            "fingerprint": bank.fingerprint,
-            "reference_fp16_bytes": bank.reference_fp16_bytes,
-            "payload_bytes": bank.payload_bytes(),
-            "rel_errors": bank.rel_errors,
-            "files": {rel: {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)} for rel in files},
-            "modules": modules,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        files = {}
+        for rel, data in tensors.items():
+            save_file(data, str(tmp / rel), metadata=FILE_METADATA)
+            files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest_for(bank, files), separators=(",", ":")))
     return Path(out)
 
 
@@ -111,36 +126,38 @@ def load_bundle(path: str | Path) -> MergedBank:
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for rel in manifest["files"]:
         try:
-            tensors[rel] = load_file(str(path / rel))
+            tensors.update({f"{rel}:{k}": v for k, v in load_file(str(path / rel)).items()})
         except (SafetensorError, OSError) as e:
             raise BundleError(f"{path / rel}: unreadable safetensors ({e})") from e
+    tasks = manifest["tasks"]
     modules = {}
-    for name, entry in manifest["modules"].items():
-        factors: dict[str, list[StoredFactor]] = {"A": [], "B": []}
-        for kind in ("A", "B"):
-            for i, info in enumerate(entry[kind]):
-                prefix = f"{name}/{kind}{i}/"
-                data = {k[len(prefix):]: v for k, v in tensors[info["file"]].items() if k.startswith(prefix)}
-                if not data:
-                    raise BundleError(f"{path / info['file']}: tensor {prefix}* missing")
-                factors[kind].append(StoredFactor(NumberFormat.parse(info["format"]), data, tuple(info["shape"]), kind == "B"))
-        modules[name] = MergedModule(tuple(entry["shape"]), entry["a_index"], entry["b_index"], factors["A"], factors["B"])
+    for m, (name, d_out, d_in, layout_id) in enumerate(manifest["modules"]):
+        layout = manifest["layouts"][layout_id]
+        fmt = NumberFormat.parse(layout["format"])
+        module = MergedModule((d_out, d_in), list(layout["a_index"]), list(layout["b_index"]), [], [])
+        for kind, ranks, length in (("A", layout["a_ranks"], d_in), ("B", layout["b_ranks"], d_out)):
+            for i, rank in enumerate(ranks):
+                users = module.users(kind, i)
+                rel, index = (task_file(tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
+                data = {part: torch.zeros(shape, dtype=dtype) for part, (dtype, shape) in fmt.encoded_shapes(rank, length).items()}
+                for part in data if rank else ():
+                    key = f"{rel}:{factor_key(m, kind, index, part)}"
+                    if key not in tensors:
+                        raise BundleError(f"{path / rel}: tensor {factor_key(m, kind, index, part)} ({name}) missing")
+                    data[part] = tensors[key]
+                shape = (rank, d_in) if kind == "A" else (d_out, rank)
+                (module.A if kind == "A" else module.B).append(StoredFactor(fmt, data, shape, kind == "B"))
+        modules[name] = module
     return MergedBank(
-        tasks=manifest["tasks"],
+        tasks=tasks,
         modules=modules,
         method=manifest["method"],
         params=manifest["params"],
-        fingerprint=manifest["fingerprint"],
-        reference_fp16_bytes=manifest["reference_fp16_bytes"],
+        fingerprint={"base_model": manifest["base_model"], "module_shapes": {name: [o, i] for name, o, i, _ in manifest["modules"]}},
+        reference_file_bytes=manifest["reference_file_bytes"],
+        reference_payload_bytes=manifest["reference_payload_bytes"],
         rel_errors=manifest.get("rel_errors", {}),
     )
-
-
-def bundle_file_bytes(path: Path, manifest: dict) -> dict[str, int]:
-    """Exact on-disk sizes: shared file, each task file, manifest, total."""
-    sizes = {rel: (Path(path) / rel).stat().st_size for rel in manifest["files"]}
-    sizes[MANIFEST] = (Path(path) / MANIFEST).stat().st_size
-    return sizes

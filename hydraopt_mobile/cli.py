@@ -89,7 +89,7 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 def merge_cmd(
     adapters: list[str] = typer.Argument(..., help="adapter folders, PATH or NAME=PATH"),
     method: str = typer.Option("hydraopt", "--method", help="see `hydraopt methods`"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="0.5 = half the fp16 bytes of all adapters; or 12MB"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="hydraopt / per-task: 0.5 = half the file bytes of all adapters in fp16; or 12MB (file bytes, headers included)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="fp16 | int8 | int4 (hydraopt: default lets the planner choose)"),
     group_size: int = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable)"),
@@ -120,14 +120,20 @@ def _print_inspect(path: Path) -> None:
     from .inspect_bundle import inspect_bundle
 
     info = inspect_bundle(path)
-    b = info["bytes"]
+    b, s = info["bytes"], info["saving"]
     console.print(f"[bold]{info['bundle']}[/]: method {info['method']} {info['params']}, {len(info['tasks'])} tasks, {info['n_modules']} modules")
+    console.print(f"plan: [bold]{info['plan']}[/]; " + ", ".join(f"{k} x{v}" for k, v in info["layout_summary"]["sharing"].items()))
     console.print("layouts: " + "; ".join(f"{k} x{v}" for k, v in info["layouts"].items()))
-    frac = info["fraction_of_reference"]
     console.print(
-        f"bytes: shared {b['shared']:,}, per task {sum(b['per_task'].values()):,} in all, manifest {b['manifest']:,}, "
-        f"total {b['total']:,}; {frac['payload']:.3f} of fp16 one-adapter-per-task ({frac['files']:.3f} counting file headers)"
+        f"storage: {info['file_bytes']:,} file bytes (shared {b['shared']:,}, per task {sum(b['per_task'].values()):,} in all) = "
+        f"{info['storage_fraction']:.4f} of fp16 one-adapter-per-task ({info['reference_file_bytes']:,} file bytes); manifest {b['manifest']:,} bytes"
     )
+    saved = s["saved_by_rank_and_format"] + s["saved_by_sharing"]
+    if saved > 0:
+        console.print(
+            f"saved {saved:,} payload bytes: {s['saved_by_rank_and_format']:,} by rank/format, {s['saved_by_sharing']:,} by sharing "
+            f"({100 * s['share_of_saving_by_sharing']:.1f} % of the saving)"
+        )
     table = Table("task", "task file bytes", "rel. error ||dW-dW^||/||dW||")
     for t in info["tasks"]:
         err = info["rel_errors"].get(t)
@@ -168,10 +174,10 @@ def unpack(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", help="output folder"),
-    budget: float = typer.Option(0.52, "--budget", help="hydraopt budget (fraction of fp16 one-adapter-per-task)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="budget for hydraopt and per-task compression, a fraction of the fp16 file bytes (default 1/T: one merged adapter's bytes)"),
     init: str = typer.Option("shared-seed", "--init", help="shared-seed | independent-seeds"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated subset of the suite"),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="baseline to compare (default: best in the committed frontier)"),
+    baseline: str = typer.Option("knots", "--baseline", help="baseline merge to compare at one merged adapter's bytes (evaluated by the demo)"),
     lr: Optional[float] = typer.Option(None, "--train-lr", help="train with another learning rate (retrains into the cache)"),
     export: str = typer.Option("onnx", "--export", help="onnx | executorch | none: export the bundles and measure them on the runtime"),
     overwrite: bool = typer.Option(False, "--overwrite"),

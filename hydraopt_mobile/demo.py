@@ -1,9 +1,11 @@
 """``hydraopt demo``: the main job end to end on the embedded default.
 
 Packaged SmolLM2-135M -> the suite's task adapters (committed, or retrained into a cache keyed by
-the training settings) -> similarity analysis -> HydraOpt bundle at the default budget and the best
-baseline -> evaluation on the suite's test split -> a storage / score table against
-one-adapter-per-task, as JSON, Markdown and a plot.
+the training settings) -> similarity analysis -> at one storage budget (default 1/T of the fp16
+file bytes, the size of one merged adapter): HydraOpt, per-task compression (the same planner,
+nothing shared) and a baseline -> evaluation on the suite's test split -> a storage / score table
+against one-adapter-per-task (file bytes; drops with 95 % paired bootstrap intervals) and a
+sentence saying which won and what HydraOpt shared, as JSON, Markdown and a plot.
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ from .bank import MergedBank
 from .bundle import write_bundle
 from .merge.budget import Budget
 from .merge.registry import MergeConfig, merge
+from .sharing import layout_summary, plan_label
+from .suite.metrics import paired_drop, per_example
 
 COMMITTED = Path(__file__).parent / "suite" / "adapters"
-FRONTIER = Path(__file__).parent.parent / "benchmarks" / "results" / "frontier.json"
-FALLBACK_BASELINE = "svd"
+REFERENCE = "one adapter per task"
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    budget: float = 0.52  # the paper's headline storage point
+    budget: float | None = None  # fraction of the fp16 file bytes; None: 1/T, the bytes of one merged adapter
     init: str = "shared-seed"
     tasks: tuple[str, ...] | None = None
     threads: int = 1
-    baseline: str | None = None  # None: the best fp16 baseline in the committed frontier
+    baseline: str = "knots"  # evaluated by the demo at its own (one merged adapter's) bytes
     train_overrides: dict = field(default_factory=dict)  # e.g. {"lr": 1e-3}: forces a retrain into the cache
     export: str = "onnx"  # "onnx", "executorch" (5-8 min of lowering on 2 cores) or "none"
     export_tasks: int = 2  # tasks measured on the runtime (greedy decoding on the runtime is slow)
@@ -104,27 +107,40 @@ def ensure_adapters(cfg: DemoConfig, console: Console, cache: Path | None = None
     return paths
 
 
-def best_baseline(init: str) -> str:
-    """The fp16 baseline with the best average score in the committed frontier results."""
-    if not FRONTIER.exists():
-        return FALLBACK_BASELINE
-    rows = [r for r in json.loads(FRONTIER.read_text())["records"] if r["init"] == init and r["format"] == "fp16" and r["method"] not in ("none", "hydraopt")]
-    return max(rows, key=lambda r: r["avg_score"])["method"] if rows else FALLBACK_BASELINE
+def _row(label: str, bank: MergedBank, examples: dict[str, list[float]], reference: dict[str, list[float]]) -> dict:
 
-
-def _row(label: str, bank: MergedBank, scores: dict[str, float], reference: dict[str, float]) -> dict:
-    avg, ref = statistics.mean(scores.values()), statistics.mean(reference.values())
+    scores = {t: statistics.fmean(v) for t, v in examples.items()}
     return {
         "label": label,
         "method": bank.method,
         "params": bank.params,
-        "payload_bytes": bank.payload_bytes(),
-        "storage_fraction": bank.payload_bytes() / bank.reference_fp16_bytes,
-        "avg_score": avg,
-        "drop_points": ref - avg,
-        "rel_drop_pct": 100 * (ref - avg) / ref if ref else 0.0,
+        "plan": plan_label(bank),
+        "layout_summary": layout_summary(bank),
+        "file_bytes": bank.total_file_bytes(),
+        "reference_file_bytes": bank.reference_file_bytes,
+        "storage_fraction": bank.storage_fraction(),
+        "avg_score": statistics.fmean(scores.values()),
+        **paired_drop(reference, examples),
         "scores": scores,
     }
+
+
+def verdict(rows: list[dict]) -> str:
+    """One sentence: which of the compressed rows scored best, and what HydraOpt shared."""
+    compressed = [r for r in rows if r["label"] != REFERENCE]
+    best = max(compressed, key=lambda r: r["avg_score"])
+    hydra = next(r for r in rows if r["method"] == "hydraopt")
+    shared = {k: n for k, n in hydra["layout_summary"]["sharing"].items() if k != "no sharing"}
+    what = (
+        "HydraOpt shared no factor (its plan is per-task rank/format only)"
+        if not shared
+        else f"HydraOpt shared factors in {sum(shared.values())} of {hydra['layout_summary']['modules']} modules ({', '.join(f'{k} x{n}' for k, n in shared.items())})"
+    )
+    low, high = best["drop_points_ci95"]
+    return (
+        f"At {hydra['storage_fraction']:.3f} of the fp16 file bytes, {best['label']} scored best ({best['avg_score']:.2f}, "
+        f"{best['drop_points']:+.2f} points vs one adapter per task, 95 % CI [{low:+.2f}, {high:+.2f}]); {what}."
+    )
 
 
 def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Console | None = None) -> dict:
@@ -146,11 +162,12 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         for lt, v in sim["summary"].items():
             console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(A) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
         console.rule("4/6 merge")
-        baseline = cfg.baseline or best_baseline(cfg.init)
+        budget = Budget(fraction=cfg.budget if cfg.budget is not None else round(1 / len(adapters.tasks), 4))
         banks = {
-            "one adapter per task": merge(adapters, MergeConfig("none")),
-            f"hydraopt @ {cfg.budget:g}": merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=cfg.budget))),
-            f"{baseline} (best baseline)": merge(adapters, MergeConfig(baseline)),
+            REFERENCE: merge(adapters, MergeConfig("none")),
+            f"per-task compression @ {budget.label()}": merge(adapters, MergeConfig("per-task", budget=budget)),
+            f"hydraopt @ {budget.label()}": merge(adapters, MergeConfig("hydraopt", budget=budget)),
+            f"{cfg.baseline} (one merged adapter)": merge(adapters, MergeConfig(cfg.baseline)),
         }
         for label, bank in banks.items():
             write_bundle(bank, tmp / ("bundle-" + bank.method))
@@ -159,9 +176,12 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         suite = load_suite(adapters.task_names)
         answers = cache_root() / "answers"  # a re-run does not decode again what it already decoded
         base = evaluate(suite, None, model, tokenizer, threads=cfg.threads, cache=answers)
-        scores = {label: evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads, cache=answers) for label, bank in banks.items()}
-        reference = scores["one adapter per task"]
-        rows = [_row(label, bank, scores[label], reference) for label, bank in banks.items()]
+        examples = {}
+        for label, bank in banks.items():
+            texts: dict[str, list[str]] = {}
+            evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads, cache=answers, predictions=texts)
+            examples[label] = {t.name: per_example(t, texts[t.name]) for t in suite}
+        rows = [_row(label, bank, examples[label], examples[REFERENCE]) for label, bank in banks.items()]
         host = export_and_measure(cfg, banks, tmp, model_dir, console) if cfg.export != "none" else []
         result = {
             "config": asdict(cfg),
@@ -170,6 +190,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
             "tasks": adapters.task_names,
             "base_model_scores": base,
             "rows": rows,
+            "verdict": verdict(rows),
             "seconds": time.perf_counter() - t_start,
         }
         (tmp / "demo.json").write_text(json.dumps(result, indent=1))
@@ -192,7 +213,7 @@ def export_and_measure(cfg: DemoConfig, banks: dict[str, MergedBank], out: Path,
             folder = out / f"export-{cfg.export}-{bank.method}"
             _link_tree(_cached_export(bank, model_dir, cfg.export, "fp32", console), folder)
             exported[str(folder)] = bank
-    tasks = banks["one adapter per task"].tasks[: cfg.export_tasks]
+    tasks = banks[REFERENCE].tasks[: cfg.export_tasks]
     return bench_host(list(exported), tasks=tasks, json=out / "export_host.json", banks=exported, model_dir=model_dir, n_examples=cfg.export_examples, threads=cfg.threads)
 
 
@@ -231,11 +252,21 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def markdown(result: dict) -> str:
     tasks = result["tasks"]
-    lines = ["| | storage | avg | drop (pts) | drop (%) | " + " | ".join(tasks) + " |", "|---" * (5 + len(tasks)) + "|"]
+    lines = [
+        "Storage: file bytes of the bundle's tensor files / the same adapters stored as they are in fp16 (one file per task).",
+        "",
+        "| | plan | storage | file bytes | avg | drop (pts) | drop (%) | 95 % CI (pts) | " + " | ".join(tasks) + " |",
+        "|---" * (8 + len(tasks)) + "|",
+    ]
     base = result["base_model_scores"]
-    lines.append(f"| base model | 0 | {statistics.mean(base.values()):.2f} | | | " + " | ".join(f"{base[t]:.1f}" for t in tasks) + " |")
+    lines.append(f"| base model | | 0 | 0 | {statistics.mean(base.values()):.2f} | | | | " + " | ".join(f"{base[t]:.1f}" for t in tasks) + " |")
     for r in result["rows"]:
-        lines.append(f"| {r['label']} | {r['storage_fraction']:.3f} ({r['payload_bytes']:,} B) | {r['avg_score']:.2f} | {r['drop_points']:+.2f} | {r['rel_drop_pct']:+.2f} | " + " | ".join(f"{r['scores'][t]:.1f}" for t in tasks) + " |")
+        low, high = r["drop_points_ci95"]
+        lines.append(
+            f"| {r['label']} | {r['plan']} | {r['storage_fraction']:.4f} | {r['file_bytes']:,} | {r['avg_score']:.2f} | {r['drop_points']:+.2f} | "
+            f"{r['rel_drop_pct']:+.2f} | [{low:+.2f}, {high:+.2f}] | " + " | ".join(f"{r['scores'][t]:.1f}" for t in tasks) + " |"
+        )
+    lines += ["", result["verdict"]]
     if result.get("export_host"):
         lines += ["", "Exports on the real runtime (first tasks, few examples):", "", "| export | task | bytes resident | bytes task | switch ms | decode ms/token | score |", "|---|---|---|---|---|---|---|"]
         for r in result["export_host"]:
@@ -244,11 +275,13 @@ def markdown(result: dict) -> str:
 
 
 def print_table(result: dict, console: Console) -> None:
-    table = Table("", "storage (of fp16 one-per-task)", "bytes", "avg score", "drop (pts)", "drop (%)", title="SmolLM2-135M suite, test split")
-    table.add_row("base model", "-", "0", f"{statistics.mean(result['base_model_scores'].values()):.2f}", "", "")
+    table = Table("", "plan", "storage", "file bytes", "avg score", "drop (pts)", "95 % CI", title="SmolLM2-135M suite, test split (storage: fraction of fp16 one-adapter-per-task file bytes)")
+    table.add_row("base model", "", "-", "0", f"{statistics.mean(result['base_model_scores'].values()):.2f}", "", "")
     for r in result["rows"]:
-        table.add_row(r["label"], f"{r['storage_fraction']:.3f}", f"{r['payload_bytes']:,}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"{r['rel_drop_pct']:+.2f}%")
+        low, high = r["drop_points_ci95"]
+        table.add_row(r["label"], r["plan"], f"{r['storage_fraction']:.4f}", f"{r['file_bytes']:,}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"[{low:+.2f}, {high:+.2f}]")
     console.print(table)
+    console.print(result["verdict"])
 
 
 def plot(result: dict, png: Path) -> None:
@@ -261,7 +294,7 @@ def plot(result: dict, png: Path) -> None:
     for i, r in enumerate(result["rows"]):
         ax.scatter(r["storage_fraction"], r["avg_score"], s=60, color=f"C{i}", label=r["label"])
     ax.axhline(statistics.mean(result["base_model_scores"].values()), color="grey", ls=":", label="base model")
-    ax.set_xlabel("storage (fraction of fp16 one-adapter-per-task)")
+    ax.set_xlabel("storage (file bytes / fp16 one-adapter-per-task file bytes)")
     ax.set_ylabel("average task score")
     ax.set_title("hydraopt demo: storage vs score")
     ax.grid(alpha=0.3)

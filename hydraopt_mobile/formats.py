@@ -55,6 +55,15 @@ class NumberFormat:
         padded = self._padded(length)
         return n_vectors * padded // 2 + 2 * n_vectors * (padded // self.group_size)
 
+    def encoded_shapes(self, n_vectors: int, length: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
+        """dtype and shape of each tensor :meth:`encode` writes for ``n_vectors`` vectors of ``length``."""
+        if self.name == "fp16":
+            return {"w": (torch.float16, (n_vectors, length))}
+        if self.name == "int8":
+            return {"q": (torch.int8, (n_vectors, length)), "scale": (torch.float16, (n_vectors, 1))}
+        padded = self._padded(length)
+        return {"q": (torch.uint8, (n_vectors, padded // 2)), "scale": (torch.float16, (n_vectors, padded // self.group_size))}
+
     def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantise ``vectors`` (n, length) into the tensors that are written to disk."""
         v = vectors.float()
@@ -108,12 +117,16 @@ class StoredFactor:
         vectors = matrix.T if transposed else matrix
         return cls(fmt, fmt.encode(vectors.contiguous()), tuple(matrix.shape), transposed)
 
+    @property
+    def vectors_shape(self) -> tuple[int, int]:
+        """(number of component vectors, their length)."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+
     def values(self) -> torch.Tensor:
         """Dequantised float32 matrix in its natural orientation."""
-        n, length = (self.shape[1], self.shape[0]) if self.transposed else self.shape
+        n, length = self.vectors_shape
         v = self.fmt.decode(self.data, length) if n else torch.zeros(0, length)
         return (v.T if self.transposed else v).contiguous()
 
     def nbytes(self) -> int:
-        n, length = (self.shape[1], self.shape[0]) if self.transposed else self.shape
-        return self.fmt.nbytes(n, length)
+        return self.fmt.nbytes(*self.vectors_shape)

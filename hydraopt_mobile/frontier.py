@@ -1,9 +1,13 @@
 """The storage-accuracy frontier: merge the suite's adapters with every method and score the results.
 
-One record per (method, budget, format, init): storage as a fraction of fp16 one-adapter-per-task
-(exact payload bytes) and the suite's task scores, with the drop against one-adapter-per-task
-trained with the same init. Records are appended to the JSON file as they are measured, so a long
-run can be resumed and a partial run still leaves its numbers.
+One record per (method, budget, format, init). Storage is file bytes (storage.py): every tensor file
+of the bundle over the same adapters stored as they are in fp16, so a quantisation saving shows up
+on the one-adapter-per-task rows (``none`` in int8 / int4) and is never credited to merging. Per-task
+compression (``per-task``: the planner restricted to one factor pair per task) runs at the same
+budgets as HydraOpt, and both run at exactly the file bytes of the baselines' one merged adapter in
+each format, so every comparison is at equal bytes. Drops are against one-adapter-per-task fp16 with
+a 95 % paired bootstrap interval over the same examples. Records are appended as they are measured,
+so a long run can be resumed and a partial run still leaves its numbers.
 """
 
 from __future__ import annotations
@@ -13,142 +17,257 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .adapters import AdapterSet
 from .bank import MergedBank
 from .formats import NumberFormat
-from .merge.budget import Budget
-from .merge.registry import MergeConfig, merge, merge_budgets
+from .merge.budget import Budget, InfeasibleBudget
+from .merge.registry import METHODS, MergeConfig, merge, merge_budgets
+from .sharing import layout_summary, plan_label, saving_breakdown
+from .suite.metrics import paired_drop
+
+SCHEMA = 2  # records of schema 1 (payload bytes) are not comparable and are dropped on resume
+BASELINES = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")
+FORMATS = ("fp16", "int8", "int4")
+BUDGETED = tuple(m.name for m in METHODS.values() if m.budgeted)  # hydraopt, per-task
 
 
 @dataclass(frozen=True)
 class Point:
-    """One point to measure: a method, its budget (hydraopt) and its number format (None: planner's choice)."""
+    """One point to measure: a method, its number format (None: the planner's choice) and, for a
+    budgeted method, a budget: a fraction of the reference, or ``at`` the file bytes of the
+    baselines' one merged adapter in that format."""
 
     method: str
     budget: float | None = None
     fmt: str | None = None
+    at: str | None = None
 
     def key(self, init: str) -> tuple:
-        return (self.method, self.budget, self.fmt or "auto", init)
+        return (self.method, self.budget, self.fmt or "auto", self.at, init)
 
 
 def default_points(n_tasks: int) -> list[Point]:
-    """HydraOpt from the one-merged-adapter point (1/T of the bytes) through the one-shared-A point
-    (about half) and beyond; baselines in fp16, int8 and int4. Ordered by importance, so that a
-    run cut short still has the reference, the HydraOpt curve and every fp16 baseline."""
-    one_adapter = round(1.0 / n_tasks, 4)
-    baselines = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")
-    points = [Point("none", fmt="fp16")]
-    points += [Point("hydraopt", b) for b in (one_adapter, 0.15, 0.3, 0.52)]
-    points += [Point(m, fmt="fp16") for m in baselines]
-    points += [Point("hydraopt", 0.75), Point("hydraopt", 0.52, "fp16"), Point("hydraopt", 0.15, "int4")]
-    points += [Point(m, fmt=f) for f in ("int8", "int4") for m in baselines]
+    """Ordered by importance, so that a run cut short still has the references, both budgeted
+    methods at 1/T, and the fp16 baselines."""
+    one_adapter, half = round(1.0 / n_tasks, 4), round(0.5 / n_tasks, 4)
+    points = [Point("none", fmt=f) for f in FORMATS]
+    points += [Point(m, one_adapter) for m in BUDGETED]
+    points += [Point(b, fmt="fp16") for b in BASELINES]
+    points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in BUDGETED]
+    points += [Point(m, b) for b in (half, 0.15, 0.3, 0.52) for m in BUDGETED]
+    points += [Point(b, fmt=f) for f in ("int8", "int4") for b in BASELINES]
     return points
 
 
-def bank_for(adapters: AdapterSet, point: Point) -> MergedBank:
-    fmt = NumberFormat.parse(point.fmt) if point.fmt else None
-    if point.method == "hydraopt":
-        return merge_budgets(adapters, MergeConfig("hydraopt", fmt=fmt), [Budget(fraction=point.budget)], progress=True)[0]
-    return merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")), progress=False)
+def baseline_bytes(adapters: AdapterSet, fmt: str) -> int:
+    """File bytes of one merged adapter (every baseline stores one, rank r) in ``fmt``."""
+    return merge(adapters, MergeConfig("svd", fmt=NumberFormat.parse(fmt)), progress=False).total_file_bytes()
 
 
-def record(point: Point, init: str, bank: MergedBank, scores: dict[str, float], reference: dict[str, float] | None, seconds: float) -> dict:
-    avg = statistics.mean(scores.values())
-    ref_avg = statistics.mean(reference.values()) if reference else avg
+def budget_of(adapters: AdapterSet, point: Point) -> Budget:
+    return Budget(nbytes=baseline_bytes(adapters, point.at)) if point.at else Budget(fraction=point.budget)
+
+
+def banks_for(adapters: AdapterSet, points: list[Point]) -> Callable[[Point], MergedBank | InfeasibleBudget]:
+    """A lookup that merges lazily: the budgeted points of one (method, format) share one pass over
+    the planner's candidates; fixed-storage methods merge per point."""
+    cache: dict[Point, MergedBank | InfeasibleBudget] = {}
+
+    def get(point: Point) -> MergedBank | InfeasibleBudget:
+        if point not in cache:
+            fmt = NumberFormat.parse(point.fmt) if point.fmt else None
+            if point.method in BUDGETED:
+                same = [p for p in points if (p.method, p.fmt) == (point.method, point.fmt)]
+                banks = merge_budgets(adapters, MergeConfig(point.method, fmt=fmt), [budget_of(adapters, p) for p in same], strict=False)
+                cache.update(zip(same, banks))
+            else:
+                cache[point] = merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")), progress=False)
+        return cache[point]
+
+    return get
+
+
+def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[float]], reference: dict[str, list[float]] | None, seconds: float) -> dict:
+    scores = {t: statistics.fmean(v) for t, v in examples.items()}
+    drop = paired_drop(reference, examples) if reference else paired_drop(examples, examples)
     return {
         "method": point.method,
         "budget": point.budget,
+        "at": point.at,
         "format": point.fmt or "auto",
         "init": init,
-        "storage_fraction": bank.payload_bytes() / bank.reference_fp16_bytes,
+        "plan": plan_label(bank),
+        "file_bytes": bank.total_file_bytes(),
+        "reference_file_bytes": bank.reference_file_bytes,
+        "storage_fraction": bank.storage_fraction(),
         "payload_bytes": bank.payload_bytes(),
-        "reference_fp16_bytes": bank.reference_fp16_bytes,
-        "avg_score": avg,
-        "drop_points": ref_avg - avg,
-        "rel_drop_pct": 100 * (ref_avg - avg) / ref_avg if ref_avg else 0.0,
+        "avg_score": statistics.fmean(scores.values()),
+        **drop,
         "scores": scores,
+        "examples": {t: [round(x, 2) for x in v] for t, v in examples.items()},
+        "layout_summary": layout_summary(bank),
+        "saving": saving_breakdown(bank),
         "rel_errors": bank.rel_errors,
-        "layouts": sorted({f"{m.layout[0]}x{m.layout[1]} r{m.rank} {m.fmt.label()}" for m in bank.modules.values()}),
         "eval_seconds": seconds,
     }
 
 
+def infeasible_record(point: Point, init: str, error: InfeasibleBudget) -> dict:
+    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "infeasible": str(error)}
+
+
+def record_key(r: dict) -> tuple:
+    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"])
+
+
 def load_records(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["records"] if path.exists() else []
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return data["records"] if data.get("meta", {}).get("schema") == SCHEMA else []
 
 
 def save_records(path: Path, records: list[dict], meta: dict) -> None:
     """Write the results file via a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    tmp.write_text(json.dumps({"meta": meta | {"schema": SCHEMA}, "records": records}, indent=1))
     tmp.replace(path)
 
 
-def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank, out: Path, meta: dict) -> list[dict]:
-    """Measure every point not yet in ``out`` (resumable); ``evaluate_bank(bank) -> task scores``."""
+def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measure every point not yet in ``out`` (resumable); ``evaluate_bank(bank) -> task -> per-example scores``."""
     records = load_records(out)
-    done = {(r["method"], r["budget"], r["format"], r["init"]) for r in records}
+    done = {record_key(r) for r in records}
     todo = [p for p in points if p.key(init) not in done]
-    reference = next((r["scores"] for r in records if r["method"] == "none" and r["init"] == init), None)
+    ref = next((r for r in records if (r["method"], r["format"], r["init"]) == ("none", "fp16", init)), None)
+    reference = ref["examples"] if ref else None
+    bank_of = banks_for(adapters, todo)
     for point in todo:
-        bank = bank_for(adapters, point)
-        t0 = time.perf_counter()
-        scores = evaluate_bank(bank)
-        if point.method == "none":
-            reference = scores
-        records.append(record(point, init, bank, scores, reference if point.method != "none" else None, time.perf_counter() - t0))
+        bank = bank_of(point)
+        if isinstance(bank, InfeasibleBudget):
+            records.append(infeasible_record(point, init, bank))
+        else:
+            t0 = time.perf_counter()
+            examples = evaluate_bank(bank)
+            if (point.method, point.fmt) == ("none", "fp16"):
+                reference = examples
+            records.append(record(point, init, bank, examples, reference, time.perf_counter() - t0))
         save_records(out, records, meta)
+        if on_record:
+            on_record(records[-1])
     return records
 
 
+def sharing_verdicts(records: list[dict]) -> list[dict]:
+    """Per init and budget: HydraOpt against per-task compression at the same budget (same bytes
+    within the planner's rounding), as a paired difference over the same examples."""
+    out = []
+    measured = [r for r in records if "examples" in r]
+    for h in (r for r in measured if r["method"] == "hydraopt" and r["format"] == "auto"):
+        p = next((r for r in measured if r["method"] == "per-task" and r["format"] == "auto" and (r["budget"], r.get("at"), r["init"]) == (h["budget"], h.get("at"), h["init"])), None)
+        if p is None:
+            continue
+        diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below per-task
+        low, high = diff["drop_points_ci95"]
+        verdict = "HydraOpt ahead" if high < 0 else "per-task ahead" if low > 0 else "no clear difference"
+        out.append({
+            "init": h["init"],
+            "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
+            "hydraopt_fraction": h["storage_fraction"],
+            "per_task_fraction": p["storage_fraction"],
+            "hydraopt_score": h["avg_score"],
+            "per_task_score": p["avg_score"],
+            "hydraopt_minus_per_task": -diff["drop_points"],
+            "ci95": [-high, -low],
+            "verdict": verdict,
+            "hydraopt_shares": h["layout_summary"]["sharing"],
+        })
+    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"]))
+
+
+def _ci(pair: list[float]) -> str:
+    return f"[{pair[0]:+.1f}, {pair[1]:+.1f}]"
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = [
+        "Storage is file bytes of every tensor file over the same adapters stored as they are in fp16 (one safetensors file per task).",
+        "Drops are against one-adapter-per-task fp16 on the same test examples, with 95 % paired bootstrap intervals.",
+        "",
+        "| init | method | budget | format | plan | storage | avg score | drop (pts) | drop (%) | 95 % CI (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"none": 0, "hydraopt": 1, "per-task": 2}
+    for r in sorted(records, key=lambda r: (r["init"], order.get(r["method"], 3), r["method"], r.get("storage_fraction", 0))):
+        budget = f"at {r['at']} baseline" if r.get("at") else "-" if r["budget"] is None else f"{r['budget']:g}"
+        if "infeasible" in r:
+            lines.append(f"| {r['init']} | {r['method']} | {budget} | {r['format']} | infeasible | | | | | |")
+            continue
+        lines.append(
+            f"| {r['init']} | {r['method']} | {budget} | {r['format']} | {r['plan']} | {r['storage_fraction']:.4f} | {r['avg_score']:.2f} | "
+            f"{r['drop_points']:+.2f} | {r['rel_drop_pct']:+.2f} | {_ci(r['rel_drop_pct_ci95'])} |"
+        )
+    verdicts = sharing_verdicts(records)
+    if verdicts:
+        lines += [
+            "",
+            "## Does sharing beat compressing each adapter on its own, at equal bytes?",
+            "",
+            "| init | budget | storage hydraopt / per-task | hydraopt | per-task | difference (pts) | 95 % CI | verdict | what hydraopt shared |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v in verdicts:
+            budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
+            shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
+            lines.append(
+                f"| {v['init']} | {budget} | {v['hydraopt_fraction']:.4f} / {v['per_task_fraction']:.4f} | {v['hydraopt_score']:.2f} | {v['per_task_score']:.2f} | "
+                f"{v['hydraopt_minus_per_task']:+.2f} | {_ci(v['ci95'])} | {v['verdict']} | {shared} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] | None = None) -> None:
-    """Storage (x) against average score (y), one curve per method, one panel per init."""
+    """Storage (x, file bytes) against average score (y), one panel per init: HydraOpt and per-task
+    compression as curves, the baselines and one-adapter-per-task formats as points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    inits = sorted({r["init"] for r in records})
+    measured = [r for r in records if "examples" in r]
+    inits = sorted({r["init"] for r in measured})
     fig, axes = plt.subplots(1, len(inits), figsize=(7 * len(inits), 5), squeeze=False)
     markers = {"fp16": "o", "int8": "s", "int4": "^", "auto": "D"}
     for ax, init in zip(axes[0], inits):
-        rows = [r for r in records if r["init"] == init]
-        ref = next((r for r in rows if r["method"] == "none"), None)
+        rows = [r for r in measured if r["init"] == init]
+        ref = next((r for r in rows if r["method"] == "none" and r["format"] == "fp16"), None)
         if ref:
             ax.axhline(ref["avg_score"], color="k", ls="--", lw=1, label="one adapter per task (fp16)")
         if base_scores:
             ax.axhline(statistics.mean(base_scores.values()), color="grey", ls=":", lw=1, label="base model")
-        hydra = sorted((r for r in rows if r["method"] == "hydraopt" and r["format"] == "auto"), key=lambda r: r["storage_fraction"])
-        if hydra:
-            ax.plot([r["storage_fraction"] for r in hydra], [r["avg_score"] for r in hydra], "-D", color="C3", lw=2, label="hydraopt (planner picks format)")
-        palette = iter(["C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9"])
-        colours = {m: "C3" if m == "hydraopt" else next(palette) for m in sorted({r["method"] for r in rows} - {"none"})}
-        for r in rows:
-            if r["method"] == "none" or (r["method"] == "hydraopt" and r["format"] == "auto"):
-                continue
-            ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers.get(r["format"], "x"), color=colours[r["method"]], s=40, label=f"{r['method']} {r['format']}")
+        for method, colour, style in (("hydraopt", "C3", "-D"), ("per-task", "C0", "--o")):
+            curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto"), key=lambda r: r["storage_fraction"])
+            if curve:
+                label = "hydraopt (shared factors)" if method == "hydraopt" else "per-task compression (nothing shared)"
+                ax.plot([r["storage_fraction"] for r in curve], [r["avg_score"] for r in curve], style, color=colour, lw=2, label=label)
+        for r in (r for r in rows if r["method"] == "none"):
+            ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers[r["format"]], color="k", s=50, label=f"one adapter per task {r['format']}")
+        for r in (r for r in rows if r["method"] in BASELINES):
+            ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers.get(r["format"], "x"), color="C2", alpha=0.7, s=35, label=f"baselines (one merged adapter) {r['format']}")
         ax.set_xscale("log")
         ax.set_xticks([0.02, 0.05, 0.1, 0.2, 0.5, 1.0], ["0.02", "0.05", "0.1", "0.2", "0.5", "1"])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("storage (fraction of fp16 one-adapter-per-task, log)")
+        ax.set_xlabel("storage (file bytes / fp16 one-adapter-per-task files, log)")
         ax.set_ylabel("average task score")
         ax.set_title(f"SmolLM2-135M suite, {init}")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=6, loc="lower right")
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-
-
-def markdown_table(records: list[dict]) -> str:
-    lines = ["| init | method | budget | format | storage | avg score | drop (pts) | drop (%) |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["init"], r["method"] != "none", r["method"], r["storage_fraction"])):
-        budget = "-" if r["budget"] is None else f"{r['budget']:g}"
-        lines.append(f"| {r['init']} | {r['method']} | {budget} | {r['format']} | {r['storage_fraction']:.3f} | {r['avg_score']:.2f} | {r['drop_points']:+.2f} | {r['rel_drop_pct']:+.2f} |")
-    return "\n".join(lines) + "\n"

@@ -5,36 +5,38 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .bundle import MANIFEST, SHARED, bundle_file_bytes, read_manifest, verify_files
+from .bundle import MANIFEST, load_bundle, read_manifest
+from .sharing import layout_summary, plan_label, saving_breakdown
 
 
 def inspect_bundle(path: Path) -> dict:
-    """Tasks, layouts, exact bytes on disk (shared, per task, total) and per-task error."""
+    """Tasks, layouts, exact bytes on disk (shared, per task, total), what the plan shares, what
+    sharing saved against rank/format, and per-task error. Reads the bundle as ``unpack`` does."""
+    bank = load_bundle(path)
     manifest = read_manifest(path)
-    verify_files(path, manifest)
-    sizes = bundle_file_bytes(path, manifest)
-    per_task = {t: sizes[f"tasks/{t}.safetensors"] for t in manifest["tasks"]}
-    tensor_files = sizes[SHARED] + sum(per_task.values())
-    ref = manifest["reference_fp16_bytes"]
-    layouts = Counter(
-        f"kA={len(m['A'])} kB={len(m['B'])} r'={m['A'][0]['shape'][0] if m['A'] else 0} {m['A'][0]['format'] if m['A'] else '-'}"
-        for m in manifest["modules"].values()
-    )
+    sizes = {rel: (Path(path) / rel).stat().st_size for rel in manifest["files"]}
+    per_task = {t: sizes.get(f"tasks/{t}.safetensors", 0) for t in bank.tasks}
+    file_bytes = sum(sizes.values())
+    layouts = Counter(f"kA={m.layout[0]} kB={m.layout[1]} r'={m.rank} {m.fmt.label() if m.A else '-'}" for m in bank.modules.values())
     return {
         "bundle": str(path),
-        "method": manifest["method"],
-        "params": manifest["params"],
-        "tasks": manifest["tasks"],
-        "n_modules": len(manifest["modules"]),
+        "method": bank.method,
+        "params": bank.params,
+        "plan": plan_label(bank),
+        "tasks": bank.tasks,
+        "n_modules": len(bank.modules),
         "layouts": dict(layouts.most_common()),
+        "layout_summary": layout_summary(bank),
         "bytes": {
-            "shared": sizes[SHARED],
+            "shared": sizes.get("shared.safetensors", 0),
             "per_task": per_task,
-            "manifest": sizes[MANIFEST],
-            "total": sum(sizes.values()),
-            "payload": manifest["payload_bytes"],
+            "files": file_bytes,
+            "manifest": (Path(path) / MANIFEST).stat().st_size,
+            "payload": bank.payload_bytes(),
         },
-        "reference_fp16_bytes": ref,
-        "fraction_of_reference": {"payload": manifest["payload_bytes"] / ref if ref else None, "files": tensor_files / ref if ref else None},
-        "rel_errors": manifest.get("rel_errors", {}),
+        "file_bytes": file_bytes,
+        "reference_file_bytes": bank.reference_file_bytes,
+        "storage_fraction": file_bytes / bank.reference_file_bytes if bank.reference_file_bytes else None,
+        "saving": saving_breakdown(bank),
+        "rel_errors": bank.rel_errors,
     }

@@ -35,8 +35,9 @@ def test_merge_inspect_bytes_equal_files(make_adapters, tmp_path):
     files = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
     assert info["bytes"]["shared"] == files["shared.safetensors"]
     assert info["bytes"]["per_task"] == {t: files[f"tasks/{t}.safetensors"] for t in info["tasks"]}
-    assert info["bytes"]["total"] == sum(files.values())
-    assert info["fraction_of_reference"]["payload"] <= 0.4
+    tensor_files = sum(size for rel, size in files.items() if rel != "manifest.json")
+    assert info["file_bytes"] == tensor_files
+    assert info["storage_fraction"] == tensor_files / info["reference_file_bytes"] <= 0.4
     assert set(info["rel_errors"]) == {"task0", "task1", "task2", "task3"}
     assert all(0 <= e < 1 for e in info["rel_errors"].values())
 

@@ -11,9 +11,10 @@ from ..adapters import AdapterSet, LoraFactors
 from ..bank import MergedModule
 from ..factored import factor_space, sq_norm
 from ..formats import NumberFormat
+from ..storage import entry_chars, factor_specs
 from .grouping import cluster, row_space_similarity, update_cosine
 from .hydraopt import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
-from .planner import Candidate, lower_hull, plan
+from .planner import Candidate, lower_hull
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,11 @@ class HydraOptConfig:
     """What the planner may choose from."""
 
     formats: tuple[NumberFormat, ...]
-    rank_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0)
+    max_rank_multiplier: float = 2.0  # shared ranks go from 1 up to this times the largest input rank
     k_a: int | None = None  # fix the number of A-groups (None: the planner chooses)
     k_b: int | None = None
     rank: int | None = None  # fix r'
+    per_task: bool = False  # only k_A = k_B = T: each adapter compressed on its own (rank, format), nothing shared
     max_iters: int = 25
 
 
@@ -43,6 +45,8 @@ def candidate_layouts(T: int, cfg: HydraOptConfig) -> list[tuple[int, int]]:
     """(k_A, k_B) pairs with k_A <= k_B: the path from one merged adapter through one shared A
     (a B per task) to one adapter per task. A's are the more alike factor (METHOD.md), so they are
     the ones shared first."""
+    if cfg.per_task:
+        return [(T, T)]
     ks = group_counts(T)
     layouts = [(1, k) for k in ks] + [(k, T) for k in ks[1:]]
     if cfg.k_a is not None:
@@ -64,12 +68,13 @@ def task_weights(adapters: AdapterSet) -> torch.Tensor:
 class ModulePlanner:
     """Candidates of one module, and the rebuild of the chosen one."""
 
-    def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig):
-        self.fm, self.w, self.cfg = factor_space(factors), weights, cfg
+    def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig, module_index: int = 0):
+        self.fm, self.w, self.cfg, self.index = factor_space(factors), weights, cfg, module_index
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
         r_max, q = max(f.rank for f in factors), self.fm.Q.shape[1]
-        ranks = [cfg.rank] if cfg.rank else sorted({max(1, min(q, round(m * r_max))) for m in cfg.rank_multipliers})
+        top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
+        ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
         self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
 
     def _groups(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
@@ -103,11 +108,11 @@ class ModulePlanner:
         probe = next(iter(dict.fromkeys((ka, kb, r) for ka, kb, r in self.specs if r == ranks[len(ranks) // 2])))
         probe_sol = self._solve(*probe)
         noise = {fmt.label(): quantisation_noise(fm, w, fmt, probe_sol) for fmt in self.cfg.formats}
-        estimates = [
-            Candidate(k_a, k_b, r, fmt.label(), self._nbytes(k_a, k_b, r, fmt), e + noise[fmt.label()] * (total - e))
-            for (k_a, k_b, r), e in float_err.items()
-            for fmt in self.cfg.formats
-        ]
+        estimates = []
+        for (k_a, k_b, r), e in float_err.items():
+            for fmt in self.cfg.formats:
+                nbytes, n_tensors = self._nbytes(k_a, k_b, r, fmt)
+                estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e), n_tensors))
         measured = []
         for c in lower_hull(estimates):
             _, err = fit_stored(fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
@@ -120,9 +125,13 @@ class ModulePlanner:
             self._space_cache[(k_a, k_b)] = row_spaces(self.fm, self.w, a_idx, b_idx)
         return self._space_cache[(k_a, k_b)]
 
-    def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> int:
+    def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> tuple[int, int]:
+        """(payload + header entries without offsets, number of entries) of this layout's files.
+        Every factor is priced with its shared-file key, which is never shorter than a task file's."""
         d_out, d_in = self.fm.shape
-        return k_a * fmt.nbytes(rank, d_in) + k_b * fmt.nbytes(rank, d_out)
+        specs = [s for i in range(k_a) for s in factor_specs(self.index, "A", i, fmt, rank, d_in)]
+        specs += [s for i in range(k_b) for s in factor_specs(self.index, "B", i, fmt, rank, d_out)]
+        return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
 
     def build(self, c: Candidate) -> MergedModule:
         return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
@@ -133,8 +142,8 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, tick: Callable[[]
     module, so memory stays at one module's factored space."""
     w = task_weights(adapters)
     cands = {}
-    for name in adapters.module_names:
-        cands[name] = ModulePlanner(adapters.factors(name), w, cfg).candidates()
+    for m, name in enumerate(adapters.module_names):
+        cands[name] = ModulePlanner(adapters.factors(name), w, cfg, m).candidates()
         if tick:
             tick()
     return cands
@@ -143,23 +152,21 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, tick: Callable[[]
 def build_modules(
     adapters: AdapterSet,
     cfg: HydraOptConfig,
-    cands: dict[str, list[Candidate]],
-    budgets_bytes: list[int],
+    plans: list[dict[str, Candidate]],
     tick: Callable[[], None] | None = None,
 ) -> list[dict[str, MergedModule]]:
-    """For each budget, the modules the plan chose. Each module's factored space is rebuilt once
-    (cheaper than keeping every module's in memory) and serves all budgets."""
+    """For each plan, the modules it chose. Each module's factored space is rebuilt once
+    (cheaper than keeping every module's in memory) and serves all plans."""
     w = task_weights(adapters)
-    plans = [plan(cands, b) for b in budgets_bytes]
-    out: list[dict[str, MergedModule]] = [{} for _ in budgets_bytes]
-    for name in adapters.module_names:
-        planner = ModulePlanner(adapters.factors(name), w, cfg)
-        built: dict[Candidate, MergedModule] = {}
+    out: list[dict[str, MergedModule]] = [{} for _ in plans]
+    for m, name in enumerate(adapters.module_names):
+        planner = ModulePlanner(adapters.factors(name), w, cfg, m)
+        built: dict[tuple, MergedModule] = {}
         for i, chosen in enumerate(plans):
             c = chosen[name]
-            if c not in built:
-                built[c] = planner.build(c)
-            out[i][name] = built[c]
+            if c.spec not in built:
+                built[c.spec] = planner.build(c)
+            out[i][name] = built[c.spec]
         if tick:
             tick()
     return out

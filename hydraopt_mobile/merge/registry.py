@@ -17,7 +17,8 @@ from ..formats import FORMAT_NAMES, NumberFormat
 from . import baselines
 from .budget import Budget, InfeasibleBudget
 from .method_hydraopt import HydraOptConfig, build_modules, plan_candidates
-from .planner import minimum_bytes
+from .planner import minimum_bytes, plan
+from ..storage import file_overhead_bound
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ METHODS: dict[str, MergeMethod] = {
             ),
             budgeted=True,
         ),
+        MergeMethod(
+            "per-task",
+            "each adapter compressed on its own (rank 1..r, fp16/int8/int4 per module) under a storage budget; nothing shared",
+            "the alternative every user has; the same planner as hydraopt restricted to k_A = k_B = T",
+            budgeted=True,
+        ),
         MergeMethod("task-arithmetic", "lambda * sum of task updates, re-factorised to rank r", "Ilharco et al., ICLR 2023 (arXiv 2212.04089)", (Param("weight", 0.3, "lambda"), _RANK)),
         MergeMethod("ties", "trim, elect sign, disjoint mean; re-factorised to rank r", "Yadav et al., NeurIPS 2023 (arXiv 2306.01708)", (_W, _DENSITY, _SIGN, _RANK)),
         MergeMethod("dare-linear", "random drop + rescale, then weighted sum; re-factorised", "Yu et al., ICML 2024 (arXiv 2311.03099)", (Param("weight", 0.3, "lambda"), Param("density", 0.5, "keep probability"), _SEED, _RANK)),
@@ -129,7 +136,7 @@ def merge(adapters: AdapterSet, config: MergeConfig, progress: bool = True) -> M
     method = get_method(config.method)
     params = method.resolve_params(config.params)
     if config.budget is not None:
-        raise ValueError(f"--budget applies to budgeted methods (hydraopt); {method.name!r} has fixed storage")
+        raise ValueError(f"--budget applies to budgeted methods (hydraopt, per-task); {method.name!r} has fixed storage")
     fmt = config.fmt or NumberFormat("fp16")
     with _progress(progress, method.name, len(adapters.module_names)) as tick:
         if method.name == "none":
@@ -143,27 +150,47 @@ def merge(adapters: AdapterSet, config: MergeConfig, progress: bool = True) -> M
     return _bank(adapters, method, recorded, modules)
 
 
-def merge_budgets(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], progress: bool = True) -> list[MergedBank]:
-    """HydraOpt at several budgets from one pass over the candidates (they do not depend on the budget)."""
+def merge_budgets(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], progress: bool = True, strict: bool = True) -> list[MergedBank | InfeasibleBudget]:
+    """A budgeted method at several budgets from one pass over the candidates (they do not depend on
+    the budget). Budgets are file bytes (storage.py); every bank's files fit its budget. An
+    infeasible budget raises, or with ``strict=False`` takes the InfeasibleBudget's place in the list."""
     method = get_method(config.method)
     if not method.budgeted:
-        raise ValueError(f"--budget applies to budgeted methods (hydraopt); {method.name!r} has fixed storage")
+        raise ValueError(f"--budget applies to budgeted methods ({', '.join(m.name for m in METHODS.values() if m.budgeted)}); {method.name!r} has fixed storage")
     params = method.resolve_params(config.params)
-    cfg = HydraOptConfig(formats=_formats(config), k_a=params["k_a"], k_b=params["k_b"], rank=params["rank"])
-    reference = adapters.fp16_bytes()
+    cfg = HydraOptConfig(formats=_formats(config), k_a=params.get("k_a"), k_b=params.get("k_b"), rank=params.get("rank"), per_task=method.name == "per-task")
+    reference = adapters.reference_file_bytes()
+    fixed = (len(adapters.tasks) + 1) * file_overhead_bound()  # the shared file and one per task
     n = len(adapters.module_names)
     with _progress(progress, method.name, 2 * n) as tick:
         cands = plan_candidates(adapters, cfg, tick)
-        smallest = minimum_bytes(cands)
+        plans: list[dict | InfeasibleBudget] = []
         for budget in budgets:
-            if smallest > budget.resolve(reference):
-                raise InfeasibleBudget(
-                    f"--budget {budget.label()} ({budget.resolve(reference):,} bytes) is infeasible: the smallest feasible "
-                    f"budget is {smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task)"
+            nbytes = budget.resolve(reference)
+            try:
+                plans.append(plan(cands, nbytes - fixed, offset_digits=len(str(nbytes))))
+            except InfeasibleBudget:
+                smallest = fixed + minimum_bytes(cands, offset_digits=len(str(fixed + minimum_bytes(cands))))
+                error = InfeasibleBudget(
+                    f"--budget {budget.label()} ({nbytes:,} bytes) is infeasible: the smallest feasible budget is "
+                    f"{smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task, in file bytes)"
                 )
-        built = build_modules(adapters, cfg, cands, [b.resolve(reference) for b in budgets], tick)
+                if strict:
+                    raise error from None
+                plans.append(error)
+        feasible = [p for p in plans if not isinstance(p, InfeasibleBudget)]
+        built = iter(build_modules(adapters, cfg, feasible, tick))
     recorded = {k: v for k, v in params.items() if v is not None} | {"formats": [f.label() for f in cfg.formats]}
-    return [_bank(adapters, method, recorded | {"budget": b.label()}, modules) for b, modules in zip(budgets, built)]
+    out: list[MergedBank | InfeasibleBudget] = []
+    for budget, p in zip(budgets, plans):
+        if isinstance(p, InfeasibleBudget):
+            out.append(p)
+            continue
+        bank = _bank(adapters, method, recorded | {"budget": budget.label()}, next(built))
+        if bank.total_file_bytes() > budget.resolve(reference):  # the planner's bound guarantees this; a bug otherwise
+            raise AssertionError(f"{method.name} at {budget.label()}: {bank.total_file_bytes():,} file bytes exceed the budget")
+        out.append(bank)
+    return out
 
 
 def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict[str, MergedModule]) -> MergedBank:
@@ -173,7 +200,8 @@ def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict
         method=method.name,
         params=params,
         fingerprint=adapters.fingerprint(),
-        reference_fp16_bytes=adapters.fp16_bytes(),
+        reference_file_bytes=adapters.reference_file_bytes(),
+        reference_payload_bytes=adapters.fp16_bytes(),
     )
     bank.rel_errors = bank.relative_errors(adapters)
     return bank

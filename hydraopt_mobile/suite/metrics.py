@@ -142,3 +142,41 @@ def drop(scores: dict[str, float], reference: dict[str, float]) -> tuple[float, 
     ref = average(reference)
     points = ref - average(scores)
     return points, (100.0 * points / ref if ref else float("nan"))
+
+
+def per_example(task: TaskSpec, predictions: list[str], split: str = "test") -> list[float]:
+    """``task``'s metric of each prediction (0..100), in the split's order."""
+    return PER_EXAMPLE[task.metric](predictions, [e.target for e in task.split(split)])
+
+
+def paired_drop(reference: dict[str, list[float]], other: dict[str, list[float]], n_resamples: int = 10_000, seed: int = 0) -> dict:
+    """How far ``other``'s task-averaged score falls below ``reference``'s on the same examples:
+    points and percent of the reference, each with a 95 % paired percentile bootstrap interval.
+
+    Examples are resampled within each task (the average gives every task the same weight, so each
+    resample must too), and the same indices serve both sides: the pairing is what makes small
+    differences measurable. A negative drop means ``other`` scored higher.
+    """
+    tasks = sorted(reference)
+    if set(other) != set(tasks):
+        raise ValueError(f"paired_drop: tasks differ ({sorted(set(other) ^ set(tasks))})")
+    rng = np.random.default_rng(seed)
+    ref_avg = np.zeros(n_resamples)
+    oth_avg = np.zeros(n_resamples)
+    for t in tasks:
+        r, o = np.asarray(reference[t], float), np.asarray(other[t], float)
+        if r.shape != o.shape:
+            raise ValueError(f"paired_drop: task {t} has {r.size} reference and {o.size} other examples")
+        idx = rng.integers(0, r.size, size=(n_resamples, r.size))
+        ref_avg += r[idx].mean(axis=1) / len(tasks)
+        oth_avg += o[idx].mean(axis=1) / len(tasks)
+    ref_point = float(np.mean([np.mean(reference[t]) for t in tasks]))
+    oth_point = float(np.mean([np.mean(other[t]) for t in tasks]))
+    drops = ref_avg - oth_avg
+    rel = 100 * drops / np.where(ref_avg == 0, np.nan, ref_avg)
+    return {
+        "drop_points": ref_point - oth_point,
+        "drop_points_ci95": [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))],
+        "rel_drop_pct": 100 * (ref_point - oth_point) / ref_point if ref_point else float("nan"),
+        "rel_drop_pct_ci95": [float(np.nanpercentile(rel, 2.5)), float(np.nanpercentile(rel, 97.5))],
+    }
