@@ -26,7 +26,12 @@ console = Console()
 @app.callback()
 def main(
     threads: int = typer.Option(0, "--threads", envvar="HYDRAOPT_THREADS", help="torch CPU threads; 0: the cores not already busy (oversubscribed cores run many times slower)"),
+    verbose: bool = typer.Option(False, "--verbose", help="also show third-party warnings and log messages"),
 ) -> None:
+    if not verbose:
+        from .quiet import silence_third_party
+
+        silence_third_party()
     import torch
 
     torch.set_num_threads(threads if threads > 0 else idle_cores())

@@ -26,7 +26,7 @@ from .adapters import AdapterSet, build_adapter_set, load_adapter
 from .analysis import write_analysis
 from .atomic import atomic_dir
 from .bank import MergedBank
-from .bundle import write_bundle
+from .bundle import MANIFEST, write_bundle
 from .merge.budget import Budget
 from .merge.registry import MergeConfig, merge
 from .sharing import layout_summary, plan_label
@@ -169,8 +169,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
             f"hydraopt @ {budget.label()}": merge(adapters, MergeConfig("hydraopt", budget=budget)),
             f"{cfg.baseline} (one merged adapter)": merge(adapters, MergeConfig(cfg.baseline)),
         }
-        for label, bank in banks.items():
-            write_bundle(bank, tmp / ("bundle-" + bank.method))
+        manifests = {label: write_bundle(bank, tmp / ("bundle-" + bank.method)) / MANIFEST for label, bank in banks.items()}
         console.rule("5/6 evaluate on the suite's test split")
         model, tokenizer = load_base_model(model_dir)
         suite = load_suite(adapters.task_names)
@@ -181,7 +180,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
             texts: dict[str, list[str]] = {}
             evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=cfg.threads, cache=answers, predictions=texts)
             examples[label] = {t.name: per_example(t, texts[t.name]) for t in suite}
-        rows = [_row(label, bank, examples[label], examples[REFERENCE]) for label, bank in banks.items()]
+        rows = [_row(label, bank, examples[label], examples[REFERENCE]) | {"manifest_bytes": manifests[label].stat().st_size} for label, bank in banks.items()]
         host = export_and_measure(cfg, banks, tmp, model_dir, console) if cfg.export != "none" else []
         result = {
             "config": asdict(cfg),

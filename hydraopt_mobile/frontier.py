@@ -57,7 +57,7 @@ def default_points(n_tasks: int) -> list[Point]:
     points += [Point(b, fmt="fp16") for b in BASELINES]
     points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in BUDGETED]
     points += [Point(m, b) for b in (half, 0.15, 0.3, 0.52) for m in BUDGETED]
-    points += [Point(b, fmt=f) for f in ("int8", "int4") for b in BASELINES]
+    points += [Point(b, fmt=f) for f in ("int4", "int8") for b in BASELINES]
     return points
 
 
