@@ -154,3 +154,29 @@ def test_demo_verdict_names_the_winner_and_what_was_shared(suite4):
     no_share = _row("hydraopt", per_task, lower, reference)
     no_share["method"] = "hydraopt"
     assert "HydraOpt shared no factor" in verdict(rows[:2] + [no_share])
+
+
+def _mixed_rank_set():
+    """A rank-1 task beside a rank-16 one (2 modules, 64 x 64)."""
+    from pathlib import Path
+
+    from hydraopt_mobile.adapters import LoraFactors, TaskAdapter
+
+    g = torch.Generator().manual_seed(0)
+    tasks = []
+    for name, rank in (("low", 1), ("high", 16)):
+        modules = {f"m{i}": LoraFactors(torch.randn(rank, 64, generator=g), torch.randn(64, rank, generator=g) * 0.1) for i in range(2)}
+        tasks.append(TaskAdapter(name, Path(name), "base", modules))
+    return build_adapter_set(tasks)
+
+
+@pytest.mark.parametrize("method", ["hydraopt", "per-task"])
+def test_planner_never_stores_more_than_the_inputs_and_keeps_own_ranks(method):
+    aset = _mixed_rank_set()
+    reference = aset.reference_file_bytes()
+    for budget in (Budget(fraction=1.0), Budget(nbytes=12 * reference)):
+        bank = merge(aset, MergeConfig(method, budget=budget), progress=False)
+        assert bank.total_file_bytes() <= reference, budget
+        for m in bank.modules.values():
+            assert m.A[m.a_index[0]].shape[0] == 1, "the rank-1 task was padded"
+    assert max(bank.rel_errors.values()) < 1e-3  # far above the inputs' size: the fp16 inputs as they are

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 
 from ..adapters import AdapterSet, LoraFactors
-from ..bank import MergedModule
-from ..factored import factor_space, sq_norm
+from ..bank import MergedModule, grouped_module
+from ..factored import factor_space, factored_sq_error, sq_norm
 from ..formats import NumberFormat
 from ..storage import entry_chars, factor_specs
 from .grouping import cluster, row_space_similarity, update_cosine
@@ -65,10 +65,19 @@ def task_weights(adapters: AdapterSet) -> torch.Tensor:
     return 1.0 / totals.clamp_min(1e-30)
 
 
+AS_IS = 0  # the rank of the candidate that keeps every task's own factors at its own rank
+
+
 class ModulePlanner:
-    """Candidates of one module, and the rebuild of the chosen one."""
+    """Candidates of one module, and the rebuild of the chosen one.
+
+    The input adapters as they are (each task at its own rank, in each allowed format) are always a
+    candidate, and no candidate stores more bytes than the inputs in fp16: so no budget gives a
+    bank larger than the adapters themselves, and mixed ranks are never padded to the largest.
+    """
 
     def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig, module_index: int = 0):
+        self.factors = factors
         self.fm, self.w, self.cfg, self.index = factor_space(factors), weights, cfg, module_index
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -76,6 +85,7 @@ class ModulePlanner:
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
         self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
+        self.mixed_ranks = len({f.rank for f in factors}) > 1
 
     def _groups(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
         T = self.fm.n_tasks
@@ -108,16 +118,36 @@ class ModulePlanner:
         probe = next(iter(dict.fromkeys((ka, kb, r) for ka, kb, r in self.specs if r == ranks[len(ranks) // 2])))
         probe_sol = self._solve(*probe)
         noise = {fmt.label(): quantisation_noise(fm, w, fmt, probe_sol) for fmt in self.cfg.formats}
+        ceiling = self._as_is_nbytes(NumberFormat("fp16"))[0]
         estimates = []
         for (k_a, k_b, r), e in float_err.items():
             for fmt in self.cfg.formats:
                 nbytes, n_tensors = self._nbytes(k_a, k_b, r, fmt)
-                estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e), n_tensors))
+                if nbytes <= ceiling:
+                    estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e), n_tensors))
         measured = []
         for c in lower_hull(estimates):
             _, err = fit_stored(fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
             measured.append(replace(c, error=float(err.sum())))
+        if self.mixed_ranks:  # with equal ranks, (T, T, r) already is the inputs as they are
+            measured += [self._as_is(fmt) for fmt in self.cfg.formats]
         return measured
+
+    def _as_is_module(self, fmt: NumberFormat) -> MergedModule:
+        T = self.fm.n_tasks
+        return grouped_module(self.fm.shape, list(range(T)), list(range(T)), [f.A for f in self.factors], [f.B for f in self.factors], fmt)
+
+    def _as_is_nbytes(self, fmt: NumberFormat) -> tuple[int, int]:
+        d_out, d_in = self.fm.shape
+        specs = [s for t, f in enumerate(self.factors) for kind, n in (("A", d_in), ("B", d_out)) for s in factor_specs(self.index, kind, t, fmt, f.rank, n)]
+        return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
+
+    def _as_is(self, fmt: NumberFormat) -> Candidate:
+        """The inputs as they are in ``fmt``, with the exact error of storing them in it."""
+        module = self._as_is_module(fmt)
+        error = sum(float(self.w[t]) * factored_sq_error(f, module.task_factors(t)) for t, f in enumerate(self.factors))
+        nbytes, n_tensors = self._as_is_nbytes(fmt)
+        return Candidate(self.fm.n_tasks, self.fm.n_tasks, AS_IS, fmt.label(), nbytes, error, n_tensors)
 
     def _spaces(self, k_a: int, k_b: int) -> list:
         if (k_a, k_b) not in self._space_cache:
@@ -134,6 +164,8 @@ class ModulePlanner:
         return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
 
     def build(self, c: Candidate) -> MergedModule:
+        if c.rank == AS_IS:
+            return self._as_is_module(NumberFormat.parse(c.fmt))
         return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
 
 
