@@ -92,11 +92,11 @@ def test_more_budget_never_more_error(make_adapters):
     previous, sizes = float("inf"), []
     for frac in (0.08, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0):
         bank = merge(aset, MergeConfig("hydraopt", budget=Budget(fraction=frac)), progress=False)
-        assert bank.payload_bytes() <= frac * aset.fp16_bytes()
+        assert bank.total_file_bytes() <= frac * aset.reference_file_bytes()
         total = sum(e**2 for e in bank.relative_errors(aset).values())
         assert total <= previous * (1 + 1e-9) + 1e-12
         previous = total
-        sizes.append(bank.payload_bytes())
+        sizes.append(bank.total_file_bytes())
     assert previous < 1e-4  # at the full budget the inputs come back (to fp16 precision)
     assert sizes[0] < sizes[-1]
 
@@ -105,7 +105,7 @@ def test_infeasible_budget_names_smallest(make_adapters):
     from hydraopt_mobile.adapters import build_adapter_set, load_adapter
 
     aset = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=3)])
-    with pytest.raises(InfeasibleBudget, match=r"smallest feasible budget is [\d,]+ bytes \(0\.\d+ of fp16"):
+    with pytest.raises(InfeasibleBudget, match=r"smallest feasible budget is [\d,]+ bytes \(0\.\d+ of fp16 one-adapter-per-task, in file bytes"):
         merge(aset, MergeConfig("hydraopt", budget=Budget(nbytes=10)), progress=False)
 
 
