@@ -26,7 +26,7 @@ DECODING_VERSION = 1
 def _update(h, tensor: torch.Tensor) -> None:
     t = tensor.detach().contiguous().cpu()
     h.update(str((t.dtype, tuple(t.shape))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: a size-1 dim may carry any stride
 
 
 def weights_digest(model) -> str:
