@@ -83,3 +83,26 @@ def test_against_base_needs_adapters():
 
     result = CliRunner().invoke(app, ["suite", "eval", "--against-base", "--tasks", "country-de"])
     assert result.exit_code != 0 and "--against-base needs --adapters" in result.output
+
+
+def test_answer_cache_digest_takes_rank_one_factors():
+    """A rank-1 B (d_out x 1) read back from a bundle is a transposed view whose size-1 dimension
+    keeps a large stride; its digest must equal that of the same values laid out plainly."""
+    import hashlib
+
+    import torch
+
+    from hydraopt_mobile.suite.answer_cache import _update
+
+    view = torch.arange(192, dtype=torch.float32).reshape(1, 192).T.contiguous()
+    plain = torch.arange(192, dtype=torch.float32).reshape(192, 1).clone()
+    assert view.stride() != plain.stride()
+    digests = []
+    for t in (view, plain):
+        h = hashlib.sha256()
+        _update(h, t)
+        digests.append(h.hexdigest())
+    assert digests[0] == digests[1]
+    other = hashlib.sha256()
+    _update(other, plain + 1)
+    assert other.hexdigest() != digests[0]
