@@ -8,6 +8,7 @@ the results file are kept. Writes frontier.json, frontier.md, frontier.png and t
 adapters' similarity heatmaps under benchmarks/results/.
 
     python benchmarks/frontier.py [--init shared-seed] [--init independent-seeds] [--threads 1]
+    python benchmarks/frontier.py --report     # frontier.md and frontier.png from frontier.json
 
 Two inits in parallel (one core each): run each with its own ``--out``, then
 ``frontier.py --out frontier.json --merge A.json B.json`` (resumable, so it measures nothing new).
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
     ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
+    ap.add_argument("--report", action="store_true", help="only rewrite frontier.md and frontier.png from --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = load_suite()
@@ -60,9 +62,9 @@ def main() -> None:
     if args.merge:  # before measuring, so that merged points count as done
         keyed = {record_key(r): r for path in [args.out, *args.merge] for r in load_records(path)}
         save_records(args.out, list(keyed.values()), meta)
-        if not args.init:
-            write_reports(args.out)
-            return
+    if args.report or (args.merge and not args.init):
+        write_reports(args.out)
+        return
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
     base = evaluate(tasks, None, model, tokenizer, threads=args.threads, cache=answers)

@@ -24,7 +24,7 @@ from .bank import MergedBank
 from .formats import NumberFormat
 from .merge.budget import Budget, InfeasibleBudget
 from .merge.registry import METHODS, MergeConfig, merge, merge_budgets
-from .sharing import layout_summary, plan_label, saving_breakdown
+from .sharing import NO_SHARING, layout_summary, plan_label, saving_breakdown
 from .suite.metrics import paired_drop
 
 SCHEMA = 2  # records of schema 1 (payload bytes) are not comparable and are dropped on resume
@@ -163,27 +163,35 @@ def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_
 
 def sharing_verdicts(records: list[dict]) -> list[dict]:
     """Per init and budget: HydraOpt against per-task compression at the same budget (same bytes
-    within the planner's rounding), as a paired difference over the same examples."""
+    within the planner's rounding), as a paired difference over the same examples; where per-task
+    compression cannot reach the bytes at all, that is the verdict."""
     out = []
-    measured = [r for r in records if "examples" in r]
-    for h in (r for r in measured if r["method"] == "hydraopt" and r["format"] == "auto"):
-        p = next((r for r in measured if r["method"] == "per-task" and r["format"] == "auto" and (r["budget"], r.get("at"), r["init"]) == (h["budget"], h.get("at"), h["init"])), None)
+    for h in (r for r in records if r["method"] == "hydraopt" and r["format"] == "auto" and "examples" in r):
+        p = next((r for r in records if r["method"] == "per-task" and r["format"] == "auto" and (r["budget"], r.get("at"), r["init"]) == (h["budget"], h.get("at"), h["init"])), None)
         if p is None:
             continue
-        diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below per-task
-        low, high = diff["drop_points_ci95"]
-        verdict = "HydraOpt ahead" if high < 0 else "per-task ahead" if low > 0 else "no clear difference"
-        out.append({
+        row = {
             "init": h["init"],
             "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
             "hydraopt_fraction": h["storage_fraction"],
-            "per_task_fraction": p["storage_fraction"],
             "hydraopt_score": h["avg_score"],
+            "hydraopt_shares": h["layout_summary"]["sharing"],
+        }
+        if "infeasible" in p:
+            out.append(row | {"per_task_fraction": None, "per_task_score": None, "hydraopt_minus_per_task": None, "ci95": None, "verdict": "only sharing fits: " + p["infeasible"].split(": ", 1)[-1]})
+            continue
+        diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below per-task
+        low, high = diff["drop_points_ci95"]
+        if h["plan"] == NO_SHARING and h["examples"] == p["examples"]:
+            verdict = "same answers: HydraOpt's plan shares nothing here"
+        else:
+            verdict = "HydraOpt ahead" if high < 0 else "per-task ahead" if low > 0 else "no clear difference"
+        out.append(row | {
+            "per_task_fraction": p["storage_fraction"],
             "per_task_score": p["avg_score"],
             "hydraopt_minus_per_task": -diff["drop_points"],
             "ci95": [-high, -low],
             "verdict": verdict,
-            "hydraopt_shares": h["layout_summary"]["sharing"],
         })
     return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"]))
 
@@ -222,6 +230,9 @@ def markdown_table(records: list[dict]) -> str:
         for v in verdicts:
             budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
             shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
+            if v["per_task_score"] is None:
+                lines.append(f"| {v['init']} | {budget} | {v['hydraopt_fraction']:.4f} / - | {v['hydraopt_score']:.2f} | - | | | {v['verdict']} | {shared} |")
+                continue
             lines.append(
                 f"| {v['init']} | {budget} | {v['hydraopt_fraction']:.4f} / {v['per_task_fraction']:.4f} | {v['hydraopt_score']:.2f} | {v['per_task_score']:.2f} | "
                 f"{v['hydraopt_minus_per_task']:+.2f} | {_ci(v['ci95'])} | {v['verdict']} | {shared} |"
