@@ -30,8 +30,6 @@ def export(
     max_cache_len: int = typer.Option(256, "--max-cache-len", help="ExecuTorch static KV cache length (prompt + generated tokens)"),
 ) -> None:
     """Export a bundle as a generation-ready graph with resident shared factors and per-task files."""
-    from hydraopt_mobile.atomic import OutputExists
-
     from .export import export_bank
 
     if model is None:
@@ -40,8 +38,8 @@ def export(
         model = base_model_dir()
     try:
         path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task, max_cache_len=max_cache_len)  # type: ignore[arg-type]
-    except (OutputExists, ValueError, KeyError, FileNotFoundError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+    except (ValueError, KeyError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2)
     from .manifest import Manifest
 

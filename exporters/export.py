@@ -22,11 +22,12 @@ from typing import Literal
 import torch
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from hydraopt_mobile.atomic import atomic_dir
+from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.paths import confined
 
 from . import executorch_backend, onnx_backend
-from .manifest import FileEntry, Manifest, file_entry
+from .manifest import SCHEMA, FileEntry, Manifest, file_entry
 from .slots import SlotLayout, attach_slots, layout_from_bank, merge_into, task_graph_tensors
 
 Format = Literal["executorch", "onnx"]
@@ -37,6 +38,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "generation_config.json",
 )
 DEFAULT_MAX_CACHE_LEN = 256
+EXPORT = json_marker("export folder", "manifest.json", "schema", SCHEMA.split("/")[0] + "/")
 TASK_ENCODING = {
     "executorch": "the bank's encoding (fp16, or int8/int4 codes + fp16 scales), decoded to fp32 on load",
     "onnx": "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded to fp32 on load by task_decoder.onnx",
@@ -122,7 +124,8 @@ def export_bank(
     model_dir = Path(model_dir)
     export_id = uuid.uuid4().hex[:16]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with atomic_dir(Path(out), overwrite=overwrite) as folder, Progress(*columns, transient=True) as bar:
+    inputs = [model_dir] if isinstance(bank_or_path, MergedBank) else [model_dir, Path(bank_or_path)]
+    with atomic_dir(Path(out), overwrite, kind=EXPORT, inputs=inputs) as folder, Progress(*columns, transient=True) as bar:
         step = bar.add_task(f"export {fmt}/{quant}: loading base model")
         model = _load_model(model_dir)
         info = _model_info(model, max_cache_len)
@@ -148,10 +151,11 @@ def export_bank(
             (folder / "tasks").mkdir()
             for task in tasks:
                 rel = f"tasks/{task}{TASK_EXT[fmt]}"
+                path = confined(folder, rel, ValueError)
                 if fmt == "executorch":
-                    executorch_backend.write_task_file(folder / rel, layout.stored[task], export_id, task)
+                    executorch_backend.write_task_file(path, layout.stored[task], export_id, task)
                 else:
-                    onnx_backend.write_task_file(folder / rel, task_graph_tensors(layout, task))
+                    onnx_backend.write_task_file(path, task_graph_tensors(layout, task))
                 files.append(file_entry(folder, rel, "task", task))
         tokenizer = _copy_tokenizer(model_dir, folder)
         files += [file_entry(folder, rel, "tokenizer") for rel in tokenizer]

@@ -7,15 +7,18 @@ All validation that can name a file or tensor happens here, before any merge wor
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from .paths import TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
+from .schemas import read_json, validate
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -110,8 +113,24 @@ def parse_task_spec(spec: str) -> tuple[str | None, Path]:
         name, _, path = spec.partition("=")
         if not name:
             raise AdapterError(f"task spec {spec!r}: empty task name before '='")
+        problem = task_name_problem(name)
+        if problem:
+            raise AdapterError(f"task spec {spec!r}: {problem}")
         return name, Path(path)
     return None, Path(spec)
+
+
+def task_name_for(path: Path, name: str | None) -> str:
+    """``name``, or the folder's name; either must be a valid task name (paths.py)."""
+    if name is not None:
+        problem = task_name_problem(name)
+        if problem:
+            raise AdapterError(f"{path}: {problem}")
+        return name
+    folder = path.resolve().name
+    if task_name_problem(folder):
+        raise AdapterError(f"{path}: the folder name {folder!r} is not a valid task name ({TASK_NAME_RULE}); give one with NAME=PATH")
+    return folder
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -126,10 +145,9 @@ def _read_config(path: Path) -> dict:
     cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise AdapterError(f"{cfg_path}: missing; a PEFT adapter folder needs {ADAPTER_CONFIG}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from e
+    cfg = read_json(cfg_path, AdapterError)
+    validate(cfg, "adapter-config", cfg_path, AdapterError)
+    cfg = cast(dict, cfg)  # the schema says it is an object
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {peft_type!r} is not supported; only LoRA adapters can be merged")
@@ -165,6 +183,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> TaskAdapter:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: not a folder")
+    name = task_name_for(path, name)
     cfg = _read_config(path)
     file, tensors = _read_tensors(path)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
@@ -207,7 +226,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> TaskAdapter:
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         modules[module] = LoraFactors(A.contiguous(), (B * scale).contiguous())
     return TaskAdapter(
-        name=name or path.resolve().name,
+        name=name,
         path=path,
         base_model=cfg.get("base_model_name_or_path"),
         modules=modules,
@@ -224,6 +243,12 @@ def build_adapter_set(adapters: list[TaskAdapter], allow_missing: bool = False) 
         if a.name in seen:
             raise AdapterError(f"duplicate task name {a.name!r} ({seen[a.name]} and {a.path}); use NAME=PATH")
         seen[a.name] = a.path
+    clash = duplicate_ignoring_case([a.name for a in adapters])
+    if clash:
+        raise AdapterError(
+            f"task names {clash[0]!r} and {clash[1]!r} differ only in case; they would be the same file on "
+            "macOS and Windows: rename one with NAME=PATH"
+        )
     bases = {a.base_model for a in adapters if a.base_model}
     if len(bases) > 1:
         detail = ", ".join(f"{a.path}: {a.base_model}" for a in adapters)

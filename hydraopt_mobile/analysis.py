@@ -8,16 +8,19 @@ column spaces, the mean squared cosine of their principal angles; and the cosine
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
 from .adapters import AdapterSet, LoraFactors
-from .atomic import atomic_dir
+from .atomic import atomic_dir, json_marker
 from .factored import inner, sq_norm
 
 METRICS = ("cos_A", "cos_B", "subspace_A", "subspace_B", "cos_dW")
+FORMAT = "hydraopt-analysis"
+ANALYSIS = json_marker("similarity analysis", "similarity.json", "format", FORMAT)
 
 
 def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -115,9 +118,22 @@ def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def json_safe(value):
+    """``value`` with every NaN replaced by None: JSON has no NaN (a similarity is undefined between
+    factors of different ranks, and the off-diagonal mean of a single task)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_analysis(adapters: AdapterSet, out: Path, overwrite: bool = False) -> dict:
+    """Write ``similarity.json`` (undefined values as null) and the heatmaps to ``out``."""
     result = analyze(adapters)
-    with atomic_dir(out, overwrite) as tmp:
-        (tmp / "similarity.json").write_text(json.dumps(result, indent=1, allow_nan=True))
+    with atomic_dir(out, overwrite, kind=ANALYSIS, inputs=[t.path for t in adapters.tasks]) as tmp:
+        (tmp / "similarity.json").write_text(json.dumps({"format": FORMAT, **json_safe(result)}, indent=1, allow_nan=False))
         plot_heatmaps(result, tmp)
     return result

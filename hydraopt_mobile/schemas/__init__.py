@@ -1,0 +1,70 @@
+"""JSON Schemas of the files this tool reads from outside, and the one way to read and check them.
+
+The ``*.schema.json`` files are package data, so another reader (the Android app) can apply the
+same rules. What a schema cannot say (index bounds, files that exist inside the folder) is checked
+by the reader right after :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+MAX_JSON_BYTES = 64 << 20  # a manifest or config is kilobytes; refuse to parse a huge file
+
+
+def schema(name: str) -> dict:
+    """The parsed schema ``name`` (e.g. ``"bundle-manifest"``)."""
+    return json.loads(files(__package__).joinpath(f"{name}.schema.json").read_text())
+
+
+@cache
+def _validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _reject_constant(token: str) -> None:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def read_json(path: Path, error: type[Exception]) -> object:
+    """Parse ``path`` as strict JSON (no NaN/Infinity), raising ``error`` naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= MAX_JSON_BYTES else None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from e
+    if data is None:
+        raise error(f"{path}: {size} bytes, too large for a JSON manifest")
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path}: not valid JSON ({_short(str(e), 200)})") from e
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _describe(e: ValidationError) -> str:
+    where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".") or "top level"
+    if e.validator == "type":
+        return f"{where}: is {_JSON_TYPES.get(type(e.instance), 'a value')} {_short(e.instance)}, expected {e.validator_value}"
+    return f"{where}: {_short(e.message, 200)}"
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate(instance: object, name: str, source: object, error: type[Exception]) -> None:
+    """Check ``instance`` against schema ``name``; raise ``error`` naming ``source`` and the field."""
+    problem = best_match(_validator(name).iter_errors(instance))
+    if problem is not None:
+        raise error(f"{source}: {_describe(problem)}")
