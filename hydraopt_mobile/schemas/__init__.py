@@ -54,7 +54,8 @@ _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an inte
 def _describe(e: ValidationError) -> str:
     where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".") or "top level"
     if e.validator == "type":
-        return f"{where}: is {_JSON_TYPES.get(type(e.instance), 'a value')} {_short(e.instance)}, expected {e.validator_value}"
+        shown = "" if e.instance is None else " " + _short(e.instance)
+        return f"{where}: is {_JSON_TYPES.get(type(e.instance), 'a value')}{shown}, expected {e.validator_value}"
     return f"{where}: {_short(e.message, 200)}"
 
 
