@@ -65,7 +65,7 @@ def bench_host_cmd(
 
     try:
         records = bench_host(exports, tasks=tasks, json=out, model_dir=model, n_examples=n_examples, threads=threads)
-    except (TaskFileError, ValueError, KeyError, FileNotFoundError) as e:
+    except (TaskFileError, ValueError, KeyError, OSError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
     if as_json:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -111,17 +111,26 @@ def write_task_file(path: Path, stored: dict[str, StoredFactor], export_id: str,
     save_file(tensors, str(path), metadata=metadata)
 
 
-def read_task_file(path: Path, order: list[str]) -> list[torch.Tensor]:
-    """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order."""
-    with safe_open(str(path), framework="pt") as fh:
-        formats = json.loads(fh.metadata()["formats"])
-        out = []
-        for slot in order:
-            label, shape, transposed = formats[slot]
-            fmt = NumberFormat.parse(label)
-            keys = [k for k in fh.keys() if k.startswith(slot + "/")]
-            data = {k.removeprefix(slot + "/"): fh.get_tensor(k) for k in keys}
-            out.append(StoredFactor(fmt, data, tuple(shape), transposed).values())
+def read_task_file(path: Path, order: list[str], shapes: list[list[int]] | None = None) -> list[torch.Tensor]:
+    """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order; each must
+    have the manifest's shape (``shapes``), or :class:`TaskFileError` names the file and slot."""
+    from .manifest import TaskFileError
+
+    out = []
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            formats = json.loads((fh.metadata() or {})["formats"], parse_constant=float)
+            for i, slot in enumerate(order):
+                label, shape, transposed = formats[slot]
+                fmt = NumberFormat.parse(label)
+                keys = [k for k in fh.keys() if k.startswith(slot + "/")]
+                data = {k.removeprefix(slot + "/"): fh.get_tensor(k) for k in keys}
+                value = StoredFactor(fmt, data, tuple(shape), bool(transposed)).values()
+                if shapes is not None and list(value.shape) != list(shapes[i]):
+                    raise ValueError(f"slot {slot!r} decodes to {list(value.shape)}, the manifest says {shapes[i]}")
+                out.append(value)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, SafetensorError) as e:
+        raise TaskFileError(f"{path}: not a task file of this export ({type(e).__name__}: {e})") from e
     return out
 
 

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hydraopt_mobile.bundle import sha256_file
+from hydraopt_mobile.paths import confined, duplicate_ignoring_case
+from hydraopt_mobile.schemas import read_json, validate
 
 MANIFEST = "manifest.json"
 SCHEMA = "hydraopt-export/1"
@@ -19,6 +21,10 @@ SCHEMA = "hydraopt-export/1"
 
 class TaskFileError(ValueError):
     """A task file that does not belong to this export, or whose bytes are not the exported ones."""
+
+
+class ManifestError(ValueError):
+    """An export manifest that breaks schemas/export-manifest.schema.json or refers outside its folder."""
 
 
 @dataclass
@@ -71,14 +77,40 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
+        """Parse and check the manifest of ``folder`` (schema, then what a schema cannot say)."""
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no {MANIFEST}; not an export folder")
-        raw = json.loads(path.read_text())
-        if raw.pop("schema", None) != SCHEMA:
-            raise ValueError(f"{path}: not a {SCHEMA} manifest")
+        raw = read_json(path, ManifestError)
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise ManifestError(f"{path}: not a {SCHEMA} manifest")
+        validate(raw, "export-manifest", path, ManifestError)
+        raw.pop("schema")
         raw["files"] = [FileEntry(**f) for f in raw["files"]]
-        return cls(**raw)
+        manifest = cls(**raw)
+        manifest.check(Path(folder))
+        return manifest
+
+    def check(self, folder: Path) -> None:
+        """Every path inside ``folder`` (symlinks resolved); one program; task files match the tasks."""
+        where = folder / MANIFEST
+        clash = duplicate_ignoring_case(self.tasks)
+        if clash:
+            raise ManifestError(f"{where}: tasks {clash[0]!r} and {clash[1]!r} differ only in case")
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ManifestError(f"{where}: a file is listed twice")
+        for rel in paths + ([self.tokenizer_dir] if self.tokenizer_dir else []):
+            confined(folder, rel, ManifestError)
+        if [f.role for f in self.files].count("program") != 1 or [f.role for f in self.files].count("task_decoder") > 1:
+            raise ManifestError(f"{where}: needs exactly one program file and at most one task_decoder")
+        for f in self.files:
+            if (f.role == "task") != (f.task is not None) or (f.task is not None and f.task not in self.tasks):
+                raise ManifestError(f"{where}: file {f.path!r}: role {f.role!r} with task {f.task!r} does not fit the task list")
+        task_files = sorted(f.task for f in self.files if f.role == "task")
+        expected = sorted(self.tasks) if self.task_tensors else []
+        if task_files != expected:
+            raise ManifestError(f"{where}: task files for {task_files}, but the tasks with switchable tensors are {expected}")
 
 
 def file_entry(folder: Path, rel: str, role: str, task: str | None = None) -> FileEntry:
@@ -93,7 +125,7 @@ def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path |
     byte-identical to what this export wrote for ``task``.
     """
     entry = manifest.task_file(task)
-    path = Path(path) if path is not None else Path(folder) / entry.path
+    path = Path(path) if path is not None else confined(Path(folder), entry.path, TaskFileError)
     if not path.is_file():
         raise TaskFileError(f"{path}: task file for {task!r} is missing")
     size = path.stat().st_size
@@ -116,6 +148,6 @@ def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path |
 def verify_all(manifest: Manifest, folder: Path) -> None:
     """Check every file of the export (used by tests and ``bench``)."""
     for f in manifest.files:
-        path = Path(folder) / f.path
+        path = confined(Path(folder), f.path, TaskFileError)
         if not path.is_file() or path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
             raise TaskFileError(f"{path}: does not match the manifest of export {manifest.export_id}")

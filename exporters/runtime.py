@@ -85,7 +85,7 @@ class ExecuTorchSession(Session):
     def _load(self, task: str, path: Path) -> None:
         from .executorch_backend import read_task_file
 
-        self.loaded[task] = read_task_file(path, list(self.manifest.task_tensors))
+        self.loaded[task] = read_task_file(path, list(self.manifest.task_tensors), list(self.manifest.task_tensors.values()))
 
     def _switch(self, task: str) -> None:
         if task not in self.loaded:
