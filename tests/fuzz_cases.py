@@ -1,0 +1,276 @@
+"""Fuzz targets over everything this tool reads from outside (issue 11), shared by the bounded
+property tests (test_fuzz.py) and the longer campaign (benchmarks/fuzz.py).
+
+Each target starts from a valid input (tiny: 2 layers, 64 x 64, r=4), applies random mutations
+drawn by hypothesis (values replaced by hostile or mistyped ones, keys deleted, lists permuted,
+indices nudged, header bytes flipped) and reads the result with the real reader. The properties:
+
+- the reader either accepts it or raises one of the tool's own error types (``TOOL_ERRORS``);
+  any other exception is a finding (it would be a traceback);
+- no file outside the input's folder is opened (a Python audit hook watches ``open``; a copy of a
+  valid file with a matching checksum waits outside as bait);
+- what is accepted round-trips: written back by the tool and read again, it gives the same values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hypothesis import strategies as st
+
+from exporters.executorch_backend import read_task_file, write_task_file
+from exporters.manifest import MANIFEST, FileEntry, Manifest, ManifestError, TaskFileError, file_entry, verify_all
+from hydraopt_mobile.adapters import AdapterError, TaskAdapter, load_adapter
+from hydraopt_mobile.bundle import BundleError
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.peft_io import write_peft_folder
+from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
+
+TOOL_ERRORS = (AdapterError, BundleError, ManifestError, TaskFileError)
+BAIT = "outside.bin"
+
+# ---------------------------------------------------------------- mutations
+
+HOSTILE_STRINGS = [
+    "", ".", "..", "../" + BAIT, "/etc/hostname", "tasks/../../" + BAIT, "tasks", "task0", "TASK0", "a/b",
+    "shared.safetensors", "manifest.json", "fp16", "int8", "int4-g32", "int4-g7", "int4-gx", "w", "q", "scale",
+    "-1", "NaN", "1e309", "\x00", "é", "q_proj(", ".*", "F16", "I64", "BOOL",
+]
+SCALARS = (
+    st.none() | st.booleans() | st.integers(-3, 130) | st.integers(-(2**63), 2**64) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=12)
+)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=6), inner, max_size=3), max_leaves=6)
+
+
+def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+def _get(doc: Any, path: tuple) -> Any:
+    for p in path:
+        doc = doc[p]
+    return doc
+
+
+def mutate_json(data: st.DataObject, doc: Any, max_steps: int = 3) -> Any:
+    """``doc`` after 1..max_steps random edits at random places of its tree."""
+    doc = copy.deepcopy(doc)
+    for _ in range(data.draw(st.integers(1, max_steps), label="steps")):
+        path = data.draw(st.sampled_from(_paths(doc)), label="path")
+        node = _get(doc, path)
+        op = data.draw(st.sampled_from(["replace", "delete", "nudge", "permute", "sibling", "add"]), label="op")
+        if op == "nudge" and isinstance(node, int) and not isinstance(node, bool):
+            new: Any = node + data.draw(st.sampled_from([-1, 1, -node - 1, 99, 2**31]), label="delta")
+        elif op == "permute" and isinstance(node, list) and len(node) > 1:
+            new = data.draw(st.permutations(node), label="permutation")
+        elif op == "permute" and isinstance(node, dict) and len(node) > 1:
+            keys = list(node)
+            new = dict(zip(keys, data.draw(st.permutations([node[k] for k in keys]), label="values")))
+        elif op == "sibling":  # a value from elsewhere in the same document: plausible but wrong
+            new = copy.deepcopy(_get(doc, data.draw(st.sampled_from(_paths(doc)), label="from")))
+        elif op == "add" and isinstance(node, dict):
+            node[data.draw(st.sampled_from(HOSTILE_STRINGS), label="key")] = data.draw(VALUES, label="value")
+            continue
+        elif op == "delete" and path:
+            parent = _get(doc, path[:-1])
+            del parent[path[-1]]
+            continue
+        else:
+            new = data.draw(VALUES, label="value")
+        if not path:
+            doc = new
+        else:
+            _get(doc, path[:-1])[path[-1]] = new
+    return doc
+
+
+def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def mutate_safetensors(data: st.DataObject, raw: bytes) -> bytes:
+    """A safetensors file with its header edited (JSON mutations, or raw byte flips and lengths)."""
+    header, body = split_safetensors(raw)
+    if data.draw(st.booleans(), label="json header edit"):
+        text = json.dumps(mutate_json(data, header)).encode()
+        return struct.pack("<Q", len(text)) + text + body
+    buf = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 4), label="flips")):
+        i = data.draw(st.integers(0, min(len(buf), 8 + len(json.dumps(header))) - 1), label="at")
+        buf[i] = data.draw(st.integers(0, 255), label="byte")
+    if data.draw(st.booleans(), label="truncate"):
+        buf = buf[: data.draw(st.integers(0, len(buf)), label="length")]
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- watching reads
+
+
+class ReadWatch:
+    """Records every ``open`` of a path under ``root`` that is not under ``allowed`` (audit hook)."""
+
+    root: Path | None = None
+    allowed: Path | None = None
+    escapes: list[str] = []
+    _installed = False
+
+    @classmethod
+    def watch(cls, root: Path, allowed: Path) -> None:
+        if not cls._installed:
+            sys.addaudithook(cls._hook)
+            cls._installed = True
+        cls.root, cls.allowed, cls.escapes = root.resolve(), allowed.resolve(), []
+
+    @classmethod
+    def stop(cls) -> list[str]:
+        cls.root = cls.allowed = None
+        return cls.escapes
+
+    @classmethod
+    def _hook(cls, event: str, args: tuple) -> None:
+        if event != "open" or cls.root is None or not isinstance(args[0], (str, Path)):
+            return
+        path = Path(args[0]).resolve()
+        if path.is_relative_to(cls.root) and not path.is_relative_to(cls.allowed):
+            cls.escapes.append(str(path))
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    make: Callable[[Path], Path]  # root -> the valid input's folder, under root
+    read: Callable[[st.DataObject, Path], Any]  # mutate the copy of the folder, then read it (watched)
+    round_trip: Callable[[Path, Any], None]  # what read accepted, written back and read again
+
+
+def _dense(factors: dict) -> dict[str, torch.Tensor]:
+    return {m: f.dense() for m, f in factors.items()}
+
+
+def make_adapter(root: Path) -> Path:
+    shapes = llama_shapes(2, 64, 32)
+    return write_peft_adapter(root / "adapter", planted_factors(shapes, 1, 4, 0.05, 0)[0], 4, 8)
+
+
+def adapter_round_trip(folder: Path, adapter: TaskAdapter) -> None:
+    out = folder.parent / "round-trip"
+    write_peft_folder(adapter.modules, out, adapter.base_model)
+    again = load_adapter(out, "task0")
+    want, got = _dense(adapter.modules), _dense(again.modules)
+    assert want.keys() == got.keys() and all(torch.allclose(want[m], got[m], atol=1e-5) for m in want), "adapter round trip differs"
+
+
+def read_adapter_config(data: st.DataObject, folder: Path) -> TaskAdapter:
+    cfg = folder / "adapter_config.json"
+    cfg.write_text(json.dumps(mutate_json(data, json.loads(cfg.read_text()))))
+    return load_adapter(folder, "task0")
+
+
+def read_adapter_header(data: st.DataObject, folder: Path) -> TaskAdapter:
+    st_file = folder / "adapter_model.safetensors"
+    st_file.write_bytes(mutate_safetensors(data, st_file.read_bytes()))
+    return load_adapter(folder, "task0")
+
+
+def make_export_folder(root: Path) -> Path:
+    """An export folder's manifest and files (the bytes are stand-ins: only the manifest reader and
+    the checksum verification run here; the runtimes' own tests use real exports)."""
+    folder = root / "export"
+    (folder / "tasks").mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"program" * 10)
+    tasks = ["task0", "task1"]
+    files = [file_entry(folder, "model.onnx", "program")]
+    for t in tasks:
+        (folder / "tasks" / f"{t}.onnx_adapter").write_bytes(t.encode() * 20)
+        files.append(file_entry(folder, f"tasks/{t}.onnx_adapter", "task", t))
+    model = {"architecture": "LlamaForCausalLM", "n_layers": 2, "kv_heads": 2, "head_dim": 16, "vocab_size": 256, "eos_token_id": [2], "max_cache_len": 64, "parameters": 1}
+    Manifest("0123456789abcdef", "onnxruntime", "fp32", "hydraopt", tasks, files, {"slot.w": [4, 64]}, "fp16", [], None, {}, model).write(folder)
+    shutil.copy(folder / "tasks" / "task0.onnx_adapter", root / BAIT)  # bait: same bytes as task0's file
+    return folder
+
+
+def read_export_manifest(data: st.DataObject, folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    path.write_text(json.dumps(mutate_json(data, json.loads(path.read_text()))))
+    manifest = Manifest.read(folder)
+    verify_all(manifest, folder)
+    return manifest
+
+
+def export_manifest_round_trip(folder: Path, manifest: Manifest) -> None:
+    manifest.write(folder)
+    assert Manifest.read(folder) == manifest, "export manifest round trip differs"
+
+
+def make_task_file(root: Path) -> Path:
+    """An ExecuTorch task file (the bank's encodings: fp16, int8, int4 + scales)."""
+    folder = root / "taskfile"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    stored = {
+        f"slot{i}": StoredFactor.encode(torch.randn(4, 64, generator=g), NumberFormat.parse(label), transposed=False)
+        for i, label in enumerate(["fp16", "int8", "int4-g32"])
+    }
+    write_task_file(folder / "task0.safetensors", stored, "0123456789abcdef", "task0")
+    return folder
+
+
+def read_task_file_mutated(data: st.DataObject, folder: Path) -> list[torch.Tensor]:
+    path = folder / "task0.safetensors"
+    path.write_bytes(mutate_safetensors(data, path.read_bytes()))
+    return read_task_file(path, ["slot0", "slot1", "slot2"], [[4, 64]] * 3)
+
+
+def task_file_round_trip(folder: Path, values: list[torch.Tensor]) -> None:
+    """Decoded values are what a runtime gets: the manifest's shapes, written back as fp16 and read alike."""
+    assert [list(v.shape) for v in values] == [[4, 64]] * 3, "task file accepted with other shapes"
+    stored = {f"slot{i}": StoredFactor.encode(v, NumberFormat("fp16"), transposed=False) for i, v in enumerate(values)}
+    write_task_file(folder / "again.safetensors", stored, "0123456789abcdef", "task0")
+    again = read_task_file(folder / "again.safetensors", list(stored), [[4, 64]] * 3)
+    assert all(torch.equal(a, v.half().float()) for a, v in zip(again, values)), "task file round trip differs"
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in [
+        Target("adapter_config", make_adapter, read_adapter_config, adapter_round_trip),
+        Target("adapter_safetensors_header", make_adapter, read_adapter_header, adapter_round_trip),
+        Target("export_manifest", make_export_folder, read_export_manifest, export_manifest_round_trip),
+        Target("executorch_task_file", make_task_file, read_task_file_mutated, task_file_round_trip),
+    ]
+}
+
+
+def run_case(target: Target, data: st.DataObject, pristine: Path, work: Path) -> str:
+    """One fuzz case in ``work`` (emptied by the caller): the outcome, or AssertionError for a finding."""
+    folder = Path(shutil.copytree(pristine.parent, work, dirs_exist_ok=True)) / pristine.name
+    ReadWatch.watch(work, folder)
+    try:
+        value = target.read(data, folder)
+    except TOOL_ERRORS as e:
+        return type(e).__name__
+    finally:
+        escapes = ReadWatch.stop()
+        assert not escapes, f"{target.name}: opened outside the folder: {escapes}"
+    target.round_trip(folder, value)
+    return "accepted"
