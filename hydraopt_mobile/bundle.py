@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -27,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_dir, json_marker
 from .bank import SHARED, MergedBank, MergedModule, task_file
 from .formats import NumberFormat, StoredFactor
+from .paths import confined, duplicate_ignoring_case, task_name_problem
+from .schemas import read_json, validate
 from .storage import FILE_METADATA, factor_key
 
 FORMAT_VERSION = 2
@@ -85,9 +88,28 @@ def manifest_for(bank: MergedBank, files: dict[str, dict]) -> dict:
     }
 
 
+def sorted_tasks(bank: MergedBank) -> MergedBank:
+    """``bank`` with its tasks in sorted order (factor indices permuted alike). A bundle keeps its
+    tasks sorted, so a reader can tell a reordered task list, which would otherwise silently attach
+    shared factors to the wrong tasks, from the written one."""
+    order = sorted(range(len(bank.tasks)), key=lambda t: bank.tasks[t])
+    if order == list(range(len(order))):
+        return bank
+    modules = {
+        name: replace(m, a_index=[m.a_index[t] for t in order], b_index=[m.b_index[t] for t in order])
+        for name, m in bank.modules.items()
+    }
+    return replace(bank, tasks=[bank.tasks[t] for t in order], modules=modules)
+
+
 def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Path:
     """Write ``bank`` to ``out`` (temporary folder, renamed into place when complete); ``inputs``:
-    the paths this run read, which ``out`` may not replace."""
+    the paths this run read, which ``out`` may not replace. Tasks are written in sorted order."""
+    for task in bank.tasks:
+        problem = task_name_problem(task)
+        if problem:
+            raise BundleError(f"{out}: {problem}")
+    bank = sorted_tasks(bank)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for file, part, _ in bank.packed():
         tensors.setdefault(file, {}).update(part)
@@ -95,46 +117,125 @@ def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False, inputs: I
         (tmp / "tasks").mkdir()
         files = {}
         for rel, data in tensors.items():
-            save_file(data, str(tmp / rel), metadata=FILE_METADATA)
-            files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
+            path = confined(tmp, rel, BundleError)
+            save_file(data, str(path), metadata=FILE_METADATA)
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         (tmp / MANIFEST).write_text(json.dumps(manifest_for(bank, files), separators=(",", ":")))
     return Path(out)
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest of bundle ``path``, checked against schemas/bundle-manifest.schema.json and
+    :func:`check_manifest`; no tensor file has been opened yet."""
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing; {path} is not a bundle")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e})") from e
-    if manifest.get("format") != "hydraopt-bundle" or manifest.get("version") != FORMAT_VERSION:
+    manifest = read_json(mpath, BundleError)
+    if not isinstance(manifest, dict) or manifest.get("format") != "hydraopt-bundle" or manifest.get("version") != FORMAT_VERSION:
         raise BundleError(f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest")
+    validate(manifest, "bundle-manifest", mpath, BundleError)
+    check_manifest(manifest, mpath)
     return manifest
 
 
-def verify_files(path: Path, manifest: dict) -> None:
-    """Refuse any file whose size or sha256 differs from the manifest."""
+def _factor_file(tasks: list[str], index: list[int], i: int) -> tuple[str, int | None]:
+    """Where factor ``i`` lives (storage.py): its one task's file, or the shared file at index ``i``."""
+    users = [t for t, g in enumerate(index) if g == i]
+    return (task_file(tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
+
+
+def expected_tensors(manifest: dict) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """Per file, the tensors (key -> dtype, shape) that the manifest's layouts imply."""
+    out: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+    for m, (_, d_out, d_in, layout_id) in enumerate(manifest["modules"]):
+        layout = manifest["layouts"][layout_id]
+        fmt = NumberFormat.parse(layout["format"])
+        for kind, ranks, index, length in (("A", layout["a_ranks"], layout["a_index"], d_in), ("B", layout["b_ranks"], layout["b_index"], d_out)):
+            for i, rank in enumerate(ranks):
+                if rank:
+                    rel, at = _factor_file(manifest["tasks"], index, i)
+                    for part, (dtype, shape) in fmt.encoded_shapes(rank, length).items():
+                        out.setdefault(rel, {})[factor_key(m, kind, at, part)] = (dtype, tuple(shape))
+    return out
+
+
+def check_manifest(manifest: dict, where: Path) -> None:
+    """What the schema cannot say: task order and names, index bounds, ranks that fit, files."""
+    tasks = manifest["tasks"]
+    if tasks != sorted(tasks):
+        raise BundleError(f"{where}: tasks are not in sorted order; a reordered list would attach factors to the wrong tasks")
+    clash = duplicate_ignoring_case(tasks)
+    if clash:
+        raise BundleError(f"{where}: tasks {clash[0]!r} and {clash[1]!r} differ only in case")
+    names = [m[0] for m in manifest["modules"]]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{where}: a module is listed twice")
+    for name, _, _, layout_id in manifest["modules"]:
+        if layout_id >= len(manifest["layouts"]):
+            raise BundleError(f"{where}: module {name!r}: layout {layout_id} of {len(manifest['layouts'])}")
+    for n, layout in enumerate(manifest["layouts"]):
+        at = f"{where}: layouts[{n}]"
+        for kind in ("a", "b"):
+            index, ranks = layout[f"{kind}_index"], layout[f"{kind}_ranks"]
+            if len(index) != len(tasks):
+                raise BundleError(f"{at}.{kind}_index: {len(index)} entries for {len(tasks)} tasks")
+            if sorted(set(index)) != list(range(len(ranks))):
+                raise BundleError(f"{at}.{kind}_index: must use each of the {len(ranks)} stored factors, and only those")
+        for t, task in enumerate(tasks):
+            ra, rb = layout["a_ranks"][layout["a_index"][t]], layout["b_ranks"][layout["b_index"][t]]
+            if ra != rb:
+                raise BundleError(f"{at}: task {task!r} pairs an A of rank {ra} with a B of rank {rb}")
+    unknown = set(manifest["rel_errors"]) - set(tasks)
+    if unknown:
+        raise BundleError(f"{where}: rel_errors for tasks not in the bundle: {sorted(unknown)}")
+    needed, listed = set(expected_tensors(manifest)), set(manifest["files"])
+    if needed != listed:
+        raise BundleError(f"{where}: files {sorted(listed)} but the layouts need {sorted(needed)}")
+    if manifest["file_bytes"] != sum(f["bytes"] for f in manifest["files"].values()):
+        raise BundleError(f"{where}: file_bytes is not the sum of the files' bytes")
+
+
+def verify_files(path: Path, manifest: dict) -> dict[str, Path]:
+    """Each listed file, confined to the bundle folder (symlinks included) and with the size and
+    sha256 of the manifest; refuses any other."""
+    paths = {}
     for rel, info in manifest["files"].items():
-        f = Path(path) / rel
+        f = confined(Path(path), rel, BundleError)
         if not f.is_file():
             raise BundleError(f"{f}: listed in the manifest but missing")
         if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise BundleError(f"{f}: checksum mismatch with {MANIFEST} (file changed or corrupt)")
+        paths[rel] = f
+    return paths
 
 
 def load_bundle(path: str | Path) -> MergedBank:
-    """Read a bundle, verifying every file's checksum first."""
+    """Read a bundle, verifying everything first (:func:`open_bundle`)."""
+    return open_bundle(path)[1]
+
+
+def open_bundle(path: str | Path) -> tuple[dict, MergedBank]:
+    """The checked manifest and the bank of bundle ``path``: the one reader behind ``unpack``,
+    ``inspect`` and the exporters. Checks the manifest, every file's place, size and sha256, then
+    every tensor's key, dtype and shape against the layouts, before building anything."""
     path = Path(path)
     manifest = read_manifest(path)
-    verify_files(path, manifest)
+    files = verify_files(path, manifest)
     tensors: dict[str, torch.Tensor] = {}
-    for rel in manifest["files"]:
+    for rel, want in expected_tensors(manifest).items():
         try:
-            tensors.update({f"{rel}:{k}": v for k, v in load_file(str(path / rel)).items()})
-        except (SafetensorError, OSError) as e:
-            raise BundleError(f"{path / rel}: unreadable safetensors ({e})") from e
+            data = load_file(str(files[rel]))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise BundleError(f"{files[rel]}: unreadable safetensors ({e})") from e
+        if set(data) != set(want):
+            odd = sorted(set(data) ^ set(want))
+            raise BundleError(f"{files[rel]}: tensors {odd[:3]} do not match the manifest's layouts")
+        for key, (dtype, shape) in want.items():
+            if data[key].dtype != dtype or tuple(data[key].shape) != shape:
+                raise BundleError(f"{files[rel]}: tensor {key} is {data[key].dtype} {list(data[key].shape)}, the layout needs {dtype} {list(shape)}")
+            if data[key].is_floating_point() and not torch.isfinite(data[key]).all():
+                raise BundleError(f"{files[rel]}: tensor {key} holds NaN or Inf")
+        tensors.update({f"{rel}:{k}": v for k, v in data.items()})
     tasks = manifest["tasks"]
     modules = {}
     for m, (name, d_out, d_in, layout_id) in enumerate(manifest["modules"]):
@@ -143,18 +244,16 @@ def load_bundle(path: str | Path) -> MergedBank:
         module = MergedModule((d_out, d_in), list(layout["a_index"]), list(layout["b_index"]), [], [])
         for kind, ranks, length in (("A", layout["a_ranks"], d_in), ("B", layout["b_ranks"], d_out)):
             for i, rank in enumerate(ranks):
-                users = module.users(kind, i)
-                rel, index = (task_file(tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
-                data = {part: torch.zeros(shape, dtype=dtype) for part, (dtype, shape) in fmt.encoded_shapes(rank, length).items()}
-                for part in data if rank else ():
-                    key = f"{rel}:{factor_key(m, kind, index, part)}"
-                    if key not in tensors:
-                        raise BundleError(f"{path / rel}: tensor {factor_key(m, kind, index, part)} ({name}) missing")
-                    data[part] = tensors[key]
+                rel, index = _factor_file(tasks, module.a_index if kind == "A" else module.b_index, i)
+                parts = fmt.encoded_shapes(rank, length)
+                if rank:
+                    data = {part: tensors[f"{rel}:{factor_key(m, kind, index, part)}"] for part in parts}
+                else:  # a rank-0 factor (a task without this module) stores nothing
+                    data = {part: torch.zeros(shape, dtype=dtype) for part, (dtype, shape) in parts.items()}
                 shape = (rank, d_in) if kind == "A" else (d_out, rank)
                 (module.A if kind == "A" else module.B).append(StoredFactor(fmt, data, shape, kind == "B"))
         modules[name] = module
-    return MergedBank(
+    return manifest, MergedBank(
         tasks=tasks,
         modules=modules,
         method=manifest["method"],
@@ -162,5 +261,5 @@ def load_bundle(path: str | Path) -> MergedBank:
         fingerprint={"base_model": manifest["base_model"], "module_shapes": {name: [o, i] for name, o, i, _ in manifest["modules"]}},
         reference_file_bytes=manifest["reference_file_bytes"],
         reference_payload_bytes=manifest["reference_payload_bytes"],
-        rel_errors=manifest.get("rel_errors", {}),
+        rel_errors=manifest["rel_errors"],
     )

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .bundle import MANIFEST, load_bundle, read_manifest
+from .bundle import MANIFEST, open_bundle
 from .sharing import layout_summary, plan_label, saving_breakdown
 
 
 def inspect_bundle(path: Path) -> dict:
     """Tasks, layouts, exact bytes on disk (shared, per task, total), what the plan shares, what
     sharing saved against rank/format, and per-task error. Reads the bundle as ``unpack`` does."""
-    bank = load_bundle(path)
-    manifest = read_manifest(path)
+    manifest, bank = open_bundle(path)
     sizes = {rel: (Path(path) / rel).stat().st_size for rel in manifest["files"]}
     per_task = {t: sizes.get(f"tasks/{t}.safetensors", 0) for t in bank.tasks}
     file_bytes = sum(sizes.values())

@@ -69,7 +69,7 @@ def test_task_names_unique_ignoring_case_and_folder_names_checked(make_adapters,
     assert code == 2 and "folder name 'my adapter' is not a valid task name" in text and "NAME=PATH" in text
     code, text = run("merge", f"v1.2_x-y={spaced}", b, "--out", tmp_path / "b")
     assert code == 0, text
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["tasks"] == ["v1.2_x-y", "task1"]
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["tasks"] == ["task1", "v1.2_x-y"]  # bundles keep tasks sorted
 
 
 def test_task_name_rule_is_the_one_in_the_schemas():
