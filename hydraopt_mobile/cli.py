@@ -130,9 +130,10 @@ def _print_inspect(path: Path) -> None:
     console.print(f"[bold]{info['bundle']}[/]: method {info['method']} {info['params']}, {len(info['tasks'])} tasks, {info['n_modules']} modules")
     console.print(f"plan: [bold]{info['plan']}[/]; " + ", ".join(f"{k} x{v}" for k, v in info["layout_summary"]["sharing"].items()))
     console.print("layouts: " + "; ".join(f"{k} x{v}" for k, v in info["layouts"].items()))
+    fraction = "-" if info["storage_fraction"] is None else f"{info['storage_fraction']:.4f}"  # no reference recorded
     console.print(
         f"storage: {info['file_bytes']:,} file bytes (shared {b['shared']:,}, per task {sum(b['per_task'].values()):,} in all) = "
-        f"{info['storage_fraction']:.4f} of fp16 one-adapter-per-task ({info['reference_file_bytes']:,} file bytes); manifest {b['manifest']:,} bytes"
+        f"{fraction} of fp16 one-adapter-per-task ({info['reference_file_bytes']:,} file bytes); manifest {b['manifest']:,} bytes"
     )
     saved = s["saved_by_rank_and_format"] + s["saved_by_sharing"]
     if saved > 0:
