@@ -211,3 +211,16 @@ def atomic_dir(out: Path, overwrite: bool = False, *, kind: OutputKind, inputs: 
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write one file through a temporary file beside it and a rename (results files, rewritten in
+    place by design: no ``--overwrite`` rules apply)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

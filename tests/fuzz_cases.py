@@ -25,11 +25,14 @@ from typing import Any, Callable
 
 import torch
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from exporters.executorch_backend import read_task_file, write_task_file
 from exporters.manifest import MANIFEST, FileEntry, Manifest, ManifestError, TaskFileError, file_entry, verify_all
-from hydraopt_mobile.adapters import AdapterError, TaskAdapter, load_adapter
-from hydraopt_mobile.bundle import BundleError
+from hydraopt_mobile.adapters import AdapterError, TaskAdapter, build_adapter_set, load_adapter
+from hydraopt_mobile.bank import MergedBank, grouped_module
+from hydraopt_mobile.bundle import BundleError, load_bundle, sha256_file, write_bundle
+from hydraopt_mobile.cli import app
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.peft_io import write_peft_folder
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
@@ -250,6 +253,67 @@ def task_file_round_trip(folder: Path, values: list[torch.Tensor]) -> None:
     assert all(torch.equal(a, v.half().float()) for a, v in zip(again, values)), "task file round trip differs"
 
 
+def make_bundle(root: Path) -> Path:
+    """A 3-task bundle with every kind of module: A shared + B per task (fp16), A in two groups
+    (int8), everything per task (int4), one factor pair for all (fp16)."""
+    shapes = llama_shapes(2, 64, 32)
+    factors = planted_factors(shapes, 3, 4, 0.3, 0)
+    adapters = build_adapter_set([load_adapter(write_peft_adapter(root / "ad" / f"t{t}", f, 4, 8), f"t{t}") for t, f in enumerate(factors)])
+    plans = {"q_proj": ([0, 0, 0], [0, 1, 2], "fp16"), "k_proj": ([0, 0, 1], [0, 1, 2], "int8"), "v_proj": ([0, 1, 2], [0, 1, 2], "int4-g32"), "o_proj": ([0, 0, 0], [0, 0, 0], "fp16")}
+    modules = {}
+    for name in adapters.module_names:
+        a_index, b_index, label = plans[name.rsplit(".", 1)[-1]]
+        fs = adapters.factors(name)
+        A = [fs[a_index.index(g)].A for g in range(max(a_index) + 1)]
+        B = [fs[b_index.index(g)].B for g in range(max(b_index) + 1)]
+        modules[name] = grouped_module(adapters.shapes[name], a_index, b_index, A, B, NumberFormat.parse(label))
+    bank = MergedBank(adapters.task_names, modules, "fuzz", fingerprint=adapters.fingerprint(), reference_file_bytes=1, reference_payload_bytes=1)
+    shutil.rmtree(root / "ad")
+    folder = write_bundle(bank, root / "bundle")
+    shutil.copy(folder / "tasks" / "t0.safetensors", root / BAIT)
+    return folder
+
+
+def read_bundle_manifest(data: st.DataObject, folder: Path) -> MergedBank:
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(mutate_json(data, json.loads(path.read_text()))))
+    return read_bundle_both_ways(folder)
+
+
+def read_bundle_task_file(data: st.DataObject, folder: Path) -> MergedBank:
+    """A task file's header edited and the manifest's size and checksum updated to match (an editor
+    who knows the format)."""
+    task = folder / "tasks" / "t0.safetensors"
+    task.write_bytes(mutate_safetensors(data, task.read_bytes()))
+    path = folder / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["files"]["tasks/t0.safetensors"] = {"bytes": task.stat().st_size, "sha256": sha256_file(task)}
+    raw["file_bytes"] = sum(f["bytes"] for f in raw["files"].values())
+    path.write_text(json.dumps(raw))
+    return read_bundle_both_ways(folder)
+
+
+def read_bundle_both_ways(folder: Path) -> MergedBank:
+    """``unpack``'s reader and the ``inspect`` command (printing included) must agree."""
+    result = CliRunner().invoke(app, ["inspect", str(folder)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), f"inspect: traceback {result.exception!r}"
+    try:
+        bank = load_bundle(folder)
+    except BundleError:
+        assert result.exit_code == 2, "inspect accepted a bundle that unpack refuses"
+        raise
+    assert result.exit_code == 0, f"inspect refused a bundle that unpack accepts: {result.output}"
+    return bank
+
+
+def bundle_round_trip(folder: Path, bank: MergedBank) -> None:
+    again = load_bundle(write_bundle(bank, folder.parent / "round-trip"))
+    assert again.tasks == bank.tasks, "bundle round trip changed the tasks"
+    for task in bank.tasks:
+        want, got = _dense(bank.task_factors(task)), _dense(again.task_factors(task))
+        assert want.keys() == got.keys() and all(torch.equal(want[m], got[m]) for m in want), f"bundle round trip differs for {task}"
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in [
@@ -257,6 +321,8 @@ TARGETS: dict[str, Target] = {
         Target("adapter_safetensors_header", make_adapter, read_adapter_header, adapter_round_trip),
         Target("export_manifest", make_export_folder, read_export_manifest, export_manifest_round_trip),
         Target("executorch_task_file", make_task_file, read_task_file_mutated, task_file_round_trip),
+        Target("bundle_manifest", make_bundle, read_bundle_manifest, bundle_round_trip),
+        Target("bundle_task_file", make_bundle, read_bundle_task_file, bundle_round_trip),
     ]
 }
 
