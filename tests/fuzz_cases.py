@@ -49,6 +49,7 @@ HOSTILE_STRINGS = [
 ]
 SCALARS = (
     st.none() | st.booleans() | st.integers(-3, 130) | st.integers(-(2**63), 2**64) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0.0, 1.0, 4.0, -1.0])  # integral floats: JSON Schema would call them integers
     | st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=12)
 )
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=6), inner, max_size=3), max_leaves=6)

@@ -97,6 +97,7 @@ def test_reordered_task_list_is_refused_not_a_silently_wrong_task(bundle, pristi
         (lambda raw: raw["layouts"][0]["b_index"].__setitem__(0, -1), "b_index[0]: -1 is less than the minimum of 0"),
         (lambda raw: raw["layouts"][0]["a_index"].__setitem__(0, 99), "a_index: must use each of the 2 stored factors"),
         (lambda raw: raw["modules"][0].__setitem__(3, 99), "layout 99 of"),
+        (lambda raw: raw["modules"][0].__setitem__(3, 0.0), "modules[0][3]: is a number 0.0, expected integer"),
         (lambda raw: [raw], "not a version-2 hydraopt bundle manifest"),
         (lambda raw: raw.update(reference_file_bytes="12MB"), "reference_file_bytes: is a string"),
         (lambda raw: raw["layouts"][0]["b_ranks"].__setitem__(0, 3), "pairs an A of rank 4 with a B of rank 3"),

@@ -97,6 +97,15 @@ def test_overwrite_never_deletes_a_folder_this_tool_did_not_write(make_adapters,
     assert hidden(tmp_path) == []
 
 
+def test_overwrite_over_a_file_keeps_the_file_and_leaves_nothing(make_adapters, tmp_path):
+    paths = make_adapters(n_tasks=2)
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    code, text = run("merge", *paths, "--out", target, "--overwrite")
+    assert code == 2 and "not a bundle written by hydraopt" in text
+    assert target.read_text() == "mine" and hidden(tmp_path) == []
+
+
 def test_overwrite_refuses_an_input_of_the_same_run_or_its_parent(make_adapters, tmp_path):
     a, b = make_adapters(n_tasks=2)
     before = (a / "adapter_model.safetensors").read_bytes()

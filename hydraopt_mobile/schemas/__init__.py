@@ -12,7 +12,7 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 MAX_JSON_BYTES = 64 << 20  # a manifest or config is kilobytes; refuse to parse a huge file
@@ -23,9 +23,17 @@ def schema(name: str) -> dict:
     return json.loads(files(__package__).joinpath(f"{name}.schema.json").read_text())
 
 
+# JSON Schema counts 1.0 as an integer; the readers index lists with these values, so here an
+# integer is a JSON number written without a fraction or exponent (a Python int).
+_Validator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool)),
+)
+
+
 @cache
 def _validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return _Validator(schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def _reject_constant(token: str) -> None:
