@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.schemas import validate
 
 
 QUANTS = ("fp32", "8da4w", "8da8w")
@@ -112,26 +113,35 @@ def write_task_file(path: Path, stored: dict[str, StoredFactor], export_id: str,
 
 
 def read_task_file(path: Path, order: list[str], shapes: list[list[int]] | None = None) -> list[torch.Tensor]:
-    """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order; each must
-    have the manifest's shape (``shapes``), or :class:`TaskFileError` names the file and slot."""
+    """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order. Its
+    ``formats`` metadata is checked against schemas/task-file-formats.schema.json and each slot
+    must decode to the manifest's shape (``shapes``), or :class:`TaskFileError` names the file."""
     from .manifest import TaskFileError
 
     out = []
     try:
         with safe_open(str(path), framework="pt") as fh:
-            formats = json.loads((fh.metadata() or {})["formats"], parse_constant=float)
+            formats = json.loads((fh.metadata() or {}).get("formats", "null"), parse_constant=_no_constant)
+            validate(formats, "task-file-formats", path, TaskFileError)
             for i, slot in enumerate(order):
+                if slot not in formats:
+                    raise TaskFileError(f"{path}: no slot {slot!r}")
                 label, shape, transposed = formats[slot]
-                fmt = NumberFormat.parse(label)
                 keys = [k for k in fh.keys() if k.startswith(slot + "/")]
                 data = {k.removeprefix(slot + "/"): fh.get_tensor(k) for k in keys}
-                value = StoredFactor(fmt, data, tuple(shape), bool(transposed)).values()
+                value = StoredFactor(NumberFormat.parse(label), data, tuple(shape), transposed).values()
                 if shapes is not None and list(value.shape) != list(shapes[i]):
-                    raise ValueError(f"slot {slot!r} decodes to {list(value.shape)}, the manifest says {shapes[i]}")
+                    raise TaskFileError(f"{path}: slot {slot!r} decodes to {list(value.shape)}, the manifest says {shapes[i]}")
                 out.append(value)
-    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, SafetensorError) as e:
+    except TaskFileError:
+        raise
+    except (KeyError, ValueError, RuntimeError, SafetensorError) as e:  # missing parts, tensors that do not decode
         raise TaskFileError(f"{path}: not a task file of this export ({type(e).__name__}: {e})") from e
     return out
+
+
+def _no_constant(token: str) -> None:
+    raise ValueError(f"{token} is not a JSON number")
 
 
 def export_program(

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .paths import TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
+from .paths import MODULE_NAME_PATTERN, TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
 from .schemas import read_json, validate
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,6 +25,7 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MODULE_NAME = re.compile(MODULE_NAME_PATTERN)
 
 
 class AdapterError(ValueError):
@@ -198,6 +199,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> TaskAdapter:
         if m is None:
             kind = "bias" if key.endswith(".bias") else "non-LoRA"
             raise AdapterError(f"{file}: tensor {key!r} is a {kind} weight that a LoRA bank cannot carry")
+        if not _MODULE_NAME.match(m["module"]):
+            raise AdapterError(f"{file}: tensor {key!r}: module name {m['module']!r} is not a PyTorch module path")
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{file}: tensor {key!r} contains NaN or Inf values")
         parts.setdefault(m["module"], {})[m["which"]] = tensor

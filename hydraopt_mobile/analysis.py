@@ -17,6 +17,7 @@ from rich.progress import Progress
 from .adapters import AdapterSet, LoraFactors
 from .atomic import atomic_dir, json_marker
 from .factored import inner, sq_norm
+from .paths import confined
 
 METRICS = ("cos_A", "cos_B", "subspace_A", "subspace_B", "cos_dW")
 FORMAT = "hydraopt-analysis"
@@ -111,7 +112,7 @@ def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=6)
             ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
             fig.colorbar(im, ax=ax, shrink=0.7)
-        path = out_dir / f"similarity_{lt}.png"
+        path = confined(out_dir, f"similarity_{lt}.png", ValueError)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

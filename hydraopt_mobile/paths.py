@@ -16,6 +16,9 @@ from pathlib import Path, PurePosixPath
 TASK_NAME_PATTERN = r"^(?!.*\.\.)(?!.*\.$)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TASK_NAME_RULE = "letters, digits, '_', '-' and '.', starting with a letter or digit, at most 64 characters, no '..', not ending in '.'"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
+# Module names end up in file names (analysis heatmaps) and graph input names: PyTorch attribute
+# paths only (identifiers and indices separated by dots). Also in bundle-manifest.schema.json.
+MODULE_NAME_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 
 
 def task_name_problem(name: object) -> str | None:

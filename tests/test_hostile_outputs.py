@@ -19,7 +19,7 @@ from hydraopt_mobile.adapters import AdapterError, load_adapter
 from hydraopt_mobile.atomic import OutputExists, atomic_dir, remove_stale
 from hydraopt_mobile.bundle import BUNDLE
 from hydraopt_mobile.cli import app, console
-from hydraopt_mobile.paths import TASK_NAME_PATTERN
+from hydraopt_mobile.paths import MODULE_NAME_PATTERN, TASK_NAME_PATTERN
 from hydraopt_mobile.schemas import schema
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
 
@@ -72,9 +72,19 @@ def test_task_names_unique_ignoring_case_and_folder_names_checked(make_adapters,
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["tasks"] == ["task1", "v1.2_x-y"]  # bundles keep tasks sorted
 
 
+def test_module_names_that_are_not_module_paths_are_refused(tmp_path):
+    """Module names become heatmap file names and graph input names: 'a./../../x' would escape."""
+    f = planted_factors(llama_shapes(1, 64, 32), 1, 4)[0]
+    A, B = next(iter(f.values()))
+    a = write_peft_adapter(tmp_path / "a", {"model.layers.0/../../../evil.q_proj": (A, B)}, 4, 8)
+    with pytest.raises(AdapterError, match="is not a PyTorch module path"):
+        load_adapter(a)
+
+
 def test_task_name_rule_is_the_one_in_the_schemas():
     assert schema("bundle-manifest")["$defs"]["task"]["pattern"] == TASK_NAME_PATTERN
     assert schema("export-manifest")["$defs"]["task"]["pattern"] == TASK_NAME_PATTERN
+    assert schema("bundle-manifest")["properties"]["modules"]["items"]["prefixItems"][0]["pattern"] == MODULE_NAME_PATTERN
 
 
 @pytest.mark.parametrize("command", ["merge", "analyze", "unpack"])
