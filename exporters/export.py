@@ -24,7 +24,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
-from hydraopt_mobile.paths import confined
+from hydraopt_mobile.paths import confined, task_name_problem
 
 from . import executorch_backend, onnx_backend
 from .manifest import SCHEMA, FileEntry, Manifest, file_entry
@@ -121,6 +121,10 @@ def export_bank(
     if quant not in allowed:
         raise ValueError(f"--quant {quant!r}: {fmt} exports support {', '.join(allowed)}")
     bank = _load_bank(bank_or_path)
+    for task in bank.tasks:  # they become file names (a bundle's were checked when it was read)
+        problem = task_name_problem(task)
+        if problem:
+            raise ValueError(problem)
     model_dir = Path(model_dir)
     export_id = uuid.uuid4().hex[:16]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

@@ -119,7 +119,7 @@ def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def json_safe(value):
+def json_safe(value: object) -> object:
     """``value`` with every NaN replaced by None: JSON has no NaN (a similarity is undefined between
     factors of different ranks, and the off-diagonal mean of a single task)."""
     if isinstance(value, float) and math.isnan(value):
@@ -135,6 +135,6 @@ def write_analysis(adapters: AdapterSet, out: Path, overwrite: bool = False) -> 
     """Write ``similarity.json`` (undefined values as null) and the heatmaps to ``out``."""
     result = analyze(adapters)
     with atomic_dir(out, overwrite, kind=ANALYSIS, inputs=[t.path for t in adapters.tasks]) as tmp:
-        (tmp / "similarity.json").write_text(json.dumps({"format": FORMAT, **json_safe(result)}, indent=1, allow_nan=False))
+        (tmp / "similarity.json").write_text(json.dumps(json_safe({"format": FORMAT, **result}), indent=1, allow_nan=False))
         plot_heatmaps(result, tmp)
     return result
