@@ -69,7 +69,7 @@ fetch_debs() {
 setup_tools() {
     fetch_debs
     local r="$CACHE/root"
-    export LD_LIBRARY_PATH="$r/usr/lib/x86_64-linux-gnu/android:$r/usr/lib/x86_64-linux-gnu:$r/usr/lib/android-sdk/platform-tools/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH="$r/usr/lib/x86_64-linux-gnu/android:$r/usr/lib/x86_64-linux-gnu:$r/usr/lib/p7zip:$r/usr/lib:$r/usr/lib/android-sdk/platform-tools/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     local bt="$r/usr/lib/android-sdk/build-tools/debian"
     ANDROID_JAR="$r/usr/lib/android-sdk/platforms/android-23/android.jar"
     AAPT2="$bt/aapt2"; ZIPALIGN="$bt/zipalign"; DEXDUMP="$bt/dexdump"
@@ -152,8 +152,10 @@ build_apk() {
         mkdir -p "$build/apk/assets/export"
         cp -r "$export_dir"/. "$build/apk/assets/export/"
     fi
-    # libraries and model files stored uncompressed (mmap-able, page-aligned by zipalign -p)
-    (cd "$build/apk" && zip -q -0 -r "$build/unaligned.apk" .)
+    # native libraries compressed (extractNativeLibs: installed once), export files stored as they are
+    # (already dense; AssetManager streams them to the app's files folder on the first start)
+    (cd "$build/apk" && zip -q -9 -r "$build/unaligned.apk" lib)
+    if [ -d "$build/apk/assets" ]; then (cd "$build/apk" && zip -q -0 -r "$build/unaligned.apk" assets); fi
     "$ZIPALIGN" -f -p 4 "$build/unaligned.apk" "$build/aligned.apk"
     local ks="$CACHE/debug.keystore"
     if [ ! -f "$ks" ]; then
@@ -177,7 +179,8 @@ check_apk() {  # the checks of the issue: signature, activity, both ABIs' ORT li
     local apk="$1" build="$2" listing
     apksigner verify --verbose "$apk" | grep -q "Verified using v2 scheme (APK Signature Scheme v2): true" \
         || die "apksigner verify failed"
-    "$AAPT2" dump xmltree --file AndroidManifest.xml "$apk" | grep -q "$PKG.MainActivity" || die "MainActivity not in the manifest"
+    "$AAPT2" dump badging "$apk" 2>/dev/null | grep -q "launchable-activity: name='$PKG.MainActivity'" \
+        || die "$PKG.MainActivity is not the APK's launchable activity"
     listing=$(unzip -l "$apk")
     for abi in $ABIS; do
         grep -q "lib/$abi/libonnxruntime.so" <<< "$listing" || die "lib/$abi/libonnxruntime.so missing"
