@@ -134,7 +134,9 @@ build_apk() {
     app_sources > "$build/sources.txt"
     log "compiling $(wc -l < "$build/sources.txt") Java sources against android.jar (API 23) and ONNX Runtime $ORT_VERSION"
     "$AAPT2" compile --dir "$SRC/res" -o "$build/res/res.zip"
-    "$AAPT2" link -I "$ANDROID_JAR" --manifest "$SRC/AndroidManifest.xml" --min-sdk-version $MIN_SDK \
+    # what Gradle does with `namespace`: the package attribute of the merged manifest
+    sed "s|<manifest |<manifest package=\"$PKG\" |" "$SRC/AndroidManifest.xml" > "$build/AndroidManifest.xml"
+    "$AAPT2" link -I "$ANDROID_JAR" --manifest "$build/AndroidManifest.xml" --min-sdk-version $MIN_SDK \
         --target-sdk-version 23 --java "$build/gen" -o "$build/base.apk" "$build/res/res.zip"
     javac -nowarn -Xlint:-options -source 8 -target 8 -encoding UTF-8 -bootclasspath "$ANDROID_JAR" \
         -cp "$ORT_JAR" -d "$build/classes" @"$build/sources.txt" $(find "$build/gen" -name '*.java')
@@ -199,18 +201,19 @@ check_apk() {  # the checks of the issue: signature, activity, both ABIs' ORT li
 }
 
 # --- JUnit on the host JVM ---------------------------------------------------------------------
-junit() {  # junit [TEST_CLASS...]: compiles the app's plain-Java classes and the tests, runs JUnit 4
+junit() {  # junit [-Dname=value...] [TEST_CLASS...]: the app's plain-Java classes and the tests on JUnit 4
     setup_tools; fetch_ort; retarget_ort
-    local b="$CACHE/junit" classes=()
+    local b="$CACHE/junit" props=() classes=()
+    while [ $# -gt 0 ] && [ "${1#-D}" != "$1" ]; do props+=("$1"); shift; done
     rm -rf "$b"; mkdir -p "$b/classes"
     # the plain-Java part of the app (no android.* imports) and the tests
     grep -L '^import android\.' $(app_sources) > "$b/sources.txt"
-    find "$HERE/app/src/test/java" -name '*.java' >> "$b/sources.txt"
+    find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
     javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
     if [ $# -gt 0 ]; then classes=("$@"); else
-        classes=($(cd "$HERE/app/src/test/java" && find . -name '*Test.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | sort))
+        mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*Test.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
     fi
-    java -cp "$b/classes:$JUNIT_CP:$ORT_JAR" org.junit.runner.JUnitCore "${classes[@]}"
+    java "${props[@]}" -cp "$b/classes:$JUNIT_CP:$ORT_JAR" org.junit.runner.JUnitCore "${classes[@]}"
 }
 
 main() {

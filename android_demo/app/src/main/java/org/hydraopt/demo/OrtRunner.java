@@ -71,7 +71,15 @@ public final class OrtRunner implements AutoCloseable {
         // the LoRA slots are inputs with defaults on purpose; ORT warns about each one
         options.setSessionLogLevel(OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR);
         program = env.createSession(programFile.getPath(), options);
-        taskDecoder = env.createSession(decoderFile.getPath(), options);
+        // ONNX Runtime 1.29 (the AAR's version) segfaults creating a session on the task decoder graph
+        // (Cast/Transpose on inputs with defaults) at ORT_ENABLE_ALL; 1.32 does not. The graph runs once
+        // per task load, so the extended level costs nothing measurable (README, "ONNX Runtime 1.29").
+        OrtSession.SessionOptions decoderOptions = new OrtSession.SessionOptions();
+        decoderOptions.setIntraOpNumThreads(1);
+        decoderOptions.setInterOpNumThreads(1);
+        decoderOptions.setSessionLogLevel(OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR);
+        decoderOptions.setOptimizationLevel(OrtSession.SessionOptions.OptLevel.EXTENDED_OPT);
+        taskDecoder = env.createSession(decoderFile.getPath(), decoderOptions);
         List<String> outputs = new ArrayList<String>(program.getOutputNames());
         presentIndex = new int[2 * manifest.nLayers];
         for (int i = 0; i < presentIndex.length; i++) {
