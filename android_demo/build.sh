@@ -3,7 +3,9 @@
 #
 #   android_demo/build.sh [--export DIR | --no-export] [--out DIR]
 #   android_demo/build.sh tools          only fetch and prepare the tools (cached)
-#   android_demo/build.sh junit          build and run the JUnit tests on the host JVM
+#   android_demo/build.sh junit [-D...]  build and run the plain-Java JUnit tests on the host JVM
+#   android_demo/build.sh junit-runtime [-D...]  the runtime tests (*HostTest) on ONNX Runtime's Java API
+#                                        built for the host (see host_ort below)
 #
 # Tools come from Debian packages (bookworm: aapt2, zipalign, apksigner, dexdump, junit4, adb;
 # bullseye: android.jar API 23 and dx), fetched with private apt trees so the system's apt is not
@@ -26,18 +28,18 @@ log() { printf '[android] %s\n' "$*" >&2; }
 die() { printf '[android] error: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages through a private apt tree -------------------------------------------------
-apt_tree() {  # apt_tree NAME SUITE: print the apt options of a private tree for SUITE
+apt_tree() {  # apt_tree NAME SUITE [TYPES]: print the apt options of a private tree for SUITE
     local t="$CACHE/apt/$1"
     mkdir -p "$t/etc/apt/sources.list.d" "$t/etc/apt/preferences.d" "$t/lists/partial" "$t/cache/archives/partial"
     cat > "$t/etc/apt/sources.list.d/debian.sources" <<EOF
-Types: deb
+Types: ${3:-deb}
 URIs: http://deb.debian.org/debian
 Suites: $2
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
     local status=/var/lib/dpkg/status
-    [ "$1" = old ] && { : > "$t/status"; status="$t/status"; }
+    [ "$1" != new ] && { : > "$t/status"; status="$t/status"; }
     echo "-o Dir::Etc=$t/etc/apt -o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts=$t/etc/apt/sources.list.d" \
          "-o Dir::State=$t -o Dir::State::Lists=$t/lists -o Dir::State::status=$status -o Dir::Cache=$t/cache" \
          "-o Debug::NoLocking=1 -o APT::Sandbox::User=root"
@@ -200,6 +202,58 @@ check_apk() {  # the checks of the issue: signature, activity, both ABIs' ORT li
     log "checks passed: apksigner verify (v2), MainActivity in the manifest, libonnxruntime.so for $ABIS, $(wc -l < "$build/dex-classes.txt") classes in the dex"
 }
 
+# --- ONNX Runtime's Java API on the host JVM (for the runtime tests) ----------------------------------
+# The AAR's JNI glue is built for Android only, and no package ships it for linux-x64. Closest real
+# thing from the registries: the Java API and JNI glue of ONNX Runtime 1.21.0 from Debian's source
+# package (trixie, the archive's orig tarball, checked against the signed Sources index), compiled
+# here, on top of the ONNX Runtime C library 1.30.0 for linux-x64 from npm onnxruntime-node. The app's
+# own classes (compiled against the AAR's 1.29 API) run on it; only the Java API version differs.
+HOST_ORT_SRC_VERSION="1.21.0+dfsg-1"
+HOST_ORT_NODE="onnxruntime-node@1.30.0"
+host_ort() {
+    local d="$CACHE/host-ort" src orig sha tgz jdk
+    HOST_ORT_JAR="$d/ort-java-1.21.0-host.jar"; HOST_ORT_LIB="$d/lib"
+    [ -f "$d/.done" ] && return
+    command -v gcc >/dev/null || die "gcc not found: the JNI glue is compiled here"
+    src=$(apt_tree src trixie deb-src)
+    log "fetching ONNX Runtime $HOST_ORT_SRC_VERSION sources from Debian (orig tarball, 38 MB) and $HOST_ORT_NODE from npm (113 MB)"
+    # shellcheck disable=SC2086
+    apt-get -q $src update >/dev/null
+    mkdir -p "$CACHE/apt/src/dl"
+    orig="onnxruntime_${HOST_ORT_SRC_VERSION%-*}.orig.tar.xz"
+    # shellcheck disable=SC2086
+    sha=$(apt-cache $src showsrc onnxruntime 2>/dev/null | sed -n '/^Checksums-Sha256:/,/^[A-Z]/p' | awk -v f="$orig" '$3 == f {print $1}' | head -1)
+    [ -n "$sha" ] || die "onnxruntime $HOST_ORT_SRC_VERSION is not in Debian trixie's Sources index"
+    if ! echo "$sha  $CACHE/apt/src/dl/$orig" | sha256sum -c --status 2>/dev/null; then
+        # only the orig tarball is needed; the archive mirror here has served it without the .dsc,
+        # so apt's status is not trusted: the file's SHA-256 is checked against the index instead
+        # shellcheck disable=SC2086
+        (cd "$CACHE/apt/src/dl" && apt-get -q $src source --download-only "onnxruntime=$HOST_ORT_SRC_VERSION" >/dev/null 2>&1 || true)
+        echo "$sha  $CACHE/apt/src/dl/$orig" | sha256sum -c --status || die "$orig: download failed or SHA-256 differs from Debian's index"
+    fi
+    tgz="$CACHE/npm/onnxruntime-node-1.30.0.tgz"
+    if [ ! -f "$tgz" ]; then (mkdir -p "$CACHE/npm" && cd "$CACHE/npm" && npm pack --silent "$HOST_ORT_NODE" >/dev/null); fi
+    rm -rf "$d.tmp"; mkdir -p "$d.tmp/src" "$d.tmp/classes" "$d.tmp/hdr" "$d.tmp/cfg" "$d.tmp/lib"
+    tar xJf "$CACHE/apt/src/dl/$orig" -C "$d.tmp/src" --strip-components=1 --wildcards \
+        '*/java/src/main/java/*' '*/java/src/main/jvm/*' '*/java/src/main/native/*' '*/include/*' \
+        '*/onnxruntime/core/providers/*.h' '*/cmake/onnxruntime_config.h.in'
+    tar xzf "$tgz" -C "$d.tmp" package/bin/napi-v6/linux/x64/libonnxruntime.so.1
+    mv "$d.tmp/package/bin/napi-v6/linux/x64/libonnxruntime.so.1" "$d.tmp/lib/"
+    ln -s libonnxruntime.so.1 "$d.tmp/lib/libonnxruntime.so"
+    (cd "$d.tmp/src" && javac -nowarn -encoding UTF-8 -h "$d.tmp/hdr" -d "$d.tmp/classes" \
+        $(find java/src/main/java java/src/main/jvm -name '*.java'))
+    sed -e 's|#cmakedefine ORT_VERSION .*|#define ORT_VERSION "1.21.0"|' -e 's|#cmakedefine \(.*\)|/* #undef \1 */|' \
+        "$d.tmp/src/cmake/onnxruntime_config.h.in" > "$d.tmp/cfg/onnxruntime_config.h"
+    jdk=$(dirname "$(dirname "$(readlink -f "$(command -v javac)")")")
+    (cd "$d.tmp/src" && gcc -shared -fPIC -O2 -w -I"$jdk/include" -I"$jdk/include/linux" -I"$d.tmp/hdr" -I"$d.tmp/cfg" \
+        -Iinclude -Iinclude/onnxruntime -Iinclude/onnxruntime/core/session -I. -Ionnxruntime -Iorttraining/orttraining/training_api/include \
+        java/src/main/native/*.c \
+        -o "$d.tmp/lib/libonnxruntime4j_jni.so" -L"$d.tmp/lib" -l:libonnxruntime.so.1 -Wl,-rpath,'$ORIGIN')
+    (cd "$d.tmp/classes" && zip -qr "../$(basename "$HOST_ORT_JAR")" .)
+    rm -rf "$d.tmp/src" "$d.tmp/classes" "$d.tmp/hdr" "$d.tmp/cfg" "$d.tmp/package"
+    rm -rf "$d"; mv "$d.tmp" "$d"; touch "$d/.done"
+}
+
 # --- JUnit on the host JVM ---------------------------------------------------------------------
 junit() {  # junit [-Dname=value...] [TEST_CLASS...]: the app's plain-Java classes and the tests on JUnit 4
     setup_tools; fetch_ort; retarget_ort
@@ -211,9 +265,24 @@ junit() {  # junit [-Dname=value...] [TEST_CLASS...]: the app's plain-Java class
     find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
     javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
     if [ $# -gt 0 ]; then classes=("$@"); else
-        mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*Test.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
+        mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*Test.java' ! -name '*HostTest.java' \
+            | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
     fi
     java "${props[@]}" -cp "$b/classes:$JUNIT_CP:$ORT_JAR" org.junit.runner.JUnitCore "${classes[@]}"
+}
+
+junit_runtime() {  # junit-runtime [-D...]: the *HostTest classes (the app's runtime code) on ONNX Runtime's Java API
+    setup_tools; fetch_ort; retarget_ort; host_ort
+    local b="$CACHE/junit-runtime" props=() classes=()
+    while [ $# -gt 0 ] && [ "${1#-D}" != "$1" ]; do props+=("$1"); shift; done
+    rm -rf "$b"; mkdir -p "$b/classes"
+    grep -L '^import android\.' $(app_sources) > "$b/sources.txt"
+    find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
+    # compiled against the app's ORT API (the AAR's 1.29), run on the host build of the Java API
+    javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
+    mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*HostTest.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
+    java "${props[@]}" -Donnxruntime.native.path="$HOST_ORT_LIB" -cp "$b/classes:$JUNIT_CP:$HOST_ORT_JAR" \
+        org.junit.runner.JUnitCore "${classes[@]}"
 }
 
 main() {
@@ -221,6 +290,8 @@ main() {
     case "${1:-}" in
         tools) tools; log "tools ready in $CACHE"; return ;;
         junit) shift; junit "$@"; return ;;
+        junit-runtime) shift; junit_runtime "$@"; return ;;
+        host-ort) setup_tools; host_ort; log "host ONNX Runtime Java API in $CACHE/host-ort"; return ;;
     esac
     while [ $# -gt 0 ]; do
         case "$1" in

@@ -160,10 +160,51 @@ def test_java_unit_tests_pass_on_the_host_jvm(exports, tokenizer_cases):
         "junit", f"-Dhydraopt.export={exports['fp32']}", f"-Dhydraopt.foreign_export={exports['foreign']}",
         f"-Dhydraopt.tasks={','.join(TASKS)}", f"-Dhydraopt.tokenizer.cases={tokenizer_cases}",
     )
-    declared = sum(p.read_text().count("@Test") for p in (ANDROID / "app" / "src" / "test").rglob("*Test.java"))
+    declared = _declared_tests("*Test.java") - _declared_tests("*HostTest.java")
     ran = re.search(r"^OK \((\d+) tests?\)", r.stdout, re.M)
     assert ran, r.stdout[-3000:]
     assert int(ran.group(1)) == declared >= 15
+
+
+def _declared_tests(pattern: str) -> int:
+    return sum(p.read_text().count("@Test") for p in (ANDROID / "app" / "src" / "test").rglob(pattern))
+
+
+RUNTIME_PROMPT = [5, 17, 200, 33, 9, 121, 64, 3]
+
+
+@pytest.fixture(scope="module")
+def runtime_reference(tmp_path_factory, exports) -> Path:
+    """What the host's Python runtime (exporters/runtime.py, ONNX Runtime 1.32) gives on the tiny
+    exports: per task, last prefill logits, first decode logits, 6 greedy tokens; and the base model."""
+    from exporters.runtime import greedy, open_export
+
+    ref: dict = {"prompt": RUNTIME_PROMPT}
+    for quant in ("fp32", "int4"):
+        session = open_export(exports[quant])
+        entry = {"export": str(exports[quant]), "base": {"tokens": greedy(session, RUNTIME_PROMPT, 6).tokens}, "tasks": {}}
+        for task in TASKS:
+            session.set_task(task)
+            prefill = session.prefill(RUNTIME_PROMPT)
+            step = session.decode(int(prefill[-1].argmax()))
+            entry["tasks"][task] = {
+                "prefill_last": prefill[-1].tolist(), "decode_first": step.tolist(),
+                "tokens": greedy(session, RUNTIME_PROMPT, 6).tokens,
+            }
+        ref[quant] = entry
+    path = tmp_path_factory.mktemp("runtime-ref") / "reference.json"
+    path.write_text(json.dumps(ref))
+    return path
+
+
+def test_app_runtime_code_matches_the_host_runtime_on_the_host_jvm(runtime_reference):
+    """OrtRunner (sessions, task load and switch, KV-cache decode) and DeviceRunner on real exports,
+    on ONNX Runtime's Java API built for the host by build.sh (Java API + JNI glue 1.21.0 from Debian's
+    source package, C library 1.30.0 from npm onnxruntime-node; the app ships 1.29.0 from the AAR)."""
+    r = run_build("junit-runtime", f"-Dhydraopt.runtime.reference={runtime_reference}")
+    ran = re.search(r"^OK \((\d+) tests?\)", r.stdout, re.M)
+    assert ran, r.stdout[-3000:] + r.stderr[-2000:]
+    assert int(ran.group(1)) == _declared_tests("*HostTest.java") >= 4
 
 
 def _app_ort_python() -> Path:

@@ -22,8 +22,11 @@ import java.util.Map;
  * it on the host: one session on the program (the resident weights and shared LoRA factors), one on
  * the small task decoder graph. {@link #loadTask} verifies the task file against the manifest, loads
  * it as an {@link OrtLoraAdapter} and runs the task decoder once with it active, which gives the
- * task's fp32 LoRA slots; {@link #setTask} only picks which slots the program is fed (the switch:
- * nothing is reloaded). The KV cache is explicit: {@code past.i} in, {@code present.i} out.
+ * task's fp32 LoRA slots. The host feeds those slots as inputs; ORT's Java API cannot (it refuses
+ * inputs that have defaults), so they become a second, in-memory adapter ({@link LoraAdapterBytes})
+ * that is active on every program run of that task. {@link #setTask} only picks which run options
+ * (which adapter) the program runs with: the switch reloads nothing. The KV cache is explicit:
+ * {@code past.i} in, {@code present.i} out.
  * Plain Java (no android.*), so the same code runs wherever ONNX Runtime's Java API loads.
  */
 public final class OrtRunner implements AutoCloseable {
@@ -50,7 +53,8 @@ public final class OrtRunner implements AutoCloseable {
     private final OrtEnvironment env;
     private final OrtSession program;
     private final OrtSession taskDecoder;
-    private final Map<String, OrtSession.Result> slots = new HashMap<String, OrtSession.Result>();
+    private final Map<String, OrtLoraAdapter> slots = new HashMap<String, OrtLoraAdapter>();  // task -> decoded slots
+    private final Map<String, OrtSession.RunOptions> runOptions = new HashMap<String, OrtSession.RunOptions>();
     private final Map<String, Double> loadMs = new HashMap<String, Double>();
     private String active;
     private double lastSwitchMs;
@@ -100,15 +104,32 @@ public final class OrtRunner implements AutoCloseable {
         File file = manifest.verifiedTaskFile(task, null);
         OrtLoraAdapter adapter = OrtLoraAdapter.create(file.getPath());
         OrtSession.RunOptions options = new OrtSession.RunOptions();
+        List<LoraAdapterBytes.Tensor> decoded = new ArrayList<LoraAdapterBytes.Tensor>();
         try {
             options.addActiveLoraAdapter(adapter);
-            OrtSession.Result decoded = taskDecoder.run(Collections.<String, OnnxTensor>emptyMap(), options);
-            OrtSession.Result old = slots.put(task, decoded);
-            if (old != null) old.close();
+            OrtSession.Result out = taskDecoder.run(Collections.<String, OnnxTensor>emptyMap(), options);
+            try {
+                for (Map.Entry<String, OnnxValue> e : out) {
+                    OnnxTensor t = (OnnxTensor) e.getValue();
+                    FloatBuffer fb = t.getFloatBuffer();
+                    float[] values = new float[fb.remaining()];
+                    fb.get(values);
+                    decoded.add(new LoraAdapterBytes.Tensor(e.getKey(), t.getInfo().getShape(), values));
+                }
+            } finally {
+                out.close();
+            }
         } finally {
             options.close();
             adapter.close();
         }
+        OrtLoraAdapter taskSlots = OrtLoraAdapter.create(LoraAdapterBytes.write(decoded, 1, 1));
+        OrtSession.RunOptions run = new OrtSession.RunOptions();
+        run.addActiveLoraAdapter(taskSlots);
+        OrtLoraAdapter oldSlots = slots.put(task, taskSlots);
+        OrtSession.RunOptions oldRun = runOptions.put(task, run);
+        if (oldRun != null) oldRun.close();
+        if (oldSlots != null) oldSlots.close();
         double ms = (System.nanoTime() - t0) / 1e6;
         loadMs.put(task, ms);
         return ms;
@@ -153,9 +174,6 @@ public final class OrtRunner implements AutoCloseable {
             OnnxTensor input = OnnxTensor.createTensor(env, LongBuffer.wrap(idArr), new long[] {1, ids.length});
             owned.add(input);
             feeds.put("input_ids", input);
-            if (active != null) {
-                for (Map.Entry<String, OnnxValue> e : slots.get(active)) feeds.put(e.getKey(), (OnnxTensor) e.getValue());
-            }
             for (int i = 0; i < 2 * manifest.nLayers; i++) {
                 OnnxTensor p;
                 if (past == null) {
@@ -166,7 +184,7 @@ public final class OrtRunner implements AutoCloseable {
                 }
                 feeds.put("past." + i, p);
             }
-            OrtSession.Result out = program.run(feeds);
+            OrtSession.Result out = active == null ? program.run(feeds) : program.run(feeds, runOptions.get(active));
             OnnxTensor logits = (OnnxTensor) out.get(0);
             long[] shape = logits.getInfo().getShape();
             int vocab = (int) shape[2];
@@ -210,7 +228,9 @@ public final class OrtRunner implements AutoCloseable {
     @Override
     public void close() {
         if (past != null) past.close();
-        for (OrtSession.Result r : slots.values()) r.close();
+        for (OrtSession.RunOptions r : runOptions.values()) r.close();
+        for (OrtLoraAdapter a : slots.values()) a.close();
+        runOptions.clear();
         slots.clear();
         try {
             program.close();
