@@ -3,6 +3,7 @@
 #
 #   android_demo/build.sh [--export DIR | --no-export] [--out DIR]
 #   android_demo/build.sh tools          only fetch and prepare the tools (cached)
+#   android_demo/build.sh adb ARGS...    Debian's adb from the same cache
 #   android_demo/build.sh junit [-D...]  build and run the plain-Java JUnit tests on the host JVM
 #   android_demo/build.sh junit-runtime [-D...]  the runtime tests (*HostTest) on ONNX Runtime's Java API
 #                                        built for the host (see host_ort below)
@@ -291,6 +292,7 @@ main() {
         tools) tools; log "tools ready in $CACHE"; return ;;
         junit) shift; junit "$@"; return ;;
         junit-runtime) shift; junit_runtime "$@"; return ;;
+        adb) shift; setup_tools; exec "$ADB" "$@" ;;
         host-ort) setup_tools; host_ort; log "host ONNX Runtime Java API in $CACHE/host-ort"; return ;;
     esac
     while [ $# -gt 0 ]; do

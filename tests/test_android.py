@@ -293,3 +293,18 @@ def test_ort_java_api_cannot_run_on_the_host_jvm_with_registry_parts():
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode != 0 and "UnsatisfiedLinkError" in r.stdout + r.stderr and "onnxruntime4j_jni" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_bench_android_adb_without_a_device_says_so_and_writes_nothing(exports, tmp_path):
+    """`hydraopt bench android-adb EXPORT` with Debian's adb (from build.sh's cache) and no phone attached."""
+    devices = run_build("adb", "devices").stdout
+    try:
+        assert devices.strip() == "List of devices attached", f"a device is attached here; this test expects none:\n{devices}"
+        out = tmp_path / "device_android.json"
+        r = subprocess.run([sys.executable, "-m", "hydraopt_mobile.cli", "bench", "android-adb", str(exports["fp32"]), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "no Android device attached" in r.stdout and "nothing was run" in r.stdout
+        assert not out.exists()
+    finally:
+        run_build("adb", "kill-server")  # the adb server this test started
