@@ -2,6 +2,8 @@
 # Build the demo app as a signed debug APK without Gradle or Maven (see README.md).
 #
 #   android_demo/build.sh [--export DIR | --no-export] [--out DIR]
+#       default export: $HYDRAOPT_ANDROID_EXPORT, else the demo bank's ONNX int4 export in the cache
+#       (benchmarks/android_apk.py makes it); default --out: android_demo/build/
 #   android_demo/build.sh tools          only fetch and prepare the tools (cached)
 #   android_demo/build.sh adb ARGS...    Debian's adb from the same cache
 #   android_demo/build.sh junit [-D...]  build and run the plain-Java JUnit tests on the host JVM
@@ -13,7 +15,7 @@
 # touched, and ONNX Runtime's Android AAR from npm (com.github.asus4.onnxruntime@0.4.9, ORT 1.29).
 # Everything downloaded or derived is cached under ${HYDRAOPT_CACHE:-~/.cache/hydraopt-mobile}/android.
 # The APK carries the JNI libraries of that same AAR (arm64-v8a, x86_64) and, unless --no-export,
-# the export given by --export (default: $HYDRAOPT_ANDROID_EXPORT if set) under assets/export/.
+# an export under assets/export/.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${HYDRAOPT_CACHE:-$HOME/.cache/hydraopt-mobile}/android"
@@ -132,7 +134,7 @@ build_apk() {
     local export_dir="$1" out="$2" t0 build
     t0=$(date +%s.%N)
     tools
-    build="$CACHE/build"
+    build="$out/intermediates"  # per output folder: two builds at once do not share state
     rm -rf "$build"; mkdir -p "$build/res" "$build/classes" "$build/dex" "$build/apk"
     app_sources > "$build/sources.txt"
     log "compiling $(wc -l < "$build/sources.txt") Java sources against android.jar (API 23) and ONNX Runtime $ORT_VERSION"
@@ -287,7 +289,7 @@ junit_runtime() {  # junit-runtime [-D...]: the *HostTest classes (the app's run
 }
 
 main() {
-    local export_dir="${HYDRAOPT_ANDROID_EXPORT:-}" out="$HERE/build"
+    local export_dir="${HYDRAOPT_ANDROID_EXPORT:-}" out="$HERE/build" explicit=0
     case "${1:-}" in
         tools) tools; log "tools ready in $CACHE"; return ;;
         junit) shift; junit "$@"; return ;;
@@ -297,12 +299,19 @@ main() {
     esac
     while [ $# -gt 0 ]; do
         case "$1" in
-            --export) export_dir="$2"; shift 2 ;;
-            --no-export) export_dir=""; shift ;;
+            --export) export_dir="$2"; explicit=1; shift 2 ;;
+            --no-export) export_dir=""; explicit=1; shift ;;
             --out) out="$2"; shift 2 ;;
             *) die "unknown argument $1 (usage: build.sh [--export DIR | --no-export] [--out DIR] | tools | junit)" ;;
         esac
     done
+    if [ $explicit = 0 ] && [ -z "$export_dir" ]; then
+        # default: the demo bank's ONNX int4 export (HydraOpt at 1/T), as benchmarks/android_apk.py caches it
+        export_dir=$(ls -dt "${HYDRAOPT_CACHE:-$HOME/.cache/hydraopt-mobile}"/exports/onnx-int4-hydraopt-*/ 2>/dev/null | head -1)
+        export_dir="${export_dir%/}"
+        [ -n "$export_dir" ] || die "no demo export in the cache: make it with 'python benchmarks/android_apk.py' (ONNX int4 export of the demo bank), or pass --export DIR or --no-export"
+        log "default export: $export_dir"
+    fi
     build_apk "$export_dir" "$out"
 }
 main "$@"

@@ -144,7 +144,7 @@ def test_gradle_module_and_build_sh_compile_the_same_sources(apk):
     assert 'namespace "org.hydraopt.demo"' in gradle and "onnxruntime-android:1.29.0" in gradle
     main = ANDROID / "app" / "src" / "main"
     expected = sorted(str(p) for p in (main / "java").rglob("*.java"))
-    build = android_cache() / "build"
+    build = apk[0] / "intermediates"
     assert (build / "sources.txt").read_text().split("\n")[:-1] == expected
     dex = set((build / "dex-classes.txt").read_text().split())
     for src in expected:
