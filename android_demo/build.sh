@@ -45,7 +45,7 @@ EOF
     [ "$1" != new ] && { : > "$t/status"; status="$t/status"; }
     echo "-o Dir::Etc=$t/etc/apt -o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts=$t/etc/apt/sources.list.d" \
          "-o Dir::State=$t -o Dir::State::Lists=$t/lists -o Dir::State::status=$status -o Dir::Cache=$t/cache" \
-         "-o Debug::NoLocking=1 -o APT::Sandbox::User=root"
+         "-o Debug::NoLocking=1 -o APT::Sandbox::User=$(id -un)"
 }
 
 fetch_debs() {

@@ -62,8 +62,9 @@ public class MainActivity extends Activity {
             public void run() {
                 try {
                     File folder = intent.hasExtra("export") ? new File(intent.getStringExtra("export")) : copyAssetExport();
+                    // sizes of every file now; checksums when each file is opened (program and task decoder
+                    // by OrtRunner, each task file when it is loaded, the tokenizer files here)
                     final ExportManifest m = ExportManifest.read(folder);
-                    m.verifyAll();
                     File tplFile = m.chatTemplate() != null ? m.verified(m.chatTemplate()) : null;
                     if (tplFile != null) ChatTemplate.check(ExportManifest.readUtf8(tplFile));
                     final BpeTokenizer tok = new BpeTokenizer(m.verified(m.tokenizerJson()));
