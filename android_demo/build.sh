@@ -9,6 +9,7 @@
 #   android_demo/build.sh junit [-D...]  build and run the plain-Java JUnit tests on the host JVM
 #   android_demo/build.sh junit-runtime [-D...]  the runtime tests (*HostTest) on ONNX Runtime's Java API
 #                                        built for the host (see host_ort below)
+#   android_demo/build.sh host-answer EXPORT TASK PROMPT [MAX_NEW [SYSTEM]]  the app's answer path on the host JVM
 #
 # Tools come from Debian packages (bookworm: aapt2, zipalign, apksigner, dexdump, junit4, adb;
 # bullseye: android.jar API 23 and dx), fetched with private apt trees so the system's apt is not
@@ -274,15 +275,20 @@ junit() {  # junit [-Dname=value...] [TEST_CLASS...]: the app's plain-Java class
     java "${props[@]}" -cp "$b/classes:$JUNIT_CP:$ORT_JAR" org.junit.runner.JUnitCore "${classes[@]}"
 }
 
-junit_runtime() {  # junit-runtime [-D...]: the *HostTest classes (the app's runtime code) on ONNX Runtime's Java API
+junit_runtime_classes() {  # the app's plain-Java classes and the tests, compiled against the AAR's 1.29 API
     setup_tools; fetch_ort; retarget_ort; host_ort
-    local b="$CACHE/junit-runtime" props=() classes=()
-    while [ $# -gt 0 ] && [ "${1#-D}" != "$1" ]; do props+=("$1"); shift; done
+    local b="$CACHE/junit-runtime"
     rm -rf "$b"; mkdir -p "$b/classes"
     grep -L '^import android\.' $(app_sources) > "$b/sources.txt"
     find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
-    # compiled against the app's ORT API (the AAR's 1.29), run on the host build of the Java API
     javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
+}
+
+junit_runtime() {  # junit-runtime [-D...]: the *HostTest classes (the app's runtime code) on ONNX Runtime's Java API
+    local b="$CACHE/junit-runtime" props=() classes=()
+    while [ $# -gt 0 ] && [ "${1#-D}" != "$1" ]; do props+=("$1"); shift; done
+    # compiled against the app's ORT API (the AAR's 1.29), run on the host build of the Java API
+    junit_runtime_classes
     mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*HostTest.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
     java "${props[@]}" -Donnxruntime.native.path="$HOST_ORT_LIB" -cp "$b/classes:$JUNIT_CP:$HOST_ORT_JAR" \
         org.junit.runner.JUnitCore "${classes[@]}"
@@ -294,6 +300,9 @@ main() {
         tools) tools; log "tools ready in $CACHE"; return ;;
         junit) shift; junit "$@"; return ;;
         junit-runtime) shift; junit_runtime "$@"; return ;;
+        host-answer) shift; junit_runtime_classes
+            exec java -Donnxruntime.native.path="$HOST_ORT_LIB" -cp "$CACHE/junit-runtime/classes:$HOST_ORT_JAR" \
+                org.hydraopt.demo.HostAnswer "$@" ;;
         adb) shift; setup_tools; exec "$ADB" "$@" ;;
         host-ort) setup_tools; host_ort; log "host ONNX Runtime Java API in $CACHE/host-ort"; return ;;
     esac
