@@ -25,6 +25,8 @@ import java.io.OutputStream;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
 
 /**
  * The demo: the export's tasks, a prompt and its streamed greedy answer, and what it costs.
@@ -281,13 +283,21 @@ public class MainActivity extends Activity {
         });
     }
 
-    private static void background(Runnable r) {
-        new Thread(r, "hydraopt-worker").start();
+    /** One worker thread: loading, switching and generating never overlap (OrtRunner is not thread-safe). */
+    private final ExecutorService worker = Executors.newSingleThreadExecutor();
+
+    private void background(Runnable r) {
+        worker.execute(r);
     }
 
     @Override
     protected void onDestroy() {
-        if (runner != null) runner.close();
+        worker.execute(new Runnable() {
+            public void run() {
+                if (runner != null) runner.close();
+            }
+        });
+        worker.shutdown();
         super.onDestroy();
     }
 }
