@@ -308,3 +308,52 @@ def test_bench_android_adb_without_a_device_says_so_and_writes_nothing(exports, 
         assert not out.exists()
     finally:
         run_build("adb", "kill-server")  # the adb server this test started
+
+
+# Java APIs the dexed ONNX Runtime classes may use beyond android.jar 23: API 24 additions (the AAR's
+# minSdk) and java.nio.file (API 26), which ORT only uses on its desktop library-extraction path
+# (skipped when OnnxRuntime.isAndroid()); LambdaMetafactory stays as an unused constant after desugaring.
+API_24_OR_GUARDED = ("java/util/stream/", "java/util/function/", "java/util/Optional", "java/nio/file/",
+                     "java/lang/invoke/LambdaMetafactory", "java/util/Arrays.stream", "java/util/Set.stream",
+                     "java/util/Collection.stream", "java/util/List.stream")
+
+
+def test_retargeted_ort_classes_call_only_java_apis_android_has(apk):
+    """Every java.* method the dexed ONNX Runtime classes reference resolves in android.jar (API 23),
+    walking superclasses and interfaces, or is one of the known API 24 / guarded ones above; a Java 9+
+    call (List.of, covariant ByteBuffer.position, ...) left by the Java 17 build would fail here."""
+    sys.path.insert(0, str(ANDROID / "tools"))
+    from retarget_classes import ClassFile
+
+    cache = android_cache()
+    android_jar = zipfile.ZipFile(cache / "root" / "usr" / "share" / "java" / "com.android.android-23.jar")
+    ort_jar = zipfile.ZipFile(next((cache / "ort-1.29" / "retargeted").glob("ort-classes-*.jar")))
+    parsed: dict[str, ClassFile | None] = {}
+
+    def android_class(name: str) -> ClassFile | None:
+        if name not in parsed:
+            parsed[name] = ClassFile(android_jar.read(name + ".class")) if name + ".class" in android_jar.namelist() else None
+        return parsed[name]
+
+    def resolves(owner: str, name: str, desc: str) -> bool:
+        todo, seen = [owner], set()
+        while todo:
+            cf = android_class(todo.pop())
+            if cf is None or id(cf) in seen:
+                continue
+            seen.add(id(cf))
+            if any(cf.utf(m[1]) == name and cf.utf(m[2]) == desc for m in cf.methods):
+                return True
+            todo += ([cf.class_name(cf.super)] if cf.super else []) + [cf.class_name(i) for i in cf.interfaces]
+        return False
+
+    refs = set()
+    for entry in ort_jar.namelist():
+        if entry.endswith(".class"):
+            cf = ClassFile(ort_jar.read(entry))
+            refs |= {cf.ref(i) for i, e in enumerate(cf.cp) if e is not None and e[0] in (10, 11) and cf.ref(i)[0].startswith("java/")}
+    assert len(refs) > 100
+    unresolved = sorted(r for r in refs if not resolves(*r))
+    unexpected = [r for r in unresolved if not any(f"{r[0]}.{r[1]}".startswith(p) for p in API_24_OR_GUARDED)]
+    assert not unexpected, f"Java APIs Android 24 lacks: {unexpected}"
+    assert unresolved, "expected the known API 24 calls (streams, Optional) to be listed"
