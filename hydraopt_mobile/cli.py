@@ -218,6 +218,10 @@ def _register_subsystems() -> None:
     app.add_typer(suite_app, name="suite")
     app.command("export")(export_cli.export)
     app.add_typer(export_cli.bench_app, name="bench")
+    from exporters import android
+
+    export_cli.bench_app.command("android-adb")(android.bench_android_adb_cmd)
+    app.add_typer(android.android_app, name="android")
 
 
 _register_subsystems()
