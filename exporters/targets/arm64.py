@@ -174,5 +174,6 @@ TARGET = Target(
              "(same protocol): latencies are then measured",
     steps=steps,
     check=check,
-    extra={"runner": "onnx"},
+    python=lambda folder: (command_prefix(folder), runner_env(folder)),
+    emulator=emulator_version,
 )

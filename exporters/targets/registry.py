@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +47,9 @@ class Target:
     on_phone: str  # what the same harness does on a real phone
     steps: Callable[[], list[Step]]
     check: Callable[[Path], Readiness]  # (target folder) -> readiness, cheap: runs nothing heavy
-    extra: dict = field(default_factory=dict)
+    # (target folder) -> (argv that starts the target's Python, its environment); None: no ONNX runner
+    python: Callable[[Path], tuple[list[str], dict[str, str]]] | None = None
+    emulator: Callable[[Path], str] | None = None  # (target folder) -> emulator version, if emulated
 
     def folder(self) -> Path:
         return targets_root() / self.name

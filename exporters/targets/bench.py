@@ -1,0 +1,166 @@
+"""``bench_target``: an ONNX export run by a target's own runtime, task by task, against the host.
+
+One request goes to the target's runner and the same request to the same runner on the host's
+ONNX Runtime (the reference). The task sequence visits every task and then switches back to the
+first, in one runner process, so a switch that leaks state shows up as a back-switch whose outputs
+differ from the first visit's. Parity per task: tokens identical, token agreement, and the max
+logit error over the rows whose inputs are identical on both sides (every row up to and including
+the first token where the two sides disagree).
+
+Records: the host bench's fields (``exporters/bench.py``) plus ``target``, ``latency_kind``,
+``emulator``, ``parity_reference`` and per-task parity; ``score`` comes from the target's outputs,
+``score_host`` from the host runner's on the same examples (the PyTorch score stays with
+``hydraopt bench host``: ``score_pytorch`` is None here).
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import platform
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import Manifest, verify_all
+from .protocol import Response, make_request, run_on_host, run_request
+from .registry import get_target
+
+
+class TargetNotReady(RuntimeError):
+    """The target's tools are not set up; the message says why and which command sets them up."""
+
+
+def parity(target_tokens: list[int], host_tokens: list[int], target_rows: np.ndarray | None,
+           host_rows: np.ndarray | None) -> dict:
+    """Token agreement and max logit error over the rows computed from identical inputs."""
+    n = min(len(target_tokens), len(host_tokens))
+    first_diff = next((i for i in range(n) if target_tokens[i] != host_tokens[i]), n)
+    agree = sum(a == b for a, b in zip(target_tokens[:first_diff], host_tokens[:first_diff]))
+    err = None
+    if target_rows is not None and host_rows is not None:
+        k = min(first_diff + 1, len(target_rows), len(host_rows))
+        err = float(np.abs(target_rows[:k] - host_rows[:k]).max())
+    return {"identical": target_tokens == host_tokens, "agreement": agree / max(len(target_tokens), len(host_tokens), 1),
+            "max_logit_err": err}
+
+
+def run_pair(target_name: str, export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new: int,
+             threads: int = 1, switch_samples: int = 5) -> tuple[Response, Response]:
+    """The same request on the target and on the host; every output's logits come back."""
+    target = get_target(target_name)
+    ready = target.readiness()
+    if not ready.ready:
+        raise TargetNotReady(f"target {target_name} is not ready: {ready.reason}; run `{ready.command}`")
+    if target.python is None:
+        raise TargetNotReady(f"target {target_name} has no ONNX runner")
+    n_logits = max(len(p) for p in prompts.values())
+    request = make_request(export, sequence, prompts, max_new, threads, n_logits, switch_samples)
+    python, env = target.python(target.folder())
+    on_target = run_request(python, env, request, target_name, target.latency_kind)
+    return on_target, run_on_host(request)
+
+
+def bench_target(
+    target_name: str,
+    export: str | Path,
+    tasks: list[str] | None = None,
+    n_examples: int = 4,
+    threads: int = 1,
+    prompts: dict[str, list[list[int]]] | None = None,
+    max_new_tokens: int | None = None,
+    json_out: str | Path | None = None,
+) -> list[dict]:
+    """One record per task of ``export`` (see module docstring); writes ``json_out`` (+ ``.md``).
+
+    ``prompts``: token ids per task (tests); default: the suite's first ``n_examples`` test
+    examples per task, rendered with the export's own tokenizer, and scored with the suite's metric.
+    """
+    export = Path(export)
+    manifest = Manifest.read(export)
+    verify_all(manifest, export)
+    if manifest.runtime != "onnxruntime":
+        raise ValueError(f"{export}: a {manifest.runtime} export; targets run ONNX exports (see README, Targets)")
+    names = [t for t in manifest.tasks if tasks is None or t in tasks]
+    specs = tokenizer = None
+    if prompts is None:
+        from ..bench import export_tokenizer, task_prompts
+
+        tokenizer = export_tokenizer(export)
+        specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
+        max_new_tokens = max_new_tokens or max(max_new.values())
+    sequence = names + names[:1] if len(names) > 1 else names
+    on_target, on_host = run_pair(target_name, export, sequence, prompts, max_new_tokens or 16, threads)
+    target = get_target(target_name)
+    emulator = target.emulator(target.folder()) if target.emulator else None
+    t, h = on_target.data, on_host.data
+    records = []
+    for index, task in enumerate(sequence[: len(names)]):
+        te, he = t["tasks"][index], h["tasks"][index]
+        checks = [parity(a["tokens"], b["tokens"], on_target.rows(index, i), on_host.rows(index, i))
+                  for i, (a, b) in enumerate(zip(te["outputs"], he["outputs"]))]
+        errs = [c["max_logit_err"] for c in checks if c["max_logit_err"] is not None]
+        decode = [d for o in te["outputs"] for d in o["decode_ms"]]
+        record = {
+            "target": target_name, "latency_kind": t["latency_kind"], "emulator": emulator,
+            "runtime": f"{t['runtime']} ({t['machine']}, Python {t['python']})",
+            "parity_reference": f"host {h['runtime']} ({h['machine']}), same export, same runner",
+            "export": export.name, "export_id": manifest.export_id, "bank_digest": manifest.extra.get("bank_digest"),
+            "quant": manifest.quant, "method": manifest.method, "task": task, "n_examples": len(te["outputs"]),
+            "bytes_resident": t["resident_bytes"], "bytes_task": te["task_bytes"],
+            "bytes_total": t["resident_bytes"] + t["all_tasks_bytes"],
+            "score": None, "score_host": None, "score_pytorch": None,
+            "max_logit_err": max(errs) if errs else None,
+            "token_agreement": statistics.mean(c["agreement"] for c in checks) if checks else None,
+            "tokens_identical": all(c["identical"] for c in checks),
+            "switch_ms": te["switch_ms"], "task_load_ms": te["load_ms"], "program_load_ms": t["session_ms"],
+            "prefill_ms": statistics.median(o["prefill_ms"] for o in te["outputs"]) if te["outputs"] else None,
+            "decode_ms_per_token": statistics.median(decode) if decode else None,
+            "host_decode_ms_per_token": statistics.median(d for o in he["outputs"] for d in o["decode_ms"]) if any(o["decode_ms"] for o in he["outputs"]) else None,
+            "peak_rss_mb": t["peak_rss_mb"],
+            "rss_source": "VmHWM of the runner process" + (" (the emulator's process: emulator included)" if emulator else ""),
+            "threads": t["threads"],
+            "runner_wall_s": on_target.wall_s,
+        }
+        if specs is not None:
+            from hydraopt_mobile.suite.metrics import score
+
+            def texts(entry: dict) -> list[str]:
+                return [tokenizer.decode(o["tokens"], skip_special_tokens=True).strip() for o in entry["outputs"]]
+
+            record["score"] = score(specs[task], texts(te), "test")
+            record["score_host"] = score(specs[task], texts(he), "test")
+        if index == 0 and len(sequence) > len(names):  # the switch back to the first task
+            back = len(sequence) - 1
+            same = all(a["tokens"] == b["tokens"] and np.array_equal(on_target.rows(0, i), on_target.rows(back, i))
+                       for i, (a, b) in enumerate(zip(te["outputs"], t["tasks"][back]["outputs"])))
+            record["switch_back_identical"] = same
+            record["switch_back_ms"] = t["tasks"][back]["switch_ms"]
+        records.append(record)
+    if json_out is not None:
+        write_reports(records, Path(json_out), {"target": target_name, "host": platform.machine(), "threads": threads,
+                                                "latency": f"{t['latency_kind']}: never a phone's speed" if emulator else t["latency_kind"]})
+    return records
+
+
+COLUMNS = ["export", "quant", "task", "n_examples", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
+           "token_agreement", "max_logit_err", "task_load_ms", "switch_ms", "prefill_ms", "decode_ms_per_token", "latency_kind"]
+
+
+def write_reports(records: list[dict], path: Path, notes: dict) -> None:
+    """``path`` (JSON: notes + records) and ``path.md`` (one row per export and task)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(jsonlib.dumps({"notes": notes, "records": records}, indent=1))
+    tmp.rename(path)
+
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [f"# {notes.get('target')}: exports on the target's runtime", ""]
+    lines += [f"- {k}: {v}" for k, v in notes.items()] + [""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in records]
+    if records and records[0].get("emulator"):
+        lines += ["", f"Emulator: {records[0]['emulator']}. Latencies are emulated and say nothing about a phone's speed."]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")

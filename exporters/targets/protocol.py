@@ -1,0 +1,79 @@
+"""Host side of the device-runner protocol (``hydraopt-device-runner/1``, see ``device_runner.py``):
+write a request, start the runner on a target (or on the host, for the reference), read the answer.
+
+The same request runs on both sides, so the host reference goes through the same runner code on the
+host's own ONNX Runtime: any difference in the outputs is the target's runtime and kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .device_runner import PROTOCOL
+
+RUNNER = Path(__file__).with_name("device_runner.py")
+
+
+class RunnerError(RuntimeError):
+    """The runner did not answer, or answered with an error."""
+
+
+@dataclass
+class Response:
+    data: dict
+    logits: dict[str, np.ndarray] = field(repr=False)
+    wall_s: float  # the whole run, process start (and, emulated, the runtime's import) included
+
+    def entries(self) -> list[dict]:
+        return self.data["tasks"]
+
+    def rows(self, entry: int, output: int) -> np.ndarray | None:
+        """Logits that predicted each generated token of one output (None if not requested)."""
+        key = self.entries()[entry]["outputs"][output].get("logits_key")
+        return None if key is None else self.logits[key]
+
+
+def make_request(export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new_tokens: int,
+                 threads: int = 1, logits_examples: int = 0, switch_samples: int = 1) -> dict:
+    """A protocol request: run ``sequence`` (tasks, repeats allowed: ``[a, b, a]`` switches back)."""
+    return {"protocol": PROTOCOL, "export": str(Path(export).resolve()), "tasks": list(sequence),
+            "prompts": {t: [list(map(int, p)) for p in prompts[t]] for t in dict.fromkeys(sequence)},
+            "max_new_tokens": int(max_new_tokens), "threads": int(threads),
+            "logits_examples": int(logits_examples), "switch_samples": int(switch_samples)}
+
+
+def run_request(python: list[str], env: dict[str, str] | None, request: dict, target: str, latency_kind: str,
+                timeout: float = 3600) -> Response:
+    """Run ``request`` with the runner under the Python started by ``python`` (argv prefix)."""
+    with tempfile.TemporaryDirectory(prefix="hydraopt-runner-") as tmp:
+        req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
+        req.write_text(json.dumps(request))
+        t0 = time.perf_counter()
+        r = subprocess.run([*python, str(RUNNER), str(req), str(resp), "--target", target, "--latency-kind", latency_kind],
+                           capture_output=True, text=True, env=env, timeout=timeout)
+        wall = time.perf_counter() - t0
+        if not resp.is_file():
+            raise RunnerError(f"the runner on {target} wrote no response (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+        data = json.loads(resp.read_text())
+        if "error" in data:
+            raise RunnerError(f"the runner on {target} refused the run: {data['error']}")
+        logits: dict[str, np.ndarray] = {}
+        if data.get("logits_file"):
+            with np.load(Path(tmp) / data["logits_file"]) as z:
+                logits = {k: z[k] for k in z.files}
+        return Response(data, logits, wall)
+
+
+def run_on_host(request: dict) -> Response:
+    """The reference: the same runner on the host's Python and ONNX Runtime (the project's venv)."""
+    import platform
+
+    return run_request([sys.executable], None, request, f"host-{platform.machine()}", "measured")
