@@ -222,6 +222,9 @@ def _register_subsystems() -> None:
 
     export_cli.bench_app.command("android-adb")(android.bench_android_adb_cmd)
     app.add_typer(android.android_app, name="android")
+    from exporters.targets import cli as targets_cli
+
+    targets_cli.register(app, export_cli.bench_app)
 
 
 _register_subsystems()

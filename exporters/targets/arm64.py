@@ -35,6 +35,15 @@ ROOT_PACKAGES = ["python3.11-minimal", "libpython3.11-stdlib", "libstdc++6"]
 PYTHON = "3.11"
 PLATFORM = "manylinux_2_28_aarch64"
 SETUP_COMMAND = f"hydraopt targets setup {NAME}"
+# The emulated core. qemu-user's default ("max") offers every feature qemu knows (SVE2, SME2, i8mm),
+# which ONNX Runtime's kernels would pick and which most phones lack. Cortex-A76 (Armv8.2-A with
+# dot product and fp16 arithmetic; big cores of phones since 2019) is the baseline used here;
+# HYDRAOPT_ARM64_CPU picks another (`qemu-aarch64 -cpu help`: cortex-a55, cortex-a710, neoverse-n2, ...).
+DEFAULT_CPU = "cortex-a76"
+
+
+def emulated_cpu() -> str:
+    return os.environ.get("HYDRAOPT_ARM64_CPU", DEFAULT_CPU)
 
 
 def wheel_pins() -> list[str]:
@@ -146,13 +155,14 @@ def check(folder: Path) -> Readiness:
 
 
 def emulator_version(folder: Path) -> str:
+    """The qemu version and the emulated core, e.g. ``qemu-aarch64 version 10.0.13 (...), -cpu cortex-a76``."""
     r = subprocess.run([str(qemu_path(folder)), "--version"], capture_output=True, text=True, check=True)
-    return r.stdout.splitlines()[0].strip()
+    return f"{r.stdout.splitlines()[0].strip()}, -cpu {emulated_cpu()}"
 
 
 def command_prefix(folder: Path) -> list[str]:
     """argv that starts the target's Python (append a script and its arguments)."""
-    return [str(qemu_path(folder)), "-L", str(folder / "root"), str(python_path(folder))]
+    return [str(qemu_path(folder)), "-cpu", emulated_cpu(), "-L", str(folder / "root"), str(python_path(folder))]
 
 
 def runner_env(folder: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..manifest import Manifest, verify_all
 from .protocol import Response, make_request, run_on_host, run_request
-from .registry import get_target
+from .registry import Target, get_target
 
 
 class TargetNotReady(RuntimeError):
@@ -45,15 +45,21 @@ def parity(target_tokens: list[int], host_tokens: list[int], target_rows: np.nda
             "max_logit_err": err}
 
 
-def run_pair(target_name: str, export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new: int,
-             threads: int = 1, switch_samples: int = 5) -> tuple[Response, Response]:
-    """The same request on the target and on the host; every output's logits come back."""
+def ready_target(target_name: str) -> Target:
+    """The target, or :class:`TargetNotReady` with its reason and the command that makes it ready."""
     target = get_target(target_name)
     ready = target.readiness()
     if not ready.ready:
         raise TargetNotReady(f"target {target_name} is not ready: {ready.reason}; run `{ready.command}`")
     if target.python is None:
         raise TargetNotReady(f"target {target_name} has no ONNX runner")
+    return target
+
+
+def run_pair(target_name: str, export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new: int,
+             threads: int = 1, switch_samples: int = 5) -> tuple[Response, Response]:
+    """The same request on the target and on the host; every output's logits come back."""
+    target = ready_target(target_name)
     n_logits = max(len(p) for p in prompts.values())
     request = make_request(export, sequence, prompts, max_new, threads, n_logits, switch_samples)
     python, env = target.python(target.folder())
@@ -76,12 +82,13 @@ def bench_target(
     ``prompts``: token ids per task (tests); default: the suite's first ``n_examples`` test
     examples per task, rendered with the export's own tokenizer, and scored with the suite's metric.
     """
+    ready_target(target_name)
     export = Path(export)
     manifest = Manifest.read(export)
     verify_all(manifest, export)
     if manifest.runtime != "onnxruntime":
         raise ValueError(f"{export}: a {manifest.runtime} export; targets run ONNX exports (see README, Targets)")
-    names = [t for t in manifest.tasks if tasks is None or t in tasks]
+    names = [t for t in manifest.tasks if (tasks is None or t in tasks) and (prompts is None or t in prompts)]
     specs = tokenizer = None
     if prompts is None:
         from ..bench import export_tokenizer, task_prompts

@@ -45,7 +45,7 @@ def make_request(export: Path, sequence: list[str], prompts: dict[str, list[list
                  threads: int = 1, logits_examples: int = 0, switch_samples: int = 1) -> dict:
     """A protocol request: run ``sequence`` (tasks, repeats allowed: ``[a, b, a]`` switches back)."""
     return {"protocol": PROTOCOL, "export": str(Path(export).resolve()), "tasks": list(sequence),
-            "prompts": {t: [list(map(int, p)) for p in prompts[t]] for t in dict.fromkeys(sequence)},
+            "prompts": {t: [list(map(int, p)) for p in prompts.get(t, [])] for t in dict.fromkeys(sequence)},
             "max_new_tokens": int(max_new_tokens), "threads": int(threads),
             "logits_examples": int(logits_examples), "switch_samples": int(switch_samples)}
 
