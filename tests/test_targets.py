@@ -10,6 +10,11 @@ Tolerances (arm64-cpu): fp32 token-identical to the host's ONNX Runtime and logi
 (observed ~4e-7: the same fp32 arithmetic in another kernel order); int4 logits within 0.05 of the
 host's int4 (observed ~0.007: the aarch64 MatMulNBits kernels quantise activations with their own
 rounding), while tasks differ by ~0.7 on this tiny model, so a wrong task cannot pass either bound.
+
+qnn-htp: every node of the QDQ A16W8 graph on the emulated HTP (CPU fallback disabled), the
+unquantised graph refused (so the check can fail), switching back bit-identical and tasks apart.
+Its error against fp32 on this random tiny model is 0.4-0.9 (logits span about +-0.6): parity is
+NOT shown here; the bound 1.5 only catches a broken graph.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from exporters.runtime import OrtSession, greedy
 from exporters.targets.bench import TargetNotReady, bench_target, parity, run_pair
 from exporters.targets.device_runner import PROTOCOL, run
 from exporters.targets.protocol import RunnerError, make_request, run_on_host
+from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.cli import app
 from test_export_runtimes import PROMPT, make_bank, make_tiny_model, reference_logits
@@ -71,14 +77,25 @@ def fp32_pair(arm64, tiny):
     return run_pair("arm64-cpu", tiny["fp32"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW)
 
 
+@pytest.fixture(scope="module")
+def qnn():
+    target = get_target("qnn-htp")
+    t0 = time.perf_counter()
+    steps = target.setup(progress=False)
+    ready = target.readiness()
+    assert ready.ready, f"qnn-htp could not be made ready: {ready.reason}"
+    print(f"qnn-htp set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
+    return target
+
+
 def test_registry_lists_targets_with_readiness():
-    assert "arm64-cpu" in TARGETS
+    assert {"arm64-cpu", "qnn-htp"} <= set(TARGETS)
     for t in TARGETS.values():
         r = t.readiness()
         assert isinstance(r.ready, bool) and r.reason
         assert r.ready or r.command, f"{t.name}: not ready but no command that makes it ready"
         assert t.latency_kind in ("measured", "emulated", "estimated")
-    with pytest.raises(ValueError, match="available: arm64-cpu"):
+    with pytest.raises(ValueError, match="available: arm64-cpu, qnn-htp"):
         get_target("no-such-target")
 
 
@@ -198,3 +215,14 @@ def test_parity_counts_only_rows_with_identical_inputs():
     b[3, 0] = 9.0  # after the divergence the inputs differ: not comparable
     p = parity([1, 2, 3, 4], [1, 2, 0, 4], a, b)
     assert p["max_logit_err"] == 0.5 and p["agreement"] == 0.5 and not p["identical"]
+
+
+def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny):
+    report = htp_check(tiny["fp32"], ["alpha", "beta", "alpha"])
+    assert report["static_graph_on_htp"].startswith("refused"), "the unquantised graph should not open without CPU fallback"
+    assert "QuantizeLinear" in report["ops"] and "IsNaN" not in report["ops"] and report["guards_dropped"] == 2
+    alpha, beta, back = report["logits"]
+    np.testing.assert_array_equal(alpha, back)  # the switch back to alpha: bit-identical on the NPU
+    assert np.abs(alpha - beta).max() > 0.05, "the task slots had no effect on the NPU"
+    for run in report["runs"]:
+        assert run["max_err_vs_fp32"] < 1.5, run

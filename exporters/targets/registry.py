@@ -92,9 +92,9 @@ def targets_root() -> Path:
 
 
 def _registry() -> dict[str, Target]:
-    from . import arm64
+    from . import arm64, qnn_htp
 
-    return {t.name: t for t in (arm64.TARGET,)}
+    return {t.name: t for t in (arm64.TARGET, qnn_htp.TARGET)}
 
 
 TARGETS: dict[str, Target] = _registry()

@@ -1,0 +1,121 @@
+"""``qnn-htp``: the Qualcomm Hexagon NPU, emulated: a QDQ A16W8 graph of an ONNX export on the QNN
+execution provider's HTP backend (an x86 emulator shipped in PyPI's ``onnxruntime-qnn``).
+
+``onnxruntime-qnn`` 2.7.0 is a plug-in execution provider (module ``onnxruntime_qnn``, registered
+with ``onnxruntime.register_execution_provider_library``) that depends on ``onnxruntime`` itself; it
+still gets its own environment under ``<cache>/targets/qnn-htp/venv``: it brings the QAIRT 2.51
+libraries (~500 MB with its dependencies) and must not move the project's pins.
+
+What runs (``qnn_graph.py`` in that environment): the export's decoder step with static shapes, a
+QDQ A16W8 version with the task slots as inputs (fixed 16-bit encodings, zero defaults), opened with
+CPU fallback disabled (the session opens only if every node runs on HTP), tasks switched by feeding
+each task's decoded slots. No device-runner protocol runner yet: the emulator takes ~0.15 s per
+tiny step and ~7.5 s per token at SmolLM2 width (FIELD_NOTES), and generation needs the KV cache
+window handled on the CPU (see README, Targets).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .registry import Readiness, Step, Target, step_facts
+
+NAME = "qnn-htp"
+QNN_PIN = "onnxruntime-qnn==2.7.0"
+SCRIPT = Path(__file__).with_name("qnn_graph.py")
+SETUP_COMMAND = f"hydraopt targets setup {NAME}"
+
+
+def pins() -> list[str]:
+    """onnxruntime, onnx and numpy at the host's versions, plus onnxruntime-qnn."""
+    return [QNN_PIN] + [f"{p}=={importlib.metadata.version(p)}" for p in ("onnxruntime", "onnx", "numpy")]
+
+
+def venv_python(folder: Path) -> Path:
+    return folder / "venv" / "bin" / "python"
+
+
+def _venv(folder: Path) -> dict:
+    tmp = folder / "venv.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], check=True)
+    # the project's pip installs into the new environment (no ensurepip download, no bootstrap)
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(tmp / "bin" / "python"), "install", "-q",
+                        "--disable-pip-version-check", *pins()], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"pip could not install {' '.join(pins())}: {r.stderr.strip()[-1500:]}")
+    if (folder / "venv").exists():
+        shutil.rmtree(folder / "venv")
+    tmp.rename(folder / "venv")  # bin/python and pyvenv.cfg hold no path of the venv itself: a rename is safe
+    return {"pins": pins()}
+
+
+def _smoke(folder: Path) -> dict:
+    code = ("import onnxruntime as ort, onnxruntime_qnn as q; "
+            "ort.register_execution_provider_library('QNNExecutionProvider', q.get_library_path()); "
+            "print(ort.__version__, q.__version__, [d.ep_name for d in ort.get_ep_devices()].count('QNNExecutionProvider'))")
+    r = subprocess.run([str(venv_python(folder)), "-c", code], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"the QNN execution provider does not register: {r.stderr.strip()[-1500:]}")
+    ort, qnn, devices = r.stdout.split()[-3:]
+    if int(devices) < 1:
+        raise RuntimeError("the QNN execution provider registered no device")
+    return {"onnxruntime": ort, "onnxruntime_qnn": qnn}
+
+
+def steps() -> list[Step]:
+    return [Step("venv", " ".join(pins()), _venv), Step("smoke", " ".join(pins()), _smoke)]
+
+
+def check(folder: Path) -> Readiness:
+    if sys.platform != "linux" or not sys.maxsize > 2**32:
+        return Readiness(False, "the HTP emulator in onnxruntime-qnn ships for x86_64 Linux (and Windows) only", "-")
+    stale = [s.name for s in steps() if (step_facts(folder, s.name) or {}).get("key") != s.key]
+    if stale or not venv_python(folder).exists():
+        return Readiness(False, f"not set up in {folder}: own environment with {' '.join(pins())}", SETUP_COMMAND)
+    smoke = step_facts(folder, "smoke") or {}
+    return Readiness(True, f"onnxruntime {smoke.get('onnxruntime')} + onnxruntime-qnn {smoke.get('onnxruntime_qnn')} (HTP emulator)")
+
+
+def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None) -> dict:
+    """Quantise ``export`` to QDQ A16W8, open it on HTP without CPU fallback, run ``tasks`` in order.
+
+    Returns ``qnn_graph.py``'s report (nodes, ops, bytes, whether the unquantised graph was refused,
+    per run: max error vs the fp32 export on the CPU, top-1 agreement, error vs the other tasks) and,
+    under ``"logits"``, each run's logits.
+    """
+    import numpy as np
+
+    from .registry import get_target
+
+    folder = get_target(NAME).folder()
+    with tempfile.TemporaryDirectory(prefix="hydraopt-qnn-") as tmp:
+        work = Path(workdir or tmp)
+        r = subprocess.run([str(venv_python(folder)), str(SCRIPT), str(export), str(work), "--seq", str(seq), "--past", str(past),
+                            "--tasks", ",".join(tasks)], capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise RuntimeError(f"qnn_graph.py failed: {r.stderr.strip()[-2000:]}")
+        report = json.loads((work / "report.json").read_text())
+        with np.load(work / "logits.npz") as z:
+            report["logits"] = [z[str(i)] for i in range(len(report["runs"]))]
+    return report
+
+
+TARGET = Target(
+    name=NAME,
+    summary="Qualcomm Hexagon NPU, emulated: QDQ A16W8 graph on ONNX Runtime's QNN execution provider (HTP backend, x86 emulator)",
+    needs=f"its own environment (~550 MB, PyPI): {QNN_PIN} (QAIRT 2.51 libraries) with onnxruntime, onnx, numpy at the host's versions",
+    latency_kind="emulated",
+    tolerance="every node on HTP (CPU fallback disabled); switching back bit-identical. Parity with fp32 NOT met on the random "
+              "tiny test model (A16W8 error 0.4-0.9 vs task distance ~0.7); FIELD_NOTES saw 0.075 on a real-width block",
+    on_phone="the same QDQ graph on a Snapdragon phone's HTP through ONNX Runtime's QNN EP (Android AAR with QNN), or its "
+             "offline context binary (ep.context_enable=1) per htp_arch; not built here",
+    steps=steps,
+    check=check,
+)
