@@ -7,9 +7,9 @@ about 50 s on a clean machine, seconds once cached in ``$HYDRAOPT_CACHE/targets`
 cannot be set up fails these tests with its reason.
 
 Tolerances (arm64-cpu): fp32 token-identical to the host's ONNX Runtime and logits within 1e-4
-(observed ~4e-7: the same fp32 arithmetic in another kernel order); int4 logits within 0.05 of the
-host's int4 (observed ~0.007: the aarch64 MatMulNBits kernels quantise activations with their own
-rounding), while tasks differ by ~0.7 on this tiny model, so a wrong task cannot pass either bound.
+(observed ~4e-7: the same fp32 arithmetic in another kernel order); int4 and int8 logits within
+0.05 of the host's (observed ~0.007 at int4: the aarch64 MatMulNBits kernels quantise activations
+with their own rounding; ~1e-6 at int8), while tasks differ by ~0.7 on this tiny model, so a wrong task cannot pass either bound.
 
 qnn-htp: every node of the QDQ A16W8 graph on the emulated HTP (CPU fallback disabled), the
 unquantised graph refused (so the check can fail), switching back bit-identical and tasks apart.
@@ -39,7 +39,7 @@ from hydraopt_mobile.cli import app
 from test_export_runtimes import PROMPT, make_bank, make_tiny_model, reference_logits
 
 FP32_TOL = 1e-4
-INT4_TOL = 0.05
+QUANT_TOL = 0.05
 PROMPTS = {"alpha": [PROMPT, PROMPT[:4]], "beta": [PROMPT, PROMPT[:4]]}
 MAX_NEW = 6
 # What the Android app's DeviceRunner.java (branch android) answers: the wire format both speak.
@@ -68,7 +68,8 @@ def tiny(tmp_path_factory) -> dict:
     bank = make_bank()
     return {"model": model, "bank": bank,
             "fp32": export_bank(bank, model, "onnx", "fp32", root / "onnx-fp32", max_cache_len=64),
-            "int4": export_bank(bank, model, "onnx", "int4", root / "onnx-int4", max_cache_len=64)}
+            "int4": export_bank(bank, model, "onnx", "int4", root / "onnx-int4", max_cache_len=64),
+            "int8": export_bank(bank, model, "onnx", "int8", root / "onnx-int8", max_cache_len=64)}
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +183,16 @@ def test_runner_refuses_a_tampered_task_file_and_a_wrong_protocol(tiny, tmp_path
     assert "expected hydraopt-device-runner/1" in response["error"] and not arrays
 
 
-def test_int4_on_arm64_within_tolerance_of_host(arm64, tiny):
-    on_arm, on_host = run_pair("arm64-cpu", tiny["int4"], ["alpha", "beta"], {"alpha": [PROMPT], "beta": [PROMPT]}, MAX_NEW)
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantised_exports_load_on_arm64_within_tolerance_of_host(arm64, tiny, quant):
+    """Also pins that every op of the quantised exports (MatMulNBits at 4 and 8 bits,
+    GatherBlockQuantized) loads on the aarch64 runtime version used here."""
+    on_arm, on_host = run_pair("arm64-cpu", tiny[quant], ["alpha", "beta"], {"alpha": [PROMPT], "beta": [PROMPT]}, MAX_NEW)
     for index in range(2):
         err = np.abs(on_arm.rows(index, 0) - on_host.rows(index, 0)).max()
-        assert 0 < err < INT4_TOL or err == 0, f"int4 entry {index}: error vs host {err}"
+        assert err < QUANT_TOL, f"{quant} entry {index}: error vs host {err}"
     between_tasks = np.abs(on_arm.rows(0, 0)[0] - on_arm.rows(1, 0)[0]).max()
-    assert between_tasks > 10 * INT4_TOL, f"tasks differ by only {between_tasks}"
+    assert between_tasks > 10 * QUANT_TOL, f"tasks differ by only {between_tasks}"
 
 
 def test_bench_records_and_reports(arm64, tiny, tmp_path):

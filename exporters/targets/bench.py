@@ -16,6 +16,7 @@ Records: the host bench's fields (``exporters/bench.py``) plus ``target``, ``lat
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -97,6 +98,7 @@ def bench_target(
         specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
         max_new_tokens = max_new_tokens or max(max_new.values())
     sequence = names + names[:1] if len(names) > 1 else names
+    load_before = os.getloadavg()[0]
     on_target, on_host = run_pair(target_name, export, sequence, prompts, max_new_tokens or 16, threads)
     target = get_target(target_name)
     emulator = target.emulator(target.folder()) if target.emulator else None
@@ -128,6 +130,7 @@ def bench_target(
             "rss_source": "VmHWM of the runner process" + (" (the emulator's process: emulator included)" if emulator else ""),
             "threads": t["threads"],
             "runner_wall_s": on_target.wall_s,
+            "host_load_avg_1min": round(load_before, 2),  # other jobs on the host's cores slow an emulator down
         }
         if specs is not None:
             from hydraopt_mobile.suite.metrics import score
@@ -145,27 +148,35 @@ def bench_target(
             record["switch_back_ms"] = t["tasks"][back]["switch_ms"]
         records.append(record)
     if json_out is not None:
-        write_reports(records, Path(json_out), {"target": target_name, "host": platform.machine(), "threads": threads,
-                                                "latency": f"{t['latency_kind']}: never a phone's speed" if emulator else t["latency_kind"]})
+        write_reports(records, Path(json_out), notes(records))
     return records
 
 
-COLUMNS = ["export", "quant", "task", "n_examples", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
+def notes(records: list[dict]) -> dict:
+    """What every reader of the records must know: target, threads, how to read the latencies."""
+    r = records[0]
+    kind = r["latency_kind"]
+    return {"target": r["target"], "emulator": r["emulator"], "host": platform.machine(), "threads": r["threads"],
+            "latency": f"{kind}: never a phone's speed" if kind == "emulated" else kind,
+            "examples_per_task": {f"{x['export']}/{x['task']}": x["n_examples"] for x in records}}
+
+
+COLUMNS = ["export", "quant", "method", "task", "n_examples", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
            "token_agreement", "max_logit_err", "task_load_ms", "switch_ms", "prefill_ms", "decode_ms_per_token", "latency_kind"]
 
 
-def write_reports(records: list[dict], path: Path, notes: dict) -> None:
+def write_reports(records: list[dict], path: Path, info: dict) -> None:
     """``path`` (JSON: notes + records) and ``path.md`` (one row per export and task)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(jsonlib.dumps({"notes": notes, "records": records}, indent=1))
+    tmp.write_text(jsonlib.dumps({"notes": info, "records": records}, indent=1))
     tmp.rename(path)
 
     def fmt(v) -> str:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    lines = [f"# {notes.get('target')}: exports on the target's runtime", ""]
-    lines += [f"- {k}: {v}" for k, v in notes.items()] + [""]
+    lines = [f"# {info.get('target')}: exports on the target's runtime", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()] + [""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in records]
     if records and records[0].get("emulator"):

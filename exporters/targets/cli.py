@@ -59,7 +59,7 @@ def setup(name: str = typer.Argument(..., help="target name (see `hydraopt targe
 
 def _bench_command(name: str):
     def bench(
-        export: Path = typer.Argument(..., help="an ONNX export folder (hydraopt export --format onnx)"),
+        exports: list[Path] = typer.Argument(..., help="ONNX export folders (hydraopt export --format onnx)"),
         tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks (repeatable)"),
         n_examples: int = typer.Option(4, "--examples", help="test examples per task (emulation is slow: keep it small)"),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="cap on generated tokens (default: the suite's per task)"),
@@ -67,11 +67,13 @@ def _bench_command(name: str):
         as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
         out: Optional[Path] = typer.Option(None, "--out", help="write OUT.json and OUT.md"),
     ) -> None:
-        from .bench import TargetNotReady, bench_target
+        from .bench import TargetNotReady, bench_target, notes, write_reports
         from .protocol import RunnerError
 
         try:
-            records = bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens, json_out=out)
+            records = [r for export in exports for r in bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens)]
+            if out is not None:
+                write_reports(records, out, notes(records))
         except TargetNotReady as e:
             console.print(f"[bold red]{e}[/]", soft_wrap=True)
             raise typer.Exit(2)
@@ -82,7 +84,7 @@ def _bench_command(name: str):
             print(json.dumps(records, indent=1))
         else:
             for r in records:
-                console.print(f"{r['task']}: tokens identical to host {r['tokens_identical']}, max logit err {r['max_logit_err']}, "
+                console.print(f"{r['export']}/{r['task']}: tokens identical to host {r['tokens_identical']}, max logit err {r['max_logit_err']}, "
                               f"load {r['task_load_ms']:.1f} ms, switch {r['switch_ms']:.4f} ms ({r['latency_kind']})")
 
     bench.__doc__ = f"Run an ONNX export on {name} ({get_target(name).latency_kind}); parity vs the host, bytes, load and switch time."
