@@ -162,7 +162,7 @@ def notes(records: list[dict]) -> dict:
 
 
 COLUMNS = ["export", "quant", "method", "task", "n_examples", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
-           "token_agreement", "max_logit_err", "task_load_ms", "switch_ms", "prefill_ms", "decode_ms_per_token", "latency_kind"]
+           "token_agreement", "max_logit_err", "task_load_ms", "switch_ms", "prefill_ms", "decode_ms_per_token", "latency_kind", "host_load_avg_1min"]
 
 
 def write_reports(records: list[dict], path: Path, info: dict) -> None:
