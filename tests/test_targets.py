@@ -42,7 +42,7 @@ FP32_TOL = 1e-4
 QUANT_TOL = 0.05
 PROMPTS = {"alpha": [PROMPT, PROMPT[:4]], "beta": [PROMPT, PROMPT[:4]]}
 MAX_NEW = 6
-# What the Android app's DeviceRunner.java (branch android) answers: the wire format both speak.
+# What the Android app's DeviceRunner.java answers: the wire format both speak.
 ANDROID_RESPONSE_KEYS = {"protocol", "target", "runtime", "export_id", "latency_kind", "resident_bytes", "all_tasks_bytes",
                          "session_ms", "tasks"}
 ANDROID_TASK_KEYS = {"task", "task_bytes", "load_ms", "switch_ms", "outputs"}
@@ -148,6 +148,10 @@ def test_fp32_on_arm64_token_identical_to_host_and_switches_back(fp32_pair, tiny
 
 
 def test_runner_speaks_the_android_wire_format(fp32_pair):
+    from exporters.android import PROTOCOL as ANDROID_PROTOCOL
+
+    java = (Path(__file__).parents[1] / "android_demo/app/src/main/java/org/hydraopt/demo/DeviceRunner.java").read_text()
+    assert f'PROTOCOL = "{PROTOCOL}"' in java and ANDROID_PROTOCOL == PROTOCOL
     d = fp32_pair[0].data
     assert d["protocol"] == PROTOCOL == "hydraopt-device-runner/1"
     assert ANDROID_RESPONSE_KEYS <= set(d)
