@@ -23,6 +23,13 @@ def task_file(task: str) -> str:
     return f"tasks/{task}.safetensors"
 
 
+def factor_file(tasks: list[str], index: list[int], i: int) -> tuple[str, int | None]:
+    """Where factor ``i`` lives (storage.py): its one task's file (no index in the key), or the
+    shared file at index ``i``."""
+    users = [t for t, g in enumerate(index) if g == i]
+    return (task_file(tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
+
+
 @dataclass
 class MergedModule:
     shape: tuple[int, int]  # (d_out, d_in)
@@ -56,11 +63,6 @@ class MergedModule:
 
     def nbytes(self) -> int:
         return sum(f.nbytes() for f in self.A + self.B)
-
-    def users(self, kind: str, i: int) -> list[int]:
-        """The tasks that factor ``kind`` ``i`` serves."""
-        index = self.a_index if kind == "A" else self.b_index
-        return [t for t, g in enumerate(index) if g == i]
 
     def shares(self) -> bool:
         """True when some factor serves two or more tasks."""
@@ -97,8 +99,7 @@ class MergedBank:
         for m, module in enumerate(self.modules.values()):
             for kind, factors in (("A", module.A), ("B", module.B)):
                 for i, f in enumerate(factors):
-                    users = module.users(kind, i)
-                    file, index = (task_file(self.tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
+                    file, index = factor_file(self.tasks, module.a_index if kind == "A" else module.b_index, i)
                     if not f.vectors_shape[0]:  # a rank-0 factor (a task without this module) stores nothing
                         continue
                     tensors = {factor_key(m, kind, index, part): t.contiguous() for part, t in f.data.items()}

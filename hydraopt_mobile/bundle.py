@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir, json_marker
-from .bank import SHARED, MergedBank, MergedModule, task_file
+from .bank import MergedBank, MergedModule, factor_file
 from .formats import NumberFormat, StoredFactor
 from .paths import confined, duplicate_ignoring_case, task_name_problem
 from .schemas import read_json, validate
@@ -138,12 +138,6 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _factor_file(tasks: list[str], index: list[int], i: int) -> tuple[str, int | None]:
-    """Where factor ``i`` lives (storage.py): its one task's file, or the shared file at index ``i``."""
-    users = [t for t, g in enumerate(index) if g == i]
-    return (task_file(tasks[users[0]]), None) if len(users) == 1 else (SHARED, i)
-
-
 def expected_tensors(manifest: dict) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
     """Per file, the tensors (key -> dtype, shape) that the manifest's layouts imply."""
     out: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
@@ -153,7 +147,7 @@ def expected_tensors(manifest: dict) -> dict[str, dict[str, tuple[torch.dtype, t
         for kind, ranks, index, length in (("A", layout["a_ranks"], layout["a_index"], d_in), ("B", layout["b_ranks"], layout["b_index"], d_out)):
             for i, rank in enumerate(ranks):
                 if rank:
-                    rel, at = _factor_file(manifest["tasks"], index, i)
+                    rel, at = factor_file(manifest["tasks"], index, i)
                     for part, (dtype, shape) in fmt.encoded_shapes(rank, length).items():
                         out.setdefault(rel, {})[factor_key(m, kind, at, part)] = (dtype, tuple(shape))
     return out
@@ -244,7 +238,7 @@ def open_bundle(path: str | Path) -> tuple[dict, MergedBank]:
         module = MergedModule((d_out, d_in), list(layout["a_index"]), list(layout["b_index"]), [], [])
         for kind, ranks, length in (("A", layout["a_ranks"], d_in), ("B", layout["b_ranks"], d_out)):
             for i, rank in enumerate(ranks):
-                rel, index = _factor_file(tasks, module.a_index if kind == "A" else module.b_index, i)
+                rel, index = factor_file(tasks, module.a_index if kind == "A" else module.b_index, i)
                 parts = fmt.encoded_shapes(rank, length)
                 if rank:
                     data = {part: tensors[f"{rel}:{factor_key(m, kind, index, part)}"] for part in parts}

@@ -49,16 +49,20 @@ ANDROID_TASK_KEYS = {"task", "task_bytes", "load_ms", "switch_ms", "outputs"}
 ANDROID_OUTPUT_KEYS = {"prompt_tokens", "tokens", "prefill_ms", "decode_ms_per_token"}
 
 
-@pytest.fixture(scope="module")
-def arm64():
-    """arm64-cpu, set up in the real cache (downloads on a clean machine); fails with its reason."""
-    target = get_target("arm64-cpu")
+def ready_target(name: str):
+    """``name`` set up in the real cache (downloads on a clean machine); fails with its reason."""
+    target = get_target(name)
     t0 = time.perf_counter()
     steps = target.setup(progress=False)
     ready = target.readiness()
-    assert ready.ready, f"arm64-cpu could not be made ready: {ready.reason}"
-    print(f"arm64-cpu set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
+    assert ready.ready, f"{name} could not be made ready: {ready.reason}"
+    print(f"{name} set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
     return target
+
+
+@pytest.fixture(scope="module")
+def arm64():
+    return ready_target("arm64-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +84,7 @@ def fp32_pair(arm64, tiny):
 
 @pytest.fixture(scope="module")
 def qnn():
-    target = get_target("qnn-htp")
-    t0 = time.perf_counter()
-    steps = target.setup(progress=False)
-    ready = target.readiness()
-    assert ready.ready, f"qnn-htp could not be made ready: {ready.reason}"
-    print(f"qnn-htp set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
-    return target
+    return ready_target("qnn-htp")
 
 
 def test_registry_lists_targets_with_readiness():
