@@ -31,7 +31,7 @@ def demo_exports(quant: str, threads: int) -> dict[str, Path]:
     from rich.console import Console
 
     from hydraopt_mobile.adapters import build_adapter_set, load_adapter
-    from hydraopt_mobile.demo import DemoConfig, _cached_export, ensure_adapters
+    from hydraopt_mobile.app.demo import DemoConfig, _cached_export, ensure_adapters
     from hydraopt_mobile.merge.budget import Budget
     from hydraopt_mobile.merge.registry import MergeConfig, merge
     from hydraopt_mobile.suite.model import base_model_dir

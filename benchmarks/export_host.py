@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.bench import bench_host, export_tokenizer, peak_rss, task_prompts, write_reports  # noqa: E402
+from hydraopt_mobile.app.bench import bench_host, export_tokenizer, peak_rss, task_prompts, write_reports  # noqa: E402
 from exporters.export import bank_digest, export_bank  # noqa: E402
 from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
 from hydraopt_mobile.merge.budget import Budget  # noqa: E402

@@ -3,7 +3,7 @@
 For each initialisation setting: one-adapter-per-task in fp16 / int8 / int4, HydraOpt and per-task
 compression at 1/T, 1/(2T), 0.15, 0.3 and 0.52 of the reference's file bytes and at exactly the file
 bytes of the baselines' one merged adapter in each format, and the baselines in fp16 / int8 / int4,
-each scored on the suite's test split (hydraopt_mobile/frontier.py). Resumable: records already in
+each scored on the suite's test split (hydraopt_mobile/app/frontier.py). Resumable: records already in
 the results file are kept. Writes frontier.json, frontier.md, frontier.png and the trained
 adapters' similarity heatmaps under benchmarks/results/.
 
@@ -26,7 +26,7 @@ import torch
 
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter
 from hydraopt_mobile.analysis import write_analysis
-from hydraopt_mobile.frontier import record_key, default_points, load_records, markdown_table, plot_frontier, run_frontier, save_records
+from hydraopt_mobile.app.frontier import record_key, default_points, load_records, markdown_table, plot_frontier, run_frontier, save_records
 from hydraopt_mobile.suite.evaluate import evaluate
 from hydraopt_mobile.suite.metrics import per_example
 from hydraopt_mobile.suite.model import cache_root, load_base_model

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # tests/tiny_models.py: the tiny real Llama the t
 
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter  # noqa: E402
 from hydraopt_mobile.bundle import write_bundle  # noqa: E402
-from hydraopt_mobile.frontier import banks_for, default_points  # noqa: E402
+from hydraopt_mobile.app.frontier import banks_for, default_points  # noqa: E402
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget  # noqa: E402
 from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets  # noqa: E402
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter  # noqa: E402

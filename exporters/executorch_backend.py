@@ -116,7 +116,7 @@ def read_task_file(path: Path, order: list[str], shapes: list[list[int]] | None 
     """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order. Its
     ``formats`` metadata is checked against schemas/task-file-formats.schema.json and each slot
     must decode to the manifest's shape (``shapes``), or :class:`TaskFileError` names the file."""
-    from .manifest import TaskFileError
+    from exporters.manifest import TaskFileError
 
     out = []
     try:

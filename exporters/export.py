@@ -26,9 +26,9 @@ from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.paths import confined, task_name_problem
 
-from . import executorch_backend, onnx_backend
-from .manifest import SCHEMA, FileEntry, Manifest, file_entry
-from .slots import SlotLayout, attach_slots, layout_from_bank, merge_into, task_graph_tensors
+from exporters import executorch_backend, onnx_backend
+from exporters.manifest import SCHEMA, FileEntry, Manifest, file_entry
+from exporters.slots import SlotLayout, attach_slots, layout_from_bank, merge_into, task_graph_tensors
 
 Format = Literal["executorch", "onnx"]
 TASK_EXT = {"executorch": ".safetensors", "onnx": ".onnx_adapter"}

@@ -28,7 +28,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from .slots import SlotLayout, TaskDecoder
+from exporters.slots import SlotLayout, TaskDecoder
 
 QUANTS = ("fp32", "int4", "int8")
 BITS = {"int4": 4, "int8": 8}

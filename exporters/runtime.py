@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import Manifest, verified_task_file
+from exporters.manifest import Manifest, verified_task_file
 
 
 class Session:
@@ -83,7 +83,7 @@ class ExecuTorchSession(Session):
         self.max_len = self.manifest.model["max_cache_len"]
 
     def _load(self, task: str, path: Path) -> None:
-        from .executorch_backend import read_task_file
+        from exporters.executorch_backend import read_task_file
 
         self.loaded[task] = read_task_file(path, list(self.manifest.task_tensors), list(self.manifest.task_tensors.values()))
 

@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .paths import MODULE_NAME_PATTERN, TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
-from .schemas import read_json, validate
+from hydraopt_mobile.paths import MODULE_NAME_PATTERN, TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
+from hydraopt_mobile.schemas import read_json, validate
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -98,7 +98,7 @@ class AdapterSet:
     def reference_file_bytes(self) -> int:
         """File bytes of every adapter stored as it is, in fp16, one safetensors file per task,
         packed as a bundle packs (storage.py): the unit of budgets and storage fractions."""
-        from .storage import reference_file_bytes
+        from hydraopt_mobile.storage import reference_file_bytes
 
         modules = [self.factors(name) for name in self.module_names]
         return reference_file_bytes([[(fs[t].rank, fs[t].shape) for fs in modules] for t in range(len(self.tasks))])

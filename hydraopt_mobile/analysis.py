@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from .adapters import AdapterSet, LoraFactors
-from .atomic import atomic_dir, json_marker
-from .factored import inner, sq_norm
-from .paths import confined
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.atomic import atomic_dir, json_marker
+from hydraopt_mobile.factored import inner, sq_norm
+from hydraopt_mobile.paths import confined
 
 METRICS = ("cos_A", "cos_B", "subspace_A", "subspace_B", "cos_dW")
 FORMAT = "hydraopt-analysis"

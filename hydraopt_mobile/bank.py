@@ -12,9 +12,9 @@ from typing import Iterator
 
 import torch
 
-from .adapters import AdapterSet, LoraFactors
-from .formats import NumberFormat, StoredFactor
-from .storage import TensorSpec, factor_key, factor_specs, safetensors_bytes
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.storage import TensorSpec, factor_key, factor_specs, safetensors_bytes
 
 SHARED = "shared.safetensors"
 
@@ -125,7 +125,7 @@ class MergedBank:
 
     def relative_errors(self, adapters: AdapterSet) -> dict[str, float]:
         """Per task ||dW - dW^||_F / ||dW||_F over all modules, computed without dense matrices."""
-        from .factored import factored_sq_error, sq_norm
+        from hydraopt_mobile.factored import factored_sq_error, sq_norm
 
         out = {}
         for t, task in enumerate(self.tasks):

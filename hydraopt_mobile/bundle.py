@@ -25,12 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir, json_marker
-from .bank import MergedBank, MergedModule, factor_file
-from .formats import NumberFormat, StoredFactor
-from .paths import confined, duplicate_ignoring_case, task_name_problem
-from .schemas import read_json, validate
-from .storage import FILE_METADATA, factor_key
+from hydraopt_mobile.atomic import atomic_dir, json_marker
+from hydraopt_mobile.bank import MergedBank, MergedModule, factor_file
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.paths import confined, duplicate_ignoring_case, task_name_problem
+from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.storage import FILE_METADATA, factor_key
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

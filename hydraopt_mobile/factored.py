@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoraFactors
+from hydraopt_mobile.adapters import LoraFactors
 
 DTYPE = torch.float32  # fp32 halves the time; errors below ~1e-6 of ||dW||^2 are noise and do not matter for planning
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapters import SAFETENSORS_FILE, LoraFactors
-from .atomic import OutputKind, atomic_dir
+from hydraopt_mobile.adapters import SAFETENSORS_FILE, LoraFactors
+from hydraopt_mobile.atomic import OutputKind, atomic_dir
 
 MARKER = {"written_by": "hydraopt unpack"}  # in the safetensors header: how --overwrite knows the folder
 

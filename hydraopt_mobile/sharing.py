@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .bank import MergedBank, MergedModule
+from hydraopt_mobile.bank import MergedBank, MergedModule
 
 NO_SHARING = "no factor shared: per-task rank/format"
 

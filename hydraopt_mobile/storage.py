@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .formats import NumberFormat
+    from hydraopt_mobile.formats import NumberFormat
 
 FILE_METADATA = {"hydraopt_bundle": "2"}
 _DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int8: "I8", torch.uint8: "U8"}
@@ -89,7 +89,7 @@ def file_overhead_bound(metadata: dict[str, str] | None = FILE_METADATA) -> int:
 def reference_specs(ranks_and_shapes: list[tuple[int, tuple[int, int]]]) -> list[TensorSpec]:
     """One task's adapter in fp16, packed as a bundle packs a task's own factors:
     ``ranks_and_shapes[m] = (rank, (d_out, d_in))`` for module index ``m``."""
-    from .formats import NumberFormat
+    from hydraopt_mobile.formats import NumberFormat
 
     fp16 = NumberFormat("fp16")
     specs: list[TensorSpec] = []

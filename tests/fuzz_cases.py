@@ -32,7 +32,7 @@ from exporters.manifest import MANIFEST, FileEntry, Manifest, ManifestError, Tas
 from hydraopt_mobile.adapters import AdapterError, TaskAdapter, build_adapter_set, load_adapter
 from hydraopt_mobile.bank import MergedBank, grouped_module
 from hydraopt_mobile.bundle import BundleError, load_bundle, sha256_file, write_bundle
-from hydraopt_mobile.cli import app
+from hydraopt_mobile.app.cli import app
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.peft_io import write_peft_folder
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter

@@ -301,7 +301,7 @@ def test_bench_android_adb_without_a_device_says_so_and_writes_nothing(exports, 
     try:
         assert devices.strip() == "List of devices attached", f"a device is attached here; this test expects none:\n{devices}"
         out = tmp_path / "device_android.json"
-        r = subprocess.run([sys.executable, "-m", "hydraopt_mobile.cli", "bench", "android-adb", str(exports["fp32"]), "--out", str(out)],
+        r = subprocess.run([sys.executable, "-m", "hydraopt_mobile.app.cli", "bench", "android-adb", str(exports["fp32"]), "--out", str(out)],
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert r.returncode == 2, r.stdout + r.stderr
         assert "no Android device attached" in r.stdout and "nothing was run" in r.stdout

@@ -8,7 +8,7 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from hydraopt_mobile.bundle import BundleError, load_bundle
-from hydraopt_mobile.cli import app, console
+from hydraopt_mobile.app.cli import app, console
 
 from tiny_models import tiny_llama, tiny_peft_adapter
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from hydraopt_mobile.demo import COMMITTED, DemoConfig, ensure_adapters, training_settings
+from hydraopt_mobile.app.demo import COMMITTED, DemoConfig, ensure_adapters, training_settings
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_changed_setting_retrains_and_same_setting_reuses(tmp_path: Path):
 
 
 def test_export_is_cached_by_bank_and_linked_into_the_output(tmp_path: Path, monkeypatch):
-    from hydraopt_mobile.demo import _cached_export, _link_tree
+    from hydraopt_mobile.app.demo import _cached_export, _link_tree
     from test_export_runtimes import make_bank, make_tiny_model
 
     monkeypatch.setenv("HYDRAOPT_CACHE", str(tmp_path / "cache"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from exporters.bench import write_reports
-from exporters.report import summarise
+from hydraopt_mobile.app.bench import write_reports
+from hydraopt_mobile.app.bench_report import summarise
 
 
 def _record(export: str, task: str, score: float, runtime: str = "onnxruntime") -> dict:

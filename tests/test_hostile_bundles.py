@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hydraopt_mobile.bundle import BundleError, load_bundle, sha256_file
-from hydraopt_mobile.cli import app, console
+from hydraopt_mobile.app.cli import app, console
 
 runner = CliRunner()
 console.width = 250

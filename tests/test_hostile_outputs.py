@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from hydraopt_mobile.adapters import AdapterError, load_adapter
 from hydraopt_mobile.atomic import OutputExists, atomic_dir, remove_stale
 from hydraopt_mobile.bundle import BUNDLE
-from hydraopt_mobile.cli import app, console
+from hydraopt_mobile.app.cli import app, console
 from hydraopt_mobile.paths import MODULE_NAME_PATTERN, TASK_NAME_PATTERN
 from hydraopt_mobile.schemas import schema
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter

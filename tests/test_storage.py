@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter
 from hydraopt_mobile.bundle import write_bundle
-from hydraopt_mobile.cli import app, console
+from hydraopt_mobile.app.cli import app, console
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge, merge_budgets
@@ -124,7 +124,7 @@ def test_manifest_is_small_on_the_suite(tmp_path):
 
 def test_frontier_record_bytes_equal_the_written_bundle(suite4, tmp_path):
     """A frontier record's bytes are the bundle's files on disk; its drop interval is paired."""
-    from hydraopt_mobile.frontier import Point, record
+    from hydraopt_mobile.app.frontier import Point, record
 
     bank = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.5)), progress=False)
     out = write_bundle(bank, tmp_path / "b")
@@ -138,7 +138,7 @@ def test_frontier_record_bytes_equal_the_written_bundle(suite4, tmp_path):
 
 
 def test_demo_verdict_names_the_winner_and_what_was_shared(suite4):
-    from hydraopt_mobile.demo import REFERENCE, _row, verdict
+    from hydraopt_mobile.app.demo import REFERENCE, _row, verdict
 
     reference = {t: [100.0, 0.0, 100.0, 100.0] for t in suite4.task_names}
     lower = {t: [100.0, 0.0, 0.0, 100.0] for t in suite4.task_names}

@@ -79,7 +79,7 @@ def test_paired_gain_separates_a_real_gain_from_noise():
 def test_against_base_needs_adapters():
     from typer.testing import CliRunner
 
-    from hydraopt_mobile.cli import app
+    from hydraopt_mobile.app.cli import app
 
     result = CliRunner().invoke(app, ["suite", "eval", "--against-base", "--tasks", "country-de"])
     assert result.exit_code != 0 and "--against-base needs --adapters" in result.output

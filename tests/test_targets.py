@@ -30,12 +30,12 @@ from typer.testing import CliRunner
 
 from exporters.export import export_bank
 from exporters.runtime import OrtSession, greedy
-from exporters.targets.bench import TargetNotReady, bench_target, parity, run_pair
+from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, parity, run_pair
 from exporters.targets.device_runner import PROTOCOL, run
 from exporters.targets.protocol import RunnerError, make_request, run_on_host
 from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
-from hydraopt_mobile.cli import app
+from hydraopt_mobile.app.cli import app
 from test_export_runtimes import PROMPT, make_bank, make_tiny_model, reference_logits
 
 FP32_TOL = 1e-4
@@ -146,7 +146,7 @@ def test_fp32_on_arm64_token_identical_to_host_and_switches_back(fp32_pair, tiny
 
 
 def test_runner_speaks_the_android_wire_format(fp32_pair):
-    from exporters.android import PROTOCOL as ANDROID_PROTOCOL
+    from hydraopt_mobile.app.android import PROTOCOL as ANDROID_PROTOCOL
 
     java = (Path(__file__).parents[1] / "android_demo/app/src/main/java/org/hydraopt/demo/DeviceRunner.java").read_text()
     assert f'PROTOCOL = "{PROTOCOL}"' in java and ANDROID_PROTOCOL == PROTOCOL

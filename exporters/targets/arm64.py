@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import debian
-from .registry import Readiness, Step, Target, step_facts
+from exporters.targets import debian
+from exporters.targets.registry import Readiness, Step, Target, step_facts
 
 NAME = "arm64-cpu"
 QEMU_SUITE = "trixie"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .device_runner import PROTOCOL
+from exporters.targets.device_runner import PROTOCOL
 
 RUNNER = Path(__file__).with_name("device_runner.py")
 

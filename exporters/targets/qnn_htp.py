@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .registry import Readiness, Step, Target, step_facts
+from exporters.targets.registry import Readiness, Step, Target, step_facts
 
 NAME = "qnn-htp"
 QNN_PIN = "onnxruntime-qnn==2.7.0"
@@ -92,7 +92,7 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
     """
     import numpy as np
 
-    from .registry import get_target
+    from exporters.targets.registry import get_target
 
     folder = get_target(NAME).folder()
     with tempfile.TemporaryDirectory(prefix="hydraopt-qnn-") as tmp:

@@ -92,7 +92,7 @@ def targets_root() -> Path:
 
 
 def _registry() -> dict[str, Target]:
-    from . import arm64, qnn_htp
+    from exporters.targets import arm64, qnn_htp
 
     return {t.name: t for t in (arm64.TARGET, qnn_htp.TARGET)}
 

@@ -13,9 +13,9 @@ import importlib
 
 import torch
 
-from ..adapters import AdapterSet, LoraFactors
-from ..bank import MergedModule, grouped_module, single_adapter_module
-from ..formats import NumberFormat
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.bank import MergedModule, grouped_module, single_adapter_module
+from hydraopt_mobile.formats import NumberFormat
 
 
 def _rules():

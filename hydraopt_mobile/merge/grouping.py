@@ -7,7 +7,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from ..factored import FactoredModule
+from hydraopt_mobile.factored import FactoredModule
 
 
 def row_space_similarity(fm: FactoredModule) -> torch.Tensor:

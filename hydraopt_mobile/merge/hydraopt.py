@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bank import MergedModule
-from ..factored import DTYPE, FactoredModule
-from ..formats import NumberFormat, StoredFactor
+from hydraopt_mobile.bank import MergedModule
+from hydraopt_mobile.factored import DTYPE, FactoredModule
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
 
 
 @dataclass

@@ -7,14 +7,14 @@ from typing import Callable
 
 import torch
 
-from ..adapters import AdapterSet, LoraFactors
-from ..bank import MergedModule, grouped_module
-from ..factored import factor_space, factored_sq_error, sq_norm
-from ..formats import NumberFormat
-from ..storage import entry_chars, factor_specs
-from .grouping import cluster, row_space_similarity, update_cosine
-from .hydraopt import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
-from .planner import Candidate, lower_hull
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.bank import MergedModule, grouped_module
+from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.storage import entry_chars, factor_specs
+from hydraopt_mobile.merge.grouping import cluster, row_space_similarity, update_cosine
+from hydraopt_mobile.merge.hydraopt import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
+from hydraopt_mobile.merge.planner import Candidate, lower_hull
 
 
 @dataclass(frozen=True)

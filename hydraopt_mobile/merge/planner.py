@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .budget import InfeasibleBudget
+from hydraopt_mobile.merge.budget import InfeasibleBudget
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from typing import Any, Callable, Iterator
 
 from rich.progress import Progress
 
-from ..adapters import AdapterSet
-from ..bank import MergedBank, MergedModule
-from ..formats import FORMAT_NAMES, NumberFormat
-from . import baselines
-from .budget import Budget, InfeasibleBudget
-from .method_hydraopt import HydraOptConfig, build_modules, plan_candidates
-from .planner import minimum_bytes, plan
-from ..storage import file_overhead_bound
+from hydraopt_mobile.adapters import AdapterSet
+from hydraopt_mobile.bank import MergedBank, MergedModule
+from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
+from hydraopt_mobile.merge import baselines
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.method_hydraopt import HydraOptConfig, build_modules, plan_candidates
+from hydraopt_mobile.merge.planner import minimum_bytes, plan
+from hydraopt_mobile.storage import file_overhead_bound
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import LoraFactors
-from .prompts import render_prompt
-from .tasks import TaskSpec
+from hydraopt_mobile.adapters import LoraFactors
+from hydraopt_mobile.suite.prompts import render_prompt
+from hydraopt_mobile.suite.tasks import TaskSpec
 
 # Bump when greedy decoding changes in a way that can change an answer.
 DECODING_VERSION = 1

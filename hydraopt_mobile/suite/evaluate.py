@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import LoraFactors, load_adapter
-from .metrics import score
-from .answer_cache import AnswerCache
-from .model import load_base_model
-from .prompts import render_prompt
-from .tasks import TaskSpec
+from hydraopt_mobile.adapters import LoraFactors, load_adapter
+from hydraopt_mobile.suite.metrics import score
+from hydraopt_mobile.suite.answer_cache import AnswerCache
+from hydraopt_mobile.suite.model import load_base_model
+from hydraopt_mobile.suite.prompts import render_prompt
+from hydraopt_mobile.suite.tasks import TaskSpec
 
 DEFAULT_BATCH_SIZE = 48  # one batch per 48-example test split: fewer, wider decode steps are faster on CPU
 

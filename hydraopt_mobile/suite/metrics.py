@@ -11,7 +11,7 @@ import numpy as np
 from rouge_score import rouge_scorer
 from scipy.stats import bootstrap
 
-from .tasks import TaskSpec
+from hydraopt_mobile.suite.tasks import TaskSpec
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 _WS = re.compile(r"\s+")

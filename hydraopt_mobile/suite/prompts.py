@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tasks import Example, TaskSpec
+from hydraopt_mobile.suite.tasks import Example, TaskSpec
 
 
 def render_prompt(tokenizer, task: TaskSpec, example: Example) -> str:

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .model import MODEL_ID, base_model_dir, load_base_model
-from .prompts import training_ids
-from .tasks import TaskSpec, load_suite
+from hydraopt_mobile.suite.model import MODEL_ID, base_model_dir, load_base_model
+from hydraopt_mobile.suite.prompts import training_ids
+from hydraopt_mobile.suite.tasks import TaskSpec, load_suite
 
 INITS = ("shared-seed", "independent-seeds")
 # Default training settings; train_suite's defaults are exactly what made the committed adapters.

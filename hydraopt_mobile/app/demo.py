@@ -22,15 +22,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .adapters import AdapterSet, build_adapter_set, load_adapter
-from .analysis import write_analysis
-from .atomic import atomic_dir, json_marker
-from .bank import MergedBank
-from .bundle import MANIFEST, write_bundle
-from .merge.budget import Budget
-from .merge.registry import MergeConfig, merge
-from .sharing import layout_summary, plan_label
-from .suite.metrics import paired_drop, per_example
+from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
+from hydraopt_mobile.analysis import write_analysis
+from hydraopt_mobile.atomic import atomic_dir, json_marker
+from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.bundle import MANIFEST, write_bundle
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.sharing import layout_summary, plan_label
+from hydraopt_mobile.suite.metrics import paired_drop, per_example
 
 COMMITTED = Path(__file__).parent / "suite" / "adapters"
 REFERENCE = "one adapter per task"
@@ -53,8 +53,8 @@ class DemoConfig:
 
 def training_settings(init: str, tasks: list[str], overrides: dict) -> dict[str, dict]:
     """Per task, the settings that train_suite uses (its defaults plus ``overrides``)."""
-    from .suite import train
-    from .suite.tasks import load_suite
+    from hydraopt_mobile.suite import train
+    from hydraopt_mobile.suite.tasks import load_suite
 
     out = {}
     for task in load_suite(tasks):
@@ -84,9 +84,9 @@ def ensure_adapters(cfg: DemoConfig, console: Console, cache: Path | None = None
     """The committed adapters when they were made with exactly these settings; otherwise adapters
     trained into a cache folder (under ``cache``, default the model cache) keyed by the settings'
     hash, and reused on the next run."""
-    from .suite.model import cache_root
-    from .suite.tasks import TASK_NAMES
-    from .suite.train import train_suite
+    from hydraopt_mobile.suite.model import cache_root
+    from hydraopt_mobile.suite.tasks import TASK_NAMES
+    from hydraopt_mobile.suite.train import train_suite
 
     tasks = list(cfg.tasks or TASK_NAMES)
     settings = training_settings(cfg.init, tasks, cfg.train_overrides)
@@ -146,9 +146,9 @@ def verdict(rows: list[dict]) -> str:
 
 
 def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Console | None = None) -> dict:
-    from .suite.evaluate import evaluate
-    from .suite.model import base_model_dir, cache_root, load_base_model
-    from .suite.tasks import load_suite
+    from hydraopt_mobile.suite.evaluate import evaluate
+    from hydraopt_mobile.suite.model import base_model_dir, cache_root, load_base_model
+    from hydraopt_mobile.suite.tasks import load_suite
 
     console = console or Console()
     t_start = time.perf_counter()
@@ -206,7 +206,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
 def export_and_measure(cfg: DemoConfig, banks: dict[str, MergedBank], out: Path, model_dir: Path, console: Console) -> list[dict]:
     """Export the HydraOpt bundle and one-adapter-per-task the same way and measure both on the
     real runtime (bytes, switch time, decode latency, runtime scores on a few examples)."""
-    from exporters.bench import bench_host
+    from .bench import bench_host
 
     console.rule(f"6/6 export ({cfg.export}) and host measurement")
     exported: dict[str, MergedBank] = {}
@@ -224,7 +224,7 @@ def _cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, cons
     base model's files (name, size, mtime) and the format, so anything that changes them re-exports."""
     from exporters.export import bank_digest, export_bank
 
-    from .suite.model import cache_root
+    from hydraopt_mobile.suite.model import cache_root
 
     model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
     key = hashlib.sha256(json.dumps([bank_digest(bank), model_files, fmt, quant]).encode()).hexdigest()[:16]

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .adapters import AdapterSet
-from .bank import MergedBank
-from .formats import NumberFormat
-from .merge.budget import Budget, InfeasibleBudget
-from .merge.registry import METHODS, MergeConfig, merge, merge_budgets
-from .sharing import NO_SHARING, layout_summary, plan_label, saving_breakdown
-from .suite.metrics import paired_drop
+from hydraopt_mobile.adapters import AdapterSet
+from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
+from hydraopt_mobile.sharing import NO_SHARING, layout_summary, plan_label, saving_breakdown
+from hydraopt_mobile.suite.metrics import paired_drop
 
 SCHEMA = 2  # records of schema 1 (payload bytes) are not comparable and are dropped on resume
 BASELINES = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")

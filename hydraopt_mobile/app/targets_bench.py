@@ -7,7 +7,7 @@ differ from the first visit's. Parity per task: tokens identical, token agreemen
 logit error over the rows whose inputs are identical on both sides (every row up to and including
 the first token where the two sides disagree).
 
-Records: the host bench's fields (``exporters/bench.py``) plus ``target``, ``latency_kind``,
+Records: the host bench's fields (``hydraopt_mobile/app/bench.py``) plus ``target``, ``latency_kind``,
 ``emulator``, ``parity_reference`` and per-task parity; ``score`` comes from the target's outputs,
 ``score_host`` from the host runner's on the same examples (the PyTorch score stays with
 ``hydraopt bench host``: ``score_pytorch`` is None here).
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest, verify_all
-from .protocol import Response, make_request, run_on_host, run_request
-from .registry import Target, get_target
+from exporters.manifest import Manifest, verify_all
+from exporters.targets.protocol import Response, make_request, run_on_host, run_request
+from exporters.targets.registry import Target, get_target
 
 
 class TargetNotReady(RuntimeError):
@@ -92,7 +92,7 @@ def bench_target(
     names = [t for t in manifest.tasks if (tasks is None or t in tasks) and (prompts is None or t in prompts)]
     specs = tokenizer = None
     if prompts is None:
-        from ..bench import export_tokenizer, task_prompts
+        from .bench import export_tokenizer, task_prompts
 
         tokenizer = export_tokenizer(export)
         specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)

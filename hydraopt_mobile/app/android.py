@@ -5,7 +5,7 @@ attached phone over adb, speaking the device-runner protocol ``hydraopt-device-r
 
 On the phone, the app only runs token ids through ONNX Runtime; tokenising, decoding and scoring stay
 here, with the export's own tokenizer, so the records have the host records' fields
-(``exporters/bench.py``) plus ``target`` and ``latency_kind``. With no device attached the command
+(``hydraopt_mobile/app/bench.py``) plus ``target`` and ``latency_kind``. With no device attached the command
 says so and stops (exit code 2); nothing is written.
 """
 
@@ -60,7 +60,7 @@ def bench_android_adb(export: Path, tasks: list[str] | None, n_examples: int, th
     from hydraopt_mobile.suite.metrics import score
 
     from .bench import export_tokenizer, task_prompts
-    from .manifest import Manifest, verify_all
+    from exporters.manifest import Manifest, verify_all
 
     devices = attached_devices()
     if not devices:

@@ -11,13 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .adapters import AdapterError, load_adapter_set, parse_task_spec
-from .atomic import check_output
-from .bundle import BUNDLE, BundleError, load_bundle, write_bundle
-from .formats import NumberFormat
-from .merge.budget import Budget, InfeasibleBudget
-from .merge.registry import METHODS, MergeConfig, merge
-from .peft_io import write_peft_folder
+from hydraopt_mobile.adapters import AdapterError, load_adapter_set, parse_task_spec
+from hydraopt_mobile.atomic import check_output
+from hydraopt_mobile.bundle import BUNDLE, BundleError, load_bundle, write_bundle
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge
+from hydraopt_mobile.peft_io import write_peft_folder
 
 app = typer.Typer(help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
 console = Console()
@@ -68,7 +68,7 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Similarity of the adapters' A's and B's, raw and rotation-invariant, per module and layer type."""
-    from .analysis import METRICS, write_analysis
+    from hydraopt_mobile.analysis import METRICS, write_analysis
 
     try:
         result = write_analysis(load_adapter_set(adapters, allow_missing), out, overwrite)
@@ -211,18 +211,17 @@ def demo(
 
 def _register_subsystems() -> None:
     """The suite and the exporters add their commands here (their heavy imports stay lazy)."""
-    from exporters import cli as export_cli
-
-    from .suite.cli import suite_app
+    from . import export_cli
+    from .suite_cli import suite_app
 
     app.add_typer(suite_app, name="suite")
     app.command("export")(export_cli.export)
     app.add_typer(export_cli.bench_app, name="bench")
-    from exporters import android
+    from . import android
 
     export_cli.bench_app.command("android-adb")(android.bench_android_adb_cmd)
     app.add_typer(android.android_app, name="android")
-    from exporters.targets import cli as targets_cli
+    from . import targets_cli
 
     targets_cli.register(app, export_cli.bench_app)
 

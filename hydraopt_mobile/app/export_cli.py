@@ -1,7 +1,7 @@
 """Typer commands ``export`` and ``bench host``; the main ``hydraopt`` app registers them:
 
-    app.command("export")(exporters.cli.export)
-    app.add_typer(exporters.cli.bench_app, name="bench")
+    app.command("export")(export_cli.export)
+    app.add_typer(export_cli.bench_app, name="bench")
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .manifest import TaskFileError
+from exporters.manifest import TaskFileError
 
 console = Console()
 bench_app = typer.Typer(help="Measure exports on the real runtimes.", no_args_is_help=True)
@@ -30,7 +30,7 @@ def export(
     max_cache_len: int = typer.Option(256, "--max-cache-len", help="ExecuTorch static KV cache length (prompt + generated tokens)"),
 ) -> None:
     """Export a bundle as a generation-ready graph with resident shared factors and per-task files."""
-    from .export import export_bank
+    from exporters.export import export_bank
 
     if model is None:
         from hydraopt_mobile.suite.model import base_model_dir
@@ -41,7 +41,7 @@ def export(
     except (ValueError, KeyError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2)
-    from .manifest import Manifest
+    from exporters.manifest import Manifest
 
     m = Manifest.read(path)
     console.print(
@@ -71,7 +71,7 @@ def bench_host_cmd(
     if as_json:
         print(json.dumps(records, indent=1))
     else:
-        from .report import summarise
+        from .bench_report import summarise
 
         for row in summarise(records):
             console.print(row)

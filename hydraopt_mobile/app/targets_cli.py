@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .registry import TARGETS, get_target
+from exporters.targets.registry import TARGETS, get_target
 
 console = Console()
 targets_app = typer.Typer(help="Device targets: list them, set them up (cached), see `hydraopt bench TARGET`.",
@@ -67,8 +67,8 @@ def _bench_command(name: str):
         as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
         out: Optional[Path] = typer.Option(None, "--out", help="write OUT.json and OUT.md"),
     ) -> None:
-        from .bench import TargetNotReady, bench_target, notes, write_reports
-        from .protocol import RunnerError
+        from .targets_bench import TargetNotReady, bench_target, notes, write_reports
+        from exporters.targets.protocol import RunnerError
 
         try:
             records = [r for export in exports for r in bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .bundle import MANIFEST, open_bundle
-from .sharing import layout_summary, plan_label, saving_breakdown
+from hydraopt_mobile.bundle import MANIFEST, open_bundle
+from hydraopt_mobile.sharing import layout_summary, plan_label, saving_breakdown
 
 
 def inspect_bundle(path: Path) -> dict:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .tasks import TASK_NAMES, load_suite
+from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
 
 suite_app = typer.Typer(help="The embedded SmolLM2-135M task suite: train adapters, evaluate.", no_args_is_help=True)
 console = Console()
@@ -31,7 +31,7 @@ def train(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train one LoRA adapter per task (r 8, alpha 16, q_proj + v_proj, fp16 PEFT folders)."""
-    from .train import train_suite
+    from hydraopt_mobile.suite.train import train_suite
 
     start = time.time()
     paths = train_suite(out, init=init, tasks=_task_list(tasks), steps=steps, seed=seed, threads=threads)
@@ -48,9 +48,9 @@ def eval_(
     json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
 ) -> None:
     """Score the base model or a folder of adapters on each task's own metric."""
-    from .evaluate import adapters_from_folders, evaluate
-    from .metrics import average, paired_gain
-    from .model import cache_root, load_base_model
+    from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
+    from hydraopt_mobile.suite.metrics import average, paired_gain
+    from hydraopt_mobile.suite.model import cache_root, load_base_model
 
     if against_base and adapters is None:
         raise typer.BadParameter("--against-base needs --adapters", param_hint="--against-base")

@@ -21,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hydraopt_mobile.bank import MergedBank
 
-from .manifest import Manifest, verify_all
-from .slots import layout_from_bank
+from exporters.manifest import Manifest, verify_all
+from exporters.slots import layout_from_bank
 
 SWITCHES = 21  # switch-time samples per task (median reported)
 PARITY_EXAMPLES = 2  # examples per task whose full logits come back for the max-error check
@@ -45,7 +45,7 @@ def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str
     import time
 
     torch.set_num_threads(threads)
-    from .runtime import greedy, open_export
+    from exporters.runtime import greedy, open_export
 
     baseline = _vm_hwm_mb()
     t0 = time.perf_counter()
@@ -224,7 +224,7 @@ def _bank_from_manifest(manifest: Manifest) -> MergedBank:
 
 def write_reports(records: list[dict], json_path: Path, notes: dict | None = None) -> None:
     """``json_path`` (records + notes), ``.md`` (per-export summary and per-task table), ``.png``."""
-    from .report import write_markdown, write_plot
+    from .bench_report import write_markdown, write_plot
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_suffix(".json.tmp")
