@@ -14,16 +14,17 @@ from pathlib import Path
 from hydraopt_mobile.bundle import sha256_file
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case
 from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.errors import UserError
 
 MANIFEST = "manifest.json"
 SCHEMA = "hydraopt-export/1"
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     """A task file that does not belong to this export, or whose bytes are not the exported ones."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """An export manifest that breaks schemas/export-manifest.schema.json or refers outside its folder."""
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from hydraopt_mobile.paths import MODULE_NAME_PATTERN, TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
 from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -28,7 +29,7 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<whic
 _MODULE_NAME = re.compile(MODULE_NAME_PATTERN)
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """An adapter (or a set of adapters) that cannot be read or merged; the message names the culprit."""
 
 

@@ -31,13 +31,14 @@ from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case, task_name_problem
 from hydraopt_mobile.schemas import read_json, validate
 from hydraopt_mobile.storage import FILE_METADATA, factor_key
+from hydraopt_mobile.errors import UserError
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 BUNDLE = json_marker("bundle", MANIFEST, "format", "hydraopt-bundle")
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     pass
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from hydraopt_mobile.errors import UserError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -36,5 +37,5 @@ class Budget:
         return f"{self.fraction:g}" if self.fraction is not None else f"{self.nbytes}B"
 
 
-class InfeasibleBudget(ValueError):
+class InfeasibleBudget(UserError):
     """No layout fits; the message names the smallest feasible budget."""
