@@ -99,19 +99,24 @@ def tiny_onnx(tmp: Path) -> dict:
     return out
 
 
+SECTIONS = {"planted": planted, "frontier_banks": frontier, "tiny_onnx": tiny_onnx}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--compare", type=Path, help="a previous run's JSON: exit 1 if anything differs")
+    ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS), help="only these (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        result = {"planted": planted(tmp), "frontier_banks": frontier(tmp), "tiny_onnx": tiny_onnx(tmp)}
+        result = {name: SECTIONS[name](tmp) for name in args.sections}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.compare:
         before = json.loads(args.compare.read_text())
+        before = {s: v for s, v in before.items() if s in result}
         diffs = [f"{section}/{k}" for section in before for k in before[section] if before[section][k] != result.get(section, {}).get(k)]
         diffs += [f"{s}/{k} (new)" for s in result for k in result[s] if k not in before.get(s, {})]
         if diffs:
