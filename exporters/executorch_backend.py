@@ -19,16 +19,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from exporters.backend import Session
+from exporters.manifest import TaskFileError
+from exporters.slots import SlotLayout
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.schemas import validate
 
 
-QUANTS = ("fp32", "8da4w", "8da8w")
+QUANTS = {
+    "fp32": "float32 weights",
+    "8da4w": "torchao int4 weights (group 32) with int8 dynamic activations on the base Linears",
+    "8da8w": "torchao int8 weights (per channel) with int8 dynamic activations on the base Linears",
+}
 GROUP_SIZE = 32
 PROGRAM = "model.pte"
 PREFIX = "model.model."  # where the Hugging Face model sits inside ExecuTorchDecoder
@@ -116,8 +125,6 @@ def read_task_file(path: Path, order: list[str], shapes: list[list[int]] | None 
     """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order. Its
     ``formats`` metadata is checked against schemas/task-file-formats.schema.json and each slot
     must decode to the manifest's shape (``shapes``), or :class:`TaskFileError` names the file."""
-    from exporters.manifest import TaskFileError
-
     out = []
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -153,8 +160,6 @@ def export_program(
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-    if quant not in QUANTS:
-        raise ValueError(f"--quant {quant!r}: ExecuTorch exports support {', '.join(QUANTS)}")
     quantize(hf_model, quant)
     decoder = ExecuTorchDecoder(hf_model, list(switchable), max_cache_len).eval()
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -183,3 +188,60 @@ def export_program(
     with open(path, "wb") as fh:
         program.write_to_file(fh)
     return path
+
+
+class ExecuTorchSession(Session):
+    """ExecuTorch's Python runtime on ``model.pte``: ``set_task`` runs the program's ``set_task`` method."""
+
+    def __init__(self, folder: Path, threads: int = 1) -> None:
+        super().__init__(folder, threads)
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
+        _unsafe_reset_threadpool(threads)
+        self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
+        self.forward = self.program.load_method("forward")
+        self.setter = self.program.load_method("set_task") if self.manifest.task_tensors else None
+        self.loaded: dict[str, list] = {}
+        self.max_len = self.manifest.model["max_cache_len"]
+
+    def _load(self, task: str, path: Path) -> None:
+        self.loaded[task] = read_task_file(path, list(self.manifest.task_tensors), list(self.manifest.task_tensors.values()))
+
+    def _switch(self, task: str) -> None:
+        if task not in self.loaded:
+            self.load_task(task)
+        self.setter.execute(self.loaded[task])
+
+    def _step(self, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        if self.pos + n > self.max_len:
+            raise UserError(f"sequence of {self.pos + n} tokens exceeds the export's KV cache ({self.max_len})")
+        out = self.forward.execute([torch.tensor([ids]), torch.arange(self.pos, self.pos + n)])[0]
+        self.pos += n
+        return out[0].numpy()
+
+
+class ExecuTorchBackend:
+    """The :class:`~exporters.backend.Backend` for ExecuTorch (XNNPACK)."""
+
+    name = "executorch"
+    runtime = "executorch"
+    quants = QUANTS
+    task_ext = ".safetensors"
+    task_encoding = "the bank's encoding (fp16, or int8/int4 codes + fp16 scales), decoded to fp32 on load"
+
+    def export_program(
+        self, model: nn.Module, layout: SlotLayout, switchable: dict[str, tuple[int, ...]], folder: Path,
+        quant: str, max_cache_len: int,
+    ) -> dict[str, str]:
+        return {"program": export_program(model, switchable, folder, quant, max_cache_len).name}
+
+    def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+        return {name: list(shape) for name, shape in switchable.items()}
+
+    def write_task_file(self, path: Path, layout: SlotLayout, task: str, export_id: str) -> None:
+        write_task_file(path, layout.stored[task], export_id, task)
+
+    def open_session(self, folder: Path, threads: int = 1) -> ExecuTorchSession:
+        return ExecuTorchSession(folder, threads)

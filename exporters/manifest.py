@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hydraopt_mobile.bundle import sha256_file
+from hydraopt_mobile.checksum import mismatch, sha256_file
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case
 from hydraopt_mobile.schemas import read_json, validate
 from hydraopt_mobile.errors import UserError
@@ -57,11 +57,11 @@ class Manifest:
         for f in self.files:
             if f.role == role and f.task == task:
                 return f
-        raise KeyError(f"export {self.export_id}: no {role} file" + (f" for task {task!r}" if task else ""))
+        raise ManifestError(f"export {self.export_id}: no {role} file" + (f" for task {task!r}" if task else ""))
 
     def task_file(self, task: str) -> FileEntry:
         if task not in self.tasks:
-            raise KeyError(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
+            raise UserError(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
         return self.entry("task", task)
 
     def bytes_of(self, role: str) -> int:
@@ -127,28 +127,27 @@ def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path |
     """
     entry = manifest.task_file(task)
     path = Path(path) if path is not None else confined(Path(folder), entry.path, TaskFileError)
-    if not path.is_file():
+    wrong = mismatch(path, entry.bytes, entry.sha256)
+    if wrong is None:
+        return path
+    if wrong.kind == "missing":
         raise TaskFileError(f"{path}: task file for {task!r} is missing")
-    size = path.stat().st_size
-    if size != entry.bytes:
+    if wrong.kind == "size":
         raise TaskFileError(
-            f"{path}: {size} bytes, but export {manifest.export_id} wrote {entry.bytes} for task {task!r}; "
+            f"{path}: {wrong.found} bytes, but export {manifest.export_id} wrote {entry.bytes} for task {task!r}; "
             "it is truncated or belongs to another export"
         )
-    digest = sha256_file(path)
-    if digest != entry.sha256:
-        others = [f.task for f in manifest.files if f.role == "task" and f.sha256 == digest]
-        hint = f" (it is this export's file for {others[0]!r})" if others else " (from another export, or corrupted)"
-        raise TaskFileError(
-            f"{path}: SHA-256 {digest[:16]}... does not match export {manifest.export_id}'s task {task!r} "
-            f"({entry.sha256[:16]}...){hint}; refusing to load it"
-        )
-    return path
+    others = [f.task for f in manifest.files if f.role == "task" and f.sha256 == wrong.found]
+    hint = f" (it is this export's file for {others[0]!r})" if others else " (from another export, or corrupted)"
+    raise TaskFileError(
+        f"{path}: SHA-256 {str(wrong.found)[:16]}... does not match export {manifest.export_id}'s task {task!r} "
+        f"({entry.sha256[:16]}...){hint}; refusing to load it"
+    )
 
 
 def verify_all(manifest: Manifest, folder: Path) -> None:
     """Check every file of the export (used by tests and ``bench``)."""
     for f in manifest.files:
         path = confined(Path(folder), f.path, TaskFileError)
-        if not path.is_file() or path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
+        if mismatch(path, f.bytes, f.sha256) is not None:
             raise TaskFileError(f"{path}: does not match the manifest of export {manifest.export_id}")

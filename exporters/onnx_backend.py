@@ -28,9 +28,14 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.slots import SlotLayout, TaskDecoder
+from exporters.backend import Session
+from exporters.slots import SlotLayout, TaskDecoder, task_graph_tensors
 
-QUANTS = ("fp32", "int4", "int8")
+QUANTS = {
+    "fp32": "float32 weights",
+    "int4": "MatMulNBits 4-bit weights (block 32) and a 4-bit embedding; the smallest",
+    "int8": "MatMulNBits 8-bit weights (block 32), fp32 embedding; far closer to fp32 than int4",
+}
 BITS = {"int4": 4, "int8": 8}
 BLOCK_SIZE = 32
 PROGRAM = "model.onnx"
@@ -146,8 +151,6 @@ def _quantize_nbits(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
 
 def export_program(hf_model: nn.Module, switchable: list[str], folder: Path, quant: str) -> Path:
     """Export ``hf_model`` (already wrapped with encoded LoRA slots) to ``model.onnx``."""
-    if quant not in QUANTS:
-        raise ValueError(f"--quant {quant!r}: ONNX exports support {', '.join(QUANTS)}")
     config = hf_model.config
     n_layers = config.num_hidden_layers
     kv_heads, head_dim = kv_shape(config)
@@ -201,3 +204,87 @@ def write_task_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     arrays = {k: v.contiguous().numpy() for k, v in tensors.items()}  # OrtValues borrow these
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()})
     fmt.export_adapter(str(path))
+
+
+class OrtSession(Session):
+    """ONNX Runtime on ``model.onnx``. ``load_task`` reads the task's ``.onnx_adapter`` and runs the task decoder once with it
+    active (``RunOptions.add_active_adapter``); ``set_task`` then only picks which decoded slots
+    the decoder step is fed."""
+
+    def __init__(self, folder: Path, threads: int = 1) -> None:
+        super().__init__(folder, threads)
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.session = self._open(self.manifest.entry("program").path)
+        self.task_decoder = self._open(self.manifest.entry("task_decoder").path) if self.manifest.task_tensors else None
+        self.slots: dict[str, dict[str, np.ndarray]] = {}  # task -> decoded fp32 slot values
+        self.feeds: dict[str, np.ndarray] = {}
+        m = self.manifest.model
+        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
+        self.n_kv = 2 * m["n_layers"]
+        self.past: list[np.ndarray] = []
+
+    def _open(self, rel: str):
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # LoRA inputs with defaults are intended; ORT warns about each one
+        return self.ort.InferenceSession(str(self.folder / rel), options, providers=["CPUExecutionProvider"])
+
+    def _load(self, task: str, path: Path) -> None:
+        adapter = self.ort.LoraAdapter()
+        adapter.Load(str(path))
+        options = self.ort.RunOptions()
+        options.add_active_adapter(adapter)
+        names = [o.name for o in self.task_decoder.get_outputs()]
+        self.slots[task] = dict(zip(names, self.task_decoder.run(names, {}, options)))
+
+    def _switch(self, task: str) -> None:
+        if task not in self.slots:
+            self.load_task(task)
+        self.feeds = self.slots[task]
+
+    def reset(self) -> None:
+        super().reset()
+        self.past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
+
+    def _step(self, ids: list[int]) -> np.ndarray:
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), **self.feeds}
+        feeds.update({f"past.{i}": p for i, p in enumerate(self.past)})
+        out = self.session.run(None, feeds)
+        self.past = out[1:]
+        self.pos += len(ids)
+        return out[0][0]
+
+
+class OnnxBackend:
+    """The :class:`~exporters.backend.Backend` for ONNX Runtime."""
+
+    name = "onnx"
+    runtime = "onnxruntime"
+    quants = QUANTS
+    task_ext = ".onnx_adapter"
+    task_encoding = (
+        "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded to fp32 on load by task_decoder.onnx"
+    )
+
+    def export_program(
+        self, model: nn.Module, layout: SlotLayout, switchable: dict[str, tuple[int, ...]], folder: Path,
+        quant: str, max_cache_len: int,
+    ) -> dict[str, str]:
+        """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply), and the task decoder."""
+        files = {"program": export_program(model, list(switchable), folder, quant).name}
+        if switchable:
+            files["task_decoder"] = export_task_decoder(layout, folder).name
+        return files
+
+    def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+        """The task decoder's inputs (every task's are alike: the first task's give the shapes)."""
+        return {name: list(t.shape) for name, t in task_graph_tensors(layout, layout.tasks[0]).items()}
+
+    def write_task_file(self, path: Path, layout: SlotLayout, task: str, export_id: str) -> None:
+        write_task_file(path, task_graph_tensors(layout, task))
+
+    def open_session(self, folder: Path, threads: int = 1) -> OrtSession:
+        return OrtSession(folder, threads)

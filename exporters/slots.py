@@ -18,7 +18,7 @@ from torch import nn
 
 from hydraopt_mobile.adapters import LoraFactors
 from hydraopt_mobile.bank import MergedBank
-from hydraopt_mobile.formats import StoredFactor
+from hydraopt_mobile.formats import StoredFactor, dequantize
 
 SLOT_A = "lora_a"
 SLOT_B = "lora_b"
@@ -77,48 +77,22 @@ def layout_from_bank(bank: MergedBank) -> SlotLayout:
 class EncodedSlot(nn.Module):
     """A switchable factor in the bank's encoding, decoded to its fp32 slot (ONNX task decoder).
 
-    Buffers hold the component vectors (rows of A, columns of B): ``w`` (n, length) fp16, or ``q``
-    (n, padded) int8 codes with ``scale`` (n, groups) fp16 per group of ``padded // groups`` values
-    (int8: one group per vector; int4: the bank's groups, codes unpacked to one per byte because
-    ONNX Runtime has no int4 graph inputs for adapters). All zero: the base model.
+    Buffers hold the component vectors (rows of A, columns of B) as :meth:`StoredFactor.codes`
+    gives them: ``w`` (n, length) fp16, or ``q`` (n, padded) int8 codes with ``scale`` (n, groups)
+    fp16 (int4 codes one per byte because ONNX Runtime has no int4 graph inputs for adapters).
+    All zero: the base model.
     """
 
-    def __init__(self, fmt: str, n: int, length: int, padded: int, groups: int, transposed: bool) -> None:
+    def __init__(self, factor: StoredFactor) -> None:
         super().__init__()
-        self.fmt, self.n, self.length, self.padded, self.groups = fmt, n, length, padded, groups
-        self.transposed = transposed
-        if fmt == "fp16":
-            self.register_buffer("w", torch.zeros(n, length, dtype=torch.float16))
-        else:
-            self.register_buffer("q", torch.zeros(n, padded, dtype=torch.int8))
-            self.register_buffer("scale", torch.zeros(n, groups, dtype=torch.float16))
+        self.length = factor.vectors_shape[1]
+        self.transposed = factor.transposed
+        for name, codes in factor.codes().items():
+            self.register_buffer(name, torch.zeros_like(codes))
 
     def forward(self) -> torch.Tensor:
-        if self.fmt == "fp16":
-            v = self.w.float()
-        else:
-            grouped = self.q.float().reshape(self.n, self.groups, self.padded // self.groups)
-            v = (grouped * self.scale.float().unsqueeze(-1)).reshape(self.n, self.padded)[:, : self.length]
+        v = dequantize(dict(self.named_buffers()), self.length)
         return v.T if self.transposed else v
-
-
-def encoded_slot(factor: StoredFactor) -> EncodedSlot:
-    n, length = (factor.shape[1], factor.shape[0]) if factor.transposed else factor.shape
-    codes = graph_codes(factor)
-    padded = codes["q"].shape[1] if "q" in codes else length
-    groups = codes["scale"].shape[1] if "scale" in codes else 1
-    return EncodedSlot(factor.fmt.name, n, length, padded, groups, factor.transposed)
-
-
-def graph_codes(factor: StoredFactor) -> dict[str, torch.Tensor]:
-    """The tensors an :class:`EncodedSlot` takes for ``factor`` (its buffer names as keys)."""
-    if factor.fmt.name == "fp16":
-        return {"w": factor.data["w"]}
-    q = factor.data["q"]
-    if factor.fmt.name == "int4":  # two's-complement nibbles, low nibble first (formats.py)
-        nibbles = torch.stack([q & 0x0F, (q >> 4) & 0x0F], dim=2).reshape(q.shape[0], -1).to(torch.int16)
-        q = torch.where(nibbles > 7, nibbles - 16, nibbles)
-    return {"q": q.to(torch.int8), "scale": factor.data["scale"].half()}
 
 
 class LoraSlotLinear(nn.Module):
@@ -170,7 +144,7 @@ class TaskDecoder(nn.Module):
         super().__init__()
         first = layout.stored[layout.tasks[0]]
         self.slot_names = sorted(first)
-        self.slots = nn.ModuleList(encoded_slot(first[name]) for name in self.slot_names)
+        self.slots = nn.ModuleList(EncodedSlot(first[name]) for name in self.slot_names)
 
     def input_names(self) -> dict[str, str]:
         return {f"slots.{i}.{code}": f"{name}.{code}" for i, name in enumerate(self.slot_names)
@@ -181,8 +155,8 @@ class TaskDecoder(nn.Module):
 
 
 def task_graph_tensors(layout: SlotLayout, task: str) -> dict[str, torch.Tensor]:
-    """What an ONNX task file feeds: every switchable slot of ``task`` as :func:`graph_codes`."""
-    return {f"{slot}.{k}": v for slot, f in layout.stored[task].items() for k, v in graph_codes(f).items()}
+    """What an ONNX task file feeds: every switchable slot of ``task`` as its codes (:class:`EncodedSlot`)."""
+    return {f"{slot}.{k}": v for slot, f in layout.stored[task].items() for k, v in f.codes().items()}
 
 
 def merge_into(model: nn.Module, adapter: dict[str, LoraFactors]) -> None:

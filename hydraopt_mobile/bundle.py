@@ -15,7 +15,6 @@ follows from how many tasks use it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank, MergedModule, factor_file
+from hydraopt_mobile.checksum import mismatch, sha256_file
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case, task_name_problem
 from hydraopt_mobile.schemas import read_json, validate
@@ -40,14 +40,6 @@ BUNDLE = json_marker("bundle", MANIFEST, "format", "hydraopt-bundle")
 
 class BundleError(UserError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _layout_entry(m: MergedModule) -> dict:
@@ -196,9 +188,10 @@ def verify_files(path: Path, manifest: dict) -> dict[str, Path]:
     paths = {}
     for rel, info in manifest["files"].items():
         f = confined(Path(path), rel, BundleError)
-        if not f.is_file():
+        wrong = mismatch(f, info["bytes"], info["sha256"])
+        if wrong is not None and wrong.kind == "missing":
             raise BundleError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+        if wrong is not None:
             raise BundleError(f"{f}: checksum mismatch with {MANIFEST} (file changed or corrupt)")
         paths[rel] = f
     return paths

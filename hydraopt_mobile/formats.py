@@ -8,6 +8,10 @@ low-rank factor needs (a per-row scale on ``B`` would cost d_out scales for r' v
 - ``int8``: symmetric, one fp16 scale per component vector (per output channel of the factor).
 - ``int4``: symmetric, one fp16 scale per group of ``group_size`` consecutive values of a vector;
   two values per byte; vectors are zero-padded to a whole number of groups (padding is counted).
+
+Decoding goes one way for every reader (the bank, the exporters' task files and task-decoder graph):
+:meth:`StoredFactor.codes` gives one integer code per value plus the scales, and :func:`dequantize`
+turns codes into float32 with plain tensor ops (so ``torch.onnx`` can trace it too).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from hydraopt_mobile.errors import UserError
 
 FormatName = Literal["fp16", "int8", "int4"]
 FORMAT_NAMES: tuple[str, ...] = ("fp16", "int8", "int4")
@@ -29,9 +35,9 @@ class NumberFormat:
 
     def __post_init__(self) -> None:
         if self.name not in FORMAT_NAMES:
-            raise ValueError(f"--format {self.name!r}: choose one of {', '.join(FORMAT_NAMES)}")
+            raise UserError(f"--format {self.name!r}: choose one of {', '.join(FORMAT_NAMES)}")
         if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"--group-size {self.group_size}: choose one of {GROUP_SIZES}")
+            raise UserError(f"--group-size {self.group_size}: choose one of {GROUP_SIZES}")
 
     def label(self) -> str:
         return f"int4-g{self.group_size}" if self.name == "int4" else self.name
@@ -78,22 +84,43 @@ class NumberFormat:
         grouped = torch.nn.functional.pad(v, (0, padded - length)).reshape(n, -1, self.group_size)
         scale = (grouped.abs().amax(dim=2, keepdim=True) / 7).half()
         q = torch.round(grouped / _safe(scale)).clamp(-8, 7).to(torch.int8).reshape(n, padded)
-        packed = ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).to(torch.uint8)
-        return {"q": packed, "scale": scale.reshape(n, -1)}
+        return {"q": _pack_int4(q), "scale": scale.reshape(n, -1)}
+
+    def codes(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``stored`` with one code per value: fp16 ``{"w"}`` as stored; int8 and int4 ``{"q": int8
+        (n, padded), "scale": fp16 (n, groups)}``, int4 nibbles unpacked (int8: one group, no padding)."""
+        if self.name == "fp16":
+            return {"w": stored["w"]}
+        q = _unpack_int4(stored["q"]) if self.name == "int4" else stored["q"].to(torch.int8)
+        return {"q": q, "scale": stored["scale"].half()}
 
     def decode(self, stored: dict[str, torch.Tensor], length: int) -> torch.Tensor:
         """The float32 values that ``stored`` represents, shape (n, length)."""
-        if self.name == "fp16":
-            return stored["w"].float()
-        if self.name == "int8":
-            return stored["q"].float() * stored["scale"].float()
-        packed = stored["q"].to(torch.int16)
-        lo, hi = packed & 0x0F, (packed >> 4) & 0x0F
-        q = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)
-        q = torch.where(q > 7, q - 16, q).float()
-        n = q.shape[0]
-        values = q.reshape(n, -1, self.group_size) * stored["scale"].float().unsqueeze(2)
-        return values.reshape(n, -1)[:, :length]
+        return dequantize(self.codes(stored), length)
+
+
+def dequantize(codes: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+    """float32 (n, length) from :meth:`NumberFormat.codes`: each group of codes times its scale,
+    the padding cut. Plain tensor ops, so the ONNX task decoder traces this same function."""
+    if "w" in codes:
+        return codes["w"].float()
+    q, scale = codes["q"], codes["scale"]
+    n, padded = q.shape
+    groups = scale.shape[1]
+    grouped = q.float().reshape(n, groups, padded // groups)
+    return (grouped * scale.float().unsqueeze(-1)).reshape(n, padded)[:, :length]
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] (n, even length) -> two's-complement nibbles, low nibble first."""
+    return ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).to(torch.uint8)
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_int4`: uint8 (n, m) -> int8 codes (n, 2m)."""
+    wide = packed.to(torch.int16)
+    nibbles = torch.stack([wide & 0x0F, (wide >> 4) & 0x0F], dim=2).reshape(packed.shape[0], -1)
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:
@@ -121,6 +148,10 @@ class StoredFactor:
     def vectors_shape(self) -> tuple[int, int]:
         """(number of component vectors, their length)."""
         return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+
+    def codes(self) -> dict[str, torch.Tensor]:
+        """The component vectors as one code per value plus scales (:meth:`NumberFormat.codes`)."""
+        return self.fmt.codes(self.data)
 
     def values(self) -> torch.Tensor:
         """Dequantised float32 matrix in its natural orientation."""

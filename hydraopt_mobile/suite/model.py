@@ -17,13 +17,10 @@ from pathlib import Path
 
 import torch
 
+from hydraopt_mobile.base_model import load_causal_lm, offline
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct-Q4_1-dequantised"
-
-
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -49,7 +46,7 @@ def _convert(gguf: Path, out: Path) -> None:
     """Dequantise ``gguf`` and write config, fp32 safetensors and tokenizer files into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    _offline()
+    offline()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
@@ -95,14 +92,12 @@ def load_base_model(model_dir: Path | None = None, dtype: torch.dtype = torch.fl
     Weights are SmolLM2-135M-Instruct's Q4_1 GGUF dequantised. The tokenizer pads on the left so that
     batched greedy decoding continues every row from its own last token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    _offline()
+    offline()
     model_dir = Path(model_dir) if model_dir is not None else base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    model.eval()
-    return model, tokenizer
+    return load_causal_lm(model_dir, dtype), tokenizer
