@@ -25,7 +25,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.runtime import OrtSession  # noqa: E402
+from exporters.onnx_backend import OrtSession  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "onnx_op_profile.json"
 

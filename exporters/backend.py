@@ -22,6 +22,7 @@ over its wire format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -91,6 +92,16 @@ class Session(ABC):
         """Make ``task``'s decoded tensors the ones the decoder reads (loading it first if needed)."""
 
 
+@dataclass(frozen=True)
+class ProgramSpec:
+    """What a back end lowers besides the model: its slots and the export's options."""
+
+    layout: SlotLayout
+    switchable: dict[str, tuple[int, ...]]  # slot -> shape, as :func:`exporters.slots.attach_slots` returns
+    quant: str  # one of the back end's ``quants``
+    max_cache_len: int  # static KV cache length (back ends with a dynamic cache ignore it)
+
+
 class Backend(Protocol):
     """One runtime's export format and session (see the module docstring)."""
 
@@ -100,10 +111,7 @@ class Backend(Protocol):
     task_ext: str  # task-file extension, dot included
     task_encoding: str  # the manifest's ``task_dtype``: how task files store the tensors
 
-    def export_program(
-        self, model: nn.Module, layout: SlotLayout, switchable: dict[str, tuple[int, ...]], folder: Path,
-        quant: str, max_cache_len: int,
-    ) -> dict[str, str]:
+    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path) -> dict[str, str]:
         """Write the resident files for ``model`` (wrapped with slots) into ``folder``: role -> relative path."""
         ...
 

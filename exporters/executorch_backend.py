@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from exporters.backend import Session
+from exporters.backend import ProgramSpec, Session
 from exporters.manifest import TaskFileError
 from exporters.slots import SlotLayout
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
@@ -231,11 +231,8 @@ class ExecuTorchBackend:
     task_ext = ".safetensors"
     task_encoding = "the bank's encoding (fp16, or int8/int4 codes + fp16 scales), decoded to fp32 on load"
 
-    def export_program(
-        self, model: nn.Module, layout: SlotLayout, switchable: dict[str, tuple[int, ...]], folder: Path,
-        quant: str, max_cache_len: int,
-    ) -> dict[str, str]:
-        return {"program": export_program(model, switchable, folder, quant, max_cache_len).name}
+    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path) -> dict[str, str]:
+        return {"program": export_program(model, spec.switchable, folder, spec.quant, spec.max_cache_len).name}
 
     def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
         return {name: list(shape) for name, shape in switchable.items()}

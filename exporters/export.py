@@ -26,7 +26,7 @@ from hydraopt_mobile.base_model import load_causal_lm
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.paths import confined, task_name_problem
 
-from exporters.backend import check_quant
+from exporters.backend import ProgramSpec, check_quant
 from exporters.manifest import SCHEMA, FileEntry, Manifest, file_entry
 from exporters.onnx_backend import kv_shape
 from exporters.registry import backend_for
@@ -129,7 +129,7 @@ def export_bank(
             tasks = list(bank.tasks)
         switchable = attach_slots(model, layout)
         bar.update(step, description=f"export {fmt}/{quant}: tracing and lowering (ExecuTorch XNNPACK: minutes)")
-        resident = backend.export_program(model, layout, switchable, folder, quant, max_cache_len)
+        resident = backend.export_program(model, ProgramSpec(layout, switchable, quant, max_cache_len), folder)
         files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in resident.items()]
         bar.update(step, description=f"export {fmt}/{quant}: task files")
         if switchable:

@@ -28,8 +28,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.backend import Session
+from exporters.backend import ProgramSpec, Session
 from exporters.slots import SlotLayout, TaskDecoder, task_graph_tensors
+from exporters.targets.device_runner import decoded_slots, decoder_step, open_ort_session
 
 QUANTS = {
     "fp32": "float32 weights",
@@ -213,9 +214,6 @@ class OrtSession(Session):
 
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
-        import onnxruntime as ort
-
-        self.ort = ort
         self.session = self._open(self.manifest.entry("program").path)
         self.task_decoder = self._open(self.manifest.entry("task_decoder").path) if self.manifest.task_tensors else None
         self.slots: dict[str, dict[str, np.ndarray]] = {}  # task -> decoded fp32 slot values
@@ -226,19 +224,10 @@ class OrtSession(Session):
         self.past: list[np.ndarray] = []
 
     def _open(self, rel: str):
-        options = self.ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # LoRA inputs with defaults are intended; ORT warns about each one
-        return self.ort.InferenceSession(str(self.folder / rel), options, providers=["CPUExecutionProvider"])
+        return open_ort_session(str(self.folder / rel), self.threads)
 
     def _load(self, task: str, path: Path) -> None:
-        adapter = self.ort.LoraAdapter()
-        adapter.Load(str(path))
-        options = self.ort.RunOptions()
-        options.add_active_adapter(adapter)
-        names = [o.name for o in self.task_decoder.get_outputs()]
-        self.slots[task] = dict(zip(names, self.task_decoder.run(names, {}, options)))
+        self.slots[task] = decoded_slots(self.task_decoder, str(path))
 
     def _switch(self, task: str) -> None:
         if task not in self.slots:
@@ -250,12 +239,9 @@ class OrtSession(Session):
         self.past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
 
     def _step(self, ids: list[int]) -> np.ndarray:
-        feeds = {"input_ids": np.array([ids], dtype=np.int64), **self.feeds}
-        feeds.update({f"past.{i}": p for i, p in enumerate(self.past)})
-        out = self.session.run(None, feeds)
-        self.past = out[1:]
+        logits, self.past = decoder_step(self.session, ids, self.feeds, self.past)
         self.pos += len(ids)
-        return out[0][0]
+        return logits
 
 
 class OnnxBackend:
@@ -269,14 +255,11 @@ class OnnxBackend:
         "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded to fp32 on load by task_decoder.onnx"
     )
 
-    def export_program(
-        self, model: nn.Module, layout: SlotLayout, switchable: dict[str, tuple[int, ...]], folder: Path,
-        quant: str, max_cache_len: int,
-    ) -> dict[str, str]:
+    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path) -> dict[str, str]:
         """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply), and the task decoder."""
-        files = {"program": export_program(model, list(switchable), folder, quant).name}
-        if switchable:
-            files["task_decoder"] = export_task_decoder(layout, folder).name
+        files = {"program": export_program(model, list(spec.switchable), folder, spec.quant).name}
+        if spec.switchable:
+            files["task_decoder"] = export_task_decoder(spec.layout, folder).name
         return files
 
     def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from exporters.export import bank_digest, export_bank
-from exporters.manifest import MANIFEST, Manifest, TaskFileError, sha256_file
+from exporters.manifest import MANIFEST, Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
 from hydraopt_mobile.atomic import OutputExists
+from hydraopt_mobile.checksum import sha256_file
+from hydraopt_mobile.errors import UserError
 from test_export_runtimes import PROMPT, TASKS, make_bank, make_tiny_model
 
 torch.set_num_threads(1)
@@ -96,5 +98,5 @@ def test_merged_reference_export_equals_the_slot_export_of_that_task(setup, tmp_
     b = greedy(merged, PROMPT, 6, keep_logits=True)
     assert a.tokens == b.tokens
     assert np.abs(a.logits[0] - b.logits[0]).max() < 1e-4
-    with pytest.raises(KeyError):
+    with pytest.raises(UserError, match="serves only"):
         merged.set_task("alpha")

@@ -29,6 +29,7 @@ from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
 from exporters.slots import layout_from_bank, merge_into, task_graph_tensors
 from hydraopt_mobile.bank import MergedBank, grouped_module
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import NumberFormat
 
 torch.set_num_threads(1)
@@ -244,7 +245,7 @@ def test_executorch_task_file_of_another_export_is_refused(exports, bank, tmp_pa
 
 def test_unknown_task_is_a_clear_error(exports):
     session = open_export(exports("onnx", "fp32"))
-    with pytest.raises(KeyError, match="not in export"):
+    with pytest.raises(UserError, match="not in export"):
         session.set_task("delta")
 
 

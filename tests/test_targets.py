@@ -29,7 +29,8 @@ import pytest
 from typer.testing import CliRunner
 
 from exporters.export import export_bank
-from exporters.runtime import OrtSession, greedy
+from exporters.onnx_backend import OrtSession
+from exporters.runtime import greedy
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, parity, run_pair
 from exporters.targets.device_runner import PROTOCOL, run
 from exporters.targets.protocol import RunnerError, make_request, run_on_host
@@ -161,7 +162,7 @@ def test_runner_speaks_the_android_wire_format(fp32_pair):
 
 
 def test_host_runner_activates_tasks_exactly_as_the_host_runtime(tiny):
-    """The on-target runner run on the host equals exporters.runtime.OrtSession bit for bit."""
+    """The on-target runner run on the host equals exporters.onnx_backend.OrtSession bit for bit."""
     response = run_on_host(make_request(tiny["fp32"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW, logits_examples=2))
     session = OrtSession(tiny["fp32"])
     for index, task in enumerate(["alpha", "beta", "alpha"]):

@@ -4,10 +4,22 @@
 This file is copied to (or run on) the target as it is. It needs only the Python standard library,
 numpy and ONNX Runtime: no torch, no transformers, nothing from this project. Token ids go in, token
 ids (and, on request, the logits needed for parity) come out; tokenising and scoring stay on the
-host. It activates a task exactly as the host runtime does (``exporters/runtime.py``,
-``OrtSession``): the task file is checked against the manifest (size, SHA-256), the task decoder
-runs once per task load with that task's ``.onnx_adapter`` active, and every decoder step is fed
-the task's decoded fp32 slots.
+host. It activates a task exactly as the host runtime does (``exporters/onnx_backend.py``,
+``OrtSession``, which opens its sessions, decodes task files and steps the decoder with this file's
+:func:`open_ort_session`, :func:`decoded_slots` and :func:`decoder_step`): the task file is checked
+against the manifest (size, SHA-256), the task decoder runs once per task load with that task's
+``.onnx_adapter`` active, and every decoder step is fed the task's decoded fp32 slots.
+
+How the wire operations map to the in-process ``Backend`` / ``Session`` (``exporters/backend.py``):
+
+- ``"export"`` (+ ``"threads"``): ``BACKENDS["onnx"].open_session(export, threads)``; the manifest is
+  read and the program and task decoder opened (``session_ms``). Only ``onnxruntime`` exports.
+- each entry of ``"tasks"``: ``Session.load_task(task)`` (``load_ms``: verify, decode once), then
+  ``Session.set_task(task)`` (``switch_ms``: the switch from the entry before).
+- each prompt of ``"prompts"[task]``: ``exporters.runtime.greedy``: ``Session.prefill(prompt)``
+  (``prefill_ms``), then ``Session.decode(token)`` per generated token (``decode_ms``) until an
+  end-of-sequence token of the manifest or ``"max_new_tokens"``; ``tokens`` are the argmax tokens,
+  and the optional logits are the rows ``greedy(..., keep_logits=True)`` returns.
 
 Protocol (the same wire format as the Android app's benchmark mode,
 ``android_demo/.../DeviceRunner.java``; JSON files, UTF-8):
@@ -58,11 +70,41 @@ class Refused(Exception):
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def open_ort_session(path: str, threads: int):
+    """An ONNX Runtime CPU session on ``path``, opened as every ONNX session of this project opens one."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # LoRA inputs with defaults are intended; ORT warns about each one
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def decoded_slots(task_decoder, adapter_path: str) -> dict:
+    """Run the task decoder once with the ``.onnx_adapter`` at ``adapter_path`` active: slot -> fp32 values."""
+    import onnxruntime as ort
+
+    adapter = ort.LoraAdapter()
+    adapter.Load(adapter_path)
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    names = [o.name for o in task_decoder.get_outputs()]
+    return dict(zip(names, task_decoder.run(names, {}, options)))
+
+
+def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:
+    """One step of ``model.onnx``: (logits (n, vocab) of ``ids`` after the cache ``past``, the new cache)."""
+    import numpy as np
+
+    feeds = {"input_ids": np.array([ids], dtype=np.int64), **slots}
+    feeds.update({f"past.{i}": p for i, p in enumerate(past)})
+    out = session.run(None, feeds)
+    return out[0][0], out[1:]
 
 
 def _peak_rss_mb() -> float | None:
@@ -132,12 +174,13 @@ class OrtRunner:
 
     def __init__(self, export: Export, threads: int) -> None:
         import numpy as np
-        import onnxruntime as ort
 
-        self.np, self.ort, self.export, self.threads = np, ort, export, threads
+        self.np, self.export, self.threads = np, export, threads
         t0 = time.perf_counter()
-        self.session = self._open(export.entry("program")["path"])
-        self.task_decoder = self._open(export.entry("task_decoder")["path"]) if export.switchable else None
+        self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
+        self.task_decoder = None
+        if export.switchable:
+            self.task_decoder = open_ort_session(os.path.join(export.folder, export.entry("task_decoder")["path"]), threads)
         self.session_ms = (time.perf_counter() - t0) * 1e3
         m = export.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
@@ -146,13 +189,6 @@ class OrtRunner:
         self.slots: dict[str, dict] = {}
         self.feeds: dict = {}
 
-    def _open(self, rel: str):
-        options = self.ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # inputs with defaults are intended; ORT warns about each one
-        return self.ort.InferenceSession(os.path.join(self.export.folder, rel), options, providers=["CPUExecutionProvider"])
-
     def load_task(self, task: str) -> float:
         """Verify and read the task file, decode its slots once; milliseconds."""
         t0 = time.perf_counter()
@@ -160,13 +196,7 @@ class OrtRunner:
             if task not in self.export.tasks:
                 raise Refused(f"this merged export serves only {self.export.tasks[0]!r}, not {task!r}")
         else:
-            path = self.export.verified_task_file(task)
-            adapter = self.ort.LoraAdapter()
-            adapter.Load(path)
-            options = self.ort.RunOptions()
-            options.add_active_adapter(adapter)
-            names = [o.name for o in self.task_decoder.get_outputs()]
-            self.slots[task] = dict(zip(names, self.task_decoder.run(names, {}, options)))
+            self.slots[task] = decoded_slots(self.task_decoder, self.export.verified_task_file(task))
         return (time.perf_counter() - t0) * 1e3
 
     def set_task(self, task: str) -> float:
@@ -177,11 +207,7 @@ class OrtRunner:
         return (time.perf_counter() - t0) * 1e3
 
     def _step(self, ids: list[int], past: list) -> tuple:
-        np = self.np
-        feeds = {"input_ids": np.array([ids], dtype=np.int64), **self.feeds}
-        feeds.update({f"past.{i}": p for i, p in enumerate(past)})
-        out = self.session.run(None, feeds)
-        return out[0][0], out[1:]
+        return decoder_step(self.session, ids, self.feeds, past)
 
     def greedy(self, prompt: list[int], max_new: int) -> dict:
         """Greedy decoding; stops at an end-of-sequence token of the manifest or after ``max_new``."""
