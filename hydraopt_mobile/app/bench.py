@@ -12,7 +12,8 @@ from __future__ import annotations
 import json as jsonlib
 import multiprocessing
 import statistics
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.errors import UserError
 
+from exporters.backend import Session
 from exporters.manifest import Manifest, verify_all
+from exporters.runtime import greedy, open_export
 from exporters.slots import layout_from_bank
 
 SWITCHES = 21  # switch-time samples per task (median reported)
@@ -42,42 +46,42 @@ def _vm_hwm_mb() -> float:
 
 def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int) -> dict:
     """Child process: load the export, switch between its tasks, generate greedily; timings in ms."""
-    import time
-
     torch.set_num_threads(threads)
-    from exporters.runtime import greedy, open_export
-
     baseline = _vm_hwm_mb()
     t0 = time.perf_counter()
     session = open_export(folder, threads)
-    program_load_ms = (time.perf_counter() - t0) * 1e3
+    out: dict = {"program_load_ms": (time.perf_counter() - t0) * 1e3, "rss_baseline_mb": baseline, "tasks": {}}
     tasks = list(prompts)
-    out: dict = {"program_load_ms": program_load_ms, "rss_baseline_mb": baseline, "tasks": {}}
     for task in tasks:
         t0 = time.perf_counter()
         session.load_task(task)
         out["tasks"][task] = {"task_load_ms": (time.perf_counter() - t0) * 1e3}
     for task in tasks:
-        other = next((t for t in tasks if t != task), task)
-        samples = []
-        for _ in range(SWITCHES):
-            session.set_task(other)
-            t0 = time.perf_counter()
-            session.set_task(task)
-            samples.append((time.perf_counter() - t0) * 1e3)
         rec = out["tasks"][task]
-        rec["switch_ms"] = statistics.median(samples)
-        rec["generations"] = []
-        for i, ids in enumerate(prompts[task]):
-            gen = greedy(session, ids, max_new[task], keep_logits=i < PARITY_EXAMPLES)
-            logits = None
-            if gen.logits:  # rows that predicted each generated token
-                logits = np.concatenate([gen.logits[0][-1:], np.stack(gen.logits[1:])]) if len(gen.logits) > 1 else gen.logits[0][-1:]
-            rec["generations"].append(
-                {"tokens": gen.tokens, "prefill_ms": gen.prefill_s * 1e3, "decode_ms": [s * 1e3 for s in gen.decode_s], "logits": logits}
-            )
+        rec["switch_ms"] = _switch_ms(session, task, next((t for t in tasks if t != task), task))
+        rec["generations"] = [_generation(session, ids, max_new[task], i < PARITY_EXAMPLES) for i, ids in enumerate(prompts[task])]
     out["peak_rss_mb"] = _vm_hwm_mb()
     return out
+
+
+def _switch_ms(session: Session, task: str, other: str) -> float:
+    """Median time of a switch from ``other`` to ``task`` over ``SWITCHES`` samples."""
+    samples = []
+    for _ in range(SWITCHES):
+        session.set_task(other)
+        t0 = time.perf_counter()
+        session.set_task(task)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _generation(session: Session, ids: list[int], max_new: int, keep_logits: bool) -> dict:
+    """Greedy tokens and timings of one prompt; with ``keep_logits`` the rows that predicted each token."""
+    gen = greedy(session, ids, max_new, keep_logits=keep_logits)
+    logits = None
+    if gen.logits:
+        logits = np.concatenate([gen.logits[0][-1:], np.stack(gen.logits[1:])]) if len(gen.logits) > 1 else gen.logits[0][-1:]
+    return {"tokens": gen.tokens, "prefill_ms": gen.prefill_s * 1e3, "decode_ms": [s * 1e3 for s in gen.decode_s], "logits": logits}
 
 
 def peak_rss(folder: str | Path, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int = 1) -> dict:
@@ -102,6 +106,87 @@ def _parity(model, prompt: list[int], gen: dict) -> tuple[float | None, list[boo
     return err, agree
 
 
+@dataclass
+class _Reference:
+    """The PyTorch side: the base model and its tokenizer, and the reference scores kept across
+    exports (key: bank, task, examples), so that exports of one bank share one score per task."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    scores: dict
+
+    def check(self, bank: MergedBank, factors: dict, spec, n_examples: int, prompts: list, generations: list) -> dict:
+        """Parity of the runtime's ``generations`` with the model under ``factors``, and the reference score."""
+        from hydraopt_mobile.suite.evaluate import applied, generate
+        from hydraopt_mobile.suite.metrics import score
+
+        errs, agree = [], []
+        with applied(self.model, factors):
+            for ids, gen in zip(prompts, generations):
+                err, ok = _parity(self.model, ids, gen)
+                errs += [] if err is None else [err]
+                agree += ok
+            key = (id(bank), spec.name, n_examples)
+            if key not in self.scores:
+                self.scores[key] = score(spec, generate(self.model, self.tokenizer, spec), "test")
+        return {
+            "score_pytorch": self.scores[key],
+            "max_logit_err": max(errs) if errs else None,
+            "token_agreement": float(np.mean(agree)) if agree else None,
+        }
+
+
+def _record(folder: Path, manifest: Manifest, task: str, score: float, parity: dict, measured: dict, texts: list[str], threads: int) -> dict:
+    """One export x task record (field order is the report's)."""
+    m = measured["tasks"][task]
+    decode = [d for g in m["generations"] for d in g["decode_ms"]]
+    return {
+        "export": folder.name,
+        "export_id": manifest.export_id,
+        "bank_digest": manifest.extra.get("bank_digest"),
+        "runtime": manifest.runtime,
+        "quant": manifest.quant,
+        "method": manifest.method,
+        "task": task,
+        "n_examples": len(texts),
+        "bytes_resident": manifest.resident_bytes(),
+        "bytes_task": manifest.task_file(task).bytes if manifest.task_tensors else 0,
+        "bytes_total": manifest.resident_bytes() + manifest.bytes_of("task"),
+        "score": score,
+        **parity,
+        "switch_ms": m["switch_ms"],
+        "task_load_ms": m["task_load_ms"],
+        "program_load_ms": measured["program_load_ms"],
+        "prefill_ms": statistics.median(g["prefill_ms"] for g in m["generations"]),
+        "decode_ms_per_token": statistics.median(decode) if decode else None,
+        "peak_rss_mb": measured["peak_rss_mb"],
+        "rss_source": "VmHWM",
+        "rss_baseline_mb": measured["rss_baseline_mb"],
+        "threads": threads,
+    }
+
+
+def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks: list[str] | None, n_examples: int, threads: int) -> list[dict]:
+    """Measure one export in a child, then score it and check it against the reference, per task."""
+    from hydraopt_mobile.suite.metrics import score
+
+    manifest = Manifest.read(folder)
+    verify_all(manifest, folder)
+    bank = bank or _bank_from_manifest(manifest)
+    layout = layout_from_bank(bank)
+    names = [t for t in manifest.tasks if tasks is None or t in tasks]
+    tokenizer = export_tokenizer(folder)
+    specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
+    measured = _in_child(folder, prompts, max_new, threads)
+    records = []
+    for task in names:
+        generations = measured["tasks"][task]["generations"]
+        parity = ref.check(bank, layout.task_factors(task), specs[task], n_examples, prompts[task], generations)
+        texts = [tokenizer.decode(g["tokens"], skip_special_tokens=True).strip() for g in generations]
+        records.append(_record(folder, manifest, task, score(specs[task], texts, "test"), parity, measured, texts, threads))
+    return records
+
+
 def bench_host(
     export_dirs: list[str | Path],
     tasks: list[str] | None = None,
@@ -120,70 +205,18 @@ def bench_host(
     ``reference_scores``: a dict kept across calls so that exports of the same bank (fp32 and
     quantised) share one PyTorch reference score per task.
     """
-    from hydraopt_mobile.suite.evaluate import applied, generate
-    from hydraopt_mobile.suite.metrics import score
     from hydraopt_mobile.suite.model import base_model_dir, load_base_model
 
     torch.set_num_threads(threads)
     model, ref_tokenizer = load_base_model(Path(model_dir) if model_dir else base_model_dir())
+    ref = _Reference(model, ref_tokenizer, {} if reference_scores is None else reference_scores)
     records: list[dict] = []
-    reference_scores = {} if reference_scores is None else reference_scores
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
         job = bar.add_task("bench host", total=len(export_dirs))
         for folder in map(Path, export_dirs):
-            bar.update(job, description=f"bench {folder.name}: runtime")
-            manifest = Manifest.read(folder)
-            verify_all(manifest, folder)
-            bank = (banks or {}).get(str(folder)) or _bank_from_manifest(manifest)
-            layout = layout_from_bank(bank)
-            names = [t for t in manifest.tasks if tasks is None or t in tasks]
-            tokenizer = export_tokenizer(folder)
-            specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
-            measured = _in_child(folder, prompts, max_new, threads)
-            bar.update(job, description=f"bench {folder.name}: PyTorch reference")
-            for task in names:
-                factors = layout.task_factors(task)
-                m = measured["tasks"][task]
-                errs, agree = [], []
-                with applied(model, factors):
-                    for ids, gen in zip(prompts[task], m["generations"]):
-                        err, ok = _parity(model, ids, gen)
-                        errs += [] if err is None else [err]
-                        agree += ok
-                    key = (id(bank), task, n_examples)
-                    if key not in reference_scores:
-                        reference_scores[key] = score(specs[task], generate(model, ref_tokenizer, specs[task]), "test")
-                texts = [tokenizer.decode(g["tokens"], skip_special_tokens=True).strip() for g in m["generations"]]
-                decode = [d for g in m["generations"] for d in g["decode_ms"]]
-                records.append(
-                    {
-                        "export": folder.name,
-                        "export_id": manifest.export_id,
-                        "bank_digest": manifest.extra.get("bank_digest"),
-                        "runtime": manifest.runtime,
-                        "quant": manifest.quant,
-                        "method": manifest.method,
-                        "task": task,
-                        "n_examples": len(texts),
-                        "bytes_resident": manifest.resident_bytes(),
-                        "bytes_task": manifest.task_file(task).bytes if manifest.task_tensors else 0,
-                        "bytes_total": manifest.resident_bytes() + manifest.bytes_of("task"),
-                        "score": score(specs[task], texts, "test"),
-                        "score_pytorch": reference_scores[key],
-                        "max_logit_err": max(errs) if errs else None,
-                        "token_agreement": float(np.mean(agree)) if agree else None,
-                        "switch_ms": m["switch_ms"],
-                        "task_load_ms": m["task_load_ms"],
-                        "program_load_ms": measured["program_load_ms"],
-                        "prefill_ms": statistics.median(g["prefill_ms"] for g in m["generations"]),
-                        "decode_ms_per_token": statistics.median(decode) if decode else None,
-                        "peak_rss_mb": measured["peak_rss_mb"],
-                        "rss_source": "VmHWM",
-                        "rss_baseline_mb": measured["rss_baseline_mb"],
-                        "threads": threads,
-                    }
-                )
+            bar.update(job, description=f"bench {folder.name}")
+            records += _bench_export(folder, (banks or {}).get(str(folder)), ref, tasks, n_examples, threads)
             bar.advance(job)
     if json is not None:
         write_reports(records, Path(json))
@@ -214,7 +247,7 @@ def task_prompts(tokenizer, names: list[str], n_examples: int) -> tuple[dict, di
 def _bank_from_manifest(manifest: Manifest) -> MergedBank:
     source = manifest.extra.get("bundle")
     if not source:
-        raise ValueError(
+        raise UserError(
             f"export {manifest.export_id} was made from an in-memory bank; pass banks={{folder: bank}} for the reference"
         )
     from hydraopt_mobile.bundle import load_bundle

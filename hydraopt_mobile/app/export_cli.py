@@ -13,17 +13,20 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from exporters.manifest import TaskFileError
+from exporters.registry import BACKENDS
+from hydraopt_mobile.errors import UserError
 
 console = Console()
+FORMAT_HELP = " | ".join(BACKENDS)
+QUANT_HELP = "; ".join(f"{name}: {' | '.join(b.quants)}" for name, b in BACKENDS.items())
 bench_app = typer.Typer(help="Measure exports on the real runtimes.", no_args_is_help=True)
 
 
 def export(
     bundle: Path = typer.Argument(..., help="bundle folder written by `hydraopt merge`"),
     model: Optional[Path] = typer.Option(None, "--model", help="Hugging Face model folder (default: the suite's SmolLM2-135M)"),
-    fmt: str = typer.Option("executorch", "--format", help="executorch | onnx"),
-    quant: str = typer.Option("fp32", "--quant", help="executorch: fp32 | 8da4w | 8da8w; onnx: fp32 | int4 | int8"),
+    fmt: str = typer.Option("executorch", "--format", help=FORMAT_HELP),
+    quant: str = typer.Option("fp32", "--quant", help=QUANT_HELP),
     out: Path = typer.Option(..., "--out", help="export folder to create"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     merged_task: Optional[str] = typer.Option(None, "--merged-task", help="fold this task's adapter into the weights instead (reference deployment)"),
@@ -37,8 +40,8 @@ def export(
 
         model = base_model_dir()
     try:
-        path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task, max_cache_len=max_cache_len)  # type: ignore[arg-type]
-    except (ValueError, KeyError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
+        path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task, max_cache_len=max_cache_len)
+    except (UserError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2)
     from exporters.manifest import Manifest
@@ -65,7 +68,7 @@ def bench_host_cmd(
 
     try:
         records = bench_host(exports, tasks=tasks, json=out, model_dir=model, n_examples=n_examples, threads=threads)
-    except (TaskFileError, ValueError, KeyError, OSError) as e:
+    except (UserError, OSError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
     if as_json:
