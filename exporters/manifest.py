@@ -81,7 +81,7 @@ class Manifest:
         """Parse and check the manifest of ``folder`` (schema, then what a schema cannot say)."""
         path = Path(folder) / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{folder}: no {MANIFEST}; not an export folder")
+            raise ManifestError(f"{folder}: no {MANIFEST}; not an export folder")
         raw = read_json(path, ManifestError)
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise ManifestError(f"{path}: not a {SCHEMA} manifest")

@@ -2,7 +2,8 @@
 """A QDQ A16W8 version of an ONNX export for the Hexagon NPU, run on QNN's HTP emulator.
 
 Runs inside the ``qnn-htp`` target's own environment (onnxruntime + onnxruntime-qnn + onnx +
-numpy); nothing from this project is imported. Steps, each needed for HTP:
+numpy); nothing from this project is imported but the sibling ``device_runner.py`` (standalone too),
+whose task decoding every ONNX session shares. Steps, each needed for HTP:
 
 1. static shapes: the decoder step's ``seq`` and ``past_len`` fixed (HTP has no dynamic shapes);
 2. constant folding (ORT basic optimisation, twice: the first pass inlines CastLike functions),
@@ -34,6 +35,7 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
+from device_runner import decoded_slots  # the sibling standalone runner (run as a script: its folder is on sys.path)
 
 
 def fold(src: str, dst: str) -> None:
@@ -59,15 +61,6 @@ def drop_nan_guards(model: onnx.ModelProto) -> int:
             if name in rename:
                 node.input[i] = rename[name]
     return len(rename)
-
-
-def task_slots(export: str, decoder: ort.InferenceSession, task: str) -> dict[str, np.ndarray]:
-    adapter = ort.LoraAdapter()
-    adapter.Load(os.path.join(export, "tasks", f"{task}.onnx_adapter"))
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    names = [o.name for o in decoder.get_outputs()]
-    return dict(zip(names, decoder.run(names, {}, options)))
 
 
 def htp_session(path: str, fallback: bool = False):
@@ -121,7 +114,7 @@ def main() -> None:
     cpu = ort.InferenceSession(os.path.join(a.export, "model.onnx"), providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(os.path.join(a.export, "task_decoder.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    decoded = {t: task_slots(a.export, decoder, t) for t in manifest["tasks"]}
+    decoded = {t: decoded_slots(decoder, os.path.join(a.export, "tasks", f"{t}.onnx_adapter")) for t in manifest["tasks"]}
 
     def window(task: str, ids: np.ndarray) -> dict:
         """The first ``past`` tokens through the fp32 graph on the CPU: the KV cache the NPU step continues."""
