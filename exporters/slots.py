@@ -18,6 +18,7 @@ from torch import nn
 
 from hydraopt_mobile.adapters import LoraFactors
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import StoredFactor, dequantize
 
 SLOT_A = "lora_a"
@@ -115,13 +116,13 @@ def attach_slots(model: nn.Module, layout: SlotLayout) -> dict[str, tuple[int, .
     for module, rank in layout.ranks.items():
         base = model.get_submodule(module)
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"module {module!r} is a {type(base).__name__}, not a Linear")
+            raise UserError(f"module {module!r} is a {type(base).__name__} in the base model, not a Linear: the bank was merged for another model")
         slots: list[torch.Tensor] = []
         for slot, shape in ((SLOT_A, (rank, base.in_features)), (SLOT_B, (base.out_features, rank))):
             name = f"{module}.{slot}"
             bank_shape = layout.slot_shape(name)
             if bank_shape != shape:
-                raise ValueError(f"slot {name}: bank shape {bank_shape} does not fit the model's {shape}")
+                raise UserError(f"slot {name}: bank shape {bank_shape} does not fit the base model's {shape}: the bank was merged for another model")
             if name in layout.resident:
                 slots.append(layout.resident[name].float().clone())
             else:

@@ -20,6 +20,8 @@ from typing import Callable
 
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from hydraopt_mobile.errors import UserError
+
 
 @dataclass(frozen=True)
 class Readiness:
@@ -102,5 +104,5 @@ TARGETS: dict[str, Target] = _registry()
 
 def get_target(name: str) -> Target:
     if name not in TARGETS:
-        raise ValueError(f"target {name!r}: unknown; available: {', '.join(TARGETS)}")
+        raise UserError(f"target {name!r}: unknown; available: {', '.join(TARGETS)}")
     return TARGETS[name]
