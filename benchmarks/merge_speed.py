@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from hydraopt_mobile.adapters import LoraFactors, build_adapter_set, load_adapter
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.merge.budget import Budget
-from hydraopt_mobile.merge.hydraopt import solve_layout
+from hydraopt_mobile.merge.solver import solve_layout
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
 from hydraopt_mobile.sharing import layout_summary, plan_label
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
@@ -87,7 +88,8 @@ def main() -> None:
         t_load = time.perf_counter() - t0
     budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.5)]
     t0 = time.perf_counter()
-    banks = merge_budgets(adapters, MergeConfig("hydraopt"), budgets, progress=True)
+    with progress_bar("hydraopt: modules") as on_step:
+        banks = merge_budgets(adapters, MergeConfig("hydraopt"), budgets, on_step)
     t_merge = time.perf_counter() - t0
     rss_merge = peak_rss_mb()
 

@@ -58,10 +58,10 @@ def planted(tmp: Path) -> dict[str, str]:
     for name, method in METHODS.items():
         if method.budgeted:
             budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.52)]
-            for b, bank in zip(budgets, merge_budgets(adapters, MergeConfig(name), budgets, progress=False, strict=False)):
+            for b, bank in zip(budgets, merge_budgets(adapters, MergeConfig(name), budgets, strict=False)):
                 out[f"{name}@{b.label()}"] = "infeasible" if isinstance(bank, InfeasibleBudget) else bank_files_sha(bank, tmp)
         else:
-            out[name] = bank_files_sha(merge(adapters, MergeConfig(name), progress=False), tmp)
+            out[name] = bank_files_sha(merge(adapters, MergeConfig(name)), tmp)
     return out
 
 
@@ -86,7 +86,7 @@ def tiny_onnx(tmp: Path) -> dict:
     tiny_llama(0, layers=2).save_pretrained(str(model_dir))
     folders = [tiny_peft_adapter(tmp / f"tiny/task{t}", seed=t + 1, layers=2) for t in range(2)]
     adapters = build_adapter_set([load_adapter(p) for p in folders])
-    bank = merge_budgets(adapters, MergeConfig("hydraopt"), [Budget(fraction=0.52)], progress=False)[0]
+    bank = merge_budgets(adapters, MergeConfig("hydraopt"), [Budget(fraction=0.52)])[0]
     export = export_bank(bank, model_dir, "onnx", "fp32", tmp / "tiny-export")
     session = open_export(export)
     out: dict = {"bank": bank_files_sha(bank, tmp)}

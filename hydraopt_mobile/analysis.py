@@ -1,8 +1,16 @@
 """Similarity of task adapters, per module and per layer type (METHOD.md, "The observation").
 
 Two views: what a practitioner sees (raw cosine of the A's and of the B's, which depends on the
-arbitrary factorisation), and rotation-invariant ones (overlap of the A row spaces and of the B
-column spaces, the mean squared cosine of their principal angles; and the cosine of the updates dW).
+arbitrary factorisation), and the rotation-invariant ones the planner groups tasks by (overlap of
+the row spaces and of the column spaces of the updates dW, the mean squared cosine of their
+principal angles; and the cosine of the updates dW). Every measure comes from
+hydraopt_mobile/similarity.py, so the heatmaps show what the planner used.
+
+Changed definition: before the layout refactor, ``subspace_A`` and ``subspace_B`` were the overlaps of
+the row space of A and the column space of B (singular values below 1e-8 of the largest dropped,
+float64). They are now those of the update dW = B A, with the planner's cut-off (1e-6) in its
+float32 factored space; the two agree where B (for rows) and A (for columns) have full rank.
+``similarity.json`` names each definition under ``definitions``.
 """
 
 from __future__ import annotations
@@ -12,57 +20,30 @@ import math
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.atomic import atomic_dir, json_marker
-from hydraopt_mobile.factored import inner, sq_norm
+from hydraopt_mobile.factored import factor_space
+from hydraopt_mobile.merge.method import OnStep, each_module
 from hydraopt_mobile.paths import confined
+from hydraopt_mobile.similarity import CUTOFF, DEFINITIONS, column_space_overlap, factor_cosine, row_space_overlap, update_cosine
 
 METRICS = ("cos_A", "cos_B", "subspace_A", "subspace_B", "cos_dW")
 FORMAT = "hydraopt-analysis"
 ANALYSIS = json_marker("similarity analysis", "similarity.json", "format", FORMAT)
 
 
-def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
-    if x.shape != y.shape:
-        return float("nan")  # different ranks: raw factors are not comparable entry by entry
-    d = float(x.norm() * y.norm())
-    return float((x * y).sum()) / d if d > 0 else 0.0
-
-
-def _basis(m: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis (as rows) of the row space of m."""
-    if m.numel() == 0:
-        return m
-    _, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-    return vh[s > s[0] * 1e-8] if s[0] > 0 else vh[:0]
-
-
-def _overlap(u: torch.Tensor, v: torch.Tensor) -> float:
-    k = min(u.shape[0], v.shape[0])
-    return float(((u @ v.T) ** 2).sum()) / k if k else 0.0
-
-
 def module_similarity(factors: list[LoraFactors]) -> dict[str, list[list[float]]]:
+    """Every metric of one module as a (T, T) matrix."""
+    fm = factor_space(factors)
     T = len(factors)
-    rows = [_basis(f.A) for f in factors]
-    cols = [_basis(f.B.T) for f in factors]
-    norms = [sq_norm(f) ** 0.5 for f in factors]
-    out = {m: [[1.0] * T for _ in range(T)] for m in METRICS}
-    for s in range(T):
-        for t in range(s + 1, T):
-            fs, ft = factors[s], factors[t]
-            vals = {
-                "cos_A": _cos(fs.A, ft.A),
-                "cos_B": _cos(fs.B, ft.B),
-                "subspace_A": _overlap(rows[s], rows[t]),
-                "subspace_B": _overlap(cols[s], cols[t]),
-                "cos_dW": inner(fs, ft) / (norms[s] * norms[t]) if norms[s] * norms[t] > 0 else 0.0,
-            }
-            for m, v in vals.items():
-                out[m][s][t] = out[m][t][s] = v
-    return out
+    return {
+        "cos_A": [[1.0 if s == t else factor_cosine(factors[s].A, factors[t].A) for t in range(T)] for s in range(T)],
+        "cos_B": [[1.0 if s == t else factor_cosine(factors[s].B, factors[t].B) for t in range(T)] for s in range(T)],
+        "subspace_A": row_space_overlap(fm).tolist(),
+        "subspace_B": column_space_overlap(fm).tolist(),
+        "cos_dW": update_cosine(fm).double().tolist(),
+    }
 
 
 def layer_type(module: str) -> str:
@@ -80,11 +61,9 @@ def _off_diagonal_mean(mat: list[list[float]]) -> float:
     return float(torch.nanmean(t[mask])) if t.shape[0] > 1 else float("nan")
 
 
-def analyze(adapters: AdapterSet, progress: bool = True) -> dict:
-    per_module = {}
-    with Progress(disable=not progress, transient=True) as bar:
-        for name in bar.track(adapters.module_names, description="similarity: modules"):
-            per_module[name] = module_similarity(adapters.factors(name))
+def analyze(adapters: AdapterSet, on_step: OnStep | None = None) -> dict:
+    """Per module, per layer type (mean over its modules) and summarised (mean off-diagonal)."""
+    per_module = each_module(adapters, lambda _, __, factors: module_similarity(factors), on_step)
     by_type: dict[str, dict[str, list]] = {}
     for name, sims in per_module.items():
         entry = by_type.setdefault(layer_type(name), {m: [] for m in METRICS})
@@ -92,7 +71,8 @@ def analyze(adapters: AdapterSet, progress: bool = True) -> dict:
             entry[m].append(sims[m])
     by_type_mean = {lt: {m: _mean(v[m]) for m in METRICS} for lt, v in by_type.items()}
     summary = {lt: {m: _off_diagonal_mean(v[m]) for m in METRICS} for lt, v in by_type_mean.items()}
-    return {"tasks": adapters.task_names, "metrics": list(METRICS), "summary": summary, "by_layer_type": by_type_mean, "modules": per_module}
+    definitions = {m: DEFINITIONS[m] for m in METRICS}
+    return {"tasks": adapters.task_names, "metrics": list(METRICS), "definitions": definitions, "summary": summary, "by_layer_type": by_type_mean, "modules": per_module}
 
 
 def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
@@ -103,7 +83,7 @@ def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
 
     paths = []
     tasks = result["tasks"]
-    titles = {"cos_A": "cosine(A)", "cos_B": "cosine(B)", "subspace_A": "row-space overlap(A)", "subspace_B": "column-space overlap(B)", "cos_dW": "cosine(dW)"}
+    titles = {"cos_A": "cosine(A)", "cos_B": "cosine(B)", "subspace_A": "row-space overlap(dW)", "subspace_B": "column-space overlap(dW)", "cos_dW": "cosine(dW)"}
     for lt, mats in result["by_layer_type"].items():
         fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2), constrained_layout=True)
         for ax, m in zip(axes, METRICS):
@@ -112,6 +92,7 @@ def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=6)
             ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
             fig.colorbar(im, ax=ax, shrink=0.7)
+        fig.suptitle(f"{lt}: overlaps are of the updates dW = B A (the planner's definitions; singular values below {CUTOFF:g} of the largest dropped)", fontsize=9)
         path = confined(out_dir, f"similarity_{lt}.png", ValueError)
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -131,9 +112,9 @@ def json_safe(value: object) -> object:
     return value
 
 
-def write_analysis(adapters: AdapterSet, out: Path, overwrite: bool = False) -> dict:
+def write_analysis(adapters: AdapterSet, out: Path, overwrite: bool = False, on_step: OnStep | None = None) -> dict:
     """Write ``similarity.json`` (undefined values as null) and the heatmaps to ``out``."""
-    result = analyze(adapters)
+    result = analyze(adapters, on_step)
     with atomic_dir(out, overwrite, kind=ANALYSIS, inputs=[t.path for t in adapters.tasks]) as tmp:
         (tmp / "similarity.json").write_text(json.dumps(json_safe({"format": FORMAT, **result}), indent=1, allow_nan=False))
         plot_heatmaps(result, tmp)

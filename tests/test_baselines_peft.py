@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 
 from hydraopt_mobile.adapters import LoraFactors, load_adapter_set
-from hydraopt_mobile.merge.baselines import knots
+from hydraopt_mobile.merge.baselines import KnotsParams, knots
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 
 from tiny_models import tiny_llama, tiny_peft_adapter
@@ -44,7 +44,7 @@ def peft_delta(paths, combination, weights, **kw):
 def test_baseline_equals_peft(adapters, method, params, combination, weights, kw):
     expected = peft_delta(adapters, combination, weights, **kw)
     aset = load_adapter_set([str(p) for p in adapters])
-    bank = merge(aset, MergeConfig(method, params=params), progress=False)
+    bank = merge(aset, MergeConfig(method, params=params))
     got = bank.task_factors("t1")[MODULE].dense()
     assert bank.modules[MODULE].layout == (1, 1)
     # fp16 storage of the merged factors bounds the agreement
@@ -54,7 +54,7 @@ def test_baseline_equals_peft(adapters, method, params, combination, weights, kw
 def test_knots_reduces_to_identity_cases():
     torch.manual_seed(0)
     f = LoraFactors(torch.randn(4, 30), torch.randn(20, 4))
-    params = {"weight": 1.0, "density": 1.0, "majority_sign": "total"}
+    params = KnotsParams(weight=1.0, density=1.0, majority_sign="total")
     assert torch.allclose(knots([f], params), f.dense(), atol=1e-4)
     # identical tasks: aligned, TIES keeps their common value, the merge is that update
     assert torch.allclose(knots([f, f, f], params), f.dense(), atol=1e-4)
@@ -67,7 +67,7 @@ def test_dare_mask_is_seeded(adapters):
     aset = load_adapter_set([str(p) for p in adapters])
 
     def delta(seed, density="0.5"):
-        bank = merge(aset, MergeConfig("dare-linear", params={"seed": seed, "density": density}), progress=False)
+        bank = merge(aset, MergeConfig("dare-linear", params={"seed": seed, "density": density}))
         return bank.task_factors("t0")[MODULE].dense()
 
     assert torch.equal(delta("1"), delta("1"))

@@ -7,8 +7,8 @@ from hydraopt_mobile.adapters import LoraFactors
 from hydraopt_mobile.factored import factor_space, factored_sq_error
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.hydraopt import objective, solve_layout
-from hydraopt_mobile.merge.planner import Candidate, lower_hull, plan
+from hydraopt_mobile.merge.solver import objective, solve_layout
+from hydraopt_mobile.merge.allocator import Candidate, allocate, lower_hull
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 
 torch.manual_seed(0)
@@ -75,12 +75,12 @@ def test_planted_shared_A_recovered_to_noise_floor(make_adapters, tmp_path):
         paths = make_adapters(n_tasks=6, noise=noise, root=tmp_path / f"noise{noise}")
         aset = build_adapter_set([load_adapter(p) for p in paths])
         params = {"k_a": "1", "k_b": "6", "rank": "4"}
-        bank = merge(aset, MergeConfig("hydraopt", fmt=NumberFormat("fp16"), budget=Budget(fraction=1.0), params=params), progress=False)
+        bank = merge(aset, MergeConfig("hydraopt", fmt=NumberFormat("fp16"), budget=Budget(fraction=1.0), params=params))
         errs = bank.relative_errors(aset)
         assert max(errs.values()) < bound, (noise, errs)
         assert all(m.layout == (1, 6) for m in bank.modules.values())
         # one merged adapter cannot represent six different B's
-        single = merge(aset, MergeConfig("svd"), progress=False)
+        single = merge(aset, MergeConfig("svd"))
         assert min(single.relative_errors(aset).values()) > 0.5
 
 
@@ -91,7 +91,7 @@ def test_more_budget_never_more_error(make_adapters):
     aset = build_adapter_set([load_adapter(p) for p in paths])
     previous, sizes = float("inf"), []
     for frac in (0.08, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0):
-        bank = merge(aset, MergeConfig("hydraopt", budget=Budget(fraction=frac)), progress=False)
+        bank = merge(aset, MergeConfig("hydraopt", budget=Budget(fraction=frac)))
         assert bank.total_file_bytes() <= frac * aset.reference_file_bytes()
         total = sum(e**2 for e in bank.relative_errors(aset).values())
         assert total <= previous * (1 + 1e-9) + 1e-12
@@ -106,15 +106,15 @@ def test_infeasible_budget_names_smallest(make_adapters):
 
     aset = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=3)])
     with pytest.raises(InfeasibleBudget, match=r"smallest feasible budget is [\d,]+ bytes \(0\.\d+ of fp16 one-adapter-per-task, in file bytes"):
-        merge(aset, MergeConfig("hydraopt", budget=Budget(nbytes=10)), progress=False)
+        merge(aset, MergeConfig("hydraopt", budget=Budget(nbytes=10)))
 
 
 def test_planner_hull_and_prefix():
     c = [Candidate(1, 1, 1, "fp16", b, e) for b, e in ((10, 9.0), (20, 5.0), (30, 4.9), (40, 1.0), (25, 8.0))]
     hull = lower_hull(c)
     assert [h.nbytes for h in hull] == [10, 20, 40]
-    assert sorted(x.nbytes for x in plan({"m": c, "n": c}, budget_bytes=35).values()) == [10, 20]
-    assert sorted(x.nbytes for x in plan({"m": c, "n": c}, budget_bytes=45).values()) == [20, 20]
-    assert sorted(x.nbytes for x in plan({"m": c, "n": c}, budget_bytes=80).values()) == [40, 40]
+    assert sorted(x.nbytes for x in allocate({"m": c, "n": c}, budget_bytes=35).values()) == [10, 20]
+    assert sorted(x.nbytes for x in allocate({"m": c, "n": c}, budget_bytes=45).values()) == [20, 20]
+    assert sorted(x.nbytes for x in allocate({"m": c, "n": c}, budget_bytes=80).values()) == [40, 40]
     with pytest.raises(InfeasibleBudget):
-        plan({"m": c, "n": c}, budget_bytes=19)
+        allocate({"m": c, "n": c}, budget_bytes=19)

@@ -52,13 +52,13 @@ def suite4(make_adapters):
 
 
 def test_one_adapter_per_task_fp16_is_exactly_the_reference(suite4, tmp_path):
-    bank = merge(suite4, MergeConfig("none"), progress=False)
+    bank = merge(suite4, MergeConfig("none"))
     out = write_bundle(bank, tmp_path / "none")
     assert tensor_files(out) == suite4.reference_file_bytes() == bank.total_file_bytes()
     assert bank.storage_fraction() == 1.0
     fractions = []
     for fmt in ("int8", "int4"):  # tiny 64-wide adapters: the headers are a large part of each file
-        small = merge(suite4, MergeConfig("none", fmt=NumberFormat.parse(fmt)), progress=False)
+        small = merge(suite4, MergeConfig("none", fmt=NumberFormat.parse(fmt)))
         assert tensor_files(write_bundle(small, tmp_path / fmt)) == small.total_file_bytes()
         fractions.append(small.storage_fraction())
     assert 1.0 > fractions[0] > fractions[1]
@@ -69,7 +69,7 @@ def test_one_adapter_per_task_fp16_is_exactly_the_reference(suite4, tmp_path):
 def test_budget_never_exceeded_in_file_bytes(suite4, tmp_path, method, fmt):
     budgets = [Budget(fraction=f) for f in (0.08, 0.13, 0.2, 0.35, 0.6, 1.0)]
     config = MergeConfig(method, fmt=NumberFormat.parse(fmt) if fmt else None)
-    banks = merge_budgets(suite4, config, budgets, progress=False, strict=False)
+    banks = merge_budgets(suite4, config, budgets, strict=False)
     reference = suite4.reference_file_bytes()
     measured = 0
     for budget, bank in zip(budgets, banks):
@@ -85,7 +85,7 @@ def test_budget_never_exceeded_in_file_bytes(suite4, tmp_path, method, fmt):
 
 
 def test_per_task_never_shares_and_is_labelled(suite4, tmp_path):
-    banks = merge_budgets(suite4, MergeConfig("per-task"), [Budget(fraction=f) for f in (0.4, 0.6, 0.9)], progress=False)
+    banks = merge_budgets(suite4, MergeConfig("per-task"), [Budget(fraction=f) for f in (0.4, 0.6, 0.9)])
     for bank in banks:
         assert all(len(set(m.a_index)) == 4 and len(set(m.b_index)) == 4 for m in bank.modules.values())
         assert not layout_summary(bank)["shares_factors"]
@@ -98,7 +98,7 @@ def test_per_task_never_shares_and_is_labelled(suite4, tmp_path):
 
 
 def test_hydraopt_sharing_plan_is_labelled_and_credited(suite4, tmp_path):
-    bank = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.3)), progress=False)
+    bank = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.3)))
     assert layout_summary(bank)["shares_factors"]
     assert plan_label(bank) != NO_SHARING
     out = write_bundle(bank, tmp_path / "h")
@@ -117,7 +117,7 @@ def test_manifest_is_small_on_the_suite(tmp_path):
 
     root = Path(hydraopt_mobile.__file__).parent / "suite" / "adapters" / "shared-seed"
     aset = build_adapter_set([load_adapter(root / t) for t in TASK_NAMES])
-    bank = merge(aset, MergeConfig("none", fmt=NumberFormat("int4")), progress=False)
+    bank = merge(aset, MergeConfig("none", fmt=NumberFormat("int4")))
     out = write_bundle(bank, tmp_path / "suite")
     assert (out / "manifest.json").stat().st_size <= 0.02 * bank.payload_bytes()
 
@@ -126,7 +126,7 @@ def test_frontier_record_bytes_equal_the_written_bundle(suite4, tmp_path):
     """A frontier record's bytes are the bundle's files on disk; its drop interval is paired."""
     from hydraopt_mobile.app.frontier import Point, record
 
-    bank = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.5)), progress=False)
+    bank = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.5)))
     out = write_bundle(bank, tmp_path / "b")
     reference = {t: [100.0, 0.0, 100.0, 100.0] for t in bank.tasks}
     worse = {t: [100.0, 0.0, 0.0, 100.0] for t in bank.tasks}
@@ -142,10 +142,10 @@ def test_demo_verdict_names_the_winner_and_what_was_shared(suite4):
 
     reference = {t: [100.0, 0.0, 100.0, 100.0] for t in suite4.task_names}
     lower = {t: [100.0, 0.0, 0.0, 100.0] for t in suite4.task_names}
-    hydra = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.3)), progress=False)
-    per_task = merge(suite4, MergeConfig("per-task", budget=Budget(fraction=0.5)), progress=False)
+    hydra = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.3)))
+    per_task = merge(suite4, MergeConfig("per-task", budget=Budget(fraction=0.5)))
     rows = [
-        _row(REFERENCE, merge(suite4, MergeConfig("none"), progress=False), reference, reference),
+        _row(REFERENCE, merge(suite4, MergeConfig("none")), reference, reference),
         _row("per-task compression", per_task, lower, reference),
         _row("hydraopt", hydra, reference, reference),
     ]
@@ -175,7 +175,7 @@ def test_planner_never_stores_more_than_the_inputs_and_keeps_own_ranks(method):
     aset = _mixed_rank_set()
     reference = aset.reference_file_bytes()
     for budget in (Budget(fraction=1.0), Budget(nbytes=12 * reference)):
-        bank = merge(aset, MergeConfig(method, budget=budget), progress=False)
+        bank = merge(aset, MergeConfig(method, budget=budget))
         assert bank.total_file_bytes() <= reference, budget
         for m in bank.modules.values():
             assert m.A[m.a_index[0]].shape[0] == 1, "the rank-1 task was padded"

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hydraopt_mobile.adapters import AdapterError, load_adapter_set, parse_task_spec
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import check_output
 from hydraopt_mobile.bundle import BUNDLE, BundleError, load_bundle, write_bundle
 from hydraopt_mobile.formats import NumberFormat
@@ -55,7 +56,7 @@ def methods() -> None:
     """List the merge methods in the registry, with parameters and references."""
     table = Table("method", "what it does", "parameters (default)", "storage", "reference")
     for m in METHODS.values():
-        params = ", ".join(f"{p.name}={p.default}" for p in m.params) or "-"
+        params = ", ".join(f"{p.name}={p.default}" for p in m.parameters()) or "-"
         table.add_row(m.name, m.summary, params, "--budget" if m.budgeted else "fixed", m.reference)
     console.print(table)
 
@@ -71,7 +72,8 @@ def analyze(
     from hydraopt_mobile.analysis import METRICS, write_analysis
 
     try:
-        result = write_analysis(load_adapter_set(adapters, allow_missing), out, overwrite)
+        with progress_bar("similarity: modules", console) as on_step:
+            result = write_analysis(load_adapter_set(adapters, allow_missing), out, overwrite, on_step)
     except USER_ERRORS as e:
         fail(e)
     table = Table("layer type", *METRICS, title="mean off-diagonal similarity between tasks")
@@ -115,7 +117,8 @@ def merge_cmd(
             params=_parse_params(param),
         )
         adapter_set = load_adapter_set(adapters, allow_missing)
-        bank = merge(adapter_set, config)
+        with progress_bar(f"{method}: modules", console) as on_step:
+            bank = merge(adapter_set, config, on_step)
         write_bundle(bank, out, overwrite, inputs)
     except USER_ERRORS as e:
         fail(e)

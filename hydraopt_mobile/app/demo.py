@@ -24,6 +24,7 @@ from rich.table import Table
 
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
 from hydraopt_mobile.analysis import write_analysis
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.bundle import MANIFEST, write_bundle
@@ -160,17 +161,19 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         folders = ensure_adapters(cfg, console)
         adapters: AdapterSet = build_adapter_set([load_adapter(p, t) for t, p in folders.items()])
         console.rule("3/6 similarity analysis")
-        sim = write_analysis(adapters, tmp / "analysis")
+        with progress_bar("similarity: modules", console) as on_step:
+            sim = write_analysis(adapters, tmp / "analysis", on_step=on_step)
         for lt, v in sim["summary"].items():
-            console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(A) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
+            console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(dW) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
         console.rule("4/6 merge")
         budget = Budget(fraction=cfg.budget if cfg.budget is not None else round(1 / len(adapters.tasks), 4))
-        banks = {
-            REFERENCE: merge(adapters, MergeConfig("none")),
-            f"per-task compression @ {budget.label()}": merge(adapters, MergeConfig("per-task", budget=budget)),
-            f"hydraopt @ {budget.label()}": merge(adapters, MergeConfig("hydraopt", budget=budget)),
-            f"{cfg.baseline} (one merged adapter)": merge(adapters, MergeConfig(cfg.baseline)),
-        }
+        with progress_bar("merge: modules", console) as on_step:
+            banks = {
+                REFERENCE: merge(adapters, MergeConfig("none"), on_step),
+                f"per-task compression @ {budget.label()}": merge(adapters, MergeConfig("per-task", budget=budget), on_step),
+                f"hydraopt @ {budget.label()}": merge(adapters, MergeConfig("hydraopt", budget=budget), on_step),
+                f"{cfg.baseline} (one merged adapter)": merge(adapters, MergeConfig(cfg.baseline), on_step),
+            }
         manifests = {label: write_bundle(bank, tmp / ("bundle-" + bank.method)) / MANIFEST for label, bank in banks.items()}
         console.rule("5/6 evaluate on the suite's test split")
         model, tokenizer = load_base_model(model_dir)

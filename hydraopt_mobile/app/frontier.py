@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from hydraopt_mobile.adapters import AdapterSet
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
@@ -63,7 +64,7 @@ def default_points(n_tasks: int) -> list[Point]:
 
 def baseline_bytes(adapters: AdapterSet, fmt: str) -> int:
     """File bytes of one merged adapter (every baseline stores one, rank r) in ``fmt``."""
-    return merge(adapters, MergeConfig("svd", fmt=NumberFormat.parse(fmt)), progress=False).total_file_bytes()
+    return merge(adapters, MergeConfig("svd", fmt=NumberFormat.parse(fmt))).total_file_bytes()
 
 
 def budget_of(adapters: AdapterSet, point: Point) -> Budget:
@@ -80,10 +81,11 @@ def banks_for(adapters: AdapterSet, points: list[Point]) -> Callable[[Point], Me
             fmt = NumberFormat.parse(point.fmt) if point.fmt else None
             if point.method in BUDGETED:
                 same = [p for p in points if (p.method, p.fmt) == (point.method, point.fmt)]
-                banks = merge_budgets(adapters, MergeConfig(point.method, fmt=fmt), [budget_of(adapters, p) for p in same], strict=False)
+                with progress_bar(f"{point.method}: modules") as on_step:
+                    banks = merge_budgets(adapters, MergeConfig(point.method, fmt=fmt), [budget_of(adapters, p) for p in same], on_step, strict=False)
                 cache.update(zip(same, banks))
             else:
-                cache[point] = merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")), progress=False)
+                cache[point] = merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")))
         return cache[point]
 
     return get

@@ -59,7 +59,7 @@ def lower_hull(cands: list[Candidate]) -> list[Candidate]:
     return hull
 
 
-def plan(candidates: dict[str, list[Candidate]], budget_bytes: int, offset_digits: int = 0) -> dict[str, Candidate]:
+def allocate(candidates: dict[str, list[Candidate]], budget_bytes: int, offset_digits: int = 0) -> dict[str, Candidate]:
     """Per module, the chosen candidate for ``budget_bytes``; raises InfeasibleBudget naming the minimum."""
     hulls = {m: lower_hull([c.priced(offset_digits) for c in cands]) for m, cands in candidates.items()}
     choice = {m: h[0] for m, h in hulls.items()}

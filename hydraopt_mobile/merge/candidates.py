@@ -1,20 +1,24 @@
-"""The ``hydraopt`` merge: candidate layouts per module, solved in factored space, planned under a budget."""
+"""The candidates of one module for the budgeted methods (hydraopt, per-task): layouts, shared
+ranks and number formats, each solved in factored space (solver.py) and priced in file bytes, and
+the rebuild of the one the allocator (allocator.py) chose."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
-from hydraopt_mobile.bank import MergedModule, grouped_module
+from hydraopt_mobile.bank import MergedModule
 from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
 from hydraopt_mobile.formats import NumberFormat
-from hydraopt_mobile.storage import entry_chars, factor_specs
-from hydraopt_mobile.merge.grouping import cluster, row_space_similarity, update_cosine
-from hydraopt_mobile.merge.hydraopt import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
-from hydraopt_mobile.merge.planner import Candidate, lower_hull
+from hydraopt_mobile.merge.allocator import Candidate, lower_hull
+from hydraopt_mobile.merge.baselines import as_is
+from hydraopt_mobile.merge.grouping import cluster
+from hydraopt_mobile.merge.method import OnStep, each_module
+from hydraopt_mobile.merge.solver import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
+from hydraopt_mobile.similarity import row_space_overlap, update_cosine
+from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def task_weights(adapters: AdapterSet) -> torch.Tensor:
 AS_IS = 0  # the rank of the candidate that keeps every task's own factors at its own rank
 
 
-class ModulePlanner:
+class ModuleCandidates:
     """Candidates of one module, and the rebuild of the chosen one.
 
     The input adapters as they are (each task at its own rank, in each allowed format) are always a
@@ -92,7 +96,7 @@ class ModulePlanner:
         if k_a in (1, T) and k_b in (1, T):  # trivial groupings need no similarity
             return ([0] * T if k_a == 1 else list(range(T))), ([0] * T if k_b == 1 else list(range(T)))
         if self._sims is None:
-            self._sims = row_space_similarity(self.fm), update_cosine(self.fm)
+            self._sims = row_space_overlap(self.fm), update_cosine(self.fm)
         return cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
 
     def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
@@ -133,18 +137,13 @@ class ModulePlanner:
             measured += [self._as_is(fmt) for fmt in self.cfg.formats]
         return measured
 
-    def _as_is_module(self, fmt: NumberFormat) -> MergedModule:
-        T = self.fm.n_tasks
-        return grouped_module(self.fm.shape, list(range(T)), list(range(T)), [f.A for f in self.factors], [f.B for f in self.factors], fmt)
-
     def _as_is_nbytes(self, fmt: NumberFormat) -> tuple[int, int]:
         d_out, d_in = self.fm.shape
-        specs = [s for t, f in enumerate(self.factors) for kind, n in (("A", d_in), ("B", d_out)) for s in factor_specs(self.index, kind, t, fmt, f.rank, n)]
-        return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
+        return _priced([s for t, f in enumerate(self.factors) for kind, n in (("A", d_in), ("B", d_out)) for s in factor_specs(self.index, kind, t, fmt, f.rank, n)])
 
     def _as_is(self, fmt: NumberFormat) -> Candidate:
         """The inputs as they are in ``fmt``, with the exact error of storing them in it."""
-        module = self._as_is_module(fmt)
+        module = as_is(self.factors, fmt)
         error = sum(float(self.w[t]) * factored_sq_error(f, module.task_factors(t)) for t, f in enumerate(self.factors))
         nbytes, n_tensors = self._as_is_nbytes(fmt)
         return Candidate(self.fm.n_tasks, self.fm.n_tasks, AS_IS, fmt.label(), nbytes, error, n_tensors)
@@ -161,44 +160,40 @@ class ModulePlanner:
         d_out, d_in = self.fm.shape
         specs = [s for i in range(k_a) for s in factor_specs(self.index, "A", i, fmt, rank, d_in)]
         specs += [s for i in range(k_b) for s in factor_specs(self.index, "B", i, fmt, rank, d_out)]
-        return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
+        return _priced(specs)
 
     def build(self, c: Candidate) -> MergedModule:
         if c.rank == AS_IS:
-            return self._as_is_module(NumberFormat.parse(c.fmt))
+            return as_is(self.factors, NumberFormat.parse(c.fmt))
         return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
 
 
-def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, tick: Callable[[], None] | None = None) -> dict[str, list[Candidate]]:
-    """Every module's candidates (reusable across budgets). Module state is dropped after each
-    module, so memory stays at one module's factored space."""
-    w = task_weights(adapters)
-    cands = {}
-    for m, name in enumerate(adapters.module_names):
-        cands[name] = ModulePlanner(adapters.factors(name), w, cfg, m).candidates()
-        if tick:
-            tick()
-    return cands
+def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
+    """(payload + header entries without their offsets, number of entries) of these tensors."""
+    return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
 
 
-def build_modules(
-    adapters: AdapterSet,
-    cfg: HydraOptConfig,
-    plans: list[dict[str, Candidate]],
-    tick: Callable[[], None] | None = None,
-) -> list[dict[str, MergedModule]]:
-    """For each plan, the modules it chose. Each module's factored space is rebuilt once
-    (cheaper than keeping every module's in memory) and serves all plans."""
+def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None) -> dict[str, list[Candidate]]:
+    """Every module's candidates (reusable across budgets); the first of two passes over the modules
+    for ``on_step``. Module state is dropped after each module, so memory stays at one module's
+    factored space."""
     w = task_weights(adapters)
-    out: list[dict[str, MergedModule]] = [{} for _ in plans]
-    for m, name in enumerate(adapters.module_names):
-        planner = ModulePlanner(adapters.factors(name), w, cfg, m)
+    return each_module(adapters, lambda m, _, factors: ModuleCandidates(factors, w, cfg, m).candidates(), on_step, passes=2)
+
+
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None) -> list[dict[str, MergedModule]]:
+    """For each plan, the modules it chose; the second of two passes over the modules for
+    ``on_step``. Each module's factored space is rebuilt once (cheaper than keeping every module's
+    in memory) and serves all plans."""
+    w = task_weights(adapters)
+
+    def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
+        module = ModuleCandidates(factors, w, cfg, m)
         built: dict[tuple, MergedModule] = {}
-        for i, chosen in enumerate(plans):
-            c = chosen[name]
-            if c.spec not in built:
-                built[c.spec] = planner.build(c)
-            out[i][name] = built[c.spec]
-        if tick:
-            tick()
-    return out
+        for chosen in plans:
+            if chosen[name].spec not in built:
+                built[chosen[name].spec] = module.build(chosen[name])
+        return [built[chosen[name].spec] for chosen in plans]
+
+    per_module = each_module(adapters, build, on_step, passes=2, done=len(adapters.module_names))
+    return [{name: chosen[i] for name, chosen in per_module.items()} for i in range(len(plans))]

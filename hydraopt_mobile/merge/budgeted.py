@@ -1,0 +1,63 @@
+"""The budgeted methods' build (hydraopt, per-task): every module's candidates once (they do not
+depend on the budget), one allocation per budget, then the chosen modules.
+
+Budgets are file bytes (storage.py): the allocator gets the budget less the bound on every file's
+fixed overhead (the shared file and one per task), with each header entry's offsets priced at the
+budget's number of digits, so every bank's files fit its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydraopt_mobile.adapters import AdapterSet
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.merge.allocator import Candidate, allocate, minimum_bytes
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.candidates import HydraOptConfig, build_modules, plan_candidates
+from hydraopt_mobile.merge.method import MethodParams, Modules, NoParams, OnStep, Storage, param
+from hydraopt_mobile.storage import file_overhead_bound
+
+
+@dataclass(frozen=True)
+class HydraOptParams(MethodParams):
+    k_a: int | None = param(None, "fix the number of A-groups", min=1)
+    k_b: int | None = param(None, "fix the number of B-groups", min=1)
+    rank: int | None = param(None, "fix the shared rank r'", min=1)
+
+
+def build_hydraopt(adapters: AdapterSet, params: HydraOptParams, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
+    """Shared factors + per-task tensors: the layout, rank and format of each module chosen under each budget."""
+    T = len(adapters.tasks)
+    for name in ("k_a", "k_b"):
+        k = getattr(params, name)
+        if k is not None and k > T:
+            raise UserError(f"--param {name}={k}: at most the number of tasks ({T})")
+    cfg = HydraOptConfig(formats=storage.formats, k_a=params.k_a, k_b=params.k_b, rank=params.rank)
+    return _build(adapters, cfg, storage.budgets, on_step)
+
+
+def build_per_task(adapters: AdapterSet, params: NoParams, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
+    """Each adapter compressed on its own (rank and format per module) under each budget; nothing shared."""
+    return _build(adapters, HydraOptConfig(formats=storage.formats, per_task=True), storage.budgets, on_step)
+
+
+def _build(adapters: AdapterSet, cfg: HydraOptConfig, budgets: tuple[Budget, ...], on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
+    candidates = plan_candidates(adapters, cfg, on_step)
+    plans = [_allocate(candidates, budget, adapters.reference_file_bytes(), len(adapters.tasks)) for budget in budgets]
+    built = iter(build_modules(adapters, cfg, [p for p in plans if not isinstance(p, InfeasibleBudget)], on_step))
+    return [p if isinstance(p, InfeasibleBudget) else next(built) for p in plans]
+
+
+def _allocate(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | InfeasibleBudget:
+    """The chosen candidate per module, or the error naming the smallest feasible budget."""
+    fixed = (n_tasks + 1) * file_overhead_bound()  # the shared file and one per task
+    nbytes = budget.resolve(reference)
+    try:
+        return allocate(candidates, nbytes - fixed, offset_digits=len(str(nbytes)))
+    except InfeasibleBudget:
+        smallest = fixed + minimum_bytes(candidates, offset_digits=len(str(fixed + minimum_bytes(candidates))))
+        return InfeasibleBudget(
+            f"--budget {budget.label()} ({nbytes:,} bytes) is infeasible: the smallest feasible budget is "
+            f"{smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task, in file bytes)"
+        )
