@@ -5,8 +5,10 @@ import torch
 from peft import PeftModel
 
 from hydraopt_mobile.adapters import LoraFactors, load_adapter_set
-from hydraopt_mobile.merge.baselines import KnotsParams, knots
-from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.merge.baselines import DareLinearParams, KnotsParams, TiesParams, knots
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
 
 from tiny_models import tiny_llama, tiny_peft_adapter
 
@@ -73,3 +75,71 @@ def test_dare_mask_is_seeded(adapters):
     assert torch.equal(delta("1"), delta("1"))
     assert not torch.allclose(delta("1"), delta("2"))
     assert not torch.allclose(delta("1"), delta("1", "1.0"))
+
+
+def test_dare_leaves_the_callers_random_state_alone(adapters):
+    aset = load_adapter_set([str(p) for p in adapters])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    merge(aset, MergeConfig("dare-ties", params={"seed": "7"}))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_params_typed_from_strings_and_recorded(adapters):
+    aset = load_adapter_set([str(p) for p in adapters])
+    bank = merge(aset, MergeConfig("ties", params={"density": "0.3", "majority_sign": "frequency", "rank": "2"}))
+    assert bank.params == {"weight": 1.0, "density": 0.3, "majority_sign": "frequency", "rank": 2, "format": "fp16"}
+    assert bank.modules[MODULE].rank == 2
+    # a typed dataclass is the same request as its strings
+    typed = merge(aset, MergeConfig("ties", params=TiesParams(density=0.3, majority_sign="frequency", rank=2)))
+    assert typed.params == bank.params
+    assert torch.equal(typed.task_factors("t0")[MODULE].dense(), bank.task_factors("t0")[MODULE].dense())
+    assert DareLinearParams.parse({"seed": "4", "rank": "none"}) == DareLinearParams(seed=4, rank=None)
+
+
+@pytest.mark.parametrize(
+    "method,params,message",
+    [
+        ("ties", {"density": "lots"}, "--param density='lots': expected a number"),
+        ("ties", {"density": "1.5"}, "--param density=1.5: must be between 0 and 1"),
+        ("ties", {"majority_sign": "max"}, "--param majority_sign='max': expected one of total, frequency"),
+        ("ties", {"rank": "0"}, "--param rank=0: must be at least 1"),
+        ("dare-linear", {"seed": "1.5"}, "--param seed='1.5': expected an integer"),
+        ("dare-linear", {"density": "none"}, "--param density='none': expected a number"),
+        ("svd", {"k_a": "2"}, "--param k_a: no such parameter .this method has: weight, rank."),
+        ("none", {"rank": "2"}, "--param rank: no such parameter .this method has: none."),
+        ("hydraopt", {"k_a": "9"}, "--param k_a=9: at most the number of tasks .3."),
+        ("dare-ties", TiesParams(), "--method dare-ties: takes DareTiesParams, not TiesParams"),
+    ],
+)
+def test_bad_parameter_named(adapters, method, params, message):
+    aset = load_adapter_set([str(p) for p in adapters])
+    with pytest.raises(UserError, match=message):
+        merge(aset, MergeConfig(method, params=params))
+
+
+def test_bad_method_and_budget_use_named(adapters):
+    aset = load_adapter_set([str(p) for p in adapters])
+    with pytest.raises(UserError, match="--method 'tie': unknown; available: hydraopt, per-task"):
+        merge(aset, MergeConfig("tie"))
+    with pytest.raises(UserError, match="--budget applies to budgeted methods .hydraopt, per-task.; 'svd' has fixed storage"):
+        merge(aset, MergeConfig("svd", budget=Budget(fraction=0.5)))
+    with pytest.raises(UserError, match="'cat' has fixed storage"):
+        merge_budgets(aset, MergeConfig("cat"), [Budget(fraction=0.5)])
+
+
+def test_every_method_documents_its_parameters():
+    for method in METHODS.values():
+        for f in method.parameters():
+            assert f.metadata["help"], (method.name, f.name)
+        assert method.params.parse({}) == method.params()  # the defaults parse as themselves
+
+
+@pytest.mark.parametrize("method,passes", [("svd", 1), ("hydraopt", 2)])
+def test_progress_reported_through_callback(adapters, method, passes):
+    aset = load_adapter_set([str(p) for p in adapters])
+    steps: list[tuple[int, int]] = []
+    merge(aset, MergeConfig(method), lambda done, total: steps.append((done, total)))
+    total = passes * len(aset.module_names)
+    assert steps == [(i, total) for i in range(1, total + 1)]

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.budget import Budget
 
 
@@ -37,5 +38,5 @@ def test_budget_parse():
     assert Budget.parse("12MB").resolve(1) == 12_000_000
     assert Budget.parse("1KiB").nbytes == 1024
     for bad in ("1.5", "abc", "3 parsecs"):
-        with pytest.raises(ValueError, match="--budget"):
+        with pytest.raises(UserError, match="--budget"):
             Budget.parse(bad)

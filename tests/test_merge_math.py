@@ -10,6 +10,7 @@ from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.solver import objective, solve_layout
 from hydraopt_mobile.merge.allocator import Candidate, allocate, lower_hull
 from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.similarity import column_space_overlap, row_space_overlap, update_cosine
 
 torch.manual_seed(0)
 
@@ -118,3 +119,37 @@ def test_planner_hull_and_prefix():
     assert sorted(x.nbytes for x in allocate({"m": c, "n": c}, budget_bytes=80).values()) == [40, 40]
     with pytest.raises(InfeasibleBudget):
         allocate({"m": c, "n": c}, budget_bytes=19)
+
+
+def dense_overlap(u, v):
+    """Mean squared cosine of the principal angles between the spans of the columns of u and v."""
+    bases = [torch.linalg.svd(m, full_matrices=False)[0] for m in (u, v)]
+    bases = [b[:, : torch.linalg.matrix_rank(m)] for b, m in zip(bases, (u, v))]
+    return float(((bases[0].T @ bases[1]) ** 2).sum()) / min(b.shape[1] for b in bases)
+
+
+def test_similarity_matches_dense_updates():
+    """The planner's similarities (also the heatmaps') from factors equal those of the dense dW_t."""
+    factors = random_factors()
+    factors[1] = LoraFactors(factors[0].A[:2].clone(), torch.randn(24, 2))  # rows inside task 0's row space
+    factors[2] = LoraFactors(torch.randn(2, 40), factors[3].B[:, :2] @ torch.randn(2, 2))  # columns inside task 3's
+    fm = factor_space(factors)
+    dense = [f.B.double() @ f.A.double() for f in factors]
+    rows, cols, cos = row_space_overlap(fm), column_space_overlap(fm), update_cosine(fm)
+    for s in range(5):
+        for t in range(5):
+            assert float(rows[s, t]) == pytest.approx(dense_overlap(dense[s].T, dense[t].T), abs=1e-4)
+            assert float(cols[s, t]) == pytest.approx(dense_overlap(dense[s], dense[t]), abs=1e-4)
+            expected = float((dense[s] * dense[t]).sum() / (dense[s].norm() * dense[t].norm()))
+            assert float(cos[s, t]) == pytest.approx(expected, abs=1e-5)
+    assert float(rows[0, 1]) == pytest.approx(1.0, abs=1e-5) and float(cols[2, 3]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_heatmaps_show_the_planners_similarity():
+    from hydraopt_mobile.analysis import module_similarity
+
+    factors = random_factors()
+    fm = factor_space(factors)
+    sims = module_similarity(factors)
+    assert torch.equal(torch.tensor(sims["subspace_A"], dtype=torch.float64), row_space_overlap(fm))
+    assert torch.equal(torch.tensor(sims["cos_dW"], dtype=torch.float64), update_cosine(fm).double())
