@@ -9,6 +9,7 @@ adapters' similarity heatmaps under benchmarks/results/.
 
     python benchmarks/frontier.py [--init shared-seed] [--init independent-seeds] [--threads 1]
     python benchmarks/frontier.py --report     # frontier.md and frontier.png from frontier.json
+    python benchmarks/frontier.py --init shared-seed --similarity-only   # rewrite similarity_<init>/ only
 
 Two inits in parallel (one core each): run each with its own ``--out``, then
 ``frontier.py --out frontier.json --merge A.json B.json`` (resumable, so it measures nothing new).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
 from hydraopt_mobile.analysis import write_analysis
 from hydraopt_mobile.app.frontier import record_key, default_points, load_records, markdown_table, plot_frontier, run_frontier, save_records
 from hydraopt_mobile.suite.evaluate import evaluate
@@ -34,11 +35,12 @@ from hydraopt_mobile.suite.tasks import load_suite
 
 RESULTS = Path(__file__).parent / "results"
 ADAPTERS = Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters"
+INITS = ("shared-seed", "independent-seeds")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--init", action="append", choices=["shared-seed", "independent-seeds"])
+    ap.add_argument("--init", action="append", choices=INITS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="methods to run (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
     ap.add_argument("--report", action="store_true", help="only rewrite frontier.md and frontier.png from --out")
+    ap.add_argument("--similarity-only", action="store_true", help="only rewrite the similarity heatmaps of each --init (a frontier run writes them only when missing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = load_suite()
@@ -65,13 +68,16 @@ def main() -> None:
     if args.report or (args.merge and not args.init):
         write_reports(args.out)
         return
+    if args.similarity_only:
+        for init in args.init or INITS:
+            write_analysis(load_init(args.adapters, init), RESULTS / f"similarity_{init}", overwrite=True)
+        return
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
     base = evaluate(tasks, None, model, tokenizer, threads=args.threads, cache=answers)
     (RESULTS / "frontier_base_scores.json").write_text(json.dumps(base, indent=1))
-    for init in args.init or ["shared-seed", "independent-seeds"]:
-        folders = sorted((args.adapters / init).iterdir())
-        adapters = build_adapter_set([load_adapter(p) for p in folders if (p / "adapter_config.json").exists()])
+    for init in args.init or INITS:
+        adapters = load_init(args.adapters, init)
         sim_dir = RESULTS / f"similarity_{init}"
         if not sim_dir.exists():
             write_analysis(adapters, sim_dir)
@@ -90,6 +96,11 @@ def main() -> None:
 
         run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show)
     write_reports(args.out, base)
+
+
+def load_init(root: Path, init: str) -> AdapterSet:
+    """The adapters of one initialisation setting: every PEFT folder under ``root/init``."""
+    return build_adapter_set([load_adapter(p) for p in sorted((root / init).iterdir()) if (p / "adapter_config.json").exists()])
 
 
 def write_reports(out: Path, base: dict | None = None) -> None:
