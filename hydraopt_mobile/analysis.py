@@ -23,6 +23,7 @@ import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.atomic import atomic_dir, json_marker
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.merge.method import OnStep, each_module
 from hydraopt_mobile.paths import confined
@@ -93,7 +94,7 @@ def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
             ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
             fig.colorbar(im, ax=ax, shrink=0.7)
         fig.suptitle(f"{lt}: overlaps are of the updates dW = B A (the planner's definitions; singular values below {CUTOFF:g} of the largest dropped)", fontsize=9)
-        path = confined(out_dir, f"similarity_{lt}.png", ValueError)
+        path = confined(out_dir, f"similarity_{lt}.png", UserError)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

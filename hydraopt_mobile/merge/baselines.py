@@ -64,17 +64,13 @@ class DareTiesParams(MethodParams):
 
 
 @dataclass(frozen=True)
-class SvdParams(MethodParams):
-    weight: float | None = param(None, _MEAN_HELP)
-    rank: int | None = param(None, _RANK_HELP, min=1)
+class SvdParams(TaskArithmeticParams):
+    weight: float | None = param(None, _MEAN_HELP)  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
-class KnotsParams(MethodParams):
-    weight: float = param(1.0, "weight of every task's update")
+class KnotsParams(TiesParams):
     density: float = param(0.5, "TIES density on V", min=0, max=1)
-    majority_sign: Sign = param("total", _SIGN_HELP)
-    rank: int | None = param(None, _RANK_HELP, min=1)
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,7 @@ def _seeded(seed: int, rule: Callable[[], torch.Tensor]) -> torch.Tensor:
         return rule()
 
 
-def task_arithmetic(factors: list[LoraFactors], p: TaskArithmeticParams | SvdParams) -> torch.Tensor:
+def task_arithmetic(factors: list[LoraFactors], p: TaskArithmeticParams) -> torch.Tensor:
     """sum_t w_t dW_t: lambda * sum (Ilharco et al. 2023), or PEFT ``add_weighted_adapter(
     combination_type='svd')`` with w_t = 1/T by default."""
     return _rules().task_arithmetic(dense_updates(factors), _weights(p.weight, len(factors)))
