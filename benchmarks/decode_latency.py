@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporters.runtime import open_export  # noqa: E402
+from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "decode_latency.json"
 
@@ -60,20 +61,15 @@ def main() -> None:
                    "runs_ms_per_token": t, "task": sessions[name].active} for name, t in times.items()}
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     saved[args.name] = {"reference": args.exports[0].name, "tokens": args.tokens, "rounds": args.rounds, "threads": 1, "exports": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(saved, indent=1))
-    tmp.replace(args.out)
-    args.out.with_suffix(".md").write_text(markdown(saved))
+    write_record(args.out, saved, markdown(saved))
     print(markdown({args.name: saved[args.name]}))
 
 
 def markdown(saved: dict) -> str:
+    rows = ([name, export, f"{r['median_ms_per_token']:.2f}", f"{100 * (r['ratio_vs_merged'] - 1):+.1f} %"]
+            for name, c in saved.items() for export, r in c["exports"].items())
     lines = ["# Decode latency, side by side (median of rounds, 1 thread)", "",
-             "| comparison | export | ms / token | vs merged reference |", "|---|---|---|---|"]
-    for name, c in saved.items():
-        for export, r in c["exports"].items():
-            lines.append(f"| {name} | {export} | {r['median_ms_per_token']:.2f} | {100 * (r['ratio_vs_merged'] - 1):+.1f} % |")
+             *markdown_table(["comparison", "export", "ms / token", "vs merged reference"], rows)]
     return "\n".join(lines) + "\n"
 
 

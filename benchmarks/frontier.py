@@ -27,7 +27,9 @@ import torch
 
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
 from hydraopt_mobile.analysis import write_analysis
-from hydraopt_mobile.app.frontier import record_key, default_points, load_records, markdown_table, plot_frontier, run_frontier, save_records
+from hydraopt_mobile.atomic import atomic_file, write_text_atomic
+from hydraopt_mobile.app.records import write_record
+from hydraopt_mobile.app.frontier import record_key, default_points, load_records, frontier_markdown, plot_frontier, run_frontier, save_records
 from hydraopt_mobile.suite.evaluate import evaluate
 from hydraopt_mobile.suite.metrics import per_example
 from hydraopt_mobile.suite.model import cache_root, load_base_model
@@ -75,7 +77,7 @@ def main() -> None:
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
     base = evaluate(tasks, None, model, tokenizer, threads=args.threads, cache=answers)
-    (RESULTS / "frontier_base_scores.json").write_text(json.dumps(base, indent=1))
+    write_record(RESULTS / "frontier_base_scores.json", base)
     for init in args.init or INITS:
         adapters = load_init(args.adapters, init)
         sim_dir = RESULTS / f"similarity_{init}"
@@ -105,10 +107,11 @@ def load_init(root: Path, init: str) -> AdapterSet:
 
 def write_reports(out: Path, base: dict | None = None) -> None:
     records = load_records(out)
-    (RESULTS / "frontier.md").write_text(markdown_table(records))
+    write_text_atomic(RESULTS / "frontier.md", frontier_markdown(records))
     base_path = RESULTS / "frontier_base_scores.json"
     base = base or (json.loads(base_path.read_text()) if base_path.exists() else None)
-    plot_frontier(records, RESULTS / "frontier.png", base)
+    with atomic_file(RESULTS / "frontier.png") as png:
+        plot_frontier(records, png, base)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import platform
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fuzz_cases import TARGETS, run_case  # noqa: E402
 
-from hydraopt_mobile.atomic import write_text_atomic  # noqa: E402
+from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -81,12 +80,9 @@ def markdown(result: dict) -> str:
         "the real reader. Accepted ones are written back and read again (round trip); all of them run under an",
         "audit hook that fails the case if a file outside the input's folder is opened.",
         "",
-        "| target | cases | outcomes | findings | seconds |",
-        "|---|---|---|---|---|",
+        *markdown_table(["target", "cases", "outcomes", "findings", "seconds"],
+                        ([r["target"], r["cases"], ", ".join(f"{k} {v}" for k, v in r["outcomes"].items()), len(r["findings"]), r["seconds"]] for r in result["targets"])),
     ]
-    for r in result["targets"]:
-        outcomes = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())
-        lines.append(f"| {r['target']} | {r['cases']} | {outcomes} | {len(r['findings'])} | {r['seconds']} |")
     for r in result["targets"]:
         for f in r["findings"]:
             lines += ["", f"- {r['target']} (seed {f['seed']}): `{f['error'].splitlines()[0]}`"]
@@ -117,8 +113,7 @@ def main() -> None:
         },
         "targets": targets,
     }
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=1))
-    write_text_atomic(args.out.with_suffix(".md"), markdown(result))
+    write_record(args.out.with_suffix(".json"), result, markdown(result))
     print(markdown(result))
 
 

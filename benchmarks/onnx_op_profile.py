@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporters.onnx_backend import OrtSession  # noqa: E402
+from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "onnx_op_profile.json"
 
@@ -87,30 +88,24 @@ def main() -> None:
     ref = summary[args.exports[0].name]
     for s in summary.values():
         s["wall_ratio_vs_reference"] = s["wall_ms_per_token"] / ref["wall_ms_per_token"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     notes = {"command": " ".join(sys.argv), "tokens": args.tokens, "rounds": args.rounds, "threads": 1,
              "reference": args.exports[0].name, "ort": ort.__version__}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"notes": notes, "exports": summary}, indent=1))
-    tmp.replace(args.out)
-    args.out.with_suffix(".md").write_text(markdown(summary, args.exports[0].name))
+    write_record(args.out, {"notes": notes, "exports": summary}, markdown(summary, args.exports[0].name))
     print(markdown(summary, args.exports[0].name))
 
 
 def markdown(summary: dict, reference: str) -> str:
     names = list(summary)
+    wall = ([key, *(f"{summary[n][key]:.3f}" for n in names)] for key in ("wall_ms_per_token", "wall_ratio_vs_reference", "kernel_ms_per_token", "nodes_per_token"))
+    ops = sorted({op for s in summary.values() for op in s["op_ms_per_token"]},
+                 key=lambda op: -max(s["op_ms_per_token"].get(op, 0) - summary[reference]["op_ms_per_token"].get(op, 0) for s in summary.values()))
+    by_op = ([op, *(f"{summary[n]['op_ms_per_token'].get(op, 0):.3f} ({summary[n]['op_nodes_per_token'].get(op, 0):.0f})" for n in names)] for op in ops[:12])
     lines = ["# ONNX Runtime decode profile (medians, ms per token, 1 thread)", "",
              "The profiler adds a cost per node, so wall ratios here overstate the extra nodes' cost: "
              "decode_latency.md has the ratios without it.", "",
-             "| | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
-    for key in ("wall_ms_per_token", "wall_ratio_vs_reference", "kernel_ms_per_token", "nodes_per_token"):
-        lines.append(f"| {key} | " + " | ".join(f"{summary[n][key]:.3f}" for n in names) + " |")
-    ops = sorted({op for s in summary.values() for op in s["op_ms_per_token"]},
-                 key=lambda op: -max(s["op_ms_per_token"].get(op, 0) - summary[reference]["op_ms_per_token"].get(op, 0) for s in summary.values()))
-    lines += ["", "Kernel ms per token (nodes) by op type, largest growth over the reference first:", "",
-              "| op | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
-    for op in ops[:12]:
-        lines.append(f"| {op} | " + " | ".join(f"{summary[n]['op_ms_per_token'].get(op, 0):.3f} ({summary[n]['op_nodes_per_token'].get(op, 0):.0f})" for n in names) + " |")
+             *markdown_table(["", *names], wall),
+             "", "Kernel ms per token (nodes) by op type, largest growth over the reference first:", "",
+             *markdown_table(["op", *names], by_op)]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
 from hydraopt_mobile.suite.metrics import average, paired_gain
 from hydraopt_mobile.suite.model import cache_root, load_base_model
@@ -25,21 +26,24 @@ RESULTS = Path(__file__).parent / "results"
 ADAPTERS = Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters"
 
 
+COLUMNS = ["task", "metric", "train / val / test", "base", "adapter", "gain", "95 % interval", "clear", "train s"]
+
+
 def _markdown(record: dict) -> str:
     lines = [f"# Suite: base model vs trained adapters ({record['split']} split)", "",
              "Gain = adapter - base in points; 95 % paired percentile bootstrap over the split's examples "
              "(10,000 resamples); *clear* = the whole interval is above zero.", ""]
     for init, r in record["inits"].items():
-        lines += [f"## {init}", "", "| task | metric | train / val / test | base | adapter | gain | 95 % interval | clear | train s |",
-                  "|---|---|---|---:|---:|---:|---|---|---:|"]
+        rows = []
         for t in record["tasks"]:
             g = r["gains"][t["name"]]
-            lines.append(f"| {t['name']} | {t['metric']} | {t['train']} / {t['val']} / {t['test']} | {record['base'][t['name']]:.1f} "
-                         f"| {r['adapter'][t['name']]:.1f} | {g['points']:+.1f} | [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}] "
-                         f"| {'yes' if g['clear'] else '**no**'} | {r['train_seconds'].get(t['name'], float('nan')):.0f} |")
-        lines += [f"| **average** | | | {average(record['base']):.1f} | {average(r['adapter']):.1f} "
-                  f"| {average(r['adapter']) - average(record['base']):+.1f} | | {sum(g['clear'] for g in r['gains'].values())}/{len(r['gains'])} "
-                  f"| {sum(r['train_seconds'].values()):.0f} |", ""]
+            rows.append([t["name"], t["metric"], f"{t['train']} / {t['val']} / {t['test']}", f"{record['base'][t['name']]:.1f}",
+                         f"{r['adapter'][t['name']]:.1f}", f"{g['points']:+.1f}", f"[{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]",
+                         "yes" if g["clear"] else "**no**", f"{r['train_seconds'].get(t['name'], float('nan')):.0f}"])
+        rows.append(["**average**", "", "", f"{average(record['base']):.1f}", f"{average(r['adapter']):.1f}",
+                     f"{average(r['adapter']) - average(record['base']):+.1f}", "", f"{sum(g['clear'] for g in r['gains'].values())}/{len(r['gains'])}",
+                     f"{sum(r['train_seconds'].values()):.0f}"])
+        lines += [f"## {init}", "", *markdown_table(COLUMNS, rows, align="lllrrrllr"), ""]
     return "\n".join(lines)
 
 
@@ -87,9 +91,7 @@ def main() -> None:
             "settings": {k: {s: m[s] for s in ("steps", "lr", "batch_size", "rank", "alpha", "seed", "threads", "torch")} for k, m in meta.items()},
         }
         print(f"{init}: base {average(base):.2f}, adapters {average(scores):.2f}, clear gains {sum(g.clear for g in gains.values())}/{len(gains)}", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "suite_scores.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / "suite_scores.md").write_text(_markdown(record))
+    write_record(RESULTS / "suite_scores.json", record, _markdown(record), trailing_newline=True)
 
 
 if __name__ == "__main__":

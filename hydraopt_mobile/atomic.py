@@ -213,14 +213,23 @@ def atomic_dir(out: Path, overwrite: bool = False, *, kind: OutputKind, inputs: 
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write one file through a temporary file beside it and a rename (results files, rewritten in
-    place by design: no ``--overwrite`` rules apply)."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path`` in one
+    rename, otherwise it is removed. For files rewritten in place by design (results, caches): no
+    ``--overwrite`` rules apply. The temporary name is unique, so concurrent writers never share it,
+    and ends in ``path``'s suffix, for writers that choose the format by it (matplotlib)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{secrets.token_hex(4)}{path.suffix}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write one text file through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

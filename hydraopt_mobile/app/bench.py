@@ -9,7 +9,6 @@ suite's metric and checks parity against the PyTorch model with the same effecti
 
 from __future__ import annotations
 
-import json as jsonlib
 import multiprocessing
 import statistics
 import time
@@ -257,11 +256,7 @@ def _bank_from_manifest(manifest: Manifest) -> MergedBank:
 
 def write_reports(records: list[dict], json_path: Path, notes: dict | None = None) -> None:
     """``json_path`` (records + notes), ``.md`` (per-export summary and per-task table), ``.png``."""
-    from .bench_report import write_markdown, write_plot
+    from .bench_report import bench_markdown, write_plot
+    from .records import write_record
 
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(jsonlib.dumps({"notes": notes or {}, "records": records}, indent=1))
-    tmp.rename(json_path)
-    write_markdown(records, json_path.with_suffix(".md"), notes or {})
-    write_plot(records, json_path.with_suffix(".png"))
+    write_record(json_path, {"notes": notes or {}, "records": records}, bench_markdown(records, notes or {}), lambda png: write_plot(records, png))

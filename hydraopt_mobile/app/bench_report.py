@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from .records import dict_table
+
 
 def summarise(records: list[dict]) -> list[dict]:
     """Per export: bytes, mean scores over its tasks, worst parity, median latencies."""
@@ -38,21 +40,8 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
-
-
-def _table(rows: list[dict], columns: list[str]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return lines
-
-
-def write_markdown(records: list[dict], path: Path, notes: dict) -> None:
+def bench_markdown(records: list[dict], notes: dict) -> str:
+    """The report: notes, one summary row per export, one row per export and task."""
     summary = summarise(records)
     for row in summary:
         row["MB_total"] = row["bytes_total"] / 1e6
@@ -61,18 +50,18 @@ def write_markdown(records: list[dict], path: Path, notes: dict) -> None:
     lines = ["# Host benchmark of the exports", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
     lines += ["", "## Per export (means over tasks; latencies are medians)", ""]
-    lines += _table(
+    lines += dict_table(
         summary,
         ["export", "runtime", "quant", "method", "tasks", "MB_resident", "KB_task", "MB_total", "score", "score_pytorch",
          "max_logit_err", "token_agreement", "switch_ms", "program_load_ms", "prefill_ms", "decode_ms_per_token", "peak_rss_mb"],
     )
     lines += ["", "## Per task", ""]
-    lines += _table(
+    lines += dict_table(
         records,
         ["export", "task", "bytes_task", "score", "score_pytorch", "max_logit_err", "token_agreement", "switch_ms",
          "task_load_ms", "decode_ms_per_token"],
     )
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def write_plot(records: list[dict], path: Path) -> None:

@@ -28,6 +28,8 @@ from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_bu
 from hydraopt_mobile.sharing import NO_SHARING, layout_summary, plan_label, saving_breakdown
 from hydraopt_mobile.suite.metrics import paired_drop
 
+from .records import markdown_table, write_record
+
 SCHEMA = 2  # records of schema 1 (payload bytes) are not comparable and are dropped on resume
 BASELINES = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")
 FORMATS = ("fp16", "int8", "int4")
@@ -132,11 +134,7 @@ def load_records(path: Path) -> list[dict]:
 
 
 def save_records(path: Path, records: list[dict], meta: dict) -> None:
-    """Write the results file via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta | {"schema": SCHEMA}, "records": records}, indent=1))
-    tmp.replace(path)
+    write_record(path, {"meta": meta | {"schema": SCHEMA}, "records": records})
 
 
 def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None) -> list[dict]:
@@ -202,43 +200,44 @@ def _ci(pair: list[float]) -> str:
     return f"[{pair[0]:+.1f}, {pair[1]:+.1f}]"
 
 
-def markdown_table(records: list[dict]) -> str:
+def _budget_cell(r: dict) -> str:
+    return f"at {r['at']} baseline" if r.get("at") else "-" if r["budget"] is None else f"{r['budget']:g}"
+
+
+def _point_row(r: dict) -> list[str]:
+    head = [r["init"], r["method"], _budget_cell(r), r["format"]]
+    if "infeasible" in r:
+        return head + ["infeasible"] + [""] * 5
+    return head + [r["plan"], f"{r['storage_fraction']:.4f}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"{r['rel_drop_pct']:+.2f}", _ci(r["rel_drop_pct_ci95"])]
+
+
+def _verdict_row(v: dict) -> list[str]:
+    budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
+    shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
+    if v["per_task_score"] is None:
+        return [v["init"], budget, f"{v['hydraopt_fraction']:.4f} / -", f"{v['hydraopt_score']:.2f}", "-", "", "", v["verdict"], shared]
+    return [v["init"], budget, f"{v['hydraopt_fraction']:.4f} / {v['per_task_fraction']:.4f}", f"{v['hydraopt_score']:.2f}", f"{v['per_task_score']:.2f}",
+            f"{v['hydraopt_minus_per_task']:+.2f}", _ci(v["ci95"]), v["verdict"], shared]
+
+
+def frontier_markdown(records: list[dict]) -> str:
+    """frontier.md: every point, then HydraOpt against per-task compression at equal bytes."""
+    order = {"none": 0, "hydraopt": 1, "per-task": 2}
+    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 3), r["method"], r.get("storage_fraction", 0)))
     lines = [
         "Storage is file bytes of every tensor file over the same adapters stored as they are in fp16 (one safetensors file per task).",
         "Drops are against one-adapter-per-task fp16 on the same test examples, with 95 % paired bootstrap intervals.",
         "",
-        "| init | method | budget | format | plan | storage | avg score | drop (pts) | drop (%) | 95 % CI (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(["init", "method", "budget", "format", "plan", "storage", "avg score", "drop (pts)", "drop (%)", "95 % CI (%)"], map(_point_row, points)),
     ]
-    order = {"none": 0, "hydraopt": 1, "per-task": 2}
-    for r in sorted(records, key=lambda r: (r["init"], order.get(r["method"], 3), r["method"], r.get("storage_fraction", 0))):
-        budget = f"at {r['at']} baseline" if r.get("at") else "-" if r["budget"] is None else f"{r['budget']:g}"
-        if "infeasible" in r:
-            lines.append(f"| {r['init']} | {r['method']} | {budget} | {r['format']} | infeasible | | | | | |")
-            continue
-        lines.append(
-            f"| {r['init']} | {r['method']} | {budget} | {r['format']} | {r['plan']} | {r['storage_fraction']:.4f} | {r['avg_score']:.2f} | "
-            f"{r['drop_points']:+.2f} | {r['rel_drop_pct']:+.2f} | {_ci(r['rel_drop_pct_ci95'])} |"
-        )
     verdicts = sharing_verdicts(records)
     if verdicts:
         lines += [
             "",
             "## Does sharing beat compressing each adapter on its own, at equal bytes?",
             "",
-            "| init | budget | storage hydraopt / per-task | hydraopt | per-task | difference (pts) | 95 % CI | verdict | what hydraopt shared |",
-            "|---|---|---|---|---|---|---|---|---|",
+            *markdown_table(["init", "budget", "storage hydraopt / per-task", "hydraopt", "per-task", "difference (pts)", "95 % CI", "verdict", "what hydraopt shared"], map(_verdict_row, verdicts)),
         ]
-        for v in verdicts:
-            budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
-            shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
-            if v["per_task_score"] is None:
-                lines.append(f"| {v['init']} | {budget} | {v['hydraopt_fraction']:.4f} / - | {v['hydraopt_score']:.2f} | - | | | {v['verdict']} | {shared} |")
-                continue
-            lines.append(
-                f"| {v['init']} | {budget} | {v['hydraopt_fraction']:.4f} / {v['per_task_fraction']:.4f} | {v['hydraopt_score']:.2f} | {v['per_task_score']:.2f} | "
-                f"{v['hydraopt_minus_per_task']:+.2f} | {_ci(v['ci95'])} | {v['verdict']} | {shared} |"
-            )
     return "\n".join(lines) + "\n"
 
 

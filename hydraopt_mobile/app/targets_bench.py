@@ -15,7 +15,6 @@ Records: the host bench's fields (``hydraopt_mobile/app/bench.py``) plus ``targe
 
 from __future__ import annotations
 
-import json as jsonlib
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ import numpy as np
 from exporters.manifest import Manifest, verify_all
 from exporters.targets.protocol import Response, make_request, run_on_host, run_request
 from exporters.targets.registry import Target, get_target
+
+from .records import dict_table, write_record
 
 
 class TargetNotReady(RuntimeError):
@@ -165,20 +166,16 @@ COLUMNS = ["export", "quant", "method", "task", "n_examples", "bytes_resident", 
            "token_agreement", "max_logit_err", "task_load_ms", "switch_ms", "prefill_ms", "decode_ms_per_token", "latency_kind", "host_load_avg_1min"]
 
 
-def write_reports(records: list[dict], path: Path, info: dict) -> None:
-    """``path`` (JSON: notes + records) and ``path.md`` (one row per export and task)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(jsonlib.dumps({"notes": info, "records": records}, indent=1))
-    tmp.rename(path)
-
-    def fmt(v) -> str:
-        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
+def target_markdown(records: list[dict], info: dict) -> str:
+    """One row per export and task, after the notes."""
     lines = [f"# {info.get('target')}: exports on the target's runtime", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()] + [""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in records]
+    lines += dict_table(records, COLUMNS)
     if records and records[0].get("emulator"):
         lines += ["", f"Emulator: {records[0]['emulator']}. Latencies are emulated and say nothing about a phone's speed."]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(records: list[dict], path: Path, info: dict) -> None:
+    """``path`` (JSON: notes + records) and ``path.md`` (one row per export and task)."""
+    write_record(path, {"notes": info, "records": records}, target_markdown(records, info))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from hydraopt_mobile.adapters import LoraFactors
+from hydraopt_mobile.atomic import write_text_atomic
 from hydraopt_mobile.suite.prompts import render_prompt
 from hydraopt_mobile.suite.tasks import TaskSpec
 
@@ -59,7 +59,4 @@ class AnswerCache:
         return json.loads(path.read_text())["texts"] if path.is_file() else None
 
     def put(self, key: str, texts: list[str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"texts": texts}))
-        tmp.replace(self.folder / f"{key}.json")
+        write_text_atomic(self.folder / f"{key}.json", json.dumps({"texts": texts}))

@@ -1,0 +1,49 @@
+"""The one writer of result records: JSON, a Markdown report of tables, and optionally a plot, each
+replaced atomically (a reader never sees half a file; a failed run leaves the previous one).
+
+Tables are rows of cells: a cell that is already a string is written as it is, anything else goes
+through :func:`cell` (``-`` for None, 4 significant digits for floats).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from hydraopt_mobile.atomic import atomic_file, write_text_atomic
+
+
+def cell(value: Any) -> str:
+    """A table cell: ``-`` for None, 4 significant digits for floats below 10^4, whole numbers above."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _line(cells: Iterable[Any]) -> str:
+    return "|" + "|".join(f" {c} " if c != "" else " " for c in (c if isinstance(c, str) else cell(c) for c in cells)) + "|"
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> list[str]:
+    """The lines of a Markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default all ``l``)."""
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in (align or "l" * len(columns)))
+    return [_line(columns), rule, *(_line(row) for row in rows)]
+
+
+def dict_table(records: Iterable[dict], columns: Sequence[str]) -> list[str]:
+    """A table of ``records`` with one column per key (missing keys are ``-``)."""
+    return markdown_table(columns, ([r.get(c) for c in columns] for r in records))
+
+
+def write_record(path: Path, data: Any, markdown: str | None = None, plot: Callable[[Path], None] | None = None, *, indent: int = 1, trailing_newline: bool = False) -> None:
+    """``path`` (JSON), and beside it ``.md`` (``markdown``) and ``.png`` (``plot(tmp_png)``) when given."""
+    path = Path(path)
+    write_text_atomic(path, json.dumps(data, indent=indent) + ("\n" if trailing_newline else ""))
+    if markdown is not None:
+        write_text_atomic(path.with_suffix(".md"), markdown)
+    if plot is not None:
+        with atomic_file(path.with_suffix(".png")) as tmp:
+            plot(tmp)
