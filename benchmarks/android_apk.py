@@ -31,26 +31,29 @@ def demo_exports(quant: str, threads: int) -> dict[str, Path]:
     from rich.console import Console
 
     from hydraopt_mobile.adapters import build_adapter_set, load_adapter
-    from hydraopt_mobile.app.demo import DemoConfig, _cached_export, ensure_adapters
+    from hydraopt_mobile.app.demo_adapters import ensure_adapters
+    from hydraopt_mobile.app.export_cache import cached_export
+    from hydraopt_mobile.suite.tasks import TASK_NAMES
+    from hydraopt_mobile.suite.train import TrainConfig
     from hydraopt_mobile.merge.budget import Budget
     from hydraopt_mobile.merge.registry import MergeConfig, merge
     from hydraopt_mobile.suite.model import base_model_dir
 
     torch.set_num_threads(threads)
     console = Console()
-    folders = ensure_adapters(DemoConfig(), console)
+    folders = ensure_adapters(TrainConfig(), list(TASK_NAMES), console)
     adapters = build_adapter_set([load_adapter(p, t) for t, p in folders.items()])
     budget = Budget(fraction=round(1 / len(adapters.tasks), 4))
     banks = {"hydraopt": merge(adapters, MergeConfig("hydraopt", budget=budget)), "one-adapter-per-task": merge(adapters, MergeConfig("none"))}
     model_dir = base_model_dir()
-    return {label: _cached_export(bank, model_dir, "onnx", quant, console) for label, bank in banks.items()}
+    return {label: cached_export(bank, model_dir, "onnx", quant, console) for label, bank in banks.items()}
 
 
 def tiny_exports(quant: str, root: Path) -> dict[str, Path]:
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_export_runtimes import make_bank, make_tiny_model
+    from tiny_models import make_bank, make_tiny_model
 
     from exporters.export import export_bank
     from hydraopt_mobile.bank import MergedBank

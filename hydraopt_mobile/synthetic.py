@@ -6,11 +6,11 @@ common A plus small noise), while each task has its own B.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from hydraopt_mobile.peft_io import lora_config, write_peft_files
 
 
 def planted_factors(
@@ -41,32 +41,10 @@ def write_peft_adapter(
     dtype: torch.dtype = torch.float16,
     extra_config: dict | None = None,
 ) -> Path:
-    """Write a PEFT LoRA folder (keys ``base_model.model.<module>.lora_A.weight``)."""
+    """Write a PEFT LoRA folder (keys ``base_model.model.<module>.lora_A.weight``) into ``path``."""
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, (A, B) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).contiguous()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
     targets = sorted({n.rsplit(".", 1)[-1] for n in factors})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": targets,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "modules_to_save": None,
-    }
-    config.update(extra_config or {})
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_peft_files(path, factors, lora_config(targets, rank, alpha, base_model) | (extra_config or {}), dtype)
     return path
 
 

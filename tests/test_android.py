@@ -68,7 +68,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def exports(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """Real ONNX exports of a tiny Llama with SmolLM2's tokenizer files: fp32, int4 (what the APK
     carries by default) and a second fp32 export of another bank (its task files are foreign)."""
-    from test_export_runtimes import make_bank, make_tiny_model
+    from tiny_models import make_bank, make_tiny_model
 
     from exporters.export import export_bank
 

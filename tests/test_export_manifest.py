@@ -17,7 +17,7 @@ from exporters.runtime import greedy, open_export
 from hydraopt_mobile.atomic import OutputExists
 from hydraopt_mobile.checksum import sha256_file
 from hydraopt_mobile.errors import UserError
-from test_export_runtimes import PROMPT, TASKS, make_bank, make_tiny_model
+from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model
 
 torch.set_num_threads(1)
 

@@ -28,58 +28,13 @@ from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
 from exporters.slots import layout_from_bank, merge_into, task_graph_tensors
-from hydraopt_mobile.bank import MergedBank, grouped_module
+from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.formats import NumberFormat
+from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits
 
 torch.set_num_threads(1)
-HIDDEN, KV, LAYERS, VOCAB, RANK = 64, 32, 2, 256, 4
-TASKS = ["alpha", "beta", "gamma"]
 FP32_TOL = 1e-4
 QUANT_TOL = 0.5
-
-
-def make_tiny_model(folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    return folder
-
-
-def make_bank(seed: int = 1, formats: tuple[str, str, str] = ("fp16", "fp16", "fp16")) -> MergedBank:
-    """Every kind of slot: q (shared A, B per task), v (A in 2 groups, shared B), o (both per task)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.4
-
-    q_fmt, v_fmt, o_fmt = (NumberFormat.parse(f) for f in formats)
-    modules = {}
-    for layer in range(LAYERS):
-        p = f"model.layers.{layer}.self_attn."
-        modules[p + "q_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 0, 0], [0, 1, 2], [rnd(RANK, HIDDEN)],
-                                               [rnd(HIDDEN, RANK) for _ in TASKS], q_fmt)
-        modules[p + "v_proj"] = grouped_module((KV, HIDDEN), [0, 1, 0], [0, 0, 0], [rnd(RANK, HIDDEN) for _ in range(2)],
-                                               [rnd(KV, RANK)], v_fmt)
-        modules[p + "o_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 1, 2], [0, 1, 2], [rnd(RANK, HIDDEN) for _ in TASKS],
-                                               [rnd(HIDDEN, RANK) for _ in TASKS], o_fmt)
-    return MergedBank(list(TASKS), modules, "test-grouped")
-
-
-def reference_logits(model_dir: Path, bank: MergedBank | None, task: str | None, seq: list[int]) -> np.ndarray:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    if task is not None:
-        merge_into(model, layout_from_bank(bank).task_factors(task))
-    with torch.no_grad():
-        return model(torch.tensor([seq])).logits[0].numpy()
 
 
 def run_logits(session, prompt: list[int], n_new: int = 6) -> tuple[list[int], np.ndarray]:
@@ -89,7 +44,6 @@ def run_logits(session, prompt: list[int], n_new: int = 6) -> tuple[list[int], n
     return prompt + gen.tokens, rows
 
 
-PROMPT = [5, 17, 200, 33, 9, 121, 64, 3, 250, 77]
 
 
 @pytest.fixture(scope="module")

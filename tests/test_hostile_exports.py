@@ -12,7 +12,7 @@ import torch
 from exporters.export import export_bank
 from exporters.manifest import MANIFEST, Manifest, ManifestError, TaskFileError, verified_task_file, verify_all
 from exporters.runtime import open_export
-from test_export_runtimes import make_bank, make_tiny_model
+from tiny_models import make_bank, make_tiny_model
 
 torch.set_num_threads(1)
 

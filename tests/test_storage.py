@@ -138,20 +138,20 @@ def test_frontier_record_bytes_equal_the_written_bundle(suite4, tmp_path):
 
 
 def test_demo_verdict_names_the_winner_and_what_was_shared(suite4):
-    from hydraopt_mobile.app.demo import REFERENCE, _row, verdict
+    from hydraopt_mobile.app.demo_report import REFERENCE, result_row, verdict
 
     reference = {t: [100.0, 0.0, 100.0, 100.0] for t in suite4.task_names}
     lower = {t: [100.0, 0.0, 0.0, 100.0] for t in suite4.task_names}
     hydra = merge(suite4, MergeConfig("hydraopt", budget=Budget(fraction=0.3)))
     per_task = merge(suite4, MergeConfig("per-task", budget=Budget(fraction=0.5)))
     rows = [
-        _row(REFERENCE, merge(suite4, MergeConfig("none")), reference, reference),
-        _row("per-task compression", per_task, lower, reference),
-        _row("hydraopt", hydra, reference, reference),
+        result_row(REFERENCE, merge(suite4, MergeConfig("none")), reference, reference),
+        result_row("per-task compression", per_task, lower, reference),
+        result_row("hydraopt", hydra, reference, reference),
     ]
     text = verdict(rows)
     assert "hydraopt scored best" in text and "HydraOpt shared factors in" in text
-    no_share = _row("hydraopt", per_task, lower, reference)
+    no_share = result_row("hydraopt", per_task, lower, reference)
     no_share["method"] = "hydraopt"
     assert "HydraOpt shared no factor" in verdict(rows[:2] + [no_share])
 

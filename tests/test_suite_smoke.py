@@ -38,7 +38,7 @@ def test_train_and_evaluate_two_tasks(tmp_path: Path):
     from hydraopt_mobile.suite.evaluate import adapters_from_folders, applied, evaluate
     from hydraopt_mobile.suite.model import base_model_dir, load_base_model
     from hydraopt_mobile.suite.prompts import render_prompt
-    from hydraopt_mobile.suite.train import task_seed, train_adapter
+    from hydraopt_mobile.suite.train import TrainConfig, train_adapter
 
     torch.set_num_threads(1)
     model_dir = base_model_dir()
@@ -48,11 +48,12 @@ def test_train_and_evaluate_two_tasks(tmp_path: Path):
     assert "<|im_start|>assistant" in render_prompt(tokenizer, *_first(load_suite(["country-de"])))
 
     tasks = [dataclasses.replace(t, test=t.test[:6]) for t in load_suite(["country-de", "topic-en"])]
-    kw = dict(steps=3, batch_size=2, lr=2e-3, model=model, tokenizer=tokenizer)
+    cfg = TrainConfig(steps=3, batch_size=2, lr=2e-3)
+    kw = dict(model=model, tokenizer=tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items() if "q_proj" in k or "v_proj" in k}
-    shared = {t.name: train_adapter(t, model_dir, tmp_path / "shared" / t.name, seed=task_seed(0, t.name, "shared-seed"), **kw) for t in tasks}
-    again = train_adapter(tasks[0], model_dir, tmp_path / "again", seed=0, **kw)
-    indep = train_adapter(tasks[1], model_dir, tmp_path / "indep", seed=task_seed(0, tasks[1].name, "independent-seeds"), **kw)
+    shared = {t.name: train_adapter(t, tmp_path / "shared" / t.name, cfg, **kw) for t in tasks}
+    again = train_adapter(tasks[0], tmp_path / "again", cfg, **kw)
+    indep = train_adapter(tasks[1], tmp_path / "indep", dataclasses.replace(cfg, init="independent-seeds"), **kw)
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # training leaves the base model untouched
     assert not any("lora" in k for k in after)

@@ -37,7 +37,7 @@ from exporters.targets.protocol import RunnerError, make_request, run_on_host
 from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.app.cli import app
-from test_export_runtimes import PROMPT, make_bank, make_tiny_model, reference_logits
+from tiny_models import PROMPT, make_bank, make_tiny_model, reference_logits
 
 FP32_TOL = 1e-4
 QUANT_TOL = 0.05

@@ -1,12 +1,22 @@
-"""Tiny real Llama models and real PEFT adapters for tests (random weights, no downloads)."""
+"""Tiny real Llama models, real PEFT adapters and a bank with every kind of slot, for tests (random
+weights, no downloads)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from exporters.slots import layout_from_bank, merge_into
+from hydraopt_mobile.bank import MergedBank, grouped_module
+from hydraopt_mobile.formats import NumberFormat
+
+HIDDEN, KV, LAYERS, VOCAB, RANK = 64, 32, 2, 256, 4
+TASKS = ["alpha", "beta", "gamma"]
+PROMPT = [5, 17, 200, 33, 9, 121, 64, 3, 250, 77]
 
 
 def tiny_llama(seed: int = 0, layers: int = 1) -> LlamaForCausalLM:
@@ -24,3 +34,46 @@ def tiny_peft_adapter(path: Path, seed: int, targets=("q_proj", "v_proj"), r: in
     peft_model.peft_config["default"].base_model_name_or_path = "tiny-llama"
     peft_model.save_pretrained(str(path))
     return path
+
+
+def make_tiny_model(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
+def make_bank(seed: int = 1, formats: tuple[str, str, str] = ("fp16", "fp16", "fp16")) -> MergedBank:
+    """Every kind of slot: q (shared A, B per task), v (A in 2 groups, shared B), o (both per task)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.4
+
+    q_fmt, v_fmt, o_fmt = (NumberFormat.parse(f) for f in formats)
+    modules = {}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}.self_attn."
+        modules[p + "q_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 0, 0], [0, 1, 2], [rnd(RANK, HIDDEN)],
+                                               [rnd(HIDDEN, RANK) for _ in TASKS], q_fmt)
+        modules[p + "v_proj"] = grouped_module((KV, HIDDEN), [0, 1, 0], [0, 0, 0], [rnd(RANK, HIDDEN) for _ in range(2)],
+                                               [rnd(KV, RANK)], v_fmt)
+        modules[p + "o_proj"] = grouped_module((HIDDEN, HIDDEN), [0, 1, 2], [0, 1, 2], [rnd(RANK, HIDDEN) for _ in TASKS],
+                                               [rnd(HIDDEN, RANK) for _ in TASKS], o_fmt)
+    return MergedBank(list(TASKS), modules, "test-grouped")
+
+
+def reference_logits(model_dir: Path, bank: MergedBank | None, task: str | None, seq: list[int]) -> np.ndarray:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    if task is not None:
+        merge_into(model, layout_from_bank(bank).task_factors(task))
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0].numpy()

@@ -22,7 +22,12 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-ROOT = Path(__file__).resolve().parents[1]
+from hydraopt_mobile.errors import UserError
+
+from .failures import reported
+from .records import write_record
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (android_demo/, benchmarks/)
 BUILD_SH = ROOT / "android_demo" / "build.sh"
 PACKAGE = "org.hydraopt.demo"
 DEVICE_FILES = f"/sdcard/Android/data/{PACKAGE}/files"
@@ -31,15 +36,19 @@ console = Console()
 android_app = typer.Typer(help="The Android demo app (android_demo/).", no_args_is_help=True)
 
 
-class NoDevice(RuntimeError):
-    """No phone (or emulator) is attached."""
+class NoDevice(UserError):
+    """No phone (or emulator) is attached, or several and no --serial."""
+
+
+class DeviceError(RuntimeError):
+    """adb, the APK build or the app on the phone failed; the message says which."""
 
 
 def adb(*args: str, timeout: int = 600) -> str:
     """Debian's adb, from the cache that build.sh fills."""
     r = subprocess.run(["bash", str(BUILD_SH), "adb", *args], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"adb {' '.join(args)} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+        raise DeviceError(f"adb {' '.join(args)} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
     return r.stdout
 
 
@@ -51,7 +60,7 @@ def attached_devices() -> list[str]:
 def build_apk(args: list[str]) -> Path:
     r = subprocess.run(["bash", str(BUILD_SH), *args], capture_output=False, stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"android_demo/build.sh {' '.join(args)} failed ({r.returncode})")
+        raise DeviceError(f"android_demo/build.sh {' '.join(args)} failed ({r.returncode})")
     return Path(r.stdout.strip().splitlines()[-1].split()[0])
 
 
@@ -91,12 +100,12 @@ def bench_android_adb(export: Path, tasks: list[str] | None, n_examples: int, th
         deadline = time.monotonic() + 3600
         while "response.json" not in adb(*target, "shell", "ls", DEVICE_FILES):
             if time.monotonic() > deadline:
-                raise RuntimeError("the app wrote no response within an hour (adb logcat -s hydraopt)")
+                raise DeviceError("the app wrote no response within an hour (adb logcat -s hydraopt)")
             time.sleep(2)
         adb(*target, "pull", f"{DEVICE_FILES}/response.json", str(Path(tmp) / "response.json"))
         result = json.loads((Path(tmp) / "response.json").read_text())
     if "error" in result:
-        raise RuntimeError(f"the app refused the run: {result['error']}")
+        raise DeviceError(f"the app refused the run: {result['error']}")
     records = []
     for t in result["tasks"]:
         task = t["task"]
@@ -116,8 +125,7 @@ def bench_android_adb(export: Path, tasks: list[str] | None, n_examples: int, th
             "threads": result["threads"],
         })
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"notes": {"protocol": PROTOCOL}, "records": records}, indent=1))
+        write_record(json_out, {"notes": {"protocol": PROTOCOL}, "records": records})
     return records
 
 
@@ -131,14 +139,8 @@ def bench_android_adb_cmd(
     serial: Optional[str] = typer.Option(None, "--serial", help="adb serial when several devices are attached"),
 ) -> None:
     """Push EXPORT to an attached Android phone, run it in the demo app's benchmark mode, pull the records."""
-    try:
+    with reported(console, also=(DeviceError,)):
         records = bench_android_adb(export, tasks, n_examples, threads, apk, out, serial)
-    except NoDevice as e:
-        console.print(f"[bold red]{e}[/]")
-        raise typer.Exit(2)
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2)
     for r in records:
         console.print(f"{r['task']}: score {r['score']:.1f}, switch {r['switch_ms']:.3f} ms, load {r['task_load_ms']:.1f} ms, "
                       f"decode {r['decode_ms_per_token']:.1f} ms/token ({r['target']})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,14 +10,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hydraopt_mobile.adapters import AdapterError, load_adapter_set, parse_task_spec
+from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import check_output
-from hydraopt_mobile.bundle import BUNDLE, BundleError, load_bundle, write_bundle
+from hydraopt_mobile.bundle import BUNDLE, load_bundle, write_bundle
 from hydraopt_mobile.formats import NumberFormat
-from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge
 from hydraopt_mobile.peft_io import write_peft_folder
+
+from .failures import reported
 
 app = typer.Typer(help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
 console = Console()
@@ -26,6 +28,7 @@ console = Console()
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     threads: int = typer.Option(0, "--threads", envvar="HYDRAOPT_THREADS", help="torch CPU threads; 0: the cores not already busy (oversubscribed cores run many times slower)"),
     verbose: bool = typer.Option(False, "--verbose", help="also show third-party warnings and log messages"),
 ) -> None:
@@ -33,22 +36,10 @@ def main(
         from .quiet import silence_third_party
 
         silence_third_party()
-    import torch
+    from .threads import torch_threads
 
-    torch.set_num_threads(threads if threads > 0 else idle_cores())
+    ctx.with_resource(torch_threads(threads))  # for the command's duration
 
-
-def idle_cores() -> int:
-    """Cores minus the 1-minute load average, at least 1: torch threads on a busy core stall the rest."""
-    return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
-
-# OSError: a file that cannot be read or written (atomic.OutputError names the output) is one line, not a traceback.
-USER_ERRORS = (AdapterError, BundleError, InfeasibleBudget, ValueError, KeyError, OSError)
-
-
-def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e.args[0] if isinstance(e, KeyError) and e.args else e}", soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -71,11 +62,8 @@ def analyze(
     """Similarity of the adapters' A's and B's, raw and rotation-invariant, per module and layer type."""
     from hydraopt_mobile.analysis import METRICS, write_analysis
 
-    try:
-        with progress_bar("similarity: modules", console) as on_step:
-            result = write_analysis(load_adapter_set(adapters, allow_missing), out, overwrite, on_step)
-    except USER_ERRORS as e:
-        fail(e)
+    with reported(console), progress_bar("similarity: modules", console) as on_step:
+        result = write_analysis(load_adapter_set(adapters, allow_missing), out, overwrite, on_step)
     table = Table("layer type", *METRICS, title="mean off-diagonal similarity between tasks")
     for lt, vals in result["summary"].items():
         table.add_row(lt, *(f"{vals[m]:.3f}" for m in METRICS))
@@ -88,7 +76,7 @@ def _parse_params(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+            raise UserError(f"--param {item!r}: expected KEY=VALUE")
         out[key] = value
     return out
 
@@ -106,7 +94,7 @@ def merge_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Merge adapters into a bundle."""
-    try:
+    with reported(console):
         inputs = [parse_task_spec(spec)[1] for spec in adapters]
         check_output(out, overwrite, BUNDLE, inputs)  # before the merge work
         config = MergeConfig(
@@ -120,8 +108,6 @@ def merge_cmd(
         with progress_bar(f"{method}: modules", console) as on_step:
             bank = merge(adapter_set, config, on_step)
         write_bundle(bank, out, overwrite, inputs)
-    except USER_ERRORS as e:
-        fail(e)
     _print_inspect(out)
 
 
@@ -156,13 +142,11 @@ def inspect(bundle: Path, as_json: bool = typer.Option(False, "--json", help="pr
     """Tasks, layouts, exact bytes on disk and per-task reconstruction error of a bundle."""
     from .inspect_bundle import inspect_bundle
 
-    try:
+    with reported(console):
         if as_json:
             print(json.dumps(inspect_bundle(bundle), indent=1))
         else:
             _print_inspect(bundle)
-    except USER_ERRORS as e:
-        fail(e)
 
 
 @app.command()
@@ -173,11 +157,9 @@ def unpack(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Write one task's effective adapter as a standard PEFT LoRA folder."""
-    try:
+    with reported(console):
         bank = load_bundle(bundle)
         write_peft_folder(bank.task_factors(task), out, bank.fingerprint.get("base_model"), overwrite, inputs=[bundle])
-    except USER_ERRORS as e:
-        fail(e)
     console.print(f"wrote {out} (PEFT LoRA, loads with peft.PeftModel.from_pretrained)")
 
 
@@ -195,21 +177,20 @@ def demo(
     """The main job end to end on the packaged SmolLM2-135M and the suite's adapters."""
     import torch
 
+    from hydraopt_mobile.suite.train import TrainConfig
+
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(
-        budget=budget,
-        init=init,
-        tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else None,
-        threads=torch.get_num_threads(),
-        baseline=baseline,
-        train_overrides={"lr": lr} if lr is not None else {},
-        export=export,
-    )
-    try:
+    with reported(console):
+        cfg = DemoConfig(
+            budget=budget,
+            tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else None,
+            threads=torch.get_num_threads(),
+            baseline=baseline,
+            train=TrainConfig(init=init, lr=lr if lr is not None else TrainConfig.lr),
+            export=export,
+        )
         run_demo(out, cfg, overwrite, console)
-    except USER_ERRORS as e:
-        fail(e)
 
 
 def _register_subsystems() -> None:

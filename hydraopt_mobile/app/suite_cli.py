@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
+from hydraopt_mobile.suite.train import TrainConfig
+
+from .records import write_record
+from .threads import torch_threads
 
 suite_app = typer.Typer(help="The embedded SmolLM2-135M task suite: train adapters, evaluate.", no_args_is_help=True)
 console = Console()
@@ -24,7 +26,7 @@ def _task_list(tasks: str | None) -> list[str] | None:
 @suite_app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Folder to write one PEFT adapter folder per task into."),
-    init: str = typer.Option("shared-seed", "--init", help="shared-seed (one LoRA init seed) or independent-seeds."),
+    init: str = typer.Option(TrainConfig.init, "--init", help="shared-seed (one LoRA init seed) or independent-seeds."),
     steps: int | None = typer.Option(None, "--steps", help="Steps for every task (default: per application)."),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 avoids oversubscribing shared cores)."),
     tasks: str | None = typer.Option(None, "--tasks", help=f"Comma-separated subset of: {','.join(TASK_NAMES)} (or an optional reply-<lang> task)."),
@@ -34,7 +36,7 @@ def train(
     from hydraopt_mobile.suite.train import train_suite
 
     start = time.time()
-    paths = train_suite(out, init=init, tasks=_task_list(tasks), steps=steps, seed=seed, threads=threads)
+    paths = train_suite(out, init=init, tasks=_task_list(tasks), steps=steps, seed=seed)
     console.print(f"trained {len(paths)} adapters into {out} in {time.time() - start:.0f} s ({threads} thread(s))")
 
 
@@ -48,14 +50,18 @@ def eval_(
     json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
 ) -> None:
     """Score the base model or a folder of adapters on each task's own metric."""
+    if against_base and adapters is None:
+        raise typer.BadParameter("--against-base needs --adapters", param_hint="--against-base")
+    with torch_threads(threads):
+        _evaluate(adapters, split, threads, _task_list(tasks), against_base, json_out)
+
+
+def _evaluate(adapters: Path | None, split: str, threads: int, tasks: list[str] | None, against_base: bool, json_out: Path | None) -> None:
     from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
     from hydraopt_mobile.suite.metrics import average, paired_gain
     from hydraopt_mobile.suite.model import cache_root, load_base_model
 
-    if against_base and adapters is None:
-        raise typer.BadParameter("--against-base needs --adapters", param_hint="--against-base")
-    torch.set_num_threads(threads)
-    suite = load_suite(_task_list(tasks))
+    suite = load_suite(tasks)
     factors = None
     if adapters is not None:
         factors = adapters_from_folders({t.name: adapters / t.name for t in suite})
@@ -63,13 +69,13 @@ def eval_(
     answers = cache_root() / "answers"  # keyed by weights, adapter, prompts and decoding settings
     start = time.time()
     texts: dict[str, list[str]] = {}
-    scores = evaluate(suite, factors, model, tokenizer, split=split, threads=threads, predictions=texts, cache=answers)
+    scores = evaluate(suite, factors, model, tokenizer, split=split, predictions=texts, cache=answers)
     seconds = time.time() - start
     record: dict = {"adapters": str(adapters) if adapters else None, "split": split, "threads": threads,
                     "seconds": round(seconds, 1), "scores": scores}
     if against_base:
         base_texts: dict[str, list[str]] = {}
-        base = evaluate(suite, None, model, tokenizer, split=split, threads=threads, predictions=base_texts, cache=answers)
+        base = evaluate(suite, None, model, tokenizer, split=split, predictions=base_texts, cache=answers)
         gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], split) for t in suite}
         table = Table("task", "metric", "base", "adapter", "gain", "95 % interval", "clear gain")
         for t in suite:
@@ -87,8 +93,7 @@ def eval_(
     console.print(table)
     console.print(f"{split} split evaluated in {seconds:.0f} s with {threads} thread(s)")
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(json_out, record, indent=2, trailing_newline=True)
 
 
 if __name__ == "__main__":

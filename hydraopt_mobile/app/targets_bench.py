@@ -25,6 +25,7 @@ import numpy as np
 from exporters.manifest import Manifest, verify_all
 from exporters.targets.protocol import Response, make_request, run_on_host, run_request
 from exporters.targets.registry import Target, get_target
+from hydraopt_mobile.errors import UserError
 
 from .records import dict_table, write_record
 
@@ -89,7 +90,7 @@ def bench_target(
     manifest = Manifest.read(export)
     verify_all(manifest, export)
     if manifest.runtime != "onnxruntime":
-        raise ValueError(f"{export}: a {manifest.runtime} export; targets run ONNX exports (see README, Targets)")
+        raise UserError(f"{export}: a {manifest.runtime} export; targets run ONNX exports (see README, Targets)")
     names = [t for t in manifest.tasks if (tasks is None or t in tasks) and (prompts is None or t in prompts)]
     specs = tokenizer = None
     if prompts is None:

@@ -13,6 +13,8 @@ from rich.console import Console
 
 from exporters.targets.registry import TARGETS, get_target
 
+from .failures import reported
+
 console = Console()
 targets_app = typer.Typer(help="Device targets: list them, set them up (cached), see `hydraopt bench TARGET`.",
                           invoke_without_command=True)
@@ -70,16 +72,10 @@ def _bench_command(name: str):
         from .targets_bench import TargetNotReady, bench_target, notes, write_reports
         from exporters.targets.protocol import RunnerError
 
-        try:
+        with reported(console, also=(TargetNotReady, RunnerError)):
             records = [r for export in exports for r in bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens)]
             if out is not None:
                 write_reports(records, out, notes(records))
-        except TargetNotReady as e:
-            console.print(f"[bold red]{e}[/]", soft_wrap=True)
-            raise typer.Exit(2)
-        except (RunnerError, ValueError, KeyError, FileNotFoundError) as e:
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-            raise typer.Exit(2)
         if as_json:
             print(json.dumps(records, indent=1))
         else:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hydraopt_mobile.adapters import LoraFactors, load_adapter
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import score
 from hydraopt_mobile.suite.answer_cache import AnswerCache
 from hydraopt_mobile.suite.model import load_base_model
@@ -42,10 +43,10 @@ def applied(model, factors: dict[str, LoraFactors] | None):
         with torch.no_grad():
             for name, f in factors.items():
                 if name not in modules:
-                    raise KeyError(f"adapter module {name!r} is not in the model")
+                    raise UserError(f"adapter module {name!r} is not in the model (an adapter of another model?)")
                 weight = modules[name].weight
                 if tuple(weight.shape) != f.shape:
-                    raise ValueError(f"adapter module {name!r}: update {f.shape} vs weight {tuple(weight.shape)}")
+                    raise UserError(f"adapter module {name!r}: update {f.shape} vs weight {tuple(weight.shape)}")
                 saved[name] = weight.detach().clone()
                 weight.add_((f.B.to(torch.float32) @ f.A.to(torch.float32)).to(weight.dtype))
         yield model
@@ -87,7 +88,6 @@ def evaluate(
     model=None,
     tokenizer=None,
     split: str = "test",
-    threads: int = 1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     predictions: dict[str, list[str]] | None = None,
     cache: Path | None = None,
@@ -97,9 +97,8 @@ def evaluate(
     Otherwise every task is scored with its own effective adapter ``adapters[task.name]``.
     Pass a dict as ``predictions`` to also receive the generated texts. With a ``cache`` folder, a
     task already scored with the same weights, adapter, examples and decoding settings is not
-    generated again (see :class:`AnswerCache`).
+    generated again (see :class:`AnswerCache`). Runs on torch's current thread count (the caller sets it).
     """
-    torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if model is None or tokenizer is None:
         model, tokenizer = load_base_model()

@@ -28,6 +28,8 @@ from pathlib import Path
 import pycountry
 import yaml
 
+from hydraopt_mobile.errors import UserError
+
 TEST_SIZE = 48
 VAL_SIZE = 30
 
@@ -72,7 +74,7 @@ class TaskSpec:
 
     def split(self, name: str) -> list[Example]:
         if name not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {name!r}; use train, val or test")
+            raise UserError(f"--split: unknown split {name!r}; use train, val or test")
         return getattr(self, name)
 
 
@@ -159,7 +161,7 @@ def _build(name: str, seed: int) -> TaskSpec:
         train, val, test = _split(_reply_pairs(CHAT_FOLDERS[lang]), seed, name)
         instruction = f"Reply to this message in {LANGUAGE_NAMES[lang]} with one short sentence."
         return TaskSpec(name, "reply", lang, "rougeL", None, 32, instruction, train, val, test)
-    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES + OPTIONAL_TASK_NAMES)}")
+    raise UserError(f"--tasks: unknown task {name!r}; known: {', '.join(TASK_NAMES + OPTIONAL_TASK_NAMES)}")
 
 
 TASK_NAMES: list[str] = (

@@ -9,26 +9,58 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hydraopt_mobile.atomic import atomic_dir, json_marker
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.peft_io import write_peft_files
 from hydraopt_mobile.suite.model import MODEL_ID, base_model_dir, load_base_model
 from hydraopt_mobile.suite.prompts import training_ids
 from hydraopt_mobile.suite.tasks import TaskSpec, load_suite
 
 INITS = ("shared-seed", "independent-seeds")
-# Default training settings; train_suite's defaults are exactly what made the committed adapters.
-DEFAULT_STEPS: dict[str, int] = {"country": 60, "topic": 60, "currency": 60, "reply": 40}
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_LR = 4e-3
+DEFAULT_STEPS: dict[str, int] = {"country": 60, "topic": 60, "currency": 60, "reply": 40}  # per application
 WARMUP_FRACTION = 0.1
+TRAINED = json_marker("trained adapter folder", "training.json", "base_model", MODEL_ID)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the suite's adapters are trained; the defaults are exactly what made the committed adapters."""
+
+    steps: int | None = None  # None: DEFAULT_STEPS of the task's application
+    batch_size: int = 8
+    lr: float = 4e-3
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 0
+    init: str = "shared-seed"  # shared-seed: ``seed`` for every task; independent-seeds: one per task
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise UserError(f"--init {self.init!r}: use one of {', '.join(INITS)}")
+
+    def settings(self, task: TaskSpec) -> dict:
+        """What training ``task`` with this config records in training.json (and what a cached
+        adapter must match to be reused)."""
+        return {
+            "steps": self.steps if self.steps is not None else DEFAULT_STEPS[task.app],
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "seed": task_seed(self.seed, task.name, self.init),
+        }
+
+
 
 
 def task_seed(seed: int, task: str, init: str) -> int:
@@ -37,7 +69,7 @@ def task_seed(seed: int, task: str, init: str) -> int:
         return seed
     if init == "independent-seeds":
         return (seed * 1_000_003 + zlib.crc32(task.encode())) % 2**31
-    raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+    raise UserError(f"unknown init {init!r}; use one of {INITS}")
 
 
 def _batches(task: TaskSpec, tokenizer, steps: int, batch_size: int, generator: torch.Generator):
@@ -76,61 +108,41 @@ def _answer_loss(lm, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.
 
 
 def _save_fp16(peft_model, out_dir: Path, meta: dict) -> None:
-    """Write a standard PEFT folder with fp16 LoRA weights, atomically (temp dir + rename)."""
+    """Write a standard PEFT folder with fp16 LoRA weights and ``training.json``, atomically; an
+    existing folder is replaced only when it is a trained adapter folder itself."""
     from peft import get_peft_model_state_dict
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        peft_model.peft_config["default"].save_pretrained(str(tmp))
-        # PEFT records the local model path; a portable id keeps committed adapters machine-independent.
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.update(base_model_name_or_path=MODEL_ID, inference_mode=True)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    state = get_peft_model_state_dict(peft_model)
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in state})
+    factors = {m: (state[f"base_model.model.{m}.lora_A.weight"], state[f"base_model.model.{m}.lora_B.weight"]) for m in modules}
+    config = {k: list(v) if isinstance(v, set) else v for k, v in peft_model.peft_config["default"].to_dict().items()}
+    # PEFT records the local model path; a portable id keeps committed adapters machine-independent.
+    config.update(base_model_name_or_path=MODEL_ID, inference_mode=True)
+    with atomic_dir(out_dir, overwrite=True, kind=TRAINED) as tmp:
+        write_peft_files(tmp, factors, config, torch.float16)
         (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_adapter(
-    task: TaskSpec,
-    model_dir: Path | None,
-    out_dir: Path,
-    *,
-    steps: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    rank: int = 8,
-    alpha: int = 16,
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-    seed: int = 0,
-    threads: int = 1,
-    model=None,
-    tokenizer=None,
-) -> Path:
+def train_adapter(task: TaskSpec, out_dir: Path, config: TrainConfig = TrainConfig(), *, model=None, tokenizer=None, model_dir: Path | None = None) -> Path:
     """Train one LoRA adapter on ``task.train`` and write it to ``out_dir`` (fp16 PEFT folder).
 
     AdamW with linear warm-up then cosine decay; loss only on answer tokens. ``model``/``tokenizer``
-    may be passed to reuse an already loaded base model (it is left unchanged).
+    may be passed to reuse an already loaded base model (it is left unchanged). Runs on torch's
+    current thread count (the caller sets it).
     """
     from peft import LoraConfig, get_peft_model
 
-    torch.set_num_threads(threads)
+    settings = config.settings(task)
+    steps, seed = settings["steps"], settings["seed"]
     if model is None or tokenizer is None:
         model, tokenizer = load_base_model(model_dir)
     torch.manual_seed(seed)  # fixes the LoRA A initialisation
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
     )
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, lora)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, int(WARMUP_FRACTION * steps))
 
     def schedule(step: int) -> float:
@@ -143,7 +155,7 @@ def train_adapter(
     peft_model.train()
     start = time.time()
     losses: list[float] = []
-    bar = tqdm(_batches(task, tokenizer, steps, batch_size, generator), total=steps, desc=task.name, unit="step")
+    bar = tqdm(_batches(task, tokenizer, steps, config.batch_size, generator), total=steps, desc=task.name, unit="step")
     try:
         for step, (input_ids, labels, mask) in enumerate(bar):
             loss = _answer_loss(peft_model.get_base_model(), input_ids, mask, labels)
@@ -156,14 +168,8 @@ def train_adapter(
         meta = {
             "task": task.name,
             "base_model": MODEL_ID,
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "rank": rank,
-            "alpha": alpha,
-            "target_modules": list(target_modules),
-            "seed": seed,
-            "threads": threads,
+            **settings,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "seconds": round(time.time() - start, 1),
             "first_loss": round(losses[0], 4),
@@ -176,49 +182,9 @@ def train_adapter(
     return Path(out_dir)
 
 
-def train_suite(
-    out_dir: Path,
-    *,
-    init: str = "shared-seed",
-    tasks: list[str] | None = None,
-    steps: int | dict[str, int] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    rank: int = 8,
-    alpha: int = 16,
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-    seed: int = 0,
-    threads: int = 1,
-    model_dir: Path | None = None,
-) -> dict[str, Path]:
-    """Train every suite task's adapter into ``out_dir/<task>/``; returns task -> folder.
-
-    ``steps``: one number for all tasks, a per-application dict, or None for :data:`DEFAULT_STEPS`.
-    ``init="shared-seed"`` uses ``seed`` for every task; ``"independent-seeds"`` one seed per task.
-    """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; use one of {INITS}")
-    torch.set_num_threads(threads)
+def train_suite(out_dir: Path, config: TrainConfig = TrainConfig(), tasks: list[str] | None = None, model_dir: Path | None = None) -> dict[str, Path]:
+    """Train every suite task's adapter into ``out_dir/<task>/``; returns task -> folder."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model_dir = model_dir or base_model_dir()
     model, tokenizer = load_base_model(model_dir)
-    per_app = steps if isinstance(steps, dict) else DEFAULT_STEPS if steps is None else None
-    out: dict[str, Path] = {}
-    for task in load_suite(tasks, seed=0):
-        n = per_app[task.app] if per_app is not None else int(steps)  # type: ignore[arg-type]
-        out[task.name] = train_adapter(
-            task,
-            model_dir,
-            Path(out_dir) / task.name,
-            steps=n,
-            batch_size=batch_size,
-            lr=lr,
-            rank=rank,
-            alpha=alpha,
-            target_modules=target_modules,
-            seed=task_seed(seed, task.name, init),
-            threads=threads,
-            model=model,
-            tokenizer=tokenizer,
-        )
-    return out
+    return {task.name: train_adapter(task, Path(out_dir) / task.name, config, model=model, tokenizer=tokenizer) for task in load_suite(tasks, seed=0)}

@@ -1,0 +1,47 @@
+"""Exports kept in the model cache, keyed by what they are made of, and linked into an output
+folder instead of copied (a 500 MB export is then stored once)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from hydraopt_mobile.bank import MergedBank
+
+
+def cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, console: Console) -> Path:
+    """The export of ``bank`` in the cache, made on the first run: keyed by the bank's digest, the
+    base model's files (name, size, mtime) and the format, so anything that changes them re-exports."""
+    from exporters.export import bank_digest, export_bank
+
+    from hydraopt_mobile.suite.model import cache_root
+
+    model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
+    key = hashlib.sha256(json.dumps([bank_digest(bank), model_files, fmt, quant]).encode()).hexdigest()[:16]
+    folder = cache_root() / "exports" / f"{fmt}-{quant}-{bank.method}-{key}"
+    if (folder / "manifest.json").is_file():
+        console.print(f"export: cached {folder}")
+    else:
+        export_bank(bank, model_dir, fmt, quant, folder, overwrite=True)  # type: ignore[arg-type]
+    return folder
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy across file systems). A file edited
+    through either name changes both; the manifest's sha256 check refuses such a file before it
+    is loaded."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
