@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.storage import TensorSpec, factor_key, factor_specs, safetensors_bytes
 
@@ -82,7 +83,7 @@ class MergedBank:
 
     def task_index(self, task: str) -> int:
         if task not in self.tasks:
-            raise KeyError(f"task {task!r} is not in this bank (tasks: {', '.join(self.tasks)})")
+            raise UserError(f"task {task!r} is not in this bank (tasks: {', '.join(self.tasks)})")
         return self.tasks.index(task)
 
     def task_factors(self, task: str) -> dict[str, LoraFactors]:
