@@ -96,7 +96,8 @@ def print_table(result: dict, console: Console) -> None:
     for r in result["rows"]:
         table.add_row(*_cells(r))
     width = Measurement.get(console, console.options.update(width=1_000), table).maximum
-    console.print(table, width=width)
+    sized = Console(file=console.file, width=width, force_terminal=console.is_terminal, no_color=console.no_color, quiet=console.quiet)
+    sized.print(table)
     console.print(result["verdict"], soft_wrap=True)
 
 
