@@ -6,17 +6,17 @@ go through this protocol only; ExecuTorch (``executorch_backend``) and ONNX Runt
 
 A back end
 
-- lowers the wrapped model (:func:`exporters.slots.attach_slots`) to its program, plus any other
-  resident file (``export_program``: role -> file);
-- writes one task's switchable tensors in its task-file format (``write_task_file``), whose tensors
-  the manifest lists (``task_tensors``);
+- lowers the wrapped model (:func:`exporters.slots.attach_slots`: every slot of the signature zero)
+  to its program (``export_program``: role -> file, timing its phases);
 - opens a :class:`Session` on an export folder (``open_session``).
 
-A session loads a task (verifies the file against the manifest, reads and decodes it once), makes a
-loaded task active (``set_task``: the switch, which touches no resident weight), and runs the
-decoder (``prefill`` a new sequence, ``decode`` one more token), keeping the KV cache itself. The
-out-of-process device runner (``exporters/targets/device_runner.py``) speaks the same operations
-over its wire format.
+The data files are the bank's own (``exporters/export.py``) and are the same for both back ends.
+A session decodes the bank's shared file once when it opens, loads a task (verifies its own file
+against the manifest, reads and decodes it once into every slot of the signature: ``BankSlots``),
+makes a loaded task active (``set_task``: the switch, which writes the slots and touches no base
+weight), and runs the decoder (``prefill`` a new sequence, ``decode`` one more token), keeping the
+KV cache itself. The out-of-process device runner (``exporters/targets/device_runner.py``) speaks
+the same operations over its wire format.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Protocol
 import numpy as np
 from torch import nn
 
-from exporters.manifest import Manifest, verified_task_file
-from exporters.slots import SlotLayout
+from exporters.manifest import Manifest, TaskFileError, verified_shared_file, verified_task_file
+from exporters.targets.device_runner import BankSlots, Refused
 from hydraopt_mobile.errors import UserError
 
 
@@ -43,21 +43,36 @@ class Session(ABC):
         self.threads = threads
         self.pos = 0
         self.active: str | None = None
+        self.bank: BankSlots | None = None
+        if self.manifest.slots:
+            self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "bank": self.manifest.bank})
+            shared = verified_shared_file(self.manifest, self.folder)
+            self._decoded(lambda: self.bank.load_shared(str(shared) if shared else None), shared)
 
     @property
     def tasks(self) -> list[str]:
         return self.manifest.tasks
 
     def load_task(self, task: str, path: Path | None = None) -> None:
-        """Verify ``task``'s file (size and SHA-256, before reading it) and keep it ready to switch to."""
-        if not self.manifest.task_tensors:  # a merged export serves its one task with no file
+        """Verify ``task``'s own file (size and SHA-256, before reading it), decode every slot of
+        the task and keep them ready to switch to."""
+        if self.bank is None:  # a merged export serves its one task with no file
             self._check_merged(task)
             return
-        self._load(task, verified_task_file(self.manifest, self.folder, task, path))
+        own = verified_task_file(self.manifest, self.folder, task, path)
+        self._load(task, self._decoded(lambda: self.bank.task_slots(task, str(own) if own else None), own))
+
+    @staticmethod
+    def _decoded(decode, path: Path | None):
+        """``decode()``, with a file the decoder refuses reported as :class:`TaskFileError`."""
+        try:
+            return decode()
+        except (Refused, KeyError, ValueError, IndexError) as e:
+            raise TaskFileError(f"{path}: not a file of this export's bank ({type(e).__name__}: {e})") from e
 
     def set_task(self, task: str) -> None:
         """Make ``task`` active (loading it first if needed): the switch."""
-        if not self.manifest.task_tensors:
+        if self.bank is None:
             self._check_merged(task)
         else:
             self._switch(task)
@@ -84,8 +99,8 @@ class Session(ABC):
         """Logits (n, vocab) for ``ids`` after the cached positions; advances ``pos``."""
 
     @abstractmethod
-    def _load(self, task: str, path: Path) -> None:
-        """Read and decode the verified task file ``path``."""
+    def _load(self, task: str, slots: dict[str, np.ndarray]) -> None:
+        """Keep ``task``'s decoded slots (slot -> fp32 array, manifest order) in the runtime's form."""
 
     @abstractmethod
     def _switch(self, task: str) -> None:
@@ -96,8 +111,7 @@ class Session(ABC):
 class ProgramSpec:
     """What a back end lowers besides the model: its slots and the export's options."""
 
-    layout: SlotLayout
-    switchable: dict[str, tuple[int, ...]]  # slot -> shape, as :func:`exporters.slots.attach_slots` returns
+    slots: dict[str, tuple[int, int]]  # slot -> shape, as :func:`exporters.slots.attach_slots` returns
     quant: str  # one of the back end's ``quants``
     max_cache_len: int  # static KV cache length (back ends with a dynamic cache ignore it)
 
@@ -108,19 +122,11 @@ class Backend(Protocol):
     name: str  # the ``--format`` value
     runtime: str  # the manifest's ``runtime``
     quants: dict[str, str]  # ``--quant`` value -> one-line description
-    task_ext: str  # task-file extension, dot included
-    task_encoding: str  # the manifest's ``task_dtype``: how task files store the tensors
+    program_file: str  # the program's file name in an export folder and in the program cache
 
-    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path) -> dict[str, str]:
-        """Write the resident files for ``model`` (wrapped with slots) into ``folder``: role -> relative path."""
-        ...
-
-    def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
-        """The tensors every task file holds (manifest order) and their shapes."""
-        ...
-
-    def write_task_file(self, path: Path, layout: SlotLayout, task: str, export_id: str) -> None:
-        """``task``'s switchable tensors as a task file at ``path``."""
+    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
+        """Write the program for ``model`` (wrapped with slots) into ``folder``: role -> relative
+        path; adds each lowering phase's seconds to ``phases``."""
         ...
 
     def open_session(self, folder: Path, threads: int = 1) -> Session:

@@ -1,36 +1,40 @@
-"""ExecuTorch back end: one ``.pte`` (XNNPACK) with two methods, and one safetensors file per task.
+"""ExecuTorch back end: one ``.pte`` (XNNPACK) with two methods; the data are the bank's files.
 
 ``forward(input_ids, cache_position) -> logits`` runs prefill (any length) and decode (length 1)
-over a static KV cache that lives inside the program. ``set_task(*task_tensors)`` copies a task's
-switchable LoRA tensors into mutable buffers that ``forward`` reads; both methods share those
-buffers (``share_mutable_buffers``), so a switch writes a few hundred KB and touches nothing else:
-no reload, no re-packing of the resident XNNPACK weights. The alternative the field notes verified,
-one ``.ptd`` per task, needs the program reloaded (and every XNNPACK weight re-packed) per switch:
-seconds on the real model, against well under a millisecond here.
+over a static KV cache that lives inside the program. ``set_slots(*slots)`` copies every LoRA slot
+of the signature (fp32, decoded by the runtime from the bank's files: ``BankSlots``) into mutable
+buffers that ``forward`` reads; both methods share those buffers (``share_mutable_buffers``), so a
+switch writes the slots (a few MB at most) and touches nothing else: no reload, no re-packing of
+the XNNPACK base weights. One method for all slots, not one for shared and one for per-task slots,
+because which slots a bank shares is data, not part of the program. The alternative the field
+notes verified, one ``.ptd`` per task, needs the program reloaded (and every XNNPACK weight
+re-packed) per switch.
 
-Why ``forward`` adds zero to each switchable buffer: a buffer that ``forward`` never writes is
-exported as a constant and baked into the program, and ``set_task``'s writes would then go to a
-different copy. The in-place ``add_(0)`` makes it a mutable buffer, shared by name with
-``set_task``, and keeps XNNPACK from packing it as a static weight.
+Why ``forward`` adds zero to each slot buffer: a buffer that ``forward`` never writes is exported
+as a constant and baked into the program, and ``set_slots``'s writes would then go to a different
+copy. The in-place ``add_(0)`` makes it a mutable buffer, shared by name with ``set_slots``, and
+keeps XNNPACK from packing it as a static weight.
+
+Lowering speed: torch.fx's ``NodeSource`` deep-copies every node's ``from_node`` provenance chain
+each time a pass re-creates the node, which grows with pass depth; :func:`shallow_provenance` copies
+only the outer list during lowering (the same information: NodeSource objects are not mutated after
+creation; upstream pytorch/pytorch#193051 makes the same change). The program's bytes are the same
+either way (tests/test_export_program.py).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
-from exporters.manifest import TaskFileError
-from exporters.slots import SlotLayout
-from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.schemas import validate
 
 
 QUANTS = {
@@ -46,23 +50,23 @@ PREFIX = "model.model."  # where the Hugging Face model sits inside ExecuTorchDe
 class ExecuTorchDecoder(nn.Module):
     """Static-cache decoder whose switchable LoRA buffers are mutable state."""
 
-    def __init__(self, hf_model: nn.Module, switchable: list[str], max_cache_len: int) -> None:
+    def __init__(self, hf_model: nn.Module, slots: list[str], max_cache_len: int) -> None:
         super().__init__()
         from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
         hf_model.generation_config.use_cache = True
         hf_model.generation_config.cache_implementation = "static"
         self.model = TorchExportableModuleWithStaticCache(hf_model, batch_size=1, max_cache_len=max_cache_len)
-        self.switchable = switchable
+        self.slots = slots
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        for name in self.switchable:
+        for name in self.slots:
             self.model.model.get_buffer(name).add_(0)  # marks it mutable (module docstring)
         return self.model(input_ids=input_ids, cache_position=cache_position)
 
 
-class SetTask(nn.Module):
-    """Only the switchable buffers, under the same names as in :class:`ExecuTorchDecoder`."""
+class SetSlots(nn.Module):
+    """Only the slot buffers, under the same names as in :class:`ExecuTorchDecoder`."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
         super().__init__()
@@ -107,91 +111,85 @@ def quantize(model: nn.Module, quant: str) -> None:
     unwrap_tensor_subclass(model)
 
 
-def write_task_file(path: Path, stored: dict[str, StoredFactor], export_id: str, task: str) -> None:
-    """A task's switchable factors in the bank's own number format (fp16 / int8 / int4 + scales).
+@contextlib.contextmanager
+def shallow_provenance() -> Iterator[None]:
+    """During lowering, copy a node's ``from_node`` provenance list instead of deep-copying it."""
+    from torch.fx.traceback import NodeSource
 
-    Keeping the bank's encoding keeps its storage saving on the device; the loader decodes once per
-    task load (:func:`read_task_file`), so ``set_task`` still only copies ready fp32 tensors.
-    """
-    tensors, formats = {}, {}
-    for slot, factor in stored.items():
-        formats[slot] = [factor.fmt.label(), list(factor.shape), factor.transposed]
-        tensors.update({f"{slot}/{key}": value.contiguous() for key, value in factor.data.items()})
-    metadata = {"export_id": export_id, "task": task, "formats": json.dumps(formats)}
-    save_file(tensors, str(path), metadata=metadata)
+    original = NodeSource.__init__
 
+    def init(self, node=None, pass_name: str = "", action=None) -> None:
+        meta = node.meta if node is not None else None
+        chain = meta.pop("from_node", None) if meta is not None else None
+        try:
+            original(self, node, pass_name, action)  # sees no chain: nothing to deep-copy
+        finally:
+            if chain is not None:
+                meta["from_node"] = chain
+        if chain is not None:
+            self.from_node = list(chain)
 
-def read_task_file(path: Path, order: list[str], shapes: list[list[int]] | None = None) -> list[torch.Tensor]:
-    """Decode a task file into the fp32 tensors ``set_task`` takes, in manifest order. Its
-    ``formats`` metadata is checked against schemas/task-file-formats.schema.json and each slot
-    must decode to the manifest's shape (``shapes``), or :class:`TaskFileError` names the file."""
-    out = []
+    NodeSource.__init__ = init
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            formats = json.loads((fh.metadata() or {}).get("formats", "null"), parse_constant=_no_constant)
-            validate(formats, "task-file-formats", path, TaskFileError)
-            for i, slot in enumerate(order):
-                if slot not in formats:
-                    raise TaskFileError(f"{path}: no slot {slot!r}")
-                label, shape, transposed = formats[slot]
-                keys = [k for k in fh.keys() if k.startswith(slot + "/")]
-                data = {k.removeprefix(slot + "/"): fh.get_tensor(k) for k in keys}
-                value = StoredFactor(NumberFormat.parse(label), data, tuple(shape), transposed).values()
-                if shapes is not None and list(value.shape) != list(shapes[i]):
-                    raise TaskFileError(f"{path}: slot {slot!r} decodes to {list(value.shape)}, the manifest says {shapes[i]}")
-                out.append(value)
-    except TaskFileError:
-        raise
-    except (KeyError, ValueError, RuntimeError, SafetensorError) as e:  # missing parts, tensors that do not decode
-        raise TaskFileError(f"{path}: not a task file of this export ({type(e).__name__}: {e})") from e
-    return out
-
-
-def _no_constant(token: str) -> None:
-    raise ValueError(f"{token} is not a JSON number")
+        yield
+    finally:
+        NodeSource.__init__ = original
 
 
 def export_program(
-    hf_model: nn.Module, switchable: dict[str, tuple[int, ...]], folder: Path, quant: str, max_cache_len: int
+    hf_model: nn.Module, slots: dict[str, tuple[int, int]], folder: Path, quant: str, max_cache_len: int,
+    phases: dict[str, float], fast: bool = True,
 ) -> Path:
-    """Lower ``hf_model`` (already wrapped with LoRA slots) to ``folder/model.pte``."""
+    """Lower ``hf_model`` (already wrapped with LoRA slots) to ``folder/model.pte``, adding each
+    phase's seconds to ``phases``. ``fast``: lower under :func:`shallow_provenance`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-    quantize(hf_model, quant)
-    decoder = ExecuTorchDecoder(hf_model, list(switchable), max_cache_len).eval()
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+    with phase("quantize"):
+        quantize(hf_model, quant)
+    decoder = ExecuTorchDecoder(hf_model, list(slots), max_cache_len).eval()
     ids = torch.zeros(1, 4, dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=max_cache_len)
-    with torch.no_grad():
+    with torch.no_grad(), phase("torch_export"):
         programs = {
             "forward": torch.export.export(
                 decoder, (ids, torch.arange(4)), dynamic_shapes=({1: seq}, {0: seq}), strict=True
             )
         }
-        if switchable:
-            example = tuple(torch.zeros(s) for s in switchable.values())
-            programs["set_task"] = torch.export.export(SetTask(switchable), example, strict=True)
-    edge = to_edge_transform_and_lower(
-        programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}
-    )
-    program = edge.to_executorch(
-        ExecutorchBackendConfig(
-            # switchable buffers start at zero (the base model) instead of uninitialised memory
-            passes=[InitializedMutableBufferPass(["lora_a", "lora_b"])],
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
-            emit_mutable_buffer_names=True,
-        )
-    )
+        if slots:
+            example = tuple(torch.zeros(s) for s in slots.values())
+            programs["set_slots"] = torch.export.export(SetSlots(slots), example, strict=True)
+    with shallow_provenance() if fast else contextlib.nullcontext():
+        with phase("to_edge_transform_and_lower"):
+            edge = to_edge_transform_and_lower(
+                programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}
+            )
+        with phase("to_executorch"):
+            program = edge.to_executorch(
+                ExecutorchBackendConfig(
+                    # slot buffers start at zero (the base model) instead of uninitialised memory
+                    passes=[InitializedMutableBufferPass(["lora_a", "lora_b"])],
+                    memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+                    emit_mutable_buffer_names=True,
+                )
+            )
     path = folder / PROGRAM
-    with open(path, "wb") as fh:
+    with phase("write"), open(path, "wb") as fh:
         program.write_to_file(fh)
     return path
 
 
 class ExecuTorchSession(Session):
-    """ExecuTorch's Python runtime on ``model.pte``: ``set_task`` runs the program's ``set_task`` method."""
+    """ExecuTorch's Python runtime on ``model.pte``: ``set_task`` runs the program's ``set_slots``
+    method with the task's decoded slots."""
 
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
@@ -201,12 +199,12 @@ class ExecuTorchSession(Session):
         _unsafe_reset_threadpool(threads)
         self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
         self.forward = self.program.load_method("forward")
-        self.setter = self.program.load_method("set_task") if self.manifest.task_tensors else None
-        self.loaded: dict[str, list] = {}
+        self.setter = self.program.load_method("set_slots") if self.bank is not None else None
+        self.loaded: dict[str, list[torch.Tensor]] = {}
         self.max_len = self.manifest.model["max_cache_len"]
 
-    def _load(self, task: str, path: Path) -> None:
-        self.loaded[task] = read_task_file(path, list(self.manifest.task_tensors), list(self.manifest.task_tensors.values()))
+    def _load(self, task: str, slots: dict[str, np.ndarray]) -> None:
+        self.loaded[task] = [torch.from_numpy(a) for a in slots.values()]
 
     def _switch(self, task: str) -> None:
         if task not in self.loaded:
@@ -228,17 +226,10 @@ class ExecuTorchBackend:
     name = "executorch"
     runtime = "executorch"
     quants = QUANTS
-    task_ext = ".safetensors"
-    task_encoding = "the bank's encoding (fp16, or int8/int4 codes + fp16 scales), decoded to fp32 on load"
+    program_file = PROGRAM
 
-    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path) -> dict[str, str]:
-        return {"program": export_program(model, spec.switchable, folder, spec.quant, spec.max_cache_len).name}
-
-    def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
-        return {name: list(shape) for name, shape in switchable.items()}
-
-    def write_task_file(self, path: Path, layout: SlotLayout, task: str, export_id: str) -> None:
-        write_task_file(path, layout.stored[task], export_id, task)
+    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
+        return {"program": export_program(model, spec.slots, folder, spec.quant, spec.max_cache_len, phases).name}
 
     def open_session(self, folder: Path, threads: int = 1) -> ExecuTorchSession:
         return ExecuTorchSession(folder, threads)

@@ -2,12 +2,19 @@
 
 Layout of an export folder::
 
-    manifest.json            files, bytes, SHA-256, tasks, slots, tokenizer location, export id
-    model.pte | model.onnx   resident part: base weights + shared LoRA factors + generation graph
-    tasks/<task>.<ext>       one per task: that task's switchable LoRA tensors (fp16)
-    tokenizer/               tokenizer and chat template copied from the model folder
+    manifest.json              files, bytes, SHA-256, tasks, slots, bank layouts, tokenizer, export id
+    model.pte | model.onnx     the program: base weights + zero LoRA slots of the signature; a function
+                               of (base model, quantisation, KV cache length, signature) only
+    bank/manifest.json         the bank's bundle manifest (hydraopt_mobile/bundle.py)
+    bank/shared.safetensors    factors used by two or more tasks, the bank's number format: loaded once
+    bank/tasks/<task>.safetensors  factors of that task alone: read on each task load
+    tokenizer/                 tokenizer and chat template copied from the model folder
 
-The folder is written in a temporary place and renamed into place when complete.
+The data files are the bank's own bundle files, so their bytes are ``MergedBank.file_bytes()``
+exactly and ``bank/`` is a bundle (``load_bundle`` reads it: ``bench`` finds its PyTorch reference
+there). Programs are cached by signature (``exporters/program_cache.py``): a second bank that fits a
+cached program's signature is exported without lowering anything. The folder is written in a
+temporary place and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -15,22 +22,26 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
+
 import torch
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
-from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.bank import MergedBank, factor_file
 from hydraopt_mobile.base_model import load_causal_lm
+from hydraopt_mobile.bundle import MANIFEST as BUNDLE_MANIFEST, sorted_tasks, write_bundle_files
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.paths import confined, task_name_problem
+from hydraopt_mobile.paths import task_name_problem
 
-from exporters.backend import ProgramSpec, check_quant
+from exporters.backend import Backend, ProgramSpec, check_quant
 from exporters.manifest import SCHEMA, FileEntry, Manifest, file_entry
 from exporters.onnx_backend import kv_shape
+from exporters.program_cache import cached_program, place_program, program_key, store_program
 from exporters.registry import backend_for
-from exporters.slots import SlotLayout, attach_slots, layout_from_bank, merge_into
+from exporters.slots import attach_slots, bank_signature, check_base_model, check_fits, merge_into, parse_slot_spec
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -86,6 +97,31 @@ def _model_info(model: torch.nn.Module, max_cache_len: int) -> dict:
     }
 
 
+def _task_files(bank: MergedBank, task: str) -> list[str]:
+    """The bank files ``task`` reads: the shared file if it uses a shared factor, then its own."""
+    t = bank.task_index(task)
+    used = set()
+    for m in bank.modules.values():
+        for factors, index in ((m.A, m.a_index), (m.B, m.b_index)):
+            if factors[index[t]].shape[0] and factors[index[t]].shape[1]:
+                used.add(factor_file(bank.tasks, index, index[t])[0])
+    return [f"bank/{rel}" for rel in sorted(used, key=lambda rel: rel.startswith("tasks/"))]
+
+
+def _program(backend: Backend, model: torch.nn.Module, spec: ProgramSpec, folder: Path, key: tuple[str, dict] | None) -> tuple[dict[str, str], dict]:
+    """The program files (role -> path) in ``folder``, from the cache when ``key`` is cached, else
+    lowered (and cached when ``key`` is given); and how: ``{"source", "phases_s"}``."""
+    if key is not None:
+        cached = cached_program(key[0], backend.program_file)
+        if cached is not None:
+            return {"program": backend.program_file}, {"source": f"cache ({place_program(cached, folder / backend.program_file)})", "phases_s": {}}
+    phases: dict[str, float] = {}
+    files = backend.export_program(model, spec, folder, phases)
+    if key is not None:
+        store_program(key[0], key[1], folder / files["program"])
+    return files, {"source": "lowered", "phases_s": phases}
+
+
 def export_bank(
     bank_or_path: MergedBank | str | Path,
     model_dir: str | Path,
@@ -95,14 +131,20 @@ def export_bank(
     overwrite: bool = False,
     merged_task: str | None = None,
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    slots: str | dict[str, int] | None = None,
+    use_cache: bool = True,
 ) -> Path:
     """Export a bank for ``fmt`` (a back end of ``exporters.registry.BACKENDS``: ``executorch`` or
     ``onnx``) with the base model in ``model_dir``.
 
     ``quant``: one of the back end's ``quants`` (ExecuTorch ``fp32``/``8da4w``/``8da8w``, ONNX
-    ``fp32``/``int4``/``int8``). ``merged_task``: instead of switchable slots, fold that task's
-    effective adapter into the base weights (the "one fully merged model per task" deployment, used
-    as the latency and bytes reference); the export then serves only that task and has no task files.
+    ``fp32``/``int4``/``int8``). ``slots``: the program's signature, a ``--slots`` spec
+    (``exporters/slots.py``) or module -> rank; default: the bank's own modules and ranks. A bank
+    module outside it or of a larger rank is refused. ``use_cache``: reuse and store programs in the
+    project cache (``exporters/program_cache.py``). ``merged_task``: instead of slots, fold that
+    task's effective adapter into the base weights (the "one fully merged model per task"
+    deployment, used as the latency and bytes reference); the export then serves only that task,
+    its program is never cached, and its bank files are only the reference for ``bench``.
     """
     backend = backend_for(fmt)
     check_quant(backend, quant)
@@ -111,6 +153,7 @@ def export_bank(
         problem = task_name_problem(task)
         if problem:
             raise UserError(problem)
+    bank = sorted_tasks(bank)
     if merged_task is not None and merged_task not in bank.tasks:
         raise UserError(f"--merged-task {merged_task!r}: not a task of the bank ({', '.join(bank.tasks)})")
     model_dir = Path(model_dir)
@@ -119,25 +162,30 @@ def export_bank(
     inputs = [model_dir] if isinstance(bank_or_path, MergedBank) else [model_dir, Path(bank_or_path)]
     with atomic_dir(Path(out), overwrite, kind=EXPORT, inputs=inputs) as folder, Progress(*columns, transient=True) as bar:
         step = bar.add_task(f"export {fmt}/{quant}: loading base model")
+        t0 = time.perf_counter()
         model = load_causal_lm(model_dir)
+        check_base_model(bank, model)
         info = _model_info(model, max_cache_len)
-        layout = layout_from_bank(bank)
         if merged_task is not None:
-            merge_into(model, layout.task_factors(merged_task))
-            tasks, layout = [merged_task], SlotLayout([merged_task], {}, {}, {merged_task: {}})
+            merge_into(model, bank.task_factors(merged_task))
+            signature: dict[str, int] = {}
         else:
-            tasks = list(bank.tasks)
-        switchable = attach_slots(model, layout)
-        bar.update(step, description=f"export {fmt}/{quant}: tracing and lowering (ExecuTorch XNNPACK: minutes)")
-        resident = backend.export_program(model, ProgramSpec(layout, switchable, quant, max_cache_len), folder)
-        files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in resident.items()]
-        bar.update(step, description=f"export {fmt}/{quant}: task files")
-        if switchable:
-            (folder / "tasks").mkdir()
-            for task in tasks:
-                rel = f"tasks/{task}{backend.task_ext}"
-                backend.write_task_file(confined(folder, rel, UserError), layout, task, export_id)
-                files.append(file_entry(folder, rel, "task", task))
+            signature = parse_slot_spec(slots, model) if isinstance(slots, str) else dict(slots or bank_signature(bank))
+            check_fits(bank, signature)
+        shapes = attach_slots(model, signature)
+        key = program_key(model_dir, backend.runtime, quant, max_cache_len, signature) if use_cache and merged_task is None else None
+        load_s = time.perf_counter() - t0
+        bar.update(step, description=f"export {fmt}/{quant}: program (cached, or lowered: ExecuTorch XNNPACK takes minutes)")
+        program, how = _program(backend, model, ProgramSpec(shapes, quant, max_cache_len), folder, key)
+        files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in program.items()]
+        bar.update(step, description=f"export {fmt}/{quant}: bank files")
+        (folder / "bank").mkdir()
+        bundle = write_bundle_files(bank, folder / "bank")
+        data_role = "reference" if merged_task is not None else None
+        files.append(file_entry(folder, f"bank/{BUNDLE_MANIFEST}", data_role or "bank"))
+        for rel in bundle["files"]:
+            task = rel.removeprefix("tasks/").removesuffix(".safetensors") if rel.startswith("tasks/") else None
+            files.append(file_entry(folder, f"bank/{rel}", data_role or ("task" if task else "shared"), None if data_role else task))
         tokenizer = _copy_tokenizer(model_dir, folder)
         files += [file_entry(folder, rel, "tokenizer") for rel in tokenizer]
         Manifest(
@@ -145,18 +193,17 @@ def export_bank(
             runtime=backend.runtime,
             quant=quant,
             method=bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}",
-            tasks=tasks,
+            tasks=list(bank.tasks) if merged_task is None else [merged_task],
             files=files,
-            task_tensors=backend.task_tensors(layout, switchable) if switchable else {},
-            task_dtype=backend.task_encoding,
-            resident_slots=sorted(layout.resident),
+            slots=[[name, list(shape)] for name, shape in shapes.items()],
+            signature=signature,
+            bank={"modules": bundle["modules"], "layouts": bundle["layouts"]},
+            task_files={} if merged_task is not None else {t: _task_files(bank, t) for t in bank.tasks},
+            program={"sha256": files[0].sha256, "key": key[0] if key else ""},
             tokenizer_dir="tokenizer" if tokenizer else None,
             bank_fingerprint={"fingerprint": bank.fingerprint, "params": bank.params, "tasks": bank.tasks},
             model=info,
-            extra={
-                "bundle": None if isinstance(bank_or_path, MergedBank) else str(Path(bank_or_path).resolve()),
-                "bank_digest": bank_digest(bank),
-            },
+            extra={"bank_digest": bank_digest(bank), "program_source": how["source"], "phases_s": {"load_model": load_s, **how["phases_s"]}},
         ).write(folder)
         bar.update(step, description=f"export {fmt}/{quant}: done")
     return Path(out)

@@ -1,5 +1,10 @@
 """The manifest of an export: what each file is, its bytes and SHA-256, and which tensors a task fills.
 
+Version 2: the data files are the bank's own bundle files under ``bank/`` (``shared.safetensors``,
+loaded once, and ``tasks/<task>.safetensors``, read on each task load), so an export's data bytes
+are the bank's file bytes; ``slots`` lists the program's inputs (its signature), ``bank`` the
+bundle's ``modules`` and ``layouts`` that say which factor of which file fills which slot.
+
 A task file is checked against the manifest (size, then SHA-256 of its bytes) before any runtime
 sees it, so a file from another export, a truncated copy or a corrupted download is refused with
 an error that names the file, instead of producing wrong outputs or crashing a runtime.
@@ -17,7 +22,7 @@ from hydraopt_mobile.schemas import read_json, validate
 from hydraopt_mobile.errors import UserError
 
 MANIFEST = "manifest.json"
-SCHEMA = "hydraopt-export/1"
+SCHEMA = "hydraopt-export/2"
 
 
 class TaskFileError(UserError):
@@ -33,7 +38,7 @@ class FileEntry:
     path: str  # relative to the export folder
     bytes: int
     sha256: str
-    role: str  # "program" | "task_decoder" (ONNX) | "task" | "tokenizer"
+    role: str  # "program" | "shared" | "task" | "bank" (the bundle manifest) | "reference" (merged exports) | "tokenizer"
     task: str | None = None
 
 
@@ -45,9 +50,11 @@ class Manifest:
     method: str
     tasks: list[str]
     files: list[FileEntry]
-    task_tensors: dict[str, list[int]]  # tensor -> shape (every task file holds all of them)
-    task_dtype: str
-    resident_slots: list[str]
+    slots: list  # [slot, shape] in program order: every LoRA slot of the signature, fp32
+    signature: dict[str, int]  # module -> rank
+    bank: dict  # the bundle's "modules" and "layouts" (exporters/targets/device_runner.py: BankSlots)
+    task_files: dict[str, list[str]]  # task -> the data files it reads (the shared file once for all)
+    program: dict  # "sha256" and the program cache "key" (base model, runtime, quant, cache length, signature)
     tokenizer_dir: str | None
     bank_fingerprint: dict
     model: dict  # what the runtime needs: layers, kv heads, head dim, vocab, eos, max cache length
@@ -59,17 +66,25 @@ class Manifest:
                 return f
         raise ManifestError(f"export {self.export_id}: no {role} file" + (f" for task {task!r}" if task else ""))
 
-    def task_file(self, task: str) -> FileEntry:
+    def find(self, role: str, task: str | None = None) -> FileEntry | None:
+        return next((f for f in self.files if f.role == role and f.task == task), None)
+
+    def task_file(self, task: str) -> FileEntry | None:
+        """``task``'s own data file (None: every factor it uses is in the shared file)."""
         if task not in self.tasks:
             raise UserError(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
-        return self.entry("task", task)
+        return self.find("task", task)
+
+    def task_bytes(self, task: str) -> int:
+        entry = self.task_file(task)
+        return entry.bytes if entry else 0
 
     def bytes_of(self, role: str) -> int:
         return sum(f.bytes for f in self.files if f.role == role)
 
     def resident_bytes(self) -> int:
-        """What stays loaded whatever the task: the program, plus the ONNX task decoder."""
-        return self.bytes_of("program") + self.bytes_of("task_decoder")
+        """What stays loaded whatever the task: the program and the bank's shared file."""
+        return self.bytes_of("program") + self.bytes_of("shared")
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST
@@ -103,15 +118,18 @@ class Manifest:
             raise ManifestError(f"{where}: a file is listed twice")
         for rel in paths + ([self.tokenizer_dir] if self.tokenizer_dir else []):
             confined(folder, rel, ManifestError)
-        if [f.role for f in self.files].count("program") != 1 or [f.role for f in self.files].count("task_decoder") > 1:
-            raise ManifestError(f"{where}: needs exactly one program file and at most one task_decoder")
+        if [f.role for f in self.files].count("program") != 1 or [f.role for f in self.files].count("shared") > 1:
+            raise ManifestError(f"{where}: needs exactly one program file and at most one shared file")
         for f in self.files:
             if (f.role == "task") != (f.task is not None) or (f.task is not None and f.task not in self.tasks):
                 raise ManifestError(f"{where}: file {f.path!r}: role {f.role!r} with task {f.task!r} does not fit the task list")
-        task_files = sorted(f.task for f in self.files if f.role == "task")
-        expected = sorted(self.tasks) if self.task_tensors else []
-        if task_files != expected:
-            raise ManifestError(f"{where}: task files for {task_files}, but the tasks with switchable tensors are {expected}")
+        task_files = [f.task for f in self.files if f.role == "task"]
+        if len(set(task_files)) != len(task_files) or (task_files and not self.slots):
+            raise ManifestError(f"{where}: a task has two files, or an export without slots has task files")
+        listed = {f.path for f in self.files}
+        for task, used in self.task_files.items():
+            if task not in self.tasks or not set(used) <= listed:
+                raise ManifestError(f"{where}: task_files[{task!r}] names a task or file the manifest does not list")
 
 
 def file_entry(folder: Path, rel: str, role: str, task: str | None = None) -> FileEntry:
@@ -119,13 +137,16 @@ def file_entry(folder: Path, rel: str, role: str, task: str | None = None) -> Fi
     return FileEntry(rel, path.stat().st_size, sha256_file(path), role, task)
 
 
-def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path | None = None) -> Path:
-    """The path of ``task``'s file after checking its size and SHA-256 against the manifest.
+def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path | None = None) -> Path | None:
+    """The path of ``task``'s own file after checking its size and SHA-256 against the manifest
+    (None: the task has no file of its own).
 
     ``path`` overrides where the file is read from (a file shipped separately); it must still be
     byte-identical to what this export wrote for ``task``.
     """
     entry = manifest.task_file(task)
+    if entry is None:
+        return None
     path = Path(path) if path is not None else confined(Path(folder), entry.path, TaskFileError)
     wrong = mismatch(path, entry.bytes, entry.sha256)
     if wrong is None:
@@ -143,6 +164,17 @@ def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path |
         f"{path}: SHA-256 {str(wrong.found)[:16]}... does not match export {manifest.export_id}'s task {task!r} "
         f"({entry.sha256[:16]}...){hint}; refusing to load it"
     )
+
+
+def verified_shared_file(manifest: Manifest, folder: Path) -> Path | None:
+    """The bank's shared file after checking its size and SHA-256 (None: the bank has none)."""
+    entry = manifest.find("shared")
+    if entry is None:
+        return None
+    path = confined(Path(folder), entry.path, TaskFileError)
+    if mismatch(path, entry.bytes, entry.sha256) is not None:
+        raise TaskFileError(f"{path}: the shared file does not match export {manifest.export_id}'s manifest (missing, truncated or changed)")
+    return path
 
 
 def verify_all(manifest: Manifest, folder: Path) -> None:

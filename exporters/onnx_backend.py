@@ -1,14 +1,13 @@
-"""ONNX back end: one ``model.onnx`` whose switchable LoRA slots are fp32 graph inputs with zero
-defaults, one ``.onnx_adapter`` per task for ONNX Runtime's ``LoraAdapter`` (in the bank's own
-encoding: fp16, or int8/int4 codes + scales), and ``task_decoder.onnx``, a small graph that turns
-an active adapter into the fp32 slots. A runtime runs the task decoder once when it loads a task
-and feeds its outputs to every decoder step: decoding the codes inside ``model.onnx`` instead cost
-15 extra nodes per module on every token (+50 % decode time at int4; onnx_op_profile.md).
+"""ONNX back end: one ``model.onnx`` whose LoRA slots (every slot of the signature) are fp32 graph
+inputs with zero defaults; the data are the bank's files, decoded with numpy once per task load
+(``exporters/targets/device_runner.py: BankSlots``) and fed to every decoder step: decoding the
+codes inside ``model.onnx`` instead cost 15 extra nodes per module on every token (+50 % decode
+time at int4; onnx_op_profile.md).
 
 The graph takes the KV cache as explicit tensors (``past.{2i}`` keys, ``past.{2i+1}`` values of
 layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``present.*``. A run
-without task slots is the base model (zero defaults); switching feeds another task's decoded slots
-without touching the resident weights.
+without slots is the base model (zero defaults); switching feeds another task's decoded slots
+without touching the base weights.
 
 Quantised variants ``int4`` and ``int8``: ONNX Runtime's MatMulNBits (4 or 8 bits, block 32,
 symmetric, int8 activations: accuracy level 4) on the base MatMuls and GatherBlockQuantized on the
@@ -20,6 +19,7 @@ keeps the model's answers far closer to fp32 (benchmarks/results/export_host.md)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
-from exporters.slots import SlotLayout, TaskDecoder, task_graph_tensors
-from exporters.targets.device_runner import decoded_slots, decoder_step, open_ort_session
+from exporters.targets.device_runner import decoder_step, open_ort_session
 
 QUANTS = {
     "fp32": "float32 weights",
@@ -40,7 +39,6 @@ QUANTS = {
 BITS = {"int4": 4, "int8": 8}
 BLOCK_SIZE = 32
 PROGRAM = "model.onnx"
-TASK_DECODER = "task_decoder.onnx"
 PREFIX = "model."  # where the Hugging Face model sits inside OnnxDecoder
 
 
@@ -150,8 +148,10 @@ def _quantize_nbits(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def export_program(hf_model: nn.Module, switchable: list[str], folder: Path, quant: str) -> Path:
-    """Export ``hf_model`` (already wrapped with encoded LoRA slots) to ``model.onnx``."""
+def export_program(hf_model: nn.Module, slots: list[str], folder: Path, quant: str, phases: dict[str, float]) -> Path:
+    """Export ``hf_model`` (already wrapped with LoRA slots) to ``model.onnx``, adding each phase's
+    seconds to ``phases``."""
+    t0 = time.perf_counter()
     config = hf_model.config
     n_layers = config.num_hidden_layers
     kv_heads, head_dim = kv_shape(config)
@@ -170,52 +170,27 @@ def export_program(hf_model: nn.Module, switchable: list[str], folder: Path, qua
             output_names=["logits"] + [f"present.{i}" for i in range(2 * n_layers)],
             verbose=False,
         )
+    t1 = time.perf_counter()
     model = program.model_proto
     for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
         del node.metadata_props[:]
-    _make_inputs_with_defaults(model, {PREFIX + name: name for name in switchable})
+    _make_inputs_with_defaults(model, {PREFIX + name: name for name in slots})
     if quant in BITS:
         model = _quantize_nbits(model, BITS[quant])
+    t2 = time.perf_counter()
     path = folder / PROGRAM
     onnx.save(model, str(path))
+    phases.update({"torch_onnx_export": t1 - t0, "slots_and_quantize": t2 - t1, "write": time.perf_counter() - t2})
     return path
-
-
-def export_task_decoder(layout: SlotLayout, folder: Path) -> Path:
-    """``task_decoder.onnx``: task-file tensors (inputs) -> fp32 switchable slots (outputs)."""
-    decoder = TaskDecoder(layout).eval()
-    with torch.no_grad():
-        program = torch.onnx.export(decoder, (), dynamo=True, optimize=False, output_names=decoder.slot_names, verbose=False)
-    model = program.model_proto
-    for node in model.graph.node:
-        del node.metadata_props[:]
-    _make_inputs_with_defaults(model, decoder.input_names())
-    path = folder / TASK_DECODER
-    onnx.save(model, str(path))
-    return path
-
-
-def write_task_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One task's switchable tensors as an ``.onnx_adapter`` (graph input names, their dtypes)."""
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    arrays = {k: v.contiguous().numpy() for k, v in tensors.items()}  # OrtValues borrow these
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()})
-    fmt.export_adapter(str(path))
 
 
 class OrtSession(Session):
-    """ONNX Runtime on ``model.onnx``. ``load_task`` reads the task's ``.onnx_adapter`` and runs the task decoder once with it
-    active (``RunOptions.add_active_adapter``); ``set_task`` then only picks which decoded slots
-    the decoder step is fed."""
+    """ONNX Runtime on ``model.onnx``. ``load_task`` decodes the task's slots once (numpy);
+    ``set_task`` then only picks which decoded slots the decoder step is fed."""
 
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         self.session = self._open(self.manifest.entry("program").path)
-        self.task_decoder = self._open(self.manifest.entry("task_decoder").path) if self.manifest.task_tensors else None
         self.slots: dict[str, dict[str, np.ndarray]] = {}  # task -> decoded fp32 slot values
         self.feeds: dict[str, np.ndarray] = {}
         m = self.manifest.model
@@ -226,8 +201,8 @@ class OrtSession(Session):
     def _open(self, rel: str):
         return open_ort_session(str(self.folder / rel), self.threads)
 
-    def _load(self, task: str, path: Path) -> None:
-        self.slots[task] = decoded_slots(self.task_decoder, str(path))
+    def _load(self, task: str, slots: dict[str, np.ndarray]) -> None:
+        self.slots[task] = slots
 
     def _switch(self, task: str) -> None:
         if task not in self.slots:
@@ -250,24 +225,11 @@ class OnnxBackend:
     name = "onnx"
     runtime = "onnxruntime"
     quants = QUANTS
-    task_ext = ".onnx_adapter"
-    task_encoding = (
-        "fp16 values, or int8 codes (int4 unpacked to one per byte) + fp16 scales, decoded to fp32 on load by task_decoder.onnx"
-    )
+    program_file = PROGRAM
 
-    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path) -> dict[str, str]:
-        """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply), and the task decoder."""
-        files = {"program": export_program(model, list(spec.switchable), folder, spec.quant).name}
-        if spec.switchable:
-            files["task_decoder"] = export_task_decoder(spec.layout, folder).name
-        return files
-
-    def task_tensors(self, layout: SlotLayout, switchable: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
-        """The task decoder's inputs (every task's are alike: the first task's give the shapes)."""
-        return {name: list(t.shape) for name, t in task_graph_tensors(layout, layout.tasks[0]).items()}
-
-    def write_task_file(self, path: Path, layout: SlotLayout, task: str, export_id: str) -> None:
-        write_task_file(path, task_graph_tensors(layout, task))
+    def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
+        """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply)."""
+        return {"program": export_program(model, list(spec.slots), folder, spec.quant, phases).name}
 
     def open_session(self, folder: Path, threads: int = 1) -> OrtSession:
         return OrtSession(folder, threads)

@@ -1,17 +1,23 @@
 """LoRA slots: a Hugging Face causal LM whose target Linears compute ``W x + B (A x)``.
 
-A merged bank says, per module, whether its A and its B are shared by every task (then the export
-keeps them *resident*, baked into the graph) or differ between tasks (then they are *switchable*:
-an fp32 slot the runtime fills from a per-task file). Both back ends use the same wrapped model;
-they differ only in how a switchable slot is filled (ExecuTorch: mutable buffers written by a
-``set_task`` method; ONNX Runtime: graph inputs with zero defaults). Task files keep the bank's
-number format, so the bank's storage saving reaches the device; they are decoded to fp32 once,
-when a task is loaded (ONNX: by the small :class:`TaskDecoder` graph), never per token.
+A program is a function of (base model, quantisation, slot *signature*) only. The signature lists
+the modules with a LoRA slot and each one's rank ``R``; every slot (``<module>.lora_a`` (R, d_in),
+``<module>.lora_b`` (d_out, R)) is runtime data, zero in the program (the base model). Which factors
+a bank shares is data too: a runtime decodes the bank's shared file once and a task's file on each
+load (``exporters/targets/device_runner.py: BankSlots``), and writes every slot on a switch. So one
+program serves every bank whose modules are in its signature with ranks up to the signature's: a
+factor of smaller rank is padded with zero components, which leaves ``B A`` unchanged.
+
+Slot spec syntax (``hydraopt export --slots``): comma-separated module names, each optionally
+followed by ``:RANK``; a name without a rank takes the rank of the next name that has one. A name
+matches every Linear of the base model whose path equals it or ends with ``.NAME``, so
+``q_proj,v_proj:16`` gives q_proj and v_proj of every layer rank 16, and ``q_proj:16,v_proj:8``
+gives them ranks 16 and 8.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
 
 import torch
 from torch import nn
@@ -19,145 +25,102 @@ from torch import nn
 from hydraopt_mobile.adapters import LoraFactors
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.formats import StoredFactor, dequantize
 
 SLOT_A = "lora_a"
 SLOT_B = "lora_b"
+_SPEC_ITEM = re.compile(r"^([A-Za-z0-9_.]+)(?::([0-9]+))?$")
 
 
-@dataclass
-class SlotLayout:
-    """Which LoRA tensors are resident and which each task file fills.
-
-    Slot names are ``<module>.lora_a`` / ``<module>.lora_b`` with ``module`` relative to the
-    ``LlamaForCausalLM`` (bank naming), so they are also the buffers' names in the wrapped model.
-    """
-
-    tasks: list[str]
-    ranks: dict[str, int]  # module -> rank
-    resident: dict[str, torch.Tensor]  # slot -> float32 values
-    per_task: dict[str, dict[str, torch.Tensor]]  # task -> slot -> values (float32)
-    stored: dict[str, dict[str, StoredFactor]] = field(default_factory=dict)  # task -> slot -> bank encoding
-
-    def slot_shape(self, slot: str) -> tuple[int, ...]:
-        if slot in self.resident:
-            return tuple(self.resident[slot].shape)
-        return tuple(next(iter(self.per_task.values()))[slot].shape)
-
-    def task_factors(self, task: str) -> dict[str, LoraFactors]:
-        """The effective adapter a runtime computes for ``task`` (for PyTorch references)."""
-        values = {**self.resident, **self.per_task[task]}
-        return {m: LoraFactors(values[f"{m}.{SLOT_A}"], values[f"{m}.{SLOT_B}"]) for m in self.ranks}
+def module_rank(bank: MergedBank, module: str) -> int:
+    """The largest rank of any factor of ``module`` in ``bank`` (0: no task uses it)."""
+    m = bank.modules[module]
+    return max((f.shape[0] for f in m.A), default=0)
 
 
-def layout_from_bank(bank: MergedBank) -> SlotLayout:
-    """Resident where one factor serves all tasks, switchable otherwise (see ``MergedModule``)."""
-    ranks: dict[str, int] = {}
-    resident: dict[str, torch.Tensor] = {}
-    per_task: dict[str, dict[str, torch.Tensor]] = {t: {} for t in bank.tasks}
-    stored: dict[str, dict[str, StoredFactor]] = {t: {} for t in bank.tasks}
-    for module, m in bank.modules.items():
-        if m.rank == 0:
-            continue
-        ranks[module] = m.rank
-        for slot, factors, index, shared in (
-            (SLOT_A, m.A, m.a_index, m.a_shared()),
-            (SLOT_B, m.B, m.b_index, m.b_shared()),
-        ):
-            name = f"{module}.{slot}"
-            if shared:
-                resident[name] = factors[0].values()
-            else:
-                values = [f.values() for f in factors]
-                for t, task in enumerate(bank.tasks):
-                    per_task[task][name] = values[index[t]]
-                    stored[task][name] = factors[index[t]]
-    return SlotLayout(list(bank.tasks), ranks, resident, per_task, stored)
+def bank_signature(bank: MergedBank) -> dict[str, int]:
+    """The smallest signature that serves ``bank``: its modules with a non-zero rank, at their largest rank."""
+    return {name: module_rank(bank, name) for name in bank.modules if module_rank(bank, name) > 0}
 
 
-class EncodedSlot(nn.Module):
-    """A switchable factor in the bank's encoding, decoded to its fp32 slot (ONNX task decoder).
+def parse_slot_spec(spec: str, model: nn.Module) -> dict[str, int]:
+    """``--slots SPEC`` (module docstring) resolved against ``model``'s Linears: module -> rank."""
+    items, pending = [], []
+    for raw in spec.split(","):
+        match = _SPEC_ITEM.match(raw.strip())
+        if not match:
+            raise UserError(f"--slots {spec!r}: {raw.strip()!r} is not NAME or NAME:RANK (e.g. q_proj,v_proj:16)")
+        pending.append(match.group(1))
+        if match.group(2) is not None:
+            rank = int(match.group(2))
+            if rank < 1:
+                raise UserError(f"--slots {spec!r}: rank of {match.group(1)!r} must be at least 1")
+            items += [(name, rank) for name in pending]
+            pending = []
+    if pending:
+        raise UserError(f"--slots {spec!r}: no rank for {', '.join(pending)} (end the list with NAME:RANK)")
+    linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    signature: dict[str, int] = {}
+    for name, rank in items:
+        found = [m for m in linears if m == name or m.endswith("." + name)]
+        if not found:
+            raise UserError(f"--slots {spec!r}: no Linear of the base model is named {name!r}")
+        signature.update({m: rank for m in found})
+    return {m: signature[m] for m in linears if m in signature}
 
-    Buffers hold the component vectors (rows of A, columns of B) as :meth:`StoredFactor.codes`
-    gives them: ``w`` (n, length) fp16, or ``q`` (n, padded) int8 codes with ``scale`` (n, groups)
-    fp16 (int4 codes one per byte because ONNX Runtime has no int4 graph inputs for adapters).
-    All zero: the base model.
-    """
 
-    def __init__(self, factor: StoredFactor) -> None:
-        super().__init__()
-        self.length = factor.vectors_shape[1]
-        self.transposed = factor.transposed
-        for name, codes in factor.codes().items():
-            self.register_buffer(name, torch.zeros_like(codes))
+def check_fits(bank: MergedBank, signature: dict[str, int]) -> None:
+    """Refuse a bank with a module outside ``signature`` or of a larger rank, naming the module."""
+    for name, rank in bank_signature(bank).items():
+        if name not in signature:
+            raise UserError(f"bank module {name!r} is not in the program's slot signature (--slots); export with a signature that includes it")
+        if rank > signature[name]:
+            raise UserError(f"bank module {name!r} has rank {rank}, above the signature's {signature[name]} (--slots)")
 
-    def forward(self) -> torch.Tensor:
-        v = dequantize(dict(self.named_buffers()), self.length)
-        return v.T if self.transposed else v
+
+def slot_shapes(model: nn.Module, signature: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Every slot of ``signature`` and its fp32 shape in ``model`` (manifest and program order)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for module, rank in signature.items():
+        base = model.get_submodule(module)
+        if not isinstance(base, nn.Linear):
+            raise UserError(f"module {module!r} is a {type(base).__name__} in the base model, not a Linear: the bank was merged for another model")
+        shapes[f"{module}.{SLOT_A}"] = (rank, base.in_features)
+        shapes[f"{module}.{SLOT_B}"] = (base.out_features, rank)
+    return shapes
+
+
+def check_base_model(bank: MergedBank, model: nn.Module) -> None:
+    """Refuse a bank whose module shapes are not the base model's (it was merged for another model)."""
+    for name, m in bank.modules.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"bank module {name!r} does not exist in the base model: the bank was merged for another model") from None
+        if not isinstance(base, nn.Linear) or (base.out_features, base.in_features) != tuple(m.shape):
+            raise UserError(f"bank module {name!r}: shape {tuple(m.shape)} does not fit the base model's {type(base).__name__}: the bank was merged for another model")
 
 
 class LoraSlotLinear(nn.Module):
-    """``y = base(x) + B (A x)``; ``lora_a`` (r, d_in) and ``lora_b`` (d_out, r) are fp32 buffers:
-    resident values, or switchable slots (zero until a task fills them)."""
+    """``y = base(x) + B (A x)``; ``lora_a`` (R, d_in) and ``lora_b`` (d_out, R) are fp32 buffers,
+    zero in the program (the base model) and written at run time."""
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+    def __init__(self, base: nn.Linear, rank: int) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer(SLOT_A, a)
-        self.register_buffer(SLOT_B, b)
+        self.register_buffer(SLOT_A, torch.zeros(rank, base.in_features))
+        self.register_buffer(SLOT_B, torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
 
 
-def attach_slots(model: nn.Module, layout: SlotLayout) -> dict[str, tuple[int, ...]]:
-    """Replace every target Linear of ``model`` in place; returns the switchable slots and shapes."""
-    switchable: dict[str, tuple[int, ...]] = {}
-    for module, rank in layout.ranks.items():
-        base = model.get_submodule(module)
-        if not isinstance(base, nn.Linear):
-            raise UserError(f"module {module!r} is a {type(base).__name__} in the base model, not a Linear: the bank was merged for another model")
-        slots: list[torch.Tensor] = []
-        for slot, shape in ((SLOT_A, (rank, base.in_features)), (SLOT_B, (base.out_features, rank))):
-            name = f"{module}.{slot}"
-            bank_shape = layout.slot_shape(name)
-            if bank_shape != shape:
-                raise UserError(f"slot {name}: bank shape {bank_shape} does not fit the base model's {shape}: the bank was merged for another model")
-            if name in layout.resident:
-                slots.append(layout.resident[name].float().clone())
-            else:
-                switchable[name] = shape
-                slots.append(torch.zeros(shape))
+def attach_slots(model: nn.Module, signature: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Replace every Linear of ``signature`` in ``model`` in place; returns :func:`slot_shapes`."""
+    shapes = slot_shapes(model, signature)
+    for module, rank in signature.items():
         parent_name, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, LoraSlotLinear(base, *slots))
-    return switchable
-
-
-class TaskDecoder(nn.Module):
-    """Every switchable slot decoded from a task file's tensors (the bank's encoding) to fp32.
-
-    Exported as its own small graph: a runtime runs it once per task load and feeds the outputs to
-    the decoder step, so no decoding happens per token. Buffers are named ``slots.<i>.<code>``;
-    :meth:`input_names` maps them to the task-file tensor names.
-    """
-
-    def __init__(self, layout: SlotLayout) -> None:
-        super().__init__()
-        first = layout.stored[layout.tasks[0]]
-        self.slot_names = sorted(first)
-        self.slots = nn.ModuleList(EncodedSlot(first[name]) for name in self.slot_names)
-
-    def input_names(self) -> dict[str, str]:
-        return {f"slots.{i}.{code}": f"{name}.{code}" for i, name in enumerate(self.slot_names)
-                for code, _ in self.slots[i].named_buffers()}
-
-    def forward(self) -> tuple[torch.Tensor, ...]:
-        return tuple(slot() for slot in self.slots)
-
-
-def task_graph_tensors(layout: SlotLayout, task: str) -> dict[str, torch.Tensor]:
-    """What an ONNX task file feeds: every switchable slot of ``task`` as its codes (:class:`EncodedSlot`)."""
-    return {f"{slot}.{k}": v for slot, f in layout.stored[task].items() for k, v in f.codes().items()}
+        setattr(model.get_submodule(parent_name), child, LoraSlotLinear(model.get_submodule(module), rank))
+    return shapes
 
 
 def merge_into(model: nn.Module, adapter: dict[str, LoraFactors]) -> None:

@@ -98,23 +98,31 @@ def sorted_tasks(bank: MergedBank) -> MergedBank:
 def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Path:
     """Write ``bank`` to ``out`` (temporary folder, renamed into place when complete); ``inputs``:
     the paths this run read, which ``out`` may not replace. Tasks are written in sorted order."""
+    with atomic_dir(Path(out), overwrite, kind=BUNDLE, inputs=inputs) as tmp:
+        write_bundle_files(bank, tmp)
+    return Path(out)
+
+
+def write_bundle_files(bank: MergedBank, folder: Path) -> dict:
+    """Write ``bank``'s tensor files and manifest into the existing empty ``folder`` (tasks sorted);
+    returns the manifest. The exporters call this for an export's ``bank/`` folder."""
     for task in bank.tasks:
         problem = task_name_problem(task)
         if problem:
-            raise BundleError(f"{out}: {problem}")
+            raise BundleError(f"{folder}: {problem}")
     bank = sorted_tasks(bank)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for file, part, _ in bank.packed():
         tensors.setdefault(file, {}).update(part)
-    with atomic_dir(Path(out), overwrite, kind=BUNDLE, inputs=inputs) as tmp:
-        (tmp / "tasks").mkdir()
-        files = {}
-        for rel, data in tensors.items():
-            path = confined(tmp, rel, BundleError)
-            save_file(data, str(path), metadata=FILE_METADATA)
-            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest_for(bank, files), separators=(",", ":")))
-    return Path(out)
+    (folder / "tasks").mkdir()
+    files = {}
+    for rel, data in tensors.items():
+        path = confined(folder, rel, BundleError)
+        save_file(data, str(path), metadata=FILE_METADATA)
+        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = manifest_for(bank, files)
+    (folder / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
+    return manifest
 
 
 def read_manifest(path: Path) -> dict:

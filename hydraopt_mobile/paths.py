@@ -9,6 +9,7 @@ Windows, so a set of tasks must be unique ignoring case.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -56,3 +57,12 @@ def confined(root: Path, rel: object, error: type[Exception]) -> Path:
     if not inside:
         raise error(f"{root}: file entry {rel!r} leads outside the folder through a symlink")
     return path
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """``cache_dir``, else ``$HYDRAOPT_CACHE``, else ``~/.cache/hydraopt-mobile``: the project cache
+    (converted base model, decoded answers, exported programs)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("HYDRAOPT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "hydraopt-mobile"

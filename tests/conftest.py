@@ -10,6 +10,14 @@ from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _program_cache(tmp_path_factory) -> None:
+    """Exports in tests cache their programs in a temporary folder, not the user's cache."""
+    import os
+
+    os.environ["HYDRAOPT_PROGRAM_CACHE"] = str(tmp_path_factory.mktemp("program-cache"))
+
+
 @pytest.fixture
 def make_adapters(tmp_path: Path):
     """Write planted PEFT adapters (shared A + noise, B per task) and return their folders."""

@@ -21,13 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-
-from exporters.executorch_backend import write_task_file
 from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
-from exporters.slots import layout_from_bank, merge_into, task_graph_tensors
+from exporters.slots import merge_into
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
 from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits
@@ -186,12 +183,11 @@ def test_corrupted_or_swapped_task_file_is_refused_before_loading(fmt, exports, 
     assert "alpha" not in loaded
 
 
-def test_executorch_task_file_of_another_export_is_refused(exports, bank, tmp_path):
-    """Same tensors, written for another export id: refused by checksum, before ExecuTorch sees it."""
-    folder = exports("executorch", "fp32")
-    foreign = tmp_path / "alpha.safetensors"
-    write_task_file(foreign, layout_from_bank(bank).stored["alpha"], "another-export", "alpha")
-    session = open_export(folder)
+def test_executorch_task_file_of_another_export_is_refused(exports, tiny_dir, tmp_path):
+    """A task file of another bank (same layout, other values): refused by checksum, before ExecuTorch sees it."""
+    other = export_bank(make_bank(seed=9), tiny_dir, "executorch", "fp32", tmp_path / "other", max_cache_len=64)
+    foreign = other / Manifest.read(other).task_file("alpha").path
+    session = open_export(exports("executorch", "fp32"))
     with pytest.raises(TaskFileError, match="another export"):
         session.load_task("alpha", foreign)
     assert "alpha" not in session.loaded
@@ -204,26 +200,20 @@ def test_unknown_task_is_a_clear_error(exports):
 
 
 @pytest.mark.parametrize("fmt", RUNTIMES)
-def test_task_files_keep_the_banks_number_format(fmt, tiny_dir, tmp_path):
-    """int8 / int4 factors stay int8 / int4 codes on disk (the bank's storage saving survives the
-    export), and decoding them (ExecuTorch: at load; ONNX: in the graph) gives exactly the bank's
-    effective adapter. ONNX Runtime has no int4 adapter inputs, so int4 codes are one per byte."""
+def test_data_files_are_the_banks_files_in_its_number_format(fmt, tiny_dir, tmp_path):
+    """int8 / int4 factors stay int8 / int4 (packed) on disk: the export's data files are the
+    bank's own files, byte for byte the sizes ``MergedBank.file_bytes`` gives, and decoding them at
+    load gives exactly the bank's effective adapter."""
     bank = make_bank(seed=4, formats=("int8", "int4-g32", "fp16"))
     folder = export_bank(bank, tiny_dir, fmt, "fp32", tmp_path / "mixed", max_cache_len=64)
-    manifest, layout = Manifest.read(folder), layout_from_bank(bank)
+    manifest = Manifest.read(folder)
+    data = {f.path.removeprefix("bank/"): f.bytes for f in manifest.files if f.role in ("shared", "task")}
+    assert data == bank.file_bytes()
+    assert all((folder / "bank" / rel).stat().st_size == n for rel, n in data.items())
+    assert manifest.resident_bytes() == manifest.bytes_of("program") + bank.file_bytes()["shared.safetensors"]
     session = open_export(folder)
     for task in TASKS:
-        fp16 = sum(2 * t.numel() for t in layout.per_task[task].values())
-        path = folder / manifest.task_file(task).path
-        if fmt == "executorch":
-            payload = sum(f.nbytes() for f in layout.stored[task].values())
-            with safe_open(str(path), framework="pt") as fh:
-                on_disk = sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
-            assert on_disk == payload, f"{task}: {on_disk} bytes of tensors for a {payload}-byte bank payload"
-        else:
-            payload = sum(t.numel() * t.element_size() for t in task_graph_tensors(layout, task).values())
-            assert payload <= path.stat().st_size < payload + 4096
-        assert payload < 0.8 * fp16
+        assert manifest.task_bytes(task) == bank.file_bytes()[f"tasks/{task}.safetensors"]
         session.set_task(task)
         seq, got = run_logits(session, PROMPT)
         assert np.abs(got - reference_logits(tiny_dir, bank, task, seq)[: len(got)]).max() < FP32_TOL

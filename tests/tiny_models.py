@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from exporters.slots import layout_from_bank, merge_into
+from exporters.slots import merge_into
 from hydraopt_mobile.bank import MergedBank, grouped_module
 from hydraopt_mobile.formats import NumberFormat
 
@@ -74,6 +74,6 @@ def reference_logits(model_dir: Path, bank: MergedBank | None, task: str | None,
 
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
     if task is not None:
-        merge_into(model, layout_from_bank(bank).task_factors(task))
+        merge_into(model, bank.task_factors(task))
     with torch.no_grad():
         return model(torch.tensor([seq])).logits[0].numpy()

@@ -5,15 +5,16 @@ This file is copied to (or run on) the target as it is. It needs only the Python
 numpy and ONNX Runtime: no torch, no transformers, nothing from this project. Token ids go in, token
 ids (and, on request, the logits needed for parity) come out; tokenising and scoring stay on the
 host. It activates a task exactly as the host runtime does (``exporters/onnx_backend.py``,
-``OrtSession``, which opens its sessions, decodes task files and steps the decoder with this file's
-:func:`open_ort_session`, :func:`decoded_slots` and :func:`decoder_step`): the task file is checked
-against the manifest (size, SHA-256), the task decoder runs once per task load with that task's
-``.onnx_adapter`` active, and every decoder step is fed the task's decoded fp32 slots.
+``OrtSession``, which opens its session, decodes the bank's files and steps the decoder with this
+file's :func:`open_ort_session`, :class:`BankSlots` and :func:`decoder_step`): the bank's shared
+file and each task's own file are checked against the manifest (size, SHA-256) and decoded with
+numpy once (shared: at open; the task's: on load), and every decoder step is fed the task's fp32
+slots, every slot of the program's signature.
 
 How the wire operations map to the in-process ``Backend`` / ``Session`` (``exporters/backend.py``):
 
 - ``"export"`` (+ ``"threads"``): ``BACKENDS["onnx"].open_session(export, threads)``; the manifest is
-  read and the program and task decoder opened (``session_ms``). Only ``onnxruntime`` exports.
+  read, the program opened and the shared file decoded (``session_ms``). Only ``onnxruntime`` exports.
 - each entry of ``"tasks"``: ``Session.load_task(task)`` (``load_ms``: verify, decode once), then
   ``Session.set_task(task)`` (``switch_ms``: the switch from the entry before).
 - each prompt of ``"prompts"[task]``: ``exporters.runtime.greedy``: ``Session.prefill(prompt)``
@@ -62,7 +63,7 @@ import time
 
 PROTOCOL = "hydraopt-device-runner/1"
 EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb"]
-MANIFEST_SCHEMA = "hydraopt-export/1"
+MANIFEST_SCHEMA = "hydraopt-export/2"
 
 
 class Refused(Exception):
@@ -85,16 +86,121 @@ def open_ort_session(path: str, threads: int):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def decoded_slots(task_decoder, adapter_path: str) -> dict:
-    """Run the task decoder once with the ``.onnx_adapter`` at ``adapter_path`` active: slot -> fp32 values."""
-    import onnxruntime as ort
+_NP_DTYPES = {"F16": "<f2", "F32": "<f4", "I8": "i1", "U8": "u1"}
 
-    adapter = ort.LoraAdapter()
-    adapter.Load(adapter_path)
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    names = [o.name for o in task_decoder.get_outputs()]
-    return dict(zip(names, task_decoder.run(names, {}, options)))
+
+def read_safetensors(path: str) -> dict:
+    """Every tensor of a safetensors file as a numpy array (the format: an 8-byte little-endian
+    header length, a JSON header of ``{key: {dtype, shape, data_offsets}}``, the tensors' bytes)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise Refused(f"{path}: not a safetensors file (too short)")
+    n = int.from_bytes(blob[:8], "little")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except ValueError as e:
+        raise Refused(f"{path}: not a safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    base, out = 8 + n, {}
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        if info.get("dtype") not in _NP_DTYPES or not 0 <= begin <= end <= len(blob) - base:
+            raise Refused(f"{path}: tensor {key!r} has an unknown dtype or lies outside the file")
+        out[key] = np.frombuffer(blob, _NP_DTYPES[info["dtype"]], (end - begin) // np.dtype(_NP_DTYPES[info["dtype"]]).itemsize, base + begin).reshape(info["shape"])
+    return out
+
+
+def decode_factor(parts: dict, label: str, length: int):
+    """float32 component vectors (n, length) of one stored factor, as ``hydraopt_mobile/formats.py``
+    encodes it: fp16 ``w``; int8 ``q`` times one scale per vector; int4 nibbles (low first,
+    two's complement) times one scale per group, the padding cut."""
+    import numpy as np
+
+    if label == "fp16":
+        return parts["w"].astype(np.float32)
+    q, scale = parts["q"], parts["scale"].astype(np.float32)
+    if label.startswith("int4"):
+        low = (q & 0x0F).astype(np.int8)
+        high = (q >> 4).astype(np.int8)
+        q = np.stack([low, high], axis=2).reshape(q.shape[0], -1)
+        q = np.where(q > 7, q - 16, q)
+    n, padded = q.shape
+    values = (q.reshape(n, scale.shape[1], -1) * scale[:, :, None]).reshape(n, padded)
+    return values[:, :length]
+
+
+class BankSlots:
+    """Every LoRA slot of a task, decoded from the bank's own files (the export's ``bank`` section:
+    a bundle's ``modules`` and ``layouts``; key scheme of ``hydraopt_mobile/storage.py``).
+
+    Per module, task t uses factor ``a_index[t]`` of A and ``b_index[t]`` of B. A factor used by one
+    task lives in that task's file under ``<m>.<A|B>.<part>``, one used by several in the shared
+    file under ``<m>.<A|B><i>.<part>``. Shared factors are decoded once (``load_shared``), a task's
+    own on each load; each slot is written into the signature's shape, zero-padded where the factor's
+    rank is smaller (``B A`` unchanged) and zero for modules the bank does not have.
+    """
+
+    def __init__(self, manifest: dict) -> None:
+        self.tasks: list = manifest["tasks"]
+        self.slots: dict = {name: tuple(shape) for name, shape in manifest["slots"]}
+        self.bank: dict = manifest["bank"]
+        self.shared: dict = {}
+
+    def load_shared(self, path: str | None) -> None:
+        """Decode every factor of the shared file at ``path`` (None: the bank has none)."""
+        tensors = read_safetensors(path) if path else {}
+        for m, kind, i, key, label, length in self._factors(None):
+            self.shared[(m, kind, i)] = decode_factor(self._parts(tensors, key, path), label, length)
+
+    def task_slots(self, task: str, path: str | None) -> dict:
+        """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none)."""
+        import numpy as np
+
+        tensors = read_safetensors(path) if path else {}
+        t = self.tasks.index(task)
+        out = {name: np.zeros(shape, dtype=np.float32) for name, shape in self.slots.items()}
+        own = {(m, kind): (key, label, length) for m, kind, i, key, label, length in self._factors(t)}
+        for m, (name, _, _, layout_id) in enumerate(self.bank["modules"]):
+            layout = self.bank["layouts"][layout_id]
+            for kind, slot in (("A", "lora_a"), ("B", "lora_b")):
+                i = layout[kind.lower() + "_index"][t]
+                if not layout[kind.lower() + "_ranks"][i]:
+                    continue
+                if (m, kind) in own:
+                    key, label, length = own[(m, kind)]
+                    vectors = decode_factor(self._parts(tensors, key, path), label, length)
+                else:
+                    vectors = self.shared[(m, kind, i)]
+                target = out[f"{name}.{slot}"]
+                if kind == "A":
+                    target[: vectors.shape[0]] = vectors
+                else:
+                    target[:, : vectors.shape[0]] = vectors.T
+        return out
+
+    def _factors(self, task: int | None):
+        """(module index, kind, factor index, key prefix, format, vector length) of every stored
+        factor in ``task``'s own file (``None``: in the shared file)."""
+        for m, (_, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
+            layout = self.bank["layouts"][layout_id]
+            for kind, length in (("A", d_in), ("B", d_out)):
+                index = layout[kind.lower() + "_index"]
+                for i, rank in enumerate(layout[kind.lower() + "_ranks"]):
+                    users = [t for t, g in enumerate(index) if g == i]
+                    if not rank or (len(users) == 1) != (task is not None) or (task is not None and users != [task]):
+                        continue
+                    key = f"{m}.{kind}." if task is not None else f"{m}.{kind}{i}."
+                    yield m, kind, i, key, layout["format"], length
+
+    @staticmethod
+    def _parts(tensors: dict, prefix: str, path: str | None) -> dict:
+        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not parts:
+            raise Refused(f"{path}: no tensor {prefix}*; not this bank's file")
+        return parts
 
 
 def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:
@@ -136,7 +242,7 @@ class Export:
         self.export_id: str = raw["export_id"]
         self.tasks: list[str] = raw["tasks"]
         self.files: list[dict] = raw["files"]
-        self.switchable = bool(raw["task_tensors"])
+        self.switchable = bool(raw["slots"])
         self.model: dict = raw["model"]
 
     def entry(self, role: str, task: str | None = None) -> dict:
@@ -145,28 +251,39 @@ class Export:
                 return f
         raise Refused(f"export {self.export_id}: no {role} file" + (f" for task {task!r}" if task else ""))
 
+    def find(self, role: str, task: str | None = None) -> dict | None:
+        """The file entry of ``role`` (and ``task``), or None when the export has none."""
+        return next((f for f in self.files if f["role"] == role and f.get("task") == task), None)
+
     def bytes_of(self, role: str) -> int:
         return sum(f["bytes"] for f in self.files if f["role"] == role)
 
     def resident_bytes(self) -> int:
-        return self.bytes_of("program") + self.bytes_of("task_decoder")
+        """The program and the bank's shared file: loaded once, whatever the task."""
+        return self.bytes_of("program") + self.bytes_of("shared")
 
     def task_bytes(self, task: str) -> int:
-        return self.entry("task", task)["bytes"] if self.switchable else 0
+        entry = self.find("task", task)
+        return entry["bytes"] if entry else 0
 
-    def verified_task_file(self, task: str) -> str:
-        """The task file's path after checking its size and SHA-256 against the manifest."""
-        if task not in self.tasks:
-            raise Refused(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
-        entry = self.entry("task", task)
+    def verified(self, entry: dict | None, what: str) -> str | None:
+        """The path of ``entry``'s file after checking its size and SHA-256 against the manifest."""
+        if entry is None:
+            return None
         path = os.path.join(self.folder, entry["path"])
         if not os.path.isfile(path):
-            raise Refused(f"{path}: task file for {task!r} is missing")
+            raise Refused(f"{path}: {what} is missing")
         if os.path.getsize(path) != entry["bytes"]:
-            raise Refused(f"{path}: {os.path.getsize(path)} bytes, but the export wrote {entry['bytes']} for task {task!r}")
+            raise Refused(f"{path}: {os.path.getsize(path)} bytes, but the export wrote {entry['bytes']} for {what}")
         if _sha256(path) != entry["sha256"]:
-            raise Refused(f"{path}: SHA-256 does not match export {self.export_id}'s task {task!r}; refusing to load it")
+            raise Refused(f"{path}: SHA-256 does not match export {self.export_id}'s {what}; refusing to load it")
         return path
+
+    def verified_task_file(self, task: str) -> str | None:
+        """``task``'s own file, checked (None: every factor it uses is shared)."""
+        if task not in self.tasks:
+            raise Refused(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
+        return self.verified(self.find("task", task), f"task file for {task!r}")
 
 
 class OrtRunner:
@@ -178,9 +295,9 @@ class OrtRunner:
         self.np, self.export, self.threads = np, export, threads
         t0 = time.perf_counter()
         self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
-        self.task_decoder = None
-        if export.switchable:
-            self.task_decoder = open_ort_session(os.path.join(export.folder, export.entry("task_decoder")["path"]), threads)
+        self.bank = BankSlots(export.raw) if export.switchable else None
+        if self.bank is not None:
+            self.bank.load_shared(export.verified(export.find("shared"), "the shared file"))
         self.session_ms = (time.perf_counter() - t0) * 1e3
         m = export.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
@@ -190,13 +307,13 @@ class OrtRunner:
         self.feeds: dict = {}
 
     def load_task(self, task: str) -> float:
-        """Verify and read the task file, decode its slots once; milliseconds."""
+        """Verify and read the task's own file, decode its slots once; milliseconds."""
         t0 = time.perf_counter()
         if not self.export.switchable:
             if task not in self.export.tasks:
                 raise Refused(f"this merged export serves only {self.export.tasks[0]!r}, not {task!r}")
         else:
-            self.slots[task] = decoded_slots(self.task_decoder, self.export.verified_task_file(task))
+            self.slots[task] = self.bank.task_slots(task, self.export.verified_task_file(task))
         return (time.perf_counter() - t0) * 1e3
 
     def set_task(self, task: str) -> float:

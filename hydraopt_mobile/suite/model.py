@@ -18,17 +18,10 @@ from pathlib import Path
 import torch
 
 from hydraopt_mobile.base_model import load_causal_lm, offline
+from hydraopt_mobile.paths import cache_root  # noqa: F401  (the suite's callers import it from here)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct-Q4_1-dequantised"
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, else ``$HYDRAOPT_CACHE``, else ``~/.cache/hydraopt-mobile``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("HYDRAOPT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "hydraopt-mobile"
 
 
 def gguf_path() -> Path:
