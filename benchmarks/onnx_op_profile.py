@@ -35,7 +35,7 @@ def profile_once(folder: Path, tokens: int) -> dict:
     """Decode ``tokens`` tokens through the exporters' own ONNX Runtime session, the program
     session swapped for one with ORT's profiler on."""
     session = OrtSession(folder)
-    if session.manifest.task_tensors:
+    if session.manifest.slots:
         session.set_task(session.tasks[0])
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()

@@ -1,1 +1,1 @@
-"""Export back ends: ExecuTorch (.pte + per-task data) and ONNX (graph + .onnx_adapter files)."""
+"""Export back ends: ExecuTorch (.pte) and ONNX (.onnx) programs cached by slot signature, with the bank's own files as data."""

@@ -67,7 +67,7 @@ class Session(ABC):
         """``decode()``, with a file the decoder refuses reported as :class:`TaskFileError`."""
         try:
             return decode()
-        except (Refused, KeyError, ValueError, IndexError) as e:
+        except (Refused, KeyError, ValueError, IndexError, TypeError) as e:
             raise TaskFileError(f"{path}: not a file of this export's bank ({type(e).__name__}: {e})") from e
 
     def set_task(self, task: str) -> None:

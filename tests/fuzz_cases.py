@@ -27,7 +27,8 @@ import torch
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from exporters.executorch_backend import read_task_file, write_task_file
+from exporters.backend import Session
+from exporters.targets.device_runner import BankSlots
 from exporters.manifest import MANIFEST, FileEntry, Manifest, ManifestError, TaskFileError, file_entry, verify_all
 from hydraopt_mobile.adapters import AdapterError, TaskAdapter, build_adapter_set, load_adapter
 from hydraopt_mobile.bank import MergedBank, grouped_module
@@ -200,16 +201,19 @@ def make_export_folder(root: Path) -> Path:
     """An export folder's manifest and files (the bytes are stand-ins: only the manifest reader and
     the checksum verification run here; the runtimes' own tests use real exports)."""
     folder = root / "export"
-    (folder / "tasks").mkdir(parents=True)
+    (folder / "bank" / "tasks").mkdir(parents=True)
     (folder / "model.onnx").write_bytes(b"program" * 10)
     tasks = ["task0", "task1"]
     files = [file_entry(folder, "model.onnx", "program")]
     for t in tasks:
-        (folder / "tasks" / f"{t}.onnx_adapter").write_bytes(t.encode() * 20)
-        files.append(file_entry(folder, f"tasks/{t}.onnx_adapter", "task", t))
+        (folder / "bank" / "tasks" / f"{t}.safetensors").write_bytes(t.encode() * 20)
+        files.append(file_entry(folder, f"bank/tasks/{t}.safetensors", "task", t))
     model = {"architecture": "LlamaForCausalLM", "n_layers": 2, "kv_heads": 2, "head_dim": 16, "vocab_size": 256, "eos_token_id": [2], "max_cache_len": 64, "parameters": 1}
-    Manifest("0123456789abcdef", "onnxruntime", "fp32", "hydraopt", tasks, files, {"slot.w": [4, 64]}, "fp16", [], None, {}, model).write(folder)
-    shutil.copy(folder / "tasks" / "task0.onnx_adapter", root / BAIT)  # bait: same bytes as task0's file
+    layout = {"format": "fp16", "a_ranks": [4, 4], "b_ranks": [4, 4], "a_index": [0, 1], "b_index": [0, 1]}
+    Manifest("0123456789abcdef", "onnxruntime", "fp32", "hydraopt", tasks, files, [["m.lora_a", [4, 64]], ["m.lora_b", [64, 4]]],
+             {"m": 4}, {"modules": [["m", 64, 64, 0]], "layouts": [layout]}, {t: [f"bank/tasks/{t}.safetensors"] for t in tasks},
+             {"sha256": files[0].sha256, "key": ""}, None, {}, model).write(folder)
+    shutil.copy(folder / "bank" / "tasks" / "task0.safetensors", root / BAIT)  # bait: same bytes as task0's file
     return folder
 
 
@@ -227,31 +231,30 @@ def export_manifest_round_trip(folder: Path, manifest: Manifest) -> None:
 
 
 def make_task_file(root: Path) -> Path:
-    """An ExecuTorch task file (the bank's encodings: fp16, int8, int4 + scales)."""
-    folder = root / "taskfile"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    stored = {
-        f"slot{i}": StoredFactor.encode(torch.randn(4, 64, generator=g), NumberFormat.parse(label), transposed=False)
-        for i, label in enumerate(["fp16", "int8", "int4-g32"])
-    }
-    write_task_file(folder / "task0.safetensors", stored, "0123456789abcdef", "task0")
-    return folder
+    """A bank's files as an export holds them (every format: fp16, int8, int4 + scales; shared,
+    group and per-task factors), decoded by the runtimes' numpy reader (``BankSlots``)."""
+    return make_bundle(root)
 
 
-def read_task_file_mutated(data: st.DataObject, folder: Path) -> list[torch.Tensor]:
-    path = folder / "task0.safetensors"
+def _bank_slots(folder: Path) -> BankSlots:
+    raw = json.loads((folder / "manifest.json").read_text())
+    slots = [[f"{name}.{s}", shape] for name, o, i, _ in raw["modules"] for s, shape in (("lora_a", [4, i]), ("lora_b", [o, 4]))]
+    return BankSlots({"tasks": raw["tasks"], "slots": slots, "bank": raw})
+
+
+def read_task_file_mutated(data: st.DataObject, folder: Path) -> dict:
+    """t0's own file edited (what a runtime reads on a switch): refused as a TaskFileError or decoded to the slots' shapes."""
+    path = folder / "tasks" / "t0.safetensors"
     path.write_bytes(mutate_safetensors(data, path.read_bytes()))
-    return read_task_file(path, ["slot0", "slot1", "slot2"], [[4, 64]] * 3)
+    bank = _bank_slots(folder)
+    Session._decoded(lambda: bank.load_shared(str(folder / "shared.safetensors")), folder / "shared.safetensors")
+    return Session._decoded(lambda: bank.task_slots("t0", str(path)), path)
 
 
-def task_file_round_trip(folder: Path, values: list[torch.Tensor]) -> None:
-    """Decoded values are what a runtime gets: the manifest's shapes, written back as fp16 and read alike."""
-    assert [list(v.shape) for v in values] == [[4, 64]] * 3, "task file accepted with other shapes"
-    stored = {f"slot{i}": StoredFactor.encode(v, NumberFormat("fp16"), transposed=False) for i, v in enumerate(values)}
-    write_task_file(folder / "again.safetensors", stored, "0123456789abcdef", "task0")
-    again = read_task_file(folder / "again.safetensors", list(stored), [[4, 64]] * 3)
-    assert all(torch.equal(a, v.half().float()) for a, v in zip(again, values)), "task file round trip differs"
+def task_file_round_trip(folder: Path, values: dict) -> None:
+    """Accepted values have exactly the slots' shapes (what a runtime feeds)."""
+    bank = _bank_slots(folder)
+    assert {k: list(v.shape) for k, v in values.items()} == {k: list(s) for k, s in bank.slots.items()}, "task file accepted with other shapes"
 
 
 def make_bundle(root: Path) -> Path:
@@ -321,7 +324,7 @@ TARGETS: dict[str, Target] = {
         Target("adapter_config", make_adapter, read_adapter_config, adapter_round_trip),
         Target("adapter_safetensors_header", make_adapter, read_adapter_header, adapter_round_trip),
         Target("export_manifest", make_export_folder, read_export_manifest, export_manifest_round_trip),
-        Target("executorch_task_file", make_task_file, read_task_file_mutated, task_file_round_trip),
+        Target("bank_task_file", make_task_file, read_task_file_mutated, task_file_round_trip),
         Target("bundle_manifest", make_bundle, read_bundle_manifest, bundle_round_trip),
         Target("bundle_task_file", make_bundle, read_bundle_task_file, bundle_round_trip),
     ]

@@ -41,14 +41,27 @@ def test_manifest_lists_every_file_with_its_bytes_and_sha256(setup):
         assert sha256_file(first / f.path) == f.sha256
     assert manifest.tasks == TASKS
     assert {f.task for f in manifest.files if f.role == "task"} == set(TASKS)
-    # q_proj B, v_proj A and o_proj A and B are per task; q_proj A and v_proj B are resident
-    # ONNX feeds each switchable slot in the bank's encoding: fp16 values ``<slot>.w`` here
-    assert sorted(manifest.task_tensors) == sorted(f"{n}.w" for n in
-        (f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_b", "v_proj.lora_a", "o_proj.lora_a", "o_proj.lora_b"))
-    )
-    assert manifest.resident_slots == sorted(
-        f"model.layers.{i}.self_attn.{s}" for i in range(2) for s in ("q_proj.lora_a", "v_proj.lora_b")
-    )
+    # every slot of the signature is an input (q, v, o: A and B, rank 4), whatever the bank shares
+    assert [name for name, _ in manifest.slots] == [
+        f"model.layers.{i}.self_attn.{m}.{s}" for i in range(2) for m in ("q_proj", "v_proj", "o_proj") for s in ("lora_a", "lora_b")
+    ]
+    assert set(manifest.signature.values()) == {4}
+    assert manifest.task_files["alpha"] == ["bank/shared.safetensors", "bank/tasks/alpha.safetensors"]
+
+
+def test_group_factor_is_stored_once_in_the_shared_file(setup):
+    """v_proj's A0 serves alpha and gamma (a group of 2 of 3 tasks): one copy, in the shared file."""
+    from safetensors import safe_open
+
+    _, first, _ = setup
+    keys = {}
+    for rel in ["bank/shared.safetensors"] + [f"bank/tasks/{t}.safetensors" for t in TASKS]:
+        with safe_open(str(first / rel), framework="pt") as fh:
+            keys[rel] = set(fh.keys())
+    v_a = [f"{m}.A0.w" for m in (1, 4)]  # module order q, v, o per layer: v_proj is module 1 and 4
+    assert set(v_a) <= keys["bank/shared.safetensors"]
+    assert all(f"{m}.A.w" not in keys[f"bank/tasks/{t}.safetensors"] for m in (1, 4) for t in ("alpha", "gamma"))
+    assert {f"{m}.A.w" for m in (1, 4)} <= keys["bank/tasks/beta.safetensors"]  # beta's own A1
 
 
 def test_manifest_names_the_bank_it_holds(setup):
@@ -91,7 +104,7 @@ def test_merged_reference_export_equals_the_slot_export_of_that_task(setup, tmp_
     bank = make_bank(seed=1)
     slots = open_export(export_bank(bank, model_dir, "onnx", "fp32", tmp_path / "slots"))
     merged = open_export(export_bank(bank, model_dir, "onnx", "fp32", tmp_path / "merged", merged_task="beta"))
-    assert Manifest.read(tmp_path / "merged").task_tensors == {}
+    assert Manifest.read(tmp_path / "merged").slots == []
     slots.set_task("beta")
     merged.set_task("beta")
     a = greedy(slots, PROMPT, 6, keep_logits=True)

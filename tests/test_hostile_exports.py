@@ -43,9 +43,9 @@ def _task_entry(raw: dict, task: str) -> dict:
 @pytest.mark.parametrize("where", ["absolute", "dotdot"])
 def test_file_entry_pointing_outside_is_refused_even_with_a_matching_checksum(copy, tmp_path, where):
     folder, edit = copy
-    outside = tmp_path / "outside.onnx_adapter"
-    shutil.copy(folder / "tasks" / "alpha.onnx_adapter", outside)
-    rel = str(outside) if where == "absolute" else "../outside.onnx_adapter"
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(folder / "bank" / "tasks" / "alpha.safetensors", outside)
+    rel = str(outside) if where == "absolute" else "../outside.safetensors"
     edit(lambda raw: _task_entry(raw, "alpha").update(path=rel))
     with pytest.raises(ManifestError, match="outside"):
         Manifest.read(folder)
@@ -53,7 +53,7 @@ def test_file_entry_pointing_outside_is_refused_even_with_a_matching_checksum(co
 
 def test_symlink_out_of_the_export_is_refused(copy, tmp_path):
     folder, _ = copy
-    task_file = folder / "tasks" / "alpha.onnx_adapter"
+    task_file = folder / "bank" / "tasks" / "alpha.safetensors"
     outside = tmp_path / "elsewhere.bin"
     shutil.move(task_file, outside)
     task_file.symlink_to(outside)  # same bytes, same checksum: only the path gives it away
@@ -66,10 +66,11 @@ def test_symlink_out_of_the_export_is_refused(copy, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda raw: [raw], "not a hydraopt-export/1 manifest"),
+        (lambda raw: [raw], "not a hydraopt-export/2 manifest"),
         (lambda raw: raw.update(tasks=raw["tasks"] + ["ALPHA"]), "differ only in case"),
         (lambda raw: raw.update(tasks=["../x"] + raw["tasks"][1:]), "tasks"),
-        (lambda raw: raw["files"].remove(_task_entry(raw, "beta")), "task files for"),
+        (lambda raw: raw["files"].remove(_task_entry(raw, "beta")), "names a task or file the manifest does not list"),
+        (lambda raw: raw["files"].append({**_task_entry(raw, "beta"), "path": "bank/x"}), "a task has two files"),
         (lambda raw: _task_entry(raw, "beta").update(task="delta"), "does not fit the task list"),
         (lambda raw: _task_entry(raw, "beta").update(bytes=-1), "less than the minimum"),
         (lambda raw: raw["model"].update(max_cache_len="256"), "max_cache_len: is a string"),
@@ -88,8 +89,8 @@ def test_untouched_export_passes_and_an_explicit_task_file_is_still_checked(copy
     folder, _ = copy
     manifest = Manifest.read(folder)
     verify_all(manifest, folder)
-    shipped = tmp_path / "shipped.onnx_adapter"
-    shutil.copy(folder / "tasks" / "beta.onnx_adapter", shipped)
-    assert verified_task_file(manifest, folder, "beta", shipped) == shipped
-    with pytest.raises(TaskFileError, match="this export's file for 'beta'"):
+    shipped = tmp_path / "shipped.safetensors"
+    shutil.copy(folder / "bank" / "tasks" / "gamma.safetensors", shipped)  # alpha's and gamma's files have one layout
+    assert verified_task_file(manifest, folder, "gamma", shipped) == shipped
+    with pytest.raises(TaskFileError, match="this export's file for 'gamma'"):
         verified_task_file(manifest, folder, "alpha", shipped)

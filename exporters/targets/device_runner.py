@@ -103,13 +103,24 @@ def read_safetensors(path: str) -> dict:
         header = json.loads(blob[8:8 + n])
     except ValueError as e:
         raise Refused(f"{path}: not a safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise Refused(f"{path}: not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
     base, out = 8 + n, {}
     for key, info in header.items():
+        ok = isinstance(info, dict) and info.get("dtype") in _NP_DTYPES and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) \
+            and len(info["data_offsets"]) == 2 and all(isinstance(o, int) for o in info["data_offsets"])
+        if not ok:
+            raise Refused(f"{path}: tensor {key!r}: malformed header entry")
         begin, end = info["data_offsets"]
-        if info.get("dtype") not in _NP_DTYPES or not 0 <= begin <= end <= len(blob) - base:
-            raise Refused(f"{path}: tensor {key!r} has an unknown dtype or lies outside the file")
-        out[key] = np.frombuffer(blob, _NP_DTYPES[info["dtype"]], (end - begin) // np.dtype(_NP_DTYPES[info["dtype"]]).itemsize, base + begin).reshape(info["shape"])
+        dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        if not 0 <= begin <= end <= len(blob) - base or end - begin != count * dtype.itemsize:
+            raise Refused(f"{path}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
+        out[key] = np.frombuffer(blob, dtype, count, base + begin).reshape(info["shape"])
     return out
 
 
@@ -152,8 +163,8 @@ class BankSlots:
     def load_shared(self, path: str | None) -> None:
         """Decode every factor of the shared file at ``path`` (None: the bank has none)."""
         tensors = read_safetensors(path) if path else {}
-        for m, kind, i, key, label, length in self._factors(None):
-            self.shared[(m, kind, i)] = decode_factor(self._parts(tensors, key, path), label, length)
+        for m, kind, i, key, label, length, rank in self._factors(None):
+            self.shared[(m, kind, i)] = self._decode(tensors, key, path, label, length, rank)
 
     def task_slots(self, task: str, path: str | None) -> dict:
         """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none)."""
@@ -162,7 +173,7 @@ class BankSlots:
         tensors = read_safetensors(path) if path else {}
         t = self.tasks.index(task)
         out = {name: np.zeros(shape, dtype=np.float32) for name, shape in self.slots.items()}
-        own = {(m, kind): (key, label, length) for m, kind, i, key, label, length in self._factors(t)}
+        own = {(m, kind): (key, label, length, rank) for m, kind, i, key, label, length, rank in self._factors(t)}
         for m, (name, _, _, layout_id) in enumerate(self.bank["modules"]):
             layout = self.bank["layouts"][layout_id]
             for kind, slot in (("A", "lora_a"), ("B", "lora_b")):
@@ -170,8 +181,8 @@ class BankSlots:
                 if not layout[kind.lower() + "_ranks"][i]:
                     continue
                 if (m, kind) in own:
-                    key, label, length = own[(m, kind)]
-                    vectors = decode_factor(self._parts(tensors, key, path), label, length)
+                    key, label, length, rank = own[(m, kind)]
+                    vectors = self._decode(tensors, key, path, label, length, rank)
                 else:
                     vectors = self.shared[(m, kind, i)]
                 target = out[f"{name}.{slot}"]
@@ -182,7 +193,7 @@ class BankSlots:
         return out
 
     def _factors(self, task: int | None):
-        """(module index, kind, factor index, key prefix, format, vector length) of every stored
+        """(module index, kind, factor index, key prefix, format, vector length, rank) of every stored
         factor in ``task``'s own file (``None``: in the shared file)."""
         for m, (_, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
             layout = self.bank["layouts"][layout_id]
@@ -193,14 +204,19 @@ class BankSlots:
                     if not rank or (len(users) == 1) != (task is not None) or (task is not None and users != [task]):
                         continue
                     key = f"{m}.{kind}." if task is not None else f"{m}.{kind}{i}."
-                    yield m, kind, i, key, layout["format"], length
+                    yield m, kind, i, key, layout["format"], length, rank
 
     @staticmethod
-    def _parts(tensors: dict, prefix: str, path: str | None) -> dict:
+    def _decode(tensors: dict, prefix: str, path: str | None, label: str, length: int, rank: int):
+        """The factor stored under ``prefix`` in ``tensors``, decoded and checked to be (rank, length)."""
         parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not parts:
-            raise Refused(f"{path}: no tensor {prefix}*; not this bank's file")
-        return parts
+        want = {"w": ("<f2",)} if label == "fp16" else {"q": ("i1", "u1"), "scale": ("<f2",)}
+        if set(parts) != set(want) or any(parts[k].dtype.str.lstrip("|") not in want[k] or parts[k].ndim != 2 for k in want):
+            raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of this bank")
+        vectors = decode_factor(parts, label, length)
+        if vectors.shape != (rank, length):
+            raise Refused(f"{path}: {prefix}* decodes to {list(vectors.shape)}, the bank's layout says {[rank, length]}")
+        return vectors
 
 
 def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:

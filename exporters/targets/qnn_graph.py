@@ -35,7 +35,7 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from device_runner import decoded_slots  # the sibling standalone runner (run as a script: its folder is on sys.path)
+from device_runner import BankSlots, Export  # the sibling standalone runner (run as a script: its folder is on sys.path)
 
 
 def fold(src: str, dst: str) -> None:
@@ -112,9 +112,11 @@ def main() -> None:
     onnx.save(model, w("pure.onnx"))
 
     cpu = ort.InferenceSession(os.path.join(a.export, "model.onnx"), providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(os.path.join(a.export, "task_decoder.onnx"), providers=["CPUExecutionProvider"])
+    export = Export(a.export)
+    bank = BankSlots(manifest)
+    bank.load_shared(export.verified(export.find("shared"), "the shared file"))
     rng = np.random.default_rng(0)
-    decoded = {t: decoded_slots(decoder, os.path.join(a.export, "tasks", f"{t}.onnx_adapter")) for t in manifest["tasks"]}
+    decoded = {t: bank.task_slots(t, export.verified_task_file(t)) for t in manifest["tasks"]}
 
     def window(task: str, ids: np.ndarray) -> dict:
         """The first ``past`` tokens through the fp32 graph on the CPU: the KV cache the NPU step continues."""

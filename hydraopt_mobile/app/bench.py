@@ -20,12 +20,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.bank import MergedBank
-from hydraopt_mobile.errors import UserError
 
 from exporters.backend import Session
 from exporters.manifest import Manifest, verify_all
 from exporters.runtime import greedy, open_export
-from exporters.slots import layout_from_bank
 
 SWITCHES = 21  # switch-time samples per task (median reported)
 PARITY_EXAMPLES = 2  # examples per task whose full logits come back for the max-error check
@@ -149,7 +147,7 @@ def _record(folder: Path, manifest: Manifest, task: str, score: float, parity: d
         "task": task,
         "n_examples": len(texts),
         "bytes_resident": manifest.resident_bytes(),
-        "bytes_task": manifest.task_file(task).bytes if manifest.task_tensors else 0,
+        "bytes_task": manifest.task_bytes(task) if manifest.slots else 0,
         "bytes_total": manifest.resident_bytes() + manifest.bytes_of("task"),
         "score": score,
         **parity,
@@ -171,8 +169,7 @@ def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks:
 
     manifest = Manifest.read(folder)
     verify_all(manifest, folder)
-    bank = bank or _bank_from_manifest(manifest)
-    layout = layout_from_bank(bank)
+    bank = bank or _bank_from_export(folder)
     names = [t for t in manifest.tasks if tasks is None or t in tasks]
     tokenizer = export_tokenizer(folder)
     specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
@@ -180,7 +177,7 @@ def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks:
     records = []
     for task in names:
         generations = measured["tasks"][task]["generations"]
-        parity = ref.check(bank, layout.task_factors(task), specs[task], n_examples, prompts[task], generations)
+        parity = ref.check(bank, bank.task_factors(task), specs[task], n_examples, prompts[task], generations)
         texts = [tokenizer.decode(g["tokens"], skip_special_tokens=True).strip() for g in generations]
         records.append(_record(folder, manifest, task, score(specs[task], texts, "test"), parity, measured, texts, threads))
     return records
@@ -199,7 +196,7 @@ def bench_host(
     """One record per export and task (see module docstring); writes ``json`` (+ ``.md``, ``.png``).
 
     ``banks`` maps an export folder (as given) to the bank it was made from, for the PyTorch
-    reference; without it the bank is read from the bundle path recorded in the manifest.
+    reference; without it the bank is read from the export's own ``bank/`` folder (a bundle).
     ``n_examples``: test examples per task (the suite's test split, first ``n``).
     ``reference_scores``: a dict kept across calls so that exports of the same bank (fp32 and
     quantised) share one PyTorch reference score per task.
@@ -243,15 +240,11 @@ def task_prompts(tokenizer, names: list[str], n_examples: int) -> tuple[dict, di
     return specs, prompts, {t: specs[t].max_new_tokens for t in names}
 
 
-def _bank_from_manifest(manifest: Manifest) -> MergedBank:
-    source = manifest.extra.get("bundle")
-    if not source:
-        raise UserError(
-            f"export {manifest.export_id} was made from an in-memory bank; pass banks={{folder: bank}} for the reference"
-        )
+def _bank_from_export(folder: Path) -> MergedBank:
+    """The bank an export holds: its ``bank/`` folder is the bank's bundle (exporters/export.py)."""
     from hydraopt_mobile.bundle import load_bundle
 
-    return load_bundle(Path(source))
+    return load_bundle(folder / "bank")
 
 
 def write_reports(records: list[dict], json_path: Path, notes: dict | None = None) -> None:

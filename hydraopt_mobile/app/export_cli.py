@@ -31,8 +31,16 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     merged_task: Optional[str] = typer.Option(None, "--merged-task", help="fold this task's adapter into the weights instead (reference deployment)"),
     max_cache_len: int = typer.Option(256, "--max-cache-len", help="ExecuTorch static KV cache length (prompt + generated tokens)"),
+    slots: Optional[str] = typer.Option(
+        None, "--slots",
+        help="the program's slot signature, so later banks fit the same program: comma-separated module names, each "
+        "optionally ':RANK'; a name without a rank takes the next one's (q_proj,v_proj:16 or q_proj:16,v_proj:8); "
+        "default: the bank's own modules and ranks",
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="lower the program even if a cached one has the same signature"),
 ) -> None:
-    """Export a bundle as a generation-ready graph with resident shared factors and per-task files."""
+    """Export a bundle: a program (cached by base model, quant and slot signature, reused when they
+    match) plus the bank's own files as the data a device loads (shared once, a task's on a switch)."""
     from exporters.export import export_bank
 
     if model is None:
@@ -40,7 +48,8 @@ def export(
 
         model = base_model_dir()
     try:
-        path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task, max_cache_len=max_cache_len)
+        path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task,
+                           max_cache_len=max_cache_len, slots=slots, use_cache=not no_cache)
     except (UserError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2)
@@ -48,8 +57,8 @@ def export(
 
     m = Manifest.read(path)
     console.print(
-        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, resident {m.resident_bytes() / 1e6:.1f} MB, "
-        f"task files {m.bytes_of('task') / 1e3:.1f} KB in all"
+        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, program {m.extra['program_source']}, "
+        f"resident {m.resident_bytes() / 1e6:.1f} MB, task files {m.bytes_of('task') / 1e3:.1f} KB in all"
     )
 
 
