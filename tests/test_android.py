@@ -222,22 +222,19 @@ APP_ORT_SCRIPT = r"""
 import json, sys
 import numpy as np
 import onnxruntime as ort
-folder, prompt = sys.argv[1], json.loads(sys.argv[2])
+folder, prompt, runner_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, runner_dir)
+from device_runner import BankSlots, Export  # numpy + stdlib: decodes the bank's files as every runtime does
 m = json.load(open(f"{folder}/manifest.json"))
+export = Export(folder)
 so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.log_severity_level = 3
-files = {f["role"] if f["role"] != "task" else f["task"]: f["path"] for f in m["files"]}
-program = ort.InferenceSession(f"{folder}/{files['program']}", so, providers=["CPUExecutionProvider"])
-# as the app (OrtRunner): ORT 1.29 segfaults on the task decoder at ORT_ENABLE_ALL, so EXTENDED there
-dso = ort.SessionOptions(); dso.intra_op_num_threads = 1; dso.log_severity_level = 3
-dso.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-decoder = ort.InferenceSession(f"{folder}/{files['task_decoder']}", dso, providers=["CPUExecutionProvider"])
+program = ort.InferenceSession(f"{folder}/{export.entry('program')['path']}", so, providers=["CPUExecutionProvider"])
+bank = BankSlots(m)
+bank.load_shared(export.verified(export.find("shared"), "the shared file"))
 info = m["model"]
 out = {"version": ort.__version__, "logits": {}}
 for task in m["tasks"]:
-    adapter = ort.LoraAdapter(); adapter.Load(f"{folder}/{files[task]}")
-    ro = ort.RunOptions(); ro.add_active_adapter(adapter)
-    names = [o.name for o in decoder.get_outputs()]
-    slots = dict(zip(names, decoder.run(names, {}, ro)))
+    slots = bank.task_slots(task, export.verified_task_file(task))
     past = [np.zeros((1, info["kv_heads"], 0, info["head_dim"]), np.float32) for _ in range(2 * info["n_layers"])]
     feeds = {"input_ids": np.array([prompt], np.int64), **slots, **{f"past.{i}": p for i, p in enumerate(past)}}
     res = program.run(None, feeds)
@@ -260,7 +257,8 @@ def test_export_loads_and_runs_on_the_apps_onnxruntime_version(quant, exports):
     aar_lib = android_cache() / "ort-1.29" / "aar" / "jni" / "arm64-v8a" / "libonnxruntime.so"
     assert APP_ORT.encode() in aar_lib.read_bytes(), "the AAR is not ONNX Runtime " + APP_ORT
     prompt = [5, 17, 200, 33, 9, 121]
-    r = subprocess.run([str(_app_ort_python()), "-c", APP_ORT_SCRIPT, str(exports[quant]), json.dumps(prompt)],
+    r = subprocess.run([str(_app_ort_python()), "-c", APP_ORT_SCRIPT, str(exports[quant]), json.dumps(prompt),
+                        str(Path(__file__).resolve().parents[1] / "exporters" / "targets")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)

@@ -176,7 +176,7 @@ def test_host_runner_activates_tasks_exactly_as_the_host_runtime(tiny):
 
 def test_runner_refuses_a_tampered_task_file_and_a_wrong_protocol(tiny, tmp_path):
     export = Path(shutil.copytree(tiny["fp32"], tmp_path / "tampered"))
-    task_file = export / "tasks" / "beta.onnx_adapter"
+    task_file = export / "bank" / "tasks" / "beta.safetensors"
     data = bytearray(task_file.read_bytes())
     data[-1] ^= 0xFF
     task_file.write_bytes(bytes(data))

@@ -1,0 +1,105 @@
+"""One program per (base model, quant, cache length, slot signature): reuse across banks, padding,
+refusals, and the lowering speed-up leaving the program's bytes unchanged. Tiny Llama, real runtimes.
+
+Reuse is checked against separate full exports (program cache off): the same program bytes
+(SHA-256) and bit-identical runtime outputs, since a reused export differs only in its data files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.export import export_bank
+from exporters.manifest import Manifest
+from exporters.runtime import open_export
+from hydraopt_mobile.errors import UserError
+from test_export_runtimes import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("program") / "model")
+
+
+def _outputs(folder) -> list[np.ndarray]:
+    session = open_export(folder)
+    out = []
+    for task in TASKS:
+        session.set_task(task)
+        out.append(run_logits(session, PROMPT, 3)[1])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_two_banks_of_one_signature_share_one_program(fmt, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRAOPT_PROGRAM_CACHE", str(tmp_path / "cache"))
+    first = export_bank(make_bank(seed=1), tiny_dir, fmt, "fp32", tmp_path / "first", max_cache_len=32)
+    second = export_bank(make_bank(seed=2), tiny_dir, fmt, "fp32", tmp_path / "second", max_cache_len=32)
+    fresh = export_bank(make_bank(seed=2), tiny_dir, fmt, "fp32", tmp_path / "fresh", max_cache_len=32, use_cache=False)
+    m1, m2, m3 = (Manifest.read(f) for f in (first, second, fresh))
+    assert m1.extra["program_source"] == "lowered" and m2.extra["program_source"] == "cache (hard link)"
+    assert m1.program["sha256"] == m2.program["sha256"] == m3.program["sha256"]
+    assert m1.program["key"] == m2.program["key"]
+    program = m2.entry("program").path
+    assert (second / program).stat().st_ino == (tmp_path / "cache" / m2.program["key"] / program).stat().st_ino
+    for got, want in zip(_outputs(second), _outputs(fresh)):
+        np.testing.assert_array_equal(got, want)
+    assert np.abs(_outputs(first)[0] - _outputs(second)[0]).max() > 0.01  # the data did change the outputs
+
+
+def test_smaller_ranks_are_padded_with_zero_components_and_outputs_are_unchanged(tiny_dir, tmp_path):
+    bank = make_bank(seed=3)
+    own = export_bank(bank, tiny_dir, "onnx", "fp32", tmp_path / "own", use_cache=False)
+    wide = export_bank(bank, tiny_dir, "onnx", "fp32", tmp_path / "wide", slots="q_proj,v_proj,o_proj:7,k_proj:2", use_cache=False)
+    manifest = Manifest.read(wide)
+    assert set(manifest.signature.values()) == {7, 2} and len(manifest.signature) == 8
+    assert Manifest.read(own).signature != manifest.signature
+    for task, a, b in zip(TASKS, _outputs(own), _outputs(wide)):
+        assert np.abs(a - b).max() < 1e-5, task
+        seq = PROMPT + [int(np.argmax(row)) for row in b[len(PROMPT) - 1 : -1]]
+        assert np.abs(b - reference_logits(tiny_dir, bank, task, seq)[: len(b)]).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "slots, message",
+    [
+        ("q_proj,v_proj:4", "bank module 'model.layers.0.self_attn.o_proj' is not in the program's slot signature"),
+        ("q_proj,v_proj,o_proj:3", "bank module 'model.layers.0.self_attn.q_proj' has rank 4, above the signature's 3"),
+        ("q_proj,v_proj", "no rank for q_proj, v_proj"),
+        ("q_proj:4,nosuch:4", "no Linear of the base model is named 'nosuch'"),
+        ("q_proj:0", "is not NAME or NAME:RANK|must be at least 1"),
+    ],
+)
+def test_banks_outside_the_signature_are_refused_naming_the_module(slots, message, tiny_dir, tmp_path):
+    with pytest.raises(UserError, match=message):
+        export_bank(make_bank(), tiny_dir, "onnx", "fp32", tmp_path / "out", slots=slots)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bank_of_another_base_model_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    with pytest.raises(UserError, match="q_proj.*merged for another model"):
+        export_bank(make_bank(), other, "onnx", "fp32", tmp_path / "out")
+
+
+def test_shallow_provenance_lowering_writes_the_same_program(tiny_dir, tmp_path):
+    """The lowering speed-up (exporters/executorch_backend.py: shallow_provenance) changes no byte."""
+    from exporters.executorch_backend import export_program
+    from exporters.slots import attach_slots
+    from hydraopt_mobile.base_model import load_causal_lm
+
+    digests = []
+    for fast in (True, False):
+        model = load_causal_lm(tiny_dir)
+        slots = attach_slots(model, {"model.layers.0.self_attn.q_proj": 2})
+        (tmp_path / str(fast)).mkdir()
+        digests.append(export_program(model, slots, tmp_path / str(fast), "fp32", 16, {}, fast=fast).read_bytes())
+    assert digests[0] == digests[1]
