@@ -86,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(1)
     task_dirs = sorted(p for p in ADAPTERS.iterdir() if (p / "adapter_config.json").is_file())
     adapter_set = load_adapter_set([f"{p.name}={p}" for p in task_dirs])
-    banks = {k: merge(adapter_set, MergeConfig(method="hydraopt", budget=Budget.parse(b)), progress=False) for k, b in BUDGETS.items()}
+    banks = {k: merge(adapter_set, MergeConfig(method="hydraopt", budget=Budget.parse(b))) for k, b in BUDGETS.items()}
     model_dir = base_model_dir()
     args.work.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
