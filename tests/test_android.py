@@ -27,6 +27,7 @@ BUILD_SH = ANDROID / "build.sh"
 APP_ORT = "1.29.0"  # the version inside the AAR that build.sh packs (npm com.github.asus4.onnxruntime@0.4.9)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TASKS = ["alpha", "beta", "gamma"]
+BANK_FORMATS = ("int8", "int4-g32", "fp16")  # q, v, o projections (tests/test_export_runtimes.py: make_bank)
 EDGE_CASES = [
     "", " ", "   ", "a  b   c", "  leading", "trailing  \n\n", "tabs\tand\u00a0nbsp\u3000ideographic",
     "don't I'll we've they'd it's", "1234567 3.14 -42 1e10", "emoji \U0001F600\U0001F44D\U0001F3FD!",
@@ -67,7 +68,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """Real ONNX exports of a tiny Llama with SmolLM2's tokenizer files: fp32, int4 (what the APK
-    carries by default) and a second fp32 export of another bank (its task files are foreign)."""
+    carries by default) and a second fp32 export of another bank (its task files are foreign). The
+    bank stores its factors in all three number formats (int8, int4, fp16), shared and per task."""
     from tiny_models import make_bank, make_tiny_model
 
     from exporters.export import export_bank
@@ -76,10 +78,26 @@ def exports(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     model = make_tiny_model(root / "model")
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, model / name)
-    bank = make_bank()
+    bank = make_bank(formats=BANK_FORMATS)
     made = {q: export_bank(bank, model, "onnx", q, root / f"onnx-{q}", max_cache_len=64) for q in ("fp32", "int4")}
-    made["foreign"] = export_bank(make_bank(seed=2), model, "onnx", "fp32", root / "foreign", max_cache_len=64)
+    made["foreign"] = export_bank(make_bank(seed=2, formats=BANK_FORMATS), model, "onnx", "fp32", root / "foreign", max_cache_len=64)
     return made
+
+
+@pytest.fixture(scope="module")
+def slots_reference(tmp_path_factory, exports) -> Path:
+    """Every task's fp32 slots as the host decodes them (exporters/targets/device_runner.py:
+    BankSlots, numpy); the Java port must give the same bits."""
+    from exporters.targets.device_runner import BankSlots, Export
+
+    export = Export(str(exports["fp32"]))
+    bank = BankSlots(export.raw)
+    bank.load_shared(export.verified(export.find("shared"), "the shared file"))
+    ref = {task: {name: v.ravel().tolist() for name, v in bank.task_slots(task, export.verified_task_file(task)).items()}
+           for task in export.tasks}
+    path = tmp_path_factory.mktemp("slots-ref") / "slots.json"
+    path.write_text(json.dumps(ref))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +171,14 @@ def test_gradle_module_and_build_sh_compile_the_same_sources(apk):
     assert (main / "AndroidManifest.xml").is_file() and (main / "res" / "values" / "strings.xml").is_file()
 
 
-def test_java_unit_tests_pass_on_the_host_jvm(exports, tokenizer_cases):
+def test_java_unit_tests_pass_on_the_host_jvm(exports, tokenizer_cases, slots_reference):
     """JUnit 4 (Debian junit4) on the app's plain-Java classes: tokenizer vs Python on every suite
-    prompt, the manifest reader's rules, byte totals. Every @Test must have run."""
+    prompt, the manifest reader's rules, byte totals, the bank's files decoded bit-identically to the
+    host's decoder, malformed bank files refused. Every @Test must have run."""
     r = run_build(
         "junit", f"-Dhydraopt.export={exports['fp32']}", f"-Dhydraopt.foreign_export={exports['foreign']}",
         f"-Dhydraopt.tasks={','.join(TASKS)}", f"-Dhydraopt.tokenizer.cases={tokenizer_cases}",
+        f"-Dhydraopt.slots.reference={slots_reference}",
     )
     declared = _declared_tests("*Test.java") - _declared_tests("*HostTest.java")
     ran = re.search(r"^OK \((\d+) tests?\)", r.stdout, re.M)

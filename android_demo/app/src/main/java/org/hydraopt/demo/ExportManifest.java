@@ -16,23 +16,30 @@ import java.util.regex.Pattern;
 
 /**
  * The only class that knows the layout of an export made by {@code hydraopt export --format onnx}
- * (schema {@code hydraopt-export/1}, written by {@code exporters/export.py} and
- * {@code exporters/manifest.py}): {@code manifest.json}, the program {@code model.onnx}, the task
- * decoder graph, one {@code tasks/<task>.onnx_adapter} per task and the tokenizer folder. When the
- * export format changes, this class changes; the runtime, the UI and the benchmark mode use its getters.
+ * (schema {@code hydraopt-export/2}, written by {@code exporters/export.py} and
+ * {@code exporters/manifest.py}): {@code manifest.json}; the program {@code model.onnx}, whose inputs
+ * are every LoRA slot of its signature ({@code slots}); the bank's own files under {@code bank/}: the
+ * shared file (factors used by several tasks, role {@code shared}), one file per task with the factors
+ * only it uses (role {@code task}; a task whose factors are all shared has none), the bundle manifest
+ * (role {@code bank}); the {@code bank} section saying which factor fills which slot
+ * ({@link BankSlots}); and the tokenizer folder. When the export format changes, this class changes;
+ * the runtime, the UI and the benchmark mode use its getters.
  *
  * <p>Rules applied to a manifest (hostile or careless inputs): the schema and runtime must be the
  * expected ones; every field has its type; task names are plain names; every path is relative, without
- * {@code ..} or empty segments, and stays inside the export folder after resolving links; every file
- * exists with the manifest's byte count; a file is read only after its size and SHA-256 match.
+ * {@code ..} or empty segments, and stays inside the export folder after resolving links; one program
+ * file, at most one shared file, at most one file per task and only for listed tasks; the slots fit the
+ * bank's modules and ranks; every file exists with the manifest's byte count; a file is read only after
+ * its size and SHA-256 match.
  */
 public final class ExportManifest {
     public static final String MANIFEST = "manifest.json";
-    public static final String SCHEMA = "hydraopt-export/1";
+    public static final String SCHEMA = "hydraopt-export/2";
     public static final String RUNTIME = "onnxruntime";
     private static final Pattern TASK_NAME = Pattern.compile("[A-Za-z0-9][A-Za-z0-9._-]{0,63}");
     private static final Pattern SHA256 = Pattern.compile("[0-9a-f]{64}");
     private static final long MAX_MANIFEST_BYTES = 16L << 20;
+    private static final List<String> ROLES = java.util.Arrays.asList("program", "shared", "task", "bank", "reference", "tokenizer");
 
     /** One file of the export, as the manifest lists it. */
     public static final class FileEntry {
@@ -63,8 +70,9 @@ public final class ExportManifest {
     public final int vocabSize;
     public final int maxCacheLen;
     public final Set<Integer> eosTokenIds;
-    /** fp16 bytes of the tasks' original adapters (one adapter per task), when the manifest has them. */
-    public final Long oneAdapterPerTaskBytes;
+    /** Which factor of which bank file fills which program input; null for a merged export (no slots). */
+    public final BankSlots.Plan plan;
+    private Long oneAdapterPerTaskBytes;
 
     private ExportManifest(File folder, Map<String, Object> m) throws ExportException {
         this.folder = folder;
@@ -105,18 +113,23 @@ public final class ExportManifest {
             String role = str(f, "role");
             Object task = f.get("task");
             if (task != null && !(task instanceof String)) throw new ExportException(where() + ": " + path + ": task is not a string");
-            if (!(role.equals("program") || role.equals("task_decoder") || role.equals("task") || role.equals("tokenizer"))) {
-                throw new ExportException(where() + ": " + path + ": unknown role " + role);
-            }
+            if (!ROLES.contains(role)) throw new ExportException(where() + ": " + path + ": unknown role " + role);
             if (role.equals("task") && !names.contains(task)) {
                 throw new ExportException(where() + ": " + path + " is a task file for " + task + ", which is not a task of this export");
             }
+            if (!role.equals("task") && task != null) throw new ExportException(where() + ": " + path + ": a " + role + " file names task " + task);
             entries.add(new FileEntry(path, bytes, sha, role, (String) task));
         }
         files = Collections.unmodifiableList(entries);
         one("program", null);
-        one("task_decoder", null);
-        for (String t : tasks) one("task", t);
+        find("shared", null);
+        for (String t : tasks) find("task", t);
+        checkTaskFiles(map(m, "task_files"), paths);
+        List<?> slots = list(m, "slots");
+        plan = slots.isEmpty() ? null : BankSlots.plan(slots, m.get("bank"), tasks.size(), where());
+        if (plan == null && bytesOf("task") + bytesOf("shared") > 0) {
+            throw new ExportException(where() + ": an export without slots (a merged export) has task or shared files");
+        }
         tokenizerJson();
         Map<String, Object> model = map(m, "model");
         nLayers = positive(model, "n_layers");
@@ -130,7 +143,6 @@ public final class ExportManifest {
             eos.add(((Long) e).intValue());
         }
         eosTokenIds = Collections.unmodifiableSet(eos);
-        oneAdapterPerTaskBytes = referenceBytes(m);
         for (FileEntry f : files) {  // presence and size of every file, before anything is read
             File file = resolve(f);
             if (!file.isFile()) throw new ExportException(file + ": missing (listed in " + where() + ")");
@@ -146,30 +158,40 @@ public final class ExportManifest {
         File path = new File(folder, MANIFEST);
         if (!path.isFile()) throw new ExportException(folder + ": no " + MANIFEST + "; not an export folder");
         if (path.length() > MAX_MANIFEST_BYTES) throw new ExportException(path + ": " + path.length() + " bytes, too large for a manifest");
+        return new ExportManifest(folder, jsonObject(path));
+    }
+
+    /** The JSON object in {@code file}; refused with the file's name when it is not one. */
+    static Map<String, Object> jsonObject(File file) throws ExportException {
         Object parsed;
         try {
-            parsed = Json.parse(readUtf8(path));
+            parsed = Json.parse(readUtf8(file));
         } catch (IllegalArgumentException e) {
-            throw new ExportException(path + ": " + e.getMessage());
+            throw new ExportException(file + ": " + e.getMessage());
         } catch (IOException e) {
-            throw new ExportException(path + ": " + e.getMessage());
+            throw new ExportException(file + ": " + e.getMessage());
         }
-        if (!(parsed instanceof Map)) throw new ExportException(path + ": not a JSON object");
+        if (!(parsed instanceof Map)) throw new ExportException(file + ": not a JSON object");
         @SuppressWarnings("unchecked") Map<String, Object> m = (Map<String, Object>) parsed;
-        return new ExportManifest(folder, m);
+        return m;
     }
 
     // --- files -------------------------------------------------------------------------------
 
     public FileEntry program() throws ExportException { return one("program", null); }
 
-    public FileEntry taskDecoder() throws ExportException { return one("task_decoder", null); }
+    /** The bank's shared file (factors used by several tasks), or null when the bank has none. */
+    public FileEntry shared() throws ExportException { return find("shared", null); }
 
+    /** Whether tasks switch at run time (the program has LoRA slots), rather than a merged export of one task. */
+    public boolean switchable() { return plan != null; }
+
+    /** {@code task}'s own file (the factors only it uses), or null when every factor it uses is shared. */
     public FileEntry taskEntry(String task) throws ExportException {
         if (!tasks.contains(task)) {
             throw new ExportException("task '" + task + "' is not in export " + exportId + " (tasks: " + join(tasks) + ")");
         }
-        return one("task", task);
+        return find("task", task);
     }
 
     public FileEntry tokenizerJson() throws ExportException {
@@ -196,10 +218,17 @@ public final class ExportManifest {
         return verified(f, resolve(f));
     }
 
-    /** {@code task}'s file after its checks; {@code override} reads it from elsewhere (a file shipped separately). */
+    /** {@code task}'s own file after its checks (null: it has none); {@code override} reads it from elsewhere (a file shipped separately). */
     public File verifiedTaskFile(String task, File override) throws ExportException {
         FileEntry f = taskEntry(task);
+        if (f == null) return null;
         return verified(f, override != null ? override : resolve(f));
+    }
+
+    /** The shared file after its checks, or null when the bank has none. */
+    public File verifiedShared() throws ExportException {
+        FileEntry f = shared();
+        return f == null ? null : verified(f);
     }
 
     private File verified(FileEntry f, File file) throws ExportException {
@@ -234,10 +263,14 @@ public final class ExportManifest {
         return n;
     }
 
-    /** What stays loaded whatever the task: the program and the task decoder graph. */
-    public long residentBytes() { return bytesOf("program") + bytesOf("task_decoder"); }
+    /** What stays loaded whatever the task: the program and the bank's shared file. */
+    public long residentBytes() { return bytesOf("program") + bytesOf("shared"); }
 
-    public long taskBytes(String task) throws ExportException { return taskEntry(task).bytes; }
+    /** The bytes of {@code task}'s own file (0: every factor it uses is shared). */
+    public long taskBytes(String task) throws ExportException {
+        FileEntry f = taskEntry(task);
+        return f == null ? 0 : f.bytes;
+    }
 
     public long allTasksBytes() { return bytesOf("task"); }
 
@@ -255,6 +288,13 @@ public final class ExportManifest {
     private String where() { return new File(folder, MANIFEST).getPath(); }
 
     private FileEntry one(String role, String task) throws ExportException {
+        FileEntry found = find(role, task);
+        if (found == null) throw new ExportException(where() + ": no " + role + " file" + (task != null ? " for task '" + task + "'" : ""));
+        return found;
+    }
+
+    /** The file of {@code role} (and {@code task}), null when there is none; two are refused. */
+    private FileEntry find(String role, String task) throws ExportException {
         FileEntry found = null;
         for (FileEntry f : files) {
             if (f.role.equals(role) && (task == null ? f.task == null : task.equals(f.task))) {
@@ -262,8 +302,17 @@ public final class ExportManifest {
                 found = f;
             }
         }
-        if (found == null) throw new ExportException(where() + ": no " + role + " file" + (task != null ? " for task '" + task + "'" : ""));
         return found;
+    }
+
+    /** {@code task_files}: each listed task's data files, all of them files of this manifest. */
+    private void checkTaskFiles(Map<String, Object> taskFiles, Set<String> paths) throws ExportException {
+        for (Map.Entry<String, Object> e : taskFiles.entrySet()) {
+            if (!tasks.contains(e.getKey())) throw new ExportException(where() + ": task_files names task " + e.getKey() + ", not a task of this export");
+            for (Object p : list(taskFiles, e.getKey())) {
+                if (!paths.contains(p)) throw new ExportException(where() + ": task_files of " + e.getKey() + " names " + p + ", not a file of this export");
+            }
+        }
     }
 
     private void checkPath(String path) throws ExportException {
@@ -286,13 +335,20 @@ public final class ExportManifest {
         }
     }
 
-    private Long referenceBytes(Map<String, Object> m) throws ExportException {
-        // Not written by hydraopt-export/1 yet; read when a later exporter adds it (top level or in extra).
-        Object v = m.get("reference_fp16_bytes");
-        if (v == null && m.get("extra") instanceof Map) v = ((Map<?, ?>) m.get("extra")).get("reference_fp16_bytes");
-        if (v == null) return null;
-        if (!(v instanceof Long) || (Long) v < 0) throw new ExportException(where() + ": reference_fp16_bytes is " + v);
-        return (Long) v;
+    /**
+     * fp16 file bytes of the tasks' own adapters, one per task (the storage unit's reference), from the
+     * bundle manifest ({@code reference_file_bytes}) after its checksum; null when the bank does not record it.
+     */
+    public Long oneAdapterPerTaskBytes() throws ExportException {
+        if (oneAdapterPerTaskBytes == null) {
+            FileEntry bank = find("bank", null);
+            if (bank == null) return null;
+            File file = verified(bank);
+            Object v = jsonObject(file).get("reference_file_bytes");
+            if (!(v instanceof Long) || (Long) v < 0) throw new ExportException(file + ": reference_file_bytes is " + v);
+            oneAdapterPerTaskBytes = (Long) v;
+        }
+        return oneAdapterPerTaskBytes > 0 ? oneAdapterPerTaskBytes : null;
     }
 
     private String str(Map<String, Object> m, String key) throws ExportException {
@@ -354,18 +410,31 @@ public final class ExportManifest {
     }
 
     public static String readUtf8(File file) throws IOException {
-        byte[] data = new byte[(int) file.length()];
-        InputStream in = new FileInputStream(file);
+        return new String(readBytes(file), "UTF-8");
+    }
+
+    /** The whole of {@code file}; refused with the file's name when it cannot be read in full. */
+    public static byte[] readBytes(File file) throws ExportException {
+        long length = file.length();
+        if (length > Integer.MAX_VALUE) throw new ExportException(file + ": " + length + " bytes, too large to read at once");
+        byte[] data = new byte[(int) length];
         try {
-            int off = 0;
-            while (off < data.length) {
-                int n = in.read(data, off, data.length - off);
-                if (n < 0) throw new IOException(file + ": shorter than its size");
-                off += n;
+            InputStream in = new FileInputStream(file);
+            try {
+                int off = 0;
+                while (off < data.length) {
+                    int n = in.read(data, off, data.length - off);
+                    if (n < 0) throw new ExportException(file + ": shorter than its size");
+                    off += n;
+                }
+            } finally {
+                in.close();
             }
-        } finally {
-            in.close();
+        } catch (ExportException e) {
+            throw e;
+        } catch (IOException e) {
+            throw new ExportException(file + ": " + e.getMessage());
         }
-        return new String(data, "UTF-8");
+        return data;
     }
 }

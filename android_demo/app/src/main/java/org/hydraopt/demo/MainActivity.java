@@ -64,7 +64,7 @@ public class MainActivity extends Activity {
             public void run() {
                 try {
                     File folder = intent.hasExtra("export") ? new File(intent.getStringExtra("export")) : copyAssetExport();
-                    // sizes of every file now; checksums when each file is opened (program and task decoder
+                    // sizes of every file now; checksums when each file is opened (program and shared file
                     // by OrtRunner, each task file when it is loaded, the tokenizer files here)
                     final ExportManifest m = ExportManifest.read(folder);
                     File tplFile = m.chatTemplate() != null ? m.verified(m.chatTemplate()) : null;
@@ -211,15 +211,16 @@ public class MainActivity extends Activity {
 
     private void updatePanel() {
         StringBuilder b = new StringBuilder();
-        b.append("resident (program + task decoder): ").append(fmt(manifest.residentBytes())).append('\n');
+        b.append("resident (program + shared factors): ").append(fmt(manifest.residentBytes())).append('\n');
         try {
             b.append("this task's file: ").append(panelTask != null ? fmt(manifest.taskBytes(panelTask)) : "-").append('\n');
+            b.append("all ").append(manifest.tasks.size()).append(" tasks (shared + task files): ")
+                .append(fmt(manifest.bytesOf("shared") + manifest.allTasksBytes())).append('\n');
+            Long reference = manifest.oneAdapterPerTaskBytes();
+            b.append("one-adapter-per-task (fp16): ").append(reference != null ? fmt(reference) : "not recorded by this bank").append('\n');
         } catch (ExportException e) {
-            b.append("this task's file: ").append(e.getMessage()).append('\n');
+            b.append(e.getMessage()).append('\n');
         }
-        b.append("all ").append(manifest.tasks.size()).append(" task files: ").append(fmt(manifest.allTasksBytes())).append('\n');
-        b.append("one-adapter-per-task (fp16): ")
-            .append(manifest.oneAdapterPerTaskBytes != null ? fmt(manifest.oneAdapterPerTaskBytes) : "not in this export's manifest").append('\n');
         b.append("native heap now: ").append(fmt(Debug.getNativeHeapAllocatedSize())).append('\n');
         if (panelTask != null && runner.loadMs(panelTask) != null) {
             b.append(String.format("task load: %.2f ms, switch: %.4f ms%n", runner.loadMs(panelTask), runner.lastSwitchMs()));

@@ -1,7 +1,6 @@
 package org.hydraopt.demo;
 
 import ai.onnxruntime.OnnxTensor;
-import ai.onnxruntime.OnnxValue;
 import ai.onnxruntime.OrtEnvironment;
 import ai.onnxruntime.OrtException;
 import ai.onnxruntime.OrtLoggingLevel;
@@ -11,21 +10,22 @@ import java.io.File;
 import java.nio.FloatBuffer;
 import java.nio.LongBuffer;
 import java.util.ArrayList;
-import java.util.Collections;
 import java.util.HashMap;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 
 /**
- * An ONNX export on ONNX Runtime's Java API, as {@code exporters/runtime.py}'s {@code OrtSession} runs
- * it on the host: one session on the program (the resident weights and shared LoRA factors), one on
- * the small task decoder graph. {@link #loadTask} verifies the task file against the manifest, loads
- * it as an {@link OrtLoraAdapter} and runs the task decoder once with it active, which gives the
- * task's fp32 LoRA slots. The host feeds those slots as inputs; ORT's Java API cannot (it refuses
- * inputs that have defaults), so they become a second, in-memory adapter ({@link LoraAdapterBytes})
- * that is active on every program run of that task. {@link #setTask} only picks which run options
- * (which adapter) the program runs with: the switch reloads nothing. The KV cache is explicit:
+ * An ONNX export on ONNX Runtime's Java API, as {@code exporters/onnx_backend.py}'s {@code OrtSession}
+ * runs it on the host (through {@code exporters/targets/device_runner.py}): one session on the program,
+ * whose inputs include every LoRA slot of its signature (default zero: no task is the base model).
+ * The bank's shared file is checked and decoded once when the runner opens ({@link BankSlots});
+ * {@link #loadTask} checks the task's own file against the manifest and decodes it, which gives the
+ * task's fp32 value for every slot. The host feeds those as inputs; ORT's Java API cannot (its
+ * {@code OrtSession.run} accepts only inputs without defaults, "Unknown input name" otherwise), so they
+ * become an in-memory adapter ({@link LoraAdapterBytes}, ONNX Runtime's own multi-LoRA route) that is
+ * active on every program run of that task. {@link #setTask} only picks which run options (which
+ * adapter) the program runs with: the switch reloads and decodes nothing. The KV cache is explicit:
  * {@code past.i} in, {@code present.i} out.
  * Plain Java (no android.*), so the same code runs wherever ONNX Runtime's Java API loads.
  */
@@ -52,8 +52,8 @@ public final class OrtRunner implements AutoCloseable {
     public final ExportManifest manifest;
     private final OrtEnvironment env;
     private final OrtSession program;
-    private final OrtSession taskDecoder;
-    private final Map<String, OrtLoraAdapter> slots = new HashMap<String, OrtLoraAdapter>();  // task -> decoded slots
+    private final BankSlots bank;  // null: a merged export, nothing to switch
+    private final Map<String, OrtLoraAdapter> slots = new HashMap<String, OrtLoraAdapter>();  // task -> its decoded slots
     private final Map<String, OrtSession.RunOptions> runOptions = new HashMap<String, OrtSession.RunOptions>();
     private final Map<String, Double> loadMs = new HashMap<String, Double>();
     private String active;
@@ -67,7 +67,6 @@ public final class OrtRunner implements AutoCloseable {
         this.manifest = manifest;
         long t0 = System.nanoTime();
         File programFile = manifest.verified(manifest.program());
-        File decoderFile = manifest.verified(manifest.taskDecoder());
         env = OrtEnvironment.getEnvironment();
         OrtSession.SessionOptions options = new OrtSession.SessionOptions();
         options.setIntraOpNumThreads(threads);
@@ -75,15 +74,12 @@ public final class OrtRunner implements AutoCloseable {
         // the LoRA slots are inputs with defaults on purpose; ORT warns about each one
         options.setSessionLogLevel(OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR);
         program = env.createSession(programFile.getPath(), options);
-        // ONNX Runtime 1.29 (the AAR's version) segfaults creating a session on the task decoder graph
-        // (Cast/Transpose on inputs with defaults) at ORT_ENABLE_ALL; 1.32 does not. The graph runs once
-        // per task load, so the extended level costs nothing measurable (README, "ONNX Runtime 1.29").
-        OrtSession.SessionOptions decoderOptions = new OrtSession.SessionOptions();
-        decoderOptions.setIntraOpNumThreads(1);
-        decoderOptions.setInterOpNumThreads(1);
-        decoderOptions.setSessionLogLevel(OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR);
-        decoderOptions.setOptimizationLevel(OrtSession.SessionOptions.OptLevel.EXTENDED_OPT);
-        taskDecoder = env.createSession(decoderFile.getPath(), decoderOptions);
+        if (manifest.switchable()) {
+            bank = new BankSlots(manifest.tasks, manifest.plan);
+            bank.loadShared(manifest.verifiedShared());
+        } else {
+            bank = null;
+        }
         List<String> outputs = new ArrayList<String>(program.getOutputNames());
         presentIndex = new int[2 * manifest.nLayers];
         for (int i = 0; i < presentIndex.length; i++) {
@@ -98,32 +94,23 @@ public final class OrtRunner implements AutoCloseable {
         return OrtEnvironment.getEnvironment().getVersion();
     }
 
-    /** Verifies {@code task}'s file (size and SHA-256 before reading it) and decodes its slots once. */
+    /** Verifies {@code task}'s own file (size and SHA-256 before reading it) and decodes its slots once; ms. */
     public double loadTask(String task) throws OrtException, ExportException {
         long t0 = System.nanoTime();
-        File file = manifest.verifiedTaskFile(task, null);
-        OrtLoraAdapter adapter = OrtLoraAdapter.create(file.getPath());
-        OrtSession.RunOptions options = new OrtSession.RunOptions();
-        List<LoraAdapterBytes.Tensor> decoded = new ArrayList<LoraAdapterBytes.Tensor>();
-        try {
-            options.addActiveLoraAdapter(adapter);
-            OrtSession.Result out = taskDecoder.run(Collections.<String, OnnxTensor>emptyMap(), options);
-            try {
-                for (Map.Entry<String, OnnxValue> e : out) {
-                    OnnxTensor t = (OnnxTensor) e.getValue();
-                    FloatBuffer fb = t.getFloatBuffer();
-                    float[] values = new float[fb.remaining()];
-                    fb.get(values);
-                    decoded.add(new LoraAdapterBytes.Tensor(e.getKey(), t.getInfo().getShape(), values));
-                }
-            } finally {
-                out.close();
+        if (bank == null) {
+            if (!manifest.tasks.contains(task)) {
+                throw new ExportException("this merged export serves only '" + manifest.tasks.get(0) + "', not '" + task + "'");
             }
-        } finally {
-            options.close();
-            adapter.close();
+            loadMs.put(task, (System.nanoTime() - t0) / 1e6);
+            return loadMs.get(task);
         }
-        OrtLoraAdapter taskSlots = OrtLoraAdapter.create(LoraAdapterBytes.write(decoded, 1, 1));
+        Map<String, float[]> values = bank.taskSlots(task, manifest.verifiedTaskFile(task, null));
+        List<LoraAdapterBytes.Tensor> tensors = new ArrayList<LoraAdapterBytes.Tensor>();
+        for (Map.Entry<String, float[]> e : values.entrySet()) {
+            int[] shape = manifest.plan.slots.get(e.getKey());
+            tensors.add(new LoraAdapterBytes.Tensor(e.getKey(), new long[] {shape[0], shape[1]}, e.getValue()));
+        }
+        OrtLoraAdapter taskSlots = OrtLoraAdapter.create(LoraAdapterBytes.write(tensors, 1, 1));
         OrtSession.RunOptions run = new OrtSession.RunOptions();
         run.addActiveLoraAdapter(taskSlots);
         OrtLoraAdapter oldSlots = slots.put(task, taskSlots);
@@ -137,7 +124,7 @@ public final class OrtRunner implements AutoCloseable {
 
     /** Makes {@code task} the active one (loading it first if needed); returns the switch time in ms. */
     public double setTask(String task) throws OrtException, ExportException {
-        if (!slots.containsKey(task)) loadTask(task);
+        if (!loadMs.containsKey(task)) loadTask(task);
         long t0 = System.nanoTime();
         active = task;
         lastSwitchMs = (System.nanoTime() - t0) / 1e6;
@@ -184,7 +171,8 @@ public final class OrtRunner implements AutoCloseable {
                 }
                 feeds.put("past." + i, p);
             }
-            OrtSession.Result out = active == null ? program.run(feeds) : program.run(feeds, runOptions.get(active));
+            OrtSession.RunOptions run = active == null ? null : runOptions.get(active);
+            OrtSession.Result out = run == null ? program.run(feeds) : program.run(feeds, run);
             OnnxTensor logits = (OnnxTensor) out.get(0);
             long[] shape = logits.getInfo().getShape();
             int vocab = (int) shape[2];
@@ -234,7 +222,6 @@ public final class OrtRunner implements AutoCloseable {
         slots.clear();
         try {
             program.close();
-            taskDecoder.close();
         } catch (OrtException e) {
             throw new IllegalStateException(e);
         }

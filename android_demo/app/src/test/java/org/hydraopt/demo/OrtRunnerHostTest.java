@@ -112,7 +112,7 @@ public class OrtRunnerHostTest {
         OrtRunner runner = new OrtRunner(m, 1);
         try {
             runner.setTask("gamma");
-            File beta = new File(export, "tasks/beta.onnx_adapter");
+            File beta = new File(export, "bank/tasks/beta.safetensors");
             byte[] data = Files.readAllBytes(beta.toPath());
             data[data.length / 2] ^= 1;
             TestData.write(beta, data);
@@ -126,6 +126,34 @@ public class OrtRunnerHostTest {
             assertEquals(null, runner.loadMs("beta"));
         } finally {
             runner.close();
+        }
+    }
+
+    /**
+     * Why the slots reach the program through an in-memory adapter ({@link LoraAdapterBytes}): the Java
+     * API lists only the inputs without defaults and refuses any other name, so a slot cannot be fed.
+     */
+    @Test
+    @SuppressWarnings("unchecked")
+    public void javaApiRefusesSlotsAsPlainInputs() throws Exception {
+        ExportManifest m = ExportManifest.read(new File((String) ((Map<String, Object>) ref.get("fp32")).get("export")));
+        String slot = m.plan.slots.keySet().iterator().next();
+        int[] shape = m.plan.slots.get(slot);
+        ai.onnxruntime.OrtEnvironment env = ai.onnxruntime.OrtEnvironment.getEnvironment();
+        ai.onnxruntime.OrtSession session = env.createSession(m.resolve(m.program()).getPath(), new ai.onnxruntime.OrtSession.SessionOptions());
+        ai.onnxruntime.OnnxTensor t = ai.onnxruntime.OnnxTensor.createTensor(env, java.nio.FloatBuffer.allocate(shape[0] * shape[1]),
+            new long[] {shape[0], shape[1]});
+        try {
+            assertTrue(session.getInputNames().contains("input_ids") && !session.getInputNames().contains(slot));
+            Map<String, ai.onnxruntime.OnnxTensor> feeds = new LinkedHashMap<String, ai.onnxruntime.OnnxTensor>();
+            feeds.put(slot, t);
+            session.run(feeds);
+            fail("ONNX Runtime's Java API took a slot as an input");
+        } catch (ai.onnxruntime.OrtException e) {
+            assertTrue(e.getMessage(), e.getMessage().contains("Unknown input name " + slot));
+        } finally {
+            t.close();
+            session.close();
         }
     }
 
