@@ -7,7 +7,7 @@ Demo bank: the committed shared-seed adapters of the suite's 12 tasks, merged as
 does (HydraOpt at 1/T of the fp16 file bytes, and one adapter per task, method ``none``), each
 exported with ``hydraopt export --format onnx --quant QUANT`` (cached like the demo's exports).
 Records: ``apk_bytes`` (APK with the HydraOpt export in its assets, as build.sh makes by default),
-``apk_bytes_without_export``, ``export_quant``, per method ``resident_bytes`` (program + task decoder)
+``apk_bytes_without_export``, ``export_quant``, per method ``resident_bytes`` (program + the bank's shared file)
 and ``task_bytes`` (each task file and their total), and ``build_seconds`` (build.sh's own clock;
 tools already cached). ``load_note`` says what else ran on the machine during the build.
 """
