@@ -74,19 +74,24 @@ public final class OrtRunner implements AutoCloseable {
         // the LoRA slots are inputs with defaults on purpose; ORT warns about each one
         options.setSessionLogLevel(OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR);
         program = env.createSession(programFile.getPath(), options);
-        if (manifest.switchable()) {
-            bank = new BankSlots(manifest.tasks, manifest.plan);
-            bank.loadShared(manifest.verifiedShared());
-        } else {
-            bank = null;
+        try {
+            if (manifest.switchable()) {
+                bank = new BankSlots(manifest.tasks, manifest.plan);
+                bank.loadShared(manifest.verifiedShared());
+            } else {
+                bank = null;
+            }
+            List<String> outputs = new ArrayList<String>(program.getOutputNames());
+            presentIndex = new int[2 * manifest.nLayers];
+            for (int i = 0; i < presentIndex.length; i++) {
+                presentIndex[i] = outputs.indexOf("present." + i);
+                if (presentIndex[i] < 0) throw new ExportException(programFile + ": no output present." + i);
+            }
+            if (!"logits".equals(outputs.get(0))) throw new ExportException(programFile + ": first output is not logits");
+        } catch (ExportException | RuntimeException e) {
+            program.close();  // refused after the session opened: release it
+            throw e;
         }
-        List<String> outputs = new ArrayList<String>(program.getOutputNames());
-        presentIndex = new int[2 * manifest.nLayers];
-        for (int i = 0; i < presentIndex.length; i++) {
-            presentIndex[i] = outputs.indexOf("present." + i);
-            if (presentIndex[i] < 0) throw new ExportException(programFile + ": no output present." + i);
-        }
-        if (!"logits".equals(outputs.get(0))) throw new ExportException(programFile + ": first output is not logits");
         sessionMs = (System.nanoTime() - t0) / 1e6;
     }
 

@@ -2,6 +2,7 @@ package org.hydraopt.demo;
 
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertTrue;
+import static org.hydraopt.demo.TestData.assertContains;
 import static org.junit.Assert.fail;
 
 import java.io.ByteArrayOutputStream;
@@ -13,24 +14,14 @@ import java.util.HashSet;
 import java.util.List;
 import java.util.Map;
 import java.util.Set;
-import org.junit.Before;
-import org.junit.Rule;
 import org.junit.Test;
-import org.junit.rules.TemporaryFolder;
 
 /**
  * The bank's files decoded in Java ({@link Safetensors}, {@link BankSlots}) against the host's decoder
  * ({@code exporters/targets/device_runner.py: BankSlots}, numpy), whose every-task slots
  * tests/test_android.py writes to the reference file; and the refusals of malformed bank files.
  */
-public class BankSlotsTest {
-    @Rule public TemporaryFolder tmp = new TemporaryFolder();
-    private File export;
-
-    @Before
-    public void copyExport() throws Exception {
-        export = TestData.copy(TestData.required("hydraopt.export"), new File(tmp.getRoot(), "export"));
-    }
+public class BankSlotsTest extends ExportCopy {
 
     private static Map<String, Map<String, float[]>> decodeAll(ExportManifest m) throws ExportException {
         BankSlots bank = new BankSlots(m.tasks, m.plan);
@@ -126,17 +117,7 @@ public class BankSlotsTest {
     }
 
     private static String refused(File f) {
-        try {
-            Safetensors.read(f);
-        } catch (ExportException e) {
-            return e.getMessage();
-        }
-        fail("accepted " + f);
-        return null;
-    }
-
-    private static void assertContains(String message, String part) {
-        assertTrue("message \"" + message + "\" should say \"" + part + "\"", message != null && message.contains(part));
+        return TestData.refusal(() -> Safetensors.read(f));
     }
 
     @Test

@@ -2,6 +2,7 @@ package org.hydraopt.demo;
 
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertTrue;
+import static org.hydraopt.demo.TestData.assertContains;
 import static org.junit.Assert.fail;
 
 import java.io.File;
@@ -10,37 +11,17 @@ import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
 import java.util.Map;
-import org.junit.Before;
-import org.junit.Rule;
 import org.junit.Test;
-import org.junit.rules.TemporaryFolder;
 
 /**
  * The manifest reader on a real ONNX export of a tiny model (made by {@code hydraopt}'s exporter in
  * tests/test_android.py): byte totals equal the files' sizes, and hostile or careless exports are refused
  * with a message that names the file and the reason.
  */
-public class ExportManifestTest {
-    @Rule public TemporaryFolder tmp = new TemporaryFolder();
-    private File export;
-
-    @Before
-    public void copyExport() throws Exception {
-        export = TestData.copy(TestData.required("hydraopt.export"), new File(tmp.getRoot(), "export"));
-    }
+public class ExportManifestTest extends ExportCopy {
 
     private static String refused(File folder) {
-        try {
-            ExportManifest.read(folder);
-        } catch (ExportException e) {
-            return e.getMessage();
-        }
-        fail("accepted " + folder);
-        return null;
-    }
-
-    private static void assertContains(String message, String part) {
-        assertTrue("message \"" + message + "\" should say \"" + part + "\"", message != null && message.contains(part));
+        return TestData.refusal(() -> ExportManifest.read(folder));
     }
 
     @Test
@@ -253,24 +234,19 @@ public class ExportManifestTest {
         ((List<Object>) m.get("slots")).remove(1);  // the first module's lora_b
         TestData.writeManifest(export, m);
         assertContains(refused(export), "module " + module + " has no slot lora_b in the program");
+        assertContains(refusedWithLayout("format", "int3"), "bank layout 0: format int3 is not fp16, int8 or int4-g{32,64,128}");
+        assertContains(refusedWithLayout("a_index", Arrays.asList((Object) 0L, 0L)), "bank layout 0 a_index indexes 2 tasks, not 3");
+        assertContains(refusedWithLayout("b_index", Arrays.asList((Object) 0L, 1L, 7L)), "bank layout 0 b_index names factor 7 of 3");
+    }
+
+    /** The refusal of a fresh copy of the export whose first bank layout has {@code field} set to {@code value}. */
+    @SuppressWarnings("unchecked")
+    private String refusedWithLayout(String field, Object value) throws Exception {
         copyExport();
-        m = TestData.manifestJson(export);
-        Map<String, Object> layout = (Map<String, Object>) ((List<Object>) ((Map<String, Object>) m.get("bank")).get("layouts")).get(0);
-        layout.put("format", "int3");
+        Map<String, Object> m = TestData.manifestJson(export);
+        ((Map<String, Object>) ((List<Object>) ((Map<String, Object>) m.get("bank")).get("layouts")).get(0)).put(field, value);
         TestData.writeManifest(export, m);
-        assertContains(refused(export), "bank layout 0: format int3 is not fp16, int8 or int4-g{32,64,128}");
-        copyExport();
-        m = TestData.manifestJson(export);
-        layout = (Map<String, Object>) ((List<Object>) ((Map<String, Object>) m.get("bank")).get("layouts")).get(0);
-        layout.put("a_index", Arrays.asList((Object) 0L, 0L));
-        TestData.writeManifest(export, m);
-        assertContains(refused(export), "bank layout 0 a_index indexes 2 tasks, not 3");
-        copyExport();
-        m = TestData.manifestJson(export);
-        layout = (Map<String, Object>) ((List<Object>) ((Map<String, Object>) m.get("bank")).get("layouts")).get(0);
-        layout.put("b_index", Arrays.asList((Object) 0L, 1L, 7L));
-        TestData.writeManifest(export, m);
-        assertContains(refused(export), "bank layout 0 b_index names factor 7 of 3");
+        return refused(export);
     }
 
     @Test

@@ -129,6 +129,22 @@ public class OrtRunnerHostTest {
         }
     }
 
+    @Test
+    @SuppressWarnings("unchecked")
+    public void corruptedSharedFileIsRefusedWhenTheRunnerOpens() throws Exception {
+        File export = TestData.copy(new File((String) ((Map<String, Object>) ref.get("fp32")).get("export")), new File(tmp.getRoot(), "e"));
+        File shared = new File(export, "bank/shared.safetensors");
+        byte[] data = Files.readAllBytes(shared.toPath());
+        data[data.length - 1] ^= 1;
+        TestData.write(shared, data);
+        try {
+            new OrtRunner(ExportManifest.read(export), 1).close();
+            fail("a corrupted shared file was decoded");
+        } catch (ExportException e) {
+            assertTrue(e.getMessage(), e.getMessage().contains("shared.safetensors: SHA-256") && e.getMessage().contains("shared file"));
+        }
+    }
+
     /**
      * Why the slots reach the program through an in-memory adapter ({@link LoraAdapterBytes}): the Java
      * API lists only the inputs without defaults and refuses any other name, so a slot cannot be fed.

@@ -47,6 +47,29 @@ final class TestData {
         write(new File(export, ExportManifest.MANIFEST), Json.write(m).getBytes("UTF-8"));
     }
 
+    /** Something a test expects the app to refuse. */
+    interface Action {
+        void run() throws Exception;
+    }
+
+    /** The message of the {@link ExportException} that {@code a} throws; fails when it throws none. */
+    static String refusal(Action a) {
+        try {
+            a.run();
+        } catch (ExportException e) {
+            return e.getMessage();
+        } catch (Exception e) {
+            throw new AssertionError("expected an ExportException, got " + e, e);
+        }
+        throw new AssertionError("accepted: expected a refusal");
+    }
+
+    static void assertContains(String message, String part) {
+        if (message == null || !message.contains(part)) {
+            throw new AssertionError("message \"" + message + "\" should say \"" + part + "\"");
+        }
+    }
+
     static void write(File f, byte[] data) throws IOException {
         OutputStream o = new FileOutputStream(f);
         try {
