@@ -15,7 +15,7 @@ from exporters.export import export_bank
 from exporters.manifest import Manifest
 from exporters.runtime import open_export
 from hydraopt_mobile.errors import UserError
-from test_export_runtimes import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
+from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
 
 torch.set_num_threads(1)
 

@@ -27,20 +27,11 @@ from exporters.runtime import greedy, open_export
 from exporters.slots import merge_into
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
-from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits
+from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
 
 torch.set_num_threads(1)
 FP32_TOL = 1e-4
 QUANT_TOL = 0.5
-
-
-def run_logits(session, prompt: list[int], n_new: int = 6) -> tuple[list[int], np.ndarray]:
-    """Greedy on the runtime; returns the full sequence and the logits of every position."""
-    gen = greedy(session, prompt, n_new, keep_logits=True)
-    rows = np.concatenate([gen.logits[0]] + [row[None] for row in gen.logits[1:]])
-    return prompt + gen.tokens, rows
-
-
 
 
 @pytest.fixture(scope="module")

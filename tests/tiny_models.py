@@ -77,3 +77,12 @@ def reference_logits(model_dir: Path, bank: MergedBank | None, task: str | None,
         merge_into(model, bank.task_factors(task))
     with torch.no_grad():
         return model(torch.tensor([seq])).logits[0].numpy()
+
+
+def run_logits(session, prompt: list[int], n_new: int = 6) -> tuple[list[int], np.ndarray]:
+    """Greedy on the runtime; returns the full sequence and the logits of every position."""
+    from exporters.runtime import greedy
+
+    gen = greedy(session, prompt, n_new, keep_logits=True)
+    rows = np.concatenate([gen.logits[0]] + [row[None] for row in gen.logits[1:]])
+    return prompt + gen.tokens, rows
