@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -25,6 +24,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.decode_latency import burst  # noqa: E402
 from exporters.onnx_backend import OrtSession  # noqa: E402
 from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
 
@@ -45,11 +45,7 @@ def profile_once(folder: Path, tokens: int) -> dict:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session.session = ort.InferenceSession(str(folder / session.manifest.entry("program").path), options, providers=["CPUExecutionProvider"])
-        session.prefill(list(range(1, 17)))
-        start = time.perf_counter()
-        for t in range(tokens):
-            session.decode(100 + t)
-        wall = (time.perf_counter() - start) / tokens
+        wall = burst(session, tokens) / 1e3
         events = json.loads(Path(session.session.end_profiling()).read_text())
     per_op: dict[str, float] = collections.Counter()
     nodes: dict[str, int] = collections.Counter()
