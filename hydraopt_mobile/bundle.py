@@ -95,11 +95,16 @@ def sorted_tasks(bank: MergedBank) -> MergedBank:
     return replace(bank, tasks=[bank.tasks[t] for t in order], modules=modules)
 
 
-def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Path:
+def write_bundle(bank: MergedBank, out: Path, overwrite: bool = False, inputs: Iterable[Path] = (), unchanged: dict[str, dict] | None = None) -> Path:
     """Write ``bank`` to ``out`` (temporary folder, renamed into place when complete); ``inputs``:
-    the paths this run read, which ``out`` may not replace. Tasks are written in sorted order."""
+    the paths this run read, which ``out`` may not replace. Tasks are written in sorted order.
+    ``unchanged``: files (a manifest's ``files``: rel path -> bytes, sha256) that the new bundle must
+    hold with exactly those bytes; checked before the folder is moved into place."""
     with atomic_dir(Path(out), overwrite, kind=BUNDLE, inputs=inputs) as tmp:
-        write_bundle_files(bank, tmp)
+        files = write_bundle_files(bank, tmp)["files"]
+        changed = sorted(rel for rel, info in (unchanged or {}).items() if files.get(rel) != info)
+        if changed:
+            raise AssertionError(f"{out}: would change existing files {changed}, which must stay byte-identical; nothing was written")
     return Path(out)
 
 

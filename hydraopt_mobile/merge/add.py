@@ -1,0 +1,238 @@
+"""Adding tasks to a merged bank without changing anything it already stores.
+
+A deployed bank's files are on phones; a new task must ship as its own file only. So a new task
+``t`` may use the bank's *resident* factors (those in the shared file: every factor that serves two
+or more tasks) and factors of its own, which go into its own task file; it never uses a factor
+that lives in another task's file (a device would have to load that task too). Because a resident
+factor only gains users and every new factor has exactly one user, the rule that places factors
+(``bank.factor_file``: one user -> that task's file, more -> the shared file) puts every existing
+factor where it was: the shared file and every existing task file keep their bytes, whatever the
+new tasks' names (task order changes the manifest only; keys in the files hold factor indices,
+which only grow at the end, never task indices). A factor shared by several *new* tasks would be a
+new resident factor, i.e. a change of the shared file, so each new task gets its own.
+
+Per module (shape d_out x d_in, bank rank r'), with ``dW_t = B_t A_t`` (r_t components) and the
+fixed stored factors ``A_s`` (r' x d_in), ``B_s`` (d_out x r'), the options are, cheapest first:
+
+- *resident pair* ``(B_s, A_s)``: no bytes; error ``||dW_t - B_s A_s||_F^2`` from factors only
+  (factored.py: ``||BA||^2 = tr((B^T B)(A A^T))``, ``<B1 A1, B2 A2> = tr((B1^T B2)(A2 A1^T))``).
+- *resident A, own B*: ``min_X ||dW_t - X A_s||_F``. Setting the gradient to zero,
+  ``X (A_s A_s^T) = dW_t A_s^T = B_t (A_t A_s^T)``, so ``X = B_t (A_t A_s^T)(A_s A_s^T)^+ = dW_t A_s^+``
+  without forming ``dW_t``: an (r_t x r') and an (r' x r') product. The solver's B-step
+  (``_solve_B`` with the Gram matrix of a factor that leaves ``span(Q)``) computes exactly this.
+- *resident B, own A*: ``min_Y ||dW_t - B_s Y||_F`` gives ``(B_s^T B_s) Y = B_s^T dW_t``, so
+  ``Y = (B_s^T B_s)^+ (B_s^T B_t) A_t = B_s^+ dW_t``, whose rows lie in the row space of ``A_t``
+  (the solver's A-step, in the task's own row basis ``Q``).
+- *own pair* of rank ``rho <= r'``: the best rank-``rho`` approximation of ``dW_t`` (the solver's
+  closed form with one task), stored by ``fit_stored`` (quantise A, re-fit B to it, quantise B).
+- *nothing* (rank-0 own factors): no bytes, error ``||dW_t||^2``.
+
+Own factors are encoded in the module's number format, at ranks up to the module's largest rank
+(so a program built for the bank's slot ranks still fits). Errors are weighted like the merge
+(``w_t = 1 / sum_modules ||dW_t||^2``, squared relative errors), and the same allocator as the
+merge (planner.py) picks, over all new tasks and modules, the options with the best error drop
+per byte until the byte allowance for the new task files is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from hydraopt_mobile.adapters import AdapterError, AdapterSet, LoraFactors
+from hydraopt_mobile.bank import SHARED, MergedBank, MergedModule, factor_file, task_file
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.merge.budget import InfeasibleBudget
+from hydraopt_mobile.merge.hydraopt import _solve_a, _solve_B, fit_stored, row_spaces, solve_layout
+from hydraopt_mobile.merge.planner import Candidate, plan
+from hydraopt_mobile.paths import duplicate_ignoring_case
+from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs, file_overhead_bound
+
+RESIDENT, OWN_B, OWN_A, OWN_PAIR, NOTHING = "resident", "own B", "own A", "own A+B", "nothing"
+
+
+class AddError(UserError):
+    """New tasks that do not fit the bank; the message names the task, module or option."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to serve a new task in one module: an existing resident factor (an index) or a new
+    stored factor of its own, for A and for B."""
+
+    kind: str
+    A: int | StoredFactor
+    B: int | StoredFactor
+    error: float  # weighted squared error of exactly what is stored
+    specs: tuple[TensorSpec, ...] = ()  # the tensors it adds to the task's own file
+
+
+@dataclass
+class AddedTask:
+    """What ``add`` did for one new task."""
+
+    task: str
+    rel_error: float  # ||dW - dW^||_F / ||dW||_F over all modules
+    file_bytes: int  # its task file (0: it uses resident factors only)
+    choices: dict[str, int] = field(default_factory=dict)  # option kind -> number of modules
+
+
+def resident(index: list[int], tasks: list[str]) -> list[int]:
+    """Factors that live in the shared file (used by two or more tasks): the ones a new task may use."""
+    return [i for i in sorted(set(index)) if factor_file(tasks, index, i)[0] == SHARED]
+
+
+def least_squares_B(target: LoraFactors, A: torch.Tensor) -> torch.Tensor:
+    """``argmin_X ||B_t A_t - X A||_F`` = ``B_t (A_t A^T)(A A^T)^+`` (module docstring)."""
+    fm = factor_space([target])
+    one = torch.ones(1)
+    gram = (A @ A.T).to(fm.Q.dtype)[None]
+    return _solve_B(fm, one, (A.to(fm.Q.dtype) @ fm.Q)[None], [0], [0], 1, gram=gram)[0]
+
+
+def least_squares_A(target: LoraFactors, B: torch.Tensor) -> torch.Tensor:
+    """``argmin_Y ||B_t A_t - B Y||_F`` = ``(B^T B)^+ (B^T B_t) A_t`` (module docstring)."""
+    fm = factor_space([target])
+    return _solve_a(fm, torch.ones(1), B.to(fm.Q.dtype)[None], [0], [0], 1)[0] @ fm.Q.T
+
+
+def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, weight: float, module_index: int) -> list[Option]:
+    """Every option (module docstring) for one new task in one module, with its exact stored error."""
+    d_out, d_in = module.shape
+    fmt = module.fmt
+    total = weight * sq_norm(target)
+
+    def err(A: torch.Tensor, B: torch.Tensor) -> float:
+        return weight * factored_sq_error(target, LoraFactors(A, B))
+
+    def own(matrix: torch.Tensor, kind: str) -> tuple[StoredFactor, tuple[TensorSpec, ...]]:
+        stored = StoredFactor.encode(matrix.float(), fmt, transposed=kind == "B")
+        return stored, tuple(factor_specs(module_index, kind, None, fmt, *stored.vectors_shape))
+
+    zero_A, _ = own(torch.zeros(0, d_in), "A")
+    zero_B, _ = own(torch.zeros(d_out, 0), "B")
+    options = [Option(NOTHING, zero_A, zero_B, total)]
+    if not target.rank:  # a module the new task lacks (--allow-missing): nothing is exact
+        return options
+    res_A, res_B = resident(module.a_index, tasks), resident(module.b_index, tasks)
+    for a in res_A:
+        A = module.A[a].values()
+        for b in res_B:
+            if module.B[b].shape[1] == A.shape[0]:
+                options.append(Option(RESIDENT, a, b, err(A, module.B[b].values())))
+        if A.shape[0]:
+            B, specs = own(least_squares_B(target, A), "B")
+            options.append(Option(OWN_B, a, B, err(A, B.values()), specs))
+    for b in res_B:
+        B = module.B[b].values()
+        if B.shape[1]:
+            A, specs = own(least_squares_A(target, B), "A")
+            options.append(Option(OWN_A, A, b, err(A.values(), B), specs))
+    fm = factor_space([target])
+    w = torch.tensor([weight], dtype=torch.float64)
+    spaces = row_spaces(fm, w, [0], [0])
+    top = max([f.shape[0] for f in module.A] + [0])
+    for rho in range(1, min(top, fm.Q.shape[1]) + 1):
+        built, e = fit_stored(fm, w, solve_layout(fm, w, [0], [0], rho, spaces=spaces), fmt)
+        A, B = built.A[0], built.B[0]
+        specs = tuple(factor_specs(module_index, "A", None, fmt, *A.vectors_shape) + factor_specs(module_index, "B", None, fmt, *B.vectors_shape))
+        options.append(Option(OWN_PAIR, A, B, float(e.sum()), specs))
+    return options
+
+
+def check_fit(bank: MergedBank, adapters: AdapterSet) -> None:
+    """Refuse new tasks the bank cannot take: names it has, another base model, other modules."""
+    clash = [t for t in adapters.task_names if t in bank.tasks]
+    if clash:
+        raise AddError(f"task {clash[0]!r} is already in the bundle; give the new adapter another name with NAME=PATH")
+    case = duplicate_ignoring_case(bank.tasks + adapters.task_names)
+    if case:
+        raise AddError(f"tasks {case[0]!r} and {case[1]!r} differ only in case; they would be the same file on macOS and Windows")
+    base = bank.fingerprint.get("base_model")
+    if base and adapters.base_model and base != adapters.base_model:
+        raise AddError(f"{adapters.tasks[0].path}: made for base model {adapters.base_model!r}, the bundle for {base!r}")
+    outside = [m for m in adapters.module_names if m not in bank.modules]
+    if outside:
+        raise AddError(f"{adapters.tasks[0].path}: module {outside[0]!r} is not in the bundle (it has {len(bank.modules)} modules); a bank cannot take a module it has no factors for")
+    for name in adapters.module_names:
+        if tuple(adapters.shapes[name]) != tuple(bank.modules[name].shape):
+            raise AddError(f"module {name!r}: shape (d_out, d_in)={tuple(adapters.shapes[name])} in the new adapters but {tuple(bank.modules[name].shape)} in the bundle: another base model")
+
+
+def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allow_missing: bool = False) -> tuple[MergedBank, list[AddedTask]]:
+    """``bank`` with the tasks of ``adapters`` added, their new files together at most
+    ``allowance_bytes`` file bytes, every existing factor unchanged; and a report per new task."""
+    check_fit(bank, adapters)
+    missing = [(t.name, m) for t in adapters.tasks for m in bank.modules if m not in t.modules]
+    if missing and not allow_missing:
+        task, module = missing[0]
+        raise AdapterError(f"task {task!r} lacks bundle module {module!r}; pass --allow-missing to treat missing modules as zero updates")
+    norms = torch.zeros(len(adapters.tasks), dtype=torch.float64)
+    for t, task in enumerate(adapters.tasks):
+        norms[t] = sum(sq_norm(f) for f in task.modules.values())
+    weights = 1.0 / norms.clamp_min(1e-30)
+    options: dict[tuple[str, str], list[Option]] = {}
+    for m, (name, module) in enumerate(bank.modules.items()):
+        d_out, d_in = module.shape
+        for t, task in enumerate(adapters.tasks):
+            target = task.modules.get(name, LoraFactors(torch.zeros(0, d_in), torch.zeros(d_out, 0)))
+            options[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m)
+    chosen = _allocate(options, allowance_bytes, len(adapters.tasks))
+    modules = {}
+    for name, module in bank.modules.items():
+        A, B = list(module.A), list(module.B)
+        a_index, b_index = list(module.a_index), list(module.b_index)
+        for task in adapters.task_names:
+            opt = chosen[(task, name)]
+            for new, factors, index in ((opt.A, A, a_index), (opt.B, B, b_index)):
+                if isinstance(new, StoredFactor):
+                    factors.append(new)
+                    index.append(len(factors) - 1)
+                else:
+                    index.append(new)
+        modules[name] = MergedModule(module.shape, a_index, b_index, A, B)
+    tasks = bank.tasks + adapters.task_names
+    grown = replace(
+        bank,
+        tasks=tasks,
+        modules=modules,
+        reference_file_bytes=bank.reference_file_bytes + adapters.reference_file_bytes(),
+        reference_payload_bytes=bank.reference_payload_bytes + adapters.fp16_bytes(),
+    )
+    files = grown.file_bytes()
+    report = []
+    for t, task in enumerate(adapters.task_names):
+        picks = [chosen[(task, name)] for name in bank.modules]
+        error = sum(p.error for p in picks) / float(weights[t]) / max(float(norms[t]), 1e-30)
+        kinds = [p.kind for p in picks]
+        report.append(AddedTask(task, error**0.5, files.get(task_file(task), 0), {k: kinds.count(k) for k in dict.fromkeys(kinds)}))
+    grown.rel_errors = dict(bank.rel_errors) | {r.task: r.rel_error for r in report}
+    new_bytes = sum(r.file_bytes for r in report)
+    if new_bytes > allowance_bytes:  # the allocator's bound guarantees this; a bug otherwise
+        raise AssertionError(f"new task files take {new_bytes:,} bytes, over the allowance of {allowance_bytes:,}")
+    return grown, report
+
+
+def _allocate(options: dict[tuple[str, str], list[Option]], allowance: int, n_tasks: int) -> dict[tuple[str, str], Option]:
+    """The merge's allocator over (task, module) option lists. Each option becomes a
+    :class:`Candidate` whose ``k_a`` is its position in its list; bytes are its header entries and
+    payload, offsets priced at the allowance's digits, and each new task file's fixed overhead is
+    set aside first."""
+    cands = {}
+    for key, opts in options.items():
+        cands[key] = [
+            Candidate(i, 0, 0, "", sum(s.nbytes + entry_chars(s, 0) for s in o.specs), o.error, len(o.specs))
+            for i, o in enumerate(opts)
+        ]
+    budget = allowance - n_tasks * file_overhead_bound()
+    try:
+        picks = plan(cands, budget, offset_digits=len(str(max(allowance, 1))))  # type: ignore[arg-type]
+    except InfeasibleBudget:
+        picks = {}
+    if not picks:  # every key has a zero-byte option, so this only happens when the overhead itself does not fit
+        picks = {key: min((c for c in cs if c.nbytes == 0), key=lambda c: c.error) for key, cs in cands.items()}
+    return {key: options[key][c.k_a] for key, c in picks.items()}
+

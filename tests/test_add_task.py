@@ -1,0 +1,164 @@
+"""Adding tasks to a merged bank: closed forms against dense least squares, existing files
+byte-identical (also when a new task sorts first), refused cases, the CLI end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_set, load_adapter
+from hydraopt_mobile.bank import SHARED, task_file
+from hydraopt_mobile.bundle import open_bundle, write_bundle
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.merge.add import NOTHING, OWN_A, OWN_B, OWN_PAIR, RESIDENT, AddError, add_tasks, least_squares_A, least_squares_B, module_options
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
+
+g = torch.Generator().manual_seed(0)
+
+
+def rand(*shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).float()
+
+
+def dense_sq(target: LoraFactors, A: torch.Tensor, B: torch.Tensor) -> float:
+    return float(((target.dense().double() - B.double() @ A.double()) ** 2).sum())
+
+
+@pytest.mark.parametrize("r_s", [2, 5, 9])  # fewer, equal-ish and more components than the target
+def test_closed_forms_equal_dense_least_squares(r_s):
+    target = LoraFactors(rand(4, 40), rand(24, 4))
+    dW = target.dense().double()
+    A_s, B_s = rand(r_s, 40), rand(24, r_s)
+    X_ref = torch.linalg.lstsq(A_s.double().T, dW.T).solution.T  # argmin ||dW - X A_s||
+    Y_ref = torch.linalg.lstsq(B_s.double(), dW).solution  # argmin ||dW - B_s Y||
+    X, Y = least_squares_B(target, A_s), least_squares_A(target, B_s)
+    assert torch.allclose(X.double() @ A_s.double(), X_ref @ A_s.double(), atol=1e-4 * dW.abs().max())
+    assert torch.allclose(B_s.double() @ Y.double(), B_s.double() @ Y_ref, atol=1e-4 * dW.abs().max())
+    # optimal: every perturbation makes it worse, and the residual is orthogonal to the fixed factor
+    assert dense_sq(target, A_s, X) <= dense_sq(target, A_s, X + 1e-3 * rand(*X.shape)) + 1e-9
+    assert float(((dW - X.double() @ A_s.double()) @ A_s.double().T).abs().max()) < 1e-3 * float(dW.abs().max())
+
+
+def test_rank_deficient_shared_factor_uses_the_pseudo_inverse():
+    target = LoraFactors(rand(3, 30), rand(20, 3))
+    A_s = rand(2, 30)
+    A_s = torch.cat([A_s, A_s[:1] * 2])  # rank 2 stored as 3 rows
+    X = least_squares_B(target, A_s)
+    X_ref = target.dense().double() @ torch.linalg.pinv(A_s.double())
+    assert torch.allclose(X.double() @ A_s.double(), X_ref @ A_s.double(), atol=1e-4)
+
+
+def planted_bank(fmt="fp16", n_tasks=4, noise=0.02, seed=0, extra=1):
+    """A hydraopt bank with one shared A per module over ``n_tasks`` planted tasks, and ``extra``
+    more planted tasks from the same distribution (as an AdapterSet) to add."""
+    shapes = llama_shapes(2, 64, 32)
+    facs = planted_factors(shapes, n_tasks + extra, 4, noise, seed)
+    return shapes, facs
+
+
+def adapter_set(root: Path, facs, names, base="synthetic-base"):
+    paths = [write_peft_adapter(root / n, f, 4, 8, base_model=base) for n, f in zip(names, facs)]
+    return build_adapter_set([load_adapter(p) for p in paths])
+
+
+@pytest.fixture
+def shared_a_bundle(tmp_path):
+    shapes, facs = planted_bank()
+    old = adapter_set(tmp_path / "ads", facs[:4], ["kappa", "lima", "mike", "november"])
+    bank = merge(old, MergeConfig("hydraopt", fmt=NumberFormat("fp16"), params={"k_a": "1", "k_b": "4"}, budget=Budget(fraction=0.6)), progress=False)
+    out = write_bundle(bank, tmp_path / "bundle")
+    return out, facs, old
+
+
+def test_option_errors_are_exact(shared_a_bundle, tmp_path):
+    out, facs, old = shared_a_bundle
+    _, bank = open_bundle(out)
+    new = adapter_set(tmp_path / "new", facs[4:], ["oscar"])
+    name = new.module_names[0]
+    module, target = bank.modules[name], new.tasks[0].modules[name]
+    opts = module_options(module, bank.tasks, target, 1.0, 0)
+    kinds = {o.kind for o in opts}
+    assert kinds == {NOTHING, OWN_B, OWN_PAIR}  # every B is per task: none resident
+    for o in opts:
+        A = module.A[o.A].values() if isinstance(o.A, int) else o.A.values()
+        B = module.B[o.B].values() if isinstance(o.B, int) else o.B.values()
+        assert o.error == pytest.approx(dense_sq(target, A, B), rel=1e-3, abs=1e-5 * opts[0].error)  # fp32 noise of ||dW||^2
+    own_b = next(o for o in opts if o.kind == OWN_B)
+    A_s = module.A[own_b.A].values()
+    X = target.dense().double() @ torch.linalg.pinv(A_s.double())  # the dense closed form, then stored as the bank stores B
+    assert own_b.error == pytest.approx(dense_sq(target, A_s, X.float().half().float()), rel=1e-3)
+    # planted: the new task's A is the shared A plus 2 % noise, so the fixed A fits it well
+    assert own_b.error < 0.01 * opts[0].error
+
+
+@pytest.mark.parametrize("name", ["alpha", "zulu"])  # sorts before / after every existing task
+def test_add_keeps_existing_files_byte_identical(shared_a_bundle, tmp_path, name):
+    out, facs, old = shared_a_bundle
+    manifest, bank = open_bundle(out)
+    new = adapter_set(tmp_path / "new", facs[4:], [name])
+    fp16 = new.reference_file_bytes()
+    grown, report = add_tasks(bank, new, allowance_bytes=fp16 * 3 // 4)
+    out2 = write_bundle(grown, tmp_path / "bundle2", unchanged=manifest["files"])
+    manifest2, bank2 = open_bundle(out2)
+    assert manifest2["tasks"][0 if name == "alpha" else -1] == name
+    for rel, info in manifest["files"].items():
+        assert (out2 / rel).read_bytes() == (out / rel).read_bytes()
+        assert manifest2["files"][rel] == info
+    assert set(manifest2["files"]) - set(manifest["files"]) == {task_file(name)}
+    (row,) = report
+    assert row.file_bytes == (out2 / task_file(name)).stat().st_size <= fp16 * 3 // 4
+    assert row.choices.get(OWN_B, 0) > 0
+    # the reported error is the error of what was written, and existing tasks are served as before
+    everything = build_adapter_set(sorted(old.tasks + new.tasks, key=lambda t: t.name))  # the bundle's task order
+    assert bank2.relative_errors(everything)[name] == pytest.approx(row.rel_error, rel=1e-3)
+    assert manifest2["rel_errors"][name] == pytest.approx(row.rel_error)
+    for task in bank.tasks:
+        for mod, f in bank.task_factors(task).items():
+            g2 = bank2.task_factors(task)[mod]
+            assert torch.equal(f.A, g2.A) and torch.equal(f.B, g2.B)
+    assert row.rel_error < 0.05, row
+
+
+def test_zero_allowance_uses_resident_factors_only(shared_a_bundle, tmp_path):
+    out, facs, _ = shared_a_bundle
+    manifest, bank = open_bundle(out)
+    new = adapter_set(tmp_path / "new", facs[4:], ["oscar"])
+    grown, (row,) = add_tasks(bank, new, allowance_bytes=0)
+    assert row.file_bytes == 0 and set(row.choices) <= {NOTHING, RESIDENT}
+    out2 = write_bundle(grown, tmp_path / "b2", unchanged=manifest["files"])
+    assert task_file("oscar") not in open_bundle(out2)[0]["files"]
+    assert 0 < row.rel_error <= 1.0
+
+
+def test_unchanged_files_are_asserted_before_anything_is_written(shared_a_bundle, tmp_path):
+    out, _, _ = shared_a_bundle
+    manifest, bank = open_bundle(out)
+    wrong = {SHARED: dict(manifest["files"][SHARED], sha256="0" * 64)}
+    with pytest.raises(AssertionError, match="byte-identical"):
+        write_bundle(bank, tmp_path / "b2", unchanged=wrong)
+    assert not (tmp_path / "b2").exists()
+
+
+def test_refused_cases_name_the_culprit(shared_a_bundle, tmp_path):
+    out, facs, _ = shared_a_bundle
+    _, bank = open_bundle(out)
+    with pytest.raises(AddError, match="'lima' is already in the bundle"):
+        add_tasks(bank, adapter_set(tmp_path / "a", facs[4:], ["lima"]), 10**6)
+    with pytest.raises(AddError, match="differ only in case"):
+        add_tasks(bank, adapter_set(tmp_path / "b", facs[4:], ["Lima"]), 10**6)
+    with pytest.raises(AddError, match="base model 'other-base'"):
+        add_tasks(bank, adapter_set(tmp_path / "c", facs[4:], ["oscar"], base="other-base"), 10**6)
+    stranger = dict(facs[4]) | {"model.layers.9.self_attn.q_proj": facs[4]["model.layers.0.self_attn.q_proj"]}
+    with pytest.raises(AddError, match=r"module 'model\.layers\.9\.self_attn\.q_proj' is not in the bundle"):
+        add_tasks(bank, adapter_set(tmp_path / "d", [stranger], ["oscar"]), 10**6)
+    wide = {k: (torch.cat([A, A], dim=1), B) for k, (A, B) in facs[4].items()}
+    with pytest.raises(AddError, match=r"shape .* another base model"):
+        add_tasks(bank, adapter_set(tmp_path / "e", [wide], ["oscar"]), 10**6)
+    partial = {k: v for k, v in list(facs[4].items())[1:]}
+    with pytest.raises(AdapterError, match="--allow-missing"):
+        add_tasks(bank, adapter_set(tmp_path / "f", [partial], ["oscar"]), 10**6)
+    grown, (row,) = add_tasks(bank, adapter_set(tmp_path / "g", [partial], ["oscar"]), 10**6, allow_missing=True)
+    assert row.choices[NOTHING] >= 1
