@@ -90,16 +90,16 @@ def main() -> None:
         adapters = load_init(ADAPTERS[init])
         T = len(adapters.tasks)
         fraction = round(1.0 / T, 4)  # the frontier's 1/T point
-        fp16 = merge(adapters, MergeConfig("none", fmt=NumberFormat("fp16")), progress=False)  # one adapter per task, as the frontier stores it
+        fp16 = merge(adapters, MergeConfig("none", fmt=NumberFormat("fp16")))  # one adapter per task, as the frontier stores it
         own = scores({t: fp16.task_factors(t) for t in fp16.tasks}, fp16.tasks)
-        remerge = merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=fraction)), progress=False)
+        remerge = merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=fraction)))
         again = scores({t: remerge.task_factors(t) for t in remerge.tasks}, remerge.tasks)
         for task in args.tasks or adapters.task_names:
             if (init, task) in done:
                 continue
             start = time.perf_counter()
             rest = subset(adapters, [n for n in adapters.task_names if n != task])
-            bank = merge(rest, MergeConfig("hydraopt", budget=Budget(fraction=fraction)), progress=False)
+            bank = merge(rest, MergeConfig("hydraopt", budget=Budget(fraction=fraction)))
             with tempfile.TemporaryDirectory() as tmp:
                 write_bundle(bank, Path(tmp) / "bank11")
                 allowance, (row,) = add_to_bundle(Path(tmp) / "bank11", subset(adapters, [task]), Path(tmp) / "bank12", Budget(fraction=fraction))

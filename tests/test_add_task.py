@@ -69,7 +69,7 @@ def shared_a_bundle(tmp_path, request):
     shapes, facs = planted_bank()
     old = adapter_set(tmp_path / "ads", facs[:4], ["kappa", "lima", "mike", "november"])
     fmt = NumberFormat(request.param, 32)
-    bank = merge(old, MergeConfig("hydraopt", fmt=fmt, params={"k_a": "1", "k_b": "4"}, budget=Budget(fraction=0.6)), progress=False)
+    bank = merge(old, MergeConfig("hydraopt", fmt=fmt, params={"k_a": "1", "k_b": "4"}, budget=Budget(fraction=0.6)))
     out = write_bundle(bank, tmp_path / "bundle")
     return out, facs, old
 

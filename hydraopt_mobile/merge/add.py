@@ -19,7 +19,7 @@ fixed stored factors ``A_s`` (r' x d_in), ``B_s`` (d_out x r'), the options are,
 - *resident A, own B*: ``min_X ||dW_t - X A_s||_F``. Setting the gradient to zero,
   ``X (A_s A_s^T) = dW_t A_s^T = B_t (A_t A_s^T)``, so ``X = B_t (A_t A_s^T)(A_s A_s^T)^+ = dW_t A_s^+``
   without forming ``dW_t``: an (r_t x r') and an (r' x r') product. The solver's B-step
-  (``_solve_B`` with the Gram matrix of a factor that leaves ``span(Q)``) computes exactly this.
+  (``solve_B`` with the Gram matrix of a factor that leaves ``span(Q)``) computes exactly this.
 - *resident B, own A*: ``min_Y ||dW_t - B_s Y||_F`` gives ``(B_s^T B_s) Y = B_s^T dW_t``, so
   ``Y = (B_s^T B_s)^+ (B_s^T B_t) A_t = B_s^+ dW_t``, whose rows lie in the row space of ``A_t``
   (the solver's A-step, in the task's own row basis ``Q``).
@@ -30,7 +30,7 @@ fixed stored factors ``A_s`` (r' x d_in), ``B_s`` (d_out x r'), the options are,
 Own factors are encoded in the module's number format, at ranks up to the module's largest rank
 (so a program built for the bank's slot ranks still fits). Errors are weighted like the merge
 (``w_t = 1 / sum_modules ||dW_t||^2``, squared relative errors), and the same allocator as the
-merge (planner.py) picks, over all new tasks and modules, the options with the best error drop
+merge (allocator.py) picks, over all new tasks and modules, the options with the best error drop
 per byte until the byte allowance for the new task files is spent.
 """
 
@@ -48,8 +48,8 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.hydraopt import _solve_a, _solve_B, fit_stored, row_spaces, solve_layout
-from hydraopt_mobile.merge.planner import Candidate, plan
+from hydraopt_mobile.merge.solver import fit_stored, row_spaces, solve_a, solve_B, solve_layout
+from hydraopt_mobile.merge.allocator import Candidate, allocate
 from hydraopt_mobile.paths import duplicate_ignoring_case
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs, file_overhead_bound
 
@@ -92,13 +92,13 @@ def least_squares_B(target: LoraFactors, A: torch.Tensor) -> torch.Tensor:
     fm = factor_space([target])
     one = torch.ones(1)
     gram = (A @ A.T).to(fm.Q.dtype)[None]
-    return _solve_B(fm, one, (A.to(fm.Q.dtype) @ fm.Q)[None], [0], [0], 1, gram=gram)[0]
+    return solve_B(fm, one, (A.to(fm.Q.dtype) @ fm.Q)[None], [0], [0], 1, gram=gram)[0]
 
 
 def least_squares_A(target: LoraFactors, B: torch.Tensor) -> torch.Tensor:
     """``argmin_Y ||B_t A_t - B Y||_F`` = ``(B^T B)^+ (B^T B_t) A_t`` (module docstring)."""
     fm = factor_space([target])
-    return _solve_a(fm, torch.ones(1), B.to(fm.Q.dtype)[None], [0], [0], 1)[0] @ fm.Q.T
+    return solve_a(fm, torch.ones(1), B.to(fm.Q.dtype)[None], [0], [0], 1)[0] @ fm.Q.T
 
 
 def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, weight: float, module_index: int) -> list[Option]:
@@ -235,7 +235,7 @@ def _allocate(options: dict[tuple[str, str], list[Option]], allowance: int, n_ta
         ]
     budget = allowance - n_tasks * file_overhead_bound()
     try:
-        picks = plan(cands, budget, offset_digits=len(str(max(allowance, 1))))  # type: ignore[arg-type]
+        picks = allocate(cands, budget, offset_digits=len(str(max(allowance, 1))))  # type: ignore[arg-type]
     except InfeasibleBudget:
         picks = {}
     if not picks:  # every key has a zero-byte option, so this only happens when the overhead itself does not fit

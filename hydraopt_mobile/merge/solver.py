@@ -114,7 +114,7 @@ def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch
     return w * (fm.sq_norms - 2 * cross + own).clamp_min(0)
 
 
-def _solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int, gram: torch.Tensor | None = None) -> torch.Tensor:
+def solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares B's for fixed A's (``gram``: A Gram matrices if A has parts outside span Q)."""
     ag = a[a_index]
     num = w.view(-1, 1, 1) * (fm.B @ (fm.a @ ag.transpose(1, 2)))  # (T, d_out, r')
@@ -122,7 +122,8 @@ def _solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list
     return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
 
 
-def _solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
+def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
+    """Least-squares A's for fixed B's, in Q coordinates (the best A lies in the tasks' row space)."""
     Bh = B[b_index]
     num = w.view(-1, 1, 1) * ((Bh.transpose(1, 2) @ fm.B) @ fm.a)  # (T, r', q)
     den = w.view(-1, 1, 1) * (Bh.transpose(1, 2) @ Bh)
@@ -147,13 +148,13 @@ def solve_layout(
         start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
         spaces = row_spaces(fm, w, a_index, start_b)
     a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
-    sol = LayoutSolution(list(a_index), list(b_index), a, _solve_B(fm, w, a, a_index, b_index, k_b))
+    sol = LayoutSolution(list(a_index), list(b_index), a, solve_B(fm, w, a, a_index, b_index, k_b))
     sol.history.append(float(objective(fm, w, sol).sum()))
     if k_a == 1 or k_b == fm.n_tasks:
         return sol
     for _ in range(max_iters):
-        sol.a = _solve_a(fm, w, sol.B, a_index, b_index, k_a)
-        sol.B = _solve_B(fm, w, sol.a, a_index, b_index, k_b)
+        sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        sol.B = solve_B(fm, w, sol.a, a_index, b_index, k_b)
         sol.history.append(float(objective(fm, w, sol).sum()))
         prev, cur = sol.history[-2], sol.history[-1]
         if prev - cur <= tol * max(prev, 1e-30):
@@ -171,7 +172,7 @@ def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, f
     a_q = Aq @ fm.Q  # coordinates inside span(Q); the rest of Aq is orthogonal to every dW_t
     gram = Aq @ Aq.transpose(1, 2)
     k_b = max(sol.b_index) + 1
-    B = _solve_B(fm, w, a_q, sol.a_index, sol.b_index, k_b, gram=gram)
+    B = solve_B(fm, w, a_q, sol.a_index, sol.b_index, k_b, gram=gram)
     B_st = [StoredFactor.encode(B[h].float(), fmt, transposed=True) for h in range(k_b)]
     Bq = torch.stack([s.values() for s in B_st]).to(DTYPE)
     err = objective(fm, w, LayoutSolution(sol.a_index, sol.b_index, a_q, Bq))
