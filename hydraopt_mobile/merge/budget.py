@@ -18,17 +18,17 @@ class Budget:
     nbytes: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Budget":
+    def parse(cls, text: str, option: str = "--budget") -> "Budget":
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
         if not m:
-            raise UserError(f"--budget {text!r}: give a fraction like 0.5 or a size like 12MB")
+            raise UserError(f"{option} {text!r}: give a fraction like 0.5 or a size like 12MB")
         value, unit = float(m[1]), m[2].upper()
         if not unit:
             if not 0 < value <= 1:
-                raise UserError(f"--budget {text!r}: a fraction must be in (0, 1]; add a unit (e.g. 12MB) for bytes")
+                raise UserError(f"{option} {text!r}: a fraction must be in (0, 1]; add a unit (e.g. 12MB) for bytes")
             return cls(fraction=value)
         if unit not in _UNITS:
-            raise UserError(f"--budget {text!r}: unknown unit {m[2]!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+            raise UserError(f"{option} {text!r}: unknown unit {m[2]!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
         return cls(nbytes=int(value * _UNITS[unit]))
 
     def resolve(self, reference_bytes: int) -> int:
