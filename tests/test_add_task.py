@@ -74,10 +74,15 @@ def shared_a_bundle(tmp_path, request):
     return out, facs, old
 
 
+def opened(bundle, tmp_path, name="oscar"):
+    """The bundle's manifest and bank, and the planted task left out of it as ``name``."""
+    out, facs, _ = bundle
+    manifest, bank = open_bundle(out)
+    return manifest, bank, adapter_set(tmp_path / "new", facs[4:], [name])
+
+
 def test_option_errors_are_exact(shared_a_bundle, tmp_path):
-    out, facs, old = shared_a_bundle
-    _, bank = open_bundle(out)
-    new = adapter_set(tmp_path / "new", facs[4:], ["oscar"])
+    _, bank, new = opened(shared_a_bundle, tmp_path)
     name = new.module_names[0]
     module, target = bank.modules[name], new.tasks[0].modules[name]
     opts = module_options(module, bank.tasks, target, 1.0, 0)
@@ -98,9 +103,8 @@ def test_option_errors_are_exact(shared_a_bundle, tmp_path):
 
 @pytest.mark.parametrize("name", ["alpha", "zulu"])  # sorts before / after every existing task
 def test_add_keeps_existing_files_byte_identical(shared_a_bundle, tmp_path, name):
-    out, facs, old = shared_a_bundle
-    manifest, bank = open_bundle(out)
-    new = adapter_set(tmp_path / "new", facs[4:], [name])
+    out, _, old = shared_a_bundle
+    manifest, bank, new = opened(shared_a_bundle, tmp_path, name)
     fp16 = new.reference_file_bytes()
     grown, report = add_tasks(bank, new, allowance_bytes=fp16 * 3 // 4)
     out2 = write_bundle(grown, tmp_path / "bundle2", unchanged=manifest["files"])
@@ -125,9 +129,7 @@ def test_add_keeps_existing_files_byte_identical(shared_a_bundle, tmp_path, name
 
 
 def test_zero_allowance_uses_resident_factors_only(shared_a_bundle, tmp_path):
-    out, facs, _ = shared_a_bundle
-    manifest, bank = open_bundle(out)
-    new = adapter_set(tmp_path / "new", facs[4:], ["oscar"])
+    manifest, bank, new = opened(shared_a_bundle, tmp_path)
     grown, (row,) = add_tasks(bank, new, allowance_bytes=0)
     assert row.file_bytes == 0 and set(row.choices) <= {NOTHING, RESIDENT}
     out2 = write_bundle(grown, tmp_path / "b2", unchanged=manifest["files"])
