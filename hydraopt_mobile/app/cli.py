@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -161,6 +162,34 @@ def unpack(
         bank = load_bundle(bundle)
         write_peft_folder(bank.task_factors(task), out, bank.fingerprint.get("base_model"), overwrite, inputs=[bundle])
     console.print(f"wrote {out} (PEFT LoRA, loads with peft.PeftModel.from_pretrained)")
+
+
+@app.command("add")
+def add_cmd(
+    bundle: Path = typer.Argument(..., help="bundle to add tasks to (read only: every file of it stays byte-identical)"),
+    adapters: list[str] = typer.Argument(..., help="new adapter folders, PATH or NAME=PATH"),
+    out: Path = typer.Option(..., "--out", help="bundle folder to write: BUNDLE's files as they are, the new tasks' files, a new manifest"),
+    allowance: Optional[str] = typer.Option(None, "--allowance", help="file bytes the new tasks' files may take: a fraction of their fp16 file bytes (0.08) or a size (200KB); default: the bundle's own storage fraction"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="treat bundle modules an adapter lacks as zero updates"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Add tasks to a bundle without changing its files: each new task uses the bundle's shared
+    factors where they fit and its own new file (closed-form least squares, within --allowance)."""
+    from hydraopt_mobile.merge.add import add_to_bundle
+
+    with reported(console):
+        inputs = [bundle, *(parse_task_spec(spec)[1] for spec in adapters)]
+        check_output(out, overwrite, BUNDLE, inputs)
+        limit = Budget.parse(allowance, "--allowance") if allowance is not None else None
+        nbytes, report = add_to_bundle(bundle, load_adapter_set(adapters, allow_missing), out, limit, overwrite, allow_missing)
+    if as_json:
+        print(json.dumps({"bundle": str(out), "allowance_bytes": nbytes, "added": [dataclasses.asdict(r) for r in report]}, indent=1))
+        return
+    table = Table("task", "rel. error", "file bytes", "modules by option", title=f"added to {out} (allowance {nbytes:,} bytes; existing files byte-identical)")
+    for r in report:
+        table.add_row(r.task, f"{r.rel_error:.4f}", f"{r.file_bytes:,}", ", ".join(f"{k}: {n}" for k, n in r.choices.items()))
+    console.print(table)
 
 
 @app.command()
