@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
-from hydraopt_mobile.atomic import write_text_atomic
+from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.checksum import sha256_file
 from hydraopt_mobile.formats import NumberFormat
@@ -130,7 +130,7 @@ def main() -> None:
             }
             tasks_done = [r for r in data["records"] if "task" in r] + [rec]
             data["records"] = tasks_done + summaries(tasks_done)
-            write_text_atomic(OUT, json.dumps(data, indent=1))
+            write_record(OUT, data)
             print(f"{time.strftime('%H:%M:%S')} {init} {task}: added {rec['added_score']:.2f} own {rec['own_score']:.2f} remerge {rec['remerge_score']:.2f} (err {row.rel_error:.3f} vs {rec['remerge_rel_error']:.3f}, {row.choices}, {merge_s:.0f}s)", flush=True)
     write_reports(data)
 
@@ -165,29 +165,38 @@ def meta(threads: int) -> dict:
     }
 
 
+def _ci(s: dict, key: str) -> str:
+    low, high = s[key + "_ci95"]
+    return f"{s[key]:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def write_reports(data: dict) -> None:
+    """add_task.json with add_task.md (tables) and add_task.png (scores per task) beside it."""
     rows = [r for r in data["records"] if "task" in r]
+    summaries_ = [r for r in data["records"] if r.get("summary")]
     lines = ["# Adding a task to a deployed bank (leave one out, T = 12)", "", data["meta"].get("budget", ""), ""]
-    lines += ["| init | fraction | avg added | avg own | avg re-merge | gap vs own % [95 % CI] | gap vs re-merge % [95 % CI] |", "|---|---:|---:|---:|---:|---|---|"]
-    for s in (r for r in data["records"] if r.get("summary")):
-        ci = lambda k: f"{s[k]:+.2f} [{s[k + '_ci95'][0]:+.2f}, {s[k + '_ci95'][1]:+.2f}]"  # noqa: E731
-        lines.append(f"| {s['init']} ({s['n_tasks']} tasks) | {s['fraction']} | {s['avg_added_score']:.2f} | {s['avg_own_score']:.2f} | {s['avg_remerge_score']:.2f} | {ci('rel_gap_own_pct')} | {ci('rel_gap_remerge_pct')} |")
-    lines += ["", "Positive gap: the added task scores below the reference. Per task:", ""]
-    lines += ["| init | fraction | task | added | own | re-merge | rel. error added | rel. error re-merge | added file bytes | modules on resident factors | 11-task bank sharing |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        sharing = ", ".join(f"{k} {v}" for k, v in r["bank11_sharing"].items())
-        lines.append(f"| {r['init']} | {r['fraction']} | {r['task']} | {r['added_score']:.2f} | {r['own_score']:.2f} | {r['remerge_score']:.2f} | {r['added_rel_error']:.3f} | {r['remerge_rel_error']:.3f} | {r['added_file_bytes']:,} | {r['modules_on_resident_factors']} | {sharing} |")
-    write_text_atomic(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
-    plot(rows)
+    lines += markdown_table(
+        ["init", "tasks", "fraction", "avg added", "avg own", "avg re-merge", "gap vs own % [95 % CI]", "gap vs re-merge % [95 % CI]"],
+        ([s["init"], s["n_tasks"], s["fraction"], s["avg_added_score"], s["avg_own_score"], s["avg_remerge_score"], _ci(s, "rel_gap_own_pct"), _ci(s, "rel_gap_remerge_pct")] for s in summaries_),
+        "lrrrrrll",
+    )
+    lines += ["", "Positive gap: the added tasks' average is below the reference's. Per task (11-task bank sharing: its modules by layout):", ""]
+    lines += markdown_table(
+        ["init", "fraction", "task", "added", "own", "re-merge", "rel. error added", "rel. error re-merge", "added file bytes", "modules on resident factors", "11-task bank sharing"],
+        (
+            [r["init"], r["fraction"], r["task"], r["added_score"], r["own_score"], r["remerge_score"], r["added_rel_error"], r["remerge_rel_error"], r["added_file_bytes"], r["modules_on_resident_factors"], ", ".join(f"{k} {v}" for k, v in r["bank11_sharing"].items())]
+            for r in rows
+        ),
+        "lrlrrrrrrrl",
+    )
+    write_record(OUT, data, "\n".join(lines) + "\n", lambda png: plot(rows, png))
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from hydraopt_mobile.atomic import atomic_file
 
     panels = list(dict.fromkeys((r["init"], r["fraction"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
@@ -201,8 +210,7 @@ def plot(rows: list[dict]) -> None:
         ax.set_title(f"{init}, {fraction} of fp16 bytes")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(OUT.with_suffix(".png")) as tmp:
-        fig.savefig(tmp, dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
