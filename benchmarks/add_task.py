@@ -206,11 +206,9 @@ def plot(rows: list[dict], png: Path) -> None:
         for k, (key, label) in enumerate((("own_score", "own adapter (fp16)"), ("remerge_score", "re-merge of 12"), ("added_score", "added to the 11-task bank"))):
             ax.bar([i + (k - 1) * 0.27 for i in x], [r[key] for r in sub], width=0.27, label=label)
         ax.set_xticks(list(x), [r["task"] for r in sub], rotation=60, ha="right")
-        ax.set_ylabel("test score")
-        ax.set_title(f"{init}, {fraction} of fp16 bytes")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+        ax.set(ylabel="test score", title=f"{init}, {fraction} of fp16 bytes")
+    axes[0][0].legend(fontsize=8)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
