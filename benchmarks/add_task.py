@@ -85,7 +85,7 @@ def main() -> None:
     def scores(bank_factors: dict, names: list[str]) -> dict[str, list[float]]:
         predictions: dict[str, list[str]] = {}
         specs = [suite[n] for n in names]
-        evaluate(specs, bank_factors, model, tokenizer, threads=args.threads, cache=answers, predictions=predictions)
+        evaluate(specs, bank_factors, model, tokenizer, cache=answers, predictions=predictions)
         return {n: per_example(suite[n], predictions[n]) for n in names}
 
     for init, half in [(i, h) for h in ([False, True] if args.half else [False]) for i in args.init or list(ADAPTERS)]:
