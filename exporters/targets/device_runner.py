@@ -158,65 +158,101 @@ class BankSlots:
         self.tasks: list = manifest["tasks"]
         self.slots: dict = {name: tuple(shape) for name, shape in manifest["slots"]}
         self.bank: dict = manifest["bank"]
-        self.shared: dict = {}
+        # Where every slot of every task comes from, worked out once (a load then only decodes):
+        # per task, its own factors (slot, kind, key prefix, format, length, rank) and the shared
+        # factors it uses (slot, kind, (module, kind, index)); slots in neither stay zero.
+        self._own: list = [[] for _ in self.tasks]
+        self._uses: list = [[] for _ in self.tasks]
+        self._in_shared: list = []  # (module, kind, index, key prefix, format, length, rank)
+        for m, (name, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
+            layout = self.bank["layouts"][layout_id]
+            for kind, slot, length in (("A", "lora_a", d_in), ("B", "lora_b", d_out)):
+                index, ranks = layout[kind.lower() + "_index"], layout[kind.lower() + "_ranks"]
+                for i, rank in enumerate(ranks):
+                    users = [t for t, g in enumerate(index) if g == i]
+                    if not rank or not users:
+                        continue
+                    if len(users) == 1:
+                        self._own[users[0]].append((f"{name}.{slot}", kind, f"{m}.{kind}.", layout["format"], length, rank))
+                    else:
+                        self._in_shared.append((m, kind, i, f"{m}.{kind}{i}.", layout["format"], length, rank))
+                        for t in users:
+                            self._uses[t].append((f"{name}.{slot}", kind, (m, kind, i)))
+        self.shared: dict = {}  # (module, kind, index) -> the factor decoded into its slot's shape
+        self._zeros: dict = {}  # shape -> one read-only zero array
 
     def load_shared(self, path: str | None) -> None:
         """Decode every factor of the shared file at ``path`` (None: the bank has none)."""
-        tensors = read_safetensors(path) if path else {}
-        for m, kind, i, key, label, length, rank in self._factors(None):
-            self.shared[(m, kind, i)] = self._decode(tensors, key, path, label, length, rank)
+        parts = _by_prefix(read_safetensors(path)) if path else {}
+        slot_of = {source: slot for uses in self._uses for slot, _, source in uses}
+        for m, kind, i, key, label, length, rank in self._in_shared:
+            slot = slot_of[(m, kind, i)]
+            self.shared[(m, kind, i)] = self._into_slot(self._decode(parts, key, path, label, length, rank), slot, kind)
 
     def task_slots(self, task: str, path: str | None) -> dict:
-        """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none)."""
-        import numpy as np
+        """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none).
 
-        tensors = read_safetensors(path) if path else {}
+        Slots that come from the shared file (and zero slots) are the same arrays for every task
+        that uses them: a runtime feeds or copies them and never writes into them."""
         t = self.tasks.index(task)
-        out = {name: np.zeros(shape, dtype=np.float32) for name, shape in self.slots.items()}
-        own = {(m, kind): (key, label, length, rank) for m, kind, i, key, label, length, rank in self._factors(t)}
-        for m, (name, _, _, layout_id) in enumerate(self.bank["modules"]):
-            layout = self.bank["layouts"][layout_id]
-            for kind, slot in (("A", "lora_a"), ("B", "lora_b")):
-                i = layout[kind.lower() + "_index"][t]
-                if not layout[kind.lower() + "_ranks"][i]:
-                    continue
-                if (m, kind) in own:
-                    key, label, length, rank = own[(m, kind)]
-                    vectors = self._decode(tensors, key, path, label, length, rank)
-                else:
-                    vectors = self.shared[(m, kind, i)]
-                target = out[f"{name}.{slot}"]
-                if kind == "A":
-                    target[: vectors.shape[0]] = vectors
-                else:
-                    target[:, : vectors.shape[0]] = vectors.T
+        parts = _by_prefix(read_safetensors(path)) if path else {}
+        out = {slot: self._zero(slot) for slot in self.slots}
+        for slot, kind, source in self._uses[t]:
+            out[slot] = self.shared[source]
+        for slot, kind, key, label, length, rank in self._own[t]:
+            out[slot] = self._into_slot(self._decode(parts, key, path, label, length, rank), slot, kind)
+        unexpected = set(parts) - {key for _, _, key, *_ in self._own[t]}
+        if unexpected:
+            raise Refused(f"{path}: tensors {sorted(unexpected)[0]}* are not factors of task {task!r}")
         return out
 
-    def _factors(self, task: int | None):
-        """(module index, kind, factor index, key prefix, format, vector length, rank) of every stored
-        factor in ``task``'s own file (``None``: in the shared file)."""
-        for m, (_, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
-            layout = self.bank["layouts"][layout_id]
-            for kind, length in (("A", d_in), ("B", d_out)):
-                index = layout[kind.lower() + "_index"]
-                for i, rank in enumerate(layout[kind.lower() + "_ranks"]):
-                    users = [t for t, g in enumerate(index) if g == i]
-                    if not rank or (len(users) == 1) != (task is not None) or (task is not None and users != [task]):
-                        continue
-                    key = f"{m}.{kind}." if task is not None else f"{m}.{kind}{i}."
-                    yield m, kind, i, key, layout["format"], length, rank
+    def _zero(self, slot: str):
+        """The zero slot (modules the bank leaves to the base model), one array per shape."""
+        import numpy as np
+
+        shape = self.slots[slot]
+        if shape not in self._zeros:
+            self._zeros[shape] = np.zeros(shape, dtype=np.float32)
+        return self._zeros[shape]
+
+    def _into_slot(self, vectors, slot: str, kind: str):
+        """Component vectors (rank, length) as the slot's array: A (R, d_in) rows, B (d_out, R)
+        columns, zero-padded where the factor's rank is below the signature's R (``B A`` unchanged)."""
+        import numpy as np
+
+        shape = self.slots[slot]
+        rank = vectors.shape[0]
+        full = shape[0] if kind == "A" else shape[1]
+        if rank == full:
+            value = np.ascontiguousarray(vectors if kind == "A" else vectors.T, dtype=np.float32)
+        else:
+            value = np.zeros(shape, dtype=np.float32)
+            if kind == "A":
+                value[:rank] = vectors
+            else:
+                value[:, :rank] = vectors.T
+        return value
 
     @staticmethod
-    def _decode(tensors: dict, prefix: str, path: str | None, label: str, length: int, rank: int):
-        """The factor stored under ``prefix`` in ``tensors``, decoded and checked to be (rank, length)."""
-        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    def _decode(parts: dict, prefix: str, path: str | None, label: str, length: int, rank: int):
+        """The factor stored under ``prefix``, decoded and checked to be (rank, length)."""
+        found = parts.get(prefix, {})
         want = {"w": ("<f2",)} if label == "fp16" else {"q": ("i1", "u1"), "scale": ("<f2",)}
-        if set(parts) != set(want) or any(parts[k].dtype.str.lstrip("|") not in want[k] or parts[k].ndim != 2 for k in want):
+        if set(found) != set(want) or any(found[k].dtype.str.lstrip("|") not in want[k] or found[k].ndim != 2 for k in want):
             raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of this bank")
-        vectors = decode_factor(parts, label, length)
+        vectors = decode_factor(found, label, length)
         if vectors.shape != (rank, length):
             raise Refused(f"{path}: {prefix}* decodes to {list(vectors.shape)}, the bank's layout says {[rank, length]}")
         return vectors
+
+
+def _by_prefix(tensors: dict) -> dict:
+    """``{"3.A.q": x}`` -> ``{"3.A.": {"q": x}}``: one pass over a file's keys."""
+    out: dict = {}
+    for key, value in tensors.items():
+        prefix, _, part = key.rpartition(".")
+        out.setdefault(prefix + ".", {})[part] = value
+    return out
 
 
 def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:

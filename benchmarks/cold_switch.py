@@ -1,0 +1,53 @@
+"""Cold task switch on existing exports: per task, the median of 5 (verify, read and decode the
+task's own file, activate), then the median over tasks; the same measurement as export_reuse.py's
+``task_load_ms``, without re-exporting.
+
+    python benchmarks/cold_switch.py out/export_reuse/onnx-fp32-reused out/export_reuse/executorch-8da4w-reused
+
+Writes benchmarks/results/cold_switch.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.export_reuse import cold_switch_ms  # noqa: E402
+from exporters.manifest import Manifest  # noqa: E402
+from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "cold_switch.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("exports", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    records = []
+    for folder in args.exports:
+        m = Manifest.read(folder)
+        per_task = cold_switch_ms(folder)
+        records.append({"export": folder.name, "runtime": m.runtime, "quant": m.quant, "tasks": len(per_task),
+                        "task_load_ms_median": round(statistics.median(per_task.values()), 3),
+                        "task_load_ms": {t: round(v, 3) for t, v in per_task.items()}})
+        print(records[-1]["export"], records[-1]["task_load_ms_median"], flush=True)
+    meta = {"machine": platform.machine(), "threads": 1,
+            "task_load_ms": "load_task + set_task on a task not loaded before: verify (size, SHA-256), read, numpy-decode its own file "
+                            "into every slot, activate; median of 5 per task, then median over tasks"}
+    table = markdown_table(["export", "runtime", "quant", "tasks", "task_load_ms median"],
+                           [[r["export"], r["runtime"], r["quant"], r["tasks"], r["task_load_ms_median"]] for r in records])
+    write_record(args.out, {"meta": meta, "records": records}, "\n".join(["# Cold task switch on existing exports", "", *table, ""]))
+
+
+if __name__ == "__main__":
+    main()
