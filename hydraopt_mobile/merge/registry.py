@@ -18,6 +18,7 @@ from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
 from hydraopt_mobile.merge import baselines
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.budgeted import HydraOptParams, build_hydraopt, build_per_task
+from hydraopt_mobile.merge.compeft import ComPeftParams, build_compeft
 from hydraopt_mobile.merge.method import Build, MethodParams, NoParams, OnStep, Storage
 
 
@@ -65,6 +66,14 @@ METHODS: dict[str, MergeMethod] = {
             "each adapter compressed on its own (rank 1..r, fp16/int8/int4 per module) under a storage budget; nothing shared",
             "the alternative every user has; the same planner as hydraopt restricted to k_A = k_B = T",
             build_per_task,
+            budgeted=True,
+        ),
+        MergeMethod(
+            "compeft",
+            "each adapter's factors sparsified to their largest values, stored as signs + one scale (density from --budget); nothing shared",
+            "Yadav et al., ComPEFT (arXiv 2311.13171); applied to the LoRA factors, least-squares scale",
+            build_compeft,
+            ComPeftParams,
             budgeted=True,
         ),
         MergeMethod("task-arithmetic", "lambda * sum of task updates, re-factorised to rank r", "Ilharco et al., ICLR 2023 (arXiv 2212.04089)", baselines.dense_rule(baselines.task_arithmetic), baselines.TaskArithmeticParams),
