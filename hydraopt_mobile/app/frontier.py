@@ -22,6 +22,7 @@ from typing import Callable
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
@@ -33,7 +34,9 @@ from .records import markdown_table, write_record
 SCHEMA = 2  # records of schema 1 (payload bytes) are not comparable and are dropped on resume
 BASELINES = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")
 FORMATS = ("fp16", "int8", "int4")
-BUDGETED = tuple(m.name for m in METHODS.values() if m.budgeted)  # hydraopt, per-task
+BUDGETED = tuple(m.name for m in METHODS.values() if m.budgeted)  # hydraopt, per-task, compeft
+PLANNED = ("hydraopt", "per-task")  # the planner's methods: every budget, and with calibration
+PER_TASK_RIVALS = ("per-task", "compeft")  # compressing each adapter on its own: what sharing must beat
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,23 @@ class Point:
     budget: float | None = None
     fmt: str | None = None
     at: str | None = None
+    calibration: bool = False  # the data-aware objective (suite calibration texts)
 
     def key(self, init: str) -> tuple:
-        return (self.method, self.budget, self.fmt or "auto", self.at, init)
+        return (self.method, self.budget, self.fmt or "auto", self.at, init, self.calibration)
 
 
 def default_points(n_tasks: int) -> list[Point]:
-    """Ordered by importance, so that a run cut short still has the references, both budgeted
-    methods at 1/T, and the fp16 baselines."""
+    """Ordered by importance, so that a run cut short still has the references, the budgeted
+    methods at 1/T and 1/(2T) (the planner's with and without calibration), and the fp16 baselines."""
     one_adapter, half = round(1.0 / n_tasks, 4), round(0.5 / n_tasks, 4)
     points = [Point("none", fmt=f) for f in FORMATS]
     points += [Point(m, one_adapter) for m in BUDGETED]
+    points += [Point(m, b, calibration=True) for b in (one_adapter, half) for m in PLANNED]
+    points += [Point("compeft", half)]
     points += [Point(b, fmt="fp16") for b in BASELINES]
-    points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in BUDGETED]
-    points += [Point(m, b) for b in (half, 0.15, 0.3, 0.52) for m in BUDGETED]
+    points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in PLANNED]
+    points += [Point(m, b) for b in (half, 0.15, 0.3, 0.52) for m in PLANNED]
     points += [Point(b, fmt=f) for f in ("int4", "int8") for b in BASELINES]
     return points
 
@@ -73,18 +79,22 @@ def budget_of(adapters: AdapterSet, point: Point) -> Budget:
     return Budget(nbytes=baseline_bytes(adapters, point.at)) if point.at else Budget(fraction=point.budget)
 
 
-def banks_for(adapters: AdapterSet, points: list[Point]) -> Callable[[Point], MergedBank | InfeasibleBudget]:
-    """A lookup that merges lazily: the budgeted points of one (method, format) share one pass over
-    the planner's candidates; fixed-storage methods merge per point."""
+def banks_for(adapters: AdapterSet, points: list[Point], calibrate: Callable[[], Calibration] | None = None) -> Callable[[Point], MergedBank | InfeasibleBudget]:
+    """A lookup that merges lazily: the budgeted points of one (method, format, calibration) share
+    one pass over the planner's candidates; fixed-storage methods merge per point. ``calibrate()``
+    gives the calibration of the points that ask for it."""
     cache: dict[Point, MergedBank | InfeasibleBudget] = {}
 
     def get(point: Point) -> MergedBank | InfeasibleBudget:
         if point not in cache:
             fmt = NumberFormat.parse(point.fmt) if point.fmt else None
             if point.method in BUDGETED:
-                same = [p for p in points if (p.method, p.fmt) == (point.method, point.fmt)]
+                same = [p for p in points if (p.method, p.fmt, p.calibration) == (point.method, point.fmt, point.calibration)]
+                if point.calibration and calibrate is None:
+                    raise ValueError(f"{point}: needs calibration, none given")
+                config = MergeConfig(point.method, fmt=fmt, calibration=calibrate() if point.calibration and calibrate else None)
                 with progress_bar(f"{point.method}: modules") as on_step:
-                    banks = merge_budgets(adapters, MergeConfig(point.method, fmt=fmt), [budget_of(adapters, p) for p in same], on_step, strict=False)
+                    banks = merge_budgets(adapters, config, [budget_of(adapters, p) for p in same], on_step, strict=False)
                 cache.update(zip(same, banks))
             else:
                 cache[point] = merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")))
@@ -102,6 +112,7 @@ def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[f
         "at": point.at,
         "format": point.fmt or "auto",
         "init": init,
+        "calibration": point.calibration,
         "plan": plan_label(bank),
         "file_bytes": bank.total_file_bytes(),
         "reference_file_bytes": bank.reference_file_bytes,
@@ -119,11 +130,11 @@ def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[f
 
 
 def infeasible_record(point: Point, init: str, error: InfeasibleBudget) -> dict:
-    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "infeasible": str(error)}
+    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "calibration": point.calibration, "infeasible": str(error)}
 
 
 def record_key(r: dict) -> tuple:
-    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"])
+    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"], r.get("calibration", False))
 
 
 def load_records(path: Path) -> list[dict]:
@@ -137,14 +148,14 @@ def save_records(path: Path, records: list[dict], meta: dict) -> None:
     write_record(path, {"meta": meta | {"schema": SCHEMA}, "records": records})
 
 
-def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None, calibrate: Callable[[], Calibration] | None = None) -> list[dict]:
     """Measure every point not yet in ``out`` (resumable); ``evaluate_bank(bank) -> task -> per-example scores``."""
     records = load_records(out)
     done = {record_key(r) for r in records}
     todo = [p for p in points if p.key(init) not in done]
     ref = next((r for r in records if (r["method"], r["format"], r["init"]) == ("none", "fp16", init)), None)
     reference = ref["examples"] if ref else None
-    bank_of = banks_for(adapters, todo)
+    bank_of = banks_for(adapters, todo, calibrate)
     for point in todo:
         bank = bank_of(point)
         if isinstance(bank, InfeasibleBudget):

@@ -13,6 +13,7 @@ from typing import Mapping
 
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.bank import MergedBank, MergedModule
+from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
 from hydraopt_mobile.merge import baselines
@@ -30,6 +31,7 @@ class MergeMethod:
     build: Build
     params: type[MethodParams] = NoParams
     budgeted: bool = False  # True: storage follows --budget; False: fixed storage (one adapter, or all)
+    data_aware: bool = False  # True: takes --calibration (its build accepts ``calibration=``)
 
     def parameters(self) -> tuple[dataclasses.Field, ...]:
         """The parameter fields (name, default, ``metadata["help"]``), in order."""
@@ -48,6 +50,7 @@ class MergeConfig:
     budget: Budget | None = None
     group_size: int = 32  # int4 group size when hydraopt chooses formats itself
     params: Mapping[str, object] | MethodParams = field(default_factory=dict)
+    calibration: Calibration | None = None  # the data-aware objective (calibration.py); None: data-free
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -60,6 +63,7 @@ METHODS: dict[str, MergeMethod] = {
             build_hydraopt,
             HydraOptParams,
             budgeted=True,
+            data_aware=True,
         ),
         MergeMethod(
             "per-task",
@@ -67,6 +71,7 @@ METHODS: dict[str, MergeMethod] = {
             "the alternative every user has; the same planner as hydraopt restricted to k_A = k_B = T",
             build_per_task,
             budgeted=True,
+            data_aware=True,
         ),
         MergeMethod(
             "compeft",
@@ -122,7 +127,15 @@ def _merge(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budge
     params = _params(method, config.params)
     storage = _storage(method, config, budgets)
     given = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
-    built = method.build(adapters, params, storage, on_step)
+    if config.calibration is None:
+        built = method.build(adapters, params, storage, on_step)
+    elif not method.data_aware:
+        raise UserError(f"--calibration applies to {', '.join(m.name for m in METHODS.values() if m.data_aware)}; {method.name!r} does not use data")
+    elif config.calibration.tasks != adapters.task_names:
+        raise UserError(f"--calibration: collected for tasks {config.calibration.tasks}, merging {adapters.task_names}")
+    else:
+        built = method.build(adapters, params, storage, on_step, calibration=config.calibration)
+        given["calibration_tokens"] = config.calibration.tokens
     if not method.budgeted:
         return [_bank(adapters, method, given | {"format": storage.formats[0].label()}, built[0])]
     recorded = given | {"formats": [f.label() for f in storage.formats]}
