@@ -199,35 +199,24 @@ def solve_layout(
     coordinates whitened by the mean moment (``white``, factored.whitened; ``spaces`` then belong
     to it) is the start, and ALS on the data-aware objective follows for every grouping."""
     w = weights.to(DTYPE)
+    k_a, k_b = max(a_index) + 1, max(b_index) + 1
     if fm.S is not None:
         white = white if white is not None else whitened(fm, w)
-        start = solve_layout(white, w, a_index, b_index, rank, max_iters, tol, spaces)
-        return _als_calibrated(fm, w, unwhiten(white, start.a), a_index, b_index, max_iters, tol)
-    k_a, k_b = max(a_index) + 1, max(b_index) + 1
-    if spaces is None:
-        start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
-        spaces = row_spaces(fm, w, a_index, start_b)
-    a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
+        a = unwhiten(white, solve_layout(white, w, a_index, b_index, rank, max_iters, tol, spaces).a)
+    else:
+        if spaces is None:
+            start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
+            spaces = row_spaces(fm, w, a_index, start_b)
+        a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
     sol = LayoutSolution(list(a_index), list(b_index), a, solve_B(fm, w, a, a_index, b_index, k_b))
     sol.history.append(float(objective(fm, w, sol).sum()))
-    if k_a == 1 or k_b == fm.n_tasks:
+    if fm.S is None and (k_a == 1 or k_b == fm.n_tasks):
         return sol
     for _ in range(max_iters):
-        sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
-        sol.B = solve_B(fm, w, sol.a, a_index, b_index, k_b)
-        sol.history.append(float(objective(fm, w, sol).sum()))
-        prev, cur = sol.history[-2], sol.history[-1]
-        if prev - cur <= tol * max(prev, 1e-30):
-            break
-    return sol
-
-
-def _als_calibrated(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], max_iters: int, tol: float) -> LayoutSolution:
-    k_a, k_b = max(a_index) + 1, max(b_index) + 1
-    sol = LayoutSolution(list(a_index), list(b_index), a, solve_B(fm, w, a, a_index, b_index, k_b))
-    sol.history.append(float(objective(fm, w, sol).sum()))
-    for _ in range(max_iters):
-        sol.a = _solve_a_calibrated(fm, w, sol.B, sol.a, a_index, b_index, k_a)
+        if fm.S is None:
+            sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        else:
+            sol.a = _solve_a_calibrated(fm, w, sol.B, sol.a, a_index, b_index, k_a)
         sol.B = solve_B(fm, w, sol.a, a_index, b_index, k_b)
         sol.history.append(float(objective(fm, w, sol).sum()))
         prev, cur = sol.history[-2], sol.history[-1]
