@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet
+from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import DTYPE, factor_space
 
@@ -51,6 +52,20 @@ class Calibration:
             fm = factor_space(adapters.factors(name), self.modules[name])
             totals += fm.sq_norms.double()
         return totals
+
+
+def relative_errors(bank: MergedBank, adapters: AdapterSet, calibration: Calibration, modules: list[str] | None = None) -> dict[str, float]:
+    """Per task ``sqrt(sum_m ||(dW_t - dW^_t) X_t^T||^2 / sum_m ||dW_t X_t^T||^2)`` over ``modules``
+    (default all): the data-aware counterpart of :meth:`MergedBank.relative_errors`."""
+    from hydraopt_mobile.merge.solver import stored_error
+
+    T = len(adapters.tasks)
+    err, ref = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
+    for name in modules or adapters.module_names:
+        fm = factor_space(adapters.factors(name), calibration.modules[name])
+        err += stored_error(fm, torch.ones(T, dtype=DTYPE), bank.modules[name]).double()
+        ref += fm.sq_norms.double()
+    return {task: float((err[t] / ref[t]).sqrt()) if ref[t] > 0 else 0.0 for t, task in enumerate(adapters.task_names)}
 
 
 def read_texts(folder: Path, tasks: list[str]) -> dict[str, list[str]]:
