@@ -173,38 +173,44 @@ def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_
 
 
 def sharing_verdicts(records: list[dict]) -> list[dict]:
-    """Per init and budget: HydraOpt against per-task compression at the same budget (same bytes
-    within the planner's rounding), as a paired difference over the same examples; where per-task
-    compression cannot reach the bytes at all, that is the verdict."""
+    """Per init and budget: HydraOpt against each way of compressing every adapter on its own
+    (per-task compression with the same objective, ComPEFT) at the same budget (same bytes within
+    the planner's rounding), as a paired difference over the same examples; where the rival cannot
+    reach the bytes at all, that is the verdict."""
     out = []
     for h in (r for r in records if r["method"] == "hydraopt" and r["format"] == "auto" and "examples" in r):
-        p = next((r for r in records if r["method"] == "per-task" and r["format"] == "auto" and (r["budget"], r.get("at"), r["init"]) == (h["budget"], h.get("at"), h["init"])), None)
-        if p is None:
-            continue
-        row = {
-            "init": h["init"],
-            "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
-            "hydraopt_fraction": h["storage_fraction"],
-            "hydraopt_score": h["avg_score"],
-            "hydraopt_shares": h["layout_summary"]["sharing"],
-        }
-        if "infeasible" in p:
-            out.append(row | {"per_task_fraction": None, "per_task_score": None, "hydraopt_minus_per_task": None, "ci95": None, "verdict": "only sharing fits: " + p["infeasible"].split(": ", 1)[-1]})
-            continue
-        diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below per-task
-        low, high = diff["drop_points_ci95"]
-        if h["plan"] == NO_SHARING and h["examples"] == p["examples"]:
-            verdict = "same answers: HydraOpt's plan shares nothing here"
-        else:
-            verdict = "HydraOpt ahead" if high < 0 else "per-task ahead" if low > 0 else "no clear difference"
-        out.append(row | {
-            "per_task_fraction": p["storage_fraction"],
-            "per_task_score": p["avg_score"],
-            "hydraopt_minus_per_task": -diff["drop_points"],
-            "ci95": [-high, -low],
-            "verdict": verdict,
-        })
-    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"]))
+        calibrated = h.get("calibration", False)
+        for rival in PER_TASK_RIVALS:
+            want = (rival, "auto", h["budget"], h.get("at"), h["init"], calibrated and rival == "per-task")
+            p = next((r for r in records if (r["method"], r["format"], r["budget"], r.get("at"), r["init"], r.get("calibration", False)) == want), None)
+            if p is None:
+                continue
+            row = {
+                "init": h["init"],
+                "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
+                "calibration": calibrated,
+                "rival": rival + (" (calibrated)" if want[-1] else ""),
+                "hydraopt_fraction": h["storage_fraction"],
+                "hydraopt_score": h["avg_score"],
+                "hydraopt_shares": h["layout_summary"]["sharing"],
+            }
+            if "infeasible" in p:
+                out.append(row | {"rival_fraction": None, "rival_score": None, "hydraopt_minus_rival": None, "ci95": None, "verdict": "only sharing fits: " + p["infeasible"].split(": ", 1)[-1]})
+                continue
+            diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below the rival
+            low, high = diff["drop_points_ci95"]
+            if h["plan"] == NO_SHARING and h["examples"] == p["examples"]:
+                verdict = "same answers: HydraOpt's plan shares nothing here"
+            else:
+                verdict = "HydraOpt ahead" if high < 0 else f"{rival} ahead" if low > 0 else "no clear difference"
+            out.append(row | {
+                "rival_fraction": p["storage_fraction"],
+                "rival_score": p["avg_score"],
+                "hydraopt_minus_rival": -diff["drop_points"],
+                "ci95": [-high, -low],
+                "verdict": verdict,
+            })
+    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"], v["calibration"], v["rival"]))
 
 
 def _ci(pair: list[float]) -> str:
@@ -216,7 +222,7 @@ def _budget_cell(r: dict) -> str:
 
 
 def _point_row(r: dict) -> list[str]:
-    head = [r["init"], r["method"], _budget_cell(r), r["format"]]
+    head = [r["init"], r["method"] + (" (calibrated)" if r.get("calibration") else ""), _budget_cell(r), r["format"]]
     if "infeasible" in r:
         return head + ["infeasible"] + [""] * 5
     return head + [r["plan"], f"{r['storage_fraction']:.4f}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"{r['rel_drop_pct']:+.2f}", _ci(r["rel_drop_pct_ci95"])]
@@ -225,16 +231,17 @@ def _point_row(r: dict) -> list[str]:
 def _verdict_row(v: dict) -> list[str]:
     budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
     shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
-    if v["per_task_score"] is None:
-        return [v["init"], budget, f"{v['hydraopt_fraction']:.4f} / -", f"{v['hydraopt_score']:.2f}", "-", "", "", v["verdict"], shared]
-    return [v["init"], budget, f"{v['hydraopt_fraction']:.4f} / {v['per_task_fraction']:.4f}", f"{v['hydraopt_score']:.2f}", f"{v['per_task_score']:.2f}",
-            f"{v['hydraopt_minus_per_task']:+.2f}", _ci(v["ci95"]), v["verdict"], shared]
+    head = [v["init"], budget, "calibrated" if v["calibration"] else "data-free", v["rival"]]
+    if v["rival_score"] is None:
+        return head + [f"{v['hydraopt_fraction']:.4f} / -", f"{v['hydraopt_score']:.2f}", "-", "", "", v["verdict"], shared]
+    return head + [f"{v['hydraopt_fraction']:.4f} / {v['rival_fraction']:.4f}", f"{v['hydraopt_score']:.2f}", f"{v['rival_score']:.2f}",
+                   f"{v['hydraopt_minus_rival']:+.2f}", _ci(v["ci95"]), v["verdict"], shared]
 
 
 def frontier_markdown(records: list[dict]) -> str:
-    """frontier.md: every point, then HydraOpt against per-task compression at equal bytes."""
-    order = {"none": 0, "hydraopt": 1, "per-task": 2}
-    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 3), r["method"], r.get("storage_fraction", 0)))
+    """frontier.md: every point, then HydraOpt against each per-task rival at equal bytes."""
+    order = {"none": 0, "hydraopt": 1, "per-task": 2, "compeft": 3}
+    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 4), r["method"], r.get("calibration", False), r.get("storage_fraction", 0)))
     lines = [
         "Storage is file bytes of every tensor file over the same adapters stored as they are in fp16 (one safetensors file per task).",
         "Drops are against one-adapter-per-task fp16 on the same test examples, with 95 % paired bootstrap intervals.",
@@ -247,7 +254,7 @@ def frontier_markdown(records: list[dict]) -> str:
             "",
             "## Does sharing beat compressing each adapter on its own, at equal bytes?",
             "",
-            *markdown_table(["init", "budget", "storage hydraopt / per-task", "hydraopt", "per-task", "difference (pts)", "95 % CI", "verdict", "what hydraopt shared"], map(_verdict_row, verdicts)),
+            *markdown_table(["init", "budget", "hydraopt", "rival", "storage hydraopt / rival", "hydraopt score", "rival score", "difference (pts)", "95 % CI", "verdict", "what hydraopt shared"], map(_verdict_row, verdicts)),
         ]
     return "\n".join(lines) + "\n"
 
@@ -272,10 +279,16 @@ def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] 
             ax.axhline(ref["avg_score"], color="k", ls="--", lw=1, label="one adapter per task (fp16)")
         if base_scores:
             ax.axhline(statistics.mean(base_scores.values()), color="grey", ls=":", lw=1, label="base model")
-        for method, colour, style in (("hydraopt", "C3", "-D"), ("per-task", "C0", "--o")):
-            curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto"), key=lambda r: r["storage_fraction"])
+        curves = (
+            ("hydraopt", False, "C3", "-D", "hydraopt (shared factors)"),
+            ("hydraopt", True, "C1", "-D", "hydraopt, calibrated"),
+            ("per-task", False, "C0", "--o", "per-task compression (nothing shared)"),
+            ("per-task", True, "C9", "--o", "per-task compression, calibrated"),
+            ("compeft", False, "C4", ":v", "ComPEFT (sparse signs, nothing shared)"),
+        )
+        for method, calibrated, colour, style, label in curves:
+            curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto" and r.get("calibration", False) == calibrated), key=lambda r: r["storage_fraction"])
             if curve:
-                label = "hydraopt (shared factors)" if method == "hydraopt" else "per-task compression (nothing shared)"
                 ax.plot([r["storage_fraction"] for r in curve], [r["avg_score"] for r in curve], style, color=colour, lw=2, label=label)
         for r in (r for r in rows if r["method"] == "none"):
             ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers[r["format"]], color="k", s=50, label=f"one adapter per task {r['format']}")
