@@ -67,3 +67,19 @@ def test_compeft_fits_its_budget_round_trips_and_is_not_exported(make_adapters, 
         merge(aset, MergeConfig("compeft", params={"density": 0.9}, budget=budget))
     with pytest.raises(UserError, match="--format does not apply"):
         merge(aset, MergeConfig("compeft", fmt=NumberFormat("int8"), budget=budget))
+
+
+def test_frontier_compares_hydraopt_with_each_per_task_rival_at_the_same_objective():
+    from hydraopt_mobile.app.frontier import sharing_verdicts
+
+    def rec(method, calibration, scores):
+        return {"method": method, "format": "auto", "budget": 0.0833, "at": None, "init": "i", "calibration": calibration, "storage_fraction": 0.08,
+                "avg_score": sum(scores) / len(scores), "plan": "shared factors + per-task tensors", "layout_summary": {"sharing": {"share A": 60}}, "examples": {"t": scores}}
+
+    records = [rec("hydraopt", False, [60.0] * 40), rec("hydraopt", True, [60.0] * 40), rec("per-task", False, [50.0] * 40),
+               rec("per-task", True, [60.0] * 20 + [50.0] * 20), rec("compeft", False, [60.0] * 40)]
+    rows = {(v["calibration"], v["rival"]): v for v in sharing_verdicts(records)}
+    assert set(rows) == {(False, "per-task"), (False, "compeft"), (True, "per-task (calibrated)"), (True, "compeft")}
+    assert rows[(False, "per-task")]["verdict"] == "HydraOpt ahead" and rows[(False, "per-task")]["hydraopt_minus_rival"] == pytest.approx(10.0)
+    assert rows[(True, "per-task (calibrated)")]["rival_score"] == 55.0
+    assert rows[(False, "compeft")]["verdict"] == "no clear difference"
