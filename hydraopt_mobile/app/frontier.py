@@ -213,6 +213,18 @@ def sharing_verdicts(records: list[dict]) -> list[dict]:
     return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"], v["calibration"], v["rival"]))
 
 
+def calibration_gains(records: list[dict]) -> list[dict]:
+    """Per init, method and budget: the calibrated bank against the data-free one, paired over the same examples."""
+    out = []
+    for c in (r for r in records if r.get("calibration") and "examples" in r):
+        free = next((r for r in records if "examples" in r and not r.get("calibration") and record_key(r)[:5] == record_key(c)[:5]), None)
+        if free is not None:
+            diff = paired_drop(free["examples"], c["examples"])  # positive: calibrated below data-free
+            low, high = diff["drop_points_ci95"]
+            out.append({"init": c["init"], "method": c["method"], "budget": c["budget"], "data_free": free["avg_score"], "calibrated": c["avg_score"], "gain": -diff["drop_points"], "ci95": [-high, -low]})
+    return sorted(out, key=lambda g: (g["init"], g["method"], g["budget"]))
+
+
 def _ci(pair: list[float]) -> str:
     return f"[{pair[0]:+.1f}, {pair[1]:+.1f}]"
 
@@ -256,6 +268,10 @@ def frontier_markdown(records: list[dict]) -> str:
             "",
             *markdown_table(["init", "budget", "hydraopt", "rival", "storage hydraopt / rival", "hydraopt score", "rival score", "difference (pts)", "95 % CI", "verdict", "what hydraopt shared"], map(_verdict_row, verdicts)),
         ]
+    gains = calibration_gains(records)
+    if gains:
+        rows = ([g["init"], g["method"], f"{g['budget']:g}", f"{g['data_free']:.2f}", f"{g['calibrated']:.2f}", f"{g['gain']:+.2f}", _ci(g["ci95"])] for g in gains)
+        lines += ["", "## What calibration changed (same method and budget, paired)", "", *markdown_table(["init", "method", "budget", "data-free", "calibrated", "gain (pts)", "95 % CI"], rows)]
     return "\n".join(lines) + "\n"
 
 
