@@ -18,6 +18,7 @@ Two inits in parallel (one core each): run each with its own ``--out``, then
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -30,6 +31,8 @@ from hydraopt_mobile.analysis import write_analysis
 from hydraopt_mobile.atomic import atomic_file, write_text_atomic
 from hydraopt_mobile.app.records import write_record
 from hydraopt_mobile.app.frontier import record_key, default_points, load_records, frontier_markdown, plot_frontier, run_frontier, save_records
+from hydraopt_mobile.calibration import collect
+from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.evaluate import evaluate
 from hydraopt_mobile.suite.metrics import per_example
 from hydraopt_mobile.suite.model import cache_root, load_base_model
@@ -38,6 +41,7 @@ from hydraopt_mobile.suite.tasks import load_suite
 RESULTS = Path(__file__).parent / "results"
 ADAPTERS = Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters"
 INITS = ("shared-seed", "independent-seeds")
+CALIBRATION_PER_TASK = 16  # train-split examples per task for the data-aware points
 
 
 def main() -> None:
@@ -96,7 +100,13 @@ def main() -> None:
             what = "infeasible" if "infeasible" in r else f"{r['storage_fraction']:.4f} -> {r['avg_score']:.2f} ({r['plan']}, {r['eval_seconds']:.0f}s)"
             print(f"{time.strftime('%H:%M:%S')} {init} {r['method']} {budget} {r['format']}: {what}", flush=True)
 
-        run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show)
+        def calibrate(adapters=adapters, suite=suite):
+            t0 = time.perf_counter()
+            cal = collect(model, tokenizer, adapters, calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK))
+            print(f"calibration ({init}): {sum(cal.tokens.values()):,} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
+            return cal
+
+        run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show, calibrate=functools.cache(calibrate))
     write_reports(args.out, base)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import sys
 import tempfile
@@ -37,9 +38,12 @@ from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_
 ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
 
 
+_BUNDLE_NUMBERS = itertools.count()
+
+
 def bank_files_sha(bank, tmp: Path) -> str:
     """SHA-256 over the bank's tensor files as written (names and bytes; the manifest excluded)."""
-    out = tmp / f"bundle-{hashlib.sha1(str(id(bank)).encode()).hexdigest()[:8]}"
+    out = tmp / f"bundle-{next(_BUNDLE_NUMBERS)}"  # not id(bank): ids of collected banks are reused
     write_bundle(bank, out)
     h = hashlib.sha256()
     for f in sorted(out.rglob("*.safetensors")):
@@ -67,7 +71,7 @@ def planted(tmp: Path) -> dict[str, str]:
 
 def frontier(tmp: Path) -> dict[str, str]:
     adapters = build_adapter_set([load_adapter(p) for p in sorted(ADAPTERS.iterdir()) if (p / "adapter_config.json").exists()])
-    points = default_points(len(adapters.tasks))
+    points = [p for p in default_points(len(adapters.tasks)) if not p.calibration]  # data-free banks only
     get = banks_for(adapters, points)
     out: dict[str, str] = {}
     for p in points:

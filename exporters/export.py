@@ -53,10 +53,18 @@ EXPORT = json_marker("export folder", "manifest.json", "schema", SCHEMA.split("/
 
 def _load_bank(bank_or_path: MergedBank | str | Path) -> MergedBank:
     if isinstance(bank_or_path, MergedBank):
-        return bank_or_path
-    from hydraopt_mobile.bundle import load_bundle
+        bank = bank_or_path
+    else:
+        from hydraopt_mobile.bundle import load_bundle
 
-    return load_bundle(Path(bank_or_path))
+        bank = load_bundle(Path(bank_or_path))
+    signs = sorted({m.fmt.label() for m in bank.modules.values() if m.A and m.fmt.name == "sign"})
+    if signs:
+        raise UserError(
+            f"{bank_or_path if not isinstance(bank_or_path, MergedBank) else 'bank'}: method {bank.method!r} stores {', '.join(signs)} "
+            "(sparse signs, ComPEFT): no exporter decodes that format; unpack the tasks to PEFT (hydraopt unpack) instead"
+        )
+    return bank
 
 
 def bank_digest(bank: MergedBank) -> str:

@@ -10,10 +10,14 @@ must span) come from one SVD of a (sum r_t) x q matrix. Cost is linear in d_in, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hydraopt_mobile.adapters import LoraFactors
+
+if TYPE_CHECKING:
+    from hydraopt_mobile.calibration import ModuleMoments
 
 DTYPE = torch.float32  # fp32 halves the time; errors below ~1e-6 of ||dW||^2 are noise and do not matter for planning
 
@@ -45,7 +49,10 @@ class FactoredModule:
     a: torch.Tensor  # (T, r, q)  A_t Q
     B: torch.Tensor  # (T, d_out, r)
     RA: torch.Tensor  # (T, r, q)  R_t a_t with B_t = U_t R_t, so N_t^T N_t = (R_t a_t)^T (R_t a_t)
-    sq_norms: torch.Tensor  # (T,) ||dW_t||_F^2
+    sq_norms: torch.Tensor  # (T,) ||dW_t||_F^2, or with calibration ||dW_t X_t^T||^2 / n_t
+    S: torch.Tensor | None = None  # (T, q, q) calibration: Q^T S_t Q (calibration.py); None: the data-free objective
+    outside: torch.Tensor | None = None  # (T,) calibration: S_t's mean eigenvalue outside span(Q)
+    L: torch.Tensor | None = None  # whitened(): the Cholesky factor of the mean moment the coordinates are whitened by
 
     @property
     def n_tasks(self) -> int:
@@ -56,8 +63,9 @@ class FactoredModule:
         return (self.B.shape[1], self.Q.shape[0])
 
 
-def factor_space(factors: list[LoraFactors]) -> FactoredModule:
-    """Build the factored representation of one module's task updates."""
+def factor_space(factors: list[LoraFactors], moments: "ModuleMoments | None" = None) -> FactoredModule:
+    """Build the factored representation of one module's task updates (with ``moments``, for the
+    data-aware objective: ``moments.S`` must be in this Q's coordinates, as calibration.py makes it)."""
     d_out, d_in = factors[0].shape
     r = max(max(f.rank for f in factors), 1)
     A = torch.zeros(len(factors), r, d_in, dtype=DTYPE)
@@ -70,5 +78,36 @@ def factor_space(factors: list[LoraFactors]) -> FactoredModule:
     a = A @ Q
     R = torch.linalg.qr(B, mode="r")[1]  # (T, r, r), batched
     RA = R @ a
-    sq = (RA**2).sum(dim=(1, 2))
-    return FactoredModule(Q=Q, a=a, B=B, RA=RA, sq_norms=sq)
+    if moments is None:
+        return FactoredModule(Q=Q, a=a, B=B, RA=RA, sq_norms=(RA**2).sum(dim=(1, 2)))
+    if moments.S.shape[1] != Q.shape[1]:
+        raise ValueError(f"calibration moments are {moments.S.shape[1]}-dimensional, this module's factored space {Q.shape[1]}")
+    sq = ((RA @ moments.S) * RA).sum(dim=(1, 2))  # tr(R a S a^T R^T) = ||dW_t X_t^T||^2 / n_t
+    return FactoredModule(Q=Q, a=a, B=B, RA=RA, sq_norms=sq, S=moments.S, outside=moments.outside)
+
+
+def whitened(fm: FactoredModule, weights: torch.Tensor) -> FactoredModule:
+    """The data-free problem in coordinates whitened by the weighted mean moment ``S = L L^T``
+    (``a -> a L``): exact when every task has the same moments, a start and an estimate otherwise.
+    Map a solution back with :func:`unwhiten`."""
+    assert fm.S is not None
+    w = weights.to(DTYPE).view(-1, 1, 1)
+    mean = (w * fm.S).sum(0) / w.sum()
+    L = _cholesky(mean)
+    RA = fm.RA @ L
+    return FactoredModule(Q=fm.Q, a=fm.a @ L, B=fm.B, RA=RA, sq_norms=(RA**2).sum(dim=(1, 2)), L=L)
+
+
+def unwhiten(white: FactoredModule, a: torch.Tensor) -> torch.Tensor:
+    """A's in the original Q coordinates from A's in :func:`whitened` coordinates (``a L^-1``)."""
+    assert white.L is not None
+    return torch.linalg.solve_triangular(white.L, a, upper=False, left=False)
+
+
+def _cholesky(S: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of S, with a ridge of 1e-6 of its mean eigenvalue if it is singular."""
+    ridge = 1e-6 * float(torch.diagonal(S).mean().clamp_min(1e-30))
+    L, info = torch.linalg.cholesky_ex(S + ridge * torch.eye(S.shape[0], dtype=S.dtype))
+    if int(info):
+        raise ValueError("calibration moment is not positive semi-definite")
+    return L

@@ -40,6 +40,24 @@ def train(
     console.print(f"trained {len(paths)} adapters into {out} in {time.time() - start:.0f} s ({threads} thread(s))")
 
 
+@suite_app.command("calibration")
+def calibration_(
+    out: Path = typer.Option(..., "--out", help="folder to write <task>.jsonl calibration texts into (for hydraopt merge --calibration)"),
+    per_task: int = typer.Option(16, "--per-task", min=1, help="examples per task, from the train split"),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write calibration texts from the suite's train split (never val or test)."""
+    from transformers import AutoTokenizer
+
+    from hydraopt_mobile.suite.calibration_texts import write_calibration_dir
+    from hydraopt_mobile.suite.model import base_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
+    write_calibration_dir(out, load_suite(_task_list(tasks)), tokenizer, per_task, overwrite)
+    console.print(f"wrote {out}: {per_task} train examples per task")
+
+
 @suite_app.command("eval")
 def eval_(
     adapters: Path | None = typer.Option(None, "--adapters", help="Folder of per-task adapter folders; omit for the base model."),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hydraopt_mobile.bank import MergedModule
-from hydraopt_mobile.factored import DTYPE, FactoredModule
+from hydraopt_mobile.factored import DTYPE, FactoredModule, unwhiten, whitened
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 
 
@@ -105,20 +105,35 @@ def _truncate(vh: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
     return out
 
 
+def _metric(fm: FactoredModule, ag: torch.Tensor) -> torch.Tensor:
+    """``a S_t`` per task with calibration (the data-aware inner product in Q coordinates), else ``a``."""
+    return ag if fm.S is None else ag @ fm.S
+
+
 def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch.Tensor:
-    """Per-task weighted squared errors (T,), from r x r' traces only."""
+    """Per-task weighted squared errors (T,), from r x r' traces only: ``||dW_t - dW^_t||^2``, or
+    with calibration ``tr(E_t S_t E_t^T)`` (E_t in Q coordinates)."""
     w = w.to(DTYPE)
     ag, Bh = sol.a[sol.a_index], sol.B[sol.b_index]
-    cross = ((fm.B.transpose(1, 2) @ Bh) * (fm.a @ ag.transpose(1, 2))).sum((1, 2))
-    own = ((Bh.transpose(1, 2) @ Bh) * (ag @ ag.transpose(1, 2))).sum((1, 2))
+    agS = _metric(fm, ag)
+    cross = ((fm.B.transpose(1, 2) @ Bh) * (fm.a @ agS.transpose(1, 2))).sum((1, 2))
+    own = ((Bh.transpose(1, 2) @ Bh) * (ag @ agS.transpose(1, 2))).sum((1, 2))
     return w * (fm.sq_norms - 2 * cross + own).clamp_min(0)
 
 
 def solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int, gram: torch.Tensor | None = None) -> torch.Tensor:
-    """Least-squares B's for fixed A's (``gram``: A Gram matrices if A has parts outside span Q)."""
+    """Least-squares B's for fixed A's (``gram``: A Gram matrices if A has parts outside span Q;
+    with calibration that part is weighted by ``fm.outside``)."""
     ag = a[a_index]
-    num = w.view(-1, 1, 1) * (fm.B @ (fm.a @ ag.transpose(1, 2)))  # (T, d_out, r')
-    den = w.view(-1, 1, 1) * (gram[a_index] if gram is not None else ag @ ag.transpose(1, 2))
+    agS = _metric(fm, ag)
+    num = w.view(-1, 1, 1) * (fm.B @ (fm.a @ agS.transpose(1, 2)))  # (T, d_out, r')
+    if gram is None:
+        inner = ag @ agS.transpose(1, 2)
+    elif fm.S is None:
+        inner = gram[a_index]
+    else:
+        inner = ag @ agS.transpose(1, 2) + fm.outside.view(-1, 1, 1) * (gram - a @ a.transpose(1, 2))[a_index]
+    den = w.view(-1, 1, 1) * inner
     return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
 
 
@@ -130,6 +145,42 @@ def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[
     return torch.linalg.pinv(_group_sum(den, a_index, k_a), hermitian=True) @ _group_sum(num, a_index, k_a)
 
 
+def _solve_a_calibrated(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a0: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int, iters: int = 60, tol: float = 1e-9) -> torch.Tensor:
+    """Least-squares A's for fixed B's under the data-aware objective: per A-group the normal
+    equations ``sum_t G_t a S_t = C`` (G_t = w_t B^_t^T B^_t), a Kronecker sum that has no small closed
+    form, solved by conjugate gradients from ``a0`` preconditioned by ``(sum G_t)^-1 . (mean S)^-1``.
+    CG from ``a0`` minimises the quadratic over a growing subspace that contains ``a0``, so the
+    objective never increases, however few steps it takes."""
+    Bh = B[b_index]
+    G = w.view(-1, 1, 1) * (Bh.transpose(1, 2) @ Bh)  # (T, r', r')
+    C = _group_sum(w.view(-1, 1, 1) * ((Bh.transpose(1, 2) @ fm.B) @ fm.a @ fm.S), a_index, k_a)
+
+    def op(a: torch.Tensor) -> torch.Tensor:
+        return _group_sum(G @ a[a_index] @ fm.S, a_index, k_a)
+
+    tg = torch.diagonal(G, dim1=1, dim2=2).sum(1).view(-1, 1, 1)
+    G_inv = torch.linalg.pinv(_group_sum(G, a_index, k_a), hermitian=True)
+    S_inv = torch.linalg.pinv(_group_sum(tg * fm.S, a_index, k_a), hermitian=True)
+    x = a0.clone()
+    r = C - op(x)
+    z = G_inv @ r @ S_inv
+    p, rz = z, float((r * z).sum())
+    scale = float(C.norm()) or 1.0
+    for _ in range(iters):
+        if float(r.norm()) <= tol * scale or rz <= 0:
+            break
+        Ap = op(p)
+        curvature = float((p * Ap).sum())
+        if curvature <= 0:
+            break
+        alpha = rz / curvature
+        x, r = x + alpha * p, r - alpha * Ap
+        z = G_inv @ r @ S_inv
+        rz_next = float((r * z).sum())
+        p, rz = z + (rz_next / rz) * p, rz_next
+    return x
+
+
 def solve_layout(
     fm: FactoredModule,
     weights: torch.Tensor,
@@ -139,21 +190,33 @@ def solve_layout(
     max_iters: int = 25,
     tol: float = 1e-6,
     spaces: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    white: FactoredModule | None = None,
 ) -> LayoutSolution:
     """Best shared factors for one grouping: closed form where it exists, else ALS from the
-    per-A-group start. ``spaces`` (from :func:`row_spaces`) saves recomputing the SVDs."""
+    per-A-group start. ``spaces`` (from :func:`row_spaces`) saves recomputing the SVDs.
+
+    With calibration (``fm.S``) no grouping has a closed form: the data-free solution in
+    coordinates whitened by the mean moment (``white``, factored.whitened; ``spaces`` then belong
+    to it) is the start, and ALS on the data-aware objective follows for every grouping."""
     w = weights.to(DTYPE)
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
-    if spaces is None:
-        start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
-        spaces = row_spaces(fm, w, a_index, start_b)
-    a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
+    if fm.S is not None:
+        white = white if white is not None else whitened(fm, w)
+        a = unwhiten(white, solve_layout(white, w, a_index, b_index, rank, max_iters, tol, spaces).a)
+    else:
+        if spaces is None:
+            start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
+            spaces = row_spaces(fm, w, a_index, start_b)
+        a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
     sol = LayoutSolution(list(a_index), list(b_index), a, solve_B(fm, w, a, a_index, b_index, k_b))
     sol.history.append(float(objective(fm, w, sol).sum()))
-    if k_a == 1 or k_b == fm.n_tasks:
+    if fm.S is None and (k_a == 1 or k_b == fm.n_tasks):
         return sol
     for _ in range(max_iters):
-        sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        if fm.S is None:
+            sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        else:
+            sol.a = _solve_a_calibrated(fm, w, sol.B, sol.a, a_index, b_index, k_a)
         sol.B = solve_B(fm, w, sol.a, a_index, b_index, k_b)
         sol.history.append(float(objective(fm, w, sol).sum()))
         prev, cur = sol.history[-2], sol.history[-1]
@@ -175,12 +238,29 @@ def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, f
     B = solve_B(fm, w, a_q, sol.a_index, sol.b_index, k_b, gram=gram)
     B_st = [StoredFactor.encode(B[h].float(), fmt, transposed=True) for h in range(k_b)]
     Bq = torch.stack([s.values() for s in B_st]).to(DTYPE)
-    err = objective(fm, w, LayoutSolution(sol.a_index, sol.b_index, a_q, Bq))
-    # the part of Aq outside span(Q) adds ||Bq Aq_perp||^2
-    perp = gram - a_q @ a_q.transpose(1, 2)
-    err = err + w * ((Bq[sol.b_index].transpose(1, 2) @ Bq[sol.b_index]) * perp[sol.a_index]).sum((1, 2))
     module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=A_st, B=B_st)
-    return module, err
+    return module, _stored_error(fm, w, sol.a_index, sol.b_index, Aq, Bq)
+
+
+def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
+    """Per-task weighted squared errors of the factors ``module`` stores (ranks zero-padded alike)."""
+    r = max(module.rank, *(f.shape[0] for f in module.A))
+    A = torch.zeros(len(module.A), r, fm.shape[1], dtype=DTYPE)
+    B = torch.zeros(len(module.B), fm.shape[0], r, dtype=DTYPE)
+    for i, f in enumerate(module.A):
+        A[i, : f.shape[0]] = f.values().to(DTYPE)
+    for i, f in enumerate(module.B):
+        B[i, :, : f.shape[1]] = f.values().to(DTYPE)
+    return _stored_error(fm, weights.to(DTYPE), module.a_index, module.b_index, A, B)
+
+
+def _stored_error(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int], Aq: torch.Tensor, Bq: torch.Tensor) -> torch.Tensor:
+    a_q = Aq @ fm.Q
+    err = objective(fm, w, LayoutSolution(a_index, b_index, a_q, Bq))
+    # the part of Aq outside span(Q) adds ||Bq Aq_perp||^2 (with calibration, times S_t's mean eigenvalue there)
+    perp = Aq @ Aq.transpose(1, 2) - a_q @ a_q.transpose(1, 2)
+    outside = w * ((Bq[b_index].transpose(1, 2) @ Bq[b_index]) * perp[a_index]).sum((1, 2))
+    return err + (outside if fm.outside is None else outside * fm.outside)
 
 
 def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:
