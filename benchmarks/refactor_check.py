@@ -122,7 +122,9 @@ def main() -> None:
         before = json.loads(args.compare.read_text())
         before = {s: v for s, v in before.items() if s in result}
         diffs = [f"{section}/{k}" for section in before for k in before[section] if before[section][k] != result.get(section, {}).get(k)]
-        diffs += [f"{s}/{k} (new)" for s in result for k in result[s] if k not in before.get(s, {})]
+        added = [f"{s}/{k}" for s in result for k in result[s] if k not in before.get(s, {})]
+        if added:  # a method or point added since the baseline: nothing to compare it with
+            print("new (not in the baseline):\n  " + "\n  ".join(added))
         if diffs:
             print("CHANGED:\n  " + "\n  ".join(diffs))
             raise SystemExit(1)
