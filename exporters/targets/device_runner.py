@@ -106,41 +106,48 @@ def read_safetensors(path: str) -> dict:
     if not isinstance(header, dict):
         raise Refused(f"{path}: not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
-    base, out = 8 + n, {}
-    for key, info in header.items():
-        ok = isinstance(info, dict) and info.get("dtype") in _NP_DTYPES and isinstance(info.get("shape"), list) \
-            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) \
-            and len(info["data_offsets"]) == 2 and all(isinstance(o, int) for o in info["data_offsets"])
-        if not ok:
-            raise Refused(f"{path}: tensor {key!r}: malformed header entry")
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_NP_DTYPES[info["dtype"]])
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        if not 0 <= begin <= end <= len(blob) - base or end - begin != count * dtype.itemsize:
+    base, out, size = 8 + n, {}, len(blob) - 8 - n
+    dtypes = {k: np.dtype(v) for k, v in _NP_DTYPES.items()}
+    for key, info in header.items():  # a plain loop: this runs on every cold task load
+        try:
+            dtype, shape, (begin, end) = dtypes[info["dtype"]], info["shape"], info["data_offsets"]
+            count = 1
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise TypeError
+                count *= d
+            if type(begin) is not int or type(end) is not int:
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise Refused(f"{path}: tensor {key!r}: malformed header entry") from None
+        if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
             raise Refused(f"{path}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
-        out[key] = np.frombuffer(blob, dtype, count, base + begin).reshape(info["shape"])
+        out[key] = np.ndarray(shape, dtype, blob, base + begin)  # a read-only view of the file's bytes
     return out
 
 
 def decode_factor(parts: dict, label: str, length: int):
     """float32 component vectors (n, length) of one stored factor, as ``hydraopt_mobile/formats.py``
     encodes it: fp16 ``w``; int8 ``q`` times one scale per vector; int4 nibbles (low first,
-    two's complement) times one scale per group, the padding cut."""
+    two's complement) times one scale per group, the padding cut. Works as well on a stack of
+    factors of one shape (a leading axis in front of every part): one numpy pass for all of them."""
     import numpy as np
 
     if label == "fp16":
         return parts["w"].astype(np.float32)
     q, scale = parts["q"], parts["scale"].astype(np.float32)
     if label.startswith("int4"):
-        low = (q & 0x0F).astype(np.int8)
-        high = (q >> 4).astype(np.int8)
-        q = np.stack([low, high], axis=2).reshape(q.shape[0], -1)
-        q = np.where(q > 7, q - 16, q)
-    n, padded = q.shape
-    values = (q.reshape(n, scale.shape[1], -1) * scale[:, :, None]).reshape(n, padded)
-    return values[:, :length]
+        q = q.view(np.int8)
+        low = (q << 4) >> 4  # arithmetic shifts sign-extend each nibble (two's complement)
+        high = q >> 4
+        q = np.stack([low, high], axis=-1).reshape(*q.shape[:-1], -1)
+    *lead, padded = q.shape
+    values = (q.reshape(*lead[:-1], lead[-1], scale.shape[-1], -1) * scale[..., None]).reshape(*lead, padded)
+    return values[..., :length]
+
+
+# the parts a stored factor of each format has, and their dtypes
+_PARTS = {"fp16": {"w": ("<f2",)}, "int": {"q": ("i1", "u1"), "scale": ("<f2",)}}
 
 
 class BankSlots:
@@ -152,6 +159,10 @@ class BankSlots:
     file under ``<m>.<A|B><i>.<part>``. Shared factors are decoded once (``load_shared``), a task's
     own on each load; each slot is written into the signature's shape, zero-padded where the factor's
     rank is smaller (``B A`` unchanged) and zero for modules the bank does not have.
+
+    A task's own factors fall into a few groups of one format and vector length (whatever their
+    rank or module): a cold load concatenates each group's component vectors and decodes them in
+    one numpy pass, so its cost is a few array operations per group plus a slice per factor.
     """
 
     def __init__(self, manifest: dict) -> None:
@@ -159,35 +170,46 @@ class BankSlots:
         self.slots: dict = {name: tuple(shape) for name, shape in manifest["slots"]}
         self.bank: dict = manifest["bank"]
         # Where every slot of every task comes from, worked out once (a load then only decodes):
-        # per task, its own factors (slot, kind, key prefix, format, length, rank) and the shared
-        # factors it uses (slot, kind, (module, kind, index)); slots in neither stay zero.
-        self._own: list = [[] for _ in self.tasks]
+        # per task, its own factors grouped by (format, length) -> [(slot, key prefix, rank, kind)],
+        # and the shared factors it uses (slot, (module, kind, index)); other slots stay zero.
+        self._own: list = [{} for _ in self.tasks]
         self._uses: list = [[] for _ in self.tasks]
-        self._in_shared: list = []  # (module, kind, index, key prefix, format, length, rank)
+        shared: dict = {}  # group -> [(slot, key prefix, (module, kind, index))] of the shared file
         for m, (name, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
             layout = self.bank["layouts"][layout_id]
-            for kind, slot, length in (("A", "lora_a", d_in), ("B", "lora_b", d_out)):
+            for kind, slot_kind, length in (("A", "lora_a", d_in), ("B", "lora_b", d_out)):
                 index, ranks = layout[kind.lower() + "_index"], layout[kind.lower() + "_ranks"]
+                slot = f"{name}.{slot_kind}"
                 for i, rank in enumerate(ranks):
                     users = [t for t, g in enumerate(index) if g == i]
                     if not rank or not users:
                         continue
+                    group = (layout["format"], length)
                     if len(users) == 1:
-                        self._own[users[0]].append((f"{name}.{slot}", kind, f"{m}.{kind}.", layout["format"], length, rank))
+                        self._own[users[0]].setdefault(group, []).append((slot, f"{m}.{kind}.", rank, kind))
                     else:
-                        self._in_shared.append((m, kind, i, f"{m}.{kind}{i}.", layout["format"], length, rank))
+                        shared.setdefault(group, []).append((slot, f"{m}.{kind}{i}.", rank, kind, (m, kind, i)))
                         for t in users:
-                            self._uses[t].append((f"{name}.{slot}", kind, (m, kind, i)))
+                            self._uses[t].append((slot, (m, kind, i)))
+        self._own = [{g: self._plan(items) for g, items in own.items()} for own in self._own]
+        self._shared_groups = {g: self._plan(items) for g, items in shared.items()}
+        self._own_keys = [{f"{prefix}{part}" for group, (items, _) in own.items()
+                           for _, prefix, *_ in items for part in _PARTS["fp16" if group[0] == "fp16" else "int"]}
+                          for own in self._own]
         self.shared: dict = {}  # (module, kind, index) -> the factor decoded into its slot's shape
         self._zeros: dict = {}  # shape -> one read-only zero array
+        self._fixed: list = []  # per task: every slot that does not come from its own file (zero or shared)
 
     def load_shared(self, path: str | None) -> None:
         """Decode every factor of the shared file at ``path`` (None: the bank has none)."""
         parts = _by_prefix(read_safetensors(path)) if path else {}
-        slot_of = {source: slot for uses in self._uses for slot, _, source in uses}
-        for m, kind, i, key, label, length, rank in self._in_shared:
-            slot = slot_of[(m, kind, i)]
-            self.shared[(m, kind, i)] = self._into_slot(self._decode(parts, key, path, label, length, rank), slot, kind)
+        for group, (items, blocks) in self._shared_groups.items():
+            decoded = self._decode_group(parts, group, [item[:4] for item in items], blocks, path)
+            for (*_, source), value in zip(items, decoded):
+                self.shared[source] = value
+        self._fixed = [{slot: self._zero(slot) for slot in self.slots} for _ in self.tasks]
+        for fixed, uses in zip(self._fixed, self._uses):
+            fixed.update({slot: self.shared[source] for slot, source in uses})
 
     def task_slots(self, task: str, path: str | None) -> dict:
         """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none).
@@ -195,15 +217,16 @@ class BankSlots:
         Slots that come from the shared file (and zero slots) are the same arrays for every task
         that uses them: a runtime feeds or copies them and never writes into them."""
         t = self.tasks.index(task)
-        parts = _by_prefix(read_safetensors(path)) if path else {}
-        out = {slot: self._zero(slot) for slot in self.slots}
-        for slot, kind, source in self._uses[t]:
-            out[slot] = self.shared[source]
-        for slot, kind, key, label, length, rank in self._own[t]:
-            out[slot] = self._into_slot(self._decode(parts, key, path, label, length, rank), slot, kind)
-        unexpected = set(parts) - {key for _, _, key, *_ in self._own[t]}
+        tensors = read_safetensors(path) if path else {}
+        unexpected = set(tensors) - self._own_keys[t]
         if unexpected:
-            raise Refused(f"{path}: tensors {sorted(unexpected)[0]}* are not factors of task {task!r}")
+            raise Refused(f"{path}: tensors {sorted(unexpected)[0].rpartition('.')[0]}.* are not factors of task {task!r}")
+        parts = _by_prefix(tensors)
+        out = dict(self._fixed[t])
+        for group, (items, blocks) in self._own[t].items():
+            decoded = self._decode_group(parts, group, items, blocks, path)
+            for (slot, *_), value in zip(items, decoded):
+                out[slot] = value
         return out
 
     def _zero(self, slot: str):
@@ -215,35 +238,63 @@ class BankSlots:
             self._zeros[shape] = np.zeros(shape, dtype=np.float32)
         return self._zeros[shape]
 
-    def _into_slot(self, vectors, slot: str, kind: str):
-        """Component vectors (rank, length) as the slot's array: A (R, d_in) rows, B (d_out, R)
+    def _plan(self, items: list) -> tuple[list, list]:
+        """``items`` [(slot, key prefix, rank, kind, ...)] of one group, sorted so that factors of one
+        kind and slot shape are neighbours, and per such run a block: (kind, shape, first and last
+        decoded row, and for every row the slot it goes to and its row (A) or column (B) there).
+        A load then writes a run's rows into one zero array (n, *shape) in one indexed assignment."""
+        import numpy as np
+
+        items = sorted(items, key=lambda item: (item[3], self.slots[item[0]]))
+        blocks, start, row = [], 0, 0
+        while start < len(items):
+            kind, shape = items[start][3], self.slots[items[start][0]]
+            stop = start
+            while stop < len(items) and items[stop][3] == kind and self.slots[items[stop][0]] == shape:
+                stop += 1
+            ranks = [item[2] for item in items[start:stop]]
+            which = np.repeat(np.arange(stop - start), ranks)
+            within = np.concatenate([np.arange(r) for r in ranks])
+            blocks.append((kind, shape, row, row + sum(ranks), which, within))
+            start, row = stop, row + sum(ranks)
+        return items, blocks
+
+    def _decode_group(self, parts: dict, group: tuple, items: list, blocks: list, path: str | None) -> list:
+        """The factors ``items`` [(slot, key prefix, rank, kind)] of one format and vector length,
+        decoded in one pass, each as its slot's array: A's (R, d_in) rows or B's (d_out, R)
         columns, zero-padded where the factor's rank is below the signature's R (``B A`` unchanged)."""
         import numpy as np
 
-        shape = self.slots[slot]
-        rank = vectors.shape[0]
-        full = shape[0] if kind == "A" else shape[1]
-        if rank == full:
-            value = np.ascontiguousarray(vectors if kind == "A" else vectors.T, dtype=np.float32)
-        else:
-            value = np.zeros(shape, dtype=np.float32)
+        label, length = group
+        want = _PARTS["fp16" if label == "fp16" else "int"]
+        stored = []
+        for _, prefix, rank, _ in items:
+            found = parts.get(prefix, {})
+            if found.keys() != want.keys():
+                raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of this bank")
+            for a in found.values():
+                if a.ndim != 2 or a.shape[0] != rank:
+                    raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of rank {rank} of this bank")
+            stored.append(found)
+        try:
+            joined = {k: np.concatenate([f[k] for f in stored]) for k in want}
+        except ValueError as e:  # widths that differ between factors of one format
+            raise Refused(f"{path}: tensors {items[0][1]}*...: stored factors of format {label} disagree ({e})") from e
+        for k, a in joined.items():  # mixed dtypes promote (int8 with uint8 to int16): one check for all
+            if a.dtype.str.lstrip("|") not in want[k]:
+                raise Refused(f"{path}: tensors {items[0][1]}*...: {k} stored as {a.dtype}, format {label} needs {want[k][0]}")
+        rows = decode_factor(joined, label, length)
+        if rows.shape[1] != length:
+            raise Refused(f"{path}: {items[0][1]}* decodes to vectors of {rows.shape[1]}, the bank's layout says {length}")
+        out = []
+        for kind, shape, first, last, which, within in blocks:
+            block = np.zeros((which[-1] + 1, *shape), dtype=np.float32)
             if kind == "A":
-                value[:rank] = vectors
+                block[which, within] = rows[first:last]
             else:
-                value[:, :rank] = vectors.T
-        return value
-
-    @staticmethod
-    def _decode(parts: dict, prefix: str, path: str | None, label: str, length: int, rank: int):
-        """The factor stored under ``prefix``, decoded and checked to be (rank, length)."""
-        found = parts.get(prefix, {})
-        want = {"w": ("<f2",)} if label == "fp16" else {"q": ("i1", "u1"), "scale": ("<f2",)}
-        if set(found) != set(want) or any(found[k].dtype.str.lstrip("|") not in want[k] or found[k].ndim != 2 for k in want):
-            raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of this bank")
-        vectors = decode_factor(found, label, length)
-        if vectors.shape != (rank, length):
-            raise Refused(f"{path}: {prefix}* decodes to {list(vectors.shape)}, the bank's layout says {[rank, length]}")
-        return vectors
+                block[which, :, within] = rows[first:last]
+            out.extend(block)
+        return out
 
 
 def _by_prefix(tensors: dict) -> dict:
