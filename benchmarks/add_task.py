@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
+from hydraopt_mobile.app.progress import progress_bar  # noqa: E402
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.checksum import sha256_file
@@ -85,7 +86,8 @@ def main() -> None:
     def scores(bank_factors: dict, names: list[str]) -> dict[str, list[float]]:
         predictions: dict[str, list[str]] = {}
         specs = [suite[n] for n in names]
-        evaluate(specs, bank_factors, model, tokenizer, cache=answers, predictions=predictions)
+        with progress_bar("evaluate: tasks") as on_step:
+            evaluate(specs, bank_factors, model, tokenizer, cache=answers, predictions=predictions, on_step=on_step)
         return {n: per_example(suite[n], predictions[n]) for n in names}
 
     for init, half in [(i, h) for h in ([False, True] if args.half else [False]) for i in args.init or list(ADAPTERS)]:

