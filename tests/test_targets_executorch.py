@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
 
-from exporters.export import export_bank
 from exporters.targets.registry import get_target
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, ready_target, run_pair
-from tiny_models import PROMPT, make_bank, make_tiny_model, reference_logits
+from test_targets import ready_target as setup_target
+from tiny_models import PROMPT, TinyExports, reference_logits
 
 TOL = 1e-4
 MAX_NEW = 6
@@ -34,29 +33,12 @@ PROMPTS = {"alpha": [PROMPT, PROMPT[:4]], "beta": [PROMPT, PROMPT[:4]]}
 
 @pytest.fixture(scope="module")
 def arm64():
-    target = get_target("arm64-cpu")
-    t0 = time.perf_counter()
-    steps = target.setup(progress=False)
-    ready = target.runtime_check(target.folder(), "executorch")
-    assert ready.ready, f"arm64-cpu could not be made ready for ExecuTorch: {ready.reason}"
-    print(f"arm64-cpu set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
-    return target
+    return setup_target("arm64-cpu", "executorch")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """The tiny model, its bank and ``export(fmt, quant)``: each export made once, when first asked for."""
-    root = tmp_path_factory.mktemp("targets-et")
-    model = make_tiny_model(root / "model")
-    bank = make_bank()
-    made: dict = {}
-
-    def export(fmt: str, quant: str):
-        if (fmt, quant) not in made:
-            made[fmt, quant] = export_bank(bank, model, fmt, quant, root / f"{fmt}-{quant}", max_cache_len=64)
-        return made[fmt, quant]
-
-    return {"model": model, "bank": bank, "export": export}
+def tiny(tmp_path_factory) -> TinyExports:
+    return TinyExports(tmp_path_factory.mktemp("targets-et"))
 
 
 def pytorch_argmax(tiny: dict, task: str, prompt: list[int], answer: list[int]) -> tuple[list[int], np.ndarray]:
@@ -67,7 +49,7 @@ def pytorch_argmax(tiny: dict, task: str, prompt: list[int], answer: list[int]) 
 
 
 def test_executorch_8da4w_on_arm64_equals_host_and_switches_back(arm64, tiny):
-    on_arm, on_host = run_pair("arm64-cpu", tiny["export"]("executorch", "8da4w"), ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW)
+    on_arm, on_host = run_pair("arm64-cpu", tiny["et-8da4w"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW)
     d = on_arm.data
     assert d["machine"] == "aarch64" and d["latency_kind"] == "emulated" and d["scoring"] == "generated"
     assert d["runtime"].startswith("executorch 1.1.0") and on_host.data["runtime"].startswith("executorch 1.5.1")
@@ -85,7 +67,7 @@ def test_executorch_8da4w_on_arm64_equals_host_and_switches_back(arm64, tiny):
 def test_executorch_fp32_teacher_forced_on_arm64_matches_pytorch(arm64, tiny):
     """alpha -> beta -> alpha, teacher-forced: the argmax at every answer position is PyTorch's."""
     answers = {t: [pytorch_argmax(tiny, t, PROMPT, [1] * MAX_NEW)[0][:3] + [7, 9], [200, 3, 77]] for t in PROMPTS}
-    on_arm, on_host = run_pair("arm64-cpu", tiny["export"]("executorch", "fp32"), ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW, answers=answers)
+    on_arm, on_host = run_pair("arm64-cpu", tiny["et-fp32"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW, answers=answers)
     assert on_arm.data["scoring"] == on_host.data["scoring"] == "teacher-forced"
     for index, task in enumerate(["alpha", "beta", "alpha"]):
         for i, prompt in enumerate(PROMPTS[task]):
@@ -102,7 +84,7 @@ def test_executorch_fp32_teacher_forced_on_arm64_matches_pytorch(arm64, tiny):
 def test_onnx_teacher_forced_records(arm64, tiny, tmp_path):
     """The bench records of teacher-forced scoring, on an ONNX export (fast: no torch under qemu):
     an example is exact when every argmax is its answer token, judged against PyTorch here."""
-    export = tiny["export"]("onnx", "fp32")
+    export = tiny["fp32"]
     exact_alpha = []  # PyTorch's own greedy continuation for alpha: exact by construction
     for _ in range(4):
         exact_alpha.append(int(reference_logits(tiny["model"], tiny["bank"], "alpha", PROMPT + exact_alpha)[-1].argmax()))

@@ -416,6 +416,29 @@ class Runner:
 
     eos: set
     np: object
+    export: "Export"
+    bank: "BankSlots | None"
+    slots: dict
+
+    def _open_bank(self) -> None:
+        """The bank's slot map and its shared file, decoded once (a merged export has neither)."""
+        self.bank = BankSlots(self.export.raw) if self.export.switchable else None
+        if self.bank is not None:
+            self.bank.load_shared(self.export.verified(self.export.find("shared"), "the shared file"))
+        self.slots = {}
+
+    def load_task(self, task: str) -> float:
+        """Verify and read the task's own file, decode its slots once; milliseconds."""
+        t0 = time.perf_counter()
+        if not self.export.switchable:
+            self.export.check_merged(task)
+        else:
+            self.slots[task] = self._runtime_form(self.bank.task_slots(task, self.export.verified_task_file(task)))
+        return (time.perf_counter() - t0) * 1e3
+
+    def _runtime_form(self, slots: dict):
+        """A task's decoded slots (slot -> array) as the runtime takes them."""
+        return slots
 
     def prefill(self, ids: list[int]):
         raise NotImplementedError
@@ -468,26 +491,14 @@ class OrtRunner(Runner):
         self.runtime = f"onnxruntime {onnxruntime.__version__}"
         t0 = time.perf_counter()
         self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
-        self.bank = BankSlots(export.raw) if export.switchable else None
-        if self.bank is not None:
-            self.bank.load_shared(export.verified(export.find("shared"), "the shared file"))
+        self._open_bank()
         self.session_ms = (time.perf_counter() - t0) * 1e3
         m = export.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
         self.n_kv = 2 * m["n_layers"]
         self.eos = set(m["eos_token_id"])
-        self.slots: dict[str, dict] = {}
         self.feeds: dict = {}
         self.past: list = []
-
-    def load_task(self, task: str) -> float:
-        """Verify and read the task's own file, decode its slots once; milliseconds."""
-        t0 = time.perf_counter()
-        if not self.export.switchable:
-            self.export.check_merged(task)
-        else:
-            self.slots[task] = self.bank.task_slots(task, self.export.verified_task_file(task))
-        return (time.perf_counter() - t0) * 1e3
 
     def set_task(self, task: str) -> float:
         """Make a loaded task active: the decoder step is fed its slots from now on; milliseconds."""
@@ -560,24 +571,15 @@ class EtRunner(Runner):
         self.runtime = rt.name
         self.forward = rt.method("forward")
         self.setter = rt.method("set_slots") if export.switchable else None
-        self.bank = BankSlots(export.raw) if export.switchable else None
-        if self.bank is not None:
-            self.bank.load_shared(export.verified(export.find("shared"), "the shared file"))
+        self._open_bank()
         self.session_ms = (time.perf_counter() - t0) * 1e3
         self.max_len = int(export.model["max_cache_len"])
         self.eos = set(export.model["eos_token_id"])
-        self.slots: dict[str, list] = {}
         self.pos = 0
 
-    def load_task(self, task: str) -> float:
-        """Verify and read the task's own file, decode its slots once (program order); milliseconds."""
-        t0 = time.perf_counter()
-        if not self.export.switchable:
-            self.export.check_merged(task)
-        else:
-            slots = self.bank.task_slots(task, self.export.verified_task_file(task))
-            self.slots[task] = [slots[name] for name in self.bank.slots]
-        return (time.perf_counter() - t0) * 1e3
+    def _runtime_form(self, slots: dict) -> list:
+        """``set_slots`` takes every slot positionally, in the manifest's (the program's) order."""
+        return [slots[name] for name in self.bank.slots]
 
     def set_task(self, task: str) -> float:
         """Run ``set_slots`` with the task's slots; milliseconds."""
