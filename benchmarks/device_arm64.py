@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--task", action="append", dest="tasks")
     ap.add_argument("--generated", action="store_true", help="greedy generation instead of teacher-forced scoring")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes (where the exports come from, coverage)")
     args = ap.parse_args()
     records, per_export = [], {}
     for export in args.exports:
@@ -70,6 +71,7 @@ def main() -> None:
     info["command"] = "python benchmarks/device_arm64.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info["exports"] = per_export
     info["drops"] = drops(records)
+    info["notes"] = args.note
     info["host_reference"] = "the same runner on the host's ONNX Runtime (x86_64), same export, same examples; not PyTorch"
     write_reports(records, args.out, info)
 
