@@ -11,7 +11,6 @@ PyPI's registries only):
   No debootstrap: nothing in the root ever has to run except Python.
 - ``site/``: ``onnxruntime`` and ``numpy`` aarch64 wheels at the host's versions (the parity
   reference is the host's ONNX Runtime), ``pip install --target --platform manylinux_2_28_aarch64``.
-
 - ``site-et/`` (ExecuTorch, about 870 MB): ``executorch==1.1.0`` and ``torch==2.10.0`` aarch64 for the
   same root, the newest pair whose torch is a CPU build on PyPI (torch 2.11 to 2.13 aarch64 are CUDA
   builds of 420 MB that need the CUDA libraries); the runner calls ExecuTorch's compiled bindings
@@ -27,7 +26,7 @@ PyPI's registries only):
 
 Runs are ``qemu-aarch64 -L root root/usr/bin/python3.11 device_runner.py ...`` with ``site`` (ONNX) or
 ``site-et`` (ExecuTorch) on ``PYTHONPATH``: every instruction of
-the runtime and its kernels (MLAS's NEON paths) is aarch64 code, emulated. Latencies are therefore
+the runtime and its kernels (MLAS's or XNNPACK's NEON paths) is aarch64 code, emulated. Latencies are therefore
 emulated: they say nothing about a phone's speed and are labelled so.
 """
 
