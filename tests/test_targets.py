@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from exporters.export import export_bank
 from exporters.onnx_backend import OrtSession
 from exporters.runtime import greedy
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, parity, run_pair
@@ -37,7 +36,7 @@ from exporters.targets.protocol import RunnerError, make_request, run_on_host
 from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.app.cli import app
-from tiny_models import PROMPT, make_bank, make_tiny_model, reference_logits
+from tiny_models import PROMPT, TinyExports, reference_logits
 
 FP32_TOL = 1e-4
 QUANT_TOL = 0.05
@@ -50,13 +49,14 @@ ANDROID_TASK_KEYS = {"task", "task_bytes", "load_ms", "switch_ms", "outputs"}
 ANDROID_OUTPUT_KEYS = {"prompt_tokens", "tokens", "prefill_ms", "decode_ms_per_token"}
 
 
-def ready_target(name: str):
-    """``name`` set up in the real cache (downloads on a clean machine); fails with its reason."""
+def ready_target(name: str, runtime: str | None = None):
+    """``name`` set up in the real cache (downloads on a clean machine), ready for ``runtime``'s
+    exports if given; fails with its reason."""
     target = get_target(name)
     t0 = time.perf_counter()
     steps = target.setup(progress=False)
-    ready = target.readiness()
-    assert ready.ready, f"{name} could not be made ready: {ready.reason}"
+    ready = target.runtime_check(target.folder(), runtime) if runtime else target.readiness()
+    assert ready.ready, f"{name} could not be made ready{' for ' + runtime if runtime else ''}: {ready.reason}"
     print(f"{name} set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
     return target
 
@@ -67,14 +67,8 @@ def arm64():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("targets")
-    model = make_tiny_model(root / "model")
-    bank = make_bank()
-    return {"model": model, "bank": bank,
-            "fp32": export_bank(bank, model, "onnx", "fp32", root / "onnx-fp32", max_cache_len=64),
-            "int4": export_bank(bank, model, "onnx", "int4", root / "onnx-int4", max_cache_len=64),
-            "int8": export_bank(bank, model, "onnx", "int8", root / "onnx-int8", max_cache_len=64)}
+def tiny(tmp_path_factory) -> TinyExports:
+    return TinyExports(tmp_path_factory.mktemp("targets"))
 
 
 @pytest.fixture(scope="module")

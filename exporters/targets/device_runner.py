@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""On-target runner for ONNX exports: the device-runner protocol ``hydraopt-device-runner/1``.
+"""On-target runner for ONNX and ExecuTorch exports: the device-runner protocol ``hydraopt-device-runner/1``.
 
 This file is copied to (or run on) the target as it is. It needs only the Python standard library,
-numpy and ONNX Runtime: no torch, no transformers, nothing from this project. Token ids go in, token
+numpy and the export's runtime (ONNX Runtime, or ExecuTorch's compiled bindings, which need torch
+for their tensors): nothing from this project. Token ids go in, token
 ids (and, on request, the logits needed for parity) come out; tokenising and scoring stay on the
 host. It activates a task exactly as the host runtime does (``exporters/onnx_backend.py``,
 ``OrtSession``, which opens its session, decodes the bank's files and steps the decoder with this
@@ -13,8 +14,10 @@ slots, every slot of the program's signature.
 
 How the wire operations map to the in-process ``Backend`` / ``Session`` (``exporters/backend.py``):
 
-- ``"export"`` (+ ``"threads"``): ``BACKENDS["onnx"].open_session(export, threads)``; the manifest is
-  read, the program opened and the shared file decoded (``session_ms``). Only ``onnxruntime`` exports.
+- ``"export"`` (+ ``"threads"``): ``BACKENDS[...].open_session(export, threads)``; the manifest is
+  read, the program opened and the shared file decoded (``session_ms``). ``onnxruntime`` exports
+  (:class:`OrtRunner`) and ``executorch`` exports (:class:`EtRunner`: the switch runs the program's
+  ``set_slots`` method, as ``exporters/executorch_backend.py``'s session does).
 - each entry of ``"tasks"``: ``Session.load_task(task)`` (``load_ms``: verify, decode once), then
   ``Session.set_task(task)`` (``switch_ms``: the switch from the entry before).
 - each prompt of ``"prompts"[task]``: ``exporters.runtime.greedy``: ``Session.prefill(prompt)``
@@ -43,7 +46,14 @@ response lists the ones it honoured in ``"extensions"``):
   the row that predicted it); each such output gets ``"logits_key"``.
 - ``"switch_samples": S``: ``switch_ms`` is the median of S switches to the task from the task
   before it (or from itself for the first entry), instead of one.
-- always reported: ``"machine"`` (``platform.machine()``), ``"python"``, ``"peak_rss_mb"`` (VmHWM
+- ``"teacher_forced": true`` with ``"answers": {task: [[id, ...], ...]}`` (one reference answer per
+  prompt): instead of generating, each example is one prefill-style pass over prompt + answer
+  (its last token left out); ``tokens`` are the argmax of the rows that predict each answer token
+  (:meth:`Runner.teacher_forced`) and the logits, when requested, are those rows. The response says
+  ``"scoring": "teacher-forced"`` (else ``"generated"``). Exact = every ``tokens[i] == answer[i]``,
+  judged on the host.
+- always reported: ``"process_threads"`` (threads of this process after the run), ``"torch_imported"``,
+  ``"machine"`` (``platform.machine()``), ``"python"``, ``"peak_rss_mb"`` (VmHWM
   of this process; under qemu-user that is the emulator's process, the emulator included), and per
   output ``"decode_ms"`` (every step).
 
@@ -62,7 +72,7 @@ import sys
 import time
 
 PROTOCOL = "hydraopt-device-runner/1"
-EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb"]
+EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb", "teacher_forced", "executorch"]
 MANIFEST_SCHEMA = "hydraopt-export/2"
 
 
@@ -316,15 +326,21 @@ def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:
     return out[0][0], out[1:]
 
 
-def _peak_rss_mb() -> float | None:
+def _status_field(name: str) -> int | None:
+    """An integer field of ``/proc/self/status`` (None where there is none)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(name + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _peak_rss_mb() -> float | None:
+    kb = _status_field("VmHWM")
+    return None if kb is None else kb / 1024
 
 
 class Export:
@@ -339,14 +355,19 @@ class Export:
             raw = json.load(f)
         if raw.get("schema") != MANIFEST_SCHEMA:
             raise Refused(f"{path}: not a {MANIFEST_SCHEMA} manifest")
-        if raw["runtime"] != "onnxruntime":
-            raise Refused(f"export {raw['export_id']} is for {raw['runtime']}; this runner runs ONNX exports")
+        if raw["runtime"] not in RUNNERS:
+            raise Refused(f"export {raw['export_id']} is for {raw['runtime']}; this runner runs {', '.join(RUNNERS)} exports")
         self.raw = raw
         self.export_id: str = raw["export_id"]
         self.tasks: list[str] = raw["tasks"]
         self.files: list[dict] = raw["files"]
         self.switchable = bool(raw["slots"])
         self.model: dict = raw["model"]
+
+    def check_merged(self, task: str) -> None:
+        """A merged export (no slots) serves its one task only."""
+        if task not in self.tasks:
+            raise Refused(f"this merged export serves only {self.tasks[0]!r}, not {task!r}")
 
     def entry(self, role: str, task: str | None = None) -> dict:
         for f in self.files:
@@ -389,54 +410,48 @@ class Export:
         return self.verified(self.find("task", task), f"task file for {task!r}")
 
 
-class OrtRunner:
-    """ONNX Runtime session on the export; the KV cache is explicit (``past.*`` in, ``present.*`` out)."""
+class Runner:
+    """What every runtime's runner shares: greedy decoding and teacher-forced scoring, both over
+    ``prefill`` (a new sequence: logits (n, vocab)) and ``decode`` (one more token: (vocab,))."""
 
-    def __init__(self, export: Export, threads: int) -> None:
-        import numpy as np
+    eos: set
+    np: object
+    export: "Export"
+    bank: "BankSlots | None"
+    slots: dict
 
-        self.np, self.export, self.threads = np, export, threads
-        t0 = time.perf_counter()
-        self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
-        self.bank = BankSlots(export.raw) if export.switchable else None
+    def _open_bank(self) -> None:
+        """The bank's slot map and its shared file, decoded once (a merged export has neither)."""
+        self.bank = BankSlots(self.export.raw) if self.export.switchable else None
         if self.bank is not None:
-            self.bank.load_shared(export.verified(export.find("shared"), "the shared file"))
-        self.session_ms = (time.perf_counter() - t0) * 1e3
-        m = export.model
-        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
-        self.n_kv = 2 * m["n_layers"]
-        self.eos = set(m["eos_token_id"])
-        self.slots: dict[str, dict] = {}
-        self.feeds: dict = {}
+            self.bank.load_shared(self.export.verified(self.export.find("shared"), "the shared file"))
+        self.slots = {}
 
     def load_task(self, task: str) -> float:
         """Verify and read the task's own file, decode its slots once; milliseconds."""
         t0 = time.perf_counter()
         if not self.export.switchable:
-            if task not in self.export.tasks:
-                raise Refused(f"this merged export serves only {self.export.tasks[0]!r}, not {task!r}")
+            self.export.check_merged(task)
         else:
-            self.slots[task] = self.bank.task_slots(task, self.export.verified_task_file(task))
+            self.slots[task] = self._runtime_form(self.bank.task_slots(task, self.export.verified_task_file(task)))
         return (time.perf_counter() - t0) * 1e3
 
-    def set_task(self, task: str) -> float:
-        """Make a loaded task active: the decoder step is fed its slots from now on; milliseconds."""
-        t0 = time.perf_counter()
-        if self.export.switchable:
-            self.feeds = self.slots[task]
-        return (time.perf_counter() - t0) * 1e3
+    def _runtime_form(self, slots: dict):
+        """A task's decoded slots (slot -> array) as the runtime takes them."""
+        return slots
 
-    def _step(self, ids: list[int], past: list) -> tuple:
-        return decoder_step(self.session, ids, self.feeds, past)
+    def prefill(self, ids: list[int]):
+        raise NotImplementedError
+
+    def decode(self, token: int):
+        raise NotImplementedError
 
     def greedy(self, prompt: list[int], max_new: int) -> dict:
         """Greedy decoding; stops at an end-of-sequence token of the manifest or after ``max_new``."""
         np = self.np
-        past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
         t0 = time.perf_counter()
-        logits, past = self._step(prompt, past)
+        rows = [self.prefill(prompt)[-1]]
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        rows = [logits[-1]]
         tokens: list[int] = []
         decode_ms: list[float] = []
         token = int(np.argmax(rows[-1]))
@@ -445,11 +460,151 @@ class OrtRunner:
             if token in self.eos or len(tokens) >= max_new:
                 break
             t0 = time.perf_counter()
-            logits, past = self._step([token], past)
+            rows.append(self.decode(token))
             decode_ms.append((time.perf_counter() - t0) * 1e3)
-            rows.append(logits[-1])
             token = int(np.argmax(rows[-1]))
         return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms, "rows": np.stack(rows).astype(np.float32)}
+
+    def teacher_forced(self, prompt: list[int], answer: list[int]) -> dict:
+        """One prefill-style pass over ``prompt + answer[:-1]``: row ``len(prompt) - 1 + i`` is the
+        logits that predict ``answer[i]`` with every earlier answer token given (teacher forcing), so
+        the ``len(answer)`` rows from there on are what greedy decoding would compute for as long as
+        its tokens agree with the answer. ``tokens``: the argmax of each of those rows."""
+        np = self.np
+        if not prompt or not answer:
+            raise Refused("teacher-forced scoring needs a non-empty prompt and answer for every example")
+        t0 = time.perf_counter()
+        rows = self.prefill(prompt + answer[:-1])[len(prompt) - 1:]
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"tokens": [int(t) for t in np.argmax(rows, axis=-1)], "prefill_ms": ms, "decode_ms": [],
+                "rows": np.asarray(rows, dtype=np.float32)}
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime session on the export; the KV cache is explicit (``past.*`` in, ``present.*`` out)."""
+
+    def __init__(self, export: Export, threads: int) -> None:
+        import numpy as np
+        import onnxruntime
+
+        self.np, self.export, self.threads = np, export, threads
+        self.runtime = f"onnxruntime {onnxruntime.__version__}"
+        t0 = time.perf_counter()
+        self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
+        self._open_bank()
+        self.session_ms = (time.perf_counter() - t0) * 1e3
+        m = export.model
+        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
+        self.n_kv = 2 * m["n_layers"]
+        self.eos = set(m["eos_token_id"])
+        self.feeds: dict = {}
+        self.past: list = []
+
+    def set_task(self, task: str) -> float:
+        """Make a loaded task active: the decoder step is fed its slots from now on; milliseconds."""
+        t0 = time.perf_counter()
+        if self.export.switchable:
+            self.feeds = self.slots[task]
+        return (time.perf_counter() - t0) * 1e3
+
+    def prefill(self, ids: list[int]):
+        np = self.np
+        past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
+        logits, self.past = decoder_step(self.session, ids, self.feeds, past)
+        return logits
+
+    def decode(self, token: int):
+        logits, self.past = decoder_step(self.session, [token], self.feeds, self.past)
+        return logits[-1]
+
+
+def executorch_bindings():
+    """ExecuTorch's compiled Python bindings (``_C`` since 1.2, ``_portable_lib`` before), imported
+    directly: ``executorch.runtime`` imports them through ``portable_lib.py``, which also imports the
+    exporter (``exir``) and its dependencies, which a target does not install. They link libtorch
+    and take torch tensors, so torch is imported first."""
+    import importlib
+
+    import torch  # noqa: F401  (loads libtorch for the bindings)
+
+    for name in ("_C", "_portable_lib"):
+        try:
+            return importlib.import_module(f"executorch.extension.pybindings.{name}")
+        except ModuleNotFoundError:
+            continue
+    raise Refused("no ExecuTorch bindings (executorch.extension.pybindings._C or _portable_lib) in this Python")
+
+
+class ExecuTorchProgram:
+    """One ``.pte`` through ``_load_program`` (what ``executorch.runtime.Runtime.load_program`` calls):
+    the methods of one program share their memory arenas, so ``set_slots``'s writes reach ``forward``.
+    (``_load_for_executorch``, the older module API, gives each method its own copy: no switch.)"""
+
+    def __init__(self, path: str, threads: int) -> None:
+        import importlib.metadata
+
+        import torch
+
+        et = executorch_bindings()
+        et._unsafe_reset_threadpool(threads)
+        self.torch = torch
+        self.name = f"executorch {importlib.metadata.version('executorch')} (torch {torch.__version__}, XNNPACK)"
+        self.program = et._load_program(path)
+
+    def method(self, name: str):
+        """``f(list of numpy arrays) -> list of numpy arrays`` running method ``name``."""
+        m = self.program.load_method(name)
+        return lambda arrays: [t.numpy() for t in m(tuple(self.torch.from_numpy(a) for a in arrays))]
+
+
+class EtRunner(Runner):
+    """ExecuTorch program of the export (``exporters/executorch_backend.py``): ``forward(input_ids,
+    cache_position)`` over a static KV cache inside the program, and ``set_slots(*slots)``, which
+    writes every LoRA slot (manifest order) into the buffers ``forward`` reads: the switch."""
+
+    def __init__(self, export: Export, threads: int) -> None:
+        import numpy as np
+
+        self.np, self.export, self.threads = np, export, threads
+        t0 = time.perf_counter()
+        rt = ExecuTorchProgram(os.path.join(export.folder, export.entry("program")["path"]), threads)
+        self.runtime = rt.name
+        self.forward = rt.method("forward")
+        self.setter = rt.method("set_slots") if export.switchable else None
+        self._open_bank()
+        self.session_ms = (time.perf_counter() - t0) * 1e3
+        self.max_len = int(export.model["max_cache_len"])
+        self.eos = set(export.model["eos_token_id"])
+        self.pos = 0
+
+    def _runtime_form(self, slots: dict) -> list:
+        """``set_slots`` takes every slot positionally, in the manifest's (the program's) order."""
+        return [slots[name] for name in self.bank.slots]
+
+    def set_task(self, task: str) -> float:
+        """Run ``set_slots`` with the task's slots; milliseconds."""
+        t0 = time.perf_counter()
+        if self.setter is not None:
+            self.setter(self.slots[task])
+        return (time.perf_counter() - t0) * 1e3
+
+    def _step(self, ids: list[int]):
+        np = self.np
+        if self.pos + len(ids) > self.max_len:
+            raise Refused(f"a sequence of {self.pos + len(ids)} tokens exceeds the export's KV cache ({self.max_len})")
+        out = self.forward([np.array([ids], dtype=np.int64), np.arange(self.pos, self.pos + len(ids), dtype=np.int64)])[0]
+        self.pos += len(ids)
+        return out[0]
+
+    def prefill(self, ids: list[int]):
+        self.pos = 0  # positions past the new sequence are masked by the static cache's cache_position
+        return self._step(ids)
+
+    def decode(self, token: int):
+        return self._step([token])[-1]
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "executorch": EtRunner}
 
 
 def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
@@ -465,11 +620,13 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
         prompts = request.get("prompts") or {}
         keep = int(request.get("logits_examples", 0))
         samples = max(1, int(request.get("switch_samples", 1)))
-        runner = OrtRunner(export, threads)
-        import onnxruntime
-
+        answers = request.get("answers") if request.get("teacher_forced") else None
+        if answers is not None and any(len(answers.get(t, [])) != len(p) for t, p in prompts.items()):
+            raise Refused("teacher_forced: \"answers\" must hold one answer per prompt of every task")
+        runner = RUNNERS[export.raw["runtime"]](export, threads)
         out.update({
-            "target": target, "runtime": f"onnxruntime {onnxruntime.__version__}", "export_id": export.export_id,
+            "target": target, "runtime": runner.runtime, "export_id": export.export_id,
+            "scoring": "teacher-forced" if answers is not None else "generated",
             "latency_kind": latency_kind, "threads": threads, "resident_bytes": export.resident_bytes(),
             "all_tasks_bytes": export.bytes_of("task"), "session_ms": runner.session_ms,
             "machine": platform.machine(), "python": platform.python_version(), "extensions": EXTENSIONS,
@@ -485,7 +642,11 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
             entry["switch_ms"] = statistics.median(times)
             outputs = []
             for i, ids in enumerate(prompts.get(task, [])):
-                g = runner.greedy([int(t) for t in ids], max_new)
+                ids = [int(t) for t in ids]
+                if answers is None:
+                    g = runner.greedy(ids, max_new)
+                else:
+                    g = runner.teacher_forced(ids, [int(t) for t in answers[task][i]])
                 o = {"prompt_tokens": len(ids), "tokens": g["tokens"], "prefill_ms": g["prefill_ms"],
                      "decode_ms_per_token": statistics.median(g["decode_ms"]) if g["decode_ms"] else None,
                      "decode_ms": g["decode_ms"]}
@@ -498,6 +659,8 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
             previous = task
         out["tasks"] = entries
         out["peak_rss_mb"] = _peak_rss_mb()
+        out["process_threads"] = _status_field("Threads")
+        out["torch_imported"] = "torch" in sys.modules
     except Refused as e:
         out = {"protocol": PROTOCOL, "error": f"Refused: {e}"}
         arrays = {}
@@ -508,7 +671,7 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="hydraopt device runner (ONNX Runtime)")
+    parser = argparse.ArgumentParser(description="hydraopt device runner (ONNX Runtime, ExecuTorch)")
     parser.add_argument("request")
     parser.add_argument("response")
     parser.add_argument("--target", default=platform.machine())

@@ -49,8 +49,11 @@ class Target:
     on_phone: str  # what the same harness does on a real phone
     steps: Callable[[], list[Step]]
     check: Callable[[Path], Readiness]  # (target folder) -> readiness, cheap: runs nothing heavy
-    # (target folder) -> (argv that starts the target's Python, its environment); None: no ONNX runner
-    python: Callable[[Path], tuple[list[str], dict[str, str]]] | None = None
+    # (target folder, export runtime) -> (argv that starts the target's Python for that runtime's
+    # exports, its environment); None: no device runner
+    python: Callable[[Path, str], tuple[list[str], dict[str, str]]] | None = None
+    # (target folder, export runtime) -> whether exports of that runtime run here; None: ``check``
+    runtime_check: Callable[[Path, str], Readiness] | None = None
     emulator: Callable[[Path], str] | None = None  # (target folder) -> emulator version, if emulated
 
     def folder(self) -> Path:

@@ -1,0 +1,80 @@
+"""The real model's exports on ``arm64-cpu`` (ONNX Runtime's aarch64 build under qemu-aarch64,
+emulated Cortex-A76): every task of each export, teacher-forced by default (each test example's
+reference answer scored in one pass: exact when every answer token is the argmax), against the same
+runner on the host's ONNX Runtime. HydraOpt's drop against one-adapter-per-task is computed on the
+target's outputs and on the host's, on the same examples, with 95 % paired bootstrap intervals.
+
+    python benchmarks/device_arm64.py EXPORT_HYDRAOPT EXPORT_NONE [--examples 4] [--generated]
+
+Run it under ``flock -s /work/runs/cpu.lock nice -n 5`` on a shared machine; emulated latencies
+depend on the host's load (recorded as ``host_load_avg_1min`` per export) and are never a phone's.
+Writes benchmarks/results/device_arm64-cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporters.manifest import Manifest  # noqa: E402
+from hydraopt_mobile.app.targets_bench import bench_target, notes, write_reports  # noqa: E402
+from hydraopt_mobile.suite.metrics import paired_drop  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "device_arm64-cpu.json"
+
+
+def drops(records: list[dict]) -> dict:
+    """HydraOpt vs one-adapter-per-task (method ``none``) per quantisation, on the target's scores
+    and on the host's, on the same examples: points with 95 % paired intervals."""
+    out = {}
+    by = {(r["method"], r["quant"]): {} for r in records}
+    for r in records:
+        by[(r["method"], r["quant"])][r["task"]] = r
+    for (method, quant), tasks in by.items():
+        ref = by.get(("none", quant))
+        if method == "none" or ref is None or set(ref) != set(tasks):
+            continue
+        target = paired_drop({t: ref[t]["score_each"] for t in ref}, {t: tasks[t]["score_each"] for t in tasks})
+        host = paired_drop({t: ref[t]["score_each_host"] for t in ref}, {t: tasks[t]["score_each_host"] for t in tasks})
+        out[f"{method}/{quant}"] = {"drop_points": target, "host_drop_points": host}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("exports", type=Path, nargs="+")
+    ap.add_argument("--examples", type=int, default=4)
+    ap.add_argument("--task", action="append", dest="tasks")
+    ap.add_argument("--generated", action="store_true", help="greedy generation instead of teacher-forced scoring")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes (where the exports come from, coverage)")
+    args = ap.parse_args()
+    records, per_export = [], {}
+    for export in args.exports:
+        m = Manifest.read(export)
+        t0 = time.perf_counter()
+        load = os.getloadavg()
+        rs = bench_target("arm64-cpu", export, args.tasks, args.examples, threads=1, teacher_forced=not args.generated)
+        per_export[export.name] = {"runtime": m.runtime, "quant": m.quant, "method": m.method, "wall_s": round(time.perf_counter() - t0, 1),
+                                   "host_load_avg_before": [round(x, 2) for x in load],
+                                   "host_load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+        print(export.name, per_export[export.name], [(r["task"], r["score"], r["tokens_identical"], r["max_logit_err"]) for r in rs], flush=True)
+        records += rs
+    info = notes(records)
+    info["command"] = "python benchmarks/device_arm64.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    info["exports"] = per_export
+    info["drops"] = drops(records)
+    info["notes"] = args.note
+    info["host_reference"] = "the same runner on the host's ONNX Runtime (x86_64), same export, same examples; not PyTorch"
+    write_reports(records, args.out, info)
+
+
+if __name__ == "__main__":
+    main()
