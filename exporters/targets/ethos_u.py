@@ -171,11 +171,9 @@ def ensure_ready() -> Path:
     """The target's folder; :class:`UserError` with the reason and the command when not ready."""
     from exporters.targets.registry import get_target
 
-    target = get_target(NAME)
-    ready = target.readiness()
-    if not ready.ready:
+    if not (ready := get_target(NAME).readiness()).ready:
         raise UserError(f"target {NAME} is not ready: {ready.reason}; make it ready: {ready.command}")
-    return target.folder()
+    return get_target(NAME).folder()
 
 
 def compile_layer(weights: dict[str, torch.Tensor], x: torch.Tensor, cfg: LayerConfig, variants: list[LayerVariant],
