@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,18 +77,23 @@ def task_input_bytes(variant: dict, quant: str) -> int | None:
     return per_elem * (r["q_proj"] * (cfg["hidden"] + q_out) + r["v_proj"] * (cfg["hidden"] + v_out))
 
 
-def records_from(report: dict, outputs: dict[str, torch.Tensor], meta: dict) -> list[dict]:
+def records_from(report: dict, outputs: dict[str, torch.Tensor], methods: dict[str, str]) -> list[dict]:
+    """One record per variant x NPU x quantisation (``methods``: variant -> merge method)."""
     recs = []
     for v in report["variants"]:
-        base = {"target": NAME, "latency_kind": "estimated", "method": v.get("method"), "variant": v["variant"],
+        base = {"target": NAME, "latency_kind": "estimated", "method": methods[v["variant"]], "variant": v["variant"],
                 "kind": v["kind"], "npu": v["npu"], "quant": v["quant"]}
         if "error" in v:
             recs.append({**base, "compiled": False, "error": v["error"]})
             continue
-        vela = v["vela"]
+        if v["delegates"] != 1:  # the NPU got several pieces: Vela's files hold only the last one's figures
+            v["vela"] = None
+        vela = v["vela"] or dict.fromkeys(("cycles", "cycles_npu", "clock_hz", "inference_s", "sram_bytes", "flash_bytes", "dram_bytes",
+                                           "weights_bytes", "weights_area", "system_config", "memory_mode"))
         rec = {**base, "compiled": True, "delegates": v["delegates"], "cpu_ops": v["cpu_ops"],
                "all_on_npu": v["delegates"] == 1 and not v["cpu_ops"], "cycles": vela["cycles"], "cycles_npu": vela["cycles_npu"],
-               "clock_mhz": vela["clock_hz"] / 1e6, "estimated_ms": round(vela["inference_s"] * 1e3, 4),
+               "clock_mhz": vela["clock_hz"] and vela["clock_hz"] / 1e6,
+               "estimated_ms": vela["inference_s"] and round(vela["inference_s"] * 1e3, 4),
                "sram_bytes": vela["sram_bytes"], "flash_bytes": vela["flash_bytes"], "dram_bytes": vela["dram_bytes"],
                "npu_weights_bytes": vela["weights_bytes"], "weights_area": vela["weights_area"], "system_config": vela["system_config"],
                "memory_mode": vela["memory_mode"], "pte_bytes": v["pte_bytes"], "compile_s": v["compile_s"],
@@ -110,6 +116,16 @@ def records_from(report: dict, outputs: dict[str, torch.Tensor], meta: dict) -> 
     return recs
 
 
+def _op_name(op: str) -> str:
+    """``aten.bmm`` from ``<EdgeOpOverload: aten.bmm.default>: schema = ...``."""
+    found = re.search(r"(aten|quantized_decomposed)\.\w+", op)
+    return found.group(0) if found else op[:40]
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def markdown(records: list[dict], meta: dict) -> str:
     cols = ["variant", "method", "npu", "quant", "on NPU", "cycles", "est. ms", "SRAM bytes", "flash bytes", "task input bytes",
             "switch", "max abs err", "|fp32| max", "LoRA effect cos (min)", "back = first"]
@@ -119,9 +135,9 @@ def markdown(records: list[dict], meta: dict) -> str:
             rows.append([r["variant"], r["method"], r["npu"], r["quant"], "compile failed: " + r["error"][:90].replace("|", "/").replace("\n", " ")]
                         + [""] * (len(cols) - 5))
             continue
-        on = "all" if r["all_on_npu"] else f"{r['delegates']} delegates; CPU: {', '.join(o.split(':')[0].strip('<>').split('.')[-2] for o in r['cpu_ops'])}"
-        rows.append([r["variant"], r["method"], r["npu"], r["quant"], on, r["cycles"], r["estimated_ms"], f"{r['sram_bytes']:,}",
-                     f"{r['flash_bytes']:,}", f"{r['task_input_bytes']:,}" if r["task_input_bytes"] is not None else "-",
+        on = "all" if r["all_on_npu"] else f"{r['delegates']} delegates; CPU: {', '.join(_op_name(o) for o in r['cpu_ops'])}"
+        rows.append([r["variant"], r["method"], r["npu"], r["quant"], on, r["cycles"], r["estimated_ms"], _n(r["sram_bytes"]),
+                     _n(r["flash_bytes"]), _n(r["task_input_bytes"]),
                      r["switch"].split(" ")[0], r.get("max_abs_err"), r.get("fp32_max_abs"), r.get("effect_cosine_min"),
                      r.get("switch_back_identical", "-")])
     lines = ["# Ethos-U: one SmolLM2-135M decoder layer with switchable LoRA task tensors (Vela estimate)", "",
@@ -146,10 +162,12 @@ def plot(records: list[dict]):
         labels = [f"{r['variant']}\n{r['npu'].replace('ethos-', '')} {r['quant']}" for r in ok]
         axes[0].bar(range(len(ok)), [r["cycles"] / 1e6 for r in ok], color=["C0" if "u55" in r["npu"] else "C1" for r in ok])
         axes[0].set_ylabel("Vela estimate, million cycles (one layer, 16 tokens)")
-        axes[1].bar(range(len(ok)), [r.get("effect_cosine_min") or 0 for r in ok], color=["C0" if "u55" in r["npu"] else "C1" for r in ok])
-        axes[1].set_ylabel("LoRA effect cosine vs fp32 (min over tasks)")
-        for ax in axes:
-            ax.set_xticks(range(len(ok)), labels, rotation=70, fontsize=7)
+        axes[0].set_yscale("log")
+        sw = [r for r in ok if r.get("effect_cosine_min") is not None]
+        axes[1].bar(range(len(sw)), [r["effect_cosine_min"] for r in sw], color=["C0" if "u55" in r["npu"] else "C1" for r in sw])
+        axes[1].set_ylabel("LoRA effect cosine vs fp32 (min over tasks; switchable)")
+        axes[0].set_xticks(range(len(ok)), labels, rotation=70, fontsize=7)
+        axes[1].set_xticks(range(len(sw)), [f"{r['variant']}\n{r['npu'].replace('ethos-', '')} {r['quant']}" for r in sw], rotation=70, fontsize=7)
         fig.suptitle("Ethos-U (estimated; one decoder layer; all ops on the NPU only)")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -205,7 +223,7 @@ def main() -> None:
             "SRAM/flash: Vela's 'memory used' per area (system config and memory mode are ExecuTorch's defaults for the NPU: "
             "U55 Shared_Sram with weights in off-chip flash, U85 Sram_Only with weights in SRAM).",
         ]}
-    records = records_from(report, outputs, meta)
+    records = records_from(report, outputs, {v.name: v.method for v in variants})
     write_record(args.out, {"meta": meta, "records": records}, markdown(records, meta), plot(records))
     print(markdown(records, meta))
 
