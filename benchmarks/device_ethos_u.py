@@ -24,6 +24,7 @@ Writes benchmarks/results/device_ethos-u.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.metadata
 import platform
 import re
@@ -182,7 +183,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the job (TOSA, Vela output, .pte files) here")
     ap.add_argument("--npus", default=",".join(NPUS))
     ap.add_argument("--quants", default=",".join(QUANTS))
+    ap.add_argument("--reuse", action="store_true", help="make the records from the finished job in --workdir (no compiling)")
     args = ap.parse_args()
+    if args.reuse and (args.workdir is None or not (args.workdir / "report.json").is_file()):
+        ap.error("--reuse needs --workdir with a finished job (report.json)")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model_dir = base_model_dir()
@@ -201,11 +205,18 @@ def main() -> None:
     variants = [LayerVariant("hydraopt-1T", "hydraopt", "switchable", hydra_tasks, seq),
                 LayerVariant("none", "none", "switchable", none_tasks, seq),
                 LayerVariant("merged", "none", "merged", {TASKS[0]: none_tasks[TASKS[0]]})]
-    report, outputs = compile_layer(weights, x, cfg, variants, tuple(args.npus.split(",")), tuple(args.quants.split(",")),
-                                    workdir=args.workdir, timeout_s=6 * 3600)
+    if args.reuse:  # the job in --workdir ran to its end (report.json written): only the records are made again
+        from safetensors.torch import load_file
+
+        report = json.loads((args.workdir / "report.json").read_text())
+        report["log"] = [f"reused the finished job in {args.workdir}"]
+        outputs = load_file(args.workdir / "outputs.safetensors")
+    else:
+        report, outputs = compile_layer(weights, x, cfg, variants, tuple(args.npus.split(",")), tuple(args.quants.split(",")),
+                                        workdir=args.workdir, timeout_s=6 * 3600)
     meta = {
         "machine": f"{platform.machine()}, 1 torch thread", "executorch": importlib.metadata.version("executorch"),
-        "torch": torch.__version__, "wall_s": round(time.perf_counter() - t0, 1), "layer": LAYER, "config": report["config"],
+        "torch": torch.__version__, "wall_s": None if args.reuse else round(time.perf_counter() - t0, 1), "reused_job": args.reuse, "layer": LAYER, "config": report["config"],
         "layer_input": f"token embeddings of the last {SEQ} tokens of {TASKS[0]}'s first test prompt: {text!r}",
         "tasks_run": list(seq), "hydraopt_storage_fraction": round(hydra.storage_fraction(), 4),
         "hydraopt_layer0_layouts_kA_kB": layouts, "log": report["log"],
