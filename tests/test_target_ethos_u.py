@@ -125,5 +125,7 @@ def test_compiles_runs_and_switches_on_the_npu(compiled, npu):
         assert (got - fp[task]).norm() < (got - fp[other]).norm(), f"{npu}: {task}'s output is nearer fp32 {other}"
         assert (got - fp[task]).abs().max() < REL_TOL * fp[task].abs().max()
         cos = torch.nn.functional.cosine_similarity((got - none).flatten(), (fp[task] - fp["<none>"]).flatten(), dim=0)
+        print(f"{npu} {task}: max abs err {(got - fp[task]).abs().max():.4f} (fp32 max {fp[task].abs().max():.3f}), "
+              f"to the other task {(got - fp[other]).norm():.3f} vs own {(got - fp[task]).norm():.3f}, LoRA effect cos {cos:.4f}")
         assert cos > EFFECT_COS, f"{npu} {task}: LoRA effect cosine {cos:.3f}"
     assert [r["task"] for r in rec["runs"]] == ["alpha", "beta", "alpha", "<none>"]
