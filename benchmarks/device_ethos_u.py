@@ -101,14 +101,18 @@ def records_from(report: dict, outputs: dict[str, torch.Tensor], methods: dict[s
                "ranks": v["ranks"], "task_input_bytes": task_input_bytes({**v, "config": report["config"]}, v["quant"]),
                "switch": "inputs (fed per call)" if v["kind"] == "switchable" else "reload (one constant program per task)",
                "runs": v["runs"]}
+        key = f"{v['variant']}/{v['npu']}/{v['quant']}"
+        for i, run in enumerate(v["runs"]):  # the error relative to the output's norm: a few large residual-stream values set the max
+            got, ref = outputs[f"{key}/{i}/{run['task']}"], outputs[f"{v['variant']}/fp32/{run['task']}"]
+            run["rel_err"] = float((got - ref).norm() / ref.norm())
         runs = [r for r in v["runs"] if r["task"] != "<none>"]
         if runs:
             rec["max_abs_err"] = max(r["max_abs_err"] for r in runs)
             rec["fp32_max_abs"] = max(r["fp32_max_abs"] for r in runs)
+            rec["rel_err_max"] = max(r["rel_err"] for r in runs)
             cos = [r["effect_cosine"] for r in runs if "effect_cosine" in r]
             rec["effect_cosine_min"] = min(cos) if cos else None
         if v["kind"] == "switchable" and v["runs"]:
-            key = f"{v['variant']}/{v['npu']}/{v['quant']}"
             seq = [r["task"] for r in v["runs"]]
             first, back = 0, len(seq) - 2  # the sequence ends with the first task again, then <none>
             rec["switch_back_identical"] = bool(torch.equal(outputs[f"{key}/{first}/{seq[first]}"], outputs[f"{key}/{back}/{seq[back]}"]))
@@ -129,7 +133,7 @@ def _n(value: int | None) -> str:
 
 def markdown(records: list[dict], meta: dict) -> str:
     cols = ["variant", "method", "npu", "quant", "on NPU", "cycles", "est. ms", "SRAM bytes", "flash bytes", "task input bytes",
-            "switch", "max abs err", "|fp32| max", "LoRA effect cos (min)", "back = first"]
+            "switch", "max abs err", "|fp32| max", "rel. err (max)", "LoRA effect cos (min)", "back = first"]
     rows = []
     for r in records:
         if not r["compiled"]:
@@ -139,15 +143,15 @@ def markdown(records: list[dict], meta: dict) -> str:
         on = "all" if r["all_on_npu"] else f"{r['delegates']} delegates; CPU: {', '.join(_op_name(o) for o in r['cpu_ops'])}"
         rows.append([r["variant"], r["method"], r["npu"], r["quant"], on, r["cycles"], r["estimated_ms"], _n(r["sram_bytes"]),
                      _n(r["flash_bytes"]), _n(r["task_input_bytes"]),
-                     r["switch"].split(" ")[0], r.get("max_abs_err"), r.get("fp32_max_abs"), r.get("effect_cosine_min"),
+                     r["switch"].split(" ")[0], r.get("max_abs_err"), r.get("fp32_max_abs"), r.get("rel_err_max"), r.get("effect_cosine_min"),
                      r.get("switch_back_identical", "-")])
     lines = ["# Ethos-U: one SmolLM2-135M decoder layer with switchable LoRA task tensors (Vela estimate)", "",
              *[f"- {n}" for n in meta["notes"]], "", *markdown_table(cols, rows), "",
              "Per task (TOSA reference model vs fp32 PyTorch, same inputs):", ""]
-    per = [[r["variant"], r["npu"], r["quant"], i, run["task"], run["max_abs_err"], run.get("effect_cosine"),
+    per = [[r["variant"], r["npu"], r["quant"], i, run["task"], run["max_abs_err"], run["rel_err"], run.get("effect_cosine"),
             run.get("effect_fp32_norm"), run.get("effect_int_norm")]
            for r in records if r["compiled"] for i, run in enumerate(r["runs"])]
-    lines += markdown_table(["variant", "npu", "quant", "run", "task", "max abs err", "LoRA effect cos", "|effect| fp32", "|effect| NPU"], per)
+    lines += markdown_table(["variant", "npu", "quant", "run", "task", "max abs err", "rel. err", "LoRA effect cos", "|effect| fp32", "|effect| NPU"], per)
     return "\n".join(lines + [""])
 
 
@@ -232,7 +236,12 @@ def main() -> None:
             f"HydraOpt at 1/T ({hydra.storage_fraction():.4f} of the fp16 file bytes): layer 0 q_proj/v_proj layouts (k_A, k_B) "
             f"{layouts}; its per-task factors have rank {report['variants'][0].get('ranks', '?')} vs rank 8 for one-adapter-per-task.",
             "SRAM/flash: Vela's 'memory used' per area (system config and memory mode are ExecuTorch's defaults for the NPU: "
-            "U55 Shared_Sram with weights in off-chip flash, U85 Sram_Only with weights in SRAM).",
+            "U55 Shared_Sram with weights in off-chip flash; U85 Sram_Only, where Vela moves the constants to on-chip flash "
+            "with SRAM's characteristics). A switch of a switchable variant writes 'task input bytes' (the task's A, B at the "
+            "program's input width); a merged variant's switch is a reload of its whole program (pte_bytes).",
+            "U55 A16W8: Vela refuses the switchable program (TOSA reader: an output tensor without writer) and leaves the int16 x "
+            "int16 attention matmuls (aten.bmm) of the merged one on the CPU: no U55 figure at A16W8. U55 A8W8 runs the "
+            "runtime-input LoRA matmuls on the NPU, so no per-task constant program was needed there.",
         ]}
     records = records_from(report, outputs, {v.name: v.method for v in variants})
     write_record(args.out, {"meta": meta, "records": records}, markdown(records, meta), plot(records))
