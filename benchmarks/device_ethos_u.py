@@ -181,6 +181,27 @@ def plot(records: list[dict]):
     return draw
 
 
+def build_case() -> dict:
+    """Layer 0 of the packaged model, its input, and the three variants' task factors (HydraOpt at
+    1/T and method none merged from the committed suite adapters)."""
+    model_dir = base_model_dir()
+    model = load_causal_lm(model_dir)
+    cfg = LayerConfig.from_hf(model.config, SEQ)
+    weights = {k: v.detach().clone() for k, v in model.model.layers[LAYER].state_dict().items()}
+    x, text = layer_input(model, model_dir, TASKS[0])
+    del model
+    adapters = load_adapter_set([str(p) for p in sorted(ADAPTERS.iterdir()) if p.is_dir()])
+    hydra = merge(adapters, MergeConfig(method="hydraopt", budget=Budget(fraction=1 / len(adapters.task_names))))
+    none = merge(adapters, MergeConfig(method="none"))
+    seq = (*TASKS, TASKS[0])
+    hydra_tasks, none_tasks = bank_layer_tasks(hydra, LAYER, list(TASKS)), bank_layer_tasks(none, LAYER, list(TASKS))
+    layouts = {s: list(hydra.modules[f"model.layers.{LAYER}.self_attn.{s}"].layout) for s in ("q_proj", "v_proj")}
+    variants = [LayerVariant("hydraopt-1T", "hydraopt", "switchable", hydra_tasks, seq),
+                LayerVariant("none", "none", "switchable", none_tasks, seq),
+                LayerVariant("merged", "none", "merged", {TASKS[0]: none_tasks[TASKS[0]]})]
+    return {"cfg": cfg, "x": x, "weights": weights, "variants": variants, "hydra": hydra, "text": text, "seq": seq, "layouts": layouts}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -193,22 +214,8 @@ def main() -> None:
         ap.error("--reuse needs --workdir with a finished job (report.json)")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    model_dir = base_model_dir()
-    model = load_causal_lm(model_dir)
-    cfg = LayerConfig.from_hf(model.config, SEQ)
-    weights = {k: v.detach().clone() for k, v in model.model.layers[LAYER].state_dict().items()}
-    x, text = layer_input(model, model_dir, TASKS[0])
-    del model
-    adapters = load_adapter_set([str(p) for p in sorted(ADAPTERS.iterdir()) if p.is_dir()])
-    T = len(adapters.task_names)
-    hydra = merge(adapters, MergeConfig(method="hydraopt", budget=Budget(fraction=1 / T)))
-    none = merge(adapters, MergeConfig(method="none"))
-    seq = (*TASKS, TASKS[0])
-    hydra_tasks, none_tasks = bank_layer_tasks(hydra, LAYER, list(TASKS)), bank_layer_tasks(none, LAYER, list(TASKS))
-    layouts = {s: list(hydra.modules[f"model.layers.{LAYER}.self_attn.{s}"].layout) for s in ("q_proj", "v_proj")}
-    variants = [LayerVariant("hydraopt-1T", "hydraopt", "switchable", hydra_tasks, seq),
-                LayerVariant("none", "none", "switchable", none_tasks, seq),
-                LayerVariant("merged", "none", "merged", {TASKS[0]: none_tasks[TASKS[0]]})]
+    case = build_case()
+    cfg, x, weights, variants, hydra, text, seq, layouts = (case[k] for k in ("cfg", "x", "weights", "variants", "hydra", "text", "seq", "layouts"))
     if args.reuse:  # the job in --workdir ran to its end (report.json written): only the records are made again
         from safetensors.torch import load_file
 

@@ -153,11 +153,11 @@ def bank_layer_tasks(bank: MergedBank, layer: int, tasks: list[str]) -> dict[str
     return out
 
 
-def _padded_ranks(tasks: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
+def padded_ranks(tasks: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
     return {slot: max(t[f"{slot}.A"].shape[0] for t in tasks.values()) for slot in SLOTS}
 
 
-def _pad(task: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, torch.Tensor]:
+def pad(task: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, torch.Tensor]:
     """Zero rows of A / columns of B up to the slot's rank: B A is unchanged."""
     out = {}
     for slot, r in ranks.items():
@@ -192,9 +192,9 @@ def compile_layer(weights: dict[str, torch.Tensor], x: torch.Tensor, cfg: LayerC
         save_file({**{k: v.float().contiguous() for k, v in weights.items()}, "x": x.float().contiguous()}, str(job_dir / "layer.safetensors"))
         specs = []
         for v in variants:
-            ranks = _padded_ranks(v.tasks)
+            ranks = padded_ranks(v.tasks)
             for task, tensors in v.tasks.items():
-                save_file(_pad(tensors, ranks), str(job_dir / f"{v.name}-{task}.safetensors"))
+                save_file(pad(tensors, ranks), str(job_dir / f"{v.name}-{task}.safetensors"))
             specs.append({"name": v.name, "method": v.method, "kind": v.kind, "tasks": list(v.tasks),
                           "sequence": list(v.sequence), "ranks": ranks})
         job = {"site": str(site(folder)), "config": asdict(cfg), "variants": specs, "npus": list(npus), "quants": list(quants),

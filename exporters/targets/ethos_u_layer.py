@@ -135,6 +135,21 @@ def factor_inputs(task: dict[str, torch.Tensor] | None, ranks: dict[str, int], c
     return out
 
 
+def variant_runs(kind: str, tasks: dict[str, dict[str, torch.Tensor]], sequence: list[str], ranks: dict[str, int],
+                 weights: dict[str, torch.Tensor], cfg: LayerConfig, x: torch.Tensor) -> tuple[torch.nn.Module, list, list]:
+    """The module of a variant, its runs ``[(task, inputs)]`` and its calibration inputs.
+    ``switchable``: ``sequence`` in order, then ``"<none>"`` (zero factors), calibrated on all of them
+    (one fixed encoding of the task inputs serves every task); ``merged``: the one task, folded in.
+    ``tasks`` padded to ``ranks``; ``x``: (1, seq, hidden)."""
+    if kind == "switchable":
+        module = LoraDecoderLayer(weights, cfg).eval()
+        factors = [(t, factor_inputs(tasks[t], ranks, cfg)) for t in sequence] + [("<none>", factor_inputs(None, ranks, cfg))]
+        return module, [(t, (x, *f)) for t, f in factors], [(x, *f) for _, f in factors]
+    [(t, task)] = tasks.items()
+    module = LoraDecoderLayer(weights, cfg, {s: (task[f"{s}.A"], task[f"{s}.B"]) for s in SLOTS}).eval()
+    return module, [(t, (x,))], [(x,)]
+
+
 # ---- everything below runs in the target's environment (Vela and the TOSA tools importable) ----
 
 def _summary(folder: Path) -> dict:
@@ -175,25 +190,32 @@ def _io_params(graph) -> tuple[list[tuple[float, int, str]], list[tuple[float, i
     return ins, [(s, z) for _, s, z in sorted(outs)], cpu_ops, 1
 
 
-def compile_variant(module: torch.nn.Module, example: tuple, calibration: list[tuple], npu: str, quant: str,
-                    folder: Path, extra_flags: tuple[str, ...] = ("--verbose-performance",)) -> dict:
-    """PT2E-quantise ``module`` for ``npu`` (calibrated on ``calibration``), lower it with the
-    EthosU partitioner (TOSA -> Vela), save the ``.pte``; returns Vela's summary, the IO
-    quantisation, what stayed on the CPU, sizes, and the lowered TOSA's path."""
-    from executorch.backends.arm import (EthosUCompileSpec, EthosUPartitioner, EthosUQuantizer,
-                                         get_symmetric_a16w8_quantization_config, get_symmetric_quantization_config)
-    from executorch.exir import to_edge_transform_and_lower
+def quantize(module: torch.nn.Module, example: tuple, calibration: list[tuple], spec, quant: str) -> torch.nn.Module:
+    """PT2E with the Arm quantiser for ``spec`` (an ``EthosUCompileSpec``): A8W8 or A16W8, weights
+    per channel, calibrated on ``calibration``. The result runs in PyTorch (fake quantisation)."""
+    from executorch.backends.arm import EthosUQuantizer, get_symmetric_a16w8_quantization_config, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    spec = EthosUCompileSpec(npu, extra_flags=list(extra_flags)).dump_intermediate_artifacts_to(str(folder))
     quantizer = EthosUQuantizer(spec)
     quantizer.set_global(get_symmetric_a16w8_quantization_config() if quant == "a16w8" else get_symmetric_quantization_config())
     prepared = prepare_pt2e(torch.export.export(module, example).module(check_guards=False), quantizer)
     for inputs in calibration:
         prepared(*inputs)
-    converted = convert_pt2e(prepared)
+    return convert_pt2e(prepared)
+
+
+def compile_variant(module: torch.nn.Module, example: tuple, calibration: list[tuple], npu: str, quant: str,
+                    folder: Path, extra_flags: tuple[str, ...] = ("--verbose-performance",)) -> dict:
+    """PT2E-quantise ``module`` for ``npu`` (calibrated on ``calibration``), lower it with the
+    EthosU partitioner (TOSA -> Vela), save the ``.pte``; returns Vela's summary, the IO
+    quantisation, what stayed on the CPU, sizes, and the lowered TOSA's path."""
+    from executorch.backends.arm import EthosUCompileSpec, EthosUPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    spec = EthosUCompileSpec(npu, extra_flags=list(extra_flags)).dump_intermediate_artifacts_to(str(folder))
+    converted = quantize(module, example, calibration, spec, quant)
     edge = to_edge_transform_and_lower(torch.export.export(converted, example), partitioner=[EthosUPartitioner(spec)])
     ins, outs, cpu_ops, delegates = _io_params(edge.exported_program().graph_module.graph)
     program = edge.to_executorch()
@@ -243,16 +265,7 @@ def main(job_dir: Path) -> None:
     for variant in job["variants"]:
         tasks = {t: load_file(job_dir / f"{variant['name']}-{t}.safetensors") for t in variant["tasks"]}
         ranks = variant["ranks"]
-        if variant["kind"] == "switchable":
-            module = LoraDecoderLayer(weights, cfg).eval()
-            runs = [(t, factor_inputs(tasks[t], ranks, cfg)) for t in variant["sequence"]] + [("<none>", factor_inputs(None, ranks, cfg))]
-            calibration = [(x, *f) for _, f in runs]
-            runs = [(t, (x, *f)) for t, f in runs]
-        else:
-            t = variant["tasks"][0]
-            merged = {s: (tasks[t][f"{s}.A"], tasks[t][f"{s}.B"]) for s in SLOTS}
-            module = LoraDecoderLayer(weights, cfg, merged).eval()
-            runs, calibration = [(t, (x,))], [(x,)]
+        module, runs, calibration = variant_runs(variant["kind"], tasks, variant["sequence"], ranks, weights, cfg, x)
         with torch.no_grad():
             fp32 = {t: module(*inp) for t, inp in runs}
         base = fp32.get("<none>")

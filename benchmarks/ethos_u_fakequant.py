@@ -1,0 +1,67 @@
+"""Where the Ethos-U layer's error comes from: the same PT2E-quantised layer run in PyTorch (fake
+quantisation, before any lowering) against fp32, beside the TOSA reference model's error of the
+lowered program from ``device_ethos-u.json`` (same layer, inputs, tasks, calibration).
+
+If the two agree, the loss is the quantisation scheme's; if the lowered program is much further
+from fp32, the loss is in the lowering (TOSA rescales, lookup tables), not in the scheme.
+
+    python benchmarks/ethos_u_fakequant.py      # ~3 min; needs `hydraopt targets setup ethos-u`
+
+Writes benchmarks/results/device_ethos-u_fakequant.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.device_ethos_u import RESULTS, build_case  # noqa: E402
+from exporters.targets.ethos_u import ensure_ready, pad, padded_ranks, site  # noqa: E402
+from exporters.targets.ethos_u_layer import quantize, variant_runs  # noqa: E402
+from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "device_ethos-u_fakequant.json"
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    sys.path.append(str(site(ensure_ready())))
+    from executorch.backends.arm import EthosUCompileSpec
+
+    case = build_case()
+    tosa = {(r["variant"], r["npu"], r["quant"]): r for r in json.loads(RESULTS.read_text())["records"]}
+    rows = []
+    for v in case["variants"]:
+        ranks = padded_ranks(v.tasks)
+        tasks = {t: pad(f, ranks) for t, f in v.tasks.items()}
+        module, runs, calibration = variant_runs(v.kind, tasks, list(v.sequence), ranks, case["weights"], case["cfg"], case["x"][None])
+        with torch.no_grad():
+            fp32 = [module(*inp) for _, inp in runs]
+        for quant in ("a8w8", "a16w8"):
+            q = quantize(module, runs[0][1], calibration, EthosUCompileSpec("ethos-u85-256"), quant)
+            with torch.no_grad():
+                errs = [float((q(*inp) - f).norm() / f.norm()) for (_, inp), f in zip(runs, fp32)]
+            lowered = tosa.get((v.name, "ethos-u85-256", quant), {})
+            rows.append({"variant": v.name, "quant": quant, "tasks": [t for t, _ in runs],
+                         "fake_quant_rel_err": errs, "fake_quant_rel_err_max": max(errs),
+                         "tosa_rel_err": [r.get("rel_err") for r in lowered.get("runs", [])],
+                         "tosa_rel_err_max": max((r["rel_err"] for r in lowered.get("runs", []) if "rel_err" in r), default=None)})
+            print(rows[-1], flush=True)
+    meta = {"note": "relative error ||y - y_fp32|| / ||y_fp32|| of one SmolLM2-135M layer (16 tokens): PT2E fake quantisation in "
+                    "PyTorch (Arm quantiser for ethos-u85-256) vs the lowered program on the TOSA reference model (ethos-u85-256; "
+                    "from device_ethos-u.json). Max over the runs (tasks, and no task for switchable variants).",
+            "threads": 1}
+    table = markdown_table(["variant", "quant", "fake-quant rel. err (max)", "lowered TOSA rel. err (max)"],
+                           [[r["variant"], r["quant"], r["fake_quant_rel_err_max"], r["tosa_rel_err_max"]] for r in rows])
+    write_record(OUT, {"meta": meta, "records": rows},
+                 "\n".join(["# Ethos-U layer: quantisation scheme vs lowering", "", meta["note"], "", *table, ""]))
+
+
+if __name__ == "__main__":
+    main()
