@@ -18,18 +18,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.device_ethos_u import RESULTS, build_case  # noqa: E402
 from exporters.targets.ethos_u import ensure_ready, pad, padded_ranks, site  # noqa: E402
 from exporters.targets.ethos_u_layer import quantize, variant_runs  # noqa: E402
 from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "device_ethos-u_fakequant.json"
-
 
 def main() -> None:
+    out = RESULTS.with_name("device_ethos-u_fakequant.json")
     torch.set_num_threads(1)
     sys.path.append(str(site(ensure_ready())))
     from executorch.backends.arm import EthosUCompileSpec
@@ -59,7 +57,7 @@ def main() -> None:
             "threads": 1}
     table = markdown_table(["variant", "quant", "fake-quant rel. err (max)", "lowered TOSA rel. err (max)"],
                            [[r["variant"], r["quant"], r["fake_quant_rel_err_max"], r["tosa_rel_err_max"]] for r in rows])
-    write_record(OUT, {"meta": meta, "records": rows},
+    write_record(out, {"meta": meta, "records": rows},
                  "\n".join(["# Ethos-U layer: quantisation scheme vs lowering", "", meta["note"], "", *table, ""]))
 
 
