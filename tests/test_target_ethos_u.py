@@ -7,10 +7,10 @@ clean machine, cached in ``$HYDRAOPT_CACHE/targets``); a target that cannot be s
 with its reason.
 
 Tolerance (A8W8, the tiny random layer): the NPU output of task t is closer to fp32 task t than to
-fp32 of the other task (so a wrong task cannot pass), its max abs error is under 0.25 x the fp32
-output's max (observed ~0.17 on this random layer; ~0.08 at A16W8), and the LoRA effect
-``out(t) - out(no task)`` has cosine > 0.8 with fp32's (observed 0.87-0.94; int8 activations
-cost the LoRA effect, as on the HTP).
+fp32 of the other task (observed 0.43 vs 10.2, so a wrong task cannot pass), its max abs error is
+under 0.05 x the fp32 output's max (observed 0.044-0.053 of ~3.5, i.e. ~1.5 %), and the LoRA effect
+``out(t) - out(no task)`` has cosine > 0.95 with fp32's (observed 0.998). On the real layer int8
+activations cost much more (benchmarks/results/device_ethos-u.md: LoRA effect cosine 0.51-0.90).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from hydraopt_mobile.errors import UserError
 from tiny_models import make_bank, make_tiny_model
 
 SEQ = 16
-REL_TOL = 0.25
-EFFECT_COS = 0.8
+REL_TOL = 0.05
+EFFECT_COS = 0.95
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,9 @@ TARGET = Target(
             "the TOSA reference model's int8/int16 outputs",
     needs=f"a site folder (~200 MB, PyPI, --no-deps) with {' and '.join(pins())} beside the project's executorch",
     latency_kind="estimated",
-    tolerance="one layer: TOSA reference output vs the fp32 layer, max abs error under 0.1 x the fp32 output's max at A8W8 "
-              "(tests: tiny layer), switching back bit-identical; the LoRA effect's cosine is reported, not bounded",
+    tolerance="tiny test layer at A8W8: TOSA reference output within 0.05 x the fp32 output's max, nearer its own task than "
+              "the other, LoRA effect cosine > 0.95, switching back bit-identical; the real layer's errors are reported, not bounded "
+              "(A8W8 rel. error ~0.24, LoRA effect cosine 0.51-0.90)",
     on_phone="not a phone NPU: the same .pte runs on a Cortex-M55/M85 + Ethos-U board (Corstone-300/320) with ExecuTorch's "
              "arm_executor_runner; no FVP or board here",
     steps=steps,
