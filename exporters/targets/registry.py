@@ -97,9 +97,9 @@ def targets_root() -> Path:
 
 
 def _registry() -> dict[str, Target]:
-    from exporters.targets import arm64, qnn_htp
+    from exporters.targets import arm64, ethos_u, qnn_htp
 
-    return {t.name: t for t in (arm64.TARGET, qnn_htp.TARGET)}
+    return {t.name: t for t in (arm64.TARGET, qnn_htp.TARGET, ethos_u.TARGET)}
 
 
 TARGETS: dict[str, Target] = _registry()
