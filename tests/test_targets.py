@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -218,12 +219,27 @@ def test_parity_counts_only_rows_with_identical_inputs():
     assert p["max_logit_err"] == 0.5 and p["agreement"] == 0.5 and not p["identical"]
 
 
-def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny):
-    report = htp_check(tiny["fp32"], ["alpha", "beta", "alpha"])
+def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny, tmp_path):
+    """QDQ A16W8 on HTP, and one offline context binary per htp_arch serving both tasks through fed slots."""
+    order = ["alpha", "beta", "alpha"]
+    report = htp_check(tiny["fp32"], order, archs=("73", "75", "79"), workdir=tmp_path)
     assert report["static_graph_on_htp"].startswith("refused"), "the unquantised graph should not open without CPU fallback"
-    assert "QuantizeLinear" in report["ops"] and "IsNaN" not in report["ops"] and report["guards_dropped"] == 2
-    alpha, beta, back = report["logits"]
+    (a16,) = report["quants"]
+    assert a16["quant"] == "a16w8" and "QuantizeLinear" in a16["ops"] and "IsNaN" not in a16["ops"] and report["guards_dropped"] == 2
+    logits = report["logits"]
+    alpha, beta, back = (logits[f"a16w8/qdq/{i}/0"] for i in range(3))
     np.testing.assert_array_equal(alpha, back)  # the switch back to alpha: bit-identical on the NPU
     assert np.abs(alpha - beta).max() > 0.05, "the task slots had no effect on the NPU"
-    for run in report["runs"]:
+    for run in a16["runs"]:
         assert run["max_err_vs_fp32"] < 1.5, run
+    assert [c["htp_arch"] for c in a16["contexts"]] == ["73", "75", "79"]
+    for ctx in a16["contexts"]:
+        arch = ctx["htp_arch"]
+        # written by ep.context_enable=1: the binary a phone loads plus its EPContext wrapper, reloaded without CPU fallback
+        assert (tmp_path / f"ctx_v{arch}_qnn.bin").stat().st_size == ctx["bytes_binary"] > 0
+        wrapper = onnx.load(tmp_path / f"ctx_v{arch}.onnx")
+        assert [n.op_type for n in wrapper.graph.node] == ["EPContext"]
+        assert {i.name for i in wrapper.graph.input} >= {n for n in wrapper.graph.node[0].input if n.endswith((".lora_a", ".lora_b"))}
+        for i, task in enumerate(order):  # alpha -> beta -> alpha through the one binary: the QDQ session's outputs
+            np.testing.assert_array_equal(logits[f"a16w8/ctx{arch}/{i}/0"], logits[f"a16w8/qdq/{i}/0"], err_msg=f"htp_arch {arch} {task}")
+            assert ctx["runs"][i]["task"] == task and ctx["runs"][i]["max_diff_vs_qdq_session"] == 0.0

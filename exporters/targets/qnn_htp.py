@@ -83,12 +83,15 @@ def check(folder: Path) -> Readiness:
     return Readiness(True, f"onnxruntime {smoke.get('onnxruntime')} + onnxruntime-qnn {smoke.get('onnxruntime_qnn')} (HTP emulator)")
 
 
-def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None) -> dict:
-    """Quantise ``export`` to QDQ A16W8, open it on HTP without CPU fallback, run ``tasks`` in order.
+def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None, quants: tuple[str, ...] = ("a16w8",),
+              archs: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, timeout: int = 1800) -> dict:
+    """Quantise ``export`` to QDQ (``quants``: a16w8, a8w8), open it on HTP without CPU fallback, run ``tasks`` in order
+    on every eval window; per ``archs`` (htp_arch), compile an offline context binary, reload it and run ``context_tasks``.
 
-    Returns ``qnn_graph.py``'s report (nodes, ops, bytes, whether the unquantised graph was refused,
-    per run: max error vs the fp32 export on the CPU, top-1 agreement, error vs the other tasks) and,
-    under ``"logits"``, each run's logits.
+    ``ids``: ``{"calibration": {task: [ids]}, "eval": [ids]}``, each of ``past + seq`` token ids (default random).
+    Returns ``qnn_graph.py``'s report (per quant: nodes, ops, bytes, runs with max error and top-1 agreement vs
+    the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
+    ``"logits"``, every run's logits keyed ``quant/session/run/window``.
     """
     import numpy as np
 
@@ -97,13 +100,19 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
     folder = get_target(NAME).folder()
     with tempfile.TemporaryDirectory(prefix="hydraopt-qnn-") as tmp:
         work = Path(workdir or tmp)
-        r = subprocess.run([str(venv_python(folder)), str(SCRIPT), str(export), str(work), "--seq", str(seq), "--past", str(past),
-                            "--tasks", ",".join(tasks)], capture_output=True, text=True, timeout=1800)
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [str(venv_python(folder)), str(SCRIPT), str(export), str(work), "--seq", str(seq), "--past", str(past),
+               "--tasks", ",".join(tasks), "--quants", ",".join(quants), "--archs", ",".join(archs),
+               "--context-tasks", ",".join(context_tasks or tasks)]
+        if ids is not None:
+            (work / "ids.json").write_text(json.dumps(ids))
+            cmd += ["--ids", str(work / "ids.json")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"qnn_graph.py failed: {r.stderr.strip()[-2000:]}")
         report = json.loads((work / "report.json").read_text())
         with np.load(work / "logits.npz") as z:
-            report["logits"] = [z[str(i)] for i in range(len(report["runs"]))]
+            report["logits"] = {k: z[k] for k in z.files}
     return report
 
 
