@@ -157,6 +157,23 @@ def quantize_qdq(pure: str, workdir: str, quant: str, calib: list, defaults: lis
                  "bytes_qdq": os.path.getsize(out)}
 
 
+def lora_probe(session, ctx: str, feeds: dict, section: str, timed) -> dict:
+    """QNN's own LoRA route: run option ``qnn.lora_config=<graph>;<adapter binary section>`` on the
+    EPContext session. Only QAIRT's tools write a binary section for a graph compiled with
+    updatable LoRA tensors; given anything else the EP logs "Unable to load Lora Config" and runs
+    the graph unchanged, which this probe shows by comparing with the run without the option."""
+    (node,) = onnx.load(ctx).graph.node
+    graph = next(x.s.decode() for x in node.attribute if x.name == "partition_name")
+    options = ort.RunOptions()
+    options.add_run_config_entry("qnn.lora_config", f"{graph};{section}")
+    plain, _ = timed(session, feeds)
+    try:
+        got, _ = timed(session, feeds, options)
+    except Exception as e:  # noqa: BLE001
+        return {"lora_config": f"{graph};{os.path.basename(section)}", "ran": False, "error": str(e)[:300]}
+    return {"lora_config": f"{graph};{os.path.basename(section)}", "ran": True, "output_unchanged": bool(np.array_equal(got, plain))}
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
@@ -170,9 +187,13 @@ def main() -> None:
     p.add_argument("--tasks", default="", help="comma-separated run order on the QDQ session (default: every task once)")
     p.add_argument("--quants", default="a16w8", help=f"comma-separated, of {', '.join(QUANTS)}")
     p.add_argument("--archs", default="", help="htp_arch values to compile offline context binaries for (e.g. 73,75,79)")
+    p.add_argument("--context-quants", default="", help="the quants that get context binaries (default: all)")
     p.add_argument("--context-tasks", default="", help="run order through each context binary (default: --tasks)")
-    p.add_argument("--ids", default="", help="JSON {'calibration': {task: [ids]}, 'eval': [ids]}, each ids of length past+seq "
+    p.add_argument("--ids", default="", help="JSON {'calibration': {task: [ids]}, 'eval': {task: [ids]}}, each ids of length past+seq "
                                             "(default: random tokens)")
+    p.add_argument("--lora-probe", default="", help="a file passed as qnn.lora_config's binary section on the first context binary")
+    p.add_argument("--static-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also try the unquantised graph without CPU fallback (it must be refused; slow at real width)")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--calibration", type=int, default=4, help="random token windows per task (without --ids)")
     a = p.parse_args()
@@ -206,35 +227,53 @@ def main() -> None:
 
     given = json.load(open(a.ids)) if a.ids else None
     n = a.past + a.seq
-    if given:
-        calib_ids = given["calibration"]
-        eval_ids = given["eval"]
-    else:
-        calib_ids = {t: [rng.integers(0, m["vocab_size"], n).tolist() for _ in range(a.calibration)] for t in manifest["tasks"]}
-        eval_ids = [rng.integers(0, m["vocab_size"], n).tolist()]
-    assert all(len(x) == n for x in eval_ids) and all(len(x) == n for xs in calib_ids.values() for x in xs), "every window needs past+seq ids"
     order = [t for t in a.tasks.split(",") if t] or manifest["tasks"]
     ctx_order = [t for t in a.context_tasks.split(",") if t] or order
-    # fp32 references on the CPU EP: per (task or base, window) feeds and logits
-    feeds = {(t, k): window(decoded[t] if t else zeros, ids) for t in {*order, *ctx_order, None} for k, ids in enumerate(eval_ids)}
-    ref = {key: cpu.run(["logits"], f)[0][0] for key, f in feeds.items()}
+    if given:
+        calib_ids, eval_ids = given["calibration"], given["eval"]
+    else:
+        calib_ids = {t: [rng.integers(0, m["vocab_size"], n).tolist() for _ in range(a.calibration)] for t in manifest["tasks"]}
+        shared = [rng.integers(0, m["vocab_size"], n).tolist()]
+        eval_ids = {t: shared for t in {*order, *ctx_order}}
+    assert all(len(x) == n for xs in [*eval_ids.values(), *calib_ids.values()] for x in xs), "every window needs past+seq ids"
+    feeds: dict = {}
+    ref: dict = {}
+
+    def feed(slots_of: str | None, owner: str, k: int) -> dict:
+        """Task ``slots_of``'s (None: the base model's zero slots) feeds for window ``k`` of task ``owner``."""
+        if (slots_of, owner, k) not in feeds:
+            feeds[(slots_of, owner, k)] = window(decoded[slots_of] if slots_of else zeros, eval_ids[owner][k])
+        return feeds[(slots_of, owner, k)]
+
+    def fp32(slots_of: str | None, owner: str, k: int) -> np.ndarray:
+        """The fp32 export's logits on the CPU EP: the reference."""
+        if (slots_of, owner, k) not in ref:
+            ref[(slots_of, owner, k)] = cpu.run(["logits"], feed(slots_of, owner, k))[0][0]
+        return ref[(slots_of, owner, k)]
 
     def compare(got: np.ndarray, task: str, k: int, base: np.ndarray | None) -> dict:
-        r = ref[(task, k)]
+        r = fp32(task, task, k)
         row = {"task": task, "window": k, "max_err_vs_fp32": float(np.abs(got - r).max()), "top1_agreement": float((got.argmax(-1) == r.argmax(-1)).mean()),
-               "max_err_vs_other_tasks": {t: float(np.abs(got - ref[(t, k)]).max()) for t in order if t not in (task, None)}}
+               "max_err_vs_other_tasks": {t: float(np.abs(got - fp32(t, task, k)).max()) for t in dict.fromkeys(order) if t != task}}
         if base is not None:  # the LoRA effect: task minus base, on the NPU and in fp32
-            row["lora_effect_cosine"] = cosine(got - base, r - ref[(None, k)])
-            row["lora_effect_norm_ratio"] = float(np.linalg.norm(got - base) / (np.linalg.norm(r - ref[(None, k)]) + 1e-30))
+            effect = r - fp32(None, task, k)
+            row["lora_effect_cosine"] = cosine(got - base, effect)
+            row["lora_effect_norm_ratio"] = float(np.linalg.norm(got - base) / (np.linalg.norm(effect) + 1e-30))
         return row
 
-    report: dict = {"ort": ort.__version__, **facts, "seq": a.seq, "past": a.past, "windows": len(eval_ids), "task_decode_ms": decode_ms,
-                    "kv_prefill": "fp32 export on the CPU execution provider", "quants": []}
-    try:  # the unquantised static graph still has ops HTP lacks: proves the fallback check can fail
-        htp_session(os.path.join(a.workdir, "static.onnx"))
-        report["static_graph_on_htp"] = "opened"
-    except Exception as e:  # noqa: BLE001
-        report["static_graph_on_htp"] = f"refused: {str(e)[:300]}"
+    def timed(s, f: dict, options=None) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        got = s.run(["logits"], f, options)[0][0]
+        return got, (time.perf_counter() - t0) * 1e3
+
+    report: dict = {"ort": ort.__version__, **facts, "seq": a.seq, "past": a.past, "windows": {t: len(v) for t, v in eval_ids.items()},
+                    "task_decode_ms": decode_ms, "kv_prefill": "fp32 export on the CPU execution provider", "quants": []}
+    if a.static_check:  # the unquantised static graph still has ops HTP lacks: proves the fallback check can fail
+        try:
+            htp_session(os.path.join(a.workdir, "static.onnx"))
+            report["static_graph_on_htp"] = "opened"
+        except Exception as e:  # noqa: BLE001
+            report["static_graph_on_htp"] = f"refused: {str(e)[:300]}"
     arrays = {}
     archs = [x for x in a.archs.split(",") if x]
     for quant in a.quants.split(","):
@@ -244,39 +283,34 @@ def main() -> None:
         session = htp_session(qdq, arch=archs[0] if archs else None)
         info["htp_arch_qdq_session"] = archs[0] if archs else "default"
         info["htp_session_s"] = time.perf_counter() - t0
-
-        def timed(s, f: dict) -> tuple[np.ndarray, float]:
-            t0 = time.perf_counter()
-            got = s.run(["logits"], f)[0][0]
-            return got, (time.perf_counter() - t0) * 1e3
-
-        base, on_qdq = {}, {}
-        for k in range(len(eval_ids)):
-            base[k], _ = timed(session, feeds[(None, k)])
-            arrays[f"{quant}/qdq/base/{k}"] = base[k]
-        runs = []
+        on_qdq, runs = {}, []
         for i, task in enumerate(order):
-            for k in range(len(eval_ids)):
-                got, ms = timed(session, feeds[(task, k)])
+            for k in range(len(eval_ids[task])):
+                base, _ = timed(session, feed(None, task, k))
+                got, ms = timed(session, feed(task, task, k))
                 arrays[f"{quant}/qdq/{i}/{k}"] = on_qdq[(task, k)] = got
-                runs.append({**compare(got, task, k, base[k]), "run_ms": ms, "switched": k == 0})
-        # the same task again without a switch: the run time a switch is compared with
-        _, info["repeat_run_ms"] = timed(session, feeds[(order[-1], len(eval_ids) - 1)])
+                arrays[f"fp32/{task}/{k}"] = fp32(task, task, k)
+                runs.append({**compare(got, task, k, base), "run_ms": ms})
+        # the same feeds again: a run without a switch, the time a switched run is compared with
+        _, info["repeat_run_ms"] = timed(session, feed(order[-1], order[-1], len(eval_ids[order[-1]]) - 1))
         info["runs"] = runs
         info["contexts"] = []
-        for arch in archs:
+        for arch in archs if quant in (a.context_quants or a.quants).split(",") else []:
             ctx = context_binary(qdq, a.workdir, arch)
+            path = ctx.pop("path")
             t0 = time.perf_counter()
-            cs = htp_session(ctx.pop("path"))
+            cs = htp_session(path)
             ctx["load_s"] = time.perf_counter() - t0
             ctx_runs = []
             for i, task in enumerate(ctx_order):
-                got, ms = timed(cs, feeds[(task, 0)])
+                got, ms = timed(cs, feed(task, task, 0))
                 arrays[f"{quant}/ctx{arch}/{i}/0"] = got
                 if (task, 0) not in on_qdq:
-                    on_qdq[(task, 0)] = timed(session, feeds[(task, 0)])[0]
+                    on_qdq[(task, 0)] = timed(session, feed(task, task, 0))[0]
                 ctx_runs.append({**compare(got, task, 0, None), "run_ms": ms, "max_diff_vs_qdq_session": float(np.abs(got - on_qdq[(task, 0)]).max())})
             ctx["runs"] = ctx_runs
+            if a.lora_probe and not info["contexts"]:
+                ctx["lora_probe"] = lora_probe(cs, path, feed(ctx_order[0], ctx_order[0], 0), a.lora_probe, timed)
             info["contexts"].append(ctx)
             del cs
         report["quants"].append(info)

@@ -84,14 +84,17 @@ def check(folder: Path) -> Readiness:
 
 
 def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None, quants: tuple[str, ...] = ("a16w8",),
-              archs: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, timeout: int = 1800) -> dict:
+              archs: tuple[str, ...] = (), context_quants: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, lora_probe: Path | None = None,
+              static_check: bool = True, timeout: int = 1800) -> dict:
     """Quantise ``export`` to QDQ (``quants``: a16w8, a8w8), open it on HTP without CPU fallback, run ``tasks`` in order
-    on every eval window; per ``archs`` (htp_arch), compile an offline context binary, reload it and run ``context_tasks``.
+    on every eval window; per ``archs`` (htp_arch), compile an offline context binary of each of ``context_quants``
+    (default all), reload it and run ``context_tasks``.
 
-    ``ids``: ``{"calibration": {task: [ids]}, "eval": [ids]}``, each of ``past + seq`` token ids (default random).
+    ``ids``: ``{"calibration": {task: [ids]}, "eval": {task: [ids]}}``, each of ``past + seq`` token ids (default random).
+    ``lora_probe``: a file tried as ``qnn.lora_config``'s adapter binary section on the first context binary.
     Returns ``qnn_graph.py``'s report (per quant: nodes, ops, bytes, runs with max error and top-1 agreement vs
     the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
-    ``"logits"``, every run's logits keyed ``quant/session/run/window``.
+    ``"logits"``, every run's logits keyed ``quant/session/run/window`` and the fp32 references ``fp32/task/window``.
     """
     import numpy as np
 
@@ -103,7 +106,12 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
         work.mkdir(parents=True, exist_ok=True)
         cmd = [str(venv_python(folder)), str(SCRIPT), str(export), str(work), "--seq", str(seq), "--past", str(past),
                "--tasks", ",".join(tasks), "--quants", ",".join(quants), "--archs", ",".join(archs),
-               "--context-tasks", ",".join(context_tasks or tasks)]
+               "--context-tasks", ",".join(context_tasks or tasks),
+               "--context-quants", ",".join(context_quants)]
+        if not static_check:
+            cmd.append("--no-static-check")
+        if lora_probe is not None:
+            cmd += ["--lora-probe", str(lora_probe)]
         if ids is not None:
             (work / "ids.json").write_text(json.dumps(ids))
             cmd += ["--ids", str(work / "ids.json")]
