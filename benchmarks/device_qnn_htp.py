@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,16 +113,20 @@ def main() -> None:
     limit = lora_route_limit()
     probe = None
     t_start = time.perf_counter()
-    for folder in args.exports:
-        m = Manifest.read(folder)
-        first = m.task_file(tasks[0])
+    def check(folder: Path) -> tuple[dict, float]:
+        first = Manifest.read(folder).task_file(tasks[0])
         t0 = time.perf_counter()
         report = htp_check(folder, tasks, seq=args.seq, past=args.past, workdir=args.workdir / folder.name,
                            quants=tuple(args.quants.split(",")), archs=tuple(x for x in args.archs.split(",") if x),
-                           context_quants=tuple(args.context_quants.split(",")),
-                           context_tasks=[tasks[0], tasks[-1], tasks[0]], ids=ids, lora_probe=folder / first.path if first else None,
-                           static_check=False, timeout=6 * 3600)
-        wall = time.perf_counter() - t0
+                           context_quants=tuple(args.context_quants.split(",")), context_tasks=[tasks[0], tasks[-1]], ids=ids,
+                           lora_probe=folder / first.path if first else None, static_check=False, timeout=6 * 3600)
+        return report, time.perf_counter() - t0
+
+    # the exports side by side: each emulator process is single-threaded
+    with ThreadPoolExecutor(len(args.exports)) as pool:
+        done = list(pool.map(check, args.exports))
+    for folder, (report, wall) in zip(args.exports, done):
+        m = Manifest.read(folder)
         logits = report.pop("logits")
         common = {"target": NAME, "latency_kind": "emulated", "method": m.method, "export": folder.name, "export_id": m.export_id}
         for q in report["quants"]:

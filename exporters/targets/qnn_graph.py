@@ -22,7 +22,12 @@ switches tasks by feeding each task's decoded slots (the task decoder runs on th
 task load, as on the host) through the sequence given, and compares every output with the fp32
 export on the CPU execution provider.
 
-Usage: ``python qnn_graph.py EXPORT WORKDIR --seq 8 --past 2 --tasks a,b,a`` -> ``WORKDIR/report.json``.
+With ``--archs 73,75,79`` each QDQ graph is also compiled offline (``ep.context_enable=1``) into one HTP
+context binary per SoC generation, reloaded from its EPContext model without CPU fallback, and run
+through ``--context-tasks`` (the switch is a feed: one binary serves every task).
+
+Usage: ``python qnn_graph.py EXPORT WORKDIR --seq 8 --past 2 --tasks a,b,a [--quants a16w8,a8w8] [--archs 73,75,79]``
+-> ``WORKDIR/report.json``, ``WORKDIR/logits.npz``.
 """
 
 from __future__ import annotations
@@ -315,8 +320,9 @@ def main() -> None:
             del cs
         report["quants"].append(info)
         del session
-    np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
-    json.dump(report, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
+        # after each quant, so a run cut short keeps what it measured
+        np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
+        json.dump(report, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,9 @@ TARGET = Target(
     latency_kind="emulated",
     tolerance="every node on HTP (CPU fallback disabled); switching back bit-identical. Parity with fp32 NOT met on the random "
               "tiny test model (A16W8 error 0.4-0.9 vs task distance ~0.7); FIELD_NOTES saw 0.075 on a real-width block",
-    on_phone="the same QDQ graph on a Snapdragon phone's HTP through ONNX Runtime's QNN EP (Android AAR with QNN), or its "
-             "offline context binary (ep.context_enable=1) per htp_arch; not built here",
+    on_phone="the offline context binary for the phone's htp_arch (ep.context_enable=1: ctx_v<arch>_qnn.bin + its EPContext "
+             "model, written per arch by qnn_graph.py --archs) loaded by ONNX Runtime's QNN EP on the Snapdragon (Android AAR "
+             "with QNN); tasks switched by feeding their slots; not run on a phone here",
     steps=steps,
     check=check,
 )
