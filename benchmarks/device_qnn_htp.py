@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import exporters.targets.registry  # noqa: E402,F401  (the registry first: qnn_htp registers itself there)
 from exporters.manifest import Manifest  # noqa: E402
-from exporters.targets.qnn_htp import NAME, htp_check, venv_python  # noqa: E402
+from exporters.targets.qnn_htp import NAME, htp_check, read_report, venv_python  # noqa: E402
 from exporters.targets.registry import get_target  # noqa: E402
 from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
 
@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--context-quants", default="a16w8", help="quants compiled to context binaries")
     ap.add_argument("--workdir", type=Path, default=Path("/work/runs/qnn/bench"))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--reuse", action="store_true", help="records from the reports an earlier run left in --workdir (same arguments)")
     args = ap.parse_args()
     ready = get_target(NAME).readiness()
     if not ready.ready:
@@ -114,6 +115,10 @@ def main() -> None:
     probe = None
     t_start = time.perf_counter()
     def check(folder: Path) -> tuple[dict, float]:
+        if args.reuse:
+            report = read_report(args.workdir / folder.name)
+            assert (report["seq"], report["past"], sorted(report["windows"])) == (args.seq, args.past, sorted(tasks)), "--reuse: other arguments"
+            return report, None
         first = Manifest.read(folder).task_file(tasks[0])
         t0 = time.perf_counter()
         report = htp_check(folder, tasks, seq=args.seq, past=args.past, workdir=args.workdir / folder.name,
@@ -167,7 +172,8 @@ def main() -> None:
                                  "max_diff_vs_qdq_session": max(r["max_diff_vs_qdq_session"] for r in c["runs"]),
                                  "run_ms_emulated": [r["run_ms"] for r in c["runs"]]})
                 probe = c.get("lora_probe", probe)
-        records[-1]["wall_s"] = wall
+        for r in records:
+            r.setdefault("wall_s", wall)
     notes = {
         "target": NAME, "latency_kind": "emulated",
         "emulator": f"HTP emulator of onnxruntime-qnn {report.get('ort')} plug-in (QAIRT {contexts[0]['qnn_sdk'] if contexts else '?'}) on x86_64",

@@ -96,8 +96,6 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
     the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
     ``"logits"``, every run's logits keyed ``quant/session/run/window`` and the fp32 references ``fp32/task/window``.
     """
-    import numpy as np
-
     from exporters.targets.registry import get_target
 
     folder = get_target(NAME).folder()
@@ -118,9 +116,16 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"qnn_graph.py failed: {r.stderr.strip()[-2000:]}")
-        report = json.loads((work / "report.json").read_text())
-        with np.load(work / "logits.npz") as z:
-            report["logits"] = {k: z[k] for k in z.files}
+        return read_report(work)
+
+
+def read_report(work: Path) -> dict:
+    """``qnn_graph.py``'s report in ``work`` (written after each quant) with its logits under ``"logits"``."""
+    import numpy as np
+
+    report = json.loads((work / "report.json").read_text())
+    with np.load(work / "logits.npz") as z:
+        report["logits"] = {k: z[k] for k in z.files}
     return report
 
 
