@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--context-quants", default="a16w8", help="quants compiled to context binaries")
     ap.add_argument("--workdir", type=Path, default=Path("/work/runs/qnn/bench"))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--jobs", type=int, default=1, help="exports run side by side")
+    ap.add_argument("--reuse-qdq", action="store_true", help="reuse the QDQ graphs an earlier run with the same arguments left in --workdir")
     ap.add_argument("--reuse", action="store_true", help="records from the reports an earlier run left in --workdir (same arguments)")
     args = ap.parse_args()
     ready = get_target(NAME).readiness()
@@ -124,11 +126,13 @@ def main() -> None:
         report = htp_check(folder, tasks, seq=args.seq, past=args.past, workdir=args.workdir / folder.name,
                            quants=tuple(args.quants.split(",")), archs=tuple(x for x in args.archs.split(",") if x),
                            context_quants=tuple(args.context_quants.split(",")), context_tasks=[tasks[0], tasks[-1]], ids=ids,
-                           lora_probe=folder / first.path if first else None, static_check=False, timeout=6 * 3600)
+                           lora_probe=folder / first.path if first else None, static_check=False, reuse_qdq=args.reuse_qdq,
+                           timeout=6 * 3600)
         return report, time.perf_counter() - t0
 
-    # the exports side by side: each emulator process is single-threaded
-    with ThreadPoolExecutor(len(args.exports)) as pool:
+    # --jobs 2 runs the exports side by side (each emulator process is single-threaded); two HTP graph
+    # preparations at once were killed on a 23 GB machine (no error, both processes gone)
+    with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(check, args.exports))
     for folder, (report, wall) in zip(args.exports, done):
         m = Manifest.read(folder)

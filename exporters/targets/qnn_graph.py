@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--lora-probe", default="", help="a file passed as qnn.lora_config's binary section on the first context binary")
     p.add_argument("--static-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also try the unquantised graph without CPU fallback (it must be refused; slow at real width)")
+    p.add_argument("--reuse-qdq", action="store_true", help="reuse WORKDIR/qdq_<quant>.onnx left by an earlier run with the same arguments")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--calibration", type=int, default=4, help="random token windows per task (without --ids)")
     a = p.parse_args()
@@ -282,8 +283,15 @@ def main() -> None:
     arrays = {}
     archs = [x for x in a.archs.split(",") if x]
     for quant in a.quants.split(","):
-        calib = [window(decoded[t], ids) for t, xs in calib_ids.items() for ids in xs]
-        qdq, info = quantize_qdq(pure, a.workdir, quant, calib, defaults, a.per_channel)
+        qdq = os.path.join(a.workdir, f"qdq_{quant}.onnx")
+        if a.reuse_qdq and os.path.exists(qdq):  # an earlier run's graph, same arguments (the caller vouches)
+            model = onnx.load(qdq, load_external_data=False)
+            info = {"quant": quant, "quantize_s": None, "qdq": "reused from an earlier run in this workdir", "nodes": len(model.graph.node),
+                    "ops": sorted({n.op_type for n in model.graph.node}), "bytes_qdq": os.path.getsize(qdq)}
+            del model
+        else:
+            calib = [window(decoded[t], ids) for t, xs in calib_ids.items() for ids in xs]
+            qdq, info = quantize_qdq(pure, a.workdir, quant, calib, defaults, a.per_channel)
         t0 = time.perf_counter()
         session = htp_session(qdq, arch=archs[0] if archs else None)
         info["htp_arch_qdq_session"] = archs[0] if archs else "default"

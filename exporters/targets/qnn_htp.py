@@ -85,7 +85,7 @@ def check(folder: Path) -> Readiness:
 
 def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None, quants: tuple[str, ...] = ("a16w8",),
               archs: tuple[str, ...] = (), context_quants: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, lora_probe: Path | None = None,
-              static_check: bool = True, timeout: int = 1800) -> dict:
+              static_check: bool = True, reuse_qdq: bool = False, timeout: int = 1800) -> dict:
     """Quantise ``export`` to QDQ (``quants``: a16w8, a8w8), open it on HTP without CPU fallback, run ``tasks`` in order
     on every eval window; per ``archs`` (htp_arch), compile an offline context binary of each of ``context_quants``
     (default all), reload it and run ``context_tasks``.
@@ -106,6 +106,8 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
                "--tasks", ",".join(tasks), "--quants", ",".join(quants), "--archs", ",".join(archs),
                "--context-tasks", ",".join(context_tasks or tasks),
                "--context-quants", ",".join(context_quants)]
+        if reuse_qdq:
+            cmd.append("--reuse-qdq")
         if not static_check:
             cmd.append("--no-static-check")
         if lora_probe is not None:
