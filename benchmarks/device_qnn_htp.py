@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=3)
     ap.add_argument("--quants", default="a16w8,a8w8")
     ap.add_argument("--archs", default="73,75,79")
+    ap.add_argument("--contexts-all", action="store_true", help="context binaries for every export (default: the first; "
+                    "the graphs differ only in the slot encodings)")
     ap.add_argument("--context-quants", default="a16w8", help="quants compiled to context binaries")
     ap.add_argument("--workdir", type=Path, default=Path("/work/runs/qnn/bench"))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -124,7 +126,8 @@ def main() -> None:
         first = Manifest.read(folder).task_file(tasks[0])
         t0 = time.perf_counter()
         report = htp_check(folder, tasks, seq=args.seq, past=args.past, workdir=args.workdir / folder.name,
-                           quants=tuple(args.quants.split(",")), archs=tuple(x for x in args.archs.split(",") if x),
+                           quants=tuple(args.quants.split(",")),
+                           archs=tuple(x for x in args.archs.split(",") if x) if folder == args.exports[0] or args.contexts_all else (),
                            context_quants=tuple(args.context_quants.split(",")), context_tasks=[tasks[0], tasks[-1]], ids=ids,
                            lora_probe=folder / first.path if first else None, static_check=False, reuse_qdq=args.reuse_qdq,
                            timeout=6 * 3600)
