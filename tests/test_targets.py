@@ -219,12 +219,18 @@ def test_parity_counts_only_rows_with_identical_inputs():
     assert p["max_logit_err"] == 0.5 and p["agreement"] == 0.5 and not p["identical"]
 
 
+def logits_of(report: dict, quant: str, run: int) -> np.ndarray:
+    return report["logits"][f"{quant}/qdq/{run}/0"]
+
+
 def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny, tmp_path):
-    """QDQ A16W8 on HTP, and one offline context binary per htp_arch serving both tasks through fed slots."""
+    """QDQ A16W8 (and A8W8) on HTP, and one offline A16W8 context binary per htp_arch serving both tasks through fed slots."""
     order = ["alpha", "beta", "alpha"]
-    report = htp_check(tiny["fp32"], order, archs=("73", "75", "79"), workdir=tmp_path)
+    report = htp_check(tiny["fp32"], order, quants=("a16w8", "a8w8"), archs=("73", "75", "79"), context_quants=("a16w8",), workdir=tmp_path)
     assert report["static_graph_on_htp"].startswith("refused"), "the unquantised graph should not open without CPU fallback"
-    (a16,) = report["quants"]
+    a16, a8 = report["quants"]
+    assert a8["quant"] == "a8w8" and not a8["contexts"] and a8["bytes_qdq"] <= a16["bytes_qdq"]
+    np.testing.assert_array_equal(logits_of(report, "a8w8", 0), logits_of(report, "a8w8", 2))  # A8W8 also ran on HTP only, switching back exactly
     assert a16["quant"] == "a16w8" and "QuantizeLinear" in a16["ops"] and "IsNaN" not in a16["ops"] and report["guards_dropped"] == 2
     logits = report["logits"]
     alpha, beta, back = (logits[f"a16w8/qdq/{i}/0"] for i in range(3))
