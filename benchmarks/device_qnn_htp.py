@@ -133,8 +133,9 @@ def main() -> None:
                            timeout=6 * 3600)
         return report, time.perf_counter() - t0
 
-    # --jobs 2 runs the exports side by side (each emulator process is single-threaded); two HTP graph
-    # preparations at once were killed on a 23 GB machine (no error, both processes gone)
+    # --jobs 2 runs the exports side by side (each emulator process is single-threaded). Runs with
+    # --seq 3 --past 32 died (two at once, and again one at a time) with a segfault in libQnnHtp.so's
+    # HVX thread (dmesg), no Python error; --seq 4 --past 16 ran (trigger not isolated)
     with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(check, args.exports))
     for folder, (report, wall) in zip(args.exports, done):
