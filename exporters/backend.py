@@ -137,5 +137,6 @@ class Backend(Protocol):
 def check_quant(backend: Backend, quant: str) -> None:
     """Refuse a ``--quant`` the back end does not offer."""
     if quant not in backend.quants:
-        raise UserError(f"--quant {quant!r}: {backend.name} exports support {', '.join(backend.quants)}")
+        listing = "; ".join(f"{name} ({description})" for name, description in backend.quants.items())
+        raise UserError(f"--quant {quant!r}: {backend.name} exports support {listing}")
 

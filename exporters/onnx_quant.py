@@ -20,6 +20,7 @@ keeps the embedding fp32 (a second, quantised copy serves the head MatMul).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -27,7 +28,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hydraopt_mobile.errors import UserError
 
 HEAD = r"(lm_head|embed_tokens)\.weight(\.T)?$"  # the tied embedding, read by the head MatMul
 
@@ -67,14 +67,6 @@ RECIPES: dict[str, OnnxQuant] = {r.name: r for r in (
     OnnxQuant("int4-head8-embfp32", "4-bit linears (block 32), 8-bit LM head, fp32 embedding", 4,
               overrides=((HEAD, 8),)),
 )}
-
-
-def recipe(name: str) -> OnnxQuant:
-    """The recipe called ``name``; an unknown name is refused with the registry listed."""
-    if name not in RECIPES:
-        listing = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
-        raise UserError(f"--quant {name!r}: ONNX recipes are {listing}")
-    return RECIPES[name]
 
 
 def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
@@ -136,6 +128,8 @@ def quantize(model: onnx.ModelProto, quant: OnnxQuant) -> onnx.ModelProto:
     if quant.bits == 32:
         return model
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # one INFO line per node otherwise
 
     lora_nodes = fold_weight_transposes(model)
     sources = {n: s for n, s in weight_sources(model).items() if n not in lora_nodes}
