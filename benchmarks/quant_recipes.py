@@ -11,7 +11,7 @@ recipe's drop vs fp32 of the same bank has a 95 % paired bootstrap interval
 (``hydraopt_mobile.suite.metrics.paired_drop``). Scores are not timings: they may run under load.
 
 ``slot_overhead_pct`` is a timing (decode with switchable slots against the same export with the
-task merged in) and is left null here: see the notes in the JSON for why.
+task merged in, side by side under the exclusive CPU lock) and is left null here: see the notes.
 
 Writes benchmarks/results/quant_recipes.{json,md,png}.
 """
@@ -186,7 +186,8 @@ def main() -> None:
         "decoding": f"greedy on ONNX Runtime, {args.threads} thread(s), batch 1; {platform.machine()}, 2 shared cores",
         "drop": "fp32 score minus recipe score on the same examples, 95 % paired bootstrap over examples within tasks (paired_drop)",
         "program_bytes": "file bytes of model.onnx (the resident program; the bank's files are the same for every recipe)",
-        "slot_overhead_pct": "null: a timing; not measured here (needs merged-task exports timed side by side under the exclusive CPU lock)",
+        "slot_overhead_pct": "null: a timing that needs the exclusive CPU lock and a merged-task export per recipe; during "
+        "this run the 2 cores carried a load average of 5-11 from other jobs, so no exclusive window came",
     })
     scores = {}
     for quant in args.recipes.split(","):

@@ -25,23 +25,12 @@ from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
 from exporters.slots import merge_into
-from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
-from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
+from tiny_models import PROMPT, TASKS, make_bank, reference_logits, run_logits
 
 torch.set_num_threads(1)
 FP32_TOL = 1e-4
 QUANT_TOL = 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def bank() -> MergedBank:
-    return make_bank()
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +42,6 @@ def exports(tmp_path_factory, tiny_dir, bank) -> dict:
         if (fmt, quant) not in made:
             made[(fmt, quant)] = export_bank(bank, tiny_dir, fmt, quant, root / f"{fmt}-{quant}", max_cache_len=64)
         return made[(fmt, quant)]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def refs(tiny_dir, bank) -> dict:
-    cache: dict = {}
-
-    def get(task: str | None, seq: list[int]) -> np.ndarray:
-        key = (task, tuple(seq))
-        if key not in cache:
-            cache[key] = reference_logits(tiny_dir, bank, task, seq)
-        return cache[key]
 
     return get
 

@@ -22,20 +22,10 @@ from exporters.onnx_quant import HEAD, RECIPES
 from exporters.runtime import open_export
 from hydraopt_mobile.app.cli import app
 from hydraopt_mobile.errors import UserError
-from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
+from tiny_models import PROMPT, TASKS, make_bank, run_logits
 
 QUANT_TOL = 0.5
 EIGHT_BIT_TOL = 0.05
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def bank():
-    return make_bank()
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +37,6 @@ def exports(tmp_path_factory, tiny_dir, bank):
         if quant not in made:
             made[quant] = export_bank(bank, tiny_dir, "onnx", quant, root / quant, max_cache_len=64)
         return made[quant]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def refs(tiny_dir, bank):
-    cache: dict = {}
-
-    def get(task: str, seq: list[int]) -> np.ndarray:
-        if (task, tuple(seq)) not in cache:
-            cache[(task, tuple(seq))] = reference_logits(tiny_dir, bank, task, seq)
-        return cache[(task, tuple(seq))]
 
     return get
 
