@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "quant_recipes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="write the results from the scores already in --work")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -193,6 +194,8 @@ def main() -> None:
     for quant in args.recipes.split(","):
         for method in args.methods.split(","):
             path = args.work / "scores" / f"{method}-{quant}-{args.examples}.json"
+            if not path.is_file() and args.report_only:
+                continue
             if not path.is_file():
                 folder = args.work / f"{method}-{quant}"
                 took = _export(banks[method], model_dir, quant, folder)
