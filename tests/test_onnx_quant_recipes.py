@@ -67,16 +67,25 @@ def _matmul_bits(path: Path) -> dict[str, int]:
     return {n.input[1]: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"}
 
 
-def test_head_recipes_keep_the_head_at_8_bits_and_the_rest_at_4(exports):
-    for quant in ("int4-head8", "int4-head8-embfp32"):
+@pytest.mark.parametrize("quant", QUANTISED)
+def test_every_base_matmul_has_its_recipes_width(quant, exports):
+    bits = _matmul_bits(exports(quant) / "model.onnx")
+    assert bits, quant
+    for weight, b in bits.items():
+        assert b == RECIPES[quant].bits_of(re.sub(r"_Q\d$", "", weight)), f"{quant}: {weight} at {b} bits"
+    assert any(re.search(HEAD, re.sub(r"_Q\d$", "", w)) for w in bits), f"{quant}: the head MatMul is not quantised"
+
+
+def test_head_and_mixed_recipes_widths(exports):
+    """The head recipes' head at 8 bits and nothing else; int4-mixed adds down_proj and v_proj; the
+    embedding is packed (GatherBlockQuantized) unless the recipe keeps it fp32."""
+    for quant, eight in (("int4-head8", {"lm_head"}), ("int4-head8-embfp32", {"lm_head"}), ("int4-mixed", {"lm_head", "down_proj", "v_proj"})):
         bits = _matmul_bits(exports(quant) / "model.onnx")
-        head = {w: b for w, b in bits.items() if re.search(HEAD, w.removesuffix("_Q8").removesuffix("_Q4"))}
-        assert list(head.values()) == [8], f"{quant}: head {head}"
-        assert {b for w, b in bits.items() if w not in head} == {4}
-    model = onnx.load(str(exports("int4-head8") / "model.onnx"), load_external_data=False)
-    assert [n.op_type for n in model.graph.node if "embedding" in n.name] == ["GatherBlockQuantized"]
-    model = onnx.load(str(exports("int4-head8-embfp32") / "model.onnx"), load_external_data=False)
-    assert [n.op_type for n in model.graph.node if "embedding" in n.name] == ["Gather"]
+        at8 = {kind for w, b in bits.items() if b == 8 for kind in ("lm_head", "down_proj", "v_proj") if kind in w}
+        assert at8 == eight and {b for w, b in bits.items() if not any(k in w for k in eight)} == {4}, f"{quant}: {bits}"
+        model = onnx.load(str(exports(quant) / "model.onnx"), load_external_data=False)
+        gather = [n.op_type for n in model.graph.node if "embedding" in n.name]
+        assert gather == ["Gather" if quant.endswith("embfp32") else "GatherBlockQuantized"], f"{quant}: {gather}"
 
 
 def test_lora_matmuls_stay_fp32_in_every_recipe(exports):
