@@ -56,7 +56,7 @@ RECIPES: dict[str, OnnxQuant] = {r.name: r for r in (
     OnnxQuant("int8", "MatMulNBits 8-bit weights (block 32, symmetric), fp32 embedding; close to fp32", 8),
     OnnxQuant("int4", "MatMulNBits 4-bit weights (block 32, symmetric) and a 4-bit embedding; the smallest", 4,
               embedding_4bit=True),
-    OnnxQuant("int4-asym", "as int4 but asymmetric (integer zero points), like Q4_1's min/scale blocks", 4,
+    OnnxQuant("int4-asym", "as int4 but asymmetric; its rounded integer zero point misses Q4_1's block minimum", 4,
               symmetric=False, embedding_4bit=True),
     OnnxQuant("int4-b16", "as int4 with 16-value blocks (finer scales, +1 byte per 16 weights)", 4,
               block_size=16, embedding_4bit=True),
