@@ -26,7 +26,7 @@ from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
 from exporters.slots import merge_into
 from hydraopt_mobile.errors import UserError
-from tiny_models import PROMPT, TASKS, make_bank, reference_logits, run_logits
+from tiny_models import PROMPT, TASKS, make_bank, reference_logits, run_logits, task_errors
 
 torch.set_num_threads(1)
 FP32_TOL = 1e-4
@@ -85,10 +85,7 @@ def test_switching_1_2_1_gives_each_tasks_own_outputs(fmt, exports, refs):
 def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
     session = open_export(exports(fmt, QUANTISED[fmt]))
     for task in TASKS:
-        session.set_task(task)
-        seq, got = run_logits(session, PROMPT)
-        own = np.abs(got - refs(task, seq)[: len(got)]).max()
-        others = min(np.abs(got - refs(t, seq)[: len(got)]).max() for t in TASKS if t != task)
+        _, _, own, others = task_errors(session, refs, task)
         assert own < QUANT_TOL, f"{fmt} {task}: quantised error {own}"
         assert own < 0.75 * others, f"{fmt} {task}: error to own task {own} vs to another {others}"
 

@@ -22,7 +22,7 @@ from exporters.onnx_quant import HEAD, RECIPES
 from exporters.runtime import open_export
 from hydraopt_mobile.app.cli import app
 from hydraopt_mobile.errors import UserError
-from tiny_models import PROMPT, TASKS, make_bank, run_logits
+from tiny_models import PROMPT, TASKS, make_bank, run_logits, task_errors
 
 QUANT_TOL = 0.5
 EIGHT_BIT_TOL = 0.05
@@ -50,10 +50,7 @@ def test_recipe_stays_close_to_fp32_with_the_slots_switching(quant, exports, ref
     tol = EIGHT_BIT_TOL if RECIPES[quant].bits == 8 else QUANT_TOL
     first = None
     for task in [*TASKS, TASKS[0]]:  # the last one switches back to the first task
-        session.set_task(task)
-        seq, got = run_logits(session, PROMPT)
-        own = np.abs(got - refs(task, seq)[: len(got)]).max()
-        others = min(np.abs(got - refs(t, seq)[: len(got)]).max() for t in TASKS if t != task)
+        _, got, own, others = task_errors(session, refs, task)
         assert own < tol, f"{quant} {task}: error {own}"
         assert own < 0.75 * others, f"{quant} {task}: error to own task {own} vs to another {others}"
         if first is None:

@@ -103,3 +103,13 @@ class TinyExports(dict):
         fmt, quant = ("executorch", key[3:]) if key.startswith("et-") else ("onnx", key)
         self[key] = export_bank(self["bank"], self["model"], fmt, quant, self.root / f"{fmt}-{quant}", max_cache_len=64)
         return self[key]
+
+
+def task_errors(session, refs, task: str) -> tuple[list[int], np.ndarray, float, float]:
+    """Switch ``session`` to ``task`` and decode PROMPT: (sequence, logits, max error to the task's own
+    reference, smallest max error to another task's) with ``refs(task, seq)`` the references."""
+    session.set_task(task)
+    seq, got = run_logits(session, PROMPT)
+    own = float(np.abs(got - refs(task, seq)[: len(got)]).max())
+    others = min(float(np.abs(got - refs(t, seq)[: len(got)]).max()) for t in TASKS if t != task)
+    return seq, got, own, others
