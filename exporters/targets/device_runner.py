@@ -139,8 +139,8 @@ def read_safetensors(path: str) -> dict:
 def decode_factor(parts: dict, label: str, length: int):
     """float32 component vectors (n, length) of one stored factor, as ``hydraopt_mobile/formats.py``
     encodes it: fp16 ``w``; int8 ``q`` times one scale per vector; int4 nibbles (low first,
-    two's complement) times one scale per group, the padding cut. Works as well on a stack of
-    factors of one shape (a leading axis in front of every part): one numpy pass for all of them."""
+    two's complement) times one scale per group, the padding cut. The rows of several factors of one
+    format and length, concatenated, decode in the same single pass."""
     import numpy as np
 
     if label == "fp16":
@@ -150,10 +150,10 @@ def decode_factor(parts: dict, label: str, length: int):
         q = q.view(np.int8)
         low = (q << 4) >> 4  # arithmetic shifts sign-extend each nibble (two's complement)
         high = q >> 4
-        q = np.stack([low, high], axis=-1).reshape(*q.shape[:-1], -1)
-    *lead, padded = q.shape
-    values = (q.reshape(*lead[:-1], lead[-1], scale.shape[-1], -1) * scale[..., None]).reshape(*lead, padded)
-    return values[..., :length]
+        q = np.stack([low, high], axis=2).reshape(q.shape[0], -1)
+    n, padded = q.shape
+    values = (q.reshape(n, scale.shape[1], -1) * scale[:, :, None]).reshape(n, padded)
+    return values[:, :length]
 
 
 # the parts a stored factor of each format has, and their dtypes
