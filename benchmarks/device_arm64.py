@@ -4,7 +4,10 @@ reference answer scored in one pass: exact when every answer token is the argmax
 runner on the host's ONNX Runtime. HydraOpt's drop against one-adapter-per-task is computed on the
 target's outputs and on the host's, on the same examples, with 95 % paired bootstrap intervals.
 
-    python benchmarks/device_arm64.py EXPORT_HYDRAOPT EXPORT_NONE [--examples 4] [--generated]
+    python benchmarks/device_arm64.py EXPORT_HYDRAOPT EXPORT_NONE [--examples 4] [--generated] [--jobs 2]
+
+``--jobs 2`` runs the exports in parallel processes (one emulated runner each, one thread each), so
+two exports take about the wall time of one on a two-core host.
 
 Run it under ``flock -s /work/runs/cpu.lock nice -n 5`` on a shared machine; emulated latencies
 depend on the host's load (recorded as ``host_load_avg_1min`` per export) and are never a phone's.
@@ -18,6 +21,7 @@ import os
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +51,19 @@ def drops(records: list[dict]) -> dict:
     return out
 
 
+def run_export(export: Path, tasks: list[str] | None, examples: int, teacher_forced: bool) -> tuple[dict, list[dict]]:
+    """One export on the target: its summary (with the host's load before and after) and records."""
+    m = Manifest.read(export)
+    t0 = time.perf_counter()
+    load = os.getloadavg()
+    rs = bench_target("arm64-cpu", export, tasks, examples, threads=1, teacher_forced=teacher_forced)
+    summary = {"runtime": m.runtime, "quant": m.quant, "method": m.method, "wall_s": round(time.perf_counter() - t0, 1),
+               "host_load_avg_before": [round(x, 2) for x in load],
+               "host_load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+    print(export.name, summary, [(r["task"], r["score"], r["tokens_identical"], r["max_logit_err"]) for r in rs], flush=True)
+    return summary, rs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("exports", type=Path, nargs="+")
@@ -55,17 +72,14 @@ def main() -> None:
     ap.add_argument("--generated", action="store_true", help="greedy generation instead of teacher-forced scoring")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--note", action="append", default=[], help="a line for the notes (where the exports come from, coverage)")
+    ap.add_argument("--jobs", type=int, default=1, help="exports run in parallel (one process each)")
     args = ap.parse_args()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        runs = [pool.submit(run_export, e, args.tasks, args.examples, not args.generated) for e in args.exports]
+        results = [r.result() for r in runs]
     records, per_export = [], {}
-    for export in args.exports:
-        m = Manifest.read(export)
-        t0 = time.perf_counter()
-        load = os.getloadavg()
-        rs = bench_target("arm64-cpu", export, args.tasks, args.examples, threads=1, teacher_forced=not args.generated)
-        per_export[export.name] = {"runtime": m.runtime, "quant": m.quant, "method": m.method, "wall_s": round(time.perf_counter() - t0, 1),
-                                   "host_load_avg_before": [round(x, 2) for x in load],
-                                   "host_load_avg_after": [round(x, 2) for x in os.getloadavg()]}
-        print(export.name, per_export[export.name], [(r["task"], r["score"], r["tokens_identical"], r["max_logit_err"]) for r in rs], flush=True)
+    for export, (summary, rs) in zip(args.exports, results):
+        per_export[export.name] = summary
         records += rs
     info = notes(records)
     info["command"] = "python benchmarks/device_arm64.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
