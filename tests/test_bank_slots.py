@@ -18,6 +18,11 @@ from exporters.slots import bank_signature
 TASKS = ["t0", "t1", "t2"]
 
 
+def stored(path) -> tuple[str, bytes]:
+    """A file as the decoder takes it (the runtimes read it once and check its digest first)."""
+    return str(path), path.read_bytes()
+
+
 def mixed_bank() -> MergedBank:
     g = torch.Generator().manual_seed(3)
 
@@ -58,14 +63,14 @@ def written(tmp_path_factory):
     slots += [[f"{n}.lora_b", [bank.modules[n].shape[0], r]] for n, r in signature.items()]
     slots.append(["model.layers.9.self_attn.q_proj.lora_a", [4, 40]])  # a slot the bank leaves to the base
     slots_bank = BankSlots({"tasks": TASKS, "slots": slots, "bank": {"modules": bundle["modules"], "layouts": bundle["layouts"]}})
-    slots_bank.load_shared(str(folder / "shared.safetensors"))
+    slots_bank.load_shared(stored(folder / "shared.safetensors"))
     return bank, folder, signature, slots_bank
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_batched_decode_equals_the_library_decoder(written, task):
     bank, folder, signature, slots_bank = written
-    got = slots_bank.task_slots(task, str(folder / "tasks" / f"{task}.safetensors"))
+    got = slots_bank.task_slots(task, stored(folder / "tasks" / f"{task}.safetensors"))
     want = padded_reference(bank, task, signature)
     for slot, value in want.items():
         assert got[slot].shape == value.shape and got[slot].dtype == np.float32, slot
@@ -77,4 +82,28 @@ def test_batched_decode_equals_the_library_decoder(written, task):
 def test_a_task_file_of_another_task_is_refused(written):
     _, folder, _, slots_bank = written
     with pytest.raises(Refused, match="t1"):
-        slots_bank.task_slots("t0", str(folder / "tasks" / "t1.safetensors"))
+        slots_bank.task_slots("t0", stored(folder / "tasks" / "t1.safetensors"))
+
+
+def test_tasks_of_one_layout_share_one_read_plan_and_a_changed_file_is_planned_anew(tmp_path):
+    """Two tasks with the same ranks and format write files with identical headers: the second
+    load reuses the first's read plan and still decodes its own values; a file with that header
+    but other bytes after it (truncated) is not served from the plan but refused."""
+    g = torch.Generator().manual_seed(5)
+    f = NumberFormat.parse("int4-g32")
+    modules = {"model.layers.0.self_attn.q_proj": grouped_module(
+        (48, 40), [0, 1], [0, 1], [torch.randn(3, 40, generator=g) for _ in range(2)],
+        [torch.randn(48, 3, generator=g) for _ in range(2)], f)}
+    bank = MergedBank(["a", "b"], modules, "test-one-layout")
+    bundle = write_bundle_files(bank, tmp_path)
+    slots = [["model.layers.0.self_attn.q_proj.lora_a", [4, 40]], ["model.layers.0.self_attn.q_proj.lora_b", [48, 4]]]
+    slots_bank = BankSlots({"tasks": ["a", "b"], "slots": slots, "bank": {"modules": bundle["modules"], "layouts": bundle["layouts"]}})
+    slots_bank.load_shared(None)
+    for task in ["a", "b"]:
+        got = slots_bank.task_slots(task, stored(tmp_path / "tasks" / f"{task}.safetensors"))
+        for slot, value in padded_reference(bank, task, {"model.layers.0.self_attn.q_proj": 4}).items():
+            np.testing.assert_allclose(got[slot], value, rtol=0, atol=1e-6, err_msg=f"{task} {slot}")
+    assert len(slots_bank._read_plans) == 1
+    name, blob = stored(tmp_path / "tasks" / "b.safetensors")
+    with pytest.raises(Refused, match="do not match its shape or lie outside the file"):
+        slots_bank.task_slots("b", (name, blob[:-1]))

@@ -80,11 +80,6 @@ class Refused(Exception):
     """The request, the export or a task file is not acceptable; reported as ``"error"``."""
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def open_ort_session(path: str, threads: int):
     """An ONNX Runtime CPU session on ``path``, opened as every ONNX session of this project opens one."""
     import onnxruntime as ort
@@ -99,28 +94,28 @@ def open_ort_session(path: str, threads: int):
 _NP_DTYPES = {"F16": "<f2", "F32": "<f4", "I8": "i1", "U8": "u1"}
 
 
-def read_safetensors(path: str) -> dict:
-    """Every tensor of a safetensors file as a numpy array (the format: an 8-byte little-endian
-    header length, a JSON header of ``{key: {dtype, shape, data_offsets}}``, the tensors' bytes)."""
+def safetensors_entries(blob: bytes, name: str) -> dict:
+    """``{key: (dtype, shape, begin, end)}`` of a safetensors file's bytes ``blob`` (the format: an
+    8-byte little-endian header length, a JSON header of ``{key: {dtype, shape, data_offsets}}``, the
+    tensors' bytes), with every byte range checked against its shape and the file; ``begin``/``end``
+    are offsets into ``blob``."""
     import numpy as np
 
-    with open(path, "rb") as f:
-        blob = f.read()
     if len(blob) < 8:
-        raise Refused(f"{path}: not a safetensors file (too short)")
+        raise Refused(f"{name}: not a safetensors file (too short)")
     n = int.from_bytes(blob[:8], "little")
     try:
         header = json.loads(blob[8:8 + n])
     except ValueError as e:
-        raise Refused(f"{path}: not a safetensors file ({e})") from e
+        raise Refused(f"{name}: not a safetensors file ({e})") from e
     if not isinstance(header, dict):
-        raise Refused(f"{path}: not a safetensors file (header is not an object)")
+        raise Refused(f"{name}: not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
     base, out, size = 8 + n, {}, len(blob) - 8 - n
     dtypes = {k: np.dtype(v) for k, v in _NP_DTYPES.items()}
-    for key, info in header.items():  # a plain loop: this runs on every cold task load
+    for key, info in header.items():
         try:
-            dtype, shape, (begin, end) = dtypes[info["dtype"]], info["shape"], info["data_offsets"]
+            dtype, shape, (begin, end) = dtypes[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
             count = 1
             for d in shape:
                 if type(d) is not int or d < 0:
@@ -129,10 +124,10 @@ def read_safetensors(path: str) -> dict:
             if type(begin) is not int or type(end) is not int:
                 raise TypeError
         except (TypeError, KeyError, ValueError):
-            raise Refused(f"{path}: tensor {key!r}: malformed header entry") from None
+            raise Refused(f"{name}: tensor {key!r}: malformed header entry") from None
         if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
-            raise Refused(f"{path}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
-        out[key] = np.ndarray(shape, dtype, blob, base + begin)  # a read-only view of the file's bytes
+            raise Refused(f"{name}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
+        out[key] = (dtype, shape, base + begin, base + end)
     return out
 
 
@@ -160,6 +155,15 @@ def decode_factor(parts: dict, label: str, length: int):
 _PARTS = {"fp16": {"w": ("<f2",)}, "int": {"q": ("i1", "u1"), "scale": ("<f2",)}}
 
 
+def _decoded_width(label: str, widths: dict) -> int | None:
+    """The vector length that factors of format ``label`` whose parts are ``widths`` wide decode to
+    (before the padding cut), or None when the parts do not fit together."""
+    if label == "fp16":
+        return widths["w"]
+    padded = widths["q"] * (2 if label.startswith("int4") else 1)
+    return padded if widths["scale"] and padded % widths["scale"] == 0 else None
+
+
 class BankSlots:
     """Every LoRA slot of a task, decoded from the bank's own files (the export's ``bank`` section:
     a bundle's ``modules`` and ``layouts``; key scheme of ``hydraopt_mobile/storage.py``).
@@ -170,9 +174,12 @@ class BankSlots:
     own on each load; each slot is written into the signature's shape, zero-padded where the factor's
     rank is smaller (``B A`` unchanged) and zero for modules the bank does not have.
 
-    A task's own factors fall into a few groups of one format and vector length (whatever their
-    rank or module): a cold load concatenates each group's component vectors and decodes them in
-    one numpy pass, so its cost is a few array operations per group plus a slice per factor.
+    Files come as ``(name, bytes)``: the caller reads each once and checks its digest on the same
+    bytes. A task's own factors fall into a few groups of one format and vector length (whatever
+    their rank or module). A file's *read plan* (per group and part: the byte runs of its factors,
+    in order, checked against the bank's layout) depends only on the file's header, and tasks of one
+    layout have identical headers: the plan is made once per distinct header and a load is then a
+    join of byte runs, one numpy decode and one indexed write per group.
     """
 
     def __init__(self, manifest: dict) -> None:
@@ -182,9 +189,9 @@ class BankSlots:
         # Where every slot of every task comes from, worked out once (a load then only decodes):
         # per task, its own factors grouped by (format, length) -> [(slot, key prefix, rank, kind)],
         # and the shared factors it uses (slot, (module, kind, index)); other slots stay zero.
-        self._own: list = [{} for _ in self.tasks]
+        own: list = [{} for _ in self.tasks]
         self._uses: list = [[] for _ in self.tasks]
-        shared: dict = {}  # group -> [(slot, key prefix, (module, kind, index))] of the shared file
+        shared: dict = {}  # group -> [(slot, key prefix, rank, kind, (module, kind, index))] of the shared file
         for m, (name, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
             layout = self.bank["layouts"][layout_id]
             for kind, slot_kind, length in (("A", "lora_a", d_in), ("B", "lora_b", d_out)):
@@ -196,47 +203,52 @@ class BankSlots:
                         continue
                     group = (layout["format"], length)
                     if len(users) == 1:
-                        self._own[users[0]].setdefault(group, []).append((slot, f"{m}.{kind}.", rank, kind))
+                        own[users[0]].setdefault(group, []).append((slot, f"{m}.{kind}.", rank, kind))
                     else:
                         shared.setdefault(group, []).append((slot, f"{m}.{kind}{i}.", rank, kind, (m, kind, i)))
                         for t in users:
                             self._uses[t].append((slot, (m, kind, i)))
-        self._own = [{g: self._plan(items) for g, items in own.items()} for own in self._own]
+        # tasks of one layout share one set of groups (and so one read plan per header)
+        layouts: dict = {}
+        self._layout_of = [layouts.setdefault(tuple((g, tuple(items)) for g, items in o.items()), len(layouts)) for o in own]
+        self._layouts = [{g: self._plan(list(items)) for g, items in key} for key in layouts]
         self._shared_groups = {g: self._plan(items) for g, items in shared.items()}
-        self._own_keys = [{f"{prefix}{part}" for group, (items, _) in own.items()
-                           for _, prefix, *_ in items for part in _PARTS["fp16" if group[0] == "fp16" else "int"]}
-                          for own in self._own]
+        self._read_plans: dict = {}  # (layout, file length, header bytes) -> read plan
         self.shared: dict = {}  # (module, kind, index) -> the factor decoded into its slot's shape
         self._zeros: dict = {}  # shape -> one read-only zero array
         self._fixed: list = []  # per task: every slot that does not come from its own file (zero or shared)
 
-    def load_shared(self, path: str | None) -> None:
-        """Decode every factor of the shared file at ``path`` (None: the bank has none)."""
-        parts = _by_prefix(read_safetensors(path)) if path else {}
-        for group, (items, blocks) in self._shared_groups.items():
-            decoded = self._decode_group(parts, group, [item[:4] for item in items], blocks, path)
-            for (*_, source), value in zip(items, decoded):
-                self.shared[source] = value
+    def load_shared(self, stored: tuple[str, bytes] | None) -> None:
+        """Decode every factor of the shared file ``(name, bytes)`` (None: the bank has none)."""
+        name, blob = stored or ("the shared file (none in this export)", b"")
+        if self._shared_groups:
+            plan = self._read_plan(self._shared_groups, safetensors_entries(blob, name) if stored else {}, name, "the bank's shared file")
+            for group, decoded in self._decode(plan, blob).items():
+                self.shared.update(zip((item[4] for item in self._shared_groups[group][0]), decoded))
         self._fixed = [{slot: self._zero(slot) for slot in self.slots} for _ in self.tasks]
         for fixed, uses in zip(self._fixed, self._uses):
             fixed.update({slot: self.shared[source] for slot, source in uses})
 
-    def task_slots(self, task: str, path: str | None) -> dict:
-        """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none).
+    def task_slots(self, task: str, stored: tuple[str, bytes] | None) -> dict:
+        """slot -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None: it has none).
 
         Slots that come from the shared file (and zero slots) are the same arrays for every task
         that uses them: a runtime feeds or copies them and never writes into them."""
         t = self.tasks.index(task)
-        tensors = read_safetensors(path) if path else {}
-        unexpected = set(tensors) - self._own_keys[t]
-        if unexpected:
-            raise Refused(f"{path}: tensors {sorted(unexpected)[0].rpartition('.')[0]}.* are not factors of task {task!r}")
-        parts = _by_prefix(tensors)
+        layout = self._layout_of[t]
+        name, blob = stored or (f"task {task!r} (no file of its own)", b"")
         out = dict(self._fixed[t])
-        for group, (items, blocks) in self._own[t].items():
-            decoded = self._decode_group(parts, group, items, blocks, path)
-            for (slot, *_), value in zip(items, decoded):
-                out[slot] = value
+        if not stored and not self._layouts[layout]:
+            return out
+        n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
+        key = (layout, len(blob), blob[8:8 + n])
+        plan = self._read_plans.get(key)
+        if plan is None:
+            entries = safetensors_entries(blob, name) if stored else {}
+            plan = self._read_plan(self._layouts[layout], entries, name, f"task {task!r}")
+            self._read_plans[key] = plan
+        for group, decoded in self._decode(plan, blob).items():
+            out.update(zip((item[0] for item in self._layouts[layout][group][0]), decoded))
         return out
 
     def _zero(self, slot: str):
@@ -269,51 +281,68 @@ class BankSlots:
             start, row = stop, row + sum(ranks)
         return items, blocks
 
-    def _decode_group(self, parts: dict, group: tuple, items: list, blocks: list, path: str | None) -> list:
-        """The factors ``items`` [(slot, key prefix, rank, kind)] of one format and vector length,
-        decoded in one pass, each as its slot's array: A's (R, d_in) rows or B's (d_out, R)
-        columns, zero-padded where the factor's rank is below the signature's R (``B A`` unchanged)."""
+    def _read_plan(self, groups: dict, entries: dict, name: str, owner: str) -> list:
+        """Check a file's ``entries`` (``safetensors_entries``) against the factors ``groups``
+        (group -> (items, blocks)) expect, and say where each lies: per group, per stored part its
+        dtype, width and byte runs (adjacent runs merged), in item order. Every refusal names the
+        file and the tensors."""
+        expected = set()
+        plan = []
+        for (label, length), (items, blocks) in groups.items():
+            want = _PARTS["fp16" if label == "fp16" else "int"]
+            parts = {k: [] for k in want}
+            for _, prefix, rank, *_ in items:
+                found = [entries.get(prefix + k) for k in want]
+                if any(f is None for f in found):
+                    raise Refused(f"{name}: tensors {prefix}* are not a {label} factor of this bank")
+                for k, (dtype, shape, begin, end) in zip(want, found):
+                    if len(shape) != 2 or shape[0] != rank:
+                        raise Refused(f"{name}: tensors {prefix}* are not a {label} factor of rank {rank} of this bank")
+                    if dtype.str.lstrip("|") not in want[k]:
+                        raise Refused(f"{name}: tensors {prefix}*: {k} stored as {dtype}, format {label} needs {want[k][0]}")
+                    parts[k].append((dtype, shape[1], begin, end))
+                    expected.add(prefix + k)
+            stored = {}
+            for k, runs in parts.items():
+                if len({(dtype, width) for dtype, width, _, _ in runs}) > 1:
+                    raise Refused(f"{name}: tensors {items[0][1]}*...: stored factors of format {label} disagree in {k}'s dtype or width")
+                merged: list = []
+                for _, _, begin, end in runs:
+                    if merged and merged[-1][1] == begin:
+                        merged[-1][1] = end
+                    else:
+                        merged.append([begin, end])
+                stored[k] = (runs[0][0], runs[0][1], merged)
+            width = _decoded_width(label, {k: v[1] for k, v in stored.items()})
+            if width is None or width < length or (label == "fp16" and width != length):
+                raise Refused(f"{name}: {items[0][1]}* decodes to vectors of {width}, the bank's layout says {length}")
+            plan.append(((label, length), stored, sum(item[2] for item in items), blocks))
+        unexpected = set(entries) - expected
+        if unexpected:
+            raise Refused(f"{name}: tensors {sorted(unexpected)[0].rpartition('.')[0]}.* are not factors of {owner}")
+        return plan
+
+    @staticmethod
+    def _decode(plan: list, blob: bytes) -> dict:
+        """group -> its factors decoded from ``blob`` along ``plan`` (``_read_plan``), each as its
+        slot's array: A's (R, d_in) rows or B's (d_out, R) columns, zero-padded where the factor's
+        rank is below the signature's R (``B A`` unchanged)."""
         import numpy as np
 
-        label, length = group
-        want = _PARTS["fp16" if label == "fp16" else "int"]
-        stored = []
-        for _, prefix, rank, _ in items:
-            found = parts.get(prefix, {})
-            if found.keys() != want.keys():
-                raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of this bank")
-            for a in found.values():
-                if a.ndim != 2 or a.shape[0] != rank:
-                    raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of rank {rank} of this bank")
-            stored.append(found)
-        try:
-            joined = {k: np.concatenate([f[k] for f in stored]) for k in want}
-        except ValueError as e:  # widths that differ between factors of one format
-            raise Refused(f"{path}: tensors {items[0][1]}*...: stored factors of format {label} disagree ({e})") from e
-        for k, a in joined.items():  # mixed dtypes promote (int8 with uint8 to int16): one check for all
-            if a.dtype.str.lstrip("|") not in want[k]:
-                raise Refused(f"{path}: tensors {items[0][1]}*...: {k} stored as {a.dtype}, format {label} needs {want[k][0]}")
-        rows = decode_factor(joined, label, length)
-        if rows.shape[1] != length:
-            raise Refused(f"{path}: {items[0][1]}* decodes to vectors of {rows.shape[1]}, the bank's layout says {length}")
-        out = []
-        for kind, shape, first, last, which, within in blocks:
-            block = np.zeros((which[-1] + 1, *shape), dtype=np.float32)
-            if kind == "A":
-                block[which, within] = rows[first:last]
-            else:
-                block[which, :, within] = rows[first:last]
-            out.extend(block)
+        view, out = memoryview(blob), {}
+        for (label, length), stored, n_rows, blocks in plan:
+            joined = {k: np.frombuffer(b"".join([view[b:e] for b, e in runs]), dtype).reshape(n_rows, width)
+                      for k, (dtype, width, runs) in stored.items()}
+            rows = decode_factor(joined, label, length)
+            decoded = out[(label, length)] = []
+            for kind, shape, first, last, which, within in blocks:
+                block = np.zeros((which[-1] + 1, *shape), dtype=np.float32)
+                if kind == "A":
+                    block[which, within] = rows[first:last]
+                else:
+                    block[which, :, within] = rows[first:last]
+                decoded.extend(block)
         return out
-
-
-def _by_prefix(tensors: dict) -> dict:
-    """``{"3.A.q": x}`` -> ``{"3.A.": {"q": x}}``: one pass over a file's keys."""
-    out: dict = {}
-    for key, value in tensors.items():
-        prefix, _, part = key.rpartition(".")
-        out.setdefault(prefix + ".", {})[part] = value
-    return out
 
 
 def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:
@@ -390,21 +419,25 @@ class Export:
         entry = self.find("task", task)
         return entry["bytes"] if entry else 0
 
-    def verified(self, entry: dict | None, what: str) -> str | None:
-        """The path of ``entry``'s file after checking its size and SHA-256 against the manifest."""
+    def verified(self, entry: dict | None, what: str) -> tuple[str, bytes] | None:
+        """``(path, bytes)`` of ``entry``'s file, read once, after checking its size and the SHA-256
+        of those same bytes against the manifest (None: no entry)."""
         if entry is None:
             return None
         path = os.path.join(self.folder, entry["path"])
         if not os.path.isfile(path):
             raise Refused(f"{path}: {what} is missing")
-        if os.path.getsize(path) != entry["bytes"]:
-            raise Refused(f"{path}: {os.path.getsize(path)} bytes, but the export wrote {entry['bytes']} for {what}")
-        if _sha256(path) != entry["sha256"]:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["bytes"]:
+                raise Refused(f"{path}: {size} bytes, but the export wrote {entry['bytes']} for {what}")
+            blob = f.read()
+        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise Refused(f"{path}: SHA-256 does not match export {self.export_id}'s {what}; refusing to load it")
-        return path
+        return path, blob
 
-    def verified_task_file(self, task: str) -> str | None:
-        """``task``'s own file, checked (None: every factor it uses is shared)."""
+    def verified_task_file(self, task: str) -> tuple[str, bytes] | None:
+        """``task``'s own file ``(path, bytes)``, checked (None: every factor it uses is shared)."""
         if task not in self.tasks:
             raise Refused(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
         return self.verified(self.find("task", task), f"task file for {task!r}")
