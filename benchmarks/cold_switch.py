@@ -1,8 +1,9 @@
 """Cold task switch on existing exports: per task, the median of 5 (verify, read and decode the
 task's own file, activate), then the median over tasks; the same measurement as export_reuse.py's
-``task_load_ms``, without re-exporting.
+``task_load_ms``, without re-exporting. ``first_load_ms`` is the first load after the export is
+opened, which also makes the file's read plan (later tasks of the same layout reuse it).
 
-    python benchmarks/cold_switch.py out/export_reuse/onnx-fp32-reused out/export_reuse/executorch-8da4w-reused
+    python benchmarks/cold_switch.py out/export_reuse/onnx-fp32-reused out/export_reuse/executorch-8da4w-reused [EXPORT...]
 
 Writes benchmarks/results/cold_switch.{json,md}.
 """
@@ -36,16 +37,24 @@ def main() -> None:
     records = []
     for folder in args.exports:
         m = Manifest.read(folder)
-        per_task = cold_switch_ms(folder)
-        records.append({"export": folder.name, "runtime": m.runtime, "quant": m.quant, "tasks": len(per_task),
+        first, per_task = cold_switch_ms(folder)
+        shared = m.find("shared")
+        records.append({"export": folder.name, "runtime": m.runtime, "quant": m.quant, "method": m.method, "tasks": len(per_task),
+                        "bytes_task_median": statistics.median(m.task_file(t).bytes for t in m.tasks if m.task_file(t)),
+                        "bytes_shared": shared.bytes if shared else 0,
+                        "first_load_ms": round(first, 3),
                         "task_load_ms_median": round(statistics.median(per_task.values()), 3),
                         "task_load_ms": {t: round(v, 3) for t, v in per_task.items()}})
         print(records[-1]["export"], records[-1]["task_load_ms_median"], flush=True)
-    meta = {"machine": platform.machine(), "threads": 1,
-            "task_load_ms": "load_task + set_task on a task not loaded before: verify (size, SHA-256), read, numpy-decode its own file "
-                            "into every slot, activate; median of 5 per task, then median over tasks"}
-    table = markdown_table(["export", "runtime", "quant", "tasks", "task_load_ms median"],
-                           [[r["export"], r["runtime"], r["quant"], r["tasks"], r["task_load_ms_median"]] for r in records])
+    meta = {"machine": platform.machine(), "threads": 1, "command": "python benchmarks/cold_switch.py " + " ".join(sys.argv[1:]),
+            "task_load_ms": "load_task + set_task on a task not loaded before: read its own file once, verify (size, SHA-256 of the "
+                            "bytes read), numpy-decode it into every slot, activate; median of 5 per task, then median over tasks",
+            "first_load_ms": "the first load after opening the export: the same, plus parsing and checking the file's header "
+                             "into a read plan (one per distinct header; tasks of one layout share it)"}
+    table = markdown_table(["export", "runtime", "quant", "method", "tasks", "task file bytes (median)", "shared bytes",
+                            "first load ms", "task_load_ms median"],
+                           [[r["export"], r["runtime"], r["quant"], r["method"], r["tasks"], r["bytes_task_median"], r["bytes_shared"],
+                             r["first_load_ms"], r["task_load_ms_median"]] for r in records])
     write_record(args.out, {"meta": meta, "records": records}, "\n".join(["# Cold task switch on existing exports", "", *table, ""]))
 
 
