@@ -100,12 +100,15 @@ def bench_target(
     json_out: str | Path | None = None,
     teacher_forced: bool = False,
     answers: dict[str, list[list[int]]] | None = None,
+    switch_back: bool = True,
 ) -> list[dict]:
     """One record per task of ``export`` (see module docstring); writes ``json_out`` (+ ``.md``).
 
     ``prompts`` (and, teacher-forced, ``answers``): token ids per task (tests); default: the
     suite's first ``n_examples`` test examples per task, rendered with the export's own tokenizer,
     and scored with the suite's metric (teacher-forced: exact when every answer token is the argmax).
+    ``switch_back``: after the last task, switch back to the first and check its outputs are
+    bit-identical (one more pass over the first task's examples).
     """
     export = Path(export)
     manifest = Manifest.read(export)
@@ -125,7 +128,7 @@ def bench_target(
         max_new_tokens = max_new_tokens or max(max_new.values())
         if teacher_forced:
             answers = reference_answers(tokenizer, specs, prompts)
-    sequence = names + names[:1] if len(names) > 1 else names
+    sequence = names + names[:1] if len(names) > 1 and switch_back else names
     load_before = os.getloadavg()[0]
     on_target, on_host = run_pair(target_name, export, sequence, prompts, max_new_tokens or 16, threads,
                                   answers=answers if teacher_forced else None)
