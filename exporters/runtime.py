@@ -28,11 +28,13 @@ class Generation:
     decode_s: list[float] = field(default_factory=list)
 
 
-def greedy(session: Session, ids: list[int], max_new_tokens: int, keep_logits: bool = False) -> Generation:
-    """Greedy decoding on the runtime; stops at an end-of-sequence token of the manifest."""
+def greedy(session: Session, ids: list[int], max_new_tokens: int, keep_logits: bool = False, eos: list[int] | None = None) -> Generation:
+    """Greedy decoding on the runtime; stops at an end-of-sequence token (``eos``, default the
+    manifest's). ``session`` may be any object with ``prefill`` and ``decode`` when ``eos`` is given
+    (``benchmarks/vs_optimum.py`` runs other tools' programs through it)."""
     import time
 
-    eos = set(session.manifest.model["eos_token_id"])
+    eos = set(session.manifest.model["eos_token_id"] if eos is None else eos)
     t0 = time.perf_counter()
     logits = session.prefill(ids)
     gen = Generation([], [logits] if keep_logits else [], time.perf_counter() - t0)
