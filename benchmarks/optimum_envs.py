@@ -14,8 +14,9 @@ venv's size on disk. PyPI only (through pip as configured here).
 Both tools' pins are met with our own ``torch==2.13.0`` (the local CPU wheel) and
 ``executorch==1.5.1``: we pin them explicitly. Unpinned, pip takes the newest torch allowed
 (``2.14.1`` from PyPI), a CUDA build with its ``nvidia-*`` wheels (GBs); ``--resolve-unpinned``
-records that resolution (a dry run, nothing downloaded beyond metadata) in
-``benchmarks/results/optimum_envs.json``.
+records that resolution (a dry run, nothing downloaded beyond metadata), and what installing each
+tool into the project's own environment would replace (``transformers`` 5.24 -> 5.0.0rc1 or 4.57),
+in ``benchmarks/results/optimum_envs.json``.
 """
 
 from __future__ import annotations
@@ -150,6 +151,27 @@ def resolve_unpinned(name: str) -> dict:
             "transformers": got.get("transformers"), "cuda_packages": cuda, "n_packages": len(got)}
 
 
+def main_env_changes(name: str) -> dict:
+    """What ``pip install <tool>`` into *this* interpreter's environment would change (a dry run:
+    nothing is installed): package -> [installed, would be]. The reason the tools get their own venvs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    spec = ENVS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        _run([sys.executable, "-m", "pip", "install", "--dry-run", "--report", str(report), *spec.unpinned], f"{name}: dry run into our env")
+        got = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    changes = {}
+    for pkg, new in sorted(got.items()):
+        try:
+            changes[pkg] = [version(pkg), new]
+        except PackageNotFoundError:
+            changes[pkg] = [None, new]
+    return {"command": f"{sys.executable} -m pip install --dry-run {' '.join(spec.unpinned)}",
+            "downgrades_or_replaces": {k: v for k, v in changes.items() if v[0] is not None},
+            "adds": sorted(k for k, v in changes.items() if v[0] is None)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(ENVS), action="append", help="build only this env (repeatable)")
@@ -161,9 +183,10 @@ def main() -> None:
         data = {"envs": {n: {k: v for k, v in m.items() if k != "versions"} | {
             "key_versions": {k: v for k, v in m["versions"].items() if k in ("torch", "executorch", "torchao", "transformers", "optimum", "optimum-executorch", "optimum-onnx", "onnxruntime", "onnx", "onnxscript")}}
             for n, m in built.items()},
-            "unpinned": {n: resolve_unpinned(n) for n in names}}
+            "unpinned": {n: resolve_unpinned(n) for n in names},
+            "into_our_env": {n: main_env_changes(n) for n in names}}
         write_record(RESULTS, data)
-        print(json.dumps(data["unpinned"], indent=1))
+        print(json.dumps({k: data[k] for k in ("unpinned", "into_our_env")}, indent=1))
 
 
 if __name__ == "__main__":

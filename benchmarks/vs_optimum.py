@@ -11,7 +11,8 @@ Hugging Face folder. The tools export that folder, each from its own venv
 (``benchmarks/optimum_envs.py``; their pins conflict with ours):
 
 - ``optimum-cli export executorch`` (XNNPACK recipe, ``--use_custom_sdpa``, ``--use_custom_kv_cache``
-  when it works, ``--qlinear 8da4w``, ``--max_seq_len`` = our KV cache length);
+  when it works, ``--qlinear 8da4w --qlinear_group_size 32`` as ours, ``--max_seq_len`` = our KV
+  cache length);
 - ``optimum-cli export onnx --task text-generation-with-past`` (fp32); its int4 is ONNX Runtime's
   ``MatMulNBitsQuantizer`` with the settings of our ``int4`` recipe (``exporters/onnx_quant.py``:
   block 32, symmetric, accuracy level 4, 4-bit embedding), so the two int4 rows differ only in the
@@ -113,7 +114,7 @@ def export_optimum_executorch(hf: Path, out: Path, notes: dict) -> Path:
     if any(out.glob("*.pte")):
         return next(out.glob("*.pte"))
     base = ["export", "executorch", "--model", str(hf), "--task", "text-generation", "--recipe", "xnnpack",
-            "--use_custom_sdpa", "--qlinear", "8da4w", "--max_seq_len", str(MAX_CACHE_LEN)]
+            "--use_custom_sdpa", "--qlinear", "8da4w", "--qlinear_group_size", "32", "--max_seq_len", str(MAX_CACHE_LEN)]
     tmp = out.with_name(out.name + ".tmp")
     for extra in (["--use_custom_kv_cache"], []):
         shutil.rmtree(tmp, ignore_errors=True)

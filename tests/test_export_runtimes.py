@@ -90,6 +90,25 @@ def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
         assert own < 0.75 * others, f"{fmt} {task}: error to own task {own} vs to another {others}"
 
 
+class _ProgramOnly:
+    """Only ``prefill`` and ``decode`` of a real session (no manifest): the shape of another tool's
+    program as ``benchmarks/vs_optimum.py`` runs it."""
+
+    def __init__(self, session) -> None:
+        self.prefill, self.decode = session.prefill, session.decode
+
+
+def test_greedy_stops_at_a_given_eos_and_needs_no_manifest_then(exports):
+    session = open_export(exports("onnx", "fp32"))
+    session.set_task("beta")
+    free = greedy(session, PROMPT, 6, eos=[])
+    assert len(free.tokens) == 6
+    stop = free.tokens[2]
+    first = free.tokens.index(stop)
+    bare = greedy(_ProgramOnly(session), PROMPT, 6, eos=[stop])
+    assert bare.tokens == free.tokens[: first + 1]
+
+
 def _linear_params(model_dir: Path) -> tuple[int, int]:
     """(base Linear weights without lm_head, lm_head weights) of the tiny model."""
     from transformers import LlamaForCausalLM
