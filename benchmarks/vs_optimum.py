@@ -240,21 +240,32 @@ def _file_bytes(*paths: Path) -> int:
     return total
 
 
-def _runners(work: Path, bank, threads: int) -> list[dict]:
-    """Every export of the comparison: its row fields and an open runner (prefill / decode)."""
+def _runners(work: Path, bank, threads: int, missing: list[str]) -> list[dict]:
+    """Every export of the comparison: its row fields and an open runner (prefill / decode); a tool
+    export that is not there is named in ``missing`` instead."""
     ours = our_exports(work, bank)
-    et_pte = next((work / "optimum-executorch").glob("*.pte"))
-    onnx = {q: work / "optimum-onnx" / q / "model.onnx" for q in ("fp32", "int4")}
     rows = []
     for (fmt, quant), folder in ours.items():
         session = open_export(folder, threads)
         rows.append({"tool": "hydraopt-mobile", "runtime": session.manifest.runtime, "quant": quant, "runner": session,
                      "program_bytes": Manifest.read(folder).bytes_of("program"), "export": folder.name, "switchable": True})
-    rows.append({"tool": "optimum-executorch", "runtime": "executorch", "quant": "8da4w", "runner": OptimumExecuTorch(et_pte, threads),
-                 "program_bytes": _file_bytes(et_pte), "export": et_pte.name, "switchable": False})
-    for quant, path in onnx.items():
-        rows.append({"tool": "optimum-onnx", "runtime": "onnxruntime", "quant": quant, "runner": OptimumOnnx(path, threads),
-                     "program_bytes": _file_bytes(path), "export": f"optimum-onnx/{quant}", "switchable": False})
+    et_pte = next((work / "optimum-executorch").glob("*.pte"), None)
+    if et_pte is None:
+        missing.append("optimum-executorch 8da4w: no .pte (the export did not finish)")
+    else:
+        runner = OptimumExecuTorch(et_pte, threads)
+        rows.append({"tool": "optimum-executorch", "runtime": "executorch", "quant": "8da4w", "runner": runner,
+                     "program_bytes": _file_bytes(et_pte), "export": et_pte.name, "switchable": False,
+                     "interface": {"methods": sorted(runner.program.method_names), "forward_inputs": runner.forward.metadata.num_inputs()}})
+    for quant in ("fp32", "int4"):
+        path = work / "optimum-onnx" / quant / "model.onnx"
+        if not path.is_file():
+            missing.append(f"optimum-onnx {quant}: no model.onnx (the export did not finish)")
+            continue
+        runner = OptimumOnnx(path, threads)
+        rows.append({"tool": "optimum-onnx", "runtime": "onnxruntime", "quant": quant, "runner": runner,
+                     "program_bytes": _file_bytes(path), "export": f"optimum-onnx/{quant}", "switchable": False,
+                     "interface": {"graph_inputs": [n for n in runner.inputs if not n.startswith("past_key_values.")] + [f"{len(runner.past_names)} past_key_values.*"]}})
     return rows
 
 
@@ -302,7 +313,7 @@ def _records(rows: list[dict], task: str) -> list[dict]:
     out = []
     for r in rows:
         ref = by_key.get(ref_quant.get((r["runtime"], r["quant"]), ("", ""))) if r["tool"] == "hydraopt-mobile" else None
-        rec = {k: r.get(k) for k in ("tool", "runtime", "quant", "decode_ms_per_token", "program_bytes", "score", "export", "switchable")}
+        rec = {k: r.get(k) for k in ("tool", "runtime", "quant", "decode_ms_per_token", "program_bytes", "score", "export", "switchable", "interface")}
         rec.update({"task": task, "n_examples": len(r["per_example"]), "threads": 1, "runs_ms_per_token": r.get("runs_ms_per_token"),
                     "task_bytes": r["runner"].manifest.task_bytes(task) if r["switchable"] else 0})
         if ref is not None:
@@ -360,7 +371,8 @@ def main() -> None:
             write_text_atomic(notes_path, json.dumps(notes, indent=1))
         our_exports(args.work, bank)
         return
-    rows = _runners(args.work, bank, threads=1)
+    missing: list[str] = []
+    rows = _runners(args.work, bank, threads=1, missing=missing)
     _score(rows, args.task, args.examples, args.work / "scores")
     if not args.no_timing:
         _time(rows, args.task, args.tokens, args.rounds)
@@ -376,6 +388,7 @@ def main() -> None:
         "timing": None if args.no_timing else f"ms/token over {args.tokens} decode steps after a 16-token prefill, exports taking turns, "
                   f"median of {args.rounds} rounds, 1 thread, {platform.machine()} 2 cores",
         "our_executorch_signature": f"{ET_SLOTS} (the cached program of benchmarks/export_reuse.py; the rank-8 adapters are zero-padded)",
+        "missing": missing or None,
         "program_bytes": "the program file(s) the runtime loads; ours also read the active task's bank file (task_bytes) and the tokenizer",
     })
     records = _records(rows, args.task)
