@@ -82,6 +82,7 @@ def _bank():
 def hf_folder(task: str, out: Path) -> Path:
     """The base model with ``task``'s adapter merged in, saved as a Hugging Face folder (+ tokenizer)."""
     if (out / "config.json").is_file():
+        _legacy_rope(out / "config.json")
         return out
     model_dir = base_model_dir()
     model = load_causal_lm(model_dir)
@@ -89,11 +90,27 @@ def hf_folder(task: str, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    _legacy_rope(tmp / "config.json")
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)
     tmp.rename(out)
     return out
+
+
+def _legacy_rope(config: Path) -> None:
+    """Also write RoPE's base as transformers 4.x reads it.
+
+    transformers 5 saves ``rope_parameters: {rope_theta: ...}``; optimum-onnx's transformers 4.57
+    does not read that key and silently falls back to ``rope_theta = 10000`` (SmolLM2's is 100000).
+    Its export then validates against the same mis-loaded PyTorch model, so it passes, while its
+    logits differ from the real model's by ~3 (measured here: greedy topic-en score 50 vs 75).
+    """
+    cfg = json.loads(config.read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope["rope_theta"]
+        write_text_atomic(config, json.dumps(cfg, indent=2))
 
 
 def _tool(env: str, args: list[str], log: Path) -> float:
