@@ -186,7 +186,24 @@ def our_exports(work: Path, bank) -> dict[tuple[str, str], Path]:
     return out
 
 
-class OptimumExecuTorch:
+class _Runner:
+    """A program that keeps its own KV cache: ``prefill`` a new sequence, ``decode`` one more token
+    (what :func:`exporters.runtime.greedy` and ``decode_latency.burst`` call)."""
+
+    pos = 0
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.pos = 0
+        return self._step(ids)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._step([token])[-1]
+
+    def _step(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OptimumExecuTorch(_Runner):
     """optimum-executorch's ``.pte`` on ExecuTorch's Python runtime: ``forward(input_ids, cache_position)``
     over the KV cache the program keeps (its custom ops are registered by importing them)."""
 
@@ -198,14 +215,6 @@ class OptimumExecuTorch:
         _unsafe_reset_threadpool(threads)
         self.program = Runtime.get().load_program(str(pte))
         self.forward = self.program.load_method("forward")
-        self.pos = 0
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        self.pos = 0
-        return self._step(ids)
-
-    def decode(self, token: int) -> np.ndarray:
-        return self._step([token])[-1]
 
     def _step(self, ids: list[int]) -> np.ndarray:
         out = self.forward.execute([torch.tensor([ids]), torch.arange(self.pos, self.pos + len(ids))])[0]
@@ -213,7 +222,7 @@ class OptimumExecuTorch:
         return out[0].numpy()
 
 
-class OptimumOnnx:
+class OptimumOnnx(_Runner):
     """optimum-onnx's decoder on ONNX Runtime: explicit ``past_key_values.*`` in, ``present.*`` out."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
@@ -228,18 +237,11 @@ class OptimumOnnx:
         self.outputs = [o.name for o in self.session.get_outputs()]
         kv = self.inputs[self.past_names[0]].shape  # (batch, kv_heads, past, head_dim)
         self.empty = np.zeros((1, kv[1], 0, kv[3]), dtype=np.float32)
-        self.past: dict[str, np.ndarray] = {}
-        self.pos = 0
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        self.pos, self.past = 0, {n: self.empty for n in self.past_names}
-        return self._step(ids)
-
-    def decode(self, token: int) -> np.ndarray:
-        return self._step([token])[-1]
 
     def _step(self, ids: list[int]) -> np.ndarray:
         n = len(ids)
+        if self.pos == 0:  # a new sequence
+            self.past = {name: self.empty for name in self.past_names}
         feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, self.pos + n), dtype=np.int64), **self.past}
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.arange(self.pos, self.pos + n, dtype=np.int64)[None]
@@ -378,14 +380,11 @@ def main() -> None:
         for env in ENVS:
             ensure(env)
         hf = hf_folder(args.task, args.work / f"hf-{args.task}")
-        try:
-            export_optimum_onnx(hf, args.work / "optimum-onnx", notes)
-        finally:
-            write_text_atomic(notes_path, json.dumps(notes, indent=1))
-        try:
-            export_optimum_executorch(hf, args.work / "optimum-executorch", notes)
-        finally:
-            write_text_atomic(notes_path, json.dumps(notes, indent=1))
+        for export, folder in ((export_optimum_onnx, "optimum-onnx"), (export_optimum_executorch, "optimum-executorch")):
+            try:
+                export(hf, args.work / folder, notes)
+            finally:
+                write_text_atomic(notes_path, json.dumps(notes, indent=1))
         our_exports(args.work, bank)
         return
     missing: list[str] = []
