@@ -283,3 +283,12 @@ def load_adapter_set(specs: list[str], allow_missing: bool = False) -> AdapterSe
         name, path = parse_task_spec(spec)
         adapters.append(load_adapter(path, name))
     return build_adapter_set(adapters, allow_missing=allow_missing)
+
+
+def load_adapter_folders(root: Path) -> AdapterSet:
+    """Every PEFT folder directly under ``root`` (a sub-folder holding an adapter config), each task
+    named after its folder, in name order: the layout the suite trains into (``<init>/<task>/``)."""
+    folders = [p for p in sorted(Path(root).iterdir()) if (p / ADAPTER_CONFIG).is_file()]
+    if not folders:
+        raise AdapterError(f"{root}: no adapter folders in it (sub-folders holding {ADAPTER_CONFIG})")
+    return build_adapter_set([load_adapter(p) for p in folders])
