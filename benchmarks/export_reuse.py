@@ -71,8 +71,7 @@ def outputs(folder: Path, tasks: list[str]) -> list[np.ndarray]:
     rows = []
     for task in tasks:
         session.set_task(task)
-        gen = greedy(session, PROMPT, 4, keep_logits=True)
-        rows.append(np.concatenate([gen.logits[0][-1:]] + [r[None] for r in gen.logits[1:]]))
+        rows.append(greedy(session, PROMPT, 4, keep_logits=True).token_logits())
     return rows
 
 
