@@ -16,18 +16,17 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+
+from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
-ROOT = Path(__file__).parent.parent
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -38,8 +37,7 @@ def main() -> None:
     ap.add_argument("--init", default="shared-seed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder = ROOT / "hydraopt_mobile" / "suite" / "adapters" / args.init
-    adapters = build_adapter_set([load_adapter(p) for p in sorted(folder.iterdir()) if (p / "adapter_config.json").exists()])
+    adapters = load_adapter_folders(SUITE_ADAPTERS / args.init)
     t0 = time.perf_counter()
     model, tokenizer = load_base_model()
     load_s = time.perf_counter() - t0
@@ -63,8 +61,8 @@ def main() -> None:
         "total_first_run_s": load_s + texts_s + runs[0],
         "target_s": 120,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "calibration_pass.json").write_text(json.dumps(result, indent=1) + "\n")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "calibration_pass.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

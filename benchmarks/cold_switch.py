@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from benchmarks.export_reuse import cold_switch_ms  # noqa: E402
-from exporters.manifest import Manifest  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+from benchmarks.export_reuse import cold_switch_ms
+from exporters.manifest import Manifest
+from hydraopt_mobile.app.records import markdown_table, write_record
 
-RESULTS = ROOT / "benchmarks" / "results" / "cold_switch.json"
+RESULTS = RESULTS_DIR / "cold_switch.json"
 
 
 def main() -> None:

@@ -28,29 +28,27 @@ import json
 import importlib.metadata
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
 
-import exporters.targets.registry  # noqa: E402,F401  (first: it imports every target module)
-from exporters.targets.ethos_u import NAME, NPUS, QUANTS, LayerVariant, bank_layer_tasks, compile_layer  # noqa: E402
-from exporters.targets.ethos_u_layer import LayerConfig  # noqa: E402
-from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
-from hydraopt_mobile.base_model import load_causal_lm  # noqa: E402
-from hydraopt_mobile.merge.budget import Budget  # noqa: E402
-from hydraopt_mobile.merge.registry import MergeConfig, merge  # noqa: E402
-from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
-from hydraopt_mobile.suite.prompts import render_prompt  # noqa: E402
-from hydraopt_mobile.suite.tasks import load_suite  # noqa: E402
+import exporters.targets.registry  # noqa: F401  (first: it imports every target module)
+from exporters.targets.ethos_u import NAME, NPUS, QUANTS, LayerVariant, bank_layer_tasks, compile_layer
+from exporters.targets.ethos_u_layer import LayerConfig
+from hydraopt_mobile.adapters import load_adapter_folders
+from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.base_model import load_causal_lm
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.suite.model import base_model_dir
+from hydraopt_mobile.suite.prompts import render_prompt
+from hydraopt_mobile.suite.tasks import load_suite
 
-RESULTS = ROOT / "benchmarks" / "results" / "device_ethos-u.json"
-ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
+RESULTS = RESULTS_DIR / "device_ethos-u.json"
+ADAPTERS = SUITE_ADAPTERS / "shared-seed"
 TASKS = ("country-de", "topic-en", "currency-es")
 LAYER, SEQ = 0, 16
 
@@ -190,7 +188,7 @@ def build_case() -> dict:
     weights = {k: v.detach().clone() for k, v in model.model.layers[LAYER].state_dict().items()}
     x, text = layer_input(model, model_dir, TASKS[0])
     del model
-    adapters = load_adapter_set([str(p) for p in sorted(ADAPTERS.iterdir()) if p.is_dir()])
+    adapters = load_adapter_folders(ADAPTERS)
     hydra = merge(adapters, MergeConfig(method="hydraopt", budget=Budget(fraction=1 / len(adapters.task_names))))
     none = merge(adapters, MergeConfig(method="none"))
     seq = (*TASKS, TASKS[0])

@@ -31,16 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-import exporters.targets.registry  # noqa: E402,F401  (the registry first: qnn_htp registers itself there)
-from exporters.manifest import Manifest  # noqa: E402
-from exporters.targets.qnn_htp import NAME, htp_check, read_report, venv_python  # noqa: E402
-from exporters.targets.registry import get_target  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+import exporters.targets.registry  # noqa: F401  (the registry first: qnn_htp registers itself there)
+from exporters.manifest import Manifest
+from exporters.targets.qnn_htp import NAME, htp_check, read_report, venv_python
+from exporters.targets.registry import get_target
+from hydraopt_mobile.app.records import markdown_table, write_record
 
-RESULTS = ROOT / "benchmarks" / "results" / f"device_{NAME}.json"
+RESULTS = RESULTS_DIR / f"device_{NAME}.json"
 QAIRT_TOOLS = ("qnn-context-binary-generator", "qairt-converter", "qnn-onnx-converter", "qnn-model-lib-generator", "qairt-lora-importer")
 
 

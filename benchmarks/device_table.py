@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR as RESULTS, ROOT  # first: it puts this checkout on sys.path
 
-from hydraopt_mobile.app.records import markdown_table  # noqa: E402
-from hydraopt_mobile.atomic import atomic_file  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+from hydraopt_mobile.app.records import markdown_table
+from hydraopt_mobile.atomic import atomic_file
 BEGIN, END = "<!-- device-table:begin -->", "<!-- device-table:end -->"
 HEADER = ["target", "method", "quant", "scope", "bytes resident", "bytes per task", "total vs one-per-task", "score (examples)",
           "drop vs one-per-task [95 % CI]", "host drop [95 % CI]", "parity vs host", "switch", "task load", "latency"]

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  first: it puts this checkout on sys.path
 
-from benchmarks.device_ethos_u import RESULTS, build_case  # noqa: E402
-from exporters.targets.ethos_u import ensure_ready, pad, padded_ranks, site  # noqa: E402
-from exporters.targets.ethos_u_layer import quantize, variant_runs  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+from benchmarks.device_ethos_u import RESULTS, build_case
+from exporters.targets.ethos_u import ensure_ready, pad, padded_ranks, site
+from exporters.targets.ethos_u_layer import quantize, variant_runs
+from hydraopt_mobile.app.records import markdown_table, write_record
 
 
 def block_errors(case: dict, spec_cls) -> list[dict]:

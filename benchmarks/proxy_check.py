@@ -15,30 +15,31 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from scipy.stats import spearmanr
 
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+
+from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.frontier import Point, banks_for, load_records
 from hydraopt_mobile.calibration import collect, relative_errors
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
-sys.path.insert(0, str(Path(__file__).parent))
-from frontier import ADAPTERS, CALIBRATION_PER_TASK, RESULTS, load_init  # noqa: E402  the frontier's adapters and calibration size
+from frontier import CALIBRATION_PER_TASK  # the frontier's calibration size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", default="shared-seed")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--frontier", type=Path, default=RESULTS / "frontier.json")
+    ap.add_argument("--frontier", type=Path, default=RESULTS_DIR / "frontier.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    adapters = load_init(ADAPTERS, args.init)
+    adapters = load_adapter_folders(SUITE_ADAPTERS / args.init)
     records = [r for r in load_records(args.frontier) if r["init"] == args.init and "examples" in r]
     points = [Point(r["method"], r["budget"], None if r["format"] == "auto" else r["format"], r.get("at"), r.get("calibration", False)) for r in records]
     model, tokenizer = load_base_model()
@@ -76,7 +77,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    (RESULTS / "proxy_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS_DIR / "proxy_check.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [
         f"# Proxy check ({args.init}): reconstruction error vs measured score",
         "",
@@ -92,7 +93,7 @@ def main() -> None:
         budget = f"at {x['at']}" if x["at"] else "-" if x["budget"] is None else f"{x['budget']:g}"
         qv = lambda k: f"{x[k + '_q_proj']:.3f} / {x[k + '_v_proj']:.3f}" if k + "_q_proj" in x else ""  # noqa: E731
         lines.append(f"| {x['method']}{' (calibrated)' if x['calibration'] else ''} | {budget} | {x['format']} | {x['storage_fraction']:.4f} | {x['avg_score']:.2f} | {x['data_free_error']:.3f} | {x['data_aware_error']:.3f} | {qv('data_free_error')} | {qv('data_aware_error')} |")
-    (RESULTS / "proxy_check.md").write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / "proxy_check.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

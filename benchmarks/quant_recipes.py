@@ -21,30 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from exporters.export import bank_digest, export_bank  # noqa: E402
-from exporters.manifest import Manifest  # noqa: E402
-from exporters.onnx_quant import RECIPES  # noqa: E402
-from exporters.runtime import greedy, open_export  # noqa: E402
-from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
-from hydraopt_mobile.app.bench import export_tokenizer, task_prompts  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
-from hydraopt_mobile.atomic import write_text_atomic  # noqa: E402
-from hydraopt_mobile.merge.budget import Budget  # noqa: E402
-from hydraopt_mobile.merge.registry import MergeConfig, merge  # noqa: E402
-from hydraopt_mobile.suite.metrics import paired_drop, per_example  # noqa: E402
-from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
+from exporters.export import bank_digest, export_bank
+from exporters.manifest import Manifest
+from exporters.onnx_quant import RECIPES
+from exporters.runtime import greedy, open_export
+from hydraopt_mobile.adapters import load_adapter_folders
+from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
+from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.atomic import write_text_atomic
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.suite.metrics import paired_drop, per_example
+from hydraopt_mobile.suite.model import base_model_dir
 
-ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
-RESULTS = ROOT / "benchmarks" / "results" / "quant_recipes.json"
+ADAPTERS = SUITE_ADAPTERS / "shared-seed"
+RESULTS = RESULTS_DIR / "quant_recipes.json"
 TARGET_4BIT = (0.90, 0.40)  # >= 90 % of the fp32 score at <= 40 % of the fp32 program's bytes
 TARGET_8BIT = 3.0  # relative drop (%) at most
 
@@ -168,8 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    task_dirs = sorted(p for p in ADAPTERS.iterdir() if (p / "adapter_config.json").is_file())
-    adapter_set = load_adapter_set([f"{p.name}={p}" for p in task_dirs])
+    adapter_set = load_adapter_folders(ADAPTERS)
     model_dir = base_model_dir()
     budget = Budget(fraction=round(1 / len(adapter_set.tasks), 4))
     banks = {

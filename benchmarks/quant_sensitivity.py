@@ -16,23 +16,21 @@ Writes benchmarks/results/quant_sensitivity.{json,md}.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
-from hydraopt_mobile.base_model import load_causal_lm  # noqa: E402
-from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
-from hydraopt_mobile.suite.prompts import render_prompt  # noqa: E402
-from hydraopt_mobile.suite.tasks import load_suite  # noqa: E402
+from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.base_model import load_causal_lm
+from hydraopt_mobile.suite.model import base_model_dir
+from hydraopt_mobile.suite.prompts import render_prompt
+from hydraopt_mobile.suite.tasks import load_suite
 
-RESULTS = ROOT / "benchmarks" / "results" / "quant_sensitivity.json"
+RESULTS = RESULTS_DIR / "quant_sensitivity.json"
 BLOCK = 32
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydraopt_mobile.checksum import mismatch, read_listed, sha256_file
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case
-from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.schemas import read_document
 from hydraopt_mobile.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -95,12 +95,8 @@ class Manifest:
     def read(cls, folder: Path) -> "Manifest":
         """Parse and check the manifest of ``folder`` (schema, then what a schema cannot say)."""
         path = Path(folder) / MANIFEST
-        if not path.is_file():
-            raise ManifestError(f"{folder}: no {MANIFEST}; not an export folder")
-        raw = read_json(path, ManifestError)
-        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
-            raise ManifestError(f"{path}: not a {SCHEMA} manifest")
-        validate(raw, "export-manifest", path, ManifestError)
+        raw = read_document(path, "export-manifest", ManifestError, f"{folder}: no {MANIFEST}; not an export folder",
+                            {"schema": SCHEMA}, f"{path}: not a {SCHEMA} manifest")
         raw.pop("schema")
         raw["files"] = [FileEntry(**f) for f in raw["files"]]
         manifest = cls(**raw)

@@ -27,6 +27,11 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)
 
+    def token_logits(self) -> np.ndarray:
+        """(generated tokens, V): the logits each generated token was chosen from, the prefill's last
+        row and then one row per decode step; kept only with ``greedy(..., keep_logits=True)``."""
+        return np.stack([self.logits[0][-1], *self.logits[1:]])
+
 
 def greedy(session: Session, ids: list[int], max_new_tokens: int, keep_logits: bool = False, eos: list[int] | None = None) -> Generation:
     """Greedy decoding on the runtime; stops at an end-of-sequence token (``eos``, default the
