@@ -29,6 +29,7 @@ from torch import nn
 from exporters.backend import ProgramSpec, Session
 from exporters.onnx_quant import RECIPES, quantize
 from exporters.targets.device_runner import decoder_step, open_ort_session
+from exporters.targets.onnx_edit import rename_inputs
 
 QUANTS = {name: r.description for name, r in RECIPES.items()}
 PROGRAM = "model.onnx"
@@ -78,10 +79,7 @@ def _make_inputs_with_defaults(model: onnx.ModelProto, renames: dict[str, str]) 
         raise RuntimeError(f"the ONNX exporter renamed LoRA tensors {sorted(missing)[:3]}; cannot make them inputs")
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
+    rename_inputs(model.graph, renames)
 
 
 def export_program(hf_model: nn.Module, slots: list[str], folder: Path, quant: str, phases: dict[str, float]) -> Path:

@@ -43,6 +43,7 @@ import onnxruntime as ort
 from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
 from device_runner import BankSlots, Export  # the sibling standalone runner (run as a script: its folder is on sys.path)
+from onnx_edit import rename_inputs
 
 
 def fold(src: str, dst: str) -> None:
@@ -63,10 +64,7 @@ def drop_nan_guards(model: onnx.ModelProto) -> int:
             rename[node.output[0]] = node.input[2]
             model.graph.node.remove(guard)
             model.graph.node.remove(node)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+    rename_inputs(model.graph, rename)
     return len(rename)
 
 
