@@ -34,11 +34,6 @@ from exporters.targets.device_runner import BankSlots, Refused
 from hydraopt_mobile.errors import UserError
 
 
-def _named(stored: tuple[Path, bytes] | None) -> tuple[str, bytes] | None:
-    """A verified file as the decoder takes it: ``(name, bytes)``."""
-    return (str(stored[0]), stored[1]) if stored else None
-
-
 class Session(ABC):
     """Common part of every back end's session: manifest, verified task loading, positions."""
 
@@ -52,7 +47,7 @@ class Session(ABC):
         if self.manifest.slots:
             self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "bank": self.manifest.bank})
             shared = verified_shared_file(self.manifest, self.folder)
-            self._decoded(lambda: self.bank.load_shared(_named(shared)), shared)
+            self._decoded(lambda: self.bank.load_shared(shared), shared)
 
     @property
     def tasks(self) -> list[str]:
@@ -65,7 +60,7 @@ class Session(ABC):
             self._check_merged(task)
             return
         own = verified_task_file(self.manifest, self.folder, task, path)
-        self._load(task, self._decoded(lambda: self.bank.task_slots(task, _named(own)), own))
+        self._load(task, self._decoded(lambda: self.bank.task_slots(task, own), own))
 
     @staticmethod
     def _decoded(decode, stored: tuple[Path, bytes] | None):

@@ -218,7 +218,7 @@ class BankSlots:
         self._zeros: dict = {}  # shape -> one read-only zero array
         self._fixed: list = []  # per task: every slot that does not come from its own file (zero or shared)
 
-    def load_shared(self, stored: tuple[str, bytes] | None) -> None:
+    def load_shared(self, stored: "tuple[str | os.PathLike, bytes] | None") -> None:
         """Decode every factor of the shared file ``(name, bytes)`` (None: the bank has none)."""
         name, blob = stored or ("the shared file (none in this export)", b"")
         if self._shared_groups:
@@ -229,7 +229,7 @@ class BankSlots:
         for fixed, uses in zip(self._fixed, self._uses):
             fixed.update({slot: self.shared[source] for slot, source in uses})
 
-    def task_slots(self, task: str, stored: tuple[str, bytes] | None) -> dict:
+    def task_slots(self, task: str, stored: "tuple[str | os.PathLike, bytes] | None") -> dict:
         """slot -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None: it has none).
 
         Slots that come from the shared file (and zero slots) are the same arrays for every task
