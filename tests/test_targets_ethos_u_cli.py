@@ -5,8 +5,9 @@ run on the TOSA reference model alpha -> beta -> alpha -> no task.
 
 Nothing is mocked: the set-up installs Vela and the TOSA tools (cached in ``$HYDRAOPT_CACHE``). One
 Arm lowering of the tiny layer is the cost (~1-4 min on 2 shared cores); the refusals run no compile.
-Tolerances as in ``tests/test_target_ethos_u.py`` (tiny random layer, A8W8): each task's max error
-under 0.05 x the fp32 output's max, LoRA effect cosine > 0.95.
+Tolerances (tiny random layer 1, A8W8; seen values beside the constants): each task's error relative
+to the fp32 output's norm, the LoRA effect's cosine with fp32's and its norm. A task mix-up fails the
+cosine (the two tasks' effects point elsewhere); switching back must be bit-identical.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from tiny_models import make_tiny_model, tiny_peft_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 NPU = "ethos-u85-256"
+REL_ERR = 0.06  # |out - fp32| / |fp32| per task; seen 0.032 (layer 1 of the tiny model, A8W8)
+EFFECT_COS = 0.95  # cosine of the LoRA effect out(task) - out(no task) with fp32's; seen 0.999
 
 
 def run(*args) -> tuple[int, str, str]:
@@ -109,9 +112,10 @@ def test_bench_ethos_u_on_a_merged_bundle(case, ready):
     assert [r["task"] for r in rec["runs"]] == ["alpha", "beta", "alpha", "<none>"]
     assert rec["switch_back_identical"] and rec["tasks_differ"]
     for run_ in rec["runs"][:2]:
-        print(f"{run_['task']}: max abs err {run_['max_abs_err']:.4f} of {run_['fp32_max_abs']:.3f}, LoRA effect cos {run_['effect_cosine']:.4f}")
-        assert run_["max_abs_err"] < 0.05 * run_["fp32_max_abs"]
-        assert run_["effect_cosine"] > 0.95 and run_["effect_fp32_norm"] > 0
+        print(f"{run_['task']}: rel. err {run_['rel_err']:.4f}, max abs err {run_['max_abs_err']:.4f} of {run_['fp32_max_abs']:.3f}, "
+              f"LoRA effect cos {run_['effect_cosine']:.4f}, |effect| {run_['effect_int_norm']:.3f} vs fp32 {run_['effect_fp32_norm']:.3f}")
+        assert run_["rel_err"] < REL_ERR and run_["max_abs_err"] < run_["fp32_max_abs"] / 10
+        assert run_["effect_cosine"] > EFFECT_COS and abs(run_["effect_int_norm"] / run_["effect_fp32_norm"] - 1) < 0.2
     # the benchmark's records and the command's carry the same field names
     committed = json.loads((ROOT / "benchmarks" / "results" / "device_ethos-u.json").read_text())["records"]
     bench_rec = next(r for r in committed if r["compiled"] and r["kind"] == "switchable")
