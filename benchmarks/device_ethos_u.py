@@ -18,7 +18,9 @@ obtainable here, nothing runs the .pte. No whole-model claim.
 
     python benchmarks/device_ethos_u.py          # ~30-60 min on 2 shared cores
 
-Writes benchmarks/results/device_ethos-u.{json,md,png}.
+Writes benchmarks/results/device_ethos-u.{json,md,png}. The layer's input, the records and the tables
+come from ``hydraopt_mobile/app/ethos_u_bench.py``, which ``hydraopt bench ethos-u BUNDLE`` also uses
+(``benchmarks/ethos_u_cli_check.py`` shows the command giving this benchmark's record).
 """
 
 from __future__ import annotations

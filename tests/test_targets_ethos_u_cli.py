@@ -17,11 +17,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from exporters.targets.registry import get_target
 from hydraopt_mobile.app.cli import app
-from hydraopt_mobile.app.ethos_u_bench import DEFAULT_PROMPT, summary_lines
+from hydraopt_mobile.app.ethos_u_bench import DEFAULT_PROMPT, bundle_variants, summary_lines
+from hydraopt_mobile.bundle import load_bundle
 from tiny_models import make_tiny_model, tiny_peft_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +99,19 @@ def test_bad_bundles_and_options_are_refused(case, ready, tmp_path):
     assert code == 2 and "--npu ethos-u65-512" in text, text
     code, _, text = run("bench", "ethos-u", case["bundle"], "--model", case["model"], "--layer", "7")
     assert code == 2 and "--layer 7" in text, text
+
+
+def test_variants_hold_the_bundles_factors(case):
+    bank = load_bundle(case["bundle"])
+    switchable, merged = bundle_variants(bank, case["bundle"], 1, ["beta", "alpha"], merged_reference=True)
+    assert (switchable.name, switchable.kind, switchable.sequence) == ("hydraopt", "switchable", ("beta", "alpha", "beta"))
+    assert (merged.kind, list(merged.tasks)) == ("merged", ["beta"])  # the first task run is the one folded in
+    for task in ("alpha", "beta"):
+        for slot in ("q_proj", "v_proj"):
+            f = bank.task_factors(task)[f"model.layers.1.self_attn.{slot}"]
+            assert torch.equal(switchable.tasks[task][f"{slot}.B"] @ switchable.tasks[task][f"{slot}.A"], f.B.float() @ f.A.float())
+    assert torch.equal(merged.tasks["beta"]["q_proj.A"], switchable.tasks["beta"]["q_proj.A"])
+    assert not torch.equal(switchable.tasks["alpha"]["v_proj.B"], switchable.tasks["beta"]["v_proj.B"])
 
 
 def test_bench_ethos_u_on_a_merged_bundle(case, ready):
