@@ -154,6 +154,34 @@ def bank_layer_tasks(bank: MergedBank, layer: int, tasks: list[str]) -> dict[str
     return out
 
 
+def switchable_variant(name: str, bank: MergedBank, layer: int, tasks: list[str]) -> LayerVariant:
+    """``bank``'s per-task factors of ``layer`` as program inputs, run for ``tasks`` in order and,
+    with two or more tasks, back to the first (a switch that leaks state then shows up)."""
+    sequence = (*tasks, tasks[0]) if len(tasks) > 1 else tuple(tasks)
+    return LayerVariant(name, bank.method, "switchable", bank_layer_tasks(bank, layer, tasks), sequence)
+
+
+def prompt_ids(tokenizer, text: str, seq: int) -> list[int]:
+    """The last ``seq`` token ids of ``text`` (no special tokens added: a chat-formatted text has its own)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < seq:
+        raise UserError(f"the layer's prompt has {len(ids)} tokens, fewer than the {seq} the layer is compiled for "
+                        "(--tokens): give a longer --prompt or fewer tokens")
+    return list(ids[-seq:])
+
+
+def layer_input(model: torch.nn.Module, ids: list[int], layer: int) -> torch.Tensor:
+    """What decoder layer ``layer`` of the base model (no task) receives for ``ids`` at positions
+    0..len-1: the token embeddings for layer 0, else the residual stream after the layers below."""
+    n_layers = len(model.model.layers)
+    if not 0 <= layer < n_layers:
+        raise UserError(f"--layer {layer}: the base model has decoder layers 0..{n_layers - 1}")
+    with torch.no_grad():
+        if layer == 0:
+            return model.get_input_embeddings()(torch.tensor(ids)).float()
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0].float()
+
+
 def padded_ranks(tasks: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
     return {slot: max(t[f"{slot}.A"].shape[0] for t in tasks.values()) for slot in SLOTS}
 

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from exporters.targets.registry import TARGETS, get_target
+from hydraopt_mobile.errors import UserError
 
 from .failures import reported
 
@@ -90,9 +91,46 @@ def _bench_command(name: str):
     return bench
 
 
+def bench_ethos_u_cmd(
+    bundle: Path = typer.Argument(..., help="bundle folder written by `hydraopt merge`"),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks, run in this order (repeatable; default: every task)"),
+    npus: Optional[list[str]] = typer.Option(None, "--npu", help="ethos-u55-128 | ethos-u85-256 (repeatable; default: both)"),
+    quants: Optional[list[str]] = typer.Option(None, "--quant", help="a8w8 | a16w8 (repeatable; default: a8w8)"),
+    layer: int = typer.Option(0, "--layer", help="which decoder layer of the base model"),
+    tokens: int = typer.Option(16, "--tokens", help="sequence length the layer is compiled for"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="text whose last --tokens tokens feed the layer "
+                                         "(default: the first task's first test prompt for a suite task, else a fixed prompt)"),
+    merged_reference: bool = typer.Option(False, "--merged-reference", help="also compile the first task folded into the weights "
+                                          "(the cost reference; one more compile per NPU x quant)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="base model folder (default: the suite's SmolLM2-135M)"),
+    threads: int = typer.Option(1, "--threads", help="torch threads for quantising and lowering"),
+    as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write OUT (JSON) and OUT with .md"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+) -> None:
+    """One decoder layer with the bundle's task factors as switchable inputs, compiled for Ethos-U NPUs:
+    Vela's cycle / SRAM / flash ESTIMATE per NPU and quant, and per task the TOSA reference model's
+    integer outputs against fp32. One layer and an estimate: no whole-model figure."""
+    from .ethos_u_bench import bench_ethos_u, summary_lines, write_reports
+
+    with reported(console):
+        if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md")) if p.exists()]):
+            raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+        records, meta = bench_ethos_u(bundle, model, tasks, npus, quants, layer, tokens, prompt, merged_reference, threads)
+        if out is not None:
+            write_reports(records, meta, out)
+    if as_json:
+        print(json.dumps(records, indent=1))
+    else:
+        for line in summary_lines(records, meta):
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """``targets`` on the main app, ``bench <target>`` for every target with a runner."""
+    """``targets`` on the main app, ``bench <target>`` for every target with a runner, and
+    ``bench ethos-u`` (no runner: it compiles one layer of a bundle and reads Vela's estimate)."""
     app.add_typer(targets_app, name="targets")
     for name, target in TARGETS.items():
         if target.python is not None:
             bench_app.command(name)(_bench_command(name))
+    bench_app.command("ethos-u")(bench_ethos_u_cmd)
