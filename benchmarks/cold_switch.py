@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch

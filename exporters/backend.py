@@ -30,7 +30,7 @@ import numpy as np
 from torch import nn
 
 from exporters.manifest import Manifest, TaskFileError, verified_shared_file, verified_task_file
-from exporters.targets.device_runner import BankSlots, Refused
+from exporters.targets.device_runner import BankSlots, Refused, TaskSlots
 from hydraopt_mobile.errors import UserError
 
 
@@ -61,6 +61,16 @@ class Session(ABC):
             return
         own = verified_task_file(self.manifest, self.folder, task, path)
         self._load(task, self._decoded(lambda: self.bank.task_slots(task, own), own))
+
+    def unload(self, task: str) -> None:
+        """Forget ``task``'s decoded slots (not the active task's: switch away first); their memory
+        serves the next load of a task of the same layout (``BankSlots.release``), so an app that
+        keeps a bounded number of tasks loaded decodes into memory it already has."""
+        if task == self.active and self.bank is not None:
+            raise UserError(f"task {task!r} is active: switch to another task before unloading it")
+        slots = self._unload(task)
+        if slots is not None:
+            self.bank.release(slots)
 
     @staticmethod
     def _decoded(decode, stored: tuple[Path, bytes] | None):
@@ -99,8 +109,12 @@ class Session(ABC):
         """Logits (n, vocab) for ``ids`` after the cached positions; advances ``pos``."""
 
     @abstractmethod
-    def _load(self, task: str, slots: dict[str, np.ndarray]) -> None:
+    def _load(self, task: str, slots: TaskSlots) -> None:
         """Keep ``task``'s decoded slots (slot -> fp32 array, manifest order) in the runtime's form."""
+
+    @abstractmethod
+    def _unload(self, task: str) -> TaskSlots | None:
+        """Drop ``task``'s runtime form; its decoded slots as ``_load`` got them (None: not loaded)."""
 
     @abstractmethod
     def _switch(self, task: str) -> None:

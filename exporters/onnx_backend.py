@@ -28,7 +28,7 @@ from torch import nn
 
 from exporters.backend import ProgramSpec, Session
 from exporters.onnx_quant import RECIPES, quantize
-from exporters.targets.device_runner import decoder_step, open_ort_session
+from exporters.targets.device_runner import TaskSlots, decoder_step, open_ort_session
 from exporters.targets.onnx_edit import rename_inputs
 
 QUANTS = {name: r.description for name, r in RECIPES.items()}
@@ -141,8 +141,11 @@ class OrtSession(Session):
     def _open(self, rel: str):
         return open_ort_session(str(self.folder / rel), self.threads)
 
-    def _load(self, task: str, slots: dict[str, np.ndarray]) -> None:
+    def _load(self, task: str, slots: TaskSlots) -> None:
         self.slots[task] = slots
+
+    def _unload(self, task: str) -> TaskSlots | None:
+        return self.slots.pop(task, None)
 
     def _switch(self, task: str) -> None:
         if task not in self.slots:

@@ -107,3 +107,30 @@ def test_tasks_of_one_layout_share_one_read_plan_and_a_changed_file_is_planned_a
     name, blob = stored(tmp_path / "tasks" / "b.safetensors")
     with pytest.raises(Refused, match="do not match its shape or lie outside the file"):
         slots_bank.task_slots("b", (name, blob[:-1]))
+
+
+def test_a_released_task_s_memory_serves_the_next_load_of_its_layout_only(written, tmp_path):
+    """After ``release``, a task of the same layout decodes into the released arrays (its padding
+    still zero, its values its own); a task of another layout gets fresh arrays."""
+    g = torch.Generator().manual_seed(7)
+    f = NumberFormat.parse("int8")
+    name = "model.layers.0.self_attn.q_proj"
+    modules = {name: grouped_module((48, 40), [0, 1], [0, 1], [torch.randn(2, 40, generator=g) for _ in range(2)],
+                                    [torch.randn(48, 2, generator=g) for _ in range(2)], f)}
+    bank = MergedBank(["a", "b"], modules, "test-release")
+    bundle = write_bundle_files(bank, tmp_path)
+    slots = [[f"{name}.lora_a", [5, 40]], [f"{name}.lora_b", [48, 5]]]
+    slots_bank = BankSlots({"tasks": ["a", "b"], "slots": slots, "bank": {"modules": bundle["modules"], "layouts": bundle["layouts"]}})
+    slots_bank.load_shared(None)
+    a = slots_bank.task_slots("a", stored(tmp_path / "tasks" / "a.safetensors"))
+    slots_bank.release(a)
+    b = slots_bank.task_slots("b", stored(tmp_path / "tasks" / "b.safetensors"))
+    assert all(np.shares_memory(a[slot], b[slot]) for slot in b)
+    for slot, value in padded_reference(bank, "b", {name: 5}).items():
+        np.testing.assert_array_equal(b[slot], value, err_msg=slot)
+
+    mixed, folder, _, mixed_slots = written  # its three tasks have three layouts
+    t0 = mixed_slots.task_slots("t0", stored(folder / "tasks" / "t0.safetensors"))
+    mixed_slots.release(t0)
+    t1 = mixed_slots.task_slots("t1", stored(folder / "tasks" / "t1.safetensors"))
+    assert not any(np.shares_memory(t0[slot], t1[slot]) for slot in t1 if t1[slot].any())

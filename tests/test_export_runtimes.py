@@ -82,6 +82,26 @@ def test_switching_1_2_1_gives_each_tasks_own_outputs(fmt, exports, refs):
 
 
 @pytest.mark.parametrize("fmt", RUNTIMES)
+def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt, exports, refs):
+    """alpha and gamma have one layout: after alpha is unloaded, gamma decodes into its memory;
+    every task still gives its own outputs, and the active task cannot be unloaded."""
+    session = open_export(exports(fmt, "fp32"))
+    session.set_task("alpha")
+    alpha = list((session.decoded["alpha"] if fmt == "executorch" else session.slots["alpha"]).blocks)
+    session.set_task("beta")
+    with pytest.raises(UserError, match="'beta' is active"):
+        session.unload("beta")
+    session.unload("alpha")
+    for task in ["gamma", "beta", "alpha"]:
+        session.set_task(task)
+        seq, got = run_logits(session, PROMPT)
+        assert np.abs(got - refs(task, seq)[: len(got)]).max() < FP32_TOL, f"{fmt}: {task} after alpha was unloaded"
+        if task == "gamma":
+            gamma = (session.decoded["gamma"] if fmt == "executorch" else session.slots["gamma"]).blocks
+            assert alpha and len(gamma) == len(alpha) and all(a is b for a, b in zip(alpha, gamma)), "gamma did not reuse alpha's memory"
+
+
+@pytest.mark.parametrize("fmt", RUNTIMES)
 def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
     session = open_export(exports(fmt, QUANTISED[fmt]))
     for task in TASKS:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from exporters.onnx_backend import OrtSession
 from exporters.runtime import greedy
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, parity, run_pair
 from exporters.targets.device_runner import PROTOCOL, run
-from exporters.targets.protocol import RunnerError, make_request, run_on_host
+from exporters.targets.protocol import RunnerError, make_request, run_on_host, run_request
 from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.app.cli import app
@@ -178,6 +179,30 @@ def test_runner_refuses_a_tampered_task_file_and_a_wrong_protocol(tiny, tmp_path
         run_on_host(make_request(export, ["alpha", "beta"], PROMPTS, MAX_NEW))
     response, arrays = run({"protocol": "hydraopt-device-runner/0"}, "x", "measured")
     assert "expected hydraopt-device-runner/1" in response["error"] and not arrays
+
+
+# An older runner: the real one, reading its request without the teacher-forced fields (a runner
+# ignores request fields it does not know).
+OLD_RUNNER = """
+import json, runpy, sys
+runner, path = sys.argv[1], sys.argv[2]
+with open(path) as f:
+    request = json.load(f)
+del request["teacher_forced"], request["answers"]
+with open(path, "w") as f:
+    json.dump(request, f)
+sys.argv = sys.argv[1:]
+runpy.run_path(runner, run_name="__main__")
+"""
+
+
+def test_a_runner_that_generates_instead_of_teacher_forcing_is_refused(tiny, tmp_path):
+    old = tmp_path / "old_runner.py"
+    old.write_text(OLD_RUNNER)
+    request = make_request(tiny["fp32"], ["alpha"], {"alpha": [PROMPT]}, MAX_NEW, answers={"alpha": [[1, 2]]})
+    assert run_on_host(request).data["scoring"] == "teacher-forced"
+    with pytest.raises(RunnerError, match="does not do teacher-forced scoring .*'generated'"):
+        run_request([sys.executable, str(old)], None, request, "old-runner", "measured")
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])

@@ -59,7 +59,9 @@ def make_request(export: Path, sequence: list[str], prompts: dict[str, list[list
 
 def run_request(python: list[str], env: dict[str, str] | None, request: dict, target: str, latency_kind: str,
                 timeout: float = 3600) -> Response:
-    """Run ``request`` with the runner under the Python started by ``python`` (argv prefix)."""
+    """Run ``request`` with the runner under the Python started by ``python`` (argv prefix).
+    A teacher-forced request answered by a runner that generated instead (an older runner ignores
+    fields it does not know) is refused: its scores would not be comparable."""
     with tempfile.TemporaryDirectory(prefix="hydraopt-runner-") as tmp:
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
         req.write_text(json.dumps(request))
@@ -72,6 +74,8 @@ def run_request(python: list[str], env: dict[str, str] | None, request: dict, ta
         data = json.loads(resp.read_text())
         if "error" in data:
             raise RunnerError(f"the runner on {target} refused the run: {data['error']}")
+        if request.get("teacher_forced") and data.get("scoring") != "teacher-forced":  # a runner ignores what it does not know
+            raise RunnerError(f"the runner on {target} does not do teacher-forced scoring (it answered {data.get('scoring', 'generated')!r})")
         logits: dict[str, np.ndarray] = {}
         if data.get("logits_file"):
             with np.load(Path(tmp) / data["logits_file"]) as z:
