@@ -40,6 +40,8 @@ from exporters.targets.registry import get_target
 from hydraopt_mobile.app.records import markdown_table, write_record
 
 RESULTS = RESULTS_DIR / f"device_{NAME}.json"
+TASK_COLUMNS = ["method", "quant", "task", "answer_rows", "answer_hits_htp", "answer_hits_fp32", "max_logit_err", "top1_agreement",
+                "lora_effect_cosine", "max_err_cpu_qdq_vs_fp32", "max_diff_htp_vs_cpu_qdq", "run_ms_emulated", "task_bytes"]
 QAIRT_TOOLS = ("qnn-context-binary-generator", "qairt-converter", "qnn-onnx-converter", "qnn-model-lib-generator", "qairt-lora-importer")
 
 
@@ -155,6 +157,7 @@ def main() -> None:
                                      "answer_rows": n_rows, "answer_hits_htp": htp_hits, "answer_hits_fp32": fp32_hits,
                                      "max_logit_err": run["max_err_vs_fp32"], "top1_agreement": run["top1_agreement"],
                                      "lora_effect_cosine": run["lora_effect_cosine"], "lora_effect_norm_ratio": run["lora_effect_norm_ratio"],
+                                     "max_err_cpu_qdq_vs_fp32": run["max_err_cpu_qdq_vs_fp32"], "max_diff_htp_vs_cpu_qdq": run["max_diff_htp_vs_cpu_qdq"],
                                      "run_ms_emulated": run["run_ms"], "task_decode_ms_host": report["task_decode_ms"][task],
                                      "task_bytes": m.task_bytes(task)})
             rows = [r for r in per_task if r["export"] == folder.name and r["quant"] == q["quant"]]
@@ -191,6 +194,12 @@ def main() -> None:
                    "(static shapes); answer_rows counts the rows whose next token is an answer token (topic prompts are longer: "
                    "their windows stay inside the prompt)",
         "calibration": "one train-split window per task of the bank (12), activations of the fp32 graph; task slots calibrated as inputs",
+        "qdq_build": ("since issue 13's accuracy fix: the causal mask's float32 minimum is -100 before calibration (at -3.4e38 the "
+                      "Softmax input's 16-bit step was 5.2e33 and attention uniform); each Reciprocal is Div(1, x) (the QNN EP encoded "
+                      "Reciprocal's constant 1 with the input's range, [0, 0.14] in layer 0: every RMSNorm output 0.14x on HTP, "
+                      "invisible on the CPU EP); constant-weight MatMuls are 1x1 Convs with per-output-channel 8-bit weights (QNN "
+                      "has no per-channel MatMul, and its per-tensor 16x8 MatMul departed from the CPU EP by 39 % at o_proj). "
+                      "max_err_cpu_qdq_vs_fp32: the same QDQ graph on the CPU EP"),
         "tasks": tasks, "exports": [str(p) for p in args.exports], "wall_s": time.perf_counter() - t_start,
         "qnn_lora_route": {**limit, "probe": probe, "finding": (
             "ORT's QNN EP takes qnn.lora_config=<graph>;<binary section> only for an EPContext model and applies the section "
@@ -204,17 +213,14 @@ def main() -> None:
     columns = ["method", "quant", "htp_arch", "bytes", "max_logit_err", "top1_agreement", "lora_effect_cosine_min",
                "lora_effect_cosine_median", "answer_hits_htp", "answer_hits_fp32", "run_ms_emulated_median", "task_decode_ms_host_median"]
     md = [f"# {NAME}: SmolLM2-135M on the emulated Hexagon NPU (whole model, every node on HTP)", "",
-          f"`{notes['command']}`", "", notes["windows"] + ".", "",
+          f"`{notes['command']}`", "", notes["windows"] + ".", "", "QDQ build: " + notes["qdq_build"] + ".", "",
           *markdown_table(columns, [[r[c] for c in columns] for r in records]), "",
           "## Offline context binaries (ep.context_enable=1), one per htp_arch, serving every task", "",
           *markdown_table(["method", "quant", "htp_arch", "bytes", "bytes_epcontext_onnx", "compile_s", "load_s", "switch_order", "max_diff_vs_qdq_session"],
                           [[c["method"], c["quant"], c["htp_arch"], c["bytes"], c["bytes_epcontext_onnx"], c["compile_s"], c["load_s"],
                             " > ".join(c["switch_order"]), c["max_diff_vs_qdq_session"]] for c in contexts]), "",
           "## Per task", "",
-          *markdown_table(["method", "quant", "task", "answer_rows", "answer_hits_htp", "answer_hits_fp32", "max_logit_err", "top1_agreement",
-                           "lora_effect_cosine", "run_ms_emulated", "task_bytes"],
-                          [[r[c] for c in ("method", "quant", "task", "answer_rows", "answer_hits_htp", "answer_hits_fp32", "max_logit_err",
-                                           "top1_agreement", "lora_effect_cosine", "run_ms_emulated", "task_bytes")] for r in per_task]), "",
+          *markdown_table(TASK_COLUMNS, [[r[c] for c in TASK_COLUMNS] for r in per_task]), "",
           "## QNN's own LoRA route", "", notes["qnn_lora_route"]["finding"], "",
           f"`{limit['command']}`: wheel files {', '.join(limit['wheel_files'])}; QAIRT tools found: "
           f"{', '.join(f'{k}={v}' for k, v in limit['qairt_tools_found'].items())}; probe: {json.dumps(probe)}"]

@@ -10,6 +10,8 @@ whose task decoding every ONNX session shares. Steps, each needed for HTP:
    which removes the shape arithmetic, the causal-mask construction and the rotary tables;
 3. the NaN guard after each attention Softmax, ``Where(IsNaN(x), 0, x)``, is dropped: HTP has no
    IsNaN, and with a causal mask no row is fully masked, so it is the identity here;
+   the folded causal mask's ``float32`` minimum (-3.4e38) becomes ``MASK_VALUE`` (``finite_masks``);
+   each ``Reciprocal`` (RMSNorm's 1/sqrt) becomes ``Div(1, x)`` (``reciprocals_as_div``);
 4. the task slots become plain inputs for quantisation (their zero defaults come back after), so
    the quantiser gives each one a fixed 16-bit encoding calibrated on every task's slot values
    instead of folding them into constant weights;
@@ -66,6 +68,98 @@ def drop_nan_guards(model: onnx.ModelProto) -> int:
             model.graph.node.remove(node)
     rename_inputs(model.graph, rename)
     return len(rename)
+
+
+# What a masked attention score becomes (was the float32 minimum). The quantiser calibrates the
+# range of ``scores + mask`` (the Softmax input) from its min and max: with -3.4e38 in it a 16-bit
+# step is 5.2e33, every unmasked score rounds to the same value and attention becomes uniform over
+# the unmasked keys (SmolLM2-135M: max logit error ~30, top-1 agreement 0.25). At -100 the step is
+# ~0.003 at real width (scores within +-40), while a masked key still weighs exp(-100 + 80) < 3e-9
+# of the row's largest even if the masked score were 80 above the unmasked maximum: the fp32 graph
+# is unchanged to float precision.
+MASK_VALUE = -100.0
+
+
+def finite_masks(model: onnx.ModelProto, value: float = MASK_VALUE) -> int:
+    """Set every entry below -1e30 of the constant additive masks in front of a Softmax (``Add(scores,
+    mask) -> Softmax``) to ``value``; returns how many mask initializers changed."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    changed = set()
+    for node in model.graph.node:
+        add = producers.get(node.input[0]) if node.op_type == "Softmax" else None
+        for name in add.input if add is not None and add.op_type == "Add" else ():
+            if name in inits and name not in changed:
+                mask = onnx.numpy_helper.to_array(inits[name])
+                if mask.dtype == np.float32 and (mask < -1e30).any():
+                    inits[name].CopyFrom(onnx.numpy_helper.from_array(np.where(mask < -1e30, np.float32(value), mask), name))
+                    changed.add(name)
+    return len(changed)
+
+
+def reciprocals_as_div(model: onnx.ModelProto) -> int:
+    """Replace every ``Reciprocal(x)`` by ``Div(1, x)`` with a constant 1 (returns how many).
+
+    The QNN EP (onnxruntime-qnn 2.7.0) runs a quantised Reciprocal on HTP as a division of a constant
+    1 that it encodes with the *input's* encoding: the RMSNorm input ``sqrt(mean(x^2) + eps)`` spans
+    [0, 0.14] in SmolLM2's first layer, so 1 is clipped to 0.14 and every normalised activation is
+    0.14x its value (measured: HTP vs the same QDQ graph on the CPU EP, ``rsqrt`` relative error
+    0.86 = 1 - 0.14, while the Sqrt before it agrees to 5e-4). The CPU EP runs the QDQ graph as
+    written and shows nothing. With an explicit 1 the quantiser gives the constant its own encoding."""
+    from onnx import helper, numpy_helper
+
+    count = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Reciprocal":
+            one = f"{node.output[0]}.one"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+            model.graph.node[i].CopyFrom(helper.make_node("Div", [one, node.input[0]], list(node.output), node.name))
+            count += 1
+    return count
+
+
+def linear_convs(model: onnx.ModelProto) -> int:
+    """Rewrite every ``MatMul(x, W)`` with a constant 2-D ``W`` [K, N] as a 1x1 ``Conv`` (returns how many).
+
+    The QNN EP has no per-channel MatMul (the quantiser keeps MatMul weights per tensor and a
+    per-channel one is left to the CPU), but its Conv takes per-output-channel weights. With the
+    rows of ``x`` [..., K] as the batch, ``Reshape(Conv(Reshape(x, [R, K, 1, 1]), W^T as [N, K, 1, 1]),
+    [..., N])`` is the same product: output row r, channel n = sum_k x[r, k] W[k, n]. Per output
+    channel each column of W gets its own 8-bit scale instead of one for the whole matrix (SmolLM2's
+    columns differ in range by up to ~10x). Needs static shapes (after ``make_dim_param_fixed``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input]}
+    inits = {i.name: i for i in graph.initializer}
+    convs: dict[str, str] = {}
+    nodes, count = [], 0
+    for node in graph.node:
+        x, w = node.input if node.op_type == "MatMul" else ("", "")
+        shape = shapes.get(x, [])
+        if w not in inits or len(inits[w].dims) != 2 or not shape or 0 in shape:
+            nodes.append(node)
+            continue
+        k, n = inits[w].dims
+        if w not in convs:
+            convs[w] = f"{w}.conv1x1"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[w]).T[:, :, None, None]), convs[w]))
+        rows = int(np.prod(shape[:-1]))
+        out = node.output[0]
+        for name, value in ((f"{out}.rows_shape", [rows, k, 1, 1]), (f"{out}.out_shape", [*shape[:-1], n])):
+            graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+        nodes += [helper.make_node("Reshape", [x, f"{out}.rows_shape"], [f"{out}.rows"], f"{node.name}.rows"),
+                  helper.make_node("Conv", [f"{out}.rows", convs[w]], [f"{out}.conv"], f"{node.name}.conv1x1"),
+                  helper.make_node("Reshape", [f"{out}.conv", f"{out}.out_shape"], [out], f"{node.name}.out")]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used or i.name in {g.name for g in graph.input}]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return count
 
 
 QUANTS = {"a16w8": ("QUInt16", "QUInt8"), "a8w8": ("QUInt8", "QUInt8")}
@@ -128,23 +222,33 @@ def prepare(export: str, workdir: str, seq: int, past: int) -> tuple[str, list, 
     fold(w("static.onnx"), w("folded.onnx"))
     model = onnx.load(w("folded.onnx"))
     guards = drop_nan_guards(model)
+    masks = finite_masks(model)
+    reciprocals = reciprocals_as_div(model)
     slots = [i.name for i in model.graph.input if i.name.endswith((".lora_a", ".lora_b"))]
     defaults = [i for i in model.graph.initializer if i.name in slots]
     kept = [i for i in model.graph.initializer if i.name not in slots]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     onnx.save(model, w("pure.onnx"))
-    return w("pure.onnx"), defaults, {"guards_dropped": guards, "slots": len(slots)}
+    return w("pure.onnx"), defaults, {"guards_dropped": guards, "finite_masks": masks, "mask_value": MASK_VALUE, "reciprocals_as_div": reciprocals, "slots": len(slots)}
 
 
 def quantize_qdq(pure: str, workdir: str, quant: str, calib: list, defaults: list, per_channel: bool) -> tuple[str, dict]:
-    """Step 5: QDQ ``quant`` (a16w8 / a8w8) calibrated on ``calib`` feeds; the slots get their zero defaults back."""
+    """Step 5: QDQ ``quant`` (a16w8 / a8w8) calibrated on ``calib`` feeds; the slots get their zero defaults back.
+    ``per_channel``: the constant-weight MatMuls become 1x1 Convs with per-output-channel weights (``linear_convs``)."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     w = lambda name: os.path.join(workdir, name)  # noqa: E731
     activations, weights = (getattr(QuantType, t) for t in QUANTS[quant])
     reader = type("Reader", (), {"it": iter(calib), "get_next": lambda self: next(self.it, None)})()
+    convs = 0
+    if per_channel:
+        model = onnx.load(pure)
+        convs = linear_convs(model)
+        onnx.save(model, w("convs.onnx"))
+        del model
+        pure = w("convs.onnx")
     src = w("pre.onnx") if qnn_preprocess_model(pure, w("pre.onnx")) else pure
     out = w(f"qdq_{quant}.onnx")
     t0 = time.perf_counter()
@@ -156,7 +260,8 @@ def quantize_qdq(pure: str, workdir: str, quant: str, calib: list, defaults: lis
         qdq.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(d)), d.name))
     assert {d.name for d in defaults} <= {i.name for i in qdq.graph.input}
     onnx.save(qdq, out)
-    return out, {"quant": quant, "quantize_s": quantize_s, "nodes": len(qdq.graph.node), "ops": sorted({n.op_type for n in qdq.graph.node}),
+    return out, {"quant": quant, "quantize_s": quantize_s, "weights": "per output channel (MatMul as 1x1 Conv)" if per_channel else "per tensor",
+                 "linear_convs": convs, "nodes": len(qdq.graph.node), "ops": sorted({n.op_type for n in qdq.graph.node}),
                  "bytes_qdq": os.path.getsize(out)}
 
 
@@ -198,7 +303,8 @@ def main() -> None:
     p.add_argument("--static-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also try the unquantised graph without CPU fallback (it must be refused; slow at real width)")
     p.add_argument("--reuse-qdq", action="store_true", help="reuse WORKDIR/qdq_<quant>.onnx left by an earlier run with the same arguments")
-    p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="8-bit weights per output channel (constant-weight MatMuls as 1x1 Convs); --no-per-channel: one scale per matrix")
     p.add_argument("--calibration", type=int, default=4, help="random token windows per task (without --ids)")
     a = p.parse_args()
 
@@ -294,6 +400,9 @@ def main() -> None:
         session = htp_session(qdq, arch=archs[0] if archs else None)
         info["htp_arch_qdq_session"] = archs[0] if archs else "default"
         info["htp_session_s"] = time.perf_counter() - t0
+        # the same QDQ graph on the CPU EP (ORT's own Q/DQ arithmetic): where HTP departs from it, the EP's
+        # lowering of an op differs from the graph as written (how the Reciprocal encoding was found)
+        cpu_qdq = ort.InferenceSession(qdq, so, providers=["CPUExecutionProvider"])
         on_qdq, runs = {}, []
         for i, task in enumerate(order):
             for k in range(len(eval_ids[task])):
@@ -301,7 +410,10 @@ def main() -> None:
                 got, ms = timed(session, feed(task, task, k))
                 arrays[f"{quant}/qdq/{i}/{k}"] = on_qdq[(task, k)] = got
                 arrays[f"fp32/{task}/{k}"] = fp32(task, task, k)
-                runs.append({**compare(got, task, k, base), "run_ms": ms})
+                on_cpu = cpu_qdq.run(["logits"], feed(task, task, k))[0][0]
+                runs.append({**compare(got, task, k, base), "run_ms": ms, "max_err_cpu_qdq_vs_fp32": float(np.abs(on_cpu - fp32(task, task, k)).max()),
+                             "max_diff_htp_vs_cpu_qdq": float(np.abs(got - on_cpu).max())})
+        del cpu_qdq
         # the same feeds again: a run without a switch, the time a switched run is compared with
         _, info["repeat_run_ms"] = timed(session, feed(order[-1], order[-1], len(eval_ids[order[-1]]) - 1))
         info["runs"] = runs
