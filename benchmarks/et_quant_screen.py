@@ -29,11 +29,9 @@ import torch
 
 from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from benchmarks.quant_sensitivity import _batch
+from benchmarks.quant_sensitivity import model_and_batch, target_log_probs
 from exporters.executorch_backend import GROUP_SIZE, RECIPES, quantize
 from hydraopt_mobile.app.records import markdown_table, write_record
-from hydraopt_mobile.base_model import load_causal_lm
-from hydraopt_mobile.suite.model import base_model_dir
 
 RESULTS = RESULTS_DIR / "et_quant_screen.json"
 
@@ -62,18 +60,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from transformers import AutoTokenizer
-
-    model_dir = base_model_dir()
-    base = load_causal_lm(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ids, mask, tmask = _batch(tokenizer, args.per_task)
-
-    @torch.no_grad()
-    def log_probs(model: torch.nn.Module) -> torch.Tensor:
-        return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[tmask].float(), -1)
-
-    reference = log_probs(base)
+    base, batch = model_and_batch(args.per_task)
+    ids, _, tmask = batch
+    reference = target_log_probs(base, batch)
     targets = ids[:, 1:][tmask[:, :-1]]  # the token each target position predicts
     # rows of other recipes already in the record on the same examples are kept: a rerun adds recipes
     old = json.loads(args.results.read_text()) if args.results.is_file() else {"notes": {}, "recipes": []}
@@ -84,7 +73,7 @@ def main() -> None:
         t0 = time.time()
         model = copy.deepcopy(base)
         quantize(model, quant)
-        got = log_probs(model)
+        got = target_log_probs(model, batch)
         rows.append({
             "quant": quant, "bits": RECIPES[quant].bits, "int8_modules": list(RECIPES[quant].int8_modules),
             "kl": float((reference.exp() * (reference - got)).sum(-1).mean()),

@@ -31,6 +31,7 @@ import torch
 
 from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
 
+from exporters.backend import Session
 from exporters.export import bank_digest, export_bank
 from exporters.manifest import Manifest
 from exporters.executorch_backend import RECIPES as ET_RECIPES
@@ -54,11 +55,10 @@ TARGET_4BIT = (0.90, 0.40)  # >= 90 % of the fp32 score at <= 40 % of the fp32 p
 TARGET_8BIT = 3.0  # relative drop (%) at most
 
 
-def _score_export(folder: Path, n_examples: int, threads: int, checkpoint: Path) -> dict[str, dict]:
-    """task -> {"texts", "per_example"}: greedy answers of the runtime on the first test examples;
-    each finished task is written to ``checkpoint`` and not decoded again by a rerun."""
+def score_export(folder: Path, n_examples: int, checkpoint: Path, session: Session) -> dict[str, dict]:
+    """task -> {"texts", "per_example"}: greedy answers of ``session`` (on ``folder``'s export) on the
+    first test examples; each finished task is written to ``checkpoint`` and not decoded again by a rerun."""
     tokenizer = export_tokenizer(folder)
-    session = open_export(folder, threads)
     names = session.tasks
     specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
     out = json.loads(checkpoint.read_text()) if checkpoint.is_file() else {}
@@ -85,7 +85,7 @@ def _export(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slots
     return round(time.time() - t0, 1)
 
 
-def _mean(per_task: dict[str, dict]) -> float:
+def mean_score(per_task: dict[str, dict]) -> float:
     return sum(sum(v["per_example"]) / len(v["per_example"]) for v in per_task.values()) / len(per_task)
 
 
@@ -102,10 +102,10 @@ def _records(scores: dict, work: Path, notes: dict, recipes: dict) -> list[dict]
             "runtime": m.runtime, "quant": quant, "bits": recipes[quant].bits, "method": method,
             "description": recipes[quant].description,
             "n_tasks": len(per_task), "n_examples": len(next(iter(per_task.values()))["per_example"]),
-            "score": _mean(per_task), "fp32_score": _mean(fp32) if fp32 else None,
+            "score": mean_score(per_task), "fp32_score": mean_score(fp32) if fp32 else None,
             "program_bytes": program_bytes, "fp32_program_bytes": fp32_bytes,
             "bytes_ratio": program_bytes / fp32_bytes if fp32_bytes else None,
-            "score_ratio": _mean(per_task) / _mean(fp32) if fp32 else None,
+            "score_ratio": mean_score(per_task) / mean_score(fp32) if fp32 else None,
             "drop_points": drop["drop_points"] if drop else None,
             "drop_points_ci95": drop["drop_points_ci95"] if drop else None,
             "rel_drop_pct": drop["rel_drop_pct"] if drop else None,
@@ -217,9 +217,10 @@ def main() -> None:
                     notes["export_seconds"][f"{method}-{quant}"] = took
                     write_text_atomic(notes_path, json.dumps(notes, indent=1))
                 t0 = time.time()
-                result = _score_export(folder, args.examples, args.threads, args.work / "scores" / f"{method}-{quant}-{args.examples}.partial.json")
+                checkpoint = args.work / "scores" / f"{method}-{quant}-{args.examples}.partial.json"
+                result = score_export(folder, args.examples, checkpoint, open_export(folder, args.threads))
                 write_text_atomic(path, json.dumps(result, indent=1))
-                print(f"{method}-{quant}: scored in {time.time() - t0:.0f} s, mean {_mean(result):.2f}", flush=True)
+                print(f"{method}-{quant}: scored in {time.time() - t0:.0f} s, mean {mean_score(result):.2f}", flush=True)
             scores[(method, quant)] = json.loads(path.read_text())
             records = _records(scores, args.work, notes, recipes)
             write_record(args.results, {"notes": notes, "records": records}, _markdown(records, notes, title),
