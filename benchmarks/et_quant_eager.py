@@ -1,7 +1,9 @@
 """Suite scores of ExecuTorch ``--quant`` recipes computed in eager PyTorch, checked against a real
 lowered program: the stand-in for an XNNPACK lowering that does not fit the time at hand.
 
-    python benchmarks/et_quant_eager.py --recipes fp32,8da4w-mixed,8da4w [--examples 4] [--methods none]
+    python benchmarks/et_quant_eager.py --recipes fp32,8da4w-mixed-noclip,8da4w [--examples 4] [--methods none]
+
+A rerun with other methods or recipes adds them to the record.
 
 :class:`EagerSession` is an ExecuTorch export's session (same manifest, same bank files and slot
 decoding, same static-cache wrapper ``ExecuTorchDecoder`` and the exporter's own ``quantize``) whose
@@ -80,7 +82,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     (args.work / "eager").mkdir(parents=True, exist_ok=True)
-    records = []
+    # records of other (method, recipe) pairs on the same number of examples are kept: a rerun adds to the record
+    old = json.loads(args.results.read_text())["records"] if args.results.is_file() else []
+    ours = {(m, q) for m in args.methods.split(",") for q in args.recipes.split(",")}
+    records = [r for r in old if (r["method"], r["quant"]) not in ours and r["n_examples"] == args.examples]
     for method in args.methods.split(","):
         folder = args.work / f"{method}-8da4w"  # any export of the bank: only its manifest and bank files are read
         scores = {}
