@@ -92,7 +92,7 @@ def main() -> None:
         for quant in args.recipes.split(","):
             t0 = time.time()
             checkpoint = args.work / "eager" / f"{method}-{quant}-{args.examples}.json"
-            scores[quant] = score_export(folder, args.examples, checkpoint, EagerSession(folder, quant))
+            scores[quant] = score_export(folder, args.examples, checkpoint, lambda: EagerSession(folder, quant))
             fp32 = scores.get("fp32")
             drop = paired_drop({t: v["per_example"] for t, v in fp32.items()}, {t: v["per_example"] for t, v in scores[quant].items()}) if fp32 else None
             rec = {

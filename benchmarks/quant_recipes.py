@@ -26,6 +26,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -55,13 +56,15 @@ TARGET_4BIT = (0.90, 0.40)  # >= 90 % of the fp32 score at <= 40 % of the fp32 p
 TARGET_8BIT = 3.0  # relative drop (%) at most
 
 
-def score_export(folder: Path, n_examples: int, checkpoint: Path, session: Session) -> dict[str, dict]:
-    """task -> {"texts", "per_example"}: greedy answers of ``session`` (on ``folder``'s export) on the
-    first test examples; each finished task is written to ``checkpoint`` and not decoded again by a rerun."""
+def score_export(folder: Path, n_examples: int, checkpoint: Path, open_session: Callable[[], Session]) -> dict[str, dict]:
+    """task -> {"texts", "per_example"}: greedy answers of ``open_session()`` (on ``folder``'s export)
+    on the first test examples; each finished task is written to ``checkpoint`` and not decoded again
+    by a rerun (which opens no session when every task is there)."""
     tokenizer = export_tokenizer(folder)
-    names = session.tasks
+    names = Manifest.read(folder).tasks
     specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
     out = json.loads(checkpoint.read_text()) if checkpoint.is_file() else {}
+    session = open_session() if any(task not in out for task in names) else None
     for task in names:
         if task in out:
             continue
@@ -218,7 +221,7 @@ def main() -> None:
                     write_text_atomic(notes_path, json.dumps(notes, indent=1))
                 t0 = time.time()
                 checkpoint = args.work / "scores" / f"{method}-{quant}-{args.examples}.partial.json"
-                result = score_export(folder, args.examples, checkpoint, open_export(folder, args.threads))
+                result = score_export(folder, args.examples, checkpoint, lambda: open_export(folder, args.threads))
                 write_text_atomic(path, json.dumps(result, indent=1))
                 print(f"{method}-{quant}: scored in {time.time() - t0:.0f} s, mean {mean_score(result):.2f}", flush=True)
             scores[(method, quant)] = json.loads(path.read_text())
