@@ -59,10 +59,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated ExecuTorch --quant names")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    base, batch = model_and_batch(args.per_task)
+    base, batch, reference = model_and_batch(args.per_task)
     ids, _, tmask = batch
-    reference = target_log_probs(base, batch)
     targets = ids[:, 1:][tmask[:, :-1]]  # the token each target position predicts
     # rows of other recipes already in the record on the same examples are kept: a rerun adds recipes
     old = json.loads(args.results.read_text()) if args.results.is_file() else {"notes": {}, "recipes": []}

@@ -70,13 +70,16 @@ def _batch(tokenizer, per_task: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return ids, mask, tmask
 
 
-def model_and_batch(per_task: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The fp32 base model (eval) and the batch of :func:`_batch` rendered with its tokenizer."""
+def model_and_batch(per_task: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The fp32 base model (eval, torch at 1 thread), the batch of :func:`_batch` rendered with its
+    tokenizer, and the model's :func:`target_log_probs` on it (the reference)."""
     from transformers import AutoTokenizer
 
+    torch.set_num_threads(1)
     model_dir = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return load_causal_lm(model_dir).eval(), _batch(tokenizer, per_task)
+    model, batch = load_causal_lm(model_dir).eval(), _batch(tokenizer, per_task)
+    return model, batch, target_log_probs(model, batch)
 
 
 @torch.no_grad()
@@ -91,10 +94,8 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=1, help="train examples per task")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    model, batch = model_and_batch(args.per_task)
+    model, batch, reference = model_and_batch(args.per_task)
     ids, _, tmask = batch
-    reference = target_log_probs(model, batch)
 
     def kl() -> float:
         got = target_log_probs(model, batch)
