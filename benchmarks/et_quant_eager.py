@@ -54,6 +54,7 @@ class EagerSession(ExecuTorchSession):
         self.names = [name for name, _ in self.manifest.slots]
         self.decoder = ExecuTorchDecoder(model, self.names, self.manifest.model["max_cache_len"]).eval()
         self.loaded: dict[str, list[torch.Tensor]] = {}
+        self.decoded: dict = {}  # what ExecuTorchSession's _load / _unload keep
 
     def _switch(self, task: str) -> None:
         if task not in self.loaded:
