@@ -1,19 +1,22 @@
-"""Suite score vs program bytes of every ONNX ``--quant`` recipe, for one-adapter-per-task and HydraOpt.
+"""Suite score vs program bytes of a runtime's ``--quant`` recipes, for one-adapter-per-task and HydraOpt.
 
     python benchmarks/quant_recipes.py [--examples 24] [--recipes fp32,int8,int4,...] [--methods none,hydraopt]
+    python benchmarks/quant_recipes.py --runtime executorch --slots q_proj,v_proj:16 --recipes fp32,8da4w-mixed,8da4w
 
 Banks: the suite's adapters (shared-seed) as one adapter per task (method ``none``) and HydraOpt at
 1/T of the fp16 file bytes. Each (bank, recipe) is exported with ``export_bank`` (the quantised
 programs are derived from the cached fp32 program of the same signature) into ``--work``, then
-decoded greedily on ONNX Runtime (1 thread) on the first ``--examples`` test examples of every
-task. Per-example scores are kept in ``--work/scores/`` so an interrupted run resumes; each
+decoded greedily on the runtime (1 thread) on the first ``--examples`` test examples of every
+task. ``--slots``: one program signature for both banks (an ExecuTorch lowering takes 20-40
+minutes, so the second bank reuses the cached program). Per-example scores are kept in
+``--work/scores/`` after every task, so an interrupted run resumes; each
 recipe's drop vs fp32 of the same bank has a 95 % paired bootstrap interval
 (``hydraopt_mobile.suite.metrics.paired_drop``). Scores are not timings: they may run under load.
 
 ``slot_overhead_pct`` is a timing (decode with switchable slots against the same export with the
 task merged in, side by side under the exclusive CPU lock) and is left null here: see the notes.
 
-Writes benchmarks/results/quant_recipes.{json,md,png}.
+Writes benchmarks/results/quant_recipes.{json,md,png} (ONNX) or quant_recipes_executorch.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
 
+from exporters.backend import Session
 from exporters.export import bank_digest, export_bank
 from exporters.manifest import Manifest
-from exporters.onnx_quant import RECIPES
+from exporters.executorch_backend import RECIPES as ET_RECIPES
+from exporters.onnx_quant import RECIPES as ONNX_RECIPES
 from exporters.runtime import greedy, open_export
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
@@ -42,27 +48,35 @@ from hydraopt_mobile.suite.metrics import paired_drop, per_example
 from hydraopt_mobile.suite.model import base_model_dir
 
 ADAPTERS = SUITE_ADAPTERS / "shared-seed"
-RESULTS = RESULTS_DIR / "quant_recipes.json"
+RUNTIMES = {  # --runtime -> (recipes, results, the runtime's name in records and titles, program file)
+    "onnx": (ONNX_RECIPES, RESULTS_DIR / "quant_recipes.json", "ONNX Runtime", "model.onnx"),
+    "executorch": (ET_RECIPES, RESULTS_DIR / "quant_recipes_executorch.json", "ExecuTorch (XNNPACK)", "model.pte"),
+}
 TARGET_4BIT = (0.90, 0.40)  # >= 90 % of the fp32 score at <= 40 % of the fp32 program's bytes
 TARGET_8BIT = 3.0  # relative drop (%) at most
 
 
-def _score_export(folder: Path, n_examples: int, threads: int) -> dict[str, dict]:
-    """task -> {"texts", "per_example"}: greedy answers of the runtime on the first test examples."""
+def score_export(folder: Path, n_examples: int, checkpoint: Path, open_session: Callable[[], Session]) -> dict[str, dict]:
+    """task -> {"texts", "per_example"}: greedy answers of ``open_session()`` (on ``folder``'s export)
+    on the first test examples; each finished task is written to ``checkpoint`` and not decoded again
+    by a rerun (which opens no session when every task is there)."""
     tokenizer = export_tokenizer(folder)
-    session = open_export(folder, threads)
-    names = session.tasks
+    names = Manifest.read(folder).tasks
     specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
-    out = {}
+    out = json.loads(checkpoint.read_text()) if checkpoint.is_file() else {}
+    session = open_session() if any(task not in out for task in names) else None
     for task in names:
+        if task in out:
+            continue
         session.load_task(task)
         session.set_task(task)
         texts = [tokenizer.decode(greedy(session, ids, max_new[task]).tokens, skip_special_tokens=True).strip() for ids in prompts[task]]
         out[task] = {"texts": texts, "per_example": per_example(specs[task], texts, "test")}
+        write_text_atomic(checkpoint, json.dumps(out, indent=1))
     return out
 
 
-def _export(bank, model_dir: Path, quant: str, folder: Path) -> float | None:
+def _export(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slots: str | None) -> float | None:
     """Export ``bank`` at ``quant`` into ``folder`` unless an export of that bank and quant is there; seconds taken."""
     manifest = folder / "manifest.json"
     if manifest.is_file():
@@ -70,15 +84,15 @@ def _export(bank, model_dir: Path, quant: str, folder: Path) -> float | None:
         if m.quant == quant and m.extra.get("bank_digest") == bank_digest(bank):
             return None
     t0 = time.time()
-    export_bank(bank, model_dir, "onnx", quant, folder, overwrite=True)
+    export_bank(bank, model_dir, runtime, quant, folder, overwrite=True, slots=slots)
     return round(time.time() - t0, 1)
 
 
-def _mean(per_task: dict[str, dict]) -> float:
+def mean_score(per_task: dict[str, dict]) -> float:
     return sum(sum(v["per_example"]) / len(v["per_example"]) for v in per_task.values()) / len(per_task)
 
 
-def _records(scores: dict, work: Path, notes: dict) -> list[dict]:
+def _records(scores: dict, work: Path, notes: dict, recipes: dict) -> list[dict]:
     records = []
     for (method, quant), per_task in scores.items():
         fp32 = scores.get((method, "fp32"))
@@ -88,13 +102,13 @@ def _records(scores: dict, work: Path, notes: dict) -> list[dict]:
         drop = paired_drop({t: v["per_example"] for t, v in fp32.items()}, {t: v["per_example"] for t, v in per_task.items()}) if fp32 else None
         program_bytes = m.bytes_of("program")
         rec = {
-            "runtime": m.runtime, "quant": quant, "bits": RECIPES[quant].bits, "method": method,
-            "description": RECIPES[quant].description,
+            "runtime": m.runtime, "quant": quant, "bits": recipes[quant].bits, "method": method,
+            "description": recipes[quant].description,
             "n_tasks": len(per_task), "n_examples": len(next(iter(per_task.values()))["per_example"]),
-            "score": _mean(per_task), "fp32_score": _mean(fp32) if fp32 else None,
+            "score": mean_score(per_task), "fp32_score": mean_score(fp32) if fp32 else None,
             "program_bytes": program_bytes, "fp32_program_bytes": fp32_bytes,
             "bytes_ratio": program_bytes / fp32_bytes if fp32_bytes else None,
-            "score_ratio": _mean(per_task) / _mean(fp32) if fp32 else None,
+            "score_ratio": mean_score(per_task) / mean_score(fp32) if fp32 else None,
             "drop_points": drop["drop_points"] if drop else None,
             "drop_points_ci95": drop["drop_points_ci95"] if drop else None,
             "rel_drop_pct": drop["rel_drop_pct"] if drop else None,
@@ -112,8 +126,8 @@ def _records(scores: dict, work: Path, notes: dict) -> list[dict]:
     return records
 
 
-def _markdown(records: list[dict], notes: dict) -> str:
-    lines = ["# ONNX Runtime quantisation recipes: suite score vs program bytes", ""]
+def _markdown(records: list[dict], notes: dict, title: str) -> str:
+    lines = [f"# {title} quantisation recipes: suite score vs program bytes", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items() if k != "export_seconds"]
     lines += ["", "Targets: a 4-bit recipe >= 90 % of fp32's score at <= 40 % of fp32's program bytes; 8-bit within 3 % (relative).", ""]
     rows = [
@@ -130,7 +144,7 @@ def _markdown(records: list[dict], notes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(records: list[dict], png: Path) -> None:
+def _plot(records: list[dict], png: Path, title: str, program_file: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,16 +153,16 @@ def _plot(records: list[dict], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for method, marker in (("none", "o"), ("hydraopt", "s")):
         rs = [r for r in records if r["method"] == method]
-        ax.scatter([r["program_bytes"] / 1e6 for r in rs], [r["score"] for r in rs], marker=marker, label=f"onnxruntime, method {method}")
+        ax.scatter([r["program_bytes"] / 1e6 for r in rs], [r["score"] for r in rs], marker=marker, label=f"{title}, method {method}")
         for r in rs:
             ax.annotate(r["quant"], (r["program_bytes"] / 1e6, r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fp32 = [r for r in records if r["quant"] == "fp32"]
     if fp32:
         ax.axvline(TARGET_4BIT[1] * fp32[0]["program_bytes"] / 1e6, ls=":", c="grey", label="40 % of fp32 bytes")
         ax.axhline(TARGET_4BIT[0] * fp32[0]["score"], ls="--", c="grey", label=f"90 % of fp32 score ({fp32[0]['method']})")
-    ax.set_xlabel("program bytes (MB, model.onnx)")
+    ax.set_xlabel(f"program bytes (MB, {program_file})")
     ax.set_ylabel("suite score (mean over tasks)")
-    ax.set_title("ONNX Runtime --quant recipes on SmolLM2-135M (Q4_1 GGUF base)")
+    ax.set_title(f"{title} --quant recipes on SmolLM2-135M (Q4_1 GGUF base)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -156,15 +170,20 @@ def _plot(records: list[dict], png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="onnx")
+    parser.add_argument("--slots", default=None, help="--slots spec of the program (default: each bank's own signature)")
     parser.add_argument("--examples", type=int, default=24, help="test examples per task")
     parser.add_argument("--recipes", default="fp32,int8,int4", help="comma-separated --quant names, fp32 first")
     parser.add_argument("--methods", default="none,hydraopt")
-    parser.add_argument("--work", type=Path, default=ROOT / "out" / "quant_recipes")
+    parser.add_argument("--work", type=Path, default=None, help="default: out/quant_recipes (ONNX), out/quant_recipes_executorch")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=None, help="default: the runtime's record (module docstring)")
     parser.add_argument("--report-only", action="store_true", help="write the results from the scores already in --work")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    recipes, results, title, program_file = RUNTIMES[args.runtime]
+    args.work = args.work or ROOT / "out" / ("quant_recipes" if args.runtime == "onnx" else f"quant_recipes_{args.runtime}")
+    args.results = args.results or results
 
     adapter_set = load_adapter_folders(ADAPTERS)
     model_dir = base_model_dir()
@@ -181,9 +200,10 @@ def main() -> None:
         "banks": {"none": "one adapter per task (fp16 factors)", "hydraopt": f"HydraOpt at 1/T = {budget.label()} of the fp16 file bytes"},
         "bank_digests": {k: bank_digest(b) for k, b in banks.items()},
         "examples_per_task": args.examples,
-        "decoding": f"greedy on ONNX Runtime, {args.threads} thread(s), batch 1; {platform.machine()}, 2 shared cores",
+        "decoding": f"greedy on {title}, {args.threads} thread(s), batch 1; {platform.machine()}, 2 shared cores",
+        "slots": args.slots or "each bank's own signature",
         "drop": "fp32 score minus recipe score on the same examples, 95 % paired bootstrap over examples within tasks (paired_drop)",
-        "program_bytes": "file bytes of model.onnx (the resident program; the bank's files are the same for every recipe)",
+        "program_bytes": f"file bytes of {program_file} (the resident program; the bank's files are the same for every recipe)",
         "slot_overhead_pct": "null: a timing that needs the exclusive CPU lock and a merged-task export per recipe; during "
         "this run the 2 cores carried a load average of 5-11 from other jobs, so no exclusive window came",
     })
@@ -195,17 +215,19 @@ def main() -> None:
                 continue
             if not path.is_file():
                 folder = args.work / f"{method}-{quant}"
-                took = _export(banks[method], model_dir, quant, folder)
+                took = _export(banks[method], model_dir, args.runtime, quant, folder, args.slots)
                 if took is not None:
                     notes["export_seconds"][f"{method}-{quant}"] = took
                     write_text_atomic(notes_path, json.dumps(notes, indent=1))
                 t0 = time.time()
-                result = _score_export(folder, args.examples, args.threads)
+                checkpoint = args.work / "scores" / f"{method}-{quant}-{args.examples}.partial.json"
+                result = score_export(folder, args.examples, checkpoint, lambda: open_export(folder, args.threads))
                 write_text_atomic(path, json.dumps(result, indent=1))
-                print(f"{method}-{quant}: scored in {time.time() - t0:.0f} s, mean {_mean(result):.2f}", flush=True)
+                print(f"{method}-{quant}: scored in {time.time() - t0:.0f} s, mean {mean_score(result):.2f}", flush=True)
             scores[(method, quant)] = json.loads(path.read_text())
-            records = _records(scores, args.work, notes)
-            write_record(args.results, {"notes": notes, "records": records}, _markdown(records, notes), lambda png: _plot(records, png))
+            records = _records(scores, args.work, notes, recipes)
+            write_record(args.results, {"notes": notes, "records": records}, _markdown(records, notes, title),
+                         lambda png: _plot(records, png, title, program_file))
 
 
 if __name__ == "__main__":

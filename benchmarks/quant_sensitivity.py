@@ -70,27 +70,35 @@ def _batch(tokenizer, per_task: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return ids, mask, tmask
 
 
+def model_and_batch(per_task: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The fp32 base model (eval, torch at 1 thread), the batch of :func:`_batch` rendered with its
+    tokenizer, and the model's :func:`target_log_probs` on it (the reference)."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    model_dir = base_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model, batch = load_causal_lm(model_dir).eval(), _batch(tokenizer, per_task)
+    return model, batch, target_log_probs(model, batch)
+
+
+@torch.no_grad()
+def target_log_probs(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities of the next token at the batch's target positions (targets, vocab)."""
+    ids, mask, tmask = batch
+    return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[tmask].float(), -1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-task", type=int, default=1, help="train examples per task")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    from transformers import AutoTokenizer
-
-    model_dir = base_model_dir()
-    model = load_causal_lm(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ids, mask, tmask = _batch(tokenizer, args.per_task)
-
-    @torch.no_grad()
-    def log_probs() -> torch.Tensor:
-        return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[tmask].float(), -1)
-
-    reference = log_probs()
+    model, batch, reference = model_and_batch(args.per_task)
+    ids, _, tmask = batch
 
     def kl() -> float:
-        got = log_probs()
+        got = target_log_probs(model, batch)
         return float((reference.exp() * (reference - got)).sum(-1).mean())
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

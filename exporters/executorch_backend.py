@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -38,11 +39,50 @@ from exporters.targets.device_runner import TaskSlots
 from hydraopt_mobile.errors import UserError
 
 
-QUANTS = {
-    "fp32": "float32 weights",
-    "8da4w": "torchao int4 weights (group 32) with int8 dynamic activations on the base Linears",
-    "8da8w": "torchao int8 weights (per channel) with int8 dynamic activations on the base Linears",
-}
+@dataclass(frozen=True)
+class EtQuant:
+    """One ``--quant`` value of the ExecuTorch back end: torchao configs that lower to XNNPACK.
+
+    ``bits``: weight width of most base Linears (32: fp32; 4: ``Int8DynamicActivationIntxWeightConfig``
+    int4, symmetric, group 32; 8: int8 per output channel, both with int8 dynamic per-token
+    activations). ``int8_modules``: module names (a path component, e.g. ``down_proj``) whose Linears
+    get the 8-bit config instead. ``scales``: how torchao picks the symmetric 4-bit scales: ``affine``
+    (max |w| / 7.5 per group), ``no-clip`` (``SYMMETRIC_NO_CLIPPING_ERR``: the larger of max / 7 and
+    min / -8, so the grid's asymmetric ends are used) or ``hqq`` (``HQQ_SCALE_ONLY``: scales fitted to
+    minimise the rounding error). All three lower alike (codes + scales). Only symmetric grids: XNNPACK's per-group int4 weights carry a
+    (bf16) scale per group and no zero point (``PerChannelGroupQuant`` in the delegate's schema), so
+    Q4_1's asymmetric blocks cannot be carried over; weight-only configs do not lower (FIELD_NOTES).
+    """
+
+    name: str
+    description: str
+    bits: int
+    int8_modules: tuple[str, ...] = ()
+    scales: Literal["affine", "no-clip", "hqq"] = "affine"
+
+    def bits_of(self, module: str) -> int:
+        """The weight width of the base Linear at path ``module``."""
+        return 8 if set(module.split(".")) & set(self.int8_modules) else self.bits
+
+
+RECIPES: dict[str, EtQuant] = {r.name: r for r in (
+    EtQuant("fp32", "float32 weights", 32),
+    EtQuant("8da8w", "torchao int8 weights (per channel) with int8 dynamic activations on the base Linears", 8),
+    EtQuant("8da4w", "torchao int4 weights (group 32, symmetric) with int8 dynamic activations on the base Linears", 4),
+    EtQuant("8da4w-head8", "as 8da4w but the LM head at int8 (per channel)", 4, int8_modules=("lm_head",)),
+    # the ONNX int4-mixed choice (benchmarks/results/quant_sensitivity.md), screened for ExecuTorch in
+    # benchmarks/results/et_quant_screen.md
+    EtQuant("8da4w-mixed", "as 8da4w but down_proj, v_proj and the LM head at int8 (measured most sensitive)", 4,
+            int8_modules=("down_proj", "v_proj", "lm_head")),
+    EtQuant("8da4w-noclip", "as 8da4w with scales that use the int4 grid's -8 end", 4, scales="no-clip"),
+    EtQuant("8da4w-hqq", "as 8da4w with HQQ-fitted scales (torchao HQQ_SCALE_ONLY)", 4, scales="hqq"),
+    EtQuant("8da4w-mixed-hqq", "as 8da4w-mixed with HQQ-fitted 4-bit scales", 4,
+            int8_modules=("down_proj", "v_proj", "lm_head"), scales="hqq"),
+    # the recommended 4-bit recipe: the lowest KL and highest top-1 agreement of the 4-bit screen
+    EtQuant("8da4w-mixed-noclip", "recommended 4-bit: as 8da4w-mixed with 4-bit scales that use the grid's -8 end", 4,
+            int8_modules=("down_proj", "v_proj", "lm_head"), scales="no-clip"),
+)}
+QUANTS = {name: r.description for name, r in RECIPES.items()}
 GROUP_SIZE = 32
 PROGRAM = "model.pte"
 PREFIX = "model.model."  # where the Hugging Face model sits inside ExecuTorchDecoder
@@ -88,27 +128,34 @@ class SetSlots(nn.Module):
 
 
 def quantize(model: nn.Module, quant: str) -> None:
-    """torchao 8da4w (int4 weights, group 32) or 8da8w (int8 per channel) on the base Linears.
+    """Quantise the base Linears of ``model`` in place by the recipe ``quant`` (:data:`RECIPES`).
 
     LoRA factors stay fp32: they are a few percent of the bytes, are already stored in the bank's
     own format, and a second quantisation of a low-rank factor compounds its error (ExecuTorch's
-    llama LoRA export excludes them for the same reason).
+    llama LoRA export excludes them for the same reason). A Linear whose input width is not a
+    multiple of the group stays fp32 at 4 bits (the group must divide it).
     """
-    if quant == "fp32":
+    recipe = RECIPES[quant]
+    if recipe.bits == 32:
         return
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup, quantize_
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, MappingType, PerAxis, PerGroup, quantize_
+    from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
     from torchao.utils import unwrap_tensor_subclass
 
-    if quant == "8da4w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
-    else:
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if recipe.scales == "no-clip" else MappingType.SYMMETRIC
+    algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if recipe.scales == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
+    configs = {
+        4: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE),
+                                                 weight_mapping_type=mapping, intx_choose_qparams_algorithm=algorithm),
+        8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+    }
+    for bits, config in configs.items():
+        def filter_fn(m: nn.Module, fqn: str, bits: int = bits) -> bool:
+            return (isinstance(m, nn.Linear) and recipe.bits_of(fqn) == bits
+                    and (bits == 8 or m.in_features % GROUP_SIZE == 0))
 
-    def filter_fn(m: nn.Module, fqn: str) -> bool:
-        return isinstance(m, nn.Linear) and (quant == "8da8w" or m.in_features % GROUP_SIZE == 0)
-
-    with torch.no_grad():
-        quantize_(model, config, filter_fn=filter_fn)
+        with torch.no_grad():
+            quantize_(model, config, filter_fn=filter_fn)
     unwrap_tensor_subclass(model)
 
 
