@@ -85,10 +85,11 @@ class ModuleCandidates:
         self.fm, self.w, self.cfg, self.index = factor_space(factors), weights, cfg, module_index
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
-        r_max, q = max(f.rank for f in factors), self.fm.Q.shape[1]
+        r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
         self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
+        self.top_rank = max(ranks)
         self.mixed_ranks = len({f.rank for f in factors}) > 1
 
     def _groups(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
@@ -151,16 +152,16 @@ class ModuleCandidates:
     def _spaces(self, k_a: int, k_b: int) -> list:
         if (k_a, k_b) not in self._space_cache:
             a_idx, b_idx = self._groups(k_a, k_b)
-            self._space_cache[(k_a, k_b)] = row_spaces(self.fm, self.w, a_idx, b_idx)
+            self._space_cache[(k_a, k_b)] = row_spaces(self.fm, self.w, a_idx, b_idx, self.top_rank)
         return self._space_cache[(k_a, k_b)]
 
     def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> tuple[int, int]:
         """(payload + header entries without offsets, number of entries) of this layout's files.
         Every factor is priced with its shared-file key, which is never shorter than a task file's."""
         d_out, d_in = self.fm.shape
-        specs = [s for i in range(k_a) for s in factor_specs(self.index, "A", i, fmt, rank, d_in)]
-        specs += [s for i in range(k_b) for s in factor_specs(self.index, "B", i, fmt, rank, d_out)]
-        return _priced(specs)
+        a_bytes, a_entries = _priced_factors(self.index, "A", k_a, fmt, rank, d_in)
+        b_bytes, b_entries = _priced_factors(self.index, "B", k_b, fmt, rank, d_out)
+        return a_bytes + b_bytes, a_entries + b_entries
 
     def build(self, c: Candidate) -> MergedModule:
         if c.rank == AS_IS:
@@ -171,6 +172,18 @@ class ModuleCandidates:
 def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
     """(payload + header entries without their offsets, number of entries) of these tensors."""
     return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
+
+
+def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
+    """:func:`_priced` of factors ``0 .. count-1`` of one kind: their entries differ only in the
+    digits of the factor index, so one factor per number of digits is priced and multiplied."""
+    total = entries = 0
+    low = 0
+    while low < count:
+        high = min(count, 10 ** len(str(low)))
+        nbytes, n = _priced(factor_specs(module_index, kind, low, fmt, rank, length))
+        total, entries, low = total + (high - low) * nbytes, entries + (high - low) * n, high
+    return total, entries
 
 
 def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None) -> dict[str, list[Candidate]]:
