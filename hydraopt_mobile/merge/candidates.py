@@ -4,6 +4,7 @@ the rebuild of the one the allocator (allocator.py) chose."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -85,6 +86,7 @@ class ModuleCandidates:
         self.fm, self.w, self.cfg, self.index = factor_space(factors), weights, cfg, module_index
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
@@ -96,9 +98,11 @@ class ModuleCandidates:
         T = self.fm.n_tasks
         if k_a in (1, T) and k_b in (1, T):  # trivial groupings need no similarity
             return ([0] * T if k_a == 1 else list(range(T))), ([0] * T if k_b == 1 else list(range(T)))
-        if self._sims is None:
-            self._sims = row_space_overlap(self.fm), update_cosine(self.fm)
-        return cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
+        if (k_a, k_b) not in self._grouping:
+            if self._sims is None:
+                self._sims = row_space_overlap(self.fm), update_cosine(self.fm)
+            self._grouping[(k_a, k_b)] = cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
+        return self._grouping[(k_a, k_b)]
 
     def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
         closed = k_a == 1 or k_b == self.fm.n_tasks
@@ -133,7 +137,8 @@ class ModuleCandidates:
         measured = []
         for c in lower_hull(estimates):
             _, err = fit_stored(fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
-            measured.append(replace(c, error=float(err.sum())))
+            a_index, b_index = self._groups(c.k_a, c.k_b)
+            measured.append(replace(c, error=float(err.sum()), groups=(tuple(a_index), tuple(b_index))))
         if self.mixed_ranks:  # with equal ranks, (T, T, r) already is the inputs as they are
             measured += [self._as_is(fmt) for fmt in self.cfg.formats]
         return measured
@@ -164,6 +169,10 @@ class ModuleCandidates:
         return a_bytes + b_bytes, a_entries + b_entries
 
     def build(self, c: Candidate) -> MergedModule:
+        """The module ``c`` stands for, solved with the groups it was measured with (no
+        similarity is recomputed)."""
+        if c.groups is not None:
+            self._grouping[(c.k_a, c.k_b)] = (list(c.groups[0]), list(c.groups[1]))
         if c.rank == AS_IS:
             return as_is(self.factors, NumberFormat.parse(c.fmt))
         return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
@@ -174,16 +183,19 @@ def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
     return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
 
 
+@functools.lru_cache(maxsize=4096)
+def _factor_price(module_index: int, kind: str, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
+    """:func:`_priced` of factor 0 of one kind (its index takes one digit)."""
+    return _priced(factor_specs(module_index, kind, 0, fmt, rank, length))
+
+
 def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
-    """:func:`_priced` of factors ``0 .. count-1`` of one kind: their entries differ only in the
-    digits of the factor index, so one factor per number of digits is priced and multiplied."""
-    total = entries = 0
-    low = 0
-    while low < count:
-        high = min(count, 10 ** len(str(low)))
-        nbytes, n = _priced(factor_specs(module_index, kind, low, fmt, rank, length))
-        total, entries, low = total + (high - low) * nbytes, entries + (high - low) * n, high
-    return total, entries
+    """:func:`_priced` of factors ``0 .. count-1`` of one kind: their header entries differ only in
+    the factor index in the key, so each costs factor 0's price plus one character per entry for
+    every index digit beyond the first."""
+    nbytes, entries = _factor_price(module_index, kind, fmt, rank, length)
+    extra_digits = sum(max(0, count - 10**d) for d in range(1, len(str(max(count - 1, 0)))))
+    return count * nbytes + entries * extra_digits, count * entries
 
 
 def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None) -> dict[str, list[Candidate]]:

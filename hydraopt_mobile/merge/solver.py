@@ -58,27 +58,26 @@ def _group_sum(values: torch.Tensor, index: list[int], k: int) -> torch.Tensor:
     return out.index_add_(0, torch.tensor(index), values)
 
 
-def _stacked_rows(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """``(members, L, X)`` with ``X = L [a_t; t in members]`` and
+def _stacked_rows(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]]) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
+    """``(members, blocks, X)`` with ``X = blockdiag(blocks) [a_t; t in members]`` and
     ``X^T X = sum_h M_h^T M_h / W_h``, ``M_h = sum_{t in h} w_t B_t a_t`` (Q coordinates).
 
     ``M_h^T M_h = C_h^T S_h^T S_h C_h`` with ``S_h = [w_t B_t]``, ``C_h = [a_t]`` stacked over
     ``t in h``; with ``S_h = U_h R_h`` (QR, R_h at most |h| r square), ``M_h^T M_h = (R_h C_h)^T
-    (R_h C_h)``: only R_h is needed. For one task it is w_t times B_t's own R (``fm.R``)."""
-    r = fm.a.shape[1]
+    (R_h C_h)``: only R_h is needed. For one task it is sqrt(w_t) times B_t's own R (``fm.R``)."""
     members = [t for h in groups for t in h]
+    if all(len(h) == 1 for h in groups):
+        sw = w[members].sqrt().view(-1, 1, 1)
+        return members, list(fm.R[members] * sw), (fm.RA[members] * sw).reshape(-1, fm.q)
+    r = fm.a.shape[1]
     blocks = []
     for h in groups:
         if len(h) == 1:
             blocks.append(fm.R[h[0]] * w[h[0]].sqrt())
         else:
             blocks.append(torch.linalg.qr(torch.cat([fm.B[t] * w[t] for t in h], dim=1), mode="r")[1] / w[h].sum().sqrt())
-    L = torch.block_diag(*blocks)
-    X, row = torch.empty(L.shape[0], fm.q, dtype=DTYPE), 0
-    for h, R in zip(groups, blocks):
-        X[row : row + R.shape[0]] = fm.RA[h[0]] * w[h[0]].sqrt() if len(h) == 1 else R @ fm.a[h].reshape(len(h) * r, -1)
-        row += R.shape[0]
-    return members, L, X
+    X = torch.cat([R @ fm.a[h].reshape(len(h) * r, -1) for h, R in zip(groups, blocks)])
+    return members, blocks, X
 
 
 def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int], top: int) -> list[RowSpace]:
@@ -91,7 +90,7 @@ def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index:
         groups = [[[t] for t in _members(a_index, g)] for g in range(k_a)]
     else:
         raise ValueError("closed form needs k_A = 1 or k_B = T")
-    return _top_singular([_stacked_rows(fm, w, g) for g in groups], fm, top)
+    return _top_singular([_stacked_rows(fm, w.to(DTYPE), g) for g in groups], fm, top)
 
 
 def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,20 +106,19 @@ def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(-1)[..., :k], V.flip(-1)[..., :k]
 
 
-def _top_singular(blocks: list[tuple[list[int], torch.Tensor, torch.Tensor]], fm: FactoredModule, top: int) -> list[RowSpace]:
+def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor]], fm: FactoredModule, top: int) -> list[RowSpace]:
     """Top right singular vectors (rows, descending) and squared singular values of each block
     ``X = L a[members]``, from the eigendecomposition of the smaller of ``X^T X`` and ``X X^T``.
 
     Through ``X X^T = U diag(lam) U^T``: ``vh = diag(lam)^(-1/2) U^T X`` (rows of zero ``lam``
     set to 0), i.e. ``coef = diag(lam)^(-1/2) U^T L`` on the members' own A's. Blocks of equal
     shape (with a B per task, one block per A-group) are decomposed in one batched call."""
-    X = [x for _, _, x in blocks]
     by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, (_, L, _) in enumerate(blocks):
-        by_shape.setdefault(tuple(L.shape), []).append(i)
+    for i, (members, _, x) in enumerate(blocks):
+        by_shape.setdefault((x.shape[0], len(members)), []).append(i)
     out: dict[int, RowSpace] = {}
     for (height, _), ids in by_shape.items():
-        Xs = torch.stack([X[i] for i in ids])
+        Xs = torch.stack([blocks[i][2] for i in ids])
         if height >= fm.q:
             lam, V = _top_eigh(Xs.transpose(1, 2) @ Xs, top)
             out.update({i: RowSpace(V[j].T.contiguous(), lam[j].clamp_min(0), blocks[i][0], None) for j, i in enumerate(ids)})
@@ -131,7 +129,7 @@ def _top_singular(blocks: list[tuple[list[int], torch.Tensor, torch.Tensor]], fm
         norms = vh.norm(dim=2, keepdim=True)
         keep = norms > 1e-12 * norms.amax(dim=1, keepdim=True).clamp_min(1e-300)
         scale = torch.where(keep, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        coef = (Ut * scale) @ torch.stack([blocks[i][1] for i in ids])
+        coef = (Ut * scale) @ torch.stack([torch.block_diag(*blocks[i][1]) for i in ids])
         out.update({i: RowSpace(vh[j] * scale[j], lam[j].clamp_min(0), blocks[i][0], coef[j]) for j, i in enumerate(ids)})
     return [out[i] for i in range(len(blocks))]
 
@@ -166,7 +164,10 @@ def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch
 
 def _solve_B(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
     """Least-squares B's for fixed A's: ``B^_h = (sum_{t in h} w_t B_t A_t A^^T)(sum_{t in h} w_t A^ A^^T)^+``
-    with ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``."""
+    with ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``. With a B per task the
+    weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T."""
+    if k_b == fm.n_tasks and b_index == list(range(k_b)):
+        return fm.B @ (cross @ torch.linalg.pinv(gram, hermitian=True)[a_index])
     num = w.view(-1, 1, 1) * (fm.B @ cross)  # (T, d_out, r')
     den = w.view(-1, 1, 1) * gram[a_index]
     return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
@@ -205,9 +206,10 @@ def solve_layout(
     coef = [(s.members, _truncate(s.coef, s.s2, rank)) for s in spaces if s.coef is not None]
     sol = LayoutSolution(list(a_index), list(b_index), a, _solve_B_coords(fm, w, a, a_index, b_index, k_b))
     sol.A_coef = coef if len(coef) == len(spaces) else None
-    sol.history.append(float(objective(fm, w, sol).sum()))
-    if k_a == 1 or k_b == fm.n_tasks:
+    if k_a == 1 or k_b == fm.n_tasks:  # the closed form's objective is what its singular values leave
+        sol.history.append(closed_form_errors(fm, w, spaces, [rank])[rank])
         return sol
+    sol.history.append(float(objective(fm, w, sol).sum()))
     sol.A_coef = None
     for _ in range(max_iters):
         sol.a = _solve_a(fm, w, sol.B, a_index, b_index, k_a)
