@@ -172,6 +172,11 @@ class StoredFactor:
         values = values.reshape(k, per, -1)
         return factors, (values.transpose(1, 2) if transposed else values).contiguous()
 
+    def spilled(self) -> "StoredFactor":
+        """This factor without its tensors (already written to a bundle): format, shape and byte
+        counts stay, values are gone."""
+        return StoredFactor(self.fmt, {}, self.shape, self.transposed)
+
     @property
     def vectors_shape(self) -> tuple[int, int]:
         """(number of component vectors, their length)."""

@@ -16,7 +16,7 @@ from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
 from hydraopt_mobile.merge.grouping import cluster
-from hydraopt_mobile.merge.method import OnStep, each_module
+from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
 from hydraopt_mobile.merge.solver import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
@@ -206,10 +206,11 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep |
     return each_module(adapters, lambda m, _, factors: ModuleCandidates(factors, w, cfg, m).candidates(), on_step, passes=2)
 
 
-def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None) -> list[dict[str, MergedModule]]:
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, sink: ModuleSink | None = None) -> list[dict[str, MergedModule]]:
     """For each plan, the modules it chose; the second of two passes over the modules for
     ``on_step``. Each module's factored space is rebuilt once (cheaper than keeping every module's
-    in memory) and serves all plans."""
+    in memory) and serves all plans. ``sink(plan index, name, factors, module)``: each built
+    module is handed over at once, and what it returns is kept."""
     w = task_weights(adapters)
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
@@ -218,7 +219,8 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
         for chosen in plans:
             if chosen[name].spec not in built:
                 built[chosen[name].spec] = module.build(chosen[name])
-        return [built[chosen[name].spec] for chosen in plans]
+        out = [built[chosen[name].spec] for chosen in plans]
+        return out if sink is None else [sink(j, name, factors, mod) for j, mod in enumerate(out)]
 
     per_module = each_module(adapters, build, on_step, passes=2, done=len(adapters.module_names))
     return [{name: chosen[i] for name, chosen in per_module.items()} for i in range(len(plans))]
