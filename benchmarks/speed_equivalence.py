@@ -1,0 +1,132 @@
+"""Did the fast merge change any bank beyond floating-point noise? Old and new code side by side.
+
+The merge's arithmetic was reorganised for speed (QR kept as reflectors, top-k eigensolvers, group
+solutions mapped from the tasks' own A's, batched traces), so bank bytes may differ by rounding
+(and an int4 code can flip at a rounding boundary): refactor_check.py's byte fingerprints then
+change. This script measures what matters instead, on the same banks refactor_check.py covers
+(every registry method on planted adapters at three budgets, and every point of the frontier on
+the embedded shared-seed adapters): per bank, whether every module chose the same layout
+(k_A, k_B, rank, format), whether the tensor files are byte-identical, and the largest difference
+of any module's per-task relative error ``||dW - dW^|| / ||dW||``. The base revision's code is
+extracted with ``git archive`` into a temporary folder and run in a child process.
+
+    python benchmarks/speed_equivalence.py --base 3087315 [--out benchmarks/results/speed_equivalence.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dump(out: Path) -> None:
+    """Run with whichever hydraopt_mobile is on the path: per bank, plan, file hashes, errors."""
+    import torch
+
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+    from hydraopt_mobile.app.frontier import banks_for, default_points
+    from hydraopt_mobile.factored import factored_sq_error, sq_norm
+    from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+    from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
+    from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
+
+    torch.set_num_threads(1)
+
+    def describe(bank, adapters) -> dict:
+        if isinstance(bank, InfeasibleBudget):
+            return {"infeasible": True}
+        h = hashlib.sha256()
+        for file, tensors, _ in sorted(bank.packed(), key=lambda x: x[0]):
+            for key in sorted(tensors):
+                h.update(f"{file}/{key}".encode())
+                h.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+        plan, errors = {}, {}
+        for name, m in bank.modules.items():
+            plan[name] = [len(m.A), len(m.B), m.rank, m.fmt.label() if m.A else "-"]
+            targets = adapters.factors(name)
+            errors[name] = [(factored_sq_error(f, m.task_factors(t)) / max(sq_norm(f), 1e-30)) ** 0.5 for t, f in enumerate(targets)]
+        return {"tensors_sha": h.hexdigest(), "plan": plan, "module_rel_errors": errors, "rel_errors": bank.rel_errors}
+
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        folders = [write_peft_adapter(tmp / f"planted/task{t}", f, rank=8, alpha=16) for t, f in enumerate(planted_factors(llama_shapes(2, 256, 64), n_tasks=4, rank=8, noise=0.3, seed=0))]
+        adapters = build_adapter_set([load_adapter(p) for p in folders])
+        for name, method in METHODS.items():
+            if method.budgeted:
+                budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.52)]
+                for b, bank in zip(budgets, merge_budgets(adapters, MergeConfig(name), budgets, strict=False)):
+                    result[f"planted/{name}@{b.label()}"] = describe(bank, adapters)
+            else:
+                result[f"planted/{name}"] = describe(merge(adapters, MergeConfig(name)), adapters)
+    suite = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
+    adapters = build_adapter_set([load_adapter(p) for p in sorted(suite.iterdir()) if (p / "adapter_config.json").exists()])
+    points = default_points(len(adapters.tasks))
+    get = banks_for(adapters, points)
+    for p in points:
+        result["frontier/" + "/".join(str(x) for x in p.key("shared-seed"))] = describe(get(p), adapters)
+    out.write_text(json.dumps(result))
+
+
+def compare(old: dict, new: dict) -> dict:
+    banks = {}
+    for key in old:
+        a, b = old[key], new.get(key, {})
+        if a.get("infeasible") or b.get("infeasible"):
+            banks[key] = {"both_infeasible": bool(a.get("infeasible") and b.get("infeasible"))}
+            continue
+        diffs = [abs(x - y) for m in a["module_rel_errors"] for x, y in zip(a["module_rel_errors"][m], b["module_rel_errors"][m])]
+        banks[key] = {
+            "same_plan": a["plan"] == b["plan"],
+            "same_tensor_bytes": a["tensors_sha"] == b["tensors_sha"],
+            "max_module_rel_error_diff": max(diffs, default=0.0),
+            "max_task_rel_error_diff": max(abs(a["rel_errors"][t] - b["rel_errors"][t]) for t in a["rel_errors"]),
+            "modules_with_another_plan": sorted(m for m in a["plan"] if a["plan"][m] != b["plan"][m]),
+        }
+    feasible = [v for v in banks.values() if "same_plan" in v]
+    return {
+        "banks": len(banks),
+        "infeasible_in_both": sum(1 for v in banks.values() if v.get("both_infeasible")),
+        "same_plan": sum(v["same_plan"] for v in feasible),
+        "same_tensor_bytes": sum(v["same_tensor_bytes"] for v in feasible),
+        "max_module_rel_error_diff": max((v["max_module_rel_error_diff"] for v in feasible), default=0.0),
+        "max_task_rel_error_diff": max((v["max_task_rel_error_diff"] for v in feasible), default=0.0),
+        "per_bank": banks,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", default="3087315", help="git revision of the code before the speed work")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed_equivalence.json")
+    ap.add_argument("--dump", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.dump:
+        dump(args.dump)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base, "hydraopt_mobile"], check=True, capture_output=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp / "base", filter="data")
+        runs = {}
+        for label, code in (("base", tmp / "base"), ("new", ROOT)):
+            env = dict(os.environ, PYTHONPATH=str(code))
+            subprocess.run([sys.executable, __file__, "--dump", str(tmp / f"{label}.json")], check=True, env=env, cwd=code)
+            runs[label] = json.loads((tmp / f"{label}.json").read_text())
+    result = {"base": args.base, "new": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()} | compare(runs["base"], runs["new"])
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "per_bank"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
