@@ -36,9 +36,7 @@ def dump(out: Path) -> None:
     from hydraopt_mobile.adapters import build_adapter_set, load_adapter
     from hydraopt_mobile.app.frontier import banks_for, default_points
     from hydraopt_mobile.factored import factored_sq_error, sq_norm
-    from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-    from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
-    from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
+    from hydraopt_mobile.merge.budget import InfeasibleBudget
 
     torch.set_num_threads(1)
 
@@ -57,18 +55,18 @@ def dump(out: Path) -> None:
             errors[name] = [(factored_sq_error(f, m.task_factors(t)) / max(sq_norm(f), 1e-30)) ** 0.5 for t, f in enumerate(targets)]
         return {"tensors_sha": h.hexdigest(), "plan": plan, "module_rel_errors": errors, "rel_errors": bank.rel_errors}
 
+    import hydraopt_mobile.synthetic  # noqa: F401  (loaded from the code under test, before refactor_check)
+
+    # refactor_check puts this checkout first on sys.path; the modules it needs are loaded above
+    # from whichever code this run is for, and the path is restored for anything loaded later
+    from refactor_check import planted_banks
+
+    sys.path[:] = [p for p in sys.path if p != str(ROOT)]
+
     result: dict = {}
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        folders = [write_peft_adapter(tmp / f"planted/task{t}", f, rank=8, alpha=16) for t, f in enumerate(planted_factors(llama_shapes(2, 256, 64), n_tasks=4, rank=8, noise=0.3, seed=0))]
-        adapters = build_adapter_set([load_adapter(p) for p in folders])
-        for name, method in METHODS.items():
-            if method.budgeted:
-                budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.52)]
-                for b, bank in zip(budgets, merge_budgets(adapters, MergeConfig(name), budgets, strict=False)):
-                    result[f"planted/{name}@{b.label()}"] = describe(bank, adapters)
-            else:
-                result[f"planted/{name}"] = describe(merge(adapters, MergeConfig(name)), adapters)
+        for label, bank, adapters in planted_banks(Path(d)):
+            result[f"planted/{label}"] = describe(bank, adapters)
     suite = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
     adapters = build_adapter_set([load_adapter(p) for p in sorted(suite.iterdir()) if (p / "adapter_config.json").exists()])
     points = default_points(len(adapters.tasks))
