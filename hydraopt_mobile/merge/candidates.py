@@ -87,6 +87,7 @@ class ModuleCandidates:
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._solutions: dict[tuple[int, int, int], LayoutSolution] = {}
         r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
@@ -105,9 +106,12 @@ class ModuleCandidates:
         return self._grouping[(k_a, k_b)]
 
     def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
-        closed = k_a == 1 or k_b == self.fm.n_tasks
-        spaces = self._spaces(k_a, k_b) if closed else None
-        return solve_layout(self.fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces)
+        """The float solution of one layout and rank, once per module (formats share it)."""
+        if (k_a, k_b, rank) not in self._solutions:
+            closed = k_a == 1 or k_b == self.fm.n_tasks
+            spaces = self._spaces(k_a, k_b) if closed else None
+            self._solutions[(k_a, k_b, rank)] = solve_layout(self.fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces, with_B=False)
+        return self._solutions[(k_a, k_b, rank)]
 
     def candidates(self) -> list[Candidate]:
         """Every (layout, rank, format) is scored by an estimate (closed-form error from singular

@@ -193,20 +193,24 @@ def solve_layout(
     max_iters: int = 25,
     tol: float = 1e-6,
     spaces: list[RowSpace] | None = None,
+    with_B: bool = True,
 ) -> LayoutSolution:
     """Best shared factors for one grouping: closed form where it exists, else ALS from the
     per-A-group start. ``spaces`` (from :func:`row_spaces`, with ``top >= rank``) saves
-    recomputing the decompositions."""
+    recomputing the decompositions. ``with_B=False``: a closed form's float B's are left out
+    (``B`` is then empty; :func:`fit_stored` fits B's to the stored A's itself)."""
     w = weights.to(DTYPE)
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
+    closed = k_a == 1 or k_b == fm.n_tasks
     if spaces is None:
         start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
         spaces = row_spaces(fm, w, a_index, start_b, rank)
     a = torch.stack([_truncate(s.vh, s.s2, rank) for s in spaces])
     coef = [(s.members, _truncate(s.coef, s.s2, rank)) for s in spaces if s.coef is not None]
-    sol = LayoutSolution(list(a_index), list(b_index), a, _solve_B_coords(fm, w, a, a_index, b_index, k_b))
+    B = _solve_B_coords(fm, w, a, a_index, b_index, k_b) if with_B or not closed else torch.empty(0)
+    sol = LayoutSolution(list(a_index), list(b_index), a, B)
     sol.A_coef = coef if len(coef) == len(spaces) else None
-    if k_a == 1 or k_b == fm.n_tasks:  # the closed form's objective is what its singular values leave
+    if closed:  # the closed form's objective is what its singular values leave
         sol.history.append(closed_form_errors(fm, w, spaces, [rank])[rank])
         return sol
     sol.history.append(float(objective(fm, w, sol).sum()))
