@@ -177,7 +177,8 @@ def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_inde
     return _solve_B(fm, w, fm.a @ a[a_index].transpose(1, 2), a @ a.transpose(1, 2), a_index, b_index, k_b)
 
 
-def _solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
+def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
+    """Least-squares A's for fixed B's, in Q coordinates (the best A lies in the tasks' row space)."""
     Bh = B[b_index]
     num = w.view(-1, 1, 1) * ((Bh.transpose(1, 2) @ fm.B) @ fm.a)  # (T, r', q)
     den = w.view(-1, 1, 1) * (Bh.transpose(1, 2) @ Bh)
@@ -216,13 +217,20 @@ def solve_layout(
     sol.history.append(float(objective(fm, w, sol).sum()))
     sol.A_coef = None
     for _ in range(max_iters):
-        sol.a = _solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
         sol.B = _solve_B_coords(fm, w, sol.a, a_index, b_index, k_b)
         sol.history.append(float(objective(fm, w, sol).sum()))
         prev, cur = sol.history[-2], sol.history[-1]
         if prev - cur <= tol * max(prev, 1e-30):
             break
     return sol
+
+
+def solve_B(fm: FactoredModule, w: torch.Tensor, A: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
+    """Least-squares B's for fixed A's given in d_in coordinates (k_A, r', d_in), parts outside
+    span(Q) included: from ``A_t A^T`` and ``A A^T`` only."""
+    A = A.to(DTYPE)
+    return _solve_B(fm, w.to(DTYPE), _cross_input_space(fm, A, a_index), A @ A.transpose(1, 2), a_index, b_index, k_b)
 
 
 def input_space_A(fm: FactoredModule, sol: LayoutSolution) -> torch.Tensor:
