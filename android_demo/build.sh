@@ -259,29 +259,33 @@ host_ort() {
 }
 
 # --- JUnit on the host JVM ---------------------------------------------------------------------
+compile_for_host() {  # compile_for_host DIR: the app's plain-Java part (no android.* imports) and the tests into DIR/classes,
+    # compiled against the app's ORT API (the AAR's 1.29)
+    local b="$1"
+    rm -rf "$b"; mkdir -p "$b/classes"
+    grep -L '^import android\.' $(app_sources) > "$b/sources.txt"
+    find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
+    javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
+}
+
+test_classes() {  # test_classes FIND_ARGS...: the test classes whose files match, as class names in name order
+    (cd "$HERE/app/src/test/java" && find . "$@" | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
+}
+
 junit() {  # junit [-Dname=value...] [TEST_CLASS...]: the app's plain-Java classes and the tests on JUnit 4
     setup_tools; fetch_ort; retarget_ort
     local b="$CACHE/junit" props=() classes=()
     while [ $# -gt 0 ] && [ "${1#-D}" != "$1" ]; do props+=("$1"); shift; done
-    rm -rf "$b"; mkdir -p "$b/classes"
-    # the plain-Java part of the app (no android.* imports) and the tests
-    grep -L '^import android\.' $(app_sources) > "$b/sources.txt"
-    find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
-    javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
+    compile_for_host "$b"
     if [ $# -gt 0 ]; then classes=("$@"); else
-        mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*Test.java' ! -name '*HostTest.java' \
-            | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
+        mapfile -t classes < <(test_classes -name '*Test.java' ! -name '*HostTest.java')
     fi
     java "${props[@]}" -cp "$b/classes:$JUNIT_CP:$ORT_JAR" org.junit.runner.JUnitCore "${classes[@]}"
 }
 
-junit_runtime_classes() {  # the app's plain-Java classes and the tests, compiled against the AAR's 1.29 API
+junit_runtime_classes() {  # the app's plain-Java classes and the tests, for the runtime tests and host-answer
     setup_tools; fetch_ort; retarget_ort; host_ort
-    local b="$CACHE/junit-runtime"
-    rm -rf "$b"; mkdir -p "$b/classes"
-    grep -L '^import android\.' $(app_sources) > "$b/sources.txt"
-    find "$HERE/app/src/test/java" -name '*.java' | LC_ALL=C sort >> "$b/sources.txt"
-    javac -nowarn -encoding UTF-8 -cp "$JUNIT_CP:$ORT_JAR" -d "$b/classes" @"$b/sources.txt"
+    compile_for_host "$CACHE/junit-runtime"
 }
 
 junit_runtime() {  # junit-runtime [-D...]: the *HostTest classes (the app's runtime code) on ONNX Runtime's Java API
@@ -289,7 +293,7 @@ junit_runtime() {  # junit-runtime [-D...]: the *HostTest classes (the app's run
     while [ $# -gt 0 ] && [ "${1#-D}" != "$1" ]; do props+=("$1"); shift; done
     # compiled against the app's ORT API (the AAR's 1.29), run on the host build of the Java API
     junit_runtime_classes
-    mapfile -t classes < <(cd "$HERE/app/src/test/java" && find . -name '*HostTest.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | LC_ALL=C sort)
+    mapfile -t classes < <(test_classes -name '*HostTest.java')
     java "${props[@]}" -Donnxruntime.native.path="$HOST_ORT_LIB" -cp "$b/classes:$JUNIT_CP:$HOST_ORT_JAR" \
         org.junit.runner.JUnitCore "${classes[@]}"
 }

@@ -31,7 +31,10 @@ from pathlib import Path
 
 import torch
 
-from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+
+from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter_folders
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.checksum import sha256_file
@@ -45,16 +48,11 @@ from hydraopt_mobile.suite.metrics import paired_drop, per_example
 from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
-RESULTS = Path(__file__).parent / "results"
-OUT = RESULTS / "add_task.json"
+OUT = RESULTS_DIR / "add_task.json"
 ADAPTERS = {
-    "shared-seed": Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed",
+    "shared-seed": SUITE_ADAPTERS / "shared-seed",
     "independent-seeds": Path("/work/adapters-indep/independent-seeds"),
 }
-
-
-def load_init(folder: Path) -> AdapterSet:
-    return build_adapter_set([load_adapter(p) for p in sorted(folder.iterdir()) if (p / "adapter_config.json").exists()])
 
 
 def subset(adapters: AdapterSet, names: list[str]) -> AdapterSet:
@@ -85,11 +83,12 @@ def main() -> None:
     def scores(bank_factors: dict, names: list[str]) -> dict[str, list[float]]:
         predictions: dict[str, list[str]] = {}
         specs = [suite[n] for n in names]
-        evaluate(specs, bank_factors, model, tokenizer, cache=answers, predictions=predictions)
+        with progress_bar("evaluate: tasks") as on_step:
+            evaluate(specs, bank_factors, model, tokenizer, cache=answers, predictions=predictions, on_step=on_step)
         return {n: per_example(suite[n], predictions[n]) for n in names}
 
     for init, half in [(i, h) for h in ([False, True] if args.half else [False]) for i in args.init or list(ADAPTERS)]:
-        adapters = load_init(ADAPTERS[init])
+        adapters = load_adapter_folders(ADAPTERS[init])
         T = len(adapters.tasks)
         fraction = round((0.5 if half else 1.0) / T, 4)  # the frontier's 1/T and 0.5/T points
         fp16 = merge(adapters, MergeConfig("none", fmt=NumberFormat("fp16")))  # one adapter per task, as the frontier stores it

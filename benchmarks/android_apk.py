@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS_DIR, ROOT
+
 BUILD_SH = ROOT / "android_demo" / "build.sh"
 
 
@@ -82,7 +83,7 @@ def main() -> None:
     p.add_argument("--quant", default="int4")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (for a quick check)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "android_apk.json")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "android_apk.json")
     a = p.parse_args()
     from exporters.manifest import Manifest
 

@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from exporters.runtime import open_export  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+from exporters.runtime import open_export
+from hydraopt_mobile.app.records import markdown_table, write_record
 
-RESULTS = ROOT / "benchmarks" / "results" / "decode_latency.json"
+RESULTS = RESULTS_DIR / "decode_latency.json"
 
 
 def burst(session, tokens: int) -> float:

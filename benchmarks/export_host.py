@@ -15,24 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from hydraopt_mobile.app.bench import bench_host, export_tokenizer, peak_rss, task_prompts, write_reports  # noqa: E402
-from exporters.export import bank_digest, export_bank  # noqa: E402
-from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
-from hydraopt_mobile.merge.budget import Budget  # noqa: E402
-from hydraopt_mobile.merge.registry import MergeConfig, merge  # noqa: E402
-from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
+from hydraopt_mobile.app.bench import bench_host, export_tokenizer, peak_rss, task_prompts, write_reports
+from exporters.export import bank_digest, export_bank
+from hydraopt_mobile.adapters import load_adapter_folders
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.suite.model import base_model_dir
 
-ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
-RESULTS = ROOT / "benchmarks" / "results" / "export_host.json"
+ADAPTERS = SUITE_ADAPTERS / "shared-seed"
+RESULTS = RESULTS_DIR / "export_host.json"
 BANKS = {"per-task": ("none", None), "hydraopt-50": ("hydraopt", "0.5"), "hydraopt-30": ("hydraopt", "0.3")}
 # (bank, format, quant, merged task?) in priority order: ONNX first (minutes), then ExecuTorch (XNNPACK
 # lowering of the real model takes 5-8 min per export on 2 cores).
@@ -76,10 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    task_dirs = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
-    if not task_dirs:
-        raise SystemExit(f"{args.adapters}: no adapters yet (the suite trains them)")
-    adapter_set = load_adapter_set([f"{p.name}={p}" for p in task_dirs])
+    adapter_set = load_adapter_folders(args.adapters)
     model_dir = base_model_dir()
     args.work.mkdir(parents=True, exist_ok=True)
     wanted = set(args.plan.split(",")) if args.plan else None
@@ -92,7 +87,7 @@ def main() -> None:
 
     notes = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32; not the bf16 release)",
-        "adapters": f"{args.adapters} ({len(task_dirs)} tasks, LoRA r and targets as trained by the suite)",
+        "adapters": f"{args.adapters} ({len(adapter_set.tasks)} tasks, LoRA r and targets as trained by the suite)",
         "bank_digests": {k: bank_digest(b) for k, b in banks.items()},
         "banks": {k: {"method": v[0], "budget": v[1], "payload_bytes": banks[k].payload_bytes()} for k, v in BANKS.items() if k in banks},
         "threads": args.threads,

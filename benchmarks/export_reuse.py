@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,29 +30,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from exporters.export import export_bank  # noqa: E402
-from exporters.manifest import Manifest  # noqa: E402
-from exporters.runtime import greedy, open_export  # noqa: E402
-from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402
-from hydraopt_mobile.merge.budget import Budget  # noqa: E402
-from hydraopt_mobile.merge.registry import MergeConfig, merge  # noqa: E402
-from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
+from exporters.export import export_bank
+from exporters.manifest import Manifest
+from exporters.runtime import greedy, open_export
+from hydraopt_mobile.adapters import load_adapter_folders
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.suite.model import base_model_dir
 
-ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
-RESULTS = ROOT / "benchmarks" / "results" / "export_reuse.json"
+ADAPTERS = SUITE_ADAPTERS / "shared-seed"
+RESULTS = RESULTS_DIR / "export_reuse.json"
 SLOTS = "q_proj,v_proj:16"
 BUDGETS = {"A": "0.5", "B": "0.3"}
 PROMPT = [1, 9690, 314, 253, 5356, 30, 2]  # any ids: outputs are compared between exports, not scored
 
 
-def cold_switch_ms(folder: Path, samples: int = 5) -> dict[str, float]:
-    """Per task, the median over ``samples`` of load_task + set_task on a task not loaded before."""
+def cold_switch_ms(folder: Path, samples: int = 5) -> tuple[float, dict[str, float]]:
+    """The first load of a freshly opened session (its file's read plan not yet made), and per
+    task the median over ``samples`` of load_task + set_task on a task not loaded before."""
     session = open_export(folder)
     loaded = session.loaded if hasattr(session, "loaded") else session.slots
-    out = {}
+    out, first = {}, None
     for task in session.tasks:
         times = []
         for _ in range(samples):
@@ -62,8 +61,9 @@ def cold_switch_ms(folder: Path, samples: int = 5) -> dict[str, float]:
             session.load_task(task)
             session.set_task(task)
             times.append((time.perf_counter() - t0) * 1e3)
+        first = times[0] if first is None else first
         out[task] = statistics.median(times)
-    return out
+    return first, out
 
 
 def outputs(folder: Path, tasks: list[str]) -> list[np.ndarray]:
@@ -71,8 +71,7 @@ def outputs(folder: Path, tasks: list[str]) -> list[np.ndarray]:
     rows = []
     for task in tasks:
         session.set_task(task)
-        gen = greedy(session, PROMPT, 4, keep_logits=True)
-        rows.append(np.concatenate([gen.logits[0][-1:]] + [r[None] for r in gen.logits[1:]]))
+        rows.append(greedy(session, PROMPT, 4, keep_logits=True).token_logits())
     return rows
 
 
@@ -84,8 +83,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    task_dirs = sorted(p for p in ADAPTERS.iterdir() if (p / "adapter_config.json").is_file())
-    adapter_set = load_adapter_set([f"{p.name}={p}" for p in task_dirs])
+    adapter_set = load_adapter_folders(ADAPTERS)
     banks = {k: merge(adapter_set, MergeConfig(method="hydraopt", budget=Budget.parse(b))) for k, b in BUDGETS.items()}
     model_dir = base_model_dir()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -104,7 +102,7 @@ def main() -> None:
             export_bank(banks[bank_name], model_dir, fmt, quant, folder, overwrite=True, slots=SLOTS, use_cache=cache)
             seconds = time.perf_counter() - t0
             manifest = Manifest.read(folder)
-            switch = cold_switch_ms(folder)
+            _, switch = cold_switch_ms(folder)
             record = {
                 "runtime": manifest.runtime, "quant": quant, "kind": kind, "bank": f"hydraopt@{BUDGETS[bank_name]}",
                 "export_seconds": round(seconds, 2), "program_sha256": manifest.program["sha256"],

@@ -18,6 +18,7 @@ Two inits in parallel (one core each): run each with its own ``--out``, then
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -25,19 +26,23 @@ from pathlib import Path
 
 import torch
 
-from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+
+from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.analysis import write_analysis
 from hydraopt_mobile.atomic import atomic_file, write_text_atomic
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import write_record
 from hydraopt_mobile.app.frontier import record_key, default_points, load_records, frontier_markdown, plot_frontier, run_frontier, save_records
+from hydraopt_mobile.calibration import collect
+from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.evaluate import evaluate
 from hydraopt_mobile.suite.metrics import per_example
 from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
-RESULTS = Path(__file__).parent / "results"
-ADAPTERS = Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters"
 INITS = ("shared-seed", "independent-seeds")
+CALIBRATION_PER_TASK = 16  # train-split examples per task for the data-aware points
 
 
 def main() -> None:
@@ -45,8 +50,8 @@ def main() -> None:
     ap.add_argument("--init", action="append", choices=INITS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="methods to run (default: all)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
-    ap.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "frontier.json")
+    ap.add_argument("--adapters", type=Path, default=SUITE_ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
     ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
     ap.add_argument("--report", action="store_true", help="only rewrite frontier.md and frontier.png from --out")
@@ -72,15 +77,16 @@ def main() -> None:
         return
     if args.similarity_only:
         for init in args.init or INITS:
-            write_analysis(load_init(args.adapters, init), RESULTS / f"similarity_{init}", overwrite=True)
+            write_analysis(load_adapter_folders(args.adapters / init), RESULTS_DIR / f"similarity_{init}", overwrite=True)
         return
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
-    base = evaluate(tasks, None, model, tokenizer, cache=answers)
-    write_record(RESULTS / "frontier_base_scores.json", base)
+    with progress_bar("evaluate: tasks") as on_step:
+        base = evaluate(tasks, None, model, tokenizer, cache=answers, on_step=on_step)
+    write_record(RESULTS_DIR / "frontier_base_scores.json", base)
     for init in args.init or INITS:
-        adapters = load_init(args.adapters, init)
-        sim_dir = RESULTS / f"similarity_{init}"
+        adapters = load_adapter_folders(args.adapters / init)
+        sim_dir = RESULTS_DIR / f"similarity_{init}"
         if not sim_dir.exists():
             write_analysis(adapters, sim_dir)
         points = [p for p in default_points(len(adapters.tasks)) if not args.only or p.method in args.only][: args.max_points]
@@ -88,7 +94,8 @@ def main() -> None:
 
         def evaluate_bank(bank):
             predictions: dict[str, list[str]] = {}
-            evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=predictions)
+            with progress_bar("evaluate: tasks") as on_step:
+                evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=predictions, on_step=on_step)
             return {t.name: per_example(t, predictions[t.name]) for t in suite}
 
         def show(r):
@@ -96,21 +103,22 @@ def main() -> None:
             what = "infeasible" if "infeasible" in r else f"{r['storage_fraction']:.4f} -> {r['avg_score']:.2f} ({r['plan']}, {r['eval_seconds']:.0f}s)"
             print(f"{time.strftime('%H:%M:%S')} {init} {r['method']} {budget} {r['format']}: {what}", flush=True)
 
-        run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show)
+        def calibrate(adapters=adapters, suite=suite):
+            t0 = time.perf_counter()
+            cal = collect(model, tokenizer, adapters, calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK))
+            print(f"calibration ({init}): {sum(cal.tokens.values()):,} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
+            return cal
+
+        run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show, calibrate=functools.cache(calibrate))
     write_reports(args.out, base)
-
-
-def load_init(root: Path, init: str) -> AdapterSet:
-    """The adapters of one initialisation setting: every PEFT folder under ``root/init``."""
-    return build_adapter_set([load_adapter(p) for p in sorted((root / init).iterdir()) if (p / "adapter_config.json").exists()])
 
 
 def write_reports(out: Path, base: dict | None = None) -> None:
     records = load_records(out)
-    write_text_atomic(RESULTS / "frontier.md", frontier_markdown(records))
-    base_path = RESULTS / "frontier_base_scores.json"
+    write_text_atomic(RESULTS_DIR / "frontier.md", frontier_markdown(records))
+    base_path = RESULTS_DIR / "frontier_base_scores.json"
     base = base or (json.loads(base_path.read_text()) if base_path.exists() else None)
-    with atomic_file(RESULTS / "frontier.png") as png:
+    with atomic_file(RESULTS_DIR / "frontier.png") as png:
         plot_frontier(records, png, base)
 
 

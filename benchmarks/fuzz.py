@@ -26,12 +26,12 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import RESULTS_DIR as RESULTS, ROOT  # first: it puts this checkout on sys.path
+
+sys.path.insert(0, str(ROOT / "tests"))
 from fuzz_cases import TARGETS, run_case  # noqa: E402
 
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from hydraopt_mobile.app.records import markdown_table, write_record
 
 
 def campaign(name: str, seconds: float, batch: int, first_seed: int) -> dict:

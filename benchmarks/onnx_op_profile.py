@@ -21,14 +21,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from benchmarks.decode_latency import burst  # noqa: E402
-from exporters.onnx_backend import OrtSession  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
+from benchmarks.decode_latency import burst
+from exporters.onnx_backend import OrtSession
+from hydraopt_mobile.app.records import markdown_table, write_record
 
-RESULTS = ROOT / "benchmarks" / "results" / "onnx_op_profile.json"
+RESULTS = RESULTS_DIR / "onnx_op_profile.json"
 
 
 def profile_once(folder: Path, tokens: int) -> dict:

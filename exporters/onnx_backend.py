@@ -9,12 +9,10 @@ layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``p
 without slots is the base model (zero defaults); switching feeds another task's decoded slots
 without touching the base weights.
 
-Quantised variants ``int4`` and ``int8``: ONNX Runtime's MatMulNBits (4 or 8 bits, block 32,
-symmetric, int8 activations: accuracy level 4) on the base MatMuls and GatherBlockQuantized on the
-embedding (int4 only: the quantiser packs Gather to 4 bits alone, so at int8 the embedding stays
-fp32); the LoRA MatMuls are excluded, otherwise the quantiser folds the switchable inputs into
-constants and they stop being switchable (FIELD_NOTES, ONNX Runtime). int4 is the smallest; int8
-keeps the model's answers far closer to fp32 (benchmarks/results/export_host.md).
+Quantised variants: the recipes of ``exporters/onnx_quant.py`` (ONNX Runtime's MatMulNBits on the
+base MatMuls, GatherBlockQuantized on the embedding at 4 bits); the LoRA MatMuls are excluded,
+otherwise the quantiser folds the switchable inputs into constants and they stop being switchable
+(FIELD_NOTES, ONNX Runtime). Scores and bytes of each: benchmarks/results/quant_recipes.md.
 """
 
 from __future__ import annotations
@@ -29,15 +27,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
+from exporters.onnx_quant import RECIPES, quantize
 from exporters.targets.device_runner import decoder_step, open_ort_session
+from exporters.targets.onnx_edit import rename_inputs
 
-QUANTS = {
-    "fp32": "float32 weights",
-    "int4": "MatMulNBits 4-bit weights (block 32) and a 4-bit embedding; the smallest",
-    "int8": "MatMulNBits 8-bit weights (block 32), fp32 embedding; far closer to fp32 than int4",
-}
-BITS = {"int4": 4, "int8": 8}
-BLOCK_SIZE = 32
+QUANTS = {name: r.description for name, r in RECIPES.items()}
 PROGRAM = "model.onnx"
 PREFIX = "model."  # where the Hugging Face model sits inside OnnxDecoder
 
@@ -67,15 +61,6 @@ def kv_shape(config) -> tuple[int, int]:
     return config.num_key_value_heads, head_dim
 
 
-def _trace_to_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[str, list[onnx.NodeProto]]:
-    """Follow Transpose/Cast/Identity back to the tensor a MatMul operand comes from."""
-    chain = []
-    while name in producers and producers[name].op_type in ("Transpose", "Cast", "Identity"):
-        chain.append(producers[name])
-        name = producers[name].input[0]
-    return name, chain
-
-
 def _make_inputs_with_defaults(model: onnx.ModelProto, renames: dict[str, str]) -> None:
     """Turn each initializer named in ``renames`` into a graph input of the new name, default zero."""
     kept = []
@@ -94,58 +79,7 @@ def _make_inputs_with_defaults(model: onnx.ModelProto, renames: dict[str, str]) 
         raise RuntimeError(f"the ONNX exporter renamed LoRA tensors {sorted(missing)[:3]}; cannot make them inputs")
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-
-
-def _fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
-    """Give every base MatMul a constant (d_in, d_out) weight so the 4-bit quantiser sees it.
-
-    Returns the names of the LoRA MatMuls, which must stay unquantised.
-    """
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    lora_nodes: list[str] = []
-    new_inits: dict[str, onnx.TensorProto] = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        source, chain = _trace_to_source(node.input[1], producers)
-        if "lora_" in source:
-            lora_nodes.append(node.name)
-            continue
-        if source in inits and [n.op_type for n in chain] == ["Transpose"]:
-            folded = source + ".T"
-            if folded not in new_inits:
-                new_inits[folded] = numpy_helper.from_array(
-                    np.ascontiguousarray(numpy_helper.to_array(inits[source]).T), folded
-                )
-            node.input[1] = folded
-    model.graph.initializer.extend(new_inits.values())
-    # Transposes and initializers nothing reads any more
-    used = {name for n in model.graph.node for name in n.input}
-    alive = [n for n in model.graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
-    del model.graph.node[:]
-    model.graph.node.extend(alive)
-    used = {name for n in model.graph.node for name in n.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return lora_nodes
-
-
-def _quantize_nbits(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    lora_nodes = _fold_weight_transposes(model)
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora_nodes,
-        op_types_to_quantize=("MatMul", "Gather"),  # Gather: the embedding (GatherBlockQuantized)
-    )
-    quantizer.process()
-    return quantizer.model.model
+    rename_inputs(model.graph, renames)
 
 
 def export_program(hf_model: nn.Module, slots: list[str], folder: Path, quant: str, phases: dict[str, float]) -> Path:
@@ -175,12 +109,18 @@ def export_program(hf_model: nn.Module, slots: list[str], folder: Path, quant: s
     for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
         del node.metadata_props[:]
     _make_inputs_with_defaults(model, {PREFIX + name: name for name in slots})
-    if quant in BITS:
-        model = _quantize_nbits(model, BITS[quant])
-    t2 = time.perf_counter()
+    phases.update({"torch_onnx_export": t1 - t0, "slots": time.perf_counter() - t1})
+    return _quantized(model, folder, quant, phases)
+
+
+def _quantized(model: onnx.ModelProto, folder: Path, quant: str, phases: dict[str, float]) -> Path:
+    """Write ``model`` (fp32, slots as inputs) with ``quant``'s recipe applied as ``folder/model.onnx``."""
+    t0 = time.perf_counter()
+    model = quantize(model, RECIPES[quant])
+    t1 = time.perf_counter()
     path = folder / PROGRAM
     onnx.save(model, str(path))
-    phases.update({"torch_onnx_export": t1 - t0, "slots_and_quantize": t2 - t1, "write": time.perf_counter() - t2})
+    phases.update({"quantize": t1 - t0, "write": time.perf_counter() - t1})
     return path
 
 
@@ -230,6 +170,14 @@ class OnnxBackend:
     def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
         """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply)."""
         return {"program": export_program(model, list(spec.slots), folder, spec.quant, phases).name}
+
+    def derive_program(self, fp32_program: Path, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
+        """The program at ``spec.quant`` from the fp32 program of the same signature: the recipes
+        quantise the lowered graph, so a new recipe costs no second ``torch.onnx.export``."""
+        t0 = time.perf_counter()
+        model = onnx.load(str(fp32_program))
+        phases["load_fp32_program"] = time.perf_counter() - t0
+        return {"program": _quantized(model, folder, spec.quant, phases).name}
 
     def open_session(self, folder: Path, threads: int = 1) -> OrtSession:
         return OrtSession(folder, threads)

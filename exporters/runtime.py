@@ -27,12 +27,19 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)
 
+    def token_logits(self) -> np.ndarray:
+        """(generated tokens, V): the logits each generated token was chosen from, the prefill's last
+        row and then one row per decode step; kept only with ``greedy(..., keep_logits=True)``."""
+        return np.stack([self.logits[0][-1], *self.logits[1:]])
 
-def greedy(session: Session, ids: list[int], max_new_tokens: int, keep_logits: bool = False) -> Generation:
-    """Greedy decoding on the runtime; stops at an end-of-sequence token of the manifest."""
+
+def greedy(session: Session, ids: list[int], max_new_tokens: int, keep_logits: bool = False, eos: list[int] | None = None) -> Generation:
+    """Greedy decoding on the runtime; stops at an end-of-sequence token (``eos``, default the
+    manifest's). ``session`` may be any object with ``prefill`` and ``decode`` when ``eos`` is given
+    (``benchmarks/vs_optimum.py`` runs other tools' programs through it)."""
     import time
 
-    eos = set(session.manifest.model["eos_token_id"])
+    eos = set(session.manifest.model["eos_token_id"] if eos is None else eos)
     t0 = time.perf_counter()
     logits = session.prefill(ids)
     gen = Generation([], [logits] if keep_logits else [], time.perf_counter() - t0)

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, cast
+from typing import Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hydraopt_mobile.paths import MODULE_NAME_PATTERN, TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
-from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.schemas import read_document
 from hydraopt_mobile.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -152,11 +152,7 @@ def _pattern_value(pattern: dict, module: str, default):
 
 def _read_config(path: Path) -> dict:
     cfg_path = path / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise AdapterError(f"{cfg_path}: missing; a PEFT adapter folder needs {ADAPTER_CONFIG}")
-    cfg = read_json(cfg_path, AdapterError)
-    validate(cfg, "adapter-config", cfg_path, AdapterError)
-    cfg = cast(dict, cfg)  # the schema says it is an object
+    cfg = read_document(cfg_path, "adapter-config", AdapterError, f"{cfg_path}: missing; a PEFT adapter folder needs {ADAPTER_CONFIG}")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {peft_type!r} is not supported; only LoRA adapters can be merged")
@@ -350,3 +346,12 @@ def load_adapter_set(specs: list[str], allow_missing: bool = False, lazy: bool =
         name, path = parse_task_spec(spec)
         adapters.append(load_adapter(path, name, lazy=lazy))
     return build_adapter_set(adapters, allow_missing=allow_missing)
+
+
+def load_adapter_folders(root: Path) -> AdapterSet:
+    """Every PEFT folder directly under ``root`` (a sub-folder holding an adapter config), each task
+    named after its folder, in name order: the layout the suite trains into (``<init>/<task>/``)."""
+    folders = [p for p in sorted(Path(root).iterdir()) if (p / ADAPTER_CONFIG).is_file()]
+    if not folders:
+        raise AdapterError(f"{root}: no adapter folders in it (sub-folders holding {ADAPTER_CONFIG})")
+    return build_adapter_set([load_adapter(p) for p in folders])

@@ -30,7 +30,7 @@ from hydraopt_mobile.bank import MergedBank, MergedModule, factor_file, packed_m
 from hydraopt_mobile.checksum import mismatch, sha256_file
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case, task_name_problem
-from hydraopt_mobile.schemas import read_json, validate
+from hydraopt_mobile.schemas import read_document
 from hydraopt_mobile.storage import FILE_METADATA, TensorSpec, factor_key, file_order, header_bytes
 from hydraopt_mobile.errors import UserError
 
@@ -193,12 +193,8 @@ def read_manifest(path: Path) -> dict:
     """The manifest of bundle ``path``, checked against schemas/bundle-manifest.schema.json and
     :func:`check_manifest`; no tensor file has been opened yet."""
     mpath = Path(path) / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"{mpath}: missing; {path} is not a bundle")
-    manifest = read_json(mpath, BundleError)
-    if not isinstance(manifest, dict) or manifest.get("format") != "hydraopt-bundle" or manifest.get("version") != FORMAT_VERSION:
-        raise BundleError(f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest")
-    validate(manifest, "bundle-manifest", mpath, BundleError)
+    manifest = read_document(mpath, "bundle-manifest", BundleError, f"{mpath}: missing; {path} is not a bundle",
+                             {"format": "hydraopt-bundle", "version": FORMAT_VERSION}, f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest")
     check_manifest(manifest, mpath)
     return manifest
 

@@ -7,6 +7,8 @@ file, then a wrong size (cheap, and says "truncated"), then a wrong digest (read
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,25 @@ class Mismatch:
 
     kind: Literal["missing", "size", "sha256"]
     found: int | str | None = None
+
+
+def read_listed(path: Path, size: int, sha256: str) -> bytes | Mismatch:
+    """The bytes of ``path`` when it is the listed file, else what differs (as :func:`mismatch`).
+
+    The file is read once and the digest is of the bytes returned, so nothing can change between
+    the check and the use; for small files that are read anyway (a task's factors)."""
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return Mismatch("missing")
+            if info.st_size != size:
+                return Mismatch("size", info.st_size)
+            blob = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return Mismatch("missing")
+    digest = hashlib.sha256(blob).hexdigest()
+    return blob if digest == sha256 else Mismatch("sha256", digest)
 
 
 def mismatch(path: Path, size: int, sha256: str) -> Mismatch | None:

@@ -18,11 +18,15 @@ are ``Q`` times that matrix's (tests: ``test_factored_gram_equals_stacked``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from hydraopt_mobile.adapters import LoraFactors
+
+if TYPE_CHECKING:
+    from hydraopt_mobile.calibration import ModuleMoments
 
 DTYPE = torch.float32  # fp32 halves the time; errors below ~1e-6 of ||dW||^2 are noise and do not matter for planning
 
@@ -77,12 +81,15 @@ class FactoredModule:
 
     A: torch.Tensor  # (T, r, d_in) the tasks' A's
     B: torch.Tensor  # (T, d_out, r)
-    reflectors: torch.Tensor  # (d_in, T r) geqrf of the stacked A's transposed: Q's Householder vectors
+    reflectors: torch.Tensor  # (d_in, q) geqrf of the stacked A's transposed: Q's Householder vectors
     tau: torch.Tensor  # (q,) their scales
     a: torch.Tensor  # (T, r, q)  A_t Q
     R: torch.Tensor  # (T, r, r)  B_t = U_t R_t (QR)
     RA: torch.Tensor  # (T, r, q)  R_t a_t with B_t = U_t R_t, so N_t^T N_t = (R_t a_t)^T (R_t a_t)
-    sq_norms: torch.Tensor  # (T,) ||dW_t||_F^2
+    sq_norms: torch.Tensor  # (T,) ||dW_t||_F^2, or with calibration ||dW_t X_t^T||^2 / n_t
+    S: torch.Tensor | None = None  # (T, q, q) calibration: Q^T S_t Q (calibration.py); None: the data-free objective
+    outside: torch.Tensor | None = None  # (T,) calibration: S_t's mean eigenvalue outside span(Q)
+    L: torch.Tensor | None = None  # whitened(): the Cholesky factor of the mean moment the coordinates are whitened by
 
     @property
     def n_tasks(self) -> int:
@@ -105,9 +112,23 @@ class FactoredModule:
         padded[: self.q] = rows.T
         return torch.ormqr(self.reflectors, self.tau, padded, left=True, transpose=False).T.reshape(*lead, d_in)
 
+    def to_coords(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ Q``: (..., d_in) rows to their (..., q) coordinates in span(Q), applying the
+        reflectors (the first q rows of ``Q_full^T rows^T``)."""
+        lead, d_in = rows.shape[:-1], self.A.shape[2]
+        flat = rows.reshape(-1, d_in).to(DTYPE).T.contiguous()
+        return torch.ormqr(self.reflectors, self.tau, flat, left=True, transpose=True)[: self.q].T.reshape(*lead, self.q)
 
-def factor_space(factors: list[LoraFactors]) -> FactoredModule:
-    """Build the factored representation of one module's task updates (one QR of the stacked A's)."""
+    def basis(self) -> torch.Tensor:
+        """``Q`` itself (d_in, q), formed from the reflectors: for what needs it explicitly
+        (projecting calibration inputs, dense references in tests); the solver never does."""
+        return torch.linalg.householder_product(self.reflectors, self.tau)
+
+
+def factor_space(factors: list[LoraFactors], moments: "ModuleMoments | None" = None) -> FactoredModule:
+    """Build the factored representation of one module's task updates (one QR of the stacked A's;
+    with ``moments``, for the data-aware objective: ``moments.S`` must be in this Q's coordinates,
+    as calibration.py makes it)."""
     A, B = _stacked(factors)
     T, r, d_in = A.shape
     reflectors, tau = torch.geqrf(A.reshape(-1, d_in).T)  # A_stack^T = Q R, R: (q, T r)
@@ -115,5 +136,37 @@ def factor_space(factors: list[LoraFactors]) -> FactoredModule:
     a = reflectors[:q].triu().T.reshape(T, r, q)  # A_stack Q = R^T
     R = torch.linalg.qr(B, mode="r")[1]  # (T, r, r), batched
     RA = R @ a
-    sq = (RA**2).sum(dim=(1, 2))
-    return FactoredModule(A=A, B=B, reflectors=reflectors, tau=tau, a=a, R=R, RA=RA, sq_norms=sq)
+    fm = FactoredModule(A=A, B=B, reflectors=reflectors[:, :q], tau=tau, a=a, R=R, RA=RA, sq_norms=(RA**2).sum(dim=(1, 2)))
+    if moments is None:
+        return fm
+    if moments.S.shape[1] != q:
+        raise ValueError(f"calibration moments are {moments.S.shape[1]}-dimensional, this module's factored space {q}")
+    sq = ((RA @ moments.S) * RA).sum(dim=(1, 2))  # tr(R a S a^T R^T) = ||dW_t X_t^T||^2 / n_t
+    return replace(fm, sq_norms=sq, S=moments.S, outside=moments.outside)
+
+
+def whitened(fm: FactoredModule, weights: torch.Tensor) -> FactoredModule:
+    """The data-free problem in coordinates whitened by the weighted mean moment ``S = L L^T``
+    (``a -> a L``, so the tasks' A's become ``a_t L Q^T``, same Q): exact when every task has the
+    same moments, a start and an estimate otherwise. Map a solution back with :func:`unwhiten`."""
+    assert fm.S is not None
+    w = weights.to(DTYPE).view(-1, 1, 1)
+    mean = (w * fm.S).sum(0) / w.sum()
+    L = _cholesky(mean)
+    a, RA = fm.a @ L, fm.RA @ L
+    return FactoredModule(A=fm.to_input_space(a), B=fm.B, reflectors=fm.reflectors, tau=fm.tau, a=a, R=fm.R, RA=RA, sq_norms=(RA**2).sum(dim=(1, 2)), L=L)
+
+
+def unwhiten(white: FactoredModule, a: torch.Tensor) -> torch.Tensor:
+    """A's in the original Q coordinates from A's in :func:`whitened` coordinates (``a L^-1``)."""
+    assert white.L is not None
+    return torch.linalg.solve_triangular(white.L, a, upper=False, left=False)
+
+
+def _cholesky(S: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of S, with a ridge of 1e-6 of its mean eigenvalue if it is singular."""
+    ridge = 1e-6 * float(torch.diagonal(S).mean().clamp_min(1e-30))
+    L, info = torch.linalg.cholesky_ex(S + ridge * torch.eye(S.shape[0], dtype=S.dtype))
+    if int(info):
+        raise ValueError("calibration moment is not positive semi-definite")
+    return L

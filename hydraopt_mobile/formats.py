@@ -8,6 +8,11 @@ low-rank factor needs (a per-row scale on ``B`` would cost d_out scales for r' v
 - ``int8``: symmetric, one fp16 scale per component vector (per output channel of the factor).
 - ``int4``: symmetric, one fp16 scale per group of ``group_size`` consecutive values of a vector;
   two values per byte; vectors are zero-padded to a whole number of groups (padding is counted).
+- ``sign`` (ComPEFT, Yadav et al., arXiv 2311.13171): the ``k = ceil(density * n)`` largest-magnitude
+  of the factor's ``n`` values kept as signs times one fp16 scale per factor, the rest zero. One
+  uint8 blob per factor (:func:`sign_blob_layout`): the scale, then where the kept values are (a
+  bitmask of ``n`` bits, or their positions as 16-bit or 32-bit integers, whichever is smaller),
+  then one sign bit per kept value. It has no runtime decoder: exporters refuse it.
 
 Decoding goes one way for every reader (the bank, the exporters' task files and task-decoder graph):
 :meth:`StoredFactor.codes` gives one integer code per value plus the scales, and :func:`dequantize`
@@ -16,6 +21,7 @@ turns codes into float32 with plain tensor ops (so ``torch.onnx`` can trace it t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,8 +29,8 @@ import torch
 
 from hydraopt_mobile.errors import UserError
 
-FormatName = Literal["fp16", "int8", "int4"]
-FORMAT_NAMES: tuple[str, ...] = ("fp16", "int8", "int4")
+FormatName = Literal["fp16", "int8", "int4", "sign"]
+FORMAT_NAMES: tuple[str, ...] = ("fp16", "int8", "int4")  # what the planner and --format choose from; sign is ComPEFT's own
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 
 
@@ -32,20 +38,30 @@ GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 class NumberFormat:
     name: FormatName = "fp16"
     group_size: int = 32
+    density: float = 1.0  # sign only: the fraction of each factor's values kept
 
     def __post_init__(self) -> None:
-        if self.name not in FORMAT_NAMES:
+        if self.name not in FORMAT_NAMES + ("sign",):
             raise UserError(f"--format {self.name!r}: choose one of {', '.join(FORMAT_NAMES)}")
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size}: choose one of {GROUP_SIZES}")
+        if not 0 < self.density <= 1:
+            raise UserError(f"density {self.density}: must be in (0, 1]")
 
     def label(self) -> str:
+        if self.name == "sign":
+            return f"sign-d{self.density!r}"  # repr round-trips, so parse(label) keeps every kept count
         return f"int4-g{self.group_size}" if self.name == "int4" else self.name
 
     @classmethod
     def parse(cls, label: str) -> "NumberFormat":
         if label.startswith("int4-g"):
             return cls("int4", int(label.removeprefix("int4-g")))
+        if label.startswith("sign-d"):
+            try:
+                return cls("sign", density=float(label.removeprefix("sign-d")))
+            except ValueError:
+                raise UserError(f"format {label!r}: expected sign-d<density>") from None
         return cls(label)  # type: ignore[arg-type]
 
     def _padded(self, length: int) -> int:
@@ -54,6 +70,8 @@ class NumberFormat:
 
     def nbytes(self, n_vectors: int, length: int) -> int:
         """Exact payload bytes of ``n_vectors`` component vectors of ``length`` values."""
+        if self.name == "sign":
+            return sign_blob_layout(n_vectors * length, self.density).nbytes
         if self.name == "fp16":
             return 2 * n_vectors * length
         if self.name == "int8":
@@ -63,6 +81,8 @@ class NumberFormat:
 
     def encoded_shapes(self, n_vectors: int, length: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
         """dtype and shape of each tensor :meth:`encode` writes for ``n_vectors`` vectors of ``length``."""
+        if self.name == "sign":
+            return {"z": (torch.uint8, (1, self.nbytes(n_vectors, length)))}
         if self.name == "fp16":
             return {"w": (torch.float16, (n_vectors, length))}
         if self.name == "int8":
@@ -78,6 +98,10 @@ class NumberFormat:
         """:meth:`encode` and the float32 values the encoded tensors decode to (computed from the
         codes before int4 packing: packing is lossless, so these equal :meth:`decode`'s)."""
         v = vectors.float()
+        if self.name == "sign":
+            n, length = v.shape
+            z = _encode_sign(v.reshape(-1), self.density)
+            return {"z": z}, _decode_sign(z.reshape(-1), n * length, self.density).reshape(n, length)
         if self.name == "fp16":
             w = v.half()
             return {"w": w}, w.float()
@@ -104,8 +128,10 @@ class NumberFormat:
         q = _unpack_int4(stored["q"]) if self.name == "int4" else stored["q"].to(torch.int8)
         return {"q": q, "scale": stored["scale"].half()}
 
-    def decode(self, stored: dict[str, torch.Tensor], length: int) -> torch.Tensor:
-        """The float32 values that ``stored`` represents, shape (n, length)."""
+    def decode(self, stored: dict[str, torch.Tensor], length: int, n_vectors: int) -> torch.Tensor:
+        """The float32 values that ``stored`` represents, shape (n_vectors, length)."""
+        if self.name == "sign":
+            return _decode_sign(stored["z"].reshape(-1), n_vectors * length, self.density).reshape(n_vectors, length)
         return dequantize(self.codes(stored), length)
 
 
@@ -138,6 +164,79 @@ def _abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.maximum(x.amax(dim=dim, keepdim=True), -x.amin(dim=dim, keepdim=True))
 
 
+@dataclass(frozen=True)
+class SignBlob:
+    """Where the parts of one sign-format factor lie in its uint8 blob: ``[0, 2)`` the fp16 scale,
+    then the positions of the ``kept`` values (a bitmask of ``n`` bits when ``position_bytes`` is 0,
+    else ``kept`` little-endian integers of that width, ascending), then ``ceil(kept / 8)`` bytes of
+    sign bits (1 = negative), in position order."""
+
+    n: int
+    kept: int
+    position_bytes: int  # 0: bitmask
+
+    @property
+    def where_bytes(self) -> int:
+        return -(-self.n // 8) if self.position_bytes == 0 else self.kept * self.position_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return 2 + self.where_bytes + -(-self.kept // 8)
+
+
+def sign_blob_layout(n: int, density: float) -> SignBlob:
+    """The layout of a factor of ``n`` values at ``density``: the smaller of bitmask and positions."""
+    kept = min(n, max(1, math.ceil(density * n - 1e-9)))
+    width = 2 if n <= 1 << 16 else 4
+    return SignBlob(n, kept, 0 if -(-n // 8) <= kept * width else width)
+
+
+def _encode_sign(v: torch.Tensor, density: float) -> torch.Tensor:
+    """The blob of ``v`` (flat): its largest-magnitude values as signs, scaled by their mean magnitude
+    (the least-squares scale of those signs against ``v``)."""
+    layout = sign_blob_layout(v.numel(), density)
+    idx = torch.sort(torch.topk(v.abs(), layout.kept, sorted=False).indices).values
+    kept = v[idx]
+    scale = kept.abs().mean().reshape(1).half()
+    if layout.position_bytes == 0:
+        mask = torch.zeros(v.numel(), dtype=torch.bool)
+        mask[idx] = True
+        where = _pack_bits(mask)
+    else:
+        dtype = torch.int16 if layout.position_bytes == 2 else torch.int32
+        shifted = idx - (1 << 15) if layout.position_bytes == 2 else idx  # int16 holds 0..65535 shifted
+        where = shifted.to(dtype).view(torch.uint8)
+    return torch.cat([scale.view(torch.uint8), where, _pack_bits(kept < 0)]).reshape(1, -1)
+
+
+def _decode_sign(blob: torch.Tensor, n: int, density: float) -> torch.Tensor:
+    layout = sign_blob_layout(n, density)
+    scale = blob[:2].contiguous().view(torch.float16).float()
+    where = blob[2 : 2 + layout.where_bytes].clone()  # a fresh tensor, aligned for the integer views
+    if layout.position_bytes == 0:
+        idx = _unpack_bits(where, n).nonzero().reshape(-1)
+    elif layout.position_bytes == 2:
+        idx = where.view(torch.int16).long() + (1 << 15)
+    else:
+        idx = where.view(torch.int32).long()
+    if idx.numel() != layout.kept or (idx.numel() and (idx.min() < 0 or idx.max() >= n)):
+        raise UserError(f"sign-format factor: {idx.numel()} positions within 0..{n - 1} expected {layout.kept}")
+    negative = _unpack_bits(blob[2 + layout.where_bytes :].contiguous(), layout.kept)
+    out = torch.zeros(n)
+    out[idx] = torch.where(negative, -scale, scale)
+    return out
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool (n,) -> uint8 (ceil(n / 8),), bit i of byte j is value 8 j + i."""
+    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, -bits.numel() % 8)).reshape(-1, 8)
+    return (padded << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return ((packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[:n].bool()
+
+
 def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale).float()
 
@@ -161,9 +260,11 @@ class StoredFactor:
 
     @classmethod
     def encode_stack(cls, matrices: torch.Tensor, fmt: NumberFormat, transposed: bool) -> tuple[list["StoredFactor"], torch.Tensor]:
-        """Each of ``matrices`` (k, rows, cols) encoded as :meth:`encode` does, in one call (every
-        format quantises component vector by vector, so stacking them changes nothing), and the
-        (k, rows, cols) float32 values they decode to."""
+        """Each of ``matrices`` (k, rows, cols) encoded as :meth:`encode` does, in one call (fp16,
+        int8 and int4 quantise component vector by vector, so stacking them changes nothing; sign
+        keeps one blob per factor and is refused), and the (k, rows, cols) float32 values they decode to."""
+        if fmt.name == "sign":
+            raise ValueError("encode_stack: the sign format encodes a whole factor at once; use encode")
         k, rows, cols = matrices.shape
         vectors = (matrices.transpose(1, 2) if transposed else matrices).reshape(-1, rows if transposed else cols)
         data, values = fmt.quantise(vectors.contiguous())
@@ -189,7 +290,7 @@ class StoredFactor:
     def values(self) -> torch.Tensor:
         """Dequantised float32 matrix in its natural orientation."""
         n, length = self.vectors_shape
-        v = self.fmt.decode(self.data, length) if n else torch.zeros(0, length)
+        v = self.fmt.decode(self.data, length, n) if n else torch.zeros(0, length)
         return (v.T if self.transposed else v).contiguous()
 
     def nbytes(self) -> int:

@@ -18,6 +18,37 @@ def _program_cache(tmp_path_factory) -> None:
     os.environ["HYDRAOPT_PROGRAM_CACHE"] = str(tmp_path_factory.mktemp("program-cache"))
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny Llama of tests/tiny_models.py, saved once per test module."""
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def bank():
+    """The tiny bank with every kind of slot (tests/tiny_models.py: make_bank)."""
+    from tiny_models import make_bank
+
+    return make_bank()
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_dir, bank):
+    """``refs(task, seq)``: PyTorch logits of the tiny model with ``task``'s adapter merged (None: base), cached."""
+    from tiny_models import reference_logits
+
+    cache: dict = {}
+
+    def get(task: str | None, seq: list[int]):
+        if (task, tuple(seq)) not in cache:
+            cache[(task, tuple(seq))] = reference_logits(tiny_dir, bank, task, seq)
+        return cache[(task, tuple(seq))]
+
+    return get
+
+
 @pytest.fixture
 def make_adapters(tmp_path: Path):
     """Write planted PEFT adapters (shared A + noise, B per task) and return their folders."""

@@ -247,8 +247,10 @@ def read_task_file_mutated(data: st.DataObject, folder: Path) -> dict:
     path = folder / "tasks" / "t0.safetensors"
     path.write_bytes(mutate_safetensors(data, path.read_bytes()))
     bank = _bank_slots(folder)
-    Session._decoded(lambda: bank.load_shared(str(folder / "shared.safetensors")), folder / "shared.safetensors")
-    return Session._decoded(lambda: bank.task_slots("t0", str(path)), path)
+    shared = (folder / "shared.safetensors", (folder / "shared.safetensors").read_bytes())
+    own = (path, path.read_bytes())
+    Session._decoded(lambda: bank.load_shared((str(shared[0]), shared[1])), shared)
+    return Session._decoded(lambda: bank.task_slots("t0", (str(own[0]), own[1])), own)
 
 
 def task_file_round_trip(folder: Path, values: dict) -> None:

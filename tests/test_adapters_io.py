@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hydraopt_mobile.adapters import AdapterError, build_adapter_set, load_adapter, load_adapter_set
+from hydraopt_mobile.adapters import AdapterError, build_adapter_set, load_adapter, load_adapter_folders, load_adapter_set
 
 
 def _rewrite_config(path: Path, **changes):
@@ -166,3 +166,20 @@ def test_missing_files_named(tmp_path):
         load_adapter(tmp_path / "nope")
     with pytest.raises(AdapterError, match="no adapters given"):
         build_adapter_set([])
+
+
+def test_adapter_folders_loads_each_peft_subfolder_by_name(make_adapters, tmp_path):
+    """A trained suite's layout (<init>/<task>/): every sub-folder holding an adapter config, named
+    after it, in name order; other entries are passed over; none at all is an error naming the folder."""
+    paths = make_adapters(n_tasks=3)
+    root = paths[0].parent
+    (root / "README.md").write_text("not an adapter")
+    (root / "notes").mkdir()
+    got = load_adapter_folders(root)
+    want = load_adapter_set([f"{p.name}={p}" for p in sorted(paths)])
+    assert got.task_names == want.task_names == ["task0", "task1", "task2"]
+    for a, b in zip(got.tasks, want.tasks):
+        assert a.path == b.path and all(torch.equal(a.modules[m].B, b.modules[m].B) for m in b.modules)
+    with pytest.raises(AdapterError, match=f"{tmp_path / 'empty'}: no adapter folders"):
+        (tmp_path / "empty").mkdir()
+        load_adapter_folders(tmp_path / "empty")

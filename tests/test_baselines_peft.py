@@ -123,7 +123,7 @@ def test_bad_method_and_budget_use_named(adapters):
     aset = load_adapter_set([str(p) for p in adapters])
     with pytest.raises(UserError, match="--method 'tie': unknown; available: hydraopt, per-task"):
         merge(aset, MergeConfig("tie"))
-    with pytest.raises(UserError, match="--budget applies to budgeted methods .hydraopt, per-task.; 'svd' has fixed storage"):
+    with pytest.raises(UserError, match="--budget applies to budgeted methods .hydraopt, per-task, compeft.; 'svd' has fixed storage"):
         merge(aset, MergeConfig("svd", budget=Budget(fraction=0.5)))
     with pytest.raises(UserError, match="'cat' has fixed storage"):
         merge_budgets(aset, MergeConfig("cat"), [Budget(fraction=0.5)])

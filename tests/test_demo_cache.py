@@ -1,5 +1,6 @@
 """The demo reuses adapters only when they were made with the requested settings (real training)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,10 @@ def test_export_is_cached_by_bank_and_linked_into_the_output(tmp_path: Path, mon
     assert cached_export(make_bank(1), model_dir, "onnx", "fp32", console) == first
     assert (first / "manifest.json").stat().st_mtime_ns == stamp  # reused, not exported again
     assert cached_export(make_bank(2), model_dir, "onnx", "fp32", console) != first  # other factors: new export
+    manifest = json.loads((first / "manifest.json").read_text())
+    (first / "manifest.json").write_text(json.dumps({**manifest, "schema": "hydraopt-export/1"}))  # an older exporter's
+    assert cached_export(make_bank(1), model_dir, "onnx", "fp32", console) == first
+    assert json.loads((first / "manifest.json").read_text())["schema"] == manifest["schema"]  # made again, not reused
     link_tree(first, tmp_path / "out" / "export")
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(tmp_path / "out" / "export") for p in (tmp_path / "out" / "export").rglob("*") if p.is_file())

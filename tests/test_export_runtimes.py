@@ -25,23 +25,12 @@ from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
 from exporters.slots import merge_into
-from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
-from tiny_models import PROMPT, TASKS, make_bank, make_tiny_model, reference_logits, run_logits
+from tiny_models import PROMPT, TASKS, make_bank, reference_logits, run_logits, task_errors
 
 torch.set_num_threads(1)
 FP32_TOL = 1e-4
 QUANT_TOL = 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def bank() -> MergedBank:
-    return make_bank()
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +42,6 @@ def exports(tmp_path_factory, tiny_dir, bank) -> dict:
         if (fmt, quant) not in made:
             made[(fmt, quant)] = export_bank(bank, tiny_dir, fmt, quant, root / f"{fmt}-{quant}", max_cache_len=64)
         return made[(fmt, quant)]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def refs(tiny_dir, bank) -> dict:
-    cache: dict = {}
-
-    def get(task: str | None, seq: list[int]) -> np.ndarray:
-        key = (task, tuple(seq))
-        if key not in cache:
-            cache[key] = reference_logits(tiny_dir, bank, task, seq)
-        return cache[key]
 
     return get
 
@@ -109,12 +85,28 @@ def test_switching_1_2_1_gives_each_tasks_own_outputs(fmt, exports, refs):
 def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
     session = open_export(exports(fmt, QUANTISED[fmt]))
     for task in TASKS:
-        session.set_task(task)
-        seq, got = run_logits(session, PROMPT)
-        own = np.abs(got - refs(task, seq)[: len(got)]).max()
-        others = min(np.abs(got - refs(t, seq)[: len(got)]).max() for t in TASKS if t != task)
+        _, _, own, others = task_errors(session, refs, task)
         assert own < QUANT_TOL, f"{fmt} {task}: quantised error {own}"
         assert own < 0.75 * others, f"{fmt} {task}: error to own task {own} vs to another {others}"
+
+
+class _ProgramOnly:
+    """Only ``prefill`` and ``decode`` of a real session (no manifest): the shape of another tool's
+    program as ``benchmarks/vs_optimum.py`` runs it."""
+
+    def __init__(self, session) -> None:
+        self.prefill, self.decode = session.prefill, session.decode
+
+
+def test_greedy_stops_at_a_given_eos_and_needs_no_manifest_then(exports):
+    session = open_export(exports("onnx", "fp32"))
+    session.set_task("beta")
+    free = greedy(session, PROMPT, 6, eos=[])
+    assert len(free.tokens) == 6
+    stop = free.tokens[2]
+    first = free.tokens.index(stop)
+    bare = greedy(_ProgramOnly(session), PROMPT, 6, eos=[stop])
+    assert bare.tokens == free.tokens[: first + 1]
 
 
 def _linear_params(model_dir: Path) -> tuple[int, int]:

@@ -91,6 +91,6 @@ def test_untouched_export_passes_and_an_explicit_task_file_is_still_checked(copy
     verify_all(manifest, folder)
     shipped = tmp_path / "shipped.safetensors"
     shutil.copy(folder / "bank" / "tasks" / "gamma.safetensors", shipped)  # alpha's and gamma's files have one layout
-    assert verified_task_file(manifest, folder, "gamma", shipped) == shipped
+    assert verified_task_file(manifest, folder, "gamma", shipped)[0] == shipped
     with pytest.raises(TaskFileError, match="this export's file for 'gamma'"):
         verified_task_file(manifest, folder, "alpha", shipped)

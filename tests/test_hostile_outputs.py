@@ -277,3 +277,22 @@ def test_output_files_get_the_usual_modes(make_adapters, tmp_path, umask):
             want = (0o777 if p.is_dir() else 0o666) & ~umask
             assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
 
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_boundary_hides_the_libraries_progress_bars(tmp_path, quiet):
+    """transformers draws a "Loading weights" bar on every model load; the CLI's output stays ours."""
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    code = textwrap.dedent(f"""
+        from hydraopt_mobile.app.quiet import silence_third_party
+        if {quiet}:
+            silence_third_party()
+        from transformers import LlamaForCausalLM
+        LlamaForCausalLM.from_pretrained({str(model)!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("Loading weights" in r.stdout + r.stderr) is not quiet

@@ -82,6 +82,6 @@ def test_imports_flow_one_way(path: Path) -> None:
 def test_device_runner_needs_only_the_runtime_and_numpy() -> None:
     """What runs on a phone or an emulated root: the standard library, numpy and the runtimes."""
     runner = ROOT / "exporters" / "targets" / "device_runner.py"
-    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "executorch", "__future__"}
+    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "executorch", "torch", "__future__"}  # torch: ExecuTorch's bindings take torch tensors
     foreign = sorted({m for _, m in imports(runner) if m.split(".")[0] not in allowed})
     assert not foreign, foreign

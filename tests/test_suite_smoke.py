@@ -117,3 +117,20 @@ def test_answer_cache_hit_and_miss(tmp_path: Path):
     other = {"model.layers.0.self_attn.q_proj": LoraFactors(torch.zeros(8, d), torch.zeros(d, 8))}
     evaluate([task], {"reply-en": other}, model, tokenizer, cache=cache)
     assert len(list(cache.glob("*.json"))) == 2  # another adapter: a miss, answered and stored
+
+
+def test_suite_train_command_trains_with_its_options(tmp_path: Path):
+    """``hydraopt suite train`` builds its TrainConfig from --steps/--seed/--init (it once passed them
+    to train_suite as keywords that function does not take)."""
+    from typer.testing import CliRunner
+
+    from hydraopt_mobile.app.cli import app
+
+    out = tmp_path / "adapters"
+    result = CliRunner().invoke(app, ["--threads", "1", "suite", "train", "--out", str(out), "--tasks", "country-de",
+                                      "--steps", "1", "--seed", "3", "--init", "independent-seeds"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "country-de" / "training.json").read_text())
+    from hydraopt_mobile.suite.train import task_seed
+
+    assert meta["steps"] == 1 and meta["seed"] == task_seed(3, "country-de", "independent-seeds") != task_seed(3, "country-de", "shared-seed")

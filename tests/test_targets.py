@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
-from exporters.export import export_bank
 from exporters.onnx_backend import OrtSession
 from exporters.runtime import greedy
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, parity, run_pair
@@ -37,7 +37,7 @@ from exporters.targets.protocol import RunnerError, make_request, run_on_host
 from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.app.cli import app
-from tiny_models import PROMPT, make_bank, make_tiny_model, reference_logits
+from tiny_models import PROMPT, TinyExports, reference_logits
 
 FP32_TOL = 1e-4
 QUANT_TOL = 0.05
@@ -50,13 +50,14 @@ ANDROID_TASK_KEYS = {"task", "task_bytes", "load_ms", "switch_ms", "outputs"}
 ANDROID_OUTPUT_KEYS = {"prompt_tokens", "tokens", "prefill_ms", "decode_ms_per_token"}
 
 
-def ready_target(name: str):
-    """``name`` set up in the real cache (downloads on a clean machine); fails with its reason."""
+def ready_target(name: str, runtime: str | None = None):
+    """``name`` set up in the real cache (downloads on a clean machine), ready for ``runtime``'s
+    exports if given; fails with its reason."""
     target = get_target(name)
     t0 = time.perf_counter()
     steps = target.setup(progress=False)
-    ready = target.readiness()
-    assert ready.ready, f"{name} could not be made ready: {ready.reason}"
+    ready = target.runtime_check(target.folder(), runtime) if runtime else target.readiness()
+    assert ready.ready, f"{name} could not be made ready{' for ' + runtime if runtime else ''}: {ready.reason}"
     print(f"{name} set-up: {time.perf_counter() - t0:.1f} s, steps {steps}")
     return target
 
@@ -67,14 +68,8 @@ def arm64():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("targets")
-    model = make_tiny_model(root / "model")
-    bank = make_bank()
-    return {"model": model, "bank": bank,
-            "fp32": export_bank(bank, model, "onnx", "fp32", root / "onnx-fp32", max_cache_len=64),
-            "int4": export_bank(bank, model, "onnx", "int4", root / "onnx-int4", max_cache_len=64),
-            "int8": export_bank(bank, model, "onnx", "int8", root / "onnx-int8", max_cache_len=64)}
+def tiny(tmp_path_factory) -> TinyExports:
+    return TinyExports(tmp_path_factory.mktemp("targets"))
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +164,8 @@ def test_host_runner_activates_tasks_exactly_as_the_host_runtime(tiny):
         session.set_task(task)
         for i, prompt in enumerate(PROMPTS[task]):
             gen = greedy(session, prompt, MAX_NEW, keep_logits=True)
-            rows = np.concatenate([gen.logits[0][-1:]] + [r[None] for r in gen.logits[1:]])
             assert response.data["tasks"][index]["outputs"][i]["tokens"] == gen.tokens
-            np.testing.assert_array_equal(response.rows(index, i), rows)
+            np.testing.assert_array_equal(response.rows(index, i), gen.token_logits())
 
 
 def test_runner_refuses_a_tampered_task_file_and_a_wrong_protocol(tiny, tmp_path):
@@ -224,12 +218,33 @@ def test_parity_counts_only_rows_with_identical_inputs():
     assert p["max_logit_err"] == 0.5 and p["agreement"] == 0.5 and not p["identical"]
 
 
-def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny):
-    report = htp_check(tiny["fp32"], ["alpha", "beta", "alpha"])
+def logits_of(report: dict, quant: str, run: int) -> np.ndarray:
+    return report["logits"][f"{quant}/qdq/{run}/0"]
+
+
+def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny, tmp_path):
+    """QDQ A16W8 (and A8W8) on HTP, and one offline A16W8 context binary per htp_arch serving both tasks through fed slots."""
+    order = ["alpha", "beta", "alpha"]
+    report = htp_check(tiny["fp32"], order, quants=("a16w8", "a8w8"), archs=("73", "75", "79"), context_quants=("a16w8",), workdir=tmp_path)
     assert report["static_graph_on_htp"].startswith("refused"), "the unquantised graph should not open without CPU fallback"
-    assert "QuantizeLinear" in report["ops"] and "IsNaN" not in report["ops"] and report["guards_dropped"] == 2
-    alpha, beta, back = report["logits"]
+    a16, a8 = report["quants"]
+    assert a8["quant"] == "a8w8" and not a8["contexts"] and a8["bytes_qdq"] <= a16["bytes_qdq"]
+    np.testing.assert_array_equal(logits_of(report, "a8w8", 0), logits_of(report, "a8w8", 2))  # A8W8 also ran on HTP only, switching back exactly
+    assert a16["quant"] == "a16w8" and "QuantizeLinear" in a16["ops"] and "IsNaN" not in a16["ops"] and report["guards_dropped"] == 2
+    logits = report["logits"]
+    alpha, beta, back = (logits[f"a16w8/qdq/{i}/0"] for i in range(3))
     np.testing.assert_array_equal(alpha, back)  # the switch back to alpha: bit-identical on the NPU
     assert np.abs(alpha - beta).max() > 0.05, "the task slots had no effect on the NPU"
-    for run in report["runs"]:
+    for run in a16["runs"]:
         assert run["max_err_vs_fp32"] < 1.5, run
+    assert [c["htp_arch"] for c in a16["contexts"]] == ["73", "75", "79"]
+    for ctx in a16["contexts"]:
+        arch = ctx["htp_arch"]
+        # written by ep.context_enable=1: the binary a phone loads plus its EPContext wrapper, reloaded without CPU fallback
+        assert (tmp_path / f"ctx_v{arch}_qnn.bin").stat().st_size == ctx["bytes_binary"] > 0
+        wrapper = onnx.load(tmp_path / f"ctx_v{arch}.onnx")
+        assert [n.op_type for n in wrapper.graph.node] == ["EPContext"]
+        assert {i.name for i in wrapper.graph.input} >= {n for n in wrapper.graph.node[0].input if n.endswith((".lora_a", ".lora_b"))}
+        for i, task in enumerate(order):  # alpha -> beta -> alpha through the one binary: the QDQ session's outputs
+            np.testing.assert_array_equal(logits[f"a16w8/ctx{arch}/{i}/0"], logits[f"a16w8/qdq/{i}/0"], err_msg=f"htp_arch {arch} {task}")
+            assert ctx["runs"][i]["task"] == task and ctx["runs"][i]["max_diff_vs_qdq_session"] == 0.0

@@ -86,3 +86,30 @@ def run_logits(session, prompt: list[int], n_new: int = 6) -> tuple[list[int], n
     gen = greedy(session, prompt, n_new, keep_logits=True)
     rows = np.concatenate([gen.logits[0]] + [row[None] for row in gen.logits[1:]])
     return prompt + gen.tokens, rows
+
+
+class TinyExports(dict):
+    """The tiny model (``"model"``), its bank (``"bank"``) and its exports by key, each made the
+    first time it is asked for: ``"fp32"``, ``"int4"``, ``"int8"`` (ONNX), ``"et-fp32"``,
+    ``"et-8da4w"`` (ExecuTorch); KV cache of 64."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(model=make_tiny_model(root / "model"), bank=make_bank())
+        self.root = root
+
+    def __missing__(self, key: str) -> Path:
+        from exporters.export import export_bank
+
+        fmt, quant = ("executorch", key[3:]) if key.startswith("et-") else ("onnx", key)
+        self[key] = export_bank(self["bank"], self["model"], fmt, quant, self.root / f"{fmt}-{quant}", max_cache_len=64)
+        return self[key]
+
+
+def task_errors(session, refs, task: str) -> tuple[list[int], np.ndarray, float, float]:
+    """Switch ``session`` to ``task`` and decode PROMPT: (sequence, logits, max error to the task's own
+    reference, smallest max error to another task's) with ``refs(task, seq)`` the references."""
+    session.set_task(task)
+    seq, got = run_logits(session, PROMPT)
+    own = float(np.abs(got - refs(task, seq)[: len(got)]).max())
+    others = min(float(np.abs(got - refs(t, seq)[: len(got)]).max()) for t in TASKS if t != task)
+    return seq, got, own, others

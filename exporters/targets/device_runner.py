@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""On-target runner for ONNX exports: the device-runner protocol ``hydraopt-device-runner/1``.
+"""On-target runner for ONNX and ExecuTorch exports: the device-runner protocol ``hydraopt-device-runner/1``.
 
 This file is copied to (or run on) the target as it is. It needs only the Python standard library,
-numpy and ONNX Runtime: no torch, no transformers, nothing from this project. Token ids go in, token
+numpy and the export's runtime (ONNX Runtime, or ExecuTorch's compiled bindings, which need torch
+for their tensors): nothing from this project. Token ids go in, token
 ids (and, on request, the logits needed for parity) come out; tokenising and scoring stay on the
 host. It activates a task exactly as the host runtime does (``exporters/onnx_backend.py``,
 ``OrtSession``, which opens its session, decodes the bank's files and steps the decoder with this
@@ -13,8 +14,10 @@ slots, every slot of the program's signature.
 
 How the wire operations map to the in-process ``Backend`` / ``Session`` (``exporters/backend.py``):
 
-- ``"export"`` (+ ``"threads"``): ``BACKENDS["onnx"].open_session(export, threads)``; the manifest is
-  read, the program opened and the shared file decoded (``session_ms``). Only ``onnxruntime`` exports.
+- ``"export"`` (+ ``"threads"``): ``BACKENDS[...].open_session(export, threads)``; the manifest is
+  read, the program opened and the shared file decoded (``session_ms``). ``onnxruntime`` exports
+  (:class:`OrtRunner`) and ``executorch`` exports (:class:`EtRunner`: the switch runs the program's
+  ``set_slots`` method, as ``exporters/executorch_backend.py``'s session does).
 - each entry of ``"tasks"``: ``Session.load_task(task)`` (``load_ms``: verify, decode once), then
   ``Session.set_task(task)`` (``switch_ms``: the switch from the entry before).
 - each prompt of ``"prompts"[task]``: ``exporters.runtime.greedy``: ``Session.prefill(prompt)``
@@ -43,7 +46,14 @@ response lists the ones it honoured in ``"extensions"``):
   the row that predicted it); each such output gets ``"logits_key"``.
 - ``"switch_samples": S``: ``switch_ms`` is the median of S switches to the task from the task
   before it (or from itself for the first entry), instead of one.
-- always reported: ``"machine"`` (``platform.machine()``), ``"python"``, ``"peak_rss_mb"`` (VmHWM
+- ``"teacher_forced": true`` with ``"answers": {task: [[id, ...], ...]}`` (one reference answer per
+  prompt): instead of generating, each example is one prefill-style pass over prompt + answer
+  (its last token left out); ``tokens`` are the argmax of the rows that predict each answer token
+  (:meth:`Runner.teacher_forced`) and the logits, when requested, are those rows. The response says
+  ``"scoring": "teacher-forced"`` (else ``"generated"``). Exact = every ``tokens[i] == answer[i]``,
+  judged on the host.
+- always reported: ``"process_threads"`` (threads of this process after the run), ``"torch_imported"``,
+  ``"machine"`` (``platform.machine()``), ``"python"``, ``"peak_rss_mb"`` (VmHWM
   of this process; under qemu-user that is the emulator's process, the emulator included), and per
   output ``"decode_ms"`` (every step).
 
@@ -62,17 +72,12 @@ import sys
 import time
 
 PROTOCOL = "hydraopt-device-runner/1"
-EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb"]
+EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb", "teacher_forced", "executorch"]
 MANIFEST_SCHEMA = "hydraopt-export/2"
 
 
 class Refused(Exception):
     """The request, the export or a task file is not acceptable; reported as ``"error"``."""
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def open_ort_session(path: str, threads: int):
@@ -89,58 +94,74 @@ def open_ort_session(path: str, threads: int):
 _NP_DTYPES = {"F16": "<f2", "F32": "<f4", "I8": "i1", "U8": "u1"}
 
 
-def read_safetensors(path: str) -> dict:
-    """Every tensor of a safetensors file as a numpy array (the format: an 8-byte little-endian
-    header length, a JSON header of ``{key: {dtype, shape, data_offsets}}``, the tensors' bytes)."""
+def safetensors_entries(blob: bytes, name: str) -> dict:
+    """``{key: (dtype, shape, begin, end)}`` of a safetensors file's bytes ``blob`` (the format: an
+    8-byte little-endian header length, a JSON header of ``{key: {dtype, shape, data_offsets}}``, the
+    tensors' bytes), with every byte range checked against its shape and the file; ``begin``/``end``
+    are offsets into ``blob``."""
     import numpy as np
 
-    with open(path, "rb") as f:
-        blob = f.read()
     if len(blob) < 8:
-        raise Refused(f"{path}: not a safetensors file (too short)")
+        raise Refused(f"{name}: not a safetensors file (too short)")
     n = int.from_bytes(blob[:8], "little")
     try:
         header = json.loads(blob[8:8 + n])
     except ValueError as e:
-        raise Refused(f"{path}: not a safetensors file ({e})") from e
+        raise Refused(f"{name}: not a safetensors file ({e})") from e
     if not isinstance(header, dict):
-        raise Refused(f"{path}: not a safetensors file (header is not an object)")
+        raise Refused(f"{name}: not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
-    base, out = 8 + n, {}
+    base, out, size = 8 + n, {}, len(blob) - 8 - n
+    dtypes = {k: np.dtype(v) for k, v in _NP_DTYPES.items()}
     for key, info in header.items():
-        ok = isinstance(info, dict) and info.get("dtype") in _NP_DTYPES and isinstance(info.get("shape"), list) \
-            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list) \
-            and len(info["data_offsets"]) == 2 and all(isinstance(o, int) for o in info["data_offsets"])
-        if not ok:
-            raise Refused(f"{path}: tensor {key!r}: malformed header entry")
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_NP_DTYPES[info["dtype"]])
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        if not 0 <= begin <= end <= len(blob) - base or end - begin != count * dtype.itemsize:
-            raise Refused(f"{path}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
-        out[key] = np.frombuffer(blob, dtype, count, base + begin).reshape(info["shape"])
+        try:
+            dtype, shape, (begin, end) = dtypes[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            count = 1
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise TypeError
+                count *= d
+            if type(begin) is not int or type(end) is not int:
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise Refused(f"{name}: tensor {key!r}: malformed header entry") from None
+        if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
+            raise Refused(f"{name}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
+        out[key] = (dtype, shape, base + begin, base + end)
     return out
 
 
 def decode_factor(parts: dict, label: str, length: int):
     """float32 component vectors (n, length) of one stored factor, as ``hydraopt_mobile/formats.py``
     encodes it: fp16 ``w``; int8 ``q`` times one scale per vector; int4 nibbles (low first,
-    two's complement) times one scale per group, the padding cut."""
+    two's complement) times one scale per group, the padding cut. The rows of several factors of one
+    format and length, concatenated, decode in the same single pass."""
     import numpy as np
 
     if label == "fp16":
         return parts["w"].astype(np.float32)
     q, scale = parts["q"], parts["scale"].astype(np.float32)
     if label.startswith("int4"):
-        low = (q & 0x0F).astype(np.int8)
-        high = (q >> 4).astype(np.int8)
+        q = q.view(np.int8)
+        low = (q << 4) >> 4  # arithmetic shifts sign-extend each nibble (two's complement)
+        high = q >> 4
         q = np.stack([low, high], axis=2).reshape(q.shape[0], -1)
-        q = np.where(q > 7, q - 16, q)
     n, padded = q.shape
     values = (q.reshape(n, scale.shape[1], -1) * scale[:, :, None]).reshape(n, padded)
     return values[:, :length]
+
+
+# the parts a stored factor of each format has, and their dtypes
+_PARTS = {"fp16": {"w": ("<f2",)}, "int": {"q": ("i1", "u1"), "scale": ("<f2",)}}
+
+
+def _decoded_width(label: str, widths: dict) -> int | None:
+    """The vector length that factors of format ``label`` whose parts are ``widths`` wide decode to
+    (before the padding cut), or None when the parts do not fit together."""
+    if label == "fp16":
+        return widths["w"]
+    padded = widths["q"] * (2 if label.startswith("int4") else 1)
+    return padded if widths["scale"] and padded % widths["scale"] == 0 else None
 
 
 class BankSlots:
@@ -152,71 +173,176 @@ class BankSlots:
     file under ``<m>.<A|B><i>.<part>``. Shared factors are decoded once (``load_shared``), a task's
     own on each load; each slot is written into the signature's shape, zero-padded where the factor's
     rank is smaller (``B A`` unchanged) and zero for modules the bank does not have.
+
+    Files come as ``(name, bytes)``: the caller reads each once and checks its digest on the same
+    bytes. A task's own factors fall into a few groups of one format and vector length (whatever
+    their rank or module). A file's *read plan* (per group and part: the byte runs of its factors,
+    in order, checked against the bank's layout) depends only on the file's header, and tasks of one
+    layout have identical headers: the plan is made once per distinct header and a load is then a
+    join of byte runs, one numpy decode and one indexed write per group.
     """
 
     def __init__(self, manifest: dict) -> None:
         self.tasks: list = manifest["tasks"]
         self.slots: dict = {name: tuple(shape) for name, shape in manifest["slots"]}
         self.bank: dict = manifest["bank"]
-        self.shared: dict = {}
-
-    def load_shared(self, path: str | None) -> None:
-        """Decode every factor of the shared file at ``path`` (None: the bank has none)."""
-        tensors = read_safetensors(path) if path else {}
-        for m, kind, i, key, label, length, rank in self._factors(None):
-            self.shared[(m, kind, i)] = self._decode(tensors, key, path, label, length, rank)
-
-    def task_slots(self, task: str, path: str | None) -> dict:
-        """slot -> float32 array for ``task`` whose own file is at ``path`` (None: it has none)."""
-        import numpy as np
-
-        tensors = read_safetensors(path) if path else {}
-        t = self.tasks.index(task)
-        out = {name: np.zeros(shape, dtype=np.float32) for name, shape in self.slots.items()}
-        own = {(m, kind): (key, label, length, rank) for m, kind, i, key, label, length, rank in self._factors(t)}
-        for m, (name, _, _, layout_id) in enumerate(self.bank["modules"]):
+        # Where every slot of every task comes from, worked out once (a load then only decodes):
+        # per task, its own factors grouped by (format, length) -> [(slot, key prefix, rank, kind)],
+        # and the shared factors it uses (slot, (module, kind, index)); other slots stay zero.
+        own: list = [{} for _ in self.tasks]
+        self._uses: list = [[] for _ in self.tasks]
+        shared: dict = {}  # group -> [(slot, key prefix, rank, kind, (module, kind, index))] of the shared file
+        for m, (name, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
             layout = self.bank["layouts"][layout_id]
-            for kind, slot in (("A", "lora_a"), ("B", "lora_b")):
-                i = layout[kind.lower() + "_index"][t]
-                if not layout[kind.lower() + "_ranks"][i]:
-                    continue
-                if (m, kind) in own:
-                    key, label, length, rank = own[(m, kind)]
-                    vectors = self._decode(tensors, key, path, label, length, rank)
-                else:
-                    vectors = self.shared[(m, kind, i)]
-                target = out[f"{name}.{slot}"]
-                if kind == "A":
-                    target[: vectors.shape[0]] = vectors
-                else:
-                    target[:, : vectors.shape[0]] = vectors.T
+            for kind, slot_kind, length in (("A", "lora_a", d_in), ("B", "lora_b", d_out)):
+                index, ranks = layout[kind.lower() + "_index"], layout[kind.lower() + "_ranks"]
+                slot = f"{name}.{slot_kind}"
+                for i, rank in enumerate(ranks):
+                    users = [t for t, g in enumerate(index) if g == i]
+                    if not rank or not users:
+                        continue
+                    group = (layout["format"], length)
+                    if len(users) == 1:
+                        own[users[0]].setdefault(group, []).append((slot, f"{m}.{kind}.", rank, kind))
+                    else:
+                        shared.setdefault(group, []).append((slot, f"{m}.{kind}{i}.", rank, kind, (m, kind, i)))
+                        for t in users:
+                            self._uses[t].append((slot, (m, kind, i)))
+        # tasks of one layout share one set of groups (and so one read plan per header)
+        layouts: dict = {}
+        self._layout_of = [layouts.setdefault(tuple((g, tuple(items)) for g, items in o.items()), len(layouts)) for o in own]
+        self._layouts = [{g: self._plan(list(items)) for g, items in key} for key in layouts]
+        self._shared_groups = {g: self._plan(items) for g, items in shared.items()}
+        self._read_plans: dict = {}  # (layout, file length, header bytes) -> read plan
+        self.shared: dict = {}  # (module, kind, index) -> the factor decoded into its slot's shape
+        self._zeros: dict = {}  # shape -> one read-only zero array
+        self._fixed: list = []  # per task: every slot that does not come from its own file (zero or shared)
+
+    def load_shared(self, stored: "tuple[str | os.PathLike, bytes] | None") -> None:
+        """Decode every factor of the shared file ``(name, bytes)`` (None: the bank has none)."""
+        name, blob = stored or ("the shared file (none in this export)", b"")
+        if self._shared_groups:
+            plan = self._read_plan(self._shared_groups, safetensors_entries(blob, name) if stored else {}, name, "the bank's shared file")
+            for group, decoded in self._decode(plan, blob).items():
+                self.shared.update(zip((item[4] for item in self._shared_groups[group][0]), decoded))
+        self._fixed = [{slot: self._zero(slot) for slot in self.slots} for _ in self.tasks]
+        for fixed, uses in zip(self._fixed, self._uses):
+            fixed.update({slot: self.shared[source] for slot, source in uses})
+
+    def task_slots(self, task: str, stored: "tuple[str | os.PathLike, bytes] | None") -> dict:
+        """slot -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None: it has none).
+
+        Slots that come from the shared file (and zero slots) are the same arrays for every task
+        that uses them: a runtime feeds or copies them and never writes into them."""
+        t = self.tasks.index(task)
+        layout = self._layout_of[t]
+        name, blob = stored or (f"task {task!r} (no file of its own)", b"")
+        out = dict(self._fixed[t])
+        if not stored and not self._layouts[layout]:
+            return out
+        n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
+        key = (layout, len(blob), blob[8:8 + n])
+        plan = self._read_plans.get(key)
+        if plan is None:
+            entries = safetensors_entries(blob, name) if stored else {}
+            plan = self._read_plan(self._layouts[layout], entries, name, f"task {task!r}")
+            self._read_plans[key] = plan
+        for group, decoded in self._decode(plan, blob).items():
+            out.update(zip((item[0] for item in self._layouts[layout][group][0]), decoded))
         return out
 
-    def _factors(self, task: int | None):
-        """(module index, kind, factor index, key prefix, format, vector length, rank) of every stored
-        factor in ``task``'s own file (``None``: in the shared file)."""
-        for m, (_, d_out, d_in, layout_id) in enumerate(self.bank["modules"]):
-            layout = self.bank["layouts"][layout_id]
-            for kind, length in (("A", d_in), ("B", d_out)):
-                index = layout[kind.lower() + "_index"]
-                for i, rank in enumerate(layout[kind.lower() + "_ranks"]):
-                    users = [t for t, g in enumerate(index) if g == i]
-                    if not rank or (len(users) == 1) != (task is not None) or (task is not None and users != [task]):
-                        continue
-                    key = f"{m}.{kind}." if task is not None else f"{m}.{kind}{i}."
-                    yield m, kind, i, key, layout["format"], length, rank
+    def _zero(self, slot: str):
+        """The zero slot (modules the bank leaves to the base model), one array per shape."""
+        import numpy as np
+
+        shape = self.slots[slot]
+        if shape not in self._zeros:
+            self._zeros[shape] = np.zeros(shape, dtype=np.float32)
+        return self._zeros[shape]
+
+    def _plan(self, items: list) -> tuple[list, list]:
+        """``items`` [(slot, key prefix, rank, kind, ...)] of one group, sorted so that factors of one
+        kind and slot shape are neighbours, and per such run a block: (kind, shape, first and last
+        decoded row, and for every row the slot it goes to and its row (A) or column (B) there).
+        A load then writes a run's rows into one zero array (n, *shape) in one indexed assignment."""
+        import numpy as np
+
+        items = sorted(items, key=lambda item: (item[3], self.slots[item[0]]))
+        blocks, start, row = [], 0, 0
+        while start < len(items):
+            kind, shape = items[start][3], self.slots[items[start][0]]
+            stop = start
+            while stop < len(items) and items[stop][3] == kind and self.slots[items[stop][0]] == shape:
+                stop += 1
+            ranks = [item[2] for item in items[start:stop]]
+            which = np.repeat(np.arange(stop - start), ranks)
+            within = np.concatenate([np.arange(r) for r in ranks])
+            blocks.append((kind, shape, row, row + sum(ranks), which, within))
+            start, row = stop, row + sum(ranks)
+        return items, blocks
+
+    def _read_plan(self, groups: dict, entries: dict, name: str, owner: str) -> list:
+        """Check a file's ``entries`` (``safetensors_entries``) against the factors ``groups``
+        (group -> (items, blocks)) expect, and say where each lies: per group, per stored part its
+        dtype, width and byte runs (adjacent runs merged), in item order. Every refusal names the
+        file and the tensors."""
+        expected = set()
+        plan = []
+        for (label, length), (items, blocks) in groups.items():
+            want = _PARTS["fp16" if label == "fp16" else "int"]
+            parts = {k: [] for k in want}
+            for _, prefix, rank, *_ in items:
+                found = [entries.get(prefix + k) for k in want]
+                if any(f is None for f in found):
+                    raise Refused(f"{name}: tensors {prefix}* are not a {label} factor of this bank")
+                for k, (dtype, shape, begin, end) in zip(want, found):
+                    if len(shape) != 2 or shape[0] != rank:
+                        raise Refused(f"{name}: tensors {prefix}* are not a {label} factor of rank {rank} of this bank")
+                    if dtype.str.lstrip("|") not in want[k]:
+                        raise Refused(f"{name}: tensors {prefix}*: {k} stored as {dtype}, format {label} needs {want[k][0]}")
+                    parts[k].append((dtype, shape[1], begin, end))
+                    expected.add(prefix + k)
+            stored = {}
+            for k, runs in parts.items():
+                if len({(dtype, width) for dtype, width, _, _ in runs}) > 1:
+                    raise Refused(f"{name}: tensors {items[0][1]}*...: stored factors of format {label} disagree in {k}'s dtype or width")
+                merged: list = []
+                for _, _, begin, end in runs:
+                    if merged and merged[-1][1] == begin:
+                        merged[-1][1] = end
+                    else:
+                        merged.append([begin, end])
+                stored[k] = (runs[0][0], runs[0][1], merged)
+            width = _decoded_width(label, {k: v[1] for k, v in stored.items()})
+            if width is None or width < length or (label == "fp16" and width != length):
+                raise Refused(f"{name}: {items[0][1]}* decodes to vectors of {width}, the bank's layout says {length}")
+            plan.append(((label, length), stored, sum(item[2] for item in items), blocks))
+        unexpected = set(entries) - expected
+        if unexpected:
+            raise Refused(f"{name}: tensors {sorted(unexpected)[0].rpartition('.')[0]}.* are not factors of {owner}")
+        return plan
 
     @staticmethod
-    def _decode(tensors: dict, prefix: str, path: str | None, label: str, length: int, rank: int):
-        """The factor stored under ``prefix`` in ``tensors``, decoded and checked to be (rank, length)."""
-        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        want = {"w": ("<f2",)} if label == "fp16" else {"q": ("i1", "u1"), "scale": ("<f2",)}
-        if set(parts) != set(want) or any(parts[k].dtype.str.lstrip("|") not in want[k] or parts[k].ndim != 2 for k in want):
-            raise Refused(f"{path}: tensors {prefix}* are not a {label} factor of this bank")
-        vectors = decode_factor(parts, label, length)
-        if vectors.shape != (rank, length):
-            raise Refused(f"{path}: {prefix}* decodes to {list(vectors.shape)}, the bank's layout says {[rank, length]}")
-        return vectors
+    def _decode(plan: list, blob: bytes) -> dict:
+        """group -> its factors decoded from ``blob`` along ``plan`` (``_read_plan``), each as its
+        slot's array: A's (R, d_in) rows or B's (d_out, R) columns, zero-padded where the factor's
+        rank is below the signature's R (``B A`` unchanged)."""
+        import numpy as np
+
+        view, out = memoryview(blob), {}
+        for (label, length), stored, n_rows, blocks in plan:
+            joined = {k: np.frombuffer(b"".join([view[b:e] for b, e in runs]), dtype).reshape(n_rows, width)
+                      for k, (dtype, width, runs) in stored.items()}
+            rows = decode_factor(joined, label, length)
+            decoded = out[(label, length)] = []
+            for kind, shape, first, last, which, within in blocks:
+                block = np.zeros((which[-1] + 1, *shape), dtype=np.float32)
+                if kind == "A":
+                    block[which, within] = rows[first:last]
+                else:
+                    block[which, :, within] = rows[first:last]
+                decoded.extend(block)
+        return out
 
 
 def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:
@@ -229,15 +355,21 @@ def decoder_step(session, ids: list[int], slots: dict, past: list) -> tuple:
     return out[0][0], out[1:]
 
 
-def _peak_rss_mb() -> float | None:
+def _status_field(name: str) -> int | None:
+    """An integer field of ``/proc/self/status`` (None where there is none)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(name + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _peak_rss_mb() -> float | None:
+    kb = _status_field("VmHWM")
+    return None if kb is None else kb / 1024
 
 
 class Export:
@@ -252,14 +384,19 @@ class Export:
             raw = json.load(f)
         if raw.get("schema") != MANIFEST_SCHEMA:
             raise Refused(f"{path}: not a {MANIFEST_SCHEMA} manifest")
-        if raw["runtime"] != "onnxruntime":
-            raise Refused(f"export {raw['export_id']} is for {raw['runtime']}; this runner runs ONNX exports")
+        if raw["runtime"] not in RUNNERS:
+            raise Refused(f"export {raw['export_id']} is for {raw['runtime']}; this runner runs {', '.join(RUNNERS)} exports")
         self.raw = raw
         self.export_id: str = raw["export_id"]
         self.tasks: list[str] = raw["tasks"]
         self.files: list[dict] = raw["files"]
         self.switchable = bool(raw["slots"])
         self.model: dict = raw["model"]
+
+    def check_merged(self, task: str) -> None:
+        """A merged export (no slots) serves its one task only."""
+        if task not in self.tasks:
+            raise Refused(f"this merged export serves only {self.tasks[0]!r}, not {task!r}")
 
     def entry(self, role: str, task: str | None = None) -> dict:
         for f in self.files:
@@ -282,74 +419,72 @@ class Export:
         entry = self.find("task", task)
         return entry["bytes"] if entry else 0
 
-    def verified(self, entry: dict | None, what: str) -> str | None:
-        """The path of ``entry``'s file after checking its size and SHA-256 against the manifest."""
+    def verified(self, entry: dict | None, what: str) -> tuple[str, bytes] | None:
+        """``(path, bytes)`` of ``entry``'s file, read once, after checking its size and the SHA-256
+        of those same bytes against the manifest (None: no entry)."""
         if entry is None:
             return None
         path = os.path.join(self.folder, entry["path"])
         if not os.path.isfile(path):
             raise Refused(f"{path}: {what} is missing")
-        if os.path.getsize(path) != entry["bytes"]:
-            raise Refused(f"{path}: {os.path.getsize(path)} bytes, but the export wrote {entry['bytes']} for {what}")
-        if _sha256(path) != entry["sha256"]:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["bytes"]:
+                raise Refused(f"{path}: {size} bytes, but the export wrote {entry['bytes']} for {what}")
+            blob = f.read()
+        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise Refused(f"{path}: SHA-256 does not match export {self.export_id}'s {what}; refusing to load it")
-        return path
+        return path, blob
 
-    def verified_task_file(self, task: str) -> str | None:
-        """``task``'s own file, checked (None: every factor it uses is shared)."""
+    def verified_task_file(self, task: str) -> tuple[str, bytes] | None:
+        """``task``'s own file ``(path, bytes)``, checked (None: every factor it uses is shared)."""
         if task not in self.tasks:
             raise Refused(f"task {task!r} is not in export {self.export_id} (tasks: {', '.join(self.tasks)})")
         return self.verified(self.find("task", task), f"task file for {task!r}")
 
 
-class OrtRunner:
-    """ONNX Runtime session on the export; the KV cache is explicit (``past.*`` in, ``present.*`` out)."""
+class Runner:
+    """What every runtime's runner shares: greedy decoding and teacher-forced scoring, both over
+    ``prefill`` (a new sequence: logits (n, vocab)) and ``decode`` (one more token: (vocab,))."""
 
-    def __init__(self, export: Export, threads: int) -> None:
-        import numpy as np
+    eos: set
+    np: object
+    export: "Export"
+    bank: "BankSlots | None"
+    slots: dict
 
-        self.np, self.export, self.threads = np, export, threads
-        t0 = time.perf_counter()
-        self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
-        self.bank = BankSlots(export.raw) if export.switchable else None
+    def _open_bank(self) -> None:
+        """The bank's slot map and its shared file, decoded once (a merged export has neither)."""
+        self.bank = BankSlots(self.export.raw) if self.export.switchable else None
         if self.bank is not None:
-            self.bank.load_shared(export.verified(export.find("shared"), "the shared file"))
-        self.session_ms = (time.perf_counter() - t0) * 1e3
-        m = export.model
-        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
-        self.n_kv = 2 * m["n_layers"]
-        self.eos = set(m["eos_token_id"])
-        self.slots: dict[str, dict] = {}
-        self.feeds: dict = {}
+            self.bank.load_shared(self.export.verified(self.export.find("shared"), "the shared file"))
+        self.slots = {}
 
     def load_task(self, task: str) -> float:
         """Verify and read the task's own file, decode its slots once; milliseconds."""
         t0 = time.perf_counter()
         if not self.export.switchable:
-            if task not in self.export.tasks:
-                raise Refused(f"this merged export serves only {self.export.tasks[0]!r}, not {task!r}")
+            self.export.check_merged(task)
         else:
-            self.slots[task] = self.bank.task_slots(task, self.export.verified_task_file(task))
+            self.slots[task] = self._runtime_form(self.bank.task_slots(task, self.export.verified_task_file(task)))
         return (time.perf_counter() - t0) * 1e3
 
-    def set_task(self, task: str) -> float:
-        """Make a loaded task active: the decoder step is fed its slots from now on; milliseconds."""
-        t0 = time.perf_counter()
-        if self.export.switchable:
-            self.feeds = self.slots[task]
-        return (time.perf_counter() - t0) * 1e3
+    def _runtime_form(self, slots: dict):
+        """A task's decoded slots (slot -> array) as the runtime takes them."""
+        return slots
 
-    def _step(self, ids: list[int], past: list) -> tuple:
-        return decoder_step(self.session, ids, self.feeds, past)
+    def prefill(self, ids: list[int]):
+        raise NotImplementedError
+
+    def decode(self, token: int):
+        raise NotImplementedError
 
     def greedy(self, prompt: list[int], max_new: int) -> dict:
         """Greedy decoding; stops at an end-of-sequence token of the manifest or after ``max_new``."""
         np = self.np
-        past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
         t0 = time.perf_counter()
-        logits, past = self._step(prompt, past)
+        rows = [self.prefill(prompt)[-1]]
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        rows = [logits[-1]]
         tokens: list[int] = []
         decode_ms: list[float] = []
         token = int(np.argmax(rows[-1]))
@@ -358,11 +493,151 @@ class OrtRunner:
             if token in self.eos or len(tokens) >= max_new:
                 break
             t0 = time.perf_counter()
-            logits, past = self._step([token], past)
+            rows.append(self.decode(token))
             decode_ms.append((time.perf_counter() - t0) * 1e3)
-            rows.append(logits[-1])
             token = int(np.argmax(rows[-1]))
         return {"tokens": tokens, "prefill_ms": prefill_ms, "decode_ms": decode_ms, "rows": np.stack(rows).astype(np.float32)}
+
+    def teacher_forced(self, prompt: list[int], answer: list[int]) -> dict:
+        """One prefill-style pass over ``prompt + answer[:-1]``: row ``len(prompt) - 1 + i`` is the
+        logits that predict ``answer[i]`` with every earlier answer token given (teacher forcing), so
+        the ``len(answer)`` rows from there on are what greedy decoding would compute for as long as
+        its tokens agree with the answer. ``tokens``: the argmax of each of those rows."""
+        np = self.np
+        if not prompt or not answer:
+            raise Refused("teacher-forced scoring needs a non-empty prompt and answer for every example")
+        t0 = time.perf_counter()
+        rows = self.prefill(prompt + answer[:-1])[len(prompt) - 1:]
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"tokens": [int(t) for t in np.argmax(rows, axis=-1)], "prefill_ms": ms, "decode_ms": [],
+                "rows": np.asarray(rows, dtype=np.float32)}
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime session on the export; the KV cache is explicit (``past.*`` in, ``present.*`` out)."""
+
+    def __init__(self, export: Export, threads: int) -> None:
+        import numpy as np
+        import onnxruntime
+
+        self.np, self.export, self.threads = np, export, threads
+        self.runtime = f"onnxruntime {onnxruntime.__version__}"
+        t0 = time.perf_counter()
+        self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
+        self._open_bank()
+        self.session_ms = (time.perf_counter() - t0) * 1e3
+        m = export.model
+        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
+        self.n_kv = 2 * m["n_layers"]
+        self.eos = set(m["eos_token_id"])
+        self.feeds: dict = {}
+        self.past: list = []
+
+    def set_task(self, task: str) -> float:
+        """Make a loaded task active: the decoder step is fed its slots from now on; milliseconds."""
+        t0 = time.perf_counter()
+        if self.export.switchable:
+            self.feeds = self.slots[task]
+        return (time.perf_counter() - t0) * 1e3
+
+    def prefill(self, ids: list[int]):
+        np = self.np
+        past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
+        logits, self.past = decoder_step(self.session, ids, self.feeds, past)
+        return logits
+
+    def decode(self, token: int):
+        logits, self.past = decoder_step(self.session, [token], self.feeds, self.past)
+        return logits[-1]
+
+
+def executorch_bindings():
+    """ExecuTorch's compiled Python bindings (``_C`` since 1.2, ``_portable_lib`` before), imported
+    directly: ``executorch.runtime`` imports them through ``portable_lib.py``, which also imports the
+    exporter (``exir``) and its dependencies, which a target does not install. They link libtorch
+    and take torch tensors, so torch is imported first."""
+    import importlib
+
+    import torch  # noqa: F401  (loads libtorch for the bindings)
+
+    for name in ("_C", "_portable_lib"):
+        try:
+            return importlib.import_module(f"executorch.extension.pybindings.{name}")
+        except ModuleNotFoundError:
+            continue
+    raise Refused("no ExecuTorch bindings (executorch.extension.pybindings._C or _portable_lib) in this Python")
+
+
+class ExecuTorchProgram:
+    """One ``.pte`` through ``_load_program`` (what ``executorch.runtime.Runtime.load_program`` calls):
+    the methods of one program share their memory arenas, so ``set_slots``'s writes reach ``forward``.
+    (``_load_for_executorch``, the older module API, gives each method its own copy: no switch.)"""
+
+    def __init__(self, path: str, threads: int) -> None:
+        import importlib.metadata
+
+        import torch
+
+        et = executorch_bindings()
+        et._unsafe_reset_threadpool(threads)
+        self.torch = torch
+        self.name = f"executorch {importlib.metadata.version('executorch')} (torch {torch.__version__}, XNNPACK)"
+        self.program = et._load_program(path)
+
+    def method(self, name: str):
+        """``f(list of numpy arrays) -> list of numpy arrays`` running method ``name``."""
+        m = self.program.load_method(name)
+        return lambda arrays: [t.numpy() for t in m(tuple(self.torch.from_numpy(a) for a in arrays))]
+
+
+class EtRunner(Runner):
+    """ExecuTorch program of the export (``exporters/executorch_backend.py``): ``forward(input_ids,
+    cache_position)`` over a static KV cache inside the program, and ``set_slots(*slots)``, which
+    writes every LoRA slot (manifest order) into the buffers ``forward`` reads: the switch."""
+
+    def __init__(self, export: Export, threads: int) -> None:
+        import numpy as np
+
+        self.np, self.export, self.threads = np, export, threads
+        t0 = time.perf_counter()
+        rt = ExecuTorchProgram(os.path.join(export.folder, export.entry("program")["path"]), threads)
+        self.runtime = rt.name
+        self.forward = rt.method("forward")
+        self.setter = rt.method("set_slots") if export.switchable else None
+        self._open_bank()
+        self.session_ms = (time.perf_counter() - t0) * 1e3
+        self.max_len = int(export.model["max_cache_len"])
+        self.eos = set(export.model["eos_token_id"])
+        self.pos = 0
+
+    def _runtime_form(self, slots: dict) -> list:
+        """``set_slots`` takes every slot positionally, in the manifest's (the program's) order."""
+        return [slots[name] for name in self.bank.slots]
+
+    def set_task(self, task: str) -> float:
+        """Run ``set_slots`` with the task's slots; milliseconds."""
+        t0 = time.perf_counter()
+        if self.setter is not None:
+            self.setter(self.slots[task])
+        return (time.perf_counter() - t0) * 1e3
+
+    def _step(self, ids: list[int]):
+        np = self.np
+        if self.pos + len(ids) > self.max_len:
+            raise Refused(f"a sequence of {self.pos + len(ids)} tokens exceeds the export's KV cache ({self.max_len})")
+        out = self.forward([np.array([ids], dtype=np.int64), np.arange(self.pos, self.pos + len(ids), dtype=np.int64)])[0]
+        self.pos += len(ids)
+        return out[0]
+
+    def prefill(self, ids: list[int]):
+        self.pos = 0  # positions past the new sequence are masked by the static cache's cache_position
+        return self._step(ids)
+
+    def decode(self, token: int):
+        return self._step([token])[-1]
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "executorch": EtRunner}
 
 
 def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
@@ -378,11 +653,13 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
         prompts = request.get("prompts") or {}
         keep = int(request.get("logits_examples", 0))
         samples = max(1, int(request.get("switch_samples", 1)))
-        runner = OrtRunner(export, threads)
-        import onnxruntime
-
+        answers = request.get("answers") if request.get("teacher_forced") else None
+        if answers is not None and any(len(answers.get(t, [])) != len(p) for t, p in prompts.items()):
+            raise Refused("teacher_forced: \"answers\" must hold one answer per prompt of every task")
+        runner = RUNNERS[export.raw["runtime"]](export, threads)
         out.update({
-            "target": target, "runtime": f"onnxruntime {onnxruntime.__version__}", "export_id": export.export_id,
+            "target": target, "runtime": runner.runtime, "export_id": export.export_id,
+            "scoring": "teacher-forced" if answers is not None else "generated",
             "latency_kind": latency_kind, "threads": threads, "resident_bytes": export.resident_bytes(),
             "all_tasks_bytes": export.bytes_of("task"), "session_ms": runner.session_ms,
             "machine": platform.machine(), "python": platform.python_version(), "extensions": EXTENSIONS,
@@ -398,7 +675,11 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
             entry["switch_ms"] = statistics.median(times)
             outputs = []
             for i, ids in enumerate(prompts.get(task, [])):
-                g = runner.greedy([int(t) for t in ids], max_new)
+                ids = [int(t) for t in ids]
+                if answers is None:
+                    g = runner.greedy(ids, max_new)
+                else:
+                    g = runner.teacher_forced(ids, [int(t) for t in answers[task][i]])
                 o = {"prompt_tokens": len(ids), "tokens": g["tokens"], "prefill_ms": g["prefill_ms"],
                      "decode_ms_per_token": statistics.median(g["decode_ms"]) if g["decode_ms"] else None,
                      "decode_ms": g["decode_ms"]}
@@ -411,6 +692,8 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
             previous = task
         out["tasks"] = entries
         out["peak_rss_mb"] = _peak_rss_mb()
+        out["process_threads"] = _status_field("Threads")
+        out["torch_imported"] = "torch" in sys.modules
     except Refused as e:
         out = {"protocol": PROTOCOL, "error": f"Refused: {e}"}
         arrays = {}
@@ -421,7 +704,7 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="hydraopt device runner (ONNX Runtime)")
+    parser = argparse.ArgumentParser(description="hydraopt device runner (ONNX Runtime, ExecuTorch)")
     parser.add_argument("request")
     parser.add_argument("response")
     parser.add_argument("--target", default=platform.machine())

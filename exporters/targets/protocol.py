@@ -42,12 +42,19 @@ class Response:
 
 
 def make_request(export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new_tokens: int,
-                 threads: int = 1, logits_examples: int = 0, switch_samples: int = 1) -> dict:
-    """A protocol request: run ``sequence`` (tasks, repeats allowed: ``[a, b, a]`` switches back)."""
-    return {"protocol": PROTOCOL, "export": str(Path(export).resolve()), "tasks": list(sequence),
-            "prompts": {t: [list(map(int, p)) for p in prompts.get(t, [])] for t in dict.fromkeys(sequence)},
-            "max_new_tokens": int(max_new_tokens), "threads": int(threads),
-            "logits_examples": int(logits_examples), "switch_samples": int(switch_samples)}
+                 threads: int = 1, logits_examples: int = 0, switch_samples: int = 1,
+                 answers: dict[str, list[list[int]]] | None = None) -> dict:
+    """A protocol request: run ``sequence`` (tasks, repeats allowed: ``[a, b, a]`` switches back).
+    ``answers`` (one per prompt): score them teacher-forced instead of generating."""
+    tasks = list(dict.fromkeys(sequence))
+    request = {"protocol": PROTOCOL, "export": str(Path(export).resolve()), "tasks": list(sequence),
+               "prompts": {t: [list(map(int, p)) for p in prompts.get(t, [])] for t in tasks},
+               "max_new_tokens": int(max_new_tokens), "threads": int(threads),
+               "logits_examples": int(logits_examples), "switch_samples": int(switch_samples)}
+    if answers is not None:
+        request["teacher_forced"] = True
+        request["answers"] = {t: [list(map(int, a)) for a in answers.get(t, [])] for t in tasks}
+    return request
 
 
 def run_request(python: list[str], env: dict[str, str] | None, request: dict, target: str, latency_kind: str,
@@ -73,7 +80,8 @@ def run_request(python: list[str], env: dict[str, str] | None, request: dict, ta
 
 
 def run_on_host(request: dict) -> Response:
-    """The reference: the same runner on the host's Python and ONNX Runtime (the project's venv)."""
+    """The reference: the same runner on the host's Python and runtime (the project's venv: ONNX
+    Runtime, or the exporter's own ExecuTorch)."""
     import platform
 
     return run_request([sys.executable], None, request, f"host-{platform.machine()}", "measured")

@@ -22,7 +22,12 @@ switches tasks by feeding each task's decoded slots (the task decoder runs on th
 task load, as on the host) through the sequence given, and compares every output with the fp32
 export on the CPU execution provider.
 
-Usage: ``python qnn_graph.py EXPORT WORKDIR --seq 8 --past 2 --tasks a,b,a`` -> ``WORKDIR/report.json``.
+With ``--archs 73,75,79`` each QDQ graph is also compiled offline (``ep.context_enable=1``) into one HTP
+context binary per SoC generation, reloaded from its EPContext model without CPU fallback, and run
+through ``--context-tasks`` (the switch is a feed: one binary serves every task).
+
+Usage: ``python qnn_graph.py EXPORT WORKDIR --seq 8 --past 2 --tasks a,b,a [--quants a16w8,a8w8] [--archs 73,75,79]``
+-> ``WORKDIR/report.json``, ``WORKDIR/logits.npz``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
 from device_runner import BankSlots, Export  # the sibling standalone runner (run as a script: its folder is on sys.path)
+from onnx_edit import rename_inputs
 
 
 def fold(src: str, dst: str) -> None:
@@ -56,14 +64,15 @@ def drop_nan_guards(model: onnx.ModelProto) -> int:
             rename[node.output[0]] = node.input[2]
             model.graph.node.remove(guard)
             model.graph.node.remove(node)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+    rename_inputs(model.graph, rename)
     return len(rename)
 
 
-def htp_session(path: str, fallback: bool = False):
+QUANTS = {"a16w8": ("QUInt16", "QUInt8"), "a8w8": ("QUInt8", "QUInt8")}
+
+
+def htp_session(path: str, fallback: bool = False, arch: str | None = None, config: dict | None = None):
+    """A session on the HTP backend; with ``fallback`` False it opens only if every node runs on the NPU."""
     import onnxruntime_qnn
 
     if not any(d.ep_name == "QNNExecutionProvider" for d in ort.get_ep_devices()):
@@ -73,32 +82,47 @@ def htp_session(path: str, fallback: bool = False):
     so.log_severity_level = 3
     if not fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    so.add_provider_for_devices(devices[:1], {"backend_type": "htp"})
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    so.add_provider_for_devices(devices[:1], {"backend_type": "htp", **({"htp_arch": arch} if arch else {})})
     return ort.InferenceSession(path, so)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("export")
-    p.add_argument("workdir")
-    p.add_argument("--seq", type=int, default=8)
-    p.add_argument("--past", type=int, default=2)
-    p.add_argument("--tasks", default="")
-    p.add_argument("--per-channel", action="store_true")
-    p.add_argument("--calibration", type=int, default=4, help="random token windows per task")
-    a = p.parse_args()
-    from onnxruntime.quantization import QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+def context_binary(qdq: str, workdir: str, arch: str) -> dict:
+    """Compile ``qdq`` offline for ``htp_arch`` ``arch``: ``ctx_v<arch>.onnx`` (an EPContext node) and
+    ``ctx_v<arch>_qnn.bin`` (the HTP context binary a phone loads).
 
-    os.makedirs(a.workdir, exist_ok=True)
-    w = lambda name: os.path.join(a.workdir, name)  # noqa: E731
-    manifest = json.load(open(os.path.join(a.export, "manifest.json")))
-    m = manifest["model"]
-    n_kv, kv_shape = 2 * m["n_layers"], (1, m["kv_heads"], 0, m["head_dim"])
-    model = onnx.load(os.path.join(a.export, "model.onnx"))
-    make_dim_param_fixed(model.graph, "seq", a.seq)
-    make_dim_param_fixed(model.graph, "past_len", a.past)
+    ORT writes the EPContext model with only the inputs that had no initializer: the task slots
+    (inputs with zero defaults) stay node inputs but drop out of the graph's inputs, and the
+    reloaded session then refuses the graph ("count of graph inputs should be at least the count
+    of tensor_wrapper"). They are put back as graph inputs (zero defaults kept), so one binary
+    serves every task by feeding its slots."""
+    ctx = os.path.join(workdir, f"ctx_v{arch}.onnx")
+    binary = os.path.join(workdir, f"ctx_v{arch}_qnn.bin")
+    for stale in (ctx, binary):
+        if os.path.exists(stale):
+            os.remove(stale)
+    t0 = time.perf_counter()
+    htp_session(qdq, arch=arch, config={"ep.context_enable": "1", "ep.context_file_path": ctx, "ep.context_embed_mode": "0"})
+    compile_s = time.perf_counter() - t0
+    inputs = {i.name: i for i in onnx.load(qdq, load_external_data=False).graph.input}
+    model = onnx.load(ctx)
+    (node,) = model.graph.node
+    assert node.op_type == "EPContext", node.op_type
+    have = {i.name for i in model.graph.input}
+    model.graph.input.extend([inputs[n] for n in node.input if n not in have])
+    onnx.save(model, ctx)
+    return {"htp_arch": arch, "compile_s": compile_s, "bytes_binary": os.path.getsize(binary), "bytes_epcontext_onnx": os.path.getsize(ctx),
+            "sdk": next((a.s.decode() for a in node.attribute if a.name == "ep_sdk_version"), None), "path": ctx}
+
+
+def prepare(export: str, workdir: str, seq: int, past: int) -> tuple[str, list, dict]:
+    """Steps 1-4: the static, folded graph without NaN guards, task slots as plain inputs -> ``pure.onnx``.
+    Returns its path, the slots' (zero-able) default initializers and facts for the report."""
+    w = lambda name: os.path.join(workdir, name)  # noqa: E731
+    model = onnx.load(os.path.join(export, "model.onnx"))
+    make_dim_param_fixed(model.graph, "seq", seq)
+    make_dim_param_fixed(model.graph, "past_len", past)
     fix_output_shapes(model)
     onnx.save(model, w("static.onnx"))
     fold(w("static.onnx"), w("folded.onnx"))
@@ -110,61 +134,201 @@ def main() -> None:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     onnx.save(model, w("pure.onnx"))
+    return w("pure.onnx"), defaults, {"guards_dropped": guards, "slots": len(slots)}
 
-    cpu = ort.InferenceSession(os.path.join(a.export, "model.onnx"), providers=["CPUExecutionProvider"])
+
+def quantize_qdq(pure: str, workdir: str, quant: str, calib: list, defaults: list, per_channel: bool) -> tuple[str, dict]:
+    """Step 5: QDQ ``quant`` (a16w8 / a8w8) calibrated on ``calib`` feeds; the slots get their zero defaults back."""
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    w = lambda name: os.path.join(workdir, name)  # noqa: E731
+    activations, weights = (getattr(QuantType, t) for t in QUANTS[quant])
+    reader = type("Reader", (), {"it": iter(calib), "get_next": lambda self: next(self.it, None)})()
+    src = w("pre.onnx") if qnn_preprocess_model(pure, w("pre.onnx")) else pure
+    out = w(f"qdq_{quant}.onnx")
+    t0 = time.perf_counter()
+    config = get_qnn_qdq_config(src, reader, activation_type=activations, weight_type=weights, per_channel=per_channel)
+    quantize(src, out, config)
+    quantize_s = time.perf_counter() - t0
+    qdq = onnx.load(out)
+    for d in defaults:  # zero defaults again: a run without task slots is the base model
+        qdq.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(d)), d.name))
+    assert {d.name for d in defaults} <= {i.name for i in qdq.graph.input}
+    onnx.save(qdq, out)
+    return out, {"quant": quant, "quantize_s": quantize_s, "nodes": len(qdq.graph.node), "ops": sorted({n.op_type for n in qdq.graph.node}),
+                 "bytes_qdq": os.path.getsize(out)}
+
+
+def lora_probe(session, ctx: str, feeds: dict, section: str, timed) -> dict:
+    """QNN's own LoRA route: run option ``qnn.lora_config=<graph>;<adapter binary section>`` on the
+    EPContext session. Only QAIRT's tools write a binary section for a graph compiled with
+    updatable LoRA tensors; given anything else the EP logs "Unable to load Lora Config" and runs
+    the graph unchanged, which this probe shows by comparing with the run without the option."""
+    (node,) = onnx.load(ctx).graph.node
+    graph = next(x.s.decode() for x in node.attribute if x.name == "partition_name")
+    options = ort.RunOptions()
+    options.add_run_config_entry("qnn.lora_config", f"{graph};{section}")
+    plain, _ = timed(session, feeds)
+    try:
+        got, _ = timed(session, feeds, options)
+    except Exception as e:  # noqa: BLE001
+        return {"lora_config": f"{graph};{os.path.basename(section)}", "ran": False, "error": str(e)[:300]}
+    return {"lora_config": f"{graph};{os.path.basename(section)}", "ran": True, "output_unchanged": bool(np.array_equal(got, plain))}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("export")
+    p.add_argument("workdir")
+    p.add_argument("--seq", type=int, default=8)
+    p.add_argument("--past", type=int, default=2)
+    p.add_argument("--tasks", default="", help="comma-separated run order on the QDQ session (default: every task once)")
+    p.add_argument("--quants", default="a16w8", help=f"comma-separated, of {', '.join(QUANTS)}")
+    p.add_argument("--archs", default="", help="htp_arch values to compile offline context binaries for (e.g. 73,75,79)")
+    p.add_argument("--context-quants", default="", help="the quants that get context binaries (default: all)")
+    p.add_argument("--context-tasks", default="", help="run order through each context binary (default: --tasks)")
+    p.add_argument("--ids", default="", help="JSON {'calibration': {task: [ids]}, 'eval': {task: [ids]}}, each ids of length past+seq "
+                                            "(default: random tokens)")
+    p.add_argument("--lora-probe", default="", help="a file passed as qnn.lora_config's binary section on the first context binary")
+    p.add_argument("--static-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also try the unquantised graph without CPU fallback (it must be refused; slow at real width)")
+    p.add_argument("--reuse-qdq", action="store_true", help="reuse WORKDIR/qdq_<quant>.onnx left by an earlier run with the same arguments")
+    p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--calibration", type=int, default=4, help="random token windows per task (without --ids)")
+    a = p.parse_args()
+
+    os.makedirs(a.workdir, exist_ok=True)
+    manifest = json.load(open(os.path.join(a.export, "manifest.json")))
+    m = manifest["model"]
+    n_kv, kv_shape = 2 * m["n_layers"], (1, m["kv_heads"], 0, m["head_dim"])
+    pure, defaults, facts = prepare(a.export, a.workdir, a.seq, a.past)
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    cpu = ort.InferenceSession(os.path.join(a.export, "model.onnx"), so, providers=["CPUExecutionProvider"])
     export = Export(a.export)
     bank = BankSlots(manifest)
     bank.load_shared(export.verified(export.find("shared"), "the shared file"))
-    rng = np.random.default_rng(0)
-    decoded = {t: bank.task_slots(t, export.verified_task_file(t)) for t in manifest["tasks"]}
-
-    def window(task: str, ids: np.ndarray) -> dict:
-        """The first ``past`` tokens through the fp32 graph on the CPU: the KV cache the NPU step continues."""
-        empty = {f"past.{i}": np.zeros(kv_shape, np.float32) for i in range(n_kv)}
-        out = cpu.run(None, {"input_ids": ids[None, : a.past].astype(np.int64), **empty, **decoded[task]})
-        return {"input_ids": ids[None, a.past:].astype(np.int64), **{f"past.{i}": out[1 + i] for i in range(n_kv)}, **decoded[task]}
-
-    calib = [window(t, rng.integers(0, m["vocab_size"], a.past + a.seq)) for t in manifest["tasks"] for _ in range(a.calibration)]
-    reader = type("Reader", (), {"it": iter(calib), "get_next": lambda self: next(self.it, None)})()
-    src = w("pre.onnx") if qnn_preprocess_model(w("pure.onnx"), w("pre.onnx")) else w("pure.onnx")
-    t0 = time.perf_counter()
-    config = get_qnn_qdq_config(onnx.load(src), reader, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8, per_channel=a.per_channel)
-    quantize(src, w("qdq.onnx"), config)
-    quantize_s = time.perf_counter() - t0
-    qdq = onnx.load(w("qdq.onnx"))
-    names = {d.name for d in defaults}
-    for d in defaults:  # zero defaults again: a run without task slots is the base model
-        qdq.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(d)), d.name))
-    assert names <= {i.name for i in qdq.graph.input}
-    onnx.save(qdq, w("qdq.onnx"))
-
-    report: dict = {"ort": ort.__version__, "guards_dropped": guards, "slots": len(slots), "quantize_s": quantize_s,
-                    "nodes": len(qdq.graph.node), "ops": sorted({n.op_type for n in qdq.graph.node}),
-                    "bytes_qdq": os.path.getsize(w("qdq.onnx")), "seq": a.seq, "past": a.past}
-    try:  # the unquantised static graph still has ops HTP lacks: proves the fallback check can fail
-        htp_session(w("static.onnx"))
-        report["static_graph_on_htp"] = "opened"
-    except Exception as e:  # noqa: BLE001
-        report["static_graph_on_htp"] = f"refused: {str(e)[:300]}"
-    t0 = time.perf_counter()
-    session = htp_session(w("qdq.onnx"))
-    report["htp_session_ms"] = (time.perf_counter() - t0) * 1e3
-    ids = rng.integers(0, m["vocab_size"], a.past + a.seq)
-    runs = []
-    arrays = {}
-    for k, task in enumerate([t for t in a.tasks.split(",") if t] or manifest["tasks"]):
-        feeds = window(task, ids)
+    decoded, decode_ms = {}, {}
+    for t in manifest["tasks"]:
         t0 = time.perf_counter()
-        got = session.run(["logits"], feeds)[0][0]
-        ms = (time.perf_counter() - t0) * 1e3
-        ref = cpu.run(["logits"], feeds)[0][0]
-        others = {t: float(np.abs(got - cpu.run(["logits"], window(t, ids))[0][0]).max()) for t in manifest["tasks"] if t != task}
-        arrays[f"{k}"] = got
-        runs.append({"task": task, "run_ms": ms, "max_err_vs_fp32": float(np.abs(got - ref).max()),
-                     "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()), "max_err_vs_other_tasks": others})
-    report["runs"] = runs
-    np.savez(w("logits.npz"), **arrays)
-    json.dump(report, open(w("report.json"), "w"), indent=1)
+        decoded[t] = bank.task_slots(t, export.verified_task_file(t))
+        decode_ms[t] = (time.perf_counter() - t0) * 1e3
+    zeros = {d.name: np.zeros_like(onnx.numpy_helper.to_array(d)) for d in defaults}
+    rng = np.random.default_rng(0)
+
+    def window(slots: dict, ids) -> dict:
+        """The first ``past`` tokens through the fp32 graph on the CPU: the KV cache the NPU step continues."""
+        ids = np.asarray(ids, np.int64)
+        empty = {f"past.{i}": np.zeros(kv_shape, np.float32) for i in range(n_kv)}
+        out = cpu.run(None, {"input_ids": ids[None, : a.past], **empty, **slots})
+        return {"input_ids": ids[None, a.past:], **{f"past.{i}": out[1 + i] for i in range(n_kv)}, **slots}
+
+    given = json.load(open(a.ids)) if a.ids else None
+    n = a.past + a.seq
+    order = [t for t in a.tasks.split(",") if t] or manifest["tasks"]
+    ctx_order = [t for t in a.context_tasks.split(",") if t] or order
+    if given:
+        calib_ids, eval_ids = given["calibration"], given["eval"]
+    else:
+        calib_ids = {t: [rng.integers(0, m["vocab_size"], n).tolist() for _ in range(a.calibration)] for t in manifest["tasks"]}
+        shared = [rng.integers(0, m["vocab_size"], n).tolist()]
+        eval_ids = {t: shared for t in {*order, *ctx_order}}
+    assert all(len(x) == n for xs in [*eval_ids.values(), *calib_ids.values()] for x in xs), "every window needs past+seq ids"
+    feeds: dict = {}
+    ref: dict = {}
+
+    def feed(slots_of: str | None, owner: str, k: int) -> dict:
+        """Task ``slots_of``'s (None: the base model's zero slots) feeds for window ``k`` of task ``owner``."""
+        if (slots_of, owner, k) not in feeds:
+            feeds[(slots_of, owner, k)] = window(decoded[slots_of] if slots_of else zeros, eval_ids[owner][k])
+        return feeds[(slots_of, owner, k)]
+
+    def fp32(slots_of: str | None, owner: str, k: int) -> np.ndarray:
+        """The fp32 export's logits on the CPU EP: the reference."""
+        if (slots_of, owner, k) not in ref:
+            ref[(slots_of, owner, k)] = cpu.run(["logits"], feed(slots_of, owner, k))[0][0]
+        return ref[(slots_of, owner, k)]
+
+    def compare(got: np.ndarray, task: str, k: int, base: np.ndarray | None) -> dict:
+        r = fp32(task, task, k)
+        row = {"task": task, "window": k, "max_err_vs_fp32": float(np.abs(got - r).max()), "top1_agreement": float((got.argmax(-1) == r.argmax(-1)).mean()),
+               "max_err_vs_other_tasks": {t: float(np.abs(got - fp32(t, task, k)).max()) for t in dict.fromkeys(order) if t != task}}
+        if base is not None:  # the LoRA effect: task minus base, on the NPU and in fp32
+            effect = r - fp32(None, task, k)
+            row["lora_effect_cosine"] = cosine(got - base, effect)
+            row["lora_effect_norm_ratio"] = float(np.linalg.norm(got - base) / (np.linalg.norm(effect) + 1e-30))
+        return row
+
+    def timed(s, f: dict, options=None) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        got = s.run(["logits"], f, options)[0][0]
+        return got, (time.perf_counter() - t0) * 1e3
+
+    report: dict = {"ort": ort.__version__, **facts, "seq": a.seq, "past": a.past, "windows": {t: len(v) for t, v in eval_ids.items()},
+                    "task_decode_ms": decode_ms, "kv_prefill": "fp32 export on the CPU execution provider", "quants": []}
+    if a.static_check:  # the unquantised static graph still has ops HTP lacks: proves the fallback check can fail
+        try:
+            htp_session(os.path.join(a.workdir, "static.onnx"))
+            report["static_graph_on_htp"] = "opened"
+        except Exception as e:  # noqa: BLE001
+            report["static_graph_on_htp"] = f"refused: {str(e)[:300]}"
+    arrays = {}
+    archs = [x for x in a.archs.split(",") if x]
+    for quant in a.quants.split(","):
+        qdq = os.path.join(a.workdir, f"qdq_{quant}.onnx")
+        if a.reuse_qdq and os.path.exists(qdq):  # an earlier run's graph, same arguments (the caller vouches)
+            model = onnx.load(qdq, load_external_data=False)
+            info = {"quant": quant, "quantize_s": None, "qdq": "reused from an earlier run in this workdir", "nodes": len(model.graph.node),
+                    "ops": sorted({n.op_type for n in model.graph.node}), "bytes_qdq": os.path.getsize(qdq)}
+            del model
+        else:
+            calib = [window(decoded[t], ids) for t, xs in calib_ids.items() for ids in xs]
+            qdq, info = quantize_qdq(pure, a.workdir, quant, calib, defaults, a.per_channel)
+        t0 = time.perf_counter()
+        session = htp_session(qdq, arch=archs[0] if archs else None)
+        info["htp_arch_qdq_session"] = archs[0] if archs else "default"
+        info["htp_session_s"] = time.perf_counter() - t0
+        on_qdq, runs = {}, []
+        for i, task in enumerate(order):
+            for k in range(len(eval_ids[task])):
+                base, _ = timed(session, feed(None, task, k))
+                got, ms = timed(session, feed(task, task, k))
+                arrays[f"{quant}/qdq/{i}/{k}"] = on_qdq[(task, k)] = got
+                arrays[f"fp32/{task}/{k}"] = fp32(task, task, k)
+                runs.append({**compare(got, task, k, base), "run_ms": ms})
+        # the same feeds again: a run without a switch, the time a switched run is compared with
+        _, info["repeat_run_ms"] = timed(session, feed(order[-1], order[-1], len(eval_ids[order[-1]]) - 1))
+        info["runs"] = runs
+        info["contexts"] = []
+        for arch in archs if quant in (a.context_quants or a.quants).split(",") else []:
+            ctx = context_binary(qdq, a.workdir, arch)
+            path = ctx.pop("path")
+            t0 = time.perf_counter()
+            cs = htp_session(path)
+            ctx["load_s"] = time.perf_counter() - t0
+            ctx_runs = []
+            for i, task in enumerate(ctx_order):
+                got, ms = timed(cs, feed(task, task, 0))
+                arrays[f"{quant}/ctx{arch}/{i}/0"] = got
+                if (task, 0) not in on_qdq:
+                    on_qdq[(task, 0)] = timed(session, feed(task, task, 0))[0]
+                ctx_runs.append({**compare(got, task, 0, None), "run_ms": ms, "max_diff_vs_qdq_session": float(np.abs(got - on_qdq[(task, 0)]).max())})
+            ctx["runs"] = ctx_runs
+            if a.lora_probe and not info["contexts"]:
+                ctx["lora_probe"] = lora_probe(cs, path, feed(ctx_order[0], ctx_order[0], 0), a.lora_probe, timed)
+            info["contexts"].append(ctx)
+            del cs
+        report["quants"].append(info)
+        del session
+        # after each quant, so a run cut short keeps what it measured
+        np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
+        json.dump(report, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":

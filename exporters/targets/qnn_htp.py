@@ -83,27 +83,51 @@ def check(folder: Path) -> Readiness:
     return Readiness(True, f"onnxruntime {smoke.get('onnxruntime')} + onnxruntime-qnn {smoke.get('onnxruntime_qnn')} (HTP emulator)")
 
 
-def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None) -> dict:
-    """Quantise ``export`` to QDQ A16W8, open it on HTP without CPU fallback, run ``tasks`` in order.
+def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None, quants: tuple[str, ...] = ("a16w8",),
+              archs: tuple[str, ...] = (), context_quants: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, lora_probe: Path | None = None,
+              static_check: bool = True, reuse_qdq: bool = False, timeout: int = 1800) -> dict:
+    """Quantise ``export`` to QDQ (``quants``: a16w8, a8w8), open it on HTP without CPU fallback, run ``tasks`` in order
+    on every eval window; per ``archs`` (htp_arch), compile an offline context binary of each of ``context_quants``
+    (default all), reload it and run ``context_tasks``.
 
-    Returns ``qnn_graph.py``'s report (nodes, ops, bytes, whether the unquantised graph was refused,
-    per run: max error vs the fp32 export on the CPU, top-1 agreement, error vs the other tasks) and,
-    under ``"logits"``, each run's logits.
+    ``ids``: ``{"calibration": {task: [ids]}, "eval": {task: [ids]}}``, each of ``past + seq`` token ids (default random).
+    ``lora_probe``: a file tried as ``qnn.lora_config``'s adapter binary section on the first context binary.
+    Returns ``qnn_graph.py``'s report (per quant: nodes, ops, bytes, runs with max error and top-1 agreement vs
+    the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
+    ``"logits"``, every run's logits keyed ``quant/session/run/window`` and the fp32 references ``fp32/task/window``.
     """
-    import numpy as np
-
     from exporters.targets.registry import get_target
 
     folder = get_target(NAME).folder()
     with tempfile.TemporaryDirectory(prefix="hydraopt-qnn-") as tmp:
         work = Path(workdir or tmp)
-        r = subprocess.run([str(venv_python(folder)), str(SCRIPT), str(export), str(work), "--seq", str(seq), "--past", str(past),
-                            "--tasks", ",".join(tasks)], capture_output=True, text=True, timeout=1800)
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [str(venv_python(folder)), str(SCRIPT), str(export), str(work), "--seq", str(seq), "--past", str(past),
+               "--tasks", ",".join(tasks), "--quants", ",".join(quants), "--archs", ",".join(archs),
+               "--context-tasks", ",".join(context_tasks or tasks),
+               "--context-quants", ",".join(context_quants)]
+        if reuse_qdq:
+            cmd.append("--reuse-qdq")
+        if not static_check:
+            cmd.append("--no-static-check")
+        if lora_probe is not None:
+            cmd += ["--lora-probe", str(lora_probe)]
+        if ids is not None:
+            (work / "ids.json").write_text(json.dumps(ids))
+            cmd += ["--ids", str(work / "ids.json")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"qnn_graph.py failed: {r.stderr.strip()[-2000:]}")
-        report = json.loads((work / "report.json").read_text())
-        with np.load(work / "logits.npz") as z:
-            report["logits"] = [z[str(i)] for i in range(len(report["runs"]))]
+        return read_report(work)
+
+
+def read_report(work: Path) -> dict:
+    """``qnn_graph.py``'s report in ``work`` (written after each quant) with its logits under ``"logits"``."""
+    import numpy as np
+
+    report = json.loads((work / "report.json").read_text())
+    with np.load(work / "logits.npz") as z:
+        report["logits"] = {k: z[k] for k in z.files}
     return report
 
 
@@ -114,8 +138,9 @@ TARGET = Target(
     latency_kind="emulated",
     tolerance="every node on HTP (CPU fallback disabled); switching back bit-identical. Parity with fp32 NOT met on the random "
               "tiny test model (A16W8 error 0.4-0.9 vs task distance ~0.7); FIELD_NOTES saw 0.075 on a real-width block",
-    on_phone="the same QDQ graph on a Snapdragon phone's HTP through ONNX Runtime's QNN EP (Android AAR with QNN), or its "
-             "offline context binary (ep.context_enable=1) per htp_arch; not built here",
+    on_phone="the offline context binary for the phone's htp_arch (ep.context_enable=1: ctx_v<arch>_qnn.bin + its EPContext "
+             "model, written per arch by qnn_graph.py --archs) loaded by ONNX Runtime's QNN EP on the Snapdragon (Android AAR "
+             "with QNN); tasks switched by feeding their slots; not run on a phone here",
     steps=steps,
     check=check,
 )

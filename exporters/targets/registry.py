@@ -49,8 +49,11 @@ class Target:
     on_phone: str  # what the same harness does on a real phone
     steps: Callable[[], list[Step]]
     check: Callable[[Path], Readiness]  # (target folder) -> readiness, cheap: runs nothing heavy
-    # (target folder) -> (argv that starts the target's Python, its environment); None: no ONNX runner
-    python: Callable[[Path], tuple[list[str], dict[str, str]]] | None = None
+    # (target folder, export runtime) -> (argv that starts the target's Python for that runtime's
+    # exports, its environment); None: no device runner
+    python: Callable[[Path, str], tuple[list[str], dict[str, str]]] | None = None
+    # (target folder, export runtime) -> whether exports of that runtime run here; None: ``check``
+    runtime_check: Callable[[Path, str], Readiness] | None = None
     emulator: Callable[[Path], str] | None = None  # (target folder) -> emulator version, if emulated
 
     def folder(self) -> Path:
@@ -94,9 +97,9 @@ def targets_root() -> Path:
 
 
 def _registry() -> dict[str, Target]:
-    from exporters.targets import arm64, qnn_htp
+    from exporters.targets import arm64, ethos_u, qnn_htp
 
-    return {t.name: t for t in (arm64.TARGET, qnn_htp.TARGET)}
+    return {t.name: t for t in (arm64.TARGET, qnn_htp.TARGET, ethos_u.TARGET)}
 
 
 TARGETS: dict[str, Target] = _registry()

@@ -75,9 +75,7 @@ def _switch_ms(session: Session, task: str, other: str) -> float:
 def _generation(session: Session, ids: list[int], max_new: int, keep_logits: bool) -> dict:
     """Greedy tokens and timings of one prompt; with ``keep_logits`` the rows that predicted each token."""
     gen = greedy(session, ids, max_new, keep_logits=keep_logits)
-    logits = None
-    if gen.logits:
-        logits = np.concatenate([gen.logits[0][-1:], np.stack(gen.logits[1:])]) if len(gen.logits) > 1 else gen.logits[0][-1:]
+    logits = gen.token_logits() if gen.logits else None
     return {"tokens": gen.tokens, "prefill_ms": gen.prefill_s * 1e3, "decode_ms": [s * 1e3 for s in gen.decode_s], "logits": logits}
 
 

@@ -91,6 +91,8 @@ def merge_cmd(
     group_size: int = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable)"),
     out: Path = typer.Option(..., "--out", help="bundle folder to write"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="hydraopt / per-task: a folder of <task>.jsonl texts ({\"text\": ...} per line; `hydraopt suite calibration` writes the suite's): the data-aware objective"),
+    model: Optional[Path] = typer.Option(None, "--model", help="base model folder for --calibration (default: the packaged SmolLM2-135M)"),
     allow_missing: bool = typer.Option(False, "--allow-missing"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -106,10 +108,23 @@ def merge_cmd(
             params=_parse_params(param),
         )
         adapter_set = load_adapter_set(adapters, allow_missing)
+        if calibration is not None:
+            config = dataclasses.replace(config, calibration=_calibrate(calibration, model, adapter_set))
         with progress_bar(f"{method}: modules", console) as on_step:
             bank = merge(adapter_set, config, on_step)
         write_bundle(bank, out, overwrite, inputs)
     _print_inspect(out)
+
+
+def _calibrate(folder: Path, model_dir: Optional[Path], adapter_set):
+    """The tasks' input moments: ``folder``'s texts through the base model (calibration.py)."""
+    from hydraopt_mobile.calibration import collect, read_texts
+    from hydraopt_mobile.suite.model import load_base_model
+
+    texts = read_texts(folder, adapter_set.task_names)
+    with console.status(f"calibration: {sum(map(len, texts.values()))} texts through the base model"):
+        lm, tokenizer = load_base_model(model_dir)
+        return collect(lm, tokenizer, adapter_set, texts)
 
 
 def _print_inspect(path: Path) -> None:

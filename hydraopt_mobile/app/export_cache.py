@@ -12,19 +12,28 @@ from pathlib import Path
 from rich.console import Console
 
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.errors import UserError
 
 
 def cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, console: Console) -> Path:
     """The export of ``bank`` in the cache, made on the first run: keyed by the bank's digest, the
-    base model's files (name, size, mtime) and the format, so anything that changes them re-exports."""
+    base model's files (name, size, mtime), the format and the export schema, so anything that
+    changes them re-exports. A cached export whose manifest this version cannot read (written by
+    an older exporter under the same key) is made again, never handed on to a runtime that refuses it."""
     from exporters.export import bank_digest, export_bank
+    from exporters.manifest import SCHEMA, Manifest
 
     from hydraopt_mobile.suite.model import cache_root
 
     model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
-    key = hashlib.sha256(json.dumps([bank_digest(bank), model_files, fmt, quant]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([bank_digest(bank), model_files, fmt, quant, SCHEMA]).encode()).hexdigest()[:16]
     folder = cache_root() / "exports" / f"{fmt}-{quant}-{bank.method}-{key}"
-    if (folder / "manifest.json").is_file():
+    try:
+        Manifest.read(folder)
+        readable = True
+    except (UserError, OSError):
+        readable = False
+    if readable:
         console.print(f"export: cached {folder}")
     else:
         export_bank(bank, model_dir, fmt, quant, folder, overwrite=True)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from hydraopt_mobile.errors import UserError
 
 console = Console()
 FORMAT_HELP = " | ".join(BACKENDS)
-QUANT_HELP = "; ".join(f"{name}: {' | '.join(b.quants)}" for name, b in BACKENDS.items())
+QUANT_HELP = "; ".join(f"{name}: " + " | ".join(f"{q} ({desc})" for q, desc in b.quants.items()) for name, b in BACKENDS.items())
 bench_app = typer.Typer(help="Measure exports on the real runtimes.", no_args_is_help=True)
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
@@ -33,7 +34,9 @@ from .records import markdown_table, write_record
 SCHEMA = 2  # records of schema 1 (payload bytes) are not comparable and are dropped on resume
 BASELINES = ("svd", "ties", "task-arithmetic", "dare-ties", "knots")
 FORMATS = ("fp16", "int8", "int4")
-BUDGETED = tuple(m.name for m in METHODS.values() if m.budgeted)  # hydraopt, per-task
+BUDGETED = tuple(m.name for m in METHODS.values() if m.budgeted)  # hydraopt, per-task, compeft
+PLANNED = ("hydraopt", "per-task")  # the planner's methods: every budget, and with calibration
+PER_TASK_RIVALS = ("per-task", "compeft")  # compressing each adapter on its own: what sharing must beat
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,23 @@ class Point:
     budget: float | None = None
     fmt: str | None = None
     at: str | None = None
+    calibration: bool = False  # the data-aware objective (suite calibration texts)
 
     def key(self, init: str) -> tuple:
-        return (self.method, self.budget, self.fmt or "auto", self.at, init)
+        return (self.method, self.budget, self.fmt or "auto", self.at, init, self.calibration)
 
 
 def default_points(n_tasks: int) -> list[Point]:
-    """Ordered by importance, so that a run cut short still has the references, both budgeted
-    methods at 1/T, and the fp16 baselines."""
+    """Ordered by importance, so that a run cut short still has the references, the budgeted
+    methods at 1/T and 1/(2T) (the planner's with and without calibration), and the fp16 baselines."""
     one_adapter, half = round(1.0 / n_tasks, 4), round(0.5 / n_tasks, 4)
     points = [Point("none", fmt=f) for f in FORMATS]
     points += [Point(m, one_adapter) for m in BUDGETED]
+    points += [Point(m, b, calibration=True) for b in (one_adapter, half) for m in PLANNED]
+    points += [Point("compeft", half)]
     points += [Point(b, fmt="fp16") for b in BASELINES]
-    points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in BUDGETED]
-    points += [Point(m, b) for b in (half, 0.15, 0.3, 0.52) for m in BUDGETED]
+    points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in PLANNED]
+    points += [Point(m, b) for b in (half, 0.15, 0.3, 0.52) for m in PLANNED]
     points += [Point(b, fmt=f) for f in ("int4", "int8") for b in BASELINES]
     return points
 
@@ -73,18 +79,22 @@ def budget_of(adapters: AdapterSet, point: Point) -> Budget:
     return Budget(nbytes=baseline_bytes(adapters, point.at)) if point.at else Budget(fraction=point.budget)
 
 
-def banks_for(adapters: AdapterSet, points: list[Point]) -> Callable[[Point], MergedBank | InfeasibleBudget]:
-    """A lookup that merges lazily: the budgeted points of one (method, format) share one pass over
-    the planner's candidates; fixed-storage methods merge per point."""
+def banks_for(adapters: AdapterSet, points: list[Point], calibrate: Callable[[], Calibration] | None = None) -> Callable[[Point], MergedBank | InfeasibleBudget]:
+    """A lookup that merges lazily: the budgeted points of one (method, format, calibration) share
+    one pass over the planner's candidates; fixed-storage methods merge per point. ``calibrate()``
+    gives the calibration of the points that ask for it."""
     cache: dict[Point, MergedBank | InfeasibleBudget] = {}
 
     def get(point: Point) -> MergedBank | InfeasibleBudget:
         if point not in cache:
             fmt = NumberFormat.parse(point.fmt) if point.fmt else None
             if point.method in BUDGETED:
-                same = [p for p in points if (p.method, p.fmt) == (point.method, point.fmt)]
+                same = [p for p in points if (p.method, p.fmt, p.calibration) == (point.method, point.fmt, point.calibration)]
+                if point.calibration and calibrate is None:
+                    raise ValueError(f"{point}: needs calibration, none given")
+                config = MergeConfig(point.method, fmt=fmt, calibration=calibrate() if point.calibration and calibrate else None)
                 with progress_bar(f"{point.method}: modules") as on_step:
-                    banks = merge_budgets(adapters, MergeConfig(point.method, fmt=fmt), [budget_of(adapters, p) for p in same], on_step, strict=False)
+                    banks = merge_budgets(adapters, config, [budget_of(adapters, p) for p in same], on_step, strict=False)
                 cache.update(zip(same, banks))
             else:
                 cache[point] = merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")))
@@ -102,6 +112,7 @@ def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[f
         "at": point.at,
         "format": point.fmt or "auto",
         "init": init,
+        "calibration": point.calibration,
         "plan": plan_label(bank),
         "file_bytes": bank.total_file_bytes(),
         "reference_file_bytes": bank.reference_file_bytes,
@@ -119,11 +130,11 @@ def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[f
 
 
 def infeasible_record(point: Point, init: str, error: InfeasibleBudget) -> dict:
-    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "infeasible": str(error)}
+    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "calibration": point.calibration, "infeasible": str(error)}
 
 
 def record_key(r: dict) -> tuple:
-    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"])
+    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"], r.get("calibration", False))
 
 
 def load_records(path: Path) -> list[dict]:
@@ -137,14 +148,14 @@ def save_records(path: Path, records: list[dict], meta: dict) -> None:
     write_record(path, {"meta": meta | {"schema": SCHEMA}, "records": records})
 
 
-def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None, calibrate: Callable[[], Calibration] | None = None) -> list[dict]:
     """Measure every point not yet in ``out`` (resumable); ``evaluate_bank(bank) -> task -> per-example scores``."""
     records = load_records(out)
     done = {record_key(r) for r in records}
     todo = [p for p in points if p.key(init) not in done]
     ref = next((r for r in records if (r["method"], r["format"], r["init"]) == ("none", "fp16", init)), None)
     reference = ref["examples"] if ref else None
-    bank_of = banks_for(adapters, todo)
+    bank_of = banks_for(adapters, todo, calibrate)
     for point in todo:
         bank = bank_of(point)
         if isinstance(bank, InfeasibleBudget):
@@ -162,38 +173,56 @@ def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_
 
 
 def sharing_verdicts(records: list[dict]) -> list[dict]:
-    """Per init and budget: HydraOpt against per-task compression at the same budget (same bytes
-    within the planner's rounding), as a paired difference over the same examples; where per-task
-    compression cannot reach the bytes at all, that is the verdict."""
+    """Per init and budget: HydraOpt against each way of compressing every adapter on its own
+    (per-task compression with the same objective, ComPEFT) at the same budget (same bytes within
+    the planner's rounding), as a paired difference over the same examples; where the rival cannot
+    reach the bytes at all, that is the verdict."""
     out = []
     for h in (r for r in records if r["method"] == "hydraopt" and r["format"] == "auto" and "examples" in r):
-        p = next((r for r in records if r["method"] == "per-task" and r["format"] == "auto" and (r["budget"], r.get("at"), r["init"]) == (h["budget"], h.get("at"), h["init"])), None)
-        if p is None:
-            continue
-        row = {
-            "init": h["init"],
-            "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
-            "hydraopt_fraction": h["storage_fraction"],
-            "hydraopt_score": h["avg_score"],
-            "hydraopt_shares": h["layout_summary"]["sharing"],
-        }
-        if "infeasible" in p:
-            out.append(row | {"per_task_fraction": None, "per_task_score": None, "hydraopt_minus_per_task": None, "ci95": None, "verdict": "only sharing fits: " + p["infeasible"].split(": ", 1)[-1]})
-            continue
-        diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below per-task
-        low, high = diff["drop_points_ci95"]
-        if h["plan"] == NO_SHARING and h["examples"] == p["examples"]:
-            verdict = "same answers: HydraOpt's plan shares nothing here"
-        else:
-            verdict = "HydraOpt ahead" if high < 0 else "per-task ahead" if low > 0 else "no clear difference"
-        out.append(row | {
-            "per_task_fraction": p["storage_fraction"],
-            "per_task_score": p["avg_score"],
-            "hydraopt_minus_per_task": -diff["drop_points"],
-            "ci95": [-high, -low],
-            "verdict": verdict,
-        })
-    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"]))
+        calibrated = h.get("calibration", False)
+        for rival in PER_TASK_RIVALS:
+            want = (rival, "auto", h["budget"], h.get("at"), h["init"], calibrated and rival == "per-task")
+            p = next((r for r in records if (r["method"], r["format"], r["budget"], r.get("at"), r["init"], r.get("calibration", False)) == want), None)
+            if p is None:
+                continue
+            row = {
+                "init": h["init"],
+                "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
+                "calibration": calibrated,
+                "rival": rival + (" (calibrated)" if want[-1] else ""),
+                "hydraopt_fraction": h["storage_fraction"],
+                "hydraopt_score": h["avg_score"],
+                "hydraopt_shares": h["layout_summary"]["sharing"],
+            }
+            if "infeasible" in p:
+                out.append(row | {"rival_fraction": None, "rival_score": None, "hydraopt_minus_rival": None, "ci95": None, "verdict": "only sharing fits: " + p["infeasible"].split(": ", 1)[-1]})
+                continue
+            diff = paired_drop(p["examples"], h["examples"])  # positive: hydraopt below the rival
+            low, high = diff["drop_points_ci95"]
+            if h["plan"] == NO_SHARING and h["examples"] == p["examples"]:
+                verdict = "same answers: HydraOpt's plan shares nothing here"
+            else:
+                verdict = "HydraOpt ahead" if high < 0 else f"{rival} ahead" if low > 0 else "no clear difference"
+            out.append(row | {
+                "rival_fraction": p["storage_fraction"],
+                "rival_score": p["avg_score"],
+                "hydraopt_minus_rival": -diff["drop_points"],
+                "ci95": [-high, -low],
+                "verdict": verdict,
+            })
+    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"], v["calibration"], v["rival"]))
+
+
+def calibration_gains(records: list[dict]) -> list[dict]:
+    """Per init, method and budget: the calibrated bank against the data-free one, paired over the same examples."""
+    out = []
+    for c in (r for r in records if r.get("calibration") and "examples" in r):
+        free = next((r for r in records if "examples" in r and not r.get("calibration") and record_key(r)[:5] == record_key(c)[:5]), None)
+        if free is not None:
+            diff = paired_drop(free["examples"], c["examples"])  # positive: calibrated below data-free
+            low, high = diff["drop_points_ci95"]
+            out.append({"init": c["init"], "method": c["method"], "budget": c["budget"], "data_free": free["avg_score"], "calibrated": c["avg_score"], "gain": -diff["drop_points"], "ci95": [-high, -low]})
+    return sorted(out, key=lambda g: (g["init"], g["method"], g["budget"]))
 
 
 def _ci(pair: list[float]) -> str:
@@ -205,7 +234,7 @@ def _budget_cell(r: dict) -> str:
 
 
 def _point_row(r: dict) -> list[str]:
-    head = [r["init"], r["method"], _budget_cell(r), r["format"]]
+    head = [r["init"], r["method"] + (" (calibrated)" if r.get("calibration") else ""), _budget_cell(r), r["format"]]
     if "infeasible" in r:
         return head + ["infeasible"] + [""] * 5
     return head + [r["plan"], f"{r['storage_fraction']:.4f}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"{r['rel_drop_pct']:+.2f}", _ci(r["rel_drop_pct_ci95"])]
@@ -214,16 +243,17 @@ def _point_row(r: dict) -> list[str]:
 def _verdict_row(v: dict) -> list[str]:
     budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
     shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
-    if v["per_task_score"] is None:
-        return [v["init"], budget, f"{v['hydraopt_fraction']:.4f} / -", f"{v['hydraopt_score']:.2f}", "-", "", "", v["verdict"], shared]
-    return [v["init"], budget, f"{v['hydraopt_fraction']:.4f} / {v['per_task_fraction']:.4f}", f"{v['hydraopt_score']:.2f}", f"{v['per_task_score']:.2f}",
-            f"{v['hydraopt_minus_per_task']:+.2f}", _ci(v["ci95"]), v["verdict"], shared]
+    head = [v["init"], budget, "calibrated" if v["calibration"] else "data-free", v["rival"]]
+    if v["rival_score"] is None:
+        return head + [f"{v['hydraopt_fraction']:.4f} / -", f"{v['hydraopt_score']:.2f}", "-", "", "", v["verdict"], shared]
+    return head + [f"{v['hydraopt_fraction']:.4f} / {v['rival_fraction']:.4f}", f"{v['hydraopt_score']:.2f}", f"{v['rival_score']:.2f}",
+                   f"{v['hydraopt_minus_rival']:+.2f}", _ci(v["ci95"]), v["verdict"], shared]
 
 
 def frontier_markdown(records: list[dict]) -> str:
-    """frontier.md: every point, then HydraOpt against per-task compression at equal bytes."""
-    order = {"none": 0, "hydraopt": 1, "per-task": 2}
-    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 3), r["method"], r.get("storage_fraction", 0)))
+    """frontier.md: every point, then HydraOpt against each per-task rival at equal bytes."""
+    order = {"none": 0, "hydraopt": 1, "per-task": 2, "compeft": 3}
+    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 4), r["method"], r.get("calibration", False), r.get("storage_fraction", 0)))
     lines = [
         "Storage is file bytes of every tensor file over the same adapters stored as they are in fp16 (one safetensors file per task).",
         "Drops are against one-adapter-per-task fp16 on the same test examples, with 95 % paired bootstrap intervals.",
@@ -236,8 +266,12 @@ def frontier_markdown(records: list[dict]) -> str:
             "",
             "## Does sharing beat compressing each adapter on its own, at equal bytes?",
             "",
-            *markdown_table(["init", "budget", "storage hydraopt / per-task", "hydraopt", "per-task", "difference (pts)", "95 % CI", "verdict", "what hydraopt shared"], map(_verdict_row, verdicts)),
+            *markdown_table(["init", "budget", "hydraopt", "rival", "storage hydraopt / rival", "hydraopt score", "rival score", "difference (pts)", "95 % CI", "verdict", "what hydraopt shared"], map(_verdict_row, verdicts)),
         ]
+    gains = calibration_gains(records)
+    if gains:
+        rows = ([g["init"], g["method"], f"{g['budget']:g}", f"{g['data_free']:.2f}", f"{g['calibrated']:.2f}", f"{g['gain']:+.2f}", _ci(g["ci95"])] for g in gains)
+        lines += ["", "## What calibration changed (same method and budget, paired)", "", *markdown_table(["init", "method", "budget", "data-free", "calibrated", "gain (pts)", "95 % CI"], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -261,10 +295,16 @@ def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] 
             ax.axhline(ref["avg_score"], color="k", ls="--", lw=1, label="one adapter per task (fp16)")
         if base_scores:
             ax.axhline(statistics.mean(base_scores.values()), color="grey", ls=":", lw=1, label="base model")
-        for method, colour, style in (("hydraopt", "C3", "-D"), ("per-task", "C0", "--o")):
-            curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto"), key=lambda r: r["storage_fraction"])
+        curves = (
+            ("hydraopt", False, "C3", "-D", "hydraopt (shared factors)"),
+            ("hydraopt", True, "C1", "-D", "hydraopt, calibrated"),
+            ("per-task", False, "C0", "--o", "per-task compression (nothing shared)"),
+            ("per-task", True, "C9", "--o", "per-task compression, calibrated"),
+            ("compeft", False, "C4", ":v", "ComPEFT (sparse signs, nothing shared)"),
+        )
+        for method, calibrated, colour, style, label in curves:
+            curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto" and r.get("calibration", False) == calibrated), key=lambda r: r["storage_fraction"])
             if curve:
-                label = "hydraopt (shared factors)" if method == "hydraopt" else "per-task compression (nothing shared)"
                 ax.plot([r["storage_fraction"] for r in curve], [r["avg_score"] for r in curve], style, color=colour, lw=2, label=label)
         for r in (r for r in rows if r["method"] == "none"):
             ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers[r["format"]], color="k", s=50, label=f"one adapter per task {r['format']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 THIRD_PARTY = ("torch", "torchao", "transformers", "onnxscript", "onnx_ir", "onnxruntime", "executorch", "peft", "accelerate", "coremltools")
@@ -19,4 +20,11 @@ def silence_third_party() -> None:
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' and huggingface_hub's own progress bars ("Loading weights", "Writing model
+    # shards"): read when they are imported, so set first, and switched off if already imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,6 +12,7 @@ from rich.table import Table
 from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
 from hydraopt_mobile.suite.train import TrainConfig
 
+from .progress import progress_bar
 from .records import write_record
 from .threads import torch_threads
 
@@ -36,8 +37,27 @@ def train(
     from hydraopt_mobile.suite.train import train_suite
 
     start = time.time()
-    paths = train_suite(out, init=init, tasks=_task_list(tasks), steps=steps, seed=seed)
+    with progress_bar("train: steps", console) as on_step:
+        paths = train_suite(out, TrainConfig(steps=steps, seed=seed, init=init), _task_list(tasks), on_step=on_step)
     console.print(f"trained {len(paths)} adapters into {out} in {time.time() - start:.0f} s ({threads} thread(s))")
+
+
+@suite_app.command("calibration")
+def calibration_(
+    out: Path = typer.Option(..., "--out", help="folder to write <task>.jsonl calibration texts into (for hydraopt merge --calibration)"),
+    per_task: int = typer.Option(16, "--per-task", min=1, help="examples per task, from the train split"),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write calibration texts from the suite's train split (never val or test)."""
+    from transformers import AutoTokenizer
+
+    from hydraopt_mobile.suite.calibration_texts import write_calibration_dir
+    from hydraopt_mobile.suite.model import base_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
+    write_calibration_dir(out, load_suite(_task_list(tasks)), tokenizer, per_task, overwrite)
+    console.print(f"wrote {out}: {per_task} train examples per task")
 
 
 @suite_app.command("eval")
@@ -69,13 +89,15 @@ def _evaluate(adapters: Path | None, split: str, threads: int, tasks: list[str] 
     answers = cache_root() / "answers"  # keyed by weights, adapter, prompts and decoding settings
     start = time.time()
     texts: dict[str, list[str]] = {}
-    scores = evaluate(suite, factors, model, tokenizer, split=split, predictions=texts, cache=answers)
+    with progress_bar("evaluate: tasks", console) as on_step:
+        scores = evaluate(suite, factors, model, tokenizer, split=split, predictions=texts, cache=answers, on_step=on_step)
     seconds = time.time() - start
     record: dict = {"adapters": str(adapters) if adapters else None, "split": split, "threads": threads,
                     "seconds": round(seconds, 1), "scores": scores}
     if against_base:
         base_texts: dict[str, list[str]] = {}
-        base = evaluate(suite, None, model, tokenizer, split=split, predictions=base_texts, cache=answers)
+        with progress_bar("evaluate base model: tasks", console) as on_step:
+            base = evaluate(suite, None, model, tokenizer, split=split, predictions=base_texts, cache=answers, on_step=on_step)
         gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], split) for t in suite}
         table = Table("task", "metric", "base", "adapter", "gain", "95 % interval", "clear gain")
         for t in suite:

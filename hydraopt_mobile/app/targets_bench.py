@@ -1,11 +1,20 @@
-"""``bench_target``: an ONNX export run by a target's own runtime, task by task, against the host.
+"""``bench_target``: an ONNX or ExecuTorch export run by a target's own runtime, task by task,
+against the host.
 
 One request goes to the target's runner and the same request to the same runner on the host's
-ONNX Runtime (the reference). The task sequence visits every task and then switches back to the
+runtime (the reference: ONNX Runtime, or the exporter's ExecuTorch for a ``.pte``). The task sequence visits every task and then switches back to the
 first, in one runner process, so a switch that leaks state shows up as a back-switch whose outputs
 differ from the first visit's. Parity per task: tokens identical, token agreement, and the max
 logit error over the rows whose inputs are identical on both sides (every row up to and including
 the first token where the two sides disagree).
+
+Scoring (record field ``scoring``): ``"generated"`` decodes greedily and scores the text with the
+suite's metric; ``"teacher-forced"`` (``--teacher-forced``, for targets too slow to generate) runs
+each prompt followed by its reference answer (the answer's tokens and the end-of-turn token, as in
+training: ``hydraopt_mobile/suite/prompts.py``, ``training_ids``) in one pass, and an example is
+exact (100) when the argmax at every answer position is the reference token, else 0. Every row then
+has the same inputs on both sides, so the logit error covers all of them. The two scores are not
+comparable with each other: teacher-forced exact is stricter than exact match on the first line.
 
 Records: the host bench's fields (``hydraopt_mobile/app/bench.py``) plus ``target``, ``latency_kind``,
 ``emulator``, ``parity_reference`` and per-task parity; ``score`` comes from the target's outputs,
@@ -23,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.manifest import Manifest, verify_all
-from exporters.targets.protocol import Response, make_request, run_on_host, run_request
+from exporters.targets.protocol import Response, RunnerError, make_request, run_on_host, run_request
 from exporters.targets.registry import Target, get_target
 from hydraopt_mobile.errors import UserError
 
@@ -35,10 +44,13 @@ class TargetNotReady(RuntimeError):
 
 
 def parity(target_tokens: list[int], host_tokens: list[int], target_rows: np.ndarray | None,
-           host_rows: np.ndarray | None) -> dict:
-    """Token agreement and max logit error over the rows computed from identical inputs."""
+           host_rows: np.ndarray | None, teacher_forced: bool = False) -> dict:
+    """Token agreement and max logit error over the rows computed from identical inputs (all of
+    them when ``teacher_forced``: the inputs are the reference answer on both sides)."""
     n = min(len(target_tokens), len(host_tokens))
     first_diff = next((i for i in range(n) if target_tokens[i] != host_tokens[i]), n)
+    if teacher_forced:
+        first_diff = n
     agree = sum(a == b for a, b in zip(target_tokens[:first_diff], host_tokens[:first_diff]))
     err = None
     if target_rows is not None and host_rows is not None:
@@ -48,26 +60,33 @@ def parity(target_tokens: list[int], host_tokens: list[int], target_rows: np.nda
             "max_logit_err": err}
 
 
-def ready_target(target_name: str) -> Target:
-    """The target, or :class:`TargetNotReady` with its reason and the command that makes it ready."""
+def ready_target(target_name: str, runtime: str = "onnxruntime") -> Target:
+    """The target, ready to run ``runtime``'s exports, or :class:`TargetNotReady` with its reason
+    and the command that makes it ready."""
     target = get_target(target_name)
-    ready = target.readiness()
-    if not ready.ready:
-        raise TargetNotReady(f"target {target_name} is not ready: {ready.reason}; run `{ready.command}`")
     if target.python is None:
-        raise TargetNotReady(f"target {target_name} has no ONNX runner")
+        raise TargetNotReady(f"target {target_name} has no device runner")
+    ready = target.runtime_check(target.folder(), runtime) if target.runtime_check else target.readiness()
+    if not ready.ready:
+        hint = f"; run `{ready.command}`" if ready.command else ""
+        raise TargetNotReady(f"target {target_name} is not ready for {runtime} exports: {ready.reason}{hint}")
     return target
 
 
 def run_pair(target_name: str, export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new: int,
-             threads: int = 1, switch_samples: int = 5) -> tuple[Response, Response]:
-    """The same request on the target and on the host; every output's logits come back."""
-    target = ready_target(target_name)
+             threads: int = 1, switch_samples: int = 5, answers: dict[str, list[list[int]]] | None = None) -> tuple[Response, Response]:
+    """The same request on the target and on the host; every output's logits come back.
+    ``answers``: teacher-forced scoring of these reference answers instead of generating."""
+    runtime = Manifest.read(Path(export)).runtime
+    target = ready_target(target_name, runtime)
     n_logits = max(len(p) for p in prompts.values())
-    request = make_request(export, sequence, prompts, max_new, threads, n_logits, switch_samples)
-    python, env = target.python(target.folder())
+    request = make_request(export, sequence, prompts, max_new, threads, n_logits, switch_samples, answers)
+    python, env = target.python(target.folder(), runtime)
     on_target = run_request(python, env, request, target_name, target.latency_kind)
-    return on_target, run_on_host(request)
+    on_host = run_on_host(request)
+    if answers is not None and on_target.data.get("scoring") != "teacher-forced":  # a runner ignores what it does not know
+        raise RunnerError(f"the runner on {target_name} does not do teacher-forced scoring (it answered {on_target.data.get('scoring', 'generated')!r})")
+    return on_target, on_host
 
 
 def bench_target(
@@ -79,19 +98,27 @@ def bench_target(
     prompts: dict[str, list[list[int]]] | None = None,
     max_new_tokens: int | None = None,
     json_out: str | Path | None = None,
+    teacher_forced: bool = False,
+    answers: dict[str, list[list[int]]] | None = None,
+    switch_back: bool = True,
 ) -> list[dict]:
     """One record per task of ``export`` (see module docstring); writes ``json_out`` (+ ``.md``).
 
-    ``prompts``: token ids per task (tests); default: the suite's first ``n_examples`` test
-    examples per task, rendered with the export's own tokenizer, and scored with the suite's metric.
+    ``prompts`` (and, teacher-forced, ``answers``): token ids per task (tests); default: the
+    suite's first ``n_examples`` test examples per task, rendered with the export's own tokenizer,
+    and scored with the suite's metric (teacher-forced: exact when every answer token is the argmax).
+    ``switch_back``: after the last task, switch back to the first and check its outputs are
+    bit-identical (one more pass over the first task's examples).
     """
-    ready_target(target_name)
     export = Path(export)
     manifest = Manifest.read(export)
+    ready_target(target_name, manifest.runtime)
     verify_all(manifest, export)
-    if manifest.runtime != "onnxruntime":
-        raise UserError(f"{export}: a {manifest.runtime} export; targets run ONNX exports (see README, Targets)")
+    if teacher_forced and prompts is not None and answers is None:
+        raise UserError("teacher-forced scoring of given prompts needs their reference answers")
     names = [t for t in manifest.tasks if (tasks is None or t in tasks) and (prompts is None or t in prompts)]
+    if not names:
+        raise UserError(f"{export}: none of the tasks asked for ({', '.join(tasks or [])}) is in the export ({', '.join(manifest.tasks)})")
     specs = tokenizer = None
     if prompts is None:
         from .bench import export_tokenizer, task_prompts
@@ -99,16 +126,19 @@ def bench_target(
         tokenizer = export_tokenizer(export)
         specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
         max_new_tokens = max_new_tokens or max(max_new.values())
-    sequence = names + names[:1] if len(names) > 1 else names
+        if teacher_forced:
+            answers = reference_answers(tokenizer, specs, prompts)
+    sequence = names + names[:1] if len(names) > 1 and switch_back else names
     load_before = os.getloadavg()[0]
-    on_target, on_host = run_pair(target_name, export, sequence, prompts, max_new_tokens or 16, threads)
+    on_target, on_host = run_pair(target_name, export, sequence, prompts, max_new_tokens or 16, threads,
+                                  answers=answers if teacher_forced else None)
     target = get_target(target_name)
     emulator = target.emulator(target.folder()) if target.emulator else None
     t, h = on_target.data, on_host.data
     records = []
     for index, task in enumerate(sequence[: len(names)]):
         te, he = t["tasks"][index], h["tasks"][index]
-        checks = [parity(a["tokens"], b["tokens"], on_target.rows(index, i), on_host.rows(index, i))
+        checks = [parity(a["tokens"], b["tokens"], on_target.rows(index, i), on_host.rows(index, i), teacher_forced)
                   for i, (a, b) in enumerate(zip(te["outputs"], he["outputs"]))]
         errs = [c["max_logit_err"] for c in checks if c["max_logit_err"] is not None]
         decode = [d for o in te["outputs"] for d in o["decode_ms"]]
@@ -118,6 +148,7 @@ def bench_target(
             "parity_reference": f"host {h['runtime']} ({h['machine']}), same export, same runner",
             "export": export.name, "export_id": manifest.export_id, "bank_digest": manifest.extra.get("bank_digest"),
             "quant": manifest.quant, "method": manifest.method, "task": task, "n_examples": len(te["outputs"]),
+            "scoring": t["scoring"],
             "bytes_resident": t["resident_bytes"], "bytes_task": te["task_bytes"],
             "bytes_total": t["resident_bytes"] + t["all_tasks_bytes"],
             "score": None, "score_host": None, "score_pytorch": None,
@@ -134,14 +165,20 @@ def bench_target(
             "runner_wall_s": on_target.wall_s,
             "host_load_avg_1min": round(load_before, 2),  # other jobs on the host's cores slow an emulator down
         }
-        if specs is not None:
-            from hydraopt_mobile.suite.metrics import score
+        if teacher_forced:
+            record["score_each"] = teacher_forced_exact(te, answers[task])
+            record["score_each_host"] = teacher_forced_exact(he, answers[task])
+        elif specs is not None:
+            from hydraopt_mobile.suite.metrics import per_example
 
             def texts(entry: dict) -> list[str]:
                 return [tokenizer.decode(o["tokens"], skip_special_tokens=True).strip() for o in entry["outputs"]]
 
-            record["score"] = score(specs[task], texts(te), "test")
-            record["score_host"] = score(specs[task], texts(he), "test")
+            record["score_each"] = per_example(specs[task], texts(te), "test")
+            record["score_each_host"] = per_example(specs[task], texts(he), "test")
+        if "score_each" in record:
+            record["score"] = statistics.fmean(record["score_each"])
+            record["score_host"] = statistics.fmean(record["score_each_host"])
         if index == 0 and len(sequence) > len(names):  # the switch back to the first task
             back = len(sequence) - 1
             same = all(a["tokens"] == b["tokens"] and np.array_equal(on_target.rows(0, i), on_target.rows(back, i))
@@ -154,16 +191,38 @@ def bench_target(
     return records
 
 
+def reference_answers(tokenizer, specs: dict, prompts: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """Per task, each test example's reference answer as the model was trained to produce it
+    (answer tokens + end-of-turn), checked to follow exactly the prompt ids that are run."""
+    from hydraopt_mobile.suite.prompts import training_ids
+
+    out: dict[str, list[list[int]]] = {}
+    for task, ids in prompts.items():
+        out[task] = []
+        for prompt, example in zip(ids, specs[task].test):
+            full, _ = training_ids(tokenizer, specs[task], example)
+            if full[: len(prompt)] != list(prompt):
+                raise UserError(f"task {task}: the prompt's tokens are not a prefix of prompt + answer; teacher forcing would score another input")
+            out[task].append(full[len(prompt):])
+    return out
+
+
+def teacher_forced_exact(entry: dict, answers: list[list[int]]) -> list[float]:
+    """Per example, 100 when the argmax at every answer position is the reference token, else 0."""
+    return [100.0 * (o["tokens"] == list(a)) for o, a in zip(entry["outputs"], answers)]
+
+
 def notes(records: list[dict]) -> dict:
     """What every reader of the records must know: target, threads, how to read the latencies."""
     r = records[0]
     kind = r["latency_kind"]
     return {"target": r["target"], "emulator": r["emulator"], "host": platform.machine(), "threads": r["threads"],
+            "scoring": r["scoring"],
             "latency": f"{kind}: never a phone's speed" if kind == "emulated" else kind,
             "examples_per_task": {f"{x['export']}/{x['task']}": x["n_examples"] for x in records}}
 
 
-COLUMNS = ["export", "quant", "method", "task", "n_examples", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
+COLUMNS = ["export", "quant", "method", "task", "n_examples", "scoring", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
            "token_agreement", "max_logit_err", "task_load_ms", "switch_ms", "prefill_ms", "decode_ms_per_token", "latency_kind", "host_load_avg_1min"]
 
 

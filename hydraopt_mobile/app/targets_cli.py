@@ -61,11 +61,13 @@ def setup(name: str = typer.Argument(..., help="target name (see `hydraopt targe
 
 def _bench_command(name: str):
     def bench(
-        exports: list[Path] = typer.Argument(..., help="ONNX export folders (hydraopt export --format onnx)"),
+        exports: list[Path] = typer.Argument(..., help="export folders (hydraopt export --format onnx|executorch)"),
         tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks (repeatable)"),
         n_examples: int = typer.Option(4, "--examples", help="test examples per task (emulation is slow: keep it small)"),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="cap on generated tokens (default: the suite's per task)"),
         threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads on the target and on the host reference"),
+        teacher_forced: bool = typer.Option(False, "--teacher-forced", help="score each reference answer in one pass: exact when "
+                                            "every answer token is the argmax (for targets too slow to generate)"),
         as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
         out: Optional[Path] = typer.Option(None, "--out", help="write OUT.json and OUT.md"),
     ) -> None:
@@ -73,7 +75,8 @@ def _bench_command(name: str):
         from exporters.targets.protocol import RunnerError
 
         with reported(console, also=(TargetNotReady, RunnerError)):
-            records = [r for export in exports for r in bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens)]
+            records = [r for export in exports for r in bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens,
+                                                                     teacher_forced=teacher_forced)]
             if out is not None:
                 write_reports(records, out, notes(records))
         if as_json:
@@ -83,7 +86,7 @@ def _bench_command(name: str):
                 console.print(f"{r['export']}/{r['task']}: tokens identical to host {r['tokens_identical']}, max logit err {r['max_logit_err']}, "
                               f"load {r['task_load_ms']:.1f} ms, switch {r['switch_ms']:.4f} ms ({r['latency_kind']})")
 
-    bench.__doc__ = f"Run an ONNX export on {name} ({get_target(name).latency_kind}); parity vs the host, bytes, load and switch time."
+    bench.__doc__ = f"Run an export on {name} ({get_target(name).latency_kind}); parity vs the host, bytes, load and switch time."
     return bench
 
 

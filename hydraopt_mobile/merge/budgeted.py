@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hydraopt_mobile.adapters import AdapterSet
+from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.allocator import Candidate, allocate, minimum_bytes
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
@@ -26,20 +27,21 @@ class HydraOptParams(MethodParams):
     rank: int | None = param(None, "fix the shared rank r'", min=1)
 
 
-def build_hydraopt(adapters: AdapterSet, params: HydraOptParams, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
-    """Shared factors + per-task tensors: the layout, rank and format of each module chosen under each budget."""
+def build_hydraopt(adapters: AdapterSet, params: HydraOptParams, storage: Storage, on_step: OnStep | None, calibration: Calibration | None = None) -> list[Modules | InfeasibleBudget]:
+    """Shared factors + per-task tensors: the layout, rank and format of each module chosen under
+    each budget (with ``calibration``, by the data-aware objective)."""
     T = len(adapters.tasks)
     for name in ("k_a", "k_b"):
         k = getattr(params, name)
         if k is not None and k > T:
             raise UserError(f"--param {name}={k}: at most the number of tasks ({T})")
-    cfg = HydraOptConfig(formats=storage.formats, k_a=params.k_a, k_b=params.k_b, rank=params.rank)
+    cfg = HydraOptConfig(formats=storage.formats, k_a=params.k_a, k_b=params.k_b, rank=params.rank, calibration=calibration)
     return _build(adapters, cfg, storage, on_step)
 
 
-def build_per_task(adapters: AdapterSet, params: NoParams, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
+def build_per_task(adapters: AdapterSet, params: NoParams, storage: Storage, on_step: OnStep | None, calibration: Calibration | None = None) -> list[Modules | InfeasibleBudget]:
     """Each adapter compressed on its own (rank and format per module) under each budget; nothing shared."""
-    return _build(adapters, HydraOptConfig(formats=storage.formats, per_task=True), storage, on_step)
+    return _build(adapters, HydraOptConfig(formats=storage.formats, per_task=True, calibration=calibration), storage, on_step)
 
 
 def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
@@ -47,8 +49,7 @@ def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step:
     reference = adapters.reference_file_bytes()
     plans = [_allocate(candidates, budget, reference, len(adapters.tasks)) for budget in storage.budgets]
     feasible = [i for i, p in enumerate(plans) if not isinstance(p, InfeasibleBudget)]
-    sink = storage.sink
-    built = iter(build_modules(adapters, cfg, [plans[i] for i in feasible], on_step, sink=None if sink is None else lambda j, *rest: sink(feasible[j], *rest)))
+    built = iter(build_modules(adapters, cfg, [plans[i] for i in feasible], on_step, keep=lambda j, *rest: storage.keep(feasible[j], *rest)))
     return [p if isinstance(p, InfeasibleBudget) else next(built) for p in plans]
 
 

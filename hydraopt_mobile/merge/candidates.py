@@ -5,19 +5,20 @@ the rebuild of the one the allocator (allocator.py) chose."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.bank import MergedModule
-from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
+from hydraopt_mobile.calibration import Calibration, ModuleMoments
+from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm, whitened
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
 from hydraopt_mobile.merge.grouping import cluster
 from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
-from hydraopt_mobile.merge.solver import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout
+from hydraopt_mobile.merge.solver import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_error
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
 
@@ -33,6 +34,10 @@ class HydraOptConfig:
     rank: int | None = None  # fix r'
     per_task: bool = False  # only k_A = k_B = T: each adapter compressed on its own (rank, format), nothing shared
     max_iters: int = 25
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)  # None: the data-free objective
+
+    def moments(self, module: str) -> ModuleMoments | None:
+        return None if self.calibration is None else self.calibration.modules[module]
 
 
 def group_counts(T: int) -> list[int]:
@@ -61,8 +66,11 @@ def candidate_layouts(T: int, cfg: HydraOptConfig) -> list[tuple[int, int]]:
     return list(dict.fromkeys(layouts))
 
 
-def task_weights(adapters: AdapterSet) -> torch.Tensor:
-    """w_t = 1 / ||dW_t||^2 summed over modules, so the objective is the sum of squared relative errors."""
+def task_weights(adapters: AdapterSet, calibration: Calibration | None = None) -> torch.Tensor:
+    """w_t = 1 / ||dW_t||^2 summed over modules, so the objective is the sum of squared relative
+    errors; with calibration 1 / ||dW_t X_t^T||^2 summed over modules (calibration.py)."""
+    if calibration is not None:
+        return 1.0 / calibration.update_sq_norms(adapters).clamp_min(1e-30)
     totals = torch.zeros(len(adapters.tasks), dtype=torch.float64)
     for name in adapters.module_names:
         for t, f in enumerate(adapters.factors(name)):
@@ -81,13 +89,16 @@ class ModuleCandidates:
     bank larger than the adapters themselves, and mixed ranks are never padded to the largest.
     """
 
-    def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig, module_index: int = 0):
+    def __init__(self, factors: list[LoraFactors], weights: torch.Tensor, cfg: HydraOptConfig, module_index: int = 0, moments: ModuleMoments | None = None):
         self.factors = factors
-        self.fm, self.w, self.cfg, self.index = factor_space(factors), weights, cfg, module_index
+        self.fm, self.w, self.cfg, self.index = factor_space(factors, moments), weights, cfg, module_index
+        # what candidates are estimated on: the data-free problem, or with calibration that problem
+        # whitened by the mean moment (exact when all tasks' moments agree); measured on self.fm
+        self.est = self.fm if moments is None else whitened(self.fm, weights)
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-        self._solutions: dict[tuple[int, int, int], LayoutSolution] = {}
+        self._solutions: dict[tuple[int, int, int, bool], LayoutSolution] = {}
         r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
@@ -101,23 +112,27 @@ class ModuleCandidates:
             return ([0] * T if k_a == 1 else list(range(T))), ([0] * T if k_b == 1 else list(range(T)))
         if (k_a, k_b) not in self._grouping:
             if self._sims is None:
-                self._sims = row_space_overlap(self.fm), update_cosine(self.fm)
+                self._sims = row_space_overlap(self.est), update_cosine(self.est)
             self._grouping[(k_a, k_b)] = cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
         return self._grouping[(k_a, k_b)]
 
-    def _solve(self, k_a: int, k_b: int, rank: int) -> LayoutSolution:
-        """The float solution of one layout and rank, once per module (formats share it)."""
-        if (k_a, k_b, rank) not in self._solutions:
+    def _solve(self, k_a: int, k_b: int, rank: int, estimate: bool = False) -> LayoutSolution:
+        """The float solution of one layout and rank on the measured objective, or (``estimate``)
+        on the estimate's; once per module (formats share it)."""
+        fm = self.est if estimate else self.fm
+        key = (k_a, k_b, rank, fm is self.fm)
+        if key not in self._solutions:
             closed = k_a == 1 or k_b == self.fm.n_tasks
             spaces = self._spaces(k_a, k_b) if closed else None
-            self._solutions[(k_a, k_b, rank)] = solve_layout(self.fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces, with_B=False)
-        return self._solutions[(k_a, k_b, rank)]
+            white = self.est if fm.S is not None else None
+            self._solutions[key] = solve_layout(fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces, with_B=False, white=white)
+        return self._solutions[key]
 
     def candidates(self) -> list[Candidate]:
         """Every (layout, rank, format) is scored by an estimate (closed-form error from singular
         values plus this module's measured quantisation noise); the ones on the estimate's lower
         convex hull, the only ones the planner can pick, are then measured exactly."""
-        fm, w = self.fm, self.w
+        fm, w = self.est, self.w
         total = float((w * fm.sq_norms).sum())
         ranks = sorted({r for _, _, r in self.specs})
         float_err: dict[tuple[int, int, int], float] = {}
@@ -127,9 +142,9 @@ class ModuleCandidates:
                     float_err[(k_a, k_b, r)] = e
             else:
                 for r in ranks:
-                    float_err[(k_a, k_b, r)] = self._solve(k_a, k_b, r).history[-1]
+                    float_err[(k_a, k_b, r)] = self._solve(k_a, k_b, r, estimate=True).history[-1]
         probe = next(iter(dict.fromkeys((ka, kb, r) for ka, kb, r in self.specs if r == ranks[len(ranks) // 2])))
-        probe_sol = self._solve(*probe)
+        probe_sol = self._solve(*probe, estimate=True)
         noise = {fmt.label(): quantisation_noise(fm, w, fmt, probe_sol) for fmt in self.cfg.formats}
         ceiling = self._as_is_nbytes(NumberFormat("fp16"))[0]
         estimates = []
@@ -140,7 +155,7 @@ class ModuleCandidates:
                     estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e), n_tensors))
         measured = []
         for c in lower_hull(estimates):
-            _, err = fit_stored(fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
+            _, err = fit_stored(self.fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
             a_index, b_index = self._groups(c.k_a, c.k_b)
             measured.append(replace(c, error=float(err.sum()), groups=(tuple(a_index), tuple(b_index))))
         if self.mixed_ranks:  # with equal ranks, (T, T, r) already is the inputs as they are
@@ -154,14 +169,17 @@ class ModuleCandidates:
     def _as_is(self, fmt: NumberFormat) -> Candidate:
         """The inputs as they are in ``fmt``, with the exact error of storing them in it."""
         module = as_is(self.factors, fmt)
-        error = sum(float(self.w[t]) * factored_sq_error(f, module.task_factors(t)) for t, f in enumerate(self.factors))
+        if self.fm.S is not None:
+            error = float(stored_error(self.fm, self.w, module).sum())
+        else:
+            error = sum(float(self.w[t]) * factored_sq_error(f, module.task_factors(t)) for t, f in enumerate(self.factors))
         nbytes, n_tensors = self._as_is_nbytes(fmt)
         return Candidate(self.fm.n_tasks, self.fm.n_tasks, AS_IS, fmt.label(), nbytes, error, n_tensors)
 
     def _spaces(self, k_a: int, k_b: int) -> list:
         if (k_a, k_b) not in self._space_cache:
             a_idx, b_idx = self._groups(k_a, k_b)
-            self._space_cache[(k_a, k_b)] = row_spaces(self.fm, self.w, a_idx, b_idx, self.top_rank)
+            self._space_cache[(k_a, k_b)] = row_spaces(self.est, self.w, a_idx, b_idx, self.top_rank)
         return self._space_cache[(k_a, k_b)]
 
     def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> tuple[int, int]:
@@ -206,25 +224,25 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep |
     """Every module's candidates (reusable across budgets); the first of two passes over the modules
     for ``on_step``. Module state is dropped after each module, so memory stays at one module's
     factored space."""
-    w = task_weights(adapters)
-    return each_module(adapters, lambda m, _, factors: ModuleCandidates(factors, w, cfg, m).candidates(), on_step, passes=2)
+    w = task_weights(adapters, cfg.calibration)
+    return each_module(adapters, lambda m, name, factors: ModuleCandidates(factors, w, cfg, m, cfg.moments(name)).candidates(), on_step, passes=2)
 
 
-def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, sink: ModuleSink | None = None) -> list[dict[str, MergedModule]]:
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, keep: ModuleSink | None = None) -> list[dict[str, MergedModule]]:
     """For each plan, the modules it chose; the second of two passes over the modules for
     ``on_step``. Each module's factored space is rebuilt once (cheaper than keeping every module's
-    in memory) and serves all plans. ``sink(plan index, name, factors, module)``: each built
+    in memory) and serves all plans. ``keep(plan index, name, factors, module)``: each built
     module is handed over at once, and what it returns is kept."""
-    w = task_weights(adapters)
+    w = task_weights(adapters, cfg.calibration)
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
-        module = ModuleCandidates(factors, w, cfg, m)
+        module = ModuleCandidates(factors, w, cfg, m, cfg.moments(name))
         built: dict[tuple, MergedModule] = {}
         for chosen in plans:
             if chosen[name].spec not in built:
                 built[chosen[name].spec] = module.build(chosen[name])
         out = [built[chosen[name].spec] for chosen in plans]
-        return out if sink is None else [sink(j, name, factors, mod) for j, mod in enumerate(out)]
+        return out if keep is None else [keep(j, name, factors, mod) for j, mod in enumerate(out)]
 
     per_module = each_module(adapters, build, on_step, passes=2, done=len(adapters.module_names))
     return [{name: chosen[i] for name, chosen in per_module.items()} for i in range(len(plans))]

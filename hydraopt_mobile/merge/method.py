@@ -95,6 +95,11 @@ class Storage:
     budgets: tuple[Budget, ...] = ()
     sink: ModuleSink | None = None
 
+    def keep(self, budget: int, name: str, factors: list[LoraFactors], module: MergedModule) -> MergedModule:
+        """What a budgeted build keeps of ``module`` built for ``storage.budgets[budget]``: the
+        module itself, or what ``sink`` returns once it has taken it."""
+        return module if self.sink is None else self.sink(budget, name, factors, module)
+
 
 Modules = dict[str, MergedModule]
 

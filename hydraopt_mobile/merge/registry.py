@@ -19,11 +19,13 @@ from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.atomic import atomic_dir
 from hydraopt_mobile.bank import MergedBank, MergedModule, module_sq_errors, relative_from_sums
 from hydraopt_mobile.bundle import BUNDLE, BundleWriter
+from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
 from hydraopt_mobile.merge import baselines
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.budgeted import HydraOptParams, build_hydraopt, build_per_task
+from hydraopt_mobile.merge.compeft import ComPeftParams, build_compeft
 from hydraopt_mobile.merge.method import Build, MethodParams, ModuleSink, NoParams, OnStep, Storage
 
 
@@ -35,6 +37,7 @@ class MergeMethod:
     build: Build
     params: type[MethodParams] = NoParams
     budgeted: bool = False  # True: storage follows --budget; False: fixed storage (one adapter, or all)
+    data_aware: bool = False  # True: takes --calibration (its build accepts ``calibration=``)
 
     def parameters(self) -> tuple[dataclasses.Field, ...]:
         """The parameter fields (name, default, ``metadata["help"]``), in order."""
@@ -53,6 +56,7 @@ class MergeConfig:
     budget: Budget | None = None
     group_size: int = 32  # int4 group size when hydraopt chooses formats itself
     params: Mapping[str, object] | MethodParams = field(default_factory=dict)
+    calibration: Calibration | None = None  # the data-aware objective (calibration.py); None: data-free
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -65,12 +69,22 @@ METHODS: dict[str, MergeMethod] = {
             build_hydraopt,
             HydraOptParams,
             budgeted=True,
+            data_aware=True,
         ),
         MergeMethod(
             "per-task",
             "each adapter compressed on its own (rank 1..r, fp16/int8/int4 per module) under a storage budget; nothing shared",
             "the alternative every user has; the same planner as hydraopt restricted to k_A = k_B = T",
             build_per_task,
+            budgeted=True,
+            data_aware=True,
+        ),
+        MergeMethod(
+            "compeft",
+            "each adapter's factors sparsified to their largest values, stored as signs + one scale (density from --budget); nothing shared",
+            "Yadav et al., ComPEFT (arXiv 2311.13171); applied to the LoRA factors, least-squares scale",
+            build_compeft,
+            ComPeftParams,
             budgeted=True,
         ),
         MergeMethod("task-arithmetic", "lambda * sum of task updates, re-factorised to rank r", "Ilharco et al., ICLR 2023 (arXiv 2212.04089)", baselines.dense_rule(baselines.task_arithmetic), baselines.TaskArithmeticParams),
@@ -151,7 +165,15 @@ def _merge(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budge
     params = _params(method, config.params)
     storage = dataclasses.replace(_storage(method, config, budgets), sink=sink)
     given = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
-    built = method.build(adapters, params, storage, on_step)
+    if config.calibration is None:
+        built = method.build(adapters, params, storage, on_step)
+    elif not method.data_aware:
+        raise UserError(f"--calibration applies to {', '.join(m.name for m in METHODS.values() if m.data_aware)}; {method.name!r} does not use data")
+    elif config.calibration.tasks != adapters.task_names:
+        raise UserError(f"--calibration: collected for tasks {config.calibration.tasks}, merging {adapters.task_names}")
+    else:
+        built = method.build(adapters, params, storage, on_step, calibration=config.calibration)
+        given["calibration_tokens"] = config.calibration.tokens
     if not method.budgeted:
         return [_bank(adapters, method, given | {"format": storage.formats[0].label()}, built[0])]
     recorded = given | {"formats": [f.label() for f in storage.formats]}

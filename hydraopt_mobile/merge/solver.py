@@ -22,7 +22,7 @@ import scipy.linalg
 import torch
 
 from hydraopt_mobile.bank import MergedModule
-from hydraopt_mobile.factored import DTYPE, FactoredModule
+from hydraopt_mobile.factored import DTYPE, FactoredModule, unwhiten, whitened
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 
 
@@ -151,15 +151,29 @@ def _truncate(rows: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
 def _errors(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], Bh: torch.Tensor) -> torch.Tensor:
     """Per-task ``w_t ||B_t A_t - B^ A^||^2 = w_t (||dW_t||^2 - 2 tr((B_t^T B^) (A_t A^^T)) +
     tr((B^^T B^) (A^ A^^T)))`` from ``cross[t] = A_t A^_{a(t)}^T`` (T, r, r'), ``gram[g] = A^_g A^_g^T``
-    and ``Bh[t] = B^_{b(t)}``: r x r' traces only."""
+    and ``Bh[t] = B^_{b(t)}``: r x r' traces only. With calibration the same traces in the
+    data-aware inner product (:func:`_products`)."""
     c = ((fm.B.transpose(1, 2) @ Bh) * cross).sum((1, 2))
     own = ((Bh.transpose(1, 2) @ Bh) * gram[a_index]).sum((1, 2))
     return w * (fm.sq_norms - 2 * c + own).clamp_min(0)
 
 
+def _products(fm: FactoredModule, a: torch.Tensor, a_index: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(cross, gram, index)`` for shared A's in Q coordinates, as :func:`_errors` and
+    :func:`_solve_B` take them: ``cross[t] = a_t a^_{a(t)}^T`` and ``gram[g] = a^_g a^_g^T`` per
+    A-group (``index = a_index``); with calibration ``cross[t] = a_t S_t a^_{a(t)}^T`` and
+    ``gram[t] = a^_{a(t)} S_t a^_{a(t)}^T`` per task (``index`` = every task its own)."""
+    ag = a[a_index]
+    if fm.S is None:
+        return fm.a @ ag.transpose(1, 2), a @ a.transpose(1, 2), a_index
+    agS = ag @ fm.S
+    return fm.a @ agS.transpose(1, 2), ag @ agS.transpose(1, 2), list(range(fm.n_tasks))
+
+
 def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch.Tensor:
-    """Per-task weighted squared errors (T,) of a solution in Q coordinates."""
-    return _errors(fm, w.to(DTYPE), fm.a @ sol.a[sol.a_index].transpose(1, 2), sol.a @ sol.a.transpose(1, 2), sol.a_index, sol.B[sol.b_index])
+    """Per-task weighted squared errors (T,) of a solution in Q coordinates: ``||dW_t - dW^_t||^2``,
+    or with calibration ``tr(E_t S_t E_t^T)`` (E_t in Q coordinates)."""
+    return _errors(fm, w.to(DTYPE), *_products(fm, sol.a, sol.a_index), sol.B[sol.b_index])
 
 
 def _solve_B(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
@@ -174,7 +188,8 @@ def _solve_B(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: tor
 
 
 def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
-    return _solve_B(fm, w, fm.a @ a[a_index].transpose(1, 2), a @ a.transpose(1, 2), a_index, b_index, k_b)
+    cross, gram, index = _products(fm, a, a_index)
+    return _solve_B(fm, w, cross, gram, index, b_index, k_b)
 
 
 def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
@@ -183,6 +198,42 @@ def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[
     num = w.view(-1, 1, 1) * ((Bh.transpose(1, 2) @ fm.B) @ fm.a)  # (T, r', q)
     den = w.view(-1, 1, 1) * (Bh.transpose(1, 2) @ Bh)
     return torch.linalg.pinv(_group_sum(den, a_index, k_a), hermitian=True) @ _group_sum(num, a_index, k_a)
+
+
+def _solve_a_calibrated(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a0: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int, iters: int = 60, tol: float = 1e-9) -> torch.Tensor:
+    """Least-squares A's for fixed B's under the data-aware objective: per A-group the normal
+    equations ``sum_t G_t a S_t = C`` (G_t = w_t B^_t^T B^_t), a Kronecker sum that has no small closed
+    form, solved by conjugate gradients from ``a0`` preconditioned by ``(sum G_t)^-1 . (mean S)^-1``.
+    CG from ``a0`` minimises the quadratic over a growing subspace that contains ``a0``, so the
+    objective never increases, however few steps it takes."""
+    Bh = B[b_index]
+    G = w.view(-1, 1, 1) * (Bh.transpose(1, 2) @ Bh)  # (T, r', r')
+    C = _group_sum(w.view(-1, 1, 1) * ((Bh.transpose(1, 2) @ fm.B) @ fm.a @ fm.S), a_index, k_a)
+
+    def op(a: torch.Tensor) -> torch.Tensor:
+        return _group_sum(G @ a[a_index] @ fm.S, a_index, k_a)
+
+    tg = torch.diagonal(G, dim1=1, dim2=2).sum(1).view(-1, 1, 1)
+    G_inv = torch.linalg.pinv(_group_sum(G, a_index, k_a), hermitian=True)
+    S_inv = torch.linalg.pinv(_group_sum(tg * fm.S, a_index, k_a), hermitian=True)
+    x = a0.clone()
+    r = C - op(x)
+    z = G_inv @ r @ S_inv
+    p, rz = z, float((r * z).sum())
+    scale = float(C.norm()) or 1.0
+    for _ in range(iters):
+        if float(r.norm()) <= tol * scale or rz <= 0:
+            break
+        Ap = op(p)
+        curvature = float((p * Ap).sum())
+        if curvature <= 0:
+            break
+        alpha = rz / curvature
+        x, r = x + alpha * p, r - alpha * Ap
+        z = G_inv @ r @ S_inv
+        rz_next = float((r * z).sum())
+        p, rz = z + (rz_next / rz) * p, rz_next
+    return x
 
 
 def solve_layout(
@@ -195,29 +246,42 @@ def solve_layout(
     tol: float = 1e-6,
     spaces: list[RowSpace] | None = None,
     with_B: bool = True,
+    white: FactoredModule | None = None,
 ) -> LayoutSolution:
     """Best shared factors for one grouping: closed form where it exists, else ALS from the
     per-A-group start. ``spaces`` (from :func:`row_spaces`, with ``top >= rank``) saves
     recomputing the decompositions. ``with_B=False``: a closed form's float B's are left out
-    (``B`` is then empty; :func:`fit_stored` fits B's to the stored A's itself)."""
+    (``B`` is then empty; :func:`fit_stored` fits B's to the stored A's itself).
+
+    With calibration (``fm.S``) no grouping has a closed form: the data-free solution in
+    coordinates whitened by the mean moment (``white``, factored.whitened; ``spaces`` then belong
+    to it) is the start, and ALS on the data-aware objective follows for every grouping."""
     w = weights.to(DTYPE)
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
-    closed = k_a == 1 or k_b == fm.n_tasks
-    if spaces is None:
-        start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
-        spaces = row_spaces(fm, w, a_index, start_b, rank)
-    a = torch.stack([_truncate(s.vh, s.s2, rank) for s in spaces])
-    coef = [(s.members, _truncate(s.coef, s.s2, rank)) for s in spaces if s.coef is not None]
+    closed = fm.S is None and (k_a == 1 or k_b == fm.n_tasks)
+    if fm.S is not None:
+        white = white if white is not None else whitened(fm, w)
+        a = unwhiten(white, solve_layout(white, w, a_index, b_index, rank, max_iters, tol, spaces, with_B=False).a)
+    else:
+        if spaces is None:
+            start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
+            spaces = row_spaces(fm, w, a_index, start_b, rank)
+        a = torch.stack([_truncate(s.vh, s.s2, rank) for s in spaces])
     B = _solve_B_coords(fm, w, a, a_index, b_index, k_b) if with_B or not closed else torch.empty(0)
     sol = LayoutSolution(list(a_index), list(b_index), a, B)
-    sol.A_coef = coef if len(coef) == len(spaces) else None
     if closed:  # the closed form's objective is what its singular values leave
+        assert spaces is not None
+        coef = [(s.members, _truncate(s.coef, s.s2, rank)) for s in spaces if s.coef is not None]
+        sol.A_coef = coef if len(coef) == len(spaces) else None
         sol.history.append(closed_form_errors(fm, w, spaces, [rank])[rank])
         return sol
     sol.history.append(float(objective(fm, w, sol).sum()))
     sol.A_coef = None
     for _ in range(max_iters):
-        sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        if fm.S is None:
+            sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
+        else:
+            sol.a = _solve_a_calibrated(fm, w, sol.B, sol.a, a_index, b_index, k_a)
         sol.B = _solve_B_coords(fm, w, sol.a, a_index, b_index, k_b)
         sol.history.append(float(objective(fm, w, sol).sum()))
         prev, cur = sol.history[-2], sol.history[-1]
@@ -228,9 +292,9 @@ def solve_layout(
 
 def solve_B(fm: FactoredModule, w: torch.Tensor, A: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
     """Least-squares B's for fixed A's given in d_in coordinates (k_A, r', d_in), parts outside
-    span(Q) included: from ``A_t A^T`` and ``A A^T`` only."""
-    A = A.to(DTYPE)
-    return _solve_B(fm, w.to(DTYPE), _cross_input_space(fm, A, a_index), A @ A.transpose(1, 2), a_index, b_index, k_b)
+    span(Q) included (:func:`_stored_products`)."""
+    cross, gram, index = _stored_products(fm, A.to(DTYPE), a_index)
+    return _solve_B(fm, w.to(DTYPE), cross, gram, index, b_index, k_b)
 
 
 def input_space_A(fm: FactoredModule, sol: LayoutSolution) -> torch.Tensor:
@@ -255,23 +319,48 @@ def _cross_input_space(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) 
     return fm.A @ A[a_index].transpose(1, 2)
 
 
+def _stored_products(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`_products` for A's in d_in coordinates (k_A, r', d_in), parts outside span(Q)
+    included. Data-free: exactly, from ``A_t A^T`` and ``A A^T`` in d_in coordinates (never Q
+    coordinates). With calibration: the part inside span(Q) (``A Q``, through the reflectors) in
+    the data-aware inner product, the part outside weighted by ``S_t``'s mean eigenvalue there
+    (``fm.outside``; calibration.py)."""
+    gram = A @ A.transpose(1, 2)
+    if fm.S is None:
+        return _cross_input_space(fm, A, a_index), gram, a_index
+    a = fm.to_coords(A)
+    cross, inside, index = _products(fm, a, a_index)
+    perp = (gram - a @ a.transpose(1, 2))[a_index]
+    return cross, inside + fm.outside.view(-1, 1, 1) * perp, index
+
+
 def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat) -> tuple[MergedModule, torch.Tensor]:
     """Quantise A^, re-fit B^ to the stored A^, quantise B^. Returns the module and the per-task
-    weighted squared errors of exactly what is stored.
-
-    The stored A^ has parts outside span(Q); the errors and the B fit see them exactly because they
-    use ``A_t Aq^T`` and ``Aq Aq^T`` computed in d_in coordinates, never Q coordinates."""
+    weighted squared errors of exactly what is stored (the stored A^'s parts outside span(Q)
+    included, :func:`_stored_products`)."""
     w = weights.to(DTYPE)
     A_full = input_space_A(fm, sol)  # (k_A, r', d_in)
     A_st, Aq = StoredFactor.encode_stack(A_full.float(), fmt, transposed=False)
-    gram = Aq @ Aq.transpose(1, 2)
-    cross = _cross_input_space(fm, Aq, sol.a_index)
+    cross, gram, index = _stored_products(fm, Aq, sol.a_index)
     k_b = max(sol.b_index) + 1
-    B = _solve_B(fm, w, cross, gram, sol.a_index, sol.b_index, k_b)
+    B = _solve_B(fm, w, cross, gram, index, sol.b_index, k_b)
     B_st, Bq = StoredFactor.encode_stack(B.float(), fmt, transposed=True)
-    err = _errors(fm, w, cross, gram, sol.a_index, Bq[sol.b_index])
+    err = _errors(fm, w, cross, gram, index, Bq[sol.b_index])
     module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=A_st, B=B_st)
     return module, err
+
+
+def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
+    """Per-task weighted squared errors of the factors ``module`` stores (ranks zero-padded alike)."""
+    r = max(module.rank, *(f.shape[0] for f in module.A))
+    A = torch.zeros(len(module.A), r, fm.shape[1], dtype=DTYPE)
+    B = torch.zeros(len(module.B), fm.shape[0], r, dtype=DTYPE)
+    for i, f in enumerate(module.A):
+        A[i, : f.shape[0]] = f.values().to(DTYPE)
+    for i, f in enumerate(module.B):
+        B[i, :, : f.shape[1]] = f.values().to(DTYPE)
+    cross, gram, index = _stored_products(fm, A, module.a_index)
+    return _errors(fm, weights.to(DTYPE), cross, gram, index, B[module.b_index])
 
 
 def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:

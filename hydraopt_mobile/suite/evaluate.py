@@ -8,11 +8,11 @@ in the graph, so any effective adapter (an original one or a merged bundle's) is
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from hydraopt_mobile.adapters import LoraFactors, load_adapter
 from hydraopt_mobile.errors import UserError
@@ -91,13 +91,15 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     predictions: dict[str, list[str]] | None = None,
     cache: Path | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """``task -> score`` (0..100) on ``split``; ``adapters=None`` scores the base model.
 
     Otherwise every task is scored with its own effective adapter ``adapters[task.name]``.
     Pass a dict as ``predictions`` to also receive the generated texts. With a ``cache`` folder, a
     task already scored with the same weights, adapter, examples and decoding settings is not
-    generated again (see :class:`AnswerCache`). Runs on torch's current thread count (the caller sets it).
+    generated again (see :class:`AnswerCache`). ``on_step(done, total)`` after each task (the
+    application draws it). Runs on torch's current thread count (the caller sets it).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if model is None or tokenizer is None:
@@ -109,9 +111,7 @@ def evaluate(
     model.eval()
     store = AnswerCache(cache, model, tokenizer) if cache is not None else None
     scores: dict[str, float] = {}
-    bar = tqdm(tasks, desc="evaluate", unit="task")
-    for task in bar:
-        bar.set_postfix(task=task.name)
+    for done, task in enumerate(tasks):
         factors = None if adapters is None else adapters[task.name]
         key = store.key(task, split, factors, batch_size) if store else None
         texts = store.get(key) if store else None
@@ -123,4 +123,6 @@ def evaluate(
         scores[task.name] = score(task, texts, split)
         if predictions is not None:
             predictions[task.name] = texts
+        if on_step is not None:
+            on_step(done + 1, len(tasks))
     return scores

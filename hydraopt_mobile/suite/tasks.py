@@ -139,16 +139,20 @@ def _reply_pairs(folder: str) -> list[Example]:
     return [Example(q, a) for q, a in first.items() if len(a) <= MAX_REPLY_CHARS]
 
 
+# translation application -> (pycountry catalogue domain, the database of its English names, metric)
+_TRANSLATIONS = {
+    "country": ("iso3166-1", pycountry.countries, "exact_match"),
+    "currency": ("iso4217", pycountry.currencies, "rougeL"),
+}
+
+
 def _build(name: str, seed: int) -> TaskSpec:
     app, _, lang = name.partition("-")
-    if app == "country" and lang in TRANSLATION_LANGS:
-        train, val, test = _split(_iso_pairs("iso3166-1", lang, {c.name for c in pycountry.countries}), seed, name)
-        instruction = f"Translate this country name from English to {TRANSLATION_LANGS[lang]}. Answer with the name only."
-        return TaskSpec(name, "country", lang, "exact_match", None, 24, instruction, train, val, test)
-    if app == "currency" and lang in TRANSLATION_LANGS:
-        train, val, test = _split(_iso_pairs("iso4217", lang, {c.name for c in pycountry.currencies}), seed, name)
-        instruction = f"Translate this currency name from English to {TRANSLATION_LANGS[lang]}. Answer with the name only."
-        return TaskSpec(name, "currency", lang, "rougeL", None, 24, instruction, train, val, test)
+    if app in _TRANSLATIONS and lang in TRANSLATION_LANGS:
+        domain, database, metric = _TRANSLATIONS[app]
+        train, val, test = _split(_iso_pairs(domain, lang, {c.name for c in database}), seed, name)
+        instruction = f"Translate this {app} name from English to {TRANSLATION_LANGS[lang]}. Answer with the name only."
+        return TaskSpec(name, app, lang, metric, None, 24, instruction, train, val, test)
     if app == "topic" and lang in TOPIC_LANGS:
         pairs, labels = _topic_pairs(CHAT_FOLDERS[lang])
         train, val, test = _split(pairs, seed, name)

@@ -11,11 +11,11 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.errors import UserError
@@ -123,12 +123,13 @@ def _save_fp16(peft_model, out_dir: Path, meta: dict) -> None:
         (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def train_adapter(task: TaskSpec, out_dir: Path, config: TrainConfig = TrainConfig(), *, model=None, tokenizer=None, model_dir: Path | None = None) -> Path:
+def train_adapter(task: TaskSpec, out_dir: Path, config: TrainConfig = TrainConfig(), *, model=None, tokenizer=None,
+                  model_dir: Path | None = None, on_step: Callable[[int, int], None] | None = None) -> Path:
     """Train one LoRA adapter on ``task.train`` and write it to ``out_dir`` (fp16 PEFT folder).
 
     AdamW with linear warm-up then cosine decay; loss only on answer tokens. ``model``/``tokenizer``
     may be passed to reuse an already loaded base model (it is left unchanged). Runs on torch's
-    current thread count (the caller sets it).
+    current thread count (the caller sets it). ``on_step(done, total)`` after each optimiser step.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -155,16 +156,16 @@ def train_adapter(task: TaskSpec, out_dir: Path, config: TrainConfig = TrainConf
     peft_model.train()
     start = time.time()
     losses: list[float] = []
-    bar = tqdm(_batches(task, tokenizer, steps, config.batch_size, generator), total=steps, desc=task.name, unit="step")
     try:
-        for step, (input_ids, labels, mask) in enumerate(bar):
+        for step, (input_ids, labels, mask) in enumerate(_batches(task, tokenizer, steps, config.batch_size, generator)):
             loss = _answer_loss(peft_model.get_base_model(), input_ids, mask, labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            bar.set_postfix(task=task.name, step=step + 1, loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step + 1, steps)
         meta = {
             "task": task.name,
             "base_model": MODEL_ID,
@@ -177,14 +178,21 @@ def train_adapter(task: TaskSpec, out_dir: Path, config: TrainConfig = TrainConf
         }
         _save_fp16(peft_model, Path(out_dir), meta)
     finally:
-        bar.close()
         peft_model.unload()  # removes the LoRA layers, leaving the shared base model as it was
     return Path(out_dir)
 
 
-def train_suite(out_dir: Path, config: TrainConfig = TrainConfig(), tasks: list[str] | None = None, model_dir: Path | None = None) -> dict[str, Path]:
-    """Train every suite task's adapter into ``out_dir/<task>/``; returns task -> folder."""
+def train_suite(out_dir: Path, config: TrainConfig = TrainConfig(), tasks: list[str] | None = None, model_dir: Path | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> dict[str, Path]:
+    """Train every suite task's adapter into ``out_dir/<task>/``; returns task -> folder.
+    ``on_step(done, total)`` counts optimiser steps over all tasks."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model_dir = model_dir or base_model_dir()
     model, tokenizer = load_base_model(model_dir)
-    return {task.name: train_adapter(task, Path(out_dir) / task.name, config, model=model, tokenizer=tokenizer) for task in load_suite(tasks, seed=0)}
+    suite = load_suite(tasks, seed=0)
+    total, done, out = sum(config.settings(t)["steps"] for t in suite), 0, {}
+    for task in suite:
+        step = None if on_step is None else (lambda i, _, before=done: on_step(before + i, total))
+        out[task.name] = train_adapter(task, Path(out_dir) / task.name, config, model=model, tokenizer=tokenizer, on_step=step)
+        done += config.settings(task)["steps"]
+    return out

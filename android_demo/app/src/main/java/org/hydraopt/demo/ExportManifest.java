@@ -351,16 +351,19 @@ public final class ExportManifest {
         return oneAdapterPerTaskBytes > 0 ? oneAdapterPerTaskBytes : null;
     }
 
-    private String str(Map<String, Object> m, String key) throws ExportException {
+    /** {@code m.get(key)} when it is a {@code type}; refused naming the manifest, the key, and what it is instead. */
+    private <T> T field(Map<String, Object> m, String key, Class<T> type, String what) throws ExportException {
         Object v = m.get(key);
-        if (!(v instanceof String)) throw new ExportException(where() + ": '" + key + "' must be a string, not " + v);
-        return (String) v;
+        if (!type.isInstance(v)) throw new ExportException(where() + ": '" + key + "' must be " + what + ", not " + v);
+        return type.cast(v);
+    }
+
+    private String str(Map<String, Object> m, String key) throws ExportException {
+        return field(m, key, String.class, "a string");
     }
 
     private long num(Map<String, Object> m, String key) throws ExportException {
-        Object v = m.get(key);
-        if (!(v instanceof Long)) throw new ExportException(where() + ": '" + key + "' must be an integer, not " + v);
-        return (Long) v;
+        return field(m, key, Long.class, "an integer");
     }
 
     private int positive(Map<String, Object> m, String key) throws ExportException {
@@ -370,16 +373,12 @@ public final class ExportManifest {
     }
 
     private List<?> list(Map<String, Object> m, String key) throws ExportException {
-        Object v = m.get(key);
-        if (!(v instanceof List)) throw new ExportException(where() + ": '" + key + "' must be a list");
-        return (List<?>) v;
+        return field(m, key, List.class, "a list");
     }
 
-    @SuppressWarnings("unchecked")
+    @SuppressWarnings("unchecked")  // Json gives objects as Map<String, Object>
     private Map<String, Object> map(Map<String, Object> m, String key) throws ExportException {
-        Object v = m.get(key);
-        if (!(v instanceof Map)) throw new ExportException(where() + ": '" + key + "' must be an object");
-        return (Map<String, Object>) v;
+        return (Map<String, Object>) field(m, key, Map.class, "an object");
     }
 
     private static String join(List<String> xs) {

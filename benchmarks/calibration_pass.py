@@ -1,0 +1,70 @@
+"""Time the calibration pass of the data-aware merge on the suite: 12 tasks x 16 train examples
+through the base SmolLM2-135M with forward hooks at every adapted Linear, moments projected into
+each module's span(Q). Run it alone (``flock -x``): the number is a duration.
+
+    python benchmarks/calibration_pass.py [--threads 1] [--repeats 3]
+
+Writes ``benchmarks/results/calibration_pass.json``: model load, text preparation and the pass
+itself (median of ``--repeats``), tokens, threads and the load average when it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+
+from hydraopt_mobile.adapters import load_adapter_folders
+from hydraopt_mobile.calibration import collect
+from hydraopt_mobile.suite.calibration_texts import calibration_texts
+from hydraopt_mobile.suite.model import load_base_model
+from hydraopt_mobile.suite.tasks import load_suite
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--per-task", type=int, default=16)
+    ap.add_argument("--init", default="shared-seed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    adapters = load_adapter_folders(SUITE_ADAPTERS / args.init)
+    t0 = time.perf_counter()
+    model, tokenizer = load_base_model()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = calibration_texts([t for t in load_suite() if t.name in adapters.task_names], tokenizer, args.per_task)
+    texts_s = time.perf_counter() - t0
+    runs, cal = [], None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        cal = collect(model, tokenizer, adapters, texts)
+        runs.append(time.perf_counter() - t0)
+    assert cal is not None
+    result = {
+        "setup": f"{len(texts)} tasks x {args.per_task} train examples, SmolLM2-135M fp32, hooks on {len(adapters.module_names)} Linears, "
+        f"{args.threads} torch thread(s), {platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end",
+        "tokens": sum(cal.tokens.values()),
+        "calibration_pass_s_median": statistics.median(runs),
+        "calibration_pass_s_runs": runs,
+        "model_load_s": load_s,
+        "texts_s": texts_s,
+        "total_first_run_s": load_s + texts_s + runs[0],
+        "target_s": 120,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "calibration_pass.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""ONNX ``--quant`` recipes: a small typed registry of ONNX Runtime weight quantisation settings.
+
+Every recipe is a setting of ONNX Runtime's own ``MatMulNBitsQuantizer`` (MatMulNBits for the base
+MatMuls, GatherBlockQuantized for the embedding); nothing here quantises by hand. The LoRA MatMuls
+are always excluded: quantising them would fold the switchable slot inputs into constants.
+
+Why the recipes differ (the base model is the Q4_1 GGUF dequantised: its linears lie on Q4_1's
+asymmetric 32-value blocks, its tied embedding / LM head on Q8_0's symmetric 32-value blocks, see
+``hydraopt_mobile/base_model.py``):
+
+- the LM head is the tied embedding: at 4 bits every logit of the 49k vocabulary carries the
+  rounding, so the ``*-head8`` recipes keep the head (and, where the quantiser can, the embedding)
+  at 8 bits, which reproduces Q8_0's grid almost exactly;
+- ``bits`` is the weight width of most base linears (the issue's record field); ``overrides`` lists
+  (weight-name regex, bits) pairs, first match wins, for the layers kept at other widths.
+
+The quantiser packs Gather only at 4 bits (FIELD_NOTES): a recipe whose embedding is not 4-bit
+keeps the embedding fp32 (a second, quantised copy serves the head MatMul).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+HEAD = r"(lm_head|embed_tokens)\.weight(\.T)?$"  # the tied embedding, read by the head MatMul
+SENSITIVE = r"\.(down_proj|v_proj)(\.base)?\.weight(\.T)?$"  # a slotted module's base weight is ``<module>.base.weight``
+
+
+@dataclass(frozen=True)
+class OnnxQuant:
+    """One ``--quant`` value of the ONNX back end (fp32 when ``bits`` is 32)."""
+
+    name: str
+    description: str
+    bits: int  # weight bits of most base linears: 4, 8 or 32
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast); 0 = fp32 compute
+    embedding_4bit: bool = False  # pack the embedding Gather (at 4 bits, the only width the quantiser packs)
+    overrides: tuple[tuple[str, int], ...] = field(default=())  # (weight-name regex, bits): first match wins
+
+    def bits_of(self, weight: str) -> int:
+        """The weight width of the base MatMul reading ``weight``."""
+        return next((b for pattern, b in self.overrides if re.search(pattern, weight)), self.bits)
+
+
+RECIPES: dict[str, OnnxQuant] = {r.name: r for r in (
+    OnnxQuant("fp32", "float32 weights", 32),
+    OnnxQuant("int8", "MatMulNBits 8-bit weights (block 32, symmetric), fp32 embedding; close to fp32", 8),
+    OnnxQuant("int4", "MatMulNBits 4-bit weights (block 32, symmetric) and a 4-bit embedding; the smallest", 4,
+              embedding_4bit=True),
+    OnnxQuant("int4-asym", "as int4 but asymmetric; its rounded integer zero point misses Q4_1's block minimum", 4,
+              symmetric=False, embedding_4bit=True),
+    OnnxQuant("int4-b16", "as int4 with 16-value blocks (finer scales, +1 byte per 16 weights)", 4,
+              block_size=16, embedding_4bit=True),
+    OnnxQuant("int4-b64", "as int4 with 64-value blocks (coarser, smaller)", 4, block_size=64, embedding_4bit=True),
+    OnnxQuant("int4-acc0", "as int4 but fp32 activations in the 4-bit MatMuls (accuracy_level 0)", 4,
+              accuracy_level=0, embedding_4bit=True),
+    OnnxQuant("int4-head8", "4-bit linears (block 32), 8-bit LM head, 4-bit embedding", 4,
+              embedding_4bit=True, overrides=((HEAD, 8),)),
+    OnnxQuant("int4-head8-embfp32", "4-bit linears (block 32), 8-bit LM head, fp32 embedding", 4,
+              overrides=((HEAD, 8),)),
+    # the module types that lost most at 4 bits in benchmarks/results/quant_sensitivity.md (down_proj, v_proj,
+    # then the head), at 8 bits: 28 % of the linears' weights, so most stay 4-bit
+    OnnxQuant("int4-mixed", "4-bit linears but 8-bit down_proj, v_proj and LM head (measured most sensitive), 4-bit embedding", 4,
+              embedding_4bit=True, overrides=((HEAD, 8), (SENSITIVE, 8))),
+)}
+
+
+def weight_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMul node name -> the initializer its weight (second input) comes from, through
+    Transpose/Cast/Identity; MatMuls whose weight is not a constant are left out."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        name = node.input[1]
+        while name in producers and producers[name].op_type in ("Transpose", "Cast", "Identity"):
+            name = producers[name].input[0]
+        if name in inits:
+            out[node.name] = name
+    return out
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> list[str]:
+    """Give every base MatMul a constant (d_in, d_out) weight so the quantiser sees it.
+
+    Returns the names of the LoRA MatMuls, which must stay unquantised.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    lora_nodes: list[str] = []
+    new_inits: dict[str, onnx.TensorProto] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        source, chain = node.input[1], []
+        while source in producers and producers[source].op_type in ("Transpose", "Cast", "Identity"):
+            chain.append(producers[source].op_type)
+            source = producers[source].input[0]
+        if "lora_" in source:
+            lora_nodes.append(node.name)
+            continue
+        if source in inits and chain == ["Transpose"]:
+            folded = source + ".T"
+            if folded not in new_inits:
+                new_inits[folded] = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[source]).T), folded)
+            node.input[1] = folded
+    model.graph.initializer.extend(new_inits.values())
+    used = {name for n in model.graph.node for name in n.input}  # Transposes and initializers nothing reads any more
+    alive = [n for n in model.graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(alive)
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return lora_nodes
+
+
+def quantize(model: onnx.ModelProto, quant: OnnxQuant) -> onnx.ModelProto:
+    """``model`` (fp32, slots as graph inputs) with ``quant``'s weights: one quantiser pass per weight
+    width, each over the MatMuls of that width (and, in the 4-bit pass, the embedding Gather)."""
+    if quant.bits == 32:
+        return model
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # one INFO line per node otherwise
+
+    lora_nodes = fold_weight_transposes(model)
+    sources = {n: s for n, s in weight_sources(model).items() if n not in lora_nodes}
+    gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and re.search(HEAD, n.input[0])]
+    by_bits: dict[int, list[str]] = {}
+    for node, weight in sources.items():
+        by_bits.setdefault(quant.bits_of(weight), []).append(node)
+    if quant.embedding_4bit:
+        by_bits.setdefault(4, [])
+    for bits in sorted(by_bits, reverse=True):
+        if bits == 32:
+            continue
+        include = by_bits[bits] + (gathers if quant.embedding_4bit and bits == 4 else [])
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=quant.block_size, is_symmetric=quant.symmetric, accuracy_level=quant.accuracy_level,
+            nodes_to_include=include, op_types_to_quantize=(),  # only the nodes listed
+            nodes_to_exclude=[n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in include],
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    return model
