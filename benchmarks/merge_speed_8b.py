@@ -28,19 +28,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from hydraopt_mobile.adapters import build_adapter_set, load_adapter  # noqa: E402
-from hydraopt_mobile.app.progress import progress_bar  # noqa: E402
-from hydraopt_mobile.atomic import write_text_atomic  # noqa: E402
-from hydraopt_mobile.bundle import read_manifest  # noqa: E402
-from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget  # noqa: E402
-from hydraopt_mobile.merge.registry import MergeConfig, merge_to_bundles  # noqa: E402
-from hydraopt_mobile.suite.model import cache_root  # noqa: E402
-from hydraopt_mobile.synthetic import llama_shapes, planted_task_factors, write_peft_adapter  # noqa: E402
+from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+from hydraopt_mobile.app.progress import progress_bar
+from hydraopt_mobile.atomic import write_text_atomic
+from hydraopt_mobile.bundle import read_manifest
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.registry import MergeConfig, merge_to_bundles
+from hydraopt_mobile.suite.model import cache_root
+from hydraopt_mobile.synthetic import llama_shapes, planted_task_factors, write_peft_adapter
 
-RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = "Llama-3-8B (hidden 4096, intermediate 14336, kv 1024), q/k/v/o/gate/up/down"
 BUDGETS = (0.15, 0.3, 0.5)
 
@@ -84,7 +82,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--adapters", type=Path, default=None, help="folder for the generated adapters (default: the cache)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "merge_speed_8b.json")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "merge_speed_8b.json")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     folder = args.adapters or cache_root() / "merge_speed_8b" / f"{args.tasks}x{args.layers}-r{args.rank}"

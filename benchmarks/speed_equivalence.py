@@ -4,18 +4,21 @@ The merge's arithmetic was reorganised for speed (QR kept as reflectors, top-k e
 solutions mapped from the tasks' own A's, batched traces), so bank bytes may differ by rounding
 (and an int4 code can flip at a rounding boundary): refactor_check.py's byte fingerprints then
 change. This script measures what matters instead, on the same banks refactor_check.py covers
-(every registry method on planted adapters at three budgets, and every point of the frontier on
-the embedded shared-seed adapters): per bank, whether every module chose the same layout
-(k_A, k_B, rank, format), whether the tensor files are byte-identical, and the largest difference
-of any module's per-task relative error ``||dW - dW^|| / ||dW||``. The base revision's code is
-extracted with ``git archive`` into a temporary folder and run in a child process.
+(every registry method on planted adapters at three budgets, and every data-free point of the
+frontier on the embedded shared-seed adapters) plus the frontier's calibrated points (the suite's
+calibration pass on SmolLM2, run by each revision's own code): per bank, whether every module
+chose the same layout (k_A, k_B, rank, format), whether the tensor files are byte-identical, and
+the largest difference of any module's per-task relative error ``||dW - dW^|| / ||dW||``. The
+base revision's code is extracted with ``git archive`` into a temporary folder and run in a child
+process (this script puts neither checkout on ``sys.path`` itself: ``PYTHONPATH`` chooses).
 
-    python benchmarks/speed_equivalence.py --base 3087315 [--out benchmarks/results/speed_equivalence.json]
+    python benchmarks/speed_equivalence.py [--base main] [--no-calibrated] [--out benchmarks/results/speed_equivalence.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -29,7 +32,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dump(out: Path) -> None:
+def suite_calibration(adapters):
+    """The frontier's calibration (benchmarks/frontier.py): 16 train examples per task through SmolLM2."""
+    from hydraopt_mobile.calibration import collect
+    from hydraopt_mobile.suite.calibration_texts import calibration_texts
+    from hydraopt_mobile.suite.model import load_base_model
+    from hydraopt_mobile.suite.tasks import load_suite
+
+    model, tokenizer = load_base_model()
+    return collect(model, tokenizer, adapters, calibration_texts([t for t in load_suite() if t.name in adapters.task_names], tokenizer, 16))
+
+
+def dump(out: Path, calibrated: bool) -> None:
     """Run with whichever hydraopt_mobile is on the path: per bank, plan, file hashes, errors."""
     import torch
 
@@ -69,8 +83,8 @@ def dump(out: Path) -> None:
             result[f"planted/{label}"] = describe(bank, adapters)
     suite = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
     adapters = build_adapter_set([load_adapter(p) for p in sorted(suite.iterdir()) if (p / "adapter_config.json").exists()])
-    points = default_points(len(adapters.tasks))
-    get = banks_for(adapters, points)
+    points = [p for p in default_points(len(adapters.tasks)) if calibrated or not p.calibration]
+    get = banks_for(adapters, points, calibrate=functools.cache(lambda: suite_calibration(adapters)))
     for p in points:
         result["frontier/" + "/".join(str(x) for x in p.key("shared-seed"))] = describe(get(p), adapters)
     out.write_text(json.dumps(result))
@@ -105,12 +119,13 @@ def compare(old: dict, new: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", default="3087315", help="git revision of the code before the speed work")
+    ap.add_argument("--base", default="main", help="git revision to compare with")
+    ap.add_argument("--no-calibrated", dest="calibrated", action="store_false", help="leave out the calibrated frontier points (each revision runs the calibration pass)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed_equivalence.json")
     ap.add_argument("--dump", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dump:
-        dump(args.dump)
+        dump(args.dump, args.calibrated)
         return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -119,9 +134,10 @@ def main() -> None:
         runs = {}
         for label, code in (("base", tmp / "base"), ("new", ROOT)):
             env = dict(os.environ, PYTHONPATH=str(code))
-            subprocess.run([sys.executable, __file__, "--dump", str(tmp / f"{label}.json")], check=True, env=env, cwd=code)
+            subprocess.run([sys.executable, __file__, "--dump", str(tmp / f"{label}.json")] + ([] if args.calibrated else ["--no-calibrated"]), check=True, env=env, cwd=code)
             runs[label] = json.loads((tmp / f"{label}.json").read_text())
-    result = {"base": args.base, "new": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()} | compare(runs["base"], runs["new"])
+    revision = [subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip() for rev in (args.base, "HEAD")]
+    result = {"base": revision[0], "new": revision[1], "calibrated_points": args.calibrated} | compare(runs["base"], runs["new"])
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_bank"}, indent=1))
 
