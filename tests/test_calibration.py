@@ -12,7 +12,8 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
-from hydraopt_mobile.merge.solver import objective, solve_layout
+from hydraopt_mobile.formats import NumberFormat
+from hydraopt_mobile.merge.solver import fit_stored, objective, solve_layout, stored_error
 
 D = torch.float64
 
@@ -89,6 +90,27 @@ def test_factored_objective_equals_dense_when_the_inputs_are_wider_than_the_span
     sol = solve_layout(fm, w, [0, 0, 0], [0, 1, 2], rank=2)
     assert float(objective(fm, w, sol).sum()) == pytest.approx(dense_objective(factors, S, w, solution_dense(fm, sol)), rel=1e-4)
     assert fm.sq_norms.tolist() == pytest.approx([float(torch.trace(f.dense().to(D) @ s @ f.dense().to(D).T)) for f, s in zip(factors, S)], rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", [([0, 1, 2], [0, 1, 2]), ([0, 0, 0], [0, 1, 1])])
+def test_stored_errors_with_calibration_equal_dense(layout):
+    """fit_stored's and stored_error's per-task errors, where the stored (int4) A leaves span(Q):
+    exact against the dense ``tr(E_t S_t E_t^T)`` when S_t is isotropic outside span(Q), which is
+    what calibration.py's ``outside`` assumes."""
+    g = torch.Generator().manual_seed(4)
+    factors = [LoraFactors(torch.randn(2, 40, generator=g), torch.randn(8, 2, generator=g)) for _ in range(3)]
+    Q = factor_space(factors).basis().to(D)
+    inside = [(lambda m: m @ m.T / 6)(torch.randn(6, 6, generator=g, dtype=D)) + 0.1 * torch.eye(6, dtype=D) for _ in range(3)]
+    outside = torch.tensor([0.5, 2.0, 1.0])
+    S = [Q @ s @ Q.T + float(o) * (torch.eye(40, dtype=D) - Q @ Q.T) for s, o in zip(inside, outside)]
+    fm = factor_space(factors, ModuleMoments(S=torch.stack(inside).float(), outside=outside))
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=D)
+    module, err = fit_stored(fm, w, solve_layout(fm, w, *layout, rank=2), NumberFormat("int4", 32))
+    served = [module.task_factors(t).dense().to(D) for t in range(3)]
+    for t in range(3):
+        E = factors[t].dense().to(D) - served[t]
+        assert float(err[t]) == pytest.approx(float(w[t]) * float(torch.trace(E @ S[t] @ E.T)), rel=1e-4)
+    assert stored_error(fm, w, module).tolist() == pytest.approx(err.tolist(), rel=1e-5)
 
 
 def test_als_with_calibration_never_increases():

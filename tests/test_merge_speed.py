@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_set, load_adapter
 from hydraopt_mobile.bundle import load_bundle, write_bundle
+from hydraopt_mobile.calibration import identity
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
@@ -31,6 +32,9 @@ def test_factored_gram_equals_stacked(d_in):
     middle = sum(fm.a[t].T.double() @ (fm.B[t].T.double() @ fm.B[t].double()) @ fm.a[t].double() for t in range(5))
     Q = fm.to_input_space(torch.eye(fm.q)).T.double()  # (d_in, q): Q's columns
     assert torch.allclose(Q.T @ Q, torch.eye(fm.q, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(fm.basis().double(), Q, atol=1e-6)  # the one place Q is formed
+    rows = torch.randn(3, d_in)
+    assert torch.allclose(fm.to_coords(rows).double(), rows.double() @ Q, atol=1e-5)
     assert torch.allclose(Q @ middle @ Q.T, dense.T @ dense, rtol=1e-4, atol=1e-3)
     for t, f in enumerate(factors):
         assert torch.allclose(fm.to_input_space(fm.a[t, : f.rank]), f.A, atol=1e-5)
@@ -89,15 +93,18 @@ def test_header_bytes_are_safetensors_own(tmp_path):
     assert raw[: len(head)] == head
 
 
-def test_streamed_merge_writes_the_same_bundle(make_adapters, tmp_path):
+@pytest.mark.parametrize("method, calibrated", [("hydraopt", False), ("hydraopt", True), ("compeft", False)])
+def test_streamed_merge_writes_the_same_bundle(make_adapters, tmp_path, method, calibrated):
     """A bank merged from adapters read module by module and written as it is built is the same
     bundle, byte for byte (tensor files and manifest), as the in-memory merge written at the end."""
     paths = make_adapters(n_tasks=5, rank=4, noise=0.3)
-    budgets = [Budget(fraction=f) for f in (0.01, 0.2, 0.5)]  # the first is infeasible
-    banks = merge_budgets(build_adapter_set([load_adapter(p) for p in paths]), MergeConfig("hydraopt"), budgets, strict=False)
+    eager = build_adapter_set([load_adapter(p) for p in paths])
+    config = MergeConfig(method, calibration=identity(eager) if calibrated else None)
+    budgets = [Budget(fraction=f) for f in (0.001, 0.2, 0.5)]  # the first is infeasible
+    banks = merge_budgets(eager, config, budgets, strict=False)
     lazy = build_adapter_set([load_adapter(p, lazy=True) for p in paths])
     outs = [tmp_path / f"streamed{i}" for i in range(3)]
-    written = merge_to_bundles(lazy, MergeConfig("hydraopt"), budgets, outs)
+    written = merge_to_bundles(lazy, config, budgets, outs)
     assert isinstance(banks[0], InfeasibleBudget) and isinstance(written[0], InfeasibleBudget) and not outs[0].exists()
     for i in (1, 2):
         write_bundle(banks[i], tmp_path / f"memory{i}")
