@@ -12,7 +12,12 @@ the largest difference of any module's per-task relative error ``||dW - dW^|| / 
 base revision's code is extracted with ``git archive`` into a temporary folder and run in a child
 process (this script puts neither checkout on ``sys.path`` itself: ``PYTHONPATH`` chooses).
 
-    python benchmarks/speed_equivalence.py [--base main] [--no-calibrated] [--out benchmarks/results/speed_equivalence.json]
+The data-aware ALS of the calibrated points (no closed form; CG A-steps) is more sensitive to float
+rounding than the data-free closed forms, so their banks are also compared with their data-aware
+per-task errors, and the base's calibrated points are run a second time at ``--control-threads``
+torch threads (other BLAS reduction orders): how far rounding alone moves the base's own banks.
+
+    python benchmarks/speed_equivalence.py [--base main] [--no-calibrated] [--control-threads 2] [--out benchmarks/results/speed_equivalence.json]
 """
 
 from __future__ import annotations
@@ -43,18 +48,20 @@ def suite_calibration(adapters):
     return collect(model, tokenizer, adapters, calibration_texts([t for t in load_suite() if t.name in adapters.task_names], tokenizer, 16))
 
 
-def dump(out: Path, calibrated: bool) -> None:
-    """Run with whichever hydraopt_mobile is on the path: per bank, plan, file hashes, errors."""
+def dump(out: Path, calibrated: bool, threads: int, only_calibrated: bool) -> None:
+    """Run with whichever hydraopt_mobile is on the path: per bank, plan, file hashes, errors
+    (for a calibrated bank also the data-aware ones, calibration.relative_errors)."""
     import torch
 
     from hydraopt_mobile.adapters import build_adapter_set, load_adapter
     from hydraopt_mobile.app.frontier import banks_for, default_points
+    from hydraopt_mobile.calibration import relative_errors
     from hydraopt_mobile.factored import factored_sq_error, sq_norm
     from hydraopt_mobile.merge.budget import InfeasibleBudget
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
 
-    def describe(bank, adapters) -> dict:
+    def describe(bank, adapters, calibration=None) -> dict:
         if isinstance(bank, InfeasibleBudget):
             return {"infeasible": True}
         h = hashlib.sha256()
@@ -67,7 +74,8 @@ def dump(out: Path, calibrated: bool) -> None:
             plan[name] = [len(m.A), len(m.B), m.rank, m.fmt.label() if m.A else "-"]
             targets = adapters.factors(name)
             errors[name] = [(factored_sq_error(f, m.task_factors(t)) / max(sq_norm(f), 1e-30)) ** 0.5 for t, f in enumerate(targets)]
-        return {"tensors_sha": h.hexdigest(), "plan": plan, "module_rel_errors": errors, "rel_errors": bank.rel_errors}
+        out = {"tensors_sha": h.hexdigest(), "plan": plan, "module_rel_errors": errors, "rel_errors": bank.rel_errors}
+        return out if calibration is None else out | {"aware_rel_errors": relative_errors(bank, adapters, calibration)}
 
     import hydraopt_mobile.synthetic  # noqa: F401  (loaded from the code under test, before refactor_check)
 
@@ -78,15 +86,17 @@ def dump(out: Path, calibrated: bool) -> None:
     sys.path[:] = [p for p in sys.path if p != str(ROOT)]
 
     result: dict = {}
-    with tempfile.TemporaryDirectory() as d:
-        for label, bank, adapters in planted_banks(Path(d)):
-            result[f"planted/{label}"] = describe(bank, adapters)
+    if not only_calibrated:
+        with tempfile.TemporaryDirectory() as d:
+            for label, bank, adapters in planted_banks(Path(d)):
+                result[f"planted/{label}"] = describe(bank, adapters)
     suite = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
     adapters = build_adapter_set([load_adapter(p) for p in sorted(suite.iterdir()) if (p / "adapter_config.json").exists()])
-    points = [p for p in default_points(len(adapters.tasks)) if calibrated or not p.calibration]
-    get = banks_for(adapters, points, calibrate=functools.cache(lambda: suite_calibration(adapters)))
+    points = [p for p in default_points(len(adapters.tasks)) if (calibrated or not p.calibration) and (p.calibration or not only_calibrated)]
+    calibrate = functools.cache(lambda: suite_calibration(adapters))
+    get = banks_for(adapters, points, calibrate=calibrate)
     for p in points:
-        result["frontier/" + "/".join(str(x) for x in p.key("shared-seed"))] = describe(get(p), adapters)
+        result["frontier/" + "/".join(str(x) for x in p.key("shared-seed"))] = describe(get(p), adapters, calibrate() if p.calibration else None)
     out.write_text(json.dumps(result))
 
 
@@ -98,7 +108,9 @@ def compare(old: dict, new: dict) -> dict:
             banks[key] = {"both_infeasible": bool(a.get("infeasible") and b.get("infeasible"))}
             continue
         diffs = [abs(x - y) for m in a["module_rel_errors"] for x, y in zip(a["module_rel_errors"][m], b["module_rel_errors"][m])]
-        banks[key] = {
+        if "aware_rel_errors" in a:
+            banks[key] = {"max_task_aware_rel_error_diff": max(abs(a["aware_rel_errors"][t] - b["aware_rel_errors"][t]) for t in a["aware_rel_errors"])}
+        banks[key] = banks.get(key, {}) | {
             "same_plan": a["plan"] == b["plan"],
             "same_tensor_bytes": a["tensors_sha"] == b["tensors_sha"],
             "max_module_rel_error_diff": max(diffs, default=0.0),
@@ -113,6 +125,7 @@ def compare(old: dict, new: dict) -> dict:
         "same_tensor_bytes": sum(v["same_tensor_bytes"] for v in feasible),
         "max_module_rel_error_diff": max((v["max_module_rel_error_diff"] for v in feasible), default=0.0),
         "max_task_rel_error_diff": max((v["max_task_rel_error_diff"] for v in feasible), default=0.0),
+        "max_task_aware_rel_error_diff": max((v["max_task_aware_rel_error_diff"] for v in feasible if "max_task_aware_rel_error_diff" in v), default=None),
         "per_bank": banks,
     }
 
@@ -122,22 +135,31 @@ def main() -> None:
     ap.add_argument("--base", default="main", help="git revision to compare with")
     ap.add_argument("--no-calibrated", dest="calibrated", action="store_false", help="leave out the calibrated frontier points (each revision runs the calibration pass)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed_equivalence.json")
+    ap.add_argument("--control-threads", type=int, default=2, help="also run the base's calibrated points with this many torch threads (0: not): how far float rounding alone moves them")
     ap.add_argument("--dump", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--only-calibrated", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dump:
-        dump(args.dump, args.calibrated)
+        dump(args.dump, args.calibrated, args.threads, args.only_calibrated)
         return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base, "hydraopt_mobile"], check=True, capture_output=True).stdout
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp / "base", filter="data")
         runs = {}
-        for label, code in (("base", tmp / "base"), ("new", ROOT)):
-            env = dict(os.environ, PYTHONPATH=str(code))
-            subprocess.run([sys.executable, __file__, "--dump", str(tmp / f"{label}.json")] + ([] if args.calibrated else ["--no-calibrated"]), check=True, env=env, cwd=code)
+        jobs = [("base", tmp / "base", 1, []), ("new", ROOT, 1, [])]
+        if args.calibrated and args.control_threads:
+            jobs.append(("control", tmp / "base", args.control_threads, ["--only-calibrated"]))
+        for label, code, threads, extra in jobs:
+            env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS=str(threads))
+            flags = ["--threads", str(threads)] + ([] if args.calibrated else ["--no-calibrated"]) + extra
+            subprocess.run([sys.executable, __file__, "--dump", str(tmp / f"{label}.json")] + flags, check=True, env=env, cwd=code)
             runs[label] = json.loads((tmp / f"{label}.json").read_text())
     revision = [subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip() for rev in (args.base, "HEAD")]
     result = {"base": revision[0], "new": revision[1], "calibrated_points": args.calibrated} | compare(runs["base"], runs["new"])
+    if "control" in runs:  # the base against itself at another thread count: rounding alone
+        result["control_base_at_threads"] = {"threads": args.control_threads} | compare({k: runs["base"][k] for k in runs["control"]}, runs["control"])
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_bank"}, indent=1))
 
