@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/tiny_models.py: the tiny real Llama the tests use
 
-from hydraopt_mobile.adapters import build_adapter_set, load_adapter  # noqa: E402
+from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter  # noqa: E402
+from hydraopt_mobile.bank import MergedBank  # noqa: E402
 from hydraopt_mobile.bundle import write_bundle  # noqa: E402
 from hydraopt_mobile.app.frontier import banks_for, default_points  # noqa: E402
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget  # noqa: E402
@@ -52,21 +54,24 @@ def bank_files_sha(bank, tmp: Path) -> str:
     return h.hexdigest()
 
 
-def planted(tmp: Path) -> dict[str, str]:
+def planted_banks(tmp: Path) -> Iterator[tuple[str, MergedBank | InfeasibleBudget, AdapterSet]]:
+    """Every registry method on planted adapters (budgeted ones at three budgets): (label, bank, adapters)."""
     shapes = llama_shapes(2, 256, 64)
     folders = []
     for t, factors in enumerate(planted_factors(shapes, n_tasks=4, rank=8, noise=0.3, seed=0)):
         folders.append(write_peft_adapter(tmp / f"planted/task{t}", factors, rank=8, alpha=16))
     adapters = build_adapter_set([load_adapter(p) for p in folders])
-    out: dict[str, str] = {}
     for name, method in METHODS.items():
         if method.budgeted:
             budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.52)]
             for b, bank in zip(budgets, merge_budgets(adapters, MergeConfig(name), budgets, strict=False)):
-                out[f"{name}@{b.label()}"] = "infeasible" if isinstance(bank, InfeasibleBudget) else bank_files_sha(bank, tmp)
+                yield f"{name}@{b.label()}", bank, adapters
         else:
-            out[name] = bank_files_sha(merge(adapters, MergeConfig(name)), tmp)
-    return out
+            yield name, merge(adapters, MergeConfig(name)), adapters
+
+
+def planted(tmp: Path) -> dict[str, str]:
+    return {label: "infeasible" if isinstance(bank, InfeasibleBudget) else bank_files_sha(bank, tmp) for label, bank, _ in planted_banks(tmp)}
 
 
 def frontier(tmp: Path) -> dict[str, str]:

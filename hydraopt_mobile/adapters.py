@@ -11,9 +11,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hydraopt_mobile.paths import MODULE_NAME_PATTERN, TASK_NAME_RULE, duplicate_ignoring_case, task_name_problem
@@ -59,12 +61,18 @@ class TaskAdapter:
     name: str
     path: Path
     base_model: str | None
-    modules: dict[str, LoraFactors]
+    modules: Mapping[str, LoraFactors]  # a dict, or LazyModules reading each module from disk when asked
     config: dict = field(default_factory=dict, repr=False)
+
+    def module_meta(self) -> dict[str, tuple[int, tuple[int, int]]]:
+        """Per module (rank, (d_out, d_in)), without reading tensors when the modules are lazy."""
+        if isinstance(self.modules, LazyModules):
+            return self.modules.meta
+        return {m: (f.rank, f.shape) for m, f in self.modules.items()}
 
     def fp16_bytes(self) -> int:
         """Bytes of this adapter's factors stored in fp16 (the storage reference of METHOD.md)."""
-        return sum(2 * f.rank * (f.shape[0] + f.shape[1]) for f in self.modules.values())
+        return sum(2 * rank * (shape[0] + shape[1]) for rank, shape in self.module_meta().values())
 
 
 @dataclass
@@ -100,8 +108,8 @@ class AdapterSet:
         packed as a bundle packs (storage.py): the unit of budgets and storage fractions."""
         from hydraopt_mobile.storage import reference_file_bytes
 
-        modules = [self.factors(name) for name in self.module_names]
-        return reference_file_bytes([[(fs[t].rank, fs[t].shape) for fs in modules] for t in range(len(self.tasks))])
+        metas = [t.module_meta() for t in self.tasks]
+        return reference_file_bytes([[meta.get(m, (0, self.shapes[m])) for m in self.module_names] for meta in metas])
 
     def fingerprint(self) -> dict:
         """What identifies the base model these adapters were made for."""
@@ -175,62 +183,116 @@ def _read_tensors(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise AdapterError(f"{path}: no {SAFETENSORS_FILE} (or {BIN_FILE})")
 
 
-def load_adapter(path: str | Path, name: str | None = None) -> TaskAdapter:
-    """Read one PEFT LoRA folder; scales (alpha/r or alpha/sqrt(r), per-module patterns) are folded into B."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"{path}: not a folder")
-    name = task_name_for(path, name)
-    cfg = _read_config(path)
-    file, tensors = _read_tensors(path)
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+class LazyModules(Mapping[str, LoraFactors]):
+    """An adapter's modules read from its safetensors file only when asked for (``safe_open``,
+    one module's two tensors at a time, the file closed again), so a merge holds one module of
+    every adapter in memory, not every module. Structure (keys, shapes, ranks) was checked on
+    opening; values (NaN/Inf) are checked on each read, naming the file and tensor."""
 
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    def __init__(self, file: Path, keys: dict[str, dict[str, str]], finish: "_Finish", meta: dict[str, tuple[int, tuple[int, int]]]):
+        self.file, self._keys, self._finish, self.meta = file, keys, finish, meta
+
+    def __getitem__(self, module: str) -> LoraFactors:
+        keys = self._keys[module]
+        with safe_open(str(self.file), framework="pt") as f:
+            return self._finish(module, {which: (key, f.get_tensor(key)) for which, key in keys.items()})
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class _Finish:
+    """Turns one module's raw tensors into LoraFactors: values checked, fan_in_fan_out undone,
+    the LoRA scale folded into B."""
+
+    def __init__(self, file: Path, cfg: dict):
+        self.file, self.cfg = file, cfg
+        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+
+    def __call__(self, module: str, ab: dict[str, tuple[str, torch.Tensor]]) -> LoraFactors:
+        for key, tensor in ab.values():
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{self.file}: tensor {key!r} contains NaN or Inf values")
+        A, B = ab["A"][1].float(), ab["B"][1].float()
+        if self.fan_in_fan_out:  # Conv1D-style storage (GPT-2): the update is transposed
+            A, B = B.T.contiguous(), A.T.contiguous()
+        return LoraFactors(A.contiguous(), (B * _scale(self.cfg, module, A.shape[0])).contiguous())
+
+
+def _scale(cfg: dict, module: str, r: int) -> float:
+    r_default = int(cfg.get("r", 8))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, float(cfg.get("lora_alpha", r_default))))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _index_modules(file: Path, cfg: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, str]], dict[str, tuple[int, tuple[int, int]]]]:
+    """Per module its lora_A / lora_B keys and (rank, (d_out, d_in)), checked from the tensors'
+    shapes alone: key forms, module names, both factors present, 2-D, ranks against the config."""
+    keys: dict[str, dict[str, str]] = {}
+    for key in shapes:
         m = _LORA_KEY.match(key)
         if m is None:
             kind = "bias" if key.endswith(".bias") else "non-LoRA"
             raise AdapterError(f"{file}: tensor {key!r} is a {kind} weight that a LoRA bank cannot carry")
         if not _MODULE_NAME.match(m["module"]):
             raise AdapterError(f"{file}: tensor {key!r}: module name {m['module']!r} is not a PyTorch module path")
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{file}: tensor {key!r} contains NaN or Inf values")
-        parts.setdefault(m["module"], {})[m["which"]] = tensor
-    if not parts:
+        keys.setdefault(m["module"], {})[m["which"]] = key
+    if not keys:
         raise AdapterError(f"{file}: holds no lora_A / lora_B tensors")
-
-    modules: dict[str, LoraFactors] = {}
-    for module, ab in sorted(parts.items()):
+    r_default = int(cfg.get("r", 8))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    meta: dict[str, tuple[int, tuple[int, int]]] = {}
+    for module, ab in sorted(keys.items()):
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise AdapterError(f"{file}: module {module!r} has no lora_{missing} tensor")
-        A, B = ab["A"].float(), ab["B"].float()
-        if A.dim() != 2 or B.dim() != 2:
+        a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
+        if len(a_shape) != 2 or len(b_shape) != 2:
             raise AdapterError(f"{file}: module {module!r}: only Linear LoRA (2-D A and B) is supported")
-        if fan_in_fan_out:  # Conv1D-style storage (GPT-2): the update is transposed
-            A, B = B.T.contiguous(), A.T.contiguous()
-        r = A.shape[0]
-        if B.shape[1] != r:
-            raise AdapterError(
-                f"{file}: module {module!r}: lora_A has rank {r} but lora_B has {B.shape[1]} columns"
-            )
+        if cfg.get("fan_in_fan_out", False):
+            a_shape, b_shape = (b_shape[1], b_shape[0]), (a_shape[1], a_shape[0])
+        r = a_shape[0]
+        if b_shape[1] != r:
+            raise AdapterError(f"{file}: module {module!r}: lora_A has rank {r} but lora_B has {b_shape[1]} columns")
         expected_r = int(_pattern_value(rank_pattern, module, r_default))
         if expected_r != r:
             raise AdapterError(f"{file}: module {module!r}: tensors have rank {r} but the config says {expected_r}")
-        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules[module] = LoraFactors(A.contiguous(), (B * scale).contiguous())
-    return TaskAdapter(
-        name=name,
-        path=path,
-        base_model=cfg.get("base_model_name_or_path"),
-        modules=modules,
-        config=cfg,
-    )
+        meta[module] = (r, (b_shape[0], a_shape[1]))
+    return dict(sorted(keys.items())), meta
+
+
+def _lazy_shapes(st: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{st}: corrupt or truncated safetensors file ({e})") from e
+
+
+def load_adapter(path: str | Path, name: str | None = None, lazy: bool = False) -> TaskAdapter:
+    """Read one PEFT LoRA folder; scales (alpha/r or alpha/sqrt(r), per-module patterns) are folded into B.
+
+    ``lazy``: read only the safetensors header now and each module's tensors when it is used
+    (:class:`LazyModules`); a ``.bin`` adapter is always read whole."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a folder")
+    name = task_name_for(path, name)
+    cfg = _read_config(path)
+    st = path / SAFETENSORS_FILE
+    modules: Mapping[str, LoraFactors]
+    if lazy and st.is_file():
+        keys, meta = _index_modules(st, cfg, _lazy_shapes(st))
+        modules = LazyModules(st, keys, _Finish(st, cfg), meta)
+    else:
+        file, tensors = _read_tensors(path)
+        keys, _ = _index_modules(file, cfg, {k: tuple(t.shape) for k, t in tensors.items()})
+        finish = _Finish(file, cfg)
+        modules = {module: finish(module, {which: (key, tensors[key]) for which, key in ab.items()}) for module, ab in keys.items()}
+    return TaskAdapter(name=name, path=path, base_model=cfg.get("base_model_name_or_path"), modules=modules, config=cfg)
 
 
 def build_adapter_set(adapters: list[TaskAdapter], allow_missing: bool = False) -> AdapterSet:
@@ -265,23 +327,24 @@ def build_adapter_set(adapters: list[TaskAdapter], allow_missing: bool = False) 
     shapes: dict[str, tuple[int, int]] = {}
     owner: dict[str, TaskAdapter] = {}
     for a in adapters:
-        for m, f in a.modules.items():
-            if m in shapes and shapes[m] != f.shape:
+        for m, (_, shape) in a.module_meta().items():
+            if m in shapes and shapes[m] != shape:
                 raise AdapterError(
-                    f"module {m!r}: shape (d_out, d_in)={f.shape} in {a.path} but {shapes[m]} in {owner[m].path}; "
+                    f"module {m!r}: shape (d_out, d_in)={shape} in {a.path} but {shapes[m]} in {owner[m].path}; "
                     "the adapters were made for different base models"
                 )
-            shapes.setdefault(m, f.shape)
+            shapes.setdefault(m, shape)
             owner.setdefault(m, a)
     return AdapterSet(adapters, {m: shapes[m] for m in all_modules})
 
 
-def load_adapter_set(specs: list[str], allow_missing: bool = False) -> AdapterSet:
-    """Read ``NAME=PATH`` / ``PATH`` specs into a validated :class:`AdapterSet`."""
+def load_adapter_set(specs: list[str], allow_missing: bool = False, lazy: bool = False) -> AdapterSet:
+    """Read ``NAME=PATH`` / ``PATH`` specs into a validated :class:`AdapterSet` (``lazy``: modules
+    read from disk when used, see :class:`LazyModules`)."""
     adapters = []
     for spec in specs:
         name, path = parse_task_spec(spec)
-        adapters.append(load_adapter(path, name))
+        adapters.append(load_adapter(path, name, lazy=lazy))
     return build_adapter_set(adapters, allow_missing=allow_missing)
 
 

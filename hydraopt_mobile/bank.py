@@ -98,13 +98,7 @@ class MergedBank:
         """``(file, tensors by key, their specs)`` for every stored factor: a factor serving one task
         lives in that task's file, one serving several in the shared file (storage.py: key scheme)."""
         for m, module in enumerate(self.modules.values()):
-            for kind, factors in (("A", module.A), ("B", module.B)):
-                for i, f in enumerate(factors):
-                    file, index = factor_file(self.tasks, module.a_index if kind == "A" else module.b_index, i)
-                    if not f.vectors_shape[0]:  # a rank-0 factor (a task without this module) stores nothing
-                        continue
-                    tensors = {factor_key(m, kind, index, part): t.contiguous() for part, t in f.data.items()}
-                    yield file, tensors, factor_specs(m, kind, index, f.fmt, *f.vectors_shape)
+            yield from packed_module(self.tasks, m, module)
 
     def file_specs(self) -> dict[str, list[TensorSpec]]:
         """Per file, the tensors it holds; files that would hold none are not written."""
@@ -125,19 +119,39 @@ class MergedBank:
         return self.total_file_bytes() / self.reference_file_bytes if self.reference_file_bytes else float("nan")
 
     def relative_errors(self, adapters: AdapterSet) -> dict[str, float]:
-        """Per task ||dW - dW^||_F / ||dW||_F over all modules, computed without dense matrices."""
-        from hydraopt_mobile.factored import factored_sq_error, sq_norm
+        """Per task ||dW - dW^||_F / ||dW||_F over all modules, computed without dense matrices
+        (each module's stored factors decoded once, every task's traces in one batch)."""
+        err = torch.zeros(len(self.tasks), dtype=torch.float64)
+        ref = torch.zeros(len(self.tasks), dtype=torch.float64)
+        for name, m in self.modules.items():
+            e, n = module_sq_errors(adapters.factors(name), m)
+            err, ref = err + e, ref + n
+        return relative_from_sums(self.tasks, err, ref)
 
-        out = {}
-        for t, task in enumerate(self.tasks):
-            err = ref = 0.0
-            for name, m in self.modules.items():
-                target = adapters.factors(name)[t]
-                approx = m.task_factors(t)
-                err += factored_sq_error(target, approx)
-                ref += sq_norm(target)
-            out[task] = (err / ref) ** 0.5 if ref > 0 else 0.0
-        return out
+
+def module_sq_errors(factors: list[LoraFactors], module: MergedModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task ``||dW_t - dW^_t||^2`` and ``||dW_t||^2`` of one module (float64, (T,))."""
+    from hydraopt_mobile.factored import sq_errors
+
+    A, B = [f.values() for f in module.A], [f.values() for f in module.B]
+    return sq_errors(factors, [LoraFactors(A[module.a_index[t]], B[module.b_index[t]]) for t in range(len(factors))])
+
+
+def relative_from_sums(tasks: list[str], err: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Per task ``sqrt(err / ref)`` (0 for a task without any update)."""
+    return {task: float((err[t] / ref[t]).sqrt()) if ref[t] > 0 else 0.0 for t, task in enumerate(tasks)}
+
+
+def packed_module(tasks: list[str], m: int, module: MergedModule) -> Iterator[tuple[str, dict[str, torch.Tensor], list[TensorSpec]]]:
+    """:meth:`MergedBank.packed` for the module at index ``m`` (no tensors for a factor whose data
+    was already written away, :meth:`StoredFactor.spilled`)."""
+    for kind, factors in (("A", module.A), ("B", module.B)):
+        for i, f in enumerate(factors):
+            file, index = factor_file(tasks, module.a_index if kind == "A" else module.b_index, i)
+            if not f.vectors_shape[0]:  # a rank-0 factor (a task without this module) stores nothing
+                continue
+            tensors = {factor_key(m, kind, index, part): t.contiguous() for part, t in f.data.items()}
+            yield file, tensors, factor_specs(m, kind, index, f.fmt, *f.vectors_shape)
 
 
 def single_adapter_module(factors: LoraFactors, n_tasks: int, fmt: NumberFormat) -> MergedModule:

@@ -16,6 +16,7 @@ follows from how many tasks use it.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
@@ -25,12 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
-from hydraopt_mobile.bank import MergedBank, MergedModule, factor_file
+from hydraopt_mobile.bank import MergedBank, MergedModule, factor_file, packed_module
 from hydraopt_mobile.checksum import mismatch, sha256_file
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case, task_name_problem
 from hydraopt_mobile.schemas import read_document
-from hydraopt_mobile.storage import FILE_METADATA, factor_key
+from hydraopt_mobile.storage import FILE_METADATA, TensorSpec, factor_key, file_order, header_bytes
 from hydraopt_mobile.errors import UserError
 
 FORMAT_VERSION = 2
@@ -128,6 +129,64 @@ def write_bundle_files(bank: MergedBank, folder: Path) -> dict:
     manifest = manifest_for(bank, files)
     (folder / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
     return manifest
+
+
+class BundleWriter:
+    """A bundle written module by module, so a merge never holds a whole bank's tensors.
+
+    :meth:`add` writes one module's tensors to a spill file per bundle file (in the temporary
+    folder) and returns the module without them; :meth:`finish` writes every tensor file (the
+    header safetensors would write, storage.py, then the tensors copied from the spill in
+    safetensors' order) and the manifest. The files are byte for byte what :func:`write_bundle`
+    writes for the same bank (tests: ``test_streamed_merge_writes_the_same_bundle``)."""
+
+    def __init__(self, folder: Path, tasks: list[str]):
+        for task in tasks:
+            problem = task_name_problem(task)
+            if problem:
+                raise BundleError(f"{folder}: {problem}")
+        self.folder, self.tasks = Path(folder), tasks
+        self._order = sorted(range(len(tasks)), key=lambda t: tasks[t])
+        self._spill = self.folder / ".spill"
+        self._spill.mkdir()
+        self._entries: dict[str, list[tuple[TensorSpec, int]]] = {}  # file -> (spec, offset in its spill)
+        self._sizes: dict[str, int] = {}
+        self._count = 0
+
+    def _spill_path(self, rel: str) -> Path:
+        return self._spill / f"{list(self._entries).index(rel)}.bin"
+
+    def add(self, module: MergedModule) -> MergedModule:
+        """Write ``module`` (the next one of the bank, in order) and return it without tensors."""
+        m, self._count = self._count, self._count + 1
+        order = self._order
+        placed = replace(module, a_index=[module.a_index[t] for t in order], b_index=[module.b_index[t] for t in order])
+        for rel, tensors, specs in packed_module(sorted(self.tasks), m, placed):
+            entries = self._entries.setdefault(rel, [])
+            with open(self._spill_path(rel), "ab") as f:
+                for spec in specs:
+                    data = tensors[spec.key].contiguous().view(torch.uint8).numpy().tobytes()
+                    entries.append((spec, self._sizes.get(rel, 0)))
+                    self._sizes[rel] = self._sizes.get(rel, 0) + f.write(data)
+        return replace(module, A=[f.spilled() for f in module.A], B=[f.spilled() for f in module.B])
+
+    def finish(self, bank: MergedBank) -> None:
+        """Write the tensor files and the manifest of ``bank`` (whose modules went through :meth:`add`)."""
+        bank = sorted_tasks(bank)
+        (self.folder / "tasks").mkdir()
+        files = {}
+        for rel, entries in self._entries.items():
+            offsets = {spec.key: at for spec, at in entries}
+            specs = [spec for spec, _ in entries]
+            path = confined(self.folder, rel, BundleError)
+            with open(path, "wb") as out, open(self._spill_path(rel), "rb") as spill:
+                out.write(header_bytes(specs))
+                for spec in file_order(specs):
+                    spill.seek(offsets[spec.key])
+                    out.write(spill.read(spec.nbytes))
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        shutil.rmtree(self._spill)
+        (self.folder / MANIFEST).write_text(json.dumps(manifest_for(bank, files), separators=(",", ":")))
 
 
 def read_manifest(path: Path) -> dict:

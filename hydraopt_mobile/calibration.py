@@ -97,7 +97,7 @@ def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict
     """Run each task's texts through the base ``model`` and project the target Linears' input
     second moments onto each module's ``span(Q)`` (the same Q the solver builds)."""
     names = adapters.module_names
-    bases = {name: factor_space(adapters.factors(name)).Q for name in names}
+    bases = {name: factor_space(adapters.factors(name)).basis() for name in names}
     T = len(adapters.tasks)
     S = {name: torch.zeros(T, Q.shape[1], Q.shape[1], dtype=torch.float64) for name, Q in bases.items()}
     trace = {name: torch.zeros(T, dtype=torch.float64) for name in names}
@@ -144,7 +144,7 @@ def identity(adapters: AdapterSet) -> Calibration:
     """``X_t^T X_t / n_t = I`` for every task and module: the data-aware objective then equals the data-free one."""
     modules = {}
     for name in adapters.module_names:
-        q = factor_space(adapters.factors(name)).Q.shape[1]
+        q = factor_space(adapters.factors(name)).q
         T = len(adapters.tasks)
         modules[name] = ModuleMoments(S=torch.eye(q, dtype=DTYPE).expand(T, q, q).clone(), outside=torch.ones(T, dtype=DTYPE))
     return Calibration(tasks=list(adapters.task_names), tokens={t: 0 for t in adapters.task_names}, modules=modules)

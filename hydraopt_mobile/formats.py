@@ -92,21 +92,33 @@ class NumberFormat:
 
     def encode(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantise ``vectors`` (n, length) into the tensors that are written to disk."""
+        return self.quantise(vectors)[0]
+
+    def quantise(self, vectors: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`encode` and the float32 values the encoded tensors decode to (computed from the
+        codes before int4 packing: packing is lossless, so these equal :meth:`decode`'s)."""
         v = vectors.float()
         if self.name == "sign":
-            return {"z": _encode_sign(v.reshape(-1), self.density)}
+            n, length = v.shape
+            z = _encode_sign(v.reshape(-1), self.density)
+            return {"z": z}, _decode_sign(z.reshape(-1), n * length, self.density).reshape(n, length)
         if self.name == "fp16":
-            return {"w": v.half()}
+            w = v.half()
+            return {"w": w}, w.float()
+        length = v.shape[1]
         if self.name == "int8":
-            scale = (v.abs().amax(dim=1, keepdim=True) / 127).half()
+            scale = (_abs_max(v, 1) / 127).half()
             q = torch.round(v / _safe(scale)).clamp(-127, 127).to(torch.int8)
-            return {"q": q, "scale": scale}
-        n, length = v.shape
+            return {"q": q, "scale": scale}, dequantize({"q": q, "scale": scale}, length)
+        n = v.shape[0]
         padded = self._padded(length)
-        grouped = torch.nn.functional.pad(v, (0, padded - length)).reshape(n, -1, self.group_size)
-        scale = (grouped.abs().amax(dim=2, keepdim=True) / 7).half()
+        if padded > length:
+            v = torch.cat([v, v.new_zeros(n, padded - length)], dim=1)
+        grouped = v.reshape(n, -1, self.group_size)
+        scale = (_abs_max(grouped, 2) / 7).half()
         q = torch.round(grouped / _safe(scale)).clamp(-8, 7).to(torch.int8).reshape(n, padded)
-        return {"q": _pack_int4(q), "scale": scale.reshape(n, -1)}
+        scale = scale.reshape(n, -1)
+        return {"q": _pack_int4(q), "scale": scale}, dequantize({"q": q, "scale": scale}, length)
 
     def codes(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``stored`` with one code per value: fp16 ``{"w"}`` as stored; int8 and int4 ``{"q": int8
@@ -145,6 +157,11 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     wide = packed.to(torch.int16)
     nibbles = torch.stack([wide & 0x0F, (wide >> 4) & 0x0F], dim=2).reshape(packed.shape[0], -1)
     return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
+
+
+def _abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.abs().amax(dim, keepdim=True)``, exactly, without the temporary ``abs`` (several times faster)."""
+    return torch.maximum(x.amax(dim=dim, keepdim=True), -x.amin(dim=dim, keepdim=True))
 
 
 @dataclass(frozen=True)
@@ -240,6 +257,26 @@ class StoredFactor:
     def encode(cls, matrix: torch.Tensor, fmt: NumberFormat, transposed: bool) -> "StoredFactor":
         vectors = matrix.T if transposed else matrix
         return cls(fmt, fmt.encode(vectors.contiguous()), tuple(matrix.shape), transposed)
+
+    @classmethod
+    def encode_stack(cls, matrices: torch.Tensor, fmt: NumberFormat, transposed: bool) -> tuple[list["StoredFactor"], torch.Tensor]:
+        """Each of ``matrices`` (k, rows, cols) encoded as :meth:`encode` does, in one call (fp16,
+        int8 and int4 quantise component vector by vector, so stacking them changes nothing; sign
+        keeps one blob per factor and is refused), and the (k, rows, cols) float32 values they decode to."""
+        if fmt.name == "sign":
+            raise ValueError("encode_stack: the sign format encodes a whole factor at once; use encode")
+        k, rows, cols = matrices.shape
+        vectors = (matrices.transpose(1, 2) if transposed else matrices).reshape(-1, rows if transposed else cols)
+        data, values = fmt.quantise(vectors.contiguous())
+        per = vectors.shape[0] // k if k else 0
+        factors = [cls(fmt, {part: t[i * per : (i + 1) * per].clone() for part, t in data.items()}, (rows, cols), transposed) for i in range(k)]
+        values = values.reshape(k, per, -1)
+        return factors, (values.transpose(1, 2) if transposed else values).contiguous()
+
+    def spilled(self) -> "StoredFactor":
+        """This factor without its tensors (already written to a bundle): format, shape and byte
+        counts stay, values are gone."""
+        return StoredFactor(self.fmt, {}, self.shape, self.transposed)
 
     @property
     def vectors_shape(self) -> tuple[int, int]:

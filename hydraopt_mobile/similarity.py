@@ -63,18 +63,22 @@ def factor_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum()) / d if d > 0 else 0.0
 
 
-def _row_bases(m: torch.Tensor) -> list[torch.Tensor]:
-    """Per task, an orthonormal basis (as rows) of the row space of ``m[t]``, from one batched SVD."""
+def _row_bases(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task, an orthonormal basis (as rows, zero rows beyond its rank) of the row space of
+    ``m[t]`` and that rank, from one batched SVD."""
     _, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return [vh[t][s[t] > (s[t][0] * CUTOFF if s[t][0] > 0 else 1)] for t in range(m.shape[0])]
+    top = s[:, :1]
+    keep = s > torch.where(top > 0, top * CUTOFF, torch.ones_like(top))
+    return vh * keep.unsqueeze(2), keep.sum(1)
 
 
-def _overlap(bases: list[torch.Tensor]) -> torch.Tensor:
-    n = len(bases)
-    sim = torch.eye(n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i + 1, n):
-            k = min(bases[i].shape[0], bases[j].shape[0])
-            v = float(((bases[i] @ bases[j].T) ** 2).sum() / k) if k else 0.0
-            sim[i, j] = sim[j, i] = v
-    return sim
+def _overlap(bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(T, T) ``||V_s V_t^T||_F^2 / min(k_s, k_t)`` for all pairs from one (T k) x (T k) product;
+    1 on the diagonal, 0 where a task has no row space."""
+    V, ranks = bases
+    T, k, n = V.shape
+    flat = V.reshape(T * k, n)
+    sq = ((flat @ flat.T).double().reshape(T, k, T, k) ** 2).sum((1, 3))
+    low = torch.minimum(ranks.view(-1, 1), ranks.view(1, -1)).double()
+    sim = torch.where(low > 0, sq / low.clamp_min(1), torch.zeros_like(sq))
+    return sim.fill_diagonal_(1.0)

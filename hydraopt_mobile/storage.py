@@ -59,13 +59,26 @@ def factor_specs(module_index: int, kind: str, index: int | None, fmt: "NumberFo
     return [TensorSpec(factor_key(module_index, kind, index, part), dtype, shape) for part, (dtype, shape) in fmt.encoded_shapes(n_vectors, length).items()]
 
 
+def file_order(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """The order safetensors writes tensors in: larger dtypes first, then by key."""
+    return sorted(specs, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), s.key))
+
+
 def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> str:
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for s in sorted(specs, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), s.key)):
+    for s in file_order(specs):
         header[s.key] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     return json.dumps(header, separators=(",", ":"))
+
+
+def header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None = FILE_METADATA) -> bytes:
+    """A safetensors file's first bytes for ``specs``: the 8-byte little-endian header length and
+    the JSON header padded with spaces to a multiple of 8; the tensors follow in :func:`file_order`."""
+    header = _header(specs, metadata).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
 
 
 def safetensors_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None = FILE_METADATA) -> int:

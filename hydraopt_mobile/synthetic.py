@@ -48,7 +48,24 @@ def write_peft_adapter(
     return path
 
 
-def llama_shapes(n_layers: int, hidden: int, kv: int, modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of a Llama's attention projections."""
+def llama_shapes(n_layers: int, hidden: int, kv: int, modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), intermediate: int | None = None) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of a Llama's projections: attention (q, k, v, o) and, with ``intermediate``,
+    the MLP (gate, up, down)."""
     dims = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden)}
-    return {f"model.layers.{i}.self_attn.{m}": dims[m] for i in range(n_layers) for m in modules}
+    if intermediate is not None:
+        dims |= {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
+    block = {m: "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn" for m in modules}
+    return {f"model.layers.{i}.{block[m]}.{m}": dims[m] for i in range(n_layers) for m in modules}
+
+
+def planted_task_factors(shapes: dict[str, tuple[int, int]], task: int, rank: int, noise: float, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One task's factors with the structure of :func:`planted_factors` (a shared A per module plus
+    noise, an independent B), generated from seeds per (module) and (task, module), so any number of
+    tasks is written one at a time without holding the others."""
+    out = {}
+    for m, (name, (d_out, d_in)) in enumerate(shapes.items()):
+        shared = torch.randn(rank, d_in, generator=torch.Generator().manual_seed(seed * 1_000_003 + m)) / d_in**0.5
+        g = torch.Generator().manual_seed((seed * 1_000_003 + m) * 100_003 + task + 1)
+        A = shared + noise * torch.randn(rank, d_in, generator=g) / d_in**0.5
+        out[name] = (A, torch.randn(d_out, rank, generator=g) / rank**0.5 * 0.1)
+    return out

@@ -19,7 +19,7 @@ fixed stored factors ``A_s`` (r' x d_in), ``B_s`` (d_out x r'), the options are,
 - *resident A, own B*: ``min_X ||dW_t - X A_s||_F``. Setting the gradient to zero,
   ``X (A_s A_s^T) = dW_t A_s^T = B_t (A_t A_s^T)``, so ``X = B_t (A_t A_s^T)(A_s A_s^T)^+ = dW_t A_s^+``
   without forming ``dW_t``: an (r_t x r') and an (r' x r') product. The solver's B-step
-  (``solve_B`` with the Gram matrix of a factor that leaves ``span(Q)``) computes exactly this.
+  (``solve_B``, from ``A_t A^T`` and ``A A^T`` in d_in coordinates) computes exactly this.
 - *resident B, own A*: ``min_Y ||dW_t - B_s Y||_F`` gives ``(B_s^T B_s) Y = B_s^T dW_t``, so
   ``Y = (B_s^T B_s)^+ (B_s^T B_t) A_t = B_s^+ dW_t``, whose rows lie in the row space of ``A_t``
   (the solver's A-step, in the task's own row basis ``Q``).
@@ -45,7 +45,7 @@ from hydraopt_mobile.adapters import AdapterError, AdapterSet, LoraFactors
 from hydraopt_mobile.bank import SHARED, MergedBank, MergedModule, factor_file, task_file
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm
+from hydraopt_mobile.factored import DTYPE, factor_space, factored_sq_error, sq_norm
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.solver import fit_stored, row_spaces, solve_a, solve_B, solve_layout
@@ -89,16 +89,13 @@ def resident(index: list[int], tasks: list[str]) -> list[int]:
 
 def least_squares_B(target: LoraFactors, A: torch.Tensor) -> torch.Tensor:
     """``argmin_X ||B_t A_t - X A||_F`` = ``B_t (A_t A^T)(A A^T)^+`` (module docstring)."""
-    fm = factor_space([target])
-    one = torch.ones(1)
-    gram = (A @ A.T).to(fm.Q.dtype)[None]
-    return solve_B(fm, one, (A.to(fm.Q.dtype) @ fm.Q)[None], [0], [0], 1, gram=gram)[0]
+    return solve_B(factor_space([target]), torch.ones(1), A[None], [0], [0], 1)[0]
 
 
 def least_squares_A(target: LoraFactors, B: torch.Tensor) -> torch.Tensor:
     """``argmin_Y ||B_t A_t - B Y||_F`` = ``(B^T B)^+ (B^T B_t) A_t`` (module docstring)."""
     fm = factor_space([target])
-    return solve_a(fm, torch.ones(1), B.to(fm.Q.dtype)[None], [0], [0], 1)[0] @ fm.Q.T
+    return fm.to_input_space(solve_a(fm, torch.ones(1), B.to(DTYPE)[None], [0], [0], 1)[0])
 
 
 def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, weight: float, module_index: int) -> list[Option]:
@@ -133,9 +130,9 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
             options.append(Option(OWN_A, A, b, err(A.values(), B), specs))
     fm = factor_space([target])
     w = torch.tensor([weight], dtype=torch.float64)
-    spaces = row_spaces(fm, w, [0], [0])
-    top = max([f.shape[0] for f in module.A] + [0])
-    for rho in range(1, min(top, fm.Q.shape[1]) + 1):
+    top = min(max([f.shape[0] for f in module.A] + [0]), fm.q)
+    spaces = row_spaces(fm, w, [0], [0], max(top, 1))
+    for rho in range(1, top + 1):
         built, e = fit_stored(fm, w, solve_layout(fm, w, [0], [0], rho, spaces=spaces), fmt)
         A, B = built.A[0], built.B[0]
         specs = tuple(factor_specs(module_index, "A", None, fmt, *A.vectors_shape) + factor_specs(module_index, "B", None, fmt, *B.vectors_shape))

@@ -13,7 +13,7 @@ makes the plan monotone: a larger budget never gives a larger error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from hydraopt_mobile.merge.budget import InfeasibleBudget
 
@@ -27,6 +27,7 @@ class Candidate:
     nbytes: int  # payload + header entries with their offsets left out
     error: float  # weighted squared reconstruction error of the stored factors
     n_tensors: int = 0  # header entries, each with two offsets still to price
+    groups: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, compare=False)  # (a_index, b_index) it was solved with
 
     @property
     def spec(self) -> tuple[int, int, int, str]:

@@ -36,18 +36,20 @@ def build_hydraopt(adapters: AdapterSet, params: HydraOptParams, storage: Storag
         if k is not None and k > T:
             raise UserError(f"--param {name}={k}: at most the number of tasks ({T})")
     cfg = HydraOptConfig(formats=storage.formats, k_a=params.k_a, k_b=params.k_b, rank=params.rank, calibration=calibration)
-    return _build(adapters, cfg, storage.budgets, on_step)
+    return _build(adapters, cfg, storage, on_step)
 
 
 def build_per_task(adapters: AdapterSet, params: NoParams, storage: Storage, on_step: OnStep | None, calibration: Calibration | None = None) -> list[Modules | InfeasibleBudget]:
     """Each adapter compressed on its own (rank and format per module) under each budget; nothing shared."""
-    return _build(adapters, HydraOptConfig(formats=storage.formats, per_task=True, calibration=calibration), storage.budgets, on_step)
+    return _build(adapters, HydraOptConfig(formats=storage.formats, per_task=True, calibration=calibration), storage, on_step)
 
 
-def _build(adapters: AdapterSet, cfg: HydraOptConfig, budgets: tuple[Budget, ...], on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
+def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
     candidates = plan_candidates(adapters, cfg, on_step)
-    plans = [_allocate(candidates, budget, adapters.reference_file_bytes(), len(adapters.tasks)) for budget in budgets]
-    built = iter(build_modules(adapters, cfg, [p for p in plans if not isinstance(p, InfeasibleBudget)], on_step))
+    reference = adapters.reference_file_bytes()
+    plans = [_allocate(candidates, budget, reference, len(adapters.tasks)) for budget in storage.budgets]
+    feasible = [i for i, p in enumerate(plans) if not isinstance(p, InfeasibleBudget)]
+    built = iter(build_modules(adapters, cfg, [plans[i] for i in feasible], on_step, keep=lambda j, *rest: storage.keep(feasible[j], *rest)))
     return [p if isinstance(p, InfeasibleBudget) else next(built) for p in plans]
 
 

@@ -4,6 +4,7 @@ the rebuild of the one the allocator (allocator.py) chose."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -16,7 +17,7 @@ from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
 from hydraopt_mobile.merge.grouping import cluster
-from hydraopt_mobile.merge.method import OnStep, each_module
+from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
 from hydraopt_mobile.merge.solver import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_error
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
@@ -96,27 +97,36 @@ class ModuleCandidates:
         self.est = self.fm if moments is None else whitened(self.fm, weights)
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
-        r_max, q = max(f.rank for f in factors), self.fm.Q.shape[1]
+        self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._solutions: dict[tuple[int, int, int, bool], LayoutSolution] = {}
+        r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
         self.specs = [(ka, kb, r) for ka, kb in candidate_layouts(self.fm.n_tasks, cfg) for r in ranks]
+        self.top_rank = max(ranks)
         self.mixed_ranks = len({f.rank for f in factors}) > 1
 
     def _groups(self, k_a: int, k_b: int) -> tuple[list[int], list[int]]:
         T = self.fm.n_tasks
         if k_a in (1, T) and k_b in (1, T):  # trivial groupings need no similarity
             return ([0] * T if k_a == 1 else list(range(T))), ([0] * T if k_b == 1 else list(range(T)))
-        if self._sims is None:
-            self._sims = row_space_overlap(self.est), update_cosine(self.est)
-        return cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
+        if (k_a, k_b) not in self._grouping:
+            if self._sims is None:
+                self._sims = row_space_overlap(self.est), update_cosine(self.est)
+            self._grouping[(k_a, k_b)] = cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
+        return self._grouping[(k_a, k_b)]
 
     def _solve(self, k_a: int, k_b: int, rank: int, estimate: bool = False) -> LayoutSolution:
-        """The layout's solution on the measured objective, or (``estimate``) on the estimate's."""
-        closed = k_a == 1 or k_b == self.fm.n_tasks
-        spaces = self._spaces(k_a, k_b) if closed else None
+        """The float solution of one layout and rank on the measured objective, or (``estimate``)
+        on the estimate's; once per module (formats share it)."""
         fm = self.est if estimate else self.fm
-        white = self.est if fm.S is not None else None
-        return solve_layout(fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces, white=white)
+        key = (k_a, k_b, rank, fm is self.fm)
+        if key not in self._solutions:
+            closed = k_a == 1 or k_b == self.fm.n_tasks
+            spaces = self._spaces(k_a, k_b) if closed else None
+            white = self.est if fm.S is not None else None
+            self._solutions[key] = solve_layout(fm, self.w, *self._groups(k_a, k_b), rank, max_iters=self.cfg.max_iters, spaces=spaces, with_B=False, white=white)
+        return self._solutions[key]
 
     def candidates(self) -> list[Candidate]:
         """Every (layout, rank, format) is scored by an estimate (closed-form error from singular
@@ -146,7 +156,8 @@ class ModuleCandidates:
         measured = []
         for c in lower_hull(estimates):
             _, err = fit_stored(self.fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
-            measured.append(replace(c, error=float(err.sum())))
+            a_index, b_index = self._groups(c.k_a, c.k_b)
+            measured.append(replace(c, error=float(err.sum()), groups=(tuple(a_index), tuple(b_index))))
         if self.mixed_ranks:  # with equal ranks, (T, T, r) already is the inputs as they are
             measured += [self._as_is(fmt) for fmt in self.cfg.formats]
         return measured
@@ -168,18 +179,22 @@ class ModuleCandidates:
     def _spaces(self, k_a: int, k_b: int) -> list:
         if (k_a, k_b) not in self._space_cache:
             a_idx, b_idx = self._groups(k_a, k_b)
-            self._space_cache[(k_a, k_b)] = row_spaces(self.est, self.w, a_idx, b_idx)
+            self._space_cache[(k_a, k_b)] = row_spaces(self.est, self.w, a_idx, b_idx, self.top_rank)
         return self._space_cache[(k_a, k_b)]
 
     def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> tuple[int, int]:
         """(payload + header entries without offsets, number of entries) of this layout's files.
         Every factor is priced with its shared-file key, which is never shorter than a task file's."""
         d_out, d_in = self.fm.shape
-        specs = [s for i in range(k_a) for s in factor_specs(self.index, "A", i, fmt, rank, d_in)]
-        specs += [s for i in range(k_b) for s in factor_specs(self.index, "B", i, fmt, rank, d_out)]
-        return _priced(specs)
+        a_bytes, a_entries = _priced_factors(self.index, "A", k_a, fmt, rank, d_in)
+        b_bytes, b_entries = _priced_factors(self.index, "B", k_b, fmt, rank, d_out)
+        return a_bytes + b_bytes, a_entries + b_entries
 
     def build(self, c: Candidate) -> MergedModule:
+        """The module ``c`` stands for, solved with the groups it was measured with (no
+        similarity is recomputed)."""
+        if c.groups is not None:
+            self._grouping[(c.k_a, c.k_b)] = (list(c.groups[0]), list(c.groups[1]))
         if c.rank == AS_IS:
             return as_is(self.factors, NumberFormat.parse(c.fmt))
         return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
@@ -190,6 +205,21 @@ def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
     return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
 
 
+@functools.lru_cache(maxsize=4096)
+def _factor_price(module_index: int, kind: str, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
+    """:func:`_priced` of factor 0 of one kind (its index takes one digit)."""
+    return _priced(factor_specs(module_index, kind, 0, fmt, rank, length))
+
+
+def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
+    """:func:`_priced` of factors ``0 .. count-1`` of one kind: their header entries differ only in
+    the factor index in the key, so each costs factor 0's price plus one character per entry for
+    every index digit beyond the first."""
+    nbytes, entries = _factor_price(module_index, kind, fmt, rank, length)
+    extra_digits = sum(max(0, count - 10**d) for d in range(1, len(str(max(count - 1, 0)))))
+    return count * nbytes + entries * extra_digits, count * entries
+
+
 def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None) -> dict[str, list[Candidate]]:
     """Every module's candidates (reusable across budgets); the first of two passes over the modules
     for ``on_step``. Module state is dropped after each module, so memory stays at one module's
@@ -198,10 +228,11 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep |
     return each_module(adapters, lambda m, name, factors: ModuleCandidates(factors, w, cfg, m, cfg.moments(name)).candidates(), on_step, passes=2)
 
 
-def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None) -> list[dict[str, MergedModule]]:
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, keep: ModuleSink | None = None) -> list[dict[str, MergedModule]]:
     """For each plan, the modules it chose; the second of two passes over the modules for
     ``on_step``. Each module's factored space is rebuilt once (cheaper than keeping every module's
-    in memory) and serves all plans."""
+    in memory) and serves all plans. ``keep(plan index, name, factors, module)``: each built
+    module is handed over at once, and what it returns is kept."""
     w = task_weights(adapters, cfg.calibration)
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
@@ -210,7 +241,8 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
         for chosen in plans:
             if chosen[name].spec not in built:
                 built[chosen[name].spec] = module.build(chosen[name])
-        return [built[chosen[name].spec] for chosen in plans]
+        out = [built[chosen[name].spec] for chosen in plans]
+        return out if keep is None else [keep(j, name, factors, mod) for j, mod in enumerate(out)]
 
     per_module = each_module(adapters, build, on_step, passes=2, done=len(adapters.module_names))
     return [{name: chosen[i] for name, chosen in per_module.items()} for i in range(len(plans))]

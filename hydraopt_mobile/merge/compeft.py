@@ -91,7 +91,7 @@ def build_compeft(adapters: AdapterSet, params: ComPeftParams, storage: Storage,
     if len(storage.formats) == 1:
         raise UserError("--format does not apply to compeft: it stores signs (choose the size with --budget or --param density)")
     out: list[Modules | InfeasibleBudget] = []
-    for budget in storage.budgets:
+    for i, budget in enumerate(storage.budgets):
         density = params.density if params.density is not None else density_for(adapters, budget)
         if isinstance(density, InfeasibleBudget):
             out.append(density)
@@ -101,5 +101,5 @@ def build_compeft(adapters: AdapterSet, params: ComPeftParams, storage: Storage,
             out.append(InfeasibleBudget(f"--param density={density}: {nbytes:,} file bytes exceed --budget {budget.label()} ({limit:,} bytes)"))
             continue
         fmt = NumberFormat("sign", density=density)
-        out.append(each_module(adapters, lambda _, __, factors: compress_module(factors, fmt), on_step))
+        out.append(each_module(adapters, lambda _, name, factors: storage.keep(i, name, factors, compress_module(factors, fmt)), on_step))
     return out

@@ -79,13 +79,26 @@ class NoParams(MethodParams):
     """A method without parameters."""
 
 
+ModuleSink = Callable[[int, str, list[LoraFactors], MergedModule], MergedModule]
+"""``sink(budget index, module name, the module's input factors, the built module)`` -> what the
+bank keeps of it: a budgeted build hands each module over as soon as it is built (a streaming
+bundle writer keeps only its layout and sizes)."""
+
+
 @dataclass(frozen=True)
 class Storage:
     """How the built modules are stored: the number formats a build may use (fixed-storage methods
-    get exactly one) and, for budgeted methods, the budgets (one result per budget)."""
+    get exactly one), for budgeted methods the budgets (one result per budget), and where built
+    modules go (``sink``; budgeted methods only)."""
 
     formats: tuple[NumberFormat, ...]
     budgets: tuple[Budget, ...] = ()
+    sink: ModuleSink | None = None
+
+    def keep(self, budget: int, name: str, factors: list[LoraFactors], module: MergedModule) -> MergedModule:
+        """What a budgeted build keeps of ``module`` built for ``storage.budgets[budget]``: the
+        module itself, or what ``sink`` returns once it has taken it."""
+        return module if self.sink is None else self.sink(budget, name, factors, module)
 
 
 Modules = dict[str, MergedModule]

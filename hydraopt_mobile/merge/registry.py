@@ -8,11 +8,17 @@ The CLI lists what this registry holds (``hydraopt methods``) and merges by name
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
-from hydraopt_mobile.adapters import AdapterSet
-from hydraopt_mobile.bank import MergedBank, MergedModule
+import torch
+
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.atomic import atomic_dir
+from hydraopt_mobile.bank import MergedBank, MergedModule, module_sq_errors, relative_from_sums
+from hydraopt_mobile.bundle import BUNDLE, BundleWriter
 from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
@@ -20,7 +26,7 @@ from hydraopt_mobile.merge import baselines
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.budgeted import HydraOptParams, build_hydraopt, build_per_task
 from hydraopt_mobile.merge.compeft import ComPeftParams, build_compeft
-from hydraopt_mobile.merge.method import Build, MethodParams, NoParams, OnStep, Storage
+from hydraopt_mobile.merge.method import Build, MethodParams, ModuleSink, NoParams, OnStep, Storage
 
 
 @dataclass(frozen=True)
@@ -123,9 +129,41 @@ def merge_budgets(adapters: AdapterSet, config: MergeConfig, budgets: list[Budge
     return _merge(adapters, method, config, budgets, on_step, strict)
 
 
-def _merge(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budgets: list[Budget], on_step: OnStep | None, strict: bool) -> list[MergedBank | InfeasibleBudget]:
+def merge_to_bundles(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], outs: list[Path], on_step: OnStep | None = None, overwrite: bool = False, inputs: Iterable[Path] = ()) -> list[Path | InfeasibleBudget]:
+    """:func:`merge_budgets` (``strict=False``) with each bank written to its bundle in ``outs``
+    module by module as it is built (:class:`BundleWriter`): with a lazily read adapter set
+    (``load_adapter(..., lazy=True)``) memory holds one module's inputs and outputs, not a bank.
+    The bundles are byte for byte those :func:`write_bundle` writes for the banks of :func:`merge_budgets`."""
+    method = get_method(config.method)
+    if not method.budgeted:
+        raise _fixed_storage(method)
+    if len(outs) != len(budgets):
+        raise UserError(f"{len(budgets)} budgets but {len(outs)} output folders")
+    with ExitStack() as stack:
+        writers: dict[int, BundleWriter] = {}
+        sq = {i: [torch.zeros(len(adapters.tasks), dtype=torch.float64) for _ in range(2)] for i in range(len(budgets))}
+
+        def sink(i: int, name: str, factors: list[LoraFactors], module: MergedModule) -> MergedModule:
+            if i not in writers:
+                writers[i] = BundleWriter(stack.enter_context(atomic_dir(Path(outs[i]), overwrite, kind=BUNDLE, inputs=inputs)), adapters.task_names)
+            err, norms = module_sq_errors(factors, module)
+            sq[i] = [sq[i][0] + err, sq[i][1] + norms]
+            return writers[i].add(module)
+
+        banks = _merge(adapters, method, config, budgets, on_step, strict=False, sink=sink, rel_errors=lambda i: relative_from_sums(adapters.task_names, *sq[i]))
+        out: list[Path | InfeasibleBudget] = []
+        for i, bank in enumerate(banks):
+            if isinstance(bank, InfeasibleBudget):
+                out.append(bank)
+                continue
+            writers[i].finish(bank)
+            out.append(Path(outs[i]))
+    return out
+
+
+def _merge(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budgets: list[Budget], on_step: OnStep | None, strict: bool, sink: ModuleSink | None = None, rel_errors: Callable[[int], dict[str, float]] | None = None) -> list[MergedBank | InfeasibleBudget]:
     params = _params(method, config.params)
-    storage = _storage(method, config, budgets)
+    storage = dataclasses.replace(_storage(method, config, budgets), sink=sink)
     given = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
     if config.calibration is None:
         built = method.build(adapters, params, storage, on_step)
@@ -140,13 +178,13 @@ def _merge(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budge
         return [_bank(adapters, method, given | {"format": storage.formats[0].label()}, built[0])]
     recorded = given | {"formats": [f.label() for f in storage.formats]}
     out: list[MergedBank | InfeasibleBudget] = []
-    for budget, modules in zip(budgets, built, strict=True):
+    for i, (budget, modules) in enumerate(zip(budgets, built, strict=True)):
         if isinstance(modules, InfeasibleBudget):
             if strict:
                 raise modules
             out.append(modules)
             continue
-        bank = _bank(adapters, method, recorded | {"budget": budget.label()}, modules)
+        bank = _bank(adapters, method, recorded | {"budget": budget.label()}, modules, None if rel_errors is None else rel_errors(i))
         if bank.total_file_bytes() > budget.resolve(adapters.reference_file_bytes()):  # the allocator's bound guarantees this; a bug otherwise
             raise AssertionError(f"{method.name} at {budget.label()}: {bank.total_file_bytes():,} file bytes exceed the budget")
         out.append(bank)
@@ -175,7 +213,7 @@ def _storage(method: MergeMethod, config: MergeConfig, budgets: list[Budget]) ->
     return Storage(formats=tuple(NumberFormat(name, config.group_size) for name in FORMAT_NAMES), budgets=tuple(budgets))  # type: ignore[arg-type]
 
 
-def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict[str, MergedModule]) -> MergedBank:
+def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict[str, MergedModule], rel_errors: dict[str, float] | None = None) -> MergedBank:
     bank = MergedBank(
         tasks=adapters.task_names,
         modules=modules,
@@ -185,5 +223,5 @@ def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict
         reference_file_bytes=adapters.reference_file_bytes(),
         reference_payload_bytes=adapters.fp16_bytes(),
     )
-    bank.rel_errors = bank.relative_errors(adapters)
+    bank.rel_errors = bank.relative_errors(adapters) if rel_errors is None else rel_errors
     return bank

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import scipy.linalg
 import torch
 
 from hydraopt_mobile.bank import MergedModule
@@ -32,6 +33,20 @@ class LayoutSolution:
     a: torch.Tensor  # (k_A, r', q): shared A's in Q coordinates
     B: torch.Tensor  # (k_B, d_out, r')
     history: list[float] = field(default_factory=list)  # objective after each step
+    A_coef: list[tuple[list[int], torch.Tensor]] | None = None  # per A-group: A^_g = K_g [A_t; t in members] (see row_spaces)
+
+
+@dataclass
+class RowSpace:
+    """One A-group's closed form: the top right singular vectors ``vh`` (rows, descending, in Q
+    coordinates) and squared singular values ``s2`` of its stacked rows ``X = L [a_t; t in members]``;
+    ``coef`` (when ``X`` had fewer rows than q) maps them to d_in without Q: ``vh = coef X``, so
+    ``vh Q^T = coef L [A_t; t in members]``."""
+
+    vh: torch.Tensor
+    s2: torch.Tensor
+    members: list[int]
+    coef: torch.Tensor | None  # (k, |members| r): coef L
 
 
 def _members(index: list[int], g: int) -> list[int]:
@@ -43,22 +58,31 @@ def _group_sum(values: torch.Tensor, index: list[int], k: int) -> torch.Tensor:
     return out.index_add_(0, torch.tensor(index), values)
 
 
-def _stacked_rows(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """Rows X with X^T X = sum_h M_h^T M_h / W_h, M_h = sum_{t in h} w_t B_t a_t (Q coordinates)."""
+def _stacked_rows(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]]) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
+    """``(members, blocks, X)`` with ``X = blockdiag(blocks) [a_t; t in members]`` and
+    ``X^T X = sum_h M_h^T M_h / W_h``, ``M_h = sum_{t in h} w_t B_t a_t`` (Q coordinates).
+
+    ``M_h^T M_h = C_h^T S_h^T S_h C_h`` with ``S_h = [w_t B_t]``, ``C_h = [a_t]`` stacked over
+    ``t in h``; with ``S_h = U_h R_h`` (QR, R_h at most |h| r square), ``M_h^T M_h = (R_h C_h)^T
+    (R_h C_h)``: only R_h is needed. For one task it is sqrt(w_t) times B_t's own R (``fm.R``)."""
+    members = [t for h in groups for t in h]
+    if all(len(h) == 1 for h in groups):
+        sw = w[members].sqrt().view(-1, 1, 1)
+        return members, list(fm.R[members] * sw), (fm.RA[members] * sw).reshape(-1, fm.q)
+    r = fm.a.shape[1]
     blocks = []
     for h in groups:
         if len(h) == 1:
-            blocks.append(fm.RA[h[0]] * w[h[0]].sqrt())
-            continue
-        S = torch.cat([fm.B[t] * w[t] for t in h], dim=1)  # (d_out, |h| r)
-        R = torch.linalg.qr(S, mode="r")[1]
-        blocks.append(R @ torch.cat([fm.a[t] for t in h], dim=0) / w[h].sum().sqrt())
-    return torch.cat(blocks, dim=0)
+            blocks.append(fm.R[h[0]] * w[h[0]].sqrt())
+        else:
+            blocks.append(torch.linalg.qr(torch.cat([fm.B[t] * w[t] for t in h], dim=1), mode="r")[1] / w[h].sum().sqrt())
+    X = torch.cat([R @ fm.a[h].reshape(len(h) * r, -1) for h, R in zip(groups, blocks)])
+    return members, blocks, X
 
 
-def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per A-group: right singular vectors (all of them) and squared singular values of the rows
-    whose top singular vectors are the closed-form A (one SVD serves every rank r')."""
+def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int], top: int) -> list[RowSpace]:
+    """Per A-group, the ``top`` right singular vectors and squared singular values of the rows
+    whose top singular vectors are the closed-form A (one decomposition serves every rank up to ``top``)."""
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
     if k_a == 1:
         groups = [[_members(b_index, h) for h in range(k_b)]]
@@ -66,75 +90,106 @@ def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index:
         groups = [[[t] for t in _members(a_index, g)] for g in range(k_a)]
     else:
         raise ValueError("closed form needs k_A = 1 or k_B = T")
-    return _batched_svd([_stacked_rows(fm, w, g) for g in groups])
+    return _top_singular([_stacked_rows(fm, w.to(DTYPE), g) for g in groups], fm, top)
 
 
-def _batched_svd(blocks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Right singular vectors (rows, descending) and squared singular values of each block.
+def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest eigenvalues (G, k), descending, and their eigenvectors (G, n, k) of
+    symmetric matrices (G, n, n). One large matrix goes to LAPACK's ``syevr`` for just those ``k``
+    (its tridiagonal reduction then dominates); small or batched ones to one full ``eigh``."""
+    n = gram.shape[-1]
+    k = min(k, n)
+    if gram.shape[0] == 1 and n >= 128 and n > 4 * k:
+        lam, V = scipy.linalg.eigh(gram[0].numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
+        return torch.from_numpy(lam[::-1].copy()).unsqueeze(0), torch.from_numpy(V[:, ::-1].copy()).unsqueeze(0)
+    lam, V = torch.linalg.eigh(gram)
+    return lam.flip(-1)[..., :k], V.flip(-1)[..., :k]
 
-    Computed from the eigendecomposition of the smaller Gram matrix, batched over blocks
-    zero-padded to the same height (padding leaves both unchanged): several times faster than an
-    SVD of the 640 x 640 blocks that 40 rank-16 tasks give, and exact enough for ranking ranks."""
-    height = max(b.shape[0] for b in blocks)
-    X = torch.zeros(len(blocks), height, blocks[0].shape[1], dtype=DTYPE)
-    for i, b in enumerate(blocks):
-        X[i, : b.shape[0]] = b
-    if height >= X.shape[2]:
-        lam, V = torch.linalg.eigh(X.transpose(1, 2) @ X)
-        vh = V.flip(2).transpose(1, 2)
-    else:
-        lam, U = torch.linalg.eigh(X @ X.transpose(1, 2))
-        U = U.flip(2)
-        vh = U.transpose(1, 2) @ X
+
+def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor]], fm: FactoredModule, top: int) -> list[RowSpace]:
+    """Top right singular vectors (rows, descending) and squared singular values of each block
+    ``X = L a[members]``, from the eigendecomposition of the smaller of ``X^T X`` and ``X X^T``.
+
+    Through ``X X^T = U diag(lam) U^T``: ``vh = diag(lam)^(-1/2) U^T X`` (rows of zero ``lam``
+    set to 0), i.e. ``coef = diag(lam)^(-1/2) U^T L`` on the members' own A's. Blocks of equal
+    shape (with a B per task, one block per A-group) are decomposed in one batched call."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (members, _, x) in enumerate(blocks):
+        by_shape.setdefault((x.shape[0], len(members)), []).append(i)
+    out: dict[int, RowSpace] = {}
+    for (height, _), ids in by_shape.items():
+        Xs = torch.stack([blocks[i][2] for i in ids])
+        if height >= fm.q:
+            lam, V = _top_eigh(Xs.transpose(1, 2) @ Xs, top)
+            out.update({i: RowSpace(V[j].T.contiguous(), lam[j].clamp_min(0), blocks[i][0], None) for j, i in enumerate(ids)})
+            continue
+        lam, U = _top_eigh(Xs @ Xs.transpose(1, 2), top)
+        Ut = U.transpose(1, 2)
+        vh = Ut @ Xs
         norms = vh.norm(dim=2, keepdim=True)
-        vh = torch.where(norms > 1e-12 * norms.amax(dim=1, keepdim=True).clamp_min(1e-300), vh / norms.clamp_min(1e-300), torch.zeros_like(vh))
-    lam = lam.flip(1).clamp_min(0)
-    return [(vh[i].to(DTYPE), lam[i].to(DTYPE)) for i in range(len(blocks))]
+        keep = norms > 1e-12 * norms.amax(dim=1, keepdim=True).clamp_min(1e-300)
+        scale = torch.where(keep, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        coef = (Ut * scale) @ torch.stack([torch.block_diag(*blocks[i][1]) for i in ids])
+        out.update({i: RowSpace(vh[j] * scale[j], lam[j].clamp_min(0), blocks[i][0], coef[j]) for j, i in enumerate(ids)})
+    return [out[i] for i in range(len(blocks))]
 
 
-def closed_form_errors(fm: FactoredModule, w: torch.Tensor, spaces: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> dict[int, float]:
+def closed_form_errors(fm: FactoredModule, w: torch.Tensor, spaces: list[RowSpace], ranks: list[int]) -> dict[int, float]:
     """Weighted squared error of the closed-form layout at each rank, from singular values only."""
     total = float((w * fm.sq_norms).sum())
-    return {r: max(total - sum(float(s2[:r].sum()) for _, s2 in spaces), 0.0) for r in ranks}
+    return {r: max(total - sum(float(s.s2[:r].sum()) for s in spaces), 0.0) for r in ranks}
 
 
-def _truncate(vh: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
+def _truncate(rows: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
+    """The first ``rank`` rows of ``rows`` whose singular value is not zero; zero rows after them."""
     keep = min(rank, int((s2 > s2[0] * 1e-20).sum())) if s2.numel() and s2[0] > 0 else 0
-    out = torch.zeros(rank, vh.shape[1], dtype=vh.dtype)
-    out[:keep] = vh[:keep]
+    out = torch.zeros(rank, rows.shape[1], dtype=rows.dtype)
+    out[:keep] = rows[:keep]
     return out
 
 
-def _metric(fm: FactoredModule, ag: torch.Tensor) -> torch.Tensor:
-    """``a S_t`` per task with calibration (the data-aware inner product in Q coordinates), else ``a``."""
-    return ag if fm.S is None else ag @ fm.S
+def _errors(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], Bh: torch.Tensor) -> torch.Tensor:
+    """Per-task ``w_t ||B_t A_t - B^ A^||^2 = w_t (||dW_t||^2 - 2 tr((B_t^T B^) (A_t A^^T)) +
+    tr((B^^T B^) (A^ A^^T)))`` from ``cross[t] = A_t A^_{a(t)}^T`` (T, r, r'), ``gram[g] = A^_g A^_g^T``
+    and ``Bh[t] = B^_{b(t)}``: r x r' traces only. With calibration the same traces in the
+    data-aware inner product (:func:`_products`)."""
+    c = ((fm.B.transpose(1, 2) @ Bh) * cross).sum((1, 2))
+    own = ((Bh.transpose(1, 2) @ Bh) * gram[a_index]).sum((1, 2))
+    return w * (fm.sq_norms - 2 * c + own).clamp_min(0)
+
+
+def _products(fm: FactoredModule, a: torch.Tensor, a_index: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(cross, gram, index)`` for shared A's in Q coordinates, as :func:`_errors` and
+    :func:`_solve_B` take them: ``cross[t] = a_t a^_{a(t)}^T`` and ``gram[g] = a^_g a^_g^T`` per
+    A-group (``index = a_index``); with calibration ``cross[t] = a_t S_t a^_{a(t)}^T`` and
+    ``gram[t] = a^_{a(t)} S_t a^_{a(t)}^T`` per task (``index`` = every task its own)."""
+    ag = a[a_index]
+    if fm.S is None:
+        return fm.a @ ag.transpose(1, 2), a @ a.transpose(1, 2), a_index
+    agS = ag @ fm.S
+    return fm.a @ agS.transpose(1, 2), ag @ agS.transpose(1, 2), list(range(fm.n_tasks))
 
 
 def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch.Tensor:
-    """Per-task weighted squared errors (T,), from r x r' traces only: ``||dW_t - dW^_t||^2``, or
-    with calibration ``tr(E_t S_t E_t^T)`` (E_t in Q coordinates)."""
-    w = w.to(DTYPE)
-    ag, Bh = sol.a[sol.a_index], sol.B[sol.b_index]
-    agS = _metric(fm, ag)
-    cross = ((fm.B.transpose(1, 2) @ Bh) * (fm.a @ agS.transpose(1, 2))).sum((1, 2))
-    own = ((Bh.transpose(1, 2) @ Bh) * (ag @ agS.transpose(1, 2))).sum((1, 2))
-    return w * (fm.sq_norms - 2 * cross + own).clamp_min(0)
+    """Per-task weighted squared errors (T,) of a solution in Q coordinates: ``||dW_t - dW^_t||^2``,
+    or with calibration ``tr(E_t S_t E_t^T)`` (E_t in Q coordinates)."""
+    return _errors(fm, w.to(DTYPE), *_products(fm, sol.a, sol.a_index), sol.B[sol.b_index])
 
 
-def solve_B(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int, gram: torch.Tensor | None = None) -> torch.Tensor:
-    """Least-squares B's for fixed A's (``gram``: A Gram matrices if A has parts outside span Q;
-    with calibration that part is weighted by ``fm.outside``)."""
-    ag = a[a_index]
-    agS = _metric(fm, ag)
-    num = w.view(-1, 1, 1) * (fm.B @ (fm.a @ agS.transpose(1, 2)))  # (T, d_out, r')
-    if gram is None:
-        inner = ag @ agS.transpose(1, 2)
-    elif fm.S is None:
-        inner = gram[a_index]
-    else:
-        inner = ag @ agS.transpose(1, 2) + fm.outside.view(-1, 1, 1) * (gram - a @ a.transpose(1, 2))[a_index]
-    den = w.view(-1, 1, 1) * inner
+def _solve_B(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
+    """Least-squares B's for fixed A's: ``B^_h = (sum_{t in h} w_t B_t A_t A^^T)(sum_{t in h} w_t A^ A^^T)^+``
+    with ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``. With a B per task the
+    weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T."""
+    if k_b == fm.n_tasks and b_index == list(range(k_b)):
+        return fm.B @ (cross @ torch.linalg.pinv(gram, hermitian=True)[a_index])
+    num = w.view(-1, 1, 1) * (fm.B @ cross)  # (T, d_out, r')
+    den = w.view(-1, 1, 1) * gram[a_index]
     return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
+
+
+def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
+    cross, gram, index = _products(fm, a, a_index)
+    return _solve_B(fm, w, cross, gram, index, b_index, k_b)
 
 
 def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
@@ -189,35 +244,45 @@ def solve_layout(
     rank: int,
     max_iters: int = 25,
     tol: float = 1e-6,
-    spaces: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    spaces: list[RowSpace] | None = None,
+    with_B: bool = True,
     white: FactoredModule | None = None,
 ) -> LayoutSolution:
     """Best shared factors for one grouping: closed form where it exists, else ALS from the
-    per-A-group start. ``spaces`` (from :func:`row_spaces`) saves recomputing the SVDs.
+    per-A-group start. ``spaces`` (from :func:`row_spaces`, with ``top >= rank``) saves
+    recomputing the decompositions. ``with_B=False``: a closed form's float B's are left out
+    (``B`` is then empty; :func:`fit_stored` fits B's to the stored A's itself).
 
     With calibration (``fm.S``) no grouping has a closed form: the data-free solution in
     coordinates whitened by the mean moment (``white``, factored.whitened; ``spaces`` then belong
     to it) is the start, and ALS on the data-aware objective follows for every grouping."""
     w = weights.to(DTYPE)
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
+    closed = fm.S is None and (k_a == 1 or k_b == fm.n_tasks)
     if fm.S is not None:
         white = white if white is not None else whitened(fm, w)
-        a = unwhiten(white, solve_layout(white, w, a_index, b_index, rank, max_iters, tol, spaces).a)
+        a = unwhiten(white, solve_layout(white, w, a_index, b_index, rank, max_iters, tol, spaces, with_B=False).a)
     else:
         if spaces is None:
             start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
-            spaces = row_spaces(fm, w, a_index, start_b)
-        a = torch.stack([_truncate(vh, s2, rank) for vh, s2 in spaces])
-    sol = LayoutSolution(list(a_index), list(b_index), a, solve_B(fm, w, a, a_index, b_index, k_b))
-    sol.history.append(float(objective(fm, w, sol).sum()))
-    if fm.S is None and (k_a == 1 or k_b == fm.n_tasks):
+            spaces = row_spaces(fm, w, a_index, start_b, rank)
+        a = torch.stack([_truncate(s.vh, s.s2, rank) for s in spaces])
+    B = _solve_B_coords(fm, w, a, a_index, b_index, k_b) if with_B or not closed else torch.empty(0)
+    sol = LayoutSolution(list(a_index), list(b_index), a, B)
+    if closed:  # the closed form's objective is what its singular values leave
+        assert spaces is not None
+        coef = [(s.members, _truncate(s.coef, s.s2, rank)) for s in spaces if s.coef is not None]
+        sol.A_coef = coef if len(coef) == len(spaces) else None
+        sol.history.append(closed_form_errors(fm, w, spaces, [rank])[rank])
         return sol
+    sol.history.append(float(objective(fm, w, sol).sum()))
+    sol.A_coef = None
     for _ in range(max_iters):
         if fm.S is None:
             sol.a = solve_a(fm, w, sol.B, a_index, b_index, k_a)
         else:
             sol.a = _solve_a_calibrated(fm, w, sol.B, sol.a, a_index, b_index, k_a)
-        sol.B = solve_B(fm, w, sol.a, a_index, b_index, k_b)
+        sol.B = _solve_B_coords(fm, w, sol.a, a_index, b_index, k_b)
         sol.history.append(float(objective(fm, w, sol).sum()))
         prev, cur = sol.history[-2], sol.history[-1]
         if prev - cur <= tol * max(prev, 1e-30):
@@ -225,21 +290,64 @@ def solve_layout(
     return sol
 
 
+def solve_B(fm: FactoredModule, w: torch.Tensor, A: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
+    """Least-squares B's for fixed A's given in d_in coordinates (k_A, r', d_in), parts outside
+    span(Q) included (:func:`_stored_products`)."""
+    cross, gram, index = _stored_products(fm, A.to(DTYPE), a_index)
+    return _solve_B(fm, w.to(DTYPE), cross, gram, index, b_index, k_b)
+
+
+def input_space_A(fm: FactoredModule, sol: LayoutSolution) -> torch.Tensor:
+    """The shared A's in d_in coordinates (k_A, r', d_in): from each A-group's coefficients on its
+    own tasks' A's when the closed form gave them (r' |g| r d_in flops per group, so a B per task
+    costs what one shared A does), else ``a Q^T`` through the reflectors."""
+    if sol.A_coef is None:
+        return fm.to_input_space(sol.a)
+    sizes = {len(members) for members, _ in sol.A_coef}
+    if len(sizes) == 1:  # equal groups (one task per group included): one batched product
+        members = torch.tensor([m for m, _ in sol.A_coef])
+        stacked = fm.A[members].reshape(len(sol.A_coef), -1, fm.A.shape[2])
+        return torch.stack([K for _, K in sol.A_coef]) @ stacked
+    return torch.stack([K @ fm.A[members].reshape(-1, fm.A.shape[2]) for members, K in sol.A_coef])
+
+
+def _cross_input_space(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) -> torch.Tensor:
+    """``A_t A_{a(t)}^T`` (T, r, r') for A's in d_in coordinates: T r r' d_in flops."""
+    T, r, d_in = fm.A.shape
+    if A.shape[0] == 1:
+        return (fm.A.reshape(T * r, d_in) @ A[0].T).reshape(T, r, -1)
+    return fm.A @ A[a_index].transpose(1, 2)
+
+
+def _stored_products(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`_products` for A's in d_in coordinates (k_A, r', d_in), parts outside span(Q)
+    included. Data-free: exactly, from ``A_t A^T`` and ``A A^T`` in d_in coordinates (never Q
+    coordinates). With calibration: the part inside span(Q) (``A Q``, through the reflectors) in
+    the data-aware inner product, the part outside weighted by ``S_t``'s mean eigenvalue there
+    (``fm.outside``; calibration.py)."""
+    gram = A @ A.transpose(1, 2)
+    if fm.S is None:
+        return _cross_input_space(fm, A, a_index), gram, a_index
+    a = fm.to_coords(A)
+    cross, inside, index = _products(fm, a, a_index)
+    perp = (gram - a @ a.transpose(1, 2))[a_index]
+    return cross, inside + fm.outside.view(-1, 1, 1) * perp, index
+
+
 def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat) -> tuple[MergedModule, torch.Tensor]:
     """Quantise A^, re-fit B^ to the stored A^, quantise B^. Returns the module and the per-task
-    weighted squared errors of exactly what is stored."""
+    weighted squared errors of exactly what is stored (the stored A^'s parts outside span(Q)
+    included, :func:`_stored_products`)."""
     w = weights.to(DTYPE)
-    A_full = sol.a @ fm.Q.T  # (k_A, r', d_in)
-    A_st = [StoredFactor.encode(A_full[g].float(), fmt, transposed=False) for g in range(A_full.shape[0])]
-    Aq = torch.stack([s.values() for s in A_st]).to(DTYPE)
-    a_q = Aq @ fm.Q  # coordinates inside span(Q); the rest of Aq is orthogonal to every dW_t
-    gram = Aq @ Aq.transpose(1, 2)
+    A_full = input_space_A(fm, sol)  # (k_A, r', d_in)
+    A_st, Aq = StoredFactor.encode_stack(A_full.float(), fmt, transposed=False)
+    cross, gram, index = _stored_products(fm, Aq, sol.a_index)
     k_b = max(sol.b_index) + 1
-    B = solve_B(fm, w, a_q, sol.a_index, sol.b_index, k_b, gram=gram)
-    B_st = [StoredFactor.encode(B[h].float(), fmt, transposed=True) for h in range(k_b)]
-    Bq = torch.stack([s.values() for s in B_st]).to(DTYPE)
+    B = _solve_B(fm, w, cross, gram, index, sol.b_index, k_b)
+    B_st, Bq = StoredFactor.encode_stack(B.float(), fmt, transposed=True)
+    err = _errors(fm, w, cross, gram, index, Bq[sol.b_index])
     module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=A_st, B=B_st)
-    return module, _stored_error(fm, w, sol.a_index, sol.b_index, Aq, Bq)
+    return module, err
 
 
 def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
@@ -251,16 +359,8 @@ def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule
         A[i, : f.shape[0]] = f.values().to(DTYPE)
     for i, f in enumerate(module.B):
         B[i, :, : f.shape[1]] = f.values().to(DTYPE)
-    return _stored_error(fm, weights.to(DTYPE), module.a_index, module.b_index, A, B)
-
-
-def _stored_error(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int], Aq: torch.Tensor, Bq: torch.Tensor) -> torch.Tensor:
-    a_q = Aq @ fm.Q
-    err = objective(fm, w, LayoutSolution(a_index, b_index, a_q, Bq))
-    # the part of Aq outside span(Q) adds ||Bq Aq_perp||^2 (with calibration, times S_t's mean eigenvalue there)
-    perp = Aq @ Aq.transpose(1, 2) - a_q @ a_q.transpose(1, 2)
-    outside = w * ((Bq[b_index].transpose(1, 2) @ Bq[b_index]) * perp[a_index]).sum((1, 2))
-    return err + (outside if fm.outside is None else outside * fm.outside)
+    cross, gram, index = _stored_products(fm, A, module.a_index)
+    return _errors(fm, weights.to(DTYPE), cross, gram, index, B[module.b_index])
 
 
 def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:

@@ -1,0 +1,135 @@
+"""The fast merge's identities against dense references, and a merge streamed from disk."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_set, load_adapter
+from hydraopt_mobile.bundle import load_bundle, write_bundle
+from hydraopt_mobile.calibration import identity
+from hydraopt_mobile.factored import factor_space
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.candidates import _priced, _priced_factors
+from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets, merge_to_bundles
+from hydraopt_mobile.merge.solver import fit_stored, input_space_A, solve_layout
+from hydraopt_mobile.storage import factor_specs, header_bytes, TensorSpec
+
+
+def random_factors(T=5, d_out=24, d_in=40, ranks=(3, 4, 2, 4, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [LoraFactors(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)) for r in ranks[:T]]
+
+
+@pytest.mark.parametrize("d_in", [40, 9])  # 9 < sum of ranks: the stacked A's span all of d_in
+def test_factored_gram_equals_stacked(d_in):
+    """D^T D of the stacked dense updates = Q (sum_t a_t^T B_t^T B_t a_t) Q^T, and A_t = a_t Q^T."""
+    factors = random_factors(d_in=d_in)
+    fm = factor_space(factors)
+    dense = torch.cat([f.dense().double() for f in factors])
+    middle = sum(fm.a[t].T.double() @ (fm.B[t].T.double() @ fm.B[t].double()) @ fm.a[t].double() for t in range(5))
+    Q = fm.to_input_space(torch.eye(fm.q)).T.double()  # (d_in, q): Q's columns
+    assert torch.allclose(Q.T @ Q, torch.eye(fm.q, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(fm.basis().double(), Q, atol=1e-6)  # the one place Q is formed
+    rows = torch.randn(3, d_in)
+    assert torch.allclose(fm.to_coords(rows).double(), rows.double() @ Q, atol=1e-5)
+    assert torch.allclose(Q @ middle @ Q.T, dense.T @ dense, rtol=1e-4, atol=1e-3)
+    for t, f in enumerate(factors):
+        assert torch.allclose(fm.to_input_space(fm.a[t, : f.rank]), f.A, atol=1e-5)
+    assert torch.allclose(fm.sq_norms.double(), torch.stack([(f.dense().double() ** 2).sum() for f in factors]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("a_index", [[0, 1, 2, 3, 4], [0, 0, 1, 1, 0], [0] * 5])
+def test_group_solutions_map_to_input_space_without_Q(a_index):
+    """With a B per task, each A-group's A^ from its own tasks' A's equals a^ Q^T."""
+    factors = random_factors()
+    fm = factor_space(factors)
+    sol = solve_layout(fm, torch.rand(5, dtype=torch.float64) + 0.5, a_index, list(range(5)), rank=3)
+    assert (sol.A_coef is not None) == (a_index != [0] * 5)  # one shared A of all tasks goes through Q
+    assert torch.allclose(input_space_A(fm, sol), fm.to_input_space(sol.a), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), ([0, 0, 1, 1, 0], [0, 1, 2, 3, 4]), ([0] * 5, [0, 0, 1, 1, 2])])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int8", "fp16"])
+def test_stored_errors_equal_dense_errors(layout, fmt):
+    """fit_stored's per-task errors (from A_t Aq^T, never Q coordinates) are those of the dense
+    updates against what is stored, parts of the stored A outside span(Q) included."""
+    factors = random_factors()
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    fm = factor_space(factors)
+    module, err = fit_stored(fm, w, solve_layout(fm, w, *layout, rank=3), NumberFormat.parse(fmt))
+    for t, f in enumerate(factors):
+        served = module.task_factors(t)
+        dense = float(w[t]) * float(((f.dense().double() - served.dense().double()) ** 2).sum())
+        scale = float(w[t]) * float((f.dense().double() ** 2).sum())  # fp32 traces: error to ~1e-6 of ||dW_t||^2
+        assert float(err[t]) == pytest.approx(dense, rel=1e-4, abs=1e-5 * scale)
+
+
+def test_pricing_by_digit_count_equals_pricing_every_factor():
+    for fmt in (NumberFormat("fp16"), NumberFormat("int8"), NumberFormat("int4", 64)):
+        for count in (0, 1, 9, 10, 11, 100, 101, 1234):
+            each = [_priced(factor_specs(37, "B", i, fmt, 5, 300)) for i in range(count)]
+            assert _priced_factors(37, "B", count, fmt, 5, 300) == (sum(b for b, _ in each), sum(n for _, n in each))
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "int8", "fp16"])
+def test_stacked_encoding_equals_one_by_one(fmt):
+    fmt = NumberFormat.parse(fmt)
+    m = torch.randn(3, 70, 5)
+    stack, values = StoredFactor.encode_stack(m, fmt, transposed=True)
+    for i in range(3):
+        one = StoredFactor.encode(m[i], fmt, transposed=True)
+        assert all(torch.equal(one.data[k], stack[i].data[k]) for k in one.data)
+        assert torch.equal(one.values(), values[i])
+
+
+def test_header_bytes_are_safetensors_own(tmp_path):
+    tensors = {"3.B.q": torch.randint(0, 255, (4, 33), dtype=torch.uint8), "3.B.scale": torch.randn(4, 2).half(), "10.A0.w": torch.randn(2, 7)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"hydraopt_bundle": "2"})
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    head = header_bytes([TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+    assert raw[: len(head)] == head
+
+
+@pytest.mark.parametrize("method, calibrated", [("hydraopt", False), ("hydraopt", True), ("compeft", False)])
+def test_streamed_merge_writes_the_same_bundle(make_adapters, tmp_path, method, calibrated):
+    """A bank merged from adapters read module by module and written as it is built is the same
+    bundle, byte for byte (tensor files and manifest), as the in-memory merge written at the end."""
+    paths = make_adapters(n_tasks=5, rank=4, noise=0.3)
+    eager = build_adapter_set([load_adapter(p) for p in paths])
+    config = MergeConfig(method, calibration=identity(eager) if calibrated else None)
+    budgets = [Budget(fraction=f) for f in (0.001, 0.2, 0.5)]  # the first is infeasible
+    banks = merge_budgets(eager, config, budgets, strict=False)
+    lazy = build_adapter_set([load_adapter(p, lazy=True) for p in paths])
+    outs = [tmp_path / f"streamed{i}" for i in range(3)]
+    written = merge_to_bundles(lazy, config, budgets, outs)
+    assert isinstance(banks[0], InfeasibleBudget) and isinstance(written[0], InfeasibleBudget) and not outs[0].exists()
+    for i in (1, 2):
+        write_bundle(banks[i], tmp_path / f"memory{i}")
+        files = sorted(p.relative_to(outs[i]) for p in outs[i].rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(tmp_path / f"memory{i}") for p in (tmp_path / f"memory{i}").rglob("*") if p.is_file())
+        assert len(files) > 2
+        for rel in files:
+            assert (outs[i] / rel).read_bytes() == (tmp_path / f"memory{i}" / rel).read_bytes(), rel
+        assert json.loads((outs[i] / "manifest.json").read_text())["rel_errors"] == banks[i].rel_errors
+        reread = load_bundle(outs[i])
+        assert reread.modules.keys() == banks[i].modules.keys()
+
+
+def test_lazy_adapter_reads_modules_on_use_and_names_bad_values(make_adapters):
+    (p,) = make_adapters(n_tasks=1, rank=4)
+    eager, lazy = load_adapter(p), load_adapter(p, lazy=True)
+    assert lazy.module_meta() == eager.module_meta() and list(lazy.modules) == list(eager.modules)
+    for name, f in eager.modules.items():
+        assert torch.equal(lazy.modules[name].A, f.A) and torch.equal(lazy.modules[name].B, f.B)
+    st = p / "adapter_model.safetensors"
+    tensors = load_file(str(st))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(st))
+    lazy = load_adapter(p, lazy=True)  # the header is fine
+    lazy.modules["model.layers.0.self_attn.q_proj"]  # so is another module
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: tensor '.*layers\.1\.self_attn\.v_proj\.lora_B\.weight' contains NaN"):
+        lazy.modules["model.layers.1.self_attn.v_proj"]
