@@ -99,6 +99,16 @@ def test_registry_lists_targets_with_readiness():
         get_target("no-such-target")
 
 
+@pytest.mark.parametrize("module", ["arm64", "qnn_htp", "ethos_u"])
+def test_a_target_module_imports_on_its_own(module):
+    """Each target module imports first in a fresh interpreter (no circular import through the
+    registry) and is the object the registry holds."""
+    code = (f"import exporters.targets.{module} as m; from exporters.targets.registry import TARGETS; "
+            "assert TARGETS[m.TARGET.name] is m.TARGET")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+
+
 def test_not_ready_path_gives_reason_and_command(tmp_path, monkeypatch, tiny):
     monkeypatch.setenv("HYDRAOPT_CACHE", str(tmp_path / "empty-cache"))
     r = get_target("arm64-cpu").readiness()

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 from exporters.targets import debian
-from exporters.targets.registry import Readiness, Step, Target, step_facts
+from exporters.targets.target import Readiness, Step, Target, step_facts
 
 NAME = "arm64-cpu"
 QEMU_SUITE = "trixie"

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from exporters.targets.ethos_u_layer import SLOTS, LayerConfig
-from exporters.targets.registry import Readiness, Step, Target, step_facts
+from exporters.targets.target import Readiness, Step, Target, step_facts
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
 
@@ -198,11 +198,9 @@ def pad(task: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, torch
 
 def ensure_ready() -> Path:
     """The target's folder; :class:`UserError` with the reason and the command when not ready."""
-    from exporters.targets.registry import get_target
-
-    if not (ready := get_target(NAME).readiness()).ready:
+    if not (ready := TARGET.readiness()).ready:
         raise UserError(f"target {NAME} is not ready: {ready.reason}; make it ready: {ready.command}")
-    return get_target(NAME).folder()
+    return TARGET.folder()
 
 
 def compile_layer(weights: dict[str, torch.Tensor], x: torch.Tensor, cfg: LayerConfig, variants: list[LayerVariant],

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from exporters.targets.registry import Readiness, Step, Target, step_facts
+from exporters.targets.target import Readiness, Step, Target, step_facts
 
 NAME = "qnn-htp"
 QNN_PIN = "onnxruntime-qnn==2.7.0"
@@ -97,9 +97,7 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
     the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
     ``"logits"``, every run's logits keyed ``quant/session/run/window`` and the fp32 references ``fp32/task/window``.
     """
-    from exporters.targets.registry import get_target
-
-    folder = get_target(NAME).folder()
+    folder = TARGET.folder()
     with tempfile.TemporaryDirectory(prefix="hydraopt-qnn-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)

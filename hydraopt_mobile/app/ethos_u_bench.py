@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 
-import exporters.targets.registry  # noqa: F401  (first: importing ethos_u before the registry is a circular import)
 from exporters.slots import check_base_model
 from exporters.targets.ethos_u import (NAME, LayerVariant, bank_layer_tasks, compile_layer, ensure_ready, layer_input, prompt_ids,
                                        switchable_variant)

@@ -33,7 +33,8 @@ import numpy as np
 
 from exporters.manifest import Manifest, verify_all
 from exporters.targets.protocol import Response, make_request, run_on_host, run_request
-from exporters.targets.registry import Target, get_target
+from exporters.targets.registry import get_target
+from exporters.targets.target import Target
 from hydraopt_mobile.errors import UserError
 
 from .records import dict_table, write_record
