@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -126,6 +127,16 @@ def _records(scores: dict, work: Path, notes: dict, recipes: dict) -> list[dict]
     return records
 
 
+def _coverage(scores: dict, args: argparse.Namespace) -> str:
+    """What this record holds: the (recipe, bank) rows scored, of those asked for, on which examples."""
+    asked = [(m, q) for q in args.recipes.split(",") for m in args.methods.split(",")]
+    done = [f"{m}-{q}" for m, q in asked if (m, q) in scores]
+    missing = [f"{m}-{q}" for m, q in asked if (m, q) not in scores]
+    n_tasks = len(next(iter(scores.values())))
+    return (f"rows {', '.join(done)}; all on the first {args.examples} test examples of each of {n_tasks} tasks, from one "
+            f"scores folder ({args.work.name}/scores, one example set)" + (f"; asked for but not scored: {', '.join(missing)}" if missing else ""))
+
+
 def _markdown(records: list[dict], notes: dict, title: str) -> str:
     lines = [f"# {title} quantisation recipes: suite score vs program bytes", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items() if k != "export_seconds"]
@@ -204,9 +215,12 @@ def main() -> None:
         "slots": args.slots or "each bank's own signature",
         "drop": "fp32 score minus recipe score on the same examples, 95 % paired bootstrap over examples within tasks (paired_drop)",
         "program_bytes": f"file bytes of {program_file} (the resident program; the bank's files are the same for every recipe)",
-        "slot_overhead_pct": "null: a timing that needs the exclusive CPU lock and a merged-task export per recipe; during "
-        "this run the 2 cores carried a load average of 5-11 from other jobs, so no exclusive window came",
+        "slot_overhead_pct": "null: a timing that needs the exclusive CPU lock and a merged-task export per recipe, "
+        "which this script does not take (it runs under the shared lock beside other jobs)",
+        "export_seconds_are": "wall-clock seconds of each export under the shared lock, other jobs on the same 2 cores "
+        "(load_average_1m: the 1-minute load average when each export / scoring step ended): not a timing claim",
     })
+    notes.setdefault("load_average_1m", {})
     scores = {}
     for quant in args.recipes.split(","):
         for method in args.methods.split(","):
@@ -218,13 +232,17 @@ def main() -> None:
                 took = _export(banks[method], model_dir, args.runtime, quant, folder, args.slots)
                 if took is not None:
                     notes["export_seconds"][f"{method}-{quant}"] = took
+                    notes["load_average_1m"][f"export {method}-{quant}"] = round(os.getloadavg()[0], 2)
                     write_text_atomic(notes_path, json.dumps(notes, indent=1))
                 t0 = time.time()
                 checkpoint = args.work / "scores" / f"{method}-{quant}-{args.examples}.partial.json"
                 result = score_export(folder, args.examples, checkpoint, lambda: open_export(folder, args.threads))
                 write_text_atomic(path, json.dumps(result, indent=1))
+                notes["load_average_1m"][f"score {method}-{quant}"] = round(os.getloadavg()[0], 2)
+                write_text_atomic(notes_path, json.dumps(notes, indent=1))
                 print(f"{method}-{quant}: scored in {time.time() - t0:.0f} s, mean {mean_score(result):.2f}", flush=True)
             scores[(method, quant)] = json.loads(path.read_text())
+            notes["coverage"] = _coverage(scores, args)
             records = _records(scores, args.work, notes, recipes)
             write_record(args.results, {"notes": notes, "records": records}, _markdown(records, notes, title),
                          lambda png: _plot(records, png, title, program_file))
