@@ -78,6 +78,9 @@ def main() -> None:
     md = [f"# {NAME}: where A16W8 loses accuracy on SmolLM2-135M, tensor by tensor", "", f"`{command}`", "",
           data["notes"]["what"] + f". HTP session {data['notes']['htp_session']}. Task shown: {first} (every task in the JSON).", "",
           *markdown_table(COLUMNS, [[fmt(r.get(c, "-")) for c in COLUMNS] for r in main_rows]), ""]
+    md += ["Ablation on the CPU EP, the same QDQ graph with the LM head's weight unquantised (fp32): logits rel. error "
+           + "; ".join(f"{r['task']} {r['logits_rel_err_cpu_qdq_lm_head_fp32']:.3g} (8-bit per-channel: {r['logits_rel_err_cpu_qdq']:.3g})"
+                       for r in data["notes"]["ablation_lm_head_fp32"]) + ".", ""]
     if detail:
         md += ["## Every tensor of the detail layers", "", *markdown_table(COLUMNS, [[fmt(r.get(c, "-")) for c in COLUMNS] for r in detail]), ""]
     md += ["## Single ops, HTP vs the CPU EP", "", data["op_probe"]["what"] + ".", "",

@@ -128,7 +128,15 @@ def main() -> None:
             qdq.graph.output.append(onnx.helper.make_tensor_value_info(pr["qdq_tensor"], onnx.TensorProto.FLOAT, None))
     onnx.save(fp, w("layers_fp32.onnx"))
     onnx.save(qdq, w(f"layers_{a.quant}.onnx"))
-    del fp, qdq
+    # ablation on the CPU EP: the same QDQ graph with the LM head's weight unquantised (the fp32 weight fed to its Conv)
+    head = next(n for n in qdq.graph.node if n.op_type == "Conv" and n.output[0] == "logits.conv")
+    fp_head = next(n for n in nodes if n.op_type == "Conv" and n.output[0] == "logits.conv")
+    weight = next(i for i in fp.graph.initializer if i.name == fp_head.input[1])
+    exact = onnx.numpy_helper.to_array(weight)
+    qdq.graph.initializer.append(onnx.numpy_helper.from_array(exact, "lm_head_weight_fp32"))
+    head.input[1] = "lm_head_weight_fp32"
+    onnx.save(qdq, w(f"layers_{a.quant}_lm_head_fp32.onnx"))
+    del fp, qdq, exact
 
     manifest = json.load(open(os.path.join(a.export, "manifest.json")))
     m = manifest["model"]
@@ -150,6 +158,8 @@ def main() -> None:
 
     f32 = ort.InferenceSession(w("layers_fp32.onnx"), so, providers=["CPUExecutionProvider"])
     cpu = ort.InferenceSession(w(f"layers_{a.quant}.onnx"), so, providers=["CPUExecutionProvider"])
+    cpu_head = ort.InferenceSession(w(f"layers_{a.quant}_lm_head_fp32.onnx"), so, providers=["CPUExecutionProvider"])
+    ablation = []
     t0 = time.perf_counter()
     opened = "without CPU fallback"
     try:
@@ -175,6 +185,9 @@ def main() -> None:
         f = feeds(task)
         ref = f32.run(fp_names, f)
         on_cpu = cpu.run(q_names, f)
+        head_logits = cpu_head.run(["logits"], f)[0].astype(np.float64)
+        ablation.append({"task": task, "logits_rel_err_cpu_qdq_lm_head_fp32": rel(head_logits, np.asarray(ref[0], np.float64)),
+                         "logits_rel_err_cpu_qdq": rel(np.asarray(on_cpu[0], np.float64), np.asarray(ref[0], np.float64))})
         on_htp = htp.run(q_names, f)
         for pr in probes:
             k = index[pr["tensor"]]
@@ -184,7 +197,7 @@ def main() -> None:
                          "cos_cpu_qdq": cos(c, r), "cos_htp": cos(h, r),
                          "max_err_cpu_qdq": float(np.abs(c - r).max()), "max_err_htp": float(np.abs(h - r).max())})
     json.dump({"seq": seq, "past": past, "quant": a.quant, "htp_arch": a.arch, "htp_session": opened, "htp_session_s": htp_s,
-               "tasks": tasks, "probes": len(probes), "wall_s": time.perf_counter() - t_start, "rows": rows},
+               "tasks": tasks, "probes": len(probes), "ablation_lm_head_fp32": ablation, "wall_s": time.perf_counter() - t_start, "rows": rows},
               open(a.out, "w"), indent=1)
 
 
