@@ -4,7 +4,8 @@ Runs ``exporters/targets/qnn_layers.py`` in the qnn-htp target's environment on 
 ``benchmarks/device_qnn_htp.py`` run left in its workdir (the fp32 graph as quantised, the QDQ graph,
 the eval windows) and writes, per probed tensor and task, the relative L2 error vs fp32 of the same QDQ
 graph on the CPU EP and on HTP (CPU fallback disabled), their distance from each other and the
-tensor's quantisation range. Probed: the residual stream before every RMSNorm, the attention and MLP
+tensor's quantisation range; for hidden-state tensors also the share of the 4 largest channels in the
+norm and the error over the other channels. Probed: the residual stream before every RMSNorm, the attention and MLP
 branches added into it, the first and the last RMSNorm's pieces, every tensor of ``--detail-layers``, the logits.
 
     flock -s /work/runs/cpu.lock python benchmarks/qnn_layer_parity.py /work/runs/qnn/export-hydraopt \\
@@ -31,7 +32,8 @@ from hydraopt_mobile.app.records import markdown_table, write_record
 
 SCRIPT = ROOT / "exporters" / "targets" / "qnn_layers.py"
 OP_PROBE = ROOT / "exporters" / "targets" / "qnn_op_probe.py"
-COLUMNS = ["layer", "where", "kind", "q_step", "ref_absmax", "rel_err_cpu_qdq", "rel_err_htp", "rel_diff_htp_vs_cpu_qdq", "cos_htp"]
+COLUMNS = ["layer", "where", "kind", "q_step", "ref_absmax", "rel_err_cpu_qdq", "rel_err_htp", "rel_diff_htp_vs_cpu_qdq", "cos_htp", "rel_err_cpu_qdq_conv_weights_fp32",
+           "top4_share_of_norm", "rel_err_cpu_qdq_other_channels", "rel_err_htp_other_channels"]
 
 
 def main() -> None:
@@ -78,9 +80,10 @@ def main() -> None:
     md = [f"# {NAME}: where A16W8 loses accuracy on SmolLM2-135M, tensor by tensor", "", f"`{command}`", "",
           data["notes"]["what"] + f". HTP session {data['notes']['htp_session']}. Task shown: {first} (every task in the JSON).", "",
           *markdown_table(COLUMNS, [[fmt(r.get(c, "-")) for c in COLUMNS] for r in main_rows]), ""]
-    md += ["Ablation on the CPU EP, the same QDQ graph with the LM head's weight unquantised (fp32): logits rel. error "
-           + "; ".join(f"{r['task']} {r['logits_rel_err_cpu_qdq_lm_head_fp32']:.3g} (8-bit per-channel: {r['logits_rel_err_cpu_qdq']:.3g})"
-                       for r in data["notes"]["ablation_lm_head_fp32"]) + ".", ""]
+    md += ["Ablations on the CPU EP without graph optimisations, logits rel. error vs fp32 of the same QDQ graph as built / with the "
+           "LM head's weight unquantised (fp32) / with every Conv's weight unquantised (16-bit activations kept): "
+           + "; ".join(f"{r['task']} {r['logits_rel_err_cpu_qdq_no_graph_optimisation']:.3g} / {r['logits_rel_err_cpu_qdq_lm_head_fp32']:.3g} / "
+                       f"{r['logits_rel_err_cpu_qdq_all_conv_weights_fp32']:.3g}" for r in data["notes"]["ablation_lm_head_fp32"]) + ".", ""]
     if detail:
         md += ["## Every tensor of the detail layers", "", *markdown_table(COLUMNS, [[fmt(r.get(c, "-")) for c in COLUMNS] for r in detail]), ""]
     md += ["## Single ops, HTP vs the CPU EP", "", data["op_probe"]["what"] + ".", "",
