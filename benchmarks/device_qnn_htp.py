@@ -163,7 +163,7 @@ def main() -> None:
             rows = [r for r in per_task if r["export"] == folder.name and r["quant"] == q["quant"]]
             records.append({**common, "quant": q["quant"], "htp_arch": q["htp_arch_qdq_session"], "all_nodes_on_htp": True,
                             "cpu_fallback": "disabled (session.disable_cpu_ep_fallback=1)", "nodes": q["nodes"], "bytes": q["bytes_qdq"],
-                            "bytes_kind": "QDQ ONNX file (8-bit weights as uint8 initializers, fp32 scales)",
+                            "bytes_kind": "QDQ ONNX file (16-bit weights as uint16 initializers, fp32 scales)" if q["quant"].endswith("w16") else "QDQ ONNX file (8-bit weights as uint8 initializers, fp32 scales)",
                             "quantize_s": q["quantize_s"], "htp_session_s": q["htp_session_s"],
                             "max_logit_err": max(r["max_logit_err"] for r in rows),
                             "top1_agreement": float(np.mean([r["top1_agreement"] for r in rows])),

@@ -75,7 +75,7 @@ def qnn_rows(data: dict) -> list[list]:
         resident = ", ".join(f"v{a}: {contexts[(r['method'], r['quant'], a)]:,}" for a in archs) or f"{r['bytes']:,} (QDQ)"
         task_bytes = f"{round(statistics.mean(p['task_bytes'] for p in tasks)):,}" if tasks else "-"
         parity = (f"max logit err {r['max_logit_err']:.1f}, top-1 {r['top1_agreement']:.2f}, "
-                  f"LoRA effect cos {r['lora_effect_cosine_median']:.2f}")
+                  f"LoRA effect cos {r['lora_effect_cosine_median']:.3f}")
         rows.append(["qnn-htp", r["method"], r["quant"], f"whole model, {r['tasks']} tasks, one window each", resident, task_bytes, "-",
                      "- (parity only)", "-", "-", parity, "feed slots (no reload)",
                      f"{r['task_decode_ms_host_median']:.1f} ms (host decode)", r["latency_kind"]])

@@ -162,7 +162,7 @@ def linear_convs(model: onnx.ModelProto) -> int:
     return count
 
 
-QUANTS = {"a16w8": ("QUInt16", "QUInt8"), "a8w8": ("QUInt8", "QUInt8")}
+QUANTS = {"a16w8": ("QUInt16", "QUInt8"), "a8w8": ("QUInt8", "QUInt8"), "a16w16": ("QUInt16", "QUInt16")}
 
 
 def htp_session(path: str, fallback: bool = False, arch: str | None = None, config: dict | None = None):
