@@ -3,7 +3,8 @@
     python benchmarks/device_table.py            # writes benchmarks/results/device_table.md and the README's table
 
 Reads the records that the target benchmarks wrote (never edits them):
-``device_arm64-cpu.json`` (benchmarks/device_arm64.py), ``device_qnn-htp.json``
+``device_arm64-cpu.json`` and ``device_arm64-cpu-executorch.json`` (benchmarks/device_arm64.py, ONNX and
+ExecuTorch exports), ``device_qnn-htp.json``
 (benchmarks/device_qnn_htp.py), ``device_ethos-u.json`` (benchmarks/device_ethos_u.py). Each row
 says what it covers (whole model or one layer; how many tasks and examples) and how its latency is to
 be read (emulated, estimated): none of them is a phone's speed. The README's copy sits between the
@@ -103,7 +104,7 @@ def ethos_rows(data: dict) -> list[list]:
 def main() -> None:
     rows: list[list] = []
     sources = []
-    for name, build in (("arm64-cpu", arm64_rows), ("qnn-htp", qnn_rows), ("ethos-u", ethos_rows)):
+    for name, build in (("arm64-cpu", arm64_rows), ("arm64-cpu-executorch", arm64_rows), ("qnn-htp", qnn_rows), ("ethos-u", ethos_rows)):
         data = _load(name)
         if data is not None:
             rows += build(data)
