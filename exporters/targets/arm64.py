@@ -256,7 +256,9 @@ TARGET = Target(
           f"{' + '.join(ET_PINS)} aarch64 (CPU build) for the same root (PyPI); ~870 MB more",
     latency_kind="emulated",
     tolerance="fp32 and ExecuTorch 8da4w: token-identical to the host's runtime (ONNX Runtime, or the exporter's "
-              "ExecuTorch for .pte) on the same export, logits within 1e-4; ONNX int4/int8 logits within 0.05",
+              "ExecuTorch for .pte) on the same export, logits within 1e-4; ONNX int4/int8 logits within 0.05 "
+              "(tiny test models; on SmolLM2 the ExecuTorch 4-bit programs' int8 activation kernels differ from x86's: "
+              "logits within ~5, judged by score)",
     on_phone="the same device_runner.py with an aarch64 Python + onnxruntime (e.g. Termux), or the Android app over adb "
              "(same protocol): latencies are then measured",
     steps=steps,
