@@ -151,10 +151,12 @@ class BundleWriter:
         self._spill.mkdir()
         self._entries: dict[str, list[tuple[TensorSpec, int]]] = {}  # file -> (spec, offset in its spill)
         self._sizes: dict[str, int] = {}
+        self._spill_ids: dict[str, int] = {}
         self._count = 0
 
     def _spill_path(self, rel: str) -> Path:
-        return self._spill / f"{list(self._entries).index(rel)}.bin"
+        """The spill file of bundle file ``rel``, numbered in order of first use."""
+        return self._spill / f"{self._spill_ids.setdefault(rel, len(self._spill_ids))}.bin"
 
     def add(self, module: MergedModule) -> MergedModule:
         """Write ``module`` (the next one of the bank, in order) and return it without tensors."""
