@@ -15,6 +15,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.parallel import map_in_order
 from hydraopt_mobile.storage import TensorSpec, factor_key, factor_specs, safetensors_bytes
 
 SHARED = "shared.safetensors"
@@ -121,10 +122,11 @@ class MergedBank:
     def relative_errors(self, adapters: AdapterSet) -> dict[str, float]:
         """Per task ||dW - dW^||_F / ||dW||_F over all modules, computed without dense matrices
         (each module's stored factors decoded once, every task's traces in one batch)."""
+        per_module: list[tuple[torch.Tensor, torch.Tensor]] = []
+        map_in_order(list(self.modules), adapters.factors, lambda _, name, factors: module_sq_errors(factors, self.modules[name]), lambda *done: per_module.append(done[3]))
         err = torch.zeros(len(self.tasks), dtype=torch.float64)
         ref = torch.zeros(len(self.tasks), dtype=torch.float64)
-        for name, m in self.modules.items():
-            e, n = module_sq_errors(adapters.factors(name), m)
+        for e, n in per_module:  # summed in module order, whatever the thread count
             err, ref = err + e, ref + n
         return relative_from_sums(self.tasks, err, ref)
 

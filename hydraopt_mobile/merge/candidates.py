@@ -232,7 +232,7 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
     """For each plan, the modules it chose; the second of two passes over the modules for
     ``on_step``. Each module's factored space is rebuilt once (cheaper than keeping every module's
     in memory) and serves all plans. ``keep(plan index, name, factors, module)``: each built
-    module is handed over at once, and what it returns is kept."""
+    module is handed over at once (in the calling thread, in module order), and what it returns is kept."""
     w = task_weights(adapters, cfg.calibration)
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
@@ -241,8 +241,10 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
         for chosen in plans:
             if chosen[name].spec not in built:
                 built[chosen[name].spec] = module.build(chosen[name])
-        out = [built[chosen[name].spec] for chosen in plans]
+        return [built[chosen[name].spec] for chosen in plans]
+
+    def kept(m: int, name: str, factors: list[LoraFactors], out: list[MergedModule]) -> list[MergedModule]:
         return out if keep is None else [keep(j, name, factors, mod) for j, mod in enumerate(out)]
 
-    per_module = each_module(adapters, build, on_step, passes=2, done=len(adapters.module_names))
+    per_module = each_module(adapters, build, on_step, passes=2, done=len(adapters.module_names), then=kept)
     return [{name: chosen[i] for name, chosen in per_module.items()} for i in range(len(plans))]

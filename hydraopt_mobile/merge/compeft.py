@@ -101,5 +101,5 @@ def build_compeft(adapters: AdapterSet, params: ComPeftParams, storage: Storage,
             out.append(InfeasibleBudget(f"--param density={density}: {nbytes:,} file bytes exceed --budget {budget.label()} ({limit:,} bytes)"))
             continue
         fmt = NumberFormat("sign", density=density)
-        out.append(each_module(adapters, lambda _, name, factors: storage.keep(i, name, factors, compress_module(factors, fmt)), on_step))
+        out.append(each_module(adapters, lambda _, __, factors: compress_module(factors, fmt), on_step, then=lambda _, name, factors, module: storage.keep(i, name, factors, module)))
     return out

@@ -20,6 +20,7 @@ from hydraopt_mobile.bank import MergedModule
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.parallel import map_in_order
 
 OnStep = Callable[[int, int], None]
 """Progress callback: ``on_step(done, total)`` after each step (a module, or a module's candidates)."""
@@ -111,13 +112,18 @@ class Build(Protocol):
     def __call__(self, adapters: AdapterSet, params: Any, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]: ...
 
 
-def each_module(adapters: AdapterSet, work: Callable[[int, str, list[LoraFactors]], Any], on_step: OnStep | None, passes: int = 1, done: int = 0) -> dict[str, Any]:
-    """``work(index, name, factors)`` for every module, in order, reporting progress to ``on_step``
+def each_module(adapters: AdapterSet, work: Callable[[int, str, list[LoraFactors]], Any], on_step: OnStep | None, passes: int = 1, done: int = 0, then: Callable[[int, str, list[LoraFactors], Any], Any] | None = None) -> dict[str, Any]:
+    """``work(index, name, factors)`` for every module, on as many threads as the caller gave torch
+    (one module per thread, parallel.py), and ``then(index, name, factors, result)`` (what is kept;
+    default the result) in the calling thread in module order, reporting progress to ``on_step``
     out of ``passes`` such loops (``done`` steps already reported by the earlier ones)."""
     names = adapters.module_names
-    out = {}
-    for m, name in enumerate(names):
-        out[name] = work(m, name, adapters.factors(name))
+    out: dict[str, Any] = {}
+
+    def finish(m: int, name: str, factors: list[LoraFactors], result: Any) -> None:
+        out[name] = result if then is None else then(m, name, factors, result)
         if on_step is not None:
             on_step(done + m + 1, passes * len(names))
+
+    map_in_order(names, adapters.factors, work, finish)
     return out

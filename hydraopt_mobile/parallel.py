@@ -1,0 +1,66 @@
+"""Running independent per-module work on the caller's torch threads, one module per thread.
+
+A merge's per-module arithmetic is on small matrices (a few hundred rows), where splitting each op
+over threads gains little and costs a barrier per op; running ``n`` modules at a time, each op on
+one thread, keeps ``n`` cores busy instead. It also makes every module's result independent of the
+thread count: a reduction split over threads adds in an order that depends on their number, and
+then so would the bytes a merge writes.
+
+The thread count is what the caller gave torch (``torch.get_num_threads()``, set at the command
+line or benchmark boundary); for the duration of the work torch and the BLAS libraries behind
+scipy run one thread each, and the caller's setting is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
+
+import torch
+from threadpoolctl import threadpool_limits
+
+R = TypeVar("R")
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@contextmanager
+def one_thread_per_op() -> Iterator[int]:
+    """Torch's and the BLAS libraries' threads at 1 for the block; yields the caller's torch thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield before
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_in_order(items: list[K], load: Callable[[K], V], work: Callable[[int, K, V], R], then: Callable[[int, K, V, R], None]) -> None:
+    """``then(i, item, load(item), work(i, item, loaded))`` for every item, in order, in the calling
+    thread; ``load`` also runs in the calling thread (reading inputs), ``work`` on as many threads
+    as the caller gave torch. At most one item per thread plus one is loaded at a time, so memory
+    stays at a few items' working sets."""
+    with one_thread_per_op() as workers:
+        if workers <= 1 or len(items) < 2:
+            for i, item in enumerate(items):
+                loaded = load(item)
+                then(i, item, loaded, work(i, item, loaded))
+            return
+        pending: deque[tuple[int, K, V, Future[R]]] = deque()
+        with ThreadPoolExecutor(workers, thread_name_prefix="hydraopt-module") as pool:
+            try:
+                for i, item in enumerate(items):
+                    loaded = load(item)
+                    pending.append((i, item, loaded, pool.submit(work, i, item, loaded)))
+                    if len(pending) > workers:
+                        j, done_item, done_loaded, future = pending.popleft()
+                        then(j, done_item, done_loaded, future.result())
+                while pending:
+                    j, done_item, done_loaded, future = pending.popleft()
+                    then(j, done_item, done_loaded, future.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
