@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -26,16 +27,28 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+_WORKERS: ContextVar[int | None] = ContextVar("hydraopt_workers", default=None)
+
+
 @contextmanager
 def one_thread_per_op() -> Iterator[int]:
-    """Torch's and the BLAS libraries' threads at 1 for the block; yields the caller's torch thread count."""
+    """Torch's and the BLAS libraries' threads at 1 for the block, so that every op in it (not
+    only the per-module work: task weights, allocation, reports too) gives the same bits whatever
+    the caller's thread count; yields that count (the workers :func:`map_in_order` runs). Nested
+    blocks keep the outermost one's count."""
+    outer = _WORKERS.get()
+    if outer is not None:
+        yield outer
+        return
     before = torch.get_num_threads()
+    token = _WORKERS.set(before)
     torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1):
             yield before
     finally:
         torch.set_num_threads(before)
+        _WORKERS.reset(token)
 
 
 def map_in_order(items: list[K], load: Callable[[K], V], work: Callable[[int, K, V], R], then: Callable[[int, K, V, R], None]) -> None:
@@ -50,7 +63,7 @@ def map_in_order(items: list[K], load: Callable[[K], V], work: Callable[[int, K,
                 then(i, item, loaded, work(i, item, loaded))
             return
         pending: deque[tuple[int, K, V, Future[R]]] = deque()
-        with ThreadPoolExecutor(workers, thread_name_prefix="hydraopt-module") as pool:
+        with ThreadPoolExecutor(workers, thread_name_prefix="hydraopt-module", initializer=torch.set_num_threads, initargs=(1,)) as pool:  # MKL keeps a count per thread: a new thread would run LAPACK (geqrf) on its default
             try:
                 for i, item in enumerate(items):
                     loaded = load(item)

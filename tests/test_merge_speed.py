@@ -14,7 +14,7 @@ from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.candidates import _priced, _priced_factors
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets, merge_to_bundles
-from hydraopt_mobile.merge.solver import fit_stored, input_space_A, solve_layout
+from hydraopt_mobile.merge.solver import fit_stored, input_space_A, solve_layout, stored_A
 from hydraopt_mobile.storage import factor_specs, header_bytes, TensorSpec
 
 
@@ -133,3 +133,43 @@ def test_lazy_adapter_reads_modules_on_use_and_names_bad_values(make_adapters):
     lazy.modules["model.layers.0.self_attn.q_proj"]  # so is another module
     with pytest.raises(AdapterError, match=r"adapter_model.safetensors: tensor '.*layers\.1\.self_attn\.v_proj\.lora_B\.weight' contains NaN"):
         lazy.modules["model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("layout", [([0] * 5, list(range(5))), (list(range(5)), list(range(5))), ([0, 0, 1, 1, 2], list(range(5)))])
+def test_a_closed_forms_leading_rows_are_its_lower_rank(layout):
+    """The planner encodes a closed form's A's once at its largest rank and cuts them for every
+    smaller rank (candidates.py, StoredA.leading): the codes equal encoding the smaller rank's A's,
+    and the fitted errors equal fitting that rank from scratch."""
+    factors = random_factors()
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    fm = factor_space(factors)
+    fmt = NumberFormat.parse("int4-g32")
+    top = stored_A(fm, solve_layout(fm, w, *layout, rank=6, with_B=False), fmt)
+    for rank in (1, 3, 6):
+        sol = solve_layout(fm, w, *layout, rank=rank, with_B=False)
+        cut, fresh = top.leading(rank), stored_A(fm, sol, fmt)
+        for a, b in zip(cut.factors, fresh.factors, strict=True):
+            assert a.shape == b.shape == (rank, 40)
+            assert all(torch.equal(a.data[k], b.data[k]) for k in b.data)
+        _, err_cut = fit_stored(fm, w, sol, fmt, cut)
+        _, err_fresh = fit_stored(fm, w, sol, fmt)
+        assert torch.allclose(err_cut, err_fresh, rtol=1e-4, atol=1e-6 * float(err_fresh.max()))
+
+
+def test_merge_bytes_do_not_depend_on_the_thread_count(make_adapters, tmp_path):
+    """Modules run one per thread, each op on one thread (parallel.py): a merge on two threads
+    writes the same bundles, byte for byte, as on one, and leaves the caller's thread count as it was."""
+    lazy = build_adapter_set([load_adapter(p, lazy=True) for p in make_adapters(n_tasks=6, rank=8, noise=0.3, hidden=256, kv=64)])
+    budgets = [Budget(fraction=f) for f in (0.15, 0.5)]
+    before = torch.get_num_threads()
+    files = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs = [tmp_path / f"t{threads}-{i}" for i in range(len(budgets))]
+            merge_to_bundles(lazy, MergeConfig("hydraopt"), budgets, outs)
+            assert torch.get_num_threads() == threads
+            files[threads] = {(i, p.relative_to(out)): p.read_bytes() for i, out in enumerate(outs) for p in sorted(out.rglob("*")) if p.is_file()}
+    finally:
+        torch.set_num_threads(before)
+    assert len(files[1]) > 4 and files[1] == files[2]

@@ -28,6 +28,7 @@ class Candidate:
     error: float  # weighted squared reconstruction error of the stored factors
     n_tensors: int = 0  # header entries, each with two offsets still to price
     groups: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, compare=False)  # (a_index, b_index) it was solved with
+    a_rows: int = field(default=0, compare=False)  # a closed form's A's were encoded at this rank and cut to ``rank`` (candidates.py)
 
     @property
     def spec(self) -> tuple[int, int, int, str]:

@@ -18,7 +18,7 @@ from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
 from hydraopt_mobile.merge.grouping import cluster
 from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
-from hydraopt_mobile.merge.solver import LayoutSolution, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_error
+from hydraopt_mobile.merge.solver import LayoutSolution, StoredA, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_A, stored_error
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
 
@@ -99,6 +99,7 @@ class ModuleCandidates:
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._solutions: dict[tuple[int, int, int, bool], LayoutSolution] = {}
+        self._stored_a: dict[tuple[int, int, str, int], StoredA] = {}
         r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
@@ -154,8 +155,13 @@ class ModuleCandidates:
                 if nbytes <= ceiling:
                     estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e), n_tensors))
         measured = []
-        for c in lower_hull(estimates):
-            _, err = fit_stored(self.fm, w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))
+        hull = lower_hull(estimates)
+        a_rows: dict[tuple[int, int, str], int] = {}
+        for c in hull:
+            a_rows[(c.k_a, c.k_b, c.fmt)] = max(c.rank, a_rows.get((c.k_a, c.k_b, c.fmt), 0))
+        for c in hull:
+            c = replace(c, a_rows=a_rows[(c.k_a, c.k_b, c.fmt)])
+            _, err = self._fit(c)
             a_index, b_index = self._groups(c.k_a, c.k_b)
             measured.append(replace(c, error=float(err.sum()), groups=(tuple(a_index), tuple(b_index))))
         if self.mixed_ranks:  # with equal ranks, (T, T, r) already is the inputs as they are
@@ -197,7 +203,21 @@ class ModuleCandidates:
             self._grouping[(c.k_a, c.k_b)] = (list(c.groups[0]), list(c.groups[1]))
         if c.rank == AS_IS:
             return as_is(self.factors, NumberFormat.parse(c.fmt))
-        return fit_stored(self.fm, self.w, self._solve(c.k_a, c.k_b, c.rank), NumberFormat.parse(c.fmt))[0]
+        return self._fit(c)[0]
+
+    def _fit(self, c: Candidate) -> tuple[MergedModule, torch.Tensor]:
+        """:func:`fit_stored` of one candidate. A closed form's A's at rank r are the leading rows of
+        its A's at any larger rank, so the A's of a layout and format are encoded once, at the
+        largest rank the hull holds of it (``c.a_rows``), and every rank of it (the planner measures
+        many) takes their leading rows (:meth:`StoredA.leading`); building goes the same way, so
+        the module built is the one measured, bit for bit."""
+        fmt, sol = NumberFormat.parse(c.fmt), self._solve(c.k_a, c.k_b, c.rank)
+        if self.fm.S is not None or not (c.k_a == 1 or c.k_b == self.fm.n_tasks) or c.a_rows < c.rank:
+            return fit_stored(self.fm, self.w, sol, fmt)
+        key = (c.k_a, c.k_b, c.fmt, c.a_rows)
+        if key not in self._stored_a:
+            self._stored_a[key] = stored_A(self.fm, self._solve(c.k_a, c.k_b, c.a_rows), fmt)
+        return fit_stored(self.fm, self.w, sol, fmt, self._stored_a[key].leading(c.rank))
 
 
 def _priced(specs: list[TensorSpec]) -> tuple[int, int]:

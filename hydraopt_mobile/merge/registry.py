@@ -27,6 +27,7 @@ from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.budgeted import HydraOptParams, build_hydraopt, build_per_task
 from hydraopt_mobile.merge.compeft import ComPeftParams, build_compeft
 from hydraopt_mobile.merge.method import Build, MethodParams, ModuleSink, NoParams, OnStep, Storage
+from hydraopt_mobile.parallel import one_thread_per_op
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,13 @@ def merge_to_bundles(adapters: AdapterSet, config: MergeConfig, budgets: list[Bu
 
 
 def _merge(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budgets: list[Budget], on_step: OnStep | None, strict: bool, sink: ModuleSink | None = None, rel_errors: Callable[[int], dict[str, float]] | None = None) -> list[MergedBank | InfeasibleBudget]:
+    """Every op on one thread, modules on the caller's threads (parallel.py): the banks' bytes do
+    not depend on the thread count."""
+    with one_thread_per_op():
+        return _merge_banks(adapters, method, config, budgets, on_step, strict, sink, rel_errors)
+
+
+def _merge_banks(adapters: AdapterSet, method: MergeMethod, config: MergeConfig, budgets: list[Budget], on_step: OnStep | None, strict: bool, sink: ModuleSink | None, rel_errors: Callable[[int], dict[str, float]] | None) -> list[MergedBank | InfeasibleBudget]:
     params = _params(method, config.params)
     storage = dataclasses.replace(_storage(method, config, budgets), sink=sink)
     given = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}

@@ -334,19 +334,43 @@ def _stored_products(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) ->
     return cross, inside + fm.outside.view(-1, 1, 1) * perp, index
 
 
-def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat) -> tuple[MergedModule, torch.Tensor]:
-    """Quantise A^, re-fit B^ to the stored A^, quantise B^. Returns the module and the per-task
-    weighted squared errors of exactly what is stored (the stored A^'s parts outside span(Q)
-    included, :func:`_stored_products`)."""
+@dataclass
+class StoredA:
+    """Shared A's as stored: the encoded factors, the (k_A, r', d_in) values they decode to, and
+    their products with the tasks' A's (:func:`_stored_products`)."""
+
+    factors: list[StoredFactor]
+    values: torch.Tensor
+    cross: torch.Tensor
+    gram: torch.Tensor
+    index: list[int]
+
+    def leading(self, rank: int) -> "StoredA":
+        """The first ``rank`` rows of every A: formats encode A row by row, and every product here is
+        bilinear in the rows, so this is what encoding the leading rows alone gives. A closed form's
+        A's of rank r are the leading rows of its A's at any larger rank (``_truncate``), so one
+        encoding at the top rank serves every rank of a layout."""
+        factors = [StoredFactor(f.fmt, {part: t[:rank].clone() for part, t in f.data.items()}, (rank, f.shape[1]), f.transposed) for f in self.factors]
+        return StoredA(factors, self.values[:, :rank], self.cross[..., :rank], self.gram[:, :rank, :rank], self.index)
+
+
+def stored_A(fm: FactoredModule, sol: LayoutSolution, fmt: NumberFormat) -> StoredA:
+    """``sol``'s A's in d_in coordinates, encoded in ``fmt``, with their products."""
+    A_st, Aq = StoredFactor.encode_stack(input_space_A(fm, sol).float(), fmt, transposed=False)
+    return StoredA(A_st, Aq, *_stored_products(fm, Aq, sol.a_index))
+
+
+def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA | None = None) -> tuple[MergedModule, torch.Tensor]:
+    """Quantise A^ (or take ``stored``, ``sol``'s A's as :func:`stored_A` gives them), re-fit B^ to
+    the stored A^, quantise B^. Returns the module and the per-task weighted squared errors of
+    exactly what is stored (the stored A^'s parts outside span(Q) included, :func:`_stored_products`)."""
     w = weights.to(DTYPE)
-    A_full = input_space_A(fm, sol)  # (k_A, r', d_in)
-    A_st, Aq = StoredFactor.encode_stack(A_full.float(), fmt, transposed=False)
-    cross, gram, index = _stored_products(fm, Aq, sol.a_index)
+    a = stored if stored is not None else stored_A(fm, sol, fmt)
     k_b = max(sol.b_index) + 1
-    B = _solve_B(fm, w, cross, gram, index, sol.b_index, k_b)
+    B = _solve_B(fm, w, a.cross, a.gram, a.index, sol.b_index, k_b)
     B_st, Bq = StoredFactor.encode_stack(B.float(), fmt, transposed=True)
-    err = _errors(fm, w, cross, gram, index, Bq[sol.b_index])
-    module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=A_st, B=B_st)
+    err = _errors(fm, w, a.cross, a.gram, a.index, Bq[sol.b_index])
+    module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=a.factors, B=B_st)
     return module, err
 
 
