@@ -108,17 +108,19 @@ class NumberFormat:
         length = v.shape[1]
         if self.name == "int8":
             scale = (_abs_max(v, 1) / 127).half()
-            q = torch.round(v / _safe(scale)).clamp(-127, 127).to(torch.int8)
-            return {"q": q, "scale": scale}, dequantize({"q": q, "scale": scale}, length)
+            codes = (v / _safe(scale)).round_().clamp_(-127, 127)
+            return {"q": codes.to(torch.int8), "scale": scale}, codes.mul_(scale.float())
         n = v.shape[0]
         padded = self._padded(length)
         if padded > length:
             v = torch.cat([v, v.new_zeros(n, padded - length)], dim=1)
         grouped = v.reshape(n, -1, self.group_size)
         scale = (_abs_max(grouped, 2) / 7).half()
-        q = torch.round(grouped / _safe(scale)).clamp(-8, 7).to(torch.int8).reshape(n, padded)
-        scale = scale.reshape(n, -1)
-        return {"q": _pack_int4(q), "scale": scale}, dequantize({"q": q, "scale": scale}, length)
+        codes = (grouped / _safe(scale)).round_().clamp_(-8, 7)  # integers in float32
+        q = codes.to(torch.int8).reshape(n, padded)
+        # what dequantize() gives for (q, scale), without converting the codes back: codes * scale
+        values = codes.mul_(scale.float()).reshape(n, padded)[:, :length]
+        return {"q": _pack_int4(q), "scale": scale.reshape(n, -1)}, values
 
     def codes(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``stored`` with one code per value: fp16 ``{"w"}`` as stored; int8 and int4 ``{"q": int8
