@@ -16,3 +16,15 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"  # the committed records (JSON, with .md and .png beside them)
 SUITE_ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters"  # <init>/<task>/: the committed trained adapters
+
+
+def ready_target(name: str):
+    """The device target ``name`` (``exporters.targets.registry``); exits with why it is not ready
+    and the command that makes it ready when it is not."""
+    from exporters.targets.registry import get_target
+
+    target = get_target(name)
+    ready = target.readiness()
+    if not ready.ready:
+        sys.exit(f"{name} is not ready: {ready.reason} ({ready.command})")
+    return target

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS_DIR  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, ready_target  # first: it puts this checkout on sys.path
 
 import exporters.targets.registry  # noqa: F401  (the registry first: qnn_htp registers itself there)
 from exporters.manifest import Manifest
@@ -110,9 +110,7 @@ def main() -> None:
     ap.add_argument("--reuse-qdq", action="store_true", help="reuse the QDQ graphs an earlier run with the same arguments left in --workdir")
     ap.add_argument("--reuse", action="store_true", help="records from the reports an earlier run left in --workdir (same arguments)")
     args = ap.parse_args()
-    ready = get_target(NAME).readiness()
-    if not ready.ready:
-        sys.exit(f"{NAME} is not ready: {ready.reason} ({ready.command})")
+    ready_target(NAME)
     tasks = [t for t in args.tasks.split(",") if t] or Manifest.read(args.exports[0]).tasks
     ids, meta = windows(args.exports[0], tasks, args.past, args.seq, args.windows)
     records, contexts, per_task = [], [], []

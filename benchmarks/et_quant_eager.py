@@ -53,12 +53,9 @@ class EagerSession(ExecuTorchSession):
         quantize(model, quant)
         self.names = [name for name, _ in self.manifest.slots]
         self.decoder = ExecuTorchDecoder(model, self.names, self.manifest.model["max_cache_len"]).eval()
-        self.loaded: dict[str, list[torch.Tensor]] = {}
-        self.decoded: dict = {}  # what ExecuTorchSession's _load / _unload keep
+        self.loaded: dict[str, list[torch.Tensor]] = {}  # what ExecuTorchSession's _load keeps
 
     def _switch(self, task: str) -> None:
-        if task not in self.loaded:
-            self.load_task(task)
         hf = self.decoder.model.model
         with torch.no_grad():
             for name, value in zip(self.names, self.loaded[task]):

@@ -23,11 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS_DIR, ROOT  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, ROOT, ready_target  # first: it puts this checkout on sys.path
 
 import exporters.targets.registry  # noqa: F401  (the registry first: qnn_htp registers itself there)
 from exporters.targets.qnn_htp import NAME, venv_python
-from exporters.targets.registry import get_target
 from hydraopt_mobile.app.records import markdown_table, write_record
 
 SCRIPT = ROOT / "exporters" / "targets" / "qnn_layers.py"
@@ -46,12 +45,10 @@ def main() -> None:
     ap.add_argument("--detail-layers", default="")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "qnn_layer_parity.json")
     args = ap.parse_args()
-    ready = get_target(NAME).readiness()
-    if not ready.ready:
-        sys.exit(f"{NAME} is not ready: {ready.reason} ({ready.command})")
+    target = ready_target(NAME)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "layers.json"
-        cmd = [str(venv_python(get_target(NAME).folder())), str(SCRIPT), str(args.export), str(args.workdir), str(out),
+        cmd = [str(venv_python(target.folder())), str(SCRIPT), str(args.export), str(args.workdir), str(out),
                "--quant", args.quant, "--arch", args.arch, "--tasks", args.tasks, "--detail-layers", args.detail_layers]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

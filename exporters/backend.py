@@ -44,6 +44,7 @@ class Session(ABC):
         self.pos = 0
         self.active: str | None = None
         self.bank: BankSlots | None = None
+        self.decoded: dict[str, TaskSlots] = {}  # task -> its decoded slots (slot -> fp32 array, manifest order)
         if self.manifest.slots:
             self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "bank": self.manifest.bank})
             shared = verified_shared_file(self.manifest, self.folder)
@@ -60,7 +61,9 @@ class Session(ABC):
             self._check_merged(task)
             return
         own = verified_task_file(self.manifest, self.folder, task, path)
-        self._load(task, self._decoded(lambda: self.bank.task_slots(task, own), own))
+        slots = self._decoded(lambda: self.bank.task_slots(task, own), own)
+        self.decoded[task] = slots
+        self._load(task, slots)
 
     def unload(self, task: str) -> None:
         """Forget ``task``'s decoded slots (not the active task's: switch away first); their memory
@@ -68,7 +71,8 @@ class Session(ABC):
         keeps a bounded number of tasks loaded decodes into memory it already has."""
         if task == self.active and self.bank is not None:
             raise UserError(f"task {task!r} is active: switch to another task before unloading it")
-        slots = self._unload(task)
+        self._unload(task)
+        slots = self.decoded.pop(task, None)
         if slots is not None:
             self.bank.release(slots)
 
@@ -85,6 +89,8 @@ class Session(ABC):
         if self.bank is None:
             self._check_merged(task)
         else:
+            if task not in self.decoded:
+                self.load_task(task)
             self._switch(task)
         self.active = task
 
@@ -108,17 +114,15 @@ class Session(ABC):
     def _step(self, ids: list[int]) -> np.ndarray:
         """Logits (n, vocab) for ``ids`` after the cached positions; advances ``pos``."""
 
-    @abstractmethod
     def _load(self, task: str, slots: TaskSlots) -> None:
-        """Keep ``task``'s decoded slots (slot -> fp32 array, manifest order) in the runtime's form."""
+        """Keep ``task``'s decoded slots (also in ``decoded``) in the runtime's form, if it has its own."""
 
-    @abstractmethod
-    def _unload(self, task: str) -> TaskSlots | None:
-        """Drop ``task``'s runtime form; its decoded slots as ``_load`` got them (None: not loaded)."""
+    def _unload(self, task: str) -> None:
+        """Drop ``task``'s runtime form, if any (``unload`` drops its decoded slots)."""
 
     @abstractmethod
     def _switch(self, task: str) -> None:
-        """Make ``task``'s decoded tensors the ones the decoder reads (loading it first if needed)."""
+        """Make loaded ``task``'s slots the ones the decoder reads."""
 
 
 @dataclass(frozen=True)

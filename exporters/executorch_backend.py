@@ -248,21 +248,16 @@ class ExecuTorchSession(Session):
         self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
         self.forward = self.program.load_method("forward")
         self.setter = self.program.load_method("set_slots") if self.bank is not None else None
-        self.loaded: dict[str, list[torch.Tensor]] = {}  # task -> its slots as set_slots takes them
-        self.decoded: dict[str, TaskSlots] = {}  # task -> the arrays those tensors view
+        self.loaded: dict[str, list[torch.Tensor]] = {}  # task -> its slots as set_slots takes them (views of ``decoded``)
         self.max_len = self.manifest.model["max_cache_len"]
 
     def _load(self, task: str, slots: TaskSlots) -> None:
         self.loaded[task] = [torch.from_numpy(a) for a in slots.values()]
-        self.decoded[task] = slots
 
-    def _unload(self, task: str) -> TaskSlots | None:
+    def _unload(self, task: str) -> None:
         self.loaded.pop(task, None)
-        return self.decoded.pop(task, None)
 
     def _switch(self, task: str) -> None:
-        if task not in self.loaded:
-            self.load_task(task)
         self.setter.execute(self.loaded[task])
 
     def _step(self, ids: list[int]) -> np.ndarray:

@@ -28,7 +28,7 @@ from torch import nn
 
 from exporters.backend import ProgramSpec, Session
 from exporters.onnx_quant import RECIPES, quantize
-from exporters.targets.device_runner import TaskSlots, decoder_step, open_ort_session
+from exporters.targets.device_runner import decoder_step, open_ort_session
 from exporters.targets.onnx_edit import rename_inputs
 
 QUANTS = {name: r.description for name, r in RECIPES.items()}
@@ -131,7 +131,6 @@ class OrtSession(Session):
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         self.session = self._open(self.manifest.entry("program").path)
-        self.slots: dict[str, dict[str, np.ndarray]] = {}  # task -> decoded fp32 slot values
         self.feeds: dict[str, np.ndarray] = {}
         m = self.manifest.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
@@ -141,16 +140,8 @@ class OrtSession(Session):
     def _open(self, rel: str):
         return open_ort_session(str(self.folder / rel), self.threads)
 
-    def _load(self, task: str, slots: TaskSlots) -> None:
-        self.slots[task] = slots
-
-    def _unload(self, task: str) -> TaskSlots | None:
-        return self.slots.pop(task, None)
-
     def _switch(self, task: str) -> None:
-        if task not in self.slots:
-            self.load_task(task)
-        self.feeds = self.slots[task]
+        self.feeds = self.decoded[task]
 
     def reset(self) -> None:
         super().reset()

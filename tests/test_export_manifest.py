@@ -76,9 +76,9 @@ def test_task_file_of_another_export_is_refused(setup):
     session = open_export(first)
     with pytest.raises(TaskFileError, match="another export"):
         session.load_task("alpha", foreign)
-    assert "alpha" not in session.slots
+    assert "alpha" not in session.decoded
     session.load_task("alpha")  # its own file is accepted
-    assert "alpha" in session.slots
+    assert "alpha" in session.decoded
 
 
 def test_existing_output_is_not_overwritten_unless_asked(setup):

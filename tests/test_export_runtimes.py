@@ -87,7 +87,7 @@ def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt,
     every task still gives its own outputs, and the active task cannot be unloaded."""
     session = open_export(exports(fmt, "fp32"))
     session.set_task("alpha")
-    alpha = list((session.decoded["alpha"] if fmt == "executorch" else session.slots["alpha"]).blocks)
+    alpha = list(session.decoded["alpha"].blocks)
     session.set_task("beta")
     with pytest.raises(UserError, match="'beta' is active"):
         session.unload("beta")
@@ -97,7 +97,7 @@ def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt,
         seq, got = run_logits(session, PROMPT)
         assert np.abs(got - refs(task, seq)[: len(got)]).max() < FP32_TOL, f"{fmt}: {task} after alpha was unloaded"
         if task == "gamma":
-            gamma = (session.decoded["gamma"] if fmt == "executorch" else session.slots["gamma"]).blocks
+            gamma = session.decoded["gamma"].blocks
             assert alpha and len(gamma) == len(alpha) and all(a is b for a, b in zip(alpha, gamma)), "gamma did not reuse alpha's memory"
 
 
@@ -182,8 +182,7 @@ def test_corrupted_or_swapped_task_file_is_refused_before_loading(fmt, exports, 
     with pytest.raises(TaskFileError, match="truncated"):
         session.load_task("alpha")
     assert session.active == "beta"
-    loaded = session.loaded if fmt == "executorch" else session.slots
-    assert "alpha" not in loaded
+    assert "alpha" not in session.decoded
 
 
 def test_executorch_task_file_of_another_export_is_refused(exports, tiny_dir, tmp_path):

@@ -63,10 +63,8 @@ public final class Json {
 
     private Map<String, Object> object() {
         Map<String, Object> out = new LinkedHashMap<String, Object>();
-        pos++;
-        ws();
-        if (peek() == '}') { pos++; return out; }
-        while (true) {
+        if (opensEmpty('}')) return out;
+        do {
             ws();
             if (peek() != '"') throw error("expected a key");
             String key = string();
@@ -76,28 +74,37 @@ public final class Json {
             ws();
             if (out.containsKey(key)) throw error("duplicate key \"" + key + "\"");
             out.put(key, value());
-            ws();
-            char c = peek();
-            pos++;
-            if (c == '}') return out;
-            if (c != ',') throw error("expected ',' or '}'");
-        }
+        } while (another('}'));
+        return out;
     }
 
     private List<Object> array() {
         List<Object> out = new ArrayList<Object>();
-        pos++;
-        ws();
-        if (peek() == ']') { pos++; return out; }
-        while (true) {
+        if (opensEmpty(']')) return out;
+        do {
             ws();
             out.add(value());
-            ws();
-            char c = peek();
-            pos++;
-            if (c == ']') return out;
-            if (c != ',') throw error("expected ',' or ']'");
-        }
+        } while (another(']'));
+        return out;
+    }
+
+    /** Steps past a container's opening bracket; true, and past {@code close} too, when the container is empty. */
+    private boolean opensEmpty(char close) {
+        pos++;
+        ws();
+        if (peek() != close) return false;
+        pos++;
+        return true;
+    }
+
+    /** After a container's element: true past a ',' (another element follows), false past {@code close}. */
+    private boolean another(char close) {
+        ws();
+        char c = peek();
+        pos++;
+        if (c == close) return false;
+        if (c != ',') throw error("expected ',' or '" + close + "'");
+        return true;
     }
 
     private char peek() {
