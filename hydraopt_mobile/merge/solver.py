@@ -336,11 +336,10 @@ def _stored_products(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) ->
 
 @dataclass
 class StoredA:
-    """Shared A's as stored: the encoded factors, the (k_A, r', d_in) values they decode to, and
-    their products with the tasks' A's (:func:`_stored_products`)."""
+    """Shared A's as stored: the encoded factors and the products of the values they decode to
+    with the tasks' A's (:func:`_stored_products`)."""
 
     factors: list[StoredFactor]
-    values: torch.Tensor
     cross: torch.Tensor
     gram: torch.Tensor
     index: list[int]
@@ -351,13 +350,13 @@ class StoredA:
         A's of rank r are the leading rows of its A's at any larger rank (``_truncate``), so one
         encoding at the top rank serves every rank of a layout."""
         factors = [StoredFactor(f.fmt, {part: t[:rank].clone() for part, t in f.data.items()}, (rank, f.shape[1]), f.transposed) for f in self.factors]
-        return StoredA(factors, self.values[:, :rank], self.cross[..., :rank], self.gram[:, :rank, :rank], self.index)
+        return StoredA(factors, self.cross[..., :rank], self.gram[:, :rank, :rank], self.index)
 
 
 def stored_A(fm: FactoredModule, sol: LayoutSolution, fmt: NumberFormat) -> StoredA:
     """``sol``'s A's in d_in coordinates, encoded in ``fmt``, with their products."""
     A_st, Aq = StoredFactor.encode_stack(input_space_A(fm, sol).float(), fmt, transposed=False)
-    return StoredA(A_st, Aq, *_stored_products(fm, Aq, sol.a_index))
+    return StoredA(A_st, *_stored_products(fm, Aq, sol.a_index))
 
 
 def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA | None = None) -> tuple[MergedModule, torch.Tensor]:
