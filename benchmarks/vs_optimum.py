@@ -41,7 +41,8 @@ Op profile (``profile``): both 8da4w ExecuTorch programs through ExecuTorch's mo
 on (``_load_for_executorch(enable_etdump=True)``, forward only: ours then runs with its slots as
 exported, zero, which costs what any task's slots cost), a 16-token prefill and ``--tokens`` decode
 steps, read with ``executorch.devtools.Inspector``: per decode step, the time inside XNNPACK
-delegate calls by XNNPACK operator kind and the time of each portable (non-delegated) operator.
+delegate calls by XNNPACK operator kind and the time of each operator ExecuTorch runs itself
+(portable kernels, custom ops; named by the program's instruction).
 ETDump adds its own overhead per event, so the profile explains shares, not absolute ms.
 
 Writes benchmarks/results/vs_optimum.{json,md} (and vs_optimum_et_profile.{json,md}).
@@ -356,15 +357,9 @@ def _time(rows: list[dict], task: str, tokens: int, rounds: int) -> None:
         row["decode_ms_per_token"] = statistics.median(row["runs_ms_per_token"])
 
 
-def et_profile(pte: Path, steps: int, etdump: Path) -> dict:
-    """ETDump of a 16-token prefill and ``steps`` decode steps of ``pte``'s ``forward``; per decode step
-    (mean ms): the whole execute, XNNPACK delegate calls (and inside them, by XNNPACK operator kind),
-    portable operators by name, and the rest (the runtime's own work between instructions)."""
-    import re
-    from collections import Counter, defaultdict
-
+def etdump_run(pte: Path, steps: int, etdump: Path) -> None:
+    """Run ``pte``'s ``forward`` with ETDump on: a 16-token prefill, then ``steps`` decode steps (1 thread)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
-    from executorch.devtools import Inspector
     from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
 
     _unsafe_reset_threadpool(1)
@@ -373,10 +368,28 @@ def et_profile(pte: Path, steps: int, etdump: Path) -> dict:
     for t in range(steps):
         module.run_method("forward", (torch.tensor([[100 + t]]), torch.arange(16 + t, 17 + t)))
     module.write_etdump_result_to_file(str(etdump))
+
+
+def etdump_read(pte: Path, steps: int, etdump: Path) -> dict:
+    """Per decode step of :func:`etdump_run`'s dump (mean ms over the decode runs; run 0, the prefill, is
+    left out): the whole execute, the XNNPACK delegate calls (and inside them, by XNNPACK operator kind),
+    the operators ExecuTorch runs itself (``OPERATOR_CALL``s, named by their instruction's operator in
+    the program: portable aten kernels and custom ops such as ``llama::custom_sdpa``), and the rest (the
+    runtime's own work between instructions)."""
+    import re
+    from collections import Counter, defaultdict
+
+    from executorch.devtools import Inspector
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    plan = next(p for p in getattr(program, "program", program).execution_plan if p.name == "forward")
+    op_names = [f"{o.name}.{o.overload}" if o.overload else o.name for o in plan.operators]
+    instructions = plan.chains[0].instructions
     block = next(b for b in Inspector(etdump_path=str(etdump)).event_blocks if b.name == "Execute")
-    per_step: dict[str, float] = defaultdict(float)
+    totals: dict[str, float] = defaultdict(float)
     xnnpack: dict[str, float] = defaultdict(float)
-    portable: dict[str, float] = defaultdict(float)
+    operators: dict[str, float] = defaultdict(float)
     calls: Counter = Counter()
     for e in block.events:
         if e.perf_data is None:
@@ -384,38 +397,39 @@ def et_profile(pte: Path, steps: int, etdump: Path) -> dict:
         raw = e.perf_data.raw
         if len(raw) != steps + 1:
             raise RuntimeError(f"{pte}: event {e.name} has {len(raw)} runs, expected {steps + 1}")
-        ms = sum(raw[1:]) / steps  # decode steps only (run 0 is the prefill)
-        if e.name in ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"):
-            per_step[e.name] += ms
+        ms = sum(raw[1:]) / steps
+        if e.name in ("Method::execute", "DELEGATE_CALL"):
+            totals[e.name] += ms
             calls[e.name] += 1
-        elif e.name.startswith("native_call_"):
-            portable[e.name[len("native_call_"):]] += ms
-            calls["portable:" + e.name[len("native_call_"):]] += 1
+        elif e.name == "OPERATOR_CALL":
+            op = op_names[instructions[e._instruction_id].instr_args.op_index]
+            operators[op] += ms
+            calls["op:" + op] += 1
         elif e.is_delegated_op:
             kind = re.sub(r" #\d+$", "", e.name)
             xnnpack[kind] += ms
             calls["xnnpack:" + kind] += 1
-    execute = per_step["Method::execute"]
+    execute, delegate, ops = totals["Method::execute"], totals["DELEGATE_CALL"], sum(operators.values())
     top = lambda d: dict(sorted(((k, round(v, 4)) for k, v in d.items()), key=lambda kv: -kv[1]))  # noqa: E731
     return {
         "program": pte.name, "decode_steps": steps, "execute_ms_per_step": round(execute, 4),
-        "delegate_calls_per_step": calls["DELEGATE_CALL"], "portable_calls_per_step": calls["OPERATOR_CALL"],
-        "xnnpack_ms_per_step": round(per_step["DELEGATE_CALL"], 4), "portable_ms_per_step": round(sum(portable.values()), 4),
-        "other_ms_per_step": round(execute - per_step["DELEGATE_CALL"] - per_step["OPERATOR_CALL"], 4),
-        "xnnpack_ms_by_kind": top(xnnpack), "portable_ms_by_op": top(portable),
-        "calls_per_step": {k: v for k, v in sorted(calls.items()) if k.startswith(("portable:", "xnnpack:"))},
+        "delegate_calls_per_step": calls["DELEGATE_CALL"], "operator_calls_per_step": sum(v for k, v in calls.items() if k.startswith("op:")),
+        "xnnpack_ms_per_step": round(delegate, 4), "operators_ms_per_step": round(ops, 4),
+        "other_ms_per_step": round(execute - delegate - ops, 4),
+        "xnnpack_ms_by_kind": top(xnnpack), "operators_ms_by_op": top(operators),
+        "calls_per_step": {k: v for k, v in sorted(calls.items()) if k.startswith(("op:", "xnnpack:"))},
     }
 
 
 def _profile_markdown(profiles: dict[str, dict], notes: dict) -> str:
     lines = ["# Op profile of the two 8da4w ExecuTorch programs (ETDump, per decode step)", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
-    lines += ["", *markdown_table(["program", "execute ms/step", "XNNPACK ms (calls)", "portable ops ms (calls)", "runtime rest ms"], [
+    lines += ["", *markdown_table(["program", "execute ms/step", "XNNPACK ms (delegate calls)", "ExecuTorch-run operators ms (calls)", "runtime rest ms"], [
         [name, p["execute_ms_per_step"], f"{p['xnnpack_ms_per_step']:.2f} ({p['delegate_calls_per_step']})",
-         f"{p['portable_ms_per_step']:.2f} ({p['portable_calls_per_step']})", p["other_ms_per_step"]] for name, p in profiles.items()], "lrrrr")]
+         f"{p['operators_ms_per_step']:.2f} ({p['operator_calls_per_step']})", p["other_ms_per_step"]] for name, p in profiles.items()], "lrrrr")]
     for name, p in profiles.items():
-        lines += ["", f"## {name}", "", "Portable (non-delegated) operators, ms per decode step (calls):", ""]
-        lines += markdown_table(["op", "ms", "calls"], [[k, v, p["calls_per_step"].get("portable:" + k)] for k, v in list(p["portable_ms_by_op"].items())[:15]], "lrr")
+        lines += ["", f"## {name}", "", "Operators ExecuTorch runs itself (not delegated: portable kernels, custom ops), ms per decode step (calls):", ""]
+        lines += markdown_table(["op", "ms", "calls"], [[k, v, p["calls_per_step"].get("op:" + k)] for k, v in list(p["operators_ms_by_op"].items())[:15]], "lrr")
         lines += ["", "Inside XNNPACK, by operator kind, ms per decode step (calls):", ""]
         lines += markdown_table(["XNNPACK op", "ms", "calls"], [[k, v, p["calls_per_step"].get("xnnpack:" + k)] for k, v in list(p["xnnpack_ms_by_kind"].items())[:10]], "lrr")
     return "\n".join(lines) + "\n"
@@ -492,16 +506,18 @@ def main() -> None:
                 "optimum-executorch 8da4w (task merged)": next((args.work / "optimum-executorch").glob("*.pte"))}
         with _held(lock_fd, fcntl.LOCK_EX) as waited:
             load_start = os.getloadavg()
-            profiles = {name: et_profile(pte, args.tokens, args.work / f"{pte.parent.name}.etdp") for name, pte in ptes.items()}
+            for pte in ptes.values():
+                etdump_run(pte, args.tokens, args.work / f"{pte.parent.name}.etdp")
             conditions = {"lock": f"{args.lock} held exclusive" if args.lock else "no lock taken", "lock_wait_seconds": waited,
                           "load_average_1_5_15_at_start": [round(x, 2) for x in load_start],
                           "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        profiles = {name: etdump_read(pte, args.tokens, args.work / f"{pte.parent.name}.etdp") for name, pte in ptes.items()}
         pnotes = {"how": f"ExecuTorch 1.5.1 module API with ETDump, forward only, 1 thread; 16-token prefill, then {args.tokens} "
                          "decode steps; ms are means over the decode steps as ETDump reports them (its per-event overhead included)",
                   "ours": "slots as exported (zero): the same ops and shapes as any active task",
-                  "columns": "XNNPACK = inside DELEGATE_CALLs; portable ops = OPERATOR_CALLs run by ExecuTorch's kernels; "
-                             "runtime rest = execute minus both",
+                  "columns": "XNNPACK = inside DELEGATE_CALLs; ExecuTorch-run operators = OPERATOR_CALLs (portable aten kernels, "
+                             "custom ops), named by their instruction in the program; runtime rest = execute minus both",
                   "conditions": conditions}
         write_record(PROFILE, {"notes": pnotes, "profiles": profiles}, _profile_markdown(profiles, pnotes))
         print(_profile_markdown(profiles, pnotes))
