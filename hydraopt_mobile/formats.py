@@ -265,15 +265,23 @@ class StoredFactor:
         """Each of ``matrices`` (k, rows, cols) encoded as :meth:`encode` does, in one call (fp16,
         int8 and int4 quantise component vector by vector, so stacking them changes nothing; sign
         keeps one blob per factor and is refused), and the (k, rows, cols) float32 values they decode to."""
+        data, values = cls.quantise_stack(matrices, fmt, transposed)
+        k, rows, cols = matrices.shape
+        per = data[next(iter(data))].shape[0] // k if k else 0
+        factors = [cls(fmt, {part: t[i * per : (i + 1) * per].clone() for part, t in data.items()}, (rows, cols), transposed) for i in range(k)]
+        return factors, values
+
+    @staticmethod
+    def quantise_stack(matrices: torch.Tensor, fmt: NumberFormat, transposed: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`encode_stack`'s codes for all ``k`` matrices together (not yet split per factor)
+        and the values they decode to: what measuring a candidate needs, without the factors."""
         if fmt.name == "sign":
             raise ValueError("encode_stack: the sign format encodes a whole factor at once; use encode")
         k, rows, cols = matrices.shape
         vectors = (matrices.transpose(1, 2) if transposed else matrices).reshape(-1, rows if transposed else cols)
         data, values = fmt.quantise(vectors.contiguous())
-        per = vectors.shape[0] // k if k else 0
-        factors = [cls(fmt, {part: t[i * per : (i + 1) * per].clone() for part, t in data.items()}, (rows, cols), transposed) for i in range(k)]
-        values = values.reshape(k, per, -1)
-        return factors, (values.transpose(1, 2) if transposed else values).contiguous()
+        values = values.reshape(k, vectors.shape[0] // k if k else 0, -1)
+        return data, (values.transpose(1, 2) if transposed else values).contiguous()
 
     def spilled(self) -> "StoredFactor":
         """This factor without its tensors (already written to a bundle): format, shape and byte

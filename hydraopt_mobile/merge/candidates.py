@@ -18,7 +18,7 @@ from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
 from hydraopt_mobile.merge.grouping import cluster
 from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
-from hydraopt_mobile.merge.solver import LayoutSolution, StoredA, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_A, stored_error
+from hydraopt_mobile.merge.solver import LayoutSolution, StoredA, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_A, stored_error, stored_errors
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
 
@@ -161,7 +161,7 @@ class ModuleCandidates:
             a_rows[(c.k_a, c.k_b, c.fmt)] = max(c.rank, a_rows.get((c.k_a, c.k_b, c.fmt), 0))
         for c in hull:
             c = replace(c, a_rows=a_rows[(c.k_a, c.k_b, c.fmt)])
-            _, err = self._fit(c)
+            err = self._errors(c)
             a_index, b_index = self._groups(c.k_a, c.k_b)
             measured.append(replace(c, error=float(err.sum()), groups=(tuple(a_index), tuple(b_index))))
         if self.mixed_ranks:  # with equal ranks, (T, T, r) already is the inputs as they are
@@ -203,21 +203,26 @@ class ModuleCandidates:
             self._grouping[(c.k_a, c.k_b)] = (list(c.groups[0]), list(c.groups[1]))
         if c.rank == AS_IS:
             return as_is(self.factors, NumberFormat.parse(c.fmt))
-        return self._fit(c)[0]
-
-    def _fit(self, c: Candidate) -> tuple[MergedModule, torch.Tensor]:
-        """:func:`fit_stored` of one candidate. A closed form's A's at rank r are the leading rows of
-        its A's at any larger rank, so the A's of a layout and format are encoded once, at the
-        largest rank the hull holds of it (``c.a_rows``), and every rank of it (the planner measures
-        many) takes their leading rows (:meth:`StoredA.leading`); building goes the same way, so
-        the module built is the one measured, bit for bit."""
         fmt, sol = NumberFormat.parse(c.fmt), self._solve(c.k_a, c.k_b, c.rank)
+        return fit_stored(self.fm, self.w, sol, fmt, self._stored(c, sol, fmt, factors=True))[0]
+
+    def _errors(self, c: Candidate) -> torch.Tensor:
+        """The exact errors of what :meth:`build` would store for ``c`` (:func:`stored_errors`)."""
+        fmt, sol = NumberFormat.parse(c.fmt), self._solve(c.k_a, c.k_b, c.rank)
+        return stored_errors(self.fm, self.w, sol, fmt, self._stored(c, sol, fmt, factors=False))
+
+    def _stored(self, c: Candidate, sol: LayoutSolution, fmt: NumberFormat, factors: bool) -> StoredA:
+        """``c``'s stored A's. A closed form's A's at rank r are the leading rows of its A's at any
+        larger rank, so the A's of a layout and format are encoded once, at the largest rank the
+        hull holds of it (``c.a_rows``), and every rank of it (the planner measures many) takes
+        their leading rows (:meth:`StoredA.leading`); measuring and building go the same way, so
+        the module built is the one measured, bit for bit."""
         if self.fm.S is not None or not (c.k_a == 1 or c.k_b == self.fm.n_tasks) or c.a_rows < c.rank:
-            return fit_stored(self.fm, self.w, sol, fmt)
+            return stored_A(self.fm, sol, fmt)
         key = (c.k_a, c.k_b, c.fmt, c.a_rows)
         if key not in self._stored_a:
             self._stored_a[key] = stored_A(self.fm, self._solve(c.k_a, c.k_b, c.a_rows), fmt)
-        return fit_stored(self.fm, self.w, sol, fmt, self._stored_a[key].leading(c.rank))
+        return self._stored_a[key].leading(c.rank, factors)
 
 
 def _priced(specs: list[TensorSpec]) -> tuple[int, int]:

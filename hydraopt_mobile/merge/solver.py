@@ -137,7 +137,12 @@ def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor
 def closed_form_errors(fm: FactoredModule, w: torch.Tensor, spaces: list[RowSpace], ranks: list[int]) -> dict[int, float]:
     """Weighted squared error of the closed-form layout at each rank, from singular values only."""
     total = float((w * fm.sq_norms).sum())
-    return {r: max(total - sum(float(s.s2[:r].sum()) for s in spaces), 0.0) for r in ranks}
+    top = max(max(ranks, default=0), 1)
+    s2 = torch.zeros(len(spaces), top, dtype=torch.float64)
+    for i, s in enumerate(spaces):
+        s2[i, : min(top, s.s2.numel())] = s.s2[:top].double()
+    kept = s2.cumsum(1).sum(0)  # kept[r - 1]: what rank r keeps, summed over the A-groups
+    return {r: max(total - float(kept[r - 1]), 0.0) for r in ranks}
 
 
 def _truncate(rows: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
@@ -344,12 +349,13 @@ class StoredA:
     gram: torch.Tensor
     index: list[int]
 
-    def leading(self, rank: int) -> "StoredA":
+    def leading(self, rank: int, factors: bool = True) -> "StoredA":
         """The first ``rank`` rows of every A: formats encode A row by row, and every product here is
         bilinear in the rows, so this is what encoding the leading rows alone gives. A closed form's
         A's of rank r are the leading rows of its A's at any larger rank (``_truncate``), so one
-        encoding at the top rank serves every rank of a layout."""
-        factors = [StoredFactor(f.fmt, {part: t[:rank].clone() for part, t in f.data.items()}, (rank, f.shape[1]), f.transposed) for f in self.factors]
+        encoding at the top rank serves every rank of a layout. ``factors=False``: products only
+        (for :func:`stored_errors`)."""
+        factors = [StoredFactor(f.fmt, {part: t[:rank].clone() for part, t in f.data.items()}, (rank, f.shape[1]), f.transposed) for f in self.factors] if factors else []
         return StoredA(factors, self.cross[..., :rank], self.gram[:, :rank, :rank], self.index)
 
 
@@ -363,14 +369,24 @@ def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, f
     """Quantise A^ (or take ``stored``, ``sol``'s A's as :func:`stored_A` gives them), re-fit B^ to
     the stored A^, quantise B^. Returns the module and the per-task weighted squared errors of
     exactly what is stored (the stored A^'s parts outside span(Q) included, :func:`_stored_products`)."""
-    w = weights.to(DTYPE)
     a = stored if stored is not None else stored_A(fm, sol, fmt)
-    k_b = max(sol.b_index) + 1
-    B = _solve_B(fm, w, a.cross, a.gram, a.index, sol.b_index, k_b)
-    B_st, Bq = StoredFactor.encode_stack(B.float(), fmt, transposed=True)
-    err = _errors(fm, w, a.cross, a.gram, a.index, Bq[sol.b_index])
+    B = _fit_B(fm, weights.to(DTYPE), sol, a)
+    B_st, Bq = StoredFactor.encode_stack(B, fmt, transposed=True)
     module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=a.factors, B=B_st)
-    return module, err
+    return module, _errors(fm, weights.to(DTYPE), a.cross, a.gram, a.index, Bq[sol.b_index])
+
+
+def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA) -> torch.Tensor:
+    """:func:`fit_stored`'s errors alone, for measuring a candidate: the same codes and values,
+    without splitting them into the module's factors."""
+    w = weights.to(DTYPE)
+    Bq = StoredFactor.quantise_stack(_fit_B(fm, w, sol, stored), fmt, transposed=True)[1]
+    return _errors(fm, w, stored.cross, stored.gram, stored.index, Bq[sol.b_index])
+
+
+def _fit_B(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution, a: StoredA) -> torch.Tensor:
+    """The least-squares B's (float32) for the stored A's."""
+    return _solve_B(fm, w, a.cross, a.gram, a.index, sol.b_index, max(sol.b_index) + 1).float()
 
 
 def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
@@ -389,7 +405,7 @@ def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule
 def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:
     """Relative error that storing ``sol`` in ``fmt`` adds (used to rank candidates; the planner
     measures the candidates it may pick exactly)."""
-    _, err = fit_stored(fm, weights, sol, fmt)
+    err = stored_errors(fm, weights, sol, fmt, stored_A(fm, sol, fmt))
     total = float((weights.to(DTYPE) * fm.sq_norms).sum())
     fitted = max(total - sol.history[-1], 1e-30)
     return max(float(err.sum()) - sol.history[-1], 0.0) / fitted
