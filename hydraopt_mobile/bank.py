@@ -39,6 +39,9 @@ class MergedModule:
     b_index: list[int]  # task -> index into B
     A: list[StoredFactor]  # each (r', d_in)
     B: list[StoredFactor]  # each (d_out, r')
+    # per task ||dW_t - dW^_t||^2 and ||dW_t||^2 against the adapters it was merged from
+    # (module_sq_errors), when the merge measured them on its module workers; None otherwise
+    sq_errors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, compare=False, repr=False)  # not copied by replace()
 
     @property
     def rank(self) -> int:
@@ -124,11 +127,30 @@ class MergedBank:
         (each module's stored factors decoded once, every task's traces in one batch)."""
         per_module: list[tuple[torch.Tensor, torch.Tensor]] = []
         map_in_order(list(self.modules), adapters.factors, lambda _, name, factors: module_sq_errors(factors, self.modules[name]), lambda *done: per_module.append(done[3]))
-        err = torch.zeros(len(self.tasks), dtype=torch.float64)
-        ref = torch.zeros(len(self.tasks), dtype=torch.float64)
-        for e, n in per_module:  # summed in module order, whatever the thread count
-            err, ref = err + e, ref + n
-        return relative_from_sums(self.tasks, err, ref)
+        return _summed(self.tasks, per_module)
+
+    def measured_relative_errors(self) -> dict[str, float] | None:
+        """:meth:`relative_errors` against the adapters the bank was merged from, from what the
+        merge measured as it built each module (``MergedModule.sq_errors``); None if a module lacks it."""
+        if any(m.sq_errors is None for m in self.modules.values()):
+            return None
+        return _summed(self.tasks, [m.sq_errors for m in self.modules.values()])  # type: ignore[misc]
+
+
+def _summed(tasks: list[str], per_module: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Relative errors from per-module squared errors and norms, summed in module order."""
+    err = torch.zeros(len(tasks), dtype=torch.float64)
+    ref = torch.zeros(len(tasks), dtype=torch.float64)
+    for e, n in per_module:
+        err, ref = err + e, ref + n
+    return relative_from_sums(tasks, err, ref)
+
+
+def with_sq_errors(factors: list[LoraFactors], module: MergedModule) -> MergedModule:
+    """``module`` with its :func:`module_sq_errors` against ``factors`` (the inputs it was built from)
+    recorded: a merge measures them on its module workers instead of again in the calling thread."""
+    module.sq_errors = module_sq_errors(factors, module)
+    return module
 
 
 def module_sq_errors(factors: list[LoraFactors], module: MergedModule) -> tuple[torch.Tensor, torch.Tensor]:

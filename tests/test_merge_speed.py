@@ -173,3 +173,19 @@ def test_merge_bytes_do_not_depend_on_the_thread_count(make_adapters, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert len(files[1]) > 4 and files[1] == files[2]
+
+
+def test_a_merges_recorded_errors_are_the_banks_own(make_adapters):
+    """The relative errors a merge records from its module workers (MergedModule.sq_errors) equal
+    the bank's errors recomputed from its stored factors against the same adapters; a copy made
+    with replace() (as bundle writing does when it reorders tasks) does not carry them."""
+    import dataclasses
+
+    adapters = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=5, rank=4, noise=0.3)])
+    for method in ("hydraopt", "compeft"):
+        bank = merge_budgets(adapters, MergeConfig(method), [Budget(fraction=0.3)])[0]
+        assert bank.measured_relative_errors() is not None
+        assert bank.rel_errors == bank.relative_errors(adapters)
+        assert max(bank.rel_errors.values()) > 0
+        module = next(iter(bank.modules.values()))
+        assert dataclasses.replace(module, a_index=list(module.a_index)).sq_errors is None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
-from hydraopt_mobile.bank import MergedModule
+from hydraopt_mobile.bank import MergedModule, with_sq_errors
 from hydraopt_mobile.calibration import Calibration, ModuleMoments
 from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm, whitened
 from hydraopt_mobile.formats import NumberFormat
@@ -265,7 +265,7 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
         built: dict[tuple, MergedModule] = {}
         for chosen in plans:
             if chosen[name].spec not in built:
-                built[chosen[name].spec] = module.build(chosen[name])
+                built[chosen[name].spec] = with_sq_errors(factors, module.build(chosen[name]))
         return [built[chosen[name].spec] for chosen in plans]
 
     def kept(m: int, name: str, factors: list[LoraFactors], out: list[MergedModule]) -> list[MergedModule]:

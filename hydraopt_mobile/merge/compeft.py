@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
-from hydraopt_mobile.bank import MergedModule
+from hydraopt_mobile.bank import MergedModule, with_sq_errors
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import inner, sq_norm
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
@@ -101,5 +101,5 @@ def build_compeft(adapters: AdapterSet, params: ComPeftParams, storage: Storage,
             out.append(InfeasibleBudget(f"--param density={density}: {nbytes:,} file bytes exceed --budget {budget.label()} ({limit:,} bytes)"))
             continue
         fmt = NumberFormat("sign", density=density)
-        out.append(each_module(adapters, lambda _, __, factors: compress_module(factors, fmt), on_step, then=lambda _, name, factors, module: storage.keep(i, name, factors, module)))
+        out.append(each_module(adapters, lambda _, __, factors: with_sq_errors(factors, compress_module(factors, fmt)), on_step, then=lambda _, name, factors, module: storage.keep(i, name, factors, module)))
     return out

@@ -147,7 +147,7 @@ def merge_to_bundles(adapters: AdapterSet, config: MergeConfig, budgets: list[Bu
         def sink(i: int, name: str, factors: list[LoraFactors], module: MergedModule) -> MergedModule:
             if i not in writers:
                 writers[i] = BundleWriter(stack.enter_context(atomic_dir(Path(outs[i]), overwrite, kind=BUNDLE, inputs=inputs)), adapters.task_names)
-            err, norms = module_sq_errors(factors, module)
+            err, norms = module.sq_errors if module.sq_errors is not None else module_sq_errors(factors, module)
             sq[i] = [sq[i][0] + err, sq[i][1] + norms]
             return writers[i].add(module)
 
@@ -231,5 +231,5 @@ def _bank(adapters: AdapterSet, method: MergeMethod, params: dict, modules: dict
         reference_file_bytes=adapters.reference_file_bytes(),
         reference_payload_bytes=adapters.fp16_bytes(),
     )
-    bank.rel_errors = bank.relative_errors(adapters) if rel_errors is None else rel_errors
+    bank.rel_errors = rel_errors if rel_errors is not None else bank.measured_relative_errors() or bank.relative_errors(adapters)
     return bank
