@@ -337,6 +337,7 @@ def _score(rows: list[dict], task: str, n_examples: int, scores_dir: Path) -> No
             write_text_atomic(path, json.dumps({"texts": texts, "per_example": per_example(specs[task], texts, "test")}, indent=1))
             print(f"[vs_optimum] scored {path.stem} in {time.time() - t0:.0f} s", flush=True)
         row["per_example"] = json.loads(path.read_text())["per_example"]
+        row["texts"] = json.loads(path.read_text())["texts"]
         row["score"] = sum(row["per_example"]) / len(row["per_example"])
 
 
@@ -467,6 +468,14 @@ def _records(rows: list[dict], task: str) -> list[dict]:
                 "bytes_ratio_vs_optimum": r["program_bytes"] / ref["program_bytes"],
                 "score_drop_vs_optimum": drop["drop_points"], "score_drop_vs_optimum_ci95": drop["drop_points_ci95"],
             })
+        portable = next((p for p in rows if p["tool"] == "hydraopt-mobile" and p["runtime"] == r["runtime"] and p["quant"] == r["quant"]
+                         and p.get("attention") == "portable"), None)
+        if r["tool"] == "hydraopt-mobile" and r.get("attention") == "custom-ops" and portable is not None:
+            drop = paired_drop({task: portable["per_example"]}, {task: r["per_example"]})
+            rec.update({"score_drop_vs_portable": drop["drop_points"], "score_drop_vs_portable_ci95": drop["drop_points_ci95"],
+                        "answers_differing_from_portable": sum(a != b for a, b in zip(portable["texts"], r["texts"])),
+                        "decode_ratio_vs_portable": r["decode_ms_per_token"] / portable["decode_ms_per_token"]
+                        if r.get("decode_ms_per_token") and portable.get("decode_ms_per_token") else None})
         out.append(rec)
     return out
 
@@ -483,6 +492,13 @@ def _markdown(records: list[dict], notes: dict) -> str:
     lines += markdown_table(["tool", "runtime", "quant", "ExecuTorch attention", "switchable", "decode ms/token", "decode ratio", "MB program",
                              "kB task file", f"score ({records[0]['task']}, n={records[0]['n_examples']})", "score drop vs optimum [95 % CI]"],
                             rows, "lllllrlrrrl")
+    for r in records:
+        if r.get("score_drop_vs_portable") is not None:
+            lo, hi = r["score_drop_vs_portable_ci95"]
+            ratio = "" if r.get("decode_ratio_vs_portable") is None else f", decode {r['decode_ratio_vs_portable']:.3f}x"
+            lines += ["", f"Our {r['runtime']} {r['quant']} custom-ops vs the same export with portable attention: score drop "
+                          f"{r['score_drop_vs_portable']:+.1f} [{lo:+.1f}, {hi:+.1f}] (95 % paired bootstrap), "
+                          f"{r['answers_differing_from_portable']} of {r['n_examples']} answers differ{ratio}."]
     return "\n".join(lines) + "\n"
 
 
