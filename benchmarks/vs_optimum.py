@@ -23,8 +23,9 @@ Hugging Face folder. The tools export that folder, each from its own venv
   exporter's graph.
 
 Ours are the switchable exports (every task's slots as run-time data, ``--task`` active) of the
-one-adapter-per-task bank of all suite tasks: ExecuTorch ``8da4w`` and ONNX ``fp32`` / ``int4`` /
-``int4-mixed``. Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
+one-adapter-per-task bank of all suite tasks: ExecuTorch ``8da4w`` (twice: ``custom-ops`` attention,
+ExecuTorch's LLM kernels as optimum uses them, and ``portable``, transformers' attention as aten ops:
+``exporters/et_attention.py``) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``. Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
 runtime, ONNX Runtime 1.32), 1 thread: the tools' programs are only *exported* in their venvs.
 
 Score: greedy decoding of the task's first ``--examples`` test examples, the suite's metric
@@ -90,6 +91,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "vs_optimum.json"
 PROFILE = ROOT / "benchmarks" / "results" / "vs_optimum_et_profile.json"
 MAX_CACHE_LEN = 256  # ours (exporters.export.DEFAULT_MAX_CACHE_LEN) and the tools' --max_seq_len
 ET_SLOTS = "q_proj,v_proj:16"  # the signature of the cached ExecuTorch 8da4w program (export_reuse); rank-8 adapters fit it
+ET_ATTENTIONS = ("custom-ops", "portable")  # exporters/et_attention.py
 
 
 def _bank():
@@ -190,17 +192,24 @@ def export_optimum_onnx(hf: Path, out: Path, notes: dict) -> dict[str, Path]:
     return {"fp32": fp32 / "model.onnx", "int4": int4 / "model.onnx"}
 
 
-def our_exports(work: Path, bank) -> dict[tuple[str, str], Path]:
-    """Our switchable exports of the one-adapter-per-task bank (programs from the cache when there)."""
+def our_exports(work: Path, bank) -> dict[tuple[str, str, str | None], Path]:
+    """Our switchable exports of the one-adapter-per-task bank (programs from the cache when there):
+    (format, quant, ExecuTorch attention or None) -> folder. ExecuTorch 8da4w twice: with ExecuTorch's
+    LLM kernels (``custom-ops``, the default) and with transformers' attention as aten ops (``portable``,
+    for runtimes without those kernels)."""
     model_dir = base_model_dir()
-    plan = {("executorch", "8da4w"): ET_SLOTS, ("onnx", "fp32"): None, ("onnx", "int4"): None, ("onnx", "int4-mixed"): None}
+    plan = {("executorch", "8da4w", a): ET_SLOTS for a in ET_ATTENTIONS}
+    plan.update({("onnx", q, None): None for q in ("fp32", "int4", "int4-mixed")})
     out = {}
-    for (fmt, quant), slots in plan.items():
-        folder = work / f"ours-{fmt}-{quant}"
+    for (fmt, quant, attention), slots in plan.items():
+        folder = work / (f"ours-{fmt}-{quant}" + (f"-{attention}" if attention else ""))
         if not (folder / "manifest.json").is_file():
-            print(f"[vs_optimum] ours: export {fmt} {quant}", flush=True)
-            export_bank(bank, model_dir, fmt, quant, folder, slots=slots)
-        out[(fmt, quant)] = folder
+            print(f"[vs_optimum] ours: export {fmt} {quant} {attention or ''}", flush=True)
+            t0 = time.time()
+            export_bank(bank, model_dir, fmt, quant, folder, slots=slots, attention=attention)
+            print(f"[vs_optimum] ours: {folder.name} in {time.time() - t0:.0f} s, phases (s) "
+                  f"{Manifest.read(folder).extra['phases_s']}", flush=True)
+        out[(fmt, quant, attention)] = folder
     return out
 
 
@@ -282,16 +291,17 @@ def _runners(work: Path, bank, threads: int, missing: list[str]) -> list[dict]:
     export that is not there is named in ``missing`` instead."""
     ours = our_exports(work, bank)
     rows = []
-    for (fmt, quant), folder in ours.items():
+    for (fmt, quant, attention), folder in ours.items():
         session = open_export(folder, threads)
         rows.append({"tool": "hydraopt-mobile", "runtime": session.manifest.runtime, "quant": quant, "runner": session,
-                     "program_bytes": Manifest.read(folder).bytes_of("program"), "export": folder.name, "switchable": True})
+                     "program_bytes": Manifest.read(folder).bytes_of("program"), "export": folder.name, "switchable": True,
+                     "attention": attention, "export_phases_s": Manifest.read(folder).extra.get("phases_s")})
     et_pte = next((work / "optimum-executorch").glob("*.pte"), None)
     if et_pte is None:
         missing.append("optimum-executorch 8da4w: no .pte (the export did not finish)")
     else:
         runner = OptimumExecuTorch(et_pte, threads)
-        rows.append({"tool": "optimum-executorch", "runtime": "executorch", "quant": "8da4w", "runner": runner,
+        rows.append({"tool": "optimum-executorch", "runtime": "executorch", "quant": "8da4w", "runner": runner, "attention": "custom-ops",
                      "program_bytes": _file_bytes(et_pte), "export": et_pte.name, "switchable": False,
                      "interface": {"methods": sorted(runner.program.method_names), "forward_inputs": runner.forward.metadata.num_inputs()}})
     for quant in ("fp32", "int4"):
@@ -315,7 +325,9 @@ def _score(rows: list[dict], task: str, n_examples: int, scores_dir: Path) -> No
     eos = [tokenizer.eos_token_id]
     scores_dir.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        path = scores_dir / f"{row['tool']}-{row['runtime']}-{row['quant']}-{task}-{n_examples}.json"
+        # scores of our portable ExecuTorch program keep the name they had before attention was a choice
+        kind = "-custom-ops" if row["tool"] == "hydraopt-mobile" and row.get("attention") == "custom-ops" else ""
+        path = scores_dir / f"{row['tool']}-{row['runtime']}-{row['quant']}{kind}-{task}-{n_examples}.json"
         if not path.is_file():
             runner = row["runner"]
             if row["switchable"]:
@@ -325,6 +337,7 @@ def _score(rows: list[dict], task: str, n_examples: int, scores_dir: Path) -> No
             write_text_atomic(path, json.dumps({"texts": texts, "per_example": per_example(specs[task], texts, "test")}, indent=1))
             print(f"[vs_optimum] scored {path.stem} in {time.time() - t0:.0f} s", flush=True)
         row["per_example"] = json.loads(path.read_text())["per_example"]
+        row["texts"] = json.loads(path.read_text())["texts"]
         row["score"] = sum(row["per_example"]) / len(row["per_example"])
 
 
@@ -443,7 +456,8 @@ def _records(rows: list[dict], task: str) -> list[dict]:
     out = []
     for r in rows:
         ref = by_key.get(ref_quant.get((r["runtime"], r["quant"]), ("", ""))) if r["tool"] == "hydraopt-mobile" else None
-        rec = {k: r.get(k) for k in ("tool", "runtime", "quant", "decode_ms_per_token", "program_bytes", "score", "export", "switchable", "interface")}
+        rec = {k: r.get(k) for k in ("tool", "runtime", "quant", "attention", "decode_ms_per_token", "program_bytes", "score", "export",
+                                     "switchable", "interface", "export_phases_s")}
         rec.update({"task": task, "n_examples": len(r["per_example"]), "threads": 1, "runs_ms_per_token": r.get("runs_ms_per_token"),
                     "task_bytes": r["runner"].manifest.task_bytes(task) if r["switchable"] else 0})
         if ref is not None:
@@ -454,6 +468,14 @@ def _records(rows: list[dict], task: str) -> list[dict]:
                 "bytes_ratio_vs_optimum": r["program_bytes"] / ref["program_bytes"],
                 "score_drop_vs_optimum": drop["drop_points"], "score_drop_vs_optimum_ci95": drop["drop_points_ci95"],
             })
+        portable = next((p for p in rows if p["tool"] == "hydraopt-mobile" and p["runtime"] == r["runtime"] and p["quant"] == r["quant"]
+                         and p.get("attention") == "portable"), None)
+        if r["tool"] == "hydraopt-mobile" and r.get("attention") == "custom-ops" and portable is not None:
+            drop = paired_drop({task: portable["per_example"]}, {task: r["per_example"]})
+            rec.update({"score_drop_vs_portable": drop["drop_points"], "score_drop_vs_portable_ci95": drop["drop_points_ci95"],
+                        "answers_differing_from_portable": sum(a != b for a, b in zip(portable["texts"], r["texts"])),
+                        "decode_ratio_vs_portable": r["decode_ms_per_token"] / portable["decode_ms_per_token"]
+                        if r.get("decode_ms_per_token") and portable.get("decode_ms_per_token") else None})
         out.append(rec)
     return out
 
@@ -462,13 +484,21 @@ def _markdown(records: list[dict], notes: dict) -> str:
     lines = ["# Our switchable exports vs what users would export instead (optimum-executorch, optimum-onnx)", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
     lines += ["", "Target (issue 15): our switchable 4-bit ExecuTorch export decodes within 10 % of optimum-executorch's merged 4-bit export.", ""]
-    rows = [[r["tool"], r["runtime"], r["quant"], "yes" if r["switchable"] else "no (task merged)",
+    rows = [[r["tool"], r["runtime"], r["quant"], r.get("attention") or "-", "yes" if r["switchable"] else "no (task merged)",
              r["decode_ms_per_token"], None if r.get("decode_ratio_vs_optimum") is None else f"{r['decode_ratio_vs_optimum']:.3f} vs {r['vs']}",
              f"{r['program_bytes'] / 1e6:.1f}", f"{r['task_bytes'] / 1e3:.0f}" if r["task_bytes"] else "-", r["score"],
              None if r.get("score_drop_vs_optimum") is None else f"{r['score_drop_vs_optimum']:+.1f} [{r['score_drop_vs_optimum_ci95'][0]:+.1f}, {r['score_drop_vs_optimum_ci95'][1]:+.1f}]"]
             for r in records]
-    lines += markdown_table(["tool", "runtime", "quant", "switchable", "decode ms/token", "decode ratio", "MB program", "kB task file",
-                             f"score ({records[0]['task']}, n={records[0]['n_examples']})", "score drop vs optimum [95 % CI]"], rows, "llllrlrrrl")
+    lines += markdown_table(["tool", "runtime", "quant", "ExecuTorch attention", "switchable", "decode ms/token", "decode ratio", "MB program",
+                             "kB task file", f"score ({records[0]['task']}, n={records[0]['n_examples']})", "score drop vs optimum [95 % CI]"],
+                            rows, "lllllrlrrrl")
+    for r in records:
+        if r.get("score_drop_vs_portable") is not None:
+            lo, hi = r["score_drop_vs_portable_ci95"]
+            ratio = "" if r.get("decode_ratio_vs_portable") is None else f", decode {r['decode_ratio_vs_portable']:.3f}x"
+            lines += ["", f"Our {r['runtime']} {r['quant']} custom-ops vs the same export with portable attention: score drop "
+                          f"{r['score_drop_vs_portable']:+.1f} [{lo:+.1f}, {hi:+.1f}] (95 % paired bootstrap), "
+                          f"{r['answers_differing_from_portable']} of {r['n_examples']} answers differ{ratio}."]
     return "\n".join(lines) + "\n"
 
 
@@ -501,9 +531,9 @@ def main() -> None:
         return
     lock_fd = os.open(args.lock, os.O_RDONLY) if args.lock else None
     if args.stage == "profile":
-        ours = args.work / "ours-executorch-8da4w"
-        ptes = {"hydraopt-mobile 8da4w (switchable)": ours / Manifest.read(ours).entry("program").path,
-                "optimum-executorch 8da4w (task merged)": next((args.work / "optimum-executorch").glob("*.pte"))}
+        ours = {a: args.work / f"ours-executorch-8da4w-{a}" for a in ET_ATTENTIONS}
+        ptes = {f"hydraopt-mobile 8da4w (switchable, {a} attention)": f / Manifest.read(f).entry("program").path for a, f in ours.items()}
+        ptes["optimum-executorch 8da4w (task merged)"] = next((args.work / "optimum-executorch").glob("*.pte"))
         with _held(lock_fd, fcntl.LOCK_EX) as waited:
             load_start = os.getloadavg()
             for pte in ptes.values():
@@ -547,7 +577,10 @@ def main() -> None:
                     "on the same examples, 95 % paired bootstrap",
         "timing": None if args.no_timing else f"ms/token over {args.tokens} decode steps after a 16-token prefill, exports taking turns, "
                   f"median of {args.rounds} rounds, 1 thread, {platform.machine()} 2 cores",
-        "our_executorch_signature": f"{ET_SLOTS} (the cached program of benchmarks/export_reuse.py; the rank-8 adapters are zero-padded)",
+        "our_executorch_signature": f"{ET_SLOTS} (the rank-8 adapters are zero-padded)",
+        "our_executorch_attention": "custom-ops: ExecuTorch's llama::update_cache + llama::custom_sdpa kernels (the default); portable: "
+                                    "transformers' static cache and SDPA as aten ops (runtimes without the LLM custom ops); "
+                                    "exporters/et_attention.py; export_phases_s: each export's lowering phases (s) when it was made",
         "timing_conditions": timing,
         "missing": missing or None,
         "program_bytes": "the program file(s) the runtime loads; ours also read the active task's bank file (task_bytes) and the tokenizer",

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
+from exporters.et_attention import ATTENTIONS, DEFAULT_ATTENTION, register_custom_ops, use_custom_ops
 from exporters.targets.device_runner import TaskSlots
 from hydraopt_mobile.errors import UserError
 
@@ -88,16 +89,24 @@ PROGRAM = "model.pte"
 PREFIX = "model.model."  # where the Hugging Face model sits inside ExecuTorchDecoder
 
 
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTIONS:
+        raise UserError(f"--attention {attention!r}: one of " + "; ".join(f"{k} ({v})" for k, v in ATTENTIONS.items()))
+
+
 class ExecuTorchDecoder(nn.Module):
     """Static-cache decoder whose switchable LoRA buffers are mutable state."""
 
-    def __init__(self, hf_model: nn.Module, slots: list[str], max_cache_len: int) -> None:
+    def __init__(self, hf_model: nn.Module, slots: list[str], max_cache_len: int, attention: str = DEFAULT_ATTENTION) -> None:
         super().__init__()
         from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
+        check_attention(attention)
         hf_model.generation_config.use_cache = True
         hf_model.generation_config.cache_implementation = "static"
         self.model = TorchExportableModuleWithStaticCache(hf_model, batch_size=1, max_cache_len=max_cache_len)
+        if attention == "custom-ops":
+            use_custom_ops(self.model)
         self.slots = slots
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
@@ -186,10 +195,11 @@ def shallow_provenance() -> Iterator[None]:
 
 def export_program(
     hf_model: nn.Module, slots: dict[str, tuple[int, int]], folder: Path, quant: str, max_cache_len: int,
-    phases: dict[str, float], fast: bool = True,
+    phases: dict[str, float], fast: bool = True, attention: str = DEFAULT_ATTENTION,
 ) -> Path:
     """Lower ``hf_model`` (already wrapped with LoRA slots) to ``folder/model.pte``, adding each
-    phase's seconds to ``phases``. ``fast``: lower under :func:`shallow_provenance`."""
+    phase's seconds to ``phases``. ``fast``: lower under :func:`shallow_provenance`.
+    ``attention``: :data:`exporters.et_attention.ATTENTIONS`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -203,7 +213,7 @@ def export_program(
 
     with phase("quantize"):
         quantize(hf_model, quant)
-    decoder = ExecuTorchDecoder(hf_model, list(slots), max_cache_len).eval()
+    decoder = ExecuTorchDecoder(hf_model, list(slots), max_cache_len, attention).eval()
     ids = torch.zeros(1, 4, dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=max_cache_len)
     with torch.no_grad(), phase("torch_export"):
@@ -237,13 +247,16 @@ def export_program(
 
 class ExecuTorchSession(Session):
     """ExecuTorch's Python runtime on ``model.pte``: ``set_task`` runs the program's ``set_slots``
-    method with the task's decoded slots."""
+    method with the task's decoded slots. A ``custom-ops`` program (the manifest's
+    ``model.attention``) gets ExecuTorch's LLM kernels registered before it loads."""
 
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
+        if self.manifest.model.get("attention", "portable") == "custom-ops":
+            register_custom_ops()
         _unsafe_reset_threadpool(threads)
         self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
         self.forward = self.program.load_method("forward")
@@ -278,7 +291,8 @@ class ExecuTorchBackend:
     program_file = PROGRAM
 
     def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
-        return {"program": export_program(model, spec.slots, folder, spec.quant, spec.max_cache_len, phases).name}
+        return {"program": export_program(model, spec.slots, folder, spec.quant, spec.max_cache_len, phases,
+                                          attention=spec.attention).name}
 
     def open_session(self, folder: Path, threads: int = 1) -> ExecuTorchSession:
         return ExecuTorchSession(folder, threads)

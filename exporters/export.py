@@ -160,6 +160,7 @@ def export_bank(
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
     slots: str | dict[str, int] | None = None,
     use_cache: bool = True,
+    attention: str | None = None,
 ) -> Path:
     """Export a bank for ``fmt`` (a back end of ``exporters.registry.BACKENDS``: ``executorch`` or
     ``onnx``) with the base model in ``model_dir``.
@@ -172,9 +173,20 @@ def export_bank(
     task's effective adapter into the base weights (the "one fully merged model per task"
     deployment, used as the latency and bytes reference); the export then serves only that task,
     its program is never cached, and its bank files are only the reference for ``bench``.
+    ``attention``: ExecuTorch only, which attention kernels the program uses
+    (``exporters/et_attention.py``: ``custom-ops``, the default, or ``portable`` for runtimes built
+    without ExecuTorch's LLM custom ops); recorded as the manifest's ``model.attention``.
     """
     backend = backend_for(fmt)
     check_quant(backend, quant)
+    if backend.runtime == "executorch":
+        from exporters.et_attention import DEFAULT_ATTENTION
+        from exporters.executorch_backend import check_attention
+
+        attention = attention or DEFAULT_ATTENTION
+        check_attention(attention)
+    elif attention is not None:
+        raise UserError(f"--attention {attention!r}: only ExecuTorch exports have a choice of attention kernels")
     bank = _load_bank(bank_or_path)
     for task in bank.tasks:  # they become file names (a bundle's were checked when it was read)
         problem = task_name_problem(task)
@@ -193,6 +205,8 @@ def export_bank(
         model = load_causal_lm(model_dir)
         check_base_model(bank, model)
         info = _model_info(model, max_cache_len)
+        if attention is not None:
+            info["attention"] = attention
         if merged_task is not None:
             merge_into(model, bank.task_factors(merged_task))
             signature: dict[str, int] = {}
@@ -201,11 +215,12 @@ def export_bank(
             check_fits(bank, signature)
         shapes = attach_slots(model, signature)
         cached = use_cache and merged_task is None
-        key = program_key(model_dir, backend.runtime, quant, max_cache_len, signature) if cached else None
-        fp32_key = program_key(model_dir, backend.runtime, "fp32", max_cache_len, signature) if cached else None
+        key = program_key(model_dir, backend.runtime, quant, max_cache_len, signature, attention) if cached else None
+        fp32_key = program_key(model_dir, backend.runtime, "fp32", max_cache_len, signature, attention) if cached else None
         load_s = time.perf_counter() - t0
         bar.update(step, description=f"export {fmt}/{quant}: program (cached, or lowered: ExecuTorch XNNPACK takes minutes)")
-        program, how = _program(backend, model, ProgramSpec(shapes, quant, max_cache_len), folder, key, fp32_key)
+        spec = ProgramSpec(shapes, quant, max_cache_len, **({"attention": attention} if attention else {}))
+        program, how = _program(backend, model, spec, folder, key, fp32_key)
         files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in program.items()]
         bar.update(step, description=f"export {fmt}/{quant}: bank files")
         (folder / "bank").mkdir()

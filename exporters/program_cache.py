@@ -50,12 +50,16 @@ def _tool_versions() -> dict[str, str | None]:
     return out
 
 
-def program_key(model_dir: Path, runtime: str, quant: str, max_cache_len: int, signature: dict[str, int]) -> tuple[str, dict]:
-    """(hex key, what it hashes) of the program for these inputs."""
+def program_key(model_dir: Path, runtime: str, quant: str, max_cache_len: int, signature: dict[str, int],
+                attention: str | None = None) -> tuple[str, dict]:
+    """(hex key, what it hashes) of the program for these inputs. ``attention``: the ExecuTorch
+    program's attention kernels (``exporters/et_attention.py``), None for runtimes without a choice."""
     what = {
         "format": PROGRAM_FORMAT, "base_model": model_fingerprint(model_dir), "runtime": runtime, "quant": quant,
         "max_cache_len": max_cache_len, "signature": signature, "tools": _tool_versions(),
     }
+    if attention is not None:
+        what["attention"] = attention
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32], what
 
 

@@ -103,3 +103,41 @@ def test_shallow_provenance_lowering_writes_the_same_program(tiny_dir, tmp_path)
         (tmp_path / str(fast)).mkdir()
         digests.append(export_program(model, slots, tmp_path / str(fast), "fp32", 16, {}, fast=fast).read_bytes())
     assert digests[0] == digests[1]
+
+
+def _forward_ops(program_path) -> list[str]:
+    """Operator names of the program's ``forward`` method (what ExecuTorch runs outside XNNPACK)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(program_path.read_bytes())
+    plan = next(p for p in getattr(program, "program", program).execution_plan if p.name == "forward")
+    return sorted({op.name for op in plan.operators})
+
+
+def test_custom_ops_attention_lowers_to_executorch_llm_kernels_and_matches_portable(tiny_dir, bank, tmp_path):
+    """The default ExecuTorch attention (exporters/et_attention.py) writes the cache with
+    llama::update_cache and attends with llama::custom_sdpa: no index_put (the static cache write)
+    and no expand_copy (the GQA repeat over the whole cache) left in ``forward``; ``portable`` keeps
+    transformers' ops. Both give the same logits (prefill, then decode) for every task."""
+    made = {a: export_bank(bank, tiny_dir, "executorch", "fp32", tmp_path / a, max_cache_len=32, attention=a, use_cache=False)
+            for a in ("custom-ops", "portable")}
+    ops = {a: _forward_ops(f / Manifest.read(f).entry("program").path) for a, f in made.items()}
+    assert {"llama::custom_sdpa", "llama::update_cache"} <= set(ops["custom-ops"]), ops["custom-ops"]
+    assert not {"aten::index_put", "aten::expand_copy", "aten::where"} & set(ops["custom-ops"]), ops["custom-ops"]
+    assert {"aten::index_put", "aten::expand_copy"} <= set(ops["portable"]), ops["portable"]  # what the kernels replace
+    assert not any(op.startswith("llama::") for op in ops["portable"])
+    assert [Manifest.read(f).model["attention"] for f in made.values()] == ["custom-ops", "portable"]
+    outs = {a: _outputs(f) for a, f in made.items()}
+    for task, got, want in zip(TASKS, outs["custom-ops"], outs["portable"]):
+        assert np.abs(got - want).max() < 1e-4, f"task {task}: custom-ops vs portable max logit difference"
+
+
+def test_attention_is_part_of_the_program_key_and_refused_elsewhere(tiny_dir, tmp_path):
+    from exporters.program_cache import program_key
+
+    keys = {a: program_key(tiny_dir, "executorch", "8da4w", 32, {"q_proj": 4}, a)[0] for a in ("custom-ops", "portable")}
+    assert keys["custom-ops"] != keys["portable"]
+    with pytest.raises(UserError, match="only ExecuTorch"):
+        export_bank(make_bank(), tiny_dir, "onnx", "fp32", tmp_path / "onnx", attention="portable")
+    with pytest.raises(UserError, match="--attention 'flash'"):
+        export_bank(make_bank(), tiny_dir, "executorch", "fp32", tmp_path / "et", attention="flash")

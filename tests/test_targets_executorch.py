@@ -2,7 +2,9 @@
 qemu-aarch64) against the host's ExecuTorch, and teacher-forced scoring on both runtimes.
 
 Pins that the op sets the host's exporter writes (ExecuTorch 1.5.1: XNNPACK delegate, fp32 and
-8da4w, plus the portable ops of ``set_slots`` and the static KV cache) load and run on the older
+8da4w, plus the portable ops of ``set_slots`` and ExecuTorch's LLM kernels of the default
+``custom-ops`` attention, ``llama::update_cache`` and ``llama::custom_sdpa``, which the runner
+registers from the 1.1.0 wheel's own ``libcustom_ops_aot_lib``) load and run on the older
 runtime used on the target, that ``set_slots`` switches tasks there (alpha -> beta -> alpha, back
 bit-identical) and that the outputs equal the host's within the target's tolerance (observed
 <= 5e-7 for both quantisations: the same XNNPACK kernels' fp32 arithmetic in another order).
@@ -21,6 +23,7 @@ import shutil
 import numpy as np
 import pytest
 
+from exporters.manifest import Manifest
 from exporters.targets.registry import get_target
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, ready_target, run_pair
 from test_targets import ready_target as setup_target
@@ -49,6 +52,7 @@ def pytorch_argmax(tiny: dict, task: str, prompt: list[int], answer: list[int]) 
 
 
 def test_executorch_8da4w_on_arm64_equals_host_and_switches_back(arm64, tiny):
+    assert Manifest.read(tiny["et-8da4w"]).model["attention"] == "custom-ops"  # the LLM kernels run on the target
     on_arm, on_host = run_pair("arm64-cpu", tiny["et-8da4w"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW)
     d = on_arm.data
     assert d["machine"] == "aarch64" and d["latency_kind"] == "emulated" and d["scoring"] == "generated"

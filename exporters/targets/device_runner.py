@@ -594,17 +594,40 @@ def executorch_bindings():
     raise Refused("no ExecuTorch bindings (executorch.extension.pybindings._C or _portable_lib) in this Python")
 
 
+def load_llm_custom_ops() -> str:
+    """Register ExecuTorch's LLM kernels (``llama::update_cache``, ``llama::custom_sdpa``: the
+    ``custom-ops`` attention of ``exporters/et_attention.py``) by loading the wheel's
+    ``libcustom_ops_aot_lib`` directly: ``executorch.extension.llm.custom_ops.custom_ops``, which
+    does the same, also imports torch's compiler (inductor). Returns the library's path."""
+    import glob
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("executorch")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    libs = [p for root in roots for p in glob.glob(os.path.join(root, "extension", "llm", "custom_ops", "*custom_ops_aot_lib.*"))]
+    if not libs:
+        raise Refused("this ExecuTorch has no LLM custom-ops library (libcustom_ops_aot_lib), which the export's "
+                      "custom-ops attention needs: export with --attention portable for this runtime")
+    torch.ops.load_library(libs[0])
+    return libs[0]
+
+
 class ExecuTorchProgram:
     """One ``.pte`` through ``_load_program`` (what ``executorch.runtime.Runtime.load_program`` calls):
     the methods of one program share their memory arenas, so ``set_slots``'s writes reach ``forward``.
-    (``_load_for_executorch``, the older module API, gives each method its own copy: no switch.)"""
+    (``_load_for_executorch``, the older module API, gives each method its own copy: no switch.)
+    ``custom_ops``: register ExecuTorch's LLM kernels first (:func:`load_llm_custom_ops`)."""
 
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, custom_ops: bool = False) -> None:
         import importlib.metadata
 
         import torch
 
         et = executorch_bindings()
+        if custom_ops:
+            load_llm_custom_ops()
         et._unsafe_reset_threadpool(threads)
         self.torch = torch
         self.name = f"executorch {importlib.metadata.version('executorch')} (torch {torch.__version__}, XNNPACK)"
@@ -626,7 +649,8 @@ class EtRunner(Runner):
 
         self.np, self.export, self.threads = np, export, threads
         t0 = time.perf_counter()
-        rt = ExecuTorchProgram(os.path.join(export.folder, export.entry("program")["path"]), threads)
+        rt = ExecuTorchProgram(os.path.join(export.folder, export.entry("program")["path"]), threads,
+                               custom_ops=export.model.get("attention", "portable") == "custom-ops")
         self.runtime = rt.name
         self.forward = rt.method("forward")
         self.setter = rt.method("set_slots") if export.switchable else None

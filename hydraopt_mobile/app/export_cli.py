@@ -38,6 +38,11 @@ def export(
         "default: the bank's own modules and ranks",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="lower the program even if a cached one has the same signature"),
+    attention: Optional[str] = typer.Option(
+        None, "--attention",
+        help="ExecuTorch only: custom-ops (default: ExecuTorch's llama::update_cache and llama::custom_sdpa kernels, "
+        "fast decode; the runtime needs ExecuTorch's LLM custom ops) | portable (standard aten ops, any ExecuTorch runtime)",
+    ),
 ) -> None:
     """Export a bundle: a program (cached by base model, quant and slot signature, reused when they
     match) plus the bank's own files as the data a device loads (shared once, a task's on a switch)."""
@@ -49,7 +54,7 @@ def export(
         model = base_model_dir()
     try:
         path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task,
-                           max_cache_len=max_cache_len, slots=slots, use_cache=not no_cache)
+                           max_cache_len=max_cache_len, slots=slots, use_cache=not no_cache, attention=attention)
     except (UserError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2)
