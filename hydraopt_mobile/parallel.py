@@ -78,12 +78,15 @@ def map_in_order(items: list[K], load: Callable[[K], V], work: Callable[[int, K,
     thread; ``load`` also runs in the calling thread (reading inputs), ``work`` on as many threads
     as the caller gave torch. At most one item per thread plus one is loaded at a time, so memory
     stays at a few items' working sets."""
+    def finish(i: int, item: K, loaded: V, result: R) -> None:
+        then(i, item, loaded, result)
+        _release_freed_memory()
+
     with one_thread_per_op() as workers:
         if workers <= 1 or len(items) < 2:
             for i, item in enumerate(items):
                 loaded = load(item)
-                then(i, item, loaded, work(i, item, loaded))
-                _release_freed_memory()
+                finish(i, item, loaded, work(i, item, loaded))
             return
         pending: deque[tuple[int, K, V, Future[R]]] = deque()
         with ThreadPoolExecutor(workers, thread_name_prefix="hydraopt-module", initializer=torch.set_num_threads, initargs=(1,)) as pool:  # MKL keeps a count per thread: a new thread would run LAPACK (geqrf) on its default
@@ -91,14 +94,9 @@ def map_in_order(items: list[K], load: Callable[[K], V], work: Callable[[int, K,
                 for i, item in enumerate(items):
                     loaded = load(item)
                     pending.append((i, item, loaded, pool.submit(work, i, item, loaded)))
-                    if len(pending) > workers:
+                    while len(pending) > workers or (pending and i == len(items) - 1):
                         j, done_item, done_loaded, future = pending.popleft()
-                        then(j, done_item, done_loaded, future.result())
-                        _release_freed_memory()
-                while pending:
-                    j, done_item, done_loaded, future = pending.popleft()
-                    then(j, done_item, done_loaded, future.result())
-                    _release_freed_memory()
+                        finish(j, done_item, done_loaded, future.result())
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
