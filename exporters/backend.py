@@ -132,7 +132,7 @@ class ProgramSpec:
     slots: dict[str, tuple[int, int]]  # slot -> shape, as :func:`exporters.slots.attach_slots` returns
     quant: str  # one of the back end's ``quants``
     max_cache_len: int  # static KV cache length (back ends with a dynamic cache ignore it)
-    attention: str = "custom-ops"  # ExecuTorch's attention kernels (exporters/et_attention.py); others ignore it
+    attention: str | None = None  # ExecuTorch's attention kernels (exporters/et_attention.py; None: the default); others ignore it
 
 
 class Backend(Protocol):

@@ -292,7 +292,7 @@ class ExecuTorchBackend:
 
     def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
         return {"program": export_program(model, spec.slots, folder, spec.quant, spec.max_cache_len, phases,
-                                          attention=spec.attention).name}
+                                          attention=spec.attention or DEFAULT_ATTENTION).name}
 
     def open_session(self, folder: Path, threads: int = 1) -> ExecuTorchSession:
         return ExecuTorchSession(folder, threads)

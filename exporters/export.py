@@ -219,8 +219,7 @@ def export_bank(
         fp32_key = program_key(model_dir, backend.runtime, "fp32", max_cache_len, signature, attention) if cached else None
         load_s = time.perf_counter() - t0
         bar.update(step, description=f"export {fmt}/{quant}: program (cached, or lowered: ExecuTorch XNNPACK takes minutes)")
-        spec = ProgramSpec(shapes, quant, max_cache_len, **({"attention": attention} if attention else {}))
-        program, how = _program(backend, model, spec, folder, key, fp32_key)
+        program, how = _program(backend, model, ProgramSpec(shapes, quant, max_cache_len, attention), folder, key, fp32_key)
         files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in program.items()]
         bar.update(step, description=f"export {fmt}/{quant}: bank files")
         (folder / "bank").mkdir()

@@ -369,11 +369,11 @@ def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, f
     """Quantise A^ (or take ``stored``, ``sol``'s A's as :func:`stored_A` gives them), re-fit B^ to
     the stored A^, quantise B^. Returns the module and the per-task weighted squared errors of
     exactly what is stored (the stored A^'s parts outside span(Q) included, :func:`_stored_products`)."""
+    w = weights.to(DTYPE)
     a = stored if stored is not None else stored_A(fm, sol, fmt)
-    B = _fit_B(fm, weights.to(DTYPE), sol, a)
-    B_st, Bq = StoredFactor.encode_stack(B, fmt, transposed=True)
+    B_st, Bq = StoredFactor.encode_stack(_fit_B(fm, w, sol, a), fmt, transposed=True)
     module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=a.factors, B=B_st)
-    return module, _errors(fm, weights.to(DTYPE), a.cross, a.gram, a.index, Bq[sol.b_index])
+    return module, _errors(fm, w, a.cross, a.gram, a.index, Bq[sol.b_index])
 
 
 def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA) -> torch.Tensor:
