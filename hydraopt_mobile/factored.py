@@ -48,14 +48,23 @@ def factored_sq_error(target: LoraFactors, approx: LoraFactors) -> float:
 
 def _stacked(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, r, d_in) A's and (T, d_out, r) B's, ranks zero-padded to the largest."""
-    d_out, d_in = factors[0].shape
-    r = max(max(f.rank for f in factors), 1)
-    A = torch.zeros(len(factors), r, d_in, dtype=DTYPE)
-    B = torch.zeros(len(factors), d_out, r, dtype=DTYPE)
+    d_in = factors[0].shape[1]
+    A = torch.zeros(len(factors), _padded_rank(factors), d_in, dtype=DTYPE)
     for t, f in enumerate(factors):
         A[t, : f.rank] = f.A.to(DTYPE)
+    return A, stacked_B(factors)
+
+
+def stacked_B(factors: list[LoraFactors]) -> torch.Tensor:
+    """(T, d_out, r) B's, ranks zero-padded to the largest: ``factor_space(factors).B``."""
+    B = torch.zeros(len(factors), factors[0].shape[0], _padded_rank(factors), dtype=DTYPE)
+    for t, f in enumerate(factors):
         B[t, :, : f.rank] = f.B.to(DTYPE)
-    return A, B
+    return B
+
+
+def _padded_rank(factors: list[LoraFactors]) -> int:
+    return max(max(f.rank for f in factors), 1)
 
 
 def sq_errors(targets: list[LoraFactors], approx: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:

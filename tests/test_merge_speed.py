@@ -12,9 +12,10 @@ from hydraopt_mobile.calibration import identity
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.candidates import _priced, _priced_factors
+from hydraopt_mobile.merge.candidates import HydraOptConfig, _priced, _priced_factors, build_modules, plan_candidates
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets, merge_to_bundles
 from hydraopt_mobile.merge.solver import fit_stored, input_space_A, solve_layout, stored_A
+from hydraopt_mobile.merge.spill import StoredASpill
 from hydraopt_mobile.storage import factor_specs, header_bytes, TensorSpec
 
 
@@ -176,16 +177,46 @@ def test_merge_bytes_do_not_depend_on_the_thread_count(make_adapters, tmp_path):
 
 
 def test_a_merges_recorded_errors_are_the_banks_own(make_adapters):
-    """The relative errors a merge records from its module workers (MergedModule.sq_errors) equal
-    the bank's errors recomputed from its stored factors against the same adapters; a copy made
-    with replace() (as bundle writing does when it reorders tasks) does not carry them."""
+    """The relative errors a merge records from its module workers (MergedModule.sq_errors: for
+    modules built from the first pass's stored A's, the fit's own errors in the factored space)
+    equal the bank's errors recomputed from its stored factors against the same adapters, to float32
+    rounding; a copy made with replace() (as bundle writing does when it reorders tasks) does not carry them."""
     import dataclasses
 
     adapters = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=5, rank=4, noise=0.3)])
     for method in ("hydraopt", "compeft"):
         bank = merge_budgets(adapters, MergeConfig(method), [Budget(fraction=0.3)])[0]
         assert bank.measured_relative_errors() is not None
-        assert bank.rel_errors == bank.relative_errors(adapters)
+        assert bank.rel_errors == pytest.approx(bank.relative_errors(adapters), rel=1e-5)
         assert max(bank.rel_errors.values()) > 0
         module = next(iter(bank.modules.values()))
         assert dataclasses.replace(module, a_index=list(module.a_index)).sq_errors is None
+
+
+def test_modules_built_from_the_spilled_A_are_the_rebuilt_ones(make_adapters, tmp_path):
+    """The build pass takes each chosen candidate's encoded A's from the file the candidate pass
+    left (spill.py) instead of rebuilding the factored space: for every candidate the planner
+    measured (each as the choice of one plan), the module is the rebuilt one, byte for byte, and its
+    recorded errors equal the recomputed ones to float32 rounding."""
+    adapters = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=6, rank=8, noise=0.3, hidden=256, kv=64)])
+    cfg = HydraOptConfig(formats=tuple(NumberFormat.parse(f) for f in ("int4-g32", "int8", "fp16")))
+    (tmp_path / "spill").mkdir()
+    spill = StoredASpill(tmp_path / "spill")
+    candidates = plan_candidates(adapters, cfg, spill=spill)
+    assert len(list((tmp_path / "spill").iterdir())) == len(adapters.module_names)
+    n = max(len(c) for c in candidates.values())
+    plans = [{name: cands[min(i, len(cands) - 1)] for name, cands in candidates.items()} for i in range(n)]
+    spilled, rebuilt = build_modules(adapters, cfg, plans, spill=spill), build_modules(adapters, cfg, plans)
+    closed_forms = from_fit = 0
+    for plan, a, b in zip(plans, spilled, rebuilt, strict=True):
+        for name, chosen in plan.items():
+            x, y = a[name], b[name]
+            closed_forms += chosen.rank > 0
+            from_fit += not torch.equal(x.sq_errors[0], y.sq_errors[0])  # the fit's errors, not recomputed: built from the spill
+            assert (x.shape, x.a_index, x.b_index) == (y.shape, y.a_index, y.b_index)
+            for f, g in zip(x.A + x.B, y.A + y.B, strict=True):
+                assert (f.fmt, f.shape, f.transposed) == (g.fmt, g.shape, g.transposed)
+                assert f.data.keys() == g.data.keys() and all(torch.equal(f.data[k], g.data[k]) for k in f.data)
+            assert torch.allclose(x.sq_errors[0], y.sq_errors[0], rtol=1e-4, atol=1e-6 * float(y.sq_errors[1].max()))
+            assert torch.allclose(x.sq_errors[1], y.sq_errors[1], rtol=1e-5)
+    assert closed_forms > 2 * len(adapters.module_names) and from_fit > len(adapters.module_names)

@@ -12,13 +12,14 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.bank import MergedModule, with_sq_errors
 from hydraopt_mobile.calibration import Calibration, ModuleMoments
-from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm, whitened
+from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm, stacked_B, whitened
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
 from hydraopt_mobile.merge.grouping import cluster
 from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
-from hydraopt_mobile.merge.solver import LayoutSolution, StoredA, closed_form_errors, fit_stored, quantisation_noise, row_spaces, solve_layout, stored_A, stored_error, stored_errors
+from hydraopt_mobile.merge.solver import LayoutSolution, StoredA, closed_form_errors, fit_stored, fit_to_stored, quantisation_noise, row_spaces, solve_layout, stored_A, stored_error, stored_errors
+from hydraopt_mobile.merge.spill import StoredASpill
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
 from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
 
@@ -99,7 +100,7 @@ class ModuleCandidates:
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._solutions: dict[tuple[int, int, int, bool], LayoutSolution] = {}
-        self._stored_a: dict[tuple[int, int, str, int], StoredA] = {}
+        self.stored_a: dict[tuple[int, int, str, int], StoredA] = {}  # closed forms' A's as encoded (_stored), by (k_A, k_B, format, rank)
         r_max, q = max(f.rank for f in factors), self.fm.q
         top = r_max if cfg.per_task else round(cfg.max_rank_multiplier * r_max)
         ranks = [cfg.rank] if cfg.rank else list(range(1, max(1, min(q, top)) + 1))
@@ -220,9 +221,9 @@ class ModuleCandidates:
         if self.fm.S is not None or not (c.k_a == 1 or c.k_b == self.fm.n_tasks) or c.a_rows < c.rank:
             return stored_A(self.fm, sol, fmt)
         key = (c.k_a, c.k_b, c.fmt, c.a_rows)
-        if key not in self._stored_a:
-            self._stored_a[key] = stored_A(self.fm, self._solve(c.k_a, c.k_b, c.a_rows), fmt)
-        return self._stored_a[key].leading(c.rank, factors)
+        if key not in self.stored_a:
+            self.stored_a[key] = stored_A(self.fm, self._solve(c.k_a, c.k_b, c.a_rows), fmt)
+        return self.stored_a[key].leading(c.rank, factors)
 
 
 def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
@@ -245,27 +246,53 @@ def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat,
     return count * nbytes + entries * extra_digits, count * entries
 
 
-def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None) -> dict[str, list[Candidate]]:
+def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None, spill: StoredASpill | None = None) -> dict[str, list[Candidate]]:
     """Every module's candidates (reusable across budgets); the first of two passes over the modules
     for ``on_step``. Module state is dropped after each module, so memory stays at one module's
-    factored space."""
+    factored space; the encoded A's :func:`build_modules` may need go to ``spill`` (spill.py)."""
     w = task_weights(adapters, cfg.calibration)
-    return each_module(adapters, lambda m, name, factors: ModuleCandidates(factors, w, cfg, m, cfg.moments(name)).candidates(), on_step, passes=2)
+
+    def plan(m: int, name: str, factors: list[LoraFactors]) -> list[Candidate]:
+        module = ModuleCandidates(factors, w, cfg, m, cfg.moments(name))
+        out = module.candidates()
+        if spill is not None and module.stored_a:
+            spill.put(m, module.fm.sq_norms, module.stored_a)
+        return out
+
+    return each_module(adapters, plan, on_step, passes=2)
 
 
-def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, keep: ModuleSink | None = None) -> list[dict[str, MergedModule]]:
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, keep: ModuleSink | None = None, spill: StoredASpill | None = None) -> list[dict[str, MergedModule]]:
     """For each plan, the modules it chose; the second of two passes over the modules for
-    ``on_step``. Each module's factored space is rebuilt once (cheaper than keeping every module's
-    in memory) and serves all plans. ``keep(plan index, name, factors, module)``: each built
-    module is handed over at once (in the calling thread, in module order), and what it returns is kept."""
+    ``on_step``. A chosen candidate whose A's the first pass left in ``spill`` is built from them
+    (B's fitted to them, :func:`fit_to_stored`: the module :meth:`ModuleCandidates.build` gives,
+    without the factored space); the inputs as they are need no factored space either; otherwise
+    the module's factored space is rebuilt once (cheaper than keeping every module's in memory)
+    and serves all plans. ``keep(plan index, name, factors, module)``: each built module is handed
+    over at once (in the calling thread, in module order), and what it returns is kept."""
     w = task_weights(adapters, cfg.calibration)
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
-        module = ModuleCandidates(factors, w, cfg, m, cfg.moments(name))
+        spilled = spill.get(m) if spill is not None else None
+        module: ModuleCandidates | None = None
+        B: torch.Tensor | None = None
         built: dict[tuple, MergedModule] = {}
         for chosen in plans:
-            if chosen[name].spec not in built:
-                built[chosen[name].spec] = with_sq_errors(factors, module.build(chosen[name]))
+            c = chosen[name]
+            if c.spec in built:
+                continue
+            key = (c.k_a, c.k_b, c.fmt, c.a_rows)
+            if c.rank != AS_IS and spilled is not None and key in spilled[1] and c.groups is not None:
+                B = stacked_B(factors) if B is None else B
+                sq_norms = spilled[0]
+                out, err = fit_to_stored(B, sq_norms, w, list(c.groups[0]), list(c.groups[1]), NumberFormat.parse(c.fmt), spilled[1][key].leading(c.rank))
+                out.sq_errors = (err.double() / w, sq_norms.double())  # data-free: w_t ||dW_t - dW^_t||^2, the errors module_sq_errors recomputes
+            elif c.rank == AS_IS:
+                out = with_sq_errors(factors, as_is(factors, NumberFormat.parse(c.fmt)))
+            else:
+                module = ModuleCandidates(factors, w, cfg, m, cfg.moments(name)) if module is None else module
+                out = with_sq_errors(factors, module.build(c))
+            built[c.spec] = out
         return [built[chosen[name].spec] for chosen in plans]
 
     def kept(m: int, name: str, factors: list[LoraFactors], out: list[MergedModule]) -> list[MergedModule]:

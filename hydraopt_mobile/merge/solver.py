@@ -153,14 +153,14 @@ def _truncate(rows: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
     return out
 
 
-def _errors(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], Bh: torch.Tensor) -> torch.Tensor:
+def _errors(B: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], Bh: torch.Tensor) -> torch.Tensor:
     """Per-task ``w_t ||B_t A_t - B^ A^||^2 = w_t (||dW_t||^2 - 2 tr((B_t^T B^) (A_t A^^T)) +
-    tr((B^^T B^) (A^ A^^T)))`` from ``cross[t] = A_t A^_{a(t)}^T`` (T, r, r'), ``gram[g] = A^_g A^_g^T``
-    and ``Bh[t] = B^_{b(t)}``: r x r' traces only. With calibration the same traces in the
-    data-aware inner product (:func:`_products`)."""
-    c = ((fm.B.transpose(1, 2) @ Bh) * cross).sum((1, 2))
+    tr((B^^T B^) (A^ A^^T)))`` from the tasks' ``B`` (T, d_out, r), ``sq_norms`` (``||dW_t||^2``),
+    ``cross[t] = A_t A^_{a(t)}^T`` (T, r, r'), ``gram[g] = A^_g A^_g^T`` and ``Bh[t] = B^_{b(t)}``:
+    r x r' traces only. With calibration the same traces in the data-aware inner product (:func:`_products`)."""
+    c = ((B.transpose(1, 2) @ Bh) * cross).sum((1, 2))
     own = ((Bh.transpose(1, 2) @ Bh) * gram[a_index]).sum((1, 2))
-    return w * (fm.sq_norms - 2 * c + own).clamp_min(0)
+    return w * (sq_norms - 2 * c + own).clamp_min(0)
 
 
 def _products(fm: FactoredModule, a: torch.Tensor, a_index: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -178,23 +178,23 @@ def _products(fm: FactoredModule, a: torch.Tensor, a_index: list[int]) -> tuple[
 def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch.Tensor:
     """Per-task weighted squared errors (T,) of a solution in Q coordinates: ``||dW_t - dW^_t||^2``,
     or with calibration ``tr(E_t S_t E_t^T)`` (E_t in Q coordinates)."""
-    return _errors(fm, w.to(DTYPE), *_products(fm, sol.a, sol.a_index), sol.B[sol.b_index])
+    return _errors(fm.B, fm.sq_norms, w.to(DTYPE), *_products(fm, sol.a, sol.a_index), sol.B[sol.b_index])
 
 
-def _solve_B(fm: FactoredModule, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
+def _solve_B(B: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
     """Least-squares B's for fixed A's: ``B^_h = (sum_{t in h} w_t B_t A_t A^^T)(sum_{t in h} w_t A^ A^^T)^+``
-    with ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``. With a B per task the
-    weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T."""
-    if k_b == fm.n_tasks and b_index == list(range(k_b)):
-        return fm.B @ (cross @ torch.linalg.pinv(gram, hermitian=True)[a_index])
-    num = w.view(-1, 1, 1) * (fm.B @ cross)  # (T, d_out, r')
+    with the tasks' ``B`` (T, d_out, r), ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``.
+    With a B per task the weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T."""
+    if k_b == B.shape[0] and b_index == list(range(k_b)):
+        return B @ (cross @ torch.linalg.pinv(gram, hermitian=True)[a_index])
+    num = w.view(-1, 1, 1) * (B @ cross)  # (T, d_out, r')
     den = w.view(-1, 1, 1) * gram[a_index]
     return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
 
 
 def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
     cross, gram, index = _products(fm, a, a_index)
-    return _solve_B(fm, w, cross, gram, index, b_index, k_b)
+    return _solve_B(fm.B, w, cross, gram, index, b_index, k_b)
 
 
 def solve_a(fm: FactoredModule, w: torch.Tensor, B: torch.Tensor, a_index: list[int], b_index: list[int], k_a: int) -> torch.Tensor:
@@ -299,7 +299,7 @@ def solve_B(fm: FactoredModule, w: torch.Tensor, A: torch.Tensor, a_index: list[
     """Least-squares B's for fixed A's given in d_in coordinates (k_A, r', d_in), parts outside
     span(Q) included (:func:`_stored_products`)."""
     cross, gram, index = _stored_products(fm, A.to(DTYPE), a_index)
-    return _solve_B(fm, w.to(DTYPE), cross, gram, index, b_index, k_b)
+    return _solve_B(fm.B, w.to(DTYPE), cross, gram, index, b_index, k_b)
 
 
 def input_space_A(fm: FactoredModule, sol: LayoutSolution) -> torch.Tensor:
@@ -369,24 +369,30 @@ def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, f
     """Quantise A^ (or take ``stored``, ``sol``'s A's as :func:`stored_A` gives them), re-fit B^ to
     the stored A^, quantise B^. Returns the module and the per-task weighted squared errors of
     exactly what is stored (the stored A^'s parts outside span(Q) included, :func:`_stored_products`)."""
+    return fit_to_stored(fm.B, fm.sq_norms, weights, sol.a_index, sol.b_index, fmt, stored if stored is not None else stored_A(fm, sol, fmt))
+
+
+def fit_to_stored(B: torch.Tensor, sq_norms: torch.Tensor, weights: torch.Tensor, a_index: list[int], b_index: list[int], fmt: NumberFormat, stored: StoredA) -> tuple[MergedModule, torch.Tensor]:
+    """:func:`fit_stored` given the stored A's: it needs of the tasks only their ``B`` (T, d_out, r,
+    as ``factor_space`` stacks them) and ``sq_norms`` (``FactoredModule.sq_norms``), not the factored
+    space, so a module whose A's were stored earlier is built without it."""
     w = weights.to(DTYPE)
-    a = stored if stored is not None else stored_A(fm, sol, fmt)
-    B_st, Bq = StoredFactor.encode_stack(_fit_B(fm, w, sol, a), fmt, transposed=True)
-    module = MergedModule(shape=fm.shape, a_index=sol.a_index, b_index=sol.b_index, A=a.factors, B=B_st)
-    return module, _errors(fm, w, a.cross, a.gram, a.index, Bq[sol.b_index])
+    B_st, Bq = StoredFactor.encode_stack(_fit_B(B, w, b_index, stored), fmt, transposed=True)
+    module = MergedModule(shape=(B.shape[1], stored.factors[0].shape[1]), a_index=list(a_index), b_index=list(b_index), A=stored.factors, B=B_st)
+    return module, _errors(B, sq_norms, w, stored.cross, stored.gram, stored.index, Bq[b_index])
 
 
 def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA) -> torch.Tensor:
     """:func:`fit_stored`'s errors alone, for measuring a candidate: the same codes and values,
     without splitting them into the module's factors."""
     w = weights.to(DTYPE)
-    Bq = StoredFactor.quantise_stack(_fit_B(fm, w, sol, stored), fmt, transposed=True)[1]
-    return _errors(fm, w, stored.cross, stored.gram, stored.index, Bq[sol.b_index])
+    Bq = StoredFactor.quantise_stack(_fit_B(fm.B, w, sol.b_index, stored), fmt, transposed=True)[1]
+    return _errors(fm.B, fm.sq_norms, w, stored.cross, stored.gram, stored.index, Bq[sol.b_index])
 
 
-def _fit_B(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution, a: StoredA) -> torch.Tensor:
+def _fit_B(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> torch.Tensor:
     """The least-squares B's (float32) for the stored A's."""
-    return _solve_B(fm, w, a.cross, a.gram, a.index, sol.b_index, max(sol.b_index) + 1).float()
+    return _solve_B(B, w, a.cross, a.gram, a.index, b_index, max(b_index) + 1).float()
 
 
 def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
@@ -399,7 +405,7 @@ def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule
     for i, f in enumerate(module.B):
         B[i, :, : f.shape[1]] = f.values().to(DTYPE)
     cross, gram, index = _stored_products(fm, A, module.a_index)
-    return _errors(fm, weights.to(DTYPE), cross, gram, index, B[module.b_index])
+    return _errors(fm.B, fm.sq_norms, weights.to(DTYPE), cross, gram, index, B[module.b_index])
 
 
 def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:

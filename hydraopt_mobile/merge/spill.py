@@ -1,0 +1,68 @@
+"""The planner's encoded A's, kept on disk from the candidate pass for the build pass.
+
+A budgeted merge passes over the modules twice (candidates.py): the first measures every candidate
+the allocator may pick, encoding each closed-form layout's A's once (``StoredA``); the allocator then
+picks one candidate per module and budget; the second builds the picks. Encoding A's needs the
+module's factored space (a QR of the stacked A's) and the layout's row spaces (eigendecompositions);
+fitting B's to encoded A's needs neither (``solver.fit_to_stored``). So the first pass writes each
+module's encoded A's here, and the second builds from them: the same codes, hence the same module,
+bit for bit, without the QR and eigendecompositions a second time. One safetensors file per module,
+written by the worker that measured it, so memory stays at one module's working set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.merge.solver import StoredA
+
+Key = tuple[int, int, str, int]
+"""(k_A, k_B, number format label, rank the A's were encoded at)."""
+
+
+class StoredASpill:
+    """Per module: the tasks' ``sq_norms`` and the encoded A's of each key, in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, module: int) -> Path:
+        return self.folder / f"{module}.safetensors"
+
+    def put(self, module: int, sq_norms: torch.Tensor, stored: dict[Key, StoredA]) -> None:
+        tensors: dict[str, torch.Tensor] = {"sq_norms": sq_norms.contiguous()}
+        keys = []
+        for i, (key, a) in enumerate(stored.items()):
+            tensors[f"{i}.cross"], tensors[f"{i}.gram"] = a.cross.contiguous(), a.gram.contiguous()
+            tensors[f"{i}.index"] = torch.tensor(a.index, dtype=torch.int64)
+            for j, f in enumerate(a.factors):
+                tensors.update({f"{i}.{j}.{part}": t.contiguous() for part, t in f.data.items()})
+            keys.append({"key": list(key), "factors": len(a.factors), "shape": list(a.factors[0].shape) if a.factors else None})
+        save_file(tensors, str(self._path(module)), metadata={"keys": json.dumps(keys)})
+
+    def get(self, module: int) -> tuple[torch.Tensor, dict[Key, StoredA]] | None:
+        """What :meth:`put` wrote for ``module``, or None if nothing was."""
+        path = self._path(module)
+        if not path.exists():
+            return None
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            keys = json.loads(f.metadata()["keys"])
+        parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            i, j, *part = name.split(".", 2) + ["", ""]  # "{key}.{factor}.{part}"; the rest have no factor
+            if j.isdigit():
+                parts.setdefault((int(i), int(j)), {})[part[0]] = t
+        stored: dict[Key, StoredA] = {}
+        for i, entry in enumerate(keys):
+            k_a, k_b, fmt_label, a_rows = entry["key"]
+            fmt = NumberFormat.parse(fmt_label)
+            factors = [StoredFactor(fmt, parts[(i, j)], tuple(entry["shape"]), False) for j in range(entry["factors"])]
+            stored[(k_a, k_b, fmt_label, a_rows)] = StoredA(factors, tensors[f"{i}.cross"], tensors[f"{i}.gram"], tensors[f"{i}.index"].tolist())
+        return tensors["sq_norms"], stored
