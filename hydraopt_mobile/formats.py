@@ -94,9 +94,10 @@ class NumberFormat:
         """Quantise ``vectors`` (n, length) into the tensors that are written to disk."""
         return self.quantise(vectors)[0]
 
-    def quantise(self, vectors: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def quantise(self, vectors: torch.Tensor, codes: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`encode` and the float32 values the encoded tensors decode to (computed from the
-        codes before int4 packing: packing is lossless, so these equal :meth:`decode`'s)."""
+        codes before int4 packing: packing is lossless, so these equal :meth:`decode`'s).
+        ``codes=False``: the values alone (the tensors are left empty), for measuring."""
         v = vectors.float()
         if self.name == "sign":
             n, length = v.shape
@@ -108,19 +109,18 @@ class NumberFormat:
         length = v.shape[1]
         if self.name == "int8":
             scale = (_abs_max(v, 1) / 127).half()
-            codes = (v / _safe(scale)).round_().clamp_(-127, 127)
-            return {"q": codes.to(torch.int8), "scale": scale}, codes.mul_(scale.float())
+            q = (v / _safe(scale)).round_().clamp_(-127, 127)
+            return ({"q": q.to(torch.int8), "scale": scale} if codes else {}), q.mul_(scale.float())
         n = v.shape[0]
         padded = self._padded(length)
         if padded > length:
             v = torch.cat([v, v.new_zeros(n, padded - length)], dim=1)
         grouped = v.reshape(n, -1, self.group_size)
         scale = (_abs_max(grouped, 2) / 7).half()
-        codes = (grouped / _safe(scale)).round_().clamp_(-8, 7)  # integers in float32
-        q = codes.to(torch.int8).reshape(n, padded)
+        q = (grouped / _safe(scale)).round_().clamp_(-8, 7)  # integers in float32
+        data = {"q": _pack_int4(q.to(torch.int8).reshape(n, padded)), "scale": scale.reshape(n, -1)} if codes else {}
         # what dequantize() gives for (q, scale), without converting the codes back: codes * scale
-        values = codes.mul_(scale.float()).reshape(n, padded)[:, :length]
-        return {"q": _pack_int4(q), "scale": scale.reshape(n, -1)}, values
+        return data, q.mul_(scale.float()).reshape(n, padded)[:, :length]
 
     def codes(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``stored`` with one code per value: fp16 ``{"w"}`` as stored; int8 and int4 ``{"q": int8
@@ -269,19 +269,19 @@ class StoredFactor:
         k, rows, cols = matrices.shape
         per = data[next(iter(data))].shape[0] // k if k else 0
         factors = [cls(fmt, {part: t[i * per : (i + 1) * per].clone() for part, t in data.items()}, (rows, cols), transposed) for i in range(k)]
-        return factors, values
+        return factors, values.transpose(1, 2).contiguous() if transposed else values
 
     @staticmethod
-    def quantise_stack(matrices: torch.Tensor, fmt: NumberFormat, transposed: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """:meth:`encode_stack`'s codes for all ``k`` matrices together (not yet split per factor)
-        and the values they decode to: what measuring a candidate needs, without the factors."""
+    def quantise_stack(matrices: torch.Tensor, fmt: NumberFormat, transposed: bool, codes: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`encode_stack`'s codes for all ``k`` matrices together (not yet split per factor;
+        none with ``codes=False``) and the values they decode to as component vectors, (k, number
+        of vectors, their length): the matrices themselves, or (``transposed``) their transposes."""
         if fmt.name == "sign":
             raise ValueError("encode_stack: the sign format encodes a whole factor at once; use encode")
         k, rows, cols = matrices.shape
         vectors = (matrices.transpose(1, 2) if transposed else matrices).reshape(-1, rows if transposed else cols)
-        data, values = fmt.quantise(vectors.contiguous())
-        values = values.reshape(k, vectors.shape[0] // k if k else 0, -1)
-        return data, (values.transpose(1, 2) if transposed else values).contiguous()
+        data, values = fmt.quantise(vectors, codes)
+        return data, values.reshape(k, vectors.shape[0] // k if k else 0, -1)
 
     def spilled(self) -> "StoredFactor":
         """This factor without its tensors (already written to a bundle): format, shape and byte

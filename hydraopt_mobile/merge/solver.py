@@ -386,8 +386,8 @@ def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution
     """:func:`fit_stored`'s errors alone, for measuring a candidate: the same codes and values,
     without splitting them into the module's factors."""
     w = weights.to(DTYPE)
-    Bq = StoredFactor.quantise_stack(_fit_B(fm.B, w, sol.b_index, stored), fmt, transposed=True)[1]
-    return _errors(fm.B, fm.sq_norms, w, stored.cross, stored.gram, stored.index, Bq[sol.b_index])
+    Bq = StoredFactor.quantise_stack(_fit_B(fm.B, w, sol.b_index, stored), fmt, transposed=True, codes=False)[1].transpose(1, 2)
+    return _errors(fm.B, fm.sq_norms, w, stored.cross, stored.gram, stored.index, Bq if sol.b_index == list(range(fm.n_tasks)) else Bq[sol.b_index])
 
 
 def _fit_B(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> torch.Tensor:
