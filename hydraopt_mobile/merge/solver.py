@@ -184,12 +184,16 @@ def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch
 def _solve_B(B: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
     """Least-squares B's for fixed A's: ``B^_h = (sum_{t in h} w_t B_t A_t A^^T)(sum_{t in h} w_t A^ A^^T)^+``
     with the tasks' ``B`` (T, d_out, r), ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``.
-    With a B per task the weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T."""
+    With a B per task the weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T.
+
+    Computed as ``B^^T`` (contiguous, returned transposed): its rows are the component vectors a
+    number format encodes (``StoredFactor.quantise_stack`` then needs no copy)."""
+    Bt = B.transpose(1, 2)
     if k_b == B.shape[0] and b_index == list(range(k_b)):
-        return B @ (cross @ torch.linalg.pinv(gram, hermitian=True)[a_index])
-    num = w.view(-1, 1, 1) * (B @ cross)  # (T, d_out, r')
+        return ((cross @ torch.linalg.pinv(gram, hermitian=True)[a_index]).transpose(1, 2) @ Bt).transpose(1, 2)
+    num = w.view(-1, 1, 1) * (cross.transpose(1, 2) @ Bt)  # (T, r', d_out)
     den = w.view(-1, 1, 1) * gram[a_index]
-    return _group_sum(num, b_index, k_b) @ torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True)
+    return (torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True).transpose(1, 2) @ _group_sum(num, b_index, k_b)).transpose(1, 2)
 
 
 def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
