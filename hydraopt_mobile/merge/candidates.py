@@ -273,7 +273,7 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
     w = task_weights(adapters, cfg.calibration)
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
-        spilled = spill.get(m) if spill is not None else None
+        spilled = spill.get(m, {(chosen[name].k_a, chosen[name].k_b, chosen[name].fmt, chosen[name].a_rows) for chosen in plans}) if spill is not None else None
         module: ModuleCandidates | None = None
         B: torch.Tensor | None = None
         built: dict[tuple, MergedModule] = {}

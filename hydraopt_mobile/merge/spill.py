@@ -7,7 +7,11 @@ module's factored space (a QR of the stacked A's) and the layout's row spaces (e
 fitting B's to encoded A's needs neither (``solver.fit_to_stored``). So the first pass writes each
 module's encoded A's here, and the second builds from them: the same codes, hence the same module,
 bit for bit, without the QR and eigendecompositions a second time. One safetensors file per module,
-written by the worker that measured it, so memory stays at one module's working set.
+written by the worker that measured it, so memory stays at one module's working set; the build reads
+only the keys its plans chose. The files are as large as the encoded A's of every measured layout
+and format: at Llama-3-8B shapes with 100 tasks 26-94 MB per module (7 GB for 224 modules, in the
+system's temporary folder, ``TMPDIR``, deleted when the merge ends); at Llama-3.2-1B attention shapes
+with 40 tasks 5.4 MB per module (0.35 GB for 64 modules).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.solver import StoredA
@@ -46,23 +50,21 @@ class StoredASpill:
             keys.append({"key": list(key), "factors": len(a.factors), "shape": list(a.factors[0].shape) if a.factors else None})
         save_file(tensors, str(self._path(module)), metadata={"keys": json.dumps(keys)})
 
-    def get(self, module: int) -> tuple[torch.Tensor, dict[Key, StoredA]] | None:
-        """What :meth:`put` wrote for ``module``, or None if nothing was."""
+    def get(self, module: int, wanted: set[Key]) -> tuple[torch.Tensor, dict[Key, StoredA]] | None:
+        """What :meth:`put` wrote for ``module``, the ``wanted`` keys only (the others are not
+        read), or None if nothing was written."""
         path = self._path(module)
         if not path.exists():
             return None
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             keys = json.loads(f.metadata()["keys"])
-        parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        for name, t in tensors.items():
-            i, j, *part = name.split(".", 2) + ["", ""]  # "{key}.{factor}.{part}"; the rest have no factor
-            if j.isdigit():
-                parts.setdefault((int(i), int(j)), {})[part[0]] = t
-        stored: dict[Key, StoredA] = {}
-        for i, entry in enumerate(keys):
-            k_a, k_b, fmt_label, a_rows = entry["key"]
-            fmt = NumberFormat.parse(fmt_label)
-            factors = [StoredFactor(fmt, parts[(i, j)], tuple(entry["shape"]), False) for j in range(entry["factors"])]
-            stored[(k_a, k_b, fmt_label, a_rows)] = StoredA(factors, tensors[f"{i}.cross"], tensors[f"{i}.gram"], tensors[f"{i}.index"].tolist())
-        return tensors["sq_norms"], stored
+            stored: dict[Key, StoredA] = {}
+            for i, entry in enumerate(keys):
+                k_a, k_b, fmt_label, a_rows = entry["key"]
+                if (k_a, k_b, fmt_label, a_rows) not in wanted:
+                    continue
+                fmt = NumberFormat.parse(fmt_label)
+                parts = fmt.encoded_shapes(1, 1).keys()  # the tensor names this format writes
+                factors = [StoredFactor(fmt, {part: f.get_tensor(f"{i}.{j}.{part}") for part in parts}, tuple(entry["shape"]), False) for j in range(entry["factors"])]
+                stored[(k_a, k_b, fmt_label, a_rows)] = StoredA(factors, f.get_tensor(f"{i}.cross"), f.get_tensor(f"{i}.gram"), f.get_tensor(f"{i}.index").tolist())
+            return f.get_tensor("sq_norms"), stored
