@@ -55,6 +55,14 @@ def _stacked(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
     return A, stacked_B(factors)
 
 
+def b_gram(B: torch.Tensor) -> torch.Tensor:
+    """(T, r, T, r) ``B_s^T B_t`` for every pair of tasks (``B``: (T, d_out, r)), from one
+    (T r) x (T r) product of the stacked B's."""
+    T, d_out, r = B.shape
+    flat = B.permute(1, 0, 2).reshape(d_out, T * r)
+    return (flat.T @ flat).reshape(T, r, T, r)
+
+
 def stacked_B(factors: list[LoraFactors]) -> torch.Tensor:
     """(T, d_out, r) B's, ranks zero-padded to the largest: ``factor_space(factors).B``."""
     B = torch.zeros(len(factors), factors[0].shape[0], _padded_rank(factors), dtype=DTYPE)

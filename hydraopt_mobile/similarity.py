@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from hydraopt_mobile.factored import FactoredModule
+from hydraopt_mobile.factored import FactoredModule, b_gram
 
 CUTOFF = 1e-6  # singular values below this fraction of the task's largest do not span its space
 DEFINITIONS = {
@@ -44,10 +44,10 @@ def column_space_overlap(fm: FactoredModule) -> torch.Tensor:
     return _overlap(_row_bases((fm.B @ R.transpose(1, 2)).transpose(1, 2)))
 
 
-def update_cosine(fm: FactoredModule) -> torch.Tensor:
-    """(T, T) cosine similarity of the updates dW_t."""
+def update_cosine(fm: FactoredModule, gb: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, T) cosine similarity of the updates dW_t (``gb``: ``b_gram(fm.B)`` if the caller has it)."""
     T, d_out, r = fm.B.shape
-    gb = (fm.B.permute(1, 0, 2).reshape(d_out, T * r).T @ fm.B.permute(1, 0, 2).reshape(d_out, T * r)).reshape(T, r, T, r)
+    gb = b_gram(fm.B) if gb is None else gb
     ga = (fm.a.reshape(T * r, -1) @ fm.a.reshape(T * r, -1).T).reshape(T, r, T, r)
     # <dW_s, dW_t> = tr((B_s^T B_t)(a_t a_s^T)) = sum_ij gb[s,i,t,j] * ga[s,i,t,j]
     gram = (gb * ga).sum((1, 3))

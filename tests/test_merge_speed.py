@@ -9,12 +9,12 @@ from safetensors.torch import load_file, save_file
 from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_set, load_adapter
 from hydraopt_mobile.bundle import load_bundle, write_bundle
 from hydraopt_mobile.calibration import identity
-from hydraopt_mobile.factored import factor_space
+from hydraopt_mobile.factored import b_gram, factor_space
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, _priced, _priced_factors, build_modules, plan_candidates
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets, merge_to_bundles
-from hydraopt_mobile.merge.solver import fit_stored, input_space_A, solve_layout, stored_A
+from hydraopt_mobile.merge.solver import closed_form_errors, fit_stored, input_space_A, row_spaces, solve_layout, stored_A
 from hydraopt_mobile.merge.spill import StoredASpill
 from hydraopt_mobile.storage import factor_specs, header_bytes, TensorSpec
 
@@ -40,6 +40,27 @@ def test_factored_gram_equals_stacked(d_in):
     for t, f in enumerate(factors):
         assert torch.allclose(fm.to_input_space(fm.a[t, : f.rank]), f.A, atol=1e-5)
     assert torch.allclose(fm.sq_norms.double(), torch.stack([(f.dense().double() ** 2).sum() for f in factors]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("b_index", [[0] * 5, [0, 0, 1, 1, 2]])
+@pytest.mark.parametrize("d_out", [24, 6])  # 6: the B-groups' rows do not span Q, so the rows themselves are decomposed
+def test_shared_a_row_spaces_from_the_b_gram_equal_the_qr_ones(b_index, d_out):
+    """A shared A's row spaces from the module's B Gram (no QR of each B-group, solver._shared_a_gram)
+    equal those from the B-groups' QRs: the same squared singular values and the same leading
+    subspaces, and the shared-A layouts the planner tries at every rank give the same error."""
+    factors = random_factors(d_out=d_out)
+    fm = factor_space(factors)
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    (qr,) = row_spaces(fm, w, [0] * 5, b_index, top=6)
+    (gram,) = row_spaces(fm, w, [0] * 5, b_index, top=6, b_gram=b_gram(fm.B))
+    assert gram.members == qr.members and (gram.coef is None) == (qr.coef is None)  # the Gram where the rows span Q
+    assert d_out == 6 or gram.coef is None
+    assert torch.allclose(gram.s2, qr.s2, rtol=1e-4, atol=1e-5 * float(qr.s2[0]))
+    for k in (1, 3):
+        P, P0 = gram.vh[:k].T @ gram.vh[:k], qr.vh[:k].T @ qr.vh[:k]
+        assert torch.allclose(P, P0, atol=1e-4)
+    errors = closed_form_errors(fm, w, [gram], [1, 3, 6]), closed_form_errors(fm, w, [qr], [1, 3, 6])
+    assert errors[0] == pytest.approx(errors[1], rel=1e-4)
 
 
 @pytest.mark.parametrize("a_index", [[0, 1, 2, 3, 4], [0, 0, 1, 1, 0], [0] * 5])

@@ -12,7 +12,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.bank import MergedModule, with_sq_errors
 from hydraopt_mobile.calibration import Calibration, ModuleMoments
-from hydraopt_mobile.factored import factor_space, factored_sq_error, sq_norm, stacked_B, whitened
+from hydraopt_mobile.factored import b_gram, factor_space, factored_sq_error, sq_norm, stacked_B, whitened
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, lower_hull
 from hydraopt_mobile.merge.baselines import as_is
@@ -98,6 +98,7 @@ class ModuleCandidates:
         self.est = self.fm if moments is None else whitened(self.fm, weights)
         self._space_cache: dict[tuple[int, int], list] = {}
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gb: torch.Tensor | None = None
         self._grouping: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._solutions: dict[tuple[int, int, int, bool], LayoutSolution] = {}
         self.stored_a: dict[tuple[int, int, str, int], StoredA] = {}  # closed forms' A's as encoded (_stored), by (k_A, k_B, format, rank)
@@ -114,7 +115,7 @@ class ModuleCandidates:
             return ([0] * T if k_a == 1 else list(range(T))), ([0] * T if k_b == 1 else list(range(T)))
         if (k_a, k_b) not in self._grouping:
             if self._sims is None:
-                self._sims = row_space_overlap(self.est), update_cosine(self.est)
+                self._sims = row_space_overlap(self.est), update_cosine(self.est, self._b_gram())
             self._grouping[(k_a, k_b)] = cluster(self._sims[0], k_a), cluster(self._sims[1], k_b)
         return self._grouping[(k_a, k_b)]
 
@@ -186,8 +187,16 @@ class ModuleCandidates:
     def _spaces(self, k_a: int, k_b: int) -> list:
         if (k_a, k_b) not in self._space_cache:
             a_idx, b_idx = self._groups(k_a, k_b)
-            self._space_cache[(k_a, k_b)] = row_spaces(self.est, self.w, a_idx, b_idx, self.top_rank)
+            shared = k_a == 1 and k_b < self.fm.n_tasks
+            self._space_cache[(k_a, k_b)] = row_spaces(self.est, self.w, a_idx, b_idx, self.top_rank, self._b_gram() if shared else None)
         return self._space_cache[(k_a, k_b)]
+
+    def _b_gram(self) -> torch.Tensor:
+        """factored.b_gram of the tasks' B's, once per module: the B-grouping's similarity and the
+        shared-A row spaces both need it."""
+        if self._gb is None:
+            self._gb = b_gram(self.est.B)
+        return self._gb
 
     def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> tuple[int, int]:
         """(payload + header entries without offsets, number of entries) of this layout's files.

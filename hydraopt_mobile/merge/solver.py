@@ -80,12 +80,34 @@ def _stacked_rows(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]]) 
     return members, blocks, X
 
 
-def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int], top: int) -> list[RowSpace]:
+def _shared_a_gram(fm: FactoredModule, w: torch.Tensor, groups: list[list[int]], b_gram: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` of :func:`_stacked_rows` without the B-groups' QRs: ``sum_h C_h^T (S_h^T S_h) C_h / W_h``
+    with ``S_h^T S_h = [w_t w_u B_t^T B_u]``, a block of the module's B Gram ``b_gram``
+    (factored.b_gram, (T, r, T, r)). The QR of S_h (d_out x |h| r) costs what the Gram of all
+    B's does, once per B-grouping; the Gram is computed once per module (the similarity needs it too)."""
+    r, q = fm.a.shape[1], fm.q
+    out = torch.zeros(q, q, dtype=DTYPE)
+    for h in groups:
+        idx = torch.tensor(h)
+        wh = w[idx]
+        G = (b_gram[idx][:, :, idx] * (wh.view(-1, 1, 1, 1) * wh.view(1, 1, -1, 1))).reshape(len(h) * r, len(h) * r)
+        C = fm.a[idx].reshape(len(h) * r, q)
+        out += C.T @ (G @ C) / wh.sum()
+    return out
+
+
+def row_spaces(fm: FactoredModule, w: torch.Tensor, a_index: list[int], b_index: list[int], top: int, b_gram: torch.Tensor | None = None) -> list[RowSpace]:
     """Per A-group, the ``top`` right singular vectors and squared singular values of the rows
-    whose top singular vectors are the closed-form A (one decomposition serves every rank up to ``top``)."""
+    whose top singular vectors are the closed-form A (one decomposition serves every rank up to ``top``).
+    ``b_gram`` (factored.b_gram of ``fm.B``): a shared A over B-groups of several tasks is then
+    decomposed from :func:`_shared_a_gram` where the rows span all of Q (else the rows are needed)."""
     k_a, k_b = max(a_index) + 1, max(b_index) + 1
     if k_a == 1:
         groups = [[_members(b_index, h) for h in range(k_b)]]
+        d_out, r = fm.shape[0], fm.a.shape[1]
+        if b_gram is not None and k_b < fm.n_tasks and sum(min(d_out, len(h) * r) for h in groups[0]) >= fm.q:
+            lam, V = _top_eigh(_shared_a_gram(fm, w.to(DTYPE), groups[0], b_gram).unsqueeze(0), top)
+            return [RowSpace(V[0].T.contiguous(), lam[0].clamp_min(0), [t for h in groups[0] for t in h], None)]
     elif k_b == fm.n_tasks:
         groups = [[[t] for t in _members(a_index, g)] for g in range(k_a)]
     else:
