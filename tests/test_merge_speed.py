@@ -14,7 +14,8 @@ from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, _priced, _priced_factors, build_modules, plan_candidates
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets, merge_to_bundles
-from hydraopt_mobile.merge.solver import closed_form_errors, fit_stored, input_space_A, row_spaces, solve_layout, stored_A
+from hydraopt_mobile.merge import solver
+from hydraopt_mobile.merge.solver import closed_form_errors, fit_stored, input_space_A, row_spaces, solve_layout, stored_A, stored_errors
 from hydraopt_mobile.merge.spill import StoredASpill
 from hydraopt_mobile.storage import factor_specs, header_bytes, TensorSpec
 
@@ -241,3 +242,23 @@ def test_modules_built_from_the_spilled_A_are_the_rebuilt_ones(make_adapters, tm
             assert torch.allclose(x.sq_errors[0], y.sq_errors[0], rtol=1e-4, atol=1e-6 * float(y.sq_errors[1].max()))
             assert torch.allclose(x.sq_errors[1], y.sq_errors[1], rtol=1e-5)
     assert closed_forms > 2 * len(adapters.module_names) and from_fit > len(adapters.module_names)
+
+
+@pytest.mark.parametrize("b_index", [list(range(5)), [0, 0, 1, 1, 2], [1, 0, 1, 0, 0], [0] * 5])
+def test_b_fits_in_chunks_equal_one_fit(monkeypatch, b_index):
+    """Fitting and measuring B's a few groups at a time (solver.CHUNK_BYTES, which keeps the large
+    temporaries of 8B-sized modules out of mmap) gives the codes and errors of one fit of all groups."""
+    factors = random_factors()
+    fm = factor_space(factors)
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    fmt = NumberFormat.parse("int4-g32")
+    sol = solve_layout(fm, w, [0, 0, 1, 1, 0], b_index, rank=3)
+    stored = stored_A(fm, sol, fmt)
+    whole, err = fit_stored(fm, w, sol, fmt, stored)
+    measured = stored_errors(fm, w, sol, fmt, stored)
+    monkeypatch.setattr(solver, "CHUNK_BYTES", 4 * 24 * 3)  # one B-group per chunk
+    chunked, err_chunked = fit_stored(fm, w, sol, fmt, stored)
+    assert torch.equal(err, err_chunked) and torch.equal(measured, stored_errors(fm, w, sol, fmt, stored)) and torch.equal(err, measured)
+    assert len(chunked.B) == len(whole.B) == max(b_index) + 1
+    for f, g in zip(whole.B, chunked.B, strict=True):
+        assert f.shape == g.shape and all(torch.equal(f.data[k], g.data[k]) for k in f.data)

@@ -17,6 +17,7 @@ solve, so the objective never increases. ``fit_stored`` quantises A^, re-fits B^
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import scipy.linalg
 import torch
@@ -402,23 +403,50 @@ def fit_to_stored(B: torch.Tensor, sq_norms: torch.Tensor, weights: torch.Tensor
     """:func:`fit_stored` given the stored A's: it needs of the tasks only their ``B`` (T, d_out, r,
     as ``factor_space`` stacks them) and ``sq_norms`` (``FactoredModule.sq_norms``), not the factored
     space, so a module whose A's were stored earlier is built without it."""
-    w = weights.to(DTYPE)
-    B_st, Bq = StoredFactor.encode_stack(_fit_B(B, w, b_index, stored), fmt, transposed=True)
+    B_st: list[StoredFactor] = []
+    errors = torch.zeros(B.shape[0], dtype=DTYPE)
+    for tasks, local, Bc, Bh in _fitted_chunks(B, weights.to(DTYPE), b_index, stored):
+        factors, values = StoredFactor.encode_stack(Bh, fmt, transposed=True)
+        B_st += factors
+        errors[tasks] = _chunk_errors(Bc, sq_norms, weights.to(DTYPE), stored, tasks, values[local])
     module = MergedModule(shape=(B.shape[1], stored.factors[0].shape[1]), a_index=list(a_index), b_index=list(b_index), A=stored.factors, B=B_st)
-    return module, _errors(B, sq_norms, w, stored.cross, stored.gram, stored.index, Bq[b_index])
+    return module, errors
 
 
 def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA) -> torch.Tensor:
     """:func:`fit_stored`'s errors alone, for measuring a candidate: the same codes and values,
     without splitting them into the module's factors."""
-    w = weights.to(DTYPE)
-    Bq = StoredFactor.quantise_stack(_fit_B(fm.B, w, sol.b_index, stored), fmt, transposed=True, codes=False)[1].transpose(1, 2)
-    return _errors(fm.B, fm.sq_norms, w, stored.cross, stored.gram, stored.index, Bq if sol.b_index == list(range(fm.n_tasks)) else Bq[sol.b_index])
+    errors = torch.zeros(fm.n_tasks, dtype=DTYPE)
+    for tasks, local, Bc, Bh in _fitted_chunks(fm.B, weights.to(DTYPE), sol.b_index, stored):
+        values = StoredFactor.quantise_stack(Bh, fmt, transposed=True, codes=False)[1].transpose(1, 2)
+        errors[tasks] = _chunk_errors(Bc, fm.sq_norms, weights.to(DTYPE), stored, tasks, values if local == list(range(len(local))) and len(local) == values.shape[0] else values[local])
+    return errors
 
 
-def _fit_B(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> torch.Tensor:
-    """The least-squares B's (float32) for the stored A's."""
-    return _solve_B(B, w, a.cross, a.gram, a.index, b_index, max(b_index) + 1).float()
+CHUNK_BYTES = 16 << 20
+"""The most float32 bytes of fitted B's handled at once. glibc serves a larger block by mmap and
+returns it to the system when freed, so the next one is faulted in again page by page: at Llama-3-8B
+shapes with 100 tasks one candidate's B's are 183 MB, and those page faults cost more system time
+than the arithmetic took (benchmarks/merge_speed_8b.py); below 32 MB, freed memory is reused."""
+
+
+def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> Iterator[tuple[list[int], list[int], torch.Tensor, torch.Tensor]]:
+    """The least-squares B's (float32, as :func:`_solve_B` gives them) for the stored A's, a few
+    B-groups at a time: ``(tasks, local, B_tasks, B^_groups)`` per chunk, ``tasks`` the chunk's
+    tasks, ``local[i]`` the group of ``tasks[i]`` within the chunk. Each group's least squares
+    involves only its own tasks, so the chunks give what one call on all groups gives, group by group."""
+    k_b, (T, d_out, _) = max(b_index) + 1, B.shape
+    per = max(1, CHUNK_BYTES // (4 * d_out * max(a.gram.shape[-1], 1)))
+    for g0 in range(0, k_b, per):
+        tasks = [t for t in range(T) if g0 <= b_index[t] < g0 + per]
+        local = [b_index[t] - g0 for t in tasks]
+        Bc = B[tasks[0] : tasks[-1] + 1] if tasks == list(range(tasks[0], tasks[-1] + 1)) else B[tasks]
+        yield tasks, local, Bc, _solve_B(Bc, w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], local, min(per, k_b - g0)).float()
+
+
+def _chunk_errors(Bc: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, a: StoredA, tasks: list[int], Bh: torch.Tensor) -> torch.Tensor:
+    """:func:`_errors` of the chunk's ``tasks`` (``Bh[i]`` the stored B of ``tasks[i]``)."""
+    return _errors(Bc, sq_norms[tasks], w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], Bh)
 
 
 def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
