@@ -262,3 +262,21 @@ def test_b_fits_in_chunks_equal_one_fit(monkeypatch, b_index):
     assert len(chunked.B) == len(whole.B) == max(b_index) + 1
     for f, g in zip(whole.B, chunked.B, strict=True):
         assert f.shape == g.shape and all(torch.equal(f.data[k], g.data[k]) for k in f.data)
+
+
+@pytest.mark.parametrize("a_index", [list(range(5)), [0, 0, 1, 1, 2], [1, 0, 1, 0, 0]])
+def test_a_encoded_in_chunks_equal_one_encoding(monkeypatch, a_index):
+    """Encoding a closed form's A's and their products a few A-groups at a time (solver.CHUNK_BYTES)
+    gives the codes and products of one encoding of all groups."""
+    factors = random_factors()
+    fm = factor_space(factors)
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    sol = solve_layout(fm, w, a_index, list(range(5)), rank=3, with_B=False)
+    assert sol.A_coef is not None
+    whole = stored_A(fm, sol, NumberFormat.parse("int4-g32"))
+    monkeypatch.setattr(solver, "CHUNK_BYTES", 4 * 40 * 3)  # one A-group per chunk
+    chunked = stored_A(fm, sol, NumberFormat.parse("int4-g32"))
+    assert torch.equal(whole.cross, chunked.cross) and torch.equal(whole.gram, chunked.gram) and whole.index == chunked.index
+    assert len(whole.factors) == len(chunked.factors) == max(a_index) + 1
+    for f, g in zip(whole.factors, chunked.factors, strict=True):
+        assert f.shape == g.shape and all(torch.equal(f.data[k], g.data[k]) for k in f.data)

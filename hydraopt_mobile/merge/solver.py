@@ -333,14 +333,17 @@ def input_space_A(fm: FactoredModule, sol: LayoutSolution) -> torch.Tensor:
     """The shared A's in d_in coordinates (k_A, r', d_in): from each A-group's coefficients on its
     own tasks' A's when the closed form gave them (r' |g| r d_in flops per group, so a B per task
     costs what one shared A does), else ``a Q^T`` through the reflectors."""
-    if sol.A_coef is None:
-        return fm.to_input_space(sol.a)
-    sizes = {len(members) for members, _ in sol.A_coef}
+    return fm.to_input_space(sol.a) if sol.A_coef is None else _from_coef(fm, sol.A_coef)
+
+
+def _from_coef(fm: FactoredModule, A_coef: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """:func:`input_space_A` of the A-groups ``A_coef`` holds: ``A^_g = K_g [A_t; t in members]``."""
+    sizes = {len(members) for members, _ in A_coef}
     if len(sizes) == 1:  # equal groups (one task per group included): one batched product
-        members = torch.tensor([m for m, _ in sol.A_coef])
-        stacked = fm.A[members].reshape(len(sol.A_coef), -1, fm.A.shape[2])
-        return torch.stack([K for _, K in sol.A_coef]) @ stacked
-    return torch.stack([K @ fm.A[members].reshape(-1, fm.A.shape[2]) for members, K in sol.A_coef])
+        members = torch.tensor([m for m, _ in A_coef])
+        stacked = fm.A[members].reshape(len(A_coef), -1, fm.A.shape[2])
+        return torch.stack([K for _, K in A_coef]) @ stacked
+    return torch.stack([K @ fm.A[members].reshape(-1, fm.A.shape[2]) for members, K in A_coef])
 
 
 def _cross_input_space(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) -> torch.Tensor:
@@ -386,10 +389,32 @@ class StoredA:
         return StoredA(factors, self.cross[..., :rank], self.gram[:, :rank, :rank], self.index)
 
 
+CHUNK_BYTES = 16 << 20
+"""The most float32 bytes of fitted B's, or of encoded A's, handled at once. glibc serves a larger block by mmap and
+returns it to the system when freed, so the next one is faulted in again page by page: at Llama-3-8B
+shapes with 100 tasks one candidate's B's are 183 MB, and those page faults cost more system time
+than the arithmetic took (benchmarks/merge_speed_8b.py); below 32 MB, freed memory is reused."""
+
+
 def stored_A(fm: FactoredModule, sol: LayoutSolution, fmt: NumberFormat) -> StoredA:
-    """``sol``'s A's in d_in coordinates, encoded in ``fmt``, with their products."""
-    A_st, Aq = StoredFactor.encode_stack(input_space_A(fm, sol).float(), fmt, transposed=False)
-    return StoredA(A_st, *_stored_products(fm, Aq, sol.a_index))
+    """``sol``'s A's in d_in coordinates, encoded in ``fmt``, with their products. A's from their
+    groups' coefficients (data-free closed forms) are encoded and multiplied a few A-groups at a time
+    (:data:`CHUNK_BYTES`): each group's A and products involve only its own tasks' A's."""
+    k_a, r_out, d_in = sol.a.shape[0], sol.a.shape[1], fm.A.shape[2]
+    per = max(1, CHUNK_BYTES // (4 * d_in * max(r_out, 1)))
+    if sol.A_coef is None or fm.S is not None or k_a <= per:
+        A_st, Aq = StoredFactor.encode_stack(input_space_A(fm, sol).float(), fmt, transposed=False)
+        return StoredA(A_st, *_stored_products(fm, Aq, sol.a_index))
+    factors: list[StoredFactor] = []
+    cross = torch.zeros(fm.n_tasks, fm.A.shape[1], r_out, dtype=DTYPE)
+    grams = []
+    for g0 in range(0, k_a, per):
+        chunk, Aq = StoredFactor.encode_stack(_from_coef(fm, sol.A_coef[g0 : g0 + per]).float(), fmt, transposed=False)
+        factors += chunk
+        tasks = [t for t, g in enumerate(sol.a_index) if g0 <= g < g0 + per]
+        cross[tasks] = fm.A[tasks] @ Aq[[sol.a_index[t] - g0 for t in tasks]].transpose(1, 2)
+        grams.append(Aq @ Aq.transpose(1, 2))
+    return StoredA(factors, cross, torch.cat(grams), list(sol.a_index))
 
 
 def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA | None = None) -> tuple[MergedModule, torch.Tensor]:
@@ -423,11 +448,6 @@ def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution
     return errors
 
 
-CHUNK_BYTES = 16 << 20
-"""The most float32 bytes of fitted B's handled at once. glibc serves a larger block by mmap and
-returns it to the system when freed, so the next one is faulted in again page by page: at Llama-3-8B
-shapes with 100 tasks one candidate's B's are 183 MB, and those page faults cost more system time
-than the arithmetic took (benchmarks/merge_speed_8b.py); below 32 MB, freed memory is reused."""
 
 
 def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> Iterator[tuple[list[int], list[int], torch.Tensor, torch.Tensor]]:
