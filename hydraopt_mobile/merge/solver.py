@@ -214,9 +214,11 @@ def _solve_B(B: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.
     Bt = B.transpose(1, 2)
     if k_b == B.shape[0] and b_index == list(range(k_b)):
         return ((cross @ torch.linalg.pinv(gram, hermitian=True)[a_index]).transpose(1, 2) @ Bt).transpose(1, 2)
-    num = w.view(-1, 1, 1) * (cross.transpose(1, 2) @ Bt)  # (T, r', d_out)
+    num = torch.zeros(k_b, cross.shape[2], B.shape[1], dtype=B.dtype)  # sum_{t in h} w_t (B_t cross_t)^T, a few tasks at a time
+    for lo, hi in _runs(B.shape[0], 4 * cross.shape[2] * B.shape[1]):
+        num.index_add_(0, torch.tensor(b_index[lo:hi]), w[lo:hi].view(-1, 1, 1) * (cross[lo:hi].transpose(1, 2) @ Bt[lo:hi]))
     den = w.view(-1, 1, 1) * gram[a_index]
-    return (torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True).transpose(1, 2) @ _group_sum(num, b_index, k_b)).transpose(1, 2)
+    return (torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True).transpose(1, 2) @ num).transpose(1, 2)
 
 
 def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
@@ -389,11 +391,12 @@ class StoredA:
         return StoredA(factors, self.cross[..., :rank], self.gram[:, :rank, :rank], self.index)
 
 
-CHUNK_BYTES = 16 << 20
-"""The most float32 bytes of fitted B's, or of encoded A's, handled at once. glibc serves a larger block by mmap and
-returns it to the system when freed, so the next one is faulted in again page by page: at Llama-3-8B
-shapes with 100 tasks one candidate's B's are 183 MB, and those page faults cost more system time
-than the arithmetic took (benchmarks/merge_speed_8b.py); below 32 MB, freed memory is reused."""
+CHUNK_BYTES = 4 << 20
+"""The most float32 bytes of fitted B's, or of encoded A's, handled at once. glibc serves a large
+block by mmap (and trims a large free top of the heap), so freed memory goes back to the system and
+the next block is faulted in again page by page: at Llama-3-8B shapes with 100 tasks one
+candidate's B's are 183 MB, and the page faults cost more system time than the arithmetic. In 4 MB
+pieces a 1-layer 8B merge takes 1.2 M minor faults instead of 3.9 M (benchmarks/merge_speed_8b.py)."""
 
 
 def stored_A(fm: FactoredModule, sol: LayoutSolution, fmt: NumberFormat) -> StoredA:
@@ -428,12 +431,13 @@ def fit_to_stored(B: torch.Tensor, sq_norms: torch.Tensor, weights: torch.Tensor
     """:func:`fit_stored` given the stored A's: it needs of the tasks only their ``B`` (T, d_out, r,
     as ``factor_space`` stacks them) and ``sq_norms`` (``FactoredModule.sq_norms``), not the factored
     space, so a module whose A's were stored earlier is built without it."""
+    w = weights.to(DTYPE)
     B_st: list[StoredFactor] = []
     errors = torch.zeros(B.shape[0], dtype=DTYPE)
-    for tasks, local, Bc, Bh in _fitted_chunks(B, weights.to(DTYPE), b_index, stored):
+    for tasks, local, Bc, Bh in _fitted_chunks(B, w, b_index, stored):
         factors, values = StoredFactor.encode_stack(Bh, fmt, transposed=True)
         B_st += factors
-        errors[tasks] = _chunk_errors(Bc, sq_norms, weights.to(DTYPE), stored, tasks, values[local])
+        _chunk_errors(errors, Bc, sq_norms, w, stored, tasks, local, values)
     module = MergedModule(shape=(B.shape[1], stored.factors[0].shape[1]), a_index=list(a_index), b_index=list(b_index), A=stored.factors, B=B_st)
     return module, errors
 
@@ -441,13 +445,18 @@ def fit_to_stored(B: torch.Tensor, sq_norms: torch.Tensor, weights: torch.Tensor
 def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, fmt: NumberFormat, stored: StoredA) -> torch.Tensor:
     """:func:`fit_stored`'s errors alone, for measuring a candidate: the same codes and values,
     without splitting them into the module's factors."""
+    w = weights.to(DTYPE)
     errors = torch.zeros(fm.n_tasks, dtype=DTYPE)
-    for tasks, local, Bc, Bh in _fitted_chunks(fm.B, weights.to(DTYPE), sol.b_index, stored):
+    for tasks, local, Bc, Bh in _fitted_chunks(fm.B, w, sol.b_index, stored):
         values = StoredFactor.quantise_stack(Bh, fmt, transposed=True, codes=False)[1].transpose(1, 2)
-        errors[tasks] = _chunk_errors(Bc, fm.sq_norms, weights.to(DTYPE), stored, tasks, values if local == list(range(len(local))) and len(local) == values.shape[0] else values[local])
+        _chunk_errors(errors, Bc, fm.sq_norms, w, stored, tasks, local, values)
     return errors
 
 
+def _runs(n: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    """``[lo, hi)`` runs of ``range(n)`` whose rows of ``row_bytes`` each fit :data:`CHUNK_BYTES`."""
+    per = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return ((lo, min(n, lo + per)) for lo in range(0, n, per))
 
 
 def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> Iterator[tuple[list[int], list[int], torch.Tensor, torch.Tensor]]:
@@ -456,17 +465,20 @@ def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: Stor
     tasks, ``local[i]`` the group of ``tasks[i]`` within the chunk. Each group's least squares
     involves only its own tasks, so the chunks give what one call on all groups gives, group by group."""
     k_b, (T, d_out, _) = max(b_index) + 1, B.shape
-    per = max(1, CHUNK_BYTES // (4 * d_out * max(a.gram.shape[-1], 1)))
-    for g0 in range(0, k_b, per):
-        tasks = [t for t in range(T) if g0 <= b_index[t] < g0 + per]
+    for g0, g1 in _runs(k_b, 4 * d_out * max(a.gram.shape[-1], 1)):
+        tasks = [t for t in range(T) if g0 <= b_index[t] < g1]
         local = [b_index[t] - g0 for t in tasks]
         Bc = B[tasks[0] : tasks[-1] + 1] if tasks == list(range(tasks[0], tasks[-1] + 1)) else B[tasks]
-        yield tasks, local, Bc, _solve_B(Bc, w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], local, min(per, k_b - g0)).float()
+        yield tasks, local, Bc, _solve_B(Bc, w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], local, g1 - g0).float()
 
 
-def _chunk_errors(Bc: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, a: StoredA, tasks: list[int], Bh: torch.Tensor) -> torch.Tensor:
-    """:func:`_errors` of the chunk's ``tasks`` (``Bh[i]`` the stored B of ``tasks[i]``)."""
-    return _errors(Bc, sq_norms[tasks], w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], Bh)
+def _chunk_errors(out: torch.Tensor, Bc: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, a: StoredA, tasks: list[int], local: list[int], values: torch.Tensor) -> None:
+    """:func:`_errors` of a chunk's ``tasks`` into ``out``, a few tasks at a time (``values[local[i]]``:
+    the stored B of ``tasks[i]``)."""
+    for lo, hi in _runs(len(tasks), 4 * values.shape[1] * values.shape[2]):
+        ts, ls = tasks[lo:hi], local[lo:hi]
+        Bh = values[ls[0] : ls[-1] + 1] if ls == list(range(ls[0], ls[-1] + 1)) else values[ls]
+        out[ts] = _errors(Bc[lo:hi], sq_norms[ts], w[ts], a.cross[ts], a.gram, [a.index[t] for t in ts], Bh)
 
 
 def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
