@@ -8,9 +8,9 @@ change. This script measures what matters instead, on the same banks refactor_ch
 frontier on the embedded shared-seed adapters) plus the frontier's calibrated points (the suite's
 calibration pass on SmolLM2, run by each revision's own code): per bank, whether every module
 chose the same layout (k_A, k_B, rank, format), whether the tensor files are byte-identical, and
-the largest difference of any module's per-task relative error ``||dW - dW^|| / ||dW||``. The
-base revision's code is extracted with ``git archive`` into a temporary folder and run in a child
-process (this script puts neither checkout on ``sys.path`` itself: ``PYTHONPATH`` chooses).
+the largest difference of any module's per-task relative error ``||dW - dW^|| / ||dW||``. Both
+revisions' code (``--base`` and HEAD, not the working tree) is extracted with ``git archive`` into a
+temporary folder and run in a child process (this script puts neither checkout on ``sys.path`` itself: ``PYTHONPATH`` chooses).
 
 The data-aware ALS of the calibrated points (no closed form; CG A-steps) is more sensitive to float
 rounding than the data-free closed forms, so their banks are also compared with their data-aware
@@ -143,12 +143,15 @@ def main() -> None:
     if args.dump:
         dump(args.dump, args.calibrated, args.threads, args.only_calibrated)
         return
+    # both sides from commits, extracted now: edits made while this runs (it takes minutes) cannot leak into either
+    revision = [subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip() for rev in (args.base, "HEAD")]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base, "hydraopt_mobile"], check=True, capture_output=True).stdout
-        tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp / "base", filter="data")
+        for label, rev in zip(("base", "new"), revision):
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "hydraopt_mobile"], check=True, capture_output=True).stdout
+            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp / label, filter="data")
         runs = {}
-        jobs = [("base", tmp / "base", 1, []), ("new", ROOT, 1, [])]
+        jobs = [("base", tmp / "base", 1, []), ("new", tmp / "new", 1, [])]
         if args.calibrated and args.control_threads:
             jobs.append(("control", tmp / "base", args.control_threads, ["--only-calibrated"]))
         for label, code, threads, extra in jobs:
@@ -156,7 +159,6 @@ def main() -> None:
             flags = ["--threads", str(threads)] + ([] if args.calibrated else ["--no-calibrated"]) + extra
             subprocess.run([sys.executable, __file__, "--dump", str(tmp / f"{label}.json")] + flags, check=True, env=env, cwd=code)
             runs[label] = json.loads((tmp / f"{label}.json").read_text())
-    revision = [subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip() for rev in (args.base, "HEAD")]
     result = {"base": revision[0], "new": revision[1], "calibrated_points": args.calibrated} | compare(runs["base"], runs["new"])
     if "control" in runs:  # the base against itself at another thread count: rounding alone
         result["control_base_at_threads"] = {"threads": args.control_threads} | compare({k: runs["base"][k] for k in runs["control"]}, runs["control"])
