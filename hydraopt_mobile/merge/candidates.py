@@ -207,12 +207,11 @@ class ModuleCandidates:
         return a_bytes + b_bytes, a_entries + b_entries
 
     def build(self, c: Candidate) -> MergedModule:
-        """The module ``c`` stands for, solved with the groups it was measured with (no
+        """The module ``c`` (a solved layout, not the inputs as they are: :func:`build_modules`
+        builds those itself) stands for, solved with the groups it was measured with (no
         similarity is recomputed)."""
         if c.groups is not None:
             self._grouping[(c.k_a, c.k_b)] = (list(c.groups[0]), list(c.groups[1]))
-        if c.rank == AS_IS:
-            return as_is(self.factors, NumberFormat.parse(c.fmt))
         fmt, sol = NumberFormat.parse(c.fmt), self._solve(c.k_a, c.k_b, c.rank)
         return fit_stored(self.fm, self.w, sol, fmt, self._stored(c, sol, fmt, factors=True))[0]
 
