@@ -16,7 +16,8 @@ run per variant of ``--profile`` at the largest L under cProfile: the cumulative
 functions in :data:`WATCH` and the top functions (inflated by the profiler: read them as shares).
 The growth exponent between two layer counts is log(t2 / t1) / log(L2 / L1) (1: linear).
 
-Writes benchmarks/results/lowering_profile.{json,md}; the load average before and after each run.
+Writes benchmarks/results/lowering_profile.{json,md} after every run (the whole model first); the load
+average before and after each run.
 """
 
 from __future__ import annotations
@@ -118,27 +119,8 @@ def exponent(records: list[dict], variant: str) -> float | None:
     return round(math.log(t2 / t1) / math.log(l2 / l1), 2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="2,4", help="layer counts of the cut models ('' for none)")
-    parser.add_argument("--full", action="store_true", help="also the whole model, before and after (about 8 + 4 min)")
-    parser.add_argument("--profile", default="before,after", help="variants profiled at the largest L ('' for none)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    counts = [int(x) for x in args.layers.split(",") if x]
-    records: list[dict] = []
-    for layers in [*counts, *([None] if args.full else [])]:
-        for variant in ("before", "after"):
-            records.append(run(layers, variant))
-            print(json.dumps(records[-1]), flush=True)
-    for variant in filter(None, args.profile.split(",")):
-        if counts:
-            profile = cProfile.Profile()
-            record = run(max(counts), variant, profile)
-            record["profile"], record["profile_top"] = attribute(profile)
-            records.append(record)
-            print(json.dumps({k: v for k, v in record.items() if k != "profile_top"}), flush=True)
+def write(path: Path, records: list[dict], planned: int) -> None:
+    """The JSON and Markdown records of the runs so far (rewritten after each run)."""
     plain = [r for r in records if "profile" not in r]
     same = {str(r["layers"]): len({q["program_sha256"] for q in records if q["layers"] == r["layers"]}) == 1 for r in plain}
     notes = {
@@ -149,6 +131,7 @@ def main() -> None:
         "export_seconds": "wall seconds from loading the base model to the written program (1 thread, no profiler)",
         "executorch": executorch_version(), "torch": torch.__version__, "threads": 1,
         "machine": f"{platform.machine()}, 2 cores; loadavg_before/after per run (other sessions share the machine)",
+        "runs": f"{len(records)} of {planned} planned, after an unrecorded 1-layer warm-up export",
         "same_program_bytes": same, "to_edge_growth_exponent": {v: exponent(records, v) for v in ("before", "after")},
         "profile": "cumulative seconds under cProfile (inflated by the profiler; shares, not timings)",
     }
@@ -159,7 +142,7 @@ def main() -> None:
     lines = ["# ExecuTorch 8da4w export of SmolLM2-135M: before/after exporters/et_lowering.py (XNNPACK, 1 thread)", "",
              *markdown_table(["L", "model", "variant", "export s", "CPU s", "torch_export s", "to_edge_transform_and_lower s",
                               "to_executorch s", "program sha256", "loadavg"], rows, "rllrrrrrll"),
-             "", f"Same program bytes before/after (per L): {json.dumps(same)}",
+             "", f"Runs: {notes['runs']}. Same program bytes before/after (per L): {json.dumps(same)}",
              f"Growth exponent of to_edge_transform_and_lower with L: {json.dumps(notes['to_edge_growth_exponent'])}", ""]
     for r in records:
         if "profile" in r:
@@ -167,7 +150,31 @@ def main() -> None:
                       f"to_edge_transform_and_lower {r['phases_s']['to_edge_transform_and_lower']} s)", "",
                       *markdown_table(["function", "cumulative s"], r["profile"].items(), "lr"), "",
                       *markdown_table(["top functions by cumulative time", "calls", "own s", "cumulative s"], r["profile_top"], "lrrr"), ""]
-    write_record(args.results, {"notes": notes, "records": records}, "\n".join(lines))
+    write_record(path, {"notes": notes, "records": records}, "\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="2,4", help="layer counts of the cut models ('' for none)")
+    parser.add_argument("--full", action="store_true", help="also the whole model, before and after (about 8 + 4 min), first")
+    parser.add_argument("--profile", default="before,after", help="variants profiled at the largest L ('' for none)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    counts = [int(x) for x in args.layers.split(",") if x]
+    profiled = [v for v in args.profile.split(",") if v] if counts else []
+    plan = [(layers, variant, False) for layers in [*([None] if args.full else []), *counts] for variant in ("before", "after")]
+    plan += [(max(counts), variant, True) for variant in profiled]
+    run(1, "before")  # warm-up, not recorded: the process's one-time costs (imports, XNNPACK's pattern graphs)
+    records: list[dict] = []
+    for layers, variant, profiling in plan:  # the records are written after every run
+        profile = cProfile.Profile() if profiling else None
+        record = run(layers, variant, profile)
+        if profile:
+            record["profile"], record["profile_top"] = attribute(profile)
+        records.append(record)
+        print(json.dumps({k: v for k, v in record.items() if k != "profile_top"}), flush=True)
+        write(args.results, records, len(plan))
 
 
 if __name__ == "__main__":
