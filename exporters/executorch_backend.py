@@ -19,7 +19,8 @@ Lowering speed: torch.fx's ``NodeSource`` deep-copies every node's ``from_node``
 each time a pass re-creates the node, which grows with pass depth; :func:`shallow_provenance` copies
 only the outer list during lowering (the same information: NodeSource objects are not mutated after
 creation; upstream pytorch/pytorch#193051 makes the same change). The program's bytes are the same
-either way (tests/test_export_program.py).
+either way (tests/test_export_program.py). :mod:`exporters.et_lowering` cuts the re-traces and
+checks that change nothing (its docstring: where the lowering's time goes).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 
 from exporters.backend import ProgramSpec, Session
 from exporters.et_attention import ATTENTIONS, DEFAULT_ATTENTION, register_custom_ops, use_custom_ops
+from exporters.et_lowering import fast_lowering
 from exporters.targets.device_runner import TaskSlots
 from hydraopt_mobile.errors import UserError
 
@@ -198,7 +200,8 @@ def export_program(
     phases: dict[str, float], fast: bool = True, attention: str = DEFAULT_ATTENTION,
 ) -> Path:
     """Lower ``hf_model`` (already wrapped with LoRA slots) to ``folder/model.pte``, adding each
-    phase's seconds to ``phases``. ``fast``: lower under :func:`shallow_provenance`.
+    phase's seconds to ``phases``. ``fast``: lower under :func:`shallow_provenance` and
+    :func:`exporters.et_lowering.fast_lowering` (the same program, fewer re-traces and checks).
     ``attention``: :data:`exporters.et_attention.ATTENTIONS`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -225,7 +228,7 @@ def export_program(
         if slots:
             example = tuple(torch.zeros(s) for s in slots.values())
             programs["set_slots"] = torch.export.export(SetSlots(slots), example, strict=True)
-    with shallow_provenance() if fast else contextlib.nullcontext():
+    with shallow_provenance() if fast else contextlib.nullcontext(), fast_lowering() if fast else contextlib.nullcontext():
         with phase("to_edge_transform_and_lower"):
             edge = to_edge_transform_and_lower(
                 programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}

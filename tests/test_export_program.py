@@ -90,19 +90,54 @@ def test_a_bank_of_another_base_model_is_refused(tmp_path):
         export_bank(make_bank(), other, "onnx", "fp32", tmp_path / "out")
 
 
-def test_shallow_provenance_lowering_writes_the_same_program(tiny_dir, tmp_path):
-    """The lowering speed-up (exporters/executorch_backend.py: shallow_provenance) changes no byte."""
+@pytest.mark.parametrize("quant", ["fp32", "8da4w"])
+def test_fast_lowering_writes_the_same_program_with_fewer_retraces(quant, tiny_dir, tmp_path, monkeypatch):
+    """The lowering speed-ups (exporters/executorch_backend.py: shallow_provenance;
+    exporters/et_lowering.py: fast_lowering) change no byte of the program, and do cut the full
+    graph re-traces (``ExportPass.call`` reaching its re-trace) and decompositions. The patches are
+    checked for the ExecuTorch versions they name: another version fails here until re-checked."""
+    from executorch.exir.pass_base import ExportPass
+    from executorch.exir.program import _program
+    from torch.export import ExportedProgram
+
+    from exporters.et_lowering import EXECUTORCH_VERSIONS, executorch_version
     from exporters.executorch_backend import export_program
     from exporters.slots import attach_slots
     from hydraopt_mobile.base_model import load_causal_lm
 
-    digests = []
+    assert executorch_version().startswith(EXECUTORCH_VERSIONS), "re-check exporters/et_lowering.py for this ExecuTorch"
+    counts: dict[str, int] = {}
+    retrace, decompose, edge = ExportPass.call, ExportedProgram.run_decompositions, _program._gen_edge_manager_for_partitioners
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            if name != "decompose" or counts.get("in_edge"):  # the methods' decompositions, not XNNPACK's cached patterns
+                counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def in_edge(*args, **kwargs):
+        counts["in_edge"] = 1
+        try:
+            return edge(*args, **kwargs)
+        finally:
+            counts["in_edge"] = 0
+
+    programs, work = [], []
     for fast in (True, False):
+        counts.clear()
+        monkeypatch.setattr(ExportPass, "call", counted("retrace", retrace))
+        monkeypatch.setattr(ExportedProgram, "run_decompositions", counted("decompose", decompose))
+        monkeypatch.setattr(_program, "_gen_edge_manager_for_partitioners", in_edge)
         model = load_causal_lm(tiny_dir)
-        slots = attach_slots(model, {"model.layers.0.self_attn.q_proj": 2})
+        slots = attach_slots(model, {f"model.layers.{i}.self_attn.{m}": 2 for i in range(2) for m in ("q_proj", "v_proj")})
         (tmp_path / str(fast)).mkdir()
-        digests.append(export_program(model, slots, tmp_path / str(fast), "fp32", 16, {}, fast=fast).read_bytes())
-    assert digests[0] == digests[1]
+        programs.append(export_program(model, slots, tmp_path / str(fast), quant, 16, {}, fast=fast).read_bytes())
+        work.append(dict(counts))
+    assert programs[0] == programs[1]
+    fast_work, slow_work = work
+    assert fast_work["retrace"] * 2 < slow_work["retrace"], work
+    assert fast_work["decompose"] == slow_work["decompose"] - 2, work  # one per method (forward, set_slots)
 
 
 def _forward_ops(program_path) -> list[str]:
