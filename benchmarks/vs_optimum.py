@@ -25,7 +25,10 @@ Hugging Face folder. The tools export that folder, each from its own venv
 Ours are the switchable exports (every task's slots as run-time data, ``--task`` active) of the
 one-adapter-per-task bank of all suite tasks: ExecuTorch ``8da4w`` (twice: ``custom-ops`` attention,
 ExecuTorch's LLM kernels as optimum uses them, and ``portable``, transformers' attention as aten ops:
-``exporters/et_attention.py``) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``. Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
+``exporters/et_attention.py``) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``; and our ExecuTorch 8da4w
+(custom-ops) export with ``--task`` merged into the weights instead of slots (``merged_task``), the
+reference of ``slot_overhead_pct`` (issue 15: the switchable slots' decode time against the same
+export with the task merged in, timed in the same rounds). Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
 runtime, ONNX Runtime 1.32), 1 thread: the tools' programs are only *exported* in their venvs.
 
 Score: greedy decoding of the task's first ``--examples`` test examples, the suite's metric
@@ -474,7 +477,7 @@ def _records(rows: list[dict], task: str) -> list[dict]:
             })
         portable = next((p for p in rows if p["tool"] == "hydraopt-mobile" and p["runtime"] == r["runtime"] and p["quant"] == r["quant"]
                          and p.get("attention") == "portable"), None)
-        if r["tool"] == "hydraopt-mobile" and r.get("attention") == "custom-ops" and portable is not None:
+        if r["tool"] == "hydraopt-mobile" and r["switchable"] and r.get("attention") == "custom-ops" and portable is not None:
             drop = paired_drop({task: portable["per_example"]}, {task: r["per_example"]})
             rec.update({"score_drop_vs_portable": drop["drop_points"], "score_drop_vs_portable_ci95": drop["drop_points_ci95"],
                         "answers_differing_from_portable": sum(a != b for a, b in zip(portable["texts"], r["texts"])),
