@@ -25,7 +25,10 @@ Hugging Face folder. The tools export that folder, each from its own venv
 Ours are the switchable exports (every task's slots as run-time data, ``--task`` active) of the
 one-adapter-per-task bank of all suite tasks: ExecuTorch ``8da4w`` (twice: ``custom-ops`` attention,
 ExecuTorch's LLM kernels as optimum uses them, and ``portable``, transformers' attention as aten ops:
-``exporters/et_attention.py``) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``. Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
+``exporters/et_attention.py``) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``; and our ExecuTorch 8da4w
+(custom-ops) export with ``--task`` merged into the weights instead of slots (``merged_task``), the
+reference of ``slot_overhead_pct`` (issue 15: the switchable slots' decode time against the same
+export with the task merged in, timed in the same rounds). Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
 runtime, ONNX Runtime 1.32), 1 thread: the tools' programs are only *exported* in their venvs.
 
 Score: greedy decoding of the task's first ``--examples`` test examples, the suite's metric
@@ -192,24 +195,27 @@ def export_optimum_onnx(hf: Path, out: Path, notes: dict) -> dict[str, Path]:
     return {"fp32": fp32 / "model.onnx", "int4": int4 / "model.onnx"}
 
 
-def our_exports(work: Path, bank) -> dict[tuple[str, str, str | None], Path]:
-    """Our switchable exports of the one-adapter-per-task bank (programs from the cache when there):
-    (format, quant, ExecuTorch attention or None) -> folder. ExecuTorch 8da4w twice: with ExecuTorch's
-    LLM kernels (``custom-ops``, the default) and with transformers' attention as aten ops (``portable``,
-    for runtimes without those kernels)."""
+def our_exports(work: Path, bank, task: str) -> dict[tuple[str, str, str | None, bool], Path]:
+    """Our exports of the one-adapter-per-task bank (switchable programs from the cache when there):
+    (format, quant, ExecuTorch attention or None, merged) -> folder. ExecuTorch 8da4w switchable twice:
+    with ExecuTorch's LLM kernels (``custom-ops``, the default) and with transformers' attention as
+    aten ops (``portable``, for runtimes without those kernels); and once more with ``task`` merged
+    into the weights instead of slots (``merged_task``, custom-ops), the reference of the slots'
+    decode overhead (``slot_overhead_pct``)."""
     model_dir = base_model_dir()
-    plan = {("executorch", "8da4w", a): ET_SLOTS for a in ET_ATTENTIONS}
-    plan.update({("onnx", q, None): None for q in ("fp32", "int4", "int4-mixed")})
+    plan = {("executorch", "8da4w", "custom-ops", False): ET_SLOTS, ("executorch", "8da4w", "custom-ops", True): None,
+            ("executorch", "8da4w", "portable", False): ET_SLOTS}
+    plan.update({("onnx", q, None, False): None for q in ("fp32", "int4", "int4-mixed")})
     out = {}
-    for (fmt, quant, attention), slots in plan.items():
-        folder = work / (f"ours-{fmt}-{quant}" + (f"-{attention}" if attention else ""))
+    for (fmt, quant, attention, merged), slots in plan.items():
+        folder = work / (f"ours-{fmt}-{quant}" + (f"-{attention}" if attention else "") + (f"-merged-{task}" if merged else ""))
         if not (folder / "manifest.json").is_file():
-            print(f"[vs_optimum] ours: export {fmt} {quant} {attention or ''}", flush=True)
+            print(f"[vs_optimum] ours: export {folder.name}", flush=True)
             t0 = time.time()
-            export_bank(bank, model_dir, fmt, quant, folder, slots=slots, attention=attention)
+            export_bank(bank, model_dir, fmt, quant, folder, slots=slots, attention=attention, merged_task=task if merged else None)
             print(f"[vs_optimum] ours: {folder.name} in {time.time() - t0:.0f} s, phases (s) "
                   f"{Manifest.read(folder).extra['phases_s']}", flush=True)
-        out[(fmt, quant, attention)] = folder
+        out[(fmt, quant, attention, merged)] = folder
     return out
 
 
@@ -286,15 +292,15 @@ def _file_bytes(*paths: Path) -> int:
     return total
 
 
-def _runners(work: Path, bank, threads: int, missing: list[str]) -> list[dict]:
+def _runners(work: Path, bank, task: str, threads: int, missing: list[str]) -> list[dict]:
     """Every export of the comparison: its row fields and an open runner (prefill / decode); a tool
     export that is not there is named in ``missing`` instead."""
-    ours = our_exports(work, bank)
+    ours = our_exports(work, bank, task)
     rows = []
-    for (fmt, quant, attention), folder in ours.items():
+    for (fmt, quant, attention, merged), folder in ours.items():
         session = open_export(folder, threads)
         rows.append({"tool": "hydraopt-mobile", "runtime": session.manifest.runtime, "quant": quant, "runner": session,
-                     "program_bytes": Manifest.read(folder).bytes_of("program"), "export": folder.name, "switchable": True,
+                     "program_bytes": Manifest.read(folder).bytes_of("program"), "export": folder.name, "switchable": not merged,
                      "attention": attention, "export_phases_s": Manifest.read(folder).extra.get("phases_s")})
     et_pte = next((work / "optimum-executorch").glob("*.pte"), None)
     if et_pte is None:
@@ -327,10 +333,11 @@ def _score(rows: list[dict], task: str, n_examples: int, scores_dir: Path) -> No
     for row in rows:
         # scores of our portable ExecuTorch program keep the name they had before attention was a choice
         kind = "-custom-ops" if row["tool"] == "hydraopt-mobile" and row.get("attention") == "custom-ops" else ""
+        kind += "-merged" if row["tool"] == "hydraopt-mobile" and not row["switchable"] else ""
         path = scores_dir / f"{row['tool']}-{row['runtime']}-{row['quant']}{kind}-{task}-{n_examples}.json"
         if not path.is_file():
             runner = row["runner"]
-            if row["switchable"]:
+            if row["tool"] == "hydraopt-mobile":  # a merged export serves its one task
                 runner.set_task(task)
             t0 = time.time()
             texts = [tokenizer.decode(greedy(runner, ids, max_new[task], eos=eos).tokens, skip_special_tokens=True).strip() for ids in prompts[task]]
@@ -359,7 +366,7 @@ def _held(fd: int | None, mode: int):
 def _time(rows: list[dict], task: str, tokens: int, rounds: int) -> None:
     """Decode ms/token of every export, taking turns each round (machine noise hits all alike)."""
     for row in rows:
-        if row["switchable"]:
+        if row["tool"] == "hydraopt-mobile":
             row["runner"].set_task(task)
         burst(row["runner"], 4)  # warm-up
         row["runs_ms_per_token"] = []
@@ -470,12 +477,19 @@ def _records(rows: list[dict], task: str) -> list[dict]:
             })
         portable = next((p for p in rows if p["tool"] == "hydraopt-mobile" and p["runtime"] == r["runtime"] and p["quant"] == r["quant"]
                          and p.get("attention") == "portable"), None)
-        if r["tool"] == "hydraopt-mobile" and r.get("attention") == "custom-ops" and portable is not None:
+        if r["tool"] == "hydraopt-mobile" and r["switchable"] and r.get("attention") == "custom-ops" and portable is not None:
             drop = paired_drop({task: portable["per_example"]}, {task: r["per_example"]})
             rec.update({"score_drop_vs_portable": drop["drop_points"], "score_drop_vs_portable_ci95": drop["drop_points_ci95"],
                         "answers_differing_from_portable": sum(a != b for a, b in zip(portable["texts"], r["texts"])),
                         "decode_ratio_vs_portable": r["decode_ms_per_token"] / portable["decode_ms_per_token"]
                         if r.get("decode_ms_per_token") and portable.get("decode_ms_per_token") else None})
+        merged = next((m for m in rows if m["tool"] == "hydraopt-mobile" and not m["switchable"] and m["runtime"] == r["runtime"]
+                       and m["quant"] == r["quant"] and m.get("attention") == r.get("attention")), None)
+        if r["tool"] == "hydraopt-mobile" and r["switchable"] and merged is not None:
+            # issue 15: switchable slots against the same export with the task merged in, taking turns
+            rec.update({"slot_overhead_vs": merged["export"],
+                        "slot_overhead_pct": 100 * (r["decode_ms_per_token"] / merged["decode_ms_per_token"] - 1)
+                        if r.get("decode_ms_per_token") and merged.get("decode_ms_per_token") else None})
         out.append(rec)
     return out
 
@@ -493,6 +507,9 @@ def _markdown(records: list[dict], notes: dict) -> str:
                              "kB task file", f"score ({records[0]['task']}, n={records[0]['n_examples']})", "score drop vs optimum [95 % CI]"],
                             rows, "lllllrlrrrl")
     for r in records:
+        if r.get("slot_overhead_pct") is not None:
+            lines += ["", f"Slot overhead (issue 15 target: at most 5 %): our switchable {r['runtime']} {r['quant']} ({r['attention']} attention) "
+                          f"decodes {r['slot_overhead_pct']:+.1f} % against the same export with {r['task']} merged in ({r['slot_overhead_vs']})."]
         if r.get("score_drop_vs_portable") is not None:
             lo, hi = r["score_drop_vs_portable_ci95"]
             ratio = "" if r.get("decode_ratio_vs_portable") is None else f", decode {r['decode_ratio_vs_portable']:.3f}x"
@@ -527,12 +544,13 @@ def main() -> None:
                 export(hf, args.work / folder, notes)
             finally:
                 write_text_atomic(notes_path, json.dumps(notes, indent=1))
-        our_exports(args.work, bank)
+        our_exports(args.work, bank, args.task)
         return
     lock_fd = os.open(args.lock, os.O_RDONLY) if args.lock else None
     if args.stage == "profile":
-        ours = {a: args.work / f"ours-executorch-8da4w-{a}" for a in ET_ATTENTIONS}
-        ptes = {f"hydraopt-mobile 8da4w (switchable, {a} attention)": f / Manifest.read(f).entry("program").path for a, f in ours.items()}
+        ours = {f"switchable, {a} attention": args.work / f"ours-executorch-8da4w-{a}" for a in ET_ATTENTIONS}
+        ours[f"{args.task} merged, custom-ops attention"] = args.work / f"ours-executorch-8da4w-custom-ops-merged-{args.task}"
+        ptes = {f"hydraopt-mobile 8da4w ({k})": f / Manifest.read(f).entry("program").path for k, f in ours.items()}
         ptes["optimum-executorch 8da4w (task merged)"] = next((args.work / "optimum-executorch").glob("*.pte"))
         with _held(lock_fd, fcntl.LOCK_EX) as waited:
             load_start = os.getloadavg()
@@ -554,7 +572,7 @@ def main() -> None:
         return
     missing: list[str] = []
     with _held(lock_fd, fcntl.LOCK_SH):
-        rows = _runners(args.work, bank, threads=1, missing=missing)
+        rows = _runners(args.work, bank, args.task, threads=1, missing=missing)
         _score(rows, args.task, args.examples, args.work / "scores")
     timing = None
     if not args.no_timing:

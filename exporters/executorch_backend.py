@@ -10,10 +10,16 @@ because which slots a bank shares is data, not part of the program. The alternat
 notes verified, one ``.ptd`` per task, needs the program reloaded (and every XNNPACK weight
 re-packed) per switch.
 
-Why ``forward`` adds zero to each slot buffer: a buffer that ``forward`` never writes is exported
-as a constant and baked into the program, and ``set_slots``'s writes would then go to a different
-copy. The in-place ``add_(0)`` makes it a mutable buffer, shared by name with ``set_slots``, and
-keeps XNNPACK from packing it as a static weight.
+``forward`` only reads the slot buffers. ExecuTorch's memory planning with ``share_mutable_buffers``
+plans a buffer that one method reads and another mutates as the same mutable memory in both
+(``MemoryPlanningPass.run_multimethod``: a read-only buffer of the same name as a mutated one is
+"in fact mutable"), so no write in ``forward`` is needed. What would bake a slot into the program is
+XNNPACK: it takes an fp32 Linear only with a static weight, packed at lowering time;
+:func:`slot_partitioner` takes a Linear whose weight is a slot buffer with that weight as a
+delegate input instead, so the slot matmuls run inside the same XNNPACK partitions as the base
+Linears around them. (Before, ``forward`` wrote ``add_(0)`` into every slot buffer to make it
+mutable: a write-back ``copy_`` per slot buffer per step, and the slot matmuls outside XNNPACK,
+splitting its partitions: benchmarks/results/vs_optimum_et_profile.md.)
 
 Lowering speed: torch.fx's ``NodeSource`` deep-copies every node's ``from_node`` provenance chain
 each time a pass re-creates the node, which grows with pass depth; :func:`shallow_provenance` copies
@@ -38,6 +44,7 @@ from torch import nn
 from exporters.backend import ProgramSpec, Session
 from exporters.et_attention import ATTENTIONS, DEFAULT_ATTENTION, register_custom_ops, use_custom_ops
 from exporters.et_lowering import fast_lowering
+from exporters.slots import SLOT_A, SLOT_B
 from exporters.targets.device_runner import TaskSlots
 from hydraopt_mobile.errors import UserError
 
@@ -97,7 +104,7 @@ def check_attention(attention: str) -> None:
 
 
 class ExecuTorchDecoder(nn.Module):
-    """Static-cache decoder whose switchable LoRA buffers are mutable state."""
+    """Static-cache decoder; its LoRA slot buffers (``slots``) are state that only ``set_slots`` writes."""
 
     def __init__(self, hf_model: nn.Module, slots: list[str], max_cache_len: int, attention: str = DEFAULT_ATTENTION) -> None:
         super().__init__()
@@ -112,9 +119,7 @@ class ExecuTorchDecoder(nn.Module):
         self.slots = slots
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        for name in self.slots:
-            self.model.model.get_buffer(name).add_(0)  # marks it mutable (module docstring)
-        return self.model(input_ids=input_ids, cache_position=cache_position)
+        return self.model(input_ids=input_ids, cache_position=cache_position)  # only reads the slots (module docstring)
 
 
 class SetSlots(nn.Module):
@@ -136,6 +141,35 @@ class SetSlots(nn.Module):
         for name, value in zip(self.names, tensors):
             self.get_buffer(name).copy_(value)
         return torch.zeros(1)
+
+
+def is_slot_buffer(ep, node) -> bool:
+    """Whether ``node`` of ``ep`` (the forward program) reads a LoRA slot buffer."""
+    fqn = ep.graph_signature.inputs_to_buffers.get(node.name) if node.op == "placeholder" else None
+    return fqn is not None and fqn.rsplit(".", 1)[-1] in (SLOT_A, SLOT_B)
+
+
+def slot_partitioner():
+    """XNNPACK's partitioner, with the LoRA slot buffers as run-time (dynamic) weights of their Linears.
+
+    XNNPACK takes an fp32 Linear only with a static weight, which it packs into the delegate at
+    lowering time; the slots must stay buffers that ``set_slots`` writes. ``force_non_static_weights_for_f32_linear``
+    would make *every* fp32 Linear dynamic (the fp32 program's base weights too, re-packed each
+    call), so only a Linear whose weight is a slot buffer is taken with its weight as a delegate
+    input: the slot matmuls run in the same XNNPACK partitions as the base Linears around them.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class SlotLinearConfig(LinearConfig):
+        def _get_weight_deps(self, node, ep, precision):
+            if precision == ConfigPrecisionType.FP32 and is_slot_buffer(ep, node.args[self.weight_idx]):
+                return True, []  # a delegate input, not packed
+            return super()._get_weight_deps(node, ep, precision)
+
+    return XnnpackPartitioner(configs=[SlotLinearConfig if c is LinearConfig else c for c in ALL_PARTITIONER_CONFIGS])
 
 
 def quantize(model: nn.Module, quant: str) -> None:
@@ -203,7 +237,6 @@ def export_program(
     phase's seconds to ``phases``. ``fast``: lower under :func:`shallow_provenance` and
     :func:`exporters.et_lowering.fast_lowering` (the same program, fewer re-traces and checks).
     ``attention``: :data:`exporters.et_attention.ATTENTIONS`."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -231,7 +264,7 @@ def export_program(
     with shallow_provenance() if fast else contextlib.nullcontext(), fast_lowering() if fast else contextlib.nullcontext():
         with phase("to_edge_transform_and_lower"):
             edge = to_edge_transform_and_lower(
-                programs, partitioner={name: ([XnnpackPartitioner()] if name == "forward" else []) for name in programs}
+                programs, partitioner={name: ([slot_partitioner()] if name == "forward" else []) for name in programs}
             )
         with phase("to_executorch"):
             program = edge.to_executorch(

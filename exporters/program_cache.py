@@ -22,6 +22,9 @@ from hydraopt_mobile.checksum import sha256_file
 from hydraopt_mobile.paths import cache_root
 
 PROGRAM_FORMAT = 2  # bump when what a program computes or expects changes (slots, methods, inputs)
+# bump a runtime's entry when only how its programs are lowered changes, so its cached programs are
+# lowered again (ExecuTorch 2: forward reads the slot buffers inside XNNPACK instead of writing them back)
+RUNTIME_FORMATS = {"executorch": 2}
 _TOOLS = ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "transformers")
 
 
@@ -60,6 +63,8 @@ def program_key(model_dir: Path, runtime: str, quant: str, max_cache_len: int, s
     }
     if attention is not None:
         what["attention"] = attention
+    if runtime in RUNTIME_FORMATS:
+        what["runtime_format"] = RUNTIME_FORMATS[runtime]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32], what
 
 

@@ -101,6 +101,39 @@ def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt,
             assert alpha and len(gamma) == len(alpha) and all(a is b for a, b in zip(alpha, gamma)), "gamma did not reuse alpha's memory"
 
 
+def _slot_writes_and_reads(pte: Path) -> dict[str, dict]:
+    """Per method of an ExecuTorch program: its operators, the buffers its ``copy_`` instructions
+    write (by name) and the memory (id, offset) of the slot buffers it names."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    out = {}
+    for plan in getattr(program, "program", program).execution_plan:
+        ops = [o.name for o in plan.operators]
+        name = lambda v: v.val.extra_tensor_info.fully_qualified_name if getattr(v.val, "extra_tensor_info", None) else None  # noqa: E731
+        writes = [name(plan.values[i.instr_args.args[0]]) for i in plan.chains[0].instructions
+                  if hasattr(i.instr_args, "op_index") and ops[i.instr_args.op_index] == "aten::copy_"]
+        slots = {name(v): (v.val.allocation_info.memory_id, v.val.allocation_info.memory_offset_low)
+                 for v in plan.values if (name(v) or "").endswith((".lora_a", ".lora_b"))}
+        out[plan.name] = {"ops": set(ops), "writes": writes, "slots": slots}
+    return out
+
+
+@pytest.mark.parametrize("quant", ["fp32", "8da4w"])
+def test_executorch_forward_reads_the_slots_inside_xnnpack_and_writes_none(quant, exports):
+    """``forward`` computes the slot matmuls inside XNNPACK (no matmul left to ExecuTorch's own
+    kernels) and writes no slot buffer (no write-back ``copy_``); ``set_slots`` writes every slot,
+    into the same memory ``forward`` reads (exporters/executorch_backend.py: slot_partitioner)."""
+    folder = exports("executorch", quant)
+    methods = _slot_writes_and_reads(folder / Manifest.read(folder).entry("program").path)
+    fwd, setter = methods["forward"], methods["set_slots"]
+    assert not {"aten::mm", "aten::addmm", "aten::linear", "aten::bmm"} & fwd["ops"], fwd["ops"]
+    assert not [w for w in fwd["writes"] if w and w.endswith((".lora_a", ".lora_b"))], fwd["writes"]
+    names = {"model.model." + name for name, _ in Manifest.read(folder).slots}  # ExecuTorchDecoder's prefix
+    assert set(setter["slots"]) == names and sorted(setter["writes"]) == sorted(names), setter["writes"]
+    assert fwd["slots"] == setter["slots"], "forward reads other memory than set_slots writes"
+
+
 @pytest.mark.parametrize("fmt", RUNTIMES)
 def test_quantised_error_is_bounded_and_keeps_tasks_apart(fmt, exports, refs):
     session = open_export(exports(fmt, QUANTISED[fmt]))
