@@ -395,8 +395,8 @@ CHUNK_BYTES = 4 << 20
 """The most float32 bytes of fitted B's, or of encoded A's, handled at once. glibc serves a large
 block by mmap (and trims a large free top of the heap), so freed memory goes back to the system and
 the next block is faulted in again page by page: at Llama-3-8B shapes with 100 tasks one
-candidate's B's are 183 MB, and the page faults cost more system time than the arithmetic. In 4 MB
-pieces a 1-layer 8B merge takes 1.2 M minor faults instead of 3.9 M (benchmarks/merge_speed_8b.py)."""
+candidate's B's are 183 MB, and the page faults cost more system time than the arithmetic (on one
+layer of benchmarks/merge_speed_8b.py's adapters, 3.9 M minor faults whole, 1.2 M in 4 MB pieces)."""
 
 
 def stored_A(fm: FactoredModule, sol: LayoutSolution, fmt: NumberFormat) -> StoredA:
