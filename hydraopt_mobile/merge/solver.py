@@ -207,13 +207,17 @@ def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch
 def _solve_B(B: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
     """Least-squares B's for fixed A's: ``B^_h = (sum_{t in h} w_t B_t A_t A^^T)(sum_{t in h} w_t A^ A^^T)^+``
     with the tasks' ``B`` (T, d_out, r), ``cross[t] = A_t A^_{a(t)}^T`` and ``gram[g] = A^_g A^_g^T``.
-    With a B per task the weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: k_A pseudo-inverses instead of T.
+    With a B per task the weight cancels, ``B^_t = B_t cross_t gram_{a(t)}^+``: one pseudo-inverse per
+    A-group these tasks use (a caller passing a few tasks at a time inverts only their groups').
 
     Computed as ``B^^T`` (contiguous, returned transposed): its rows are the component vectors a
     number format encodes (``StoredFactor.quantise_stack`` then needs no copy)."""
     Bt = B.transpose(1, 2)
     if k_b == B.shape[0] and b_index == list(range(k_b)):
-        return ((cross @ torch.linalg.pinv(gram, hermitian=True)[a_index]).transpose(1, 2) @ Bt).transpose(1, 2)
+        used = sorted(set(a_index))
+        at = {g: i for i, g in enumerate(used)}
+        inverse = torch.linalg.pinv(gram[used], hermitian=True)[[at[g] for g in a_index]]
+        return ((cross @ inverse).transpose(1, 2) @ Bt).transpose(1, 2)
     num = torch.zeros(k_b, cross.shape[2], B.shape[1], dtype=B.dtype)  # sum_{t in h} w_t (B_t cross_t)^T, a few tasks at a time
     for lo, hi in _runs(B.shape[0], 4 * cross.shape[2] * B.shape[1]):
         num.index_add_(0, torch.tensor(b_index[lo:hi]), w[lo:hi].view(-1, 1, 1) * (cross[lo:hi].transpose(1, 2) @ Bt[lo:hi]))
@@ -468,7 +472,7 @@ def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: Stor
     for g0, g1 in _runs(k_b, 4 * d_out * max(a.gram.shape[-1], 1)):
         tasks = [t for t in range(T) if g0 <= b_index[t] < g1]
         local = [b_index[t] - g0 for t in tasks]
-        Bc = B[tasks[0] : tasks[-1] + 1] if tasks == list(range(tasks[0], tasks[-1] + 1)) else B[tasks]
+        Bc = _take(B, tasks)
         yield tasks, local, Bc, _solve_B(Bc, w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], local, g1 - g0).float()
 
 
@@ -477,8 +481,12 @@ def _chunk_errors(out: torch.Tensor, Bc: torch.Tensor, sq_norms: torch.Tensor, w
     the stored B of ``tasks[i]``)."""
     for lo, hi in _runs(len(tasks), 4 * values.shape[1] * values.shape[2]):
         ts, ls = tasks[lo:hi], local[lo:hi]
-        Bh = values[ls[0] : ls[-1] + 1] if ls == list(range(ls[0], ls[-1] + 1)) else values[ls]
-        out[ts] = _errors(Bc[lo:hi], sq_norms[ts], w[ts], a.cross[ts], a.gram, [a.index[t] for t in ts], Bh)
+        out[ts] = _errors(Bc[lo:hi], sq_norms[ts], w[ts], a.cross[ts], a.gram, [a.index[t] for t in ts], _take(values, ls))
+
+
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]``: a view when the rows are consecutive (no copy), else a gather."""
+    return x[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else x[rows]
 
 
 def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule) -> torch.Tensor:
