@@ -31,10 +31,12 @@ def summarise(records: list[dict]) -> list[dict]:
                 "max_logit_err": max(errs) if errs else None,
                 "token_agreement": statistics.mean(agree) if agree else None,
                 "switch_ms": statistics.median(r["switch_ms"] for r in rs),
+                "task_load_ms": statistics.median(r["task_load_ms"] for r in rs),
                 "program_load_ms": rs[0]["program_load_ms"],
                 "decode_ms_per_token": statistics.median(decode) if decode else None,
                 "prefill_ms": statistics.median(r["prefill_ms"] for r in rs),
                 "peak_rss_mb": rs[0]["peak_rss_mb"],
+                **{k: rs[0][k] for k in ("export_seconds", "program_source") if k in rs[0]},  # benchmarks/export_host.py adds them
             }
         )
     return rows
@@ -49,11 +51,12 @@ def bench_markdown(records: list[dict], notes: dict) -> str:
         row["KB_task"] = row["bytes_task_mean"] / 1e3
     lines = ["# Host benchmark of the exports", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
-    lines += ["", "## Per export (means over tasks; latencies are medians)", ""]
+    lines += ["", "## Per export (means over tasks; latencies, switch_ms and task_load_ms are medians over tasks)", ""]
     lines += dict_table(
         summary,
         ["export", "runtime", "quant", "method", "tasks", "MB_resident", "KB_task", "MB_total", "score", "score_pytorch",
-         "max_logit_err", "token_agreement", "switch_ms", "program_load_ms", "prefill_ms", "decode_ms_per_token", "peak_rss_mb"],
+         "max_logit_err", "token_agreement", "switch_ms", "task_load_ms", "program_load_ms", "prefill_ms", "decode_ms_per_token",
+         "peak_rss_mb", *(["export_seconds", "program_source"] if any("export_seconds" in r for r in summary) else [])],
     )
     lines += ["", "## Per task", ""]
     lines += dict_table(
