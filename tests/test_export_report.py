@@ -25,7 +25,20 @@ def test_reports_hold_every_record_and_one_summary_row_per_export(tmp_path):
     assert saved["records"] == records and saved["notes"] == {"threads": 1}
     summary = summarise(records)
     assert [r["export"] for r in summary] == ["a", "b"]
-    assert summary[0]["score"] == 60.0 and summary[0]["tasks"] == 2
+    assert summary[0]["score"] == 60.0 and summary[0]["tasks"] == 2 and summary[0]["task_load_ms"] == 0.1
     md = path.with_suffix(".md").read_text()
     assert md.count("| a | onnxruntime |") == 1 and md.count("| b | executorch |") == 1
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_carries_the_export_time_when_the_records_have_it(tmp_path):
+    records = [_record("a", "t1", 50.0), _record("a", "t2", 70.0)]
+    records[1]["task_load_ms"] = 0.3
+    for r in records:
+        r.update(export_seconds=2.5, program_source="cache (hard link)")
+    path = tmp_path / "export_host.json"
+    write_reports(records, path, {})
+    (row,) = summarise(records)
+    assert row["task_load_ms"] == 0.2 and row["export_seconds"] == 2.5  # median over tasks; the export's own time
+    header = next(line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| export | runtime"))
+    assert header.split(" | ")[-2:] == ["export_seconds", "program_source |"]
