@@ -355,8 +355,11 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=4, help="random token windows per task (without --ids)")
     p.add_argument("--rope-theta", type=float, default=None, help="the model's RoPE base (Llama default RoPE): needed for "
                    "--ids examples given as {'cached': ids, 'step': ids} (their cache is left-padded and the keys moved)")
-    p.add_argument("--minutes", type=float, default=0, help="per quant, start no new round of examples after this many minutes of runs (0: no limit)")
+    p.add_argument("--minutes", type=float, default=0, help="start no new example after this many minutes since this script started (0: no limit)")
+    p.add_argument("--effect-tasks", type=int, default=2, help="the first N tasks of --tasks also run their first example without "
+                   "slots on HTP: the LoRA effect (one more HTP run each)")
     a = p.parse_args()
+    started = time.perf_counter()
 
     os.makedirs(a.workdir, exist_ok=True)
     manifest = json.load(open(os.path.join(a.export, "manifest.json")))
@@ -505,17 +508,17 @@ def main() -> None:
         # lowering of an op differs from the graph as written (how the Reciprocal encoding was found)
         cpu_qdq = ort.InferenceSession(qdq, so, providers=["CPUExecutionProvider"])
         on_qdq, runs = {}, []
-        started = time.perf_counter()
         # example k of every task, then k + 1: a run stopped by --minutes (or one that dies) still covers every task
         for k in range(max(len(eval_ids[t]) for t in order)):
-            if a.minutes and (time.perf_counter() - started) / 60 > a.minutes:
-                info["stopped"] = f"--minutes {a.minutes}: examples from index {k} on not run"
-                break
             for i, task in enumerate(order):
-                if k >= len(eval_ids[task]):
+                if k >= len(eval_ids[task]) or info.get("stopped"):
+                    continue
+                if a.minutes and (time.perf_counter() - started) / 60 > a.minutes:
+                    info["stopped"] = f"--minutes {a.minutes}: from example {k} of {task} on not run"
                     continue
                 n_rows = real_rows(task, k)
-                base = timed(session, feed(None, task, k))[0] if k == 0 else None  # the LoRA effect: first example only (time)
+                # the LoRA effect (a second HTP run without slots): first example of the first --effect-tasks tasks only (time)
+                base = timed(session, feed(None, task, k))[0] if k == 0 and task in order[:a.effect_tasks] else None
                 got, ms = timed(session, feed(task, task, k))
                 arrays[f"{quant}/qdq/{i}/{k}"] = on_qdq[(task, k)] = got
                 arrays[f"fp32/{task}/{k}"] = fp32(task, task, k)
@@ -523,14 +526,14 @@ def main() -> None:
                 runs.append({**compare(got, task, k, base), "run_ms": ms,
                              "max_err_cpu_qdq_vs_fp32": float(np.abs(on_cpu - fp32(task, task, k))[:n_rows].max()),
                              "max_diff_htp_vs_cpu_qdq": float(np.abs(got - on_cpu)[:n_rows].max())})
+                # a checkpoint per example: report.json as it stands, this quant's runs so far under "partial"
+                np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
+                json.dump({**report, "partial": {**info, "runs": runs}}, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
             for key in [x for x in feeds if x[2] != 0 or x[0] != x[1]]:  # keep only what the context binaries rerun
                 del feeds[key]
-            # a checkpoint per round: report.json as it stands, this quant's runs so far under "partial"
-            np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
-            json.dump({**report, "partial": {**info, "runs": runs}}, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
         del cpu_qdq
-        # the same feeds again: a run without a switch, the time a switched run is compared with
-        _, info["repeat_run_ms"] = timed(session, feed(runs[-1]["task"], runs[-1]["task"], runs[-1]["window"]))
+        if not info.get("stopped"):  # the same feeds again: a run without a switch, the time a switched run is compared with
+            _, info["repeat_run_ms"] = timed(session, feed(runs[-1]["task"], runs[-1]["task"], runs[-1]["window"]))
         info["runs"] = runs
         info["contexts"] = []
         for arch in archs if quant in (a.context_quants or a.quants).split(",") else []:
