@@ -1,19 +1,24 @@
 """The ``qnn-htp`` target at real width: SmolLM2-135M ONNX exports quantised to QDQ (A16W8, and A8W8
 as the small option) on the QNN execution provider's HTP emulator, every node on the NPU (CPU
-fallback disabled: the session only opens if so), one offline context binary per htp_arch.
+fallback disabled: the session only opens if so), optionally one offline context binary per htp_arch.
 
-Per export (a HydraOpt bank and one-adapter-per-task, method ``none``), per quant and task:
-teacher-forced windows of real suite test prompts (prompt + reference answer tokens): the first
-``--past`` tokens prefill the KV cache with the fp32 export on the CPU execution provider
-(labelled), the next ``--seq`` positions run as one decode step on HTP; max logit error and top-1
-agreement vs the fp32 export on the CPU EP, the LoRA effect's cosine (task minus base model, on
-HTP vs fp32), answer tokens hit where the window reaches the answer, run time (emulated) and the
-task switch (feeding another task's slots; decoded once per task load on the host CPU). Per
-htp_arch: the context binary's bytes, compile and load time, and a task switch through it against
-the QDQ session. QNN's own LoRA route (``qnn.lora_config``) is probed and its limit recorded.
+Per export (a HydraOpt bank and one-adapter-per-task, method ``none``), per quant and task: teacher-forced
+task scores from HTP's own outputs. Each example (the first ``--examples`` test examples of the task whose
+prompt and answer fit the static shapes) is split: the prompt but its last token is prefilled by the fp32
+export on the CPU execution provider (host, labelled), left-padded into the static ``--past`` cache (keys
+moved by RoPE, padding masked through the graph's ``attention_bias`` input); the prompt's last token and
+the answer run as one static ``--seq`` step on HTP, so the prediction of every answer token (and of the
+end-of-turn token) comes from the NPU. Exact (100) when each is the argmax. The same examples are scored on
+the fp32 export (host CPU EP, unpadded cache): ``score_host``. Averaged records carry ``drop_points``
+(HydraOpt vs ``none`` on HTP) and ``host_drop_points`` (the same on the host's fp32 export) with 95 %
+paired bootstrap intervals, plus parity (max logit error, top-1 agreement on the answer rows), the
+LoRA effect's cosine, task bytes and task load time. One HTP step costs minutes on the emulator on a
+shared 2-core host, so examples run round robin over the tasks and stop at ``--minutes`` / ``--deadline``
+(checkpointed per example; the record says how many ran). QNN's own LoRA route (``qnn.lora_config``) is
+probed on the first context binary when ``--archs`` is given, and its limit recorded.
 
     flock -s /work/runs/cpu.lock nice -n 5 python benchmarks/device_qnn_htp.py \\
-        /work/runs/qnn/export-hydraopt /work/runs/qnn/export-none --tasks country-de,topic-en
+        EXPORT_HYDRAOPT EXPORT_NONE --examples 4 --past 120 --seq 8 --jobs 2 --deadline 13:55
 
 Writes benchmarks/results/device_qnn-htp.{json,md}.
 """
@@ -260,7 +265,8 @@ def main() -> None:
             partial = read_report(work) if (work / "report.json").is_file() and (work / "logits.npz").is_file() else None
             return partial, time.perf_counter() - t0, str(e)[-600:]
 
-    # --jobs 2 runs the exports side by side (each emulator process is single-threaded). Runs with
+    # --jobs 2 runs the exports side by side (each emulator process is mostly one thread: sampled over 30 s, the
+    # Python/QNN thread took ~2/3 of its CPU time and its 8 thr_hvx_* threads the rest, HMX 1x1 convs on top). Runs with
     # --seq 3 --past 32 died (two at once, and again one at a time) with a segfault in libQnnHtp.so's
     # HVX thread (dmesg), no Python error; --seq 4 --past 16 ran (trigger not isolated)
     with ThreadPoolExecutor(args.jobs) as pool:
