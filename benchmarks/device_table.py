@@ -75,11 +75,12 @@ def qnn_rows(data: dict) -> list[list]:
         tasks = per_task.get((r["export"], r["quant"]), [])
         archs = sorted(a for (e, q, a) in contexts if (e, q) == (r["export"], r["quant"]))
         resident = ", ".join(f"v{a}: {contexts[(r['export'], r['quant'], a)]:,}" for a in archs) or f"{r['bytes_qdq']:,} (QDQ ONNX)"
-        total = lambda x: x["bytes_qdq"] + x["tasks"] * x["bytes_task_mean"]  # noqa: E731
+        n_tasks = len(data["notes"]["tasks"])  # the bank's tasks, whether or not each got an example on HTP
+        total = lambda x: x["bytes_qdq"] + n_tasks * x["bytes_task_mean"]  # noqa: E731
         ratio = f"{total(r) / total(none):.3f} (QDQ)" if none else "-"
         parity = (f"max logit err {r['max_logit_err']:.1f}, top-1 {r['token_agreement']:.2f}; host fp32 score {r['score_host']:.1f}")
         method = f"{r['method']} ({r['budget']})" if r.get("budget") else r["method"]
-        rows.append(["qnn-htp", method, r["quant"], f"whole model, {r['tasks']} tasks; prompt cache fp32 on CPU EP, answer rows on HTP",
+        rows.append(["qnn-htp", method, r["quant"], f"whole model, {r['tasks']} of {n_tasks} tasks; prompt cache fp32 on CPU EP, answer rows on HTP",
                      resident, f"{round(r['bytes_task_mean']):,}", ratio, f"{r['score']:.1f} ({r['n_examples']}, teacher-forced)",
                      _drop(r.get("drop_points")), _drop(r.get("host_drop_points")), parity, "feed slots (no reload)",
                      f"{statistics.median(p['task_load_ms'] for p in tasks):.1f} ms (host decode)" if tasks else "-", r["latency_kind"]])
