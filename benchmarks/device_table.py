@@ -64,22 +64,26 @@ def arm64_rows(data: dict) -> list[list]:
 
 
 def qnn_rows(data: dict) -> list[list]:
-    """One row per (method, quant): the QDQ graph's parity with the host fp32 export; no task score."""
+    """One row per (export, quant): teacher-forced scores on HTP, drops vs one-per-task on HTP and on the host's fp32 export."""
     per_task: dict[tuple[str, str], list[dict]] = {}
     for p in data.get("per_task", []):
-        per_task.setdefault((p["method"], p["quant"]), []).append(p)
-    contexts = {(c["method"], c["quant"], c["htp_arch"]): c["bytes"] for c in data.get("contexts", [])}
+        per_task.setdefault((p["export"], p["quant"]), []).append(p)
+    contexts = {(c["export"], c["quant"], c["htp_arch"]): c["bytes"] for c in data.get("contexts", [])}
+    none = next((r for r in data["records"] if r["method"] == "none"), None)
     rows = []
     for r in data["records"]:
-        tasks = per_task.get((r["method"], r["quant"]), [])
-        archs = sorted(a for (m, q, a) in contexts if (m, q) == (r["method"], r["quant"]))
-        resident = ", ".join(f"v{a}: {contexts[(r['method'], r['quant'], a)]:,}" for a in archs) or f"{r['bytes']:,} (QDQ)"
-        task_bytes = f"{round(statistics.mean(p['task_bytes'] for p in tasks)):,}" if tasks else "-"
-        parity = (f"max logit err {r['max_logit_err']:.1f}, top-1 {r['top1_agreement']:.2f}, "
-                  f"LoRA effect cos {r['lora_effect_cosine_median']:.3f}")
-        rows.append(["qnn-htp", r["method"], r["quant"], f"whole model, {r['tasks']} tasks, one window each", resident, task_bytes, "-",
-                     "- (parity only)", "-", "-", parity, "feed slots (no reload)",
-                     f"{r['task_decode_ms_host_median']:.1f} ms (host decode)", r["latency_kind"]])
+        tasks = per_task.get((r["export"], r["quant"]), [])
+        archs = sorted(a for (e, q, a) in contexts if (e, q) == (r["export"], r["quant"]))
+        resident = ", ".join(f"v{a}: {contexts[(r['export'], r['quant'], a)]:,}" for a in archs) or f"{r['bytes_qdq']:,} (QDQ ONNX)"
+        n_tasks = len(data["notes"]["tasks"])  # the bank's tasks, whether or not each got an example on HTP
+        total = lambda x: x["bytes_qdq"] + n_tasks * x["bytes_task_mean"]  # noqa: E731
+        ratio = f"{total(r) / total(none):.3f} (QDQ)" if none else "-"
+        parity = (f"max logit err {r['max_logit_err']:.1f}, top-1 {r['token_agreement']:.2f}; host fp32 score {r['score_host']:.1f}")
+        method = f"{r['method']} ({r['budget']})" if r.get("budget") else r["method"]
+        rows.append(["qnn-htp", method, r["quant"], f"whole model, {r['tasks']} of {n_tasks} tasks; prompt cache fp32 on CPU EP, answer rows on HTP",
+                     resident, f"{round(r['bytes_task_mean']):,}", ratio, f"{r['score']:.1f} ({r['n_examples']}, teacher-forced)",
+                     _drop(r.get("drop_points")), _drop(r.get("host_drop_points")), parity, "feed slots (no reload)",
+                     f"{statistics.median(p['task_load_ms'] for p in tasks):.1f} ms (host decode)" if tasks else "-", r["latency_kind"]])
     return rows
 
 
@@ -112,8 +116,8 @@ def main() -> None:
     table = "\n".join(markdown_table(HEADER, rows))
     text = "\n".join([
         f"Rows from {', '.join(sources)}; written by `python benchmarks/device_table.py`. Every latency is emulated (qemu, "
-        "the HTP emulator) or estimated (Vela) and is never a phone's speed; arm64-cpu and qnn-htp cover few tasks and examples "
-        "(see each record's notes), ethos-u one decoder layer.", "", table, ""])
+        "the HTP emulator) or estimated (Vela) and is never a phone's speed; arm64-cpu and qnn-htp cover few examples per task "
+        "(see each record's notes; qnn-htp: the examples whose answer fits its static step), ethos-u one decoder layer.", "", table, ""])
     with atomic_file(RESULTS / "device_table.md") as f:
         f.write_text("# Device targets: one table\n\n" + text)
     readme = ROOT / "README.md"

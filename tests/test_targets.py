@@ -262,40 +262,63 @@ import json, sys
 import numpy as np, onnx, onnxruntime as ort
 sys.path.insert(0, sys.argv[1])
 import qnn_graph
-export, work = sys.argv[2], sys.argv[3]
+export, work, theta = sys.argv[2], sys.argv[3], float(sys.argv[4])
 pure, defaults, facts = qnn_graph.prepare(export, work, 8, 2)
 model = onnx.load(pure)
 facts["linear_convs"] = qnn_graph.linear_convs(model)
 onnx.save(model, work + "/convs.onnx")
 m = json.load(open(export + "/manifest.json"))["model"]
+n_kv, kv = 2 * m["n_layers"], (1, m["kv_heads"], 0, m["head_dim"])
 rng = np.random.default_rng(0)
+slots = {d.name: 0.1 * rng.normal(size=tuple(d.dims)).astype(np.float32) for d in defaults if d.name != qnn_graph.BIAS}
+bias = {d.name: onnx.numpy_helper.to_array(d) for d in defaults if d.name == qnn_graph.BIAS}
 feeds = {"input_ids": rng.integers(0, m["vocab_size"], (1, 8))}
-feeds.update({f"past.{i}": rng.normal(size=(1, m["kv_heads"], 2, m["head_dim"])).astype(np.float32) for i in range(2 * m["n_layers"])})
-feeds.update({d.name: 0.1 * rng.normal(size=tuple(d.dims)).astype(np.float32) for d in defaults})
-run = lambda path: ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-ref = run(export + "/model.onnx")
-facts["max_err"] = {name: float(np.abs(run(path) - ref).max()) for name, path in (("pure", pure), ("convs", work + "/convs.onnx"))}
+feeds.update({f"past.{i}": rng.normal(size=(1, m["kv_heads"], 2, m["head_dim"])).astype(np.float32) for i in range(n_kv)})
+feeds.update(slots)
+run = lambda path, f: ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, f)
+ref = run(export + "/model.onnx", feeds)[0]
+facts["max_err"] = {name: float(np.abs(run(path, {**feeds, **bias})[0] - ref).max()) for name, path in (("pure", pure), ("convs", work + "/convs.onnx"))}
 facts["logits_absmax"] = float(np.abs(ref).max())
 facts["n_layers"] = m["n_layers"]
+facts["bias_shape"] = list(next(iter(bias.values())).shape)
+# a prompt of 3 tokens in a static cache of 6: left-padded, keys moved by rope_shift, padding masked, against the unpadded cache
+import os
+os.makedirs(work + "/padded", exist_ok=True)
+pure6, defaults6, _ = qnn_graph.prepare(export, work + "/padded", 4, 6)
+bias6 = next(onnx.numpy_helper.to_array(d) for d in defaults6 if d.name == qnn_graph.BIAS).copy()
+prompt, step = rng.integers(0, m["vocab_size"], (1, 3)), rng.integers(0, m["vocab_size"], (1, 4))
+cache = run(export + "/model.onnx", {"input_ids": prompt, **{f"past.{i}": np.zeros(kv, np.float32) for i in range(n_kv)}, **slots})[1:]
+ref6 = run(export + "/model.onnx", {"input_ids": step, **{f"past.{i}": x for i, x in enumerate(cache)}, **slots})[0]
+pad = np.zeros((1, m["kv_heads"], 3, m["head_dim"]), np.float32)
+bias6[..., :3] = qnn_graph.MASK_VALUE
+padded = {f"past.{i}": np.concatenate([pad, qnn_graph.rope_shift(x, 3, theta) if i % 2 == 0 else x], axis=2) for i, x in enumerate(cache)}
+facts["max_err"]["padded"] = float(np.abs(run(pure6, {"input_ids": step, **padded, **slots, qnn_graph.BIAS: bias6})[0] - ref6).max())
+unmoved = {f"past.{i}": np.concatenate([pad, x], axis=2) for i, x in enumerate(cache)}  # without rope_shift: the check can fail
+facts["err_padded_keys_not_moved"] = float(np.abs(run(pure6, {"input_ids": step, **unmoved, **slots, qnn_graph.BIAS: bias6})[0] - ref6).max())
 print(json.dumps(facts))
 """
 
 
 def test_qnn_graph_edits_keep_the_fp32_graph(qnn, tiny, tmp_path):
     """The HTP graph's edits, run in fp32 on the CPU EP against the export with LoRA slots active: the finite causal
-    mask (-100 for -3.4e38), Reciprocal as Div(1, x) and the constant-weight MatMuls as 1x1 Convs change nothing."""
+    mask (-100 for -3.4e38) as the ``attention_bias`` input, Reciprocal as Div(1, x) and the constant-weight MatMuls
+    as 1x1 Convs change nothing; and a prompt shorter than the static cache, left-padded with its keys moved by
+    ``rope_shift`` and the padding masked, gives the unpadded cache's logits (not so without moving the keys)."""
     from exporters.targets.qnn_htp import SCRIPT, venv_python
 
-    r = subprocess.run([str(venv_python(qnn.folder())), "-c", EDITS_CHECK, str(SCRIPT.parent), str(tiny["fp32"]), str(tmp_path)],
+    theta = json.loads((tiny["model"] / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    r = subprocess.run([str(venv_python(qnn.folder())), "-c", EDITS_CHECK, str(SCRIPT.parent), str(tiny["fp32"]), str(tmp_path), str(theta)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     facts = json.loads(r.stdout.strip().splitlines()[-1])
     layers = facts["n_layers"]
     assert facts["finite_masks"] == 1 and facts["reciprocals_as_div"] == 2 * layers + 1  # two RMSNorms per layer and the final one
+    assert facts["mask_input"] == "attention_bias" and facts["bias_shape"][-2:] == [8, 10]  # seq x (past + seq)
     assert facts["linear_convs"] == 7 * layers + 1  # q, k, v, o, gate, up, down per layer and the LM head
     assert facts["logits_absmax"] > 0.1
     for name, err in facts["max_err"].items():
         assert err < 1e-5, (name, facts)
+    assert facts["err_padded_keys_not_moved"] > 1e-3, facts
 
 
 def logits_of(report: dict, quant: str, run: int) -> np.ndarray:
@@ -330,3 +353,25 @@ def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny, tm
         for i, task in enumerate(order):  # alpha -> beta -> alpha through the one binary: the QDQ session's outputs
             np.testing.assert_array_equal(logits[f"a16w8/ctx{arch}/{i}/0"], logits[f"a16w8/qdq/{i}/0"], err_msg=f"htp_arch {arch} {task}")
             assert ctx["runs"][i]["task"] == task and ctx["runs"][i]["max_diff_vs_qdq_session"] == 0.0
+
+
+def test_qnn_htp_runs_prompts_shorter_than_the_static_cache(qnn, tiny, tmp_path):
+    """Teacher-forced examples as the benchmark runs them: the prompt's cache (5 and 3 ids) left-padded into a static
+    cache of 8, the step (4 ids, one example right-padded from 3) on HTP with the padding masked through the
+    ``attention_bias`` input. The fp32 reference (unpadded) equals PyTorch, the padded fp32 graph equals the reference,
+    and HTP's A16W8 rows stay within the target's tolerance of it."""
+    theta = json.loads((tiny["model"] / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    examples = [{"cached": PROMPT[:5], "step": PROMPT[5:9]}, {"cached": PROMPT[:3], "step": PROMPT[3:6]}]
+    ids = {"calibration": {t: examples for t in ("alpha", "beta", "gamma")}, "eval": {"alpha": examples, "beta": examples}}
+    report = htp_check(tiny["fp32"], ["alpha", "beta"], seq=4, past=8, quants=("a16w8",), ids=ids, rope_theta=theta,
+                       static_check=False, workdir=tmp_path)
+    assert report["pad_check_max_err"] < 1e-5 and report["mask_input"] == "attention_bias"
+    (a16,) = report["quants"]
+    assert [(r["task"], r["window"], r["rows"]) for r in a16["runs"]] == [("alpha", 0, 4), ("beta", 0, 4), ("alpha", 1, 3), ("beta", 1, 3)]
+    for k, ex in enumerate(examples):
+        full = ex["cached"] + ex["step"]
+        torch_rows = reference_logits(tiny["model"], tiny["bank"], "alpha", full)[len(ex["cached"]):]
+        np.testing.assert_allclose(report["logits"][f"fp32/alpha/{k}"][: len(ex["step"])], torch_rows, atol=FP32_TOL)
+    for run in a16["runs"]:
+        assert run["max_err_vs_fp32"] < QNN_A16W8_TOL, run
+    assert a16["runs"][0]["lora_effect_cosine"] > 0.95 and "lora_effect_cosine" not in a16["runs"][2]  # the LoRA effect: first example only

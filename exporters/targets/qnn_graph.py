@@ -14,7 +14,10 @@ whose task decoding every ONNX session shares. Steps, each needed for HTP:
    each ``Reciprocal`` (RMSNorm's 1/sqrt) becomes ``Div(1, x)`` (``reciprocals_as_div``);
 4. the task slots become plain inputs for quantisation (their zero defaults come back after), so
    the quantiser gives each one a fixed 16-bit encoding calibrated on every task's slot values
-   instead of folding them into constant weights;
+   instead of folding them into constant weights; so does the folded causal mask (``attention_bias``,
+   default: the mask), so that a prompt shorter than the static cache runs left-padded with the
+   padding masked (``--ids`` examples ``{"cached": ids, "step": ids}``; the cached keys are moved to
+   their padded positions with ``rope_shift``, checked against the unpadded fp32 graph);
 5. ``qnn_preprocess_model`` + ``get_qnn_qdq_config`` (16-bit activations, 8-bit weights: A8W8 loses
    the LoRA effect, FIELD_NOTES) + ``quantize``.
 
@@ -95,6 +98,47 @@ def finite_masks(model: onnx.ModelProto, value: float = MASK_VALUE) -> int:
                     inits[name].CopyFrom(onnx.numpy_helper.from_array(np.where(mask < -1e30, np.float32(value), mask), name))
                     changed.add(name)
     return len(changed)
+
+
+BIAS = "attention_bias"
+
+
+def mask_as_input(model: onnx.ModelProto) -> onnx.TensorProto | None:
+    """Make the folded causal mask (the constant added to every attention score in front of the Softmax)
+    one graph input, ``attention_bias``, whose default is that mask; returns the default (None if there is
+    no such mask). With a static ``past`` a shorter prompt then fits too: its cache is left-padded and the
+    padded key columns are fed ``MASK_VALUE`` (``padded_window``), so one graph serves every prompt up to
+    ``past`` tokens. Run after ``finite_masks``; several masks must be equal (one per layer after folding)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for node in model.graph.node:
+        add = producers.get(node.input[0]) if node.op_type == "Softmax" else None
+        names += [x for x in (add.input if add is not None and add.op_type == "Add" else ()) if x in inits and x not in names]
+    if not names:
+        return None
+    value = onnx.numpy_helper.to_array(inits[names[0]])
+    for name in names[1:]:
+        if not np.array_equal(onnx.numpy_helper.to_array(inits[name]), value):
+            raise ValueError(f"mask_as_input: the attention masks {names[0]} and {name} differ")
+    rename_inputs(model.graph, {name: BIAS for name in names})
+    kept = [i for i in model.graph.initializer if i.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(BIAS, onnx.TensorProto.FLOAT, list(value.shape)))
+    return onnx.numpy_helper.from_array(value, BIAS)
+
+
+def rope_shift(keys: np.ndarray, delta: int, theta: float) -> np.ndarray:
+    """Cached keys (..., head_dim), rotated by Llama's default RoPE at their positions, moved ``delta``
+    positions later: RoPE rotates each pair of channels (i, i + head_dim / 2) by position x frequency, and
+    rotations add, so one more rotation by ``delta`` x frequency gives the keys at the new positions
+    (attention depends only on query minus key position)."""
+    half = keys.shape[-1] // 2
+    angle = delta / theta ** (np.arange(half, dtype=np.float64) * 2 / keys.shape[-1])
+    cos, sin = np.tile(np.cos(angle), 2), np.tile(np.sin(angle), 2)
+    rotated = np.concatenate([-keys[..., half:], keys[..., :half]], axis=-1)
+    return (keys * cos + rotated * sin).astype(np.float32)
 
 
 def reciprocals_as_div(model: onnx.ModelProto) -> int:
@@ -211,8 +255,9 @@ def context_binary(qdq: str, workdir: str, arch: str) -> dict:
 
 
 def prepare(export: str, workdir: str, seq: int, past: int) -> tuple[str, list, dict]:
-    """Steps 1-4: the static, folded graph without NaN guards, task slots as plain inputs -> ``pure.onnx``.
-    Returns its path, the slots' (zero-able) default initializers and facts for the report."""
+    """Steps 1-4: the static, folded graph without NaN guards, task slots and the causal mask as plain inputs
+    -> ``pure.onnx``. Returns its path, the default initializers of those inputs (slots: zero; ``attention_bias``:
+    the causal mask) and facts for the report."""
     w = lambda name: os.path.join(workdir, name)  # noqa: E731
     model = onnx.load(os.path.join(export, "model.onnx"))
     make_dim_param_fixed(model.graph, "seq", seq)
@@ -224,13 +269,15 @@ def prepare(export: str, workdir: str, seq: int, past: int) -> tuple[str, list, 
     guards = drop_nan_guards(model)
     masks = finite_masks(model)
     reciprocals = reciprocals_as_div(model)
+    bias = mask_as_input(model)
     slots = [i.name for i in model.graph.input if i.name.endswith((".lora_a", ".lora_b"))]
-    defaults = [i for i in model.graph.initializer if i.name in slots]
+    defaults = [i for i in model.graph.initializer if i.name in slots] + ([bias] if bias is not None else [])
     kept = [i for i in model.graph.initializer if i.name not in slots]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     onnx.save(model, w("pure.onnx"))
-    return w("pure.onnx"), defaults, {"guards_dropped": guards, "finite_masks": masks, "mask_value": MASK_VALUE, "reciprocals_as_div": reciprocals, "slots": len(slots)}
+    return w("pure.onnx"), defaults, {"guards_dropped": guards, "finite_masks": masks, "mask_value": MASK_VALUE, "reciprocals_as_div": reciprocals, "slots": len(slots),
+                                "mask_input": BIAS if bias is not None else None}
 
 
 def quantize_qdq(pure: str, workdir: str, quant: str, calib: list, defaults: list, per_channel: bool) -> tuple[str, dict]:
@@ -256,8 +303,8 @@ def quantize_qdq(pure: str, workdir: str, quant: str, calib: list, defaults: lis
     quantize(src, out, config)
     quantize_s = time.perf_counter() - t0
     qdq = onnx.load(out)
-    for d in defaults:  # zero defaults again: a run without task slots is the base model
-        qdq.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(d)), d.name))
+    for d in defaults:  # the defaults again: zero slots (a run without task slots is the base model), the causal mask
+        qdq.graph.initializer.append(d if d.name == BIAS else onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(d)), d.name))
     assert {d.name for d in defaults} <= {i.name for i in qdq.graph.input}
     onnx.save(qdq, out)
     return out, {"quant": quant, "quantize_s": quantize_s, "weights": "per output channel (MatMul as 1x1 Conv)" if per_channel else "per tensor",
@@ -297,8 +344,8 @@ def main() -> None:
     p.add_argument("--archs", default="", help="htp_arch values to compile offline context binaries for (e.g. 73,75,79)")
     p.add_argument("--context-quants", default="", help="the quants that get context binaries (default: all)")
     p.add_argument("--context-tasks", default="", help="run order through each context binary (default: --tasks)")
-    p.add_argument("--ids", default="", help="JSON {'calibration': {task: [ids]}, 'eval': {task: [ids]}}, each ids of length past+seq "
-                                            "(default: random tokens)")
+    p.add_argument("--ids", default="", help="JSON {'calibration': {task: [ids]}, 'eval': {task: [ids]}}, each ids of length past+seq, "
+                                            "or {'cached': ids (<= past), 'step': ids (<= seq)} (default: random tokens)")
     p.add_argument("--lora-probe", default="", help="a file passed as qnn.lora_config's binary section on the first context binary")
     p.add_argument("--static-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also try the unquantised graph without CPU fallback (it must be refused; slow at real width)")
@@ -306,7 +353,13 @@ def main() -> None:
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                    help="8-bit weights per output channel (constant-weight MatMuls as 1x1 Convs); --no-per-channel: one scale per matrix")
     p.add_argument("--calibration", type=int, default=4, help="random token windows per task (without --ids)")
+    p.add_argument("--rope-theta", type=float, default=None, help="the model's RoPE base (Llama default RoPE): needed for "
+                   "--ids examples given as {'cached': ids, 'step': ids} (their cache is left-padded and the keys moved)")
+    p.add_argument("--minutes", type=float, default=0, help="start no new example after this many minutes since this script started (0: no limit)")
+    p.add_argument("--effect-tasks", type=int, default=2, help="the first N tasks of --tasks also run their first example without "
+                   "slots on HTP: the LoRA effect (one more HTP run each)")
     a = p.parse_args()
+    started = time.perf_counter()
 
     os.makedirs(a.workdir, exist_ok=True)
     manifest = json.load(open(os.path.join(a.export, "manifest.json")))
@@ -325,7 +378,8 @@ def main() -> None:
         t0 = time.perf_counter()
         decoded[t] = bank.task_slots(t, export.verified_task_file(t))
         decode_ms[t] = (time.perf_counter() - t0) * 1e3
-    zeros = {d.name: np.zeros_like(onnx.numpy_helper.to_array(d)) for d in defaults}
+    zeros = {d.name: np.zeros_like(onnx.numpy_helper.to_array(d)) for d in defaults if d.name != BIAS}
+    causal = {d.name: onnx.numpy_helper.to_array(d) for d in defaults if d.name == BIAS}
     rng = np.random.default_rng(0)
 
     def window(slots: dict, ids) -> dict:
@@ -334,6 +388,34 @@ def main() -> None:
         empty = {f"past.{i}": np.zeros(kv_shape, np.float32) for i in range(n_kv)}
         out = cpu.run(None, {"input_ids": ids[None, : a.past], **empty, **slots})
         return {"input_ids": ids[None, a.past:], **{f"past.{i}": out[1 + i] for i in range(n_kv)}, **slots}
+
+    def padded(slots: dict, example: dict) -> tuple[dict, dict]:
+        """A prompt shorter than the static cache: ``example["cached"]`` (at most ``past`` ids) prefilled by the
+        fp32 graph on the CPU, then ``example["step"]`` (at most ``seq`` ids, right-padded with its last id:
+        causal attention keeps the padding out of the rows before it) as the step. Returns (the dynamic fp32
+        graph's feeds: the cache as it is, the reference; the static graph's feeds: the cache left-padded with
+        zeros to ``past``, its keys moved to their new positions by ``rope_shift``, the padding masked)."""
+        cached, step = np.asarray(example["cached"], np.int64), list(example["step"])
+        if not 0 < len(cached) <= a.past or not 0 < len(step) <= a.seq:
+            raise ValueError(f"--ids: an example with {len(cached)} cached and {len(step)} step ids does not fit --past {a.past} --seq {a.seq}")
+        if a.rope_theta is None or not causal:
+            raise ValueError("--ids with cached/step examples needs --rope-theta and a graph with a causal mask")
+        empty = {f"past.{i}": np.zeros(kv_shape, np.float32) for i in range(n_kv)}
+        kv = cpu.run(None, {"input_ids": cached[None], **empty, **slots})[1:]
+        ids = np.asarray(step + step[-1:] * (a.seq - len(step)), np.int64)[None]
+        delta = a.past - len(cached)
+        pad = np.zeros((*kv_shape[:2], delta, kv_shape[3]), np.float32)
+        static = {f"past.{i}": np.concatenate([pad, rope_shift(x, delta, a.rope_theta) if i % 2 == 0 else x], axis=2) for i, x in enumerate(kv)}
+        bias = causal[BIAS].copy()
+        bias[..., :delta] = MASK_VALUE
+        return {"input_ids": ids, **{f"past.{i}": x for i, x in enumerate(kv)}, **slots}, {"input_ids": ids, **static, BIAS: bias, **slots}
+
+    def feeds_of(slots: dict, ids) -> tuple[dict, dict]:
+        """(the fp32 reference's feeds, the static graph's feeds) of a window (``past + seq`` ids) or a padded example."""
+        if isinstance(ids, dict):
+            return padded(slots, ids)
+        ref_feeds = window(slots, ids)
+        return ref_feeds, {**ref_feeds, **causal}
 
     given = json.load(open(a.ids)) if a.ids else None
     n = a.past + a.seq
@@ -345,28 +427,42 @@ def main() -> None:
         calib_ids = {t: [rng.integers(0, m["vocab_size"], n).tolist() for _ in range(a.calibration)] for t in manifest["tasks"]}
         shared = [rng.integers(0, m["vocab_size"], n).tolist()]
         eval_ids = {t: shared for t in {*order, *ctx_order}}
-    assert all(len(x) == n for xs in [*eval_ids.values(), *calib_ids.values()] for x in xs), "every window needs past+seq ids"
+    assert all(isinstance(x, dict) or len(x) == n for xs in [*eval_ids.values(), *calib_ids.values()] for x in xs), \
+        "every window needs past+seq ids"
     feeds: dict = {}
     ref: dict = {}
 
-    def feed(slots_of: str | None, owner: str, k: int) -> dict:
-        """Task ``slots_of``'s (None: the base model's zero slots) feeds for window ``k`` of task ``owner``."""
+    def both(slots_of: str | None, owner: str, k: int) -> tuple[dict, dict]:
         if (slots_of, owner, k) not in feeds:
-            feeds[(slots_of, owner, k)] = window(decoded[slots_of] if slots_of else zeros, eval_ids[owner][k])
+            feeds[(slots_of, owner, k)] = feeds_of(decoded[slots_of] if slots_of else zeros, eval_ids[owner][k])
         return feeds[(slots_of, owner, k)]
 
+    def feed(slots_of: str | None, owner: str, k: int) -> dict:
+        """The static graph's feeds: task ``slots_of``'s (None: the base model's zero slots) for window ``k`` of task ``owner``."""
+        return both(slots_of, owner, k)[1]
+
     def fp32(slots_of: str | None, owner: str, k: int) -> np.ndarray:
-        """The fp32 export's logits on the CPU EP: the reference."""
+        """The fp32 export's logits on the CPU EP (the cache unpadded): the reference."""
         if (slots_of, owner, k) not in ref:
-            ref[(slots_of, owner, k)] = cpu.run(["logits"], feed(slots_of, owner, k))[0][0]
+            ref[(slots_of, owner, k)] = cpu.run(["logits"], both(slots_of, owner, k)[0])[0][0]
         return ref[(slots_of, owner, k)]
 
+    def real_rows(owner: str, k: int) -> int:
+        """The step's rows that are not right-padding."""
+        ids = eval_ids[owner][k]
+        return len(ids["step"]) if isinstance(ids, dict) else a.seq
+
     def compare(got: np.ndarray, task: str, k: int, base: np.ndarray | None) -> dict:
-        r = fp32(task, task, k)
-        row = {"task": task, "window": k, "max_err_vs_fp32": float(np.abs(got - r).max()), "top1_agreement": float((got.argmax(-1) == r.argmax(-1)).mean()),
-               "max_err_vs_other_tasks": {t: float(np.abs(got - fp32(t, task, k)).max()) for t in dict.fromkeys(order) if t != task}}
+        """``got`` vs the fp32 reference on the step's real rows; with ``base`` (the NPU's run without slots) also the
+        LoRA effect and the distance to the other tasks' references."""
+        n_rows = real_rows(task, k)
+        got, r = got[:n_rows], fp32(task, task, k)[:n_rows]
+        row = {"task": task, "window": k, "rows": n_rows, "max_err_vs_fp32": float(np.abs(got - r).max()),
+               "top1_agreement": float((got.argmax(-1) == r.argmax(-1)).mean())}
         if base is not None:  # the LoRA effect: task minus base, on the NPU and in fp32
-            effect = r - fp32(None, task, k)
+            row["max_err_vs_other_tasks"] = {t: float(np.abs(got - fp32(t, task, k)[:n_rows]).max()) for t in dict.fromkeys(order) if t != task}
+            base = base[:n_rows]
+            effect = r - fp32(None, task, k)[:n_rows]
             row["lora_effect_cosine"] = cosine(got - base, effect)
             row["lora_effect_norm_ratio"] = float(np.linalg.norm(got - base) / (np.linalg.norm(effect) + 1e-30))
         return row
@@ -377,13 +473,21 @@ def main() -> None:
         return got, (time.perf_counter() - t0) * 1e3
 
     report: dict = {"ort": ort.__version__, **facts, "seq": a.seq, "past": a.past, "windows": {t: len(v) for t, v in eval_ids.items()},
-                    "task_decode_ms": decode_ms, "kv_prefill": "fp32 export on the CPU execution provider", "quants": []}
+                    "task_decode_ms": decode_ms, "kv_prefill": "fp32 export on the CPU execution provider", "rope_theta": a.rope_theta, "minutes": a.minutes, "quants": []}
     if a.static_check:  # the unquantised static graph still has ops HTP lacks: proves the fallback check can fail
         try:
             htp_session(os.path.join(a.workdir, "static.onnx"))
             report["static_graph_on_htp"] = "opened"
         except Exception as e:  # noqa: BLE001
             report["static_graph_on_htp"] = f"refused: {str(e)[:300]}"
+    padded_tasks = [t for t in order if any(isinstance(x, dict) for x in eval_ids[t])]
+    if padded_tasks:  # the padded cache + moved keys + mask, in fp32 on the CPU: must equal the unpadded reference
+        t, k = padded_tasks[0], next(j for j, x in enumerate(eval_ids[padded_tasks[0]]) if isinstance(x, dict))
+        got = ort.InferenceSession(pure, so, providers=["CPUExecutionProvider"]).run(["logits"], feed(t, t, k))[0][0]
+        report["pad_check_max_err"] = float(np.abs(got - fp32(t, t, k))[: real_rows(t, k)].max())
+        if report["pad_check_max_err"] > 1e-3:
+            raise RuntimeError(f"the left-padded cache changes the fp32 graph's logits by {report['pad_check_max_err']:.3g} "
+                               f"(task {t}, example {k}): is --rope-theta {a.rope_theta} the model's?")
     arrays = {}
     archs = [x for x in a.archs.split(",") if x]
     for quant in a.quants.split(","):
@@ -394,7 +498,7 @@ def main() -> None:
                     "ops": sorted({n.op_type for n in model.graph.node}), "bytes_qdq": os.path.getsize(qdq)}
             del model
         else:
-            calib = [window(decoded[t], ids) for t, xs in calib_ids.items() for ids in xs]
+            calib = [feeds_of(decoded[t], ids)[1] for t, xs in calib_ids.items() for ids in xs]
             qdq, info = quantize_qdq(pure, a.workdir, quant, calib, defaults, a.per_channel)
         t0 = time.perf_counter()
         session = htp_session(qdq, arch=archs[0] if archs else None)
@@ -404,18 +508,32 @@ def main() -> None:
         # lowering of an op differs from the graph as written (how the Reciprocal encoding was found)
         cpu_qdq = ort.InferenceSession(qdq, so, providers=["CPUExecutionProvider"])
         on_qdq, runs = {}, []
-        for i, task in enumerate(order):
-            for k in range(len(eval_ids[task])):
-                base, _ = timed(session, feed(None, task, k))
+        # example k of every task, then k + 1: a run stopped by --minutes (or one that dies) still covers every task
+        for k in range(max(len(eval_ids[t]) for t in order)):
+            for i, task in enumerate(order):
+                if k >= len(eval_ids[task]) or info.get("stopped"):
+                    continue
+                if a.minutes and (time.perf_counter() - started) / 60 > a.minutes:
+                    info["stopped"] = f"--minutes {a.minutes}: from example {k} of {task} on not run"
+                    continue
+                n_rows = real_rows(task, k)
+                # the LoRA effect (a second HTP run without slots): first example of the first --effect-tasks tasks only (time)
+                base = timed(session, feed(None, task, k))[0] if k == 0 and task in order[:a.effect_tasks] else None
                 got, ms = timed(session, feed(task, task, k))
                 arrays[f"{quant}/qdq/{i}/{k}"] = on_qdq[(task, k)] = got
                 arrays[f"fp32/{task}/{k}"] = fp32(task, task, k)
                 on_cpu = cpu_qdq.run(["logits"], feed(task, task, k))[0][0]
-                runs.append({**compare(got, task, k, base), "run_ms": ms, "max_err_cpu_qdq_vs_fp32": float(np.abs(on_cpu - fp32(task, task, k)).max()),
-                             "max_diff_htp_vs_cpu_qdq": float(np.abs(got - on_cpu).max())})
+                runs.append({**compare(got, task, k, base), "run_ms": ms,
+                             "max_err_cpu_qdq_vs_fp32": float(np.abs(on_cpu - fp32(task, task, k))[:n_rows].max()),
+                             "max_diff_htp_vs_cpu_qdq": float(np.abs(got - on_cpu)[:n_rows].max())})
+                # a checkpoint per example: report.json as it stands, this quant's runs so far under "partial"
+                np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
+                json.dump({**report, "partial": {**info, "runs": runs}}, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
+            for key in [x for x in feeds if x[2] != 0 or x[0] != x[1]]:  # keep only what the context binaries rerun
+                del feeds[key]
         del cpu_qdq
-        # the same feeds again: a run without a switch, the time a switched run is compared with
-        _, info["repeat_run_ms"] = timed(session, feed(order[-1], order[-1], len(eval_ids[order[-1]]) - 1))
+        if not info.get("stopped"):  # the same feeds again: a run without a switch, the time a switched run is compared with
+            _, info["repeat_run_ms"] = timed(session, feed(runs[-1]["task"], runs[-1]["task"], runs[-1]["window"]))
         info["runs"] = runs
         info["contexts"] = []
         for arch in archs if quant in (a.context_quants or a.quants).split(",") else []:
@@ -437,6 +555,7 @@ def main() -> None:
             info["contexts"].append(ctx)
             del cs
         report["quants"].append(info)
+        report.pop("partial", None)
         del session
         # after each quant, so a run cut short keeps what it measured
         np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)

@@ -86,12 +86,16 @@ def check(folder: Path) -> Readiness:
 
 def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None, quants: tuple[str, ...] = ("a16w8",),
               archs: tuple[str, ...] = (), context_quants: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, lora_probe: Path | None = None,
-              static_check: bool = True, reuse_qdq: bool = False, timeout: int = 1800) -> dict:
+              static_check: bool = True, reuse_qdq: bool = False, rope_theta: float | None = None, minutes: float = 0,
+              effect_tasks: int = 2, timeout: int = 1800) -> dict:
     """Quantise ``export`` to QDQ (``quants``: a16w8, a8w8), open it on HTP without CPU fallback, run ``tasks`` in order
     on every eval window; per ``archs`` (htp_arch), compile an offline context binary of each of ``context_quants``
     (default all), reload it and run ``context_tasks``.
 
-    ``ids``: ``{"calibration": {task: [ids]}, "eval": {task: [ids]}}``, each of ``past + seq`` token ids (default random).
+    ``ids``: ``{"calibration": {task: [ids]}, "eval": {task: [ids]}}``, each of ``past + seq`` token ids (default random),
+    or ``{"cached": ids, "step": ids}`` (a prompt shorter than ``past``: left-padded cache; needs ``rope_theta``).
+    ``minutes``: no new example after that long (0: no limit); ``effect_tasks``: how many of ``tasks`` (the first) also
+    run without slots for the LoRA effect.
     ``lora_probe``: a file tried as ``qnn.lora_config``'s adapter binary section on the first context binary.
     Returns ``qnn_graph.py``'s report (per quant: nodes, ops, bytes, runs with max error and top-1 agreement vs
     the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
@@ -107,6 +111,11 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
                "--context-quants", ",".join(context_quants)]
         if reuse_qdq:
             cmd.append("--reuse-qdq")
+        if rope_theta is not None:
+            cmd += ["--rope-theta", str(rope_theta)]
+        if minutes:
+            cmd += ["--minutes", str(minutes)]
+        cmd += ["--effect-tasks", str(effect_tasks)]
         if not static_check:
             cmd.append("--no-static-check")
         if lora_probe is not None:

@@ -46,6 +46,9 @@ def main() -> None:
     report = json.load(open(w("report.json")))
     seq, past = report["seq"], report["past"]
     ids = json.load(open(w("ids.json")))["eval"]
+    if any(isinstance(x, dict) for xs in ids.values() for x in xs):
+        raise SystemExit(f"{w('ids.json')}: padded examples (cached/step, device_qnn_htp.py's scoring run); this probe takes "
+                         "fixed past+seq windows only (a workdir of qnn_graph.py run with window ids)")
     tasks = [t for t in a.tasks.split(",") if t] or sorted(ids)
     t_start = time.perf_counter()
 
