@@ -8,8 +8,13 @@ well, so a script then imports ``hydraopt_mobile``, ``exporters`` and other scri
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import platform
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,3 +33,31 @@ def ready_target(name: str):
     if not ready.ready:
         sys.exit(f"{name} is not ready: {ready.reason} ({ready.command})")
     return target
+
+
+@contextlib.contextmanager
+def cpu_lock(fd: int | None, mode: int) -> Iterator[float]:
+    """Hold the machine's CPU lock (``flock(2)`` on ``fd``) in ``mode`` (``fcntl.LOCK_SH`` to export
+    or score beside other jobs, ``fcntl.LOCK_EX`` to time; nothing when ``fd`` is None); yields the
+    seconds spent waiting for it."""
+    if fd is None:
+        yield 0.0
+        return
+    t0 = time.time()
+    fcntl.flock(fd, mode)
+    try:
+        yield round(time.time() - t0, 1)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for timing records: machines differ between runs."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -14,7 +14,8 @@ recipe's drop vs fp32 of the same bank has a 95 % paired bootstrap interval
 (``hydraopt_mobile.suite.metrics.paired_drop``). Scores are not timings: they may run under load.
 
 ``slot_overhead_pct`` is a timing (decode with switchable slots against the same export with the
-task merged in, side by side under the exclusive CPU lock) and is left null here: see the notes.
+task merged in, side by side under the exclusive CPU lock): left null here, written into the record
+by ``benchmarks/slot_overhead.py --update-recipes``.
 
 Writes benchmarks/results/quant_recipes.{json,md,png} (ONNX) or quant_recipes_executorch.{json,md,png}.
 """
@@ -43,6 +44,7 @@ from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.atomic import write_text_atomic
+from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.suite.metrics import paired_drop, per_example
@@ -55,6 +57,17 @@ RUNTIMES = {  # --runtime -> (recipes, results, the runtime's name in records an
 }
 TARGET_4BIT = (0.90, 0.40)  # >= 90 % of the fp32 score at <= 40 % of the fp32 program's bytes
 TARGET_8BIT = 3.0  # relative drop (%) at most
+
+
+def suite_banks() -> dict[str, MergedBank]:
+    """The banks every recipe is measured on: the suite's shared-seed adapters as one adapter per task
+    (``none``) and HydraOpt at 1/T of the fp16 file bytes (``hydraopt``)."""
+    adapter_set = load_adapter_folders(ADAPTERS)
+    budget = Budget(fraction=round(1 / len(adapter_set.tasks), 4))
+    return {
+        "none": merge(adapter_set, MergeConfig(method="none")),
+        "hydraopt": merge(adapter_set, MergeConfig(method="hydraopt", budget=budget)),
+    }
 
 
 def score_export(folder: Path, n_examples: int, checkpoint: Path, open_session: Callable[[], Session]) -> dict[str, dict]:
@@ -137,7 +150,7 @@ def _coverage(scores: dict, args: argparse.Namespace) -> str:
             f"scores folder ({args.work.name}/scores, one example set)" + (f"; asked for but not scored: {', '.join(missing)}" if missing else ""))
 
 
-def _markdown(records: list[dict], notes: dict, title: str) -> str:
+def markdown(records: list[dict], notes: dict, title: str) -> str:
     lines = [f"# {title} quantisation recipes: suite score vs program bytes", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items() if k != "export_seconds"]
     lines += ["", "Targets: a 4-bit recipe >= 90 % of fp32's score at <= 40 % of fp32's program bytes; 8-bit within 3 % (relative).", ""]
@@ -145,17 +158,18 @@ def _markdown(records: list[dict], notes: dict, title: str) -> str:
         [r["method"], r["quant"], r["bits"], f"{r['program_bytes'] / 1e6:.1f}", r["bytes_ratio"], r["score"], r["fp32_score"],
          None if r["drop_points"] is None else f"{r['drop_points']:+.2f} [{r['drop_points_ci95'][0]:+.2f}, {r['drop_points_ci95'][1]:+.2f}]",
          None if r["rel_drop_pct"] is None else f"{r['rel_drop_pct']:+.1f} [{r['rel_drop_pct_ci95'][0]:+.1f}, {r['rel_drop_pct_ci95'][1]:+.1f}]",
-         {True: "yes", False: "no"}.get(r.get("meets_target")), {True: "yes", False: "no"}.get(r.get("meets_target_ci")), r["description"]]
+         {True: "yes", False: "no"}.get(r.get("meets_target")), {True: "yes", False: "no"}.get(r.get("meets_target_ci")),
+         None if r.get("slot_overhead_pct") is None else f"{r['slot_overhead_pct']:+.1f}", r["description"]]
         for r in sorted(records, key=lambda r: (r["method"], -r["program_bytes"]))
     ]
     lines += markdown_table(
-        ["method", "quant", "bits", "MB program", "bytes / fp32", "score", "fp32 score", "drop pts [95 % CI]", "drop % [95 % CI]", "target met", "met by the whole CI", "recipe"],
-        rows, "lllrrrrrrlll",
+        ["method", "quant", "bits", "MB program", "bytes / fp32", "score", "fp32 score", "drop pts [95 % CI]", "drop % [95 % CI]", "target met", "met by the whole CI", "slot overhead %", "recipe"],
+        rows, "lllrrrrrrllrl",
     )
     return "\n".join(lines) + "\n"
 
 
-def _plot(records: list[dict], png: Path, title: str, program_file: str) -> None:
+def plot(records: list[dict], png: Path, title: str, program_file: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,27 +210,23 @@ def main() -> None:
     args.work = args.work or ROOT / "out" / ("quant_recipes" if args.runtime == "onnx" else f"quant_recipes_{args.runtime}")
     args.results = args.results or results
 
-    adapter_set = load_adapter_folders(ADAPTERS)
+    banks = suite_banks()
     model_dir = base_model_dir()
-    budget = Budget(fraction=round(1 / len(adapter_set.tasks), 4))
-    banks = {
-        "none": merge(adapter_set, MergeConfig(method="none")),
-        "hydraopt": merge(adapter_set, MergeConfig(method="hydraopt", budget=budget)),
-    }
     (args.work / "scores").mkdir(parents=True, exist_ok=True)
     notes_path = args.work / "notes.json"
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else {"export_seconds": {}}
     notes.update({
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32: linears Q4_1, embedding/tied head Q8_0)",
-        "banks": {"none": "one adapter per task (fp16 factors)", "hydraopt": f"HydraOpt at 1/T = {budget.label()} of the fp16 file bytes"},
+        "banks": {"none": "one adapter per task (fp16 factors)", "hydraopt": f"HydraOpt at 1/T = {Budget(fraction=round(1 / len(banks['none'].tasks), 4)).label()} of the fp16 file bytes"},
         "bank_digests": {k: bank_digest(b) for k, b in banks.items()},
         "examples_per_task": args.examples,
         "decoding": f"greedy on {title}, {args.threads} thread(s), batch 1; {platform.machine()}, 2 shared cores",
         "slots": args.slots or "each bank's own signature",
         "drop": "fp32 score minus recipe score on the same examples, 95 % paired bootstrap over examples within tasks (paired_drop)",
         "program_bytes": f"file bytes of {program_file} (the resident program; the bank's files are the same for every recipe)",
-        "slot_overhead_pct": "null: a timing that needs the exclusive CPU lock and a merged-task export per recipe, "
-        "which this script does not take (it runs under the shared lock beside other jobs)",
+        "slot_overhead_pct": "null here: a timing that needs the exclusive CPU lock and a merged-task export per recipe, "
+        "which this script does not take (it runs under the shared lock beside other jobs); "
+        "benchmarks/slot_overhead.py --update-recipes fills it",
         "export_seconds_are": "wall-clock seconds of each export under the shared lock, other jobs on the same 2 cores "
         "(load_average_1m: the 1-minute load average when each export / scoring step ended): not a timing claim",
     })
@@ -244,8 +254,8 @@ def main() -> None:
             scores[(method, quant)] = json.loads(path.read_text())
             notes["coverage"] = _coverage(scores, args)
             records = _records(scores, args.work, notes, recipes)
-            write_record(args.results, {"notes": notes, "records": records}, _markdown(records, notes, title),
-                         lambda png: _plot(records, png, title, program_file))
+            write_record(args.results, {"notes": notes, "records": records}, markdown(records, notes, title),
+                         lambda png: plot(records, png, title, program_file))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ Writes benchmarks/results/vs_optimum.{json,md} (and vs_optimum_et_profile.{json,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import os
@@ -73,6 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_lock  # noqa: E402
 from benchmarks.decode_latency import burst  # noqa: E402
 from benchmarks.optimum_envs import ENVS, ensure, marker, python  # noqa: E402
 from exporters.export import TOKENIZER_FILES, export_bank  # noqa: E402
@@ -348,21 +348,6 @@ def _score(rows: list[dict], task: str, n_examples: int, scores_dir: Path) -> No
         row["score"] = sum(row["per_example"]) / len(row["per_example"])
 
 
-@contextlib.contextmanager
-def _held(fd: int | None, mode: int):
-    """Hold the CPU lock open on ``fd`` in ``mode`` (``fcntl.LOCK_SH`` / ``LOCK_EX``; nothing without
-    a lock); yields the seconds spent waiting for it."""
-    if fd is None:
-        yield 0.0
-        return
-    t0 = time.time()
-    fcntl.flock(fd, mode)
-    try:
-        yield round(time.time() - t0, 1)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
 def _time(rows: list[dict], task: str, tokens: int, rounds: int) -> None:
     """Decode ms/token of every export, taking turns each round (machine noise hits all alike)."""
     for row in rows:
@@ -552,7 +537,7 @@ def main() -> None:
         ours[f"{args.task} merged, custom-ops attention"] = args.work / f"ours-executorch-8da4w-custom-ops-merged-{args.task}"
         ptes = {f"hydraopt-mobile 8da4w ({k})": f / Manifest.read(f).entry("program").path for k, f in ours.items()}
         ptes["optimum-executorch 8da4w (task merged)"] = next((args.work / "optimum-executorch").glob("*.pte"))
-        with _held(lock_fd, fcntl.LOCK_EX) as waited:
+        with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
             load_start = os.getloadavg()
             for pte in ptes.values():
                 etdump_run(pte, args.tokens, args.work / f"{pte.parent.name}.etdp")
@@ -571,12 +556,12 @@ def main() -> None:
         print(_profile_markdown(profiles, pnotes))
         return
     missing: list[str] = []
-    with _held(lock_fd, fcntl.LOCK_SH):
+    with cpu_lock(lock_fd, fcntl.LOCK_SH):
         rows = _runners(args.work, bank, args.task, threads=1, missing=missing)
         _score(rows, args.task, args.examples, args.work / "scores")
     timing = None
     if not args.no_timing:
-        with _held(lock_fd, fcntl.LOCK_EX) as waited:
+        with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
             load_start, t0 = os.getloadavg(), time.time()
             _time(rows, args.task, args.tokens, args.rounds)
             timing = {"lock": f"{args.lock} held exclusive (flock) for the timing phase only" if args.lock else "no lock taken",

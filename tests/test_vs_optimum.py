@@ -1,15 +1,12 @@
 """``benchmarks/vs_optimum.py``'s own machinery on real programs: the runner it drives the tools'
-merged ExecuTorch programs with, its ETDump op profile, and its CPU lock (shared to score, exclusive
-to time). The tool's program is stood in for by our fully merged export of the tiny model
+merged ExecuTorch programs with and its ETDump op profile (the CPU lock it shares with the other
+timing scripts: tests/test_slot_overhead.py). The tool's program is stood in for by our fully merged export of the tiny model
 (``merged_task``): one ``forward(input_ids, cache_position)`` over a KV cache the program keeps, the
 interface optimum-executorch's ``.pte`` has.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -57,24 +54,3 @@ def test_et_profile_splits_a_decode_step_into_xnnpack_and_executorch_run_ops(mer
     parts = prof["xnnpack_ms_per_step"] + prof["operators_ms_per_step"]
     assert 0 < parts <= prof["execute_ms_per_step"] * 1.001, (parts, prof["execute_ms_per_step"])
     assert sum(prof["xnnpack_ms_by_kind"].values()) <= prof["xnnpack_ms_per_step"] * 1.001
-
-
-def _other_can_take_shared(lock: Path) -> bool:
-    """Whether another process gets ``lock`` shared at once (``flock -s -n``: exit 0 if it did)."""
-    return subprocess.run(["flock", "-s", "-n", str(lock), "true"]).returncode == 0
-
-
-def test_lock_is_exclusive_only_while_timing(tmp_path):
-    lock = tmp_path / "cpu.lock"
-    lock.touch()
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        with vs_optimum._held(fd, fcntl.LOCK_SH) as waited:
-            assert waited >= 0 and _other_can_take_shared(lock)  # scoring shares the machine's lock
-        with vs_optimum._held(fd, fcntl.LOCK_EX):
-            assert not _other_can_take_shared(lock)  # timing keeps everyone else out
-        assert _other_can_take_shared(lock)  # and lets go afterwards
-    finally:
-        os.close(fd)
-    with vs_optimum._held(None, fcntl.LOCK_EX) as waited:  # no lock file: nothing taken
-        assert waited == 0.0

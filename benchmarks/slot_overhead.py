@@ -1,0 +1,251 @@
+"""Decode cost of the switchable slots: each ``--quant`` recipe's switchable exports (one adapter
+per task, HydraOpt at 1/T) against the same recipe with one task merged into the weights, timed
+side by side in one process.
+
+    python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int4,int4-mixed --lock /work/runs/cpu.lock
+    python benchmarks/slot_overhead.py --runtime executorch --slots q_proj,v_proj:16 \\
+        --recipes fp32,8da4w-mixed-noclip,8da4w --lock /work/runs/cpu.lock
+
+The banks and program signatures are quant_recipes.py's (the suite's shared-seed adapters as one
+adapter per task, and HydraOpt at 1/T of the fp16 file bytes; ``--slots`` as there: each bank's own
+signature by default), so a row here times the program kind a quant_recipes row scored.
+``--update-recipes`` writes each row's overhead into that runtime's quant_recipes record
+(``slot_overhead_pct``) with the bytes of the program timed, so a reader sees when the timed
+program is not byte-identical to the scored one (an exporter change since the scores).
+
+Timing: the merged export and the switchable ones of a recipe are open at once, each with the
+merged task active. Each round prefills 16 tokens in every export, then decodes ``--tokens``
+tokens, the exports taking turns token by token (the order alternating), so a slow spell of the
+machine hits all of them within milliseconds. Per round: each export's ms/token and its ratio to the
+merged export's in the same round. Reported: the median ms/token and the median ratio over rounds,
+with a 95 % bootstrap interval of that median (resampling rounds). ``--lock``: the machine's CPU
+lock, held shared while exporting and exclusive while timing (run the script bare, not under an
+outer ``flock -s``). Exports are kept in ``--work`` and reused by a rerun of the same bank and recipe.
+
+Writes benchmarks/results/slot_overhead_<runtime>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, RESULTS_DIR, cpu_lock, cpu_model  # first: it puts this checkout on sys.path
+
+from benchmarks import quant_recipes
+from exporters.backend import Session
+from exporters.export import bank_digest, export_bank
+from exporters.manifest import Manifest
+from exporters.runtime import open_export
+from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.suite.model import base_model_dir
+
+TARGET_PCT = 5.0  # issue 15: switchable slots cost at most 5 % decode time against the merged export
+PREFILL = list(range(1, 17))
+
+
+def exported(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slots: str | None, merged_task: str | None) -> float | None:
+    """``folder`` holds the export of ``bank`` at ``quant`` (with ``merged_task`` folded in, if given),
+    made now unless it is there already; seconds taken (None: reused)."""
+    method = bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}"
+    if (folder / "manifest.json").is_file():
+        m = Manifest.read(folder)
+        if m.quant == quant and m.method == method and m.extra.get("bank_digest") == bank_digest(bank):
+            return None
+    t0 = time.time()
+    export_bank(bank, model_dir, runtime, quant, folder, overwrite=True, slots=None if merged_task else slots, merged_task=merged_task)
+    return round(time.time() - t0, 1)
+
+
+def interleaved(sessions: dict[str, Session], tokens: int, rounds: int) -> dict[str, list[float]]:
+    """ms/token of each session per round, the sessions taking turns token by token."""
+    names = list(sessions)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for s in sessions.values():
+            s.prefill(PREFILL)
+        spent = dict.fromkeys(names, 0.0)
+        for i in range(tokens):
+            for n in (names if (r + i) % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                sessions[n].decode(17 + i)
+                spent[n] += time.perf_counter() - t0
+        for n in names:
+            out[n].append(spent[n] * 1e3 / tokens)
+    return out
+
+
+def median_ci(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median of ``values``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
+
+
+def rows_for_recipe(quant: str, folders: dict[str, Path], task: str, tokens: int, rounds: int) -> list[dict]:
+    """Time ``folders`` ("merged" first, then one per method) side by side; one row per method."""
+    sessions = {}
+    for key, folder in folders.items():
+        session = open_export(folder, threads=1)
+        session.set_task(task)
+        session.prefill(PREFILL)
+        for i in range(4):  # warm-up
+            session.decode(17 + i)
+        sessions[key] = session
+    times = interleaved(sessions, tokens, rounds)
+    merged = times["merged"]
+    rows = []
+    for method in [k for k in folders if k != "merged"]:
+        ratios = [a / b for a, b in zip(times[method], merged)]
+        lo, hi = median_ci(ratios)
+        m = Manifest.read(folders[method])
+        rows.append({
+            "quant": quant, "method": method, "task": task,
+            "slots": {name.removesuffix(".lora_a"): shape[0] for name, shape in m.slots if name.endswith(".lora_a")},
+            "program_bytes": m.bytes_of("program"), "merged_program_bytes": Manifest.read(folders["merged"]).bytes_of("program"),
+            "ms_per_token": statistics.median(times[method]), "merged_ms_per_token": statistics.median(merged),
+            "slot_overhead_pct": 100 * (statistics.median(ratios) - 1),
+            "slot_overhead_pct_ci95": [100 * (lo - 1), 100 * (hi - 1)],
+            "meets_target": 100 * (statistics.median(ratios) - 1) <= TARGET_PCT,
+            "runs_ms_per_token": times[method], "merged_runs_ms_per_token": merged,
+        })
+    return rows
+
+
+def signature_label(slots: dict[str, int]) -> str:
+    """``q_proj,v_proj: ranks 1-2 (60 slots)``: which module kinds carry slots, and their ranks."""
+    kinds = sorted({name.split(".")[-1] for name in slots})
+    ranks = sorted(set(slots.values()))
+    span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"{','.join(kinds)}: {span} ({len(slots)} slots)"
+
+
+def markdown(rows: list[dict], notes: dict) -> str:
+    lines = [f"# Decode cost of the switchable slots ({notes['runtime']})", ""]
+    lines += [f"- **{k}**: {v}" for k, v in notes.items()]
+    lines += ["", f"Target (issue 15): at most {TARGET_PCT:.0f} % against the same recipe with the task merged in.", ""]
+    table = [[r["quant"], r["method"], signature_label(r["slots"]), f"{r['merged_ms_per_token']:.2f}", f"{r['ms_per_token']:.2f}",
+              f"{r['slot_overhead_pct']:+.1f} [{r['slot_overhead_pct_ci95'][0]:+.1f}, {r['slot_overhead_pct_ci95'][1]:+.1f}]",
+              "yes" if r["meets_target"] else "no"] for r in rows]
+    lines += markdown_table(["quant", "bank", "slots", "merged ms/token", "switchable ms/token", "overhead % [95 % CI]", "<= 5 %"], table, "lllrrrl")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], png: Path, runtime: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['quant']}\n{r['method']}" for r in rows]
+    values = [r["slot_overhead_pct"] for r in rows]
+    err = [[v - r["slot_overhead_pct_ci95"][0] for v, r in zip(values, rows)], [r["slot_overhead_pct_ci95"][1] - v for v, r in zip(values, rows)]]
+    ax.bar(range(len(rows)), values, yerr=err, capsize=3, color=["tab:blue" if r["method"] == "none" else "tab:orange" for r in rows])
+    ax.axhline(TARGET_PCT, ls="--", c="grey", label=f"target {TARGET_PCT:.0f} %")
+    ax.axhline(0, c="black", lw=0.5)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("decode time vs merged export (%)")
+    ax.set_title(f"{runtime}: switchable slots vs the task merged in (median of rounds, 95 % CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def update_recipes(results: Path, rows: list[dict], source: str) -> int:
+    """Write each row's overhead into the quant_recipes record of the same quant and bank; returns
+    how many records were updated (the records' scores and bytes are left as quant_recipes.py wrote them)."""
+    data = json.loads(results.read_text())
+    n = 0
+    for rec in data["records"]:
+        row = next((r for r in rows if r["quant"] == rec["quant"] and r["method"] == rec["method"]), None)
+        if row is None:
+            continue
+        rec.update({"slot_overhead_pct": row["slot_overhead_pct"], "slot_overhead_pct_ci95": row["slot_overhead_pct_ci95"],
+                    "slot_overhead_timed_program_bytes": row["program_bytes"],
+                    "slot_overhead_timed_program_is_scored_program": row["program_bytes"] == rec["program_bytes"]})
+        n += 1
+    data["notes"]["slot_overhead_pct"] = (
+        f"from {source} (benchmarks/slot_overhead.py --update-recipes): decode time of the switchable export against the same "
+        "recipe with the task merged in, side by side, median of rounds; slot_overhead_timed_program_bytes is the program "
+        "timed (not the scored one where slot_overhead_timed_program_is_scored_program is false: an exporter change since the scores)")
+    runtime_title = {"onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch (XNNPACK)"}[data["records"][0]["runtime"]]
+    program_file = "model.onnx" if data["records"][0]["runtime"] == "onnxruntime" else "model.pte"
+    write_record(results, data, quant_recipes.markdown(data["records"], data["notes"], runtime_title),
+                 lambda png: quant_recipes.plot(data["records"], png, runtime_title, program_file))
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", choices=sorted(quant_recipes.RUNTIMES), default="onnx")
+    ap.add_argument("--recipes", default="fp32,int8,int4,int4-mixed", help="comma-separated --quant names")
+    ap.add_argument("--slots", default=None, help="--slots spec of the switchable programs (default: each bank's own signature)")
+    ap.add_argument("--methods", default="none,hydraopt")
+    ap.add_argument("--task", default="country-de", help="the task merged into the reference and active in the switchable exports")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--work", type=Path, default=None, help="default: out/slot_overhead_<runtime>")
+    ap.add_argument("--lock", type=Path, help="CPU lock file: held shared to export, exclusive to time")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/slot_overhead_<runtime>.json")
+    ap.add_argument("--update-recipes", action="store_true", help="write the overheads into the runtime's quant_recipes record")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work = args.work or ROOT / "out" / f"slot_overhead_{args.runtime}"
+    out = args.out or RESULTS_DIR / f"slot_overhead_{args.runtime}.json"
+    lock_fd = os.open(args.lock, os.O_RDONLY) if args.lock else None
+    recipes = args.recipes.split(",")
+    unknown = [q for q in recipes if q not in quant_recipes.RUNTIMES[args.runtime][0]]
+    if unknown:
+        ap.error(f"--recipes: {', '.join(unknown)} not a {args.runtime} --quant ({', '.join(quant_recipes.RUNTIMES[args.runtime][0])})")
+
+    banks = quant_recipes.suite_banks()
+    model_dir = base_model_dir()
+    export_seconds: dict[str, float | None] = {}
+    with cpu_lock(lock_fd, fcntl.LOCK_SH):
+        for quant in recipes:
+            export_seconds[f"merged-{quant}"] = exported(banks["none"], model_dir, args.runtime, quant, work / f"merged-{quant}", None, args.task)
+            for method in args.methods.split(","):
+                export_seconds[f"{method}-{quant}"] = exported(banks[method], model_dir, args.runtime, quant, work / f"{method}-{quant}", args.slots, None)
+            print(f"[slot_overhead] {quant}: exports ready", flush=True)
+    rows = []
+    with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
+        started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
+        for quant in recipes:
+            folders = {"merged": work / f"merged-{quant}", **{m: work / f"{m}-{quant}" for m in args.methods.split(",")}}
+            rows += rows_for_recipe(quant, folders, args.task, args.tokens, args.rounds)
+            print(f"[slot_overhead] {quant}: " + ", ".join(f"{r['method']} {r['slot_overhead_pct']:+.1f} %" for r in rows if r["quant"] == quant), flush=True)
+        load_end = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    notes = {
+        "runtime": quant_recipes.RUNTIMES[args.runtime][2],
+        "command": "python benchmarks/slot_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("work", "out", "update_recipes")),
+        "commit": commit,
+        "timed": f"{started}; CPU lock {'held exclusive' if lock_fd is not None else 'not taken'} (waited {waited} s); load average 1/5/15 min at start {[round(x, 2) for x in load_start]}, at end {[round(x, 2) for x in load_end]}",
+        "machine": f"{cpu_model()}, {platform.machine()}, 1 runtime thread: a host timing, not phone speed",
+        "banks": "one adapter per task (method none, fp16 factors) and HydraOpt at 1/T of the fp16 file bytes, from the suite's shared-seed adapters (quant_recipes.py's banks)",
+        "reference": f"the same recipe with {args.task}'s adapter merged into the weights (no slots); the switchable exports decode with {args.task} active",
+        "slots": args.slots or "each bank's own signature (hydraopt export's default)",
+        "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill; the exports take turns token by token; "
+                  "overhead = median over rounds of (switchable ms/token / merged ms/token in the same round) - 1, 95 % bootstrap interval over rounds",
+        "export_seconds": {k: v for k, v in export_seconds.items() if v is not None} or "all exports reused from an earlier run in --work",
+    }
+    write_record(out, {"notes": notes, "records": rows}, markdown(rows, notes), lambda png: plot(rows, png, notes["runtime"]))
+    print(markdown(rows, notes))
+    if args.update_recipes:
+        n = update_recipes(quant_recipes.RUNTIMES[args.runtime][1], rows, out.name)
+        print(f"[slot_overhead] {n} quant_recipes records updated", flush=True)
+
+
+if __name__ == "__main__":
+    main()

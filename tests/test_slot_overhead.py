@@ -1,0 +1,102 @@
+"""``benchmarks/slot_overhead.py``'s machinery on real ONNX exports of the tiny model: the merged and
+switchable exports it makes and reuses, the side-by-side timing rows, the update of a quant_recipes
+record, and the CPU lock the timing scripts share (``benchmarks/common.py``: shared to export or
+score, exclusive to time).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+import slot_overhead  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _other_can_take_shared(lock: Path) -> bool:
+    """Whether another process gets ``lock`` shared at once (``flock -s -n``: exit 0 if it did)."""
+    return subprocess.run(["flock", "-s", "-n", str(lock), "true"]).returncode == 0
+
+
+def test_lock_is_exclusive_only_while_timing(tmp_path):
+    lock = tmp_path / "cpu.lock"
+    lock.touch()
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        with common.cpu_lock(fd, fcntl.LOCK_SH) as waited:
+            assert waited >= 0 and _other_can_take_shared(lock)  # exporting shares the machine's lock
+        with common.cpu_lock(fd, fcntl.LOCK_EX):
+            assert not _other_can_take_shared(lock)  # timing keeps everyone else out
+        assert _other_can_take_shared(lock)  # and lets go afterwards
+    finally:
+        os.close(fd)
+    with common.cpu_lock(None, fcntl.LOCK_EX) as waited:  # no lock file: nothing taken
+        assert waited == 0.0
+
+
+def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir, bank):
+    merged, switchable = tmp_path / "merged-fp32", tmp_path / "none-fp32"
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", merged, None, "beta") is not None
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", switchable, None, None) is not None
+    # a rerun finds both exports and makes neither again; another recipe in the folder is made anew
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", merged, None, "beta") is None
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", switchable, None, None) is None
+
+    rows = slot_overhead.rows_for_recipe("fp32", {"merged": merged, "none": switchable}, "beta", tokens=4, rounds=3)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["method"] == "none" and row["task"] == "beta" and len(row["runs_ms_per_token"]) == 3
+    assert row["slots"] and all(r >= 1 for r in row["slots"].values())  # the switchable program has slots
+    assert row["ms_per_token"] > 0 and row["merged_ms_per_token"] > 0
+    lo, hi = row["slot_overhead_pct_ci95"]
+    assert lo <= row["slot_overhead_pct"] <= hi
+    assert row["meets_target"] == (row["slot_overhead_pct"] <= slot_overhead.TARGET_PCT)
+    assert row["program_bytes"] > 0 and row["merged_program_bytes"] > 0
+
+    md = slot_overhead.markdown(rows, {"runtime": "ONNX Runtime"})
+    assert "| fp32 | none |" in md and "rank" in md
+
+
+def test_interleaved_times_every_session_every_round():
+    class Clock:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def prefill(self, ids):
+            assert ids == slot_overhead.PREFILL
+
+        def decode(self, token):
+            self.calls.append(token)
+
+    a, b = Clock(), Clock()
+    times = slot_overhead.interleaved({"a": a, "b": b}, tokens=5, rounds=2)
+    assert a.calls == b.calls == list(range(17, 22)) * 2
+    assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_update_recipes_fills_the_overhead_and_says_which_program_was_timed(tmp_path):
+    records = [
+        {"runtime": "onnxruntime", "quant": q, "bits": 32 if q == "fp32" else 4, "method": m, "description": q, "program_bytes": b,
+         "bytes_ratio": 1.0, "score": 40.0, "fp32_score": 40.0, "drop_points": None, "drop_points_ci95": None,
+         "rel_drop_pct": None, "rel_drop_pct_ci95": None, "slot_overhead_pct": None}
+        for q, m, b in (("fp32", "none", 100), ("int4", "none", 30), ("int4", "hydraopt", 31))
+    ]
+    path = tmp_path / "quant_recipes.json"
+    path.write_text(json.dumps({"notes": {}, "records": records}))
+    rows = [{"quant": "fp32", "method": "none", "program_bytes": 100, "slot_overhead_pct": 2.0, "slot_overhead_pct_ci95": [1.0, 3.0]},
+            {"quant": "int4", "method": "none", "program_bytes": 29, "slot_overhead_pct": 6.0, "slot_overhead_pct_ci95": [5.0, 7.0]}]
+    assert slot_overhead.update_recipes(path, rows, "slot_overhead_onnx.json") == 2
+    got = {(r["quant"], r["method"]): r for r in json.loads(path.read_text())["records"]}
+    assert got["fp32", "none"]["slot_overhead_pct"] == 2.0 and got["fp32", "none"]["slot_overhead_timed_program_is_scored_program"]
+    assert got["int4", "none"]["slot_overhead_pct"] == 6.0 and not got["int4", "none"]["slot_overhead_timed_program_is_scored_program"]
+    assert got["int4", "hydraopt"]["slot_overhead_pct"] is None  # not timed: left as it was
+    assert "+6.0" in path.with_suffix(".md").read_text() and path.with_suffix(".png").is_file()
