@@ -90,15 +90,16 @@ def score_export(folder: Path, n_examples: int, checkpoint: Path, open_session: 
     return out
 
 
-def _export(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slots: str | None) -> float | None:
-    """Export ``bank`` at ``quant`` into ``folder`` unless an export of that bank and quant is there; seconds taken."""
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
+def exported(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slots: str | None, merged_task: str | None = None) -> float | None:
+    """``folder`` holds the export of ``bank`` at ``quant`` (with ``merged_task`` folded in, if given),
+    made now unless it is there already; seconds taken (None: reused)."""
+    method = bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}"
+    if (folder / "manifest.json").is_file():
         m = Manifest.read(folder)
-        if m.quant == quant and m.extra.get("bank_digest") == bank_digest(bank):
+        if m.quant == quant and m.method == method and m.extra.get("bank_digest") == bank_digest(bank):
             return None
     t0 = time.time()
-    export_bank(bank, model_dir, runtime, quant, folder, overwrite=True, slots=slots)
+    export_bank(bank, model_dir, runtime, quant, folder, overwrite=True, slots=None if merged_task else slots, merged_task=merged_task)
     return round(time.time() - t0, 1)
 
 
@@ -239,7 +240,7 @@ def main() -> None:
                 continue
             if not path.is_file():
                 folder = args.work / f"{method}-{quant}"
-                took = _export(banks[method], model_dir, args.runtime, quant, folder, args.slots)
+                took = exported(banks[method], model_dir, args.runtime, quant, folder, args.slots)
                 if took is not None:
                     notes["export_seconds"][f"{method}-{quant}"] = took
                     notes["load_average_1m"][f"export {method}-{quant}"] = round(os.getloadavg()[0], 2)

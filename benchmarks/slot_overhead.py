@@ -43,8 +43,8 @@ import torch
 from common import ROOT, RESULTS_DIR, cpu_lock, cpu_model  # first: it puts this checkout on sys.path
 
 from benchmarks import quant_recipes
+from benchmarks.quant_recipes import exported
 from exporters.backend import Session
-from exporters.export import bank_digest, export_bank
 from exporters.manifest import Manifest
 from exporters.runtime import open_export
 from hydraopt_mobile.app.records import markdown_table, write_record
@@ -52,19 +52,6 @@ from hydraopt_mobile.suite.model import base_model_dir
 
 TARGET_PCT = 5.0  # issue 15: switchable slots cost at most 5 % decode time against the merged export
 PREFILL = list(range(1, 17))
-
-
-def exported(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slots: str | None, merged_task: str | None) -> float | None:
-    """``folder`` holds the export of ``bank`` at ``quant`` (with ``merged_task`` folded in, if given),
-    made now unless it is there already; seconds taken (None: reused)."""
-    method = bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}"
-    if (folder / "manifest.json").is_file():
-        m = Manifest.read(folder)
-        if m.quant == quant and m.method == method and m.extra.get("bank_digest") == bank_digest(bank):
-            return None
-    t0 = time.time()
-    export_bank(bank, model_dir, runtime, quant, folder, overwrite=True, slots=None if merged_task else slots, merged_task=merged_task)
-    return round(time.time() - t0, 1)
 
 
 def interleaved(sessions: dict[str, Session], tokens: int, rounds: int) -> dict[str, list[float]]:
@@ -162,7 +149,7 @@ def plot(rows: list[dict], png: Path, runtime: str) -> None:
     fig.savefig(png, dpi=110)
 
 
-def update_recipes(results: Path, rows: list[dict], source: str) -> int:
+def update_recipes(results: Path, rows: list[dict], source: str, runtime: str) -> int:
     """Write each row's overhead into the quant_recipes record of the same quant and bank; returns
     how many records were updated (the records' scores and bytes are left as quant_recipes.py wrote them)."""
     data = json.loads(results.read_text())
@@ -179,10 +166,9 @@ def update_recipes(results: Path, rows: list[dict], source: str) -> int:
         f"from {source} (benchmarks/slot_overhead.py --update-recipes): decode time of the switchable export against the same "
         "recipe with the task merged in, side by side, median of rounds; slot_overhead_timed_program_bytes is the program "
         "timed (not the scored one where slot_overhead_timed_program_is_scored_program is false: an exporter change since the scores)")
-    runtime_title = {"onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch (XNNPACK)"}[data["records"][0]["runtime"]]
-    program_file = "model.onnx" if data["records"][0]["runtime"] == "onnxruntime" else "model.pte"
-    write_record(results, data, quant_recipes.markdown(data["records"], data["notes"], runtime_title),
-                 lambda png: quant_recipes.plot(data["records"], png, runtime_title, program_file))
+    _, _, title, program_file = quant_recipes.RUNTIMES[runtime]
+    write_record(results, data, quant_recipes.markdown(data["records"], data["notes"], title),
+                 lambda png: quant_recipes.plot(data["records"], png, title, program_file))
     return n
 
 
@@ -243,7 +229,7 @@ def main() -> None:
     write_record(out, {"notes": notes, "records": rows}, markdown(rows, notes), lambda png: plot(rows, png, notes["runtime"]))
     print(markdown(rows, notes))
     if args.update_recipes:
-        n = update_recipes(quant_recipes.RUNTIMES[args.runtime][1], rows, out.name)
+        n = update_recipes(quant_recipes.RUNTIMES[args.runtime][1], rows, out.name, args.runtime)
         print(f"[slot_overhead] {n} quant_recipes records updated", flush=True)
 
 

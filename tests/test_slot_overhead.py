@@ -94,7 +94,7 @@ def test_update_recipes_fills_the_overhead_and_says_which_program_was_timed(tmp_
     path.write_text(json.dumps({"notes": {}, "records": records}))
     rows = [{"quant": "fp32", "method": "none", "program_bytes": 100, "slot_overhead_pct": 2.0, "slot_overhead_pct_ci95": [1.0, 3.0]},
             {"quant": "int4", "method": "none", "program_bytes": 29, "slot_overhead_pct": 6.0, "slot_overhead_pct_ci95": [5.0, 7.0]}]
-    assert slot_overhead.update_recipes(path, rows, "slot_overhead_onnx.json") == 2
+    assert slot_overhead.update_recipes(path, rows, "slot_overhead_onnx.json", "onnx") == 2
     got = {(r["quant"], r["method"]): r for r in json.loads(path.read_text())["records"]}
     assert got["fp32", "none"]["slot_overhead_pct"] == 2.0 and got["fp32", "none"]["slot_overhead_timed_program_is_scored_program"]
     assert got["int4", "none"]["slot_overhead_pct"] == 6.0 and not got["int4", "none"]["slot_overhead_timed_program_is_scored_program"]
