@@ -38,6 +38,7 @@ from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.checksum import sha256_file
+from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.add import RESIDENT, OWN_A, OWN_B, add_to_bundle
 from hydraopt_mobile.merge.budget import Budget
@@ -192,23 +193,16 @@ def write_reports(data: dict) -> None:
 
 
 def plot(rows: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(dict.fromkeys((r["init"], r["fraction"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, (init, fraction) in zip(axes[0], panels):
-        sub = [r for r in rows if (r["init"], r["fraction"]) == (init, fraction)]
-        x = range(len(sub))
-        for k, (key, label) in enumerate((("own_score", "own adapter (fp16)"), ("remerge_score", "re-merge of 12"), ("added_score", "added to the 11-task bank"))):
-            ax.bar([i + (k - 1) * 0.27 for i in x], [r[key] for r in sub], width=0.27, label=label)
-        ax.set_xticks(list(x), [r["task"] for r in sub], rotation=60, ha="right")
-        ax.set(ylabel="test score", title=f"{init}, {fraction} of fp16 bytes")
-    axes[0][0].legend(fontsize=8)
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    with figure(png, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False, layout="crop") as (_, axes):
+        for ax, (init, fraction) in zip(axes[0], panels):
+            sub = [r for r in rows if (r["init"], r["fraction"]) == (init, fraction)]
+            x = range(len(sub))
+            for k, (key, label) in enumerate((("own_score", "own adapter (fp16)"), ("remerge_score", "re-merge of 12"), ("added_score", "added to the 11-task bank"))):
+                ax.bar([i + (k - 1) * 0.27 for i in x], [r[key] for r in sub], width=0.27, label=label)
+            ax.set_xticks(list(x), [r["task"] for r in sub], rotation=60, ha="right")
+            ax.set(ylabel="test score", title=f"{init}, {fraction} of fp16 bytes")
+        axes[0][0].legend(fontsize=8)
 
 
 if __name__ == "__main__":

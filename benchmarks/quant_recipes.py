@@ -46,6 +46,7 @@ from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.atomic import write_text_atomic
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.suite.metrics import paired_drop, per_example
 from hydraopt_mobile.suite.model import base_model_dir
@@ -171,27 +172,20 @@ def markdown(records: list[dict], notes: dict, title: str) -> str:
 
 
 def plot(records: list[dict], png: Path, title: str, program_file: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, marker in (("none", "o"), ("hydraopt", "s")):
-        rs = [r for r in records if r["method"] == method]
-        ax.scatter([r["program_bytes"] / 1e6 for r in rs], [r["score"] for r in rs], marker=marker, label=f"{title}, method {method}")
-        for r in rs:
-            ax.annotate(r["quant"], (r["program_bytes"] / 1e6, r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fp32 = [r for r in records if r["quant"] == "fp32"]
-    if fp32:
-        ax.axvline(TARGET_4BIT[1] * fp32[0]["program_bytes"] / 1e6, ls=":", c="grey", label="40 % of fp32 bytes")
-        ax.axhline(TARGET_4BIT[0] * fp32[0]["score"], ls="--", c="grey", label=f"90 % of fp32 score ({fp32[0]['method']})")
-    ax.set_xlabel(f"program bytes (MB, {program_file})")
-    ax.set_ylabel("suite score (mean over tasks)")
-    ax.set_title(f"{title} --quant recipes on SmolLM2-135M (Q4_1 GGUF base)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with figure(png, figsize=(8, 5)) as (_, ax):
+        for method, marker in (("none", "o"), ("hydraopt", "s")):
+            rs = [r for r in records if r["method"] == method]
+            ax.scatter([r["program_bytes"] / 1e6 for r in rs], [r["score"] for r in rs], marker=marker, label=f"{title}, method {method}")
+            for r in rs:
+                ax.annotate(r["quant"], (r["program_bytes"] / 1e6, r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if fp32:
+            ax.axvline(TARGET_4BIT[1] * fp32[0]["program_bytes"] / 1e6, ls=":", c="grey", label="40 % of fp32 bytes")
+            ax.axhline(TARGET_4BIT[0] * fp32[0]["score"], ls="--", c="grey", label=f"90 % of fp32 score ({fp32[0]['method']})")
+        ax.set_xlabel(f"program bytes (MB, {program_file})")
+        ax.set_ylabel("suite score (mean over tasks)")
+        ax.set_title(f"{title} --quant recipes on SmolLM2-135M (Q4_1 GGUF base)")
+        ax.legend(fontsize=7)
 
 
 def main() -> None:

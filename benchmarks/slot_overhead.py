@@ -48,6 +48,7 @@ from exporters.backend import Session
 from exporters.manifest import Manifest
 from exporters.runtime import open_export
 from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.suite.model import base_model_dir
 
 TARGET_PCT = 5.0  # issue 15: switchable slots cost at most 5 % decode time against the merged export
@@ -129,24 +130,17 @@ def markdown(rows: list[dict], notes: dict) -> str:
 
 
 def plot(rows: list[dict], png: Path, runtime: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['quant']}\n{r['method']}" for r in rows]
     values = [r["slot_overhead_pct"] for r in rows]
     err = [[v - r["slot_overhead_pct_ci95"][0] for v, r in zip(values, rows)], [r["slot_overhead_pct_ci95"][1] - v for v, r in zip(values, rows)]]
-    ax.bar(range(len(rows)), values, yerr=err, capsize=3, color=["tab:blue" if r["method"] == "none" else "tab:orange" for r in rows])
-    ax.axhline(TARGET_PCT, ls="--", c="grey", label=f"target {TARGET_PCT:.0f} %")
-    ax.axhline(0, c="black", lw=0.5)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("decode time vs merged export (%)")
-    ax.set_title(f"{runtime}: switchable slots vs the task merged in (median of rounds, 95 % CI)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with figure(png, figsize=(8, 4)) as (_, ax):
+        ax.bar(range(len(rows)), values, yerr=err, capsize=3, color=["tab:blue" if r["method"] == "none" else "tab:orange" for r in rows])
+        ax.axhline(TARGET_PCT, ls="--", c="grey", label=f"target {TARGET_PCT:.0f} %")
+        ax.axhline(0, c="black", lw=0.5)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel("decode time vs merged export (%)")
+        ax.set_title(f"{runtime}: switchable slots vs the task merged in (median of rounds, 95 % CI)")
+        ax.legend(fontsize=7)
 
 
 def update_recipes(results: Path, rows: list[dict], source: str, runtime: str) -> int:

@@ -27,6 +27,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.merge.method import OnStep, each_module
 from hydraopt_mobile.paths import confined
+from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.similarity import CUTOFF, DEFINITIONS, column_space_overlap, factor_cosine, row_space_overlap, update_cosine
 
 METRICS = ("cos_A", "cos_B", "subspace_A", "subspace_B", "cos_dW")
@@ -77,26 +78,19 @@ def analyze(adapters: AdapterSet, on_step: OnStep | None = None) -> dict:
 
 
 def plot_heatmaps(result: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     tasks = result["tasks"]
     titles = {"cos_A": "cosine(A)", "cos_B": "cosine(B)", "subspace_A": "row-space overlap(dW)", "subspace_B": "column-space overlap(dW)", "cos_dW": "cosine(dW)"}
     for lt, mats in result["by_layer_type"].items():
-        fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2), constrained_layout=True)
-        for ax, m in zip(axes, METRICS):
-            im = ax.imshow(torch.tensor(mats[m]).numpy(), vmin=-1 if m.startswith("cos") else 0, vmax=1, cmap="RdBu_r" if m.startswith("cos") else "viridis")
-            ax.set_title(f"{lt}: {titles[m]}", fontsize=9)
-            ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
-            fig.colorbar(im, ax=ax, shrink=0.7)
-        fig.suptitle(f"{lt}: overlaps are of the updates dW = B A (the planner's definitions; singular values below {CUTOFF:g} of the largest dropped)", fontsize=9)
         path = confined(out_dir, f"similarity_{lt}.png", UserError)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        with figure(path, len(METRICS), figsize=(4.2 * len(METRICS), 4.2), layout="constrained") as (fig, axes):
+            for ax, m in zip(axes, METRICS):
+                im = ax.imshow(torch.tensor(mats[m]).numpy(), vmin=-1 if m.startswith("cos") else 0, vmax=1, cmap="RdBu_r" if m.startswith("cos") else "viridis")
+                ax.set_title(f"{lt}: {titles[m]}", fontsize=9)
+                ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=6)
+                ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
+                fig.colorbar(im, ax=ax, shrink=0.7)
+            fig.suptitle(f"{lt}: overlaps are of the updates dW = B A (the planner's definitions; singular values below {CUTOFF:g} of the largest dropped)", fontsize=9)
         paths.append(path)
     return paths
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from hydraopt_mobile.plotting import figure
+
 from .records import dict_table
 
 
@@ -68,11 +70,6 @@ def bench_markdown(records: list[dict], notes: dict) -> str:
 
 
 def write_plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     summary = summarise(records)
     labels = [r["export"] for r in summary]
     panels = [
@@ -81,15 +78,12 @@ def write_plot(records: list[dict], path: Path) -> None:
         ("decode ms / token", [r["decode_ms_per_token"] or 0 for r in summary]),
         ("task switch ms", [r["switch_ms"] for r in summary]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(labels) + 2.2))
-    for ax, (title, values) in zip(axes, panels):
-        ax.barh(labels, values, color=["tab:blue" if "onnx" in r["runtime"] else "tab:orange" for r in summary])
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.invert_yaxis()
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
-    fig.suptitle("hydraopt exports on the host (blue: ONNX Runtime, orange: ExecuTorch)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(panels), figsize=(4.2 * len(panels), 0.45 * len(labels) + 2.2)) as (fig, axes):
+        for ax, (title, values) in zip(axes, panels):
+            ax.barh(labels, values, color=["tab:blue" if "onnx" in r["runtime"] else "tab:orange" for r in summary])
+            ax.set_title(title, fontsize=10)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.invert_yaxis()
+        for ax in axes[1:]:
+            ax.set_yticklabels([])
+        fig.suptitle("hydraopt exports on the host (blue: ONNX Runtime, orange: ExecuTorch)", fontsize=11)

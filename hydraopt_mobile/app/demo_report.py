@@ -11,6 +11,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.sharing import layout_summary, plan_label
 from hydraopt_mobile.suite.metrics import paired_drop
 
@@ -102,20 +103,12 @@ def print_table(result: dict, console: Console) -> None:
 
 
 def plot(result: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for i, r in enumerate(result["rows"]):
-        ax.scatter(r["storage_fraction"], r["avg_score"], s=60, color=f"C{i}", label=r["label"])
-    ax.axhline(statistics.mean(result["base_model_scores"].values()), color="grey", ls=":", label="base model")
-    ax.set_xlabel("storage (file bytes / fp16 one-adapter-per-task file bytes)")
-    ax.set_ylabel("average task score")
-    ax.set_title("hydraopt demo: storage vs score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    with figure(png, figsize=(6, 4.5), dpi=120) as (_, ax):
+        for i, r in enumerate(result["rows"]):
+            ax.scatter(r["storage_fraction"], r["avg_score"], s=60, color=f"C{i}", label=r["label"])
+        ax.axhline(statistics.mean(result["base_model_scores"].values()), color="grey", ls=":", label="base model")
+        ax.set_xlabel("storage (file bytes / fp16 one-adapter-per-task file bytes)")
+        ax.set_ylabel("average task score")
+        ax.set_title("hydraopt demo: storage vs score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)

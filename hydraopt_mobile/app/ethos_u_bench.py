@@ -30,6 +30,7 @@ from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.base_model import load_causal_lm
 from hydraopt_mobile.bundle import load_bundle
 from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.plotting import figure
 
 from .records import markdown_table, write_record
 
@@ -169,26 +170,16 @@ def markdown(records: list[dict], meta: dict,
 def plot(records: list[dict], seq: int) -> Callable[[Path], None]:
     """Cycles per variant (log scale) and the LoRA effect's cosine, for the all-on-NPU records."""
     def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         ok = [r for r in records if r["compiled"] and r["all_on_npu"]]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        labels = [f"{r['variant']}\n{r['npu'].replace('ethos-', '')} {r['quant']}" for r in ok]
-        axes[0].bar(range(len(ok)), [r["cycles"] / 1e6 for r in ok], color=["C0" if "u55" in r["npu"] else "C1" for r in ok])
-        axes[0].set_ylabel(f"Vela estimate, million cycles (one layer, {seq} tokens)")
-        axes[0].set_yscale("log")
         sw = [r for r in ok if r.get("effect_cosine_min") is not None]
-        axes[1].bar(range(len(sw)), [r["effect_cosine_min"] for r in sw], color=["C0" if "u55" in r["npu"] else "C1" for r in sw])
-        axes[1].set_ylabel("LoRA effect cosine vs fp32 (min over tasks; switchable)")
-        axes[0].set_xticks(range(len(ok)), labels, rotation=70, fontsize=7)
-        axes[1].set_xticks(range(len(sw)), [f"{r['variant']}\n{r['npu'].replace('ethos-', '')} {r['quant']}" for r in sw], rotation=70, fontsize=7)
-        fig.suptitle("Ethos-U (estimated; one decoder layer; all ops on the NPU only)")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        with figure(path, 2, figsize=(12, 4.5)) as (fig, axes):
+            for ax, rs, values in ((axes[0], ok, [r["cycles"] / 1e6 for r in ok]), (axes[1], sw, [r["effect_cosine_min"] for r in sw])):
+                ax.bar(range(len(rs)), values, color=["C0" if "u55" in r["npu"] else "C1" for r in rs])
+                ax.set_xticks(range(len(rs)), [f"{r['variant']}\n{r['npu'].replace('ethos-', '')} {r['quant']}" for r in rs], rotation=70, fontsize=7)
+            axes[0].set_ylabel(f"Vela estimate, million cycles (one layer, {seq} tokens)")
+            axes[0].set_yscale("log")
+            axes[1].set_ylabel("LoRA effect cosine vs fp32 (min over tasks; switchable)")
+            fig.suptitle("Ethos-U (estimated; one decoder layer; all ops on the NPU only)")
 
     return draw
 

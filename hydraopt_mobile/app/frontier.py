@@ -26,6 +26,7 @@ from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge, merge_budgets
+from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.sharing import NO_SHARING, layout_summary, plan_label, saving_breakdown
 from hydraopt_mobile.suite.metrics import paired_drop
 
@@ -278,48 +279,41 @@ def frontier_markdown(records: list[dict]) -> str:
 def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] | None = None) -> None:
     """Storage (x, file bytes) against average score (y), one panel per init: HydraOpt and per-task
     compression as curves, the baselines and one-adapter-per-task formats as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    from matplotlib.ticker import NullFormatter
 
     measured = [r for r in records if "examples" in r]
     inits = sorted({r["init"] for r in measured})
-    fig, axes = plt.subplots(1, len(inits), figsize=(7 * len(inits), 5), squeeze=False)
-    markers = {"fp16": "o", "int8": "s", "int4": "^", "auto": "D"}
-    for ax, init in zip(axes[0], inits):
-        rows = [r for r in measured if r["init"] == init]
-        ref = next((r for r in rows if r["method"] == "none" and r["format"] == "fp16"), None)
-        if ref:
-            ax.axhline(ref["avg_score"], color="k", ls="--", lw=1, label="one adapter per task (fp16)")
-        if base_scores:
-            ax.axhline(statistics.mean(base_scores.values()), color="grey", ls=":", lw=1, label="base model")
-        curves = (
-            ("hydraopt", False, "C3", "-D", "hydraopt (shared factors)"),
-            ("hydraopt", True, "C1", "-D", "hydraopt, calibrated"),
-            ("per-task", False, "C0", "--o", "per-task compression (nothing shared)"),
-            ("per-task", True, "C9", "--o", "per-task compression, calibrated"),
-            ("compeft", False, "C4", ":v", "ComPEFT (sparse signs, nothing shared)"),
-        )
-        for method, calibrated, colour, style, label in curves:
-            curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto" and r.get("calibration", False) == calibrated), key=lambda r: r["storage_fraction"])
-            if curve:
-                ax.plot([r["storage_fraction"] for r in curve], [r["avg_score"] for r in curve], style, color=colour, lw=2, label=label)
-        for r in (r for r in rows if r["method"] == "none"):
-            ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers[r["format"]], color="k", s=50, label=f"one adapter per task {r['format']}")
-        for r in (r for r in rows if r["method"] in BASELINES):
-            ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers.get(r["format"], "x"), color="C2", alpha=0.7, s=35, label=f"baselines (one merged adapter) {r['format']}")
-        ax.set_xscale("log")
-        ax.set_xticks([0.02, 0.05, 0.1, 0.2, 0.5, 1.0], ["0.02", "0.05", "0.1", "0.2", "0.5", "1"])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("storage (file bytes / fp16 one-adapter-per-task files, log)")
-        ax.set_ylabel("average task score")
-        ax.set_title(f"SmolLM2-135M suite, {init}")
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    with figure(png, len(inits), figsize=(7 * len(inits), 5), dpi=120, squeeze=False) as (_, axes):
+        markers = {"fp16": "o", "int8": "s", "int4": "^", "auto": "D"}
+        for ax, init in zip(axes[0], inits):
+            rows = [r for r in measured if r["init"] == init]
+            ref = next((r for r in rows if r["method"] == "none" and r["format"] == "fp16"), None)
+            if ref:
+                ax.axhline(ref["avg_score"], color="k", ls="--", lw=1, label="one adapter per task (fp16)")
+            if base_scores:
+                ax.axhline(statistics.mean(base_scores.values()), color="grey", ls=":", lw=1, label="base model")
+            curves = (
+                ("hydraopt", False, "C3", "-D", "hydraopt (shared factors)"),
+                ("hydraopt", True, "C1", "-D", "hydraopt, calibrated"),
+                ("per-task", False, "C0", "--o", "per-task compression (nothing shared)"),
+                ("per-task", True, "C9", "--o", "per-task compression, calibrated"),
+                ("compeft", False, "C4", ":v", "ComPEFT (sparse signs, nothing shared)"),
+            )
+            for method, calibrated, colour, style, label in curves:
+                curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto" and r.get("calibration", False) == calibrated), key=lambda r: r["storage_fraction"])
+                if curve:
+                    ax.plot([r["storage_fraction"] for r in curve], [r["avg_score"] for r in curve], style, color=colour, lw=2, label=label)
+            for r in (r for r in rows if r["method"] == "none"):
+                ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers[r["format"]], color="k", s=50, label=f"one adapter per task {r['format']}")
+            for r in (r for r in rows if r["method"] in BASELINES):
+                ax.scatter(r["storage_fraction"], r["avg_score"], marker=markers.get(r["format"], "x"), color="C2", alpha=0.7, s=35, label=f"baselines (one merged adapter) {r['format']}")
+            ax.set_xscale("log")
+            ax.set_xticks([0.02, 0.05, 0.1, 0.2, 0.5, 1.0], ["0.02", "0.05", "0.1", "0.2", "0.5", "1"])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("storage (file bytes / fp16 one-adapter-per-task files, log)")
+            ax.set_ylabel("average task score")
+            ax.set_title(f"SmolLM2-135M suite, {init}")
+            handles, labels = ax.get_legend_handles_labels()
+            uniq = dict(zip(labels, handles))
+            ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+            ax.grid(alpha=0.3)
