@@ -375,3 +375,36 @@ def test_qnn_htp_runs_prompts_shorter_than_the_static_cache(qnn, tiny, tmp_path)
     for run in a16["runs"]:
         assert run["max_err_vs_fp32"] < QNN_A16W8_TOL, run
     assert a16["runs"][0]["lora_effect_cosine"] > 0.95 and "lora_effect_cosine" not in a16["runs"][2]  # the LoRA effect: first example only
+
+
+def test_bench_qnn_htp_scores_tasks_from_the_npu_outputs(qnn, tiny, tmp_path):
+    """``hydraopt bench qnn-htp``'s work on the tiny export: two teacher-forced examples per task, the first with PyTorch's
+    own argmax tokens as the answer (exact on the host's fp32 export), the second with an answer no row predicts (0 on
+    both). Records carry the host fp32 score of the same examples, parity and the task's file bytes; HTP's score is
+    exact exactly where its argmax agrees with fp32's on every answer row."""
+    from exporters.manifest import Manifest
+    from hydraopt_mobile.app.qnn_bench import HtpRun, bench_qnn_htp
+
+    theta = json.loads((tiny["model"] / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    cached, step = PROMPT[:5], PROMPT[5:9]
+    argmax = {t: [int(x) for x in reference_logits(tiny["model"], tiny["bank"], t, cached + step)[len(cached):].argmax(-1)] for t in ("alpha", "beta")}
+    examples = [{"cached": cached, "step": step}, {"cached": PROMPT[:3], "step": PROMPT[3:6]}]
+    ids = {"calibration": {t: examples[:1] for t in ("alpha", "beta", "gamma")}, "eval": {t: examples for t in ("alpha", "beta")}}
+    meta = {t: {"answers": [argmax[t], [(argmax[t][0] + 1) % 50] * 3], "fit": "2/2"} for t in ("alpha", "beta")}
+    result = bench_qnn_htp([tiny["fp32"]], HtpRun(examples=2, past=8, seq=4, minutes=0), tmp_path, ["alpha", "beta"], (ids, meta), theta)
+    alpha, beta = result["per_task"]
+    assert (alpha["task"], beta["task"]) == ("alpha", "beta") and alpha["n_examples"] == 2
+    assert alpha["score_each_host"] == beta["score_each_host"] == [100.0, 0.0] and alpha["score_each"][1] == 0.0
+    first = next(r for r in result["per_example"] if (r["task"], r["example"]) == ("alpha", 0))
+    assert alpha["score_each"][0] == (100.0 if first["token_agreement"] == 1.0 else 0.0)
+    assert alpha["max_logit_err"] < QNN_A16W8_TOL and alpha["bytes_task"] == Manifest.read(tiny["fp32"]).task_bytes("alpha") > 0
+    (avg,) = result["records"]
+    assert avg["tasks"] == 2 and avg["latency_kind"] == "emulated" and avg["bytes_qdq"] > 0 and "drop_points" not in avg
+    assert avg["score_host"] == 50.0 and result["notes"]["pad_check_max_err"][tiny["fp32"].name] < 1e-5
+
+
+def test_bench_qnn_htp_refuses_to_overwrite_a_result(tmp_path):
+    out = tmp_path / "htp.json"
+    out.write_text("{}")
+    r = CliRunner().invoke(app, ["bench", "qnn-htp", str(tmp_path), "--out", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output and out.read_text() == "{}"

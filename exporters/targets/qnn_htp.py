@@ -10,9 +10,11 @@ What runs (``qnn_graph.py`` in that environment): the export's decoder step with
 QDQ A16W8 version (finite causal mask, Reciprocal as Div, per-channel 8-bit weights through 1x1
 Convs) with the task slots as inputs (fixed 16-bit encodings, zero defaults), opened with
 CPU fallback disabled (the session opens only if every node runs on HTP), tasks switched by feeding
-each task's decoded slots. No device-runner protocol runner yet: the emulator takes ~0.15 s per
-tiny step and ~7.5 s per token at SmolLM2 width (FIELD_NOTES), and generation needs the KV cache
-window handled on the CPU (see README, Targets).
+each task's decoded slots. Not through the device-runner protocol: HTP runs static shapes only (no
+generate loop with a growing cache), and one static 8-row step of SmolLM2 takes 80-100 s on the
+emulator here (FIELD_NOTES' ~7.5 s per token does not hold), so examples are scored teacher-forced
+with the prompt's cache prefilled on the CPU (``hydraopt_mobile/app/qnn_bench.py``: ``hydraopt bench
+qnn-htp``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ NAME = "qnn-htp"
 QNN_PIN = "onnxruntime-qnn==2.7.0"
 SCRIPT = Path(__file__).with_name("qnn_graph.py")
 SETUP_COMMAND = f"hydraopt targets setup {NAME}"
+QAIRT_TOOLS = ("qnn-context-binary-generator", "qairt-converter", "qnn-onnx-converter", "qnn-model-lib-generator", "qairt-lora-importer")
 
 
 def pins() -> list[str]:
@@ -127,6 +130,15 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
         if r.returncode != 0:
             raise RuntimeError(f"qnn_graph.py failed: {r.stderr.strip()[-2000:]}")
         return read_report(work)
+
+
+def lora_route_limit() -> dict:
+    """What the wheel ships for QNN's own LoRA route: libraries only, none of QAIRT's tools that write adapter binary sections."""
+    folder = TARGET.folder()
+    site = next((venv_python(folder).parents[1] / "lib").glob("python3*/site-packages"))
+    wheel = sorted(p.name for p in (site / "onnxruntime_qnn").iterdir() if p.is_file())
+    found = {t: shutil.which(t, path=f"{venv_python(folder).parent}:/usr/bin:/usr/local/bin") for t in QAIRT_TOOLS}
+    return {"command": f"ls {site / 'onnxruntime_qnn'}; which {' '.join(QAIRT_TOOLS)}", "wheel_files": wheel, "qairt_tools_found": found}
 
 
 def read_report(work: Path) -> dict:

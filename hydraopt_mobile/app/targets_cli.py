@@ -126,11 +126,65 @@ def bench_ethos_u_cmd(
             console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
+def bench_qnn_htp_cmd(
+    exports: list[Path] = typer.Argument(..., help="ONNX export folders (hydraopt export --format onnx); with a bank and "
+                                         "one-adapter-per-task (--method none) the records carry the drop between them"),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks (repeatable; default: every task of the first export)"),
+    n_examples: int = typer.Option(4, "--examples", help="test examples per task: the first whose prompt and answer fit --past and --seq"),
+    past: int = typer.Option(120, "--past", help="static KV cache: prompts up to past + 1 tokens"),
+    seq: int = typer.Option(8, "--seq", help="static step: answers with their end-of-turn token up to seq tokens"),
+    quants: Optional[list[str]] = typer.Option(None, "--quant", help="a16w8 | a8w8 (repeatable; default: a16w8)"),
+    archs: Optional[list[str]] = typer.Option(None, "--arch", help="htp_arch to compile an offline context binary for, e.g. 73, 75, 79 "
+                                              "(repeatable; first export only; default: none)"),
+    minutes: float = typer.Option(60.0, "--minutes", help="per export, start no new example after this many minutes (one step of a "
+                                  "135M model takes 1-2 minutes on the emulator)"),
+    jobs: int = typer.Option(1, "--jobs", help="exports run side by side"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the QDQ graphs and checkpoints go (default: a temporary folder)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="the exports' base model folder, for its RoPE base (default: the suite's SmolLM2-135M)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write OUT (JSON) and OUT with .md"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+) -> None:
+    """Teacher-forced task scores of ONNX exports on the emulated Hexagon NPU (QDQ A16W8, every node on HTP): each
+    example's prompt cache prefilled on the CPU (labelled), its answer rows on HTP; parity with the host's fp32
+    export on the same examples, bytes, task load. Emulated: no phone latency."""
+    import sys
+    import tempfile
+
+    from .qnn_bench import HtpRun, bench_qnn_htp, rope_theta, write_reports
+
+    with reported(console):
+        if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md")) if p.exists()]):
+            raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+        target = get_target("qnn-htp")
+        if not (ready := target.readiness()).ready:
+            raise UserError(f"qnn-htp: not ready ({ready.reason}); run: {ready.command}")
+        run = HtpRun(examples=n_examples, past=past, seq=seq, quants=tuple(quants or ("a16w8",)), archs=tuple(archs or ()),
+                     minutes=minutes, jobs=jobs)
+        with tempfile.TemporaryDirectory(prefix="hydraopt-qnn-bench-") as tmp:
+            result = bench_qnn_htp(exports, run, workdir or Path(tmp), tasks, theta=rope_theta(model))
+        result["notes"]["command"] = " ".join(["hydraopt bench qnn-htp", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "qnn-htp"] else "hydraopt bench qnn-htp"
+        if out is not None:
+            write_reports(result, out, "qnn-htp: exports on the emulated Hexagon NPU (whole model, every node on HTP), task scores")
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        for r in result["records"]:
+            drop = r.get("drop_points")
+            console.print(f"{r['export']} ({r['method']}, {r['quant']}): score {r['score']:.1f} on HTP, {r['score_host']:.1f} on the host's fp32 "
+                          f"export ({r['n_examples']} examples, {r['tasks']} tasks); max logit err {r['max_logit_err']:.3g}, top-1 agreement "
+                          f"{r['token_agreement']:.3f}" + (f"; drop vs one-per-task {drop['drop_points']:+.2f} on HTP, "
+                                                           f"{r['host_drop_points']['drop_points']:+.2f} on the host" if drop else "")
+                          + " (emulated)", soft_wrap=True, markup=False, highlight=False)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """``targets`` on the main app, ``bench <target>`` for every target with a runner, and
-    ``bench ethos-u`` (no runner: it compiles one layer of a bundle and reads Vela's estimate)."""
+    """``targets`` on the main app, ``bench <target>`` for every target with a runner, ``bench qnn-htp``
+    (teacher-forced on static shapes: no protocol runner) and ``bench ethos-u`` (no runner: it compiles
+    one layer of a bundle and reads Vela's estimate)."""
     app.add_typer(targets_app, name="targets")
     for name, target in TARGETS.items():
         if target.python is not None:
             bench_app.command(name)(_bench_command(name))
+    bench_app.command("qnn-htp")(bench_qnn_htp_cmd)
     bench_app.command("ethos-u")(bench_ethos_u_cmd)
