@@ -91,6 +91,12 @@ def _bench_command(name: str):
     return bench
 
 
+def _refuse_existing(out: Path | None, overwrite: bool) -> None:
+    """A report is never replaced silently: ``--out`` (or its ``.md``) existing needs ``--overwrite``."""
+    if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md")) if p.exists()]):
+        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+
+
 def bench_ethos_u_cmd(
     bundle: Path = typer.Argument(..., help="bundle folder written by `hydraopt merge`"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks, run in this order (repeatable; default: every task)"),
@@ -114,8 +120,7 @@ def bench_ethos_u_cmd(
     from .ethos_u_bench import bench_ethos_u, summary_lines, write_reports
 
     with reported(console):
-        if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md")) if p.exists()]):
-            raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+        _refuse_existing(out, overwrite)
         records, meta = bench_ethos_u(bundle, model, tasks, npus, quants, layer, tokens, prompt, merged_reference, threads)
         if out is not None:
             write_reports(records, meta, out)
@@ -154,8 +159,7 @@ def bench_qnn_htp_cmd(
     from .qnn_bench import HtpRun, bench_qnn_htp, rope_theta, write_reports
 
     with reported(console):
-        if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md")) if p.exists()]):
-            raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+        _refuse_existing(out, overwrite)
         target = get_target("qnn-htp")
         if not (ready := target.readiness()).ready:
             raise UserError(f"qnn-htp: not ready ({ready.reason}); run: {ready.command}")
