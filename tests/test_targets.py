@@ -408,3 +408,10 @@ def test_bench_qnn_htp_refuses_to_overwrite_a_result(tmp_path):
     out.write_text("{}")
     r = CliRunner().invoke(app, ["bench", "qnn-htp", str(tmp_path), "--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output and out.read_text() == "{}"
+
+
+def test_bench_qnn_htp_names_a_task_outside_the_suite(qnn, tiny):
+    """The tiny export's tasks are not suite tasks: the suite's test examples cannot score them, and the error says so
+    before anything is quantised."""
+    r = CliRunner().invoke(app, ["bench", "qnn-htp", str(tiny["fp32"])])
+    assert r.exit_code == 2 and "'alpha' is not a suite task" in r.output, r.output

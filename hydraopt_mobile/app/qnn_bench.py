@@ -75,16 +75,22 @@ def examples(export: Path, tasks: list[str], past: int, seq: int, per_task: int)
     end-of-turn token fits the step (``<= seq``): ``cached`` = the prompt but its last token (prefilled on the CPU),
     ``step`` = the prompt's last token + the answer but its last token, so step row j predicts answer token j and
     every answer token's prediction runs on HTP. Calibration: the first fitting train example of every task of the
-    bank. Returns ``(ids for qnn_graph.py, per task {"answers": answer ids per example, "fit": fitting/total})``."""
+    bank that is a suite task. Returns ``(ids for qnn_graph.py, per task {"answers": answer ids per example, "fit":
+    fitting/total})``. ``tasks`` are scored on the suite's test split, so each must be a suite task."""
     from transformers import AutoTokenizer
 
     from hydraopt_mobile.suite.prompts import training_ids
-    from hydraopt_mobile.suite.tasks import load_suite
+    from hydraopt_mobile.suite.tasks import OPTIONAL_TASK_NAMES, TASK_NAMES, load_suite
 
+    known = TASK_NAMES + OPTIONAL_TASK_NAMES
+    if unknown := [t for t in tasks if t not in known]:
+        raise UserError(f"{export}: task {unknown[0]!r} is not a suite task; {NAME} scores the suite's test examples "
+                        f"(known: {', '.join(known)})")
+    bank = Manifest.read(export).tasks
     tokenizer = AutoTokenizer.from_pretrained(export / "tokenizer")
     ids: dict = {"calibration": {}, "eval": {}}
     meta: dict = {}
-    for task in load_suite():
+    for task in load_suite([t for t in known if t in tasks or t in bank]):
         fitting = {}
         for split in ("train", "test"):
             fitting[split] = []
