@@ -14,7 +14,7 @@ examples as fit in 60 minutes per export"); the record says which tasks were cov
 
 Run it under ``flock -s /work/runs/cpu.lock nice -n 5`` on a shared machine; emulated latencies
 depend on the host's load (recorded as ``host_load_avg_1min`` per export) and are never a phone's.
-Writes benchmarks/results/device_arm64-cpu.{json,md}.
+Writes benchmarks/results/device_arm64-cpu.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -35,26 +35,8 @@ sys.path.insert(0, str(ROOT))
 from exporters.manifest import Manifest  # noqa: E402
 from hydraopt_mobile.app.targets_bench import bench_target, notes, write_reports  # noqa: E402
 from hydraopt_mobile.atomic import write_text_atomic  # noqa: E402
-from hydraopt_mobile.suite.metrics import paired_drop  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "device_arm64-cpu.json"
-
-
-def drops(records: list[dict]) -> dict:
-    """HydraOpt vs one-adapter-per-task (method ``none``) per quantisation, on the target's scores
-    and on the host's, on the same examples: points with 95 % paired intervals."""
-    out = {}
-    by = {(r["method"], r["quant"]): {} for r in records}
-    for r in records:
-        by[(r["method"], r["quant"])][r["task"]] = r
-    for (method, quant), tasks in by.items():
-        ref = by.get(("none", quant))
-        if method == "none" or ref is None or set(ref) != set(tasks):
-            continue
-        target = paired_drop({t: ref[t]["score_each"] for t in ref}, {t: tasks[t]["score_each"] for t in tasks})
-        host = paired_drop({t: ref[t]["score_each_host"] for t in ref}, {t: tasks[t]["score_each_host"] for t in tasks})
-        out[f"{method}/{quant}"] = {"drop_points": target, "host_drop_points": host}
-    return out
 
 
 def task_order(tasks: list[str]) -> list[str]:
@@ -119,7 +101,6 @@ def main() -> None:
     info = notes(records)
     info["command"] = "python benchmarks/device_arm64.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info["exports"] = per_export
-    info["drops"] = drops(records)
     info["notes"] = args.note
     info["host_reference"] = "the same runner on the host's ONNX Runtime (x86_64), same export, same examples; not PyTorch"
     write_reports(records, args.out, info)

@@ -22,7 +22,7 @@ probed on the first context binary when ``--archs`` is given, and its limit reco
     flock -s /work/runs/cpu.lock nice -n 5 python benchmarks/device_qnn_htp.py \\
         EXPORT_HYDRAOPT EXPORT_NONE --examples 4 --past 120 --seq 8 --jobs 2 --deadline 13:55
 
-Writes benchmarks/results/device_qnn-htp.{json,md}.
+Writes benchmarks/results/device_qnn-htp.{json,md,png}.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
     python benchmarks/device_table.py            # writes benchmarks/results/device_table.md and the README's table
 
+It also draws the arm64-cpu records' pictures (``device_arm64-cpu*.png``: per-task scores on the target and
+the host, drops with their intervals) from their JSON, so a record written before its benchmark drew one has it.
+
 Reads the records that the target benchmarks wrote (never edits them):
 ``device_arm64-cpu.json`` and ``device_arm64-cpu-executorch.json`` (benchmarks/device_arm64.py, ONNX and
 ExecuTorch exports), ``device_qnn-htp.json``
@@ -19,6 +22,7 @@ import statistics
 from common import RESULTS_DIR as RESULTS, ROOT  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.app.records import markdown_table
+from hydraopt_mobile.app.targets_bench import plot_target
 from hydraopt_mobile.atomic import atomic_file
 BEGIN, END = "<!-- device-table:begin -->", "<!-- device-table:end -->"
 HEADER = ["target", "method", "quant", "scope", "bytes resident", "bytes per task", "total vs one-per-task", "score (examples)",
@@ -112,6 +116,9 @@ def main() -> None:
         data = _load(name)
         if data is not None:
             rows += build(data)
+            if build is arm64_rows:
+                with atomic_file(RESULTS / f"device_{name}.png") as png:
+                    plot_target(data["records"], data["notes"])(png)
             sources.append(f"`benchmarks/results/device_{name}.json`")
     table = "\n".join(markdown_table(HEADER, rows))
     text = "\n".join([

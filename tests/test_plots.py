@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import pytest
 
 from hydraopt_mobile.app import demo_report, ethos_u_bench, frontier
+from hydraopt_mobile.app.device_plot import Drop, plot_scores, series_label
+from hydraopt_mobile.app.targets_bench import plot_target
 from hydraopt_mobile.plotting import figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,8 @@ def _records(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["frontier", "quant_recipes", "quant_recipes_executorch", "add_task", "device_ethos-u", "demo/demo"])
+@pytest.mark.parametrize("name", ["frontier", "quant_recipes", "quant_recipes_executorch", "add_task", "device_ethos-u", "demo/demo",
+                                  "device_arm64-cpu", "device_arm64-cpu-executorch", "device_qnn-htp"])
 def test_committed_results_redraw_from_their_records(tmp_path, name):
     data, png = _records(name), tmp_path / "out.png"
     if name == "frontier":
@@ -62,6 +65,12 @@ def test_committed_results_redraw_from_their_records(tmp_path, name):
         add_task.plot([r for r in data["records"] if "task" in r], png)
     elif name == "device_ethos-u":
         ethos_u_bench.plot(data["records"], 16)(png)
+    elif name.startswith("device_arm64"):
+        plot_target(data["records"], data["notes"])(png)
+    elif name == "device_qnn-htp":
+        drops = [Drop(series_label(r), r["drop_points"], r["host_drop_points"]) for r in data["records"] if "drop_points" in r]
+        assert drops, "the record has HydraOpt drops to draw"
+        plot_scores(data["per_task"], drops, "qnn-htp")(png)
     else:
         demo_report.plot(data, png)
     assert _is_png(png)

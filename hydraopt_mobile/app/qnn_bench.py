@@ -38,6 +38,7 @@ from exporters.targets.qnn_htp import NAME, htp_check, lora_route_limit, read_re
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import paired_drop
 
+from .device_plot import Drop, plot_scores, series_label
 from .records import markdown_table, write_record
 
 TASK_COLUMNS = ["method", "budget", "quant", "task", "n_examples", "test_examples_fitting", "score", "score_host", "max_logit_err",
@@ -324,5 +325,6 @@ def markdown(result: dict, title: str) -> str:
 
 
 def write_reports(result: dict, out: Path, title: str) -> None:
-    """``out`` (JSON: notes, records, per_task, per_example, contexts) and ``out`` with ``.md``."""
-    write_record(out, result, markdown(result, title))
+    """``out`` (JSON: notes, records, per_task, per_example, contexts), and beside it ``.md`` and ``.png``."""
+    drops = [Drop(series_label(r), r["drop_points"], r["host_drop_points"]) for r in result["records"] if "drop_points" in r]
+    write_record(out, result, markdown(result, title), plot_scores(result["per_task"], drops, f"{NAME}: HTP (bars) vs host fp32 (ticks)"))

@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,7 +37,9 @@ from exporters.targets.protocol import Response, make_request, run_on_host, run_
 from exporters.targets.registry import get_target
 from exporters.targets.target import Target
 from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.suite.metrics import paired_drop
 
+from .device_plot import Drop, plot_scores
 from .records import dict_table, write_record
 
 
@@ -211,6 +214,23 @@ def teacher_forced_exact(entry: dict, answers: list[list[int]]) -> list[float]:
     return [100.0 * (o["tokens"] == list(a)) for o, a in zip(entry["outputs"], answers)]
 
 
+def drops(records: list[dict]) -> dict:
+    """HydraOpt vs one-adapter-per-task (method ``none``) per quantisation, on the target's scores
+    and on the host's, on the same examples: points with 95 % paired intervals."""
+    out = {}
+    by = {(r["method"], r["quant"]): {} for r in records}
+    for r in records:
+        by[(r["method"], r["quant"])][r["task"]] = r
+    for (method, quant), tasks in by.items():
+        ref = by.get(("none", quant))
+        if method == "none" or ref is None or set(ref) != set(tasks):
+            continue
+        target = paired_drop({t: ref[t]["score_each"] for t in ref}, {t: tasks[t]["score_each"] for t in tasks})
+        host = paired_drop({t: ref[t]["score_each_host"] for t in ref}, {t: tasks[t]["score_each_host"] for t in tasks})
+        out[f"{method}/{quant}"] = {"drop_points": target, "host_drop_points": host}
+    return out
+
+
 def notes(records: list[dict]) -> dict:
     """What every reader of the records must know: target, threads, how to read the latencies."""
     r = records[0]
@@ -218,7 +238,7 @@ def notes(records: list[dict]) -> dict:
     return {"target": r["target"], "emulator": r["emulator"], "host": platform.machine(), "threads": r["threads"],
             "scoring": r["scoring"],
             "latency": f"{kind}: never a phone's speed" if kind == "emulated" else kind,
-            "examples_per_task": {f"{x['export']}/{x['task']}": x["n_examples"] for x in records}}
+            "examples_per_task": {f"{x['export']}/{x['task']}": x["n_examples"] for x in records}, "drops": drops(records)}
 
 
 COLUMNS = ["export", "quant", "method", "task", "n_examples", "scoring", "bytes_resident", "bytes_task", "score", "score_host", "tokens_identical",
@@ -236,5 +256,11 @@ def target_markdown(records: list[dict], info: dict) -> str:
 
 
 def write_reports(records: list[dict], path: Path, info: dict) -> None:
-    """``path`` (JSON: notes + records) and ``path.md`` (one row per export and task)."""
-    write_record(path, {"notes": info, "records": records}, target_markdown(records, info))
+    """``path`` (JSON: notes + records), ``path.md`` (one row per export and task) and ``path.png`` (scores, drops)."""
+    write_record(path, {"notes": info, "records": records}, target_markdown(records, info), plot_target(records, info))
+
+
+def plot_target(records: list[dict], info: dict) -> Callable[[Path], None]:
+    """The record's picture: per task the target's and the host's scores, and ``info["drops"]`` (keyed ``method/quant``)."""
+    drops = [Drop(key, d["drop_points"], d["host_drop_points"]) for key, d in info.get("drops", {}).items()]
+    return plot_scores(records, drops, f"{info.get('target')}: target (bars) vs host (ticks)")
