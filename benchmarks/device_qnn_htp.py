@@ -81,6 +81,9 @@ def main() -> None:
                           "was sized to the issue's 60 minutes per export from a measured run (see README)")
     notes["command"] = " ".join(["python", "benchmarks/device_qnn_htp.py", *sys.argv[1:]])
     notes["wall_s"] = time.perf_counter() - t0
+    if args.reuse:
+        notes["reused"] = (f"the records come from the per-export reports that earlier runs left in {args.workdir} (this command only "
+                           "scores them): each export's own quantisation, session and stop: runs_info; its HTP time per example: per_example")
     write_reports(result, args.out, TITLE)
     print(markdown(result, TITLE))
 

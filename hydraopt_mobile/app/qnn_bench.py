@@ -308,7 +308,8 @@ def markdown(result: dict, title: str) -> str:
     fmt = lambda d: "-" if not d else f"{d['drop_points']:+.2f} [{d['drop_points_ci95'][0]:+.2f}, {d['drop_points_ci95'][1]:+.2f}]"  # noqa: E731
     columns = ["method", "budget", "quant", "tasks", "n_examples", "score", "score_host", "score_vs_host_rel_pct", "drop_points",
                "host_drop_points", "max_logit_err", "token_agreement"]
-    md = [f"# {title}", "", f"`{notes['command']}`", "", "Examples: " + notes["examples"] + ".", "",
+    md = [f"# {title}", "", f"`{notes['command']}`", "", *([f"Reused: {notes['reused']}.", ""] if "reused" in notes else []),
+          "Examples: " + notes["examples"] + ".", "",
           "What runs where: " + notes["what_runs_where"] + ".", "", "QDQ build: " + notes["qdq_build"] + ".", "",
           f"Run: {json.dumps(notes['runs_info'])}", "",
           *markdown_table(columns, [[fmt(r.get(c)) if c.endswith("drop_points") else r.get(c) for c in columns] for r in records]), "",
