@@ -52,7 +52,7 @@ def plot_scores(per_task: list[dict], drops: list[Drop], title: str) -> Callable
             ax.set_ylabel("score (exact, %)")
             ax.set_ylim(0, 125)  # room for the legend above the 100 % bars
             ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7, loc="upper center", ncol=len(series) + 1)
+            ax.legend(fontsize=7, loc="upper center", ncol=2)
             for j, d in enumerate(drops):
                 for k, (where, drop, marker) in enumerate((("target", d.target, "o"), ("host", d.host, "s"))):
                     lo, hi = drop["drop_points_ci95"]
