@@ -14,7 +14,7 @@ import pytest
 
 from hydraopt_mobile.app import demo_report, ethos_u_bench, frontier
 from hydraopt_mobile.app.device_plot import Drop, plot_scores, series_label
-from hydraopt_mobile.app.targets_bench import plot_target
+from hydraopt_mobile.app.targets_bench import drops, plot_target
 from hydraopt_mobile.plotting import figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +75,12 @@ def test_committed_results_redraw_from_their_records(tmp_path, name):
         demo_report.plot(data, png)
     assert _is_png(png)
     assert not plt.get_fignums()
+
+
+def test_a_device_record_without_scores_still_draws(tmp_path):
+    """``hydraopt bench TARGET`` on the user's own prompts has no reference answers: scores are None."""
+    records = [{"method": m, "quant": "fp32", "task": t, "score": None, "score_host": None} for m in ("hydraopt", "none") for t in ("a", "b")]
+    info = {"target": "arm64-cpu", "drops": drops(records)}
+    assert info["drops"] == {}
+    plot_target(records, info)(tmp_path / "x.png")
+    assert _is_png(tmp_path / "x.png") and not plt.get_fignums()

@@ -32,6 +32,11 @@ def series_label(record: dict) -> str:
     return f"{record['method']}{budget} {record['quant']}"
 
 
+def _score(record: dict | None, key: str) -> float:
+    """A record's score, NaN (nothing drawn) where the task has no record or was not scored (``None``)."""
+    return np.nan if record is None or record.get(key) is None else record[key]
+
+
 def plot_scores(per_task: list[dict], drops: list[Drop], title: str) -> Callable[[Path], None]:
     """``plot(png)`` for :func:`hydraopt_mobile.app.records.write_record`: left, per task the target's score
     (bars, one per series) and the host's on the same examples (black ticks); right, the drops."""
@@ -45,10 +50,12 @@ def plot_scores(per_task: list[dict], drops: list[Drop], title: str) -> Callable
             for i, name in enumerate(series):
                 x = np.arange(len(tasks)) + (i - (len(series) - 1) / 2) * width
                 rows = [by.get((name, t)) for t in tasks]
-                ax.bar(x, [r["score"] if r else np.nan for r in rows], width, label=f"{name} (target)")
-                ax.scatter(x, [r["score_host"] if r else np.nan for r in rows], marker="_", s=120, color="black",
+                ax.bar(x, [_score(r, "score") for r in rows], width, label=f"{name} (target)")
+                ax.scatter(x, [_score(r, "score_host") for r in rows], marker="_", s=120, color="black",
                            label="host, same examples" if i == 0 else None, zorder=3)
             ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+            if all(r.get("score") is None for r in per_task):
+                ax.text(0.5, 0.5, "not scored: prompts without reference answers", ha="center", va="center", transform=ax.transAxes, fontsize=8)
             ax.set_ylabel("score (exact, %)")
             ax.set_ylim(0, 125)  # room for the legend above the 100 % bars
             ax.set_title(title, fontsize=9)

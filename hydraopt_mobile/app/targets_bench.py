@@ -225,6 +225,8 @@ def drops(records: list[dict]) -> dict:
         ref = by.get(("none", quant))
         if method == "none" or ref is None or set(ref) != set(tasks):
             continue
+        if any("score_each" not in r for r in [*ref.values(), *tasks.values()]):
+            continue  # prompts without reference answers: nothing to compare
         target = paired_drop({t: ref[t]["score_each"] for t in ref}, {t: tasks[t]["score_each"] for t in tasks})
         host = paired_drop({t: ref[t]["score_each_host"] for t in ref}, {t: tasks[t]["score_each_host"] for t in tasks})
         out[f"{method}/{quant}"] = {"drop_points": target, "host_drop_points": host}
