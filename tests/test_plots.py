@@ -12,8 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from hydraopt_mobile.app import demo_report, ethos_u_bench, frontier
-from hydraopt_mobile.app.device_plot import Drop, plot_scores, series_label
+from hydraopt_mobile.app import demo_report, ethos_u_bench, frontier, qnn_bench
 from hydraopt_mobile.app.targets_bench import drops, plot_target
 from hydraopt_mobile.plotting import figure
 
@@ -68,9 +67,8 @@ def test_committed_results_redraw_from_their_records(tmp_path, name):
     elif name.startswith("device_arm64"):
         plot_target(data["records"], data["notes"])(png)
     elif name == "device_qnn-htp":
-        drops = [Drop(series_label(r), r["drop_points"], r["host_drop_points"]) for r in data["records"] if "drop_points" in r]
-        assert drops, "the record has HydraOpt drops to draw"
-        plot_scores(data["per_task"], drops, "qnn-htp")(png)
+        assert any("drop_points" in r for r in data["records"]), "the record has HydraOpt drops to draw"
+        qnn_bench.plot_htp(data)(png)
     else:
         demo_report.plot(data, png)
     assert _is_png(png)

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -327,5 +328,10 @@ def markdown(result: dict, title: str) -> str:
 
 def write_reports(result: dict, out: Path, title: str) -> None:
     """``out`` (JSON: notes, records, per_task, per_example, contexts), and beside it ``.md`` and ``.png``."""
+    write_record(out, result, markdown(result, title), plot_htp(result))
+
+
+def plot_htp(result: dict) -> Callable[[Path], None]:
+    """The record's picture: per task HTP's and the host fp32 export's scores, and each merge's drops (on its averaged record)."""
     drops = [Drop(series_label(r), r["drop_points"], r["host_drop_points"]) for r in result["records"] if "drop_points" in r]
-    write_record(out, result, markdown(result, title), plot_scores(result["per_task"], drops, f"{NAME}: HTP (bars) vs host fp32 (ticks)"))
+    return plot_scores(result["per_task"], drops, f"{NAME}: HTP (bars) vs host fp32 (ticks)")
