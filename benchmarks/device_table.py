@@ -22,7 +22,7 @@ import statistics
 from common import RESULTS_DIR as RESULTS, ROOT  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.app.records import markdown_table
-from hydraopt_mobile.app.targets_bench import plot_target
+from hydraopt_mobile.app.targets_bench import plot_target, series_key
 from hydraopt_mobile.atomic import atomic_file
 BEGIN, END = "<!-- device-table:begin -->", "<!-- device-table:end -->"
 HEADER = ["target", "method", "quant", "scope", "bytes resident", "bytes per task", "total vs one-per-task", "score (examples)",
@@ -42,14 +42,15 @@ def _drop(d: dict | None) -> str:
 
 
 def arm64_rows(data: dict) -> list[list]:
-    """One row per (method, quant): bytes and scores over the tasks measured, drops from the record's notes."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """One row per export (method, budget, quant): bytes and scores over the tasks measured, drops from the record's notes."""
+    groups: dict[str, list[dict]] = {}
     for r in data["records"]:
-        groups.setdefault((r["method"], r["quant"]), []).append(r)
+        groups.setdefault(series_key(r), []).append(r)
     drops = data["notes"].get("drops", {})
     rows = []
-    for (method, quant), recs in sorted(groups.items()):
-        none = groups.get(("none", quant))
+    for key, recs in sorted(groups.items()):
+        method, quant = key.rsplit("/", 1)
+        none = groups.get(series_key({"method": "none", "quant": quant}))
         total = recs[0]["bytes_total"]
         ratio = f"{total / none[0]['bytes_total']:.3f}" if none else "-"
         n = sum(r["n_examples"] for r in recs)
@@ -58,7 +59,7 @@ def arm64_rows(data: dict) -> list[list]:
         errs = [r["max_logit_err"] for r in recs if r["max_logit_err"] is not None]
         identical = all(r["tokens_identical"] for r in recs)
         parity = f"tokens {'identical' if identical else 'differ'}, max logit err {max(errs):.1e}" if errs else "-"
-        d = drops.get(f"{method}/{quant}", {})
+        d = drops.get(key, {})
         rows.append(["arm64-cpu", method, quant, f"whole model, {len(recs)} tasks", f"{recs[0]['bytes_resident']:,}",
                      f"{round(statistics.mean(r['bytes_task'] for r in recs)):,}", ratio, score,
                      _drop(d.get("drop_points")), _drop(d.get("host_drop_points")), parity,

@@ -174,6 +174,15 @@ def verified_shared_file(manifest: Manifest, folder: Path) -> tuple[Path, bytes]
     return path, found
 
 
+def bank_budget(manifest: Manifest, folder: Path) -> str | None:
+    """The budget the export's bank was merged at (its bundle manifest's ``params.budget``, as the
+    user gave it: ``0.0833``), None for a fixed-storage method or a merged export without a bank."""
+    entry = manifest.find("bank")
+    if entry is None:
+        return None
+    return json.loads((Path(folder) / entry.path).read_text()).get("params", {}).get("budget")
+
+
 def verify_all(manifest: Manifest, folder: Path) -> None:
     """Check every file of the export (used by tests and ``bench``)."""
     for f in manifest.files:

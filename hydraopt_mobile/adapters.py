@@ -81,6 +81,7 @@ class AdapterSet:
 
     tasks: list[TaskAdapter]
     shapes: dict[str, tuple[int, int]]  # module -> (d_out, d_in)
+    _reference_bytes: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def task_names(self) -> list[str]:
@@ -108,8 +109,10 @@ class AdapterSet:
         packed as a bundle packs (storage.py): the unit of budgets and storage fractions."""
         from hydraopt_mobile.storage import reference_file_bytes
 
-        metas = [t.module_meta() for t in self.tasks]
-        return reference_file_bytes([[meta.get(m, (0, self.shapes[m])) for m in self.module_names] for meta in metas])
+        if self._reference_bytes is None:  # a set is not changed once built; a merge asks for this once per bank
+            metas = [t.module_meta() for t in self.tasks]
+            self._reference_bytes = reference_file_bytes([[meta.get(m, (0, self.shapes[m])) for m in self.module_names] for meta in metas])
+        return self._reference_bytes
 
     def fingerprint(self) -> dict:
         """What identifies the base model these adapters were made for."""

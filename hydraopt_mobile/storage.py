@@ -44,7 +44,7 @@ class TensorSpec:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 def factor_key(module_index: int, kind: str, index: int | None, part: str) -> str:
@@ -61,7 +61,7 @@ def factor_specs(module_index: int, kind: str, index: int | None, fmt: "NumberFo
 
 def file_order(specs: list[TensorSpec]) -> list[TensorSpec]:
     """The order safetensors writes tensors in: larger dtypes first, then by key."""
-    return sorted(specs, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), s.key))
+    return sorted(specs, key=lambda s: (-s.dtype.itemsize, s.key))
 
 
 def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> str:

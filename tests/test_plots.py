@@ -82,3 +82,21 @@ def test_a_device_record_without_scores_still_draws(tmp_path):
     assert info["drops"] == {}
     plot_target(records, info)(tmp_path / "x.png")
     assert _is_png(tmp_path / "x.png") and not plt.get_fignums()
+
+
+def test_two_budgets_of_one_method_get_their_own_drops():
+    """One arm64 record holding HydraOpt at 1/T and at 0.52 (both ``method: hydraopt``) and
+    one-per-task: each budget's drop is computed on its own records, none overwrites the other."""
+    each = {"none": ([100.0, 0.0], [100.0, 100.0]), "0.0833": ([0.0, 0.0], [0.0, 100.0]), "0.52": ([100.0, 0.0], [100.0, 100.0])}
+    records = []
+    for name, (a, b) in each.items():
+        method, budget = ("none", None) if name == "none" else ("hydraopt", name)
+        for task, scores in (("a", a), ("b", b)):
+            records.append({"method": method, "budget": budget, "quant": "fp32", "task": task, "score": sum(scores) / 2, "score_host": sum(scores) / 2,
+                            "score_each": scores, "score_each_host": scores})
+    found = drops(records)
+    assert set(found) == {"hydraopt (0.0833)/fp32", "hydraopt (0.52)/fp32"}
+    assert found["hydraopt (0.0833)/fp32"]["drop_points"]["drop_points"] == 50.0
+    assert found["hydraopt (0.52)/fp32"]["drop_points"]["drop_points"] == 0.0
+    older = [{k: v for k, v in r.items() if k != "budget"} for r in records if r["budget"] != "0.52"]  # records written before `budget` existed
+    assert set(drops(older)) == {"hydraopt/fp32"}

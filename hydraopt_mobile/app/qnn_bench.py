@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.manifest import Manifest
+from exporters.manifest import Manifest, bank_budget
 from exporters.targets.qnn_htp import NAME, htp_check, lora_route_limit, read_report
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import paired_drop
@@ -133,8 +133,7 @@ def score_export(folder: Path, report: dict, tasks: list[str], meta: dict) -> tu
     """Per (quant, task, example) rows and per (quant, task) records from ``qnn_graph.py``'s report on ``folder``."""
     m = Manifest.read(folder)
     logits = report["logits"]
-    budget = json.loads((folder / "bank" / "manifest.json").read_text()).get("params", {}).get("budget") if m.method != "none" else None
-    common = {"target": NAME, "latency_kind": "emulated", "method": m.method, "budget": budget, "export": folder.name, "export_id": m.export_id}
+    common = {"target": NAME, "latency_kind": "emulated", "method": m.method, "budget": bank_budget(m, folder), "export": folder.name, "export_id": m.export_id}
     rows, records = [], []
     for q in [*report["quants"], *([report["partial"]] if "partial" in report else [])]:
         for i, task in enumerate(tasks):

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.manifest import Manifest, verify_all
+from exporters.manifest import Manifest, bank_budget, verify_all
 from exporters.targets.protocol import Response, make_request, run_on_host, run_request
 from exporters.targets.registry import get_target
 from exporters.targets.target import Target
@@ -149,7 +149,7 @@ def bench_target(
             "runtime": f"{t['runtime']} ({t['machine']}, Python {t['python']})",
             "parity_reference": f"host {h['runtime']} ({h['machine']}), same export, same runner",
             "export": export.name, "export_id": manifest.export_id, "bank_digest": manifest.extra.get("bank_digest"),
-            "quant": manifest.quant, "method": manifest.method, "task": task, "n_examples": len(te["outputs"]),
+            "quant": manifest.quant, "method": manifest.method, "budget": bank_budget(manifest, export), "task": task, "n_examples": len(te["outputs"]),
             "scoring": t["scoring"],
             "bytes_resident": t["resident_bytes"], "bytes_task": te["task_bytes"],
             "bytes_total": t["resident_bytes"] + t["all_tasks_bytes"],
@@ -214,22 +214,31 @@ def teacher_forced_exact(entry: dict, answers: list[list[int]]) -> list[float]:
     return [100.0 * (o["tokens"] == list(a)) for o, a in zip(entry["outputs"], answers)]
 
 
+def series_key(record: dict) -> str:
+    """``method/quant``, or ``method (budget)/quant`` for a budgeted bank: what tells one export's
+    records from another's in a target record (two HydraOpt budgets of one quantisation included)."""
+    budget = f" ({record['budget']})" if record.get("budget") else ""
+    return f"{record['method']}{budget}/{record['quant']}"
+
+
 def drops(records: list[dict]) -> dict:
-    """HydraOpt vs one-adapter-per-task (method ``none``) per quantisation, on the target's scores
-    and on the host's, on the same examples: points with 95 % paired intervals."""
+    """Every merge vs one-adapter-per-task (method ``none``) of the same quantisation, on the
+    target's scores and on the host's, on the same examples: points with 95 % paired intervals,
+    keyed by :func:`series_key`."""
     out = {}
-    by = {(r["method"], r["quant"]): {} for r in records}
+    by: dict[str, dict[str, dict]] = {}
     for r in records:
-        by[(r["method"], r["quant"])][r["task"]] = r
-    for (method, quant), tasks in by.items():
-        ref = by.get(("none", quant))
-        if method == "none" or ref is None or set(ref) != set(tasks):
+        by.setdefault(series_key(r), {})[r["task"]] = r
+    for key, tasks in by.items():
+        first = next(iter(tasks.values()))
+        ref = by.get(series_key({"method": "none", "quant": first["quant"]}))
+        if first["method"] == "none" or ref is None or set(ref) != set(tasks):
             continue
         if any("score_each" not in r for r in [*ref.values(), *tasks.values()]):
             continue  # prompts without reference answers: nothing to compare
         target = paired_drop({t: ref[t]["score_each"] for t in ref}, {t: tasks[t]["score_each"] for t in tasks})
         host = paired_drop({t: ref[t]["score_each_host"] for t in ref}, {t: tasks[t]["score_each_host"] for t in tasks})
-        out[f"{method}/{quant}"] = {"drop_points": target, "host_drop_points": host}
+        out[key] = {"drop_points": target, "host_drop_points": host}
     return out
 
 
@@ -263,6 +272,6 @@ def write_reports(records: list[dict], path: Path, info: dict) -> None:
 
 
 def plot_target(records: list[dict], info: dict) -> Callable[[Path], None]:
-    """The record's picture: per task the target's and the host's scores, and ``info["drops"]`` (keyed ``method/quant``)."""
+    """The record's picture: per task the target's and the host's scores, and ``info["drops"]`` (keyed by :func:`series_key`)."""
     drops = [Drop(key, d["drop_points"], d["host_drop_points"]) for key, d in info.get("drops", {}).items()]
     return plot_scores(records, drops, f"{info.get('target')}: target (bars) vs host (ticks)")

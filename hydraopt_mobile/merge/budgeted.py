@@ -17,7 +17,7 @@ from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.allocator import Candidate, allocate, minimum_bytes
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.candidates import HydraOptConfig, build_modules, plan_candidates
+from hydraopt_mobile.merge.candidates import HydraOptConfig, build_modules, plan_candidates, task_weights
 from hydraopt_mobile.merge.spill import StoredASpill
 from hydraopt_mobile.merge.method import MethodParams, Modules, NoParams, OnStep, Storage, param
 from hydraopt_mobile.storage import file_overhead_bound
@@ -50,11 +50,12 @@ def build_per_task(adapters: AdapterSet, params: NoParams, storage: Storage, on_
 def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step: OnStep | None) -> list[Modules | InfeasibleBudget]:
     with tempfile.TemporaryDirectory(prefix="hydraopt-merge-") as tmp:
         spill = StoredASpill(Path(tmp))
-        candidates = plan_candidates(adapters, cfg, on_step, spill)
+        weights = task_weights(adapters, cfg.calibration)
+        candidates = plan_candidates(adapters, cfg, on_step, spill, weights)
         reference = adapters.reference_file_bytes()
         plans = [_allocate(candidates, budget, reference, len(adapters.tasks)) for budget in storage.budgets]
         feasible = [i for i, p in enumerate(plans) if not isinstance(p, InfeasibleBudget)]
-        built = iter(build_modules(adapters, cfg, [plans[i] for i in feasible], on_step, keep=lambda j, *rest: storage.keep(feasible[j], *rest), spill=spill))
+        built = iter(build_modules(adapters, cfg, [plans[i] for i in feasible], on_step, keep=lambda j, *rest: storage.keep(feasible[j], *rest), spill=spill, weights=weights))
         return [p if isinstance(p, InfeasibleBudget) else next(built) for p in plans]
 
 

@@ -254,11 +254,12 @@ def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat,
     return count * nbytes + entries * extra_digits, count * entries
 
 
-def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None, spill: StoredASpill | None = None) -> dict[str, list[Candidate]]:
+def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None, spill: StoredASpill | None = None, weights: torch.Tensor | None = None) -> dict[str, list[Candidate]]:
     """Every module's candidates (reusable across budgets); the first of two passes over the modules
     for ``on_step``. Module state is dropped after each module, so memory stays at one module's
-    factored space; the encoded A's :func:`build_modules` may need go to ``spill`` (spill.py)."""
-    w = task_weights(adapters, cfg.calibration)
+    factored space; the encoded A's :func:`build_modules` may need go to ``spill`` (spill.py).
+    ``weights``: :func:`task_weights` when the caller has them (a pass over every module's factors)."""
+    w = task_weights(adapters, cfg.calibration) if weights is None else weights
 
     def plan(m: int, name: str, factors: list[LoraFactors]) -> list[Candidate]:
         module = ModuleCandidates(factors, w, cfg, m, cfg.moments(name))
@@ -270,15 +271,16 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep |
     return each_module(adapters, plan, on_step, passes=2)
 
 
-def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, keep: ModuleSink | None = None, spill: StoredASpill | None = None) -> list[dict[str, MergedModule]]:
+def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[str, Candidate]], on_step: OnStep | None = None, keep: ModuleSink | None = None, spill: StoredASpill | None = None, weights: torch.Tensor | None = None) -> list[dict[str, MergedModule]]:
     """For each plan, the modules it chose; the second of two passes over the modules for
     ``on_step``. A chosen candidate whose A's the first pass left in ``spill`` is built from them
     (B's fitted to them, :func:`fit_to_stored`: the module :meth:`ModuleCandidates.build` gives,
     without the factored space); the inputs as they are need no factored space either; otherwise
     the module's factored space is rebuilt once (cheaper than keeping every module's in memory)
     and serves all plans. ``keep(plan index, name, factors, module)``: each built module is handed
-    over at once (in the calling thread, in module order), and what it returns is kept."""
-    w = task_weights(adapters, cfg.calibration)
+    over at once (in the calling thread, in module order), and what it returns is kept. ``weights``:
+    as for :func:`plan_candidates` (the same ones)."""
+    w = task_weights(adapters, cfg.calibration) if weights is None else weights
 
     def build(m: int, name: str, factors: list[LoraFactors]) -> list[MergedModule]:
         spilled = spill.get(m, {(chosen[name].k_a, chosen[name].k_b, chosen[name].fmt, chosen[name].a_rows) for chosen in plans}) if spill is not None else None
