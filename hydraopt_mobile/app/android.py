@@ -25,7 +25,7 @@ from rich.console import Console
 from hydraopt_mobile.errors import UserError
 
 from .failures import reported
-from .records import write_record
+from .records import refuse_existing, write_record
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (android_demo/, benchmarks/)
 BUILD_SH = ROOT / "android_demo" / "build.sh"
@@ -136,10 +136,12 @@ def bench_android_adb_cmd(
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime threads on the phone"),
     apk: Optional[Path] = typer.Option(None, "--apk", help="APK to install (default: build one without an export)"),
     out: Path = typer.Option(ROOT / "benchmarks" / "results" / "device_android.json", "--out", help="records JSON"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     serial: Optional[str] = typer.Option(None, "--serial", help="adb serial when several devices are attached"),
 ) -> None:
     """Push EXPORT to an attached Android phone, run it in the demo app's benchmark mode, pull the records."""
     with reported(console, also=(DeviceError,)):
+        refuse_existing(out, overwrite)
         records = bench_android_adb(export, tasks, n_examples, threads, apk, out, serial)
     for r in records:
         console.print(f"{r['task']}: score {r['score']:.1f}, switch {r['switch_ms']:.3f} ms, load {r['task_load_ms']:.1f} ms, "

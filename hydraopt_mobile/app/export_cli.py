@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 
 from exporters.registry import BACKENDS
-from hydraopt_mobile.errors import UserError
+
+from .failures import reported
+from .records import OUT_HELP, refuse_existing
 
 console = Console()
 FORMAT_HELP = " | ".join(BACKENDS)
@@ -52,12 +54,9 @@ def export(
         from hydraopt_mobile.suite.model import base_model_dir
 
         model = base_model_dir()
-    try:
+    with reported(console):  # OSError: atomic.OutputError and unreadable inputs, one line
         path = export_bank(bundle, model, fmt, quant, out, overwrite=overwrite, merged_task=merged_task,
                            max_cache_len=max_cache_len, slots=slots, use_cache=not no_cache, attention=attention)
-    except (UserError, OSError) as e:  # OSError: atomic.OutputError and unreadable inputs, one line
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-        raise typer.Exit(2)
     from exporters.manifest import Manifest
 
     m = Manifest.read(path)
@@ -72,7 +71,8 @@ def bench_host_cmd(
     exports: list[Path] = typer.Argument(..., help="export folders"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="only these tasks (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write OUT.json, OUT.md and OUT.png"),
+    out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     n_examples: int = typer.Option(20, "--examples", help="test examples per task"),
     model: Optional[Path] = typer.Option(None, "--model", help="base model folder for the PyTorch reference"),
     threads: int = typer.Option(1, "--threads", help="runtime and torch threads"),
@@ -80,11 +80,9 @@ def bench_host_cmd(
     """Bytes, score from the runtime's own outputs, parity vs PyTorch, switch and decode latency, RSS."""
     from .bench import bench_host
 
-    try:
+    with reported(console):
+        refuse_existing(out, overwrite)
         records = bench_host(exports, tasks=tasks, json=out, model_dir=model, n_examples=n_examples, threads=threads)
-    except (UserError, OSError) as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2)
     if as_json:
         print(json.dumps(records, indent=1))
     else:

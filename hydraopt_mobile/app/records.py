@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from hydraopt_mobile.atomic import atomic_file, write_text_atomic
+from hydraopt_mobile.errors import UserError
 
 
 def cell(value: Any) -> str:
@@ -36,6 +37,16 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], align:
 def dict_table(records: Iterable[dict], columns: Sequence[str]) -> list[str]:
     """A table of ``records`` with one column per key (missing keys are ``-``)."""
     return markdown_table(columns, ([r.get(c) for c in columns] for r in records))
+
+
+OUT_HELP = "write OUT (the JSON record) and beside it OUT with .md and .png"
+
+
+def refuse_existing(out: Path | None, overwrite: bool) -> None:
+    """A report is never replaced silently: ``out`` or a report beside it (:func:`write_record`'s
+    ``.md`` and ``.png``) existing needs ``--overwrite``; checked before any work starts."""
+    if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md"), out.with_suffix(".png")) if p.exists()]):
+        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
 
 
 def write_record(path: Path, data: Any, markdown: str | None = None, plot: Callable[[Path], None] | None = None, *, indent: int = 1, trailing_newline: bool = False) -> None:

@@ -15,6 +15,7 @@ from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.errors import UserError
 
 from .failures import reported
+from .records import OUT_HELP, refuse_existing
 
 console = Console()
 targets_app = typer.Typer(help="Device targets: list them, set them up (cached), see `hydraopt bench TARGET`.",
@@ -70,12 +71,14 @@ def _bench_command(name: str):
         teacher_forced: bool = typer.Option(False, "--teacher-forced", help="score each reference answer in one pass: exact when "
                                             "every answer token is the argmax (for targets too slow to generate)"),
         as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
-        out: Optional[Path] = typer.Option(None, "--out", help="write OUT.json and OUT.md"),
+        out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     ) -> None:
         from .targets_bench import TargetNotReady, bench_target, notes, write_reports
         from exporters.targets.protocol import RunnerError
 
         with reported(console, also=(TargetNotReady, RunnerError)):
+            refuse_existing(out, overwrite)
             records = [r for export in exports for r in bench_target(name, export, tasks, n_examples, threads, max_new_tokens=max_new_tokens,
                                                                      teacher_forced=teacher_forced)]
             if out is not None:
@@ -89,12 +92,6 @@ def _bench_command(name: str):
 
     bench.__doc__ = f"Run an export on {name} ({get_target(name).latency_kind}); parity vs the host, bytes, load and switch time."
     return bench
-
-
-def _refuse_existing(out: Path | None, overwrite: bool) -> None:
-    """A report is never replaced silently: ``--out`` (or its ``.md``) existing needs ``--overwrite``."""
-    if out is not None and not overwrite and (existing := [p for p in (out, out.with_suffix(".md")) if p.exists()]):
-        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it")
 
 
 def bench_ethos_u_cmd(
@@ -111,7 +108,7 @@ def bench_ethos_u_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="base model folder (default: the suite's SmolLM2-135M)"),
     threads: int = typer.Option(1, "--threads", help="torch threads for quantising and lowering"),
     as_json: bool = typer.Option(False, "--json", help="print the records as JSON"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write OUT (JSON) and OUT with .md"),
+    out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """One decoder layer with the bundle's task factors as switchable inputs, compiled for Ethos-U NPUs:
@@ -120,7 +117,7 @@ def bench_ethos_u_cmd(
     from .ethos_u_bench import bench_ethos_u, summary_lines, write_reports
 
     with reported(console):
-        _refuse_existing(out, overwrite)
+        refuse_existing(out, overwrite)
         records, meta = bench_ethos_u(bundle, model, tasks, npus, quants, layer, tokens, prompt, merged_reference, threads)
         if out is not None:
             write_reports(records, meta, out)
@@ -147,7 +144,7 @@ def bench_qnn_htp_cmd(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the QDQ graphs and checkpoints go (default: a temporary folder)"),
     model: Optional[Path] = typer.Option(None, "--model", help="the exports' base model folder, for its RoPE base (default: the suite's SmolLM2-135M)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write OUT (JSON) and OUT with .md"),
+    out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Teacher-forced task scores of ONNX exports on the emulated Hexagon NPU (QDQ A16W8, every node on HTP): each
@@ -159,7 +156,7 @@ def bench_qnn_htp_cmd(
     from .qnn_bench import HtpRun, bench_qnn_htp, rope_theta, write_reports
 
     with reported(console):
-        _refuse_existing(out, overwrite)
+        refuse_existing(out, overwrite)
         target = get_target("qnn-htp")
         if not (ready := target.readiness()).ready:
             raise UserError(f"qnn-htp: not ready ({ready.reason}); run: {ready.command}")

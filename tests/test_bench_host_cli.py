@@ -1,0 +1,99 @@
+"""``hydraopt merge`` -> ``hydraopt export`` -> ``hydraopt bench host`` as a user runs them, on a
+tiny Llama that carries the packaged SmolLM2 tokenizer (so the suite's prompts render) and two
+PEFT adapters named after suite tasks.
+
+``bench host`` finds its PyTorch reference from data inside the export (the bank's own files under
+``bank/``) and the base model from ``--model``: nothing in an export names a path of the machine
+that wrote it, so the export folder can be moved (here: renamed) before it is benchmarked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from hydraopt_mobile.app.cli import app
+from hydraopt_mobile.suite.model import base_model_dir
+
+TASKS = ["country-de", "topic-en"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def _tiny_model(folder: Path) -> Path:
+    """One-layer Llama with the real model's vocabulary and special tokens, and its tokenizer files."""
+    real = base_model_dir()
+    spec = json.loads((real / "config.json").read_text())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=spec["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=spec["bos_token_id"], eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"])
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real / name).is_file():
+            shutil.copy(real / name, folder / name)
+    return folder
+
+
+def _adapter(model_dir: Path, path: Path, seed: int) -> Path:
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = "tiny-llama-smollm2-vocab"  # a model id, as adapters trained from a hub model carry
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("benchhost")
+    model = _tiny_model(root / "model")
+    ads = [_adapter(model, root / "ads" / t, seed) for seed, t in enumerate(TASKS, start=1)]
+    runner = CliRunner()
+    merged = runner.invoke(app, ["merge", *map(str, ads), "--method", "hydraopt", "--budget", "0.5", "--out", str(root / "bank")])
+    assert merged.exit_code == 0, merged.output
+    exported = runner.invoke(app, ["export", str(root / "bank"), "--model", str(model), "--format", "onnx", "--out", str(root / "export")])
+    assert exported.exit_code == 0, exported.output
+    moved = root / "moved-export"
+    (root / "export").rename(moved)  # an export is used where it is copied to, not where it was written
+    return {"root": root, "model": model, "export": moved}
+
+
+def test_an_export_names_no_path_of_the_machine_that_wrote_it(case):
+    texts = [p.read_text(errors="replace") for p in case["export"].rglob("*.json")]
+    assert texts, "an export has its manifests"
+    for text in texts:
+        assert str(case["root"]) not in text and "/tmp" not in text
+
+
+def test_bench_host_runs_on_a_moved_export_with_the_reference_from_its_own_bank(case):
+    out = case["root"] / "bench"
+    r = CliRunner().invoke(app, ["bench", "host", str(case["export"]), "--model", str(case["model"]), "--examples", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    records = json.loads(out.read_text())["records"]  # --out OUT: OUT is the JSON record, OUT.md and OUT.png beside it
+    assert sorted(rec["task"] for rec in records) == TASKS
+    for rec in records:
+        task_file = case["export"] / "bank" / "tasks" / f"{rec['task']}.safetensors"
+        assert rec["bytes_task"] == task_file.stat().st_size > 0
+        assert rec["max_logit_err"] is not None and rec["max_logit_err"] < 1e-3  # fp32 ONNX vs PyTorch with the bank's adapter
+        assert rec["n_examples"] == 1 and rec["score"] is not None
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+
+
+def test_bench_host_never_replaces_a_report_silently(case):
+    """A second run with the same ``--out`` is refused before anything runs; ``--overwrite`` replaces it."""
+    out = case["root"] / "again"
+    args = ["bench", "host", str(case["export"]), "--model", str(case["model"]), "--examples", "1", "--task", TASKS[0], "--out", str(out)]
+    out.with_suffix(".md").write_text("kept")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output, r.output
+    assert not out.exists() and out.with_suffix(".md").read_text() == "kept"
+    r = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert [rec["task"] for rec in json.loads(out.read_text())["records"]] == [TASKS[0]] and out.with_suffix(".md").read_text() != "kept"
