@@ -14,6 +14,7 @@ scipy run one thread each, and the caller's setting is restored afterwards.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,13 +54,31 @@ def one_thread_per_op() -> Iterator[int]:
         _WORKERS.reset(token)
 
 
+TRIM_GROWTH_BYTES = 256 << 20
+"""Resident growth since the last trim that makes :func:`_release_freed_memory` trim again."""
+
+_trimmed_at = 0  # resident bytes just after the last trim
+
+
 def _release_freed_memory() -> None:
-    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-    A module's work frees many tensors of a few MB, which glibc keeps in its heaps (one per thread)
-    rather than returning; trimmed after each module, the merge's resident memory stays at the
-    modules in flight instead of growing with the heaps."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing elsewhere)
+    once the process has grown by :data:`TRIM_GROWTH_BYTES` since the last trim. A module's work
+    frees many tensors of a few MB, which glibc keeps in its heaps (one per thread) rather than
+    returning; trimmed, the merge's resident memory stays near the modules in flight instead of
+    growing with the heaps. A trim walks every heap while the workers wait for its locks (8 ms per
+    module, 5 % of benchmarks/merge_speed.py's merge, when it ran after every module), so small
+    modules are trimmed every few modules and large ones (Llama-3-8B shapes) after each."""
+    global _trimmed_at
+    if _LIBC is None or _resident_bytes() - _trimmed_at < TRIM_GROWTH_BYTES:
+        return
+    _LIBC.malloc_trim(0)
+    _trimmed_at = _resident_bytes()
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``; Linux, where :data:`_LIBC` is set)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -71,6 +90,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc() if sys.platform.startswith("linux") else None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if _LIBC is not None else 0
 
 
 def map_in_order(items: list[K], load: Callable[[K], V], work: Callable[[int, K, V], R], then: Callable[[int, K, V, R], None]) -> None:
