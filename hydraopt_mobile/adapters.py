@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator, Mapping
 
 import torch
@@ -295,7 +295,20 @@ def load_adapter(path: str | Path, name: str | None = None, lazy: bool = False) 
         keys, _ = _index_modules(file, cfg, {k: tuple(t.shape) for k, t in tensors.items()})
         finish = _Finish(file, cfg)
         modules = {module: finish(module, {which: (key, tensors[key]) for which, key in ab.items()}) for module, ab in keys.items()}
-    return TaskAdapter(name=name, path=path, base_model=cfg.get("base_model_name_or_path"), modules=modules, config=cfg)
+    return TaskAdapter(name=name, path=path, base_model=base_model_name(cfg.get("base_model_name_or_path")), modules=modules, config=cfg)
+
+
+def base_model_name(value: str | None) -> str | None:
+    """The base model an adapter was made for, as bundles and exports record it: a model id as it
+    is; a local folder (PEFT writes the folder a model was loaded from, ``/home/me/models/X``)
+    by its name only, so no bundle or export carries the folders of the machine that made it."""
+    if not value:
+        return value
+    local = value.startswith(("/", "~", "./", "../", ".\\", "..\\")) or bool(PureWindowsPath(value).drive)
+    if not local:
+        return value
+    path = PureWindowsPath(value) if PureWindowsPath(value).drive else PurePosixPath(value)
+    return path.name or value
 
 
 def build_adapter_set(adapters: list[TaskAdapter], allow_missing: bool = False) -> AdapterSet:

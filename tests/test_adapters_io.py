@@ -149,6 +149,18 @@ def test_set_level_errors(make_adapters, tmp_path):
         load_adapter_set([str(a), str(b)])
 
 
+@pytest.mark.parametrize("given, kept", [("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                          ("/home/me/models/SmolLM2-135M/", "SmolLM2-135M"), ("~/models/x", "x"), ("./x", "x"),
+                                          ("C:\\Users\\me\\llama", "llama"), (None, None)])
+def test_a_local_base_model_folder_is_kept_by_its_name_only(make_adapters, given, kept):
+    """PEFT writes the folder a base model was loaded from; bundles and exports record what the
+    adapter set says, so the machine's folders stay out of them. Two adapters from one folder still agree."""
+    a, b = make_adapters(n_tasks=2)
+    for folder in (a, b):
+        _rewrite_config(folder, base_model_name_or_path=given)
+    assert load_adapter_set([str(a), str(b)]).base_model == kept
+
+
 def test_missing_modules_error_or_zero(make_adapters):
     a, b = make_adapters(n_tasks=2)
     _rewrite_tensors(b, lambda t: {k: v for k, v in t.items() if "layers.1.self_attn.o_proj" not in k})
