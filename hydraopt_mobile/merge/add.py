@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from hydraopt_mobile.adapters import AdapterError, AdapterSet, LoraFactors
+from hydraopt_mobile.adapters import AdapterError, AdapterSet, LoraFactors, base_model_name
 from hydraopt_mobile.bank import SHARED, MergedBank, MergedModule, factor_file, task_file
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.errors import UserError
@@ -154,7 +154,7 @@ def check_fit(bank: MergedBank, adapters: AdapterSet) -> None:
     case = duplicate_ignoring_case(bank.tasks + adapters.task_names)
     if case:
         raise AddError(f"tasks {case[0]!r} and {case[1]!r} differ only in case; they would be the same file on macOS and Windows")
-    base = bank.fingerprint.get("base_model")
+    base = base_model_name(bank.fingerprint.get("base_model"))  # a bundle written before local folders were cut to their names
     if base and adapters.base_model and base != adapters.base_model:
         raise AddError(f"{adapters.tasks[0].path}: made for base model {adapters.base_model!r}, the bundle for {base!r}")
     outside = [m for m in adapters.module_names if m not in bank.modules]
