@@ -136,7 +136,7 @@ def test_bench_ethos_u_on_a_merged_bundle(case, ready):
     bench_rec = next(r for r in committed if r["compiled"] and r["kind"] == "switchable")
     assert set(bench_rec) <= set(rec), set(bench_rec) - set(rec)
     saved = json.loads(out.read_text())
-    assert saved["records"] == [rec] and out.with_suffix(".md").is_file()
+    assert saved["records"] == [rec] and out.with_suffix(".md").is_file() and out.with_suffix(".png").stat().st_size > 0
     text = "\n".join(summary_lines(saved["records"], saved["meta"]))
     assert "ONE decoder layer" in text and "ESTIMATE" in text and f"{rec['cycles']:,} cycles" in text
     assert "alpha: max abs err" in text and "LoRA effect cosine" in text

@@ -279,5 +279,6 @@ def summary_lines(records: list[dict], meta: dict) -> list[str]:
 
 
 def write_reports(records: list[dict], meta: dict, path: Path) -> None:
-    """``path`` (JSON: meta + records) and ``path.md``."""
-    write_record(path, {"meta": meta, "records": records}, markdown(records, meta, f"ethos-u: {SCOPE} with the tasks of {meta['bundle']} (Vela estimate)"))
+    """``path`` (JSON: meta + records), ``path.md`` and ``path.png`` (:func:`plot`)."""
+    write_record(path, {"meta": meta, "records": records}, markdown(records, meta, f"ethos-u: {SCOPE} with the tasks of {meta['bundle']} (Vela estimate)"),
+                 plot(records, meta["tokens"]))
