@@ -281,4 +281,4 @@ def summary_lines(records: list[dict], meta: dict) -> list[str]:
 def write_reports(records: list[dict], meta: dict, path: Path) -> None:
     """``path`` (JSON: meta + records), ``path.md`` and ``path.png`` (:func:`plot`)."""
     write_record(path, {"meta": meta, "records": records}, markdown(records, meta, f"ethos-u: {SCOPE} with the tasks of {meta['bundle']} (Vela estimate)"),
-                 plot(records, meta["tokens"]))
+                 plot(records, next((r["tokens"] for r in records), 0)))  # every record carries the layer's token count
