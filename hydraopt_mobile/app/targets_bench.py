@@ -137,6 +137,7 @@ def bench_target(
     target = get_target(target_name)
     emulator = target.emulator(target.folder()) if target.emulator else None
     t, h = on_target.data, on_host.data
+    budget = bank_budget(manifest, export)  # one read of the bank's manifest, not one per task
     records = []
     for index, task in enumerate(sequence[: len(names)]):
         te, he = t["tasks"][index], h["tasks"][index]
@@ -149,7 +150,7 @@ def bench_target(
             "runtime": f"{t['runtime']} ({t['machine']}, Python {t['python']})",
             "parity_reference": f"host {h['runtime']} ({h['machine']}), same export, same runner",
             "export": export.name, "export_id": manifest.export_id, "bank_digest": manifest.extra.get("bank_digest"),
-            "quant": manifest.quant, "method": manifest.method, "budget": bank_budget(manifest, export), "task": task, "n_examples": len(te["outputs"]),
+            "quant": manifest.quant, "method": manifest.method, "budget": budget, "task": task, "n_examples": len(te["outputs"]),
             "scoring": t["scoring"],
             "bytes_resident": t["resident_bytes"], "bytes_task": te["task_bytes"],
             "bytes_total": t["resident_bytes"] + t["all_tasks_bytes"],
