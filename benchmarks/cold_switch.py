@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, machine_probe  # first: it puts this checkout on sys.path
 
 from benchmarks.export_reuse import cold_switch_ms
 from exporters.manifest import Manifest
@@ -45,7 +45,7 @@ def main() -> None:
                         "task_load_ms_median": round(statistics.median(per_task.values()), 3),
                         "task_load_ms": {t: round(v, 3) for t, v in per_task.items()}})
         print(records[-1]["export"], records[-1]["task_load_ms_median"], flush=True)
-    meta = {"machine": platform.machine(), "threads": 1, "command": "python benchmarks/cold_switch.py " + " ".join(sys.argv[1:]),
+    meta = {"machine": platform.machine(), "machine_probe": machine_probe(), "threads": 1, "command": "python benchmarks/cold_switch.py " + " ".join(sys.argv[1:]),
             "task_load_ms": "load_task + set_task on a task not loaded before: read its own file once, verify (size, SHA-256 of the "
                             "bytes read), numpy-decode it into every slot, activate; median of 5 per task, then median over tasks",
             "first_load_ms": "the first load after opening the export: the same, plus parsing and checking the file's header "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import platform
 import sys
 import time
@@ -49,6 +50,40 @@ def cpu_lock(fd: int | None, mode: int) -> Iterator[float]:
         yield round(time.time() - t0, 1)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def machine_probe() -> dict:
+    """What a timing depends on besides the code, for timing records: the CPU model, its widest
+    vector extension, the cores, and two speeds measured now on one thread (a pure-Python loop, as
+    in an export's tracing; an fp32 matmul, as in a merge or a decode step). Machines of the pool
+    differ: on 2026-12-03 the same exports took 1.8x as long as on 2026-12-02 (export_reuse.json),
+    and only records carrying these figures can say how much of a change is the machine's."""
+    import torch
+
+    flags = ""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags")), "")
+    except OSError:
+        pass
+    isa = next((name for name in ("avx512f", "avx2", "asimd") if f" {name}" in flags), "unknown")
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    python_ns = (time.perf_counter() - t0) / 2_000_000 * 1e9
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(512, 512)
+        x @ x
+        t0 = time.perf_counter()
+        for _ in range(20):
+            x @ x
+        gflops = 20 * 2 * 512**3 / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    return {"cpu": cpu_model(), "isa": isa, "cores": os.cpu_count(), "python_loop_ns_per_iter": round(python_ns, 1),
+            "matmul_gflops_1_thread": round(gflops, 1)}
 
 
 def cpu_model() -> str:

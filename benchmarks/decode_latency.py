@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, machine_probe  # first: it puts this checkout on sys.path
 
 from exporters.runtime import open_export
 from hydraopt_mobile.app.records import markdown_table, write_record
@@ -58,7 +58,7 @@ def main() -> None:
     rows = {name: {"median_ms_per_token": statistics.median(t), "ratio_vs_merged": statistics.median(t) / ref,
                    "runs_ms_per_token": t, "task": sessions[name].active} for name, t in times.items()}
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    saved[args.name] = {"reference": args.exports[0].name, "tokens": args.tokens, "rounds": args.rounds, "threads": 1, "exports": rows}
+    saved[args.name] = {"reference": args.exports[0].name, "tokens": args.tokens, "rounds": args.rounds, "threads": 1, "machine_probe": machine_probe(), "exports": rows}
     write_record(args.out, saved, markdown(saved))
     print(markdown({args.name: saved[args.name]}))
 

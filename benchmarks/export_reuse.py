@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
+from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR, machine_probe  # first: it puts this checkout on sys.path
 
 from exporters.export import export_bank
 from exporters.manifest import Manifest
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--fresh-executorch", action="store_true", help="also a cache-less export of bank B on ExecuTorch (minutes)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    probe = machine_probe()
     torch.set_num_threads(1)
     adapter_set = load_adapter_folders(ADAPTERS)
     banks = {k: merge(adapter_set, MergeConfig(method="hydraopt", budget=Budget.parse(b))) for k, b in BUDGETS.items()}
@@ -136,7 +137,7 @@ def main() -> None:
                             "same_program_sha256": records[-1]["program_sha256"] == records[-2]["program_sha256"]}
     notes = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "slots": SLOTS, "threads": 1,
-        "machine": f"{platform.machine()}, 2 cores, run under flock -x (no other heavy job)",
+        "machine": f"{platform.machine()}, 2 cores, run under flock -x (no other heavy job)", "machine_probe": probe,
         "task_load_ms": "cold switch: verify (size, SHA-256) + read + numpy-decode the task's own file into every slot, then "
         "set_task (ExecuTorch: set_slots method; ONNX Runtime: the feeds); median of 5 per task, then over tasks",
         "update_one_task": "the files a phone downloads for one more task whose factors are its own (hydraopt add's per-task "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, machine_probe  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter
 from hydraopt_mobile.app.progress import progress_bar
@@ -104,6 +104,7 @@ def main() -> None:
         sys.exit(f"not enough disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free in {folder}")
     subprocess.run([sys.executable, __file__, "--generate-only", "--tasks", str(args.tasks), "--layers", str(args.layers), "--rank", str(args.rank), "--adapters", str(folder)], check=True)
 
+    probe = machine_probe()
     torch.set_num_threads(args.threads)
     budgets = [Budget(fraction=f) for f in BUDGETS]
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
@@ -124,7 +125,7 @@ def main() -> None:
             errors = list(m["rel_errors"].values())
             results.append({"budget": b.label(), "file_bytes": m["file_bytes"], "reference_file_bytes": m["reference_file_bytes"], "storage_fraction": m["storage_fraction"], "mean_rel_error": sum(errors) / len(errors), "layout_summary": summary(m)})
     result = {
-        "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": f"{SHAPES}, {args.layers} layers", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "adapters_fp16_bytes": inputs, "streamed": "adapters read per module (safe_open), bundles written per module (merge_to_bundles)"},
+        "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": f"{SHAPES}, {args.layers} layers", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "machine_probe": probe, "adapters_fp16_bytes": inputs, "streamed": "adapters read per module (safe_open), bundles written per module (merge_to_bundles)"},
         "disk": {"adapters_bytes": inputs, "bundles_and_spill_bytes_at_most": int(outputs), "free_bytes_before": free},
         "load_average_1_5_15": os.getloadavg(),  # other processes on the same cores slow every number here
         "load_s": t_load,

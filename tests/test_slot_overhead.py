@@ -100,3 +100,17 @@ def test_update_recipes_fills_the_overhead_and_says_which_program_was_timed(tmp_
     assert got["int4", "none"]["slot_overhead_pct"] == 6.0 and not got["int4", "none"]["slot_overhead_timed_program_is_scored_program"]
     assert got["int4", "hydraopt"]["slot_overhead_pct"] is None  # not timed: left as it was
     assert "+6.0" in path.with_suffix(".md").read_text() and path.with_suffix(".png").is_file()
+
+
+def test_machine_probe_says_which_machine_a_timing_ran_on():
+    """Timing records carry the CPU and two probe speeds, so runs on different machines of a pool
+    can be told apart; the torch thread count is left as it was."""
+    threads = torch.get_num_threads()
+    probe = common.machine_probe()
+    assert torch.get_num_threads() == threads
+    assert set(probe) == {"cpu", "isa", "cores", "python_loop_ns_per_iter", "matmul_gflops_1_thread"}
+    assert probe["isa"] in {"avx512f", "avx2", "asimd", "unknown"}
+    assert probe["cores"] == os.cpu_count()
+    assert 0 < probe["python_loop_ns_per_iter"] < 10_000
+    assert probe["matmul_gflops_1_thread"] > 0.1
+    json.dumps(probe)  # it goes into JSON records as it is
