@@ -60,12 +60,8 @@ def machine_probe() -> dict:
     and only records carrying these figures can say how much of a change is the machine's."""
     import torch
 
-    flags = ""
-    try:
-        flags = next((line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags")), "")
-    except OSError:
-        pass
-    isa = next((name for name in ("avx512f", "avx2", "asimd") if f" {name}" in flags), "unknown")
+    flags = f" {_cpuinfo('flags') or _cpuinfo('Features')} "  # x86 names them flags, aarch64 Features
+    isa = next((name for name in ("avx512f", "avx2", "asimd") if f" {name} " in flags), "unknown")
     t0 = time.perf_counter()
     total = 0
     for i in range(2_000_000):
@@ -88,11 +84,16 @@ def machine_probe() -> dict:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), for timing records: machines differ between runs."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpuinfo(field: str) -> str:
+    """The value of the first ``field`` line of ``/proc/cpuinfo``, or '' where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""

@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    probe = machine_probe()
     torch.set_num_threads(1)
     sessions = {}
     for folder in args.exports:
@@ -58,7 +59,7 @@ def main() -> None:
     rows = {name: {"median_ms_per_token": statistics.median(t), "ratio_vs_merged": statistics.median(t) / ref,
                    "runs_ms_per_token": t, "task": sessions[name].active} for name, t in times.items()}
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    saved[args.name] = {"reference": args.exports[0].name, "tokens": args.tokens, "rounds": args.rounds, "threads": 1, "machine_probe": machine_probe(), "exports": rows}
+    saved[args.name] = {"reference": args.exports[0].name, "tokens": args.tokens, "rounds": args.rounds, "threads": 1, "machine_probe": probe, "exports": rows}
     write_record(args.out, saved, markdown(saved))
     print(markdown({args.name: saved[args.name]}))
 

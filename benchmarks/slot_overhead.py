@@ -201,6 +201,7 @@ def main() -> None:
     rows = []
     with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
         started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
+        probe = machine_probe()  # under the exclusive lock, before the timing
         for quant in recipes:
             folders = {"merged": work / f"merged-{quant}", **{m: work / f"{m}-{quant}" for m in args.methods.split(",")}}
             rows += rows_for_recipe(quant, folders, args.task, args.tokens, args.rounds)
@@ -212,7 +213,7 @@ def main() -> None:
         "command": "python benchmarks/slot_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("work", "out", "update_recipes")),
         "commit": commit,
         "timed": f"{started}; CPU lock {'held exclusive' if lock_fd is not None else 'not taken'} (waited {waited} s); load average 1/5/15 min at start {[round(x, 2) for x in load_start]}, at end {[round(x, 2) for x in load_end]}",
-        "machine": f"{cpu_model()}, {platform.machine()}, 1 runtime thread: a host timing, not phone speed", "machine_probe": machine_probe(),
+        "machine": f"{cpu_model()}, {platform.machine()}, 1 runtime thread: a host timing, not phone speed", "machine_probe": probe,
         "banks": "one adapter per task (method none, fp16 factors) and HydraOpt at 1/T of the fp16 file bytes, from the suite's shared-seed adapters (quant_recipes.py's banks)",
         "reference": f"the same recipe with {args.task}'s adapter merged into the weights (no slots); the switchable exports decode with {args.task} active",
         "slots": args.slots or "each bank's own signature (hydraopt export's default)",
