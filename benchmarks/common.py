@@ -24,6 +24,16 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"  # the committed records (JSON, wi
 SUITE_ADAPTERS = ROOT / "hydraopt_mobile" / "suite" / "adapters"  # <init>/<task>/: the committed trained adapters
 
 
+def burst(session, tokens: int) -> float:
+    """ms per token over ``tokens`` decode steps after a 16-token prefill (``session``: anything with
+    ``prefill(ids)`` and ``decode(token)``, as :class:`exporters.backend.Session`)."""
+    session.prefill(list(range(1, 17)))
+    start = time.perf_counter()
+    for t in range(tokens):
+        session.decode(100 + t)
+    return (time.perf_counter() - start) * 1e3 / tokens
+
+
 def ready_target(name: str):
     """The device target ``name`` (``exporters.targets.registry``); exits with why it is not ready
     and the command that makes it ready when it is not."""

@@ -19,7 +19,7 @@ of this run. The notes record the command, the start and end time, the 1-minute 
 sampled through the run and the other processes that used the CPU meanwhile: export times and
 latencies here are measured on whatever the machine carried (a shared ``flock -s`` lock), not on an
 exclusive machine; the exclusive-machine figures are ``export_reuse.json`` (export speed, first and
-reused program) and ``decode_latency.json`` / ``vs_optimum.json`` (decode latency side by side).
+reused program) and ``slot_overhead_<runtime>.json`` / ``vs_optimum.json`` (decode latency side by side).
 
 Writes benchmarks/results/export_host.{json,md,png}.
 """
@@ -234,7 +234,7 @@ def _write(records: list[dict], notes: dict, args, monitor: LoadMonitor, started
         **monitor.summary(wall),
         "why": "measured under a shared lock, with whatever else the machine ran (other_processes): export_seconds, "
         "program_load_ms, prefill and decode latencies are figures under that load. Exclusive-machine figures: "
-        "export_reuse.json (first and reused export seconds, per phase), decode_latency.json and vs_optimum.json "
+        "export_reuse.json (first and reused export seconds, per phase), slot_overhead_<runtime>.json and vs_optimum.json "
         "(decode latency of each export against its merged reference, side by side in one process)",
     }
     if not_run:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from common import RESULTS_DIR  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, burst  # first: it puts this checkout on sys.path
 
-from benchmarks.decode_latency import burst
 from exporters.onnx_backend import OrtSession
 from hydraopt_mobile.app.records import markdown_table, write_record
 
@@ -97,7 +96,7 @@ def markdown(summary: dict, reference: str) -> str:
     by_op = ([op, *(f"{summary[n]['op_ms_per_token'].get(op, 0):.3f} ({summary[n]['op_nodes_per_token'].get(op, 0):.0f})" for n in names)] for op in ops[:12])
     lines = ["# ONNX Runtime decode profile (medians, ms per token, 1 thread)", "",
              "The profiler adds a cost per node, so wall ratios here overstate the extra nodes' cost: "
-             "decode_latency.md has the ratios without it.", "",
+             "slot_overhead_onnx.md has the ratios without it.", "",
              *markdown_table(["", *names], wall),
              "", "Kernel ms per token (nodes) by op type, largest growth over the reference first:", "",
              *markdown_table(["op", *names], by_op)]

@@ -34,7 +34,7 @@ runtime, ONNX Runtime 1.32), 1 thread: the tools' programs are only *exported* i
 Score: greedy decoding of the task's first ``--examples`` test examples, the suite's metric
 (``hydraopt_mobile.suite.metrics``); the difference to the tool's export on the same runtime and
 quantisation has a 95 % paired bootstrap interval (``paired_drop``). Decode: ms/token after a
-16-token prefill, the exports taking turns (``benchmarks/decode_latency.py``'s ``burst``), median
+16-token prefill, the exports taking turns (``benchmarks/common.py``'s ``burst``), median
 over rounds. ``--lock PATH``: the machine's CPU lock (``flock(2)``), held shared while the programs
 load and score and exclusive only while they are timed (a lock held shared by an outer ``flock -s``
 would block that: run ``measure --lock`` bare); the load average when the timing starts and ends is
@@ -72,8 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_lock  # noqa: E402
-from benchmarks.decode_latency import burst  # noqa: E402
+from benchmarks.common import burst, cpu_lock  # noqa: E402
 from benchmarks.optimum_envs import ENVS, ensure, marker, python  # noqa: E402
 from exporters.export import TOKENIZER_FILES, export_bank  # noqa: E402
 from exporters.manifest import Manifest  # noqa: E402
@@ -221,7 +220,7 @@ def our_exports(work: Path, bank, task: str) -> dict[tuple[str, str, str | None,
 
 class _Runner:
     """A program that keeps its own KV cache: ``prefill`` a new sequence, ``decode`` one more token
-    (what :func:`exporters.runtime.greedy` and ``decode_latency.burst`` call)."""
+    (what :func:`exporters.runtime.greedy` and ``common.burst`` call)."""
 
     pos = 0
 
