@@ -22,10 +22,12 @@ with a 95 % bootstrap interval of that median (resampling rounds). ``--lock``: t
 lock, held shared while exporting and exclusive while timing (run the script bare, not under an
 outer ``flock -s``). Exports are kept in ``--work`` and reused by a rerun of the same bank and recipe.
 
-The timing runs in a fresh process (the script runs itself again with ``--time-only`` once the
-exports are ready): in the process that had just lowered ExecuTorch programs the switchable exports
-timed 4-11 % *faster* than the merged one (8da4w, 2026-12-03), in a fresh process on the same
-exports 3.5-6.9 % slower, so a process's history of large allocations can outweigh the slots' cost.
+The timing runs in two fresh processes (the script runs itself again with ``--time-only`` once the
+exports are ready), and their rounds are pooled: in the process that had just lowered ExecuTorch
+programs the switchable exports timed 4-11 % *faster* than the merged one (8da4w, 2026-12-03), in a
+fresh process on the same exports 3.5-6.9 % slower; and within a process the session opened first
+decoded 3-8 % slower than the one opened next (ExecuTorch fp32), so the merged reference is opened
+first in one process and last in the other.
 
 Writes benchmarks/results/slot_overhead_<runtime>.{json,md,png}.
 """
@@ -86,17 +88,29 @@ def median_ci(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[fl
     return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
 
 
-def rows_for_recipe(quant: str, folders: dict[str, Path], task: str, tokens: int, rounds: int) -> list[dict]:
-    """Time ``folders`` ("merged" first, then one per method) side by side; one row per method."""
+def time_recipe(folders: dict[str, Path], task: str, tokens: int, rounds: int, merged_last: bool = False) -> dict[str, list[float]]:
+    """ms/token per round of ``folders`` ("merged" and one per method) side by side, opened in their
+    order, or with the merged reference opened last (``merged_last``)."""
+    order = [k for k in folders if k != "merged"] + ["merged"] if merged_last else list(folders)
     sessions = {}
-    for key, folder in folders.items():
-        session = open_export(folder, threads=1)
+    for key in order:
+        session = open_export(folders[key], threads=1)
         session.set_task(task)
         session.prefill(PREFILL)
         for i in range(4):  # warm-up
             session.decode(17 + i)
         sessions[key] = session
-    times = interleaved(sessions, tokens, rounds)
+    return interleaved(sessions, tokens, rounds)
+
+
+def rows_for_recipe(quant: str, folders: dict[str, Path], task: str, tokens: int, rounds: int) -> list[dict]:
+    """Time ``folders`` ("merged" first, then one per method) side by side; one row per method."""
+    return rows_from_times(quant, folders, task, time_recipe(folders, task, tokens, rounds))
+
+
+def rows_from_times(quant: str, folders: dict[str, Path], task: str, times: dict[str, list[float]]) -> list[dict]:
+    """One row per method from per-round ms/token (``times[key][i]``: round i, the same round for
+    every key), the overhead from each round's ratio to the merged reference."""
     merged = times["merged"]
     rows = []
     for method in [k for k in folders if k != "merged"]:
@@ -185,8 +199,10 @@ def main() -> None:
     ap.add_argument("--lock", type=Path, help="CPU lock file: held shared to export, exclusive to time")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/slot_overhead_<runtime>.json")
     ap.add_argument("--update-recipes", action="store_true", help="write the overheads into the runtime's quant_recipes record")
-    ap.add_argument("--time-only", action="store_true", help="time the exports already in --work in this process (what the "
-                    "script runs itself with after exporting, in a fresh process; module docstring)")
+    ap.add_argument("--time-only", type=Path, default=None, metavar="TIMES_JSON",
+                    help="internal: time the exports already in --work in this process and write the per-round times to "
+                         "TIMES_JSON (what the script runs itself with, in fresh processes; module docstring)")
+    ap.add_argument("--merged-last", action="store_true", help="with --time-only: open the merged reference after the switchable exports")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.work or ROOT / "out" / f"slot_overhead_{args.runtime}"
@@ -209,31 +225,47 @@ def main() -> None:
                     export_seconds[f"{method}-{quant}"] = exported(banks[method], model_dir, args.runtime, quant, work / f"{method}-{quant}", args.slots, None)
                 print(f"[slot_overhead] {quant}: exports ready", flush=True)
         seconds_file.write_text(json.dumps(export_seconds))
-        raise SystemExit(subprocess.run([sys.executable, __file__, *sys.argv[1:], "--time-only"]).returncode)
+    folders = {quant: {"merged": work / f"merged-{quant}", **{m: work / f"{m}-{quant}" for m in args.methods.split(",")}} for quant in recipes}
+    if args.time_only:
+        with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
+            started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
+            probe = machine_probe()  # under the exclusive lock, before the timing
+            times = {quant: time_recipe(folders[quant], args.task, args.tokens, args.rounds, args.merged_last) for quant in recipes}
+            load_end = os.getloadavg()
+        args.time_only.write_text(json.dumps({"times": times, "timed": f"{started} (merged opened {'last' if args.merged_last else 'first'}); "
+                                              f"CPU lock {'held exclusive' if lock_fd is not None else 'not taken'} (waited {waited} s); load average "
+                                              f"1/5/15 min at start {[round(x, 2) for x in load_start]}, at end {[round(x, 2) for x in load_end]}",
+                                              "machine_probe": probe}))
+        return
+    runs = []
+    for merged_last in (False, True):  # each in a fresh process; the session opened first is slower (module docstring)
+        path = work / f"times-merged-{'last' if merged_last else 'first'}.json"
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--time-only", str(path)] + (["--merged-last"] if merged_last else [])
+        if subprocess.run(cmd).returncode:
+            raise SystemExit(f"[slot_overhead] timing process failed: {' '.join(cmd)}")
+        runs.append(json.loads(path.read_text()))
     export_seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
     rows = []
-    with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
-        started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
-        probe = machine_probe()  # under the exclusive lock, before the timing
-        for quant in recipes:
-            folders = {"merged": work / f"merged-{quant}", **{m: work / f"{m}-{quant}" for m in args.methods.split(",")}}
-            rows += rows_for_recipe(quant, folders, args.task, args.tokens, args.rounds)
-            print(f"[slot_overhead] {quant}: " + ", ".join(f"{r['method']} {r['slot_overhead_pct']:+.1f} %" for r in rows if r["quant"] == quant), flush=True)
-        load_end = os.getloadavg()
+    for quant in recipes:  # rounds of both processes pooled; each round's ratio is within its own process
+        pooled = {key: [t for run in runs for t in run["times"][quant][key]] for key in folders[quant]}
+        rows += rows_from_times(quant, folders[quant], args.task, pooled)
+        print(f"[slot_overhead] {quant}: " + ", ".join(f"{r['method']} {r['slot_overhead_pct']:+.1f} %" for r in rows if r["quant"] == quant), flush=True)
+    probe = runs[0]["machine_probe"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     notes = {
         "runtime": quant_recipes.RUNTIMES[args.runtime][2],
-        "command": "python benchmarks/slot_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("work", "out", "update_recipes", "time_only")),
+        "command": "python benchmarks/slot_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("work", "out", "update_recipes", "time_only", "merged_last")),
         "commit": commit,
-        "timed": f"{started}; CPU lock {'held exclusive' if lock_fd is not None else 'not taken'} (waited {waited} s); load average 1/5/15 min at start {[round(x, 2) for x in load_start]}, at end {[round(x, 2) for x in load_end]}",
+        "timed": " | ".join(run["timed"] for run in runs),
         "machine": f"{cpu_model()}, {platform.machine()}, 1 runtime thread: a host timing, not phone speed", "machine_probe": probe,
         "banks": "one adapter per task (method none, fp16 factors) and HydraOpt at 1/T of the fp16 file bytes, from the suite's shared-seed adapters (quant_recipes.py's banks)",
         "reference": f"the same recipe with {args.task}'s adapter merged into the weights (no slots); the switchable exports decode with {args.task} active",
         "slots": args.slots or "each bank's own signature (hydraopt export's default)",
-        "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill; the exports take turns token by token; "
-                  "overhead = median over rounds of (switchable ms/token / merged ms/token in the same round) - 1, 95 % bootstrap interval over rounds",
+        "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill in each of two fresh processes (the merged "
+                  "reference opened first in one, last in the other); the exports take turns token by token; overhead = median over the "
+                  "pooled rounds of (switchable ms/token / merged ms/token in the same round) - 1, 95 % bootstrap interval over rounds",
         "export_seconds": {k: v for k, v in export_seconds.items() if v is not None} or "all exports reused from an earlier run in --work",
-        "process": "timed in a fresh process, not the one that exported (module docstring)",
+        "process": "timed in two fresh processes with opposite open orders, not the one that exported (module docstring)",
     }
     write_record(out, {"notes": notes, "records": rows}, markdown(rows, notes), lambda png: plot(rows, png, notes["runtime"]))
     print(markdown(rows, notes))

@@ -65,6 +65,14 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     md = slot_overhead.markdown(rows, {"runtime": "ONNX Runtime"})
     assert "| fp32 | none |" in md and "rank" in md
 
+    # the merged reference opened last (the script's second timing process) is still every round's reference
+    folders = {"merged": merged, "none": switchable}
+    times = slot_overhead.time_recipe(folders, "beta", tokens=2, rounds=2, merged_last=True)
+    assert list(times) == ["none", "merged"] and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    # pooled rounds of two processes: each round's ratio to the merged reference of the same round
+    pooled = slot_overhead.rows_from_times("fp32", folders, "beta", {"merged": [10.0, 20.0, 10.0, 20.0], "none": [11.0, 20.0, 12.0, 24.0]})[0]
+    assert abs(pooled["slot_overhead_pct"] - 15.0) < 1e-9 and pooled["merged_ms_per_token"] == 15.0
+
 
 def test_interleaved_times_every_session_every_round():
     class Clock:
