@@ -207,7 +207,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = args.work or ROOT / "out" / f"slot_overhead_{args.runtime}"
     out = args.out or RESULTS_DIR / f"slot_overhead_{args.runtime}.json"
-    lock_fd = os.open(args.lock, os.O_RDONLY) if args.lock else None
+    lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT, 0o644) if args.lock else None
     recipes = args.recipes.split(",")
     unknown = [q for q in recipes if q not in quant_recipes.RUNTIMES[args.runtime][0]]
     if unknown:

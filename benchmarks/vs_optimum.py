@@ -530,7 +530,7 @@ def main() -> None:
                 write_text_atomic(notes_path, json.dumps(notes, indent=1))
         our_exports(args.work, bank, args.task)
         return
-    lock_fd = os.open(args.lock, os.O_RDONLY) if args.lock else None
+    lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT, 0o644) if args.lock else None
     if args.stage == "profile":
         ours = {f"switchable, {a} attention": args.work / f"ours-executorch-8da4w-{a}" for a in ET_ATTENTIONS}
         ours[f"{args.task} merged, custom-ops attention"] = args.work / f"ours-executorch-8da4w-custom-ops-merged-{args.task}"
