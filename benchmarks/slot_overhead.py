@@ -1,10 +1,10 @@
 """Decode cost of the switchable slots: each ``--quant`` recipe's switchable exports (one adapter
 per task, HydraOpt at 1/T) against the same recipe with one task merged into the weights, timed
-side by side in one process.
+side by side, token by token, in each of two fresh processes (below).
 
     python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int4,int4-mixed --lock /work/runs/cpu.lock
     python benchmarks/slot_overhead.py --runtime executorch --slots q_proj,v_proj:16 \\
-        --recipes fp32,8da4w-mixed-noclip,8da4w --lock /work/runs/cpu.lock
+        --recipes fp32,8da8w,8da4w-mixed-noclip,8da4w --lock /work/runs/cpu.lock
 
 The banks and program signatures are quant_recipes.py's (the suite's shared-seed adapters as one
 adapter per task, and HydraOpt at 1/T of the fp16 file bytes; ``--slots`` as there: each bank's own
@@ -101,11 +101,6 @@ def time_recipe(folders: dict[str, Path], task: str, tokens: int, rounds: int, m
             session.decode(17 + i)
         sessions[key] = session
     return interleaved(sessions, tokens, rounds)
-
-
-def rows_for_recipe(quant: str, folders: dict[str, Path], task: str, tokens: int, rounds: int) -> list[dict]:
-    """Time ``folders`` ("merged" first, then one per method) side by side; one row per method."""
-    return rows_from_times(quant, folders, task, time_recipe(folders, task, tokens, rounds))
 
 
 def rows_from_times(quant: str, folders: dict[str, Path], task: str, times: dict[str, list[float]]) -> list[dict]:

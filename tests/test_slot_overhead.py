@@ -51,7 +51,8 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", merged, None, "beta") is None
     assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", switchable, None, None) is None
 
-    rows = slot_overhead.rows_for_recipe("fp32", {"merged": merged, "none": switchable}, "beta", tokens=4, rounds=3)
+    folders = {"merged": merged, "none": switchable}
+    rows = slot_overhead.rows_from_times("fp32", folders, "beta", slot_overhead.time_recipe(folders, "beta", tokens=4, rounds=3))
     assert len(rows) == 1
     row = rows[0]
     assert row["method"] == "none" and row["task"] == "beta" and len(row["runs_ms_per_token"]) == 3
@@ -66,7 +67,6 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     assert "| fp32 | none |" in md and "rank" in md
 
     # the merged reference opened last (the script's second timing process) is still every round's reference
-    folders = {"merged": merged, "none": switchable}
     times = slot_overhead.time_recipe(folders, "beta", tokens=2, rounds=2, merged_last=True)
     assert list(times) == ["none", "merged"] and all(len(v) == 2 and min(v) > 0 for v in times.values())
     # pooled rounds of two processes: each round's ratio to the merged reference of the same round
