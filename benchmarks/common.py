@@ -46,6 +46,12 @@ def ready_target(name: str):
     return target
 
 
+def open_lock(path: Path | None) -> int | None:
+    """The file descriptor of the machine's CPU lock file ``path`` for :func:`cpu_lock`, creating the
+    file where it is missing (a fresh machine has none); None when no lock is asked for."""
+    return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644) if path else None
+
+
 @contextlib.contextmanager
 def cpu_lock(fd: int | None, mode: int) -> Iterator[float]:
     """Hold the machine's CPU lock (``flock(2)`` on ``fd``) in ``mode`` (``fcntl.LOCK_SH`` to export

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, RESULTS_DIR, cpu_lock, cpu_model, machine_probe  # first: it puts this checkout on sys.path
+from common import ROOT, RESULTS_DIR, cpu_lock, cpu_model, machine_probe, open_lock  # first: it puts this checkout on sys.path
 
 from benchmarks import quant_recipes
 from benchmarks.quant_recipes import exported
@@ -202,7 +202,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = args.work or ROOT / "out" / f"slot_overhead_{args.runtime}"
     out = args.out or RESULTS_DIR / f"slot_overhead_{args.runtime}.json"
-    lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT, 0o644) if args.lock else None
+    lock_fd = open_lock(args.lock)
     recipes = args.recipes.split(",")
     unknown = [q for q in recipes if q not in quant_recipes.RUNTIMES[args.runtime][0]]
     if unknown:

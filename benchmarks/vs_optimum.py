@@ -72,7 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import burst, cpu_lock  # noqa: E402
+from benchmarks.common import burst, cpu_lock, open_lock  # noqa: E402
 from benchmarks.optimum_envs import ENVS, ensure, marker, python  # noqa: E402
 from exporters.export import TOKENIZER_FILES, export_bank  # noqa: E402
 from exporters.manifest import Manifest  # noqa: E402
@@ -530,7 +530,7 @@ def main() -> None:
                 write_text_atomic(notes_path, json.dumps(notes, indent=1))
         our_exports(args.work, bank, args.task)
         return
-    lock_fd = os.open(args.lock, os.O_RDONLY | os.O_CREAT, 0o644) if args.lock else None
+    lock_fd = open_lock(args.lock)
     if args.stage == "profile":
         ours = {f"switchable, {a} attention": args.work / f"ours-executorch-8da4w-{a}" for a in ET_ATTENTIONS}
         ours[f"{args.task} merged, custom-ops attention"] = args.work / f"ours-executorch-8da4w-custom-ops-merged-{args.task}"
