@@ -18,6 +18,8 @@ The patches skip work whose result is known, and nothing else:
 - :func:`fused_edge_passes`: seven ATen-to-edge ``call_operator`` passes in two re-traces instead of seven;
 - :func:`one_decomposition_less`: the functionalisation-only ``run_decompositions({})`` when a
   decomposition with a table follows on the same program anyway;
+- :func:`skip_idle_decompositions`: a decomposition of a decomposed program none of whose nodes
+  calls an operator of the table (XNNPACK's second pass, after it kept every op it asked for);
 - :func:`skip_repeated_checks`: a pass manager's check of a graph that already passed it unchanged.
 
 Each is a context manager that patches ExecuTorch (or torch.export) internals and restores them
@@ -341,6 +343,51 @@ def skip_idle_passes() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def skip_idle_decompositions() -> Iterator[None]:
+    """While active, ``ExportedProgram.run_decompositions(table)`` returns a program as it is when a
+    decomposition produced it (so it is functional) and none of its nodes calls an operator of
+    ``table``: the re-trace would rebuild the same graph. ExecuTorch's EDGE_DO_NOT_DECOMP path (the
+    one XNNPACK's partitioner takes: it has ``check_op_support``) decomposes each program twice, the
+    second time with the whole default table after renaming the ops the partitioner keeps; where
+    the partitioner keeps every op it asked to preserve, nothing is left for that second pass, which
+    was a third of the lowering of SmolLM2 (``benchmarks/lowering_profile.py``). ExecuTorch makes the
+    same test itself (``contains_any_call_fn_target_op``) before the second pass of its other path.
+    The table's keys include the composite ops it decomposes (``CustomDecompTable`` materialises
+    them when read), among them the shape queries (``aten.sym_size.int`` ...) that a graph with a
+    symbolic sequence length is full of: their decomposition asks the tensor, and the re-trace
+    records the answer as the same query, so they are left out of the test (ExecuTorch's own test
+    counts them, which is why its skip never applies to such a graph). Patches
+    ``ExportedProgram.run_decompositions``."""
+    import weakref
+
+    from executorch.exir.graph_module import contains_any_call_fn_target_op
+    from torch.export import ExportedProgram
+
+    if not executorch_version().startswith(EXECUTORCH_VERSIONS):
+        yield
+        return
+    original = ExportedProgram.run_decompositions
+    decomposed: weakref.WeakSet = weakref.WeakSet()  # programs a decomposition returned (functional)
+    aten = torch.ops.aten
+    queries = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+
+    def run_decompositions(self, decomp_table=None, decompose_custom_triton_ops=False):
+        if (self in decomposed and decomp_table is not None and len(decomp_table) and not decompose_custom_triton_ops
+                and not contains_any_call_fn_target_op(self.graph_module, set(decomp_table.keys()) - queries)):
+            return self
+        out = original(self, decomp_table, decompose_custom_triton_ops)
+        if out is not self:  # a program returned as it is (another patch's) may not be functional
+            decomposed.add(out)
+        return out
+
+    ExportedProgram.run_decompositions = run_decompositions
+    try:
+        yield
+    finally:
+        ExportedProgram.run_decompositions = original
+
+
+@contextlib.contextmanager
 def skip_repeated_checks() -> Iterator[None]:
     """While active, ``ExportedProgramPassManager.check`` (recompile, lint, verifier) runs on a graph
     only when the graph differs from the one it last passed: XNNPACK runs each of its 17 passes on
@@ -377,7 +424,10 @@ def skip_repeated_checks() -> Iterator[None]:
         ExportedProgramPassManager.check = original
 
 
-PATCHES = (skip_unchanged_retraces, fused_edge_passes, skip_idle_passes, one_decomposition_less, skip_repeated_checks)
+PATCHES = (
+    skip_unchanged_retraces, fused_edge_passes, skip_idle_passes, skip_idle_decompositions, one_decomposition_less,
+    skip_repeated_checks,
+)
 
 
 @contextlib.contextmanager
