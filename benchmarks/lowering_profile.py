@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import pstats
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,16 +41,15 @@ from typing import Iterator
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, machine_probe  # first: it puts this checkout on sys.path
 
-from exporters import et_lowering  # noqa: E402
-from exporters.et_lowering import executorch_version  # noqa: E402
-from exporters.executorch_backend import export_program, shallow_provenance  # noqa: E402
-from exporters.slots import attach_slots, parse_slot_spec  # noqa: E402
-from hydraopt_mobile.app.records import markdown_table, write_record  # noqa: E402
-from hydraopt_mobile.base_model import load_causal_lm  # noqa: E402
-from hydraopt_mobile.suite.model import base_model_dir  # noqa: E402
+from exporters import et_lowering
+from exporters.et_lowering import executorch_version
+from exporters.executorch_backend import export_program, shallow_provenance
+from exporters.slots import attach_slots, parse_slot_spec
+from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.base_model import load_causal_lm
+from hydraopt_mobile.suite.model import base_model_dir
 
 RESULTS = ROOT / "benchmarks" / "results" / "lowering_profile.json"
 SLOTS = "q_proj,v_proj:16"
@@ -150,7 +148,7 @@ def exponent(records: list[dict], variant: str) -> float | None:
     return round(math.log(t2 / t1) / math.log(l2 / l1), 2)
 
 
-def write(path: Path, records: list[dict], planned: int, variants: list[str]) -> None:
+def write(path: Path, records: list[dict], planned: int, variants: list[str], probe: dict) -> None:
     """The JSON and Markdown records of the runs so far (rewritten after each run)."""
     plain = [r for r in records if "profile" not in r]
     same = {str(r["layers"]): len({q["program_sha256"] for q in records if q["layers"] == r["layers"]}) == 1 for r in plain}
@@ -163,6 +161,7 @@ def write(path: Path, records: list[dict], planned: int, variants: list[str]) ->
         "export_seconds": "wall seconds from loading the base model to the written program (1 thread, no profiler)",
         "executorch": executorch_version(), "torch": torch.__version__, "threads": 1,
         "machine": f"{platform.machine()}, 2 cores; loadavg_before/after per run (other sessions share the machine)",
+        "machine_probe": probe,
         "runs": f"{len(records)} of {planned} planned, after an unrecorded 1-layer warm-up export",
         "same_program_bytes": same, "to_edge_growth_exponent": {v: exponent(records, v) for v in variants},
         "profile": "cumulative seconds under cProfile (inflated by the profiler; shares, not timings)",
@@ -205,6 +204,7 @@ def main() -> None:
             without(v[len(WITHOUT):])
     plan = [(layers, variant, False) for layers in [*([None] if args.full else []), *counts] for variant in variants]
     plan += [(max(counts), variant, True) for variant in profiled]
+    probe = machine_probe()  # before any export: the machine idle
     run(1, "before")  # warm-up, not recorded: the process's one-time costs (imports, XNNPACK's pattern graphs)
     records: list[dict] = []
     for layers, variant, profiling in plan:  # the records are written after every run
@@ -214,7 +214,7 @@ def main() -> None:
             record["profile"], record["profile_top"] = attribute(profile)
         records.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "profile_top"}), flush=True)
-        write(args.results, records, len(plan), variants)
+        write(args.results, records, len(plan), variants, probe)
 
 
 if __name__ == "__main__":
