@@ -350,7 +350,7 @@ def skip_idle_decompositions() -> Iterator[None]:
     one XNNPACK's partitioner takes: it has ``check_op_support``) decomposes each program twice, the
     second time with the whole default table after renaming the ops the partitioner keeps; where
     the partitioner keeps every op it asked to preserve, nothing is left for that second pass, which
-    was a third of the lowering of SmolLM2 (``benchmarks/lowering_profile.py``). ExecuTorch makes the
+    was 12-16 % of the lowering of SmolLM2 (``benchmarks/results/lowering_profile_decompositions.md``). ExecuTorch makes the
     same test itself (``contains_any_call_fn_target_op``) before the second pass of its other path.
     The table's keys include the composite ops it decomposes (``CustomDecompTable`` materialises
     them when read), among them the shape queries (``aten.sym_size.int`` ...) that a graph with a
