@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import scipy.linalg
 import torch
 
 from hydraopt_mobile.bank import MergedModule
 from hydraopt_mobile.factored import DTYPE, FactoredModule, unwhiten, whitened
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.lapack import eigh_top
 
 
 @dataclass
@@ -123,7 +123,7 @@ def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = gram.shape[-1]
     k = min(k, n)
     if gram.shape[0] == 1 and n >= 128 and n > 4 * k:
-        lam, V = scipy.linalg.eigh(gram[0].numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
+        lam, V = eigh_top(gram[0].numpy(), k)  # scipy's syevr, releasing the GIL (lapack.py)
         return torch.from_numpy(lam[::-1].copy()).unsqueeze(0), torch.from_numpy(V[:, ::-1].copy()).unsqueeze(0)
     lam, V = torch.linalg.eigh(gram)
     return lam.flip(-1)[..., :k], V.flip(-1)[..., :k]

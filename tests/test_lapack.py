@@ -1,0 +1,47 @@
+"""hydraopt_mobile.lapack: scipy's syevr called without the GIL gives scipy's results bit for bit."""
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from hydraopt_mobile.lapack import eigh_top
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,k", [(640, 32), (200, 7), (129, 1), (5, 5)])
+def test_eigh_top_is_scipys_evr_bit_for_bit(dtype, n, k):
+    rng = np.random.default_rng(n + k)
+    x = rng.standard_normal((n, n + 3)).astype(dtype)
+    gram = x @ x.T
+    lam, V = scipy.linalg.eigh(gram, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
+    lam2, V2 = eigh_top(gram, k)
+    assert lam2.dtype == dtype and V2.shape == (n, k)
+    assert np.array_equal(lam, lam2) and np.array_equal(V, V2)
+    np.testing.assert_allclose(gram @ V2, V2 * lam2, atol=1e-3 * float(lam2.max()))
+
+
+def test_eigh_top_leaves_its_input_alone_and_runs_in_threads():
+    gram = np.diag(np.arange(1.0, 301.0))
+    before = gram.copy()
+    results = [None, None]
+
+    def run(i: int) -> None:
+        results[i] = eigh_top(gram, 3)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.array_equal(gram, before)
+    for lam, V in results:
+        assert np.array_equal(lam, [298.0, 299.0, 300.0])
+        assert np.allclose(np.abs(V[297:]), np.eye(3))
+
+
+@pytest.mark.parametrize("shape,k,dtype,match", [((3, 4), 1, np.float64, "square"), ((4, 4), 5, np.float64, "k=5"), ((4, 4), 0, np.float64, "k=0"), ((4, 4), 1, np.int64, "float32 or float64")])
+def test_eigh_top_rejects_bad_input_by_name(shape, k, dtype, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        eigh_top(np.zeros(shape, dtype=dtype), k)
