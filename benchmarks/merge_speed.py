@@ -112,7 +112,7 @@ def main() -> None:
             compare.append({"module": name, "layout": label, "factored_s": t_fact, "dense_s": t_dense, "speedup": t_dense / t_fact, "objective_factored": sol.history[-1], "objective_dense": dense_obj})
             print(f"{name} {label}: factored {t_fact:.3f}s dense {t_dense:.2f}s x{t_dense / t_fact:.0f}", file=sys.stderr)
     result = {
-        "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": "Llama-3.2-1B attention (hidden 2048, kv 512), 16 layers, q/k/v/o", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "machine_probe": probe},
+        "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": f"Llama-3.2-1B attention (hidden 2048, kv 512), {args.layers} layers, q/k/v/o", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "machine_probe": probe},
         "load_average_1_5_15": os.getloadavg(),  # other processes on the same 2 cores slow every number here
         "load_s": t_load,
         "merge_s_three_budgets": t_merge,
