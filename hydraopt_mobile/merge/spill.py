@@ -6,7 +6,8 @@ picks one candidate per module and budget; the second builds the picks. Encoding
 module's factored space (a QR of the stacked A's) and the layout's row spaces (eigendecompositions);
 fitting B's to encoded A's needs neither (``solver.fit_to_stored``). So the first pass writes each
 module's encoded A's here, and the second builds from them: the same codes, hence the same module,
-bit for bit, without the QR and eigendecompositions a second time. One safetensors file per module,
+bit for bit, without the QR and eigendecompositions a second time. One safetensors file per module
+(each key's factors stacked, one tensor per encoded part: a few dozen entries, not thousands),
 written by the worker that measured it, so memory stays at one module's working set; the build reads
 only the keys its plans chose. The files are as large as the encoded A's of every measured layout
 and format: at Llama-3-8B shapes with 100 tasks 26-94 MB per module (7 GB for 224 modules, in the
@@ -45,8 +46,8 @@ class StoredASpill:
         for i, (key, a) in enumerate(stored.items()):
             tensors[f"{i}.cross"], tensors[f"{i}.gram"] = a.cross.contiguous(), a.gram.contiguous()
             tensors[f"{i}.index"] = torch.tensor(a.index, dtype=torch.int64)
-            for j, f in enumerate(a.factors):
-                tensors.update({f"{i}.{j}.{part}": t.contiguous() for part, t in f.data.items()})
+            if a.factors:  # a key's factors have one shape: each part stacked into one tensor
+                tensors.update({f"{i}.{part}": torch.cat([f.data[part] for f in a.factors]) for part in a.factors[0].data})
             keys.append({"key": list(key), "factors": len(a.factors), "shape": list(a.factors[0].shape) if a.factors else None})
         save_file(tensors, str(self._path(module)), metadata={"keys": json.dumps(keys)})
 
@@ -64,7 +65,8 @@ class StoredASpill:
                 if (k_a, k_b, fmt_label, a_rows) not in wanted:
                     continue
                 fmt = NumberFormat.parse(fmt_label)
-                parts = fmt.encoded_shapes(1, 1).keys()  # the tensor names this format writes
-                factors = [StoredFactor(fmt, {part: f.get_tensor(f"{i}.{j}.{part}") for part in parts}, tuple(entry["shape"]), False) for j in range(entry["factors"])]
+                n = entry["factors"]
+                parts = {part: f.get_tensor(f"{i}.{part}").chunk(n) for part in fmt.encoded_shapes(1, 1)} if n else {}  # the tensor names this format writes
+                factors = [StoredFactor(fmt, {part: chunks[j] for part, chunks in parts.items()}, tuple(entry["shape"]), False) for j in range(n)]
                 stored[(k_a, k_b, fmt_label, a_rows)] = StoredA(factors, f.get_tensor(f"{i}.cross"), f.get_tensor(f"{i}.gram"), f.get_tensor(f"{i}.index").tolist())
             return f.get_tensor("sq_norms"), stored
