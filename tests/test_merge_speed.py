@@ -91,10 +91,11 @@ def test_stored_errors_equal_dense_errors(layout, fmt):
 
 
 def test_pricing_by_digit_count_equals_pricing_every_factor():
-    for fmt in (NumberFormat("fp16"), NumberFormat("int8"), NumberFormat("int4", 64)):
-        for count in (0, 1, 9, 10, 11, 100, 101, 1234):
-            each = [_priced(factor_specs(37, "B", i, fmt, 5, 300)) for i in range(count)]
-            assert _priced_factors(37, "B", count, fmt, 5, 300) == (sum(b for b, _ in each), sum(n for _, n in each))
+    for module in (0, 9, 37, 123):  # modules share the cached price of their index's digit count
+        for fmt in (NumberFormat("fp16"), NumberFormat("int8"), NumberFormat("int4", 64)):
+            for count in (0, 1, 9, 10, 11, 100, 101, 1234):
+                each = [_priced(factor_specs(module, "B", i, fmt, 5, 300)) for i in range(count)]
+                assert _priced_factors(module, "B", count, fmt, 5, 300) == (sum(b for b, _ in each), sum(n for _, n in each))
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32", "int8", "fp16"])

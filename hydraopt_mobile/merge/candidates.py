@@ -240,18 +240,25 @@ def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _factor_price(module_index: int, kind: str, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
-    """:func:`_priced` of factor 0 of one kind (its index takes one digit)."""
-    return _priced(factor_specs(module_index, kind, 0, fmt, rank, length))
+def _factor_price(index_digits: int, kind: str, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
+    """:func:`_priced` of factor 0 of one kind (its index takes one digit) in a module whose index
+    has ``index_digits`` digits: the module index enters the price only through its key's length,
+    so modules share the cache."""
+    return _priced(factor_specs(10 ** (index_digits - 1), kind, 0, fmt, rank, length))
+
+
+@functools.lru_cache(maxsize=1024)
+def _extra_index_digits(count: int) -> int:
+    """The index digits beyond the first of factors ``0 .. count-1``, summed."""
+    return sum(max(0, count - 10**d) for d in range(1, len(str(max(count - 1, 0)))))
 
 
 def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
     """:func:`_priced` of factors ``0 .. count-1`` of one kind: their header entries differ only in
     the factor index in the key, so each costs factor 0's price plus one character per entry for
     every index digit beyond the first."""
-    nbytes, entries = _factor_price(module_index, kind, fmt, rank, length)
-    extra_digits = sum(max(0, count - 10**d) for d in range(1, len(str(max(count - 1, 0)))))
-    return count * nbytes + entries * extra_digits, count * entries
+    nbytes, entries = _factor_price(len(str(module_index)), kind, fmt, rank, length)
+    return count * nbytes + entries * _extra_index_digits(count), count * entries
 
 
 def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None, spill: StoredASpill | None = None, weights: torch.Tensor | None = None) -> dict[str, list[Candidate]]:
