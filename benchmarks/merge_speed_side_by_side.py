@@ -71,7 +71,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Merge speed side by side: {base['revision']} (base) vs {new['revision']} (new)",
         "",
-        f"{s['shapes']}, {s['tasks']} tasks, {s['layers']} layers, three budgets, {s['threads']} threads, {s['rounds']} rounds alternating; "
+        f"{s['shapes']}, {s['tasks']} tasks, three budgets, {s['threads']} threads, {s['rounds']} rounds alternating; "
         f"machine: {s['machine_probe']['cpu']} ({s['machine_probe']['isa']}), {s['machine_probe']['matmul_gflops_1_thread']} GFLOPS on one thread.",
         "",
         "| revision | merge s (each run) | median s | median peak RSS MB |",
