@@ -120,6 +120,13 @@ class FactoredModule:
     def q(self) -> int:
         return self.a.shape[2]
 
+    @property
+    def square_a(self) -> bool:
+        """Whether the stacked ``a`` (T r, q) is square, hence lower triangular: :func:`factor_space`
+        makes it ``R^T`` (the QR's R of the stacked A's, q = T r when they have full rank) and
+        :func:`whitened` ``R^T L`` (``L`` a Cholesky factor): products of lower-triangular matrices."""
+        return self.a.shape[0] * self.a.shape[1] == self.q
+
     def to_input_space(self, coords: torch.Tensor) -> torch.Tensor:
         """``coords @ Q^T``: (..., q) coordinates back to (..., d_in), applying the reflectors
         (4 d_in q flops per row) instead of forming ``Q``."""

@@ -1,14 +1,19 @@
-"""LAPACK's ``?syevr`` for a subset of eigenpairs, called so that other threads run meanwhile.
+"""Two BLAS/LAPACK routines the merge needs that torch lacks or scipy serialises, called through
+ctypes, which releases the GIL during a foreign call.
 
-``scipy.linalg.eigh(..., subset_by_index=..., driver="evr")`` is the fastest way to the top few
-eigenpairs of a dense symmetric matrix a few hundred wide (its tridiagonal reduction dominates),
-but scipy's f2py wrapper holds the GIL for the whole LAPACK call, so a merge running modules on two
-threads (parallel.py) spends those calls one thread at a time: 2 x 10 calls on a 640 x 640 Gram
-took 0.66 s on two threads against 0.65 s on one. This module calls the same routine of the same
-library, the function scipy exports for Cython (``scipy.linalg.cython_lapack``), through ctypes,
-which releases the GIL during a foreign call: the same 2 x 10 calls take 0.35 s on two threads.
-The arguments are scipy's (``uplo='L'``, ``abstol=0``, the workspace LAPACK asks for), so the
-results are scipy's bit for bit (tests/test_lapack.py).
+``?syevr`` for a subset of eigenpairs: ``scipy.linalg.eigh(..., subset_by_index=..., driver="evr")``
+is the fastest way to the top few eigenpairs of a dense symmetric matrix a few hundred wide (its
+tridiagonal reduction dominates), but scipy's f2py wrapper holds the GIL for the whole LAPACK call,
+so a merge running modules on two threads (parallel.py) spends those calls one thread at a time:
+2 x 10 calls on a 640 x 640 Gram took 0.66 s on two threads against 0.65 s on one. This module
+calls the same routine of the same library, the function scipy exports for Cython
+(``scipy.linalg.cython_lapack``): the same 2 x 10 calls take 0.35 s on two threads. The arguments
+are scipy's (``uplo='L'``, ``abstol=0``, the workspace LAPACK asks for), so the results are scipy's
+bit for bit (tests/test_lapack.py).
+
+``?trmm``, a product with a triangular matrix (half the flops of a general product; torch has
+none): the stacked A's of a module in its factored space are triangular (factored.py), and the
+shared-A Grams multiply by them twice.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import scipy.linalg.cython_blas
 import scipy.linalg.cython_lapack
+import torch
 
 _INT, _STR = ctypes.POINTER(ctypes.c_int), ctypes.c_char_p
 
@@ -28,8 +35,8 @@ def _signature(real: type) -> type:
     return ctypes.CFUNCTYPE(None, _STR, _STR, _STR, _INT, R, _INT, R, R, _INT, _INT, R, _INT, R, R, _INT, _INT, R, _INT, _INT, _INT, _INT)
 
 
-def _function_pointer(name: str) -> int:
-    capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
+def _function_pointer(name: str, module: object = scipy.linalg.cython_lapack) -> int:
+    capsule = module.__pyx_capi__[name]
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
@@ -74,3 +81,38 @@ def eigh_top(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if ints["info"].value != 0 or ints["m"].value != k:
         raise np.linalg.LinAlgError(f"syevr failed (info={ints['info'].value}, {ints['m'].value} of {k} eigenvalues)")
     return w[:k], z
+
+
+def _trmm_signature(real: type) -> type:
+    """``void ?trmm(side, uplo, transa, diag, m, n, alpha, a, lda, b, ldb)``."""
+    R = ctypes.POINTER(real)
+    return ctypes.CFUNCTYPE(None, _STR, _STR, _STR, _STR, _INT, _INT, R, R, _INT, R, _INT)
+
+
+_TRMM = {torch.float64: (_trmm_signature(ctypes.c_double)(_function_pointer("dtrmm", scipy.linalg.cython_blas)), ctypes.c_double),
+         torch.float32: (_trmm_signature(ctypes.c_float)(_function_pointer("strmm", scipy.linalg.cython_blas)), ctypes.c_float)}
+
+
+def lower_triangular_product(L: torch.Tensor, X: torch.Tensor, alpha: float = 1.0, transpose_L: bool = False, L_on_left: bool = True) -> torch.Tensor:
+    """``alpha op(L) X`` (``L_on_left``) or ``alpha X op(L)``, ``op(L)`` being ``L`` or (``transpose_L``)
+    ``L^T``, for a square lower-triangular ``L`` (n, n) whose entries above the diagonal are zero
+    (they are not read) and a matrix ``X`` of matching shape: BLAS ``?trmm`` on a copy of ``X``.
+
+    Row-major ``L`` is column-major ``L^T`` (upper triangular), and row-major results are
+    column-major transposes: ``op(L) X`` is computed as ``X^T op(L)^T``, side and transposition
+    swapped accordingly."""
+    n = L.shape[0]
+    if L.dim() != 2 or L.shape != (n, n) or X.dim() != 2 or (X.shape[0] if L_on_left else X.shape[1]) != n:
+        raise ValueError(f"lower_triangular_product: L must be square and match X; got L {tuple(L.shape)}, X {tuple(X.shape)}")
+    if L.dtype not in _TRMM or X.dtype != L.dtype:
+        raise TypeError(f"lower_triangular_product needs float32 or float64 tensors of one dtype, got {L.dtype} and {X.dtype}")
+    trmm, real = _TRMM[L.dtype]
+    R = ctypes.POINTER(real)
+    Lc = L.contiguous()
+    out = X.clone(memory_format=torch.contiguous_format)  # BLAS overwrites it
+    m, k = out.shape[1], out.shape[0]  # the column-major matrix B = out^T is m x k
+    side = b"R" if L_on_left else b"L"  # (op(L) X)^T = X^T op(L)^T: L moves to the other side
+    trans = b"T" if transpose_L else b"N"  # column-major L is L^T: op(L)^T is L^T (N) or, for op(L) = L^T, L (T)
+    trmm(side, b"U", trans, b"N", ctypes.byref(ctypes.c_int(m)), ctypes.byref(ctypes.c_int(k)), ctypes.byref(real(alpha)),
+         ctypes.cast(Lc.data_ptr(), R), ctypes.byref(ctypes.c_int(n)), ctypes.cast(out.data_ptr(), R), ctypes.byref(ctypes.c_int(m)))
+    return out

@@ -78,6 +78,22 @@ def test_unsupported_configs_named(make_adapters, change, match):
     assert "adapter_config.json" in str(e.value)
 
 
+def test_finite_check_by_sum_agrees_with_isfinite():
+    """adapters._all_finite: a finite sum settles it; an overflowing sum of finite values does not
+    make it refuse them; any NaN or infinity (of either sign, or both) is caught."""
+    from hydraopt_mobile.adapters import _all_finite
+
+    big = torch.full((4, 8), 3e38)  # finite, but the sum overflows to inf
+    assert _all_finite(torch.randn(16, 300)) and _all_finite(big) and _all_finite(torch.zeros(0, 5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(16, 300)
+        x[3, 7] = bad
+        assert not _all_finite(x)
+    both = torch.randn(5, 5)
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")
+    assert not _all_finite(both) and not _all_finite(big.neg().index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(float("nan"))))
+
+
 def test_bad_tensors_named(make_adapters):
     paths = make_adapters(n_tasks=3)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"

@@ -1,12 +1,14 @@
-"""hydraopt_mobile.lapack: scipy's syevr called without the GIL gives scipy's results bit for bit."""
+"""hydraopt_mobile.lapack: scipy's syevr called without the GIL gives scipy's results bit for bit;
+the triangular product equals torch's general one."""
 
 import threading
 
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
-from hydraopt_mobile.lapack import eigh_top
+from hydraopt_mobile.lapack import eigh_top, lower_triangular_product
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -45,3 +47,28 @@ def test_eigh_top_leaves_its_input_alone_and_runs_in_threads():
 def test_eigh_top_rejects_bad_input_by_name(shape, k, dtype, match):
     with pytest.raises((ValueError, TypeError), match=match):
         eigh_top(np.zeros(shape, dtype=dtype), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_lower_triangular_product_equals_the_general_one(dtype, left, transpose):
+    g = torch.Generator().manual_seed(7)
+    L = torch.randn(37, 37, generator=g, dtype=dtype).tril()
+    above = torch.randn(37, 37, generator=g, dtype=dtype).triu(1)  # never read
+    X = torch.randn(37, 11, generator=g, dtype=dtype) if left else torch.randn(11, 37, generator=g, dtype=dtype)
+    opL = L.T if transpose else L
+    expected = 0.25 * (opL @ X if left else X @ opL)
+    before = X.clone()
+    got = lower_triangular_product(L + above, X, alpha=0.25, transpose_L=transpose, L_on_left=left)
+    assert got.dtype == dtype and got.shape == expected.shape and torch.equal(X, before)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_triangular_product_rejects_bad_input_by_name():
+    with pytest.raises(ValueError, match="must be square"):
+        lower_triangular_product(torch.zeros(3, 4), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="match X"):
+        lower_triangular_product(torch.zeros(3, 3), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        lower_triangular_product(torch.zeros(3, 3), torch.zeros(3, 3, dtype=torch.float64))

@@ -1,6 +1,7 @@
 """The fast merge's identities against dense references, and a merge streamed from disk."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_set, load_adapter
 from hydraopt_mobile.bundle import load_bundle, write_bundle
 from hydraopt_mobile.calibration import identity
-from hydraopt_mobile.factored import b_gram, factor_space
+from hydraopt_mobile.factored import b_gram, factor_space, whitened
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, _priced, _priced_factors, build_modules, plan_candidates
@@ -62,6 +63,31 @@ def test_shared_a_row_spaces_from_the_b_gram_equal_the_qr_ones(b_index, d_out):
         assert torch.allclose(P, P0, atol=1e-4)
     errors = closed_form_errors(fm, w, [gram], [1, 3, 6]), closed_form_errors(fm, w, [qr], [1, 3, 6])
     assert errors[0] == pytest.approx(errors[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3, 4]], [[0, 1], [2, 3], [4]], [[0, 3], [1, 2, 4]], [[t] for t in range(5)]])
+@pytest.mark.parametrize("d_in,white", [(40, False), (40, True), (9, False)])  # 9: a is not square (q = 9 < T r = 20)
+def test_shared_a_gram_equals_the_dense_sum(groups, d_in, white):
+    """solver._shared_a_gram (trmm with the triangular stacked a where it is square, plain or
+    whitened; general products where it is not) equals sum_h C_h^T G_h C_h / W_h in float64."""
+    fm = factor_space(random_factors(d_in=d_in))
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    if white:
+        g = torch.Generator().manual_seed(3)
+        X = torch.randn(5, fm.q, 2 * fm.q, generator=g)
+        fm = whitened(replace(fm, S=X @ X.transpose(1, 2) / X.shape[2] + 0.1 * torch.eye(fm.q)), w)
+    assert fm.square_a == (d_in == 40)
+    if fm.square_a:
+        assert torch.equal(fm.a.reshape(fm.q, fm.q), fm.a.reshape(fm.q, fm.q).tril())
+    gb = b_gram(fm.B)
+    r = fm.a.shape[1]
+    dense = torch.zeros(fm.q, fm.q, dtype=torch.float64)
+    for h in groups:
+        C = fm.a[h].reshape(len(h) * r, fm.q).double()
+        G = (gb[h][:, :, h].double() * (w[h].view(-1, 1, 1, 1) * w[h].view(1, 1, -1, 1))).reshape(len(h) * r, len(h) * r)
+        dense += C.T @ G @ C / w[h].sum()
+    got = solver._shared_a_gram(fm, w.float(), groups, gb).double()
+    assert torch.allclose(got, dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()))
 
 
 @pytest.mark.parametrize("a_index", [[0, 1, 2, 3, 4], [0, 0, 1, 1, 0], [0] * 5])
