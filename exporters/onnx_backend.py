@@ -1,12 +1,13 @@
 """ONNX back end: one ``model.onnx`` whose LoRA slots (every slot of the signature) are fp32 graph
 inputs with zero defaults; the data are the bank's files, decoded with numpy once per task load
-(``exporters/targets/device_runner.py: BankSlots``) and fed to every decoder step: decoding the
-codes inside ``model.onnx`` instead cost 15 extra nodes per module on every token (+50 % decode
-time at int4; onnx_op_profile.md).
+(``exporters/targets/device_runner.py: BankSlots``) and bound to the decoder step once per switch
+(``OrtDecoder``: one IOBinding, the KV cache kept in ONNX Runtime's values): decoding the codes
+inside ``model.onnx`` instead cost 15 extra nodes per module on every token (+50 % decode time at
+int4; onnx_op_profile.md).
 
 The graph takes the KV cache as explicit tensors (``past.{2i}`` keys, ``past.{2i+1}`` values of
 layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``present.*``. A run
-without slots is the base model (zero defaults); switching feeds another task's decoded slots
+without slots is the base model (zero defaults); switching binds another task's decoded slots
 without touching the base weights.
 
 Quantised variants: the recipes of ``exporters/onnx_quant.py`` (ONNX Runtime's MatMulNBits on the
@@ -28,7 +29,7 @@ from torch import nn
 
 from exporters.backend import ProgramSpec, Session
 from exporters.onnx_quant import RECIPES, quantize
-from exporters.targets.device_runner import decoder_step, open_ort_session
+from exporters.targets.device_runner import OrtDecoder, open_ort_session
 from exporters.targets.onnx_edit import rename_inputs
 
 QUANTS = {name: r.description for name, r in RECIPES.items()}
@@ -131,24 +132,24 @@ class OrtSession(Session):
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         self.session = self._open(self.manifest.entry("program").path)
-        self.feeds: dict[str, np.ndarray] = {}
+        self.decoder = OrtDecoder(self.session)
         m = self.manifest.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
         self.n_kv = 2 * m["n_layers"]
-        self.past: list[np.ndarray] = []
+        self.past: list = []  # numpy zeros for a new sequence, then the cache the last step returned
 
     def _open(self, rel: str):
         return open_ort_session(str(self.folder / rel), self.threads)
 
     def _switch(self, task: str) -> None:
-        self.feeds = self.decoded[task]
+        self.decoder.set_slots(self.decoded[task])
 
     def reset(self) -> None:
         super().reset()
         self.past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
 
     def _step(self, ids: list[int]) -> np.ndarray:
-        logits, self.past = decoder_step(self.session, ids, self.feeds, self.past)
+        logits, self.past = self.decoder.step(ids, self.past)
         self.pos += len(ids)
         return logits
 

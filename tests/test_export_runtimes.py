@@ -101,6 +101,19 @@ def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt,
             assert alpha and len(gamma) == len(alpha) and all(a is b for a, b in zip(alpha, gamma)), "gamma did not reuse alpha's memory"
 
 
+def test_onnx_switch_unbinds_the_previous_task_s_slots(exports, refs):
+    """The ONNX decoder binds a task's slots once (OrtDecoder): binding another set must drop every
+    slot of the one before, so binding none after alpha is the base model again, and alpha again is alpha."""
+    session = open_export(exports("onnx", "fp32"))
+    session.set_task("alpha")
+    _, with_alpha = run_logits(session, PROMPT)
+    session.decoder.set_slots({})
+    seq, got = run_logits(session, PROMPT)
+    assert np.abs(got - refs(None, seq)[: len(got)]).max() < FP32_TOL, "alpha's slots stayed bound"
+    session.set_task("alpha")
+    np.testing.assert_array_equal(run_logits(session, PROMPT)[1], with_alpha)
+
+
 def _slot_writes_and_reads(pte: Path) -> dict[str, dict]:
     """Per method of an ExecuTorch program: its operators, the buffers its ``copy_`` instructions
     write (by name) and the memory (id, offset) of the slot buffers it names."""
