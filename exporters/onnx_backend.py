@@ -29,7 +29,7 @@ from torch import nn
 
 from exporters.backend import ProgramSpec, Session
 from exporters.onnx_quant import RECIPES, quantize
-from exporters.targets.device_runner import OrtDecoder, open_ort_session
+from exporters.targets.device_runner import OrtDecoder, TaskSlots, open_ort_session
 from exporters.targets.onnx_edit import rename_inputs
 
 QUANTS = {name: r.description for name, r in RECIPES.items()}
@@ -127,12 +127,13 @@ def _quantized(model: onnx.ModelProto, folder: Path, quant: str, phases: dict[st
 
 class OrtSession(Session):
     """ONNX Runtime on ``model.onnx``. ``load_task`` decodes the task's slots once (numpy);
-    ``set_task`` then only picks which decoded slots the decoder step is fed."""
+    ``set_task`` then only binds that task's slots to the decoder step (:class:`OrtDecoder`)."""
 
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         self.session = self._open(self.manifest.entry("program").path)
         self.decoder = OrtDecoder(self.session)
+        self.values: dict[str, dict] = {}  # task -> its slots as ONNX Runtime values (views of ``decoded``)
         m = self.manifest.model
         self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
         self.n_kv = 2 * m["n_layers"]
@@ -141,8 +142,14 @@ class OrtSession(Session):
     def _open(self, rel: str):
         return open_ort_session(str(self.folder / rel), self.threads)
 
+    def _load(self, task: str, slots: TaskSlots) -> None:
+        self.values[task] = OrtDecoder.slot_values(slots)
+
+    def _unload(self, task: str) -> None:
+        self.values.pop(task, None)
+
     def _switch(self, task: str) -> None:
-        self.decoder.set_slots(self.decoded[task])
+        self.decoder.set_slots(self.values[task])
 
     def reset(self) -> None:
         super().reset()

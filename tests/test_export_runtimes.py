@@ -107,7 +107,7 @@ def test_onnx_switch_unbinds_the_previous_task_s_slots(exports, refs):
     session = open_export(exports("onnx", "fp32"))
     session.set_task("alpha")
     _, with_alpha = run_logits(session, PROMPT)
-    session.decoder.set_slots({})
+    session.decoder.set_slots({})  # what a merged export binds
     seq, got = run_logits(session, PROMPT)
     assert np.abs(got - refs(None, seq)[: len(got)]).max() < FP32_TOL, "alpha's slots stayed bound"
     session.set_task("alpha")

@@ -388,14 +388,20 @@ class OrtDecoder:
         self.outputs = [o.name for o in session.get_outputs()]
         self.bound: dict = {}
 
-    def set_slots(self, slots: dict) -> None:
-        """Bind ``slots`` (name -> float32 array; the arrays must stay alive and unchanged while
-        bound) and unbind every slot of the previous task: an unbound slot input takes its zero default."""
+    @staticmethod
+    def slot_values(slots: dict) -> dict:
+        """A task's decoded slots (name -> float32 array) as ONNX Runtime values over the same memory
+        (no copy; each keeps its array alive). Made once per load: about 3.4 us per slot here,
+        three times what binding one costs on a switch."""
         import onnxruntime
 
+        return {name: onnxruntime.OrtValue.ortvalue_from_numpy(value) for name, value in slots.items()}
+
+    def set_slots(self, values: dict) -> None:
+        """Bind a task's :meth:`slot_values` and unbind every slot of the previous task: an
+        unbound slot input takes its zero default."""
         self.io.clear_binding_inputs()
-        self.bound = {name: onnxruntime.OrtValue.ortvalue_from_numpy(value) for name, value in slots.items()}
-        for name, value in self.bound.items():
+        for name, value in values.items():
             self.io.bind_ortvalue_input(name, value)
 
     def step(self, ids: list[int], past: list) -> tuple:
@@ -594,6 +600,9 @@ class OrtRunner(Runner):
         self.eos = set(m["eos_token_id"])
         self.decoder = OrtDecoder(self.session)
         self.past: list = []
+
+    def _runtime_form(self, slots: dict) -> dict:
+        return OrtDecoder.slot_values(slots)
 
     def set_task(self, task: str) -> float:
         """Make a loaded task active: its slots are bound to the decoder step; milliseconds."""
