@@ -139,7 +139,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)", "slots": SLOTS, "threads": 1,
         "machine": f"{platform.machine()}, 2 cores, run under flock -x (no other heavy job)", "machine_probe": probe,
         "task_load_ms": "cold switch: verify (size, SHA-256) + read + numpy-decode the task's own file into every slot, then "
-        "set_task (ExecuTorch: set_slots method; ONNX Runtime: the feeds); median of 5 per task, then over tasks",
+        "set_task (ExecuTorch: set_slots method; ONNX Runtime: the slots made ONNX Runtime values at load, bound on the switch); median of 5 per task, then over tasks",
         "update_one_task": "the files a phone downloads for one more task whose factors are its own (hydraopt add's per-task "
         "case): its file and the two manifests; the program and the shared file stay byte-identical",
         "checks": checks,
