@@ -114,6 +114,19 @@ def test_onnx_switch_unbinds_the_previous_task_s_slots(exports, refs):
     np.testing.assert_array_equal(run_logits(session, PROMPT)[1], with_alpha)
 
 
+def test_onnx_slot_values_refuse_what_onnx_runtime_would_misread():
+    """Slot values share the arrays' memory and are typed FLOAT without a check of their own:
+    another dtype or a strided view would be read as wrong numbers, so both are refused by name."""
+    from exporters.targets.device_runner import OrtDecoder, Refused
+
+    good = np.arange(12, dtype=np.float32).reshape(3, 4)
+    value = OrtDecoder.slot_values({"m.lora_a": good})["m.lora_a"]
+    np.testing.assert_array_equal(value.numpy(), good)
+    for bad, why in [(good.astype(np.float16), "float16"), (good.T, "not C-contiguous")]:
+        with pytest.raises(Refused, match=f"slot 'm.lora_a'.*{why}"):
+            OrtDecoder.slot_values({"m.lora_a": bad})
+
+
 def _slot_writes_and_reads(pte: Path) -> dict[str, dict]:
     """Per method of an ExecuTorch program: its operators, the buffers its ``copy_`` instructions
     write (by name) and the memory (id, offset) of the slot buffers it names."""

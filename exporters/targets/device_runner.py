@@ -386,7 +386,6 @@ class OrtDecoder:
         self.session = session
         self.io = session.io_binding()
         self.outputs = [o.name for o in session.get_outputs()]
-        self.bound: dict = {}
 
     @staticmethod
     def slot_values(slots: dict) -> dict:
@@ -399,7 +398,8 @@ class OrtDecoder:
 
         for name, value in slots.items():
             if value.dtype != np.float32 or not value.flags.c_contiguous:
-                raise Refused(f"slot {name!r}: expected a C-contiguous float32 array, got {value.dtype}")
+                layout = "C-contiguous" if value.flags.c_contiguous else "not C-contiguous"
+                raise Refused(f"slot {name!r}: expected a C-contiguous float32 array, got {value.dtype}, {layout}")
         return {name: onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(value, 1) for name, value in slots.items()}
 
     def set_slots(self, values: dict) -> None:
