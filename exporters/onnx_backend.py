@@ -132,12 +132,8 @@ class OrtSession(Session):
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
         self.session = self._open(self.manifest.entry("program").path)
-        self.decoder = OrtDecoder(self.session)
+        self.decoder = OrtDecoder(self.session, self.manifest.model)
         self.values: dict[str, dict] = {}  # task -> its slots as ONNX Runtime values (views of ``decoded``)
-        m = self.manifest.model
-        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
-        self.n_kv = 2 * m["n_layers"]
-        self.past: list = []  # numpy zeros for a new sequence, then the cache the last step returned
 
     def _open(self, rel: str):
         return open_ort_session(str(self.folder / rel), self.threads)
@@ -153,10 +149,10 @@ class OrtSession(Session):
 
     def reset(self) -> None:
         super().reset()
-        self.past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
+        self.decoder.reset()
 
     def _step(self, ids: list[int]) -> np.ndarray:
-        logits, self.past = self.decoder.step(ids, self.past)
+        logits = self.decoder.step(ids)
         self.pos += len(ids)
         return logits
 

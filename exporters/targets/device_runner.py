@@ -382,10 +382,16 @@ class OrtDecoder:
     one step to the next, and a step binds only the token ids, the cache and the outputs: a merged
     export (no slots) takes the same path, so both sides of a comparison step alike."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, model: dict) -> None:
+        """``model``: the manifest's ``model`` section (``n_layers``, ``kv_heads``, ``head_dim``)."""
+        import numpy as np
+
         self.session = session
         self.io = session.io_binding()
         self.outputs = [o.name for o in session.get_outputs()]
+        self.n_kv = 2 * model["n_layers"]
+        self.empty = np.zeros((1, model["kv_heads"], 0, model["head_dim"]), dtype=np.float32)
+        self.past: list | None = None  # None: a new sequence, else the cache the last step returned
 
     @staticmethod
     def slot_values(slots: dict) -> dict:
@@ -409,23 +415,29 @@ class OrtDecoder:
         for name, value in values.items():
             self.io.bind_ortvalue_input(name, value)
 
-    def step(self, ids: list[int], past: list) -> tuple:
-        """(logits (n, vocab) of ``ids`` after the cache ``past``, the new cache). ``past``: numpy
-        arrays (a new sequence) or the cache a step returned (ONNX Runtime values, not copied)."""
+    def reset(self) -> None:
+        """Start a new sequence: the next step reads an empty cache."""
+        self.past = None
+
+    def step(self, ids: list[int]):
+        """Logits (n, vocab) of ``ids`` after the cache; the cache it returns stays in ONNX Runtime's
+        values and is bound, not copied, on the next step."""
         import numpy as np
 
         io = self.io
         io.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
-        for i, p in enumerate(past):
-            if isinstance(p, np.ndarray):
-                io.bind_cpu_input(f"past.{i}", p)
-            else:
-                io.bind_ortvalue_input(f"past.{i}", p)
+        if self.past is None:
+            for i in range(self.n_kv):
+                io.bind_cpu_input(f"past.{i}", self.empty)
+        else:
+            for i, value in enumerate(self.past):
+                io.bind_ortvalue_input(f"past.{i}", value)
         for name in self.outputs:  # unallocated each step: the cache grows, and the last values live on as `past`
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
         out = io.get_outputs()
-        return out[0].numpy()[0], list(out[1:])
+        self.past = out[1:]
+        return out[0].numpy()[0]
 
 
 def _status_field(name: str) -> int | None:
@@ -599,12 +611,8 @@ class OrtRunner(Runner):
         self.session = open_ort_session(os.path.join(export.folder, export.entry("program")["path"]), threads)
         self._open_bank()
         self.session_ms = (time.perf_counter() - t0) * 1e3
-        m = export.model
-        self.past_shape = (1, m["kv_heads"], 0, m["head_dim"])
-        self.n_kv = 2 * m["n_layers"]
-        self.eos = set(m["eos_token_id"])
-        self.decoder = OrtDecoder(self.session)
-        self.past: list = []
+        self.eos = set(export.model["eos_token_id"])
+        self.decoder = OrtDecoder(self.session, export.model)
 
     def _runtime_form(self, slots: dict) -> dict:
         return OrtDecoder.slot_values(slots)
@@ -617,14 +625,11 @@ class OrtRunner(Runner):
         return (time.perf_counter() - t0) * 1e3
 
     def prefill(self, ids: list[int]):
-        np = self.np
-        past = [np.zeros(self.past_shape, dtype=np.float32) for _ in range(self.n_kv)]
-        logits, self.past = self.decoder.step(ids, past)
-        return logits
+        self.decoder.reset()
+        return self.decoder.step(ids)
 
     def decode(self, token: int):
-        logits, self.past = self.decoder.step([token], self.past)
-        return logits[-1]
+        return self.decoder.step([token])[-1]
 
 
 def executorch_bindings():
