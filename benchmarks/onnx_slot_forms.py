@@ -7,12 +7,15 @@ node, not per multiply-add: per layer the q and v slots are six nodes (two MatMu
 transposes folded in, and an Add) beside three 4-bit projections. This script rewrites an export's
 ``model.onnx`` (graph surgery with onnx; the exports themselves are left as they are) into:
 
+- ``stacked``: the projections as exported, one slot pair per layer: ``A = [A_q; A_v]`` (r_q + r_v
+  rows) and ``B`` with ``B_q`` in the q rows and first r_q columns, ``B_v`` in the v rows and last
+  r_v columns, zero elsewhere, so ``B A x = [B_q A_q x; B_v A_v x]``, split and added to q and v:
+  two MatMul, a Split and two Add per layer where there were four MatMul and two Add.
 - ``qkv``: the q, k and v projections as one ``MatMulNBits`` (the three weights' 4-bit blocks and
   scales concatenated along N: the same quantised values) and a ``Split``; slots as exported.
-- ``qkv-stacked``: ``qkv`` plus one slot pair per layer on the fused output: ``A = [A_q; A_v]``
-  (r_q + r_v rows) and ``B`` with ``B_q`` in the q rows and first r_q columns, ``B_v`` in the v rows and
-  last r_v columns, zero elsewhere: ``B A x`` is ``[B_q A_q x; 0; B_v A_v x]``, so two MatMul and one
-  Add per layer where there were four and two.
+- ``qkv-stacked``: ``qkv`` with the stacked slot pair on the fused output (``B`` also has the k rows,
+  zero): ``B A x = [B_q A_q x; 0; B_v A_v x]`` added before the split, two MatMul and one Add per layer.
+  A recipe with v at 8 bits and q, k at 4 (``int4-mixed``) cannot fuse the three into one ``MatMulNBits``.
 
 Each form is checked against the export as it is (same task active, the same 8 tokens after a
 16-token prefill: max logit difference at the first step and over the 8; the 4-bit ``MatMulNBits``
@@ -50,13 +53,14 @@ from exporters.runtime import open_export
 from exporters.targets.device_runner import OrtDecoder, open_ort_session
 from hydraopt_mobile.app.records import markdown_table, write_record
 
-FORMS = ("as-exported", "qkv", "qkv-stacked")
+FORMS = ("as-exported", "stacked", "qkv", "qkv-stacked")
+REFERENCE = {"as-exported": "as-exported", "stacked": "as-exported", "qkv": "qkv", "qkv-stacked": "qkv"}  # the merged program of each form
 
 
-def _projection_nodes(graph: onnx.GraphProto, layer: int) -> dict[str, onnx.NodeProto]:
+def _projection_nodes(nodes: list[onnx.NodeProto], layer: int) -> dict[str, onnx.NodeProto]:
     """The q, k, v ``MatMulNBits`` nodes of one layer, by the name of their weight."""
     out = {}
-    for node in graph.node:
+    for node in nodes:
         if node.op_type == "MatMulNBits":
             for p in ("q_proj", "k_proj", "v_proj"):
                 if f".layers.{layer}.self_attn.{p}." in node.input[1]:
@@ -64,12 +68,11 @@ def _projection_nodes(graph: onnx.GraphProto, layer: int) -> dict[str, onnx.Node
     return out
 
 
-def _slot_chain(graph: onnx.GraphProto, base_out: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], list[str]] | None:
+def _slot_chain(nodes: list[onnx.NodeProto], inputs: set[str], base_out: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], list[str]] | None:
     """The ``Add`` that adds a slot's delta to ``base_out``, the nodes computing that delta back to the
-    slot inputs, and those inputs' names (None when ``base_out`` has no slot)."""
-    producers = {o: n for n in graph.node for o in n.output}
-    inputs = {i.name for i in graph.input}
-    adds = [n for n in graph.node if n.op_type == "Add" and base_out in n.input]
+    slot inputs (among the graph's ``inputs``), and those inputs' names (None when ``base_out`` has no slot)."""
+    producers = {o: n for n in nodes for o in n.output}
+    adds = [n for n in nodes if n.op_type == "Add" and base_out in n.input]
     if not adds:
         return None
     add = adds[0]
@@ -88,87 +91,112 @@ def _slot_chain(graph: onnx.GraphProto, base_out: str) -> tuple[onnx.NodeProto, 
     return add, chain, slots
 
 
+def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each comes after the producers of its inputs (stable otherwise)."""
+    done, out, pending = set(available) | {""}, [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in done for i in n.input):
+                out.append(n)
+                done.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at {rest[0].name}")
+        pending = rest
+    return out
+
+
 def rewrite(model: onnx.ModelProto, form: str, n_layers: int) -> tuple[onnx.ModelProto, dict]:
-    """``model`` in ``form``; with the stacked form also ``{layer: (A slot names, B slot names (by q/v),
-    N of q, k, v, ranks of q, v)}`` for :func:`stacked_values`."""
+    """``model`` in ``form``; with a stacked form also ``{layer: (A slot names, B slot names (by q/v),
+    row counts of the q, k, v blocks of the stacked B (k's 0 when k is not fused), ranks of q, v)}``
+    for :func:`stacked_values`."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     stacking: dict = {}
+    fuse, stack = form.startswith("qkv"), form.endswith("stacked")
+    nodes = list(graph.node)
     for layer in range(n_layers):
-        proj = _projection_nodes(graph, layer)
+        proj = _projection_nodes(nodes, layer)
         q, k, v = proj["q_proj"], proj["k_proj"], proj["v_proj"]
         x = q.input[0]
         assert k.input[0] == x and v.input[0] == x, f"layer {layer}: q, k, v do not share an input"
         attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in (q, k, v)]
         Ns = [a["N"] for a in attrs]
-        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in (q, k, v)]
-        scales = [numpy_helper.to_array(inits[n.input[2]]) for n in (q, k, v)]
         prefix = f"qkv.{layer}"
-        new_inits = [numpy_helper.from_array(np.concatenate(weights), f"{prefix}.weight_Q4"), numpy_helper.from_array(np.concatenate(scales), f"{prefix}.weight_scales"),
-                     numpy_helper.from_array(np.array(Ns, dtype=np.int64), f"{prefix}.split")]
-        fused_attrs = dict(attrs[0], N=sum(Ns))
-        qkv_out = f"{prefix}.out"
+        new_inits, new_nodes, removed = [], [], []
         outs = [q.output[0], k.output[0], v.output[0]]
-        new_nodes = [helper.make_node("MatMulNBits", [x, f"{prefix}.weight_Q4", f"{prefix}.weight_scales"], [qkv_out], domain="com.microsoft", name=f"{prefix}.matmul", **fused_attrs)]
-        removed = [q, k, v]
-        if form == "qkv-stacked":
-            chains = {p: _slot_chain(graph, n.output[0]) for p, n in (("q", q), ("v", v))}
+        if stack:
+            chains = {p: _slot_chain(nodes, {i.name for i in graph.input}, n.output[0]) for p, n in (("q", q), ("v", v))}
             assert all(chains.values()), f"layer {layer}: q or v has no slot"
-            a_names, b_names = {}, {}
+            a_names, b_names, finals = {}, {}, {}
             for p, (add, chain, slots) in chains.items():
                 removed += [add, *chain]
-                outs[0 if p == "q" else 2] = add.output[0]
+                finals[p] = add.output[0]
                 a_names[p] = next(s for s in slots if s.endswith("lora_a"))
                 b_names[p] = next(s for s in slots if s.endswith("lora_b"))
             ranks = [int(inits[a_names[p]].dims[0]) for p in ("q", "v")]
-            a_in, b_in = f"slot.{layer}.qv_a", f"slot.{layer}.qkv_b"
+            rows = Ns if fuse else [Ns[0], 0, Ns[2]]
+            a_in, b_in = f"slot.{layer}.qv_a", f"slot.{layer}.{'qkv' if fuse else 'qv'}_b"
             d_in = int(inits[a_names["q"]].dims[1])
-            new_inits += [numpy_helper.from_array(np.zeros((sum(ranks), d_in), np.float32), a_in), numpy_helper.from_array(np.zeros((sum(Ns), sum(ranks)), np.float32), b_in)]
-            graph.input.extend([helper.make_tensor_value_info(a_in, onnx.TensorProto.FLOAT, [sum(ranks), d_in]), helper.make_tensor_value_info(b_in, onnx.TensorProto.FLOAT, [sum(Ns), sum(ranks)])])
+            new_inits += [numpy_helper.from_array(np.zeros((sum(ranks), d_in), np.float32), a_in), numpy_helper.from_array(np.zeros((sum(rows), sum(ranks)), np.float32), b_in)]
+            graph.input.extend([helper.make_tensor_value_info(a_in, onnx.TensorProto.FLOAT, [sum(ranks), d_in]), helper.make_tensor_value_info(b_in, onnx.TensorProto.FLOAT, [sum(rows), sum(ranks)])])
             new_nodes += [
                 helper.make_node("Transpose", [a_in], [f"{prefix}.at"], name=f"{prefix}.at"),
                 helper.make_node("MatMul", [x, f"{prefix}.at"], [f"{prefix}.h"], name=f"{prefix}.h"),
                 helper.make_node("Transpose", [b_in], [f"{prefix}.bt"], name=f"{prefix}.bt"),
                 helper.make_node("MatMul", [f"{prefix}.h", f"{prefix}.bt"], [f"{prefix}.delta"], name=f"{prefix}.delta"),
-                helper.make_node("Add", [qkv_out, f"{prefix}.delta"], [f"{prefix}.sum"], name=f"{prefix}.sum"),
             ]
-            qkv_out = f"{prefix}.sum"
-            stacking[layer] = (a_names, b_names, Ns, ranks)
-        new_nodes.append(helper.make_node("Split", [qkv_out, f"{prefix}.split"], outs, axis=-1, name=f"{prefix}.split"))
+            stacking[layer] = (a_names, b_names, rows, ranks)
+        if fuse:
+            weights = [numpy_helper.to_array(inits[n.input[1]]) for n in (q, k, v)]
+            scales = [numpy_helper.to_array(inits[n.input[2]]) for n in (q, k, v)]
+            new_inits += [numpy_helper.from_array(np.concatenate(weights), f"{prefix}.weight_Q4"), numpy_helper.from_array(np.concatenate(scales), f"{prefix}.weight_scales"),
+                          numpy_helper.from_array(np.array(Ns, dtype=np.int64), f"{prefix}.split")]
+            new_nodes.append(helper.make_node("MatMulNBits", [x, f"{prefix}.weight_Q4", f"{prefix}.weight_scales"], [f"{prefix}.out"], domain="com.microsoft", name=f"{prefix}.matmul", **dict(attrs[0], N=sum(Ns))))
+            removed += [q, k, v]
+            total = f"{prefix}.out"
+            if stack:  # the delta is added once, to the fused output
+                new_nodes.append(helper.make_node("Add", [total, f"{prefix}.delta"], [f"{prefix}.sum"], name=f"{prefix}.sum"))
+                total = f"{prefix}.sum"
+                outs = [finals["q"], k.output[0], finals["v"]]
+            new_nodes.append(helper.make_node("Split", [total, f"{prefix}.split"], outs, axis=-1, name=f"{prefix}.split"))
+        elif stack:  # q and v stay apart: the delta is split and added to each
+            new_inits.append(numpy_helper.from_array(np.array([Ns[0], Ns[2]], dtype=np.int64), f"{prefix}.split"))
+            new_nodes += [
+                helper.make_node("Split", [f"{prefix}.delta", f"{prefix}.split"], [f"{prefix}.dq", f"{prefix}.dv"], axis=-1, name=f"{prefix}.split"),
+                helper.make_node("Add", [q.output[0], f"{prefix}.dq"], [finals["q"]], name=f"{prefix}.addq"),
+                helper.make_node("Add", [v.output[0], f"{prefix}.dv"], [finals["v"]], name=f"{prefix}.addv"),
+            ]
         gone = {n.name for n in removed}
         assert "" not in gone and len(gone) == len(removed), f"layer {layer}: nodes without unique names"
-        nodes = list(graph.node)
-        at = min(i for i, n in enumerate(nodes) if n.name in gone)
-        kept = [n for n in nodes if n.name not in gone]
-        n_before = sum(1 for n in nodes[:at] if n.name not in gone)
-        del graph.node[:]
-        graph.node.extend(kept[:n_before] + new_nodes + kept[n_before:])
+        nodes = [n for n in nodes if n.name not in gone] + new_nodes
         graph.initializer.extend(new_inits)
         inits.update({t.name: t for t in new_inits})
-    if form == "qkv-stacked":  # the per-module slot inputs and their defaults are gone
+    if stack:  # the per-module slot inputs and their defaults are gone
         old = {n for a, b, _, _ in stacking.values() for n in (*a.values(), *b.values())}
         keep_in = [i for i in graph.input if i.name not in old]
         del graph.input[:]
         graph.input.extend(keep_in)
-        keep_init = [t for t in graph.initializer if t.name not in old]
-        del graph.initializer[:]
-        graph.initializer.extend(keep_init)
-    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    used = {i for n in nodes for i in n.input}
     keep_init = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep_init)
+    del graph.node[:]
+    graph.node.extend(_toposorted(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
     return model, stacking
 
 
 def stacked_values(slots: dict, stacking: dict) -> dict:
-    """The stacked form's slot arrays from a task's per-module ones (``rewrite``'s layout)."""
+    """A stacked form's slot arrays from a task's per-module ones (``rewrite``'s layout)."""
     out = {}
-    for layer, (a, b, Ns, ranks) in stacking.items():
+    for layer, (a, b, rows, ranks) in stacking.items():
         out[f"slot.{layer}.qv_a"] = np.ascontiguousarray(np.concatenate([slots[a["q"]], slots[a["v"]]]))
-        B = np.zeros((sum(Ns), sum(ranks)), np.float32)
-        B[: Ns[0], : ranks[0]] = slots[b["q"]]
-        B[Ns[0] + Ns[1]:, ranks[0]:] = slots[b["v"]]
-        out[f"slot.{layer}.qkv_b"] = B
+        B = np.zeros((sum(rows), sum(ranks)), np.float32)
+        B[: rows[0], : ranks[0]] = slots[b["q"]]
+        B[rows[0] + rows[1]:, ranks[0]:] = slots[b["v"]]
+        out[f"slot.{layer}.{'qkv' if rows[1] else 'qv'}_b"] = B
     return out
 
 
@@ -207,7 +235,7 @@ def prepare(exports: list[Path], task: str, work: Path) -> dict:
         model_info = session.manifest.model
         session.set_task(task)
         slots = {k: np.asarray(v) for k, v in (session.decoded.get(task) or {}).items()}
-        forms = FORMS if slots else FORMS[:2]  # a merged export has no slot to stack
+        forms = FORMS if slots else ("as-exported", "qkv")  # a merged export has no slot to stack
         for form in forms:
             key = f"{folder.name}/{form}"
             path = folder / "model.onnx" if form == "as-exported" else work / f"{folder.name}-{form}.onnx"
@@ -281,7 +309,7 @@ def main() -> None:
     rows = []
     for key, p in plan.items():
         export, form = key.split("/")
-        ref = times[f"{merged}/{'qkv' if form == 'qkv-stacked' else form}"]  # the merged export has no slot to stack
+        ref = times[f"{merged}/{REFERENCE[form]}"]  # the merged export has no slot to stack
         ratios = [a / b - 1 for a, b in zip(times[key], ref)]
         lo, hi = median_ci(ratios)
         base = times[f"{merged}/as-exported"]
@@ -295,7 +323,7 @@ def main() -> None:
         })
     record = {
         "notes": {
-            "what": "decode ms/token of each export in each graph form, side by side (module docstring); overhead against the merged export in the same form (qkv for qkv-stacked); nodes: in the model file, before ONNX Runtime's graph optimisations",
+            "what": "decode ms/token of each export in each graph form, side by side (module docstring); overhead against the merged program of the same form (the merged export as exported for stacked, qkv for qkv-stacked); nodes: in the model file, before ONNX Runtime's graph optimisations",
             "exports": [str(e) for e in args.exports], "task": args.task, "tokens": args.tokens, "rounds_per_process": args.rounds,
             "timing": conditions, "machine": f"{platform.machine()}, 1 ONNX Runtime thread: a host timing, not phone speed", "machine_probe": machine_probe(),
             "command": "python benchmarks/onnx_slot_forms.py " + " ".join(sys.argv[1:]),
