@@ -189,8 +189,10 @@ def rewrite(model: onnx.ModelProto, form: str, n_layers: int) -> tuple[onnx.Mode
 
 
 def stacked_values(slots: dict, stacking: dict) -> dict:
-    """A stacked form's slot arrays from a task's per-module ones (``rewrite``'s layout)."""
-    out = {}
+    """A stacked form's slot arrays from a task's per-module ones (``rewrite``'s layout); slots of
+    other modules (an o_proj slot, say) are passed on as they are."""
+    stacked_names = {n for a, b, _, _ in stacking.values() for n in (*a.values(), *b.values())}
+    out = {name: value for name, value in slots.items() if name not in stacked_names}
     for layer, (a, b, rows, ranks) in stacking.items():
         out[f"slot.{layer}.qv_a"] = np.ascontiguousarray(np.concatenate([slots[a["q"]], slots[a["v"]]]))
         B = np.zeros((sum(rows), sum(ranks)), np.float32)
