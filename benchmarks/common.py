@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +68,24 @@ def cpu_lock(fd: int | None, mode: int) -> Iterator[float]:
         yield round(time.time() - t0, 1)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def time_in_two_processes(cmd: list[str], fd: int | None) -> tuple[dict[str, list[float]], list[dict]]:
+    """Run ``cmd`` (a script's own timing mode, printing ``{session: [ms/token per round]}`` as its
+    last line) in two fresh processes, the second with ``--reverse`` (its sessions opened in the
+    opposite order: within a process the session opened first decodes slower, slot_overhead.py),
+    each under the exclusive CPU lock ``fd``; returns the rounds of both pooled per session, and each
+    process's order, lock wait and seconds."""
+    times: dict[str, list[float]] = {}
+    conditions = []
+    for reverse in (False, True):
+        with cpu_lock(fd, fcntl.LOCK_EX) as waited:
+            started = time.time()
+            out = subprocess.run(cmd + (["--reverse"] if reverse else []), check=True, capture_output=True, text=True).stdout
+            conditions.append({"order": "reversed" if reverse else "as given", "lock_wait_s": waited, "seconds": round(time.time() - started, 1)})
+        for key, rounds in json.loads(out.strip().splitlines()[-1]).items():
+            times.setdefault(key, []).extend(rounds)
+    return times, conditions
 
 
 def machine_probe() -> dict:

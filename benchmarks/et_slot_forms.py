@@ -28,13 +28,12 @@ import fcntl
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
-from common import RESULTS_DIR, cpu_lock, machine_probe, open_lock  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, cpu_lock, machine_probe, open_lock, time_in_two_processes  # first: it puts this checkout on sys.path
 
 import numpy as np
 import torch
@@ -236,16 +235,8 @@ def main() -> None:
         plan = build(args.work, args.switchable, args.task)
         checks = check(plan)
     (args.work / "plan.json").write_text(json.dumps(plan))
-    times: dict[str, list[float]] = {k: [] for k in plan}
-    conditions = []
-    for reverse in (False, True):
-        with cpu_lock(fd, fcntl.LOCK_EX) as waited:
-            started = time.time()
-            out = subprocess.run([sys.executable, __file__, str(args.switchable), "--time-only", str(args.work / "plan.json"), "--tokens", str(args.tokens), "--rounds", str(args.rounds)] + (["--reverse"] if reverse else []),
-                                 check=True, capture_output=True, text=True).stdout
-            conditions.append({"order": "reversed" if reverse else "as given", "lock_wait_s": waited, "seconds": round(time.time() - started, 1)})
-        for k, v in json.loads(out.strip().splitlines()[-1]).items():
-            times[k] += v
+    cmd = [sys.executable, __file__, str(args.switchable), "--time-only", str(args.work / "plan.json"), "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+    times, conditions = time_in_two_processes(cmd, fd)
     rows = []
     for key in plan:
         ref = REFERENCE.get(key)
