@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.onnx_slot_forms import stacked_pair
 from benchmarks.slot_overhead import PREFILL, interleaved, median_ci
 from exporters.executorch_backend import export_program, register_custom_ops
 from exporters.runtime import open_export
@@ -116,13 +117,8 @@ def stacked(slots: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray
     for i in range(n_layers):
         p = f"model.layers.{i}.self_attn."
         aq, av, bq, bv = (slots[p + s] for s in ("q_proj.lora_a", "v_proj.lora_a", "q_proj.lora_b", "v_proj.lora_b"))
-        out[p + "qkv_slot.lora_a"] = np.ascontiguousarray(np.concatenate([aq, av]))
-        n_q, n_v = bq.shape[0], bv.shape[0]
-        n_k = n_v  # grouped-query attention: k and v are as wide
-        B = np.zeros((n_q + n_k + n_v, aq.shape[0] + av.shape[0]), np.float32)
-        B[:n_q, : aq.shape[0]] = bq
-        B[n_q + n_k:, aq.shape[0]:] = bv
-        out[p + "qkv_slot.lora_b"] = B
+        # grouped-query attention: k is as wide as v
+        out[p + "qkv_slot.lora_a"], out[p + "qkv_slot.lora_b"] = stacked_pair(aq, av, bq, bv, k_rows=bv.shape[0])
     return out
 
 

@@ -186,17 +186,25 @@ def rewrite(model: onnx.ModelProto, form: str, n_layers: int) -> tuple[onnx.Mode
     return model, stacking
 
 
+def stacked_pair(a_q: np.ndarray, a_v: np.ndarray, b_q: np.ndarray, b_v: np.ndarray, k_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's stacked slot pair: ``A = [A_q; A_v]`` and ``B`` with ``B_q`` in the q rows and first
+    r_q columns, ``B_v`` in the v rows (after ``k_rows`` zero rows of k) and last r_v columns, so that
+    ``B A x = [B_q A_q x; 0; B_v A_v x]``."""
+    r_q = a_q.shape[0]
+    B = np.zeros((b_q.shape[0] + k_rows + b_v.shape[0], r_q + a_v.shape[0]), np.float32)
+    B[: b_q.shape[0], :r_q] = b_q
+    B[b_q.shape[0] + k_rows:, r_q:] = b_v
+    return np.ascontiguousarray(np.concatenate([a_q, a_v])), B
+
+
 def stacked_values(slots: dict, stacking: dict) -> dict:
     """A stacked form's slot arrays from a task's per-module ones (``rewrite``'s layout); slots of
     other modules (an o_proj slot, say) are passed on as they are."""
     stacked_names = {n for a, b, _, _ in stacking.values() for n in (*a.values(), *b.values())}
     out = {name: value for name, value in slots.items() if name not in stacked_names}
-    for layer, (a, b, rows, ranks) in stacking.items():
-        out[f"slot.{layer}.qv_a"] = np.ascontiguousarray(np.concatenate([slots[a["q"]], slots[a["v"]]]))
-        B = np.zeros((sum(rows), sum(ranks)), np.float32)
-        B[: rows[0], : ranks[0]] = slots[b["q"]]
-        B[rows[0] + rows[1]:, ranks[0]:] = slots[b["v"]]
-        out[f"slot.{layer}.{'qkv' if rows[1] else 'qv'}_b"] = B
+    for layer, (a, b, rows, _) in stacking.items():
+        A, B = stacked_pair(slots[a["q"]], slots[a["v"]], slots[b["q"]], slots[b["v"]], rows[1])
+        out[f"slot.{layer}.qv_a"], out[f"slot.{layer}.{'qkv' if rows[1] else 'qv'}_b"] = A, B
     return out
 
 
@@ -236,17 +244,18 @@ def prepare(exports: list[Path], task: str, work: Path) -> dict:
         session.set_task(task)
         slots = {k: np.asarray(v) for k, v in (session.decoded.get(task) or {}).items()}
         forms = FORMS if slots else ("as-exported", "qkv")  # a merged export has no slot to stack
+        exported = onnx.load(str(folder / "model.onnx"))
         for form in forms:
             key = f"{folder.name}/{form}"
             path = folder / "model.onnx" if form == "as-exported" else work / f"{folder.name}-{form}.onnx"
-            values = slots
+            model, values = exported, slots
             if form != "as-exported":
-                model, stacking = rewrite(onnx.load(str(folder / "model.onnx")), form, model_info["n_layers"])
+                model, stacking = rewrite(onnx.ModelProto.FromString(exported.SerializeToString()), form, model_info["n_layers"])  # a copy: rewrite edits in place
                 if not path.exists():
                     onnx.save(model, str(path))
                 values = stacked_values(slots, stacking) if stacking else slots
             np.savez(work / f"{folder.name}-{form}.npz", **values)
-            plan[key] = {"model": str(path), "slots": str(work / f"{folder.name}-{form}.npz"), "n_layers": model_info["n_layers"], "model_info": model_info}
+            plan[key] = {"model": str(path), "slots": str(work / f"{folder.name}-{form}.npz"), "model_info": model_info, "nodes": len(model.graph.node)}
         # check: each form's logits against the export as it is, over the prefill and 8 tokens
         ref = None
         for form in forms:
@@ -258,7 +267,6 @@ def prepare(exports: list[Path], task: str, work: Path) -> dict:
             p["max_logit_diff_first_step"] = float(np.abs(logits[0] - ref[0]).max())
             p["max_logit_diff_vs_as_exported"] = float(np.abs(logits - ref).max())
             p["argmax_equal"] = bool((logits.argmax(-1) == ref.argmax(-1)).all())
-            p["nodes"] = len(onnx.load(p["model"], load_external_data=False).graph.node)
     return plan
 
 
