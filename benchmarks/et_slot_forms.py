@@ -1,5 +1,6 @@
 """Decode cost of the switchable slots in ExecuTorch with q/k/v fused and the q/v slots stacked: does
-onnx_slot_forms.py's lever hold on the other runtime? Measured before the exporter is changed.
+the ONNX lever (onnx_slot_forms.md; now the ONNX exporter's form, exporters/onnx_fuse.py) hold on the
+other runtime? It does not (et_slot_forms.md): ExecuTorch programs keep one slot pair per module.
 
 ExecuTorch programs are lowered from PyTorch, so the form is built there: each attention's q, k and
 v Linears become one Linear (their weights concatenated along the output: the same 4-bit groups,
@@ -39,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.onnx_slot_forms import stacked_pair
 from benchmarks.slot_overhead import PREFILL, interleaved, median_ci
 from exporters.executorch_backend import export_program, register_custom_ops
 from exporters.runtime import open_export
@@ -49,6 +49,17 @@ from hydraopt_mobile.suite.model import base_model_dir
 
 QUANT = "8da4w"
 MAX_CACHE_LEN = 256
+
+
+def stacked_pair(a_q: np.ndarray, a_v: np.ndarray, b_q: np.ndarray, b_v: np.ndarray, k_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's stacked slot pair: ``A = [A_q; A_v]`` and ``B`` with ``B_q`` in the q rows and first
+    r_q columns, ``B_v`` in the v rows (after ``k_rows`` zero rows of k) and last r_v columns, so that
+    ``B A x = [B_q A_q x; 0; B_v A_v x]``."""
+    r_q = a_q.shape[0]
+    B = np.zeros((b_q.shape[0] + k_rows + b_v.shape[0], r_q + a_v.shape[0]), np.float32)
+    B[: b_q.shape[0], :r_q] = b_q
+    B[b_q.shape[0] + k_rows:, r_q:] = b_v
+    return np.ascontiguousarray(np.concatenate([a_q, a_v])), B
 
 
 def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):

@@ -46,7 +46,7 @@ class Session(ABC):
         self.bank: BankSlots | None = None
         self.decoded: dict[str, TaskSlots] = {}  # task -> its decoded slots (slot -> fp32 array, manifest order)
         if self.manifest.slots:
-            self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "bank": self.manifest.bank})
+            self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "placement": self.manifest.placement, "bank": self.manifest.bank})
             shared = verified_shared_file(self.manifest, self.folder)
             self._decoded(lambda: self.bank.load_shared(shared), shared)
 
@@ -146,6 +146,12 @@ class Backend(Protocol):
     def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
         """Write the program for ``model`` (wrapped with slots) into ``folder``: role -> relative
         path; adds each lowering phase's seconds to ``phases``."""
+        ...
+
+    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
+        """(the program's slot inputs: name -> shape, placement) for the module slots ``shapes``:
+        placement entries ``[module slot, shape, program slot, first row, first column]`` say where
+        a module's slot lies in a program input that holds several (empty: each is its own input)."""
         ...
 
     def open_session(self, folder: Path, threads: int = 1) -> Session:

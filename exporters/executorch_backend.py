@@ -331,5 +331,10 @@ class ExecuTorchBackend:
         return {"program": export_program(model, spec.slots, folder, spec.quant, spec.max_cache_len, phases,
                                           attention=spec.attention or DEFAULT_ATTENTION).name}
 
+    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
+        """The module slots as they are: one buffer pair per module (stacking q/k/v cost ExecuTorch
+        more than it saved: XNNPACK packs a run-time weight per call, benchmarks/results/et_slot_forms.md)."""
+        return dict(shapes), []
+
     def open_session(self, folder: Path, threads: int = 1) -> ExecuTorchSession:
         return ExecuTorchSession(folder, threads)

@@ -1,5 +1,5 @@
-"""ONNX back end: one ``model.onnx`` whose LoRA slots (every slot of the signature) are fp32 graph
-inputs with zero defaults; the data are the bank's files, decoded with numpy once per task load
+"""ONNX back end: one ``model.onnx`` whose LoRA slots (every slot of the signature, q/k/v's stacked
+per attention: ``exporters/onnx_fuse.py``) are fp32 graph inputs with zero defaults; the data are the bank's files, decoded with numpy once per task load
 (``exporters/targets/device_runner.py: BankSlots``) and bound to the decoder step once per switch
 (``OrtDecoder``: one IOBinding, the KV cache kept in ONNX Runtime's values): decoding the codes
 inside ``model.onnx`` instead cost 15 extra nodes per module on every token (+50 % decode time at
@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
+from exporters.onnx_fuse import fuse_qkv, stacked_layout
 from exporters.onnx_quant import RECIPES, quantize
 from exporters.targets.device_runner import OrtDecoder, TaskSlots, open_ort_session
 from exporters.targets.onnx_edit import rename_inputs
@@ -83,9 +84,9 @@ def _make_inputs_with_defaults(model: onnx.ModelProto, renames: dict[str, str]) 
     rename_inputs(model.graph, renames)
 
 
-def export_program(hf_model: nn.Module, slots: list[str], folder: Path, quant: str, phases: dict[str, float]) -> Path:
-    """Export ``hf_model`` (already wrapped with LoRA slots) to ``model.onnx``, adding each phase's
-    seconds to ``phases``."""
+def export_program(hf_model: nn.Module, shapes: dict[str, tuple[int, int]], folder: Path, quant: str, phases: dict[str, float]) -> Path:
+    """Export ``hf_model`` (already wrapped with the LoRA slots ``shapes``) to ``model.onnx`` in the
+    fused form of ``exporters/onnx_fuse.py``, adding each phase's seconds to ``phases``."""
     t0 = time.perf_counter()
     config = hf_model.config
     n_layers = config.num_hidden_layers
@@ -109,7 +110,8 @@ def export_program(hf_model: nn.Module, slots: list[str], folder: Path, quant: s
     model = program.model_proto
     for node in model.graph.node:  # per-node stack traces: most of a small graph's bytes
         del node.metadata_props[:]
-    _make_inputs_with_defaults(model, {PREFIX + name: name for name in slots})
+    _make_inputs_with_defaults(model, {PREFIX + name: name for name in shapes})
+    fuse_qkv(model, hf_model, shapes, PREFIX)
     phases.update({"torch_onnx_export": t1 - t0, "slots": time.perf_counter() - t1})
     return _quantized(model, folder, quant, phases)
 
@@ -167,7 +169,12 @@ class OnnxBackend:
 
     def export_program(self, model: nn.Module, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
         """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply)."""
-        return {"program": export_program(model, list(spec.slots), folder, spec.quant, phases).name}
+        return {"program": export_program(model, spec.slots, folder, spec.quant, phases).name}
+
+    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
+        """The stacked q/k/v slots of the fused form and where each module slot lies in them
+        (``exporters/onnx_fuse.py``)."""
+        return stacked_layout(model, shapes)
 
     def derive_program(self, fp32_program: Path, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:
         """The program at ``spec.quant`` from the fp32 program of the same signature: the recipes

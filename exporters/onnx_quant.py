@@ -30,7 +30,9 @@ from onnx import numpy_helper
 
 
 HEAD = r"(lm_head|embed_tokens)\.weight(\.T)?$"  # the tied embedding, read by the head MatMul
-SENSITIVE = r"\.(down_proj|v_proj)(\.base)?\.weight(\.T)?$"  # a slotted module's base weight is ``<module>.base.weight``
+# v_proj lost most at 4 bits; in the fused program (exporters/onnx_fuse.py) it is one weight with q and k, so
+# the three go to 8 bits together (a MatMulNBits has one width)
+SENSITIVE = r"\.(down_proj|qkv_proj)\.weight(\.T)?$"
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,8 @@ RECIPES: dict[str, OnnxQuant] = {r.name: r for r in (
     OnnxQuant("int4-head8-embfp32", "4-bit linears (block 32), 8-bit LM head, fp32 embedding", 4,
               overrides=((HEAD, 8),)),
     # the module types that lost most at 4 bits in benchmarks/results/quant_sensitivity.md (down_proj, v_proj,
-    # then the head), at 8 bits: 28 % of the linears' weights, so most stay 4-bit
-    OnnxQuant("int4-mixed", "4-bit linears but 8-bit down_proj, v_proj and LM head (measured most sensitive), 4-bit embedding", 4,
+    # then the head), at 8 bits, v with q and k (one fused weight): 41 % of the linears' weights, so most stay 4-bit
+    OnnxQuant("int4-mixed", "4-bit linears but 8-bit down_proj, q/k/v (one fused weight: v measured most sensitive) and LM head, 4-bit embedding", 4,
               embedding_4bit=True, overrides=((HEAD, 8), (SENSITIVE, 8))),
 )}
 

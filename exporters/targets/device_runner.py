@@ -74,7 +74,7 @@ import time
 
 PROTOCOL = "hydraopt-device-runner/1"
 EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb", "teacher_forced", "executorch"]
-MANIFEST_SCHEMA = "hydraopt-export/2"
+MANIFEST_SCHEMA = "hydraopt-export/3"
 
 
 class Refused(Exception):
@@ -180,7 +180,9 @@ class BankSlots:
     task lives in that task's file under ``<m>.<A|B>.<part>``, one used by several in the shared
     file under ``<m>.<A|B><i>.<part>``. Shared factors are decoded once (``load_shared``), a task's
     own on each load; each slot is written into the signature's shape, zero-padded where the factor's
-    rank is smaller (``B A`` unchanged) and zero for modules the bank does not have.
+    rank is smaller (``B A`` unchanged) and zero for modules the bank does not have. Where the
+    program stacks several modules' slots into one input (the manifest's ``placement``: ONNX's q, k
+    and v, ``exporters/onnx_fuse.py``), each module slot is then written into its block of that input.
 
     Files come as ``(name, bytes)``: the caller reads each once and checks its digest on the same
     bytes. A caller done with a task's slots hands them back (``release``): the next load of a task
@@ -195,7 +197,12 @@ class BankSlots:
 
     def __init__(self, manifest: dict) -> None:
         self.tasks: list = manifest["tasks"]
-        self.slots: dict = {name: tuple(shape) for name, shape in manifest["slots"]}
+        self.inputs: dict = {name: tuple(shape) for name, shape in manifest["slots"]}  # the program's slot inputs
+        self.placement: list = self._checked_placement(manifest.get("placement") or [])
+        targets = {target for _, _, target, _, _ in self.placement}
+        # the module slots the bank's factors are decoded into: placed ones and inputs that hold one module
+        self.slots: dict = {slot: shape for slot, shape, *_ in self.placement}
+        self.slots.update({name: shape for name, shape in self.inputs.items() if name not in targets})
         self.bank: dict = manifest["bank"]
         # Where every slot of every task comes from, worked out once (a load then only decodes):
         # per task, its own factors grouped by (format, length) -> [(slot, key prefix, rank, kind)],
@@ -242,17 +249,19 @@ class BankSlots:
             fixed.update({slot: self.shared[source] for slot, source in uses})
 
     def task_slots(self, task: str, stored: "tuple[str | os.PathLike, bytes] | None") -> TaskSlots:
-        """slot -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None: it has none).
+        """program slot input -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None:
+        it has none).
 
         Slots that come from the shared file (and zero slots) are the same arrays for every task
-        that uses them: a runtime feeds or copies them and never writes into them."""
+        that uses them, unless placed into a stacked input (a copy per load): a runtime feeds or
+        copies them and never writes into them."""
         t = self.tasks.index(task)
         layout = self._layout_of[t]
         name, blob = stored or (f"task {task!r} (no file of its own)", b"")
         out = TaskSlots(self._fixed[t])
         out.layout = layout
         if not stored and not self._layouts[layout]:
-            return out
+            return self._placed(out) if self.placement else out
         n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
         key = (layout, len(blob), blob[8:8 + n])
         plan = self._read_plans.get(key)
@@ -265,6 +274,42 @@ class BankSlots:
         decoded, out.blocks = self._decode(plan, blob, blocks)
         for group, arrays in decoded.items():
             out.update(zip((item[0] for item in self._layouts[layout][group][0]), arrays))
+        return self._placed(out) if self.placement else out
+
+    def _checked_placement(self, placement: list) -> list:
+        """The manifest's ``placement`` as tuples, each block inside its program input and no module
+        slot placed twice; refused otherwise, naming the entry."""
+        out, seen = [], set()
+        for entry in placement:
+            try:
+                slot, (h, w), target, row, col = entry
+                shape, ok = (int(h), int(w)), all(type(v) is int and v >= 0 for v in (h, w, row, col))
+            except (TypeError, ValueError):
+                raise Refused(f"manifest placement entry {entry!r} is not [slot, [rows, columns], input, row, column]") from None
+            rows, cols = self.inputs.get(target, (0, 0))
+            if not ok or slot in seen or slot in self.inputs or row + h > rows or col + w > cols:
+                raise Refused(f"manifest placement of {slot!r}: not a block inside the program input {target!r} {(rows, cols)}, or placed twice")
+            seen.add(slot)
+            out.append((slot, shape, target, row, col))
+        return out
+
+    def _placed(self, slots: "TaskSlots") -> "TaskSlots":
+        """``slots`` (module slot -> array) as the program's inputs: each placed module slot written
+        into its block of a stacked input (the rest of that input stays zero), the others as they
+        are. The module slots are released at once; the stacked inputs' memory is what a later
+        ``release`` hands back."""
+        import numpy as np
+
+        spare = self._spare.get("placed")
+        if spare:
+            stacked = spare.pop()[0]
+        else:
+            stacked = {target: np.zeros(self.inputs[target], dtype=np.float32) for _, _, target, _, _ in self.placement}
+        for slot, (h, w), target, row, col in self.placement:
+            stacked[target][row:row + h, col:col + w] = slots[slot]
+        out = TaskSlots({name: stacked[name] if name in stacked else slots[name] for name in self.inputs})
+        out.layout, out.blocks = "placed", [stacked]
+        self.release(slots)
         return out
 
     def release(self, slots: "TaskSlots") -> None:

@@ -25,8 +25,10 @@ import java.util.regex.Pattern;
  * int8 codes {@code q} times one fp16 {@code scale} per vector; int4 codes packed two per byte (low
  * nibble first, two's complement) times one fp16 scale per group of G values, vectors zero-padded to
  * whole groups. Shared factors are decoded once ({@link #loadShared}), a task's own on each load
- * ({@link #taskSlots}); each slot is written into the program's shape, zero where the factor's rank is
- * below the slot's (so {@code B A} is unchanged) and for modules the bank does not have.
+ * ({@link #taskSlots}); each slot is written into the signature's shape, zero where the factor's rank is
+ * below the slot's (so {@code B A} is unchanged) and for modules the bank does not have. Where the program
+ * stacks several modules' slots into one input (the manifest's {@code placement}: ONNX's q, k and v of one
+ * attention, {@code exporters/onnx_fuse.py}), each module slot is then copied into its block of that input.
  */
 public final class BankSlots {
     private static final Pattern INT4 = Pattern.compile("int4-g(32|64|128)");
@@ -70,14 +72,38 @@ public final class BankSlots {
         int length(int kind) { return kind == 0 ? dIn : dOut; }
     }
 
-    /** The manifest's {@code slots} and {@code bank}, checked against each other: what a runner needs. */
+    /** One entry of the manifest's {@code placement}: a module slot's block inside a stacked program input. */
+    static final class Placement {
+        final String slot;
+        final int rows;
+        final int cols;
+        final String input;
+        final int row;
+        final int col;
+
+        Placement(String slot, int rows, int cols, String input, int row, int col) {
+            this.slot = slot;
+            this.rows = rows;
+            this.cols = cols;
+            this.input = input;
+            this.row = row;
+            this.col = col;
+        }
+    }
+
+    /** The manifest's {@code slots}, {@code placement} and {@code bank}, checked against each other: what a runner needs. */
     public static final class Plan {
-        /** slot name -> shape, in the program's order. */
-        public final Map<String, int[]> slots;
+        /** the program's slot inputs: name -> shape, in the program's order. */
+        public final Map<String, int[]> inputs;
+        /** module slot name -> shape: what the bank's factors are decoded into (placed, or an input of its own). */
+        final Map<String, int[]> slots;
+        final List<Placement> placement;
         final List<Module> modules;
 
-        private Plan(Map<String, int[]> slots, List<Module> modules) {
+        private Plan(Map<String, int[]> inputs, Map<String, int[]> slots, List<Placement> placement, List<Module> modules) {
+            this.inputs = inputs;
             this.slots = slots;
+            this.placement = placement;
             this.modules = modules;
         }
     }
@@ -110,7 +136,7 @@ public final class BankSlots {
         }
     }
 
-    /** slot name -> fp32 values (row-major, the slot's shape) for {@code task}, whose own file is {@code path} (null: none). */
+    /** program slot input -> fp32 values (row-major, the input's shape) for {@code task}, whose own file is {@code path} (null: none). */
     public Map<String, float[]> taskSlots(String task, File path) throws ExportException {
         int t = tasks.indexOf(task);
         if (t < 0) throw new ExportException("task '" + task + "' is not in this export");
@@ -137,6 +163,22 @@ public final class BankSlots {
                     }
                 }
             }
+        }
+        return plan.placement.isEmpty() ? out : placed(out);
+    }
+
+    /** The module slots {@code slots} as the program's inputs: each placed slot copied into its block of a
+     * stacked input (zero elsewhere), the others as they are. */
+    private Map<String, float[]> placed(Map<String, float[]> slots) {
+        Map<String, float[]> out = new LinkedHashMap<String, float[]>();
+        for (Map.Entry<String, int[]> e : plan.inputs.entrySet()) {
+            float[] own = slots.get(e.getKey());
+            out.put(e.getKey(), own != null ? own : new float[e.getValue()[0] * e.getValue()[1]]);
+        }
+        for (Placement p : plan.placement) {
+            float[] from = slots.get(p.slot), to = out.get(p.input);
+            int width = plan.inputs.get(p.input)[1];
+            for (int r = 0; r < p.rows; r++) System.arraycopy(from, r * p.cols, to, (p.row + r) * width + p.col, p.cols);
         }
         return out;
     }
@@ -193,9 +235,9 @@ public final class BankSlots {
 
     // --- the manifest's slots and bank, checked -------------------------------------------------
 
-    /** Parses and checks the manifest's {@code slots} and {@code bank} ({@code where}: the manifest, for messages). */
-    static Plan plan(Object slotsJson, Object bankJson, int nTasks, String where) throws ExportException {
-        Map<String, int[]> slots = new LinkedHashMap<String, int[]>();
+    /** Parses and checks the manifest's {@code slots}, {@code placement} and {@code bank} ({@code where}: the manifest, for messages). */
+    static Plan plan(Object slotsJson, Object placementJson, Object bankJson, int nTasks, String where) throws ExportException {
+        Map<String, int[]> inputs = new LinkedHashMap<String, int[]>();
         for (Object o : list(slotsJson, where, "slots")) {
             List<?> s = list(o, where, "a slots entry");
             if (s.size() != 2 || !(s.get(0) instanceof String)) throw new ExportException(where + ": a slots entry is not [name, shape]");
@@ -203,8 +245,29 @@ public final class BankSlots {
             if (shape.length != 2 || (long) shape[0] * shape[1] > Integer.MAX_VALUE) {
                 throw new ExportException(where + ": slot " + s.get(0) + " has shape " + Arrays.toString(shape));
             }
-            if (slots.put((String) s.get(0), shape) != null) throw new ExportException(where + ": slot " + s.get(0) + " listed twice");
+            if (inputs.put((String) s.get(0), shape) != null) throw new ExportException(where + ": slot " + s.get(0) + " listed twice");
         }
+        List<Placement> placement = new ArrayList<Placement>();
+        Map<String, int[]> slots = new LinkedHashMap<String, int[]>();
+        TreeSet<String> targets = new TreeSet<String>();
+        for (Object o : list(placementJson, where, "placement")) {
+            List<?> p = list(o, where, "a placement entry");
+            if (p.size() != 5 || !(p.get(0) instanceof String) || !(p.get(2) instanceof String)) {
+                throw new ExportException(where + ": a placement entry is not [slot, [rows, columns], input, row, column]");
+            }
+            String slot = (String) p.get(0), input = (String) p.get(2);
+            int[] shape = ints(p.get(1), where, "the shape of placed slot " + slot, 1);
+            int[] at = ints(p.subList(3, 5), where, "the position of placed slot " + slot, 0);
+            int[] into = inputs.get(input);
+            if (shape.length != 2 || into == null || inputs.containsKey(slot) || slots.containsKey(slot)
+                    || at[0] + shape[0] > into[0] || at[1] + shape[1] > into[1]) {
+                throw new ExportException(where + ": placement of " + slot + ": not a block inside the program input " + input + ", or placed twice");
+            }
+            placement.add(new Placement(slot, shape[0], shape[1], input, at[0], at[1]));
+            slots.put(slot, shape);
+            targets.add(input);
+        }
+        for (Map.Entry<String, int[]> e : inputs.entrySet()) if (!targets.contains(e.getKey())) slots.put(e.getKey(), e.getValue());
         if (!(bankJson instanceof Map)) throw new ExportException(where + ": 'bank' must be an object");
         Map<?, ?> bank = (Map<?, ?>) bankJson;
         List<Layout> layouts = new ArrayList<Layout>();
@@ -233,7 +296,8 @@ public final class BankSlots {
             }
             modules.add(mod);
         }
-        return new Plan(Collections.unmodifiableMap(slots), Collections.unmodifiableList(modules));
+        return new Plan(Collections.unmodifiableMap(inputs), Collections.unmodifiableMap(slots), Collections.unmodifiableList(placement),
+                        Collections.unmodifiableList(modules));
     }
 
     private static Layout layout(Object o, int nTasks, String where, int n) throws ExportException {

@@ -112,7 +112,7 @@ public final class OrtRunner implements AutoCloseable {
         Map<String, float[]> values = bank.taskSlots(task, manifest.verifiedTaskFile(task, null));
         List<LoraAdapterBytes.Tensor> tensors = new ArrayList<LoraAdapterBytes.Tensor>();
         for (Map.Entry<String, float[]> e : values.entrySet()) {
-            int[] shape = manifest.plan.slots.get(e.getKey());
+            int[] shape = manifest.plan.inputs.get(e.getKey());
             tensors.add(new LoraAdapterBytes.Tensor(e.getKey(), new long[] {shape[0], shape[1]}, e.getValue()));
         }
         OrtLoraAdapter taskSlots = OrtLoraAdapter.create(LoraAdapterBytes.write(tensors, 1, 1));

@@ -77,7 +77,7 @@ public class BankSlotsTest extends ExportCopy {
         Map<String, Map<String, float[]>> padded = decodeAll(m);
         for (String task : m.tasks) {
             for (Map.Entry<String, float[]> e : padded.get(task).entrySet()) {
-                int[] shape = m.plan.slots.get(e.getKey());
+                int[] shape = m.plan.inputs.get(e.getKey());
                 float[] p = e.getValue(), q = plain.get(task).get(e.getKey());
                 boolean isA = e.getKey().endsWith(".lora_a");
                 int cols = shape[1], oldCols = isA ? cols : cols - 2;

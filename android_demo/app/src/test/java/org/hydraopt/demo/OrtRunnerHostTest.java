@@ -153,8 +153,8 @@ public class OrtRunnerHostTest {
     @SuppressWarnings("unchecked")
     public void javaApiRefusesSlotsAsPlainInputs() throws Exception {
         ExportManifest m = ExportManifest.read(new File((String) ((Map<String, Object>) ref.get("fp32")).get("export")));
-        String slot = m.plan.slots.keySet().iterator().next();
-        int[] shape = m.plan.slots.get(slot);
+        String slot = m.plan.inputs.keySet().iterator().next();
+        int[] shape = m.plan.inputs.get(slot);
         ai.onnxruntime.OrtEnvironment env = ai.onnxruntime.OrtEnvironment.getEnvironment();
         ai.onnxruntime.OrtSession session = env.createSession(m.resolve(m.program()).getPath(), new ai.onnxruntime.OrtSession.SessionOptions());
         ai.onnxruntime.OnnxTensor t = ai.onnxruntime.OnnxTensor.createTensor(env, java.nio.FloatBuffer.allocate(shape[0] * shape[1]),
