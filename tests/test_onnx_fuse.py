@@ -94,6 +94,24 @@ def test_placement_writes_each_module_slot_into_its_block(tiny):
         bank.release(stacked)  # the next task's load reuses the stacked memory: its zeros must stay zero
 
 
+def test_a_kept_task_keeps_its_slots_while_others_load(tiny):
+    """Loads of other tasks never write into the memory of a task still held (stacked inputs, and the
+    unstacked o_proj slots, which are views of the decoded module slots)."""
+    export = Export(str(tiny["fp32"]))
+    shared = export.verified(export.find("shared"), "the shared file")
+    bank, fresh = BankSlots(export.raw), BankSlots(export.raw)
+    bank.load_shared(shared)
+    fresh.load_shared(shared)
+    held = {t: bank.task_slots(t, export.verified_task_file(t)) for t in TASKS}
+    bank.release(held.pop("beta"))  # its memory goes to the next load
+    held["beta"] = bank.task_slots("beta", export.verified_task_file("beta"))
+    for task, slots in held.items():
+        want = fresh.task_slots(task, export.verified_task_file(task))
+        assert list(slots) == [name for name, _ in export.raw["slots"]]
+        for name, value in want.items():
+            np.testing.assert_array_equal(slots[name], value, err_msg=f"{task} {name}")
+
+
 def test_a_placement_outside_its_input_is_refused_naming_the_slot(tiny, tmp_path):
     folder = tmp_path / "export"
     shutil.copytree(tiny["fp32"], folder)

@@ -314,7 +314,7 @@ def test_qnn_graph_edits_keep_the_fp32_graph(qnn, tiny, tmp_path):
     layers = facts["n_layers"]
     assert facts["finite_masks"] == 1 and facts["reciprocals_as_div"] == 2 * layers + 1  # two RMSNorms per layer and the final one
     assert facts["mask_input"] == "attention_bias" and facts["bias_shape"][-2:] == [8, 10]  # seq x (past + seq)
-    assert facts["linear_convs"] == 7 * layers + 1  # q, k, v, o, gate, up, down per layer and the LM head
+    assert facts["linear_convs"] == 5 * layers + 1  # q/k/v (one fused weight), o, gate, up, down per layer and the LM head
     assert facts["logits_absmax"] > 0.1
     for name, err in facts["max_err"].items():
         assert err < 1e-5, (name, facts)

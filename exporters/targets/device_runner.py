@@ -168,8 +168,9 @@ def _decoded_width(label: str, widths: dict) -> int | None:
 class TaskSlots(dict):
     """slot -> array, as ``BankSlots.task_slots`` returns it; remembers the memory it decoded into."""
 
-    layout: int = -1  # the task's layout in its BankSlots
+    layout: "int | str" = -1  # the task's layout in its BankSlots ("placed": stacked inputs)
     blocks: list = []  # the arrays its own slots are views of (empty: none, or released)
+    modules: "TaskSlots | None" = None  # placed: the module slots the stacked inputs were filled from
 
 
 class BankSlots:
@@ -296,8 +297,7 @@ class BankSlots:
     def _placed(self, slots: "TaskSlots") -> "TaskSlots":
         """``slots`` (module slot -> array) as the program's inputs: each placed module slot written
         into its block of a stacked input (the rest of that input stays zero), the others as they
-        are. The module slots are released at once; the stacked inputs' memory is what a later
-        ``release`` hands back."""
+        are (views of ``slots``' memory, so ``slots`` is released with the result, not before)."""
         import numpy as np
 
         spare = self._spare.get("placed")
@@ -308,8 +308,7 @@ class BankSlots:
         for slot, (h, w), target, row, col in self.placement:
             stacked[target][row:row + h, col:col + w] = slots[slot]
         out = TaskSlots({name: stacked[name] if name in stacked else slots[name] for name in self.inputs})
-        out.layout, out.blocks = "placed", [stacked]
-        self.release(slots)
+        out.layout, out.blocks, out.modules = "placed", [stacked], slots
         return out
 
     def release(self, slots: "TaskSlots") -> None:
@@ -319,6 +318,8 @@ class BankSlots:
         if slots.blocks:
             self._spare.setdefault(slots.layout, []).append(slots.blocks)
             slots.blocks = []
+        if slots.modules is not None:
+            self.release(slots.modules)
 
     def _zero(self, slot: str):
         """The zero slot (modules the bank leaves to the base model), one array per shape."""
