@@ -40,10 +40,14 @@ def _linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base", module)
 
 
+def _is_projection(module: nn.Module, name: str) -> bool:
+    child = getattr(module, name, None)
+    return isinstance(child, nn.Module) and isinstance(_linear(child), nn.Linear)
+
+
 def attentions(model: nn.Module) -> list[str]:
     """Every module of ``model`` that has q, k and v projections (Linears, slotted or not), by name."""
-    return [name for name, mod in model.named_modules()
-            if all(isinstance(_linear(getattr(mod, p, None) or nn.Identity()), nn.Linear) for p in QKV)]
+    return [name for name, mod in model.named_modules() if all(_is_projection(mod, p) for p in QKV)]
 
 
 def stacked_layout(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
