@@ -81,13 +81,19 @@ def test_switching_1_2_1_gives_each_tasks_own_outputs(fmt, exports, refs):
     assert np.abs(outputs[0][: len(PROMPT)] - outputs[1][: len(PROMPT)]).max() > 0.05
 
 
+def _memory(slots) -> list:
+    """The arrays a task's decoded slots live in: its block arrays and its stacked inputs' arrays."""
+    arrays, families = slots.blocks
+    return [*arrays, *families.values()]
+
+
 @pytest.mark.parametrize("fmt", RUNTIMES)
 def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt, exports, refs):
     """alpha and gamma have one layout: after alpha is unloaded, gamma decodes into its memory;
     every task still gives its own outputs, and the active task cannot be unloaded."""
     session = open_export(exports(fmt, "fp32"))
     session.set_task("alpha")
-    alpha = list(session.decoded["alpha"].blocks)
+    alpha = _memory(session.decoded["alpha"])
     session.set_task("beta")
     with pytest.raises(UserError, match="'beta' is active"):
         session.unload("beta")
@@ -97,7 +103,7 @@ def test_an_unloaded_task_s_memory_serves_the_next_load_and_no_task_changes(fmt,
         seq, got = run_logits(session, PROMPT)
         assert np.abs(got - refs(task, seq)[: len(got)]).max() < FP32_TOL, f"{fmt}: {task} after alpha was unloaded"
         if task == "gamma":
-            gamma = session.decoded["gamma"].blocks
+            gamma = _memory(session.decoded["gamma"])
             assert alpha and len(gamma) == len(alpha) and all(a is b for a, b in zip(alpha, gamma)), "gamma did not reuse alpha's memory"
 
 

@@ -168,9 +168,12 @@ def _decoded_width(label: str, widths: dict) -> int | None:
 class TaskSlots(dict):
     """slot -> array, as ``BankSlots.task_slots`` returns it; remembers the memory it decoded into."""
 
-    layout: "int | str" = -1  # the task's layout in its BankSlots ("placed": stacked inputs)
-    blocks: list = []  # the arrays its own slots are views of (empty: none, or released)
-    modules: "TaskSlots | None" = None  # placed: the module slots the stacked inputs were filled from
+    layout: tuple = ()  # which loads may reuse its memory (BankSlots.task_slots)
+    blocks: list = []  # the arrays its slots are views of: [block arrays, {shape: stacked family}] (empty: released)
+
+    def __init__(self, values=(), layout: tuple = (), blocks: list | None = None) -> None:
+        super().__init__(values)
+        self.layout, self.blocks = layout, blocks or []
 
 
 class BankSlots:
@@ -204,6 +207,12 @@ class BankSlots:
         # the module slots the bank's factors are decoded into: placed ones and inputs that hold one module
         self.slots: dict = {slot: shape for slot, shape, *_ in self.placement}
         self.slots.update({name: shape for name, shape in self.inputs.items() if name not in targets})
+        # stacked inputs of one shape form a family, held in one (n, *shape) array per task load
+        self._family: dict = {}  # stacked input -> (its shape, its index in the family)
+        for target in sorted(targets, key=list(self.inputs).index):
+            shape = self.inputs[target]
+            self._family[target] = (shape, sum(s == shape for s, _ in self._family.values()))
+        self._place: dict = {slot: (target, row, col) for slot, _, target, row, col in self.placement}
         self.bank: dict = manifest["bank"]
         # Where every slot of every task comes from, worked out once (a load then only decodes):
         # per task, its own factors grouped by (format, length) -> [(slot, key prefix, rank, kind)],
@@ -230,7 +239,7 @@ class BankSlots:
         # tasks of one layout share one set of groups (and so one read plan per header)
         layouts: dict = {}
         self._layout_of = [layouts.setdefault(tuple((g, tuple(items)) for g, items in o.items()), len(layouts)) for o in own]
-        self._layouts = [{g: self._plan(list(items)) for g, items in key} for key in layouts]
+        self._layouts = [{g: self._plan(list(items), placed=True) for g, items in key} for key in layouts]
         self._shared_groups = {g: self._plan(items) for g, items in shared.items()}
         self._read_plans: dict = {}  # (layout, file length, header bytes) -> read plan
         self.shared: dict = {}  # (module, kind, index) -> the factor decoded into its slot's shape
@@ -256,26 +265,39 @@ class BankSlots:
         Slots that come from the shared file (and zero slots) are the same arrays for every task
         that uses them, unless placed into a stacked input (a copy per load): a runtime feeds or
         copies them and never writes into them."""
+        import numpy as np
+
         t = self.tasks.index(task)
         layout = self._layout_of[t]
         name, blob = stored or (f"task {task!r} (no file of its own)", b"")
-        out = TaskSlots(self._fixed[t])
-        out.layout = layout
-        if not stored and not self._layouts[layout]:
-            return self._placed(out) if self.placement else out
-        n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
-        key = (layout, len(blob), blob[8:8 + n])
-        plan = self._read_plans.get(key)
-        if plan is None:
-            entries = safetensors_entries(blob, name) if stored else {}
-            plan = self._read_plan(self._layouts[layout], entries, name, f"task {task!r}")
-            self._read_plans[key] = plan
-        spare = self._spare.get(layout)
-        blocks = spare.pop() if spare else None
-        decoded, out.blocks = self._decode(plan, blob, blocks)
-        for group, arrays in decoded.items():
-            out.update(zip((item[0] for item in self._layouts[layout][group][0]), arrays))
-        return self._placed(out) if self.placement else out
+        out = TaskSlots({slot: a for slot, a in self._fixed[t].items() if slot not in self._place})
+        # memory is reused between tasks that write the same positions: the same own factors and the same placed shared slots
+        out.layout = (layout, tuple(slot for slot, _ in self._uses[t] if slot in self._place))
+        plan: list = []
+        if stored or self._layouts[layout]:
+            n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
+            key = (layout, len(blob), blob[8:8 + n])
+            plan = self._read_plans.get(key)
+            if plan is None:
+                entries = safetensors_entries(blob, name) if stored else {}
+                plan = self._read_plan(self._layouts[layout], entries, name, f"task {task!r}")
+                self._read_plans[key] = plan
+        spare = self._spare.get(out.layout)
+        arrays, families = spare.pop() if spare else ([], {})
+        for shape, _ in self._family.values():
+            if shape not in families:
+                families[shape] = np.zeros((sum(s == shape for s, _ in self._family.values()), *shape), dtype=np.float32)
+        decoded, arrays = self._decode(plan, blob, arrays, families)
+        out.blocks = [arrays, families]
+        for group, values in decoded.items():
+            out.update((item[0], a) for item, a in zip(self._layouts[layout][group][0], values) if a is not None)
+        for slot, source in self._uses[t]:  # shared factors of stacked inputs: copied into their blocks
+            if slot in self._place:
+                (h, w), (target, row, col) = self.slots[slot], self._place[slot]
+                shape, i = self._family[target]
+                families[shape][i, row:row + h, col:col + w] = self.shared[source]
+        out.update((target, families[shape][i]) for target, (shape, i) in self._family.items())
+        return TaskSlots({name: out[name] for name in self.inputs}, layout=out.layout, blocks=out.blocks) if self._family else out
 
     def _checked_placement(self, placement: list) -> list:
         """The manifest's ``placement`` as tuples, each block inside its program input and no module
@@ -294,23 +316,6 @@ class BankSlots:
             out.append((slot, shape, target, row, col))
         return out
 
-    def _placed(self, slots: "TaskSlots") -> "TaskSlots":
-        """``slots`` (module slot -> array) as the program's inputs: each placed module slot written
-        into its block of a stacked input (the rest of that input stays zero), the others as they
-        are (views of ``slots``' memory, so ``slots`` is released with the result, not before)."""
-        import numpy as np
-
-        spare = self._spare.get("placed")
-        if spare:
-            stacked = spare.pop()[0]
-        else:
-            stacked = {target: np.zeros(self.inputs[target], dtype=np.float32) for _, _, target, _, _ in self.placement}
-        for slot, (h, w), target, row, col in self.placement:
-            stacked[target][row:row + h, col:col + w] = slots[slot]
-        out = TaskSlots({name: stacked[name] if name in stacked else slots[name] for name in self.inputs})
-        out.layout, out.blocks, out.modules = "placed", [stacked], slots
-        return out
-
     def release(self, slots: "TaskSlots") -> None:
         """Take back a ``task_slots`` result that its caller no longer reads (nor keeps a view of):
         the next load of a task of the same layout writes into its memory. The same positions are
@@ -318,8 +323,6 @@ class BankSlots:
         if slots.blocks:
             self._spare.setdefault(slots.layout, []).append(slots.blocks)
             slots.blocks = []
-        if slots.modules is not None:
-            self.release(slots.modules)
 
     def _zero(self, slot: str):
         """The zero slot (modules the bank leaves to the base model), one array per shape."""
@@ -330,24 +333,37 @@ class BankSlots:
             self._zeros[shape] = np.zeros(shape, dtype=np.float32)
         return self._zeros[shape]
 
-    def _plan(self, items: list) -> tuple[list, list]:
+    def _plan(self, items: list, placed: bool = False) -> tuple[list, list]:
         """``items`` [(slot, key prefix, rank, kind, ...)] of one group, sorted so that factors of one
-        kind and slot shape are neighbours, and per such run a block: (kind, shape, first and last
-        decoded row, and for every row the slot it goes to and its row (A) or column (B) there).
-        A load then writes a run's rows into one zero array (n, *shape) in one indexed assignment."""
+        kind, slot shape and (``placed``) place in a stacked input are neighbours, and per such run a
+        block: (kind, shape, first and last decoded row, for every row the slot it goes to and its
+        row (A) or column (B) there, and where the run lies in the stacked inputs: None, or the
+        family's shape, the first row and column, and per row the stacked input's index in its
+        family). A load then writes a run's rows in one indexed assignment, into one zero array
+        (n, *shape), or straight into the family's array (n_family, *stacked shape)."""
         import numpy as np
 
-        items = sorted(items, key=lambda item: (item[3], self.slots[item[0]]))
+        def place(item):
+            if not placed or item[0] not in self._place:
+                return None
+            target, row, col = self._place[item[0]]
+            return self._family[target][0], row, col
+
+        items = sorted(items, key=lambda item: (item[3], self.slots[item[0]], place(item) or ()))
         blocks, start, row = [], 0, 0
         while start < len(items):
-            kind, shape = items[start][3], self.slots[items[start][0]]
+            run = (items[start][3], self.slots[items[start][0]], place(items[start]))
             stop = start
-            while stop < len(items) and items[stop][3] == kind and self.slots[items[stop][0]] == shape:
+            while stop < len(items) and (items[stop][3], self.slots[items[stop][0]], place(items[stop])) == run:
                 stop += 1
             ranks = [item[2] for item in items[start:stop]]
             which = np.repeat(np.arange(stop - start), ranks)
             within = np.concatenate([np.arange(r) for r in ranks])
-            blocks.append((kind, shape, row, row + sum(ranks), which, within))
+            where = None
+            if run[2] is not None:
+                index = np.repeat([self._family[self._place[item[0]][0]][1] for item in items[start:stop]], ranks)
+                where = (*run[2], index)
+            blocks.append((run[0], run[1], row, row + sum(ranks), which, within, where))
             start, row = stop, row + sum(ranks)
         return items, blocks
 
@@ -393,12 +409,14 @@ class BankSlots:
         return plan
 
     @staticmethod
-    def _decode(plan: list, blob: bytes, reuse: list | None = None) -> tuple[dict, list]:
+    def _decode(plan: list, blob: bytes, reuse: list | None = None, families: dict | None = None) -> tuple[dict, list]:
         """group -> its factors decoded from ``blob`` along ``plan`` (``_read_plan``), each as its
         slot's array: A's (R, d_in) rows or B's (d_out, R) columns, zero-padded where the factor's
-        rank is below the signature's R (``B A`` unchanged); and the block arrays they are views
-        of. ``reuse``: block arrays of an earlier decode along a plan of the same layout (written
-        at the same positions: their padding is zero), else fresh zero arrays."""
+        rank is below the signature's R (``B A`` unchanged), or None for a factor written straight
+        into its block of a stacked input (``families``: shape -> (n, *shape) arrays); and the
+        block arrays they are views of. ``reuse``: block arrays of an earlier decode along a plan
+        of the same layout (written at the same positions: their padding is zero), else fresh
+        zero arrays."""
         import numpy as np
 
         view, out, arrays = memoryview(blob), {}, []
@@ -407,7 +425,15 @@ class BankSlots:
                       for k, (dtype, width, runs) in stored.items()}
             rows = decode_factor(joined, label, length)
             decoded = out[(label, length)] = []
-            for kind, shape, first, last, which, within in blocks:
+            for kind, shape, first, last, which, within, where in blocks:
+                if where is not None:  # straight into the stacked inputs: A's rows, B's columns, at their offsets
+                    family, row, col, index = where
+                    if kind == "A":
+                        families[family][index, row + within, col:col + shape[1]] = rows[first:last]
+                    else:
+                        families[family][index, row:row + shape[0], col + within] = rows[first:last]
+                    decoded.extend([None] * (which[-1] + 1))
+                    continue
                 block = reuse[len(arrays)] if reuse else np.zeros((which[-1] + 1, *shape), dtype=np.float32)
                 if kind == "A":
                     block[which, within] = rows[first:last]
