@@ -186,7 +186,8 @@ class BankSlots:
     own on each load; each slot is written into the signature's shape, zero-padded where the factor's
     rank is smaller (``B A`` unchanged) and zero for modules the bank does not have. Where the
     program stacks several modules' slots into one input (the manifest's ``placement``: ONNX's q, k
-    and v, ``exporters/onnx_fuse.py``), each module slot is then written into its block of that input.
+    and v, ``exporters/onnx_fuse.py``), a task's own factors are decoded straight into their blocks
+    of that input (stacked inputs of one shape live in one array per load) and shared ones copied in.
 
     Files come as ``(name, bytes)``: the caller reads each once and checks its digest on the same
     bytes. A caller done with a task's slots hands them back (``release``): the next load of a task
