@@ -29,20 +29,30 @@ from hydraopt_mobile.app.records import markdown_table, write_record
 RESULTS = RESULTS_DIR / "onnx_op_profile.json"
 
 
-def profile_once(folder: Path, tokens: int) -> dict:
-    """Decode ``tokens`` tokens through the exporters' own ONNX Runtime session, the program
-    session swapped for one with ORT's profiler on."""
-    session = OrtSession(folder)
-    if session.manifest.slots:
-        session.set_task(session.tasks[0])
-    with tempfile.TemporaryDirectory() as tmp:
+class ProfiledSession(OrtSession):
+    """The exporters' own ONNX Runtime session (decoder step, IOBinding, slot binding), its program
+    opened with ORT's profiler on."""
+
+    def __init__(self, folder: Path, prefix: str) -> None:
+        self.prefix = prefix
+        super().__init__(folder)
+
+    def _open(self, rel: str):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session.session = ort.InferenceSession(str(folder / session.manifest.entry("program").path), options, providers=["CPUExecutionProvider"])
+        options.profile_file_prefix = self.prefix
+        return ort.InferenceSession(str(self.folder / rel), options, providers=["CPUExecutionProvider"])
+
+
+def profile_once(folder: Path, tokens: int) -> dict:
+    """Decode ``tokens`` tokens through :class:`ProfiledSession` with the export's first task active."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ProfiledSession(folder, str(Path(tmp) / "profile"))
+        if session.manifest.slots:
+            session.set_task(session.tasks[0])
         wall = burst(session, tokens) / 1e3
         events = json.loads(Path(session.session.end_profiling()).read_text())
     per_op: dict[str, float] = collections.Counter()
