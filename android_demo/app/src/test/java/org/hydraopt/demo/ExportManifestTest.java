@@ -234,6 +234,13 @@ public class ExportManifestTest extends ExportCopy {
         ((List<Object>) m.get("slots")).remove(1);  // the first module's lora_b
         TestData.writeManifest(export, m);
         assertContains(refused(export), "module " + module + " has no slot lora_b in the program");
+        // a module slot's block of a stacked q/k/v input must lie inside that input
+        copyExport();
+        m = TestData.manifestJson(export);
+        List<Object> placed = (List<Object>) ((List<Object>) m.get("placement")).get(1);
+        placed.set(3, 1000L);  // its first row past the stacked input's last
+        TestData.writeManifest(export, m);
+        assertContains(refused(export), "placement of " + placed.get(0) + ": not a block inside the program input " + placed.get(2));
         assertContains(refusedWithLayout("format", "int3"), "bank layout 0: format int3 is not fp16, int8 or int4-g{32,64,128}");
         assertContains(refusedWithLayout("a_index", Arrays.asList((Object) 0L, 0L)), "bank layout 0 a_index indexes 2 tasks, not 3");
         assertContains(refusedWithLayout("b_index", Arrays.asList((Object) 0L, 1L, 7L)), "bank layout 0 b_index names factor 7 of 3");
