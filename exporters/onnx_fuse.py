@@ -74,23 +74,6 @@ def stacked_layout(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tupl
     return {**{slot: shape for slot, shape in shapes.items() if slot not in stacked}, **inputs}, placement
 
 
-def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where each comes after the producers of its inputs (stable otherwise)."""
-    done, out, pending = set(available) | {""}, [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in done for i in n.input):
-                out.append(n)
-                done.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise RuntimeError(f"fusing q/k/v left a cycle or a missing input at node {rest[0].name!r}")
-        pending = rest
-    return out
-
-
 class _Graph:
     """Lookups over one graph's nodes, kept as the pass edits them."""
 
@@ -148,10 +131,10 @@ def fuse_qkv(model: onnx.ModelProto, torch_model: nn.Module, shapes: dict[str, t
             else:
                 finals.append(mm.output[0])
         p = f"{attention}.{FUSED}"
-        fused_w = np.concatenate([numpy_helper.to_array(g.inits[w]).T for w in weights], axis=1)
-        sizes = [numpy_helper.to_array(g.inits[w]).shape[0] for w in weights]
+        arrays = [numpy_helper.to_array(g.inits[w]) for w in weights]  # (n_out, d_in) each
+        fused_w = np.concatenate([w.T for w in arrays], axis=1)
         new_inits = [numpy_helper.from_array(np.ascontiguousarray(fused_w), f"{prefix}{p}.weight.T"),
-                     numpy_helper.from_array(np.array(sizes, dtype=np.int64), f"{p}.split")]
+                     numpy_helper.from_array(np.array([w.shape[0] for w in arrays], dtype=np.int64), f"{p}.split")]
         new_nodes = [helper.make_node("MatMul", [x, f"{prefix}{p}.weight.T"], [f"{p}.out"], name=f"{p}.matmul")]
         total = f"{p}.out"
         a, b = f"{p}.{SLOT_A}", f"{p}.{SLOT_B}"
@@ -168,8 +151,10 @@ def fuse_qkv(model: onnx.ModelProto, torch_model: nn.Module, shapes: dict[str, t
             ]
             total = f"{p}.sum"
         new_nodes.append(helper.make_node("Split", [total, f"{p}.split"], finals, axis=-1, name=f"{p}.split"))
+        # in place of the first projection: x is computed before it, and whatever reads q, k or v after
         gone = {id(n) for n in removed}
-        g.nodes = [n for n in g.nodes if id(n) not in gone] + new_nodes
+        first = min(g.nodes.index(mm) for mm in matmuls)
+        g.nodes = [n for n in g.nodes[:first] if id(n) not in gone] + new_nodes + [n for n in g.nodes[first:] if id(n) not in gone]
         g.inits.update({t.name: t for t in new_inits})
         model.graph.initializer.extend(new_inits)
     inputs = [i for i in model.graph.input if i.name not in module_inputs]
@@ -180,7 +165,7 @@ def fuse_qkv(model: onnx.ModelProto, torch_model: nn.Module, shapes: dict[str, t
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     del model.graph.node[:]
-    model.graph.node.extend(_toposorted(g.nodes, {i.name for i in inputs} | {t.name for t in kept}))
+    model.graph.node.extend(g.nodes)
     produced = {o for n in g.nodes for o in n.output}
     value_info = [v for v in model.graph.value_info if v.name in produced]
     del model.graph.value_info[:]

@@ -210,9 +210,11 @@ class BankSlots:
         self.slots.update({name: shape for name, shape in self.inputs.items() if name not in targets})
         # stacked inputs of one shape form a family, held in one (n, *shape) array per task load
         self._family: dict = {}  # stacked input -> (its shape, its index in the family)
+        self._family_sizes: dict = {}  # shape -> how many stacked inputs have it
         for target in sorted(targets, key=list(self.inputs).index):
             shape = self.inputs[target]
-            self._family[target] = (shape, sum(s == shape for s, _ in self._family.values()))
+            self._family[target] = (shape, self._family_sizes.get(shape, 0))
+            self._family_sizes[shape] = self._family[target][1] + 1
         self._place: dict = {slot: (target, row, col) for slot, _, target, row, col in self.placement}
         self.bank: dict = manifest["bank"]
         # Where every slot of every task comes from, worked out once (a load then only decodes):
@@ -255,9 +257,10 @@ class BankSlots:
             plan = self._read_plan(self._shared_groups, safetensors_entries(blob, name) if stored else {}, name, "the bank's shared file")
             for group, decoded in self._decode(plan, blob)[0].items():
                 self.shared.update(zip((item[4] for item in self._shared_groups[group][0]), decoded))
-        self._fixed = [{slot: self._zero(slot) for slot in self.slots} for _ in self.tasks]
+        # stacked inputs' blocks are zero or written on each load (task_slots)
+        self._fixed = [{slot: self._zero(slot) for slot in self.slots if slot not in self._place} for _ in self.tasks]
         for fixed, uses in zip(self._fixed, self._uses):
-            fixed.update({slot: self.shared[source] for slot, source in uses})
+            fixed.update({slot: self.shared[source] for slot, source in uses if slot not in self._place})
 
     def task_slots(self, task: str, stored: "tuple[str | os.PathLike, bytes] | None") -> TaskSlots:
         """program slot input -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None:
@@ -271,7 +274,7 @@ class BankSlots:
         t = self.tasks.index(task)
         layout = self._layout_of[t]
         name, blob = stored or (f"task {task!r} (no file of its own)", b"")
-        out = TaskSlots({slot: a for slot, a in self._fixed[t].items() if slot not in self._place})
+        out = TaskSlots(self._fixed[t])
         # memory is reused between tasks that write the same positions: the same own factors and the same placed shared slots
         out.layout = (layout, tuple(slot for slot, _ in self._uses[t] if slot in self._place))
         plan: list = []
@@ -285,9 +288,9 @@ class BankSlots:
                 self._read_plans[key] = plan
         spare = self._spare.get(out.layout)
         arrays, families = spare.pop() if spare else ([], {})
-        for shape, _ in self._family.values():
+        for shape, n_inputs in self._family_sizes.items():
             if shape not in families:
-                families[shape] = np.zeros((sum(s == shape for s, _ in self._family.values()), *shape), dtype=np.float32)
+                families[shape] = np.zeros((n_inputs, *shape), dtype=np.float32)
         decoded, arrays = self._decode(plan, blob, arrays, families)
         out.blocks = [arrays, families]
         for group, values in decoded.items():
