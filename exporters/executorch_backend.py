@@ -92,6 +92,11 @@ RECIPES: dict[str, EtQuant] = {r.name: r for r in (
     # slightly lower); its real lowered programs are scored in benchmarks/results/quant_recipes_executorch.md
     EtQuant("8da4w-mixed-noclip", "recommended 4-bit: as 8da4w-mixed with 4-bit scales that use the grid's -8 end", 4,
             int8_modules=("down_proj", "v_proj", "lm_head"), scales="no-clip"),
+    # ONNX int4-mixed's 8-bit set since its q/k/v projections were fused into one weight
+    EtQuant("8da4w-mixed-qkv-noclip", "as 8da4w-mixed-noclip with q_proj and k_proj at int8 too (ONNX int4-mixed's set)", 4,
+            int8_modules=("q_proj", "k_proj", "v_proj", "down_proj", "lm_head"), scales="no-clip"),
+    EtQuant("8da4w-mixed-qkv-hqq", "as 8da4w-mixed-hqq with q_proj and k_proj at int8 too", 4,
+            int8_modules=("q_proj", "k_proj", "v_proj", "down_proj", "lm_head"), scales="hqq"),
 )}
 QUANTS = {name: r.description for name, r in RECIPES.items()}
 GROUP_SIZE = 32
