@@ -88,12 +88,12 @@ RECIPES: dict[str, EtQuant] = {r.name: r for r in (
     EtQuant("8da4w-hqq", "as 8da4w with HQQ-fitted scales (torchao HQQ_SCALE_ONLY)", 4, scales="hqq"),
     EtQuant("8da4w-mixed-hqq", "as 8da4w-mixed with HQQ-fitted 4-bit scales", 4,
             int8_modules=("down_proj", "v_proj", "lm_head"), scales="hqq"),
-    # the recommended 4-bit recipe: the highest top-1 agreement with fp32 of the 4-bit screen (8da4w-mixed-hqq's KL is
-    # slightly lower); its real lowered programs are scored in benchmarks/results/quant_recipes_executorch.md
-    EtQuant("8da4w-mixed-noclip", "recommended 4-bit: as 8da4w-mixed with 4-bit scales that use the grid's -8 end", 4,
+    # the highest top-1 agreement with fp32 of the first 4-bit screen (8da4w-mixed-hqq's KL is slightly lower)
+    EtQuant("8da4w-mixed-noclip", "as 8da4w-mixed with 4-bit scales that use the grid's -8 end", 4,
             int8_modules=("down_proj", "v_proj", "lm_head"), scales="no-clip"),
-    # ONNX int4-mixed's 8-bit set since its q/k/v projections were fused into one weight
-    EtQuant("8da4w-mixed-qkv-noclip", "as 8da4w-mixed-noclip with q_proj and k_proj at int8 too (ONNX int4-mixed's set)", 4,
+    # the recommended 4-bit recipe: ONNX int4-mixed's 8-bit set (its q/k/v are one fused weight); the highest suite
+    # score of the 4-bit recipes on the real lowered programs (benchmarks/results/quant_recipes_executorch.md)
+    EtQuant("8da4w-mixed-qkv-noclip", "recommended 4-bit: as 8da4w-mixed-noclip with q_proj and k_proj at int8 too (ONNX int4-mixed's set)", 4,
             int8_modules=("q_proj", "k_proj", "v_proj", "down_proj", "lm_head"), scales="no-clip"),
     EtQuant("8da4w-mixed-qkv-hqq", "as 8da4w-mixed-hqq with q_proj and k_proj at int8 too", 4,
             int8_modules=("q_proj", "k_proj", "v_proj", "down_proj", "lm_head"), scales="hqq"),

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from exporters.executorch_backend import RECIPES
 from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
@@ -307,18 +308,19 @@ def test_onnx_int8_is_closer_to_fp32_than_int4_and_sized_as_expected(exports, re
     assert abs(int8 - expected) / expected < 0.1, f"{int8} bytes, expected about {expected:.0f} (fp32 {fp32})"
 
 
-SENSITIVE = ("down_proj", "v_proj", "lm_head")  # the 8-bit modules of ExecuTorch's 8da4w-mixed recipes
+RECOMMENDED = "8da4w-mixed-qkv-noclip"  # the ExecuTorch 4-bit recipe the README recommends
 
 
-@pytest.mark.parametrize("quant", ["8da4w-mixed", "8da4w-mixed-noclip"])
+@pytest.mark.parametrize("quant", ["8da4w-mixed", "8da4w-mixed-noclip", RECOMMENDED])
 def test_executorch_mixed_recipe_keeps_the_sensitive_linears_at_8_bits(tiny_dir, quant):
-    """``8da4w-mixed`` (and its ``-noclip`` scales) in eager: down_proj, v_proj (also the base of a LoRA slot) and the LM head get
-    int8 codes with one scale per output channel; every other base Linear int4 codes ([-8, 7]) with
-    one scale per 32 inputs; the slot factors stay fp32 buffers."""
+    """A mixed recipe in eager: its ``int8_modules`` (down_proj, v_proj, with ``-qkv`` also q_proj and k_proj, and the LM
+    head) get int8 codes with one scale per output channel; every other base Linear int4 codes ([-8, 7])
+    with one scale per 32 inputs; the slot factors stay fp32 buffers."""
     from exporters.executorch_backend import quantize
     from exporters.slots import attach_slots
     from hydraopt_mobile.base_model import load_causal_lm
 
+    eight_bit = set(RECIPES[quant].int8_modules)
     model = load_causal_lm(tiny_dir)
     attach_slots(model, {"model.layers.0.self_attn.v_proj": 4, "model.layers.0.self_attn.q_proj": 4})
     quantize(model, quant)
@@ -328,7 +330,7 @@ def test_executorch_mixed_recipe_keeps_the_sensitive_linears_at_8_bits(tiny_dir,
             continue
         codes, scale = m.parametrizations.weight.original0, m.parametrizations.weight.original1
         assert codes.dtype == torch.int8
-        if set(name.split(".")) & set(SENSITIVE):
+        if set(name.split(".")) & eight_bit:
             assert scale.shape == (m.out_features, 1), name
             assert codes.abs().max() > 64, name  # uses the int8 range
             seen[8] += 1
@@ -336,17 +338,18 @@ def test_executorch_mixed_recipe_keeps_the_sensitive_linears_at_8_bits(tiny_dir,
             assert scale.shape == (m.out_features, m.in_features // 32), name
             assert codes.min() >= -8 and codes.max() <= 7, name
             seen[4] += 1
-    assert seen[8] == 2 * 2 + 1 and seen[4] == 2 * 5, seen  # 2 layers: v, down at 8; q, k, o, gate, up at 4
+    per_layer = len(eight_bit - {"lm_head"})  # of a layer's 7 Linears
+    assert seen[8] == 2 * per_layer + 1 and seen[4] == 2 * (7 - per_layer), seen  # 2 layers and the head
     slot = model.get_submodule("model.layers.0.self_attn.v_proj")
     assert slot.lora_a.dtype == torch.float32 and slot.lora_b.dtype == torch.float32
 
 
 def test_executorch_mixed_recipe_lowers_switches_and_is_closer_than_8da4w(exports, refs, tiny_dir):
-    """The lowered ``8da4w-mixed-noclip`` program (the recommended recipe) runs every task within the quantised bound, apart from the
+    """The lowered ``8da4w-mixed-qkv-noclip`` program (the recommended recipe) runs every task within the quantised bound, apart from the
     other tasks, switches back bit-identically, errs less than ``8da4w``, and is larger than 8da4w by
     what the 8-bit Linears cost: per weight a byte instead of half a byte and a bf16 scale per 32
     (XNNPACK stores per-group scales as bf16), plus an fp32 scale per output channel."""
-    session = open_export(exports("executorch", "8da4w-mixed-noclip"))
+    session = open_export(exports("executorch", RECOMMENDED))
     worst = {}
     outputs = []
     for task in ["alpha", "beta", "gamma", "alpha"]:
@@ -363,8 +366,9 @@ def test_executorch_mixed_recipe_lowers_switches_and_is_closer_than_8da4w(export
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tiny_dir)
-    eight = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and set(n.split(".")) & set(SENSITIVE)]
+    eight_bit = set(RECIPES[RECOMMENDED].int8_modules)
+    eight = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and set(n.split(".")) & eight_bit]
     extra = sum(m.weight.numel() * (1 - 0.5 - 2 / 32) + 4 * m.out_features for m in eight)
-    mixed = Manifest.read(exports("executorch", "8da4w-mixed-noclip")).bytes_of("program")
+    mixed = Manifest.read(exports("executorch", RECOMMENDED)).bytes_of("program")
     base = Manifest.read(exports("executorch", "8da4w")).bytes_of("program")
     assert abs((mixed - base) - extra) < 0.1 * extra, f"mixed {mixed} - 8da4w {base} = {mixed - base}, expected about {extra:.0f}"
