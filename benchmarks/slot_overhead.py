@@ -2,9 +2,9 @@
 per task, HydraOpt at 1/T) against the same recipe with one task merged into the weights, timed
 side by side, token by token, in each of two fresh processes (below).
 
-    python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int4,int4-mixed --lock /work/runs/cpu.lock
+    python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int8-acc0,int4,int4-mixed --lock /work/runs/cpu.lock
     python benchmarks/slot_overhead.py --runtime executorch --slots q_proj,v_proj:16 \\
-        --recipes fp32,8da8w,8da4w-mixed-noclip,8da4w --lock /work/runs/cpu.lock
+        --recipes fp32,8da8w,8da4w-mixed-qkv-noclip,8da4w-mixed-noclip,8da4w --lock /work/runs/cpu.lock
 
 The banks and program signatures are quant_recipes.py's (the suite's shared-seed adapters as one
 adapter per task, and HydraOpt at 1/T of the fp16 file bytes; ``--slots`` as there: each bank's own
