@@ -261,6 +261,9 @@ class BankSlots:
         self._fixed = [{slot: self._zero(slot) for slot in self.slots if slot not in self._place} for _ in self.tasks]
         for fixed, uses in zip(self._fixed, self._uses):
             fixed.update({slot: self.shared[source] for slot, source in uses if slot not in self._place})
+        # per task, its shared factors that lie in stacked inputs: (slot, source, family shape, index, rows, cols)
+        self._placed_uses = [[(slot, source, *self._family[self._place[slot][0]], *self._block(slot)) for slot, source in uses if slot in self._place]
+                             for uses in self._uses]
 
     def task_slots(self, task: str, stored: "tuple[str | os.PathLike, bytes] | None") -> TaskSlots:
         """program slot input -> float32 array for ``task`` whose own file is ``(name, bytes)`` (None:
@@ -276,7 +279,7 @@ class BankSlots:
         name, blob = stored or (f"task {task!r} (no file of its own)", b"")
         out = TaskSlots(self._fixed[t])
         # memory is reused between tasks that write the same positions: the same own factors and the same placed shared slots
-        out.layout = (layout, tuple(slot for slot, _ in self._uses[t] if slot in self._place))
+        out.layout = (layout, tuple(use[0] for use in self._placed_uses[t]))
         plan: list = []
         if stored or self._layouts[layout]:
             n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
@@ -295,13 +298,15 @@ class BankSlots:
         out.blocks = [arrays, families]
         for group, values in decoded.items():
             out.update((item[0], a) for item, a in zip(self._layouts[layout][group][0], values) if a is not None)
-        for slot, source in self._uses[t]:  # shared factors of stacked inputs: copied into their blocks
-            if slot in self._place:
-                (h, w), (target, row, col) = self.slots[slot], self._place[slot]
-                shape, i = self._family[target]
-                families[shape][i, row:row + h, col:col + w] = self.shared[source]
+        for _, source, shape, i, rows, cols in self._placed_uses[t]:  # shared factors of stacked inputs: copied into their blocks
+            families[shape][i, rows, cols] = self.shared[source]
         out.update((target, families[shape][i]) for target, (shape, i) in self._family.items())
         return TaskSlots({name: out[name] for name in self.inputs}, layout=out.layout, blocks=out.blocks) if self._family else out
+
+    def _block(self, slot: str) -> tuple[slice, slice]:
+        """The rows and columns of ``slot``'s block in its stacked input."""
+        (h, w), (_, row, col) = self.slots[slot], self._place[slot]
+        return slice(row, row + h), slice(col, col + w)
 
     def _checked_placement(self, placement: list) -> list:
         """The manifest's ``placement`` as tuples, each block inside its program input and no module
