@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hydraopt_mobile.adapters import LoraFactors
+from hydraopt_mobile.lapack import gram
 
 if TYPE_CHECKING:
     from hydraopt_mobile.calibration import ModuleMoments
@@ -57,10 +58,9 @@ def _stacked(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def b_gram(B: torch.Tensor) -> torch.Tensor:
     """(T, r, T, r) ``B_s^T B_t`` for every pair of tasks (``B``: (T, d_out, r)), from one
-    (T r) x (T r) product of the stacked B's."""
+    (T r) x (T r) Gram of the stacked B's (``syrk``, lapack.gram)."""
     T, d_out, r = B.shape
-    flat = B.permute(1, 0, 2).reshape(d_out, T * r)
-    return (flat.T @ flat).reshape(T, r, T, r)
+    return gram(B.permute(1, 0, 2).reshape(d_out, T * r)).reshape(T, r, T, r)
 
 
 def stacked_B(factors: list[LoraFactors]) -> torch.Tensor:

@@ -14,6 +14,12 @@ bit for bit (tests/test_lapack.py).
 ``?trmm``, a product with a triangular matrix (half the flops of a general product; torch has
 none): the stacked A's of a module in its factored space are triangular (factored.py), and the
 shared-A Grams multiply by them twice.
+
+``?syrk``, a Gram matrix ``X^T X`` (half the flops of the general product torch would run: one
+triangle is computed and mirrored): a module's Gram of all tasks' B's (factored.b_gram, d_out x
+T r by T r: 1600 x 1600 from 14336 rows at Llama-3-8B shapes with 100 tasks) and the similarity's
+Grams of stacked bases (similarity.py). At that size it takes 0.38 s on one thread where torch's
+product takes 0.70 s.
 """
 
 from __future__ import annotations
@@ -116,3 +122,36 @@ def lower_triangular_product(L: torch.Tensor, X: torch.Tensor, alpha: float = 1.
     trmm(side, b"U", trans, b"N", ctypes.byref(ctypes.c_int(m)), ctypes.byref(ctypes.c_int(k)), ctypes.byref(real(alpha)),
          ctypes.cast(Lc.data_ptr(), R), ctypes.byref(ctypes.c_int(n)), ctypes.cast(out.data_ptr(), R), ctypes.byref(ctypes.c_int(m)))
     return out
+
+
+def _syrk_signature(real: type) -> type:
+    """``void ?syrk(uplo, trans, n, k, alpha, a, lda, beta, c, ldc)``."""
+    R = ctypes.POINTER(real)
+    return ctypes.CFUNCTYPE(None, _STR, _STR, _INT, _INT, R, R, _INT, R, R, _INT)
+
+
+_SYRK = {torch.float64: (_syrk_signature(ctypes.c_double)(_function_pointer("dsyrk", scipy.linalg.cython_blas)), ctypes.c_double),
+         torch.float32: (_syrk_signature(ctypes.c_float)(_function_pointer("ssyrk", scipy.linalg.cython_blas)), ctypes.c_float)}
+
+
+def gram(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """``X^T X``, the Gram of the columns of ``x`` (m, n), or (``rows``) ``X X^T``, of its rows:
+    BLAS ``?syrk`` for one triangle, mirrored, so the result is exactly symmetric.
+
+    Row-major ``X`` is column-major ``X^T`` (n x m, leading dimension n): ``syrk`` with ``trans='N'``
+    gives ``X^T X``, with ``trans='T'`` ``X X^T``; the column-major lower triangle it fills is the
+    row-major upper one."""
+    if x.dim() != 2:
+        raise ValueError(f"gram needs a matrix, got shape {tuple(x.shape)}")
+    if x.dtype not in _SYRK:
+        raise TypeError(f"gram needs a float32 or float64 tensor, got {x.dtype}")
+    syrk, real = _SYRK[x.dtype]
+    R = ctypes.POINTER(real)
+    xc = x.contiguous()
+    m, n = xc.shape
+    size, depth = (m, n) if rows else (n, m)
+    out = torch.zeros(size, size, dtype=x.dtype)
+    if size and depth:
+        syrk(b"L", b"T" if rows else b"N", ctypes.byref(ctypes.c_int(size)), ctypes.byref(ctypes.c_int(depth)), ctypes.byref(real(1.0)),
+             ctypes.cast(xc.data_ptr(), R), ctypes.byref(ctypes.c_int(n)), ctypes.byref(real(0.0)), ctypes.cast(out.data_ptr(), R), ctypes.byref(ctypes.c_int(size)))
+    return out + out.triu(1).T

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from hydraopt_mobile.factored import FactoredModule, b_gram
+from hydraopt_mobile.lapack import gram
 
 CUTOFF = 1e-6  # singular values below this fraction of the task's largest do not span its space
 DEFINITIONS = {
@@ -48,11 +49,11 @@ def update_cosine(fm: FactoredModule, gb: torch.Tensor | None = None) -> torch.T
     """(T, T) cosine similarity of the updates dW_t (``gb``: ``b_gram(fm.B)`` if the caller has it)."""
     T, d_out, r = fm.B.shape
     gb = b_gram(fm.B) if gb is None else gb
-    ga = (fm.a.reshape(T * r, -1) @ fm.a.reshape(T * r, -1).T).reshape(T, r, T, r)
+    ga = gram(fm.a.reshape(T * r, -1), rows=True).reshape(T, r, T, r)
     # <dW_s, dW_t> = tr((B_s^T B_t)(a_t a_s^T)) = sum_ij gb[s,i,t,j] * ga[s,i,t,j]
-    gram = (gb * ga).sum((1, 3))
+    inner = (gb * ga).sum((1, 3))
     norms = fm.sq_norms.sqrt().clamp_min(1e-30)
-    return gram / norms.view(-1, 1) / norms.view(1, -1)
+    return inner / norms.view(-1, 1) / norms.view(1, -1)
 
 
 def factor_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -78,7 +79,7 @@ def _overlap(bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     V, ranks = bases
     T, k, n = V.shape
     flat = V.reshape(T * k, n)
-    sq = ((flat @ flat.T).double().reshape(T, k, T, k) ** 2).sum((1, 3))
+    sq = (gram(flat, rows=True).double().reshape(T, k, T, k) ** 2).sum((1, 3))
     low = torch.minimum(ranks.view(-1, 1), ranks.view(1, -1)).double()
     sim = torch.where(low > 0, sq / low.clamp_min(1), torch.zeros_like(sq))
     return sim.fill_diagonal_(1.0)

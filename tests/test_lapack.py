@@ -1,5 +1,5 @@
 """hydraopt_mobile.lapack: scipy's syevr called without the GIL gives scipy's results bit for bit;
-the triangular product equals torch's general one."""
+the triangular product and the Gram (syrk) equal torch's general products."""
 
 import threading
 
@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from hydraopt_mobile.lapack import eigh_top, lower_triangular_product
+from hydraopt_mobile.lapack import eigh_top, gram, lower_triangular_product
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -72,3 +72,24 @@ def test_lower_triangular_product_rejects_bad_input_by_name():
         lower_triangular_product(torch.zeros(3, 3), torch.zeros(2, 3))
     with pytest.raises(TypeError, match="float32 or float64"):
         lower_triangular_product(torch.zeros(3, 3), torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (1, 7), (7, 1)])
+def test_gram_equals_torchs_product_and_is_exactly_symmetric(dtype, shape):
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(sum(shape))).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for rows, expected in ((False, x.T @ x), (True, x @ x.T)):
+        g = gram(x, rows=rows)
+        assert g.dtype == dtype and g.shape == expected.shape
+        assert torch.equal(g, g.T)
+        assert float((g - expected).abs().max()) <= tol * float(expected.abs().max())
+    assert torch.allclose(gram(x.T), x @ x.T, rtol=tol, atol=tol * float((x @ x.T).abs().max()))  # a transposed view is copied, not misread
+
+
+def test_gram_of_an_empty_matrix_is_zero_and_bad_input_is_named():
+    assert torch.equal(gram(torch.zeros(0, 3)), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="matrix"):
+        gram(torch.zeros(2, 3, 4))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        gram(torch.zeros(3, 3, dtype=torch.int64))
