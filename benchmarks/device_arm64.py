@@ -1,7 +1,7 @@
 """The real model's exports on ``arm64-cpu`` (ONNX Runtime's aarch64 build under qemu-aarch64,
 emulated Cortex-A76): every task of each export, teacher-forced by default (each test example's
 reference answer scored in one pass: exact when every answer token is the argmax), against the same
-runner on the host's ONNX Runtime. HydraOpt's drop against one-adapter-per-task is computed on the
+runner on the host's build of the export's runtime (ONNX Runtime or ExecuTorch). HydraOpt's drop against one-adapter-per-task is computed on the
 target's outputs and on the host's, on the same examples, with 95 % paired bootstrap intervals.
 
     python benchmarks/device_arm64.py EXPORT_HYDRAOPT EXPORT_NONE [--examples 4] [--generated] [--jobs 2]
@@ -37,6 +37,9 @@ from hydraopt_mobile.app.targets_bench import bench_target, notes, write_reports
 from hydraopt_mobile.atomic import write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "device_arm64-cpu.json"
+
+
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch"}
 
 
 def task_order(tasks: list[str]) -> list[str]:
@@ -102,7 +105,8 @@ def main() -> None:
     info["command"] = "python benchmarks/device_arm64.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info["exports"] = per_export
     info["notes"] = args.note
-    info["host_reference"] = "the same runner on the host's ONNX Runtime (x86_64), same export, same examples; not PyTorch"
+    runtimes = sorted({r["runtime"] for r in per_export.values()})
+    info["host_reference"] = f"the same runner on the host's {' and '.join(RUNTIME_NAMES.get(r, r) for r in runtimes)} (x86_64), same export, same examples; not PyTorch"
     write_reports(records, args.out, info)
 
 
