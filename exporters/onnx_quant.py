@@ -58,6 +58,8 @@ RECIPES: dict[str, OnnxQuant] = {r.name: r for r in (
     OnnxQuant("int8", "MatMulNBits 8-bit weights (block 32, symmetric), fp32 embedding; close to fp32", 8),
     OnnxQuant("int8-acc0", "as int8 but fp32 activations in the 8-bit MatMuls (accuracy_level 0): closer to fp32, slower", 8,
               accuracy_level=0),
+    OnnxQuant("int8-b16", "as int8 with 16-value blocks: MatMulNBits quantises the activations per block too, so they round finer", 8,
+              block_size=16),
     OnnxQuant("int4", "MatMulNBits 4-bit weights (block 32, symmetric) and a 4-bit embedding; the smallest", 4,
               embedding_4bit=True),
     OnnxQuant("int4-asym", "as int4 but asymmetric; its rounded integer zero point misses Q4_1's block minimum", 4,

@@ -95,9 +95,9 @@ def test_lora_matmuls_stay_fp32_in_every_recipe(exports):
 
 
 def test_program_bytes_follow_the_block_size_and_the_head_width(exports):
-    size = {q: Manifest.read(exports(q)).bytes_of("program") for q in ("fp32", "int4", "int4-b16", "int4-b64", "int4-head8", "int8")}
+    size = {q: Manifest.read(exports(q)).bytes_of("program") for q in ("fp32", "int4", "int4-b16", "int4-b64", "int4-head8", "int8", "int8-b16")}
     assert size["int4-b64"] < size["int4"] < size["int4-b16"], size
-    assert size["int4"] < size["int4-head8"] < size["int8"] < size["fp32"], size
+    assert size["int4"] < size["int4-head8"] < size["int8"] < size["int8-b16"] < size["fp32"], size
 
 
 def test_derived_program_equals_a_lowered_one(exports, bank, tiny_dir, tmp_path):
