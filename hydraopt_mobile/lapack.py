@@ -1,4 +1,4 @@
-"""Two BLAS/LAPACK routines the merge needs that torch lacks or scipy serialises, called through
+"""Three BLAS/LAPACK routines the merge needs that torch lacks or scipy serialises, called through
 ctypes, which releases the GIL during a foreign call.
 
 ``?syevr`` for a subset of eigenpairs: ``scipy.linalg.eigh(..., subset_by_index=..., driver="evr")``
