@@ -1,8 +1,10 @@
-"""The real model's exports on ``arm64-cpu`` (ONNX Runtime's aarch64 build under qemu-aarch64,
-emulated Cortex-A76): every task of each export, teacher-forced by default (each test example's
-reference answer scored in one pass: exact when every answer token is the argmax), against the same
-runner on the host's build of the export's runtime (ONNX Runtime or ExecuTorch). HydraOpt's drop against one-adapter-per-task is computed on the
-target's outputs and on the host's, on the same examples, with 95 % paired bootstrap intervals.
+"""The real model's exports on ``arm64-cpu`` (the aarch64 builds of ONNX Runtime and ExecuTorch
+under qemu-aarch64, emulated Cortex-A76): every task of each export, teacher-forced by default
+(each test example's reference answer scored in one pass: exact when every answer token is the
+argmax), against the same
+runner on the host's build of the export's runtime (ONNX Runtime or ExecuTorch). HydraOpt's drop
+against one-adapter-per-task is computed on the target's outputs and on the host's, on the same
+examples, with 95 % paired bootstrap intervals.
 
     python benchmarks/device_arm64.py EXPORT_HYDRAOPT EXPORT_NONE [--examples 4] [--generated] [--jobs 2]
 

@@ -28,11 +28,11 @@ from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
-from hydraopt_mobile.merge.allocator import Candidate, allocate
-from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.allocator import Candidate
+from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
+from hydraopt_mobile.merge.budgeted import _allocate as allocate_budget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, plan_candidates, task_weights
 from hydraopt_mobile.parallel import one_thread_per_op
-from hydraopt_mobile.storage import file_overhead_bound
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
@@ -67,11 +67,10 @@ def main() -> None:
     reference = adapters.reference_file_bytes()
     records = []
     for fraction in BUDGETS:
-        nbytes = Budget(fraction=fraction).resolve(reference)
-        room = nbytes - (T + 1) * file_overhead_bound()  # as merge/budgeted.py gives the allocator
         for with_drop in (False, True):
             cands = {m: c + ([Candidate(T, T, 0, DROP, 0, whole[m])] if with_drop else []) for m, c in candidates.items()}
-            chosen = allocate(cands, room, offset_digits=len(str(nbytes)))
+            chosen = allocate_budget(cands, Budget(fraction=fraction), reference, T)  # what merge/budgeted.py gives the allocator
+            assert not isinstance(chosen, InfeasibleBudget), chosen
             left_out = sorted(m for m, c in chosen.items() if c.fmt == DROP)
             records.append({"budget": fraction, "rank0_candidate": with_drop, "objective": sum(c.error for c in chosen.values()),
                             "objective_max": float(sum(whole.values())), "planned_bytes": sum(c.nbytes for c in chosen.values()),

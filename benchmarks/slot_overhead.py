@@ -2,7 +2,7 @@
 per task, HydraOpt at 1/T) against the same recipe with one task merged into the weights, timed
 side by side, token by token, in each of two fresh processes (below).
 
-    python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int8-acc0,int4,int4-mixed --lock /work/runs/cpu.lock
+    python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int8-b16,int8-acc0,int4,int4-mixed --lock /work/runs/cpu.lock
     python benchmarks/slot_overhead.py --runtime executorch --slots q_proj,v_proj:16 \\
         --recipes fp32,8da8w,8da4w-mixed-qkv-noclip,8da4w-mixed-noclip,8da4w --lock /work/runs/cpu.lock
 
