@@ -117,6 +117,11 @@ class FactoredModule:
         return (self.B.shape[1], self.A.shape[2])
 
     @property
+    def b_grams(self) -> torch.Tensor:
+        """(T, r, r) ``B_t^T B_t = R_t^T R_t``."""
+        return self.R.transpose(1, 2) @ self.R
+
+    @property
     def q(self) -> int:
         return self.a.shape[2]
 

@@ -116,6 +116,21 @@ def test_stored_errors_equal_dense_errors(layout, fmt):
         assert float(err[t]) == pytest.approx(dense, rel=1e-4, abs=1e-5 * scale)
 
 
+@pytest.mark.parametrize("a_index, rank", [([0] * 5, 3), ([0] * 5, 20), ([0, 0, 1, 1, 2], 6)])  # rank 20 > q: zero rows, a singular A Gram
+@pytest.mark.parametrize("fmt", ["int4-g32", "int8"])
+def test_per_task_errors_through_normal_equations_equal_direct_traces(a_index, rank, fmt):
+    """With a B per task, fit_stored measures ||dW_t - (F_t + E_t) A^||^2 as ||dW_t||^2 - ||F_t A^||^2 +
+    ||E_t A^||^2 (the least-squares fit's residual is orthogonal to any X A^): equal to the direct
+    traces with the stored B's (solver.stored_error), pseudo-inverse of a singular Gram included."""
+    factors = random_factors()
+    fm = factor_space(factors)
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    module, err = fit_stored(fm, w, solve_layout(fm, w, a_index, list(range(5)), rank=rank), NumberFormat.parse(fmt))
+    direct = solver.stored_error(fm, w, module)
+    assert float((err - direct).abs().max()) <= 1e-6 * float((w * fm.sq_norms).max())
+    assert float(err.min()) > 0  # rounding: a non-zero error to compare
+
+
 def test_pricing_by_digit_count_equals_pricing_every_factor():
     for module in (0, 9, 37, 123):  # modules share the cached price of their index's digit count
         for fmt in (NumberFormat("fp16"), NumberFormat("int8"), NumberFormat("int4", 64)):

@@ -272,7 +272,7 @@ def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep |
         module = ModuleCandidates(factors, w, cfg, m, cfg.moments(name))
         out = module.candidates()
         if spill is not None and module.stored_a:
-            spill.put(m, module.fm.sq_norms, module.stored_a)
+            spill.put(m, module.fm.sq_norms, module.fm.b_grams, module.stored_a)
         return out
 
     return each_module(adapters, plan, on_step, passes=2)
@@ -299,10 +299,10 @@ def build_modules(adapters: AdapterSet, cfg: HydraOptConfig, plans: list[dict[st
             if c.spec in built:
                 continue
             key = (c.k_a, c.k_b, c.fmt, c.a_rows)
-            if c.rank != AS_IS and spilled is not None and key in spilled[1] and c.groups is not None:
+            if c.rank != AS_IS and spilled is not None and key in spilled[2] and c.groups is not None:
                 B = stacked_B(factors) if B is None else B
                 sq_norms = spilled[0]
-                out, err = fit_to_stored(B, sq_norms, w, list(c.groups[0]), list(c.groups[1]), NumberFormat.parse(c.fmt), spilled[1][key].leading(c.rank))
+                out, err = fit_to_stored(B, sq_norms, spilled[1], w, list(c.groups[0]), list(c.groups[1]), NumberFormat.parse(c.fmt), spilled[2][key].leading(c.rank))
                 out.sq_errors = (err.double() / w, sq_norms.double())  # data-free: w_t ||dW_t - dW^_t||^2, the errors module_sq_errors recomputes
             elif c.rank == AS_IS:
                 out = with_sq_errors(factors, as_is(factors, NumberFormat.parse(c.fmt)))

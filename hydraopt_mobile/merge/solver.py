@@ -25,6 +25,7 @@ from hydraopt_mobile.bank import MergedModule
 from hydraopt_mobile.factored import DTYPE, FactoredModule, unwhiten, whitened
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.lapack import eigh_top, lower_triangular_product
+from hydraopt_mobile.lapack import gram as gram_of  # "gram" names the A Grams here
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor]], fm: FactoredModule, top: int) -> list[RowSpace]:
     """Top right singular vectors (rows, descending) and squared singular values of each block
-    ``X = L a[members]``, from the eigendecomposition of the smaller of ``X^T X`` and ``X X^T``.
+    ``X = L a[members]``, from the eigendecomposition of the smaller of ``X^T X`` and ``X X^T`` (BLAS ``syrk``, lapack.gram).
 
     Through ``X X^T = U diag(lam) U^T``: ``vh = diag(lam)^(-1/2) U^T X`` (rows of zero ``lam``
     set to 0), i.e. ``coef = diag(lam)^(-1/2) U^T L`` on the members' own A's. Blocks of equal
@@ -157,10 +158,10 @@ def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor
     for (height, _), ids in by_shape.items():
         Xs = torch.stack([blocks[i][2] for i in ids])
         if height >= fm.q:
-            lam, V = _top_eigh(Xs.transpose(1, 2) @ Xs, top)
+            lam, V = _top_eigh(torch.stack([gram_of(x) for x in Xs]), top)
             out.update({i: RowSpace(V[j].T.contiguous(), lam[j].clamp_min(0), blocks[i][0], None) for j, i in enumerate(ids)})
             continue
-        lam, U = _top_eigh(Xs @ Xs.transpose(1, 2), top)
+        lam, U = _top_eigh(torch.stack([gram_of(x, rows=True) for x in Xs]), top)
         Ut = U.transpose(1, 2)
         vh = Ut @ Xs
         norms = vh.norm(dim=2, keepdim=True)
@@ -190,14 +191,30 @@ def _truncate(rows: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
     return out
 
 
-def _errors(B: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], Bh: torch.Tensor) -> torch.Tensor:
+def _errors(B: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], Bh: torch.Tensor, b_index: list[int] | None) -> torch.Tensor:
     """Per-task ``w_t ||B_t A_t - B^ A^||^2 = w_t (||dW_t||^2 - 2 tr((B_t^T B^) (A_t A^^T)) +
     tr((B^^T B^) (A^ A^^T)))`` from the tasks' ``B`` (T, d_out, r), ``sq_norms`` (``||dW_t||^2``),
-    ``cross[t] = A_t A^_{a(t)}^T`` (T, r, r'), ``gram[g] = A^_g A^_g^T`` and ``Bh[t] = B^_{b(t)}``:
-    r x r' traces only. With calibration the same traces in the data-aware inner product (:func:`_products`)."""
-    c = ((B.transpose(1, 2) @ Bh) * cross).sum((1, 2))
-    own = ((Bh.transpose(1, 2) @ Bh) * gram[a_index]).sum((1, 2))
+    ``cross[t] = A_t A^_{a(t)}^T`` (T, r, r'), ``gram[g] = A^_g A^_g^T`` and the fitted B's ``Bh``
+    (k_B, d_out, r'), ``Bh[b_index[t]]`` task t's (``b_index`` None: one per task, in order): r x r'
+    traces only. A B^ of a group takes one product with all of its tasks' B's and its own Gram once
+    (no copy of it per task), the same for a group however the tasks are split into calls. With
+    calibration the same traces in the data-aware inner product (:func:`_products`)."""
+    T = B.shape[0]
+    if b_index is None:
+        c = ((B.transpose(1, 2) @ Bh) * cross).sum((1, 2))
+        own = ((Bh.transpose(1, 2) @ Bh) * gram[a_index]).sum((1, 2))
+    else:
+        own = ((Bh.transpose(1, 2) @ Bh)[b_index] * gram[a_index]).sum((1, 2))
+        c = torch.empty(T, dtype=B.dtype)
+        for h in sorted(set(b_index)):
+            tasks = [t for t, g in enumerate(b_index) if g == h]
+            c[tasks] = ((Bh[h].T @ _take(B, tasks)) * cross[tasks].transpose(1, 2)).sum((1, 2))  # (B^_h^T B_t) against (A_t A^^T)^T
     return w * (sq_norms - 2 * c + own).clamp_min(0)
+
+
+def _groups_or_none(b_index: list[int]) -> list[int] | None:
+    """``b_index`` as :func:`_errors` takes it: None for a B per task."""
+    return None if b_index == list(range(len(b_index))) else b_index
 
 
 def _products(fm: FactoredModule, a: torch.Tensor, a_index: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -215,7 +232,7 @@ def _products(fm: FactoredModule, a: torch.Tensor, a_index: list[int]) -> tuple[
 def objective(fm: FactoredModule, w: torch.Tensor, sol: LayoutSolution) -> torch.Tensor:
     """Per-task weighted squared errors (T,) of a solution in Q coordinates: ``||dW_t - dW^_t||^2``,
     or with calibration ``tr(E_t S_t E_t^T)`` (E_t in Q coordinates)."""
-    return _errors(fm.B, fm.sq_norms, w.to(DTYPE), *_products(fm, sol.a, sol.a_index), sol.B[sol.b_index])
+    return _errors(fm.B, fm.sq_norms, w.to(DTYPE), *_products(fm, sol.a, sol.a_index), sol.B, _groups_or_none(sol.b_index))
 
 
 def _solve_B(B: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
@@ -228,15 +245,19 @@ def _solve_B(B: torch.Tensor, w: torch.Tensor, cross: torch.Tensor, gram: torch.
     number format encodes (``StoredFactor.quantise_stack`` then needs no copy)."""
     Bt = B.transpose(1, 2)
     if k_b == B.shape[0] and b_index == list(range(k_b)):
-        used = sorted(set(a_index))
-        at = {g: i for i, g in enumerate(used)}
-        inverse = torch.linalg.pinv(gram[used], hermitian=True)[[at[g] for g in a_index]]
-        return ((cross @ inverse).transpose(1, 2) @ Bt).transpose(1, 2)
+        return (_own_coef(cross, gram, a_index).transpose(1, 2) @ Bt).transpose(1, 2)
     num = torch.zeros(k_b, cross.shape[2], B.shape[1], dtype=B.dtype)  # sum_{t in h} w_t (B_t cross_t)^T, a few tasks at a time
     for lo, hi in _runs(B.shape[0], 4 * cross.shape[2] * B.shape[1]):
         num.index_add_(0, torch.tensor(b_index[lo:hi]), w[lo:hi].view(-1, 1, 1) * (cross[lo:hi].transpose(1, 2) @ Bt[lo:hi]))
     den = w.view(-1, 1, 1) * gram[a_index]
     return (torch.linalg.pinv(_group_sum(den, b_index, k_b), hermitian=True).transpose(1, 2) @ num).transpose(1, 2)
+
+
+def _own_coef(cross: torch.Tensor, gram: torch.Tensor, a_index: list[int]) -> torch.Tensor:
+    """``K_t = cross_t gram_{a(t)}^+`` (T, r, r'): with a B per task, ``B^_t = B_t K_t``."""
+    used = sorted(set(a_index))
+    at = {g: i for i, g in enumerate(used)}
+    return cross @ torch.linalg.pinv(gram[used], hermitian=True)[[at[g] for g in a_index]]
 
 
 def _solve_B_coords(fm: FactoredModule, w: torch.Tensor, a: torch.Tensor, a_index: list[int], b_index: list[int], k_b: int) -> torch.Tensor:
@@ -360,10 +381,9 @@ def _from_coef(fm: FactoredModule, A_coef: list[tuple[list[int], torch.Tensor]])
     """:func:`input_space_A` of the A-groups ``A_coef`` holds: ``A^_g = K_g [A_t; t in members]``."""
     sizes = {len(members) for members, _ in A_coef}
     if len(sizes) == 1:  # equal groups (one task per group included): one batched product
-        members = torch.tensor([m for m, _ in A_coef])
-        stacked = fm.A[members].reshape(len(A_coef), -1, fm.A.shape[2])
+        stacked = _take(fm.A, [t for members, _ in A_coef for t in members]).reshape(len(A_coef), -1, fm.A.shape[2])
         return torch.stack([K for _, K in A_coef]) @ stacked
-    return torch.stack([K @ fm.A[members].reshape(-1, fm.A.shape[2]) for members, K in A_coef])
+    return torch.stack([K @ _take(fm.A, members).reshape(-1, fm.A.shape[2]) for members, K in A_coef])
 
 
 def _cross_input_space(fm: FactoredModule, A: torch.Tensor, a_index: list[int]) -> torch.Tensor:
@@ -433,7 +453,7 @@ def stored_A(fm: FactoredModule, sol: LayoutSolution, fmt: NumberFormat) -> Stor
         chunk, Aq = StoredFactor.encode_stack(_from_coef(fm, sol.A_coef[g0 : g0 + per]).float(), fmt, transposed=False)
         factors += chunk
         tasks = [t for t, g in enumerate(sol.a_index) if g0 <= g < g0 + per]
-        cross[tasks] = fm.A[tasks] @ Aq[[sol.a_index[t] - g0 for t in tasks]].transpose(1, 2)
+        cross[tasks] = _take(fm.A, tasks) @ Aq[[sol.a_index[t] - g0 for t in tasks]].transpose(1, 2)
         grams.append(Aq @ Aq.transpose(1, 2))
     return StoredA(factors, cross, torch.cat(grams), list(sol.a_index))
 
@@ -442,20 +462,20 @@ def fit_stored(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution, f
     """Quantise A^ (or take ``stored``, ``sol``'s A's as :func:`stored_A` gives them), re-fit B^ to
     the stored A^, quantise B^. Returns the module and the per-task weighted squared errors of
     exactly what is stored (the stored A^'s parts outside span(Q) included, :func:`_stored_products`)."""
-    return fit_to_stored(fm.B, fm.sq_norms, weights, sol.a_index, sol.b_index, fmt, stored if stored is not None else stored_A(fm, sol, fmt))
+    return fit_to_stored(fm.B, fm.sq_norms, fm.b_grams, weights, sol.a_index, sol.b_index, fmt, stored if stored is not None else stored_A(fm, sol, fmt))
 
 
-def fit_to_stored(B: torch.Tensor, sq_norms: torch.Tensor, weights: torch.Tensor, a_index: list[int], b_index: list[int], fmt: NumberFormat, stored: StoredA) -> tuple[MergedModule, torch.Tensor]:
+def fit_to_stored(B: torch.Tensor, sq_norms: torch.Tensor, b_grams: torch.Tensor, weights: torch.Tensor, a_index: list[int], b_index: list[int], fmt: NumberFormat, stored: StoredA) -> tuple[MergedModule, torch.Tensor]:
     """:func:`fit_stored` given the stored A's: it needs of the tasks only their ``B`` (T, d_out, r,
-    as ``factor_space`` stacks them) and ``sq_norms`` (``FactoredModule.sq_norms``), not the factored
-    space, so a module whose A's were stored earlier is built without it."""
+    as ``factor_space`` stacks them), ``sq_norms`` and ``b_grams`` (``FactoredModule.sq_norms``,
+    ``.b_grams``), not the factored space, so a module whose A's were stored earlier is built without it."""
     w = weights.to(DTYPE)
     B_st: list[StoredFactor] = []
     errors = torch.zeros(B.shape[0], dtype=DTYPE)
-    for tasks, local, Bc, Bh in _fitted_chunks(B, w, b_index, stored):
-        factors, values = StoredFactor.encode_stack(Bh, fmt, transposed=True)
+    for chunk in _fitted_chunks(B, w, b_index, stored):
+        factors, values = StoredFactor.encode_stack(chunk.fitted, fmt, transposed=True)
         B_st += factors
-        _chunk_errors(errors, Bc, sq_norms, w, stored, tasks, local, values)
+        _chunk_errors(errors, chunk, sq_norms, b_grams, w, stored, values)
     module = MergedModule(shape=(B.shape[1], stored.factors[0].shape[1]), a_index=list(a_index), b_index=list(b_index), A=stored.factors, B=B_st)
     return module, errors
 
@@ -465,9 +485,9 @@ def stored_errors(fm: FactoredModule, weights: torch.Tensor, sol: LayoutSolution
     without splitting them into the module's factors."""
     w = weights.to(DTYPE)
     errors = torch.zeros(fm.n_tasks, dtype=DTYPE)
-    for tasks, local, Bc, Bh in _fitted_chunks(fm.B, w, sol.b_index, stored):
-        values = StoredFactor.quantise_stack(Bh, fmt, transposed=True, codes=False)[1].transpose(1, 2)
-        _chunk_errors(errors, Bc, fm.sq_norms, w, stored, tasks, local, values)
+    for chunk in _fitted_chunks(fm.B, w, sol.b_index, stored):
+        values = StoredFactor.quantise_stack(chunk.fitted, fmt, transposed=True, codes=False)[1].transpose(1, 2)
+        _chunk_errors(errors, chunk, fm.sq_norms, fm.b_grams, w, stored, values)
     return errors
 
 
@@ -477,25 +497,56 @@ def _runs(n: int, row_bytes: int) -> Iterator[tuple[int, int]]:
     return ((lo, min(n, lo + per)) for lo in range(0, n, per))
 
 
-def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> Iterator[tuple[list[int], list[int], torch.Tensor, torch.Tensor]]:
+@dataclass
+class _Chunk:
+    """A few B-groups' least-squares B's (:func:`_fitted_chunks`): ``tasks``, ``local[i]`` the group of
+    ``tasks[i]`` within the chunk, ``B`` the tasks' own B's, ``fitted`` the groups' float32 B^'s and,
+    with a B per task, ``coef`` their ``K_t`` (``fitted[i] = B[i] coef[i]``, :func:`_own_coef`)."""
+
+    tasks: list[int]
+    local: list[int]
+    B: torch.Tensor
+    fitted: torch.Tensor
+    coef: torch.Tensor | None
+
+
+def _fitted_chunks(B: torch.Tensor, w: torch.Tensor, b_index: list[int], a: StoredA) -> Iterator[_Chunk]:
     """The least-squares B's (float32, as :func:`_solve_B` gives them) for the stored A's, a few
-    B-groups at a time: ``(tasks, local, B_tasks, B^_groups)`` per chunk, ``tasks`` the chunk's
-    tasks, ``local[i]`` the group of ``tasks[i]`` within the chunk. Each group's least squares
-    involves only its own tasks, so the chunks give what one call on all groups gives, group by group."""
+    B-groups at a time. Each group's least squares involves only its own tasks, so the chunks give
+    what one call on all groups gives, group by group."""
     k_b, (T, d_out, _) = max(b_index) + 1, B.shape
+    own = b_index == list(range(T))  # a B per task (one group of one task in a chunk is not: it is solved as groups are)
     for g0, g1 in _runs(k_b, 4 * d_out * max(a.gram.shape[-1], 1)):
         tasks = [t for t in range(T) if g0 <= b_index[t] < g1]
         local = [b_index[t] - g0 for t in tasks]
-        Bc = _take(B, tasks)
-        yield tasks, local, Bc, _solve_B(Bc, w[tasks], a.cross[tasks], a.gram, [a.index[t] for t in tasks], local, g1 - g0).float()
+        Bc, index = _take(B, tasks), [a.index[t] for t in tasks]
+        if own:  # _solve_B's own branch, keeping K_t
+            coef = _own_coef(a.cross[tasks], a.gram, index)
+            yield _Chunk(tasks, local, Bc, (coef.transpose(1, 2) @ Bc.transpose(1, 2)).transpose(1, 2).float(), coef)
+        else:
+            yield _Chunk(tasks, local, Bc, _solve_B(Bc, w[tasks], a.cross[tasks], a.gram, index, local, g1 - g0).float(), None)
 
 
-def _chunk_errors(out: torch.Tensor, Bc: torch.Tensor, sq_norms: torch.Tensor, w: torch.Tensor, a: StoredA, tasks: list[int], local: list[int], values: torch.Tensor) -> None:
-    """:func:`_errors` of a chunk's ``tasks`` into ``out``, a few tasks at a time (``values[local[i]]``:
-    the stored B of ``tasks[i]``)."""
+def _chunk_errors(out: torch.Tensor, chunk: _Chunk, sq_norms: torch.Tensor, b_grams: torch.Tensor, w: torch.Tensor, a: StoredA, values: torch.Tensor) -> None:
+    """:func:`_errors` of a chunk's tasks into ``out``, a few tasks at a time (``values[local[i]]``:
+    the stored B of ``tasks[i]``).
+
+    With a B per task, the fit's normal equations ``F_t gram_t = B_t cross_t`` (``F_t = B_t K_t``, the
+    float B^, ``gram_t`` the gram of the task's A-group) split the error of the stored ``F_t + E_t``
+    into the fit's and the rounding's (the cross terms cancel):
+    ``||B_t A_t - (F_t + E_t) A^||^2 = ||dW_t||^2 - tr(K_t^T (B_t^T B_t) cross_t) + tr(E_t^T E_t gram_t)``:
+    r x r' products and the rounding's own Gram, with no product of the tasks' B's with B^
+    (``b_grams``: the tasks' ``B_t^T B_t``)."""
+    tasks, local = chunk.tasks, chunk.local
     for lo, hi in _runs(len(tasks), 4 * values.shape[1] * values.shape[2]):
-        ts, ls = tasks[lo:hi], local[lo:hi]
-        out[ts] = _errors(Bc[lo:hi], sq_norms[ts], w[ts], a.cross[ts], a.gram, [a.index[t] for t in ts], _take(values, ls))
+        ts, ls, index = tasks[lo:hi], local[lo:hi], [a.index[t] for t in tasks[lo:hi]]
+        if chunk.coef is None:
+            out[ts] = _errors(chunk.B[lo:hi], sq_norms[ts], w[ts], a.cross[ts], a.gram, index, values[min(ls) : max(ls) + 1], [x - min(ls) for x in ls])
+            continue
+        K, E = chunk.coef[lo:hi], (values[lo:hi] - chunk.fitted[lo:hi]).transpose(1, 2).contiguous()  # one layout, whichever the values came in
+        fit = ((b_grams[ts] @ K) * a.cross[ts]).sum((1, 2))
+        rounding = ((E @ E.transpose(1, 2)) * a.gram[index]).sum((1, 2))
+        out[ts] = w[ts] * (sq_norms[ts] - fit + rounding).clamp_min(0)
 
 
 def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -513,7 +564,7 @@ def stored_error(fm: FactoredModule, weights: torch.Tensor, module: MergedModule
     for i, f in enumerate(module.B):
         B[i, :, : f.shape[1]] = f.values().to(DTYPE)
     cross, gram, index = _stored_products(fm, A, module.a_index)
-    return _errors(fm.B, fm.sq_norms, weights.to(DTYPE), cross, gram, index, B[module.b_index])
+    return _errors(fm.B, fm.sq_norms, weights.to(DTYPE), cross, gram, index, B, _groups_or_none(module.b_index))
 
 
 def quantisation_noise(fm: FactoredModule, weights: torch.Tensor, fmt: NumberFormat, sol: LayoutSolution) -> float:

@@ -32,7 +32,8 @@ Key = tuple[int, int, str, int]
 
 
 class StoredASpill:
-    """Per module: the tasks' ``sq_norms`` and the encoded A's of each key, in ``folder``."""
+    """Per module: the tasks' ``sq_norms`` and ``b_grams`` (``FactoredModule``'s) and the encoded A's
+    of each key, in ``folder``."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -40,8 +41,8 @@ class StoredASpill:
     def _path(self, module: int) -> Path:
         return self.folder / f"{module}.safetensors"
 
-    def put(self, module: int, sq_norms: torch.Tensor, stored: dict[Key, StoredA]) -> None:
-        tensors: dict[str, torch.Tensor] = {"sq_norms": sq_norms.contiguous()}
+    def put(self, module: int, sq_norms: torch.Tensor, b_grams: torch.Tensor, stored: dict[Key, StoredA]) -> None:
+        tensors: dict[str, torch.Tensor] = {"sq_norms": sq_norms.contiguous(), "b_grams": b_grams.contiguous()}
         keys = []
         for i, (key, a) in enumerate(stored.items()):
             tensors[f"{i}.cross"], tensors[f"{i}.gram"] = a.cross.contiguous(), a.gram.contiguous()
@@ -51,7 +52,7 @@ class StoredASpill:
             keys.append({"key": list(key), "factors": len(a.factors), "shape": list(a.factors[0].shape) if a.factors else None})
         save_file(tensors, str(self._path(module)), metadata={"keys": json.dumps(keys)})
 
-    def get(self, module: int, wanted: set[Key]) -> tuple[torch.Tensor, dict[Key, StoredA]] | None:
+    def get(self, module: int, wanted: set[Key]) -> tuple[torch.Tensor, torch.Tensor, dict[Key, StoredA]] | None:
         """What :meth:`put` wrote for ``module``, the ``wanted`` keys only (the others are not
         read), or None if nothing was written."""
         path = self._path(module)
@@ -69,4 +70,4 @@ class StoredASpill:
                 parts = {part: f.get_tensor(f"{i}.{part}").chunk(n) for part in fmt.encoded_shapes(1, 1)} if n else {}  # the tensor names this format writes
                 factors = [StoredFactor(fmt, {part: chunks[j] for part, chunks in parts.items()}, tuple(entry["shape"]), False) for j in range(n)]
                 stored[(k_a, k_b, fmt_label, a_rows)] = StoredA(factors, f.get_tensor(f"{i}.cross"), f.get_tensor(f"{i}.gram"), f.get_tensor(f"{i}.index").tolist())
-            return f.get_tensor("sq_norms"), stored
+            return f.get_tensor("sq_norms"), f.get_tensor("b_grams"), stored
