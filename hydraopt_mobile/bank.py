@@ -107,8 +107,9 @@ class MergedBank:
     def file_specs(self) -> dict[str, list[TensorSpec]]:
         """Per file, the tensors it holds; files that would hold none are not written."""
         files: dict[str, list[TensorSpec]] = {}
-        for file, _, specs in self.packed():
-            files.setdefault(file, []).extend(specs)
+        for m, module in enumerate(self.modules.values()):
+            for file, specs in _placed_specs(self.tasks, m, module):
+                files.setdefault(file, []).extend(specs)
         return files
 
     def file_bytes(self) -> dict[str, int]:
@@ -169,13 +170,23 @@ def relative_from_sums(tasks: list[str], err: torch.Tensor, ref: torch.Tensor) -
 def packed_module(tasks: list[str], m: int, module: MergedModule) -> Iterator[tuple[str, dict[str, torch.Tensor], list[TensorSpec]]]:
     """:meth:`MergedBank.packed` for the module at index ``m`` (no tensors for a factor whose data
     was already written away, :meth:`StoredFactor.spilled`)."""
+    for file, kind, index, f in _placed(tasks, module):
+        yield file, {factor_key(m, kind, index, part): t.contiguous() for part, t in f.data.items()}, factor_specs(m, kind, index, f.fmt, *f.vectors_shape)
+
+
+def _placed_specs(tasks: list[str], m: int, module: MergedModule) -> Iterator[tuple[str, list[TensorSpec]]]:
+    """:func:`packed_module`'s files and specs, without touching the tensors."""
+    for file, kind, index, f in _placed(tasks, module):
+        yield file, factor_specs(m, kind, index, f.fmt, *f.vectors_shape)
+
+
+def _placed(tasks: list[str], module: MergedModule) -> Iterator[tuple[str, str, int | None, StoredFactor]]:
+    """``(file, kind, index in the shared file, factor)`` of every factor that stores something."""
     for kind, factors in (("A", module.A), ("B", module.B)):
         for i, f in enumerate(factors):
             file, index = factor_file(tasks, module.a_index if kind == "A" else module.b_index, i)
-            if not f.vectors_shape[0]:  # a rank-0 factor (a task without this module) stores nothing
-                continue
-            tensors = {factor_key(m, kind, index, part): t.contiguous() for part, t in f.data.items()}
-            yield file, tensors, factor_specs(m, kind, index, f.fmt, *f.vectors_shape)
+            if f.vectors_shape[0]:  # a rank-0 factor (a task without this module) stores nothing
+                yield file, kind, index, f
 
 
 def single_adapter_module(factors: LoraFactors, n_tasks: int, fmt: NumberFormat) -> MergedModule:

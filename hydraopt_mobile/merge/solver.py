@@ -146,7 +146,8 @@ def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor]], fm: FactoredModule, top: int) -> list[RowSpace]:
     """Top right singular vectors (rows, descending) and squared singular values of each block
-    ``X = L a[members]``, from the eigendecomposition of the smaller of ``X^T X`` and ``X X^T`` (BLAS ``syrk``, lapack.gram).
+    ``X = L a[members]``, from the eigendecomposition of the smaller of ``X^T X`` and ``X X^T`` (of one block by BLAS
+    ``syrk``, lapack.gram; of many small ones by one batched product).
 
     Through ``X X^T = U diag(lam) U^T``: ``vh = diag(lam)^(-1/2) U^T X`` (rows of zero ``lam``
     set to 0), i.e. ``coef = diag(lam)^(-1/2) U^T L`` on the members' own A's. Blocks of equal
@@ -158,10 +159,10 @@ def _top_singular(blocks: list[tuple[list[int], list[torch.Tensor], torch.Tensor
     for (height, _), ids in by_shape.items():
         Xs = torch.stack([blocks[i][2] for i in ids])
         if height >= fm.q:
-            lam, V = _top_eigh(torch.stack([gram_of(x) for x in Xs]), top)
+            lam, V = _top_eigh(gram_of(Xs[0]).unsqueeze(0) if len(ids) == 1 else Xs.transpose(1, 2) @ Xs, top)
             out.update({i: RowSpace(V[j].T.contiguous(), lam[j].clamp_min(0), blocks[i][0], None) for j, i in enumerate(ids)})
             continue
-        lam, U = _top_eigh(torch.stack([gram_of(x, rows=True) for x in Xs]), top)
+        lam, U = _top_eigh(gram_of(Xs[0], rows=True).unsqueeze(0) if len(ids) == 1 else Xs @ Xs.transpose(1, 2), top)
         Ut = U.transpose(1, 2)
         vh = Ut @ Xs
         norms = vh.norm(dim=2, keepdim=True)
