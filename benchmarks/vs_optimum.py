@@ -23,9 +23,11 @@ Hugging Face folder. The tools export that folder, each from its own venv
   exporter's graph.
 
 Ours are the switchable exports (every task's slots as run-time data, ``--task`` active) of the
-one-adapter-per-task bank of all suite tasks: ExecuTorch ``8da4w`` (twice: ``custom-ops`` attention,
+one-adapter-per-task bank of all suite tasks: ExecuTorch ``8da4w`` (``custom-ops`` attention,
 ExecuTorch's LLM kernels as optimum uses them, and ``portable``, transformers' attention as aten ops:
-``exporters/et_attention.py``) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``; and our ExecuTorch 8da4w
+``exporters/et_attention.py``, both with the padded slot signature ``q_proj,v_proj:16`` that lets
+every bank reuse one program; and ``custom-ops`` with the bank's own signature, rank 8, what
+``hydraopt export`` makes by default) and ONNX ``fp32`` / ``int4`` / ``int4-mixed``; and our ExecuTorch 8da4w
 (custom-ops) export with ``--task`` merged into the weights instead of slots (``merged_task``), the
 reference of ``slot_overhead_pct`` (issue 15: the switchable slots' decode time against the same
 export with the task merged in, timed in the same rounds). Every program runs on the same runtime in this process (ExecuTorch 1.5.1's Python
@@ -93,6 +95,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "vs_optimum.json"
 PROFILE = ROOT / "benchmarks" / "results" / "vs_optimum_et_profile.json"
 MAX_CACHE_LEN = 256  # ours (exporters.export.DEFAULT_MAX_CACHE_LEN) and the tools' --max_seq_len
 ET_SLOTS = "q_proj,v_proj:16"  # the signature of the cached ExecuTorch 8da4w program (export_reuse); rank-8 adapters fit it
+OWN = "bank's own"  # no --slots: the bank's own signature (rank 8 here), hydraopt export's default
 ET_ATTENTIONS = ("custom-ops", "portable")  # exporters/et_attention.py
 
 
@@ -196,25 +199,28 @@ def export_optimum_onnx(hf: Path, out: Path, notes: dict) -> dict[str, Path]:
 
 def our_exports(work: Path, bank, task: str) -> dict[tuple[str, str, str | None, bool], Path]:
     """Our exports of the one-adapter-per-task bank (switchable programs from the cache when there):
-    (format, quant, ExecuTorch attention or None, merged) -> folder. ExecuTorch 8da4w switchable twice:
-    with ExecuTorch's LLM kernels (``custom-ops``, the default) and with transformers' attention as
-    aten ops (``portable``, for runtimes without those kernels); and once more with ``task`` merged
-    into the weights instead of slots (``merged_task``, custom-ops), the reference of the slots'
-    decode overhead (``slot_overhead_pct``)."""
+    (format, quant, ExecuTorch attention or None, merged, slot signature) -> folder. ExecuTorch 8da4w
+    switchable three times: with ExecuTorch's LLM kernels (``custom-ops``, the default) and with
+    transformers' attention as aten ops (``portable``, for runtimes without those kernels), both at the
+    padded signature ``ET_SLOTS`` that lets other banks reuse the program, and with custom-ops at the
+    bank's own signature (:data:`OWN`: what ``hydraopt export`` makes by default); and once more with
+    ``task`` merged into the weights instead of slots (``merged_task``, custom-ops), the reference of
+    the slots' decode overhead (``slot_overhead_pct``)."""
     model_dir = base_model_dir()
-    plan = {("executorch", "8da4w", "custom-ops", False): ET_SLOTS, ("executorch", "8da4w", "custom-ops", True): None,
-            ("executorch", "8da4w", "portable", False): ET_SLOTS}
-    plan.update({("onnx", q, None, False): None for q in ("fp32", "int4", "int4-mixed")})
+    plan = {("executorch", "8da4w", "custom-ops", False, ET_SLOTS): ET_SLOTS, ("executorch", "8da4w", "custom-ops", True, None): None,
+            ("executorch", "8da4w", "portable", False, ET_SLOTS): ET_SLOTS, ("executorch", "8da4w", "custom-ops", False, OWN): None}
+    plan.update({("onnx", q, None, False, OWN): None for q in ("fp32", "int4", "int4-mixed")})
     out = {}
-    for (fmt, quant, attention, merged), slots in plan.items():
-        folder = work / (f"ours-{fmt}-{quant}" + (f"-{attention}" if attention else "") + (f"-merged-{task}" if merged else ""))
+    for (fmt, quant, attention, merged, signature), slots in plan.items():
+        own_et = fmt == "executorch" and signature == OWN  # named apart from the padded program (the folder names before it)
+        folder = work / (f"ours-{fmt}-{quant}" + (f"-{attention}" if attention else "") + (f"-merged-{task}" if merged else "") + ("-own-signature" if own_et else ""))
         if not (folder / "manifest.json").is_file():
             print(f"[vs_optimum] ours: export {folder.name}", flush=True)
             t0 = time.time()
             export_bank(bank, model_dir, fmt, quant, folder, slots=slots, attention=attention, merged_task=task if merged else None)
             print(f"[vs_optimum] ours: {folder.name} in {time.time() - t0:.0f} s, phases (s) "
                   f"{Manifest.read(folder).extra['phases_s']}", flush=True)
-        out[(fmt, quant, attention, merged)] = folder
+        out[(fmt, quant, attention, merged, signature)] = folder
     return out
 
 
@@ -296,9 +302,9 @@ def _runners(work: Path, bank, task: str, threads: int, missing: list[str]) -> l
     export that is not there is named in ``missing`` instead."""
     ours = our_exports(work, bank, task)
     rows = []
-    for (fmt, quant, attention, merged), folder in ours.items():
+    for (fmt, quant, attention, merged, signature), folder in ours.items():
         session = open_export(folder, threads)
-        rows.append({"tool": "hydraopt-mobile", "runtime": session.manifest.runtime, "quant": quant, "runner": session,
+        rows.append({"tool": "hydraopt-mobile", "runtime": session.manifest.runtime, "quant": quant, "runner": session, "signature": signature,
                      "program_bytes": Manifest.read(folder).bytes_of("program"), "export": folder.name, "switchable": not merged,
                      "attention": attention, "export_phases_s": Manifest.read(folder).extra.get("phases_s")})
     et_pte = next((work / "optimum-executorch").glob("*.pte"), None)
@@ -447,7 +453,7 @@ def _records(rows: list[dict], task: str) -> list[dict]:
     out = []
     for r in rows:
         ref = by_key.get(ref_quant.get((r["runtime"], r["quant"]), ("", ""))) if r["tool"] == "hydraopt-mobile" else None
-        rec = {k: r.get(k) for k in ("tool", "runtime", "quant", "attention", "decode_ms_per_token", "program_bytes", "score", "export",
+        rec = {k: r.get(k) for k in ("tool", "runtime", "quant", "attention", "signature", "decode_ms_per_token", "program_bytes", "score", "export",
                                      "switchable", "interface", "export_phases_s")}
         rec.update({"task": task, "n_examples": len(r["per_example"]), "threads": 1, "runs_ms_per_token": r.get("runs_ms_per_token"),
                     "task_bytes": r["runner"].manifest.task_bytes(task) if r["switchable"] else 0})
@@ -460,7 +466,7 @@ def _records(rows: list[dict], task: str) -> list[dict]:
                 "score_drop_vs_optimum": drop["drop_points"], "score_drop_vs_optimum_ci95": drop["drop_points_ci95"],
             })
         portable = next((p for p in rows if p["tool"] == "hydraopt-mobile" and p["runtime"] == r["runtime"] and p["quant"] == r["quant"]
-                         and p.get("attention") == "portable"), None)
+                         and p.get("attention") == "portable" and p.get("signature") == r.get("signature")), None)
         if r["tool"] == "hydraopt-mobile" and r["switchable"] and r.get("attention") == "custom-ops" and portable is not None:
             drop = paired_drop({task: portable["per_example"]}, {task: r["per_example"]})
             rec.update({"score_drop_vs_portable": drop["drop_points"], "score_drop_vs_portable_ci95": drop["drop_points_ci95"],
@@ -482,7 +488,7 @@ def _markdown(records: list[dict], notes: dict) -> str:
     lines = ["# Our switchable exports vs what users would export instead (optimum-executorch, optimum-onnx)", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
     lines += ["", "Target (issue 15): our switchable 4-bit ExecuTorch export decodes within 10 % of optimum-executorch's merged 4-bit export.", ""]
-    rows = [[r["tool"], r["runtime"], r["quant"], r.get("attention") or "-", "yes" if r["switchable"] else "no (task merged)",
+    rows = [[r["tool"], r["runtime"], r["quant"], r.get("attention") or "-", f"yes, {r['signature']}" if r["switchable"] and r.get("signature") else ("yes" if r["switchable"] else "no (task merged)"),
              r["decode_ms_per_token"], None if r.get("decode_ratio_vs_optimum") is None else f"{r['decode_ratio_vs_optimum']:.3f} vs {r['vs']}",
              f"{r['program_bytes'] / 1e6:.1f}", f"{r['task_bytes'] / 1e3:.0f}" if r["task_bytes"] else "-", r["score"],
              None if r.get("score_drop_vs_optimum") is None else f"{r['score_drop_vs_optimum']:+.1f} [{r['score_drop_vs_optimum_ci95'][0]:+.1f}, {r['score_drop_vs_optimum_ci95'][1]:+.1f}]"]
@@ -492,7 +498,7 @@ def _markdown(records: list[dict], notes: dict) -> str:
                             rows, "lllllrlrrrl")
     for r in records:
         if r.get("slot_overhead_pct") is not None:
-            lines += ["", f"Slot overhead (issue 15 target: at most 5 %): our switchable {r['runtime']} {r['quant']} ({r['attention']} attention) "
+            lines += ["", f"Slot overhead (issue 15 target: at most 5 %): our switchable {r['runtime']} {r['quant']} ({r['attention']} attention, slots {r['signature']}) "
                           f"decodes {r['slot_overhead_pct']:+.1f} % against the same export with {r['task']} merged in ({r['slot_overhead_vs']})."]
         if r.get("score_drop_vs_portable") is not None:
             lo, hi = r["score_drop_vs_portable_ci95"]
@@ -579,7 +585,8 @@ def main() -> None:
                     "on the same examples, 95 % paired bootstrap",
         "timing": None if args.no_timing else f"ms/token over {args.tokens} decode steps after a 16-token prefill, exports taking turns, "
                   f"median of {args.rounds} rounds, 1 thread, {platform.machine()} 2 cores",
-        "our_executorch_signature": f"{ET_SLOTS} (the rank-8 adapters are zero-padded)",
+        "our_executorch_signature": f"{ET_SLOTS} (the rank-8 adapters are zero-padded: one program for every bank) and, custom-ops only, "
+                                    f"{OWN} (rank 8: hydraopt export's default)",
         "our_executorch_attention": "custom-ops: ExecuTorch's llama::update_cache + llama::custom_sdpa kernels (the default); portable: "
                                     "transformers' static cache and SDPA as aten ops (runtimes without the LLM custom ops); "
                                     "exporters/et_attention.py; export_phases_s: each export's lowering phases (s) when it was made",
