@@ -10,6 +10,11 @@ r_v columns, zero elsewhere (``B A x = [B_q A_q x; 0; B_v A_v x]``), added to th
 the split. The attention's forward is transformers' ``LlamaAttention.forward`` with the three
 projections replaced by that (:func:`fused_forward`).
 
+A third form keeps q, k and v apart and stacks only the A's of q and v, which read the same input:
+one Linear ``[A_q; A_v] x`` per layer, split, then ``B_q`` and ``B_v`` as their own Linears into q and v
+(``qv_a_forward``): 90 run-time-weight Linears per token instead of 120, with no zero blocks (the
+stacked ``B`` above is what XNNPACK has to pack on every call). ``--forms`` picks the programs.
+
 Programs timed side by side (token by token, order alternating, two fresh processes with opposite
 open orders, rounds pooled, as slot_overhead.py does), all ``8da4w``, custom-ops attention:
 the switchable export as it is (``SWITCHABLE_EXPORT``, a cached program), the same base model with
@@ -17,7 +22,7 @@ the switchable export as it is (``SWITCHABLE_EXPORT``, a cached program), the sa
 stacked switchable program with the task's slots (the same decoded arrays, stacked). The check:
 the stacked program's logits against the switchable export's, same task, same tokens.
 
-    python benchmarks/et_slot_forms.py SWITCHABLE_EXPORT --lock /work/runs/cpu.lock
+    python benchmarks/et_slot_forms.py SWITCHABLE_EXPORT --lock /work/runs/cpu.lock [--forms merged/as-exported,switchable/qv-a-stacked]
 
 Writes benchmarks/results/et_slot_forms.{json,md}.
 """
@@ -87,6 +92,68 @@ def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=
     return self.o_proj(attn_output), attn_weights
 
 
+def qv_a_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """transformers 5.x ``LlamaAttention.forward`` with q and v's slots sharing one A Linear
+    (``qv_slot``: ``lora_a = [A_q; A_v]``, then ``q.lora_b`` and ``v.lora_b``)."""
+    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
+
+    cache = kwargs.pop("past_key_values", cache)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    h_q, h_v = nn.functional.linear(hidden_states, self.qv_slot.lora_a).split(self.qv_ranks, dim=-1)
+    q = self.q_proj(hidden_states) + nn.functional.linear(h_q, self.qv_slot.q.lora_b)
+    v = self.v_proj(hidden_states) + nn.functional.linear(h_v, self.qv_slot.v.lora_b)
+    query_states = q.reshape(hidden_shape).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).reshape(hidden_shape).transpose(1, 2)
+    value_states = v.reshape(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    if cache is not None:
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+class _B(nn.Module):
+    def __init__(self, d_out: int, rank: int) -> None:
+        super().__init__()
+        self.register_buffer("lora_b", torch.zeros(d_out, rank))
+
+
+class QVSlots(nn.Module):
+    """``lora_a = [A_q; A_v]``, ``q.lora_b``, ``v.lora_b``: the leaf names the exporter treats as slots."""
+
+    def __init__(self, r_q: int, r_v: int, d_in: int, d_q: int, d_v: int) -> None:
+        super().__init__()
+        self.register_buffer("lora_a", torch.zeros(r_q + r_v, d_in))
+        self.q, self.v = _B(d_q, r_q), _B(d_v, r_v)
+
+
+def stack_qv_a(model: nn.Module, ranks: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Every attention of ``model`` in the A-stacked form (module docstring); returns the slot shapes (program order)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        d_in, d_q, d_v = attn.q_proj.in_features, attn.q_proj.out_features, attn.v_proj.out_features
+        attn.qv_slot, attn.qv_ranks = QVSlots(*ranks, d_in, d_q, d_v), ranks
+        p = f"model.layers.{i}.self_attn.qv_slot."
+        shapes.update({p + "lora_a": (sum(ranks), d_in), p + "q.lora_b": (d_q, ranks[0]), p + "v.lora_b": (d_v, ranks[1])})
+        attn.forward = types.MethodType(qv_a_forward, attn)
+    return shapes
+
+
+def qv_a_stacked(slots: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    """The A-stacked form's slot arrays (:func:`stack_qv_a`'s order) from a task's per-module slot arrays."""
+    out = {}
+    for i in range(n_layers):
+        p = f"model.layers.{i}.self_attn."
+        out[p + "qv_slot.lora_a"] = np.ascontiguousarray(np.concatenate([slots[p + "q_proj.lora_a"], slots[p + "v_proj.lora_a"]]))
+        out[p + "qv_slot.q.lora_b"], out[p + "qv_slot.v.lora_b"] = slots[p + "q_proj.lora_b"], slots[p + "v_proj.lora_b"]
+    return out
+
+
 class SlotPair(nn.Module):
     def __init__(self, rank: int, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -133,8 +200,12 @@ def stacked(slots: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray
     return out
 
 
-def build(work: Path, switchable: Path, task: str) -> dict:
-    """The three programs of the comparison (reused when present) and each one's slot arrays."""
+FORMS = ("merged/as-exported", "merged/qkv", "switchable/qkv-stacked", "switchable/qv-a-stacked")
+
+
+def build(work: Path, switchable: Path, task: str, forms: tuple[str, ...] = FORMS) -> dict:
+    """The programs of the comparison (``forms`` beside the switchable export; reused when present)
+    and each one's slot arrays."""
     work.mkdir(parents=True, exist_ok=True)
     session = open_export(switchable, threads=1)
     session.set_task(task)
@@ -143,19 +214,23 @@ def build(work: Path, switchable: Path, task: str) -> dict:
     del session
     np.savez(work / "slots.npz", **slots)
     np.savez(work / "stacked.npz", **stacked(slots, n_layers))
+    np.savez(work / "qv_a.npz", **qv_a_stacked(slots, n_layers))
     rank_q = slots["model.layers.0.self_attn.q_proj.lora_a"].shape[0]
     rank_v = slots["model.layers.0.self_attn.v_proj.lora_a"].shape[0]
     plan = {"switchable/as-exported": {"program": str(switchable / "model.pte"), "slots": str(work / "slots.npz")}}
-    for key, fused, with_slots in (("merged/as-exported", False, False), ("merged/qkv", True, False), ("switchable/qkv-stacked", True, True)):
+    for key, form, with_slots in (("merged/as-exported", None, False), ("merged/qkv", "qkv", False), ("switchable/qkv-stacked", "qkv", True),
+                                  ("switchable/qv-a-stacked", "qv-a", True)):
+        if key not in forms:
+            continue
         folder = work / key.replace("/", "-")
         folder.mkdir(exist_ok=True)
-        plan[key] = {"program": str(folder / "model.pte"), "slots": str(work / "stacked.npz") if with_slots else None}
+        plan[key] = {"program": str(folder / "model.pte"), "slots": str(work / ("stacked.npz" if form == "qkv" else "qv_a.npz")) if with_slots else None}
         if (folder / "model.pte").exists():
             continue
         model = load_causal_lm(base_model_dir())
         if not with_slots:
             merge_slots(model, slots)
-        shapes = fuse(model, (rank_q, rank_v) if with_slots else None) if fused else {}
+        shapes = fuse(model, (rank_q, rank_v) if with_slots else None) if form == "qkv" else (stack_qv_a(model, (rank_q, rank_v)) if form == "qv-a" else {})
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
         export_program(model, shapes, folder, QUANT, MAX_CACHE_LEN, phases)
@@ -207,7 +282,9 @@ def check(plan: dict) -> dict:
     """Logits of the stacked program against the switchable export's (same task, the same 8 tokens
     after the prefill), and the fused merged program's against the merged one's."""
     out = {}
-    for a, b in (("switchable/as-exported", "switchable/qkv-stacked"), ("merged/as-exported", "merged/qkv")):
+    for a, b in (("switchable/as-exported", "switchable/qkv-stacked"), ("merged/as-exported", "merged/qkv"), ("switchable/as-exported", "switchable/qv-a-stacked")):
+        if a not in plan or b not in plan:
+            continue
         logits = []
         for key in (a, b):
             p = Program(plan[key]["program"], plan[key]["slots"])
@@ -219,7 +296,7 @@ def check(plan: dict) -> dict:
     return out
 
 
-REFERENCE = {"switchable/as-exported": "merged/as-exported", "switchable/qkv-stacked": "merged/qkv"}
+REFERENCE = {"switchable/as-exported": "merged/as-exported", "switchable/qkv-stacked": "merged/qkv", "switchable/qv-a-stacked": "merged/as-exported"}
 
 
 def main() -> None:
@@ -230,6 +307,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path("/tmp/et_slot_forms"))
     ap.add_argument("--lock", type=Path)
+    ap.add_argument("--forms", default=",".join(FORMS), help=f"programs to build beside the switchable export (comma-separated; all: {','.join(FORMS)}); merged/as-exported is every switchable one's reference unless merged/qkv is")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "et_slot_forms.json")
     ap.add_argument("--time-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
@@ -239,21 +317,25 @@ def main() -> None:
         return
     fd = open_lock(args.lock)
     with cpu_lock(fd, fcntl.LOCK_SH):
-        plan = build(args.work, args.switchable, args.task)
+        forms = tuple(f for f in args.forms.split(",") if f)
+        unknown = [f for f in forms if f not in FORMS]
+        if unknown:
+            raise SystemExit(f"--forms: unknown {unknown}; choose from {', '.join(FORMS)}")
+        plan = build(args.work, args.switchable, args.task, forms)
         checks = check(plan)
     (args.work / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, __file__, str(args.switchable), "--time-only", str(args.work / "plan.json"), "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
     times, conditions = time_in_two_processes(cmd, fd)
     rows = []
     for key in plan:
-        ref = REFERENCE.get(key)
+        ref = REFERENCE.get(key) if REFERENCE.get(key) in plan else None
         ratios = [a / b - 1 for a, b in zip(times[key], times[ref])] if ref else None
         ci = median_ci(ratios) if ratios else None
         rows.append({
             "program": key, "ms_per_token": round(statistics.median(times[key]), 3),
             "reference": ref, "overhead_pct": round(100 * statistics.median(ratios), 2) if ratios else None,
             "overhead_ci95_pct": [round(100 * ci[0], 2), round(100 * ci[1], 2)] if ci else None,
-            "vs_merged_as_exported_pct": round(100 * (statistics.median([a / b for a, b in zip(times[key], times["merged/as-exported"])]) - 1), 2),
+            "vs_merged_as_exported_pct": round(100 * (statistics.median([a / b for a, b in zip(times[key], times["merged/as-exported"])]) - 1), 2) if "merged/as-exported" in times else None,
             "export_seconds": plan[key].get("export_seconds"), **checks.get(key, {}),
         })
     record = {
@@ -268,7 +350,7 @@ def main() -> None:
     }
     cols = ["program", "ms/token", "reference", "overhead %", "95 % CI", "vs merged as exported %", "max logit diff, first step", "max logit diff, 8 steps", "argmax equal"]
     table = [[r["program"], r["ms_per_token"], r["reference"] or "-", "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.2f}",
-              "-" if r["overhead_ci95_pct"] is None else "[{:+.2f}, {:+.2f}]".format(*r["overhead_ci95_pct"]), f"{r['vs_merged_as_exported_pct']:+.2f}",
+              "-" if r["overhead_ci95_pct"] is None else "[{:+.2f}, {:+.2f}]".format(*r["overhead_ci95_pct"]), "-" if r["vs_merged_as_exported_pct"] is None else f"{r['vs_merged_as_exported_pct']:+.2f}",
               r.get("max_logit_diff_first_step", "-"), r.get("max_logit_diff_8_steps", "-"), r.get("argmax_equal", "-")] for r in rows]
     md = "# ExecuTorch slot decode cost with q/k/v fused and stacked slots (benchmarks/et_slot_forms.py)\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in record["notes"].items()) + "\n\n" + "\n".join(markdown_table(cols, table, "lrlrrrrrl")) + "\n"
     write_record(args.out, record, md)
