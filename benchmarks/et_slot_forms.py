@@ -70,41 +70,32 @@ def stacked_pair(a_q: np.ndarray, a_v: np.ndarray, b_q: np.ndarray, b_v: np.ndar
 def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """transformers 5.x ``LlamaAttention.forward`` with q, k, v from one Linear (``qkv_proj``) plus,
     when the attention has one, the stacked slot pair (``qkv_slot``)."""
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
-
     cache = kwargs.pop("past_key_values", cache)
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
     qkv = self.qkv_proj(hidden_states)
     if hasattr(self, "qkv_slot"):
         qkv = qkv + nn.functional.linear(nn.functional.linear(hidden_states, self.qkv_slot.lora_a), self.qkv_slot.lora_b)
     q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-    query_states = q.reshape(hidden_shape).transpose(1, 2)
-    key_states = k.reshape(hidden_shape).transpose(1, 2)
-    value_states = v.reshape(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-    if cache is not None:
-        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-    attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(attn_output), attn_weights
+    return _attend(self, q, k, v, position_embeddings, attention_mask, cache, kwargs)
 
 
 def qv_a_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """transformers 5.x ``LlamaAttention.forward`` with q and v's slots sharing one A Linear
     (``qv_slot``: ``lora_a = [A_q; A_v]``, then ``q.lora_b`` and ``v.lora_b``)."""
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
-
     cache = kwargs.pop("past_key_values", cache)
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
     h_q, h_v = nn.functional.linear(hidden_states, self.qv_slot.lora_a).split(self.qv_ranks, dim=-1)
     q = self.q_proj(hidden_states) + nn.functional.linear(h_q, self.qv_slot.q.lora_b)
     v = self.v_proj(hidden_states) + nn.functional.linear(h_v, self.qv_slot.v.lora_b)
+    return _attend(self, q, self.k_proj(hidden_states), v, position_embeddings, attention_mask, cache, kwargs)
+
+
+def _attend(self, q, k, v, position_embeddings, attention_mask, cache, kwargs):
+    """The rest of transformers 5.x ``LlamaAttention.forward`` once q, k and v (..., heads x head_dim) are computed."""
+    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
+
+    input_shape = q.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
     query_states = q.reshape(hidden_shape).transpose(1, 2)
-    key_states = self.k_proj(hidden_states).reshape(hidden_shape).transpose(1, 2)
+    key_states = k.reshape(hidden_shape).transpose(1, 2)
     value_states = v.reshape(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)

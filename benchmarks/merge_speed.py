@@ -5,7 +5,11 @@ ratio against a dense reference (the same closed form and ALS on dense d_out x d
 side by side in this script on the same modules. The dense reference is run on a few modules
 only (it takes minutes per module); the ratio is per module, like for like.
 
-    python benchmarks/merge_speed.py [--tasks 40] [--layers 16] [--dense-modules 2] [--threads 2]
+    python benchmarks/merge_speed.py [--tasks 40] [--layers 16] [--dense-modules 2] [--threads 2] [--rounds 1]
+
+``--rounds N`` merges N times in this process and reports the median (``merge_s_rounds`` has each
+round; every round must give the same file bytes); the default of one round is what
+merge_speed_side_by_side.py runs for each revision.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dense-modules", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="merges in a row; the median is reported")
     ap.add_argument("--out", type=Path, default=RESULTS / "merge_speed.json")
     args = ap.parse_args()
     probe = machine_probe()
@@ -90,10 +95,17 @@ def main() -> None:
         adapters = build_adapter_set([load_adapter(p) for p in paths])
         t_load = time.perf_counter() - t0
     budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.5)]
-    t0 = time.perf_counter()
-    with progress_bar("hydraopt: modules") as on_step:
-        banks = merge_budgets(adapters, MergeConfig("hydraopt"), budgets, on_step)
-    t_merge = time.perf_counter() - t0
+    rounds: list[float] = []
+    bytes_per_round: list[list[int]] = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        with progress_bar("hydraopt: modules") as on_step:
+            banks = merge_budgets(adapters, MergeConfig("hydraopt"), budgets, on_step)
+        rounds.append(time.perf_counter() - t0)
+        bytes_per_round.append([bank.total_file_bytes() for bank in banks])
+    if any(b != bytes_per_round[0] for b in bytes_per_round):
+        raise SystemExit(f"merge_speed: the rounds gave different file bytes: {bytes_per_round}")
+    t_merge = statistics.median(rounds)
     rss_merge = peak_rss_mb()
 
     # side by side, like for like: one shared A (closed form) and a 4-group ALS layout, r' = r
@@ -115,7 +127,8 @@ def main() -> None:
         "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": f"Llama-3.2-1B attention (hidden 2048, kv 512), {args.layers} layers, q/k/v/o", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "machine_probe": probe},
         "load_average_1_5_15": os.getloadavg(),  # other processes on the same 2 cores slow every number here
         "load_s": t_load,
-        "merge_s_three_budgets": t_merge,
+        "merge_s_three_budgets": t_merge,  # the median of merge_s_rounds
+        "merge_s_rounds": rounds,
         "peak_rss_mb": rss_merge,
         "peak_rss_mb_before_merge": rss_before,
         "budgets": [
