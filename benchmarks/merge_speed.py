@@ -97,7 +97,9 @@ def main() -> None:
     budgets = [Budget(fraction=f) for f in (0.15, 0.3, 0.5)]
     rounds: list[float] = []
     bytes_per_round: list[list[int]] = []
+    banks: list = []
     for _ in range(args.rounds):
+        banks = []  # the previous round's banks are not kept through this one
         t0 = time.perf_counter()
         with progress_bar("hydraopt: modules") as on_step:
             banks = merge_budgets(adapters, MergeConfig("hydraopt"), budgets, on_step)
