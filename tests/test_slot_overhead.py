@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -72,6 +73,10 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     # pooled rounds of two processes: each round's ratio to the merged reference of the same round
     pooled = slot_overhead.rows_from_times("fp32", folders, "beta", {"merged": [10.0, 20.0, 10.0, 20.0], "none": [11.0, 20.0, 12.0, 24.0]})[0]
     assert abs(pooled["slot_overhead_pct"] - 15.0) < 1e-9 and pooled["merged_ms_per_token"] == 15.0
+    # each process's own median beside the pooled one: rounds 1-2 (+10 %, +0 %) and 3-4 (+20 %, +20 %)
+    split = slot_overhead.rows_from_times("fp32", folders, "beta", {"merged": [10.0, 20.0, 10.0, 20.0], "none": [11.0, 20.0, 12.0, 24.0]}, ["merged_first", "merged_last"])[0]
+    assert split["slot_overhead_pct_by_process"] == pytest.approx({"merged_first": 5.0, "merged_last": 20.0})
+    assert "+5.0 / +20.0" in slot_overhead.markdown([split], {"runtime": "ONNX Runtime"})
 
 
 def test_interleaved_times_every_session_every_round():
