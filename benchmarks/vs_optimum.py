@@ -197,7 +197,7 @@ def export_optimum_onnx(hf: Path, out: Path, notes: dict) -> dict[str, Path]:
     return {"fp32": fp32 / "model.onnx", "int4": int4 / "model.onnx"}
 
 
-def our_exports(work: Path, bank, task: str) -> dict[tuple[str, str, str | None, bool], Path]:
+def our_exports(work: Path, bank, task: str) -> dict[tuple[str, str, str | None, bool, str | None], Path]:
     """Our exports of the one-adapter-per-task bank (switchable programs from the cache when there):
     (format, quant, ExecuTorch attention or None, merged, slot signature) -> folder. ExecuTorch 8da4w
     switchable three times: with ExecuTorch's LLM kernels (``custom-ops``, the default) and with
@@ -207,11 +207,12 @@ def our_exports(work: Path, bank, task: str) -> dict[tuple[str, str, str | None,
     ``task`` merged into the weights instead of slots (``merged_task``, custom-ops), the reference of
     the slots' decode overhead (``slot_overhead_pct``)."""
     model_dir = base_model_dir()
-    plan = {("executorch", "8da4w", "custom-ops", False, ET_SLOTS): ET_SLOTS, ("executorch", "8da4w", "custom-ops", True, None): None,
-            ("executorch", "8da4w", "portable", False, ET_SLOTS): ET_SLOTS, ("executorch", "8da4w", "custom-ops", False, OWN): None}
-    plan.update({("onnx", q, None, False, OWN): None for q in ("fp32", "int4", "int4-mixed")})
+    plan = [("executorch", "8da4w", "custom-ops", False, ET_SLOTS), ("executorch", "8da4w", "custom-ops", True, None),
+            ("executorch", "8da4w", "portable", False, ET_SLOTS), ("executorch", "8da4w", "custom-ops", False, OWN)]
+    plan += [("onnx", q, None, False, OWN) for q in ("fp32", "int4", "int4-mixed")]
     out = {}
-    for (fmt, quant, attention, merged, signature), slots in plan.items():
+    for fmt, quant, attention, merged, signature in plan:
+        slots = None if signature in (None, OWN) else signature  # the --slots spec; None: the bank's own (a merged export has none)
         own_et = fmt == "executorch" and signature == OWN  # named apart from the padded program (the folder names before it)
         folder = work / (f"ours-{fmt}-{quant}" + (f"-{attention}" if attention else "") + (f"-merged-{task}" if merged else "") + ("-own-signature" if own_et else ""))
         if not (folder / "manifest.json").is_file():

@@ -19,6 +19,7 @@ are ``Q`` times that matrix's (tests: ``test_factored_gram_equals_stacked``).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -116,9 +117,9 @@ class FactoredModule:
     def shape(self) -> tuple[int, int]:
         return (self.B.shape[1], self.A.shape[2])
 
-    @property
+    @cached_property
     def b_grams(self) -> torch.Tensor:
-        """(T, r, r) ``B_t^T B_t = R_t^T R_t``."""
+        """(T, r, r) ``B_t^T B_t = R_t^T R_t``, once per module (every candidate's measurement reads it)."""
         return self.R.transpose(1, 2) @ self.R
 
     @property
