@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 from torch import nn
@@ -46,8 +46,7 @@ class Session(ABC):
         self.bank: BankSlots | None = None
         self.decoded: dict[str, TaskSlots] = {}  # task -> its decoded slots (slot -> fp32 array, manifest order)
         if self.manifest.slots:
-            self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "placement": self.manifest.placement,
-                                   "transposed": self.manifest.transposed, "bank": self.manifest.bank})
+            self.bank = BankSlots({"tasks": self.manifest.tasks, "slots": self.manifest.slots, "placement": self.manifest.placement, "bank": self.manifest.bank})
             shared = verified_shared_file(self.manifest, self.folder)
             self._decoded(lambda: self.bank.load_shared(shared), shared)
 
@@ -136,14 +135,6 @@ class ProgramSpec:
     attention: str | None = None  # ExecuTorch's attention kernels (exporters/et_attention.py; None: the default); others ignore it
 
 
-class ProgramSlots(NamedTuple):
-    """A program's slot inputs and how the module slots fill them (the manifest's fields of those names)."""
-
-    inputs: dict[str, tuple[int, int]]  # program slot input -> its shape, in program order
-    placement: list[list]  # [module slot, shape, program slot, first row, first column]: a module slot inside a program input that holds it with others, or transposed
-    transposed: list[str]  # program slot inputs stored as the transpose of the layout ``placement`` describes
-
-
 class Backend(Protocol):
     """One runtime's export format and session (see the module docstring)."""
 
@@ -157,9 +148,10 @@ class Backend(Protocol):
         path; adds each lowering phase's seconds to ``phases``."""
         ...
 
-    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> ProgramSlots:
-        """The program's slot inputs for the module slots ``shapes`` and where each module slot lies
-        in them (no placement: each module slot is its own input, as it is)."""
+    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
+        """(the program's slot inputs: name -> shape, placement) for the module slots ``shapes``:
+        placement entries ``[module slot, shape, program slot, first row, first column]`` say where
+        a module's slot lies in a program input that holds several (empty: each is its own input)."""
         ...
 
     def open_session(self, folder: Path, threads: int = 1) -> Session:

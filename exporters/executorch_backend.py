@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporters.backend import ProgramSlots, ProgramSpec, Session
+from exporters.backend import ProgramSpec, Session
 from exporters.et_attention import ATTENTIONS, DEFAULT_ATTENTION, register_custom_ops, use_custom_ops
 from exporters.et_lowering import fast_lowering
 from exporters.slots import SLOT_A, SLOT_B
@@ -336,10 +336,10 @@ class ExecuTorchBackend:
         return {"program": export_program(model, spec.slots, folder, spec.quant, spec.max_cache_len, phases,
                                           attention=spec.attention or DEFAULT_ATTENTION).name}
 
-    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> ProgramSlots:
+    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
         """The module slots as they are: one buffer pair per module (stacking q/k/v cost ExecuTorch
         more than it saved: XNNPACK packs a run-time weight per call, benchmarks/results/et_slot_forms.md)."""
-        return ProgramSlots(dict(shapes), [], [])
+        return dict(shapes), []
 
     def open_session(self, folder: Path, threads: int = 1) -> ExecuTorchSession:
         return ExecuTorchSession(folder, threads)

@@ -221,7 +221,7 @@ def export_bank(
         bar.update(step, description=f"export {fmt}/{quant}: program (cached, or lowered: ExecuTorch XNNPACK takes minutes)")
         program, how = _program(backend, model, ProgramSpec(shapes, quant, max_cache_len, attention), folder, key, fp32_key)
         files: list[FileEntry] = [file_entry(folder, rel, role) for role, rel in program.items()]
-        inputs, placement, transposed = backend.program_slots(model, shapes)
+        inputs, placement = backend.program_slots(model, shapes)
         bar.update(step, description=f"export {fmt}/{quant}: bank files")
         (folder / "bank").mkdir()
         bundle = write_bundle_files(bank, folder / "bank")
@@ -241,7 +241,6 @@ def export_bank(
             files=files,
             slots=[[name, list(shape)] for name, shape in inputs.items()],
             placement=placement,
-            transposed=transposed,
             signature=signature,
             bank={"modules": bundle["modules"], "layouts": bundle["layouts"]},
             task_files={} if merged_task is not None else {t: _task_files(bank, t) for t in bank.tasks},

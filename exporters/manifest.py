@@ -1,10 +1,9 @@
 """The manifest of an export: what each file is, its bytes and SHA-256, and which tensors a task fills.
 
-Version 4 (3: without ``transposed``; 2: without ``placement``): the data files are the bank's own bundle files under ``bank/`` (``shared.safetensors``,
+Version 3 (2: without ``placement``): the data files are the bank's own bundle files under ``bank/`` (``shared.safetensors``,
 loaded once, and ``tasks/<task>.safetensors``, read on each task load), so an export's data bytes
 are the bank's file bytes; ``slots`` lists the program's slot inputs, ``placement`` where a
-module's slot lies inside an input that stacks several (ONNX: q, k and v of one attention),
-``transposed`` the inputs stored as the transpose of that layout (ONNX: every q/k/v slot), ``bank``
+module's slot lies inside an input that stacks several (ONNX: q, k and v of one attention), ``bank``
 the bundle's ``modules`` and ``layouts`` that say which factor of which file fills which module slot.
 
 A task file is checked against the manifest (size, then SHA-256 of its bytes) before any runtime
@@ -24,7 +23,7 @@ from hydraopt_mobile.schemas import read_document
 from hydraopt_mobile.errors import UserError
 
 MANIFEST = "manifest.json"
-SCHEMA = "hydraopt-export/4"
+SCHEMA = "hydraopt-export/3"
 
 
 class TaskFileError(UserError):
@@ -54,7 +53,6 @@ class Manifest:
     files: list[FileEntry]
     slots: list  # [slot, shape] in program order: the program's LoRA slot inputs, fp32
     placement: list  # [module slot, shape, program slot, row, column]: a module slot inside a stacked input (exporters/onnx_fuse.py)
-    transposed: list[str]  # program slot inputs stored as the transpose of the layout ``placement`` gives them
     signature: dict[str, int]  # module -> rank
     bank: dict  # the bundle's "modules" and "layouts" (exporters/targets/device_runner.py: BankSlots)
     task_files: dict[str, list[str]]  # task -> the data files it reads (the shared file once for all)

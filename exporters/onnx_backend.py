@@ -27,7 +27,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.backend import ProgramSlots, ProgramSpec, Session
+from exporters.backend import ProgramSpec, Session
 from exporters.onnx_fuse import fuse_qkv, stacked_layout
 from exporters.onnx_quant import RECIPES, quantize
 from exporters.targets.device_runner import OrtDecoder, TaskSlots, open_ort_session
@@ -171,9 +171,9 @@ class OnnxBackend:
         """``model.onnx`` (its KV cache is dynamic: ``max_cache_len`` does not apply)."""
         return {"program": export_program(model, spec.slots, folder, spec.quant, phases).name}
 
-    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> ProgramSlots:
-        """The q/k/v slots of the fused form, stacked and transposed, and where each module slot lies
-        in them (``exporters/onnx_fuse.py``)."""
+    def program_slots(self, model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
+        """The stacked q/k/v slots of the fused form and where each module slot lies in them
+        (``exporters/onnx_fuse.py``)."""
         return stacked_layout(model, shapes)
 
     def derive_program(self, fp32_program: Path, spec: ProgramSpec, folder: Path, phases: dict[str, float]) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""ONNX programs with each attention's q, k and v projections as one MatMul and their LoRA slots read
-by one MatMul for all A's (a trial layout: benchmarks/results/onnx_slot_layouts.md).
+"""ONNX programs with each attention's q, k and v projections as one MatMul and their LoRA slots as
+one stacked pair: the form ONNX Runtime decodes fastest (benchmarks/results/onnx_slot_forms.md).
 
 ONNX Runtime's cost of a slot is per node, not per multiply-add: as ``torch.onnx.export`` writes
 them, the q and v slots of a layer are ten nodes (per module a Transpose of each factor, two MatMul
@@ -10,23 +10,16 @@ and an Add) beside three projections, and rank-1 HydraOpt slots cost nearly what
   n_q + n_k + n_v)``) followed by a Split. A weight quantiser's blocks run along the input, so the
   quantised fused weight holds the same blocks and scales as the three would (``int4`` logits of the
   fused form are bit-identical: tests/test_onnx_slot_forms.py);
-- the A's of the slotted modules among those three become one input, stacked and stored transposed
-  (``[A_q; A_k; A_v]^T``, ``(d_in, r_q + r_k + r_v)``): one MatMul gives every module's ``A x``, a
-  Split hands each its ranks, and each module's ``B`` (its own input, stored transposed, ``(r,
-  n)``) maps them to a delta added to that module's output of the fused Split.
+- the slots of those three become one stacked pair, ``A = [A_q; A_k; A_v]`` (r_q + r_k + r_v rows)
+  and ``B`` block-diagonal (``B_q`` in the q rows and first r_q columns, and so on), so that
+  ``B A x = [B_q A_q x; B_k A_k x; B_v A_v x]`` is added to the fused output before the Split: two
+  Transpose, two MatMul and one Add per layer whatever the number of slotted modules. A module
+  without a slot has no rows in ``A`` and zero rows in ``B``.
 
-A trial (benchmarks/results/onnx_slot_layouts.md, int4 one adapter per task on the host, each
-program opened first in one of four processes): +5.5 % decode time against the merged program in this
-layout, +5.5 % in the block-diagonal one it replaced and +6.7 % with the factors behind Transposes.
-A first comparison that had opened this layout last had shown +0.5 to +2.9 %: the open order, not
-the layout.
-
-The program's slot inputs are ``<attention>.qkv_proj.lora_a`` and ``<attention>.qkv_proj.<q|k|v>.lora_b``;
-the export manifest's ``placement`` says which module slot fills which block of which input in PEFT's
-orientation, and its ``transposed`` lists the inputs stored as the transpose of that layout
-(:func:`stacked_layout`); ``BankSlots`` applies both on each task load. Slots of other modules
-(o_proj, the MLP) stay one pair each, as exported. A merged export (no slots) is fused too, so the
-merged reference of a timing has the same form.
+The program's inputs are the stacked slots (``<attention>.qkv_proj.lora_a`` / ``.lora_b``); which
+module slot fills which block is the export manifest's ``placement`` (:func:`stacked_layout`), which
+``BankSlots`` applies on each task load. Slots of other modules (o_proj, the MLP) stay one pair
+each. A merged export (no slots) is fused too, so the merged reference of a timing has the same form.
 """
 
 from __future__ import annotations
@@ -36,16 +29,10 @@ import onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
-from exporters.backend import ProgramSlots
 from exporters.slots import SLOT_A, SLOT_B
 
 QKV = ("q_proj", "k_proj", "v_proj")
 FUSED = "qkv_proj"
-
-
-def _part(projection: str) -> str:
-    """``q``, ``k`` or ``v``: a projection's name inside the fused one's program inputs."""
-    return projection.removesuffix("_proj")
 
 
 def _linear(module: nn.Module) -> nn.Linear:
@@ -63,30 +50,28 @@ def attentions(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if all(_is_projection(mod, p) for p in QKV)]
 
 
-def stacked_layout(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> ProgramSlots:
-    """The program's slot inputs, placement and transposed inputs of ``model``'s fused form for the
-    module slots ``shapes`` (:func:`exporters.slots.slot_shapes`). Placement entries are ``[module
-    slot, its shape, program slot, first row, first column]`` in the untransposed layout of that
-    input; a module slot outside q/k/v is its own program input (no entry)."""
+def stacked_layout(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], list[list]]:
+    """(program inputs: slot -> shape, placement) of ``model``'s fused form for the module slots
+    ``shapes`` (:func:`exporters.slots.slot_shapes`). Placement entries are ``[module slot, its shape,
+    program slot, first row, first column]``; a module slot outside q/k/v is its own program input
+    (no entry)."""
     inputs, placement, stacked = {}, [], set()
     for attention in attentions(model):
         mods = [f"{attention}.{p}" for p in QKV]
         ranks = [shapes[f"{m}.{SLOT_A}"][0] if f"{m}.{SLOT_A}" in shapes else 0 for m in mods]
         if not any(ranks):
             continue
+        outs = [_linear(model.get_submodule(m)).out_features for m in mods]
         d_in = _linear(model.get_submodule(mods[0])).in_features
-        a = f"{attention}.{FUSED}.{SLOT_A}"
-        inputs[a] = (d_in, sum(ranks))
-        for i, (proj, m, r) in enumerate(zip(QKV, mods, ranks)):
+        a, b = f"{attention}.{FUSED}.{SLOT_A}", f"{attention}.{FUSED}.{SLOT_B}"
+        inputs[a], inputs[b] = (sum(ranks), d_in), (sum(outs), sum(ranks))
+        for i, (m, r, n) in enumerate(zip(mods, ranks, outs)):
             if r:
-                n = _linear(model.get_submodule(m)).out_features
-                b = f"{attention}.{FUSED}.{_part(proj)}.{SLOT_B}"
-                inputs[b] = (r, n)
                 placement.append([f"{m}.{SLOT_A}", [r, d_in], a, sum(ranks[:i]), 0])
-                placement.append([f"{m}.{SLOT_B}", [n, r], b, 0, 0])
+                placement.append([f"{m}.{SLOT_B}", [n, r], b, sum(outs[:i]), sum(ranks[:i])])
                 stacked.update({f"{m}.{SLOT_A}", f"{m}.{SLOT_B}"})
     # program order: the unstacked slots where the export put them, then the stacked ones (fuse_qkv adds them last)
-    return ProgramSlots({**{slot: shape for slot, shape in shapes.items() if slot not in stacked}, **inputs}, placement, list(inputs))
+    return {**{slot: shape for slot, shape in shapes.items() if slot not in stacked}, **inputs}, placement
 
 
 class _Graph:
@@ -126,7 +111,7 @@ def fuse_qkv(model: onnx.ModelProto, torch_model: nn.Module, shapes: dict[str, t
     with zero defaults, base weights as initializers named ``prefix + module + [.base].weight``)
     into the fused form of the module docstring, in place; returns it."""
     g = _Graph(model.graph)
-    program_inputs, placement, _ = stacked_layout(torch_model, shapes)
+    program_inputs, placement = stacked_layout(torch_model, shapes)
     module_inputs = {slot for slot, *_ in placement}
     removed: list[onnx.NodeProto] = []
     for attention in attentions(torch_model):
@@ -151,26 +136,21 @@ def fuse_qkv(model: onnx.ModelProto, torch_model: nn.Module, shapes: dict[str, t
         new_inits = [numpy_helper.from_array(np.ascontiguousarray(fused_w), f"{prefix}{p}.weight.T"),
                      numpy_helper.from_array(np.array([w.shape[0] for w in arrays], dtype=np.int64), f"{p}.split")]
         new_nodes = [helper.make_node("MatMul", [x, f"{prefix}{p}.weight.T"], [f"{p}.out"], name=f"{p}.matmul")]
-        split_outputs, adds = list(finals), []
-        a = f"{p}.{SLOT_A}"
+        total = f"{p}.out"
+        a, b = f"{p}.{SLOT_A}", f"{p}.{SLOT_B}"
         if a in program_inputs:
-            slotted = [(i, _part(proj)) for i, proj in enumerate(QKV) if f"{p}.{_part(proj)}.{SLOT_B}" in program_inputs]
-            ranks = [program_inputs[f"{p}.{part}.{SLOT_B}"][0] for _, part in slotted]
-            hs = [f"{p}.{part}.h" for _, part in slotted] if len(slotted) > 1 else [f"{p}.h"]
-            new_nodes.append(helper.make_node("MatMul", [x, a], [f"{p}.h"], name=f"{p}.h"))
-            if len(slotted) > 1:
-                new_inits.append(numpy_helper.from_array(np.array(ranks, dtype=np.int64), f"{p}.ranks"))
-                new_nodes.append(helper.make_node("Split", [f"{p}.h", f"{p}.ranks"], hs, axis=-1, name=f"{p}.h_split"))
-            for (i, part), h in zip(slotted, hs):
-                b, delta, base = f"{p}.{part}.{SLOT_B}", f"{p}.{part}.delta", f"{p}.{part}.base"
-                new_nodes.append(helper.make_node("MatMul", [h, b], [delta], name=delta))
-                adds.append(helper.make_node("Add", [base, delta], [finals[i]], name=f"{p}.{part}.sum"))
-                split_outputs[i] = base
-            for slot in [a] + [f"{p}.{part}.{SLOT_B}" for _, part in slotted]:
+            for slot in (a, b):
                 new_inits.append(numpy_helper.from_array(np.zeros(program_inputs[slot], np.float32), slot))
                 model.graph.input.append(helper.make_tensor_value_info(slot, onnx.TensorProto.FLOAT, list(program_inputs[slot])))
-        new_nodes.append(helper.make_node("Split", [f"{p}.out", f"{p}.split"], split_outputs, axis=-1, name=f"{p}.split"))
-        new_nodes += adds
+            new_nodes += [
+                helper.make_node("Transpose", [a], [f"{p}.a_t"], name=f"{p}.a_t"),
+                helper.make_node("MatMul", [x, f"{p}.a_t"], [f"{p}.h"], name=f"{p}.h"),
+                helper.make_node("Transpose", [b], [f"{p}.b_t"], name=f"{p}.b_t"),
+                helper.make_node("MatMul", [f"{p}.h", f"{p}.b_t"], [f"{p}.delta"], name=f"{p}.delta"),
+                helper.make_node("Add", [total, f"{p}.delta"], [f"{p}.sum"], name=f"{p}.sum"),
+            ]
+            total = f"{p}.sum"
+        new_nodes.append(helper.make_node("Split", [total, f"{p}.split"], finals, axis=-1, name=f"{p}.split"))
         # in place of the first projection: x is computed before it, and whatever reads q, k or v after
         gone = {id(n) for n in removed}
         first = min(g.nodes.index(mm) for mm in matmuls)

@@ -24,9 +24,8 @@ from hydraopt_mobile.paths import cache_root
 PROGRAM_FORMAT = 2  # bump when what a program computes or expects changes (slots, methods, inputs)
 # bump a runtime's entry when only how its programs are lowered changes, so its cached programs are
 # lowered again (ExecuTorch 2: forward reads the slot buffers inside XNNPACK instead of writing them back;
-# onnxruntime 2: q/k/v fused and their slots stacked, exporters/onnx_fuse.py; 3: those slots stored
-# transposed, each B its own input)
-RUNTIME_FORMATS = {"executorch": 2, "onnxruntime": 3}
+# onnxruntime 2: q/k/v fused and their slots stacked, exporters/onnx_fuse.py)
+RUNTIME_FORMATS = {"executorch": 2, "onnxruntime": 2}
 _TOOLS = ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "transformers")
 
 

@@ -210,7 +210,7 @@ def make_export_folder(root: Path) -> Path:
         files.append(file_entry(folder, f"bank/tasks/{t}.safetensors", "task", t))
     model = {"architecture": "LlamaForCausalLM", "n_layers": 2, "kv_heads": 2, "head_dim": 16, "vocab_size": 256, "eos_token_id": [2], "max_cache_len": 64, "parameters": 1}
     layout = {"format": "fp16", "a_ranks": [4, 4], "b_ranks": [4, 4], "a_index": [0, 1], "b_index": [0, 1]}
-    Manifest("0123456789abcdef", "onnxruntime", "fp32", "hydraopt", tasks, files, [["m.lora_a", [4, 64]], ["m.lora_b", [64, 4]]], [], [],
+    Manifest("0123456789abcdef", "onnxruntime", "fp32", "hydraopt", tasks, files, [["m.lora_a", [4, 64]], ["m.lora_b", [64, 4]]], [],
              {"m": 4}, {"modules": [["m", 64, 64, 0]], "layouts": [layout]}, {t: [f"bank/tasks/{t}.safetensors"] for t in tasks},
              {"sha256": files[0].sha256, "key": ""}, None, {}, model).write(folder)
     shutil.copy(folder / "bank" / "tasks" / "task0.safetensors", root / BAIT)  # bait: same bytes as task0's file

@@ -42,15 +42,14 @@ def test_manifest_lists_every_file_with_its_bytes_and_sha256(setup):
     assert manifest.tasks == TASKS
     assert {f.task for f in manifest.files if f.role == "task"} == set(TASKS)
     # every slot of the signature is in an input (q, v, o: A and B, rank 4), whatever the bank shares:
-    # o_proj's as they are; per attention q's and v's A's stacked, each B its own input, all transposed (exporters/onnx_fuse.py)
+    # o_proj's as they are, q's and v's stacked per attention (exporters/onnx_fuse.py)
     attn = [f"model.layers.{i}.self_attn" for i in range(2)]
     assert manifest.slots == [[f"{a}.o_proj.{s}", shape] for a in attn for s, shape in (("lora_a", [4, 64]), ("lora_b", [64, 4]))] + [
-        [f"{a}.qkv_proj.{s}", shape] for a in attn for s, shape in (("lora_a", [64, 8]), ("q.lora_b", [4, 64]), ("v.lora_b", [4, 32]))]
-    # in the untransposed layout: A q's 4 rows then v's; each B the whole of its input
+        [f"{a}.qkv_proj.{s}", shape] for a in attn for s, shape in (("lora_a", [8, 64]), ("lora_b", [128, 8]))]
+    # A: q's 4 rows then v's; B: q's 64 output rows x first 4 columns, v's rows after k's 32 x last 4
     assert manifest.placement == [entry for a in attn for entry in (
-        [f"{a}.q_proj.lora_a", [4, 64], f"{a}.qkv_proj.lora_a", 0, 0], [f"{a}.q_proj.lora_b", [64, 4], f"{a}.qkv_proj.q.lora_b", 0, 0],
-        [f"{a}.v_proj.lora_a", [4, 64], f"{a}.qkv_proj.lora_a", 4, 0], [f"{a}.v_proj.lora_b", [32, 4], f"{a}.qkv_proj.v.lora_b", 0, 0])]
-    assert manifest.transposed == [f"{a}.qkv_proj.{s}" for a in attn for s in ("lora_a", "q.lora_b", "v.lora_b")]
+        [f"{a}.q_proj.lora_a", [4, 64], f"{a}.qkv_proj.lora_a", 0, 0], [f"{a}.q_proj.lora_b", [64, 4], f"{a}.qkv_proj.lora_b", 0, 0],
+        [f"{a}.v_proj.lora_a", [4, 64], f"{a}.qkv_proj.lora_a", 4, 0], [f"{a}.v_proj.lora_b", [32, 4], f"{a}.qkv_proj.lora_b", 96, 4])]
     assert set(manifest.signature.values()) == {4}
     assert manifest.task_files["alpha"] == ["bank/shared.safetensors", "bank/tasks/alpha.safetensors"]
 

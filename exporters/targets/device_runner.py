@@ -74,7 +74,7 @@ import time
 
 PROTOCOL = "hydraopt-device-runner/1"
 EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb", "teacher_forced", "executorch"]
-MANIFEST_SCHEMA = "hydraopt-export/4"
+MANIFEST_SCHEMA = "hydraopt-export/3"
 
 
 class Refused(Exception):
@@ -187,9 +187,7 @@ class BankSlots:
     rank is smaller (``B A`` unchanged) and zero for modules the bank does not have. Where the
     program stacks several modules' slots into one input (the manifest's ``placement``: ONNX's q, k
     and v, ``exporters/onnx_fuse.py``), a task's own factors are decoded straight into their blocks
-    of that input (stacked inputs of one shape live in one array per load) and shared ones copied in;
-    an input the manifest lists as ``transposed`` is written through a transposed view, so that the
-    program gets the C-contiguous transpose of the layout ``placement`` describes.
+    of that input (stacked inputs of one shape live in one array per load) and shared ones copied in.
 
     Files come as ``(name, bytes)``: the caller reads each once and checks its digest on the same
     bytes. A caller done with a task's slots hands them back (``release``): the next load of a task
@@ -205,25 +203,18 @@ class BankSlots:
     def __init__(self, manifest: dict) -> None:
         self.tasks: list = manifest["tasks"]
         self.inputs: dict = {name: tuple(shape) for name, shape in manifest["slots"]}  # the program's slot inputs
-        self.transposed: set = set(manifest.get("transposed") or [])  # inputs stored as the transpose of their placement's layout
-        # each input's shape in the layout placement gives (the untransposed one)
-        self._layout_shape: dict = {name: shape[::-1] if name in self.transposed else shape for name, shape in self.inputs.items()}
         self.placement: list = self._checked_placement(manifest.get("placement") or [])
         targets = {target for _, _, target, _, _ in self.placement}
-        stray = sorted(self.transposed - targets)
-        if stray:
-            raise Refused(f"manifest transposed input {stray[0]!r}: not a program slot input that placement fills")
         # the module slots the bank's factors are decoded into: placed ones and inputs that hold one module
         self.slots: dict = {slot: shape for slot, shape, *_ in self.placement}
         self.slots.update({name: shape for name, shape in self.inputs.items() if name not in targets})
-        # stacked inputs of one shape (and orientation) form a family, held in one array per task load:
-        # (n, *shape), or for transposed inputs (n, columns, rows) written through its transposed view
-        self._family: dict = {}  # stacked input -> (its family: (layout shape, transposed), its index in the family)
-        self._family_sizes: dict = {}  # family -> how many stacked inputs it has
+        # stacked inputs of one shape form a family, held in one (n, *shape) array per task load
+        self._family: dict = {}  # stacked input -> (its shape, its index in the family)
+        self._family_sizes: dict = {}  # shape -> how many stacked inputs have it
         for target in sorted(targets, key=list(self.inputs).index):
-            family = (self._layout_shape[target], target in self.transposed)
-            self._family[target] = (family, self._family_sizes.get(family, 0))
-            self._family_sizes[family] = self._family[target][1] + 1
+            shape = self.inputs[target]
+            self._family[target] = (shape, self._family_sizes.get(shape, 0))
+            self._family_sizes[shape] = self._family[target][1] + 1
         self._place: dict = {slot: (target, row, col) for slot, _, target, row, col in self.placement}
         self.bank: dict = manifest["bank"]
         # Where every slot of every task comes from, worked out once (a load then only decodes):
@@ -270,7 +261,7 @@ class BankSlots:
         self._fixed = [{slot: self._zero(slot) for slot in self.slots if slot not in self._place} for _ in self.tasks]
         for fixed, uses in zip(self._fixed, self._uses):
             fixed.update({slot: self.shared[source] for slot, source in uses if slot not in self._place})
-        # per task, its shared factors that lie in stacked inputs: (slot, source, family, index, rows, cols)
+        # per task, its shared factors that lie in stacked inputs: (slot, source, family shape, index, rows, cols)
         self._placed_uses = [[(slot, source, *self._family[self._place[slot][0]], *self._block(slot)) for slot, source in uses if slot in self._place]
                              for uses in self._uses]
 
@@ -300,17 +291,16 @@ class BankSlots:
                 self._read_plans[key] = plan
         spare = self._spare.get(out.layout)
         arrays, families = spare.pop() if spare else ([], {})
-        for family, n_inputs in self._family_sizes.items():
-            if family not in families:
-                (rows, cols), transposed = family
-                families[family] = np.zeros((n_inputs, cols, rows), np.float32).transpose(0, 2, 1) if transposed else np.zeros((n_inputs, rows, cols), np.float32)
+        for shape, n_inputs in self._family_sizes.items():
+            if shape not in families:
+                families[shape] = np.zeros((n_inputs, *shape), dtype=np.float32)
         decoded, arrays = self._decode(plan, blob, arrays, families)
         out.blocks = [arrays, families]
         for group, values in decoded.items():
             out.update((item[0], a) for item, a in zip(self._layouts[layout][group][0], values) if a is not None)
-        for _, source, family, i, rows, cols in self._placed_uses[t]:  # shared factors of stacked inputs: copied into their blocks
-            families[family][i, rows, cols] = self.shared[source]
-        out.update((target, families[family][i].T if family[1] else families[family][i]) for target, (family, i) in self._family.items())
+        for _, source, shape, i, rows, cols in self._placed_uses[t]:  # shared factors of stacked inputs: copied into their blocks
+            families[shape][i, rows, cols] = self.shared[source]
+        out.update((target, families[shape][i]) for target, (shape, i) in self._family.items())
         return TaskSlots({name: out[name] for name in self.inputs}, layout=out.layout, blocks=out.blocks) if self._family else out
 
     def _block(self, slot: str) -> tuple[slice, slice]:
@@ -328,7 +318,7 @@ class BankSlots:
                 shape, ok = (int(h), int(w)), all(type(v) is int and v >= 0 for v in (h, w, row, col))
             except (TypeError, ValueError):
                 raise Refused(f"manifest placement entry {entry!r} is not [slot, [rows, columns], input, row, column]") from None
-            rows, cols = self._layout_shape.get(target, (0, 0))
+            rows, cols = self.inputs.get(target, (0, 0))
             if not ok or slot in seen or slot in self.inputs or row + h > rows or col + w > cols:
                 raise Refused(f"manifest placement of {slot!r}: not a block inside the program input {target!r} {(rows, cols)}, or placed twice")
             seen.add(slot)

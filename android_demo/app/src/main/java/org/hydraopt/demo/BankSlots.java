@@ -9,7 +9,6 @@ import java.util.HashMap;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
-import java.util.Set;
 import java.util.TreeSet;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
@@ -29,8 +28,7 @@ import java.util.regex.Pattern;
  * ({@link #taskSlots}); each slot is written into the signature's shape, zero where the factor's rank is
  * below the slot's (so {@code B A} is unchanged) and for modules the bank does not have. Where the program
  * stacks several modules' slots into one input (the manifest's {@code placement}: ONNX's q, k and v of one
- * attention, {@code exporters/onnx_fuse.py}), each module slot is then copied into its block of that input,
- * transposed where the manifest lists the input as {@code transposed} (ONNX's q/k/v slots: stored as the MatMul reads them).
+ * attention, {@code exporters/onnx_fuse.py}), each module slot is then copied into its block of that input.
  */
 public final class BankSlots {
     private static final Pattern INT4 = Pattern.compile("int4-g(32|64|128)");
@@ -100,15 +98,12 @@ public final class BankSlots {
         /** module slot name -> shape: what the bank's factors are decoded into (placed, or an input of its own). */
         final Map<String, int[]> slots;
         final List<Placement> placement;
-        /** program inputs stored as the transpose of the layout {@code placement} gives them (rows x columns there). */
-        final Set<String> transposed;
         final List<Module> modules;
 
-        private Plan(Map<String, int[]> inputs, Map<String, int[]> slots, List<Placement> placement, Set<String> transposed, List<Module> modules) {
+        private Plan(Map<String, int[]> inputs, Map<String, int[]> slots, List<Placement> placement, List<Module> modules) {
             this.inputs = inputs;
             this.slots = slots;
             this.placement = placement;
-            this.transposed = transposed;
             this.modules = modules;
         }
     }
@@ -183,13 +178,7 @@ public final class BankSlots {
         for (Placement p : plan.placement) {
             float[] from = slots.get(p.slot), to = out.get(p.input);
             int width = plan.inputs.get(p.input)[1];
-            if (plan.transposed.contains(p.input)) {  // stored (columns, rows) of the layout: element (r, c) at c * rows + r
-                for (int r = 0; r < p.rows; r++) {
-                    for (int c = 0; c < p.cols; c++) to[(p.col + c) * width + p.row + r] = from[r * p.cols + c];
-                }
-            } else {
-                for (int r = 0; r < p.rows; r++) System.arraycopy(from, r * p.cols, to, (p.row + r) * width + p.col, p.cols);
-            }
+            for (int r = 0; r < p.rows; r++) System.arraycopy(from, r * p.cols, to, (p.row + r) * width + p.col, p.cols);
         }
         return out;
     }
@@ -246,9 +235,8 @@ public final class BankSlots {
 
     // --- the manifest's slots and bank, checked -------------------------------------------------
 
-    /** Parses and checks the manifest's {@code slots}, {@code placement}, {@code transposed} and {@code bank} ({@code where}: the
-     * manifest, for messages). */
-    static Plan plan(Object slotsJson, Object placementJson, Object transposedJson, Object bankJson, int nTasks, String where) throws ExportException {
+    /** Parses and checks the manifest's {@code slots}, {@code placement} and {@code bank} ({@code where}: the manifest, for messages). */
+    static Plan plan(Object slotsJson, Object placementJson, Object bankJson, int nTasks, String where) throws ExportException {
         Map<String, int[]> inputs = new LinkedHashMap<String, int[]>();
         for (Object o : list(slotsJson, where, "slots")) {
             List<?> s = list(o, where, "a slots entry");
@@ -258,12 +246,6 @@ public final class BankSlots {
                 throw new ExportException(where + ": slot " + s.get(0) + " has shape " + Arrays.toString(shape));
             }
             if (inputs.put((String) s.get(0), shape) != null) throw new ExportException(where + ": slot " + s.get(0) + " listed twice");
-        }
-        Set<String> transposed = new TreeSet<String>();
-        for (Object o : list(transposedJson, where, "transposed")) {
-            if (!(o instanceof String) || !inputs.containsKey(o) || !transposed.add((String) o)) {
-                throw new ExportException(where + ": transposed input " + o + " is not a program slot input, or listed twice");
-            }
         }
         List<Placement> placement = new ArrayList<Placement>();
         Map<String, int[]> slots = new LinkedHashMap<String, int[]>();
@@ -277,7 +259,6 @@ public final class BankSlots {
             int[] shape = ints(p.get(1), where, "the shape of placed slot " + slot, 1);
             int[] at = ints(p.subList(3, 5), where, "the position of placed slot " + slot, 0);
             int[] into = inputs.get(input);
-            if (into != null && transposed.contains(input)) into = new int[] {into[1], into[0]};  // the layout placement speaks of
             if (shape.length != 2 || into == null || inputs.containsKey(slot) || slots.containsKey(slot)
                     || at[0] + shape[0] > into[0] || at[1] + shape[1] > into[1]) {
                 throw new ExportException(where + ": placement of " + slot + ": not a block inside the program input " + input + ", or placed twice");
@@ -285,9 +266,6 @@ public final class BankSlots {
             placement.add(new Placement(slot, shape[0], shape[1], input, at[0], at[1]));
             slots.put(slot, shape);
             targets.add(input);
-        }
-        for (String t : transposed) {
-            if (!targets.contains(t)) throw new ExportException(where + ": transposed input " + t + ": not a program slot input that placement fills");
         }
         for (Map.Entry<String, int[]> e : inputs.entrySet()) if (!targets.contains(e.getKey())) slots.put(e.getKey(), e.getValue());
         if (!(bankJson instanceof Map)) throw new ExportException(where + ": 'bank' must be an object");
@@ -319,7 +297,7 @@ public final class BankSlots {
             modules.add(mod);
         }
         return new Plan(Collections.unmodifiableMap(inputs), Collections.unmodifiableMap(slots), Collections.unmodifiableList(placement),
-                        Collections.unmodifiableSet(transposed), Collections.unmodifiableList(modules));
+                        Collections.unmodifiableList(modules));
     }
 
     private static Layout layout(Object o, int nTasks, String where, int n) throws ExportException {

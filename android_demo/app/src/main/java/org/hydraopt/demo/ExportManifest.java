@@ -16,11 +16,10 @@ import java.util.regex.Pattern;
 
 /**
  * The only class that knows the layout of an export made by {@code hydraopt export --format onnx}
- * (schema {@code hydraopt-export/4}, written by {@code exporters/export.py} and
+ * (schema {@code hydraopt-export/3}, written by {@code exporters/export.py} and
  * {@code exporters/manifest.py}): {@code manifest.json}; the program {@code model.onnx}, whose inputs
- * hold every LoRA slot of its signature ({@code slots}; the A's of q, k and v of one attention stacked in
- * one input and each B in its own, each module's block given by {@code placement}, stored transposed where
- * {@code transposed} says); the bank's own files under {@code bank/}: the
+ * hold every LoRA slot of its signature ({@code slots}; q, k and v of one attention stacked in one pair,
+ * each module's block given by {@code placement}); the bank's own files under {@code bank/}: the
  * shared file (factors used by several tasks, role {@code shared}), one file per task with the factors
  * only it uses (role {@code task}; a task whose factors are all shared has none), the bundle manifest
  * (role {@code bank}); the {@code bank} section saying which factor fills which slot
@@ -36,7 +35,7 @@ import java.util.regex.Pattern;
  */
 public final class ExportManifest {
     public static final String MANIFEST = "manifest.json";
-    public static final String SCHEMA = "hydraopt-export/4";
+    public static final String SCHEMA = "hydraopt-export/3";
     public static final String RUNTIME = "onnxruntime";
     private static final Pattern TASK_NAME = Pattern.compile("[A-Za-z0-9][A-Za-z0-9._-]{0,63}");
     private static final Pattern SHA256 = Pattern.compile("[0-9a-f]{64}");
@@ -128,7 +127,7 @@ public final class ExportManifest {
         for (String t : tasks) find("task", t);
         checkTaskFiles(map(m, "task_files"), paths);
         List<?> slots = list(m, "slots");
-        plan = slots.isEmpty() ? null : BankSlots.plan(slots, m.get("placement"), m.get("transposed"), m.get("bank"), tasks.size(), where());
+        plan = slots.isEmpty() ? null : BankSlots.plan(slots, m.get("placement"), m.get("bank"), tasks.size(), where());
         if (plan == null && bytesOf("task") + bytesOf("shared") > 0) {
             throw new ExportException(where() + ": an export without slots (a merged export) has task or shared files");
         }
