@@ -1,6 +1,6 @@
 """Decode cost of the switchable slots: each ``--quant`` recipe's switchable exports (one adapter
 per task, HydraOpt at 1/T) against the same recipe with one task merged into the weights, timed
-side by side, token by token, in each of two fresh processes (below).
+side by side, token by token, in one fresh process per open order of a rotation (below).
 
     python benchmarks/slot_overhead.py --runtime onnx --recipes fp32,int8,int8-b16,int8-acc0,int4,int4-mixed --lock /work/runs/cpu.lock
     python benchmarks/slot_overhead.py --runtime executorch --slots q_proj,v_proj:16 \\
@@ -22,12 +22,17 @@ with a 95 % bootstrap interval of that median (resampling rounds). ``--lock``: t
 lock, held shared while exporting and exclusive while timing (run the script bare, not under an
 outer ``flock -s``). Exports are kept in ``--work`` and reused by a rerun of the same bank and recipe.
 
-The timing runs in two fresh processes (the script runs itself again with ``--time-only`` once the
+The timing runs in fresh processes (the script runs itself again with ``--time-only`` once the
 exports are ready), and their rounds are pooled: in the process that had just lowered ExecuTorch
 programs the switchable exports timed 4-11 % *faster* than the merged one (8da4w, 2026-12-03), in a
-fresh process on the same exports 3.5-6.9 % slower; and within a process the session opened first
-decoded 3-8 % slower than the one opened next (ExecuTorch fp32), so the merged reference is opened
-first in one process and last in the other.
+fresh process on the same exports 3.5-6.9 % slower; and within a process a session's speed depends
+on when it was opened (the one opened first decoded 3-8 % slower than the next, ExecuTorch fp32;
+on ONNX Runtime int4 a process's ratios moved by up to 4 points with the order,
+onnx_slot_layouts.md). So there is one process per rotation of the open order (merged, then the
+methods; then each rotated by one), every export opened first, in the middle and last once, and
+each process's own median is reported beside the pooled one, with their mean. (Until 2026-12-05
+two processes opened the merged reference first and last, which never opened one-per-task last nor
+HydraOpt first.)
 
 Writes benchmarks/results/slot_overhead_<runtime>.{json,md,png}.
 """
@@ -88,10 +93,11 @@ def median_ci(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[fl
     return meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
 
 
-def time_recipe(folders: dict[str, Path], task: str, tokens: int, rounds: int, merged_last: bool = False) -> dict[str, list[float]]:
+def time_recipe(folders: dict[str, Path], task: str, tokens: int, rounds: int, shift: int = 0) -> dict[str, list[float]]:
     """ms/token per round of ``folders`` ("merged" and one per method) side by side, opened in their
-    order, or with the merged reference opened last (``merged_last``)."""
-    order = [k for k in folders if k != "merged"] + ["merged"] if merged_last else list(folders)
+    order rotated by ``shift`` (0: as given)."""
+    keys = list(folders)
+    order = keys[shift:] + keys[:shift]
     sessions = {}
     for key in order:
         session = open_export(folders[key], threads=1)
@@ -115,6 +121,7 @@ def rows_from_times(quant: str, folders: dict[str, Path], task: str, times: dict
         lo, hi = median_ci(ratios)
         per = len(ratios) // len(processes) if processes else 0
         by_process = {name: 100 * (statistics.median(ratios[i * per : (i + 1) * per]) - 1) for i, name in enumerate(processes or [])}
+        mean = statistics.mean(by_process.values()) if by_process else None
         m = Manifest.read(folders[method])
         rows.append({
             "quant": quant, "method": method, "task": task,
@@ -124,7 +131,7 @@ def rows_from_times(quant: str, folders: dict[str, Path], task: str, times: dict
             "slot_overhead_pct": 100 * (statistics.median(ratios) - 1),
             "slot_overhead_pct_ci95": [100 * (lo - 1), 100 * (hi - 1)],
             "meets_target": 100 * (statistics.median(ratios) - 1) <= TARGET_PCT,
-            "slot_overhead_pct_by_process": by_process,
+            "slot_overhead_pct_by_process": by_process, "slot_overhead_pct_mean_of_processes": mean,
             "runs_ms_per_token": times[method], "merged_runs_ms_per_token": merged,
         })
     return rows
@@ -138,16 +145,24 @@ def signature_label(slots: dict[str, int]) -> str:
     return f"{','.join(kinds)}: {span} ({len(slots)} slots)"
 
 
+def _first(process: str) -> str:
+    """``merged`` from the process name ``merged_first``."""
+    return process.removesuffix("_first")
+
+
 def markdown(rows: list[dict], notes: dict) -> str:
+    processes = list(rows[0].get("slot_overhead_pct_by_process", {})) if rows else []
     lines = [f"# Decode cost of the switchable slots ({notes['runtime']})", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
     lines += ["", f"Target (issue 15): at most {TARGET_PCT:.0f} % against the same recipe with the task merged in.", ""]
     table = [[r["quant"], r["method"], signature_label(r["slots"]), f"{r['merged_ms_per_token']:.2f}", f"{r['ms_per_token']:.2f}",
               f"{r['slot_overhead_pct']:+.1f} [{r['slot_overhead_pct_ci95'][0]:+.1f}, {r['slot_overhead_pct_ci95'][1]:+.1f}]",
               " / ".join(f"{v:+.1f}" for v in r.get("slot_overhead_pct_by_process", {}).values()) or "-",
+              "-" if r.get("slot_overhead_pct_mean_of_processes") is None else f"{r['slot_overhead_pct_mean_of_processes']:+.1f}",
               "yes" if r["meets_target"] else "no"] for r in rows]
     lines += markdown_table(["quant", "bank", "slots", "merged ms/token", "switchable ms/token", "overhead % [95 % CI]",
-                             "per process % (merged opened first / last)", "<= 5 %"], table, "lllrrrrl")
+                             "per process %" + (f" (opened first: {' / '.join(_first(k) for k in processes)})" if processes else ""),
+                             "mean of processes %", "<= 5 %"], table, "lllrrrrrl")
     return "\n".join(lines) + "\n"
 
 
@@ -204,7 +219,7 @@ def main() -> None:
     ap.add_argument("--time-only", type=Path, default=None, metavar="TIMES_JSON",
                     help="internal: time the exports already in --work in this process and write the per-round times to "
                          "TIMES_JSON (what the script runs itself with, in fresh processes; module docstring)")
-    ap.add_argument("--merged-last", action="store_true", help="with --time-only: open the merged reference after the switchable exports")
+    ap.add_argument("--shift", type=int, default=0, help="with --time-only: open the exports in their order rotated by this")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.work or ROOT / "out" / f"slot_overhead_{args.runtime}"
@@ -232,17 +247,18 @@ def main() -> None:
         with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
             started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
             probe = machine_probe()  # under the exclusive lock, before the timing
-            times = {quant: time_recipe(folders[quant], args.task, args.tokens, args.rounds, args.merged_last) for quant in recipes}
+            times = {quant: time_recipe(folders[quant], args.task, args.tokens, args.rounds, args.shift) for quant in recipes}
             load_end = os.getloadavg()
-        args.time_only.write_text(json.dumps({"times": times, "timed": f"{started} (merged opened {'last' if args.merged_last else 'first'}); "
+        keys = list(folders[recipes[0]])
+        args.time_only.write_text(json.dumps({"times": times, "timed": f"{started} (opened: {', '.join(keys[args.shift:] + keys[:args.shift])}); "
                                               f"CPU lock {'held exclusive' if lock_fd is not None else 'not taken'} (waited {waited} s); load average "
                                               f"1/5/15 min at start {[round(x, 2) for x in load_start]}, at end {[round(x, 2) for x in load_end]}",
                                               "machine_probe": probe}))
         return
-    runs = []
-    for merged_last in (False, True):  # each in a fresh process; the session opened first is slower (module docstring)
-        path = work / f"times-merged-{'last' if merged_last else 'first'}.json"
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--time-only", str(path)] + (["--merged-last"] if merged_last else [])
+    runs, keys = [], list(folders[recipes[0]])
+    for shift in range(len(keys)):  # each in a fresh process, each export opened first once (module docstring)
+        path = work / f"times-{keys[shift]}-first.json"
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--time-only", str(path), "--shift", str(shift)]
         if subprocess.run(cmd).returncode:
             raise SystemExit(f"[slot_overhead] timing process failed: {' '.join(cmd)}")
         runs.append(json.loads(path.read_text()))
@@ -250,7 +266,7 @@ def main() -> None:
     rows = []
     for quant in recipes:  # rounds of both processes pooled; each round's ratio is within its own process
         pooled = {key: [t for run in runs for t in run["times"][quant][key]] for key in folders[quant]}
-        rows += rows_from_times(quant, folders[quant], args.task, pooled, ["merged_first", "merged_last"])
+        rows += rows_from_times(quant, folders[quant], args.task, pooled, [f"{k}_first" for k in keys])
         print(f"[slot_overhead] {quant}: " + ", ".join(f"{r['method']} {r['slot_overhead_pct']:+.1f} %" for r in rows if r["quant"] == quant), flush=True)
     probe = runs[0]["machine_probe"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -263,11 +279,12 @@ def main() -> None:
         "banks": "one adapter per task (method none, fp16 factors) and HydraOpt at 1/T of the fp16 file bytes, from the suite's shared-seed adapters (quant_recipes.py's banks)",
         "reference": f"the same recipe with {args.task}'s adapter merged into the weights (no slots); the switchable exports decode with {args.task} active",
         "slots": args.slots or "each bank's own signature (hydraopt export's default)",
-        "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill in each of two fresh processes (the merged "
-                  "reference opened first in one, last in the other); the exports take turns token by token; overhead = median over the "
-                  "pooled rounds of (switchable ms/token / merged ms/token in the same round) - 1, 95 % bootstrap interval over rounds; each process's own median beside it (the open order biases a process's ratios)",
+        "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill in each of {len(keys)} fresh processes, one per "
+                  "rotation of the open order (each export opened first once); the exports take turns token by token; overhead = median over the "
+                  "pooled rounds of (switchable ms/token / merged ms/token in the same round) - 1, 95 % bootstrap interval over rounds; each process's "
+                  "own median beside it, and their mean (the open order biases a process's ratios)",
         "export_seconds": {k: v for k, v in export_seconds.items() if v is not None} or "all exports reused from an earlier run in --work",
-        "process": "timed in two fresh processes with opposite open orders, not the one that exported (module docstring)",
+        "process": f"timed in {len(keys)} fresh processes, one per rotation of the open order, not the one that exported (module docstring)",
     }
     write_record(out, {"notes": notes, "records": rows}, markdown(rows, notes), lambda png: plot(rows, png, notes["runtime"]))
     print(markdown(rows, notes))
