@@ -1,10 +1,10 @@
 """Suite score vs program bytes of a runtime's ``--quant`` recipes, for one-adapter-per-task and HydraOpt.
 
-    python benchmarks/quant_recipes.py [--examples 24] [--recipes fp32,int8,int4,...] [--methods none,hydraopt]
+    python benchmarks/quant_recipes.py [--examples 24] [--recipes fp32,int8,int4,...] [--methods none,hydraopt[,hydraopt-fp16]]
     python benchmarks/quant_recipes.py --runtime executorch --slots q_proj,v_proj:16 --recipes fp32,8da4w-mixed,8da4w
 
-Banks: the suite's adapters (shared-seed) as one adapter per task (method ``none``) and HydraOpt at
-1/T of the fp16 file bytes. Each (bank, recipe) is exported with ``export_bank`` (the quantised
+Banks: the suite's adapters (shared-seed) as one adapter per task (method ``none``), HydraOpt at
+1/T of the fp16 file bytes and, with ``--methods ...,hydraopt-fp16``, HydraOpt in fp16 at 0.52. Each (bank, recipe) is exported with ``export_bank`` (the quantised
 programs are derived from the cached fp32 program of the same signature) into ``--work``, then
 decoded greedily on the runtime (1 thread) on the first ``--examples`` test examples of every
 task. ``--slots``: one program signature for both banks (an ExecuTorch lowering takes 20-40
@@ -45,6 +45,7 @@ from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.atomic import write_text_atomic
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.merge.registry import MergeConfig, merge
@@ -60,14 +61,19 @@ TARGET_4BIT = (0.90, 0.40)  # >= 90 % of the fp32 score at <= 40 % of the fp32 p
 TARGET_8BIT = 3.0  # relative drop (%) at most
 
 
+FP16_ONLY = 0.52  # the frontier's fp16-only HydraOpt point (issue 15's table: "fp16-only 0.52 and 1/T")
+
+
 def suite_banks() -> dict[str, MergedBank]:
-    """The banks every recipe is measured on: the suite's shared-seed adapters as one adapter per task
-    (``none``) and HydraOpt at 1/T of the fp16 file bytes (``hydraopt``)."""
+    """The banks a recipe can be measured on: the suite's shared-seed adapters as one adapter per task
+    (``none``), HydraOpt at 1/T of the fp16 file bytes (``hydraopt``) and HydraOpt in fp16 only at
+    0.52 (``hydraopt-fp16``: every factor fp16, so its saving is the planner's ranks, not a number format)."""
     adapter_set = load_adapter_folders(ADAPTERS)
     budget = Budget(fraction=round(1 / len(adapter_set.tasks), 4))
     return {
         "none": merge(adapter_set, MergeConfig(method="none")),
         "hydraopt": merge(adapter_set, MergeConfig(method="hydraopt", budget=budget)),
+        "hydraopt-fp16": merge(adapter_set, MergeConfig(method="hydraopt", fmt=NumberFormat.parse("fp16"), budget=Budget(fraction=FP16_ONLY))),
     }
 
 
@@ -174,7 +180,7 @@ def markdown(records: list[dict], notes: dict, title: str) -> str:
 def plot(records: list[dict], png: Path, title: str, program_file: str) -> None:
     fp32 = [r for r in records if r["quant"] == "fp32"]
     with figure(png, figsize=(8, 5)) as (_, ax):
-        for method, marker in (("none", "o"), ("hydraopt", "s")):
+        for method, marker in (("none", "o"), ("hydraopt", "s"), ("hydraopt-fp16", "^")):
             rs = [r for r in records if r["method"] == method]
             ax.scatter([r["program_bytes"] / 1e6 for r in rs], [r["score"] for r in rs], marker=marker, label=f"{title}, method {method}")
             for r in rs:
@@ -212,7 +218,8 @@ def main() -> None:
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else {"export_seconds": {}}
     notes.update({
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32: linears Q4_1, embedding/tied head Q8_0)",
-        "banks": {"none": "one adapter per task (fp16 factors)", "hydraopt": f"HydraOpt at 1/T = {Budget(fraction=round(1 / len(banks['none'].tasks), 4)).label()} of the fp16 file bytes"},
+        "banks": {"none": "one adapter per task (fp16 factors)", "hydraopt": f"HydraOpt at 1/T = {Budget(fraction=round(1 / len(banks['none'].tasks), 4)).label()} of the fp16 file bytes",
+                  "hydraopt-fp16": f"HydraOpt at {FP16_ONLY} of the fp16 file bytes, every factor fp16"},
         "bank_digests": {k: bank_digest(b) for k, b in banks.items()},
         "examples_per_task": args.examples,
         "decoding": f"greedy on {title}, {args.threads} thread(s), batch 1; {platform.machine()}, 2 shared cores",
