@@ -64,6 +64,8 @@ from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.suite.model import base_model_dir
 
+BANKS = {"none": "one adapter per task (fp16 factors)", "hydraopt": "HydraOpt at 1/T of the fp16 file bytes",
+         "hydraopt-fp16": f"HydraOpt at {quant_recipes.FP16_ONLY} of the fp16 file bytes, every factor fp16"}
 TARGET_PCT = 5.0  # issue 15: switchable slots cost at most 5 % decode time against the merged export
 PREFILL = list(range(1, 17))
 
@@ -220,6 +222,7 @@ def main() -> None:
                     help="internal: time the exports already in --work in this process and write the per-round times to "
                          "TIMES_JSON (what the script runs itself with, in fresh processes; module docstring)")
     ap.add_argument("--shift", type=int, default=0, help="with --time-only: open the exports in their order rotated by this")
+    ap.add_argument("--report-only", action="store_true", help="write the record from the timing processes' files already in --work (no export, no timing)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.work or ROOT / "out" / f"slot_overhead_{args.runtime}"
@@ -231,7 +234,7 @@ def main() -> None:
         ap.error(f"--recipes: {', '.join(unknown)} not a {args.runtime} --quant ({', '.join(quant_recipes.RUNTIMES[args.runtime][0])})")
 
     seconds_file = work / "export_seconds.json"
-    if not args.time_only:
+    if not args.time_only and not args.report_only:
         banks = quant_recipes.suite_banks()
         model_dir = base_model_dir()
         export_seconds: dict[str, float | None] = {}
@@ -259,7 +262,7 @@ def main() -> None:
     for shift in range(len(keys)):  # each in a fresh process, each export opened first once (module docstring)
         path = work / f"times-{keys[shift]}-first.json"
         cmd = [sys.executable, __file__, *sys.argv[1:], "--time-only", str(path), "--shift", str(shift)]
-        if subprocess.run(cmd).returncode:
+        if not args.report_only and subprocess.run(cmd).returncode:
             raise SystemExit(f"[slot_overhead] timing process failed: {' '.join(cmd)}")
         runs.append(json.loads(path.read_text()))
     export_seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
@@ -272,11 +275,11 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     notes = {
         "runtime": quant_recipes.RUNTIMES[args.runtime][2],
-        "command": "python benchmarks/slot_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("work", "out", "update_recipes", "time_only", "merged_last")),
-        "commit": commit,
+        "command": "python benchmarks/slot_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("work", "out", "update_recipes", "time_only", "shift", "report_only")),
+        "commit": commit + (" (written with --report-only from the timing processes' files in --work, timed earlier)" if args.report_only else ""),
         "timed": " | ".join(run["timed"] for run in runs),
         "machine": f"{cpu_model()}, {platform.machine()}, 1 runtime thread: a host timing, not phone speed", "machine_probe": probe,
-        "banks": "one adapter per task (method none, fp16 factors) and HydraOpt at 1/T of the fp16 file bytes, from the suite's shared-seed adapters (quant_recipes.py's banks)",
+        "banks": "; ".join(f"{m}: {BANKS[m]}" for m in args.methods.split(",")) + " (quant_recipes.py's banks, from the suite's shared-seed adapters)",
         "reference": f"the same recipe with {args.task}'s adapter merged into the weights (no slots); the switchable exports decode with {args.task} active",
         "slots": args.slots or "each bank's own signature (hydraopt export's default)",
         "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill in each of {len(keys)} fresh processes, one per "
