@@ -79,3 +79,21 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     assert split["slot_overhead_pct_mean_of_processes"] == pytest.approx(12.5)
     md = slot_overhead.markdown([split], {"runtime": "ONNX Runtime"})
     assert "+5.0 / +20.0" in md and "| +12.5 |" in md and "opened first: merged / none" in md
+
+    # --report-only: the record from the timing processes' files in --work (one per open order), no export, no timing
+    for first, merged_ms, none_ms in (("merged", [10.0, 20.0], [11.0, 20.0]), ("none", [10.0, 20.0], [12.0, 24.0])):
+        (tmp_path / f"times-{first}-first.json").write_text(json.dumps(
+            {"times": {"fp32": {"merged": merged_ms, "none": none_ms}}, "timed": f"{first} first", "machine_probe": {}}))
+    out = tmp_path / "record.json"
+    argv = ["slot_overhead.py", "--recipes", "fp32", "--methods", "none", "--task", "beta", "--rounds", "2", "--work", str(tmp_path), "--out", str(out), "--report-only"]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        slot_overhead.main()
+    finally:
+        sys.argv = old_argv
+    record = json.loads(out.read_text())
+    (row,) = record["records"]
+    assert row["slot_overhead_pct_by_process"] == pytest.approx({"merged_first": 5.0, "none_first": 20.0})
+    assert row["slot_overhead_pct"] == pytest.approx(15.0) and row["slot_overhead_pct_mean_of_processes"] == pytest.approx(12.5)
+    assert record["notes"]["banks"].startswith("none: one adapter per task") and "report-only" in record["notes"]["commit"]
+    assert record["notes"]["timed"] == "merged first | none first"
