@@ -97,3 +97,53 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     assert row["slot_overhead_pct"] == pytest.approx(15.0) and row["slot_overhead_pct_mean_of_processes"] == pytest.approx(12.5)
     assert record["notes"]["banks"].startswith("none: one adapter per task") and "report-only" in record["notes"]["commit"]
     assert record["notes"]["timed"] == "merged first | none first"
+
+
+def test_interleaved_times_every_session_every_round():
+    class Clock:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def prefill(self, ids):
+            assert ids == slot_overhead.PREFILL
+
+        def decode(self, token):
+            self.calls.append(token)
+
+    a, b = Clock(), Clock()
+    times = slot_overhead.interleaved({"a": a, "b": b}, tokens=5, rounds=2)
+    assert a.calls == b.calls == list(range(17, 22)) * 2
+    assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_update_recipes_fills_the_overhead_and_says_which_program_was_timed(tmp_path):
+    records = [
+        {"runtime": "onnxruntime", "quant": q, "bits": 32 if q == "fp32" else 4, "method": m, "description": q, "program_bytes": b,
+         "bytes_ratio": 1.0, "score": 40.0, "fp32_score": 40.0, "drop_points": None, "drop_points_ci95": None,
+         "rel_drop_pct": None, "rel_drop_pct_ci95": None, "slot_overhead_pct": None}
+        for q, m, b in (("fp32", "none", 100), ("int4", "none", 30), ("int4", "hydraopt", 31))
+    ]
+    path = tmp_path / "quant_recipes.json"
+    path.write_text(json.dumps({"notes": {}, "records": records}))
+    rows = [{"quant": "fp32", "method": "none", "program_bytes": 100, "slot_overhead_pct": 2.0, "slot_overhead_pct_ci95": [1.0, 3.0]},
+            {"quant": "int4", "method": "none", "program_bytes": 29, "slot_overhead_pct": 6.0, "slot_overhead_pct_ci95": [5.0, 7.0]}]
+    assert slot_overhead.update_recipes(path, rows, "slot_overhead_onnx.json", "onnx") == 2
+    got = {(r["quant"], r["method"]): r for r in json.loads(path.read_text())["records"]}
+    assert got["fp32", "none"]["slot_overhead_pct"] == 2.0 and got["fp32", "none"]["slot_overhead_timed_program_is_scored_program"]
+    assert got["int4", "none"]["slot_overhead_pct"] == 6.0 and not got["int4", "none"]["slot_overhead_timed_program_is_scored_program"]
+    assert got["int4", "hydraopt"]["slot_overhead_pct"] is None  # not timed: left as it was
+    assert "+6.0" in path.with_suffix(".md").read_text() and path.with_suffix(".png").is_file()
+
+
+def test_machine_probe_says_which_machine_a_timing_ran_on():
+    """Timing records carry the CPU and two probe speeds, so runs on different machines of a pool
+    can be told apart; the torch thread count is left as it was."""
+    threads = torch.get_num_threads()
+    probe = common.machine_probe()
+    assert torch.get_num_threads() == threads
+    assert set(probe) == {"cpu", "isa", "cores", "python_loop_ns_per_iter", "matmul_gflops_1_thread"}
+    assert probe["isa"] in {"avx512f", "avx2", "asimd", "unknown"}
+    assert probe["cores"] == os.cpu_count()
+    assert 0 < probe["python_loop_ns_per_iter"] < 10_000
+    assert probe["matmul_gflops_1_thread"] > 0.1
+    json.dumps(probe)  # it goes into JSON records as it is
