@@ -62,6 +62,8 @@ TARGET_8BIT = 3.0  # relative drop (%) at most
 
 
 FP16_ONLY = 0.52  # the frontier's fp16-only HydraOpt point (issue 15's table: "fp16-only 0.52 and 1/T")
+BANKS = {"none": "one adapter per task (fp16 factors)", "hydraopt": "HydraOpt at 1/T of the fp16 file bytes",
+         "hydraopt-fp16": f"HydraOpt at {FP16_ONLY} of the fp16 file bytes, every factor fp16"}  # what suite_banks() holds
 
 
 def suite_banks() -> dict[str, MergedBank]:
@@ -218,8 +220,7 @@ def main() -> None:
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else {"export_seconds": {}}
     notes.update({
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32: linears Q4_1, embedding/tied head Q8_0)",
-        "banks": {"none": "one adapter per task (fp16 factors)", "hydraopt": f"HydraOpt at 1/T = {Budget(fraction=round(1 / len(banks['none'].tasks), 4)).label()} of the fp16 file bytes",
-                  "hydraopt-fp16": f"HydraOpt at {FP16_ONLY} of the fp16 file bytes, every factor fp16"},
+        "banks": {**BANKS, "hydraopt": f"HydraOpt at 1/T = {Budget(fraction=round(1 / len(banks['none'].tasks), 4)).label()} of the fp16 file bytes"},
         "bank_digests": {k: bank_digest(b) for k, b in banks.items()},
         "examples_per_task": args.examples,
         "decoding": f"greedy on {title}, {args.threads} thread(s), batch 1; {platform.machine()}, 2 shared cores",

@@ -64,8 +64,6 @@ from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.suite.model import base_model_dir
 
-BANKS = {"none": "one adapter per task (fp16 factors)", "hydraopt": "HydraOpt at 1/T of the fp16 file bytes",
-         "hydraopt-fp16": f"HydraOpt at {quant_recipes.FP16_ONLY} of the fp16 file bytes, every factor fp16"}
 TARGET_PCT = 5.0  # issue 15: switchable slots cost at most 5 % decode time against the merged export
 PREFILL = list(range(1, 17))
 
@@ -246,19 +244,19 @@ def main() -> None:
                 print(f"[slot_overhead] {quant}: exports ready", flush=True)
         seconds_file.write_text(json.dumps(export_seconds))
     folders = {quant: {"merged": work / f"merged-{quant}", **{m: work / f"{m}-{quant}" for m in args.methods.split(",")}} for quant in recipes}
+    keys = list(folders[recipes[0]])  # the exports of a recipe, in their open order before rotation
     if args.time_only:
         with cpu_lock(lock_fd, fcntl.LOCK_EX) as waited:
             started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
             probe = machine_probe()  # under the exclusive lock, before the timing
             times = {quant: time_recipe(folders[quant], args.task, args.tokens, args.rounds, args.shift) for quant in recipes}
             load_end = os.getloadavg()
-        keys = list(folders[recipes[0]])
         args.time_only.write_text(json.dumps({"times": times, "timed": f"{started} (opened: {', '.join(keys[args.shift:] + keys[:args.shift])}); "
                                               f"CPU lock {'held exclusive' if lock_fd is not None else 'not taken'} (waited {waited} s); load average "
                                               f"1/5/15 min at start {[round(x, 2) for x in load_start]}, at end {[round(x, 2) for x in load_end]}",
                                               "machine_probe": probe}))
         return
-    runs, keys = [], list(folders[recipes[0]])
+    runs = []
     for shift in range(len(keys)):  # each in a fresh process, each export opened first once (module docstring)
         path = work / f"times-{keys[shift]}-first.json"
         cmd = [sys.executable, __file__, *sys.argv[1:], "--time-only", str(path), "--shift", str(shift)]
@@ -279,7 +277,7 @@ def main() -> None:
         "commit": commit + (" (written with --report-only from the timing processes' files in --work, timed earlier)" if args.report_only else ""),
         "timed": " | ".join(run["timed"] for run in runs),
         "machine": f"{cpu_model()}, {platform.machine()}, 1 runtime thread: a host timing, not phone speed", "machine_probe": probe,
-        "banks": "; ".join(f"{m}: {BANKS[m]}" for m in args.methods.split(",")) + " (quant_recipes.py's banks, from the suite's shared-seed adapters)",
+        "banks": "; ".join(f"{m}: {quant_recipes.BANKS[m]}" for m in args.methods.split(",")) + " (quant_recipes.py's banks, from the suite's shared-seed adapters)",
         "reference": f"the same recipe with {args.task}'s adapter merged into the weights (no slots); the switchable exports decode with {args.task} active",
         "slots": args.slots or "each bank's own signature (hydraopt export's default)",
         "method": f"{args.rounds} rounds x {args.tokens} decode tokens after a 16-token prefill in each of {len(keys)} fresh processes, one per "
