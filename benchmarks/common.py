@@ -133,3 +133,27 @@ def _cpuinfo(field: str) -> str:
     except OSError:
         pass
     return ""
+
+
+def adapter_digests(folder: Path) -> dict[str, str]:
+    """Task -> SHA-256 of its ``adapter_model.safetensors`` under ``folder``: which adapters a
+    record was measured on. Training is not bit-reproducible across machines (the same command
+    on another CPU gives other weights), so a resumable script must not add records measured on
+    retrained adapters to records of the earlier ones."""
+    from hydraopt_mobile.checksum import sha256_file
+
+    return {p.name: sha256_file(p / "adapter_model.safetensors") for p in sorted(folder.iterdir()) if (p / "adapter_model.safetensors").exists()}
+
+
+def resumable_records(records: list[dict], recorded: dict[str, dict[str, str]], init: str, digests: dict[str, str], forget: bool, path: Path) -> list[dict]:
+    """``records`` without those of ``init`` when ``forget``; refuses (naming ``path`` and the tasks)
+    when ``init``'s records were measured on adapters other than ``digests`` (``recorded``: the
+    results file's init -> task -> SHA-256). Records from before digests were recorded are kept."""
+    if forget:
+        return [r for r in records if r.get("init") != init]
+    old = recorded.get(init)
+    if old is not None and old != digests and any(r.get("init") == init for r in records):
+        differ = sorted(t for t in old.keys() | digests.keys() if old.get(t) != digests.get(t))
+        sys.exit(f"{path}: its {init} records were measured on other adapters (SHA-256 differ for {', '.join(differ)}); "
+                 f"pass --forget-init {init} to drop them and measure these adapters")
+    return records

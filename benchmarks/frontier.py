@@ -4,8 +4,8 @@ For each initialisation setting: one-adapter-per-task in fp16 / int8 / int4, Hyd
 compression at 1/T, 1/(2T), 0.15, 0.3 and 0.52 of the reference's file bytes and at exactly the file
 bytes of the baselines' one merged adapter in each format, and the baselines in fp16 / int8 / int4,
 each scored on the suite's test split (hydraopt_mobile/app/frontier.py). Resumable: records already in
-the results file are kept. Writes frontier.json, frontier.md, frontier.png and the trained
-adapters' similarity heatmaps under benchmarks/results/.
+the results file are kept. Writes frontier.json, frontier.md, frontier.png, the base model's scores and the trained
+adapters' similarity heatmaps under benchmarks/results/ (beside ``--out``).
 
     python benchmarks/frontier.py [--init shared-seed] [--init independent-seeds] [--threads 1]
     python benchmarks/frontier.py --report     # frontier.md and frontier.png from frontier.json
@@ -13,6 +13,11 @@ adapters' similarity heatmaps under benchmarks/results/.
 
 Two inits in parallel (one core each): run each with its own ``--out``, then
 ``frontier.py --out frontier.json --merge A.json B.json`` (resumable, so it measures nothing new).
+
+The results file records, per init, the SHA-256 of the adapters its records were measured on; a
+run on other adapters of that init (retrained: training is not bit-reproducible across machines)
+refuses to add to them. ``--forget-init INIT`` drops that init's records first, so that they are
+measured again on the adapters at hand (with ``--merge``: replaced by the merged files' records).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests, resumable_records  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.analysis import write_analysis
@@ -42,6 +47,7 @@ from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
 INITS = ("shared-seed", "independent-seeds")
+BASE_SCORES = "frontier_base_scores.json"  # beside --out, as the reports and similarity heatmaps
 CALIBRATION_PER_TASK = 16  # train-split examples per task for the data-aware points
 
 
@@ -54,6 +60,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=Path, default=SUITE_ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
     ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
+    ap.add_argument("--forget-init", action="append", default=[], choices=INITS, help="drop this init's records from --out first (its adapters were retrained: a resumed run refuses records of other adapters)")
     ap.add_argument("--report", action="store_true", help="only rewrite frontier.md and frontier.png from --out")
     ap.add_argument("--similarity-only", action="store_true", help="only rewrite the similarity heatmaps of each --init (a frontier run writes them only when missing)")
     args = ap.parse_args()
@@ -69,24 +76,39 @@ def main() -> None:
         "file bytes of the same adapters stored as they are in fp16, one safetensors file per task, packed alike",
         "drops": "against one-adapter-per-task fp16 (same init, same test examples); 95 % paired percentile bootstrap, 10,000 resamples within each task",
     }
+    recorded = load_digests(args.out)  # init -> task -> SHA-256 of the adapters --out's records were measured on
+    kept = [r for r in load_records(args.out) if r["init"] not in args.forget_init]
+    recorded = {init: d for init, d in recorded.items() if init not in args.forget_init}
     if args.merge:  # before measuring, so that merged points count as done
-        keyed = {record_key(r): r for path in [args.out, *args.merge] for r in load_records(path)}
-        save_records(args.out, list(keyed.values()), meta)
+        keyed = {record_key(r): r for r in kept}
+        for path in args.merge:
+            for init, digests in load_digests(path).items():
+                if recorded.setdefault(init, digests) != digests:
+                    raise SystemExit(f"{path}: its {init} records were measured on other adapters than {args.out}'s; pass --forget-init {init}")
+            keyed.update({record_key(r): r for r in load_records(path)})
+        kept = list(keyed.values())
+    if args.merge or args.forget_init:
+        save_records(args.out, kept, meta | {"adapters_sha256": recorded})
     if args.report or (args.merge and not args.init):
         write_reports(args.out)
         return
     if args.similarity_only:
         for init in args.init or INITS:
-            write_analysis(load_adapter_folders(args.adapters / init), RESULTS_DIR / f"similarity_{init}", overwrite=True)
+            write_analysis(load_adapter_folders(args.adapters / init), args.out.parent / f"similarity_{init}", overwrite=True)
         return
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # a re-run (or suite_scores.py) reuses answers already decoded
     with progress_bar("evaluate: tasks") as on_step:
         base = evaluate(tasks, None, model, tokenizer, cache=answers, on_step=on_step)
-    write_record(RESULTS_DIR / "frontier_base_scores.json", base)
+    write_record(args.out.parent / BASE_SCORES, base)
     for init in args.init or INITS:
         adapters = load_adapter_folders(args.adapters / init)
-        sim_dir = RESULTS_DIR / f"similarity_{init}"
+        digests = adapter_digests(args.adapters / init)
+        kept = resumable_records(load_records(args.out), recorded, init, digests, False, args.out)
+        recorded[init] = digests
+        meta["adapters_sha256"] = recorded
+        save_records(args.out, kept, meta)
+        sim_dir = args.out.parent / f"similarity_{init}"
         if not sim_dir.exists():
             write_analysis(adapters, sim_dir)
         points = [p for p in default_points(len(adapters.tasks)) if not args.only or p.method in args.only][: args.max_points]
@@ -113,12 +135,18 @@ def main() -> None:
     write_reports(args.out, base)
 
 
+def load_digests(path: Path) -> dict[str, dict[str, str]]:
+    """init -> task -> adapter SHA-256 that ``path``'s records were measured on (empty for records
+    from before frontier runs recorded them)."""
+    return json.loads(path.read_text()).get("meta", {}).get("adapters_sha256", {}) if path.exists() else {}
+
+
 def write_reports(out: Path, base: dict | None = None) -> None:
     records = load_records(out)
-    write_text_atomic(RESULTS_DIR / "frontier.md", frontier_markdown(records))
-    base_path = RESULTS_DIR / "frontier_base_scores.json"
+    write_text_atomic(out.with_suffix(".md"), frontier_markdown(records))
+    base_path = out.parent / BASE_SCORES
     base = base or (json.loads(base_path.read_text()) if base_path.exists() else None)
-    with atomic_file(RESULTS_DIR / "frontier.png") as png:
+    with atomic_file(out.with_suffix(".png")) as png:
         plot_frontier(records, png, base)
 
 
