@@ -8,7 +8,7 @@ the results file are kept. Writes frontier.json, frontier.md, frontier.png, the 
 adapters' similarity heatmaps under benchmarks/results/ (beside ``--out``).
 
     python benchmarks/frontier.py [--init shared-seed] [--init independent-seeds] [--threads 1]
-    python benchmarks/frontier.py --report     # frontier.md and frontier.png from frontier.json
+    python benchmarks/frontier.py --report     # frontier.md and frontier.png from frontier.json (its records completed as load_records completes them)
     python benchmarks/frontier.py --init shared-seed --similarity-only   # rewrite similarity_<init>/ only
 
 Two inits in parallel (one core each): run each with its own ``--out``, then
@@ -89,6 +89,8 @@ def main() -> None:
         kept = list(keyed.values())
     if args.merge or args.forget_init:
         save_records(args.out, kept, meta | {"adapters_sha256": recorded})
+    elif args.report and args.out.exists():  # its records as load_records completes them (the run's own meta kept)
+        save_records(args.out, kept, json.loads(args.out.read_text())["meta"])
     if args.report or (args.merge and not args.init):
         write_reports(args.out)
         return

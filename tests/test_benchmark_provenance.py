@@ -60,4 +60,5 @@ def test_frontier_merge_refuses_records_of_other_adapters_and_forget_replaces_th
     merged = subprocess.run(cmd + ["--forget-init", "independent-seeds"], capture_output=True, text=True)
     data = json.loads(out.read_text())
     assert [r["avg_score"] for r in data["records"]] == [2.0], merged.stderr
+    assert data["records"][0]["calibration"] is False  # a record from before the field: measured data-free
     assert data["meta"]["adapters_sha256"] == {"independent-seeds": {"a": "2" * 64}}

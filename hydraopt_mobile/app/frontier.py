@@ -135,14 +135,17 @@ def infeasible_record(point: Point, init: str, error: InfeasibleBudget) -> dict:
 
 
 def record_key(r: dict) -> tuple:
-    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"], r.get("calibration", False))
+    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"], r["calibration"])
 
 
 def load_records(path: Path) -> list[dict]:
+    """``path``'s records, each with ``calibration`` (records written before the field existed were
+    all measured data-free: it came with the data-aware objective)."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    return data["records"] if data.get("meta", {}).get("schema") == SCHEMA else []
+    records = data["records"] if data.get("meta", {}).get("schema") == SCHEMA else []
+    return [r if "calibration" in r else r | {"calibration": False} for r in records]
 
 
 def save_records(path: Path, records: list[dict], meta: dict) -> None:
