@@ -23,6 +23,7 @@ Writes benchmarks/results/quant_recipes.{json,md,png} (ONNX) or quant_recipes_ex
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this chec
 from exporters.backend import Session
 from exporters.export import bank_digest, export_bank
 from exporters.manifest import Manifest
+from exporters.slots import bank_signature, parse_slot_spec
 from exporters.executorch_backend import RECIPES as ET_RECIPES
 from exporters.onnx_quant import RECIPES as ONNX_RECIPES
 from exporters.runtime import greedy, open_export
@@ -44,6 +46,7 @@ from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.atomic import write_text_atomic
+from hydraopt_mobile.base_model import load_causal_lm
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget
@@ -105,11 +108,24 @@ def exported(bank, model_dir: Path, runtime: str, quant: str, folder: Path, slot
     method = bank.method if merged_task is None else f"{bank.method}+merged:{merged_task}"
     if (folder / "manifest.json").is_file():
         m = Manifest.read(folder)
-        if m.quant == quant and m.method == method and m.extra.get("bank_digest") == bank_digest(bank):
+        if m.quant == quant and m.method == method and m.extra.get("bank_digest") == bank_digest(bank) and m.signature == wanted_signature(bank, model_dir, slots, merged_task):
             return None
     t0 = time.time()
     export_bank(bank, model_dir, runtime, quant, folder, overwrite=True, slots=None if merged_task else slots, merged_task=merged_task)
     return round(time.time() - t0, 1)
+
+
+def wanted_signature(bank: MergedBank, model_dir: Path, slots: str | None, merged_task: str | None) -> dict[str, int]:
+    """The slot signature :func:`exported` asks for: none with a task merged in, else the ``--slots``
+    spec's or the bank's own (an export in ``folder`` with another signature is made again, not reused)."""
+    if merged_task is not None:
+        return {}
+    return bank_signature(bank) if slots is None else _spec_signature(Path(model_dir), slots)
+
+
+@functools.lru_cache(maxsize=8)
+def _spec_signature(model_dir: Path, slots: str) -> dict[str, int]:
+    return parse_slot_spec(slots, load_causal_lm(model_dir))
 
 
 def mean_score(per_task: dict[str, dict]) -> float:

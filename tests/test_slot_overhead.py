@@ -51,6 +51,15 @@ def test_rows_time_switchable_exports_against_the_merged_one(tmp_path, tiny_dir,
     # a rerun finds both exports and makes neither again; another recipe in the folder is made anew
     assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", merged, None, "beta") is None
     assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", switchable, None, None) is None
+    # an export of another slot signature in the folder is made anew, never reused (quant_recipes.wanted_signature)
+    from exporters.slots import bank_signature
+
+    own = bank_signature(bank)
+    spec = ",".join(sorted({name.split(".")[-1] for name in own})) + f":{max(own.values()) + 1}"
+    padded = tmp_path / "padded-fp32"
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", padded, spec, None) is not None
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", padded, spec, None) is None
+    assert slot_overhead.exported(bank, tiny_dir, "onnx", "fp32", padded, None, None) is not None
 
     folders = {"merged": merged, "none": switchable}
     rows = slot_overhead.rows_from_times("fp32", folders, "beta", slot_overhead.time_recipe(folders, "beta", tokens=4, rounds=3))
