@@ -1,6 +1,6 @@
 """The manifest of an export: what each file is, its bytes and SHA-256, and which tensors a task fills.
 
-Version 3 (2: without ``placement``): the data files are the bank's own bundle files under ``bank/`` (``shared.safetensors``,
+Version 4 (3: bank files of bundle format 2, one header entry per part; 2: without ``placement``): the data files are the bank's own bundle files under ``bank/`` (``shared.safetensors``,
 loaded once, and ``tasks/<task>.safetensors``, read on each task load), so an export's data bytes
 are the bank's file bytes; ``slots`` lists the program's slot inputs, ``placement`` where a
 module's slot lies inside an input that stacks several (ONNX: q, k and v of one attention), ``bank``
@@ -23,7 +23,7 @@ from hydraopt_mobile.schemas import read_document
 from hydraopt_mobile.errors import UserError
 
 MANIFEST = "manifest.json"
-SCHEMA = "hydraopt-export/3"
+SCHEMA = "hydraopt-export/4"
 
 
 class TaskFileError(UserError):

@@ -5,10 +5,12 @@
     BUNDLE/shared.safetensors        factors used by two or more tasks (resident on a device)
     BUNDLE/tasks/<task>.safetensors  factors used by that task alone (switched with the task)
 
-Tensor keys follow storage.py (``<module index>.<A|B><i>.<part>`` in the shared file,
-``<module index>.<A|B>.<part>`` in a task's file); ``part`` is ``w`` (fp16) or ``q`` + ``scale``
-(int8 / int4, see formats.py). B factors are stored as their columns (B^T). A file that would hold
-no tensor is not written. The manifest does not repeat per-factor facts: modules with the same
+Each tensor file (format 3, storage.py) is one safetensors tensor ``data``: the file's factor parts
+back to back, named ``<module index>.<A|B><i>.<part>`` in the shared file and
+``<module index>.<A|B>.<part>`` in a task's file, in storage.file_order, their dtypes and shapes
+following from the manifest's layouts; ``part`` is ``w`` (fp16) or ``q`` + ``scale`` (int8 / int4,
+see formats.py). B factors are stored as their columns (B^T). A file that would hold no part is not
+written. The manifest does not repeat per-factor facts: modules with the same
 (format, ranks, task -> factor indices) share one ``layouts`` entry, and which file holds a factor
 follows from how many tasks use it.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
@@ -31,10 +33,10 @@ from hydraopt_mobile.checksum import mismatch, sha256_file
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.paths import confined, duplicate_ignoring_case, task_name_problem
 from hydraopt_mobile.schemas import read_document
-from hydraopt_mobile.storage import FILE_METADATA, TensorSpec, factor_key, file_order, header_bytes
+from hydraopt_mobile.storage import BLOB, FILE_METADATA, TensorSpec, factor_key, file_order, header_bytes
 from hydraopt_mobile.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: one flat blob per file (storage.py); 2 gave every part its own header entry
 MANIFEST = "manifest.json"
 BUNDLE = json_marker("bundle", MANIFEST, "format", "hydraopt-bundle")
 
@@ -118,13 +120,16 @@ def write_bundle_files(bank: MergedBank, folder: Path) -> dict:
             raise BundleError(f"{folder}: {problem}")
     bank = sorted_tasks(bank)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for file, part, _ in bank.packed():
+    specs: dict[str, list[TensorSpec]] = {}
+    for file, part, file_specs in bank.packed():
         tensors.setdefault(file, {}).update(part)
+        specs.setdefault(file, []).extend(file_specs)
     (folder / "tasks").mkdir()
     files = {}
     for rel, data in tensors.items():
         path = confined(folder, rel, BundleError)
-        save_file(data, str(path), metadata=FILE_METADATA)
+        blob = torch.cat([data[s.key].reshape(-1).view(torch.uint8) for s in file_order(specs[rel])])
+        save_file({BLOB: blob}, str(path), metadata=FILE_METADATA)
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = manifest_for(bank, files)
     (folder / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
@@ -196,7 +201,7 @@ def read_manifest(path: Path) -> dict:
     :func:`check_manifest`; no tensor file has been opened yet."""
     mpath = Path(path) / MANIFEST
     manifest = read_document(mpath, "bundle-manifest", BundleError, f"{mpath}: missing; {path} is not a bundle",
-                             {"format": "hydraopt-bundle", "version": FORMAT_VERSION}, f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest")
+                             {"format": "hydraopt-bundle", "version": FORMAT_VERSION}, f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest (older bundles: merge the adapters again)")
     check_manifest(manifest, mpath)
     return manifest
 
@@ -267,6 +272,32 @@ def verify_files(path: Path, manifest: dict) -> dict[str, Path]:
     return paths
 
 
+def read_parts(path: Path, want: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """The parts ``want`` (key -> dtype, shape, as :func:`expected_tensors` gives a file's) of the
+    bundle file ``path``: its one blob, checked to be exactly as long as they are together, sliced
+    in storage.file_order; every float part checked finite."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            version, keys = (f.metadata() or {}).get("hydraopt_bundle"), list(f.keys())
+        data = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{path}: unreadable safetensors ({e})") from e
+    if version != FILE_METADATA["hydraopt_bundle"] or keys != [BLOB]:
+        raise BundleError(f"{path}: not a format-{FORMAT_VERSION} bundle file (one tensor {BLOB!r}; metadata hydraopt_bundle={version!r}, tensors {keys[:3]})")
+    blob = data[BLOB]
+    specs = file_order([TensorSpec(k, dtype, shape) for k, (dtype, shape) in want.items()])
+    need = sum(s.nbytes for s in specs)
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != need:
+        raise BundleError(f"{path}: tensor {BLOB!r} is {blob.dtype} {list(blob.shape)}; the manifest's layouts need uint8 [{need}]")
+    out, at = {}, 0
+    for s in specs:
+        out[s.key] = blob[at : at + s.nbytes].view(s.dtype).reshape(s.shape)
+        at += s.nbytes
+        if out[s.key].is_floating_point() and not torch.isfinite(out[s.key]).all():
+            raise BundleError(f"{path}: part {s.key} holds NaN or Inf")
+    return out
+
+
 def load_bundle(path: str | Path) -> MergedBank:
     """Read a bundle, verifying everything first (:func:`open_bundle`)."""
     return open_bundle(path)[1]
@@ -275,25 +306,13 @@ def load_bundle(path: str | Path) -> MergedBank:
 def open_bundle(path: str | Path) -> tuple[dict, MergedBank]:
     """The checked manifest and the bank of bundle ``path``: the one reader behind ``unpack``,
     ``inspect`` and the exporters. Checks the manifest, every file's place, size and sha256, then
-    every tensor's key, dtype and shape against the layouts, before building anything."""
+    every file's blob against the layouts (:func:`read_parts`), before building anything."""
     path = Path(path)
     manifest = read_manifest(path)
     files = verify_files(path, manifest)
     tensors: dict[str, torch.Tensor] = {}
     for rel, want in expected_tensors(manifest).items():
-        try:
-            data = load_file(str(files[rel]))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise BundleError(f"{files[rel]}: unreadable safetensors ({e})") from e
-        if set(data) != set(want):
-            odd = sorted(set(data) ^ set(want))
-            raise BundleError(f"{files[rel]}: tensors {odd[:3]} do not match the manifest's layouts")
-        for key, (dtype, shape) in want.items():
-            if data[key].dtype != dtype or tuple(data[key].shape) != shape:
-                raise BundleError(f"{files[rel]}: tensor {key} is {data[key].dtype} {list(data[key].shape)}, the layout needs {dtype} {list(shape)}")
-            if data[key].is_floating_point() and not torch.isfinite(data[key]).all():
-                raise BundleError(f"{files[rel]}: tensor {key} holds NaN or Inf")
-        tensors.update({f"{rel}:{k}": v for k, v in data.items()})
+        tensors.update({f"{rel}:{k}": v for k, v in read_parts(files[rel], want).items()})
     tasks = manifest["tasks"]
     modules = {}
     for m, (name, d_out, d_in, layout_id) in enumerate(manifest["modules"]):

@@ -213,7 +213,7 @@ def _encode_sign(v: torch.Tensor, density: float) -> torch.Tensor:
 
 def _decode_sign(blob: torch.Tensor, n: int, density: float) -> torch.Tensor:
     layout = sign_blob_layout(n, density)
-    scale = blob[:2].contiguous().view(torch.float16).float()
+    scale = blob[:2].clone().view(torch.float16).float()  # a fresh tensor: the blob may start at any byte of its file
     where = blob[2 : 2 + layout.where_bytes].clone()  # a fresh tensor, aligned for the integer views
     if layout.position_bytes == 0:
         idx = _unpack_bits(where, n).nonzero().reshape(-1)

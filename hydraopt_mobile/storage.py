@@ -1,19 +1,25 @@
 """Storage in file bytes: what a device keeps is files, so every size this toolkit reports is the
 exact size of the safetensors files it writes (headers included).
 
-Factors are packed one tensor per stored part, keyed ``<module index>.<A|B><factor index>.<part>``
-in the shared file and ``<module index>.<A|B>.<part>`` in a task's own file, which holds at most one
-A and one B per module (``part``: ``w`` for fp16, ``q`` + ``scale`` for int8 / int4; formats.py). The reference that
-budgets and fractions are measured against is packed the same way: each input adapter's A and B in
-fp16, one file per task (:func:`reference_file_bytes`), so a bundle of the unchanged adapters is
-exactly 1.0 of it. Configs and manifests count on neither side.
+A bundle file (format 3) is one safetensors tensor, ``data``: a flat uint8 array holding the file's
+factor parts back to back. Which parts a file holds, and their dtypes and shapes, follow from the
+bundle manifest's layouts (the shared file holds every factor serving several tasks, a task's file
+at most one A and one B per module; ``part``: ``w`` for fp16, ``q`` + ``scale`` for int8 / int4,
+formats.py), so the file repeats none of it: the parts are named ``<module index>.<A|B><factor
+index>.<part>`` in the shared file and ``<module index>.<A|B>.<part>`` in a task's own, and lie in
+:func:`file_order` (larger dtypes first, then by name: every part starts aligned to its dtype).
+Readers (bundle.open_bundle, exporters/targets/device_runner.py, the Android app) check the blob's
+length against the layouts and slice it. Format 2 gave every part its own header entry: 50-70
+bytes of JSON each, a third of the smallest bundles' bytes (benchmarks/results/compact_packing_check.md).
+
+The reference that budgets and fractions are measured against is packed the same way: each input
+adapter's A and B in fp16, one file per task (:func:`reference_file_bytes`), so a bundle of the
+unchanged adapters is exactly 1.0 of it. Configs and manifests count on neither side.
 
 A safetensors file is an 8-byte length, a JSON header padded with spaces to a multiple of 8, and
-the tensors' bytes. The header lists every tensor as ``"key":{"dtype":..,"shape":[..],
-"data_offsets":[begin,end]}`` in the order safetensors writes them (larger dtypes first, then by
-key), so its size is known before anything is written: :func:`safetensors_bytes` computes it
-exactly, and the planner prices a candidate's header entries with :func:`entry_chars`, bounding each
-offset by the digits of the budget (no offset exceeds the file's size, which is within budget).
+the tensors' bytes; with one tensor of ``n`` bytes its size is known before anything is written
+(:func:`safetensors_bytes`), and the planner bounds it by :func:`file_overhead_bound` with ``n``
+at the budget's number of digits (no file exceeds the budget).
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ import torch
 if TYPE_CHECKING:
     from hydraopt_mobile.formats import NumberFormat
 
-FILE_METADATA = {"hydraopt_bundle": "2"}
+FILE_METADATA = {"hydraopt_bundle": "3"}
+BLOB = "data"  # the one tensor of a bundle file
 _DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int8: "I8", torch.uint8: "U8"}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a file, without its data."""
+    """One part of a file, without its data."""
 
     key: str
     dtype: torch.dtype
@@ -53,50 +60,42 @@ def factor_key(module_index: int, kind: str, index: int | None, part: str) -> st
 
 
 def factor_specs(module_index: int, kind: str, index: int | None, fmt: "NumberFormat", n_vectors: int, length: int) -> list[TensorSpec]:
-    """The tensors one stored factor (``n_vectors`` component vectors of ``length`` values) writes."""
+    """The parts one stored factor (``n_vectors`` component vectors of ``length`` values) writes."""
     if n_vectors == 0:
         return []
     return [TensorSpec(factor_key(module_index, kind, index, part), dtype, shape) for part, (dtype, shape) in fmt.encoded_shapes(n_vectors, length).items()]
 
 
 def file_order(specs: list[TensorSpec]) -> list[TensorSpec]:
-    """The order safetensors writes tensors in: larger dtypes first, then by key."""
+    """The order of the parts in a file: larger dtypes first, then by key."""
     return sorted(specs, key=lambda s: (-s.dtype.itemsize, s.key))
 
 
-def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> str:
+def _header(payload: int, metadata: dict[str, str] | None) -> str:
     header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for s in file_order(specs):
-        header[s.key] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
+    header[BLOB] = {"dtype": _DTYPES[torch.uint8], "shape": [payload], "data_offsets": [0, payload]}
     return json.dumps(header, separators=(",", ":"))
 
 
 def header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None = FILE_METADATA) -> bytes:
-    """A safetensors file's first bytes for ``specs``: the 8-byte little-endian header length and
-    the JSON header padded with spaces to a multiple of 8; the tensors follow in :func:`file_order`."""
-    header = _header(specs, metadata).encode()
+    """A bundle file's first bytes for ``specs`` (what safetensors' ``save_file`` writes for their
+    blob): the 8-byte little-endian header length and the JSON header padded with spaces to a
+    multiple of 8; the parts follow in :func:`file_order`."""
+    header = _header(sum(s.nbytes for s in specs), metadata).encode()
     header += b" " * (-len(header) % 8)
     return len(header).to_bytes(8, "little") + header
 
 
 def safetensors_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None = FILE_METADATA) -> int:
-    """The exact size of the safetensors file holding ``specs`` (what ``save_file`` writes)."""
-    header = len(_header(specs, metadata).encode())
-    return 8 + -(-header // 8) * 8 + sum(s.nbytes for s in specs)
+    """The exact size of the bundle file holding ``specs``."""
+    payload = sum(s.nbytes for s in specs)
+    return 8 + -(-len(_header(payload, metadata).encode()) // 8) * 8 + payload
 
 
-def entry_chars(spec: TensorSpec, offset_digits: int) -> int:
-    """Header characters of one tensor entry (with its separating comma), each offset taking at most
-    ``offset_digits`` digits: an upper bound used for planning."""
-    entry = json.dumps({spec.key: {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": []}}, separators=(",", ":"))
-    return len(entry) - 2 + 1 + 2 * offset_digits + 1  # drop the outer braces; comma; two offsets and their comma
-
-
-def file_overhead_bound(metadata: dict[str, str] | None = FILE_METADATA) -> int:
-    """Bytes of one file beyond its tensor entries and data: length prefix, braces, metadata, padding."""
-    return 8 + len(_header([], metadata).encode()) + 7
+def file_overhead_bound(payload_digits: int, metadata: dict[str, str] | None = FILE_METADATA) -> int:
+    """Bytes of one file beyond its parts when its payload has at most ``payload_digits`` digits:
+    length prefix and padded header."""
+    return 8 + -(-len(_header(10**payload_digits - 1, metadata).encode()) // 8) * 8
 
 
 def reference_specs(ranks_and_shapes: list[tuple[int, tuple[int, int]]]) -> list[TensorSpec]:

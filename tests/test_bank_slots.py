@@ -85,6 +85,16 @@ def test_a_task_file_of_another_task_is_refused(written):
         slots_bank.task_slots("t0", stored(folder / "tasks" / "t1.safetensors"))
 
 
+def test_a_bank_file_of_bundle_format_2_is_refused(written, tmp_path):
+    """A file with a header entry per part (the format before 3) is refused, naming the file."""
+    from safetensors.torch import save
+
+    _, folder, _, slots_bank = written
+    blob = save({"0.A.w": torch.zeros(2, 3, dtype=torch.float16)}, metadata={"hydraopt_bundle": "2"})
+    with pytest.raises(Refused, match="old.safetensors: not a bank file of bundle format 3 .*format '2'"):
+        slots_bank.task_slots("t0", ("old.safetensors", blob))
+
+
 def test_tasks_of_one_layout_share_one_read_plan_and_a_changed_file_is_planned_anew(tmp_path):
     """Two tasks with the same ranks and format write files with identical headers: the second
     load reuses the first's read plan and still decodes its own values; a file with that header
@@ -105,7 +115,7 @@ def test_tasks_of_one_layout_share_one_read_plan_and_a_changed_file_is_planned_a
             np.testing.assert_allclose(got[slot], value, rtol=0, atol=1e-6, err_msg=f"{task} {slot}")
     assert len(slots_bank._read_plans) == 1
     name, blob = stored(tmp_path / "tasks" / "b.safetensors")
-    with pytest.raises(Refused, match="do not match its shape or lie outside the file"):
+    with pytest.raises(Refused, match="is not the .* uint8 bytes the bank's layouts need"):
         slots_bank.task_slots("b", (name, blob[:-1]))
 
 

@@ -46,7 +46,7 @@ def test_scale_is_the_least_squares_fit_of_the_product():
 
 def test_compeft_fits_its_budget_round_trips_and_is_not_exported(make_adapters, tmp_path):
     aset = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=3)])
-    budget = Budget(fraction=0.2)
+    budget = Budget(fraction=0.1)
     bank = merge(aset, MergeConfig("compeft", budget=budget))
     limit = budget.resolve(aset.reference_file_bytes())
     density = bank.modules[aset.module_names[0]].fmt.density

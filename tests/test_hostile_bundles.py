@@ -98,7 +98,7 @@ def test_reordered_task_list_is_refused_not_a_silently_wrong_task(bundle, pristi
         (lambda raw: raw["layouts"][0]["a_index"].__setitem__(0, 99), "a_index: must use each of the 2 stored factors"),
         (lambda raw: raw["modules"][0].__setitem__(3, 99), "layout 99 of"),
         (lambda raw: raw["modules"][0].__setitem__(3, 0.0), "modules[0][3]: is a number 0.0, expected integer"),
-        (lambda raw: [raw], "not a version-2 hydraopt bundle manifest"),
+        (lambda raw: [raw], "not a version-3 hydraopt bundle manifest"),
         (lambda raw: raw.update(reference_file_bytes="12MB"), "reference_file_bytes: is a string"),
         (lambda raw: raw["layouts"][0]["b_ranks"].__setitem__(0, 3), "pairs an A of rank 4 with a B of rank 3"),
         (lambda raw: raw["layouts"][0]["a_index"].pop(), "a_index: 3 entries for 4 tasks"),
@@ -107,7 +107,7 @@ def test_reordered_task_list_is_refused_not_a_silently_wrong_task(bundle, pristi
         (lambda raw: raw["files"].pop("tasks/t3.safetensors"), "the layouts need"),
         (lambda raw: raw.update(tasks=["t0", "t1", "t2", "../t3"]), "tasks[3]"),
         (lambda raw: raw["layouts"][0].update(format="int4-g7"), "format"),
-        (lambda raw: raw.update(version=1), "not a version-2"),
+        (lambda raw: raw.update(version=2), "not a version-3 hydraopt bundle manifest (older bundles: merge the adapters again)"),
     ],
 )
 def test_manifest_structure_is_checked_by_unpack_and_inspect_alike(bundle, change, message):
@@ -115,21 +115,42 @@ def test_manifest_structure_is_checked_by_unpack_and_inspect_alike(bundle, chang
     both_refuse(bundle, message)
 
 
-def test_tensor_of_the_wrong_shape_with_an_updated_checksum_is_refused(bundle):
+@pytest.mark.parametrize(
+    "rewrite, message",
+    [
+        (lambda blob: {"data": blob[:-2]}, "tensor 'data' is torch.uint8 ["),  # a part short: the layouts need more
+        (lambda blob: {"data": blob.view(torch.float16)}, "the manifest's layouts need uint8"),
+        (lambda blob: {"data": blob, "extra": blob[:2].clone()}, "not a format-3 bundle file"),
+        (lambda blob: {"0.A.w": blob}, "not a format-3 bundle file"),
+        (lambda blob: {"data": torch.cat([torch.tensor([0, 0x7E], dtype=torch.uint8), blob[2:]])}, "holds NaN or Inf"),  # fp16 NaN in the first part (fp16 parts come first)
+    ],
+)
+def test_blob_that_does_not_match_the_layouts_with_an_updated_checksum_is_refused(bundle, rewrite, message):
     task = bundle / "tasks" / "t0.safetensors"
-    tensors = load_file(task)
-    key = next(iter(tensors))
-    tensors[key] = tensors[key][:, :-1].contiguous()
-    save_file(tensors, task, metadata={"hydraopt_bundle": "2"})
+    blob = load_file(task)["data"]
+    save_file(rewrite(blob), task, metadata={"hydraopt_bundle": "3"})
 
     def new_checksum(raw):
         raw["files"]["tasks/t0.safetensors"] = {"bytes": task.stat().st_size, "sha256": sha256_file(task)}
         raw["file_bytes"] = sum(f["bytes"] for f in raw["files"].values())
 
     edit(bundle, new_checksum)
-    both_refuse(bundle, f"tensor {key} is torch.float16")
+    both_refuse(bundle, message)
     with pytest.raises(BundleError):
         load_bundle(bundle)
+
+
+def test_format_2_file_with_an_updated_checksum_is_refused(bundle):
+    """A file of the old format (a header entry per part) under a version-3 manifest."""
+    task = bundle / "tasks" / "t0.safetensors"
+    save_file({"0.A.w": torch.zeros(4, 64, dtype=torch.float16)}, task, metadata={"hydraopt_bundle": "2"})
+
+    def new_checksum(raw):
+        raw["files"]["tasks/t0.safetensors"] = {"bytes": task.stat().st_size, "sha256": sha256_file(task)}
+        raw["file_bytes"] = sum(f["bytes"] for f in raw["files"].values())
+
+    edit(bundle, new_checksum)
+    both_refuse(bundle, "metadata hydraopt_bundle='2'")
 
 
 def test_untouched_bundle_is_accepted_by_both(bundle):

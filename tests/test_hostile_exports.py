@@ -66,7 +66,7 @@ def test_symlink_out_of_the_export_is_refused(copy, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda raw: [raw], "not a hydraopt-export/3 manifest"),
+        (lambda raw: [raw], "not a hydraopt-export/4 manifest"),
         (lambda raw: raw.update(tasks=raw["tasks"] + ["ALPHA"]), "differ only in case"),
         (lambda raw: raw.update(tasks=["../x"] + raw["tasks"][1:]), "tasks"),
         (lambda raw: raw["files"].remove(_task_entry(raw, "beta")), "names a task or file the manifest does not list"),

@@ -13,12 +13,12 @@ from hydraopt_mobile.calibration import identity
 from hydraopt_mobile.factored import b_gram, factor_space, whitened
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.candidates import HydraOptConfig, _priced, _priced_factors, build_modules, plan_candidates
+from hydraopt_mobile.merge.candidates import HydraOptConfig, build_modules, plan_candidates
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets, merge_to_bundles
 from hydraopt_mobile.merge import solver
 from hydraopt_mobile.merge.solver import closed_form_errors, fit_stored, input_space_A, row_spaces, solve_layout, stored_A, stored_errors
 from hydraopt_mobile.merge.spill import StoredASpill
-from hydraopt_mobile.storage import factor_specs, header_bytes, TensorSpec
+from hydraopt_mobile.storage import BLOB, FILE_METADATA, TensorSpec, factor_specs, file_order, header_bytes
 
 
 def random_factors(T=5, d_out=24, d_in=40, ranks=(3, 4, 2, 4, 3), seed=0):
@@ -131,12 +131,11 @@ def test_per_task_errors_through_normal_equations_equal_direct_traces(a_index, r
     assert float(err.min()) > 0  # rounding: a non-zero error to compare
 
 
-def test_pricing_by_digit_count_equals_pricing_every_factor():
-    for module in (0, 9, 37, 123):  # modules share the cached price of their index's digit count
-        for fmt in (NumberFormat("fp16"), NumberFormat("int8"), NumberFormat("int4", 64)):
-            for count in (0, 1, 9, 10, 11, 100, 101, 1234):
-                each = [_priced(factor_specs(module, "B", i, fmt, 5, 300)) for i in range(count)]
-                assert _priced_factors(module, "B", count, fmt, 5, 300) == (sum(b for b, _ in each), sum(n for _, n in each))
+def test_planner_price_is_the_parts_a_file_holds():
+    """The planner prices a factor by NumberFormat.nbytes: exactly the bytes of the parts it adds to its file's blob."""
+    for fmt in (NumberFormat("fp16"), NumberFormat("int8"), NumberFormat("int4", 32), NumberFormat("int4", 64)):
+        for n, length in ((1, 1), (5, 300), (16, 2048), (3, 33)):
+            assert fmt.nbytes(n, length) == sum(s.nbytes for s in factor_specs(12, "B", 3, fmt, n, length)), (fmt.label(), n, length)
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32", "int8", "fp16"])
@@ -151,11 +150,14 @@ def test_stacked_encoding_equals_one_by_one(fmt):
 
 
 def test_header_bytes_are_safetensors_own(tmp_path):
+    """BundleWriter writes storage.header_bytes itself: it must be what safetensors writes for the blob."""
     tensors = {"3.B.q": torch.randint(0, 255, (4, 33), dtype=torch.uint8), "3.B.scale": torch.randn(4, 2).half(), "10.A0.w": torch.randn(2, 7)}
-    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"hydraopt_bundle": "2"})
+    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    blob = torch.cat([tensors[s.key].reshape(-1).view(torch.uint8) for s in file_order(specs)])
+    save_file({BLOB: blob}, str(tmp_path / "x.safetensors"), metadata=FILE_METADATA)
     raw = (tmp_path / "x.safetensors").read_bytes()
-    head = header_bytes([TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
-    assert raw[: len(head)] == head
+    head = header_bytes(specs)
+    assert raw[: len(head)] == head and len(raw) == len(head) + blob.numel()
 
 
 @pytest.mark.parametrize("method, calibrated", [("hydraopt", False), ("hydraopt", True), ("compeft", False)])

@@ -74,7 +74,7 @@ import time
 
 PROTOCOL = "hydraopt-device-runner/1"
 EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb", "teacher_forced", "executorch"]
-MANIFEST_SCHEMA = "hydraopt-export/3"
+MANIFEST_SCHEMA = "hydraopt-export/4"
 
 
 class Refused(Exception):
@@ -92,14 +92,30 @@ def open_ort_session(path: str, threads: int):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-_NP_DTYPES = {"F16": "<f2", "F32": "<f4", "I8": "i1", "U8": "u1"}
+BANK_FILE_VERSION = "3"  # hydraopt_mobile/storage.py: FILE_METADATA
 
 
-def safetensors_entries(blob: bytes, name: str) -> dict:
-    """``{key: (dtype, shape, begin, end)}`` of a safetensors file's bytes ``blob`` (the format: an
-    8-byte little-endian header length, a JSON header of ``{key: {dtype, shape, data_offsets}}``, the
-    tensors' bytes), with every byte range checked against its shape and the file; ``begin``/``end``
-    are offsets into ``blob``."""
+def _encoded_parts(label: str, rank: int, length: int) -> dict:
+    """part -> (numpy dtype, shape) of one stored factor of ``rank`` vectors of ``length`` values,
+    as ``hydraopt_mobile/formats.py: NumberFormat.encoded_shapes`` gives them."""
+    if label == "fp16":
+        return {"w": ("<f2", (rank, length))}
+    if label == "int8":
+        return {"q": ("i1", (rank, length)), "scale": ("<f2", (rank, 1))}
+    group = label.removeprefix("int4-g")
+    if not label.startswith("int4-g") or not group.isdigit() or int(group) < 2:
+        raise Refused(f"the bank's format {label!r} is not one a device reads (fp16, int8, int4-g<G>)")
+    padded = -(-length // int(group)) * int(group)
+    return {"q": ("u1", (rank, padded // 2)), "scale": ("<f2", (rank, padded // int(group)))}
+
+
+def bank_file_entries(blob: bytes, name: str, groups: dict) -> dict:
+    """``{key: (dtype, shape, begin, end)}`` of the parts a bank file's bytes ``blob`` holds for the
+    factors ``groups`` (group -> (items, blocks), ``BankSlots._plan``) expect; ``begin``/``end`` are
+    offsets into ``blob``. A bank file (bundle format 3, ``hydraopt_mobile/storage.py``) is a
+    safetensors file (an 8-byte little-endian header length, a JSON header, the bytes) holding one
+    uint8 tensor ``data``: the parts back to back, larger dtypes first, then by key; their dtypes and
+    shapes follow from the layouts, so its length is checked against them before any is read."""
     import numpy as np
 
     if len(blob) < 8:
@@ -111,24 +127,24 @@ def safetensors_entries(blob: bytes, name: str) -> dict:
         raise Refused(f"{name}: not a safetensors file ({e})") from e
     if not isinstance(header, dict):
         raise Refused(f"{name}: not a safetensors file (header is not an object)")
-    header.pop("__metadata__", None)
-    base, out, size = 8 + n, {}, len(blob) - 8 - n
-    dtypes = {k: np.dtype(v) for k, v in _NP_DTYPES.items()}
-    for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = dtypes[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
-            count = 1
-            for d in shape:
-                if type(d) is not int or d < 0:
-                    raise TypeError
-                count *= d
-            if type(begin) is not int or type(end) is not int:
-                raise TypeError
-        except (TypeError, KeyError, ValueError):
-            raise Refused(f"{name}: tensor {key!r}: malformed header entry") from None
-        if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
-            raise Refused(f"{name}: tensor {key!r}: its bytes do not match its shape or lie outside the file")
-        out[key] = (dtype, shape, base + begin, base + end)
+    metadata = header.pop("__metadata__", None)
+    version = metadata.get("hydraopt_bundle") if isinstance(metadata, dict) else None
+    data = header.get("data")
+    if version != BANK_FILE_VERSION or set(header) != {"data"} or not isinstance(data, dict):
+        raise Refused(f"{name}: not a bank file of bundle format {BANK_FILE_VERSION} (one uint8 tensor 'data'; this one: format {version!r}, tensors {sorted(header)[:3]}): export the bank again")
+    want = {}
+    for (label, length), (items, _) in groups.items():
+        for _, prefix, rank, *_ in items:
+            want.update({prefix + part: (np.dtype(dtype), shape) for part, (dtype, shape) in _encoded_parts(label, rank, length).items()})
+    order = sorted(want, key=lambda key: (-want[key][0].itemsize, key))
+    sizes = [want[key][0].itemsize * want[key][1][0] * want[key][1][1] for key in order]
+    total = sum(sizes)
+    if data.get("dtype") != "U8" or data.get("shape") != [total] or data.get("data_offsets") != [0, total] or 8 + n + total != len(blob):
+        raise Refused(f"{name}: tensor 'data' is not the {total} uint8 bytes the bank's layouts need (header {data}, {len(blob) - 8 - n} data bytes)")
+    out, at = {}, 8 + n
+    for key, size in zip(order, sizes):
+        out[key] = (want[key][0], want[key][1], at, at + size)
+        at += size
     return out
 
 
@@ -254,7 +270,7 @@ class BankSlots:
         """Decode every factor of the shared file ``(name, bytes)`` (None: the bank has none)."""
         name, blob = stored or ("the shared file (none in this export)", b"")
         if self._shared_groups:
-            plan = self._read_plan(self._shared_groups, safetensors_entries(blob, name) if stored else {}, name, "the bank's shared file")
+            plan = self._read_plan(self._shared_groups, bank_file_entries(blob, name, self._shared_groups) if stored else {}, name, "the bank's shared file")
             for group, decoded in self._decode(plan, blob)[0].items():
                 self.shared.update(zip((item[4] for item in self._shared_groups[group][0]), decoded))
         # stacked inputs' blocks are zero or written on each load (task_slots)
@@ -286,7 +302,7 @@ class BankSlots:
             key = (layout, len(blob), blob[8:8 + n])
             plan = self._read_plans.get(key)
             if plan is None:
-                entries = safetensors_entries(blob, name) if stored else {}
+                entries = bank_file_entries(blob, name, self._layouts[layout]) if stored else {}
                 plan = self._read_plan(self._layouts[layout], entries, name, f"task {task!r}")
                 self._read_plans[key] = plan
         spare = self._spare.get(out.layout)
@@ -377,7 +393,7 @@ class BankSlots:
         return items, blocks
 
     def _read_plan(self, groups: dict, entries: dict, name: str, owner: str) -> list:
-        """Check a file's ``entries`` (``safetensors_entries``) against the factors ``groups``
+        """Check a file's ``entries`` (``bank_file_entries``) against the factors ``groups``
         (group -> (items, blocks)) expect, and say where each lies: per group, per stored part its
         dtype, width and byte runs (adjacent runs merged), in item order. Every refusal names the
         file and the tensors."""

@@ -51,7 +51,7 @@ from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.solver import fit_stored, row_spaces, solve_a, solve_B, solve_layout
 from hydraopt_mobile.merge.allocator import Candidate, allocate
 from hydraopt_mobile.paths import duplicate_ignoring_case
-from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs, file_overhead_bound
+from hydraopt_mobile.storage import TensorSpec, factor_specs, file_overhead_bound
 
 RESIDENT, OWN_B, OWN_A, OWN_PAIR, NOTHING = "resident", "own B", "own A", "own A+B", "nothing"
 
@@ -221,18 +221,17 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
 
 def _allocate(options: dict[tuple[str, str], list[Option]], allowance: int, n_tasks: int) -> dict[tuple[str, str], Option]:
     """The merge's allocator over (task, module) option lists. Each option becomes a
-    :class:`Candidate` whose ``k_a`` is its position in its list; bytes are its header entries and
-    payload, offsets priced at the allowance's digits, and each new task file's fixed overhead is
-    set aside first."""
+    :class:`Candidate` whose ``k_a`` is its position in its list; bytes are its payload, and each new
+    task file's fixed overhead (its header priced at the allowance's digits) is set aside first."""
     cands = {}
     for key, opts in options.items():
         cands[key] = [
-            Candidate(i, 0, 0, "", sum(s.nbytes + entry_chars(s, 0) for s in o.specs), o.error, len(o.specs))
+            Candidate(i, 0, 0, "", sum(s.nbytes for s in o.specs), o.error)
             for i, o in enumerate(opts)
         ]
-    budget = allowance - n_tasks * file_overhead_bound()
+    budget = allowance - n_tasks * file_overhead_bound(len(str(max(allowance, 1))))
     try:
-        picks = allocate(cands, budget, offset_digits=len(str(max(allowance, 1))))  # type: ignore[arg-type]
+        picks = allocate(cands, budget)  # type: ignore[arg-type]
     except InfeasibleBudget:
         picks = {}
     if not picks:  # every key has a zero-byte option, so this only happens when the overhead itself does not fit

@@ -2,9 +2,9 @@
 reduction per byte within a storage budget (METHOD.md, "A storage budget ...").
 
 Each module gets a list of candidates (file bytes, weighted squared error). A candidate's bytes are
-its tensors' payload plus their safetensors header entries (storage.py); the two offsets of each
-entry are priced when the budget is known, at the budget's number of digits (an upper bound), so a
-plan's files never exceed the budget. Only the lower convex hull
+its parts' payload: a bundle file is one flat blob whose header does not depend on the parts in it
+(storage.py), so the caller sets each file's fixed overhead aside from the budget and a plan's
+files never exceed it. Only the lower convex hull
 of each list matters; its successive points are upgrades with decreasing error-per-byte gains.
 All upgrades of all modules are sorted by gain and the longest prefix that fits the budget is
 taken. Taking a prefix (rather than skipping an upgrade that does not fit and trying smaller ones)
@@ -13,7 +13,7 @@ makes the plan monotone: a larger budget never gives a larger error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from hydraopt_mobile.merge.budget import InfeasibleBudget
 
@@ -24,19 +24,14 @@ class Candidate:
     k_b: int
     rank: int
     fmt: str  # NumberFormat label
-    nbytes: int  # payload + header entries with their offsets left out
+    nbytes: int  # payload bytes
     error: float  # weighted squared reconstruction error of the stored factors
-    n_tensors: int = 0  # header entries, each with two offsets still to price
     groups: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, compare=False)  # (a_index, b_index) it was solved with
     a_rows: int = field(default=0, compare=False)  # a closed form's A's were encoded at this rank and cut to ``rank`` (candidates.py)
 
     @property
     def spec(self) -> tuple[int, int, int, str]:
         return (self.k_a, self.k_b, self.rank, self.fmt)
-
-    def priced(self, offset_digits: int) -> "Candidate":
-        """The candidate with its offsets priced at ``offset_digits`` digits each."""
-        return replace(self, nbytes=self.nbytes + 2 * offset_digits * self.n_tensors, n_tensors=0)
 
 
 def lower_hull(cands: list[Candidate]) -> list[Candidate]:
@@ -61,9 +56,9 @@ def lower_hull(cands: list[Candidate]) -> list[Candidate]:
     return hull
 
 
-def allocate(candidates: dict[str, list[Candidate]], budget_bytes: int, offset_digits: int = 0) -> dict[str, Candidate]:
+def allocate(candidates: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, Candidate]:
     """Per module, the chosen candidate for ``budget_bytes``; raises InfeasibleBudget naming the minimum."""
-    hulls = {m: lower_hull([c.priced(offset_digits) for c in cands]) for m, cands in candidates.items()}
+    hulls = {m: lower_hull(cands) for m, cands in candidates.items()}
     choice = {m: h[0] for m, h in hulls.items()}
     total = sum(c.nbytes for c in choice.values())
     if total > budget_bytes:
@@ -84,5 +79,5 @@ def allocate(candidates: dict[str, list[Candidate]], budget_bytes: int, offset_d
     return choice
 
 
-def minimum_bytes(candidates: dict[str, list[Candidate]], offset_digits: int = 0) -> int:
-    return sum(min(c.priced(offset_digits).nbytes for c in cands) for cands in candidates.values())
+def minimum_bytes(candidates: dict[str, list[Candidate]]) -> int:
+    return sum(min(c.nbytes for c in cands) for cands in candidates.values())

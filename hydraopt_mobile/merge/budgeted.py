@@ -2,8 +2,8 @@
 depend on the budget), one allocation per budget, then the chosen modules.
 
 Budgets are file bytes (storage.py): the allocator gets the budget less the bound on every file's
-fixed overhead (the shared file and one per task), with each header entry's offsets priced at the
-budget's number of digits, so every bank's files fit its budget.
+fixed overhead (the shared file and one per task, each header priced with a payload of the
+budget's number of digits), so every bank's files fit its budget.
 """
 
 from __future__ import annotations
@@ -61,12 +61,14 @@ def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step:
 
 def _allocate(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | InfeasibleBudget:
     """The chosen candidate per module, or the error naming the smallest feasible budget."""
-    fixed = (n_tasks + 1) * file_overhead_bound()  # the shared file and one per task
     nbytes = budget.resolve(reference)
+    fixed = (n_tasks + 1) * file_overhead_bound(len(str(nbytes)))  # the shared file and one per task
     try:
-        return allocate(candidates, nbytes - fixed, offset_digits=len(str(nbytes)))
+        return allocate(candidates, nbytes - fixed)
     except InfeasibleBudget:
-        smallest = fixed + minimum_bytes(candidates, offset_digits=len(str(fixed + minimum_bytes(candidates))))
+        payload = minimum_bytes(candidates)
+        smallest = payload + (n_tasks + 1) * file_overhead_bound(len(str(payload)))
+        smallest = payload + (n_tasks + 1) * file_overhead_bound(len(str(smallest)))  # its own digits price the headers
         return InfeasibleBudget(
             f"--budget {budget.label()} ({nbytes:,} bytes) is infeasible: the smallest feasible budget is "
             f"{smallest:,} bytes ({smallest / reference:.4f} of fp16 one-adapter-per-task, in file bytes)"

@@ -4,7 +4,6 @@ the rebuild of the one the allocator (allocator.py) chose."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,7 +20,6 @@ from hydraopt_mobile.merge.method import ModuleSink, OnStep, each_module
 from hydraopt_mobile.merge.solver import LayoutSolution, StoredA, closed_form_errors, fit_stored, fit_to_stored, quantisation_noise, row_spaces, solve_layout, stored_A, stored_error, stored_errors
 from hydraopt_mobile.merge.spill import StoredASpill
 from hydraopt_mobile.similarity import row_space_overlap, update_cosine
-from hydraopt_mobile.storage import TensorSpec, entry_chars, factor_specs
 
 
 @dataclass(frozen=True)
@@ -149,13 +147,13 @@ class ModuleCandidates:
         probe = next(iter(dict.fromkeys((ka, kb, r) for ka, kb, r in self.specs if r == ranks[len(ranks) // 2])))
         probe_sol = self._solve(*probe, estimate=True)
         noise = {fmt.label(): quantisation_noise(fm, w, fmt, probe_sol) for fmt in self.cfg.formats}
-        ceiling = self._as_is_nbytes(NumberFormat("fp16"))[0]
+        ceiling = self._as_is_nbytes(NumberFormat("fp16"))
         estimates = []
         for (k_a, k_b, r), e in float_err.items():
             for fmt in self.cfg.formats:
-                nbytes, n_tensors = self._nbytes(k_a, k_b, r, fmt)
+                nbytes = self._nbytes(k_a, k_b, r, fmt)
                 if nbytes <= ceiling:
-                    estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e), n_tensors))
+                    estimates.append(Candidate(k_a, k_b, r, fmt.label(), nbytes, e + noise[fmt.label()] * (total - e)))
         measured = []
         hull = lower_hull(estimates)
         a_rows: dict[tuple[int, int, str], int] = {}
@@ -170,9 +168,9 @@ class ModuleCandidates:
             measured += [self._as_is(fmt) for fmt in self.cfg.formats]
         return measured
 
-    def _as_is_nbytes(self, fmt: NumberFormat) -> tuple[int, int]:
+    def _as_is_nbytes(self, fmt: NumberFormat) -> int:
         d_out, d_in = self.fm.shape
-        return _priced([s for t, f in enumerate(self.factors) for kind, n in (("A", d_in), ("B", d_out)) for s in factor_specs(self.index, kind, t, fmt, f.rank, n)])
+        return sum(fmt.nbytes(f.rank, n) for f in self.factors for n in (d_in, d_out))
 
     def _as_is(self, fmt: NumberFormat) -> Candidate:
         """The inputs as they are in ``fmt``, with the exact error of storing them in it."""
@@ -181,8 +179,7 @@ class ModuleCandidates:
             error = float(stored_error(self.fm, self.w, module).sum())
         else:
             error = sum(float(self.w[t]) * factored_sq_error(f, module.task_factors(t)) for t, f in enumerate(self.factors))
-        nbytes, n_tensors = self._as_is_nbytes(fmt)
-        return Candidate(self.fm.n_tasks, self.fm.n_tasks, AS_IS, fmt.label(), nbytes, error, n_tensors)
+        return Candidate(self.fm.n_tasks, self.fm.n_tasks, AS_IS, fmt.label(), self._as_is_nbytes(fmt), error)
 
     def _spaces(self, k_a: int, k_b: int) -> list:
         if (k_a, k_b) not in self._space_cache:
@@ -198,13 +195,10 @@ class ModuleCandidates:
             self._gb = b_gram(self.est.B)
         return self._gb
 
-    def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> tuple[int, int]:
-        """(payload + header entries without offsets, number of entries) of this layout's files.
-        Every factor is priced with its shared-file key, which is never shorter than a task file's."""
+    def _nbytes(self, k_a: int, k_b: int, rank: int, fmt: NumberFormat) -> int:
+        """Payload bytes of this layout's factors (k_A A's and k_B B's of ``rank`` vectors)."""
         d_out, d_in = self.fm.shape
-        a_bytes, a_entries = _priced_factors(self.index, "A", k_a, fmt, rank, d_in)
-        b_bytes, b_entries = _priced_factors(self.index, "B", k_b, fmt, rank, d_out)
-        return a_bytes + b_bytes, a_entries + b_entries
+        return k_a * fmt.nbytes(rank, d_in) + k_b * fmt.nbytes(rank, d_out)
 
     def build(self, c: Candidate) -> MergedModule:
         """The module ``c`` (a solved layout, not the inputs as they are: :func:`build_modules`
@@ -232,33 +226,6 @@ class ModuleCandidates:
         if key not in self.stored_a:
             self.stored_a[key] = stored_A(self.fm, self._solve(c.k_a, c.k_b, c.a_rows), fmt)
         return self.stored_a[key].leading(c.rank, factors)
-
-
-def _priced(specs: list[TensorSpec]) -> tuple[int, int]:
-    """(payload + header entries without their offsets, number of entries) of these tensors."""
-    return sum(s.nbytes + entry_chars(s, 0) for s in specs), len(specs)
-
-
-@functools.lru_cache(maxsize=4096)
-def _factor_price(index_digits: int, kind: str, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
-    """:func:`_priced` of factor 0 of one kind (its index takes one digit) in a module whose index
-    has ``index_digits`` digits: the module index enters the price only through its key's length,
-    so modules share the cache."""
-    return _priced(factor_specs(10 ** (index_digits - 1), kind, 0, fmt, rank, length))
-
-
-@functools.lru_cache(maxsize=1024)
-def _extra_index_digits(count: int) -> int:
-    """The index digits beyond the first of factors ``0 .. count-1``, summed."""
-    return sum(max(0, count - 10**d) for d in range(1, len(str(max(count - 1, 0)))))
-
-
-def _priced_factors(module_index: int, kind: str, count: int, fmt: NumberFormat, rank: int, length: int) -> tuple[int, int]:
-    """:func:`_priced` of factors ``0 .. count-1`` of one kind: their header entries differ only in
-    the factor index in the key, so each costs factor 0's price plus one character per entry for
-    every index digit beyond the first."""
-    nbytes, entries = _factor_price(len(str(module_index)), kind, fmt, rank, length)
-    return count * nbytes + entries * _extra_index_digits(count), count * entries
 
 
 def plan_candidates(adapters: AdapterSet, cfg: HydraOptConfig, on_step: OnStep | None = None, spill: StoredASpill | None = None, weights: torch.Tensor | None = None) -> dict[str, list[Candidate]]:

@@ -19,8 +19,9 @@ import java.util.regex.Pattern;
  *
  * <p>The export manifest's {@code bank} section (the bundle's {@code modules} and {@code layouts}) says,
  * per module, which factor of A and of B each task uses ({@code a_index[t]}, {@code b_index[t]}). A
- * factor used by one task lives in that task's file under {@code <m>.<A|B>.<part>}; any other in the
- * shared file under {@code <m>.<A|B><i>.<part>}. A factor is stored as component vectors (A's rows,
+ * factor used by one task lives in that task's file as parts {@code <m>.<A|B>.<part>}; any other in the
+ * shared file as {@code <m>.<A|B><i>.<part>}: slices of the file's one blob, whose order and sizes the
+ * layouts give ({@link Safetensors#readBankFile}). A factor is stored as component vectors (A's rows,
  * B's columns) in its layout's number format ({@code hydraopt_mobile/formats.py}): fp16 {@code w};
  * int8 codes {@code q} times one fp16 {@code scale} per vector; int4 codes packed two per byte (low
  * nibble first, two's complement) times one fp16 scale per group of G values, vectors zero-padded to
@@ -122,7 +123,17 @@ public final class BankSlots {
 
     /** Decodes every factor of the shared file {@code path} (null: the export has none). */
     public void loadShared(File path) throws ExportException {
-        Map<String, Safetensors.Tensor> tensors = path != null ? Safetensors.read(path) : Collections.<String, Safetensors.Tensor>emptyMap();
+        List<Safetensors.Part> parts = new ArrayList<Safetensors.Part>();
+        for (int m = 0; m < plan.modules.size(); m++) {
+            Module mod = plan.modules.get(m);
+            for (int kind = 0; kind < 2; kind++) {
+                int[] ranks = mod.layout.ranks[kind];
+                for (int i = 0; i < ranks.length; i++) {
+                    if (ranks[i] != 0 && mod.layout.users(kind, i) > 1) parts.addAll(parts(m + "." + KIND[kind] + i + ".", mod.layout, mod.length(kind), ranks[i]));
+                }
+            }
+        }
+        Map<String, Safetensors.Tensor> tensors = path != null ? Safetensors.readBankFile(path, parts) : Collections.<String, Safetensors.Tensor>emptyMap();
         for (int m = 0; m < plan.modules.size(); m++) {
             Module mod = plan.modules.get(m);
             for (int kind = 0; kind < 2; kind++) {
@@ -140,7 +151,15 @@ public final class BankSlots {
     public Map<String, float[]> taskSlots(String task, File path) throws ExportException {
         int t = tasks.indexOf(task);
         if (t < 0) throw new ExportException("task '" + task + "' is not in this export");
-        Map<String, Safetensors.Tensor> tensors = path != null ? Safetensors.read(path) : Collections.<String, Safetensors.Tensor>emptyMap();
+        List<Safetensors.Part> parts = new ArrayList<Safetensors.Part>();
+        for (int m = 0; m < plan.modules.size(); m++) {
+            Module mod = plan.modules.get(m);
+            for (int kind = 0; kind < 2; kind++) {
+                int i = mod.layout.index[kind][t], rank = mod.layout.ranks[kind][i];
+                if (rank != 0 && mod.layout.users(kind, i) == 1) parts.addAll(parts(m + "." + KIND[kind] + ".", mod.layout, mod.length(kind), rank));
+            }
+        }
+        Map<String, Safetensors.Tensor> tensors = path != null ? Safetensors.readBankFile(path, parts) : Collections.<String, Safetensors.Tensor>emptyMap();
         Map<String, float[]> out = new LinkedHashMap<String, float[]>();
         for (Map.Entry<String, int[]> e : plan.slots.entrySet()) out.put(e.getKey(), new float[e.getValue()[0] * e.getValue()[1]]);
         for (int m = 0; m < plan.modules.size(); m++) {
@@ -210,6 +229,20 @@ public final class BankSlots {
                 if (int4 && j + 1 < length) out[r * length + j + 1] = code1 * scale[r * groups + (j + 1) / group];
             }
         }
+        return out;
+    }
+
+    /** The parts one stored factor of {@code layout}'s format writes under {@code prefix} ({@code hydraopt_mobile/formats.py: encoded_shapes}). */
+    private static List<Safetensors.Part> parts(String prefix, Layout layout, int length, int rank) {
+        List<Safetensors.Part> out = new ArrayList<Safetensors.Part>();
+        if (layout.format.equals("fp16")) {
+            out.add(new Safetensors.Part(prefix + "w", "F16", new int[] {rank, length}));
+            return out;
+        }
+        boolean int4 = layout.groupSize > 0;
+        int group = int4 ? layout.groupSize : length, groups = (length + group - 1) / group, padded = groups * group;
+        out.add(new Safetensors.Part(prefix + "q", int4 ? "U8" : "I8", new int[] {rank, int4 ? padded / 2 : length}));
+        out.add(new Safetensors.Part(prefix + "scale", "F16", new int[] {rank, groups}));
         return out;
     }
 

@@ -16,7 +16,7 @@ import java.util.regex.Pattern;
 
 /**
  * The only class that knows the layout of an export made by {@code hydraopt export --format onnx}
- * (schema {@code hydraopt-export/3}, written by {@code exporters/export.py} and
+ * (schema {@code hydraopt-export/4}, written by {@code exporters/export.py} and
  * {@code exporters/manifest.py}): {@code manifest.json}; the program {@code model.onnx}, whose inputs
  * hold every LoRA slot of its signature ({@code slots}; q, k and v of one attention stacked in one pair,
  * each module's block given by {@code placement}); the bank's own files under {@code bank/}: the
@@ -35,7 +35,7 @@ import java.util.regex.Pattern;
  */
 public final class ExportManifest {
     public static final String MANIFEST = "manifest.json";
-    public static final String SCHEMA = "hydraopt-export/3";
+    public static final String SCHEMA = "hydraopt-export/4";
     public static final String RUNTIME = "onnxruntime";
     private static final Pattern TASK_NAME = Pattern.compile("[A-Za-z0-9][A-Za-z0-9._-]{0,63}");
     private static final Pattern SHA256 = Pattern.compile("[0-9a-f]{64}");

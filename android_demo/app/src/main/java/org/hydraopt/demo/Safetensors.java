@@ -4,18 +4,24 @@ import java.io.File;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
+import java.util.ArrayList;
 import java.util.Collections;
+import java.util.Comparator;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 
 /**
- * Reads a safetensors file (the bank's own files, {@code bank/shared.safetensors} and
- * {@code bank/tasks/<task>.safetensors}): an 8-byte little-endian header length, a JSON header
+ * Reads a safetensors file: an 8-byte little-endian header length, a JSON header
  * {@code {key: {dtype, shape, data_offsets}}} (plus an optional {@code __metadata__}), then the tensors'
- * little-endian bytes. The same checks as {@code exporters/targets/device_runner.py: read_safetensors}:
- * every entry well formed, of a dtype the bank uses, its byte range inside the file and of exactly the
- * size its shape says; every refusal names the file and the tensor.
+ * little-endian bytes; every entry well formed, of a dtype the bank uses, its byte range inside the file
+ * and of exactly the size its shape says; every refusal names the file and the tensor.
+ *
+ * <p>The bank's own files ({@code bank/shared.safetensors}, {@code bank/tasks/<task>.safetensors}) are
+ * bundle format 3 ({@code hydraopt_mobile/storage.py}): one uint8 tensor {@code data} holding the file's
+ * factor parts back to back, larger dtypes first, then by key; which parts, and their dtypes and shapes,
+ * follow from the manifest's layouts ({@link #readBankFile}, as {@code exporters/targets/device_runner.py:
+ * bank_file_entries}).
  */
 public final class Safetensors {
     /** Bytes per element of the dtypes the bank writes (fp16 values and scales, int8 and packed int4 codes). */
@@ -48,10 +54,73 @@ public final class Safetensors {
         }
     }
 
+    /** One part a bank file must hold: its key ({@code <m>.<A|B>[i].<part>}), dtype and shape. */
+    public static final class Part {
+        public final String key;
+        public final String dtype;
+        public final int[] shape;
+
+        public Part(String key, String dtype, int[] shape) {
+            this.key = key;
+            this.dtype = dtype;
+            this.shape = shape;
+        }
+
+        long nbytes() {
+            long n = ITEM_SIZE.get(dtype);
+            for (int d : shape) n *= d;
+            return n;
+        }
+    }
+
+    /** The bundle file format the bank's files must have (their {@code __metadata__.hydraopt_bundle}). */
+    public static final String BANK_FILE_VERSION = "3";
+
     private Safetensors() {}
+
+    /** The parts {@code parts} of the bank file {@code file} (bundle format 3): its one uint8 tensor {@code data},
+     * checked to be exactly as long as the parts together, sliced in the file's order (larger dtypes first, then by key). */
+    public static Map<String, Tensor> readBankFile(File file, List<Part> parts) throws ExportException {
+        Map<String, String> metadata = new LinkedHashMap<String, String>();
+        Map<String, Tensor> tensors = read(file, metadata);
+        Tensor blob = tensors.get("data");
+        String version = metadata.get("hydraopt_bundle");
+        if (!BANK_FILE_VERSION.equals(version) || tensors.size() != 1 || blob == null || !blob.dtype.equals("U8") || blob.shape.length != 1) {
+            throw new ExportException(file + ": not a bank file of bundle format " + BANK_FILE_VERSION + " (one uint8 tensor 'data'; this one: format "
+                + version + ", tensors " + tensors.keySet() + "): export the bank again");
+        }
+        List<Part> order = new ArrayList<Part>(parts);
+        Collections.sort(order, new Comparator<Part>() {
+            @Override public int compare(Part a, Part b) {
+                int bySize = ITEM_SIZE.get(b.dtype) - ITEM_SIZE.get(a.dtype);
+                return bySize != 0 ? bySize : a.key.compareTo(b.key);
+            }
+        });
+        long total = 0;
+        for (Part p : order) total += p.nbytes();
+        if (blob.shape[0] != total) {
+            throw new ExportException(file + ": tensor 'data' holds " + blob.shape[0] + " bytes; the bank's layouts need " + total);
+        }
+        ByteBuffer bytes = blob.data;
+        Map<String, Tensor> out = new LinkedHashMap<String, Tensor>();
+        int at = 0;
+        for (Part p : order) {
+            int n = (int) p.nbytes();
+            ByteBuffer slice = bytes.duplicate();
+            slice.position(bytes.position() + at).limit(bytes.position() + at + n);
+            out.put(p.key, new Tensor(p.dtype, p.shape, slice.slice()));
+            at += n;
+        }
+        return Collections.unmodifiableMap(out);
+    }
 
     /** Every tensor of {@code file}, in header order. */
     public static Map<String, Tensor> read(File file) throws ExportException {
+        return read(file, new LinkedHashMap<String, String>());
+    }
+
+    /** Every tensor of {@code file}, in header order; its string {@code __metadata__} entries go into {@code metadata}. */
+    private static Map<String, Tensor> read(File file, Map<String, String> metadata) throws ExportException {
         byte[] blob = ExportManifest.readBytes(file);
         if (blob.length < 8) throw new ExportException(file + ": not a safetensors file (" + blob.length + " bytes)");
         long n = ByteBuffer.wrap(blob, 0, 8).order(ByteOrder.LITTLE_ENDIAN).getLong();
@@ -71,7 +140,14 @@ public final class Safetensors {
         Map<String, Tensor> out = new LinkedHashMap<String, Tensor>();
         for (Map.Entry<?, ?> e : ((Map<?, ?>) parsed).entrySet()) {
             String key = (String) e.getKey();
-            if (key.equals("__metadata__")) continue;
+            if (key.equals("__metadata__")) {
+                if (e.getValue() instanceof Map) {
+                    for (Map.Entry<?, ?> m : ((Map<?, ?>) e.getValue()).entrySet()) {
+                        if (m.getValue() instanceof String) metadata.put((String) m.getKey(), (String) m.getValue());
+                    }
+                }
+                continue;
+            }
             String where = file + ": tensor '" + key + "'";
             if (!(e.getValue() instanceof Map)) throw new ExportException(where + ": malformed header entry");
             Map<?, ?> info = (Map<?, ?>) e.getValue();

@@ -145,27 +145,18 @@ public class BankSlotsTest extends ExportCopy {
     }
 
     @Test
-    public void aFactorOfTheWrongKindIsRefusedNamingTheTensors() throws Exception {
+    public void aBankFileThatDoesNotMatchTheLayoutsIsRefusedNamingTheFile() throws Exception {
         ExportManifest m = ExportManifest.read(export);
-        // the shared file's int8 codes relabelled as packed int4 (same length of text, same size)
-        File shared = new File(export, "bank/shared.safetensors");
-        String bytes = new String(Files.readAllBytes(shared.toPath()), "ISO-8859-1");
-        int at = bytes.indexOf("\"0.A0.q\":{\"dtype\":\"I8\"");
-        assertTrue("the test bank's first module is int8 with a shared A", at >= 0);
-        TestData.write(shared, bytes.replace("\"0.A0.q\":{\"dtype\":\"I8\"", "\"0.A0.q\":{\"dtype\":\"U8\"").getBytes("ISO-8859-1"));
         BankSlots bank = new BankSlots(m.tasks, m.plan);
-        try {
-            bank.loadShared(shared);
-            fail("U8 codes accepted as an int8 factor");
-        } catch (ExportException e) {
-            assertContains(e.getMessage(), "shared.safetensors: tensors 0.A0.*: 'q' is U8 [4, 64], the bank's layout says I8 [4, 64] (int8)");
-        }
-        // a task's file given as the shared file: the shared factors are not there
-        try {
-            bank.loadShared(new File(export, "bank/tasks/alpha.safetensors"));
-            fail("a task file accepted as the shared file");
-        } catch (ExportException e) {
-            assertContains(e.getMessage(), "alpha.safetensors: tensors 0.A0.* are not a int8 factor of this bank (found parts [])");
-        }
+        long n = Safetensors.read(new File(export, "bank/shared.safetensors")).get("data").shape[0];
+        // one byte short: a header and a file that agree with each other, not with the layouts
+        String blob = "{\"__metadata__\":{\"hydraopt_bundle\":\"3\"},\"data\":{\"dtype\":\"U8\",\"shape\":[%d],\"data_offsets\":[0,%d]}}";
+        File cut = safetensors("cut.safetensors", String.format(blob, n - 1, n - 1), (int) n - 1);
+        assertContains(TestData.refusal(() -> bank.loadShared(cut)), "cut.safetensors: tensor 'data' holds " + (n - 1) + " bytes; the bank's layouts need " + n);
+        // a task's file given as the shared file: the shared factors are not what it holds
+        assertContains(TestData.refusal(() -> bank.loadShared(new File(export, "bank/tasks/alpha.safetensors"))), "alpha.safetensors: tensor 'data' holds ");
+        // a file of bundle format 2 (a header entry per part)
+        File old = safetensors("v2.safetensors", "{\"__metadata__\":{\"hydraopt_bundle\":\"2\"},\"0.A0.w\":{\"dtype\":\"F16\",\"shape\":[2,3],\"data_offsets\":[0,12]}}", 12);
+        assertContains(TestData.refusal(() -> bank.loadShared(old)), "v2.safetensors: not a bank file of bundle format 3");
     }
 }

@@ -181,7 +181,7 @@ public class ExportManifestTest extends ExportCopy {
 
     @Test
     public void schemaRuntimeAndTypesAreChecked() throws Exception {
-        assertContains(refusedWith(null, "schema", "hydraopt-export/1"), "not a hydraopt-export/3 manifest");
+        assertContains(refusedWith(null, "schema", "hydraopt-export/1"), "not a hydraopt-export/4 manifest");
         copyExport();
         assertContains(refusedWith(null, "runtime", "executorch"), "this app runs onnxruntime");
         copyExport();
@@ -195,7 +195,7 @@ public class ExportManifestTest extends ExportCopy {
         copyExport();
         assertContains(refusedWith("bank/tasks/gamma.safetensors", "task", "delta"), "not a task of this export");
         copyExport();
-        TestData.write(new File(export, ExportManifest.MANIFEST), "{\"schema\": \"hydraopt-export/3\",".getBytes("UTF-8"));
+        TestData.write(new File(export, ExportManifest.MANIFEST), "{\"schema\": \"hydraopt-export/4\",".getBytes("UTF-8"));
         assertContains(refused(export), "JSON");
         assertTrue(new File(export, ExportManifest.MANIFEST).delete());
         assertContains(refused(export), "not an export folder");
