@@ -25,7 +25,7 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank, MergedModule, factor_file, packed_module
@@ -279,12 +279,11 @@ def read_parts(path: Path, want: dict[str, tuple[torch.dtype, tuple[int, ...]]])
     try:
         with safe_open(str(path), framework="pt") as f:
             version, keys = (f.metadata() or {}).get("hydraopt_bundle"), list(f.keys())
-        data = load_file(str(path))
+            blob = f.get_tensor(BLOB) if keys == [BLOB] else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BundleError(f"{path}: unreadable safetensors ({e})") from e
-    if version != FILE_METADATA["hydraopt_bundle"] or keys != [BLOB]:
+    if version != FILE_METADATA["hydraopt_bundle"] or blob is None:
         raise BundleError(f"{path}: not a format-{FORMAT_VERSION} bundle file (one tensor {BLOB!r}; metadata hydraopt_bundle={version!r}, tensors {keys[:3]})")
-    blob = data[BLOB]
     specs = file_order([TensorSpec(k, dtype, shape) for k, (dtype, shape) in want.items()])
     need = sum(s.nbytes for s in specs)
     if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != need:
