@@ -139,10 +139,10 @@ def write_bundle_files(bank: MergedBank, folder: Path) -> dict:
 class BundleWriter:
     """A bundle written module by module, so a merge never holds a whole bank's tensors.
 
-    :meth:`add` writes one module's tensors to a spill file per bundle file (in the temporary
-    folder) and returns the module without them; :meth:`finish` writes every tensor file (the
-    header safetensors would write, storage.py, then the tensors copied from the spill in
-    safetensors' order) and the manifest. The files are byte for byte what :func:`write_bundle`
+    :meth:`add` writes one module's parts to a spill file per bundle file (in the temporary
+    folder) and returns the module without them; :meth:`finish` writes every tensor file (its
+    blob's header, storage.header_bytes, then the parts copied from the spill in
+    storage.file_order) and the manifest. The files are byte for byte what :func:`write_bundle`
     writes for the same bank (tests: ``test_streamed_merge_writes_the_same_bundle``)."""
 
     def __init__(self, folder: Path, tasks: list[str]):
