@@ -17,7 +17,8 @@ Two inits in parallel (one core each): run each with its own ``--out``, then
 The results file records, per init, the SHA-256 of the adapters its records were measured on; a
 run on other adapters of that init (retrained: training is not bit-reproducible across machines)
 refuses to add to them. ``--forget-init INIT`` drops that init's records first, so that they are
-measured again on the adapters at hand (with ``--merge``: replaced by the merged files' records).
+measured again on the adapters at hand (with ``--merge``: replaced by the merged files' records);
+``--forget-method METHOD`` drops one method's records (of the ``--init`` inits) after a change to it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--max-points", type=int, default=None, help="measure only the first N points (by importance)")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
     ap.add_argument("--forget-init", action="append", default=[], choices=INITS, help="drop this init's records from --out first (its adapters were retrained: a resumed run refuses records of other adapters)")
+    ap.add_argument("--forget-method", action="append", default=[], help="drop this method's records (of each --init, default both) from --out first, so that they are measured again (the planner changed)")
     ap.add_argument("--report", action="store_true", help="only rewrite frontier.md and frontier.png from --out")
     ap.add_argument("--similarity-only", action="store_true", help="only rewrite the similarity heatmaps of each --init (a frontier run writes them only when missing)")
     args = ap.parse_args()
@@ -78,7 +80,7 @@ def main() -> None:
         "drops": "against one-adapter-per-task fp16 (same init, same test examples); 95 % paired percentile bootstrap, 10,000 resamples within each task",
     }
     recorded = load_digests(args.out)  # init -> task -> SHA-256 of the adapters --out's records were measured on
-    kept = [r for r in load_records(args.out) if r["init"] not in args.forget_init]
+    kept = [r for r in load_records(args.out) if r["init"] not in args.forget_init and not (r["method"] in args.forget_method and r["init"] in (args.init or INITS))]
     recorded = {init: d for init, d in recorded.items() if init not in args.forget_init}
     if args.merge:  # before measuring, so that merged points count as done
         keyed = {record_key(r): r for r in kept}
@@ -88,7 +90,7 @@ def main() -> None:
                     raise SystemExit(f"{path}: its {init} records were measured on other adapters than {args.out}'s; pass --forget-init {init}")
             keyed.update({record_key(r): r for r in load_records(path)})
         kept = list(keyed.values())
-    if args.merge or args.forget_init:
+    if args.merge or args.forget_init or args.forget_method:
         save_records(args.out, kept, meta | {"adapters_sha256": recorded})
     elif args.report and args.out.exists():  # its records as load_records completes them (the run's own meta kept)
         save_records(args.out, kept, json.loads(args.out.read_text())["meta"])

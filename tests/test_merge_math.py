@@ -8,7 +8,7 @@ from hydraopt_mobile.factored import factor_space, factored_sq_error
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.solver import objective, solve_layout
-from hydraopt_mobile.merge.allocator import Candidate, allocate, lower_hull
+from hydraopt_mobile.merge.allocator import Candidate, allocate, allocate_best, lower_hull
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.similarity import column_space_overlap, row_space_overlap, update_cosine
 
@@ -119,6 +119,55 @@ def test_planner_hull_and_prefix():
     assert sorted(x.nbytes for x in allocate({"m": c, "n": c}, budget_bytes=80).values()) == [40, 40]
     with pytest.raises(InfeasibleBudget):
         allocate({"m": c, "n": c}, budget_bytes=19)
+
+
+def test_allocate_best_is_never_worse_than_a_subset():
+    """The prefix of upgrades sorted by gain can do worse with more candidates: module m's extra
+    cheap upgrade (12 bytes) is taken first, and then n's upgrade no longer fits (error 6 + 10), where
+    without it m's own upgrade fills the budget exactly (5 + 10)."""
+    own = [Candidate(2, 2, 1, "int4", 10, 10.0), Candidate(2, 2, 2, "int4", 20, 5.0)]
+    shared = Candidate(1, 2, 2, "int4", 12, 6.0)
+    cands = {"m": own + [shared], "n": list(own)}
+    no_sharing = lambda c: c.k_a == c.k_b == 2  # noqa: E731
+    everything = lambda c: True  # noqa: E731
+    assert sum(c.error for c in allocate(cands, 30).values()) == 16.0
+    best = allocate_best(cands, 30, (no_sharing, everything))
+    assert sum(c.error for c in best.values()) == 15.0 and shared not in best.values()
+    # a tie goes to the first subset: at 40 bytes both give 5 + 5, without the shared candidate
+    best = allocate_best(cands, 40, (no_sharing, everything))
+    assert sum(c.error for c in best.values()) == 10.0 and all(no_sharing(c) for c in best.values())
+    # where only the larger set fits, it is taken; where nothing fits, the error says so
+    cheap = {"m": own + [Candidate(1, 2, 1, "int4", 4, 12.0)], "n": list(own)}
+    assert allocate_best(cheap, 15, (no_sharing, everything))["m"].nbytes == 4
+    with pytest.raises(InfeasibleBudget, match="smallest feasible budget is 14 bytes"):
+        allocate_best(cheap, 13, (no_sharing, everything))
+
+
+def test_planner_shares_only_where_it_beats_its_own_per_task_plan(make_adapters):
+    """At every budget the planner's objective is at most that of the plan of its no-sharing
+    candidates alone, and where it shares nothing it is that plan."""
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+    from hydraopt_mobile.formats import FORMAT_NAMES
+    from hydraopt_mobile.merge.budgeted import _allocate
+    from hydraopt_mobile.merge.candidates import HydraOptConfig, plan_candidates
+
+    aset = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=6, noise=0.2, seed=3)])
+    T = len(aset.tasks)
+    cands = plan_candidates(aset, HydraOptConfig(formats=tuple(NumberFormat(n) for n in FORMAT_NAMES)))
+    alone = {m: [c for c in cs if c.k_a == c.k_b == T] for m, cs in cands.items()}
+    ref = aset.reference_file_bytes()
+    shared_somewhere = alone_somewhere = False
+    for frac in (0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.4, 0.6):
+        plan, own = _allocate(cands, Budget(fraction=frac), ref, T), _allocate(alone, Budget(fraction=frac), ref, T)
+        if isinstance(own, InfeasibleBudget):
+            continue
+        assert sum(c.error for c in plan.values()) <= sum(c.error for c in own.values())
+        shares = any(c.k_a < T or c.k_b < T for c in plan.values())
+        shared_somewhere |= shares
+        alone_somewhere |= not shares
+        if not shares:
+            assert {m: c.spec for m, c in plan.items()} == {m: c.spec for m, c in own.items()}
+    assert shared_somewhere and alone_somewhere  # the planted shared A pays at some budgets, not at all: both branches are covered
 
 
 def dense_overlap(u, v):

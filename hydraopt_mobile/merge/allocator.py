@@ -14,6 +14,7 @@ makes the plan monotone: a larger budget never gives a larger error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from hydraopt_mobile.merge.budget import InfeasibleBudget
 
@@ -77,6 +78,36 @@ def allocate(candidates: dict[str, list[Candidate]], budget_bytes: int) -> dict[
         choice[m] = nxt
         total += extra
     return choice
+
+
+def allocate_best(candidates: dict[str, list[Candidate]], budget_bytes: int, subsets: Sequence[Callable[[Candidate], bool]]) -> dict[str, Candidate]:
+    """The plan of least total error among :func:`allocate` on each subset of every module's
+    candidates (``subsets``: which candidates each option keeps; a subset that leaves a module none
+    is skipped; the earlier subset wins a tie); raises the InfeasibleBudget of the last subset when
+    no subset fits.
+
+    :func:`allocate` takes a prefix of upgrades sorted by gain, which is not the best plan of its
+    candidates: with more candidates the prefix can stop earlier and the plan be worse than that of
+    a subset of them (measured on the suite's adapters: 0.4 % more error with the shared layouts
+    than without them, at 1/(2T)). Comparing the options' objectives makes a plan from the larger
+    set never worse than one from a subset it is compared with. Each option is monotone in the
+    budget (a prefix), so the least of them is too."""
+    best: dict[str, Candidate] | None = None
+    error: InfeasibleBudget | None = None
+    for keep in subsets:
+        kept = {m: [c for c in cands if keep(c)] for m, cands in candidates.items()}
+        if not all(kept.values()):
+            continue
+        try:
+            plan = allocate(kept, budget_bytes)
+        except InfeasibleBudget as e:
+            error = e
+            continue
+        if best is None or sum(c.error for c in plan.values()) < sum(c.error for c in best.values()):
+            best = plan
+    if best is None:
+        raise error if error is not None else InfeasibleBudget(f"budget of {budget_bytes:,} bytes: no candidates")
+    return best
 
 
 def minimum_bytes(candidates: dict[str, list[Candidate]]) -> int:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.merge.allocator import Candidate, allocate, minimum_bytes
+from hydraopt_mobile.merge.allocator import Candidate, allocate_best, minimum_bytes
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, build_modules, plan_candidates, task_weights
 from hydraopt_mobile.merge.spill import StoredASpill
@@ -59,12 +60,20 @@ def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step:
         return [p if isinstance(p, InfeasibleBudget) else next(built) for p in plans]
 
 
+def plan_options(n_tasks: int) -> tuple[Callable[[Candidate], bool], ...]:
+    """The candidate subsets a budget's plan is chosen among (allocator.allocate_best), the first
+    preferred on a tie: the layouts that share no factor (each task compressed on its own), then
+    every candidate. So a plan shares a factor only where that lowers the objective below the best
+    plan without sharing that the planner finds from the same measured candidates."""
+    return (lambda c: c.k_a == c.k_b == n_tasks, lambda c: True)
+
+
 def _allocate(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | InfeasibleBudget:
     """The chosen candidate per module, or the error naming the smallest feasible budget."""
     nbytes = budget.resolve(reference)
     fixed = (n_tasks + 1) * file_overhead_bound(len(str(nbytes)))  # the shared file and one per task
     try:
-        return allocate(candidates, nbytes - fixed)
+        return allocate_best(candidates, nbytes - fixed, plan_options(n_tasks))
     except InfeasibleBudget:
         payload = minimum_bytes(candidates)
         smallest = payload + (n_tasks + 1) * file_overhead_bound(len(str(payload)))
