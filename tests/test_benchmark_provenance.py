@@ -62,3 +62,16 @@ def test_frontier_merge_refuses_records_of_other_adapters_and_forget_replaces_th
     assert [r["avg_score"] for r in data["records"]] == [2.0], merged.stderr
     assert data["records"][0]["calibration"] is False  # a record from before the field: measured data-free
     assert data["meta"]["adapters_sha256"] == {"independent-seeds": {"a": "2" * 64}}
+
+
+def test_frontier_forget_method_drops_that_methods_records_of_the_chosen_init_only(tmp_path):
+    out = tmp_path / "frontier.json"
+    out.write_text((ROOT / "benchmarks" / "results" / "frontier.json").read_text())
+    before = json.loads(out.read_text())["records"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--out", str(out), "--forget-method", "hydraopt", "--init", "shared-seed", "--report"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    after = json.loads(out.read_text())["records"]
+    dropped = [r for r in before if r["method"] == "hydraopt" and r["init"] == "shared-seed"]
+    assert dropped and len(after) == len(before) - len(dropped)
+    assert not any(r["method"] == "hydraopt" and r["init"] == "shared-seed" for r in after)
+    assert sum(r["method"] == "hydraopt" and r["init"] == "independent-seeds" for r in after) == sum(r["method"] == "hydraopt" and r["init"] == "independent-seeds" for r in before) > 0
