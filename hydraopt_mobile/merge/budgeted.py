@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.calibration import Calibration

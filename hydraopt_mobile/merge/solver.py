@@ -16,7 +16,6 @@ solve, so the objective never increases. ``fit_stored`` quantises A^, re-fits B^
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -50,11 +49,6 @@ class RowSpace:
     s2: torch.Tensor
     members: list[int]
     coef: torch.Tensor | None  # (k, |members| r): coef L
-
-    @functools.cached_property
-    def nonzero(self) -> int:
-        """How many of the singular values are not zero (relative to the largest)."""
-        return int((self.s2 > self.s2[0] * 1e-20).sum()) if self.s2.numel() and self.s2[0] > 0 else 0
 
 
 def _members(index: list[int], g: int) -> list[int]:
@@ -190,13 +184,9 @@ def closed_form_errors(fm: FactoredModule, w: torch.Tensor, spaces: list[RowSpac
     return {r: max(total - float(kept[r - 1]), 0.0) for r in ranks}
 
 
-def _truncate(rows: torch.Tensor, nonzero: int, rank: int) -> torch.Tensor:
-    """The first ``rank`` rows of ``rows`` whose singular value is not zero (the first ``nonzero``,
-    :attr:`RowSpace.nonzero`); zero rows after them. A view when no row is zeroed (the planner cuts
-    the same spaces at every rank: a copy per cut was most of a per-task layout's solve)."""
-    keep = min(rank, nonzero)
-    if keep == rank:
-        return rows[:rank]
+def _truncate(rows: torch.Tensor, s2: torch.Tensor, rank: int) -> torch.Tensor:
+    """The first ``rank`` rows of ``rows`` whose singular value is not zero; zero rows after them."""
+    keep = min(rank, int((s2 > s2[0] * 1e-20).sum())) if s2.numel() and s2[0] > 0 else 0
     out = torch.zeros(rank, rows.shape[1], dtype=rows.dtype)
     out[:keep] = rows[:keep]
     return out
@@ -350,12 +340,12 @@ def solve_layout(
         if spaces is None:
             start_b = b_index if k_a == 1 else list(range(fm.n_tasks))
             spaces = row_spaces(fm, w, a_index, start_b, rank)
-        a = torch.stack([_truncate(s.vh, s.nonzero, rank) for s in spaces])
+        a = torch.stack([_truncate(s.vh, s.s2, rank) for s in spaces])
     B = _solve_B_coords(fm, w, a, a_index, b_index, k_b) if with_B or not closed else torch.empty(0)
     sol = LayoutSolution(list(a_index), list(b_index), a, B)
     if closed:  # the closed form's objective is what its singular values leave
         assert spaces is not None
-        coef = [(s.members, _truncate(s.coef, s.nonzero, rank)) for s in spaces if s.coef is not None]
+        coef = [(s.members, _truncate(s.coef, s.s2, rank)) for s in spaces if s.coef is not None]
         sol.A_coef = coef if len(coef) == len(spaces) else None
         sol.history.append(closed_form_errors(fm, w, spaces, [rank])[rank])
         return sol
