@@ -37,9 +37,8 @@ from hydraopt_mobile.calibration import Calibration, collect
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, allocate
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.budgeted import _allocate
+from hydraopt_mobile.merge.budgeted import _allocate, payload_budget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, plan_candidates
-from hydraopt_mobile.storage import file_overhead_bound
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
@@ -52,11 +51,10 @@ def objective(plan: dict[str, Candidate]) -> float:
 
 
 def prefix_only(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | None:
-    """The plan of every candidate by :func:`allocate` alone, with the budget less the same file
-    overheads as :func:`budgeted._allocate` sets aside."""
-    nbytes = budget.resolve(reference)
+    """The plan of every candidate by :func:`allocate` alone, with the payload budget
+    :func:`budgeted._allocate` gives the planner."""
     try:
-        return allocate(candidates, nbytes - (n_tasks + 1) * file_overhead_bound(len(str(nbytes))))
+        return allocate(candidates, payload_budget(budget.resolve(reference), n_tasks))
     except InfeasibleBudget:
         return None
 

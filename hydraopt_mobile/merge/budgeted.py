@@ -68,12 +68,17 @@ def plan_options(n_tasks: int) -> tuple[Callable[[Candidate], bool], ...]:
     return (lambda c: c.k_a == c.k_b == n_tasks, lambda c: True)
 
 
+def payload_budget(nbytes: int, n_tasks: int) -> int:
+    """The bytes a budget of ``nbytes`` file bytes leaves for the factors: less the bound on the
+    fixed overhead of the shared file and one file per task."""
+    return nbytes - (n_tasks + 1) * file_overhead_bound(len(str(nbytes)))
+
+
 def _allocate(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | InfeasibleBudget:
     """The chosen candidate per module, or the error naming the smallest feasible budget."""
     nbytes = budget.resolve(reference)
-    fixed = (n_tasks + 1) * file_overhead_bound(len(str(nbytes)))  # the shared file and one per task
     try:
-        return allocate_best(candidates, nbytes - fixed, plan_options(n_tasks))
+        return allocate_best(candidates, payload_budget(nbytes, n_tasks), plan_options(n_tasks))
     except InfeasibleBudget:
         payload = minimum_bytes(candidates)
         smallest = payload + (n_tasks + 1) * file_overhead_bound(len(str(payload)))
