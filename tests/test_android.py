@@ -322,7 +322,7 @@ def test_bench_android_adb_without_a_device_says_so_and_writes_nothing(exports, 
         r = subprocess.run([sys.executable, "-m", "hydraopt_mobile.app.cli", "bench", "android-adb", str(exports["fp32"]), "--out", str(out)],
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert r.returncode == 2, r.stdout + r.stderr
-        assert "no Android device attached" in r.stdout and "nothing was run" in r.stdout
+        assert "no Android device attached" in r.stderr and "nothing was run" in r.stderr  # errors go to standard error
         assert not out.exists()
     finally:
         run_build("adb", "kill-server")  # the adb server this test started

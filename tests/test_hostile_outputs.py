@@ -296,3 +296,13 @@ def test_cli_boundary_hides_the_libraries_progress_bars(tmp_path, quiet):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("Loading weights" in r.stdout + r.stderr) is not quiet
+
+
+def test_error_lines_go_to_standard_error(tmp_path):
+    """A refused input is reported on standard error, naming it, so standard output (a ``--json``
+    result) never carries an error line."""
+    missing = tmp_path / "no-such-bank"
+    result = runner.invoke(app, ["inspect", str(missing), "--json"])
+    assert result.exit_code == 2
+    assert "error:" in result.stderr and str(missing) in " ".join(result.stderr.split())
+    assert "error" not in result.stdout

@@ -14,7 +14,7 @@ from rich.console import Console
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.errors import UserError
 
-from .failures import reported
+from .failures import report_error, reported
 from .records import OUT_HELP, refuse_existing
 
 console = Console()
@@ -46,13 +46,13 @@ def setup(name: str = typer.Argument(..., help="target name (see `hydraopt targe
     try:
         target = get_target(name)
     except ValueError as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        report_error(console, str(e))
         raise typer.Exit(2)
     t0 = time.perf_counter()
     try:
         steps = target.setup()
     except Exception as e:  # a failed download or unpack: say which and stop
-        console.print(f"[bold red]error:[/] setting up {name} failed: {e}")
+        report_error(console, f"setting up {name} failed: {e}")
         raise typer.Exit(1)
     r = target.readiness()
     console.print(f"{name}: {'ready' if r.ready else 'NOT ready'} ({r.reason}); "
