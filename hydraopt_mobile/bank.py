@@ -56,13 +56,6 @@ class MergedModule:
         """(k_A, k_B): how many distinct A and B factors this module stores."""
         return (len(self.A), len(self.B))
 
-    def a_shared(self) -> bool:
-        """True when one A serves every task, so a device keeps it resident."""
-        return len(self.A) == 1
-
-    def b_shared(self) -> bool:
-        return len(self.B) == 1
-
     def task_factors(self, t: int) -> LoraFactors:
         return LoraFactors(self.A[self.a_index[t]].values(), self.B[self.b_index[t]].values())
 
