@@ -116,7 +116,7 @@ def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict
     handles = []
     for name in names:
         linear = model.get_submodule(name)
-        if not isinstance(linear, torch.nn.Linear) or (linear.out_features, linear.in_features) != adapters.factors(name)[0].shape:
+        if not isinstance(linear, torch.nn.Linear) or (linear.out_features, linear.in_features) != tuple(adapters.shapes[name]):
             raise UserError(f"calibration: module {name!r} of the base model is not a Linear of the adapters' shape: another base model?")
         handles.append(linear.register_forward_pre_hook(hook(name)))
     try:

@@ -126,3 +126,43 @@ def test_unpack_loads_in_peft_and_equals_bundle(tmp_path):
     assert not torch.allclose(got, base, atol=1e-3)  # the adapter does something
     code, text = run("unpack", out, "--task", "nope", "--out", tmp_path / "u3")
     assert code == 2 and "task 'nope' is not in this bank" in text
+
+
+def test_merge_streams_and_writes_what_the_in_memory_merge_writes(make_adapters, tmp_path):
+    """`hydraopt merge` reads each module when the merge reaches it and writes a budgeted bank as it
+    is built (registry.merge_to_bundle); the bundle is byte for byte the in-memory merge's, for a
+    budgeted method and a baseline alike."""
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+    from hydraopt_mobile.bundle import write_bundle
+    from hydraopt_mobile.merge.budget import Budget
+    from hydraopt_mobile.merge.registry import MergeConfig, merge
+
+    paths = make_adapters(n_tasks=3)
+    eager = build_adapter_set([load_adapter(p) for p in reversed(paths)])  # tasks given out of order
+    for method, args, config in (("hydraopt", ["--budget", "0.3"], MergeConfig("hydraopt", budget=Budget(fraction=0.3))),
+                                 ("ties", [], MergeConfig("ties"))):
+        cli, memory = tmp_path / f"cli-{method}", tmp_path / f"memory-{method}"
+        code, text = run("merge", *reversed(paths), "--method", method, *args, "--out", cli)
+        assert code == 0, text
+        write_bundle(merge(eager, config), memory)
+        files = sorted(p.relative_to(memory) for p in memory.rglob("*") if p.is_file())
+        assert len(files) >= 2 and files == sorted(p.relative_to(cli) for p in cli.rglob("*") if p.is_file())
+        for rel in files:
+            assert (cli / rel).read_bytes() == (memory / rel).read_bytes(), (method, rel)
+
+
+def test_merge_names_a_bad_value_met_mid_merge_and_leaves_nothing(make_adapters, tmp_path):
+    """Values are checked as modules are read: a NaN deep in one adapter stops the merge with its
+    file and tensor named, and no output or temporary folder is left."""
+    from safetensors.torch import load_file, save_file
+
+    a, b = make_adapters(n_tasks=2)
+    st = b / "adapter_model.safetensors"
+    tensors = load_file(str(st))
+    key = sorted(tensors)[-1]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(st))
+    out = tmp_path / "b"
+    code, text = run("merge", a, b, "--budget", "0.5", "--out", out)
+    assert code == 2 and f"tensor {key!r} contains NaN" in " ".join(text.split()), text
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -202,6 +202,29 @@ def test_lazy_adapter_reads_modules_on_use_and_names_bad_values(make_adapters):
         lazy.modules["model.layers.1.self_attn.v_proj"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lazy_reads_at_the_headers_offsets_equal_the_library(make_adapters, dtype):
+    """A lazy adapter reads each tensor at the offsets its header gave on opening (adapters.LazyModules):
+    in every float dtype adapters come in, its modules equal the eager load's (the library's reader)."""
+    (p,) = make_adapters(n_tasks=1, rank=4)
+    st = p / "adapter_model.safetensors"
+    save_file({k: t.to(dtype) for k, t in load_file(str(st)).items()}, str(st))
+    eager, lazy = load_adapter(p), load_adapter(p, lazy=True)
+    assert len(eager.modules) == len(lazy.modules) > 1
+    for name, f in eager.modules.items():
+        assert torch.equal(lazy.modules[name].A, f.A) and torch.equal(lazy.modules[name].B, f.B), name
+
+
+def test_lazy_adapter_cut_short_after_opening_names_the_tensor(make_adapters):
+    (p,) = make_adapters(n_tasks=1, rank=4)
+    lazy = load_adapter(p, lazy=True)
+    st = p / "adapter_model.safetensors"
+    raw = st.read_bytes()
+    st.write_bytes(raw[: 8 + int.from_bytes(raw[:8], "little") + 4])  # the header and 4 bytes of data
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: tensor '.*' is cut short"):
+        lazy.modules[next(iter(lazy.modules))]
+
+
 @pytest.mark.parametrize("layout", [([0] * 5, list(range(5))), (list(range(5)), list(range(5))), ([0, 0, 1, 1, 2], list(range(5)))])
 def test_a_closed_forms_leading_rows_are_its_lower_rank(layout):
     """The planner encodes a closed form's A's once at its largest rank and cuts them for every

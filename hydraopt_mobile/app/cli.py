@@ -14,11 +14,11 @@ from rich.table import Table
 from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import check_output
-from hydraopt_mobile.bundle import BUNDLE, load_bundle, write_bundle
+from hydraopt_mobile.bundle import BUNDLE, load_bundle
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.budget import Budget
-from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge
+from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge_to_bundle
 from hydraopt_mobile.peft_io import write_peft_folder
 
 from .failures import reported
@@ -107,12 +107,11 @@ def merge_cmd(
             group_size=group_size,
             params=_parse_params(param),
         )
-        adapter_set = load_adapter_set(adapters, allow_missing)
+        adapter_set = load_adapter_set(adapters, allow_missing, lazy=True)  # modules read as the merge reaches them
         if calibration is not None:
             config = dataclasses.replace(config, calibration=_calibrate(calibration, model, adapter_set))
         with progress_bar(f"{method}: modules", console) as on_step:
-            bank = merge(adapter_set, config, on_step)
-        write_bundle(bank, out, overwrite, inputs)
+            merge_to_bundle(adapter_set, config, out, on_step, overwrite, inputs)
     _print_inspect(out)
 
 

@@ -18,7 +18,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.atomic import atomic_dir
 from hydraopt_mobile.bank import MergedBank, MergedModule, module_sq_errors, relative_from_sums
-from hydraopt_mobile.bundle import BUNDLE, BundleWriter
+from hydraopt_mobile.bundle import BUNDLE, BundleWriter, write_bundle
 from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
@@ -118,6 +118,20 @@ def merge(adapters: AdapterSet, config: MergeConfig, on_step: OnStep | None = No
     bank = _merge(adapters, method, config, budgets, on_step, strict=True)[0]
     assert isinstance(bank, MergedBank)
     return bank
+
+
+def merge_to_bundle(adapters: AdapterSet, config: MergeConfig, out: Path, on_step: OnStep | None = None, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Path:
+    """:func:`merge` written to the bundle ``out``: a budgeted method's modules as they are built
+    (:func:`merge_to_bundles`, so with a lazily read adapter set memory holds one module, not a
+    bank), another method's small bank once merged. The bundle is the one
+    ``write_bundle(merge(...))`` writes; an infeasible budget raises and writes nothing."""
+    method = get_method(config.method)
+    if not method.budgeted:
+        return write_bundle(merge(adapters, config, on_step), out, overwrite, inputs)
+    [written] = merge_to_bundles(adapters, config, [config.budget or DEFAULT_BUDGET], [out], on_step, overwrite, inputs)
+    if isinstance(written, InfeasibleBudget):
+        raise written
+    return written
 
 
 def merge_budgets(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], on_step: OnStep | None = None, strict: bool = True) -> list[MergedBank | InfeasibleBudget]:
