@@ -11,7 +11,7 @@ and whether the two revisions wrote the same file bytes at every budget (and the
 of the budgets' mean relative errors). The 8B adapters are generated once (not timed) into the
 cache folder merge_speed_8b.py uses and shared by both revisions. Run it with no other heavy job.
 
-    python benchmarks/merge_speed_side_by_side.py --base REV [--new HEAD] [--shape 1b|8b] [--layers N] [--rounds 3] [--threads 2]
+    python benchmarks/merge_speed_side_by_side.py --base REV [--new HEAD] [--shape 1b|8b] [--layers N] [--rounds 3] [--threads 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/merge_speed_side_by_side_SHAPE.json; a .md beside it)")
+    ap.add_argument("--keep", type=Path, default=None, help="folder to keep every run's own record in (REVISION_ROUND.json, as the revision's script wrote it)")
     args = ap.parse_args()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     layers = args.layers or (16 if args.shape == "1b" else 32)
     out = args.out or RESULTS / f"merge_speed_side_by_side_{args.shape}.json"
     adapters = cache_root() / "merge_speed_8b" / f"{TASKS['8b']}x{layers}-r16"
@@ -107,7 +110,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"base": [], "new": []}
         for i in range(args.rounds):
             for label in ("base", "new") if i % 2 == 0 else ("new", "base"):
-                run = run_once(tmp / label, args.shape, layers, args.threads, tmp / f"{label}_{i}.json", adapters)
+                record = (args.keep or tmp) / f"{revision[label]}_{i + 1}.json"
+                run = run_once(tmp / label, args.shape, layers, args.threads, record, adapters)
                 runs[label].append(run)
                 print(f"round {i + 1}/{args.rounds} {label} ({revision[label]}): {run['merge_s_three_budgets']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
     base, new = summary(runs["base"]), summary(runs["new"])
