@@ -177,13 +177,15 @@ def test_a_local_base_model_folder_is_kept_by_its_name_only(make_adapters, given
     assert load_adapter_set([str(a), str(b)]).base_model == kept
 
 
-def test_missing_modules_error_or_zero(make_adapters):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_missing_modules_error_or_zero(make_adapters, lazy):
     a, b = make_adapters(n_tasks=2)
     _rewrite_tensors(b, lambda t: {k: v for k, v in t.items() if "layers.1.self_attn.o_proj" not in k})
     with pytest.raises(AdapterError, match=r"task 'task1' lacks modules \['model.layers.1.self_attn.o_proj'\].*--allow-missing"):
-        load_adapter_set([str(a), str(b)])
-    s = load_adapter_set([str(a), str(b)], allow_missing=True)
+        load_adapter_set([str(a), str(b)], lazy=lazy)
+    s = load_adapter_set([str(a), str(b)], allow_missing=True, lazy=lazy)
     assert s.factors("model.layers.1.self_attn.o_proj")[1].rank == 0
+    assert s.factors("model.layers.1.self_attn.o_proj")[0].rank > 0
 
 
 def test_missing_files_named(tmp_path):
