@@ -30,7 +30,7 @@ from hydraopt_mobile.factored import factor_space
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.budgeted import _allocate as allocate_budget
+from hydraopt_mobile.merge.budgeted import plan_budget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, plan_candidates, task_weights
 from hydraopt_mobile.parallel import one_thread_per_op
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
@@ -69,7 +69,7 @@ def main() -> None:
     for fraction in BUDGETS:
         for with_drop in (False, True):
             cands = {m: c + ([Candidate(T, T, 0, DROP, 0, whole[m])] if with_drop else []) for m, c in candidates.items()}
-            chosen = allocate_budget(cands, Budget(fraction=fraction), reference, T)  # what merge/budgeted.py gives the allocator
+            chosen = plan_budget(cands, Budget(fraction=fraction), reference, T)  # what merge/budgeted.py gives the allocator
             assert not isinstance(chosen, InfeasibleBudget), chosen
             left_out = sorted(m for m, c in chosen.items() if c.fmt == DROP)
             records.append({"budget": fraction, "rank0_candidate": with_drop, "objective": sum(c.error for c in chosen.values()),

@@ -125,7 +125,7 @@ def main() -> None:
             errors = list(m["rel_errors"].values())
             results.append({"budget": b.label(), "file_bytes": m["file_bytes"], "reference_file_bytes": m["reference_file_bytes"], "storage_fraction": m["storage_fraction"], "mean_rel_error": sum(errors) / len(errors), "layout_summary": summary(m)})
     result = {
-        "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": f"{SHAPES}, {args.layers} layers", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "machine_probe": probe, "adapters_fp16_bytes": inputs, "streamed": "adapters read per module (load_adapter(lazy=True): at the header's offsets since 504ebd0, safe_open per read before), bundles written per module (merge_to_bundles)"},
+        "setup": {"tasks": args.tasks, "modules": len(shapes), "shapes": f"{SHAPES}, {args.layers} layers", "rank": args.rank, "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__, "machine_probe": probe, "adapters_fp16_bytes": inputs, "streamed": "adapters read per module (load_adapter(lazy=True), at the header's offsets), bundles written per module (merge_to_bundles)"},
         "disk": {"adapters_bytes": inputs, "bundles_and_spill_bytes_at_most": int(outputs), "free_bytes_before": free},
         "load_average_1_5_15": os.getloadavg(),  # other processes on the same cores slow every number here
         "load_s": t_load,

@@ -37,7 +37,7 @@ from hydraopt_mobile.calibration import Calibration, collect
 from hydraopt_mobile.formats import FORMAT_NAMES, NumberFormat
 from hydraopt_mobile.merge.allocator import Candidate, allocate
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.budgeted import _allocate, payload_budget
+from hydraopt_mobile.merge.budgeted import payload_budget, plan_budget
 from hydraopt_mobile.merge.candidates import HydraOptConfig, plan_candidates
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
@@ -52,7 +52,7 @@ def objective(plan: dict[str, Candidate]) -> float:
 
 def prefix_only(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | None:
     """The plan of every candidate by :func:`allocate` alone, with the payload budget
-    :func:`budgeted._allocate` gives the planner."""
+    :func:`budgeted.plan_budget` gives the planner."""
     try:
         return allocate(candidates, payload_budget(budget.resolve(reference), n_tasks))
     except InfeasibleBudget:
@@ -70,7 +70,7 @@ def rows_for(init: str, adapters: AdapterSet, calibration: Calibration | None, f
     rows = []
     for fraction in fractions:
         budget = Budget(fraction=fraction)
-        plan, rival, before = _allocate(ours, budget, reference, T), _allocate(theirs, budget, reference, T), prefix_only(ours, budget, reference, T)
+        plan, rival, before = plan_budget(ours, budget, reference, T), plan_budget(theirs, budget, reference, T), prefix_only(ours, budget, reference, T)
         row: dict = {"init": init, "calibration": calibration is not None, "budget": fraction}
         if isinstance(plan, InfeasibleBudget):
             rows.append(row | {"infeasible": str(plan)})

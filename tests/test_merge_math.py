@@ -148,7 +148,7 @@ def test_planner_shares_only_where_it_beats_its_own_per_task_plan(make_adapters)
     candidates alone, and where it shares nothing it is that plan."""
     from hydraopt_mobile.adapters import build_adapter_set, load_adapter
     from hydraopt_mobile.formats import FORMAT_NAMES
-    from hydraopt_mobile.merge.budgeted import _allocate
+    from hydraopt_mobile.merge.budgeted import plan_budget
     from hydraopt_mobile.merge.candidates import HydraOptConfig, plan_candidates
 
     aset = build_adapter_set([load_adapter(p) for p in make_adapters(n_tasks=6, noise=0.2, seed=3)])
@@ -158,7 +158,7 @@ def test_planner_shares_only_where_it_beats_its_own_per_task_plan(make_adapters)
     ref = aset.reference_file_bytes()
     shared_somewhere = alone_somewhere = False
     for frac in (0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.4, 0.6):
-        plan, own = _allocate(cands, Budget(fraction=frac), ref, T), _allocate(alone, Budget(fraction=frac), ref, T)
+        plan, own = plan_budget(cands, Budget(fraction=frac), ref, T), plan_budget(alone, Budget(fraction=frac), ref, T)
         if isinstance(own, InfeasibleBudget):
             continue
         assert sum(c.error for c in plan.values()) <= sum(c.error for c in own.values())

@@ -54,7 +54,7 @@ def _build(adapters: AdapterSet, cfg: HydraOptConfig, storage: Storage, on_step:
         weights = task_weights(adapters, cfg.calibration)
         candidates = plan_candidates(adapters, cfg, on_step, spill, weights)
         reference = adapters.reference_file_bytes()
-        plans = [_allocate(candidates, budget, reference, len(adapters.tasks)) for budget in storage.budgets]
+        plans = [plan_budget(candidates, budget, reference, len(adapters.tasks)) for budget in storage.budgets]
         feasible = [i for i, p in enumerate(plans) if not isinstance(p, InfeasibleBudget)]
         built = iter(build_modules(adapters, cfg, [plans[i] for i in feasible], on_step, keep=lambda j, *rest: storage.keep(feasible[j], *rest), spill=spill, weights=weights))
         return [p if isinstance(p, InfeasibleBudget) else next(built) for p in plans]
@@ -74,7 +74,7 @@ def payload_budget(nbytes: int, n_tasks: int) -> int:
     return nbytes - (n_tasks + 1) * file_overhead_bound(len(str(nbytes)))
 
 
-def _allocate(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | InfeasibleBudget:
+def plan_budget(candidates: dict[str, list[Candidate]], budget: Budget, reference: int, n_tasks: int) -> dict[str, Candidate] | InfeasibleBudget:
     """The chosen candidate per module, or the error naming the smallest feasible budget."""
     nbytes = budget.resolve(reference)
     try:
