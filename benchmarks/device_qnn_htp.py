@@ -78,7 +78,7 @@ def main() -> None:
     notes = result["notes"]
     notes["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised), whole model: 30 layers at real width, LM head included"
     notes["examples"] += (f". {args.examples} per task because one HTP step takes tens of seconds on the emulator: the count "
-                          "was sized to the issue's 60 minutes per export from a measured run (see README)")
+                          "was sized to the issue's 60 minutes per export from a measured run (see benchmarks/RESULTS.md, \"Device targets\")")
     notes["command"] = " ".join(["python", "benchmarks/device_qnn_htp.py", *sys.argv[1:]])
     notes["wall_s"] = time.perf_counter() - t0
     if args.reuse:
