@@ -157,3 +157,13 @@ def resumable_records(records: list[dict], recorded: dict[str, dict[str, str]], 
         sys.exit(f"{path}: its {init} records were measured on other adapters (SHA-256 differ for {', '.join(differ)}); "
                  f"pass --forget-init {init} to drop them and measure these adapters")
     return records
+
+
+def readme_block(body: str, begin: str, end: str, text: str) -> str:
+    """``body`` (the README's text) with what lies between the markers ``begin`` and ``end`` replaced by
+    ``text`` (a script's generated table); ``body`` unchanged when it lacks either marker."""
+    if begin not in body or end not in body:
+        return body
+    head, rest = body.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{text}{end}{tail}"

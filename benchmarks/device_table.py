@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from common import RESULTS_DIR as RESULTS, ROOT  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR as RESULTS, ROOT, readme_block  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.app.records import markdown_table
 from hydraopt_mobile.app.targets_bench import plot_target, series_key
@@ -129,12 +129,8 @@ def main() -> None:
     with atomic_file(RESULTS / "device_table.md") as f:
         f.write_text("# Device targets: one table\n\n" + text)
     readme = ROOT / "README.md"
-    body = readme.read_text()
-    if BEGIN in body and END in body:
-        head, rest = body.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        with atomic_file(readme) as f:
-            f.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    with atomic_file(readme) as f:
+        f.write_text(readme_block(readme.read_text(), BEGIN, END, text))
     print(table)
 
 
