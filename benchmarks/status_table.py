@@ -219,8 +219,14 @@ def devices() -> list[Row]:
         fp32 = [q for q in quants if q == "fp32"]
         target = "fp32 exports token-identical to the host; " if fp32 else ""
         ok = all(g <= 0.5 for g in gaps.values()) and all(identical[q] for q in fp32)
+        why, sources = "", f"`{name}`"
+        if not fp32 and (RESULTS / "et_runtime_parity.json").is_file():
+            pairs = {r["pair"]: r for r in load("et_runtime_parity")["records"]}
+            why = (f"; the quantised kernels differ by runtime: max logit difference {pairs['host vs x86-1.1']['max_logit_err']:.1f} between "
+                   f"ExecuTorch 1.5.1 and 1.1.0 on x86, {pairs['x86-1.1 vs arm64-1.1']['max_logit_err']:.1f} between x86 and aarch64 1.1.0")
+            sources += ", `et_runtime_parity`"
         rows.append(["devices", f"`arm64-cpu` ({', '.join(quants)}): {target}HydraOpt's drop vs one-per-task within 0.5 points of the host's",
-                     f"tokens identical: {', '.join(f'{q} {identical[q]}' for q in quants)}; {cells}", verdict(ok), f"`{name}`"])
+                     f"tokens identical: {', '.join(f'{q} {identical[q]}' for q in quants)}; {cells}{why}", verdict(ok), sources])
     data = load("device_qnn-htp")
     cells, ok_rel, ok_drop = [], True, True
     for r in data["records"]:
