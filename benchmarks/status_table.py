@@ -240,7 +240,7 @@ def devices() -> list[Row]:
             ok_drop &= gap <= 2
         cells.append(cell)
     rows.append(["devices", "`qnn-htp`: A16W8 within 10 % of the host fp32 export's score; HydraOpt's drop within 2 points of the host's",
-                 f"{data['records'][0]['n_examples']} examples per export; " + "; ".join(cells),
+                 f"{min(r['n_examples'] for r in data['records'])}-{max(r['n_examples'] for r in data['records'])} examples per export; " + "; ".join(cells),
                  f"within 10 %: {verdict(ok_rel)}; drop: {verdict(ok_drop)}", "`device_qnn-htp`"])
     return rows
 
