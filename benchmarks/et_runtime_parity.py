@@ -34,21 +34,20 @@ from exporters.manifest import Manifest
 from exporters.targets.protocol import Response, make_request, run_on_host, run_request
 from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
 from hydraopt_mobile.app.records import dict_table, write_record
-from hydraopt_mobile.app.targets_bench import ready_target, reference_answers
+from hydraopt_mobile.app.targets_bench import parity, ready_target, reference_answers
 
 
 def compare(a: Response, b: Response) -> dict:
-    """Over every answer row both sides returned: max |logit difference|, argmax agreement, identical tokens."""
-    errs, agree, rows, identical = [], 0, 0, True
-    for entry, (ea, eb) in enumerate(zip(a.entries(), b.entries())):
-        for i, (oa, ob) in enumerate(zip(ea["outputs"], eb["outputs"])):
-            ra, rb = a.rows(entry, i), b.rows(entry, i)
-            errs.append(float(np.abs(ra - rb).max()))
-            agree += int((ra.argmax(1) == rb.argmax(1)).sum())
-            rows += len(ra)
-            identical &= oa["tokens"] == ob["tokens"]
+    """Over every answer row both sides returned (:func:`parity`, teacher-forced: every row's inputs
+    are the same): max |logit difference|, argmax agreement, identical tokens."""
+    checks = [(len(oa["tokens"]), parity(oa["tokens"], ob["tokens"], a.rows(entry, i), b.rows(entry, i), teacher_forced=True))
+              for entry, (ea, eb) in enumerate(zip(a.entries(), b.entries()))
+              for i, (oa, ob) in enumerate(zip(ea["outputs"], eb["outputs"]))]
+    errs = [c["max_logit_err"] for _, c in checks]
+    rows = sum(n for n, _ in checks)
     return {"max_logit_err": max(errs), "median_example_max_logit_err": float(np.median(errs)),
-            "argmax_agreement": agree / rows, "answer_rows": rows, "tokens_identical": identical}
+            "argmax_agreement": sum(n * c["agreement"] for n, c in checks) / rows, "answer_rows": rows,
+            "tokens_identical": all(c["identical"] for _, c in checks)}
 
 
 def main() -> None:

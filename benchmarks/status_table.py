@@ -13,6 +13,7 @@ targets written below, so a regenerated record moves its row with it; the README
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Callable, Iterable
@@ -29,6 +30,7 @@ INITS = ("shared-seed", "independent-seeds")
 Row = list[str]
 
 
+@functools.cache  # the rows read some records many times (never mutated)
 def load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
