@@ -140,6 +140,33 @@ def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict
     return Calibration(tasks=list(adapters.task_names), tokens={task: int(tokens[t]) for t, task in enumerate(adapters.task_names)}, modules=modules)
 
 
+def restrict(calibration: Calibration, adapters: AdapterSet, subset: AdapterSet) -> Calibration:
+    """``calibration`` (collected for ``adapters``) for ``subset``, some of its tasks, without another
+    pass through the model. The subset's row basis ``Q'`` lies in ``span(Q)`` (its A's are some of
+    the stacked rows), so ``Q' = Q P`` with ``P = Q^T Q'`` and ``Q'^T S Q' = P^T (Q^T S Q) P``; the
+    trace of ``S`` is what ``span(Q)`` holds plus ``outside`` times its complement's dimension, and
+    ``outside'`` spreads what ``span(Q')`` does not hold over the complement of ``span(Q')``. Exact,
+    up to rounding, as collecting the subset's moments directly (tests/test_calibration.py)."""
+    index = {task: t for t, task in enumerate(calibration.tasks)}
+    if calibration.tasks != adapters.task_names or any(task not in index for task in subset.task_names):
+        raise ValueError(f"restrict: moments of {calibration.tasks}, adapters {adapters.task_names}, subset {subset.task_names}")
+    rows = torch.tensor([index[task] for task in subset.task_names])
+    modules = {}
+    for name in subset.module_names:
+        Q, Qs = (factor_space(s.factors(name)).basis().to(torch.float64) for s in (adapters, subset))
+        P = Q.T @ Qs
+        if not torch.allclose(Q @ P, Qs, atol=1e-4):  # bases from float32 QRs
+            raise ValueError(f"restrict: {name}: the subset's row space is not inside the set's (rank-deficient A's)")
+        d_in, q, qs = Q.shape[0], Q.shape[1], Qs.shape[1]
+        m = calibration.modules[name]
+        S = m.S[rows].to(torch.float64)
+        inner = P.T @ S @ P
+        total = torch.diagonal(S, dim1=1, dim2=2).sum(1) + m.outside[rows].to(torch.float64) * (d_in - q)
+        outside = ((total - torch.diagonal(inner, dim1=1, dim2=2).sum(1)) / max(d_in - qs, 1)).clamp_min(0) if d_in > qs else torch.zeros(len(rows), dtype=torch.float64)
+        modules[name] = ModuleMoments(S=inner.to(DTYPE), outside=outside.to(DTYPE))
+    return Calibration(tasks=list(subset.task_names), tokens={task: calibration.tokens[task] for task in subset.task_names}, modules=modules)
+
+
 def identity(adapters: AdapterSet) -> Calibration:
     """``X_t^T X_t / n_t = I`` for every task and module: the data-aware objective then equals the data-free one."""
     modules = {}

@@ -11,7 +11,7 @@ from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_se
 from hydraopt_mobile.bank import SHARED, task_file
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
-from hydraopt_mobile.merge.add import NOTHING, OWN_A, OWN_B, OWN_PAIR, RESIDENT, AddError, add_tasks, least_squares_A, least_squares_B, module_options
+from hydraopt_mobile.merge.add import NOTHING, OWN_A, OWN_B, OWN_PAIR, RESIDENT, AddError, add_tasks, least_squares_A, least_squares_B, module_options, resident_fit
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
@@ -128,6 +128,24 @@ def test_add_keeps_existing_files_byte_identical(shared_a_bundle, tmp_path, name
     assert row.rel_error < 1.5 * max(bank.rel_errors.values()), (row, bank.rel_errors)  # fits about as well as the merged tasks
 
 
+def test_report_says_how_well_the_shared_factors_fit(shared_a_bundle, tmp_path):
+    """Planted: the new task's A is the shared A plus noise, so a resident A with an own B fits it
+    far better than own factors of the same bytes; a task from elsewhere is fitted badly by it."""
+    manifest, bank, new = opened(shared_a_bundle, tmp_path)
+    _, (row,) = add_tasks(bank, new, allowance_bytes=new.reference_file_bytes())
+    assert row.resident_modules == len(bank.modules)
+    assert row.resident_rel_error < 0.5 * row.own_rel_error_same_bytes <= 0.5  # int4 itself adds ~10 %
+    # the summary is the per-module options' errors, summed
+    options = [module_options(m, bank.tasks, new.tasks[0].modules[n], 1.0, i) for i, (n, m) in enumerate(bank.modules.items())]
+    best = sum(min(o.error for o in opts if o.kind == OWN_B) for opts in options)
+    assert resident_fit(options)[1] == pytest.approx((best / sum(opts[0].error for opts in options)) ** 0.5)
+    stranger = adapter_set(tmp_path / "far", planted_bank(seed=7)[1][:1], ["papa"])
+    _, (far,) = add_tasks(bank, stranger, allowance_bytes=stranger.reference_file_bytes())
+    assert far.resident_rel_error > 0.9  # another task's subspace: the shared A explains little of it
+    unshared = merge(new, MergeConfig("none"))
+    assert resident_fit([module_options(m, unshared.tasks, new.tasks[0].modules[n], 1.0, i) for i, (n, m) in enumerate(unshared.modules.items())]) == (0, None, None)
+
+
 def test_zero_allowance_uses_resident_factors_only(shared_a_bundle, tmp_path):
     manifest, bank, new = opened(shared_a_bundle, tmp_path)
     grown, (row,) = add_tasks(bank, new, allowance_bytes=0)
@@ -196,6 +214,9 @@ def test_cli_add_end_to_end(make_adapters, tmp_path):
     assert manifest["tasks"][0] == "aaa" and manifest["rel_errors"]["aaa"] == pytest.approx(row["rel_error"])
     code, text = run("inspect", out)
     assert code == 0 and "aaa" in text
+    assert row["resident_modules"] > 0 and row["resident_rel_error"] is not None  # k_a=1: every A is shared
+    code, text = run("add", bank, f"ccc={paths[0]}", "--out", tmp_path / "bank3")  # the table a person reads
+    assert code == 0 and f"{row['resident_rel_error']:.3f} vs own {row['own_rel_error_same_bytes']:.3f}" in text, text
     # refused: a task already there, an existing output, a bad allowance, another base model
     code, text = run("add", bank, paths[1], "--out", tmp_path / "x")
     assert code == 2 and "'task1' is already in the bundle" in text

@@ -177,3 +177,33 @@ def test_collect_on_a_real_model_ignores_padding(tmp_path):
     (tmp_path / "t1.jsonl").write_text("not json\n")
     with pytest.raises(UserError, match="t1.jsonl:1: not JSON"):
         read_texts(tmp_path, ["t0", "t1"])
+
+
+def test_restrict_equals_collecting_the_subset(tmp_path):
+    """Moments restricted to a subset of the tasks equal the subset's own collected moments (row
+    basis, projected S and outside), so a leave-one-out merge needs no second pass."""
+    from tests.tiny_models import tiny_llama, tiny_peft_adapter
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hydraopt_mobile.calibration import restrict
+
+    words = "the a cat dog sat ran on under mat tree quickly slowly".split()
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+    tasks = [load_adapter(tiny_peft_adapter(tmp_path / f"t{i}", seed=i + 1), f"t{i}") for i in range(3)]
+    full, part = build_adapter_set(tasks), build_adapter_set([tasks[2], tasks[0]])
+    texts = {"t0": ["the cat sat", "a dog ran"], "t1": ["the tree slowly"], "t2": ["a cat sat under the tree quickly", "dog"]}
+    model = tiny_llama(0)
+    restricted = restrict(collect(model, tokenizer, full, texts), full, part)
+    direct = collect(model, tokenizer, part, {t: texts[t] for t in part.task_names})
+    assert restricted.tasks == ["t2", "t0"] and restricted.tokens == direct.tokens
+    for name in part.module_names:
+        a, b = restricted.modules[name], direct.modules[name]
+        assert a.S.shape == b.S.shape
+        assert torch.allclose(a.S, b.S, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a.outside, b.outside, rtol=1e-4, atol=1e-6)
+        assert float(b.outside.abs().max()) > 0  # the complement is not empty: the check above is not vacuous
+    with pytest.raises(ValueError, match="restrict"):
+        restrict(direct, part, full)

@@ -200,9 +200,11 @@ def add_cmd(
     if as_json:
         print(json.dumps({"bundle": str(out), "allowance_bytes": nbytes, "added": [dataclasses.asdict(r) for r in report]}, indent=1))
         return
-    table = Table("task", "rel. error", "file bytes", "modules by option", title=f"added to {out} (allowance {nbytes:,} bytes; existing files byte-identical)")
+    table = Table("task", "rel. error", "file bytes", "modules by option", "shared factors' fit", title=f"added to {out} (allowance {nbytes:,} bytes; existing files byte-identical)")
     for r in report:
-        table.add_row(r.task, f"{r.rel_error:.4f}", f"{r.file_bytes:,}", ", ".join(f"{k}: {n}" for k, n in r.choices.items()))
+        fit = (f"{r.resident_rel_error:.3f} vs own {r.own_rel_error_same_bytes:.3f} at the same bytes ({r.resident_modules} modules)"
+               if r.resident_rel_error is not None else "no shared factors")
+        table.add_row(r.task, f"{r.rel_error:.4f}", f"{r.file_bytes:,}", ", ".join(f"{k}: {n}" for k, n in r.choices.items()), fit)
     console.print(table)
 
 

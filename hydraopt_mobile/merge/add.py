@@ -80,6 +80,13 @@ class AddedTask:
     rel_error: float  # ||dW - dW^||_F / ||dW||_F over all modules
     file_bytes: int  # its task file (0: it uses resident factors only)
     choices: dict[str, int] = field(default_factory=dict)  # option kind -> number of modules
+    # How well the bundle's resident factors could serve it, whatever was chosen: over the modules
+    # with a resident factor, the relative error of the best option using one (with an own
+    # complementary factor where that option has one), and of the best own factors (or nothing)
+    # within the same bytes per module. None where no module has a resident factor.
+    resident_modules: int = 0
+    resident_rel_error: float | None = None
+    own_rel_error_same_bytes: float | None = None
 
 
 def resident(index: list[int], tasks: list[str]) -> list[int]:
@@ -138,6 +145,24 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
         specs = tuple(factor_specs(module_index, "A", None, fmt, *A.vectors_shape) + factor_specs(module_index, "B", None, fmt, *B.vectors_shape))
         options.append(Option(OWN_PAIR, A, B, float(e.sum()), specs))
     return options
+
+
+def resident_fit(per_module: list[list[Option]]) -> tuple[int, float | None, float | None]:
+    """``(modules, resident_rel_error, own_rel_error_same_bytes)`` of :class:`AddedTask` from one
+    task's option lists (each starts with NOTHING, whose error is the module's weighted ``||dW||^2``)."""
+    resident_err = own_err = total = 0.0
+    modules = 0
+    for opts in per_module:
+        using = [o for o in opts if o.kind in (RESIDENT, OWN_A, OWN_B)]
+        if not using:
+            continue
+        best = min(using, key=lambda o: o.error)
+        nbytes = sum(spec.nbytes for spec in best.specs)
+        own = min((o for o in opts if o.kind in (NOTHING, OWN_PAIR) and sum(spec.nbytes for spec in o.specs) <= nbytes), key=lambda o: o.error)
+        modules, resident_err, own_err, total = modules + 1, resident_err + best.error, own_err + own.error, total + opts[0].error
+    if not modules or total <= 0:
+        return modules, None, None
+    return modules, (resident_err / total) ** 0.5, (own_err / total) ** 0.5
 
 
 def _empty(fmt: NumberFormat, shape: tuple[int, int], transposed: bool) -> StoredFactor:
@@ -211,7 +236,8 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
         picks = [chosen[(task, name)] for name in bank.modules]
         error = sum(p.error for p in picks) / float(weights[t]) / max(float(norms[t]), 1e-30)
         kinds = [p.kind for p in picks]
-        report.append(AddedTask(task, error**0.5, files.get(task_file(task), 0), {k: kinds.count(k) for k in dict.fromkeys(kinds)}))
+        fit = resident_fit([options[(task, name)] for name in bank.modules])
+        report.append(AddedTask(task, error**0.5, files.get(task_file(task), 0), {k: kinds.count(k) for k in dict.fromkeys(kinds)}, *fit))
     grown.rel_errors = dict(bank.rel_errors) | {r.task: r.rel_error for r in report}
     new_bytes = sum(r.file_bytes for r in report)
     if new_bytes > allowance_bytes:  # the allocator's bound guarantees this; a bug otherwise
