@@ -11,11 +11,14 @@ With ``--calibration`` the 11-task banks and the re-merge use the data-aware obj
 frontier's calibrated points: its 16 train-split examples per task, collected once for the 12 tasks
 and restricted to each 11 by ``calibration.restrict``); at 1/T those banks share factors, so the
 added task can be served by resident ones (the data-free 1/T banks share none). ``add`` itself
-fits the new task data-free, as ``hydraopt add`` does. Summary per (init, fraction, calibration): how far the 12 added tasks' average falls below each reference, in percent,
+fits the new task data-free, as ``hydraopt add`` does. With ``--slots SPEC`` the deployed program is taken to have that slot
+signature (``hydraopt export --slots``), so the added task's own factors may use its ranks rather than
+each module's largest rank in the 11-task bank (``hydraopt add --slots``). Summary per (init,
+fraction, calibration, slots): how far the 12 added tasks' average falls below each reference, in percent,
 with 95 % paired bootstrap intervals (suite/metrics.py: paired_drop). Resumable: records already
 in the results file are kept.
 
-    python benchmarks/add_task.py [--init shared-seed] [--init independent-seeds] [--threads 1] [--calibration]
+    python benchmarks/add_task.py [--init shared-seed] [--init independent-seeds] [--threads 1] [--calibration] [--slots q_proj,v_proj:8]
     python benchmarks/add_task.py --report
 
 The independent-seeds adapters are not in the repository: they were trained by
@@ -41,6 +44,7 @@ import torch
 from frontier import CALIBRATION_PER_TASK  # the frontier's calibration size
 from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests, resumable_records  # first: it puts this checkout on sys.path
 
+from exporters.slots import resolve_slot_spec
 from hydraopt_mobile.adapters import AdapterSet, build_adapter_set, load_adapter_folders
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import markdown_table, write_record
@@ -77,6 +81,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", help="leave out only these tasks (default: each in turn)")
     ap.add_argument("--half", action="store_true", help="also at 0.5/T (the frontier's other low budget, where the 11-task banks share more)")
     ap.add_argument("--calibration", action="store_true", help="the data-aware 11-task banks and re-merge (the frontier's calibrated points), where the 1/T banks share factors")
+    ap.add_argument("--slots", help="the deployed program's slot signature (as `hydraopt export --slots`): the added task's own factors may use its ranks")
     ap.add_argument("--redo", action="store_true", help="measure again the records this run makes (default: keep them and resume)")
     ap.add_argument("--report", action="store_true", help="only rewrite add_task.md and add_task.png from add_task.json")
     ap.add_argument("--forget-init", action="append", default=[], choices=list(ADAPTERS), help="drop this init's records first (its adapters were retrained: a resumed run refuses records of other adapters)")
@@ -96,7 +101,7 @@ def main() -> None:
         data["records"] = tasks + summaries(tasks)
         recorded[init] = digests
     data["meta"] = meta(args.threads) | {"adapter_sha256": recorded}
-    done = {(r["init"], r["fraction"], r["calibration"], r["task"]) for r in data["records"] if "task" in r}
+    done = {(r["init"], r["fraction"], r["calibration"], r["slots"], r["task"]) for r in data["records"] if "task" in r}
     suite = {t.name: t for t in load_suite()}
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"
@@ -114,7 +119,7 @@ def main() -> None:
         T = len(adapters.tasks)
         fraction = round((0.5 if half else 1.0) / T, 4)  # the frontier's 1/T and 0.5/T points
         if args.redo:  # replaced record by record below, so an interrupted run keeps the rest
-            done -= {(init, fraction, args.calibration, task) for task in adapters.task_names}
+            done -= {(init, fraction, args.calibration, args.slots, task) for task in adapters.task_names}
         if args.calibration and init not in moments:  # once per init: restrict() gives each 11-task subset's
             moments[init] = collect(model, tokenizer, adapters, calibration_texts([suite[n] for n in adapters.task_names], tokenizer, CALIBRATION_PER_TASK))
         calibration = moments.get(init)
@@ -123,14 +128,15 @@ def main() -> None:
         remerge = merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=fraction), calibration=calibration))
         again = scores({t: remerge.task_factors(t) for t in remerge.tasks}, remerge.tasks)
         for task in args.tasks or adapters.task_names:
-            if (init, fraction, args.calibration, task) in done:
+            if (init, fraction, args.calibration, args.slots, task) in done:
                 continue
             start = time.perf_counter()
             rest = subset(adapters, [n for n in adapters.task_names if n != task])
             bank = merge(rest, MergeConfig("hydraopt", budget=Budget(fraction=fraction), calibration=restrict(calibration, adapters, rest) if calibration else None))
             with tempfile.TemporaryDirectory() as tmp:
                 write_bundle(bank, Path(tmp) / "bank11")
-                allowance, (row,) = add_to_bundle(Path(tmp) / "bank11", subset(adapters, [task]), Path(tmp) / "bank12", Budget(fraction=fraction))
+                max_ranks = resolve_slot_spec(args.slots, list(bank.modules), "no module of the bank") if args.slots else None
+                allowance, (row,) = add_to_bundle(Path(tmp) / "bank11", subset(adapters, [task]), Path(tmp) / "bank12", Budget(fraction=fraction), max_ranks=max_ranks)
                 manifest, grown = open_bundle(Path(tmp) / "bank12")
             merge_s = time.perf_counter() - start
             added = scores({task: grown.task_factors(task)}, [task])
@@ -138,6 +144,7 @@ def main() -> None:
                 "init": init,
                 "fraction": fraction,
                 "calibration": args.calibration,
+                "slots": args.slots,
                 "task": task,
                 "added_score": statistics.fmean(added[task]),
                 "own_score": statistics.fmean(own[task]),
@@ -158,10 +165,10 @@ def main() -> None:
                 "merge_add_seconds": merge_s,
                 "examples": {"added": added[task], "own": own[task], "remerge": again[task]},
             }
-            tasks_done = [r for r in data["records"] if "task" in r and (r["init"], r["fraction"], r["calibration"], r["task"]) != (init, fraction, args.calibration, task)] + [rec]
+            tasks_done = [r for r in data["records"] if "task" in r and (r["init"], r["fraction"], r["calibration"], r["slots"], r["task"]) != (init, fraction, args.calibration, args.slots, task)] + [rec]
             data["records"] = tasks_done + summaries(tasks_done)
             write_record(OUT, data)
-            print(f"{time.strftime('%H:%M:%S')} {init}{' calibrated' if args.calibration else ''} {task}: added {rec['added_score']:.2f} own {rec['own_score']:.2f} remerge {rec['remerge_score']:.2f} (err {row.rel_error:.3f} vs {rec['remerge_rel_error']:.3f}, {row.choices}, {merge_s:.0f}s)", flush=True)
+            print(f"{time.strftime('%H:%M:%S')} {init}{' calibrated' if args.calibration else ''}{' slots ' + args.slots if args.slots else ''} {task}: added {rec['added_score']:.2f} own {rec['own_score']:.2f} remerge {rec['remerge_score']:.2f} (err {row.rel_error:.3f} vs {rec['remerge_rel_error']:.3f}, {row.choices}, {merge_s:.0f}s)", flush=True)
     write_reports(data)
 
 
@@ -169,17 +176,18 @@ def read_records() -> dict:
     data = json.loads(OUT.read_text()) if OUT.exists() else {"meta": {}, "records": []}
     for r in data["records"]:
         r.setdefault("calibration", False)  # records from before --calibration were all data-free
+        r.setdefault("slots", None)  # and from before --slots, on the bank's own signature
     return data
 
 
 def summaries(records: list[dict]) -> list[dict]:
-    """One record per (init, fraction, calibration) with all its tasks: the added tasks' average against each reference."""
+    """One record per (init, fraction, calibration, slots) with all its tasks: the added tasks' average against each reference."""
     out = []
-    key = lambda r: (r["init"], r["fraction"], r["calibration"])  # noqa: E731
-    for init, fraction, calibration in dict.fromkeys(key(r) for r in records if "task" in r):
-        rows = [r for r in records if "task" in r and key(r) == (init, fraction, calibration)]
+    key = lambda r: (r["init"], r["fraction"], r["calibration"], r["slots"])  # noqa: E731
+    for init, fraction, calibration, slots in dict.fromkeys(key(r) for r in records if "task" in r):
+        rows = [r for r in records if "task" in r and key(r) == (init, fraction, calibration, slots)]
         added = {r["task"]: r["examples"]["added"] for r in rows}
-        summary = {"init": init, "fraction": fraction, "calibration": calibration, "summary": True, "n_tasks": len(rows)}
+        summary = {"init": init, "fraction": fraction, "calibration": calibration, "slots": slots, "summary": True, "n_tasks": len(rows)}
         for ref in ("own", "remerge"):
             drop = paired_drop({r["task"]: r["examples"][ref] for r in rows}, added)
             summary |= {f"avg_{ref}_score": statistics.fmean(r[f"{ref}_score"] for r in rows), f"rel_gap_{ref}_pct": drop["rel_drop_pct"], f"rel_gap_{ref}_pct_ci95": drop["rel_drop_pct_ci95"]}
@@ -201,6 +209,7 @@ def meta(threads: int) -> dict:
         "adapters": {k: str(v) for k, v in ADAPTERS.items()},
         "independent_seeds_source": "not in the repository (too large to commit): trained by `hydraopt suite train --init independent-seeds` (one seed per task; each folder's training.json), kept outside the repo on the machine that ran this; identified by adapter_sha256",
         "calibration": f"records with calibration true: 11-task banks and re-merge with the data-aware objective ({CALIBRATION_PER_TASK} train-split examples per task, as the frontier's calibrated points); the added task is fitted data-free either way",
+        "slots": "records with slots set: the added task's own factors may use the ranks of that program slot signature (`hydraopt add --slots`); without: at most each module's largest rank in the 11-task bank (a program of the bank's own signature)",
         "budget": "fraction f = round(1/T, 4) (and with --half round(0.5/T, 4)): bank of 11 at f of their fp16 file bytes; the added task's file at most f of its own fp16 file bytes; re-merge of 12 at f",
         "rel_gap": "how far the added tasks' average score falls below the reference's, percent of the reference (positive: added is worse), 95 % paired bootstrap over the same test examples, resampled within each task",
         "targets": "rel_gap_own_pct <= 2 and rel_gap_remerge_pct <= 1 (issue 12)",
@@ -227,23 +236,23 @@ def write_reports(data: dict) -> None:
     summaries_ = [r for r in data["records"] if r.get("summary")]
     lines = ["# Adding a task to a deployed bank (leave one out, T = 12)", "", data["meta"].get("budget", ""), ""]
     lines += markdown_table(
-        ["init", "tasks", "fraction", "calibration", "avg added", "avg own", "avg re-merge", "gap vs own % [95 % CI]", "gap vs re-merge % [95 % CI]", "modules with / on resident factors", "shared factors' fit (median)"],
-        ([s["init"], s["n_tasks"], s["fraction"], s["calibration"], s["avg_added_score"], s["avg_own_score"], s["avg_remerge_score"], _ci(s, "rel_gap_own_pct"), _ci(s, "rel_gap_remerge_pct"),
+        ["init", "tasks", "fraction", "calibration", "program slots", "avg added", "avg own", "avg re-merge", "gap vs own % [95 % CI]", "gap vs re-merge % [95 % CI]", "modules with / on resident factors", "shared factors' fit (median)"],
+        ([s["init"], s["n_tasks"], s["fraction"], s["calibration"], f"`{s['slots']}`" if s["slots"] else "the bank's own", s["avg_added_score"], s["avg_own_score"], s["avg_remerge_score"], _ci(s, "rel_gap_own_pct"), _ci(s, "rel_gap_remerge_pct"),
           f"{s.get('modules_with_resident_factors', '-')} / {s.get('modules_on_resident_factors', '-')}", _fit(s.get("resident_rel_error_median"), s.get("own_rel_error_same_bytes_median"))] for s in summaries_),
-        "lrrlrrrllrl",
+        "lrrllrrrllrl",
     )
     lines += ["", "Shared factors' fit: over the modules where the 11-task bank has a resident (shared) factor, the added task's relative error "
               "with the best option using one (a resident pair, or a resident A or B with an own complement), against the best own factors "
               "(or nothing) within the same bytes per module (`hydraopt add` reports both). A resident factor serves the new task only where the first is lower."]
     lines += ["", "Positive gap: the added tasks' average is below the reference's. Per task (11-task bank sharing: its modules by layout):", ""]
     lines += markdown_table(
-        ["init", "fraction", "calibration", "task", "added", "own", "re-merge", "rel. error added", "rel. error re-merge", "added file bytes", "modules on resident factors", "shared factors' fit", "11-task bank sharing"],
+        ["init", "fraction", "calibration", "program slots", "task", "added", "own", "re-merge", "rel. error added", "rel. error re-merge", "added file bytes", "modules on resident factors", "shared factors' fit", "11-task bank sharing"],
         (
-            [r["init"], r["fraction"], r["calibration"], r["task"], r["added_score"], r["own_score"], r["remerge_score"], r["added_rel_error"], r["remerge_rel_error"], r["added_file_bytes"], r["modules_on_resident_factors"],
+            [r["init"], r["fraction"], r["calibration"], f"`{r['slots']}`" if r["slots"] else "own", r["task"], r["added_score"], r["own_score"], r["remerge_score"], r["added_rel_error"], r["remerge_rel_error"], r["added_file_bytes"], r["modules_on_resident_factors"],
              _fit(r.get("resident_rel_error"), r.get("own_rel_error_same_bytes"), r.get("modules_with_resident_factors")), ", ".join(f"{k} {v}" for k, v in r["bank11_sharing"].items())]
             for r in rows
         ),
-        "lrllrrrrrrrll",
+        "lrlllrrrrrrrll",
     )
     write_record(OUT, data, "\n".join(lines) + "\n", lambda png: plot(summaries_, png))
 
@@ -251,17 +260,18 @@ def write_reports(data: dict) -> None:
 def plot(summaries_: list[dict], png: Path) -> None:
     """Per (init, fraction, calibration): the added tasks' gap to their own adapters and to the
     re-merge, with 95 % paired intervals and the issue's targets."""
-    labels = [f"{s['init']}\n{s['fraction']}{' calibrated' if s['calibration'] else ''}" for s in summaries_]
-    with figure(png, 2, figsize=(13, 4.8)) as (_, axes):
-        for ax, (ref, target, title) in zip(axes, (("own", 2.0, "gap to its own fp16 adapter"), ("remerge", 1.0, "gap to a re-merge of all 12"))):
-            y = [s[f"rel_gap_{ref}_pct"] for s in summaries_]
-            low = [v - s[f"rel_gap_{ref}_pct_ci95"][0] for v, s in zip(y, summaries_)]
-            high = [s[f"rel_gap_{ref}_pct_ci95"][1] - v for v, s in zip(y, summaries_)]
-            ax.errorbar(range(len(y)), y, yerr=[low, high], fmt="o", capsize=4)
-            ax.axhline(target, color="tab:red", linestyle="--", label=f"target: at most {target:g} %")
-            ax.axhline(0, color="grey", linewidth=0.8)
-            ax.set_xticks(range(len(y)), labels, fontsize=7)
-            ax.set(ylabel="added tasks' average below the reference, % (95 % CI)", title=title)
+    labels = [f"{s['init']} {s['fraction']}{', calibrated' if s['calibration'] else ''}{', slots ' + s['slots'] if s['slots'] else ''}" for s in summaries_]
+    with figure(png, 2, figsize=(15, 1.5 + 0.45 * len(labels))) as (_, axes):
+        for k, (ax, (ref, target, title)) in enumerate(zip(axes, (("own", 2.0, "gap to its own fp16 adapter"), ("remerge", 1.0, "gap to a re-merge of all 12")))):
+            x = [s[f"rel_gap_{ref}_pct"] for s in summaries_]
+            low = [v - s[f"rel_gap_{ref}_pct_ci95"][0] for v, s in zip(x, summaries_)]
+            high = [s[f"rel_gap_{ref}_pct_ci95"][1] - v for v, s in zip(x, summaries_)]
+            ax.errorbar(x, range(len(x)), xerr=[low, high], fmt="o", capsize=4)
+            ax.axvline(target, color="tab:red", linestyle="--", label=f"target: at most {target:g} %")
+            ax.axvline(0, color="grey", linewidth=0.8)
+            ax.set_yticks(range(len(x)), labels if k == 0 else [""] * len(x), fontsize=8)
+            ax.invert_yaxis()
+            ax.set(xlabel="added tasks' average below the reference, % (95 % CI)", title=title)
             ax.legend(fontsize=8)
 
 

@@ -44,6 +44,12 @@ def bank_signature(bank: MergedBank) -> dict[str, int]:
 
 def parse_slot_spec(spec: str, model: nn.Module) -> dict[str, int]:
     """``--slots SPEC`` (module docstring) resolved against ``model``'s Linears: module -> rank."""
+    return resolve_slot_spec(spec, [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)], "no Linear of the base model")
+
+
+def resolve_slot_spec(spec: str, modules: list[str], where: str) -> dict[str, int]:
+    """``--slots SPEC`` resolved against the module paths ``modules`` (``where`` names them in the
+    error for a name that matches none): module -> rank, in ``modules``' order."""
     items, pending = [], []
     for raw in spec.split(","):
         match = _SPEC_ITEM.match(raw.strip())
@@ -58,14 +64,13 @@ def parse_slot_spec(spec: str, model: nn.Module) -> dict[str, int]:
             pending = []
     if pending:
         raise UserError(f"--slots {spec!r}: no rank for {', '.join(pending)} (end the list with NAME:RANK)")
-    linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     signature: dict[str, int] = {}
     for name, rank in items:
-        found = [m for m in linears if m == name or m.endswith("." + name)]
+        found = [m for m in modules if m == name or m.endswith("." + name)]
         if not found:
-            raise UserError(f"--slots {spec!r}: no Linear of the base model is named {name!r}")
+            raise UserError(f"--slots {spec!r}: {where} is named {name!r}")
         signature.update({m: rank for m in found})
-    return {m: signature[m] for m in linears if m in signature}
+    return {m: signature[m] for m in modules if m in signature}
 
 
 def check_fits(bank: MergedBank, signature: dict[str, int]) -> None:

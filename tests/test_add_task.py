@@ -146,6 +146,26 @@ def test_report_says_how_well_the_shared_factors_fit(shared_a_bundle, tmp_path):
     assert resident_fit([module_options(m, unshared.tasks, new.tasks[0].modules[n], 1.0, i) for i, (n, m) in enumerate(unshared.modules.items())]) == (0, None, None)
 
 
+def test_a_padded_signature_lets_own_factors_use_its_ranks(tmp_path):
+    """A bank at rank 2 deployed in a program with rank-4 slots (export --slots): the new task's own
+    factors may use rank 4 and fit better; a signature that cannot hold the bank is refused."""
+    shapes, facs = planted_bank(noise=0.5)
+    old = adapter_set(tmp_path / "ads", facs[:4], ["kappa", "lima", "mike", "november"])
+    bank = merge(old, MergeConfig("hydraopt", fmt=NumberFormat("fp16"), params={"k_a": "4", "k_b": "4", "rank": "2"}, budget=Budget(fraction=1.0)))
+    new = adapter_set(tmp_path / "new", facs[4:], ["oscar"])
+    allowance = new.reference_file_bytes()
+    _, (own,) = add_tasks(bank, new, allowance)
+    wide = {name: 4 for name in bank.modules}
+    grown, (padded,) = add_tasks(bank, new, allowance, max_ranks=wide)
+    assert max(f.A.shape[0] for f in grown.task_factors("oscar").values()) == 4
+    assert padded.rel_error < 0.5 * own.rel_error
+    first = next(iter(bank.modules))
+    with pytest.raises(AddError, match=f"{first!r} has no slot"):
+        add_tasks(bank, new, allowance, max_ranks={k: v for k, v in wide.items() if k != first})
+    with pytest.raises(AddError, match=f"{first!r} has rank 2, above the signature's 1"):
+        add_tasks(bank, new, allowance, max_ranks=wide | {first: 1})
+
+
 def test_zero_allowance_uses_resident_factors_only(shared_a_bundle, tmp_path):
     manifest, bank, new = opened(shared_a_bundle, tmp_path)
     grown, (row,) = add_tasks(bank, new, allowance_bytes=0)
@@ -217,6 +237,12 @@ def test_cli_add_end_to_end(make_adapters, tmp_path):
     assert row["resident_modules"] > 0 and row["resident_rel_error"] is not None  # k_a=1: every A is shared
     code, text = run("add", bank, f"ccc={paths[0]}", "--out", tmp_path / "bank3")  # the table a person reads
     assert code == 0 and f"{row['resident_rel_error']:.3f} vs own {row['own_rel_error_same_bytes']:.3f}" in text, text
+    code, text = run("add", bank, f"ddd={paths[0]}", "--out", tmp_path / "bank4", "--slots", "q_proj,k_proj,v_proj,o_proj:8")  # a padded program
+    assert code == 0, text
+    code, text = run("add", bank, f"eee={paths[0]}", "--out", tmp_path / "bank5", "--slots", "gate_proj:8")
+    assert code == 2 and "no module of the bundle is named 'gate_proj'" in text, text
+    code, text = run("add", bank, f"eee={paths[0]}", "--out", tmp_path / "bank5", "--slots", "q_proj:8")
+    assert code == 2 and "k_proj' has no slot in the signature" in text and not (tmp_path / "bank5").exists(), text
     # refused: a task already there, an existing output, a bad allowance, another base model
     code, text = run("add", bank, paths[1], "--out", tmp_path / "x")
     assert code == 2 and "'task1' is already in the bundle" in text

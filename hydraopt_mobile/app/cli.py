@@ -185,6 +185,7 @@ def add_cmd(
     out: Path = typer.Option(..., "--out", help="bundle folder to write: BUNDLE's files as they are, the new tasks' files, a new manifest"),
     allowance: Optional[str] = typer.Option(None, "--allowance", help="file bytes the new tasks' files may take: a fraction of their fp16 file bytes (0.08) or a size (200KB); default: the bundle's own storage fraction"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="treat bundle modules an adapter lacks as zero updates"),
+    slots: Optional[str] = typer.Option(None, "--slots", help="the deployed program's slot signature, as given to `hydraopt export --slots` (q_proj,v_proj:16): new tasks' own factors may use ranks up to it; default: each module's largest rank in the bundle, which every program exported for it has"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
@@ -196,7 +197,12 @@ def add_cmd(
         inputs = [bundle, *(parse_task_spec(spec)[1] for spec in adapters)]
         check_output(out, overwrite, BUNDLE, inputs)
         limit = Budget.parse(allowance, "--allowance") if allowance is not None else None
-        nbytes, report = add_to_bundle(bundle, load_adapter_set(adapters, allow_missing), out, limit, overwrite, allow_missing)
+        max_ranks = None
+        if slots is not None:
+            from exporters.slots import resolve_slot_spec
+
+            max_ranks = resolve_slot_spec(slots, list(load_bundle(bundle).modules), "no module of the bundle")
+        nbytes, report = add_to_bundle(bundle, load_adapter_set(adapters, allow_missing), out, limit, overwrite, allow_missing, max_ranks)
     if as_json:
         print(json.dumps({"bundle": str(out), "allowance_bytes": nbytes, "added": [dataclasses.asdict(r) for r in report]}, indent=1))
         return

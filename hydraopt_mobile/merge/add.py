@@ -28,7 +28,9 @@ fixed stored factors ``A_s`` (r' x d_in), ``B_s`` (d_out x r'), the options are,
 - *nothing* (rank-0 own factors): no bytes, error ``||dW_t||^2``.
 
 Own factors are encoded in the module's number format, at ranks up to the module's largest rank
-(so a program built for the bank's slot ranks still fits). Errors are weighted like the merge
+(so a program built for the bank's slot ranks still fits), or up to the deployed program's slot rank
+where the caller gives its signature (``max_ranks``: a program exported with ``--slots`` has room
+for more). Errors are weighted like the merge
 (``w_t = 1 / sum_modules ||dW_t||^2``, squared relative errors), and the same allocator as the
 merge (allocator.py) picks, over all new tasks and modules, the options with the best error drop
 per byte until the byte allowance for the new task files is spent.
@@ -105,8 +107,9 @@ def least_squares_A(target: LoraFactors, B: torch.Tensor) -> torch.Tensor:
     return fm.to_input_space(solve_a(fm, torch.ones(1), B.to(DTYPE)[None], [0], [0], 1)[0])
 
 
-def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, weight: float, module_index: int) -> list[Option]:
-    """Every option (module docstring) for one new task in one module, with its exact stored error."""
+def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, weight: float, module_index: int, max_rank: int | None = None) -> list[Option]:
+    """Every option (module docstring) for one new task in one module, with its exact stored error;
+    own pairs up to ``max_rank`` (default: the module's largest rank)."""
     d_out, d_in = module.shape
     fmt = module.fmt
     total = weight * sq_norm(target)
@@ -137,7 +140,7 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
             options.append(Option(OWN_A, A, b, err(A.values(), B), specs))
     fm = factor_space([target])
     w = torch.tensor([weight], dtype=torch.float64)
-    top = min(max([f.shape[0] for f in module.A] + [0]), fm.q)
+    top = min(max([f.shape[0] for f in module.A] + [0]) if max_rank is None else max_rank, fm.q)
     spaces = row_spaces(fm, w, [0], [0], max(top, 1))
     for rho in range(1, top + 1):
         built, e = fit_stored(fm, w, solve_layout(fm, w, [0], [0], rho, spaces=spaces), fmt)
@@ -190,10 +193,24 @@ def check_fit(bank: MergedBank, adapters: AdapterSet) -> None:
             raise AddError(f"module {name!r}: shape (d_out, d_in)={tuple(adapters.shapes[name])} in the new adapters but {tuple(bank.modules[name].shape)} in the bundle: another base model")
 
 
-def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allow_missing: bool = False) -> tuple[MergedBank, list[AddedTask]]:
+def check_signature(bank: MergedBank, max_ranks: dict[str, int]) -> None:
+    """Refuse a signature that does not hold the bank: a module without a slot, or a slot of lower
+    rank than the bank's factors (the deployed program could not run the bank itself)."""
+    for name, module in bank.modules.items():
+        rank = max((f.shape[0] for f in module.A), default=0)
+        if name not in max_ranks:
+            raise AddError(f"--slots: bundle module {name!r} has no slot in the signature; give the signature the deployed program was exported with")
+        if rank > max_ranks[name]:
+            raise AddError(f"--slots: bundle module {name!r} has rank {rank}, above the signature's {max_ranks[name]}: the deployed program cannot be this one")
+
+
+def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allow_missing: bool = False, max_ranks: dict[str, int] | None = None) -> tuple[MergedBank, list[AddedTask]]:
     """``bank`` with the tasks of ``adapters`` added, their new files together at most
-    ``allowance_bytes`` file bytes, every existing factor unchanged; and a report per new task."""
+    ``allowance_bytes`` file bytes, every existing factor unchanged; and a report per new task.
+    ``max_ranks``: the deployed program's slot signature (module -> rank), which must hold the bank."""
     check_fit(bank, adapters)
+    if max_ranks is not None:
+        check_signature(bank, max_ranks)
     missing = [(t.name, m) for t in adapters.tasks for m in bank.modules if m not in t.modules]
     if missing and not allow_missing:
         task, module = missing[0]
@@ -207,7 +224,7 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
         d_out, d_in = module.shape
         for t, task in enumerate(adapters.tasks):
             target = task.modules.get(name, LoraFactors(torch.zeros(0, d_in), torch.zeros(d_out, 0)))
-            options[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m)
+            options[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m, None if max_ranks is None else max_ranks[name])
     chosen = _allocate(options, allowance_bytes, len(adapters.tasks))
     modules = {}
     for name, module in bank.modules.items():
@@ -265,15 +282,16 @@ def _allocate(options: dict[tuple[str, str], list[Option]], allowance: int, n_ta
     return {key: options[key][c.k_a] for key, c in picks.items()}
 
 
-def add_to_bundle(bundle: Path, adapters: AdapterSet, out: Path, allowance: Budget | None = None, overwrite: bool = False, allow_missing: bool = False) -> tuple[int, list[AddedTask]]:
+def add_to_bundle(bundle: Path, adapters: AdapterSet, out: Path, allowance: Budget | None = None, overwrite: bool = False, allow_missing: bool = False,
+                  max_ranks: dict[str, int] | None = None) -> tuple[int, list[AddedTask]]:
     """Write ``out``: bundle ``bundle`` plus the tasks of ``adapters``, whose new files take at most
     ``allowance`` (a fraction of the new adapters' fp16 file bytes, or bytes; default: the bundle's
     own storage fraction, so the grown bundle keeps it). Every file of ``bundle`` is written again
     byte for byte, which :func:`write_bundle` checks before ``out`` appears. Returns the allowance
-    in bytes and the report per new task."""
+    in bytes and the report per new task. ``max_ranks``: as :func:`add_tasks`."""
     manifest, bank = open_bundle(bundle)
     reference = adapters.reference_file_bytes()
     nbytes = allowance.resolve(reference) if allowance is not None else int(bank.storage_fraction() * reference)
-    grown, report = add_tasks(bank, adapters, nbytes, allow_missing)
+    grown, report = add_tasks(bank, adapters, nbytes, allow_missing, max_ranks)
     write_bundle(grown, out, overwrite, inputs=[Path(bundle), *(t.path for t in adapters.tasks)], unchanged=manifest["files"])
     return nbytes, report
