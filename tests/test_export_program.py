@@ -178,3 +178,36 @@ def test_attention_is_part_of_the_program_key_and_refused_elsewhere(tiny_dir, tm
         export_bank(make_bank(), tiny_dir, "onnx", "fp32", tmp_path / "onnx", attention="portable")
     with pytest.raises(UserError, match="--attention 'flash'"):
         export_bank(make_bank(), tiny_dir, "executorch", "fp32", tmp_path / "et", attention="flash")
+
+
+def test_a_task_added_with_the_programs_signature_runs_on_the_deployed_program(tiny_dir, tmp_path, monkeypatch):
+    """The update path end to end: a bank deployed in a program with rank-8 slots, a rank-8 task
+    added with ``add --slots`` (own factors above the bank's rank 4), the grown bank exported onto
+    the same program (cache hit, same hash), and the new task's runtime logits equal the model with
+    its stored factors merged in."""
+    from exporters.slots import resolve_slot_spec
+    from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+    from hydraopt_mobile.bundle import open_bundle, write_bundle
+    from hydraopt_mobile.merge.add import add_to_bundle
+    from hydraopt_mobile.merge.budget import Budget
+    from hydraopt_mobile.synthetic import write_peft_adapter
+
+    monkeypatch.setenv("HYDRAOPT_PROGRAM_CACHE", str(tmp_path / "cache"))
+    spec = "q_proj,v_proj,o_proj:8"
+    bank = make_bank(seed=5)
+    write_bundle(bank, tmp_path / "b1")
+    deployed = export_bank(bank, tiny_dir, "onnx", "fp32", tmp_path / "e1", slots=spec, max_cache_len=32)
+    g = torch.Generator().manual_seed(6)
+    factors = {name: (torch.randn(8, m.shape[1], generator=g) * 0.1, torch.randn(m.shape[0], 8, generator=g) * 0.1) for name, m in bank.modules.items()}
+    new = build_adapter_set([load_adapter(write_peft_adapter(tmp_path / "delta", factors, 8, 8), "delta")])
+    add_to_bundle(tmp_path / "b1", new, tmp_path / "b2", Budget(fraction=1.0), max_ranks=resolve_slot_spec(spec, list(bank.modules), "no module"))
+    grown = open_bundle(tmp_path / "b2")[1]
+    assert max(f.A.shape[0] for f in grown.task_factors("delta").values()) > 4  # above the bank's own rank
+    update = export_bank(grown, tiny_dir, "onnx", "fp32", tmp_path / "e2", slots=spec, max_cache_len=32)
+    first, second = Manifest.read(deployed), Manifest.read(update)
+    assert second.extra["program_source"] == "cache (hard link)" and first.program["sha256"] == second.program["sha256"]
+    session = open_export(update)
+    session.set_task("delta")
+    _, got = run_logits(session, PROMPT, 3)
+    seq = PROMPT + [int(np.argmax(row)) for row in got[len(PROMPT) - 1 : -1]]
+    assert np.abs(got - reference_logits(tiny_dir, grown, "delta", seq)[: len(got)]).max() < 1e-4
