@@ -164,6 +164,17 @@ def test_a_padded_signature_lets_own_factors_use_its_ranks(tmp_path):
         add_tasks(bank, new, allowance, max_ranks={k: v for k, v in wide.items() if k != first})
     with pytest.raises(AddError, match=f"{first!r} has rank 2, above the signature's 1"):
         add_tasks(bank, new, allowance, max_ranks=wide | {first: 1})
+    # a module no task uses has no slot in an exported program: the new task stores nothing there
+    from dataclasses import replace
+
+    from hydraopt_mobile.bank import MergedModule
+    from hydraopt_mobile.merge.add import _empty
+
+    m = bank.modules[first]
+    unused = MergedModule(m.shape, [0] * 4, [0] * 4, [_empty(m.fmt, (0, m.shape[1]), False)], [_empty(m.fmt, (m.shape[0], 0), True)])
+    sparse = replace(bank, modules=bank.modules | {first: unused})
+    grown, (row,) = add_tasks(sparse, new, allowance, max_ranks={k: v for k, v in wide.items() if k != first})
+    assert grown.task_factors("oscar")[first].A.shape[0] == 0 and row.choices[NOTHING] == 1
 
 
 def test_zero_allowance_uses_resident_factors_only(shared_a_bundle, tmp_path):

@@ -195,13 +195,14 @@ def check_fit(bank: MergedBank, adapters: AdapterSet) -> None:
 
 def check_signature(bank: MergedBank, max_ranks: dict[str, int]) -> None:
     """Refuse a signature that does not hold the bank: a module without a slot, or a slot of lower
-    rank than the bank's factors (the deployed program could not run the bank itself)."""
+    rank than the bank's factors (the deployed program could not run the bank itself). A module no
+    task uses needs no slot (``export`` leaves it out); new tasks then store nothing there."""
     for name, module in bank.modules.items():
         rank = max((f.shape[0] for f in module.A), default=0)
-        if name not in max_ranks:
+        if name not in max_ranks and rank:
             raise AddError(f"--slots: bundle module {name!r} has no slot in the signature; give the signature the deployed program was exported with")
-        if rank > max_ranks[name]:
-            raise AddError(f"--slots: bundle module {name!r} has rank {rank}, above the signature's {max_ranks[name]}: the deployed program cannot be this one")
+        if rank > max_ranks.get(name, 0):
+            raise AddError(f"--slots: bundle module {name!r} has rank {rank}, above the signature's {max_ranks.get(name, 0)}: the deployed program cannot be this one")
 
 
 def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allow_missing: bool = False, max_ranks: dict[str, int] | None = None) -> tuple[MergedBank, list[AddedTask]]:
@@ -224,7 +225,7 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
         d_out, d_in = module.shape
         for t, task in enumerate(adapters.tasks):
             target = task.modules.get(name, LoraFactors(torch.zeros(0, d_in), torch.zeros(d_out, 0)))
-            options[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m, None if max_ranks is None else max_ranks[name])
+            options[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m, None if max_ranks is None else max_ranks.get(name, 0))
     chosen = _allocate(options, allowance_bytes, len(adapters.tasks))
     modules = {}
     for name, module in bank.modules.items():
