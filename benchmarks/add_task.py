@@ -101,7 +101,7 @@ def main() -> None:
         data["records"] = tasks + summaries(tasks)
         recorded[init] = digests
     data["meta"] = meta(args.threads) | {"adapter_sha256": recorded}
-    done = {(r["init"], r["fraction"], r["calibration"], r["slots"], r["task"]) for r in data["records"] if "task" in r}
+    done = {key(r) for r in data["records"] if "task" in r}
     suite = {t.name: t for t in load_suite()}
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"
@@ -120,6 +120,7 @@ def main() -> None:
         fraction = round((0.5 if half else 1.0) / T, 4)  # the frontier's 1/T and 0.5/T points
         if args.redo:  # replaced record by record below, so an interrupted run keeps the rest
             done -= {(init, fraction, args.calibration, args.slots, task) for task in adapters.task_names}
+        max_ranks = resolve_slot_spec(args.slots, adapters.module_names, "no module of the adapters") if args.slots else None
         if args.calibration and init not in moments:  # once per init: restrict() gives each 11-task subset's
             moments[init] = collect(model, tokenizer, adapters, calibration_texts([suite[n] for n in adapters.task_names], tokenizer, CALIBRATION_PER_TASK))
         calibration = moments.get(init)
@@ -128,14 +129,14 @@ def main() -> None:
         remerge = merge(adapters, MergeConfig("hydraopt", budget=Budget(fraction=fraction), calibration=calibration))
         again = scores({t: remerge.task_factors(t) for t in remerge.tasks}, remerge.tasks)
         for task in args.tasks or adapters.task_names:
-            if (init, fraction, args.calibration, args.slots, task) in done:
+            this = (init, fraction, args.calibration, args.slots, task)
+            if this in done:
                 continue
             start = time.perf_counter()
             rest = subset(adapters, [n for n in adapters.task_names if n != task])
             bank = merge(rest, MergeConfig("hydraopt", budget=Budget(fraction=fraction), calibration=restrict(calibration, adapters, rest) if calibration else None))
             with tempfile.TemporaryDirectory() as tmp:
                 write_bundle(bank, Path(tmp) / "bank11")
-                max_ranks = resolve_slot_spec(args.slots, list(bank.modules), "no module of the bank") if args.slots else None
                 allowance, (row,) = add_to_bundle(Path(tmp) / "bank11", subset(adapters, [task]), Path(tmp) / "bank12", Budget(fraction=fraction), max_ranks=max_ranks)
                 manifest, grown = open_bundle(Path(tmp) / "bank12")
             merge_s = time.perf_counter() - start
@@ -165,11 +166,16 @@ def main() -> None:
                 "merge_add_seconds": merge_s,
                 "examples": {"added": added[task], "own": own[task], "remerge": again[task]},
             }
-            tasks_done = [r for r in data["records"] if "task" in r and (r["init"], r["fraction"], r["calibration"], r["slots"], r["task"]) != (init, fraction, args.calibration, args.slots, task)] + [rec]
+            tasks_done = [r for r in data["records"] if "task" in r and key(r) != this] + [rec]
             data["records"] = tasks_done + summaries(tasks_done)
             write_record(OUT, data)
             print(f"{time.strftime('%H:%M:%S')} {init}{' calibrated' if args.calibration else ''}{' slots ' + args.slots if args.slots else ''} {task}: added {rec['added_score']:.2f} own {rec['own_score']:.2f} remerge {rec['remerge_score']:.2f} (err {row.rel_error:.3f} vs {rec['remerge_rel_error']:.3f}, {row.choices}, {merge_s:.0f}s)", flush=True)
     write_reports(data)
+
+
+def key(record: dict) -> tuple:
+    """What a task record measures: (init, fraction, calibration, slots, task)."""
+    return record["init"], record["fraction"], record["calibration"], record["slots"], record["task"]
 
 
 def read_records() -> dict:
@@ -183,9 +189,8 @@ def read_records() -> dict:
 def summaries(records: list[dict]) -> list[dict]:
     """One record per (init, fraction, calibration, slots) with all its tasks: the added tasks' average against each reference."""
     out = []
-    key = lambda r: (r["init"], r["fraction"], r["calibration"], r["slots"])  # noqa: E731
-    for init, fraction, calibration, slots in dict.fromkeys(key(r) for r in records if "task" in r):
-        rows = [r for r in records if "task" in r and key(r) == (init, fraction, calibration, slots)]
+    for init, fraction, calibration, slots in dict.fromkeys(key(r)[:4] for r in records if "task" in r):
+        rows = [r for r in records if "task" in r and key(r)[:4] == (init, fraction, calibration, slots)]
         added = {r["task"]: r["examples"]["added"] for r in rows}
         summary = {"init": init, "fraction": fraction, "calibration": calibration, "slots": slots, "summary": True, "n_tasks": len(rows)}
         for ref in ("own", "remerge"):

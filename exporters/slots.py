@@ -33,8 +33,7 @@ _SPEC_ITEM = re.compile(r"^([A-Za-z0-9_.]+)(?::([0-9]+))?$")
 
 def module_rank(bank: MergedBank, module: str) -> int:
     """The largest rank of any factor of ``module`` in ``bank`` (0: no task uses it)."""
-    m = bank.modules[module]
-    return max((f.shape[0] for f in m.A), default=0)
+    return bank.modules[module].largest_rank
 
 
 def bank_signature(bank: MergedBank) -> dict[str, int]:

@@ -48,6 +48,11 @@ class MergedModule:
         return self.A[0].shape[0] if self.A else 0
 
     @property
+    def largest_rank(self) -> int:
+        """The largest rank of its A factors (0: no task uses the module): the slot rank a program needs."""
+        return max((f.shape[0] for f in self.A), default=0)
+
+    @property
     def fmt(self) -> NumberFormat:
         return self.A[0].fmt
 

@@ -144,15 +144,21 @@ def test_identity_moments_give_the_data_free_bank(make_adapters):
         merge(aset, MergeConfig("ties", calibration=identity(aset)))
 
 
-def test_collect_on_a_real_model_ignores_padding(tmp_path):
-    from tests.tiny_models import tiny_llama, tiny_peft_adapter
+def word_tokenizer():
+    """A real word-level tokenizer over a dozen words, with padding (no downloads)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = "the a cat dog sat ran on under mat tree quickly slowly".split()
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+
+
+def test_collect_on_a_real_model_ignores_padding(tmp_path):
+    from tests.tiny_models import tiny_llama, tiny_peft_adapter
+
+    tokenizer = word_tokenizer()
     aset = build_adapter_set([load_adapter(tiny_peft_adapter(tmp_path / f"t{i}", seed=i + 1), f"t{i}") for i in range(2)])
     texts = {"t0": ["the cat sat", "a dog ran on the mat quickly"], "t1": ["the tree", "a cat sat under the tree slowly", "dog"]}
     for task, rows in texts.items():
@@ -183,15 +189,10 @@ def test_restrict_equals_collecting_the_subset(tmp_path):
     """Moments restricted to a subset of the tasks equal the subset's own collected moments (row
     basis, projected S and outside), so a leave-one-out merge needs no second pass."""
     from tests.tiny_models import tiny_llama, tiny_peft_adapter
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     from hydraopt_mobile.calibration import restrict
 
-    words = "the a cat dog sat ran on under mat tree quickly slowly".split()
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+    tokenizer = word_tokenizer()
     tasks = [load_adapter(tiny_peft_adapter(tmp_path / f"t{i}", seed=i + 1), f"t{i}") for i in range(3)]
     full, part = build_adapter_set(tasks), build_adapter_set([tasks[2], tasks[0]])
     texts = {"t0": ["the cat sat", "a dog ran"], "t1": ["the tree slowly"], "t2": ["a cat sat under the tree quickly", "dog"]}

@@ -14,7 +14,7 @@ from rich.table import Table
 from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
 from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import check_output
-from hydraopt_mobile.bundle import BUNDLE, load_bundle
+from hydraopt_mobile.bundle import BUNDLE, load_bundle, read_manifest
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.budget import Budget
@@ -201,7 +201,7 @@ def add_cmd(
         if slots is not None:
             from exporters.slots import resolve_slot_spec
 
-            max_ranks = resolve_slot_spec(slots, list(load_bundle(bundle).modules), "no module of the bundle")
+            max_ranks = resolve_slot_spec(slots, [m[0] for m in read_manifest(bundle)["modules"]], "no module of the bundle")
         nbytes, report = add_to_bundle(bundle, load_adapter_set(adapters, allow_missing), out, limit, overwrite, allow_missing, max_ranks)
     if as_json:
         print(json.dumps({"bundle": str(out), "allowance_bytes": nbytes, "added": [dataclasses.asdict(r) for r in report]}, indent=1))

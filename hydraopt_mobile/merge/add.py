@@ -73,6 +73,10 @@ class Option:
     error: float  # weighted squared error of exactly what is stored
     specs: tuple[TensorSpec, ...] = ()  # the tensors it adds to the task's own file
 
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
 
 @dataclass
 class AddedTask:
@@ -140,7 +144,7 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
             options.append(Option(OWN_A, A, b, err(A.values(), B), specs))
     fm = factor_space([target])
     w = torch.tensor([weight], dtype=torch.float64)
-    top = min(max([f.shape[0] for f in module.A] + [0]) if max_rank is None else max_rank, fm.q)
+    top = min(module.largest_rank if max_rank is None else max_rank, fm.q)
     spaces = row_spaces(fm, w, [0], [0], max(top, 1))
     for rho in range(1, top + 1):
         built, e = fit_stored(fm, w, solve_layout(fm, w, [0], [0], rho, spaces=spaces), fmt)
@@ -160,8 +164,7 @@ def resident_fit(per_module: list[list[Option]]) -> tuple[int, float | None, flo
         if not using:
             continue
         best = min(using, key=lambda o: o.error)
-        nbytes = sum(spec.nbytes for spec in best.specs)
-        own = min((o for o in opts if o.kind in (NOTHING, OWN_PAIR) and sum(spec.nbytes for spec in o.specs) <= nbytes), key=lambda o: o.error)
+        own = min((o for o in opts if o.kind in (NOTHING, OWN_PAIR) and o.nbytes <= best.nbytes), key=lambda o: o.error)
         modules, resident_err, own_err, total = modules + 1, resident_err + best.error, own_err + own.error, total + opts[0].error
     if not modules or total <= 0:
         return modules, None, None
@@ -198,7 +201,7 @@ def check_signature(bank: MergedBank, max_ranks: dict[str, int]) -> None:
     rank than the bank's factors (the deployed program could not run the bank itself). A module no
     task uses needs no slot (``export`` leaves it out); new tasks then store nothing there."""
     for name, module in bank.modules.items():
-        rank = max((f.shape[0] for f in module.A), default=0)
+        rank = module.largest_rank
         if name not in max_ranks and rank:
             raise AddError(f"--slots: bundle module {name!r} has no slot in the signature; give the signature the deployed program was exported with")
         if rank > max_ranks.get(name, 0):
@@ -270,7 +273,7 @@ def _allocate(options: dict[tuple[str, str], list[Option]], allowance: int, n_ta
     cands = {}
     for key, opts in options.items():
         cands[key] = [
-            Candidate(i, 0, 0, "", sum(s.nbytes for s in o.specs), o.error)
+            Candidate(i, 0, 0, "", o.nbytes, o.error)
             for i, o in enumerate(opts)
         ]
     budget = allowance - n_tasks * file_overhead_bound(len(str(max(allowance, 1))))
