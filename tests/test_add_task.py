@@ -159,6 +159,9 @@ def test_a_padded_signature_lets_own_factors_use_its_ranks(tmp_path):
     grown, (padded,) = add_tasks(bank, new, allowance, max_ranks=wide)
     assert max(f.A.shape[0] for f in grown.task_factors("oscar").values()) == 4
     assert padded.rel_error < 0.5 * own.rel_error
+    # the report says what the bank's slots cost: the same allocation with room is the padded one
+    assert own.rel_error_with_room == pytest.approx(padded.rel_error) and own.rank_with_room == 4
+    assert padded.rel_error_with_room is None and padded.rank_with_room is None
     first = next(iter(bank.modules))
     with pytest.raises(AddError, match=f"{first!r} has no slot"):
         add_tasks(bank, new, allowance, max_ranks={k: v for k, v in wide.items() if k != first})
@@ -249,7 +252,17 @@ def test_cli_add_end_to_end(make_adapters, tmp_path):
     code, text = run("add", bank, f"ccc={paths[0]}", "--out", tmp_path / "bank3")  # the table a person reads
     assert code == 0 and f"{row['resident_rel_error']:.3f} vs own {row['own_rel_error_same_bytes']:.3f}" in text, text
     code, text = run("add", bank, f"ddd={paths[0]}", "--out", tmp_path / "bank4", "--slots", "q_proj,k_proj,v_proj,o_proj:8")  # a padded program
+    assert code == 0 and "cap the new tasks" not in text, text
+    # a bank at rank 2: the new rank-4 task is capped by the bank's slots, and the table says what room would give
+    small = tmp_path / "small"
+    code, text = run("merge", *paths[1:], "--format", "fp16", "--param", "rank=2", "--param", "k_a=3", "--param", "k_b=3", "--budget", "1.0", "--out", small)
     assert code == 0, text
+    code, text = run("add", small, f"fff={paths[0]}", "--out", tmp_path / "small2", "--allowance", "1.0", "--json")
+    (capped,) = json.loads(text)["added"]
+    assert capped["rank_with_room"] == 4 and capped["rel_error_with_room"] < 0.5 * capped["rel_error"], capped
+    code, text = run("add", small, f"fff={paths[0]}", "--out", tmp_path / "small3", "--allowance", "1.0")
+    flat = " ".join(text.split())  # the hint wraps at the console's width
+    assert code == 0 and "`--slots k_proj,o_proj,q_proj,v_proj:4`" in flat and f"fff {capped['rel_error_with_room']:.4f} (now {capped['rel_error']:.4f})" in flat, text
     code, text = run("add", bank, f"eee={paths[0]}", "--out", tmp_path / "bank5", "--slots", "gate_proj:8")
     assert code == 2 and "no module of the bundle is named 'gate_proj'" in text, text
     code, text = run("add", bank, f"eee={paths[0]}", "--out", tmp_path / "bank5", "--slots", "q_proj:8")

@@ -203,6 +203,7 @@ def add_cmd(
 
             max_ranks = resolve_slot_spec(slots, [m[0] for m in read_manifest(bundle)["modules"]], "no module of the bundle")
         nbytes, report = add_to_bundle(bundle, load_adapter_set(adapters, allow_missing), out, limit, overwrite, allow_missing, max_ranks)
+        module_kinds = sorted({m[0].rsplit(".", 1)[-1] for m in read_manifest(bundle)["modules"]})
     if as_json:
         print(json.dumps({"bundle": str(out), "allowance_bytes": nbytes, "added": [dataclasses.asdict(r) for r in report]}, indent=1))
         return
@@ -212,6 +213,13 @@ def add_cmd(
                if r.resident_rel_error is not None else "no shared factors")
         table.add_row(r.task, f"{r.rel_error:.4f}", f"{r.file_bytes:,}", ", ".join(f"{k}: {n}" for k, n in r.choices.items()), fit)
     console.print(table)
+    capped = [r for r in report if r.rel_error_with_room is not None and r.rel_error_with_room < r.rel_error]
+    if capped:
+        spec = f"{','.join(module_kinds)}:{max(r.rank_with_room or 0 for r in capped)}"
+        better = "; ".join(f"{r.task} {r.rel_error_with_room:.4f} (now {r.rel_error:.4f})" for r in capped)
+        limit = "the --slots ranks" if slots else "the bundle's ranks"
+        console.print(f"The deployed program's slots cap the new tasks' own factors at {limit}. "
+                      f"In a program exported with `--slots {spec}` (then `hydraopt add --slots {spec}`), within the same allowance: {better}.")
 
 
 @app.command()

@@ -30,7 +30,9 @@ fixed stored factors ``A_s`` (r' x d_in), ``B_s`` (d_out x r'), the options are,
 Own factors are encoded in the module's number format, at ranks up to the module's largest rank
 (so a program built for the bank's slot ranks still fits), or up to the deployed program's slot rank
 where the caller gives its signature (``max_ranks``: a program exported with ``--slots`` has room
-for more). Errors are weighted like the merge
+for more). What those slot ranks cost is reported: the same allocation with own pairs up to each
+new adapter's own rank (``AddedTask.rel_error_with_room``), so a user can see whether a program
+with wider slots is worth exporting before the next update. Errors are weighted like the merge
 (``w_t = 1 / sum_modules ||dW_t||^2``, squared relative errors), and the same allocator as the
 merge (allocator.py) picks, over all new tasks and modules, the options with the best error drop
 per byte until the byte allowance for the new task files is spent.
@@ -72,6 +74,7 @@ class Option:
     B: int | StoredFactor
     error: float  # weighted squared error of exactly what is stored
     specs: tuple[TensorSpec, ...] = ()  # the tensors it adds to the task's own file
+    rank: int = 0  # an own pair's rank (the slot rank a program needs for it)
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +96,12 @@ class AddedTask:
     resident_modules: int = 0
     resident_rel_error: float | None = None
     own_rel_error_same_bytes: float | None = None
+    # What the program's slot ranks cost it: its relative error had the slots room for own pairs up
+    # to the new adapter's rank in every module (same allowance, all new tasks allocated together),
+    # and the slot rank a program needs for that (the largest own rank it uses, or the bank's largest
+    # rank or the given signature's, if higher). None where the slots already have that room.
+    rel_error_with_room: float | None = None
+    rank_with_room: int | None = None
 
 
 def resident(index: list[int], tasks: list[str]) -> list[int]:
@@ -113,7 +122,8 @@ def least_squares_A(target: LoraFactors, B: torch.Tensor) -> torch.Tensor:
 
 def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, weight: float, module_index: int, max_rank: int | None = None) -> list[Option]:
     """Every option (module docstring) for one new task in one module, with its exact stored error;
-    own pairs up to ``max_rank`` (default: the module's largest rank)."""
+    own pairs up to ``max_rank`` (default: the module's largest rank) and, beyond it, up to the
+    task's own rank (what :func:`within_slots` leaves out: for :attr:`AddedTask.rel_error_with_room`)."""
     d_out, d_in = module.shape
     fmt = module.fmt
     total = weight * sq_norm(target)
@@ -144,14 +154,20 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
             options.append(Option(OWN_A, A, b, err(A.values(), B), specs))
     fm = factor_space([target])
     w = torch.tensor([weight], dtype=torch.float64)
-    top = min(module.largest_rank if max_rank is None else max_rank, fm.q)
+    top = min(max(module.largest_rank if max_rank is None else max_rank, target.rank), fm.q)
     spaces = row_spaces(fm, w, [0], [0], max(top, 1))
     for rho in range(1, top + 1):
         built, e = fit_stored(fm, w, solve_layout(fm, w, [0], [0], rho, spaces=spaces), fmt)
         A, B = built.A[0], built.B[0]
         specs = tuple(factor_specs(module_index, "A", None, fmt, *A.vectors_shape) + factor_specs(module_index, "B", None, fmt, *B.vectors_shape))
-        options.append(Option(OWN_PAIR, A, B, float(e.sum()), specs))
+        options.append(Option(OWN_PAIR, A, B, float(e.sum()), specs, rho))
     return options
+
+
+def within_slots(options: list[Option], module: MergedModule, max_rank: int | None = None) -> list[Option]:
+    """The options a program with slots of ``max_rank`` (default: the module's largest rank) can run."""
+    cap = module.largest_rank if max_rank is None else max_rank
+    return [o for o in options if o.kind != OWN_PAIR or o.rank <= cap]
 
 
 def resident_fit(per_module: list[list[Option]]) -> tuple[int, float | None, float | None]:
@@ -223,13 +239,17 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
     for t, task in enumerate(adapters.tasks):
         norms[t] = sum(sq_norm(f) for f in task.modules.values())
     weights = 1.0 / norms.clamp_min(1e-30)
+    everything: dict[tuple[str, str], list[Option]] = {}
     options: dict[tuple[str, str], list[Option]] = {}
     for m, (name, module) in enumerate(bank.modules.items()):
         d_out, d_in = module.shape
+        cap = None if max_ranks is None else max_ranks.get(name, 0)
         for t, task in enumerate(adapters.tasks):
             target = task.modules.get(name, LoraFactors(torch.zeros(0, d_in), torch.zeros(d_out, 0)))
-            options[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m, None if max_ranks is None else max_ranks.get(name, 0))
+            everything[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m, cap)
+            options[(task.name, name)] = within_slots(everything[(task.name, name)], module, cap)
     chosen = _allocate(options, allowance_bytes, len(adapters.tasks))
+    roomy = _allocate(everything, allowance_bytes, len(adapters.tasks)) if any(len(everything[k]) > len(v) for k, v in options.items()) else None
     modules = {}
     for name, module in bank.modules.items():
         A, B = list(module.A), list(module.B)
@@ -253,12 +273,20 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
     )
     files = grown.file_bytes()
     report = []
+    floor = max([m.largest_rank for m in bank.modules.values()] + list((max_ranks or {}).values()))  # what the program already has
+
+    def rel_error(picks: list[Option], t: int) -> float:
+        return (sum(p.error for p in picks) / float(weights[t]) / max(float(norms[t]), 1e-30)) ** 0.5
+
     for t, task in enumerate(adapters.task_names):
         picks = [chosen[(task, name)] for name in bank.modules]
-        error = sum(p.error for p in picks) / float(weights[t]) / max(float(norms[t]), 1e-30)
         kinds = [p.kind for p in picks]
         fit = resident_fit([options[(task, name)] for name in bank.modules])
-        report.append(AddedTask(task, error**0.5, files.get(task_file(task), 0), {k: kinds.count(k) for k in dict.fromkeys(kinds)}, *fit))
+        row = AddedTask(task, rel_error(picks, t), files.get(task_file(task), 0), {k: kinds.count(k) for k in dict.fromkeys(kinds)}, *fit)
+        if roomy is not None:
+            room = [roomy[(task, name)] for name in bank.modules]
+            row.rel_error_with_room, row.rank_with_room = rel_error(room, t), max(floor, *(p.rank for p in room))
+        report.append(row)
     grown.rel_errors = dict(bank.rel_errors) | {r.task: r.rel_error for r in report}
     new_bytes = sum(r.file_bytes for r in report)
     if new_bytes > allowance_bytes:  # the allocator's bound guarantees this; a bug otherwise
