@@ -121,16 +121,18 @@ def test_answer_cache_hit_and_miss(tmp_path: Path):
 
 def test_suite_train_command_trains_with_its_options(tmp_path: Path):
     """``hydraopt suite train`` builds its TrainConfig from --steps/--seed/--init (it once passed them
-    to train_suite as keywords that function does not take)."""
+    to train_suite as keywords that function does not take) and trains on its --threads (it once
+    ignored them, training on the app-level count: the cores not busy)."""
     from typer.testing import CliRunner
 
     from hydraopt_mobile.app.cli import app
 
     out = tmp_path / "adapters"
-    result = CliRunner().invoke(app, ["--threads", "1", "suite", "train", "--out", str(out), "--tasks", "country-de",
-                                      "--steps", "1", "--seed", "3", "--init", "independent-seeds"])
+    result = CliRunner().invoke(app, ["--threads", "2", "suite", "train", "--out", str(out), "--tasks", "country-de",
+                                      "--steps", "1", "--seed", "3", "--init", "independent-seeds", "--threads", "1"])
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "country-de" / "training.json").read_text())
+    assert meta["threads"] == 1  # the command's own --threads (the documented reproduction uses 1), not the app's
     from hydraopt_mobile.suite.train import task_seed
 
     assert meta["steps"] == 1 and meta["seed"] == task_seed(3, "country-de", "independent-seeds") != task_seed(3, "country-de", "shared-seed")

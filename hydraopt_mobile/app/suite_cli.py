@@ -37,7 +37,7 @@ def train(
     from hydraopt_mobile.suite.train import train_suite
 
     start = time.time()
-    with progress_bar("train: steps", console) as on_step:
+    with torch_threads(threads), progress_bar("train: steps", console) as on_step:
         paths = train_suite(out, TrainConfig(steps=steps, seed=seed, init=init), _task_list(tasks), on_step=on_step)
     console.print(f"trained {len(paths)} adapters into {out} in {time.time() - start:.0f} s ({threads} thread(s))")
 
