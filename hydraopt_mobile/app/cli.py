@@ -197,13 +197,13 @@ def add_cmd(
         inputs = [bundle, *(parse_task_spec(spec)[1] for spec in adapters)]
         check_output(out, overwrite, BUNDLE, inputs)
         limit = Budget.parse(allowance, "--allowance") if allowance is not None else None
+        modules = [m[0] for m in read_manifest(bundle)["modules"]]
         max_ranks = None
         if slots is not None:
             from exporters.slots import resolve_slot_spec
 
-            max_ranks = resolve_slot_spec(slots, [m[0] for m in read_manifest(bundle)["modules"]], "no module of the bundle")
+            max_ranks = resolve_slot_spec(slots, modules, "no module of the bundle")
         nbytes, report = add_to_bundle(bundle, load_adapter_set(adapters, allow_missing), out, limit, overwrite, allow_missing, max_ranks)
-        module_kinds = sorted({m[0].rsplit(".", 1)[-1] for m in read_manifest(bundle)["modules"]})
     if as_json:
         print(json.dumps({"bundle": str(out), "allowance_bytes": nbytes, "added": [dataclasses.asdict(r) for r in report]}, indent=1))
         return
@@ -215,7 +215,7 @@ def add_cmd(
     console.print(table)
     capped = [r for r in report if r.rel_error_with_room is not None and r.rel_error_with_room < r.rel_error]
     if capped:
-        spec = f"{','.join(module_kinds)}:{max(r.rank_with_room or 0 for r in capped)}"
+        spec = f"{','.join(sorted({m.rsplit('.', 1)[-1] for m in modules}))}:{max(r.rank_with_room or 0 for r in capped)}"
         better = "; ".join(f"{r.task} {r.rel_error_with_room:.4f} (now {r.rel_error:.4f})" for r in capped)
         limit = "the --slots ranks" if slots else "the bundle's ranks"
         console.print(f"The deployed program's slots cap the new tasks' own factors at {limit}. "
