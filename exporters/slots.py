@@ -31,14 +31,9 @@ SLOT_B = "lora_b"
 _SPEC_ITEM = re.compile(r"^([A-Za-z0-9_.]+)(?::([0-9]+))?$")
 
 
-def module_rank(bank: MergedBank, module: str) -> int:
-    """The largest rank of any factor of ``module`` in ``bank`` (0: no task uses it)."""
-    return bank.modules[module].largest_rank
-
-
 def bank_signature(bank: MergedBank) -> dict[str, int]:
     """The smallest signature that serves ``bank``: its modules with a non-zero rank, at their largest rank."""
-    return {name: module_rank(bank, name) for name in bank.modules if module_rank(bank, name) > 0}
+    return {name: m.largest_rank for name, m in bank.modules.items() if m.largest_rank > 0}
 
 
 def parse_slot_spec(spec: str, model: nn.Module) -> dict[str, int]:

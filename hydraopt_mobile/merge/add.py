@@ -164,9 +164,8 @@ def module_options(module: MergedModule, tasks: list[str], target: LoraFactors, 
     return options
 
 
-def within_slots(options: list[Option], module: MergedModule, max_rank: int | None = None) -> list[Option]:
-    """The options a program with slots of ``max_rank`` (default: the module's largest rank) can run."""
-    cap = module.largest_rank if max_rank is None else max_rank
+def within_slots(options: list[Option], cap: int) -> list[Option]:
+    """The options a program whose slot in the module has rank ``cap`` can run."""
     return [o for o in options if o.kind != OWN_PAIR or o.rank <= cap]
 
 
@@ -243,11 +242,11 @@ def add_tasks(bank: MergedBank, adapters: AdapterSet, allowance_bytes: int, allo
     options: dict[tuple[str, str], list[Option]] = {}
     for m, (name, module) in enumerate(bank.modules.items()):
         d_out, d_in = module.shape
-        cap = None if max_ranks is None else max_ranks.get(name, 0)
+        cap = module.largest_rank if max_ranks is None else max_ranks.get(name, 0)
         for t, task in enumerate(adapters.tasks):
             target = task.modules.get(name, LoraFactors(torch.zeros(0, d_in), torch.zeros(d_out, 0)))
             everything[(task.name, name)] = module_options(module, bank.tasks, target, float(weights[t]), m, cap)
-            options[(task.name, name)] = within_slots(everything[(task.name, name)], module, cap)
+            options[(task.name, name)] = within_slots(everything[(task.name, name)], cap)
     chosen = _allocate(options, allowance_bytes, len(adapters.tasks))
     roomy = _allocate(everything, allowance_bytes, len(adapters.tasks)) if any(len(everything[k]) > len(v) for k, v in options.items()) else None
     modules = {}
