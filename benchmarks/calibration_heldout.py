@@ -1,0 +1,122 @@
+"""Does the data-aware objective generalise beyond its calibration texts, and does it rank banks as
+their scores do?
+
+For each init, HydraOpt and per-task compression at 1/(2T) and 1/T, each with the frontier's
+calibration (the first 16 train examples per task) and data-free: the banks frontier.py scores.
+Each bank's objective (the mean over tasks of the squared relative error, the planner's weighted
+sum) is measured four ways: on the moments it was fitted to (``fit``), on held-out train examples
+16-63 (``heldout``), on the validation split's 30 (``val``), and data-free (``data_free``). The
+test score is the frontier's record of the same bank: its file bytes and every task's data-free
+relative error must match (to 1e-6), else the score is left out (another CPU's rounding can give
+another bank of the same bytes).
+
+    python benchmarks/calibration_heldout.py [--init shared-seed] [--init independent-seeds] [--adapters ROOT ...]
+
+Run it with the frontier's thread count (1, the default) on the machine type the frontier's records
+come from: with 2 threads every calibrated bank came out another bank than the frontier's 1-thread
+one (the calibration pass runs the base model, whose reductions round differently on another thread
+count or CPU), while the data-free banks were the same (the merge gives the same bytes on any thread
+count).
+
+Writes benchmarks/results/calibration_heldout.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests  # first: it puts this checkout on sys.path
+
+from frontier import CALIBRATION_PER_TASK, INITS
+from hydraopt_mobile.adapters import load_adapter_folders
+from hydraopt_mobile.app.records import markdown_table, write_record
+from hydraopt_mobile.calibration import collect, relative_errors
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge
+from hydraopt_mobile.sharing import layout_summary
+from hydraopt_mobile.suite.model import load_base_model
+from hydraopt_mobile.suite.prompts import render_prompt
+from hydraopt_mobile.suite.tasks import load_suite
+
+HELDOUT = slice(CALIBRATION_PER_TASK, 64)  # train examples the calibration does not use
+
+
+def mean_sq(errors: dict[str, float]) -> float:
+    return sum(e * e for e in errors.values()) / len(errors)
+
+
+def frontier_score(frontier: list[dict], init: str, method: str, budget: float, calibrated: bool, file_bytes: int, rel_errors: dict[str, float]) -> float | None:
+    """The frontier's test score of this bank, or None when its record is of another bank."""
+    rec = next((r for r in frontier if (r["init"], r["method"], r["budget"], r.get("calibration", False), r["format"]) == (init, method, budget, calibrated, "auto") and r.get("at") is None), None)
+    same = rec is not None and rec.get("file_bytes") == file_bytes and all(abs(rec["rel_errors"][t] - e) <= 1e-6 for t, e in rel_errors.items())
+    return rec["avg_score"] if same else None
+
+
+def markdown(data: dict) -> str:
+    lines = ["# The data-aware objective on held-out inputs, and the banks' scores", "",
+             "Objective: mean over tasks of the squared relative error (the planner's weighted sum), measured on the moments the bank was fitted to "
+             f"(first {CALIBRATION_PER_TASK} train examples per task), on held-out train examples {HELDOUT.start}-{HELDOUT.stop - 1}, on the validation split, and data-free. "
+             "Score: the frontier's test score of the same bank (frontier.json).", "",
+             f"{data['meta']['machine']}, torch {data['meta']['torch']}, {data['meta']['seconds']:.0f} s.", ""]
+    rows = [[r["init"], f"{r['budget']:.4f}", r["method"], "yes" if r["calibrated"] else "no", r["modules_sharing"],
+             f"{r['objective_fit']:.5f}", f"{r['objective_heldout']:.5f}", f"{r['objective_val']:.5f}", f"{r['objective_data_free']:.5f}",
+             "another bank" if r["test_score"] is None else f"{r['test_score']:.2f}"] for r in data["records"]]
+    lines += markdown_table(["init", "budget", "method", "calibrated", "modules sharing", "fit", "held-out", "val", "data-free", "test score"], rows, align="llllrrrrrr")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--init", action="append", choices=INITS)
+    ap.add_argument("--adapters", type=Path, action="append", help="folder holding <init>/<task>/ PEFT adapters; repeat for several (each init from the first that has it; default: the committed ones)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "calibration_heldout.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tokenizer = load_base_model()
+    tasks = load_suite()
+    frontier = json.loads((RESULTS_DIR / "frontier.json").read_text())["records"]
+    records, digests = [], {}
+    for init in args.init or INITS:
+        folder = next((r / init for r in args.adapters or [SUITE_ADAPTERS] if (r / init).is_dir()), None)
+        if folder is None:
+            raise SystemExit(f"no {init} adapters under {[str(r) for r in args.adapters or [SUITE_ADAPTERS]]}: pass --adapters ROOT")
+        adapters = load_adapter_folders(folder)
+        digests[init] = adapter_digests(folder)
+        suite = [t for t in tasks if t.name in adapters.task_names]
+
+        def texts(split: str, rows: slice) -> dict[str, list[str]]:
+            return {t.name: [render_prompt(tokenizer, t, ex) + ex.target + tokenizer.eos_token for ex in getattr(t, split)[rows]] for t in suite}
+
+        fit, heldout, val = (collect(model, tokenizer, adapters, texts(split, rows)) for split, rows in (("train", slice(0, CALIBRATION_PER_TASK)), ("train", HELDOUT), ("val", slice(None))))
+        T = len(adapters.tasks)
+        for budget in (round(0.5 / T, 4), round(1.0 / T, 4)):
+            for method in ("hydraopt", "per-task"):
+                for calibration in (fit, None):
+                    bank = merge(adapters, MergeConfig(method, budget=Budget(fraction=budget), calibration=calibration))
+                    sharing = layout_summary(bank)["sharing"]
+                    records.append({
+                        "init": init, "budget": budget, "method": method, "calibrated": calibration is not None,
+                        "modules_sharing": sum(n for kind, n in sharing.items() if kind != "no sharing"), "file_bytes": bank.total_file_bytes(),
+                        "objective_fit": mean_sq(relative_errors(bank, adapters, fit)), "objective_heldout": mean_sq(relative_errors(bank, adapters, heldout)),
+                        "objective_val": mean_sq(relative_errors(bank, adapters, val)), "objective_data_free": mean_sq(bank.rel_errors),
+                        "rel_errors": bank.rel_errors,
+                        "test_score": frontier_score(frontier, init, method, budget, calibration is not None, bank.total_file_bytes(), bank.rel_errors),
+                    })
+                    print(json.dumps(records[-1]), flush=True)
+    meta = {"machine": platform.machine(), "torch": torch.__version__, "threads": args.threads, "seconds": time.perf_counter() - t0,
+            "calibration": f"fit: train examples 0-{CALIBRATION_PER_TASK - 1} per task (the frontier's); held-out: train {HELDOUT.start}-{HELDOUT.stop - 1}; val: the validation split",
+            "adapters_sha256": digests}
+    data = {"meta": meta, "records": records}
+    write_record(args.out, data, markdown(data))
+
+
+if __name__ == "__main__":
+    main()
