@@ -11,6 +11,7 @@ relative error must match (to 1e-6), else the score is left out (another CPU's r
 another bank of the same bytes).
 
     python benchmarks/calibration_heldout.py [--init shared-seed] [--init independent-seeds] [--adapters ROOT ...]
+    python benchmarks/calibration_heldout.py --report     # the .md from the .json
 
 Run it with the frontier's thread count (1, the default) on the machine type the frontier's records
 come from: with 2 threads every calibrated bank came out another bank than the frontier's 1-thread
@@ -62,8 +63,9 @@ def markdown(data: dict) -> str:
     lines = ["# The data-aware objective on held-out inputs, and the banks' scores", "",
              "Objective: mean over tasks of the squared relative error (the planner's weighted sum), measured on the moments the bank was fitted to "
              f"(first {CALIBRATION_PER_TASK} train examples per task), on held-out train examples {HELDOUT.start}-{HELDOUT.stop - 1}, on the validation split, and data-free. "
-             "Score: the frontier's test score of the same bank (frontier.json).", "",
-             f"{data['meta']['machine']}, torch {data['meta']['torch']}, {data['meta']['seconds']:.0f} s.", ""]
+             "Score: the frontier's test score of the same bank (frontier.json); *another bank*: this run's bank is not the frontier's "
+             "(other file bytes or per-task errors: another CPU type or thread count rounds the calibration pass otherwise).", "",
+             f"{data['meta']['machine']}, torch {data['meta']['torch']}, {data['meta']['threads']} thread(s), {data['meta']['seconds']:.0f} s.", ""]
     rows = [[r["init"], f"{r['budget']:.4f}", r["method"], "yes" if r["calibrated"] else "no", r["modules_sharing"],
              f"{r['objective_fit']:.5f}", f"{r['objective_heldout']:.5f}", f"{r['objective_val']:.5f}", f"{r['objective_data_free']:.5f}",
              "another bank" if r["test_score"] is None else f"{r['test_score']:.2f}"] for r in data["records"]]
@@ -77,7 +79,12 @@ def main() -> None:
     ap.add_argument("--adapters", type=Path, action="append", help="folder holding <init>/<task>/ PEFT adapters; repeat for several (each init from the first that has it; default: the committed ones)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "calibration_heldout.json")
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md beside --out from it")
     args = ap.parse_args()
+    if args.report:
+        data = json.loads(args.out.read_text())
+        write_record(args.out, data, markdown(data))
+        return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tokenizer = load_base_model()
