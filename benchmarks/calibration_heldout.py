@@ -42,7 +42,7 @@ from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.sharing import layout_summary
 from hydraopt_mobile.suite.model import load_base_model
-from hydraopt_mobile.suite.prompts import render_prompt
+from hydraopt_mobile.suite.calibration_texts import calibration_texts, training_sequence
 from hydraopt_mobile.suite.tasks import load_suite
 
 HELDOUT = slice(CALIBRATION_PER_TASK, 64)  # train examples the calibration does not use
@@ -99,10 +99,9 @@ def main() -> None:
         digests[init] = adapter_digests(folder)
         suite = [t for t in tasks if t.name in adapters.task_names]
 
-        def texts(split: str, rows: slice) -> dict[str, list[str]]:
-            return {t.name: [render_prompt(tokenizer, t, ex) + ex.target + tokenizer.eos_token for ex in getattr(t, split)[rows]] for t in suite}
-
-        fit, heldout, val = (collect(model, tokenizer, adapters, texts(split, rows)) for split, rows in (("train", slice(0, CALIBRATION_PER_TASK)), ("train", HELDOUT), ("val", slice(None))))
+        heldout_texts = {t.name: [training_sequence(tokenizer, t, ex) for ex in t.train[HELDOUT]] for t in suite}
+        val_texts = {t.name: [training_sequence(tokenizer, t, ex) for ex in t.val] for t in suite}
+        fit, heldout, val = (collect(model, tokenizer, adapters, texts) for texts in (calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK), heldout_texts, val_texts))
         T = len(adapters.tasks)
         for budget in (round(0.5 / T, 4), round(1.0 / T, 4)):
             for method in ("hydraopt", "per-task"):

@@ -217,8 +217,8 @@ def add_cmd(
     if capped:
         spec = f"{','.join(sorted({m.rsplit('.', 1)[-1] for m in modules}))}:{max(r.rank_with_room or 0 for r in capped)}"
         better = "; ".join(f"{r.task} {r.rel_error_with_room:.4f} (now {r.rel_error:.4f})" for r in capped)
-        limit = "the --slots ranks" if slots else "the bundle's ranks"
-        console.print(f"The deployed program's slots cap the new tasks' own factors at {limit}. "
+        ranks = "the --slots ranks" if slots else "the bundle's ranks"
+        console.print(f"The deployed program's slots cap the new tasks' own factors at {ranks}. "
                       f"In a program exported with `--slots {spec}` (then `hydraopt add --slots {spec}`), within the same allowance: {better}.")
 
 

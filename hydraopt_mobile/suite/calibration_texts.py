@@ -14,8 +14,13 @@ from hydraopt_mobile.suite.tasks import TaskSpec
 CALIBRATION = json_marker("calibration folder", "calibration.json", "format", "hydraopt-calibration-texts")
 
 
+def training_sequence(tokenizer, task: TaskSpec, example) -> str:
+    """One example as the adapter was trained on it: chat-formatted prompt, answer, end of turn."""
+    return render_prompt(tokenizer, task, example) + example.target + tokenizer.eos_token
+
+
 def calibration_texts(tasks: list[TaskSpec], tokenizer, per_task: int = 16) -> dict[str, list[str]]:
-    return {t.name: [render_prompt(tokenizer, t, ex) + ex.target + tokenizer.eos_token for ex in t.train[:per_task]] for t in tasks}
+    return {t.name: [training_sequence(tokenizer, t, ex) for ex in t.train[:per_task]] for t in tasks}
 
 
 def write_calibration_dir(out: Path, tasks: list[TaskSpec], tokenizer, per_task: int = 16, overwrite: bool = False) -> Path:
