@@ -1,11 +1,14 @@
 """Time the calibration pass of the data-aware merge on the suite: 12 tasks x 16 train examples
 through the base SmolLM2-135M with forward hooks at every adapted Linear, moments projected into
-each module's span(Q). Run it alone (``flock -x``): the number is a duration.
+each module's span(Q); then what ``hydraopt merge --calibration`` adds on top by default, the KL
+choice between the data-aware and the data-free plan (objective_choice.py: both merges and the
+fidelity pass over the same texts), against the data-aware merge alone, HydraOpt at 1/T. Run it
+alone (``flock -x``): the numbers are durations.
 
     python benchmarks/calibration_pass.py [--threads 1] [--repeats 3]
 
-Writes ``benchmarks/results/calibration_pass.json``: model load, text preparation and the pass
-itself (median of ``--repeats``), tokens, threads and the load average when it ran.
+Writes ``benchmarks/results/calibration_pass.json``: model load, text preparation, the pass itself
+and the merges (medians of ``--repeats``), tokens, threads and the load average when it ran.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout o
 
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.calibration import collect
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
+from hydraopt_mobile.objective_choice import merge_choosing
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
@@ -50,6 +56,16 @@ def main() -> None:
         cal = collect(model, tokenizer, adapters, texts)
         runs.append(time.perf_counter() - t0)
     assert cal is not None
+    config, budgets = MergeConfig("hydraopt", calibration=cal), [Budget(fraction=round(1 / len(adapters.tasks), 4))]
+    aware_runs, choice_runs, kept = [], [], None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        merge_budgets(adapters, config, budgets)
+        aware_runs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        [bank] = merge_choosing(adapters, config, budgets, model, tokenizer, texts)
+        choice_runs.append(time.perf_counter() - t0)
+        kept = bank.params["choice"]
     result = {
         "setup": f"{len(texts)} tasks x {args.per_task} train examples, SmolLM2-135M fp32, hooks on {len(adapters.module_names)} Linears, "
         f"{args.threads} torch thread(s), {platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end",
@@ -60,6 +76,11 @@ def main() -> None:
         "texts_s": texts_s,
         "total_first_run_s": load_s + texts_s + runs[0],
         "target_s": 120,
+        "data_aware_merge_s_median": statistics.median(aware_runs),
+        "kl_choice_merge_s_median": statistics.median(choice_runs),
+        "kl_choice_merge_s_runs": choice_runs,
+        "kl_choice_setup": f"hydraopt at {budgets[0].label()}: both plans merged, then KL(adapter || bank) over the same texts for both banks, each task's reference once",
+        "kl_choice_kept": kept,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "calibration_pass.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -41,6 +41,7 @@ from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.app.records import write_record
 from hydraopt_mobile.app.frontier import record_key, default_points, load_records, frontier_markdown, plot_frontier, run_frontier, save_records
 from hydraopt_mobile.calibration import collect
+from hydraopt_mobile.objective_choice import ObjectiveChoice, merge_choosing
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.evaluate import evaluate
 from hydraopt_mobile.suite.metrics import per_example
@@ -136,7 +137,15 @@ def main() -> None:
             print(f"calibration ({init}): {sum(cal.tokens.values()):,} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
             return cal
 
-        run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show, calibrate=functools.cache(calibrate))
+        calibrate = functools.cache(calibrate)
+
+        def choose(config, budgets, on_step, adapters=adapters, suite=suite):
+            t0 = time.perf_counter()
+            banks = merge_choosing(adapters, config, budgets, model, tokenizer, calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK), ObjectiveChoice("kl"), on_step)
+            print(f"KL choice ({init}, {config.method}): {time.perf_counter() - t0:.1f} s", flush=True)
+            return banks
+
+        run_frontier(adapters, init, points, evaluate_bank, args.out, meta, on_record=show, calibrate=calibrate, choose=choose)
     write_reports(args.out, base)
 
 

@@ -40,8 +40,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adapters = load_adapter_folders(SUITE_ADAPTERS / args.init)
-    records = [r for r in load_records(args.frontier) if r["init"] == args.init and "examples" in r]
-    points = [Point(r["method"], r["budget"], None if r["format"] == "auto" else r["format"], r.get("at"), r.get("calibration", False)) for r in records]
+    records = [r for r in load_records(args.frontier) if r["init"] == args.init and "examples" in r and r["choice"] != "kl"]  # a KL choice's bank is one of the others
+    points = [Point(r["method"], r["budget"], None if r["format"] == "auto" else r["format"], r.get("at"), r["calibration"], r["choice"]) for r in records]
     model, tokenizer = load_base_model()
     suite = [t for t in load_suite() if t.name in adapters.task_names]
     cal = collect(model, tokenizer, adapters, calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK))

@@ -92,7 +92,8 @@ def dump(out: Path, calibrated: bool, threads: int, only_calibrated: bool) -> No
                 result[f"planted/{label}"] = describe(bank, adapters)
     suite = ROOT / "hydraopt_mobile" / "suite" / "adapters" / "shared-seed"
     adapters = build_adapter_set([load_adapter(p) for p in sorted(suite.iterdir()) if (p / "adapter_config.json").exists()])
-    points = [p for p in default_points(len(adapters.tasks)) if (calibrated or not p.calibration) and (p.calibration or not only_calibrated)]
+    points = [p for p in default_points(len(adapters.tasks)) if (calibrated or not p.calibration) and (p.calibration or not only_calibrated)
+              and p.choice != "kl"]  # a KL choice keeps one of the two plans measured here
     calibrate = functools.cache(lambda: suite_calibration(adapters))
     get = banks_for(adapters, points, calibrate=calibrate)
     for p in points:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge_to_bundle
 from hydraopt_mobile.peft_io import write_peft_folder
 
 from .failures import reported
+
+if TYPE_CHECKING:
+    from hydraopt_mobile.objective_choice import ObjectiveChoice
 
 app = typer.Typer(help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
 console = Console()
@@ -93,6 +96,7 @@ def merge_cmd(
     out: Path = typer.Option(..., "--out", help="bundle folder to write"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="hydraopt / per-task: a folder of <task>.jsonl texts ({\"text\": ...} per line; `hydraopt suite calibration` writes the suite's): the data-aware objective"),
     model: Optional[Path] = typer.Option(None, "--model", help="base model folder for --calibration (default: the packaged SmolLM2-135M)"),
+    choose: str = typer.Option("kl", "--choose", help="with --calibration: kl = build the data-aware and the data-free plan and keep the bank closer to the adapters on the texts (KL of next-token distributions); data-aware = the data-aware plan as is"),
     allow_missing: bool = typer.Option(False, "--allow-missing"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -108,22 +112,43 @@ def merge_cmd(
             params=_parse_params(param),
         )
         adapter_set = load_adapter_set(adapters, allow_missing, lazy=True)  # modules read as the merge reaches them
-        if calibration is not None:
-            config = dataclasses.replace(config, calibration=_calibrate(calibration, model, adapter_set))
-        with progress_bar(f"{method}: modules", console) as on_step:
-            merge_to_bundle(adapter_set, config, out, on_step, overwrite, inputs)
+        if calibration is None:
+            if choose != "kl":
+                raise UserError("--choose applies with --calibration (it picks between the data-aware and the data-free plan)")
+            with progress_bar(f"{method}: modules", console) as on_step:
+                merge_to_bundle(adapter_set, config, out, on_step, overwrite, inputs)
+        else:
+            from hydraopt_mobile.objective_choice import ObjectiveChoice
+
+            _merge_calibrated(adapter_set, config, calibration, model, ObjectiveChoice(choose), out, overwrite, inputs)  # type: ignore[arg-type]
     _print_inspect(out)
 
 
-def _calibrate(folder: Path, model_dir: Optional[Path], adapter_set):
-    """The tasks' input moments: ``folder``'s texts through the base model (calibration.py)."""
+def _merge_calibrated(adapter_set, config: MergeConfig, folder: Path, model_dir: Optional[Path], choice: "ObjectiveChoice", out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """The tasks' input moments from ``folder``'s texts (calibration.py), the merge, and the plan
+    kept as ``choice`` says (objective_choice.py)."""
+    from hydraopt_mobile.bundle import write_bundle
     from hydraopt_mobile.calibration import collect, read_texts
+    from hydraopt_mobile.merge.registry import DEFAULT_BUDGET, get_method
+    from hydraopt_mobile.objective_choice import merge_choosing
     from hydraopt_mobile.suite.model import load_base_model
 
+    if not get_method(config.method).data_aware:  # before the pass through the model, which takes minutes
+        raise UserError(f"--calibration applies to {', '.join(m.name for m in METHODS.values() if m.data_aware)}; {config.method!r} does not use data")
     texts = read_texts(folder, adapter_set.task_names)
     with console.status(f"calibration: {sum(map(len, texts.values()))} texts through the base model"):
         lm, tokenizer = load_base_model(model_dir)
-        return collect(lm, tokenizer, adapter_set, texts)
+        config = dataclasses.replace(config, calibration=collect(lm, tokenizer, adapter_set, texts))
+    what = "modules under both objectives, then tasks' KL to their adapters" if choice.by == "kl" else "modules"
+    with progress_bar(f"{config.method}: {what}", console) as on_step:  # one bar: rich shows one live display at a time
+        [bank] = merge_choosing(adapter_set, config, [config.budget or DEFAULT_BUDGET], lm, tokenizer, texts, choice, on_step, on_step)
+    if isinstance(bank, Exception):
+        raise bank
+    kept = bank.params.get("choice")
+    if kept:
+        kl = kept["mean_kl"]
+        console.print(f"kept the {kept['kept']} plan: mean KL to the adapters on the calibration texts {kl['data-aware']:.4g} (data-aware) vs {kl['data-free']:.4g} (data-free)")
+    write_bundle(bank, out, overwrite, inputs)
 
 
 def _print_inspect(path: Path) -> None:

@@ -51,9 +51,10 @@ class Point:
     fmt: str | None = None
     at: str | None = None
     calibration: bool = False  # the data-aware objective (suite calibration texts)
+    choice: str | None = None  # with calibration: "data-aware" (that objective's plan) or "kl" (objective_choice.py)
 
     def key(self, init: str) -> tuple:
-        return (self.method, self.budget, self.fmt or "auto", self.at, init, self.calibration)
+        return (self.method, self.budget, self.fmt or "auto", self.at, init, self.calibration, self.choice)
 
 
 def default_points(n_tasks: int) -> list[Point]:
@@ -62,7 +63,8 @@ def default_points(n_tasks: int) -> list[Point]:
     one_adapter, half = round(1.0 / n_tasks, 4), round(0.5 / n_tasks, 4)
     points = [Point("none", fmt=f) for f in FORMATS]
     points += [Point(m, one_adapter) for m in BUDGETED]
-    points += [Point(m, b, calibration=True) for b in (one_adapter, half) for m in PLANNED]
+    points += [Point(m, b, calibration=True, choice="data-aware") for b in (one_adapter, half) for m in PLANNED]
+    points += [Point(m, b, calibration=True, choice="kl") for b in (one_adapter, half) for m in PLANNED]
     points += [Point("compeft", half)]
     points += [Point(b, fmt="fp16") for b in BASELINES]
     points += [Point(m, at=f) for f in ("int4", "int8", "fp16") for m in PLANNED]
@@ -80,22 +82,30 @@ def budget_of(adapters: AdapterSet, point: Point) -> Budget:
     return Budget(nbytes=baseline_bytes(adapters, point.at)) if point.at else Budget(fraction=point.budget)
 
 
-def banks_for(adapters: AdapterSet, points: list[Point], calibrate: Callable[[], Calibration] | None = None) -> Callable[[Point], MergedBank | InfeasibleBudget]:
-    """A lookup that merges lazily: the budgeted points of one (method, format, calibration) share
-    one pass over the planner's candidates; fixed-storage methods merge per point. ``calibrate()``
-    gives the calibration of the points that ask for it."""
+ChooseBanks = Callable[[MergeConfig, list[Budget], Callable[[int, int], None]], list[MergedBank | InfeasibleBudget]]
+"""``choose(config, budgets, on_step)``: the banks of a calibrated config chosen by KL (objective_choice.merge_choosing with the model and texts bound)."""
+
+
+def banks_for(adapters: AdapterSet, points: list[Point], calibrate: Callable[[], Calibration] | None = None, choose: ChooseBanks | None = None) -> Callable[[Point], MergedBank | InfeasibleBudget]:
+    """A lookup that merges lazily: the budgeted points of one (method, format, calibration, choice)
+    share one pass over the planner's candidates; fixed-storage methods merge per point.
+    ``calibrate()`` gives the calibration of the points that ask for it, ``choose`` the banks of
+    the points that choose their objective by KL."""
     cache: dict[Point, MergedBank | InfeasibleBudget] = {}
 
     def get(point: Point) -> MergedBank | InfeasibleBudget:
         if point not in cache:
             fmt = NumberFormat.parse(point.fmt) if point.fmt else None
             if point.method in BUDGETED:
-                same = [p for p in points if (p.method, p.fmt, p.calibration) == (point.method, point.fmt, point.calibration)]
+                same = [p for p in points if (p.method, p.fmt, p.calibration, p.choice) == (point.method, point.fmt, point.calibration, point.choice)]
                 if point.calibration and calibrate is None:
                     raise ValueError(f"{point}: needs calibration, none given")
+                if point.choice == "kl" and choose is None:
+                    raise ValueError(f"{point}: needs the model and texts to choose by KL, none given")
                 config = MergeConfig(point.method, fmt=fmt, calibration=calibrate() if point.calibration and calibrate else None)
+                budgets = [budget_of(adapters, p) for p in same]
                 with progress_bar(f"{point.method}: modules") as on_step:
-                    banks = merge_budgets(adapters, config, [budget_of(adapters, p) for p in same], on_step, strict=False)
+                    banks = choose(config, budgets, on_step) if point.choice == "kl" and choose else merge_budgets(adapters, config, budgets, on_step, strict=False)
                 cache.update(zip(same, banks))
             else:
                 cache[point] = merge(adapters, MergeConfig(point.method, fmt=fmt or NumberFormat("fp16")))
@@ -114,6 +124,8 @@ def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[f
         "format": point.fmt or "auto",
         "init": init,
         "calibration": point.calibration,
+        "choice": point.choice,
+        **({"kept_objective": bank.params["choice"]["kept"], "mean_kl": bank.params["choice"]["mean_kl"]} if "choice" in bank.params else {}),
         "plan": plan_label(bank),
         "file_bytes": bank.total_file_bytes(),
         "reference_file_bytes": bank.reference_file_bytes,
@@ -131,35 +143,42 @@ def record(point: Point, init: str, bank: MergedBank, examples: dict[str, list[f
 
 
 def infeasible_record(point: Point, init: str, error: InfeasibleBudget) -> dict:
-    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "calibration": point.calibration, "infeasible": str(error)}
+    return {"method": point.method, "budget": point.budget, "at": point.at, "format": point.fmt or "auto", "init": init, "calibration": point.calibration, "choice": point.choice, "infeasible": str(error)}
 
 
 def record_key(r: dict) -> tuple:
-    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"], r["calibration"])
+    return (r["method"], r["budget"], r["format"], r.get("at"), r["init"], r["calibration"], r.get("choice"))
+
+
+def mode(r: dict) -> str:
+    """How a record's bank was planned: data-free, calibrated (the data-aware plan), or calibrated with the plan chosen by KL."""
+    return "calibrated, KL choice" if r.get("choice") == "kl" else "calibrated" if r.get("calibration") else "data-free"
 
 
 def load_records(path: Path) -> list[dict]:
     """``path``'s records, each with ``calibration`` (records written before the field existed were
-    all measured data-free: it came with the data-aware objective)."""
+    all measured data-free: it came with the data-aware objective) and ``choice`` (calibrated
+    records written before it existed kept the data-aware plan)."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
     records = data["records"] if data.get("meta", {}).get("schema") == SCHEMA else []
-    return [r if "calibration" in r else r | {"calibration": False} for r in records]
+    records = [r if "calibration" in r else r | {"calibration": False} for r in records]
+    return [r if "choice" in r else r | {"choice": "data-aware" if r["calibration"] else None} for r in records]
 
 
 def save_records(path: Path, records: list[dict], meta: dict) -> None:
     write_record(path, {"meta": meta | {"schema": SCHEMA}, "records": records})
 
 
-def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None, calibrate: Callable[[], Calibration] | None = None) -> list[dict]:
+def run_frontier(adapters: AdapterSet, init: str, points: list[Point], evaluate_bank: Callable[[MergedBank], dict[str, list[float]]], out: Path, meta: dict, on_record: Callable[[dict], None] | None = None, calibrate: Callable[[], Calibration] | None = None, choose: ChooseBanks | None = None) -> list[dict]:
     """Measure every point not yet in ``out`` (resumable); ``evaluate_bank(bank) -> task -> per-example scores``."""
     records = load_records(out)
     done = {record_key(r) for r in records}
     todo = [p for p in points if p.key(init) not in done]
     ref = next((r for r in records if (r["method"], r["format"], r["init"]) == ("none", "fp16", init)), None)
     reference = ref["examples"] if ref else None
-    bank_of = banks_for(adapters, todo, calibrate)
+    bank_of = banks_for(adapters, todo, calibrate, choose)
     for point in todo:
         bank = bank_of(point)
         if isinstance(bank, InfeasibleBudget):
@@ -185,15 +204,16 @@ def sharing_verdicts(records: list[dict]) -> list[dict]:
     for h in (r for r in records if r["method"] == "hydraopt" and r["format"] == "auto" and "examples" in r):
         calibrated = h.get("calibration", False)
         for rival in PER_TASK_RIVALS:
-            want = (rival, "auto", h["budget"], h.get("at"), h["init"], calibrated and rival == "per-task")
-            p = next((r for r in records if (r["method"], r["format"], r["budget"], r.get("at"), r["init"], r.get("calibration", False)) == want), None)
+            want = (rival, h["budget"], "auto", h.get("at"), h["init"], *((calibrated, h.get("choice")) if rival == "per-task" else (False, None)))
+            p = next((r for r in records if record_key(r) == want), None)
             if p is None:
                 continue
             row = {
                 "init": h["init"],
                 "budget": h["budget"] if h["budget"] is not None else f"at {h['at']} baseline bytes",
                 "calibration": calibrated,
-                "rival": rival + (" (calibrated)" if want[-1] else ""),
+                "mode": mode(h),
+                "rival": rival + (f" ({mode(h)})" if rival == "per-task" and calibrated else ""),
                 "hydraopt_fraction": h["storage_fraction"],
                 "hydraopt_score": h["avg_score"],
                 "hydraopt_shares": h["layout_summary"]["sharing"],
@@ -214,7 +234,7 @@ def sharing_verdicts(records: list[dict]) -> list[dict]:
                 "ci95": [-high, -low],
                 "verdict": verdict,
             })
-    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"], v["calibration"], v["rival"]))
+    return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"], v["mode"], v["rival"]))
 
 
 def calibration_gains(records: list[dict]) -> list[dict]:
@@ -225,8 +245,9 @@ def calibration_gains(records: list[dict]) -> list[dict]:
         if free is not None:
             diff = paired_drop(free["examples"], c["examples"])  # positive: calibrated below data-free
             low, high = diff["drop_points_ci95"]
-            out.append({"init": c["init"], "method": c["method"], "budget": c["budget"], "data_free": free["avg_score"], "calibrated": c["avg_score"], "gain": -diff["drop_points"], "ci95": [-high, -low]})
-    return sorted(out, key=lambda g: (g["init"], g["method"], g["budget"]))
+            out.append({"init": c["init"], "method": c["method"], "budget": c["budget"], "mode": mode(c), "kept": c.get("kept_objective"),
+                        "data_free": free["avg_score"], "calibrated": c["avg_score"], "gain": 0.0 - diff["drop_points"], "ci95": [0.0 - high, 0.0 - low]})
+    return sorted(out, key=lambda g: (g["init"], g["method"], g["budget"], g["mode"]))
 
 
 def _ci(pair: list[float]) -> str:
@@ -238,7 +259,7 @@ def _budget_cell(r: dict) -> str:
 
 
 def _point_row(r: dict) -> list[str]:
-    head = [r["init"], r["method"] + (" (calibrated)" if r.get("calibration") else ""), _budget_cell(r), r["format"]]
+    head = [r["init"], r["method"] + ("" if not r.get("calibration") else f" ({mode(r)}: kept {r['kept_objective']})" if r.get("kept_objective") else f" ({mode(r)})"), _budget_cell(r), r["format"]]
     if "infeasible" in r:
         return head + ["infeasible"] + [""] * 5
     return head + [r["plan"], f"{r['storage_fraction']:.4f}", f"{r['avg_score']:.2f}", f"{r['drop_points']:+.2f}", f"{r['rel_drop_pct']:+.2f}", _ci(r["rel_drop_pct_ci95"])]
@@ -247,7 +268,7 @@ def _point_row(r: dict) -> list[str]:
 def _verdict_row(v: dict) -> list[str]:
     budget = v["budget"] if isinstance(v["budget"], str) else f"{v['budget']:g}"
     shared = ", ".join(f"{k} x{n}" for k, n in v["hydraopt_shares"].items())
-    head = [v["init"], budget, "calibrated" if v["calibration"] else "data-free", v["rival"]]
+    head = [v["init"], budget, v["mode"], v["rival"]]
     if v["rival_score"] is None:
         return head + [f"{v['hydraopt_fraction']:.4f} / -", f"{v['hydraopt_score']:.2f}", "-", "", "", v["verdict"], shared]
     return head + [f"{v['hydraopt_fraction']:.4f} / {v['rival_fraction']:.4f}", f"{v['hydraopt_score']:.2f}", f"{v['rival_score']:.2f}",
@@ -257,7 +278,7 @@ def _verdict_row(v: dict) -> list[str]:
 def frontier_markdown(records: list[dict]) -> str:
     """frontier.md: every point, then HydraOpt against each per-task rival at equal bytes."""
     order = {"none": 0, "hydraopt": 1, "per-task": 2, "compeft": 3}
-    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 4), r["method"], r.get("calibration", False), r.get("storage_fraction", 0)))
+    points = sorted(records, key=lambda r: (r["init"], order.get(r["method"], 4), r["method"], mode(r), r.get("storage_fraction", 0)))
     lines = [
         "Storage is file bytes of every tensor file over the same adapters stored as they are in fp16 (one safetensors file per task).",
         "Drops are against one-adapter-per-task fp16 on the same test examples, with 95 % paired bootstrap intervals.",
@@ -274,8 +295,10 @@ def frontier_markdown(records: list[dict]) -> str:
         ]
     gains = calibration_gains(records)
     if gains:
-        rows = ([g["init"], g["method"], f"{g['budget']:g}", f"{g['data_free']:.2f}", f"{g['calibrated']:.2f}", f"{g['gain']:+.2f}", _ci(g["ci95"])] for g in gains)
-        lines += ["", "## What calibration changed (same method and budget, paired)", "", *markdown_table(["init", "method", "budget", "data-free", "calibrated", "gain (pts)", "95 % CI"], rows)]
+        rows = ([g["init"], g["method"], f"{g['budget']:g}", g["mode"] + (f" (kept {g['kept']})" if g["kept"] else ""), f"{g['data_free']:.2f}", f"{g['calibrated']:.2f}", f"{g['gain']:+.2f}", _ci(g["ci95"])] for g in gains)
+        lines += ["", "## What calibration changed (same method and budget, paired)", "",
+                  "*calibrated*: the data-aware objective's plan; *calibrated, KL choice*: of that plan and the data-free one, the bank closer to the adapters on the calibration texts (`hydraopt merge --calibration`'s default).", "",
+                  *markdown_table(["init", "method", "budget", "calibration", "data-free", "calibrated", "gain (pts)", "95 % CI"], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -296,14 +319,16 @@ def plot_frontier(records: list[dict], png: Path, base_scores: dict[str, float] 
             if base_scores:
                 ax.axhline(statistics.mean(base_scores.values()), color="grey", ls=":", lw=1, label="base model")
             curves = (
-                ("hydraopt", False, "C3", "-D", "hydraopt (shared factors)"),
-                ("hydraopt", True, "C1", "-D", "hydraopt, calibrated"),
-                ("per-task", False, "C0", "--o", "per-task compression (nothing shared)"),
-                ("per-task", True, "C9", "--o", "per-task compression, calibrated"),
-                ("compeft", False, "C4", ":v", "ComPEFT (sparse signs, nothing shared)"),
+                ("hydraopt", "data-free", "C3", "-D", "hydraopt (shared factors)"),
+                ("hydraopt", "calibrated", "C1", "-D", "hydraopt, calibrated"),
+                ("hydraopt", "calibrated, KL choice", "C6", "-D", "hydraopt, calibrated, KL choice"),
+                ("per-task", "data-free", "C0", "--o", "per-task compression (nothing shared)"),
+                ("per-task", "calibrated", "C9", "--o", "per-task compression, calibrated"),
+                ("per-task", "calibrated, KL choice", "C5", "--o", "per-task compression, calibrated, KL choice"),
+                ("compeft", "data-free", "C4", ":v", "ComPEFT (sparse signs, nothing shared)"),
             )
-            for method, calibrated, colour, style, label in curves:
-                curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto" and r.get("calibration", False) == calibrated), key=lambda r: r["storage_fraction"])
+            for method, how, colour, style, label in curves:
+                curve = sorted((r for r in rows if r["method"] == method and r["format"] == "auto" and mode(r) == how), key=lambda r: r["storage_fraction"])
                 if curve:
                     ax.plot([r["storage_fraction"] for r in curve], [r["avg_score"] for r in curve], style, color=colour, lw=2, label=label)
             for r in (r for r in rows if r["method"] == "none"):

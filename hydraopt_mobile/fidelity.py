@@ -1,0 +1,66 @@
+"""How closely banks reproduce their adapters end to end: per task, the mean over the tokens of the
+task's calibration texts of ``KL(p_adapter || p_bank)``, the next-token distributions of the base
+model with the task's own adapter and with the bank's effective adapter for that task.
+
+Why a second measure beside the data-aware objective (calibration.py): that objective is
+layer-wise, each module's output error on the base model's inputs, and on the suite it ranks banks
+otherwise than their scores do (benchmarks/results/calibration_heldout.md: calibrated banks have half
+the objective of data-free ones and score lower in 6 of 8 pairs). The KL sees what the model does
+with the errors of all modules together. It needs no labels: every position of a text predicts
+its next token, the last excepted. A bank's value is the mean over tasks, so every task counts the
+same, as in the objective's weights ``w_t``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.suite.evaluate import applied
+
+
+@torch.no_grad()
+def _log_probs(model, tokenizer, texts: list[str], batch_size: int, max_tokens: int) -> list[torch.Tensor]:
+    """Per text, the next-token log-probabilities at its positions but the last: (n - 1, vocab)."""
+    out = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens, add_special_tokens=False)
+            logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            for row, n in zip(logits, enc.attention_mask.sum(1).tolist()):
+                out.append(torch.log_softmax(row[: n - 1].float(), dim=-1))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _kl(reference: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Mean over all positions of ``KL(reference || got)``."""
+    total = sum(float((r.exp() * (r - g)).sum()) for r, g in zip(reference, got))
+    return total / max(sum(r.shape[0] for r in reference), 1)
+
+
+def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+    """Per bank, ``task -> KL(adapter || bank)`` on ``texts[task]``, for every task of ``adapters``
+    (each bank stores those tasks). Task by task, so that only one task's reference distributions
+    are held; ``on_step(done, total)`` after each task."""
+    out: list[dict[str, float]] = [{} for _ in banks]
+    for t, task in enumerate(adapters.task_names):
+        own: dict[str, LoraFactors] = {name: adapters.factors(name)[t] for name in adapters.module_names}
+        with applied(model, own):
+            reference = _log_probs(model, tokenizer, texts[task], batch_size, max_tokens)
+        for b, bank in enumerate(banks):
+            with applied(model, bank.task_factors(task)):
+                out[b][task] = _kl(reference, _log_probs(model, tokenizer, texts[task], batch_size, max_tokens))
+        if on_step is not None:
+            on_step(t + 1, len(adapters.task_names))
+    return out
+
+
+def mean_kl(per_task: dict[str, float]) -> float:
+    return sum(per_task.values()) / len(per_task)
