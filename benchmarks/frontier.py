@@ -18,7 +18,8 @@ The results file records, per init, the SHA-256 of the adapters its records were
 run on other adapters of that init (retrained: training is not bit-reproducible across machines)
 refuses to add to them. ``--forget-init INIT`` drops that init's records first, so that they are
 measured again on the adapters at hand (with ``--merge``: replaced by the merged files' records);
-``--forget-method METHOD`` drops one method's records (of the ``--init`` inits) after a change to it.
+``--forget-method METHOD`` drops one method's records (of the ``--init`` inits) after a change to it,
+``--forget-calibrated`` their calibrated records after a change to the data-aware objective.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="also take the records of these results files (runs of other inits in parallel) into --out")
     ap.add_argument("--forget-init", action="append", default=[], choices=INITS, help="drop this init's records from --out first (its adapters were retrained: a resumed run refuses records of other adapters)")
     ap.add_argument("--forget-method", action="append", default=[], help="drop this method's records (of each --init, default both) from --out first, so that they are measured again (the planner changed)")
+    ap.add_argument("--forget-calibrated", action="store_true", help="drop the calibrated records (of each --init, default both) from --out first, so that they are measured again (the data-aware objective changed)")
     ap.add_argument("--report", action="store_true", help="only rewrite frontier.md and frontier.png from --out")
     ap.add_argument("--similarity-only", action="store_true", help="only rewrite the similarity heatmaps of each --init (a frontier run writes them only when missing)")
     args = ap.parse_args()
@@ -81,7 +83,8 @@ def main() -> None:
         "drops": "against one-adapter-per-task fp16 (same init, same test examples); 95 % paired percentile bootstrap, 10,000 resamples within each task",
     }
     recorded = load_digests(args.out)  # init -> task -> SHA-256 of the adapters --out's records were measured on
-    kept = [r for r in load_records(args.out) if r["init"] not in args.forget_init and not (r["method"] in args.forget_method and r["init"] in (args.init or INITS))]
+    inits = args.init or INITS
+    kept = [r for r in load_records(args.out) if r["init"] not in args.forget_init and not ((r["method"] in args.forget_method or (args.forget_calibrated and r["calibration"])) and r["init"] in inits)]
     recorded = {init: d for init, d in recorded.items() if init not in args.forget_init}
     if args.merge:  # before measuring, so that merged points count as done
         keyed = {record_key(r): r for r in kept}
@@ -91,7 +94,7 @@ def main() -> None:
                     raise SystemExit(f"{path}: its {init} records were measured on other adapters than {args.out}'s; pass --forget-init {init}")
             keyed.update({record_key(r): r for r in load_records(path)})
         kept = list(keyed.values())
-    if args.merge or args.forget_init or args.forget_method:
+    if args.merge or args.forget_init or args.forget_method or args.forget_calibrated:
         save_records(args.out, kept, meta | {"adapters_sha256": recorded})
     elif args.report and args.out.exists():  # its records as load_records completes them (the run's own meta kept)
         save_records(args.out, kept, json.loads(args.out.read_text())["meta"])

@@ -12,6 +12,17 @@ unstructured. Moments are means over tokens (``S_t / n_t``), so a task's number 
 their length does not weigh it; ``w_t`` (1 / the task's ``||dW_t X_t^T||^2`` summed over modules)
 then makes every task count the same.
 
+Each task's moment at a module is then scaled to mean eigenvalue 1 (trace ``d_in``, as ``X_t = I``
+has): the inputs say which *directions* matter within a module, not how much a module matters
+against the others. Why: the adapted Linears read RMSNorm outputs whose scale grows with depth
+(SmolLM2's q/v inputs: median squared norm per token 1.4 at layer 0, 21 at layer 1, 86 at layer 29;
+benchmarks/results/input_scale.md), so raw moments weighed modules up to 52x apart and the planner
+starved the shallow ones; the
+banks it gave were 1.8-4.5x further from their adapters end to end (mean KL of next-token
+distributions, fidelity.py) than the data-free ones on the suite, and with the scaling 0.83-1.23x
+(benchmarks/RESULTS.md, "Storage vs score"). The scale factor depends only on the full trace, so
+:func:`restrict` keeps it.
+
 Inputs are collected with forward pre-hooks on the *base* model's target Linears (one pass over a
 few prompts per task; padding positions are left out). Texts come from ``DIR/<task>.jsonl``, one
 ``{"text": ...}`` object per line.
@@ -135,8 +146,9 @@ def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict
         d_in, q = Q.shape
         inside = torch.diagonal(S[name], dim1=1, dim2=2).sum(1)
         outside = ((trace[name] - inside) / max(d_in - q, 1)).clamp_min(0) if d_in > q else torch.zeros(T, dtype=torch.float64)
-        n = tokens.view(-1, 1, 1)
-        modules[name] = ModuleMoments(S=(S[name] / n).to(DTYPE), outside=(outside / tokens).to(DTYPE))
+        total = inside + outside * (d_in - q)  # the trace of X_t^T X_t
+        scale = torch.where(total > 0, d_in / total.clamp_min(1e-300), torch.ones_like(total))  # mean eigenvalue 1 (module docstring)
+        modules[name] = ModuleMoments(S=(S[name] * scale.view(-1, 1, 1)).to(DTYPE), outside=(outside * scale).to(DTYPE))
     return Calibration(tasks=list(adapters.task_names), tokens={task: int(tokens[t]) for t, task in enumerate(adapters.task_names)}, modules=modules)
 
 

@@ -179,7 +179,11 @@ def test_collect_on_a_real_model_ignores_padding(tmp_path):
     handle.remove()
     X = torch.cat(seen)
     Q = factor_space(aset.factors(name)).basis().double()
-    assert torch.allclose(batched.modules[name].S[1].double(), Q.T @ (X.T @ X / len(X)) @ Q, rtol=1e-4, atol=1e-6)
+    M = X.T @ X
+    scaled = M * (M.shape[0] / torch.trace(M))  # mean eigenvalue 1 (calibration.py)
+    assert torch.allclose(batched.modules[name].S[1].double(), Q.T @ scaled @ Q, rtol=1e-4, atol=1e-6)
+    inside = torch.trace(Q.T @ scaled @ Q)
+    assert float(batched.modules[name].outside[1]) == pytest.approx(float((M.shape[0] - inside) / (M.shape[0] - Q.shape[1])), rel=1e-4)
     (tmp_path / "t1.jsonl").write_text("not json\n")
     with pytest.raises(UserError, match="t1.jsonl:1: not JSON"):
         read_texts(tmp_path, ["t0", "t1"])

@@ -230,8 +230,8 @@ def sharing_verdicts(records: list[dict]) -> list[dict]:
             out.append(row | {
                 "rival_fraction": p["storage_fraction"],
                 "rival_score": p["avg_score"],
-                "hydraopt_minus_rival": -diff["drop_points"],
-                "ci95": [-high, -low],
+                "hydraopt_minus_rival": 0.0 - diff["drop_points"],
+                "ci95": [0.0 - high, 0.0 - low],
                 "verdict": verdict,
             })
     return sorted(out, key=lambda v: (v["init"], v["hydraopt_fraction"], v["mode"], v["rival"]))
