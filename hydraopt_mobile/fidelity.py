@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
+from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.bank import MergedBank
-from hydraopt_mobile.suite.evaluate import applied
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ def test_committed_adapters_are_complete_fp16_peft_folders():
 def test_train_and_evaluate_two_tasks(tmp_path: Path):
     from peft import PeftModel
 
-    from hydraopt_mobile.suite.evaluate import adapters_from_folders, applied, evaluate
+    from hydraopt_mobile.adapter_weights import applied
+    from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
     from hydraopt_mobile.suite.model import base_model_dir, load_base_model
     from hydraopt_mobile.suite.prompts import render_prompt
     from hydraopt_mobile.suite.train import TrainConfig, train_adapter

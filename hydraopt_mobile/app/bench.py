@@ -112,7 +112,8 @@ class _Reference:
 
     def check(self, bank: MergedBank, factors: dict, spec, n_examples: int, prompts: list, generations: list) -> dict:
         """Parity of the runtime's ``generations`` with the model under ``factors``, and the reference score."""
-        from hydraopt_mobile.suite.evaluate import applied, generate
+        from hydraopt_mobile.adapter_weights import applied
+        from hydraopt_mobile.suite.evaluate import generate
         from hydraopt_mobile.suite.metrics import score
 
         errs, agree = [], []

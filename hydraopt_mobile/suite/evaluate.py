@@ -1,21 +1,19 @@
 """Scoring the base model, or any set of per-task effective adapters, on the suite.
 
-An adapter is applied exactly by adding ``B @ A`` into the base weights of its modules, evaluating,
-and restoring the saved originals: the same function as PEFT's unmerged forward, with no LoRA layers
-in the graph, so any effective adapter (an original one or a merged bundle's) is evaluated alike.
+Each effective adapter (an original one or a merged bundle's) is applied exactly, ``B @ A`` added
+into the base weights while it is scored (hydraopt_mobile/adapter_weights.py).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from hydraopt_mobile.adapters import LoraFactors, load_adapter
-from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.suite.metrics import score
 from hydraopt_mobile.suite.answer_cache import AnswerCache
 from hydraopt_mobile.suite.model import load_base_model
@@ -29,31 +27,6 @@ def adapters_from_folders(paths: dict[str, Path] | list[Path]) -> dict[str, dict
     """Read PEFT folders into ``task -> module -> LoraFactors`` (a list is keyed by folder name)."""
     items = paths.items() if isinstance(paths, dict) else ((Path(p).name, p) for p in paths)
     return {name: load_adapter(Path(path), name).modules for name, path in items}
-
-
-@contextmanager
-def applied(model, factors: dict[str, LoraFactors] | None):
-    """Temporarily add each module's ``B @ A`` to the model's weights (``None``: the base model)."""
-    if not factors:
-        yield model
-        return
-    modules = dict(model.named_modules())
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for name, f in factors.items():
-                if name not in modules:
-                    raise UserError(f"adapter module {name!r} is not in the model (an adapter of another model?)")
-                weight = modules[name].weight
-                if tuple(weight.shape) != f.shape:
-                    raise UserError(f"adapter module {name!r}: update {f.shape} vs weight {tuple(weight.shape)}")
-                saved[name] = weight.detach().clone()
-                weight.add_((f.B.to(torch.float32) @ f.A.to(torch.float32)).to(weight.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                modules[name].weight.copy_(original)
 
 
 @torch.no_grad()
