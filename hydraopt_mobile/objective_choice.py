@@ -4,9 +4,10 @@ chosen per budget by what the model does with each bank (fidelity.py), not by ei
 ``hydraopt merge --calibration DIR`` builds the method's banks under both objectives and keeps, at
 each budget, the bank whose next-token distributions on the calibration texts are closer to each
 task's own adapter (mean over tasks of the KL). Why: the data-aware objective weighs each module's
-error by the base model's inputs one layer at a time; on the suite its banks were *further* from
-the adapters end to end than the data-free ones in most cases, and scored lower (README, "data-aware
-merge"). The choice is made on the calibration texts only, never on a task's test examples.
+error by the base model's inputs one layer at a time, a proxy; on the suite its plans were 1.8-4.5x
+further from the adapters end to end than the data-free ones before its per-module scaling, and
+0.83-1.23x after (benchmarks/RESULTS.md, "Storage vs score"), so neither plan is always the better.
+The choice is made on the calibration texts only, never on a task's test examples.
 """
 
 from __future__ import annotations
