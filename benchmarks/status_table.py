@@ -46,6 +46,12 @@ def frontier_records() -> list[dict]:
     return load_records(RESULTS / "frontier.json")
 
 
+def bank_identity(r: dict) -> tuple:
+    """What tells two frontier records' banks apart: their init, file bytes and every task's
+    relative error (two point names can hold one bank)."""
+    return r["init"], r["file_bytes"], json.dumps(r["rel_errors"], sort_keys=True)
+
+
 def _frontier(calibration: bool | None = None, **match) -> list[dict]:
     return [r for r in frontier_records() if all(r.get(k) == v for k, v in match.items())
             and (calibration is None or r.get("calibration") == calibration) and r.get("avg_score") is not None]
@@ -89,8 +95,8 @@ def merge_quality() -> list[Row]:
             if rival == "compeft" and not other:  # ComPEFT is data-free: a calibrated bank meets it at the same budget
                 other = [r for r in frontier if r["method"] == rival and r.get("budget") == h.get("budget") and r.get("init") == h["init"]]
             for o in (o for o in other if o.get("avg_score") is not None):
-                pair = (rival, h["init"], h["calibration"], h.get("choice"), round(h["storage_fraction"], 9), round(o["storage_fraction"], 9))
-                if pair in seen:  # the same two banks under two point names (a budget that equals a baseline's bytes)
+                pair = (rival, bank_identity(h), bank_identity(o))
+                if pair in seen:  # the same two banks under two point names (a budget that equals a baseline's bytes; a KL choice that kept the data-aware or the data-free bank)
                     continue
                 seen.add(pair)
                 diff = h["avg_score"] - o["avg_score"]
