@@ -1,5 +1,6 @@
-"""Does the data-aware objective generalise beyond its calibration texts, and does it rank banks as
-their scores do?
+"""Does the data-aware objective generalise beyond its calibration texts, does it rank banks as
+their scores do, and does the KL choice (``hydraopt merge --calibration``, objective_choice.py) pick
+the same plan on texts it has not seen?
 
 For each init, HydraOpt and per-task compression at 1/(2T) and 1/T, each with the frontier's
 calibration (the first 16 train examples per task) and data-free: the banks frontier.py scores.
@@ -8,7 +9,10 @@ sum) is measured four ways: on the moments it was fitted to (``fit``), on held-o
 16-63 (``heldout``), on the validation split's 30 (``val``), and data-free (``data_free``). The
 test score is the frontier's record of the same bank: its file bytes and every task's data-free
 relative error must match (to 1e-6), else the score is left out (another CPU's rounding can give
-another bank of the same bytes).
+another bank of the same bytes). Each bank's mean KL to the adapters (fidelity.py) is measured on the
+calibration texts (``kl_fit``: what the KL choice compares) and on as many held-out train examples
+per task (``kl_heldout``, examples 16-31); the second table says, per init, budget and method, which
+plan each KL keeps (the data-aware or the data-free one) and whether they agree.
 
     python benchmarks/calibration_heldout.py [--init shared-seed] [--init independent-seeds] [--adapters ROOT ...]
     python benchmarks/calibration_heldout.py --report     # the .md from the .json
@@ -38,6 +42,7 @@ from frontier import CALIBRATION_PER_TASK, INITS
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.calibration import collect, relative_errors
+from hydraopt_mobile.fidelity import kl_to_adapters, mean_kl
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.sharing import layout_summary
@@ -46,6 +51,7 @@ from hydraopt_mobile.suite.calibration_texts import calibration_texts, training_
 from hydraopt_mobile.suite.tasks import load_suite
 
 HELDOUT = slice(CALIBRATION_PER_TASK, 64)  # train examples the calibration does not use
+KL_HELDOUT = slice(CALIBRATION_PER_TASK, 2 * CALIBRATION_PER_TASK)  # as many as the KL choice sees
 
 
 def mean_sq(errors: dict[str, float]) -> float:
@@ -70,7 +76,25 @@ def markdown(data: dict) -> str:
              f"{r['objective_fit']:.5f}", f"{r['objective_heldout']:.5f}", f"{r['objective_val']:.5f}", f"{r['objective_data_free']:.5f}",
              "another bank" if r["test_score"] is None else f"{r['test_score']:.2f}"] for r in data["records"]]
     lines += markdown_table(["init", "budget", "method", "calibrated", "modules sharing", "fit", "held-out", "val", "data-free", "test score"], rows, align="llllrrrrrr")
+    lines += ["", "## The KL choice on held-out texts", "",
+              f"Mean KL to the adapters on the calibration texts (train 0-{CALIBRATION_PER_TASK - 1} per task, what `hydraopt merge --calibration` compares) and on held-out train examples "
+              f"{KL_HELDOUT.start}-{KL_HELDOUT.stop - 1}; the plan each keeps (the lower KL; a tie keeps data-free).", ""]
+    lines += markdown_table(["init", "budget", "method", "KL data-aware (fit / held-out)", "KL data-free (fit / held-out)", "kept on fit", "kept on held-out", "same"],
+                            [[c["init"], f"{c['budget']:.4f}", c["method"], f"{c['kl_fit']['data-aware']:.4f} / {c['kl_heldout']['data-aware']:.4f}",
+                              f"{c['kl_fit']['data-free']:.4f} / {c['kl_heldout']['data-free']:.4f}", c["kept_fit"], c["kept_heldout"], "yes" if c["kept_fit"] == c["kept_heldout"] else "**no**"]
+                             for c in kl_choices(data["records"])], align="lllrrlll")
     return "\n".join(lines) + "\n"
+
+
+def kl_choices(records: list[dict]) -> list[dict]:
+    """Per (init, budget, method): the calibrated and the data-free bank's KL on both text sets, and the plan each set keeps."""
+    out = []
+    for aware in (r for r in records if r["calibrated"]):
+        free = next(r for r in records if (r["init"], r["budget"], r["method"], r["calibrated"]) == (aware["init"], aware["budget"], aware["method"], False))
+        kl = {key: {"data-aware": aware[key], "data-free": free[key]} for key in ("kl_fit", "kl_heldout")}
+        kept = {key: "data-aware" if v["data-aware"] < v["data-free"] else "data-free" for key, v in kl.items()}
+        out.append({"init": aware["init"], "budget": aware["budget"], "method": aware["method"], **kl, "kept_fit": kept["kl_fit"], "kept_heldout": kept["kl_heldout"]})
+    return out
 
 
 def main() -> None:
@@ -101,12 +125,16 @@ def main() -> None:
 
         heldout_texts = {t.name: [training_sequence(tokenizer, t, ex) for ex in t.train[HELDOUT]] for t in suite}
         val_texts = {t.name: [training_sequence(tokenizer, t, ex) for ex in t.val] for t in suite}
-        fit, heldout, val = (collect(model, tokenizer, adapters, texts) for texts in (calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK), heldout_texts, val_texts))
+        fit_texts = calibration_texts(suite, tokenizer, CALIBRATION_PER_TASK)
+        kl_texts = {t.name: [training_sequence(tokenizer, t, ex) for ex in t.train[KL_HELDOUT]] for t in suite}
+        fit, heldout, val = (collect(model, tokenizer, adapters, texts) for texts in (fit_texts, heldout_texts, val_texts))
         T = len(adapters.tasks)
+        banks, first = [], len(records)
         for budget in (round(0.5 / T, 4), round(1.0 / T, 4)):
             for method in ("hydraopt", "per-task"):
                 for calibration in (fit, None):
                     bank = merge(adapters, MergeConfig(method, budget=Budget(fraction=budget), calibration=calibration))
+                    banks.append(bank)
                     sharing = layout_summary(bank)["sharing"]
                     records.append({
                         "init": init, "budget": budget, "method": method, "calibrated": calibration is not None,
@@ -117,8 +145,13 @@ def main() -> None:
                         "test_score": frontier_score(frontier, init, method, budget, calibration is not None, bank.total_file_bytes(), bank.rel_errors),
                     })
                     print(json.dumps(records[-1]), flush=True)
+        for key, texts in (("kl_fit", fit_texts), ("kl_heldout", kl_texts)):
+            for record, kl in zip(records[first:], kl_to_adapters(model, tokenizer, adapters, banks, texts)):
+                record[key] = mean_kl(kl)
+                record[key + "_per_task"] = kl
+            print(f"{init}: {key} done", flush=True)
     meta = {"machine": platform.machine(), "torch": torch.__version__, "threads": args.threads, "seconds": time.perf_counter() - t0,
-            "calibration": f"fit: train examples 0-{CALIBRATION_PER_TASK - 1} per task (the frontier's); held-out: train {HELDOUT.start}-{HELDOUT.stop - 1}; val: the validation split",
+            "calibration": f"fit: train examples 0-{CALIBRATION_PER_TASK - 1} per task (the frontier's); held-out: train {HELDOUT.start}-{HELDOUT.stop - 1}; val: the validation split; KL held-out: train {KL_HELDOUT.start}-{KL_HELDOUT.stop - 1}",
             "adapters_sha256": digests}
     data = {"meta": meta, "records": records}
     write_record(args.out, data, markdown(data))
