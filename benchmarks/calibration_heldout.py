@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests, is_record_of, kl_of_distinct  # first: it puts this checkout on sys.path
 
 from frontier import CALIBRATION_PER_TASK, INITS
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.calibration import collect, relative_errors
-from hydraopt_mobile.fidelity import kl_to_adapters, mean_kl
+from hydraopt_mobile.fidelity import mean_kl
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.sharing import layout_summary
@@ -58,11 +58,10 @@ def mean_sq(errors: dict[str, float]) -> float:
     return sum(e * e for e in errors.values()) / len(errors)
 
 
-def frontier_score(frontier: list[dict], init: str, method: str, budget: float, calibrated: bool, file_bytes: int, rel_errors: dict[str, float]) -> float | None:
+def frontier_score(frontier: list[dict], init: str, method: str, budget: float, calibrated: bool, bank) -> float | None:
     """The frontier's test score of this bank, or None when its record is of another bank."""
     rec = next((r for r in frontier if (r["init"], r["method"], r["budget"], r.get("calibration", False), r["format"]) == (init, method, budget, calibrated, "auto") and r.get("at") is None), None)
-    same = rec is not None and rec.get("file_bytes") == file_bytes and all(abs(rec["rel_errors"][t] - e) <= 1e-6 for t, e in rel_errors.items())
-    return rec["avg_score"] if same else None
+    return rec["avg_score"] if is_record_of(rec, bank) else None
 
 
 def markdown(data: dict) -> str:
@@ -142,11 +141,11 @@ def main() -> None:
                         "objective_fit": mean_sq(relative_errors(bank, adapters, fit)), "objective_heldout": mean_sq(relative_errors(bank, adapters, heldout)),
                         "objective_val": mean_sq(relative_errors(bank, adapters, val)), "objective_data_free": mean_sq(bank.rel_errors),
                         "rel_errors": bank.rel_errors,
-                        "test_score": frontier_score(frontier, init, method, budget, calibration is not None, bank.total_file_bytes(), bank.rel_errors),
+                        "test_score": frontier_score(frontier, init, method, budget, calibration is not None, bank),
                     })
                     print(json.dumps(records[-1]), flush=True)
         for key, texts in (("kl_fit", fit_texts), ("kl_heldout", kl_texts)):
-            for record, kl in zip(records[first:], kl_to_adapters(model, tokenizer, adapters, banks, texts)):
+            for record, kl in zip(records[first:], kl_of_distinct(model, tokenizer, adapters, banks, texts)):
                 record[key] = mean_kl(kl)
                 record[key + "_per_task"] = kl
             print(f"{init}: {key} done", flush=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, is_record_of  # first: it puts this checkout on sys.path
 
 from frontier import CALIBRATION_PER_TASK, INITS
 from hydraopt_mobile.adapters import load_adapter_folders
@@ -41,10 +41,6 @@ from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
 SPLIT = "val"
-
-
-def same_bank(record: dict | None, bank) -> bool:
-    return record is not None and record["file_bytes"] == bank.total_file_bytes() and all(abs(record["rel_errors"][t] - e) <= 1e-6 for t, e in bank.rel_errors.items())
 
 
 def difference(per_task: dict[str, list[float]], hydraopt: dict[str, list[float]]) -> dict:
@@ -106,7 +102,7 @@ def main() -> None:
         predictions: dict[str, list[str]] = {}
         evaluate(suite, {t: bank.task_factors(t) for t in bank.tasks}, model, tokenizer, split=SPLIT, cache=answers, predictions=predictions)
         record = next((r for r in frontier if (r["method"], r["budget"], r["format"], r.get("at"), r["calibration"], r["choice"]) == (point.method, point.budget, "auto", None, point.calibration, point.choice)), None)
-        return bank, {t.name: per_example(t, predictions[t.name], SPLIT) for t in suite}, record if same_bank(record, bank) else None
+        return bank, {t.name: per_example(t, predictions[t.name], SPLIT) for t in suite}, record if is_record_of(record, bank) else None
 
     records = []
     for h_point, p_point in zip(points[::2], points[1::2]):
