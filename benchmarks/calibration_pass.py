@@ -1,8 +1,8 @@
 """Time the calibration pass of the data-aware merge on the suite: 12 tasks x 16 train examples
 through the base SmolLM2-135M with forward hooks at every adapted Linear, moments projected into
-each module's span(Q); then what ``hydraopt merge --calibration`` adds on top by default, the KL
-choice between the data-aware and the data-free plan (objective_choice.py: both merges and the
-fidelity pass over the same texts), against the data-aware merge alone, HydraOpt at 1/T. Run it
+each module's span(Q); then the data-aware merge (``hydraopt merge --calibration``'s default),
+HydraOpt at 1/T, against what ``--choose kl`` adds on top, the KL choice between the data-aware and
+the data-free plan (objective_choice.py: both merges and the fidelity pass over the same texts). Run it
 alone (``flock -x``): the numbers are durations.
 
     python benchmarks/calibration_pass.py [--threads 1] [--repeats 3]
@@ -28,7 +28,7 @@ from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
-from hydraopt_mobile.objective_choice import merge_choosing
+from hydraopt_mobile.objective_choice import ObjectiveChoice, merge_choosing
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
@@ -63,7 +63,7 @@ def main() -> None:
         merge_budgets(adapters, config, budgets)
         aware_runs.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        [bank] = merge_choosing(adapters, config, budgets, model, tokenizer, texts)
+        [bank] = merge_choosing(adapters, config, budgets, model, tokenizer, texts, ObjectiveChoice("kl"))
         choice_runs.append(time.perf_counter() - t0)
         kept = bank.params["choice"]
     result = {

@@ -10,9 +10,14 @@ HydraOpt minus per-task with its 95 % paired bootstrap interval beside the test 
 no verdict: the targets are on the test split.
 
     python benchmarks/val_check.py --init shared-seed [--adapters ROOT] [--threads 1]
+    python benchmarks/val_check.py --pool
 
 Writes benchmarks/results/val_check_<init>.{json,md}; run it on the frontier's thread count (1) and
-machine type, else the calibrated banks are other banks (their rows then say so).
+machine type, else the calibrated banks are other banks (their rows then say so). ``--pool`` reads
+both inits' records (no model, no merge) and writes val_check_pooled.{json,md}: per method, the
+data-aware plan minus the data-free one, and the KL choice (the plan frontier.json says it kept)
+minus the data-aware plan, each averaged over the four init x budget cases with one interval: the
+evidence ``hydraopt merge --calibration``'s default (``--choose``) is decided on.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from common import RESULTS_DIR, SUITE_ADAPTERS, is_record_of  # first: it puts this checkout on sys.path
@@ -44,7 +51,7 @@ SPLIT = "val"
 
 
 def difference(per_task: dict[str, list[float]], hydraopt: dict[str, list[float]]) -> dict:
-    """HydraOpt minus per-task, points, with the 95 % paired interval."""
+    """HydraOpt minus per-task (or any second scores minus the first), points, with the 95 % paired interval."""
     d = paired_drop(per_task, hydraopt)
     return {"points": 0.0 - d["drop_points"], "ci95": [0.0 - d["drop_points_ci95"][1], 0.0 - d["drop_points_ci95"][0]]}
 
@@ -73,14 +80,56 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+Plan = Callable[[str, float], str]  # (init, budget) -> the objective of the bank scored
+
+
+def pooled(records: list[dict], key: str, plus: Plan, minus: Plan) -> dict:
+    """One method's bank ``plus`` minus its bank ``minus``, averaged over the (init, budget) cases
+    of ``records``, with a 95 % paired interval: each example's score is averaged over the cases
+    first, so a resample draws the same examples in every case (every case scores the same
+    validation examples)."""
+    by = {(r["init"], r["budget"], r["objective"]): r[key] for r in records}
+    cases = sorted({(init, budget) for init, budget, _ in by})
+
+    def averaged(plan: Plan) -> dict[str, list[float]]:
+        scores = [by[init, budget, plan(init, budget)] for init, budget in cases]
+        return {t: np.mean([s[t] for s in scores], axis=0).tolist() for t in scores[0]}
+
+    return difference(averaged(minus), averaged(plus)) | {"cases": [list(c) for c in cases]}
+
+
+def pool(out: Path) -> None:
+    """val_check_pooled.{json,md} from both inits' records and frontier.json's KL choices."""
+    records = [r | {"init": init} for init in INITS for r in json.loads((RESULTS_DIR / f"val_check_{init}.json").read_text())["records"]]
+    frontier = [r for r in load_records(RESULTS_DIR / "frontier.json") if r.get("choice") == "kl"]
+    rows = []
+    for method, key in (("hydraopt", "hydraopt_val_examples"), ("per-task", "per_task_val_examples")):
+        kept = {(r["init"], r["budget"]): r["kept_objective"] for r in frontier if r["method"] == method}
+        rows.append({"method": method, "data_aware_minus_data_free": pooled(records, key, lambda i, b: "data-aware", lambda i, b: "data-free"),
+                     "kl_choice_minus_data_aware": pooled(records, key, lambda i, b: kept[i, b], lambda i, b: "data-aware"), "kl_kept": {f"{i} {b}": o for (i, b), o in sorted(kept.items())}})
+    data = {"meta": {"split": SPLIT, "sources": [f"val_check_{init}.json" for init in INITS] + ["frontier.json (kept_objective of the KL choice)"]}, "records": rows}
+    lines = ["# The calibrated plans on the validation split, pooled over inits and budgets", "",
+             "Per method, averaged over the four cases (shared-seed and independent-seeds, 1/(2T) and 1/T; "
+             "30 validation examples x 12 tasks, the same examples in every case): points with a 95 % paired bootstrap interval "
+             "(each example's score averaged over the cases, then resampled within tasks).", ""]
+    lines += markdown_table(["method", "data-aware - data-free", "KL choice - data-aware", "plan the KL choice kept (init budget)"],
+                            [[r["method"], _diff(r["data_aware_minus_data_free"]), _diff(r["kl_choice_minus_data_aware"]), ", ".join(f"{k}: {v}" for k, v in r["kl_kept"].items())] for r in rows])
+    write_record(out, data, "\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--init", required=True, choices=INITS)
+    ap.add_argument("--init", choices=INITS)
+    ap.add_argument("--pool", action="store_true", help="only pool both inits' records into val_check_pooled.{json,md}")
     ap.add_argument("--adapters", type=Path, default=SUITE_ADAPTERS, help="folder holding <init>/<task>/ PEFT adapters")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/val_check_<init>.json")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md beside --out from it")
     args = ap.parse_args()
+    if args.pool:
+        return pool(args.out or RESULTS_DIR / "val_check_pooled.json")
+    if args.init is None:
+        ap.error("--init is required (or --pool)")
     out = args.out or RESULTS_DIR / f"val_check_{args.init}.json"
     if args.report:
         data = json.loads(out.read_text())

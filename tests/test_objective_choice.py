@@ -76,7 +76,7 @@ def test_the_choice_keeps_the_bank_closer_to_the_adapters(setup):
     aware = merge_budgets(aset, MergeConfig("hydraopt", calibration=cal), budgets)
     free = merge_budgets(aset, MergeConfig("hydraopt"), budgets)
     kls = kl_to_adapters(model, tokenizer, aset, [*aware, *free], TEXTS)
-    chosen = merge_choosing(aset, MergeConfig("hydraopt", calibration=cal), budgets, model, tokenizer, TEXTS)
+    chosen = merge_choosing(aset, MergeConfig("hydraopt", calibration=cal), budgets, model, tokenizer, TEXTS, ObjectiveChoice("kl"))
     for i, bank in enumerate(chosen):
         want = {"data-aware": mean_kl(kls[i]), "data-free": mean_kl(kls[len(budgets) + i])}
         record = bank.params["choice"]
@@ -85,14 +85,14 @@ def test_the_choice_keeps_the_bank_closer_to_the_adapters(setup):
         source = aware[i] if record["kept"] == "data-aware" else free[i]
         assert bank.total_file_bytes() == source.total_file_bytes()
         assert all(torch.equal(bank.task_factors("t1")[m].B, source.task_factors("t1")[m].B) for m in aset.module_names)
-    aware_only = merge_choosing(aset, MergeConfig("hydraopt", calibration=cal), budgets, model, tokenizer, TEXTS, ObjectiveChoice("data-aware"))
+    aware_only = merge_choosing(aset, MergeConfig("hydraopt", calibration=cal), budgets, model, tokenizer, TEXTS)  # the default: the data-aware plan
     assert [b.total_file_bytes() for b in aware_only] == [b.total_file_bytes() for b in aware] and "choice" not in aware_only[0].params
 
 
 def test_identical_plans_keep_the_data_free_one(setup):
     """With X_t = I the data-aware plan is the data-free one: equal KL, and the tie keeps data-free."""
     aset, _, model, tokenizer = setup
-    [bank] = merge_choosing(aset, MergeConfig("hydraopt", calibration=identity(aset)), [Budget(fraction=0.3)], model, tokenizer, TEXTS)
+    [bank] = merge_choosing(aset, MergeConfig("hydraopt", calibration=identity(aset)), [Budget(fraction=0.3)], model, tokenizer, TEXTS, ObjectiveChoice("kl"))
     kl = bank.params["choice"]["mean_kl"]
     assert kl["data-aware"] == kl["data-free"] and bank.params["choice"]["kept"] == "data-free"
 
@@ -119,13 +119,14 @@ def test_cli_merge_with_calibration_chooses_and_says_so(setup, tmp_path):
     adapters = [f"{name}={path}" for name, path in folders.items()]
     common = ["merge", *adapters, "--budget", "0.3", "--calibration", str(texts), "--model", str(model_dir)]
     runner = CliRunner()
-    result = runner.invoke(app, [*common, "--out", str(tmp_path / "kl")])
+    result = runner.invoke(app, [*common, "--choose", "kl", "--out", str(tmp_path / "kl")])
     assert result.exit_code == 0, result.output
     assert "plan: mean KL to the adapters" in result.output
     choice = json.loads((tmp_path / "kl" / "manifest.json").read_text())["params"]["choice"]
     assert choice["by"] == "kl" and choice["kept"] in ("data-aware", "data-free") and set(choice["mean_kl"]) == {"data-aware", "data-free"}
-    result = runner.invoke(app, [*common, "--choose", "data-aware", "--out", str(tmp_path / "aware")])
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "aware")])  # the default: the data-aware plan, no KL pass
     assert result.exit_code == 0, result.output
+    assert "mean KL" not in result.output
     params = json.loads((tmp_path / "aware" / "manifest.json").read_text())["params"]
     assert "choice" not in params and "calibration_tokens" in params
     result = runner.invoke(app, ["merge", *adapters, "--budget", "0.3", "--choose", "data-aware", "--out", str(tmp_path / "none")])
