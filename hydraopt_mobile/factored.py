@@ -182,7 +182,7 @@ def whitened(fm: FactoredModule, weights: torch.Tensor) -> FactoredModule:
     assert fm.S is not None
     w = weights.to(DTYPE).view(-1, 1, 1)
     mean = (w * fm.S).sum(0) / w.sum()
-    L = _cholesky(mean)
+    L = ridged_cholesky(mean)
     a, RA = fm.a @ L, fm.RA @ L
     return FactoredModule(A=fm.to_input_space(a), B=fm.B, reflectors=fm.reflectors, tau=fm.tau, a=a, R=fm.R, RA=RA, sq_norms=(RA**2).sum(dim=(1, 2)), L=L)
 
@@ -193,7 +193,7 @@ def unwhiten(white: FactoredModule, a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(white.L, a, upper=False, left=False)
 
 
-def _cholesky(S: torch.Tensor) -> torch.Tensor:
+def ridged_cholesky(S: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor of S, with a ridge of 1e-6 of its mean eigenvalue if it is singular."""
     ridge = 1e-6 * float(torch.diagonal(S).mean().clamp_min(1e-30))
     L, info = torch.linalg.cholesky_ex(S + ridge * torch.eye(S.shape[0], dtype=S.dtype))
