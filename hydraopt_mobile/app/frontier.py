@@ -297,7 +297,7 @@ def frontier_markdown(records: list[dict]) -> str:
     if gains:
         rows = ([g["init"], g["method"], f"{g['budget']:g}", g["mode"] + (f" (kept {g['kept']})" if g["kept"] else ""), f"{g['data_free']:.2f}", f"{g['calibrated']:.2f}", f"{g['gain']:+.2f}", _ci(g["ci95"])] for g in gains)
         lines += ["", "## What calibration changed (same method and budget, paired)", "",
-                  "*calibrated*: the data-aware objective's plan; *calibrated, KL choice*: of that plan and the data-free one, the bank closer to the adapters on the calibration texts (`hydraopt merge --calibration`'s default).", "",
+                  "*calibrated*: the data-aware objective's plan; *calibrated, KL choice*: of that plan and the data-free one, the bank closer to the adapters on the calibration texts (`hydraopt merge --calibration --choose kl`; the default keeps the data-aware plan).", "",
                   *markdown_table(["init", "method", "budget", "calibration", "data-free", "calibrated", "gain (pts)", "95 % CI"], rows)]
     return "\n".join(lines) + "\n"
 
