@@ -23,6 +23,7 @@ from common import RESULTS_DIR as RESULTS, ROOT, readme_block  # first: it puts 
 from hydraopt_mobile.app.frontier import load_records, mode
 from hydraopt_mobile.app.records import markdown_table
 from hydraopt_mobile.atomic import atomic_file
+from hydraopt_mobile.suite.metrics import pooled_paired_drop
 
 BEGIN, END = "<!-- status:begin -->", "<!-- status:end -->"
 HEADER = ["area", "target", "measured", "status", "records"]
@@ -82,7 +83,7 @@ def merge_quality() -> list[Row]:
         how = {"data-aware": "calibrated: the data-aware plan, `hydraopt merge --calibration`'s default", "kl": "calibrated: the plan the KL chooses"}.get(judged, "calibrated")
         rows.append(["merge quality", f"HydraOpt at {name} of the fp16 bytes within {limit} % of one fp16 adapter per task ({how})",
                      "; ".join(cells), verdict(not misses, f"calibrated {', '.join(misses)}"), "`frontier`"])
-    counts = {rival: {"above": 0, "above_sharing_nothing": 0, "equal": 0, "below": []} for rival in ("per-task", "compeft")}
+    counts = {rival: {"above": 0, "above_sharing_nothing": 0, "equal": 0, "below": [], "pairs": []} for rival in ("per-task", "compeft")}
     at_1t_above = False
     seen: set[tuple] = set()
     frontier = frontier_records()
@@ -99,6 +100,7 @@ def merge_quality() -> list[Row]:
                 if pair in seen:  # the same two banks under two point names (a budget that equals a baseline's bytes; a KL choice that kept the data-aware or the data-free bank)
                     continue
                 seen.add(pair)
+                c["pairs"].append((o["examples"], h["examples"], h["layout_summary"]["shares_factors"]))
                 diff = h["avg_score"] - o["avg_score"]
                 if abs(diff) < 1e-9:
                     c["equal"] += 1
@@ -111,7 +113,7 @@ def merge_quality() -> list[Row]:
                     c["below"].append(f"{h['init']} {mode(h)} at {h['storage_fraction']:.3f}: {diff:+.2f}")
     measured = "; ".join(f"{rival}: above in {c['above']}" + (f" (and in {c['above_sharing_nothing']} with a plan that shares nothing, not credited)" if c["above_sharing_nothing"] else "")
                          + f", equal in {c['equal']}, below in {len(c['below'])}"
-                         + (f" ({', '.join(c['below'])})" if c["below"] else "") for rival, c in counts.items())
+                         + (f" ({', '.join(c['below'])})" if c["below"] else "") + _pooled(c["pairs"]) for rival, c in counts.items())
     below = sum(len(c["below"]) for c in counts.values())
     rows.append(["merge quality", "HydraOpt at least as high as per-task compression (the planner's per-task layouts, ComPEFT) "
                  "at the same bytes at every budget at or below 1/T, and above it at 1/T on one init",
@@ -124,6 +126,18 @@ def merge_quality() -> list[Row]:
         ok &= h["avg_score"] > best["avg_score"]
     rows.append(["merge quality", "HydraOpt ahead of the best merge baseline at the int4 baselines' bytes", "; ".join(cells), verdict(ok), "`frontier`"])
     return rows
+
+
+def _pooled(pairs: list[tuple[dict, dict, bool]]) -> str:
+    """HydraOpt minus the rival averaged over the compared pairs of banks (rival's examples,
+    HydraOpt's, whether HydraOpt's plan shares a factor), and over those where it shares, each
+    with its 95 % paired interval (the pairs score the same test examples: metrics.pooled_paired_drop)."""
+    def mean(chosen: list[tuple[dict, dict, bool]]) -> str:
+        d = pooled_paired_drop([(o, h) for o, h, _ in chosen])
+        return f"{0.0 - d['drop_points']:+.2f} points [{0.0 - d['drop_points_ci95'][1]:+.2f}, {0.0 - d['drop_points_ci95'][0]:+.2f}]"
+
+    sharing = [p for p in pairs if p[2]]
+    return (f"; mean over the {len(pairs)} pairs: " + mean(pairs) if pairs else "") + (f", over the {len(sharing)} where HydraOpt shares: " + mean(sharing) if sharing else "")
 
 
 def merge_speed() -> list[Row]:

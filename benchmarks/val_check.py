@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from common import RESULTS_DIR, SUITE_ADAPTERS, is_record_of  # first: it puts this checkout on sys.path
@@ -43,7 +42,7 @@ from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.sharing import layout_summary
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.evaluate import evaluate
-from hydraopt_mobile.suite.metrics import paired_drop, per_example
+from hydraopt_mobile.suite.metrics import paired_drop, per_example, pooled_paired_drop
 from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
@@ -52,8 +51,12 @@ SPLIT = "val"
 
 def difference(per_task: dict[str, list[float]], hydraopt: dict[str, list[float]]) -> dict:
     """HydraOpt minus per-task (or any second scores minus the first), points, with the 95 % paired interval."""
-    d = paired_drop(per_task, hydraopt)
-    return {"points": 0.0 - d["drop_points"], "ci95": [0.0 - d["drop_points_ci95"][1], 0.0 - d["drop_points_ci95"][0]]}
+    return gain(paired_drop(per_task, hydraopt))
+
+
+def gain(drop: dict) -> dict:
+    """A paired_drop (reference minus other) as other minus reference: points and 95 % interval."""
+    return {"points": 0.0 - drop["drop_points"], "ci95": [0.0 - drop["drop_points_ci95"][1], 0.0 - drop["drop_points_ci95"][0]]}
 
 
 def _diff(d: dict) -> str:
@@ -85,17 +88,11 @@ Plan = Callable[[str, float], str]  # (init, budget) -> the objective of the ban
 
 def pooled(records: list[dict], key: str, plus: Plan, minus: Plan) -> dict:
     """One method's bank ``plus`` minus its bank ``minus``, averaged over the (init, budget) cases
-    of ``records``, with a 95 % paired interval: each example's score is averaged over the cases
-    first, so a resample draws the same examples in every case (every case scores the same
-    validation examples)."""
+    of ``records``, with one 95 % paired interval (metrics.pooled_paired_drop: every case scores
+    the same validation examples)."""
     by = {(r["init"], r["budget"], r["objective"]): r[key] for r in records}
     cases = sorted({(init, budget) for init, budget, _ in by})
-
-    def averaged(plan: Plan) -> dict[str, list[float]]:
-        scores = [by[init, budget, plan(init, budget)] for init, budget in cases]
-        return {t: np.mean([s[t] for s in scores], axis=0).tolist() for t in scores[0]}
-
-    return difference(averaged(minus), averaged(plus)) | {"cases": [list(c) for c in cases]}
+    return gain(pooled_paired_drop([(by[i, b, minus(i, b)], by[i, b, plus(i, b)]) for i, b in cases])) | {"cases": [list(c) for c in cases]}
 
 
 def pool(out: Path) -> None:

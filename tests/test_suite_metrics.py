@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hydraopt_mobile.suite.metrics import accuracy, average, drop, exact_match, normalize, paired_gain, rouge_l, score
@@ -106,3 +107,19 @@ def test_answer_cache_digest_takes_rank_one_factors():
     other = hashlib.sha256()
     _update(other, plain + 1)
     assert other.hexdigest() != digests[0]
+
+
+def test_pooled_paired_drop_is_the_mean_difference_over_pairs_with_one_interval():
+    from hydraopt_mobile.suite.metrics import paired_drop, pooled_paired_drop
+
+    rng = np.random.default_rng(1)
+    scores = [{t: (100 * (rng.random(30) < p)).tolist() for t in ("a", "b")} for p in (0.5, 0.6, 0.4, 0.7)]
+    one = pooled_paired_drop([(scores[0], scores[1])])
+    assert one == paired_drop(scores[0], scores[1])
+    pooled = pooled_paired_drop([(scores[0], scores[1]), (scores[2], scores[3])])
+    points = [paired_drop(r, o)["drop_points"] for r, o in ((scores[0], scores[1]), (scores[2], scores[3]))]
+    assert pooled["drop_points"] == pytest.approx(sum(points) / 2)
+    lo, hi = pooled["drop_points_ci95"]
+    assert lo < pooled["drop_points"] < hi
+    with pytest.raises(ValueError, match="no pairs"):
+        pooled_paired_drop([])

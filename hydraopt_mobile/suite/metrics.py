@@ -180,3 +180,17 @@ def paired_drop(reference: dict[str, list[float]], other: dict[str, list[float]]
         "rel_drop_pct": 100 * (ref_point - oth_point) / ref_point if ref_point else float("nan"),
         "rel_drop_pct_ci95": [float(np.nanpercentile(rel, 2.5)), float(np.nanpercentile(rel, 97.5))],
     }
+
+
+def pooled_paired_drop(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]], n_resamples: int = 10_000, seed: int = 0) -> dict:
+    """:func:`paired_drop` of the average over ``pairs`` of (reference, other) scores on the same
+    examples: each example's score is averaged over the pairs first, so every resample draws the
+    same examples in every pair, and one interval covers the mean difference (several banks
+    compared on one split)."""
+    if not pairs:
+        raise ValueError("pooled_paired_drop: no pairs")
+
+    def mean(scores: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+        return {t: np.mean([np.asarray(s[t], float) for s in scores], axis=0).tolist() for t in scores[0]}
+
+    return paired_drop(mean([r for r, _ in pairs]), mean([o for _, o in pairs]), n_resamples, seed)
