@@ -3,7 +3,8 @@
 Packaged SmolLM2-135M -> the suite's task adapters (committed, or retrained into a cache keyed by
 the training settings) -> similarity analysis -> at one storage budget (default 1/T of the fp16
 file bytes, the size of one merged adapter): HydraOpt, per-task compression (the same planner,
-nothing shared) and a baseline -> evaluation on the suite's test split -> a storage / score table
+nothing shared; with ``--calibrate`` both under the data-aware objective, calibrated on the suite's
+train split) and a baseline -> evaluation on the suite's test split -> a storage / score table
 against one-adapter-per-task (file bytes; drops with 95 % paired bootstrap intervals) and a
 sentence saying which won and what HydraOpt shared, as JSON, Markdown and a plot.
 """
@@ -24,6 +25,7 @@ from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.bundle import MANIFEST, write_bundle
+from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.method import OnStep
 from hydraopt_mobile.merge.registry import MergeConfig, merge
@@ -48,17 +50,34 @@ class DemoConfig:
     export: str = "onnx"  # "onnx", "executorch" (5-8 min of lowering on 2 cores) or "none"
     export_tasks: int = 2  # tasks measured on the runtime (greedy decoding on the runtime is slow)
     export_examples: int = 8
+    calibrate: bool = False  # HydraOpt and per-task compression under the data-aware objective (calibration.py)
+    calibration_per_task: int = 16  # train-split examples per task for it (the frontier's count)
 
 
-def compared_banks(adapters: AdapterSet, cfg: DemoConfig, on_step: OnStep | None = None) -> dict[str, MergedBank]:
-    """Label -> bank: the reference, per-task compression and HydraOpt at the budget, the baseline."""
+def compared_banks(adapters: AdapterSet, cfg: DemoConfig, on_step: OnStep | None = None, calibration: Calibration | None = None) -> dict[str, MergedBank]:
+    """Label -> bank: the reference, per-task compression and HydraOpt at the budget (with
+    ``calibration``, both under the data-aware objective: the plan ``hydraopt merge --calibration``
+    keeps), the baseline (data-free: it uses no data)."""
     budget = Budget(fraction=cfg.budget if cfg.budget is not None else round(1 / len(adapters.tasks), 4))
+    aware = " (data-aware)" if calibration is not None else ""
     return {
         REFERENCE: merge(adapters, MergeConfig("none"), on_step),
-        f"per-task compression @ {budget.label()}": merge(adapters, MergeConfig("per-task", budget=budget), on_step),
-        f"hydraopt @ {budget.label()}": merge(adapters, MergeConfig("hydraopt", budget=budget), on_step),
+        f"per-task compression @ {budget.label()}{aware}": merge(adapters, MergeConfig("per-task", budget=budget, calibration=calibration), on_step),
+        f"hydraopt @ {budget.label()}{aware}": merge(adapters, MergeConfig("hydraopt", budget=budget, calibration=calibration), on_step),
         f"{cfg.baseline} (one merged adapter)": merge(adapters, MergeConfig(cfg.baseline), on_step),
     }
+
+
+def suite_calibration(adapters: AdapterSet, model_dir: Path, per_task: int) -> Calibration:
+    """The tasks' input moments from ``per_task`` train-split examples each (never val or test),
+    through the base model: what ``hydraopt suite calibration`` writes and ``merge --calibration`` reads."""
+    from hydraopt_mobile.calibration import collect
+    from hydraopt_mobile.suite.calibration_texts import calibration_texts
+    from hydraopt_mobile.suite.model import load_base_model
+    from hydraopt_mobile.suite.tasks import load_suite
+
+    model, tokenizer = load_base_model(model_dir)
+    return collect(model, tokenizer, adapters, calibration_texts(load_suite(adapters.task_names), tokenizer, per_task))
 
 
 def score_banks(banks: dict[str, MergedBank], tasks: list[str], model_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, list[float]]]]:
@@ -108,8 +127,13 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
         for lt, v in sim["summary"].items():
             console.print(f"{lt}: cos(A) {v['cos_A']:.3f}  cos(B) {v['cos_B']:.3f}  row-space overlap(dW) {v['subspace_A']:.3f}  cos(dW) {v['cos_dW']:.3f}")
         step("4/6 merge")
+        calibration = None
+        if cfg.calibrate:
+            with console.status(f"calibration: {cfg.calibration_per_task} train examples per task through the base model"):
+                calibration = suite_calibration(adapters, model_dir, cfg.calibration_per_task)
+            console.print(f"data-aware objective: {sum(calibration.tokens.values()):,} calibration tokens from {cfg.calibration_per_task} train examples per task")
         with progress_bar("merge: modules", console) as on_step:
-            banks = compared_banks(adapters, cfg, on_step)
+            banks = compared_banks(adapters, cfg, on_step, calibration)
         manifests = {label: write_bundle(bank, tmp / ("bundle-" + bank.method)) / MANIFEST for label, bank in banks.items()}
         step("5/6 evaluate on the suite's test split")
         base, examples = score_banks(banks, adapters.task_names, model_dir)
