@@ -43,6 +43,7 @@ from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.calibration import collect, relative_errors
 from hydraopt_mobile.fidelity import mean_kl
+from hydraopt_mobile.objective_choice import kept_objective
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.sharing import layout_summary
@@ -91,7 +92,7 @@ def kl_choices(records: list[dict]) -> list[dict]:
     for aware in (r for r in records if r["calibrated"]):
         free = next(r for r in records if (r["init"], r["budget"], r["method"], r["calibrated"]) == (aware["init"], aware["budget"], aware["method"], False))
         kl = {key: {"data-aware": aware[key], "data-free": free[key]} for key in ("kl_fit", "kl_heldout")}
-        kept = {key: "data-aware" if v["data-aware"] < v["data-free"] else "data-free" for key, v in kl.items()}
+        kept = {key: kept_objective(v) for key, v in kl.items()}
         out.append({"init": aware["init"], "budget": aware["budget"], "method": aware["method"], **kl, "kept_fit": kept["kl_fit"], "kept_heldout": kept["kl_heldout"]})
     return out
 

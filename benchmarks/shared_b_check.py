@@ -62,13 +62,11 @@ def transposed(adapters: AdapterSet, calibration: Calibration | None) -> Adapter
 def shared_b_candidates(adapters: AdapterSet, calibration: Calibration | None, weights: torch.Tensor) -> dict[str, list[Candidate]]:
     """The transposed problem's (1, k) candidates as (k, 1) ones here, priced at this module's shape."""
     there = plan_candidates(transposed(adapters, calibration), HydraOptConfig(formats=FORMATS, k_a=1), weights=weights)
-    out = {}
-    for name, cands in there.items():
-        d_out, d_in = adapters.shapes[name]
-        out[name] = [dataclasses.replace(c, k_a=c.k_b, k_b=c.k_a, groups=None, a_rows=0,
-                                         nbytes=c.k_b * NumberFormat.parse(c.fmt).nbytes(c.rank, d_in) + c.k_a * NumberFormat.parse(c.fmt).nbytes(c.rank, d_out))
-                     for c in cands if c.rank != AS_IS and c.k_a == 1]
-    return out
+    def here(name: str, c: Candidate) -> Candidate:
+        (d_out, d_in), fmt = adapters.shapes[name], NumberFormat.parse(c.fmt)
+        return dataclasses.replace(c, k_a=c.k_b, k_b=c.k_a, groups=None, a_rows=0, nbytes=c.k_b * fmt.nbytes(c.rank, d_in) + c.k_a * fmt.nbytes(c.rank, d_out))
+
+    return {name: [here(name, c) for c in cands if c.rank != AS_IS and c.k_a == 1] for name, cands in there.items()}
 
 
 def shares_b(c: Candidate) -> bool:

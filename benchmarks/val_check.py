@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS, is_record_of  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, gain, is_record_of  # first: it puts this checkout on sys.path
 
 from frontier import CALIBRATION_PER_TASK, INITS
 from hydraopt_mobile.adapters import load_adapter_folders
@@ -52,11 +52,6 @@ SPLIT = "val"
 def difference(per_task: dict[str, list[float]], hydraopt: dict[str, list[float]]) -> dict:
     """HydraOpt minus per-task (or any second scores minus the first), points, with the 95 % paired interval."""
     return gain(paired_drop(per_task, hydraopt))
-
-
-def gain(drop: dict) -> dict:
-    """A paired_drop (reference minus other) as other minus reference: points and 95 % interval."""
-    return {"points": 0.0 - drop["drop_points"], "ci95": [0.0 - drop["drop_points_ci95"][1], 0.0 - drop["drop_points_ci95"][0]]}
 
 
 def _diff(d: dict) -> str:

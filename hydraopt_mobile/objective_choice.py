@@ -68,10 +68,17 @@ def merge_choosing(adapters: AdapterSet, config: MergeConfig, budgets: list[Budg
             out.append(a)
             continue
         kl = {"data-aware": mean_kl(next(kls)), "data-free": mean_kl(next(kls))}
-        kept, name = (a, "data-aware") if kl["data-aware"] < kl["data-free"] else (f, "data-free")  # a tie keeps the data-free plan
+        name = kept_objective(kl)
+        kept = a if name == "data-aware" else f
         kept.params = kept.params | {"choice": {"by": "kl", "kept": name, "mean_kl": kl, "calibration_tokens": a.params["calibration_tokens"]}}
         out.append(kept)
     return out
+
+
+def kept_objective(mean_kl: dict[str, float]) -> str:
+    """The plan the KL choice keeps given each plan's mean KL (``{"data-aware": .., "data-free": ..}``):
+    the lower; a tie keeps the data-free plan."""
+    return "data-aware" if mean_kl["data-aware"] < mean_kl["data-free"] else "data-free"
 
 
 def _part(on_step: OnStep | None, index: int, parts: int) -> OnStep | None:
