@@ -100,3 +100,27 @@ def test_bench_host_never_replaces_a_report_silently(case):
     r = CliRunner().invoke(app, [*args, "--overwrite"])
     assert r.exit_code == 0, r.output
     assert [rec["task"] for rec in json.loads(out.read_text())["records"]] == [TASKS[0]] and out.with_suffix(".md").read_text() != "kept"
+
+
+def test_bench_host_prints_json_alone_on_stdout_or_a_table(case):
+    """``--json``: stdout is the records and nothing else (progress goes to stderr), so it pipes into
+    a JSON reader; without it, one table row per export with the runtime's score and decode time."""
+    args = ["bench", "host", str(case["export"]), "--model", str(case["model"]), "--examples", "1", "--task", TASKS[0]]
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    (record,) = json.loads(r.stdout)
+    assert record["task"] == TASKS[0] and record["decode_ms_per_token"] > 0
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "score (runtime)" in r.stdout and "decode ms/token" in r.stdout and case["export"].name in r.stdout
+    assert "{" not in r.stdout  # a table, not the records' dicts
+
+
+def test_the_runtime_process_error_reaches_the_caller_as_raised(tmp_path):
+    """The runtime runs in a spawned process; what it raises is raised in the caller, same type and
+    message (so the CLI reports it as the one-line error it is)."""
+    from exporters.manifest import ManifestError
+    from hydraopt_mobile.app.bench import _in_child
+
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        _in_child(tmp_path / "not-an-export", {"t": [[1, 2]]}, {"t": 2}, 1)

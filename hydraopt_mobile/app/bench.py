@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.merge.method import OnStep
 
 from exporters.backend import Session
 from exporters.manifest import Manifest, verify_all
@@ -41,8 +43,9 @@ def _vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int) -> dict:
-    """Child process: load the export, switch between its tasks, generate greedily; timings in ms."""
+def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str, int], threads: int, on_step: OnStep | None = None) -> dict:
+    """Child process: load the export, switch between its tasks, generate greedily; timings in ms.
+    ``on_step(done, total)`` after each generation."""
     torch.set_num_threads(threads)
     baseline = _vm_hwm_mb()
     t0 = time.perf_counter()
@@ -53,10 +56,16 @@ def _measure(folder: str, prompts: dict[str, list[list[int]]], max_new: dict[str
         t0 = time.perf_counter()
         session.load_task(task)
         out["tasks"][task] = {"task_load_ms": (time.perf_counter() - t0) * 1e3}
+    total, done = sum(len(p) for p in prompts.values()), 0
     for task in tasks:
         rec = out["tasks"][task]
         rec["switch_ms"] = _switch_ms(session, task, next((t for t in tasks if t != task), task))
-        rec["generations"] = [_generation(session, ids, max_new[task], i < PARITY_EXAMPLES) for i, ids in enumerate(prompts[task])]
+        rec["generations"] = []
+        for i, ids in enumerate(prompts[task]):
+            rec["generations"].append(_generation(session, ids, max_new[task], i < PARITY_EXAMPLES))
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
     out["peak_rss_mb"] = _vm_hwm_mb()
     return out
 
@@ -85,10 +94,42 @@ def peak_rss(folder: str | Path, prompts: dict[str, list[list[int]]], max_new: d
     return {"peak_rss_mb": measured["peak_rss_mb"], "rss_baseline_mb": measured["rss_baseline_mb"]}
 
 
-def _in_child(folder: Path, prompts: dict, max_new: dict, threads: int) -> dict:
+def _in_child(folder: Path, prompts: dict, max_new: dict, threads: int, on_step: OnStep | None = None) -> dict:
+    """:func:`_measure` in a fresh (spawned) process; its steps come back through a pipe as they
+    happen, then its result or its exception."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_measure, (str(folder), prompts, max_new, threads))
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(sender, str(folder), prompts, max_new, threads))
+    child.start()
+    sender.close()
+    try:
+        while True:
+            try:
+                kind, *payload = receiver.recv()
+            except EOFError:
+                child.join()
+                raise RuntimeError(f"measuring {folder}: the runtime's process ended without a result (exit code {child.exitcode})") from None
+            if kind == "step" and on_step is not None:
+                on_step(*payload)
+            elif kind == "error":
+                raise payload[0]
+            elif kind == "done":
+                return payload[0]
+    finally:
+        receiver.close()
+        child.join()
+
+
+def _child(sender, folder: str, prompts: dict, max_new: dict, threads: int) -> None:
+    try:
+        result = _measure(folder, prompts, max_new, threads, on_step=lambda done, total: sender.send(("step", done, total)))
+    except BaseException as e:  # the parent raises it (re-raised as-is when it pickles, as Pool.apply did)
+        try:
+            sender.send(("error", e))
+        except Exception:
+            sender.send(("error", RuntimeError(f"measuring {folder}: {type(e).__name__}: {e}")))
+        return
+    sender.send(("done", result))
 
 
 @torch.no_grad()
@@ -162,8 +203,9 @@ def _record(folder: Path, manifest: Manifest, task: str, score: float, parity: d
     }
 
 
-def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks: list[str] | None, n_examples: int, threads: int) -> list[dict]:
-    """Measure one export in a child, then score it and check it against the reference, per task."""
+def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks: list[str] | None, n_examples: int, threads: int, bar: Progress) -> list[dict]:
+    """Measure one export in a child, then score it and check it against the reference, per task
+    (each part a step of ``bar``)."""
     from hydraopt_mobile.suite.metrics import score
 
     manifest = Manifest.read(folder)
@@ -172,13 +214,18 @@ def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks:
     names = [t for t in manifest.tasks if tasks is None or t in tasks]
     tokenizer = export_tokenizer(folder)
     specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
-    measured = _in_child(folder, prompts, max_new, threads)
+    job = bar.add_task(f"{folder.name}: runtime, examples", total=sum(len(p) for p in prompts.values()))
+    measured = _in_child(folder, prompts, max_new, threads, on_step=lambda done, total: bar.update(job, completed=done, total=total))
+    bar.update(job, visible=False)
+    job = bar.add_task(f"{folder.name}: PyTorch reference, tasks", total=len(names))
     records = []
     for task in names:
         generations = measured["tasks"][task]["generations"]
         parity = ref.check(bank, bank.task_factors(task), specs[task], n_examples, prompts[task], generations)
         texts = [tokenizer.decode(g["tokens"], skip_special_tokens=True).strip() for g in generations]
         records.append(_record(folder, manifest, task, score(specs[task], texts, "test"), parity, measured, texts, threads))
+        bar.advance(job)
+    bar.update(job, visible=False)
     return records
 
 
@@ -207,11 +254,11 @@ def bench_host(
     ref = _Reference(model, ref_tokenizer, {} if reference_scores is None else reference_scores)
     records: list[dict] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as bar:
-        job = bar.add_task("bench host", total=len(export_dirs))
+    # on stderr, so that a command printing its result on stdout (``bench host --json``) prints only that
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        job = bar.add_task("bench host: exports", total=len(export_dirs))
         for folder in map(Path, export_dirs):
-            bar.update(job, description=f"bench {folder.name}")
-            records += _bench_export(folder, (banks or {}).get(str(folder)), ref, tasks, n_examples, threads)
+            records += _bench_export(folder, (banks or {}).get(str(folder)), ref, tasks, n_examples, threads, bar)
             bar.advance(job)
     if json is not None:
         write_reports(records, Path(json))

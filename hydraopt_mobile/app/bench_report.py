@@ -5,9 +5,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from rich.table import Table
+
 from hydraopt_mobile.plotting import figure
 
-from .records import dict_table
+from .records import cell, dict_table
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -44,13 +46,31 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+SUMMARY_COLUMNS = (
+    ("export", "export"), ("runtime", "runtime"), ("quant", "quant"), ("method", "method"), ("tasks", "tasks"),
+    ("resident MB", "MB_resident"), ("task file KB (mean)", "KB_task"), ("score (runtime)", "score"), ("score (PyTorch)", "score_pytorch"),
+    ("max logit err", "max_logit_err"), ("token agreement", "token_agreement"), ("switch ms", "switch_ms"),
+    ("decode ms/token", "decode_ms_per_token"), ("peak RSS MB", "peak_rss_mb"),
+)
+
+
+def _with_units(summary: list[dict]) -> list[dict]:
+    """Summary rows plus their byte counts in MB / KB."""
+    return [{**row, "MB_total": row["bytes_total"] / 1e6, "MB_resident": row["bytes_resident"] / 1e6, "KB_task": row["bytes_task_mean"] / 1e3} for row in summary]
+
+
+def summary_table(records: list[dict]) -> Table:
+    """What ``hydraopt bench host`` prints: one row per export (means over its tasks; latencies are
+    medians over tasks), the same figures as the Markdown report's first table."""
+    table = Table(*(title for title, _ in SUMMARY_COLUMNS), title="host benchmark (means over tasks; latencies: medians)")
+    for row in _with_units(summarise(records)):
+        table.add_row(*(cell(row.get(key)) for _, key in SUMMARY_COLUMNS))
+    return table
+
+
 def bench_markdown(records: list[dict], notes: dict) -> str:
     """The report: notes, one summary row per export, one row per export and task."""
-    summary = summarise(records)
-    for row in summary:
-        row["MB_total"] = row["bytes_total"] / 1e6
-        row["MB_resident"] = row["bytes_resident"] / 1e6
-        row["KB_task"] = row["bytes_task_mean"] / 1e3
+    summary = _with_units(summarise(records))
     lines = ["# Host benchmark of the exports", ""]
     lines += [f"- **{k}**: {v}" for k, v in notes.items()]
     lines += ["", "## Per export (means over tasks; latencies, switch_ms and task_load_ms are medians over tasks)", ""]

@@ -7,7 +7,6 @@ import statistics
 from pathlib import Path
 
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 from hydraopt_mobile.bank import MergedBank
@@ -15,7 +14,7 @@ from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.sharing import layout_summary, plan_label
 from hydraopt_mobile.suite.metrics import paired_drop
 
-from .records import markdown_table
+from .records import markdown_table, print_unwrapped
 
 REFERENCE = "one adapter per task"
 COLUMNS = ["", "plan", "storage", "file bytes", "avg", "drop (pts)", "drop (%)", "95 % CI (pts)"]
@@ -91,14 +90,10 @@ def demo_markdown(result: dict) -> str:
 def print_table(result: dict, console: Console) -> None:
     """The rows as a table as wide as its content (not wrapped at the terminal's or a pipe's 80 columns), then the verdict."""
     table = Table(*COLUMNS, title="SmolLM2-135M suite, test split (storage: fraction of fp16 one-adapter-per-task file bytes)")
-    for column in table.columns:
-        column.no_wrap = True
     table.add_row(*_base_cells(result))
     for r in result["rows"]:
         table.add_row(*_cells(r))
-    width = Measurement.get(console, console.options.update(width=1_000), table).maximum
-    sized = Console(file=console.file, width=width, force_terminal=console.is_terminal, no_color=console.no_color, quiet=console.quiet)
-    sized.print(table)
+    print_unwrapped(table, console)
     console.print(result["verdict"], soft_wrap=True)
 
 

@@ -86,7 +86,7 @@ def bench_host_cmd(
     if as_json:
         print(json.dumps(records, indent=1))
     else:
-        from .bench_report import summarise
+        from .bench_report import summary_table
+        from .records import print_unwrapped
 
-        for row in summarise(records):
-            console.print(row)
+        print_unwrapped(summary_table(records), console)

@@ -2,7 +2,8 @@
 replaced atomically (a reader never sees half a file; a failed run leaves the previous one).
 
 Tables are rows of cells: a cell that is already a string is written as it is, anything else goes
-through :func:`cell` (``-`` for None, 4 significant digits for floats).
+through :func:`cell` (``-`` for None, 4 significant digits for floats). The same figures printed
+on the console go through :func:`print_unwrapped`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from hydraopt_mobile.atomic import atomic_file, write_text_atomic
 from hydraopt_mobile.errors import UserError
@@ -32,6 +37,14 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], align:
     """The lines of a Markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default all ``l``)."""
     rule = "|" + "".join("---:|" if a == "r" else "---|" for a in (align or "l" * len(columns)))
     return [_line(columns), rule, *(_line(row) for row in rows)]
+
+
+def print_unwrapped(table: Table, console: Console) -> None:
+    """``table`` as wide as its content: not wrapped at the terminal's (or a pipe's 80) columns."""
+    for column in table.columns:
+        column.no_wrap = True
+    width = Measurement.get(console, console.options.update(width=1_000), table).maximum
+    Console(file=console.file, width=width, force_terminal=console.is_terminal, no_color=console.no_color, quiet=console.quiet).print(table)
 
 
 def dict_table(records: Iterable[dict], columns: Sequence[str]) -> list[str]:
