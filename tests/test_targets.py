@@ -37,7 +37,7 @@ from exporters.onnx_backend import OrtSession
 from exporters.runtime import greedy
 from hydraopt_mobile.app.targets_bench import TargetNotReady, bench_target, parity, run_pair
 from exporters.targets.device_runner import PROTOCOL, run
-from exporters.targets.protocol import RunnerError, make_request, run_on_host, run_request
+from exporters.targets.protocol import RunnerError, make_request, run_on_host, run_request, run_streaming
 from exporters.targets.qnn_htp import htp_check
 from exporters.targets.registry import TARGETS, get_target
 from hydraopt_mobile.app.cli import app
@@ -173,7 +173,10 @@ def test_runner_speaks_the_android_wire_format(fp32_pair):
 
 def test_host_runner_activates_tasks_exactly_as_the_host_runtime(tiny):
     """The on-target runner run on the host equals exporters.onnx_backend.OrtSession bit for bit."""
-    response = run_on_host(make_request(tiny["fp32"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW, logits_examples=2))
+    steps: list[tuple[int, int]] = []
+    response = run_on_host(make_request(tiny["fp32"], ["alpha", "beta", "alpha"], PROMPTS, MAX_NEW, logits_examples=2),
+                           on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(i, 6) for i in range(1, 7)]  # the runner's progress lines: one per example of the request, as they happen
     session = OrtSession(tiny["fp32"])
     for index, task in enumerate(["alpha", "beta", "alpha"]):
         session.set_task(task)
@@ -328,7 +331,11 @@ def logits_of(report: dict, quant: str, run: int) -> np.ndarray:
 def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny, tmp_path):
     """QDQ A16W8 (and A8W8) on HTP, and one offline A16W8 context binary per htp_arch serving both tasks through fed slots."""
     order = ["alpha", "beta", "alpha"]
-    report = htp_check(tiny["fp32"], order, quants=("a16w8", "a8w8"), archs=("73", "75", "79"), context_quants=("a16w8",), workdir=tmp_path)
+    steps: list[tuple[int, int]] = []
+    report = htp_check(tiny["fp32"], order, quants=("a16w8", "a8w8"), archs=("73", "75", "79"), context_quants=("a16w8",), workdir=tmp_path,
+                       on_step=lambda done, total: steps.append((done, total)))
+    runs = sum(len(q["runs"]) for q in report["quants"])
+    assert steps == [(i, runs) for i in range(1, runs + 1)] and runs > 0  # qnn_graph.py's progress lines, one per HTP run
     assert report["static_graph_on_htp"].startswith("refused"), "the unquantised graph should not open without CPU fallback"
     a16, a8 = report["quants"]
     assert a8["quant"] == "a8w8" and not a8["contexts"] and a8["bytes_qdq"] <= a16["bytes_qdq"]
@@ -415,3 +422,23 @@ def test_bench_qnn_htp_names_a_task_outside_the_suite(qnn, tiny):
     before anything is quantised."""
     r = CliRunner().invoke(app, ["bench", "qnn-htp", str(tiny["fp32"])])
     assert r.exit_code == 2 and "'alpha' is not a suite task" in r.output, r.output
+
+
+def test_a_streamed_run_passes_progress_on_and_keeps_the_rest_of_stderr(tmp_path):
+    """``run_streaming``: progress lines go to ``on_step`` in order, other stderr lines (and a line
+    that only looks like progress) stay for the error message, the exit code comes back; a run past
+    its timeout is killed and raises."""
+    script = tmp_path / "s.py"
+    script.write_text("import sys\n"
+                      "print('hydraopt-progress 1 2', file=sys.stderr, flush=True)\n"
+                      "print('something went wrong', file=sys.stderr)\n"
+                      "print('hydraopt-progress two 2', file=sys.stderr)\n"
+                      "print('hydraopt-progress 2 2', file=sys.stderr)\n"
+                      "print('to stdout')\n"
+                      "sys.exit(3)\n")
+    steps: list[tuple[int, int]] = []
+    code, stderr = run_streaming([sys.executable, str(script)], on_step=lambda done, total: steps.append((done, total)))
+    assert (code, steps) == (3, [(1, 2), (2, 2)])
+    assert stderr == "something went wrong\nhydraopt-progress two 2"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_streaming([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)

@@ -53,6 +53,9 @@ response lists the ones it honoured in ``"extensions"``):
   (:meth:`Runner.teacher_forced`) and the logits, when requested, are those rows. The response says
   ``"scoring": "teacher-forced"`` (else ``"generated"``). Exact = every ``tokens[i] == answer[i]``,
   judged on the host.
+- progress: after each example the runner writes ``hydraopt-progress DONE TOTAL`` (examples of the
+  whole request) as one line to stderr; the host shows it as it comes (:func:`report_progress`,
+  ``protocol.run_streaming``). Not part of the response: a runner that writes none is still a runner.
 - always reported: ``"process_threads"`` (threads of this process after the run), ``"torch_imported"``,
   ``"machine"`` (``platform.machine()``), ``"python"``, ``"peak_rss_mb"`` (VmHWM
   of this process; under qemu-user that is the emulator's process, the emulator included), and per
@@ -73,6 +76,12 @@ import sys
 import time
 
 PROTOCOL = "hydraopt-device-runner/1"
+PROGRESS = "hydraopt-progress"  # stderr line: PROGRESS DONE TOTAL
+
+
+def report_progress(done: int, total: int) -> None:
+    """One progress line on stderr, flushed: the host reads it while the run goes on."""
+    print(f"{PROGRESS} {done} {total}", file=sys.stderr, flush=True)
 EXTENSIONS = ["logits_examples", "switch_samples", "decode_ms", "peak_rss_mb", "teacher_forced", "executorch"]
 MANIFEST_SCHEMA = "hydraopt-export/4"
 
@@ -868,6 +877,7 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
         })
         entries = []
         previous = None
+        total, done = sum(len(prompts.get(task, [])) for task in request["tasks"]), 0
         for index, task in enumerate(request["tasks"]):
             entry: dict = {"task": task, "task_bytes": export.task_bytes(task), "load_ms": runner.load_task(task)}
             times = []
@@ -889,6 +899,8 @@ def run(request: dict, target: str, latency_kind: str) -> tuple[dict, dict]:
                     o["logits_key"] = f"{index}/{i}"
                     arrays[o["logits_key"]] = g["rows"]
                 outputs.append(o)
+                done += 1
+                report_progress(done, total)
             entry["outputs"] = outputs
             entries.append(entry)
             previous = task

@@ -7,17 +7,22 @@ host's own ONNX Runtime: any difference in the outputs is the target's runtime a
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from exporters.targets.device_runner import PROTOCOL
+from exporters.targets.device_runner import PROGRESS, PROTOCOL
+
+OnStep = Callable[[int, int], None]  # (done, total), as the library's progress callbacks
 
 RUNNER = Path(__file__).with_name("device_runner.py")
 
@@ -57,20 +62,52 @@ def make_request(export: Path, sequence: list[str], prompts: dict[str, list[list
     return request
 
 
+def run_streaming(cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
+                  on_step: OnStep | None = None) -> tuple[int, str]:
+    """Run ``cmd``; its ``hydraopt-progress DONE TOTAL`` stderr lines (device_runner.report_progress)
+    go to ``on_step`` as they come, the rest of stderr is kept (its last 2,000 characters are
+    returned with the exit code, for error messages); stdout is discarded. A run past ``timeout``
+    is killed and raises ``subprocess.TimeoutExpired``, as ``subprocess.run`` does."""
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stderr is not None
+
+        def read() -> None:
+            for line in proc.stderr:
+                fields = line.split()
+                if len(fields) == 3 and fields[0] == PROGRESS and fields[1].isdigit() and fields[2].isdigit():
+                    if on_step is not None:
+                        on_step(int(fields[1]), int(fields[2]))
+                else:
+                    tail.append(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            reader.join()
+    return proc.returncode, "".join(tail).strip()[-2000:]
+
+
 def run_request(python: list[str], env: dict[str, str] | None, request: dict, target: str, latency_kind: str,
-                timeout: float = 3600) -> Response:
-    """Run ``request`` with the runner under the Python started by ``python`` (argv prefix).
+                timeout: float = 3600, on_step: OnStep | None = None) -> Response:
+    """Run ``request`` with the runner under the Python started by ``python`` (argv prefix);
+    ``on_step(done, total)`` after each example, as the runner reports them.
     A teacher-forced request answered by a runner that generated instead (an older runner ignores
     fields it does not know) is refused: its scores would not be comparable."""
     with tempfile.TemporaryDirectory(prefix="hydraopt-runner-") as tmp:
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
         req.write_text(json.dumps(request))
         t0 = time.perf_counter()
-        r = subprocess.run([*python, str(RUNNER), str(req), str(resp), "--target", target, "--latency-kind", latency_kind],
-                           capture_output=True, text=True, env=env, timeout=timeout)
+        code, stderr = run_streaming([*python, str(RUNNER), str(req), str(resp), "--target", target, "--latency-kind", latency_kind],
+                                     env=env, timeout=timeout, on_step=on_step)
         wall = time.perf_counter() - t0
         if not resp.is_file():
-            raise RunnerError(f"the runner on {target} wrote no response (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+            raise RunnerError(f"the runner on {target} wrote no response (exit {code}): {stderr}")
         data = json.loads(resp.read_text())
         if "error" in data:
             raise RunnerError(f"the runner on {target} refused the run: {data['error']}")
@@ -83,9 +120,9 @@ def run_request(python: list[str], env: dict[str, str] | None, request: dict, ta
         return Response(data, logits, wall)
 
 
-def run_on_host(request: dict) -> Response:
+def run_on_host(request: dict, on_step: OnStep | None = None) -> Response:
     """The reference: the same runner on the host's Python and runtime (the project's venv: ONNX
     Runtime, or the exporter's own ExecuTorch)."""
     import platform
 
-    return run_request([sys.executable], None, request, f"host-{platform.machine()}", "measured")
+    return run_request([sys.executable], None, request, f"host-{platform.machine()}", "measured", on_step=on_step)

@@ -47,7 +47,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
-from device_runner import BankSlots, Export  # the sibling standalone runner (run as a script: its folder is on sys.path)
+from device_runner import BankSlots, Export, report_progress  # the sibling standalone runner (run as a script: its folder is on sys.path)
 from onnx_edit import rename_inputs
 
 
@@ -490,6 +490,7 @@ def main() -> None:
                                f"(task {t}, example {k}): is --rope-theta {a.rope_theta} the model's?")
     arrays = {}
     archs = [x for x in a.archs.split(",") if x]
+    runs_total, runs_done = len(a.quants.split(",")) * sum(len(eval_ids[t]) for t in order), 0  # progress lines (stderr) for the host
     for quant in a.quants.split(","):
         qdq = os.path.join(a.workdir, f"qdq_{quant}.onnx")
         if a.reuse_qdq and os.path.exists(qdq):  # an earlier run's graph, same arguments (the caller vouches)
@@ -529,6 +530,8 @@ def main() -> None:
                 # a checkpoint per example: report.json as it stands, this quant's runs so far under "partial"
                 np.savez(os.path.join(a.workdir, "logits.npz"), **arrays)
                 json.dump({**report, "partial": {**info, "runs": runs}}, open(os.path.join(a.workdir, "report.json"), "w"), indent=1)
+                runs_done += 1
+                report_progress(runs_done, runs_total)
             for key in [x for x in feeds if x[2] != 0 or x[0] != x[1]]:  # keep only what the context binaries rerun
                 del feeds[key]
         del cpu_qdq

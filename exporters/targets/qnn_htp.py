@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from exporters.targets.protocol import OnStep, run_streaming
 from exporters.targets.target import Readiness, Step, Target, step_facts
 
 NAME = "qnn-htp"
@@ -90,7 +91,7 @@ def check(folder: Path) -> Readiness:
 def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workdir: Path | None = None, quants: tuple[str, ...] = ("a16w8",),
               archs: tuple[str, ...] = (), context_quants: tuple[str, ...] = (), context_tasks: list[str] | None = None, ids: dict | None = None, lora_probe: Path | None = None,
               static_check: bool = True, reuse_qdq: bool = False, rope_theta: float | None = None, minutes: float = 0,
-              effect_tasks: int = 2, timeout: int = 1800) -> dict:
+              effect_tasks: int = 2, timeout: int = 1800, on_step: OnStep | None = None) -> dict:
     """Quantise ``export`` to QDQ (``quants``: a16w8, a8w8), open it on HTP without CPU fallback, run ``tasks`` in order
     on every eval window; per ``archs`` (htp_arch), compile an offline context binary of each of ``context_quants``
     (default all), reload it and run ``context_tasks``.
@@ -100,6 +101,7 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
     ``minutes``: no new example after that long (0: no limit); ``effect_tasks``: how many of ``tasks`` (the first) also
     run without slots for the LoRA effect.
     ``lora_probe``: a file tried as ``qnn.lora_config``'s adapter binary section on the first context binary.
+    ``on_step(done, total)``: after each HTP run (examples x tasks x quants), as ``qnn_graph.py`` reports them.
     Returns ``qnn_graph.py``'s report (per quant: nodes, ops, bytes, runs with max error and top-1 agreement vs
     the fp32 export on the CPU and the LoRA effect's cosine; per context binary its bytes and runs) and, under
     ``"logits"``, every run's logits keyed ``quant/session/run/window`` and the fp32 references ``fp32/task/window``.
@@ -126,9 +128,9 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
         if ids is not None:
             (work / "ids.json").write_text(json.dumps(ids))
             cmd += ["--ids", str(work / "ids.json")]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0:
-            raise RuntimeError(f"qnn_graph.py failed: {r.stderr.strip()[-2000:]}")
+        code, stderr = run_streaming(cmd, timeout=timeout, on_step=on_step)
+        if code != 0:
+            raise RuntimeError(f"qnn_graph.py failed: {stderr}")
         return read_report(work)
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.merge.method import OnStep
@@ -26,6 +25,8 @@ from hydraopt_mobile.merge.method import OnStep
 from exporters.backend import Session
 from exporters.manifest import Manifest, verify_all
 from exporters.runtime import greedy, open_export
+
+from .progress import stderr_progress
 
 SWITCHES = 21  # switch-time samples per task (median reported)
 PARITY_EXAMPLES = 2  # examples per task whose full logits come back for the max-error check
@@ -253,9 +254,7 @@ def bench_host(
     model, ref_tokenizer = load_base_model(Path(model_dir) if model_dir else base_model_dir())
     ref = _Reference(model, ref_tokenizer, {} if reference_scores is None else reference_scores)
     records: list[dict] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    # on stderr, so that a command printing its result on stdout (``bench host --json``) prints only that
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with stderr_progress() as bar:
         job = bar.add_task("bench host: exports", total=len(export_dirs))
         for folder in map(Path, export_dirs):
             records += _bench_export(folder, (banks or {}).get(str(folder)), ref, tasks, n_examples, threads, bar)

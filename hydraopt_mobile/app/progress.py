@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.merge.method import OnStep
 
@@ -23,3 +23,10 @@ def progress_bar(description: str, console: Console | None = None) -> Iterator[O
             bar.update(task, completed=done, total=total)
 
         yield on_step
+
+
+def stderr_progress(disable: bool = False) -> Progress:
+    """Transient bars (description, bar, done/total, elapsed) on stderr, for the commands that print
+    their result on stdout (``--json``): stdout then holds the result alone."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=Console(stderr=True), transient=True, disable=disable)

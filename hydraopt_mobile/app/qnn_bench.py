@@ -40,6 +40,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import paired_drop
 
 from .device_plot import Drop, plot_scores, series_label
+from .progress import stderr_progress
 from .records import markdown_table, write_record
 
 TASK_COLUMNS = ["method", "budget", "quant", "task", "n_examples", "test_examples_fitting", "score", "score_host", "max_logit_err",
@@ -214,6 +215,7 @@ def bench_qnn_htp(exports: list[Path], run: HtpRun, workdir: Path, tasks: list[s
     def check(folder: Path) -> tuple[dict | None, float | None, str | None]:
         """One export through ``qnn_graph.py``; a run that fails still leaves its per-example checkpoint, used if it has runs."""
         work = workdir / folder.name
+        job = bar.add_task(f"{folder.name} on {NAME} (emulated): runs", total=None)
         if run.reuse:
             report = read_report(work)
             if (report["seq"], report["past"], sorted(report["windows"])) != (run.seq, run.past, sorted(tasks)):
@@ -226,7 +228,8 @@ def bench_qnn_htp(exports: list[Path], run: HtpRun, workdir: Path, tasks: list[s
                                archs=run.archs if folder == exports[0] or run.contexts_all else (),
                                context_quants=run.context_quants, context_tasks=[tasks[0], tasks[-1]], ids=ids,
                                lora_probe=folder / first.path if first else None, static_check=False, reuse_qdq=run.reuse_qdq,
-                               rope_theta=theta, minutes=run.minutes, effect_tasks=run.effect_tasks, timeout=6 * 3600)
+                               rope_theta=theta, minutes=run.minutes, effect_tasks=run.effect_tasks, timeout=6 * 3600,
+                               on_step=lambda done, total: bar.update(job, completed=done, total=total))
             return report, time.perf_counter() - t0, None
         except Exception as e:  # noqa: BLE001  (a run that dies keeps its checkpoint)
             partial = read_report(work) if (work / "report.json").is_file() and (work / "logits.npz").is_file() else None
@@ -234,7 +237,7 @@ def bench_qnn_htp(exports: list[Path], run: HtpRun, workdir: Path, tasks: list[s
 
     # jobs 2 runs the exports side by side (each emulator process is mostly one thread: sampled over 30 s, the
     # Python/QNN thread took ~2/3 of its CPU time and its 8 thr_hvx_* threads the rest, HMX 1x1 convs on top)
-    with ThreadPoolExecutor(run.jobs) as pool:
+    with stderr_progress() as bar, ThreadPoolExecutor(run.jobs) as pool:
         done = list(pool.map(check, exports))
     per_example, per_task, contexts, runs_info = [], [], [], {}
     probe = None

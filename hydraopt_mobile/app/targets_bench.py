@@ -40,6 +40,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import paired_drop
 
 from .device_plot import Drop, plot_scores
+from .progress import stderr_progress
 from .records import dict_table, write_record
 
 
@@ -78,16 +79,23 @@ def ready_target(target_name: str, runtime: str = "onnxruntime") -> Target:
 
 
 def run_pair(target_name: str, export: Path, sequence: list[str], prompts: dict[str, list[list[int]]], max_new: int,
-             threads: int = 1, switch_samples: int = 5, answers: dict[str, list[list[int]]] | None = None) -> tuple[Response, Response]:
+             threads: int = 1, switch_samples: int = 5, answers: dict[str, list[list[int]]] | None = None,
+             progress: bool = True) -> tuple[Response, Response]:
     """The same request on the target and on the host; every output's logits come back.
-    ``answers``: teacher-forced scoring of these reference answers instead of generating."""
+    ``answers``: teacher-forced scoring of these reference answers instead of generating.
+    ``progress``: a bar per side on stderr, advanced by the runner's progress lines."""
     runtime = Manifest.read(Path(export)).runtime
     target = ready_target(target_name, runtime)
     n_logits = max(len(p) for p in prompts.values())
     request = make_request(export, sequence, prompts, max_new, threads, n_logits, switch_samples, answers)
     python, env = target.python(target.folder(), runtime)
-    on_target = run_request(python, env, request, target_name, target.latency_kind)
-    on_host = run_on_host(request)
+    with stderr_progress(disable=not progress) as bar:
+        side = bar.add_task(f"{Path(export).name} on {target_name} ({target.latency_kind}): examples", total=None)
+        on_target = run_request(python, env, request, target_name, target.latency_kind,
+                                on_step=lambda done, total: bar.update(side, completed=done, total=total))
+        bar.update(side, visible=False)
+        side = bar.add_task(f"{Path(export).name} on the host (reference): examples", total=None)
+        on_host = run_on_host(request, on_step=lambda done, total: bar.update(side, completed=done, total=total))
     return on_target, on_host
 
 
