@@ -10,51 +10,20 @@ that wrote it, so the export folder can be moved (here: renamed) before it is be
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import make_tiny_chat_model, peft_adapter_of
 from typer.testing import CliRunner
 
 from hydraopt_mobile.app.cli import app
-from hydraopt_mobile.suite.model import base_model_dir
 
 TASKS = ["country-de", "topic-en"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-def _tiny_model(folder: Path) -> Path:
-    """One-layer Llama with the real model's vocabulary and special tokens, and its tokenizer files."""
-    real = base_model_dir()
-    spec = json.loads((real / "config.json").read_text())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=spec["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=spec["bos_token_id"], eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"])
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (real / name).is_file():
-            shutil.copy(real / name, folder / name)
-    return folder
-
-
-def _adapter(model_dir: Path, path: Path, seed: int) -> Path:
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)  # as PEFT writes it for a model loaded from a local folder
-    peft_model.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("benchhost")
-    model = _tiny_model(root / "model")
-    ads = [_adapter(model, root / "ads" / t, seed) for seed, t in enumerate(TASKS, start=1)]
+    model = make_tiny_chat_model(root / "model")
+    ads = [peft_adapter_of(model, root / "ads" / t, seed) for seed, t in enumerate(TASKS, start=1)]
     runner = CliRunner()
     merged = runner.invoke(app, ["merge", *map(str, ads), "--method", "hydraopt", "--budget", "0.5", "--out", str(root / "bank")])
     assert merged.exit_code == 0, merged.output

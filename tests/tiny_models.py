@@ -36,6 +36,41 @@ def tiny_peft_adapter(path: Path, seed: int, targets=("q_proj", "v_proj"), r: in
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def make_tiny_chat_model(folder: Path) -> Path:
+    """One-layer Llama with the real model's vocabulary, special tokens and tokenizer files (so the
+    suite's prompts and a chat template render), random weights."""
+    import json
+    import shutil
+
+    from hydraopt_mobile.suite.model import base_model_dir
+
+    real = base_model_dir()
+    spec = json.loads((real / "config.json").read_text())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=spec["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=spec["bos_token_id"], eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"])
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (real / name).is_file():
+            shutil.copy(real / name, folder / name)
+    return folder
+
+
+def peft_adapter_of(model_dir: Path, path: Path, seed: int) -> Path:
+    """A PEFT LoRA folder (q/v, r 4, random non-zero) for the model in ``model_dir``, naming it by
+    its local folder as PEFT does."""
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)  # as PEFT writes it for a model loaded from a local folder
+    peft_model.save_pretrained(str(path))
+    return path
+
+
 def make_tiny_model(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
