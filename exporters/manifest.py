@@ -97,8 +97,17 @@ class Manifest:
     def read(cls, folder: Path) -> "Manifest":
         """Parse and check the manifest of ``folder`` (schema, then what a schema cannot say)."""
         path = Path(folder) / MANIFEST
+
+        def foreign(doc: object) -> str:
+            says = doc if isinstance(doc, dict) else {}
+            if says.get("format") == "hydraopt-bundle":  # what `hydraopt merge` writes: one step before an export
+                return f"{path}: not a {SCHEMA} manifest: {folder} is a bundle; export it first (hydraopt export {folder} --out EXPORT)"
+            if isinstance(says.get("schema"), str) and says["schema"].startswith("hydraopt-export/"):
+                return f"{path}: not a {SCHEMA} manifest (it is {says['schema']!r}: export the bundle again)"
+            return f"{path}: not a {SCHEMA} manifest"
+
         raw = read_document(path, "export-manifest", ManifestError, f"{folder}: no {MANIFEST}; not an export folder",
-                            {"schema": SCHEMA}, f"{path}: not a {SCHEMA} manifest")
+                            {"schema": SCHEMA}, foreign)
         raw.pop("schema")
         raw["files"] = [FileEntry(**f) for f in raw["files"]]
         manifest = cls(**raw)

@@ -200,8 +200,19 @@ def read_manifest(path: Path) -> dict:
     """The manifest of bundle ``path``, checked against schemas/bundle-manifest.schema.json and
     :func:`check_manifest`; no tensor file has been opened yet."""
     mpath = Path(path) / MANIFEST
+
+    def foreign(doc: object) -> str:
+        says = doc if isinstance(doc, dict) else {}
+        if says.get("format") == "hydraopt-bundle":
+            what = f"version {says.get('version')!r}; older bundles: merge the adapters again"
+        elif isinstance(says.get("schema"), str):
+            what = f"it is a {says['schema']!r} manifest"  # e.g. an export's: its bundle is a folder inside it
+        else:
+            what = "no hydraopt bundle format named"
+        return f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest ({what})"
+
     manifest = read_document(mpath, "bundle-manifest", BundleError, f"{mpath}: missing; {path} is not a bundle",
-                             {"format": "hydraopt-bundle", "version": FORMAT_VERSION}, f"{mpath}: not a version-{FORMAT_VERSION} hydraopt bundle manifest (older bundles: merge the adapters again)")
+                             {"format": "hydraopt-bundle", "version": FORMAT_VERSION}, foreign)
     check_manifest(manifest, mpath)
     return manifest
 

@@ -107,7 +107,8 @@ def test_reordered_task_list_is_refused_not_a_silently_wrong_task(bundle, pristi
         (lambda raw: raw["files"].pop("tasks/t3.safetensors"), "the layouts need"),
         (lambda raw: raw.update(tasks=["t0", "t1", "t2", "../t3"]), "tasks[3]"),
         (lambda raw: raw["layouts"][0].update(format="int4-g7"), "format"),
-        (lambda raw: raw.update(version=2), "not a version-3 hydraopt bundle manifest (older bundles: merge the adapters again)"),
+        (lambda raw: raw.update(version=2), "not a version-3 hydraopt bundle manifest (version 2; older bundles: merge the adapters again)"),
+        (lambda raw: (raw.clear(), raw.update(schema="hydraopt-export/4")), "not a version-3 hydraopt bundle manifest (it is a 'hydraopt-export/4' manifest)"),
     ],
 )
 def test_manifest_structure_is_checked_by_unpack_and_inspect_alike(bundle, change, message):

@@ -67,6 +67,8 @@ def test_symlink_out_of_the_export_is_refused(copy, tmp_path):
     "change, message",
     [
         (lambda raw: [raw], "not a hydraopt-export/4 manifest"),
+        (lambda raw: {"format": "hydraopt-bundle", "version": 3}, r"is a bundle; export it first \(hydraopt export .* --out EXPORT\)"),
+        (lambda raw: raw.update(schema="hydraopt-export/3"), r"\(it is 'hydraopt-export/3': export the bundle again\)"),
         (lambda raw: raw.update(tasks=raw["tasks"] + ["ALPHA"]), "differ only in case"),
         (lambda raw: raw.update(tasks=["../x"] + raw["tasks"][1:]), "tasks"),
         (lambda raw: raw["files"].remove(_task_entry(raw, "beta")), "names a task or file the manifest does not list"),

@@ -11,7 +11,7 @@ import json
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Mapping, cast
+from typing import Callable, Mapping, cast
 
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
@@ -81,16 +81,17 @@ def validate(instance: object, name: str, source: object, error: type[Exception]
 
 
 def read_document(path: Path, name: str, error: type[Exception], missing: str,
-                  identity: Mapping[str, object] | None = None, foreign: str = "") -> dict:
+                  identity: Mapping[str, object] | None = None, foreign: str | Callable[[object], str] = "") -> dict:
     """The JSON file ``path`` parsed and checked against schema ``name``: the one reading of a
     manifest or config. ``error(missing)`` when it is not a file; when ``identity`` is given, a
     document whose fields differ from it (e.g. another format's manifest) is refused as
-    ``error(foreign)`` before the schema is applied, so the message says what the file is not
-    rather than which field of another format it lacks."""
+    ``error(foreign)`` (``foreign(document)`` when callable, so the message can say what the file
+    is instead) before the schema is applied, so the message says what the file is not rather than
+    which field of another format it lacks."""
     if not path.is_file():
         raise error(missing)
     doc = read_json(path, error)
     if identity is not None and (not isinstance(doc, dict) or any(doc.get(k) != v for k, v in identity.items())):
-        raise error(foreign)
+        raise error(foreign(doc) if callable(foreign) else foreign)
     validate(doc, name, path, error)
     return cast(dict, doc)  # every schema read this way has an object at its top level
