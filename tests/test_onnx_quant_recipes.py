@@ -127,5 +127,5 @@ def test_unknown_quant_lists_the_registry(tmp_path):
 def test_export_help_describes_every_recipe():
     result = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "400"})
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # rich's panel borders and wrapping out
-    for name in RECIPES:
-        assert f"{name} (" in text, name
+    for name, r in RECIPES.items():
+        assert f"onnx {name}: {r.description}" in text, name  # one line per recipe, with its description

@@ -20,7 +20,9 @@ from .records import OUT_HELP, refuse_existing
 
 console = Console()
 FORMAT_HELP = " | ".join(BACKENDS)
-QUANT_HELP = "; ".join(f"{name}: " + " | ".join(f"{q} ({desc})" for q, desc in b.quants.items()) for name, b in BACKENDS.items())
+# one recipe per line (typer keeps a line break where the help has a blank line)
+QUANT_HELP = "the base weights' number format, by --format:\n\n" + "\n\n".join(
+    f"{name} [bold]{q}[/]: {desc}" for name, b in BACKENDS.items() for q, desc in b.quants.items())
 bench_app = typer.Typer(help="Measure exports on the real runtimes.", no_args_is_help=True)
 
 
