@@ -104,7 +104,11 @@ def compiled(tiny) -> tuple[dict, dict]:
     assert ready.ready, f"ethos-u could not be made ready: {ready.reason}"
     print(f"ethos-u set-up {time.perf_counter() - t0:.1f} s {steps}")
     variant = LayerVariant("bank", "test-grouped", "switchable", tiny["tasks"], ("alpha", "beta", "alpha"))
-    return compile_layer(tiny["weights"], tiny["x"], tiny["cfg"], [variant], NPUS, ("a8w8",))
+    steps: list[tuple[int, int]] = []
+    out = compile_layer(tiny["weights"], tiny["x"], tiny["cfg"], [variant], NPUS, ("a8w8",), on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(i, len(NPUS)) for i in range(1, len(NPUS) + 1)]  # one progress line per compile, as it finishes
+    assert out[0]["log"], "the script's stdout log came back"
+    return out
 
 
 @pytest.mark.parametrize("npu", NPUS)

@@ -426,8 +426,8 @@ def test_bench_qnn_htp_names_a_task_outside_the_suite(qnn, tiny):
 
 def test_a_streamed_run_passes_progress_on_and_keeps_the_rest_of_stderr(tmp_path):
     """``run_streaming``: progress lines go to ``on_step`` in order, other stderr lines (and a line
-    that only looks like progress) stay for the error message, the exit code comes back; a run past
-    its timeout is killed and raises."""
+    that only looks like progress) stay for the error message, stdout and the exit code come back; a
+    run past its timeout is killed and raises."""
     script = tmp_path / "s.py"
     script.write_text("import sys\n"
                       "print('hydraopt-progress 1 2', file=sys.stderr, flush=True)\n"
@@ -437,8 +437,8 @@ def test_a_streamed_run_passes_progress_on_and_keeps_the_rest_of_stderr(tmp_path
                       "print('to stdout')\n"
                       "sys.exit(3)\n")
     steps: list[tuple[int, int]] = []
-    code, stderr = run_streaming([sys.executable, str(script)], on_step=lambda done, total: steps.append((done, total)))
-    assert (code, steps) == (3, [(1, 2), (2, 2)])
-    assert stderr == "something went wrong\nhydraopt-progress two 2"
+    r = run_streaming([sys.executable, str(script)], on_step=lambda done, total: steps.append((done, total)))
+    assert (r.returncode, steps, r.stdout) == (3, [(1, 2), (2, 2)], "to stdout\n")
+    assert r.stderr == "something went wrong\nhydraopt-progress two 2"
     with pytest.raises(subprocess.TimeoutExpired):
         run_streaming([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from exporters.targets.ethos_u_layer import SLOTS, LayerConfig
+from exporters.targets.protocol import OnStep, run_streaming
 from exporters.targets.target import Readiness, Step, Target, step_facts
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
@@ -205,11 +206,12 @@ def ensure_ready() -> Path:
 
 def compile_layer(weights: dict[str, torch.Tensor], x: torch.Tensor, cfg: LayerConfig, variants: list[LayerVariant],
                   npus: tuple[str, ...] = NPUS, quants: tuple[str, ...] = QUANTS, workdir: Path | None = None,
-                  threads: int = 1, timeout_s: int = 3600) -> tuple[dict, dict[str, torch.Tensor]]:
+                  threads: int = 1, timeout_s: int = 3600, on_step: OnStep | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Build every variant of the layer (``weights``: a ``LlamaDecoderLayer`` state dict; ``x``:
     the layer's input, (seq, hidden)), compile it for every NPU x quantisation, run the lowered TOSA
     on the reference model; returns ``ethos_u_layer.main``'s report and the outputs by
-    ``variant/npu/quant/run/task`` (TOSA) and ``variant/fp32/task``."""
+    ``variant/npu/quant/run/task`` (TOSA) and ``variant/fp32/task``. ``on_step(done, total)`` after
+    each compile (variants x NPUs x quants)."""
     from safetensors.torch import load_file, save_file
 
     folder = ensure_ready()
@@ -228,7 +230,7 @@ def compile_layer(weights: dict[str, torch.Tensor], x: torch.Tensor, cfg: LayerC
                "threads": threads}
         (job_dir / "job.json").write_text(json.dumps(job, indent=1))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        r = subprocess.run([sys.executable, str(SCRIPT), str(job_dir)], capture_output=True, text=True, timeout=timeout_s, env=env)
+        r = run_streaming([sys.executable, str(SCRIPT), str(job_dir)], env=env, timeout=timeout_s, on_step=on_step)
         if r.returncode != 0:
             raise RuntimeError(f"ethos_u_layer.py failed: {r.stderr.strip()[-3000:]}")
         report = json.loads((job_dir / "report.json").read_text())

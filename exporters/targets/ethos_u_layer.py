@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from exporters.targets.device_runner import report_progress
+
 SLOTS = ("q_proj", "v_proj")
 
 
@@ -262,6 +264,7 @@ def main(job_dir: Path) -> None:
     x = weights.pop("x")[None]
     report: dict = {"config": asdict(cfg), "variants": []}
     outputs: dict[str, torch.Tensor] = {}
+    compiles, compiled = len(job["variants"]) * len(job["npus"]) * len(job["quants"]), 0
     for variant in job["variants"]:
         tasks = {t: load_file(job_dir / f"{variant['name']}-{t}.safetensors") for t in variant["tasks"]}
         ranks = variant["ranks"]
@@ -275,6 +278,8 @@ def main(job_dir: Path) -> None:
                 try:
                     rec = compile_variant(module, runs[0][1], calibration, npu, quant, job_dir / key.replace("/", "_"))
                 except Exception as e:  # recorded, not hidden: a config the backend refuses is a result
+                    compiled += 1
+                    report_progress(compiled, compiles)
                     report["variants"].append({"variant": variant["name"], "kind": variant["kind"], "npu": npu, "quant": quant,
                                                "error": f"{type(e).__name__}: {str(e)[:800]}"})
                     print(f"{key}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -295,6 +300,8 @@ def main(job_dir: Path) -> None:
                                                   effect_int_norm=float(eff.norm()))
                 report["variants"].append(rec)
                 print(f"{key}: {rec['delegates']} delegate(s), vela {rec['vela']}, {rec['compile_s']} s, cpu ops {rec['cpu_ops']}", flush=True)
+                compiled += 1
+                report_progress(compiled, compiles)
         for t, y in fp32.items():
             outputs[f"{variant['name']}/fp32/{t}"] = y.contiguous()
     save_file(outputs, str(job_dir / "outputs.safetensors"))

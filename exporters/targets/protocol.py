@@ -63,17 +63,19 @@ def make_request(export: Path, sequence: list[str], prompts: dict[str, list[list
 
 
 def run_streaming(cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
-                  on_step: OnStep | None = None) -> tuple[int, str]:
-    """Run ``cmd``; its ``hydraopt-progress DONE TOTAL`` stderr lines (device_runner.report_progress)
-    go to ``on_step`` as they come, the rest of stderr is kept (its last 2,000 characters are
-    returned with the exit code, for error messages); stdout is discarded. A run past ``timeout``
-    is killed and raises ``subprocess.TimeoutExpired``, as ``subprocess.run`` does."""
+                  on_step: OnStep | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as ``subprocess.run(cmd, capture_output=True, text=True)`` does, except that
+    its ``hydraopt-progress DONE TOTAL`` stderr lines (device_runner.report_progress) go to
+    ``on_step`` as they come instead of into ``stderr``, of which the last 2,000 characters are kept
+    (for error messages). A run past ``timeout`` is killed and raises ``subprocess.TimeoutExpired``."""
     tail: collections.deque[str] = collections.deque(maxlen=400)
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        assert proc.stderr is not None
+    out: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout, proc.stderr
 
-        def read() -> None:
-            for line in proc.stderr:
+        def read_stderr() -> None:
+            for line in stderr:
                 fields = line.split()
                 if len(fields) == 3 and fields[0] == PROGRESS and fields[1].isdigit() and fields[2].isdigit():
                     if on_step is not None:
@@ -81,16 +83,18 @@ def run_streaming(cmd: list[str], env: dict[str, str] | None = None, timeout: fl
                 else:
                     tail.append(line)
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        readers = [threading.Thread(target=read_stderr, daemon=True), threading.Thread(target=lambda: out.extend(stdout), daemon=True)]
+        for reader in readers:
+            reader.start()
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
         finally:
-            reader.join()
-    return proc.returncode, "".join(tail).strip()[-2000:]
+            for reader in readers:
+                reader.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(tail).strip()[-2000:])
 
 
 def run_request(python: list[str], env: dict[str, str] | None, request: dict, target: str, latency_kind: str,
@@ -103,11 +107,11 @@ def run_request(python: list[str], env: dict[str, str] | None, request: dict, ta
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
         req.write_text(json.dumps(request))
         t0 = time.perf_counter()
-        code, stderr = run_streaming([*python, str(RUNNER), str(req), str(resp), "--target", target, "--latency-kind", latency_kind],
-                                     env=env, timeout=timeout, on_step=on_step)
+        r = run_streaming([*python, str(RUNNER), str(req), str(resp), "--target", target, "--latency-kind", latency_kind],
+                          env=env, timeout=timeout, on_step=on_step)
         wall = time.perf_counter() - t0
         if not resp.is_file():
-            raise RunnerError(f"the runner on {target} wrote no response (exit {code}): {stderr}")
+            raise RunnerError(f"the runner on {target} wrote no response (exit {r.returncode}): {r.stderr}")
         data = json.loads(resp.read_text())
         if "error" in data:
             raise RunnerError(f"the runner on {target} refused the run: {data['error']}")

@@ -128,9 +128,9 @@ def htp_check(export: Path, tasks: list[str], seq: int = 8, past: int = 2, workd
         if ids is not None:
             (work / "ids.json").write_text(json.dumps(ids))
             cmd += ["--ids", str(work / "ids.json")]
-        code, stderr = run_streaming(cmd, timeout=timeout, on_step=on_step)
-        if code != 0:
-            raise RuntimeError(f"qnn_graph.py failed: {stderr}")
+        r = run_streaming(cmd, timeout=timeout, on_step=on_step)
+        if r.returncode != 0:
+            raise RuntimeError(f"qnn_graph.py failed: {r.stderr}")
         return read_report(work)
 
 
