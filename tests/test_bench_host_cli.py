@@ -93,3 +93,16 @@ def test_the_runtime_process_error_reaches_the_caller_as_raised(tmp_path):
 
     with pytest.raises(ManifestError, match="no manifest.json"):
         _in_child(tmp_path / "not-an-export", {"t": [[1, 2]]}, {"t": 2}, 1)
+
+
+def test_inspect_an_export_shows_its_program_then_the_bank_inside_it(case):
+    """``hydraopt inspect`` takes an export as well as a bundle: the export's runtime, slots and
+    resident bytes, then the bundle report of its ``bank/``; ``--json`` nests that report."""
+    r = CliRunner().invoke(app, ["inspect", str(case["export"])], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime/fp32" in r.stdout and "q_proj: rank" in r.stdout and "plan:" in r.stdout
+    r = CliRunner().invoke(app, ["inspect", str(case["export"]), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["runtime"] == "onnxruntime" and info["tasks"] == info["bank"]["tasks"] == sorted(TASKS)
+    assert info["bytes"]["per_task"] == info["bank"]["bytes"]["per_task"]  # the export ships the bank's task files as they are

@@ -108,12 +108,21 @@ def test_reordered_task_list_is_refused_not_a_silently_wrong_task(bundle, pristi
         (lambda raw: raw.update(tasks=["t0", "t1", "t2", "../t3"]), "tasks[3]"),
         (lambda raw: raw["layouts"][0].update(format="int4-g7"), "format"),
         (lambda raw: raw.update(version=2), "not a version-3 hydraopt bundle manifest (version 2; older bundles: merge the adapters again)"),
-        (lambda raw: (raw.clear(), raw.update(schema="hydraopt-export/4")), "not a version-3 hydraopt bundle manifest (it is a 'hydraopt-export/4' manifest)"),
     ],
 )
 def test_manifest_structure_is_checked_by_unpack_and_inspect_alike(bundle, change, message):
     edit(bundle, change)
     both_refuse(bundle, message)
+
+
+def test_an_export_manifest_is_named_as_such(bundle):
+    """A folder whose manifest is an export's: unpack says what it is; inspect reads it as the
+    export it claims to be and names what is missing from that manifest."""
+    edit(bundle, lambda raw: (raw.clear(), raw.update(schema="hydraopt-export/4")))
+    code, text = run("unpack", bundle, "--task", "t0", "--out", bundle.parent / "u")
+    assert code == 2 and "not a version-3 hydraopt bundle manifest (it is a 'hydraopt-export/4' manifest)" in text, text
+    code, text = run("inspect", bundle)
+    assert code == 2 and "manifest.json" in text and "required" in text, text
 
 
 @pytest.mark.parametrize(

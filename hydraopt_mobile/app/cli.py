@@ -178,15 +178,40 @@ def _print_inspect(path: Path) -> None:
 
 
 @app.command()
-def inspect(bundle: Path, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Tasks, layouts, exact bytes on disk and per-task reconstruction error of a bundle."""
-    from .inspect_bundle import inspect_bundle
+def inspect(bundle: Path = typer.Argument(..., help="a bundle (hydraopt merge) or an export (hydraopt export)"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Tasks, layouts, exact bytes on disk and per-task reconstruction error of a bundle; for an
+    export, its program and files first, then the same of the bundle inside it."""
+    from .inspect_bundle import inspect_bundle, inspect_export, is_export
 
     with reported(console):
+        export = is_export(bundle)
+        info = inspect_export(bundle) if export else inspect_bundle(bundle)
         if as_json:
-            print(json.dumps(inspect_bundle(bundle), indent=1))
-        else:
-            _print_inspect(bundle)
+            print(json.dumps(info, indent=1))
+            return
+        if export:
+            b = info["bytes"]
+            console.print(f"[bold]{info['export']}[/]: export {info['export_id']}, {info['runtime']}/{info['quant']}, {len(info['tasks'])} tasks, "
+                          f"slots {_signature_summary(info['slot_signature'])}, "
+                          f"program {info['program_source']}", soft_wrap=True)
+            console.print(f"resident {b['resident']:,} bytes (program {b['program']:,}, shared factors {b['shared']:,}); "
+                          f"task files {sum(b['per_task'].values()):,} bytes in all; the bank inside it, {bundle / 'bank'}:", soft_wrap=True)
+        _print_inspect(bundle / "bank" if export else bundle)
+
+
+def _signature_summary(signature: dict[str, int]) -> str:
+    """``q_proj: rank 2-4 (30), v_proj: rank 1-2 (30)``: a slot signature by module type."""
+    by_type: dict[str, list[int]] = {}
+    for module, rank in signature.items():
+        by_type.setdefault(module.rsplit(".", 1)[-1], []).append(rank)
+    if not by_type:
+        return "none (a task merged in)"
+
+    def ranks(r: list[int]) -> str:
+        return f"rank {min(r)}" if min(r) == max(r) else f"rank {min(r)}-{max(r)}"
+
+    return ", ".join(f"{kind}: {ranks(r)} ({len(r)})" for kind, r in by_type.items())
 
 
 @app.command()

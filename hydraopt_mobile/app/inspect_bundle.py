@@ -1,4 +1,4 @@
-"""What ``hydraopt inspect`` reports about a bundle."""
+"""What ``hydraopt inspect`` reports about a bundle, or about an export and the bundle inside it."""
 
 from __future__ import annotations
 
@@ -38,4 +38,37 @@ def inspect_bundle(path: Path) -> dict:
         "storage_fraction": file_bytes / bank.reference_file_bytes if bank.reference_file_bytes else None,
         "saving": saving_breakdown(bank),
         "rel_errors": bank.rel_errors,
+    }
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` holds an export's manifest (``hydraopt export``'s output) rather than a bundle's."""
+    import json
+
+    try:
+        doc = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("schema", "")).startswith("hydraopt-export/")
+
+
+def inspect_export(path: Path) -> dict:
+    """The export's program and files (its manifest, checked as a runtime would read it) and
+    :func:`inspect_bundle` of the bank inside it (``bank/``, the bundle's files as they are)."""
+    from exporters.manifest import Manifest
+
+    m = Manifest.read(Path(path))
+    return {
+        "export": str(path),
+        "export_id": m.export_id,
+        "runtime": m.runtime,
+        "quant": m.quant,
+        "method": m.method,
+        "tasks": m.tasks,
+        "slot_signature": m.signature,
+        "program_source": m.extra.get("program_source"),
+        "max_cache_len": m.model.get("max_cache_len"),
+        "bytes": {"program": m.bytes_of("program"), "shared": m.bytes_of("shared"), "resident": m.resident_bytes(),
+                  "per_task": {t: m.task_bytes(t) for t in m.tasks}, "tokenizer": m.bytes_of("tokenizer")},
+        "bank": inspect_bundle(Path(path) / "bank"),
     }
