@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from rich import get_console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
@@ -199,7 +200,8 @@ def export_bank(
     export_id = uuid.uuid4().hex[:16]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     inputs = [model_dir] if isinstance(bank_or_path, MergedBank) else [model_dir, Path(bank_or_path)]
-    with atomic_dir(Path(out), overwrite, kind=EXPORT, inputs=inputs) as folder, Progress(*columns, transient=True) as bar:
+    quiet = not get_console().is_terminal  # a transient bar in a pipe or a log leaves only an empty line
+    with atomic_dir(Path(out), overwrite, kind=EXPORT, inputs=inputs) as folder, Progress(*columns, transient=True, disable=quiet) as bar:
         step = bar.add_task(f"export {fmt}/{quant}: loading base model")
         t0 = time.perf_counter()
         model = load_causal_lm(model_dir)

@@ -1,11 +1,13 @@
 """The library reports progress through ``on_step(done, total)`` callbacks; the application draws
-them as a rich progress bar."""
+them as a rich progress bar, on a terminal only: a transient bar drawn into a pipe or a log file
+leaves an empty line behind (rich), and a log wants the results, not the bars."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
+from rich import get_console
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -16,7 +18,8 @@ from hydraopt_mobile.merge.method import OnStep
 def progress_bar(description: str, console: Console | None = None) -> Iterator[OnStep]:
     """A transient bar, and the ``on_step`` callback that advances it (each call's total may differ:
     one bar can follow several merges in turn)."""
-    with Progress(console=console, transient=True) as bar:
+    console = console or get_console()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=None)
 
         def on_step(done: int, total: int) -> None:
@@ -29,4 +32,5 @@ def stderr_progress(disable: bool = False) -> Progress:
     """Transient bars (description, bar, done/total, elapsed) on stderr, for the commands that print
     their result on stdout (``--json``): stdout then holds the result alone."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=Console(stderr=True), transient=True, disable=disable)
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=disable or not console.is_terminal)
