@@ -32,7 +32,7 @@ BUILD_SH = ROOT / "android_demo" / "build.sh"
 PACKAGE = "org.hydraopt.demo"
 DEVICE_FILES = f"/sdcard/Android/data/{PACKAGE}/files"
 PROTOCOL = "hydraopt-device-runner/1"
-console = Console()
+console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 android_app = typer.Typer(help="The Android demo app (android_demo/).", no_args_is_help=True)
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from hydraopt_mobile.objective_choice import ObjectiveChoice
 
 app = typer.Typer(help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 
 
 @app.callback()

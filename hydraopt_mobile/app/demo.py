@@ -105,7 +105,7 @@ def run_demo(out: Path, cfg: DemoConfig, overwrite: bool = False, console: Conso
     from hydraopt_mobile.suite.model import base_model_dir, cache_root
     from hydraopt_mobile.suite.tasks import TASK_NAMES
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     t_start = time.perf_counter()
     marks: list[tuple[str, float]] = []  # (step title, when it began) for the record's step_seconds
 

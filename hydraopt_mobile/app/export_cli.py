@@ -18,7 +18,7 @@ from exporters.registry import BACKENDS
 from .failures import reported
 from .records import OUT_HELP, refuse_existing
 
-console = Console()
+console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 FORMAT_HELP = " | ".join(BACKENDS)
 # one recipe per line (typer keeps a line break where the help has a blank line)
 QUANT_HELP = "the base weights' number format, by --format:\n\n" + "\n\n".join(

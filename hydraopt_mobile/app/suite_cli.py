@@ -17,7 +17,7 @@ from .records import write_record
 from .threads import torch_threads
 
 suite_app = typer.Typer(help="The embedded SmolLM2-135M task suite: train adapters, evaluate.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 
 
 def _task_list(tasks: str | None) -> list[str] | None:

@@ -17,7 +17,7 @@ from hydraopt_mobile.errors import UserError
 from .failures import report_error, reported
 from .records import OUT_HELP, refuse_existing
 
-console = Console()
+console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 targets_app = typer.Typer(help="Device targets: list them, set them up (cached), see `hydraopt bench TARGET`.",
                           invoke_without_command=True)
 
