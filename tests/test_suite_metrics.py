@@ -82,8 +82,20 @@ def test_against_base_needs_adapters():
 
     from hydraopt_mobile.app.cli import app
 
-    result = CliRunner().invoke(app, ["suite", "eval", "--against-base", "--tasks", "country-de"])
-    assert result.exit_code != 0 and "--against-base needs --adapters" in result.output
+    result = CliRunner().invoke(app, ["suite", "eval", "--against-base", "--tasks", "country-de"], env={"COLUMNS": "200"})
+    assert result.exit_code != 0 and "--against-base needs --adapters or --bundle" in result.output
+
+
+def test_suite_eval_of_a_bundle_names_tasks_outside_the_suite(make_adapters, tmp_path):
+    """A bundle of other tasks is refused before the model loads, naming them and the way out (--tasks)."""
+    from typer.testing import CliRunner
+
+    from hydraopt_mobile.app.cli import app
+
+    merged = CliRunner().invoke(app, ["merge", *map(str, make_adapters(2)), "--budget", "0.5", "--out", str(tmp_path / "b")])
+    assert merged.exit_code == 0, merged.output
+    result = CliRunner().invoke(app, ["suite", "eval", "--bundle", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "are not suite tasks" in result.output and "--tasks" in result.output, result.output
 
 
 def test_answer_cache_digest_takes_rank_one_factors():

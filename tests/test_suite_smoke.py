@@ -137,3 +137,25 @@ def test_suite_train_command_trains_with_its_options(tmp_path: Path):
     from hydraopt_mobile.suite.train import task_seed
 
     assert meta["steps"] == 1 and meta["seed"] == task_seed(3, "country-de", "independent-seeds") != task_seed(3, "country-de", "shared-seed")
+
+
+@pytest.mark.slow
+def test_suite_eval_scores_a_bundle_against_its_adapters(tmp_path: Path):
+    """``hydraopt suite eval --bundle B --adapters DIR``: the bundle's effective adapters scored on the
+    real model and compared with the adapters themselves, example by example (paired interval)."""
+    from typer.testing import CliRunner
+
+    from hydraopt_mobile.app.cli import app
+
+    ads = ADAPTERS / "shared-seed"
+    merged = CliRunner().invoke(app, ["merge", str(ads / "country-de"), str(ads / "topic-en"), "--budget", "0.1", "--out", str(tmp_path / "b")])
+    assert merged.exit_code == 0, merged.output
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["suite", "eval", "--bundle", str(tmp_path / "b"), "--adapters", str(ads), "--tasks", "country-de",
+                                      "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    diff = record["differences"]["country-de"]
+    assert record["scores"]["country-de"] - record["adapters_scores"]["country-de"] == pytest.approx(diff["points"])
+    assert diff["ci95"][0] <= diff["points"] <= diff["ci95"][1]
+    assert "bundle" in result.output and "adapters" in result.output and "95 % interval" in result.output

@@ -12,8 +12,9 @@ from rich.table import Table
 from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
 from hydraopt_mobile.suite.train import TrainConfig
 
+from .failures import reported
 from .progress import progress_bar
-from .records import write_record
+from .records import print_unwrapped, write_record
 from .threads import torch_threads
 
 suite_app = typer.Typer(help="The embedded SmolLM2-135M task suite: train adapters, evaluate.", no_args_is_help=True)
@@ -63,28 +64,43 @@ def calibration_(
 @suite_app.command("eval")
 def eval_(
     adapters: Path | None = typer.Option(None, "--adapters", help="Folder of per-task adapter folders; omit for the base model."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="A bundle (hydraopt merge) whose tasks are suite tasks: each scored with its "
+                                       "effective adapter from the bundle; with --adapters too, against those adapters."),
     split: str = typer.Option("test", "--split", help="test or val."),
     threads: int = typer.Option(1, "--threads"),
-    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks (default: every suite task, or the bundle's)."),
     against_base: bool = typer.Option(False, "--against-base", help="Also score the base model and give each adapter's gain with a 95 % paired bootstrap interval."),
     json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
 ) -> None:
-    """Score the base model or a folder of adapters on each task's own metric."""
-    if against_base and adapters is None:
-        raise typer.BadParameter("--against-base needs --adapters", param_hint="--against-base")
-    with torch_threads(threads):
-        _evaluate(adapters, split, threads, _task_list(tasks), against_base, json_out)
+    """Score the base model, a folder of adapters or a bundle on each task's own metric; a bundle
+    with --adapters is compared with those adapters (its drop per task, with a 95 % paired interval)."""
+    if against_base and adapters is None and bundle is None:
+        raise typer.BadParameter("--against-base needs --adapters or --bundle", param_hint="--against-base")
+    if against_base and adapters is not None and bundle is not None:
+        raise typer.BadParameter("a bundle with --adapters is compared with the adapters; --against-base compares with the base model: choose one",
+                                 param_hint="--against-base")
+    with reported(console), torch_threads(threads):
+        _evaluate(adapters, bundle, split, threads, _task_list(tasks), against_base, json_out)
 
 
-def _evaluate(adapters: Path | None, split: str, threads: int, tasks: list[str] | None, against_base: bool, json_out: Path | None) -> None:
+def _evaluate(adapters: Path | None, bundle: Path | None, split: str, threads: int, tasks: list[str] | None, against_base: bool,
+              json_out: Path | None) -> None:
+    from hydraopt_mobile.bundle import load_bundle
+    from hydraopt_mobile.errors import UserError
     from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
     from hydraopt_mobile.suite.metrics import average, paired_gain
     from hydraopt_mobile.suite.model import cache_root, load_base_model
 
+    bank = load_bundle(bundle) if bundle is not None else None
+    if bank is not None and tasks is None:
+        if unknown := [t for t in bank.tasks if t not in TASK_NAMES]:
+            raise UserError(f"{bundle}: tasks {unknown} are not suite tasks (suite: {', '.join(TASK_NAMES)}); pass --tasks")
+        tasks = bank.tasks
     suite = load_suite(tasks)
-    factors = None
-    if adapters is not None:
-        factors = adapters_from_folders({t.name: adapters / t.name for t in suite})
+    if bank is not None and (missing := [t.name for t in suite if t.name not in bank.tasks]):
+        raise UserError(f"{bundle}: no task {missing} in this bundle (tasks: {', '.join(bank.tasks)})")
+    own = None if adapters is None else adapters_from_folders({t.name: adapters / t.name for t in suite})
+    factors = own if bank is None else {t.name: bank.task_factors(t.name) for t in suite}
     model, tokenizer = load_base_model()
     answers = cache_root() / "answers"  # keyed by weights, adapter, prompts and decoding settings
     start = time.time()
@@ -92,27 +108,31 @@ def _evaluate(adapters: Path | None, split: str, threads: int, tasks: list[str] 
     with progress_bar("evaluate: tasks", console) as on_step:
         scores = evaluate(suite, factors, model, tokenizer, split=split, predictions=texts, cache=answers, on_step=on_step)
     seconds = time.time() - start
-    record: dict = {"adapters": str(adapters) if adapters else None, "split": split, "threads": threads,
-                    "seconds": round(seconds, 1), "scores": scores}
-    if against_base:
-        base_texts: dict[str, list[str]] = {}
-        with progress_bar("evaluate base model: tasks", console) as on_step:
-            base = evaluate(suite, None, model, tokenizer, split=split, predictions=base_texts, cache=answers, on_step=on_step)
-        gains = {t.name: paired_gain(t, texts[t.name], base_texts[t.name], split) for t in suite}
-        table = Table("task", "metric", "base", "adapter", "gain", "95 % interval", "clear gain")
+    record: dict = {"adapters": str(adapters) if adapters else None, "bundle": str(bundle) if bundle else None, "split": split,
+                    "threads": threads, "seconds": round(seconds, 1), "scores": scores}
+    # the reference each task's score is compared with: the adapters themselves (a bundle given with
+    # --adapters), or the base model (--against-base)
+    reference = "adapters" if bank is not None and own is not None else "base" if against_base else None
+    if reference is not None:
+        ref_texts: dict[str, list[str]] = {}
+        with progress_bar(f"evaluate {'the adapters' if reference == 'adapters' else 'the base model'}: tasks", console) as on_step:
+            ref = evaluate(suite, own if reference == "adapters" else None, model, tokenizer, split=split, predictions=ref_texts, cache=answers, on_step=on_step)
+        gains = {t.name: paired_gain(t, texts[t.name], ref_texts[t.name], split) for t in suite}
+        subject = "bundle" if bank is not None else "adapter"
+        table = Table("task", "metric", reference, subject, "difference", "95 % interval", "clear")
         for t in suite:
             g = gains[t.name]
-            table.add_row(t.name, t.metric, f"{base[t.name]:.1f}", f"{scores[t.name]:.1f}", f"{g.points:+.1f}",
-                          f"[{g.low:+.1f}, {g.high:+.1f}]", "yes" if g.clear else "[red]no[/red]")
-        table.add_row("average", "", f"{average(base):.1f}", f"{average(scores):.1f}", f"{average(scores) - average(base):+.1f}", "", "")
-        record["base_scores"] = base
-        record["gains"] = {k: g.as_dict() for k, g in gains.items()}
+            table.add_row(t.name, t.metric, f"{ref[t.name]:.1f}", f"{scores[t.name]:.1f}", f"{g.points:+.1f}",
+                          f"[{g.low:+.1f}, {g.high:+.1f}]", "yes" if g.clear else "no")
+        table.add_row("average", "", f"{average(ref):.1f}", f"{average(scores):.1f}", f"{average(scores) - average(ref):+.1f}", "", "")
+        record[f"{reference}_scores"] = ref
+        record["gains" if reference == "base" else "differences"] = {k: g.as_dict() for k, g in gains.items()}
     else:
         table = Table("task", "metric", "score")
         for t in suite:
             table.add_row(t.name, t.metric, f"{scores[t.name]:.1f}")
         table.add_row("average", "", f"{average(scores):.1f}")
-    console.print(table)
+    print_unwrapped(table, console)
     console.print(f"{split} split evaluated in {seconds:.0f} s with {threads} thread(s)")
     if json_out is not None:
         write_record(json_out, record, indent=2, trailing_newline=True)
