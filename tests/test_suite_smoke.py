@@ -158,4 +158,5 @@ def test_suite_eval_scores_a_bundle_against_its_adapters(tmp_path: Path):
     diff = record["differences"]["country-de"]
     assert record["scores"]["country-de"] - record["adapters_scores"]["country-de"] == pytest.approx(diff["points"])
     assert diff["ci95"][0] <= diff["points"] <= diff["ci95"][1]
+    assert record["average_difference"]["points"] == pytest.approx(diff["points"])  # one task: its average is the task
     assert "bundle" in result.output and "adapters" in result.output and "95 % interval" in result.output

@@ -88,7 +88,7 @@ def _evaluate(adapters: Path | None, bundle: Path | None, split: str, threads: i
     from hydraopt_mobile.bundle import load_bundle
     from hydraopt_mobile.errors import UserError
     from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
-    from hydraopt_mobile.suite.metrics import average, paired_gain
+    from hydraopt_mobile.suite.metrics import average, paired_drop, paired_gain, per_example
     from hydraopt_mobile.suite.model import cache_root, load_base_model
 
     bank = load_bundle(bundle) if bundle is not None else None
@@ -119,14 +119,30 @@ def _evaluate(adapters: Path | None, bundle: Path | None, split: str, threads: i
             ref = evaluate(suite, own if reference == "adapters" else None, model, tokenizer, split=split, predictions=ref_texts, cache=answers, on_step=on_step)
         gains = {t.name: paired_gain(t, texts[t.name], ref_texts[t.name], split) for t in suite}
         subject = "bundle" if bank is not None else "adapter"
-        table = Table("task", "metric", reference, subject, "difference", "95 % interval", "clear")
+
+        def clear(low: float, high: float) -> str:
+            """Against the base model a gain is what is asked (interval above zero); against the
+            adapters, a difference either way (interval clear of zero)."""
+            return "yes" if low > 0 or (reference == "adapters" and high < 0) else "no"
+
+        table = Table("task", "metric", reference, subject, "difference" if reference == "adapters" else "gain", "95 % interval",
+                      "clear difference" if reference == "adapters" else "clear gain")
         for t in suite:
             g = gains[t.name]
             table.add_row(t.name, t.metric, f"{ref[t.name]:.1f}", f"{scores[t.name]:.1f}", f"{g.points:+.1f}",
-                          f"[{g.low:+.1f}, {g.high:+.1f}]", "yes" if g.clear else "no")
-        table.add_row("average", "", f"{average(ref):.1f}", f"{average(scores):.1f}", f"{average(scores) - average(ref):+.1f}", "", "")
+                          f"[{g.low:+.1f}, {g.high:+.1f}]", clear(g.low, g.high))
+        # the task average's difference with its own paired interval (examples resampled within each task)
+        pooled = paired_drop({t.name: per_example(t, ref_texts[t.name], split) for t in suite},
+                             {t.name: per_example(t, texts[t.name], split) for t in suite})
+        low, high = (-x for x in reversed(pooled["drop_points_ci95"]))
+        table.add_row("average", "", f"{average(ref):.1f}", f"{average(scores):.1f}", f"{-pooled['drop_points']:+.1f}",
+                      f"[{low:+.1f}, {high:+.1f}]", clear(low, high))
         record[f"{reference}_scores"] = ref
-        record["gains" if reference == "base" else "differences"] = {k: g.as_dict() for k, g in gains.items()}
+        record["average_difference"] = {"points": -pooled["drop_points"], "ci95": [low, high]}
+        if reference == "base":
+            record["gains"] = {k: g.as_dict() for k, g in gains.items()}
+        else:
+            record["differences"] = {k: {"points": g.points, "ci95": [g.low, g.high], "clear": clear(g.low, g.high) == "yes"} for k, g in gains.items()}
     else:
         table = Table("task", "metric", "score")
         for t in suite:
