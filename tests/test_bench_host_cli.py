@@ -106,3 +106,15 @@ def test_inspect_an_export_shows_its_program_then_the_bank_inside_it(case):
     info = json.loads(r.stdout)
     assert info["runtime"] == "onnxruntime" and info["tasks"] == info["bank"]["tasks"] == sorted(TASKS)
     assert info["bytes"]["per_task"] == info["bank"]["bytes"]["per_task"]  # the export ships the bank's task files as they are
+
+
+def test_inspect_a_merged_export_says_its_bank_is_the_reference(case):
+    """An export with one task folded into the weights has no slots; the bundle it keeps is the
+    bank that task came from, there for bench's reference, and inspect says so."""
+    merged = case["root"] / "merged-export"
+    r = CliRunner().invoke(app, ["export", str(case["root"] / "bank"), "--model", str(case["model"]), "--format", "onnx",
+                                 "--merged-task", TASKS[0], "--out", str(merged)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["inspect", str(merged)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert "slots none (a task merged in)" in r.stdout and "its task is merged into the weights" in r.stdout

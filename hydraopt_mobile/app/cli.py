@@ -195,8 +195,10 @@ def inspect(bundle: Path = typer.Argument(..., help="a bundle (hydraopt merge) o
             console.print(f"[bold]{info['export']}[/]: export {info['export_id']}, {info['runtime']}/{info['quant']}, {len(info['tasks'])} tasks, "
                           f"slots {_signature_summary(info['slot_signature'])}, "
                           f"program {info['program_source']}", soft_wrap=True)
+            bank = (f"the bank inside it, {bundle / 'bank'}" if info["slot_signature"] else
+                    f"its task is merged into the weights; the bank it came from, kept as the reference for `bench host`, {bundle / 'bank'}")
             console.print(f"resident {b['resident']:,} bytes (program {b['program']:,}, shared factors {b['shared']:,}); "
-                          f"task files {sum(b['per_task'].values()):,} bytes in all; the bank inside it, {bundle / 'bank'}:", soft_wrap=True)
+                          f"task files {sum(b['per_task'].values()):,} bytes in all; {bank}:", soft_wrap=True)
         _print_inspect(bundle / "bank" if export else bundle)
 
 
