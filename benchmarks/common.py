@@ -169,12 +169,6 @@ def readme_block(body: str, begin: str, end: str, text: str) -> str:
     return f"{head}{begin}\n{text}{end}{tail}"
 
 
-def gain(drop: dict) -> dict:
-    """A paired_drop result (reference minus other) as other minus reference: ``points`` and its
-    95 % interval ``ci95``."""
-    return {"points": 0.0 - drop["drop_points"], "ci95": [0.0 - drop["drop_points_ci95"][1], 0.0 - drop["drop_points_ci95"][0]]}
-
-
 def is_record_of(record: dict | None, bank) -> bool:
     """Whether a frontier record was measured on ``bank`` (a MergedBank): the same file bytes and every
     task's relative error within 1e-6 (another CPU type or thread count can round a merge into

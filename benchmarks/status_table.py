@@ -18,12 +18,12 @@ import json
 import sys
 from typing import Callable, Iterable
 
-from common import RESULTS_DIR as RESULTS, ROOT, gain, readme_block  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR as RESULTS, ROOT, readme_block  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.app.frontier import load_records, mode
 from hydraopt_mobile.app.records import markdown_table
 from hydraopt_mobile.atomic import atomic_file
-from hydraopt_mobile.suite.metrics import pooled_paired_drop
+from hydraopt_mobile.suite.metrics import as_gain, pooled_paired_drop
 
 BEGIN, END = "<!-- status:begin -->", "<!-- status:end -->"
 HEADER = ["area", "target", "measured", "status", "records"]
@@ -133,7 +133,7 @@ def _pooled(pairs: list[tuple[dict, dict, bool]]) -> str:
     HydraOpt's, whether HydraOpt's plan shares a factor), and over those where it shares, each
     with its 95 % paired interval (the pairs score the same test examples: metrics.pooled_paired_drop)."""
     def mean(chosen: list[tuple[dict, dict, bool]]) -> str:
-        g = gain(pooled_paired_drop([(o, h) for o, h, _ in chosen]))
+        g = as_gain(pooled_paired_drop([(o, h) for o, h, _ in chosen]))
         return f"{g['points']:+.2f} points [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
 
     sharing = [p for p in pairs if p[2]]

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS, gain, is_record_of  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, is_record_of  # first: it puts this checkout on sys.path
 
 from frontier import CALIBRATION_PER_TASK, INITS
 from hydraopt_mobile.adapters import load_adapter_folders
@@ -42,7 +42,7 @@ from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.sharing import layout_summary
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.evaluate import evaluate
-from hydraopt_mobile.suite.metrics import paired_drop, per_example, pooled_paired_drop
+from hydraopt_mobile.suite.metrics import as_gain, paired_drop, per_example, pooled_paired_drop
 from hydraopt_mobile.suite.model import cache_root, load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
 
@@ -51,7 +51,7 @@ SPLIT = "val"
 
 def difference(per_task: dict[str, list[float]], hydraopt: dict[str, list[float]]) -> dict:
     """HydraOpt minus per-task (or any second scores minus the first), points, with the 95 % paired interval."""
-    return gain(paired_drop(per_task, hydraopt))
+    return as_gain(paired_drop(per_task, hydraopt))
 
 
 def _diff(d: dict) -> str:
@@ -87,7 +87,7 @@ def pooled(records: list[dict], key: str, plus: Plan, minus: Plan) -> dict:
     the same validation examples)."""
     by = {(r["init"], r["budget"], r["objective"]): r[key] for r in records}
     cases = sorted({(init, budget) for init, budget, _ in by})
-    return gain(pooled_paired_drop([(by[i, b, minus(i, b)], by[i, b, plus(i, b)]) for i, b in cases])) | {"cases": [list(c) for c in cases]}
+    return as_gain(pooled_paired_drop([(by[i, b, minus(i, b)], by[i, b, plus(i, b)]) for i, b in cases])) | {"cases": [list(c) for c in cases]}
 
 
 def pool(out: Path) -> None:

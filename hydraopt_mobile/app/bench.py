@@ -26,7 +26,7 @@ from exporters.backend import Session
 from exporters.manifest import Manifest, verify_all
 from exporters.runtime import greedy, open_export
 
-from .progress import stderr_progress
+from .progress import advancing, stderr_progress
 
 SWITCHES = 21  # switch-time samples per task (median reported)
 PARITY_EXAMPLES = 2  # examples per task whose full logits come back for the max-error check
@@ -216,7 +216,7 @@ def _bench_export(folder: Path, bank: MergedBank | None, ref: _Reference, tasks:
     tokenizer = export_tokenizer(folder)
     specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)
     job = bar.add_task(f"{folder.name}: runtime, examples", total=sum(len(p) for p in prompts.values()))
-    measured = _in_child(folder, prompts, max_new, threads, on_step=lambda done, total: bar.update(job, completed=done, total=total))
+    measured = _in_child(folder, prompts, max_new, threads, on_step=advancing(bar, job))
     bar.update(job, visible=False)
     job = bar.add_task(f"{folder.name}: PyTorch reference, tasks", total=len(names))
     records = []

@@ -32,7 +32,7 @@ from hydraopt_mobile.bundle import load_bundle
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.plotting import figure
 
-from .progress import stderr_progress
+from .progress import advancing, stderr_progress
 from .records import markdown_table, write_record
 
 DEFAULT_PROMPT = ("Translate the name of this country into German and answer with the name only, please: "
@@ -238,7 +238,7 @@ def bench_ethos_u(bundle: Path, model_dir: Path | None = None, tasks: list[str] 
     with stderr_progress() as bar:
         job = bar.add_task(f"layer {layer} for {', '.join(npus_)}: compiles", total=None)
         report, outputs = compile_layer(case["weights"], case["x"], case["cfg"], variants, npus_, quants_, threads=threads,
-                                        on_step=lambda done, total: bar.update(job, completed=done, total=total))
+                                        on_step=advancing(bar, job))
     extra = {"bundle": str(bundle), "layer": layer, "tokens": seq, "scope": SCOPE}
     records = records_from(report, outputs, {v.name: v.method for v in variants}, extra)
     meta = {

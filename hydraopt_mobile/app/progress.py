@@ -9,7 +9,7 @@ from typing import Iterator
 
 from rich import get_console
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from hydraopt_mobile.merge.method import OnStep
 
@@ -20,12 +20,16 @@ def progress_bar(description: str, console: Console | None = None) -> Iterator[O
     one bar can follow several merges in turn)."""
     console = console or get_console()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
+        yield advancing(bar, bar.add_task(description, total=None))
 
-        def on_step(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
 
-        yield on_step
+def advancing(bar: Progress, task: TaskID) -> OnStep:
+    """The ``on_step(done, total)`` callback that moves ``task`` of ``bar`` (each call's total may differ)."""
+
+    def on_step(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return on_step
 
 
 def stderr_progress(disable: bool = False) -> Progress:

@@ -40,7 +40,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import paired_drop
 
 from .device_plot import Drop, plot_scores, series_label
-from .progress import stderr_progress
+from .progress import advancing, stderr_progress
 from .records import markdown_table, write_record
 
 TASK_COLUMNS = ["method", "budget", "quant", "task", "n_examples", "test_examples_fitting", "score", "score_host", "max_logit_err",
@@ -229,7 +229,7 @@ def bench_qnn_htp(exports: list[Path], run: HtpRun, workdir: Path, tasks: list[s
                                context_quants=run.context_quants, context_tasks=[tasks[0], tasks[-1]], ids=ids,
                                lora_probe=folder / first.path if first else None, static_check=False, reuse_qdq=run.reuse_qdq,
                                rope_theta=theta, minutes=run.minutes, effect_tasks=run.effect_tasks, timeout=6 * 3600,
-                               on_step=lambda done, total: bar.update(job, completed=done, total=total))
+                               on_step=advancing(bar, job))
             return report, time.perf_counter() - t0, None
         except Exception as e:  # noqa: BLE001  (a run that dies keeps its checkpoint)
             partial = read_report(work) if (work / "report.json").is_file() and (work / "logits.npz").is_file() else None

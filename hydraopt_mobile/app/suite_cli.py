@@ -88,7 +88,7 @@ def _evaluate(adapters: Path | None, bundle: Path | None, split: str, threads: i
     from hydraopt_mobile.bundle import load_bundle
     from hydraopt_mobile.errors import UserError
     from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
-    from hydraopt_mobile.suite.metrics import average, paired_drop, paired_gain, per_example
+    from hydraopt_mobile.suite.metrics import as_gain, average, paired_drop, paired_gain, per_example
     from hydraopt_mobile.suite.model import cache_root, load_base_model
 
     bank = load_bundle(bundle) if bundle is not None else None
@@ -132,13 +132,13 @@ def _evaluate(adapters: Path | None, bundle: Path | None, split: str, threads: i
             table.add_row(t.name, t.metric, f"{ref[t.name]:.1f}", f"{scores[t.name]:.1f}", f"{g.points:+.1f}",
                           f"[{g.low:+.1f}, {g.high:+.1f}]", clear(g.low, g.high))
         # the task average's difference with its own paired interval (examples resampled within each task)
-        pooled = paired_drop({t.name: per_example(t, ref_texts[t.name], split) for t in suite},
-                             {t.name: per_example(t, texts[t.name], split) for t in suite})
-        low, high = (-x for x in reversed(pooled["drop_points_ci95"]))
-        table.add_row("average", "", f"{average(ref):.1f}", f"{average(scores):.1f}", f"{-pooled['drop_points']:+.1f}",
+        pooled = as_gain(paired_drop({t.name: per_example(t, ref_texts[t.name], split) for t in suite},
+                                     {t.name: per_example(t, texts[t.name], split) for t in suite}))
+        low, high = pooled["ci95"]
+        table.add_row("average", "", f"{average(ref):.1f}", f"{average(scores):.1f}", f"{pooled['points']:+.1f}",
                       f"[{low:+.1f}, {high:+.1f}]", clear(low, high))
         record[f"{reference}_scores"] = ref
-        record["average_difference"] = {"points": -pooled["drop_points"], "ci95": [low, high]}
+        record["average_difference"] = pooled
         if reference == "base":
             record["gains"] = {k: g.as_dict() for k, g in gains.items()}
         else:

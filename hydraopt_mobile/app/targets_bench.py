@@ -40,7 +40,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.suite.metrics import paired_drop
 
 from .device_plot import Drop, plot_scores
-from .progress import stderr_progress
+from .progress import advancing, stderr_progress
 from .records import dict_table, write_record
 
 
@@ -92,10 +92,10 @@ def run_pair(target_name: str, export: Path, sequence: list[str], prompts: dict[
     with stderr_progress(disable=not progress) as bar:
         side = bar.add_task(f"{Path(export).name} on {target_name} ({target.latency_kind}): examples", total=None)
         on_target = run_request(python, env, request, target_name, target.latency_kind,
-                                on_step=lambda done, total: bar.update(side, completed=done, total=total))
+                                on_step=advancing(bar, side))
         bar.update(side, visible=False)
         side = bar.add_task(f"{Path(export).name} on the host (reference): examples", total=None)
-        on_host = run_on_host(request, on_step=lambda done, total: bar.update(side, completed=done, total=total))
+        on_host = run_on_host(request, on_step=advancing(bar, side))
     return on_target, on_host
 
 

@@ -182,6 +182,12 @@ def paired_drop(reference: dict[str, list[float]], other: dict[str, list[float]]
     }
 
 
+def as_gain(drop: dict) -> dict:
+    """A :func:`paired_drop` result (reference minus other) as other minus reference: ``points`` and
+    its 95 % interval ``ci95``."""
+    return {"points": 0.0 - drop["drop_points"], "ci95": [0.0 - drop["drop_points_ci95"][1], 0.0 - drop["drop_points_ci95"][0]]}
+
+
 def pooled_paired_drop(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]], n_resamples: int = 10_000, seed: int = 0) -> dict:
     """:func:`paired_drop` of the average over ``pairs`` of (reference, other) scores on the same
     examples: each example's score is averaged over the pairs first, so every resample draws the
