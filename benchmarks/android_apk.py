@@ -35,7 +35,7 @@ def demo_exports(quant: str, threads: int) -> dict[str, Path]:
     from hydraopt_mobile.app.demo_adapters import ensure_adapters
     from hydraopt_mobile.app.export_cache import cached_export
     from hydraopt_mobile.suite.tasks import TASK_NAMES
-    from hydraopt_mobile.suite.train import TrainConfig
+    from hydraopt_mobile.suite.train_config import TrainConfig
     from hydraopt_mobile.merge.budget import Budget
     from hydraopt_mobile.merge.registry import MergeConfig, merge
     from hydraopt_mobile.suite.model import base_model_dir

@@ -37,7 +37,8 @@ import torch
 from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
 
 import exporters.targets.registry  # noqa: F401  (first: it imports every target module)
-from exporters.targets.ethos_u import NPUS, QUANTS, LayerVariant, compile_layer, switchable_variant
+from exporters.targets.ethos_u import NPUS, QUANTS
+from exporters.targets.ethos_u_compile import LayerVariant, compile_layer, switchable_variant
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.ethos_u_bench import layer_case, markdown, plot, records_from
 from hydraopt_mobile.app.records import write_record

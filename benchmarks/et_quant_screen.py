@@ -1,5 +1,5 @@
 """Cheap screen of the ExecuTorch ``--quant`` recipes in eager PyTorch: the measurement behind
-``8da4w-mixed`` (exporters/executorch_backend.py: RECIPES).
+``8da4w-mixed`` (exporters/et_recipes.py: RECIPES).
 
     python benchmarks/et_quant_screen.py [--per-task 2] [--recipes fp32,8da8w,8da4w,...]
 
@@ -30,7 +30,8 @@ import torch
 from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
 from benchmarks.quant_sensitivity import model_and_batch, target_log_probs
-from exporters.executorch_backend import GROUP_SIZE, RECIPES, quantize
+from exporters.et_recipes import GROUP_SIZE, RECIPES
+from exporters.executorch_backend import quantize
 from hydraopt_mobile.app.records import markdown_table, write_record
 
 RESULTS = RESULTS_DIR / "et_quant_screen.json"

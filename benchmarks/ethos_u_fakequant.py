@@ -22,7 +22,8 @@ import torch
 import common  # noqa: F401  first: it puts this checkout on sys.path
 
 from benchmarks.device_ethos_u import RESULTS, build_case
-from exporters.targets.ethos_u import ensure_ready, pad, padded_ranks, site
+from exporters.targets.ethos_u import ensure_ready, site
+from exporters.targets.ethos_u_compile import pad, padded_ranks
 from exporters.targets.ethos_u_layer import quantize, variant_runs
 from hydraopt_mobile.app.records import markdown_table, write_record
 

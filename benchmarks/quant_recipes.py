@@ -39,8 +39,8 @@ from exporters.backend import Session
 from exporters.export import bank_digest, export_bank
 from exporters.manifest import Manifest
 from exporters.slots import bank_signature, parse_slot_spec
-from exporters.executorch_backend import RECIPES as ET_RECIPES
-from exporters.onnx_quant import RECIPES as ONNX_RECIPES
+from exporters.et_recipes import RECIPES as ET_RECIPES
+from exporters.onnx_recipes import RECIPES as ONNX_RECIPES
 from exporters.runtime import greedy, open_export
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.bench import export_tokenizer, task_prompts

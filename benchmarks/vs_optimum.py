@@ -78,7 +78,8 @@ from benchmarks.common import burst, cpu_lock, open_lock  # noqa: E402
 from benchmarks.optimum_envs import ENVS, ensure, marker, python  # noqa: E402
 from exporters.export import TOKENIZER_FILES, export_bank  # noqa: E402
 from exporters.manifest import Manifest  # noqa: E402
-from exporters.onnx_quant import RECIPES, quantize  # noqa: E402
+from exporters.onnx_quant import quantize  # noqa: E402
+from exporters.onnx_recipes import RECIPES  # noqa: E402
 from exporters.runtime import greedy, open_export  # noqa: E402
 from exporters.slots import merge_into  # noqa: E402
 from hydraopt_mobile.adapters import load_adapter_set  # noqa: E402

@@ -10,7 +10,7 @@ layer i, shape (1, kv_heads, past_len, head_dim)) and returns ``logits`` and ``p
 without slots is the base model (zero defaults); switching binds another task's decoded slots
 without touching the base weights.
 
-Quantised variants: the recipes of ``exporters/onnx_quant.py`` (ONNX Runtime's MatMulNBits on the
+Quantised variants: the recipes of ``exporters/onnx_recipes.py`` (ONNX Runtime's MatMulNBits on the
 base MatMuls, GatherBlockQuantized on the embedding at 4 bits); the LoRA MatMuls are excluded,
 otherwise the quantiser folds the switchable inputs into constants and they stop being switchable
 (FIELD_NOTES, ONNX Runtime). Scores and bytes of each: benchmarks/results/quant_recipes.md.
@@ -29,11 +29,11 @@ from torch import nn
 
 from exporters.backend import ProgramSpec, Session
 from exporters.onnx_fuse import fuse_qkv, stacked_layout
-from exporters.onnx_quant import RECIPES, quantize
+from exporters.onnx_quant import quantize
+from exporters.onnx_recipes import FORMAT, QUANTS, RECIPES, RUNTIME
 from exporters.targets.device_runner import OrtDecoder, TaskSlots, open_ort_session
 from exporters.targets.onnx_edit import rename_inputs
 
-QUANTS = {name: r.description for name, r in RECIPES.items()}
 PROGRAM = "model.onnx"
 PREFIX = "model."  # where the Hugging Face model sits inside OnnxDecoder
 
@@ -162,8 +162,8 @@ class OrtSession(Session):
 class OnnxBackend:
     """The :class:`~exporters.backend.Backend` for ONNX Runtime."""
 
-    name = "onnx"
-    runtime = "onnxruntime"
+    name = FORMAT
+    runtime = RUNTIME
     quants = QUANTS
     program_file = PROGRAM
 

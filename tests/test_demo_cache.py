@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from hydraopt_mobile.app.demo_adapters import COMMITTED, ensure_adapters, training_settings
-from hydraopt_mobile.suite.train import TrainConfig
+from hydraopt_mobile.suite.train_config import TrainConfig
 from tiny_models import make_bank, make_tiny_model
 
 pytestmark = pytest.mark.slow

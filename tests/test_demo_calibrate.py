@@ -8,7 +8,7 @@ from hydraopt_mobile.app.demo import DemoConfig, compared_banks, suite_calibrati
 from hydraopt_mobile.app.demo_adapters import ensure_adapters
 from hydraopt_mobile.app.demo_report import REFERENCE
 from hydraopt_mobile.suite.model import base_model_dir
-from hydraopt_mobile.suite.train import TrainConfig
+from hydraopt_mobile.suite.train_config import TrainConfig
 
 
 def test_calibrated_demo_banks_use_the_train_split_moments():

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from exporters.executorch_backend import RECIPES
+from exporters.et_recipes import RECIPES
 from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export

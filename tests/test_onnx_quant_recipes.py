@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from exporters.export import export_bank
 from exporters.manifest import Manifest
-from exporters.onnx_quant import HEAD, RECIPES
+from exporters.onnx_recipes import HEAD, RECIPES
 from exporters.runtime import open_export
 from hydraopt_mobile.app.cli import app
 from hydraopt_mobile.errors import UserError

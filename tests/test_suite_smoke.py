@@ -39,7 +39,8 @@ def test_train_and_evaluate_two_tasks(tmp_path: Path):
     from hydraopt_mobile.suite.evaluate import adapters_from_folders, evaluate
     from hydraopt_mobile.suite.model import base_model_dir, load_base_model
     from hydraopt_mobile.suite.prompts import render_prompt
-    from hydraopt_mobile.suite.train import TrainConfig, train_adapter
+    from hydraopt_mobile.suite.train import train_adapter
+    from hydraopt_mobile.suite.train_config import TrainConfig
 
     torch.set_num_threads(1)
     model_dir = base_model_dir()
@@ -134,7 +135,7 @@ def test_suite_train_command_trains_with_its_options(tmp_path: Path):
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "country-de" / "training.json").read_text())
     assert meta["threads"] == 1  # the command's own --threads (the documented reproduction uses 1), not the app's
-    from hydraopt_mobile.suite.train import task_seed
+    from hydraopt_mobile.suite.train_config import task_seed
 
     assert meta["steps"] == 1 and meta["seed"] == task_seed(3, "country-de", "independent-seeds") != task_seed(3, "country-de", "shared-seed")
 

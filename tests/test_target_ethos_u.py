@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from exporters.targets.registry import get_target
 from exporters.slots import merge_into
-from exporters.targets.ethos_u import NPUS, LayerVariant, bank_layer_tasks, compile_layer
+from exporters.targets.ethos_u import NPUS
+from exporters.targets.ethos_u_compile import LayerVariant, bank_layer_tasks, compile_layer
 from exporters.targets.ethos_u_layer import LayerConfig, LoraDecoderLayer, factor_inputs
 from hydraopt_mobile.app.cli import app
 from hydraopt_mobile.base_model import load_causal_lm

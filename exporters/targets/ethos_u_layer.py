@@ -3,7 +3,7 @@ Arm Ethos-U NPUs by ExecuTorch's Arm backend (TOSA -> Vela), and run on the TOSA
 
 This file is both a module (the layer, importable anywhere torch is) and the script the ``ethos-u``
 target runs in a subprocess (``python ethos_u_layer.py JOB_DIR``) with the target's packages
-(Vela, the TOSA tools) appended to ``sys.path``; ``exporters/targets/ethos_u.py`` writes the job.
+(Vela, the TOSA tools) appended to ``sys.path``; ``exporters/targets/ethos_u_compile.py`` writes the job.
 
 The layer is written out by hand (not transformers' module) so that every op is one the Arm
 backend lowers at a fixed sequence length:

@@ -10,23 +10,33 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
-from hydraopt_mobile.app.progress import progress_bar
 from hydraopt_mobile.atomic import check_output
-from hydraopt_mobile.bundle import BUNDLE, load_bundle, read_manifest
-from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.budget import Budget
-from hydraopt_mobile.merge.registry import METHODS, MergeConfig, merge_to_bundle
-from hydraopt_mobile.peft_io import write_peft_folder
 
 from .failures import reported
+from .progress import progress_bar
 
+# The library (torch, safetensors) loads inside the commands that use it, so `hydraopt --help` and
+# every command's --help answer at once (tests/test_cli_startup.py).
 if TYPE_CHECKING:
+    from hydraopt_mobile.merge.registry import MergeConfig
     from hydraopt_mobile.objective_choice import ObjectiveChoice
 
-app = typer.Typer(help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
+class _HelpAwareGroup(TyperGroup):
+    """Notes whether the command line asks for a help page anywhere: click runs the app's callback
+    (which sets torch's threads, importing torch) before a subcommand reads its own --help."""
+
+    ASKS_HELP = "hydraopt.asks_help"
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta[self.ASKS_HELP] = any(arg in ctx.help_option_names for arg in args)
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_HelpAwareGroup, help="Merge many LoRA task adapters of one LLM into shared factors + switchable per-task tensors.", no_args_is_help=True)
 console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 
 
@@ -40,6 +50,8 @@ def main(
         from .quiet import silence_third_party
 
         silence_third_party()
+    if ctx.meta.get(_HelpAwareGroup.ASKS_HELP):
+        return  # a help page needs no torch
     from .threads import torch_threads
 
     ctx.with_resource(torch_threads(threads))  # for the command's duration
@@ -49,6 +61,8 @@ def main(
 @app.command()
 def methods() -> None:
     """List the merge methods in the registry, with parameters and references."""
+    from hydraopt_mobile.merge.registry import METHODS
+
     table = Table("method", "what it does", "parameters (default)", "storage", "reference")
     for m in METHODS.values():
         params = ", ".join(f"{p.name}={p.default}" for p in m.parameters()) or "-"
@@ -64,6 +78,7 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Similarity of the adapters' A's and B's, raw and rotation-invariant, per module and layer type."""
+    from hydraopt_mobile.adapters import load_adapter_set
     from hydraopt_mobile.analysis import METRICS, write_analysis
 
     with reported(console), progress_bar("similarity: modules", console) as on_step:
@@ -101,6 +116,11 @@ def merge_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Merge adapters into a bundle."""
+    from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
+    from hydraopt_mobile.bundle import BUNDLE
+    from hydraopt_mobile.formats import NumberFormat
+    from hydraopt_mobile.merge.registry import MergeConfig, merge_to_bundle
+
     with reported(console):
         inputs = [parse_task_spec(spec)[1] for spec in adapters]
         check_output(out, overwrite, BUNDLE, inputs)  # before the merge work
@@ -124,12 +144,12 @@ def merge_cmd(
     _print_inspect(out)
 
 
-def _merge_calibrated(adapter_set, config: MergeConfig, folder: Path, model_dir: Optional[Path], choice: "ObjectiveChoice", out: Path, overwrite: bool, inputs: list[Path]) -> None:
+def _merge_calibrated(adapter_set, config: "MergeConfig", folder: Path, model_dir: Optional[Path], choice: "ObjectiveChoice", out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """The tasks' input moments from ``folder``'s texts (calibration.py), the merge, and the plan
     kept as ``choice`` says (objective_choice.py)."""
     from hydraopt_mobile.bundle import write_bundle
     from hydraopt_mobile.calibration import collect, read_texts
-    from hydraopt_mobile.merge.registry import DEFAULT_BUDGET, get_method
+    from hydraopt_mobile.merge.registry import DEFAULT_BUDGET, METHODS, get_method
     from hydraopt_mobile.objective_choice import merge_choosing
     from hydraopt_mobile.suite.model import load_base_model
 
@@ -224,6 +244,9 @@ def unpack(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Write one task's effective adapter as a standard PEFT LoRA folder."""
+    from hydraopt_mobile.bundle import load_bundle
+    from hydraopt_mobile.peft_io import write_peft_folder
+
     with reported(console):
         bank = load_bundle(bundle)
         write_peft_folder(bank.task_factors(task), out, bank.fingerprint.get("base_model"), overwrite, inputs=[bundle])
@@ -243,6 +266,8 @@ def add_cmd(
 ) -> None:
     """Add tasks to a bundle without changing its files: each new task uses the bundle's shared
     factors where they fit and its own new file (closed-form least squares, within --allowance)."""
+    from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
+    from hydraopt_mobile.bundle import BUNDLE, read_manifest
     from hydraopt_mobile.merge.add import add_to_bundle
 
     with reported(console):
@@ -289,7 +314,7 @@ def demo(
     """The main job end to end on the packaged SmolLM2-135M and the suite's adapters."""
     import torch
 
-    from hydraopt_mobile.suite.train import TrainConfig
+    from hydraopt_mobile.suite.train_config import TrainConfig
 
     from .demo import DemoConfig, run_demo
 

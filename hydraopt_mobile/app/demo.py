@@ -29,7 +29,7 @@ from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.method import OnStep
 from hydraopt_mobile.merge.registry import MergeConfig, merge
-from hydraopt_mobile.suite.train import TrainConfig
+from hydraopt_mobile.suite.train_config import TrainConfig
 
 from .demo_adapters import ensure_adapters
 from .demo_report import REFERENCE, demo_markdown, plot, print_table, result_row, verdict

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hydraopt_mobile.suite.train import TrainConfig
+from hydraopt_mobile.suite.train_config import TrainConfig
 
 from .progress import progress_bar
 

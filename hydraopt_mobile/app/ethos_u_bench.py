@@ -2,7 +2,7 @@
 factors as switchable program inputs, compiled for Arm Ethos-U NPUs (Vela's estimate) and run on the
 TOSA reference model (the NPU's integer numerics), task by task, against fp32 PyTorch.
 
-The layer, the compile and the TOSA runs are the ``ethos-u`` target's (``exporters/targets/ethos_u.py``);
+The layer, the compile and the TOSA runs are the ``ethos-u`` target's (``exporters/targets/ethos_u_compile.py``);
 this module picks the layer's input, builds the variants from a bundle and turns the target's report
 into records. ``benchmarks/device_ethos_u.py`` makes its records and tables with the same functions,
 so a record of the command and one of the benchmark carry the same field names.
@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 from exporters.slots import check_base_model
-from exporters.targets.ethos_u import (NAME, LayerVariant, bank_layer_tasks, compile_layer, ensure_ready, layer_input, prompt_ids,
-                                       switchable_variant)
+from exporters.targets.ethos_u import NAME, ensure_ready
+from exporters.targets.ethos_u_compile import LayerVariant, bank_layer_tasks, compile_layer, layer_input, prompt_ids, switchable_variant
 from exporters.targets.ethos_u_layer import LayerConfig
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.base_model import load_causal_lm

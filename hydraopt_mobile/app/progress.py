@@ -5,13 +5,14 @@ leaves an empty line behind (rich), and a log wants the results, not the bars.""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from rich import get_console
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from hydraopt_mobile.merge.method import OnStep
+if TYPE_CHECKING:  # the merge package imports torch; drawing a bar needs none
+    from hydraopt_mobile.merge.method import OnStep
 
 
 @contextmanager

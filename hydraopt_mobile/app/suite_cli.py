@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
-from hydraopt_mobile.suite.train import TrainConfig
+from hydraopt_mobile.suite.train_config import TrainConfig
 
 from .failures import reported
 from .progress import progress_bar

@@ -7,8 +7,6 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-
 
 def idle_cores() -> int:
     """Cores minus the 1-minute load average, at least 1: torch threads on a busy core stall the rest."""
@@ -18,6 +16,8 @@ def idle_cores() -> int:
 @contextmanager
 def torch_threads(n: int) -> Iterator[int]:
     """Run the block on ``n`` torch threads (0: :func:`idle_cores`), then restore the previous count."""
+    import torch  # here, not at import: the command line's --help needs no torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n if n > 0 else idle_cores())
     try:

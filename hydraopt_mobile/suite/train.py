@@ -10,66 +10,20 @@ import json
 import math
 import os
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hydraopt_mobile.atomic import atomic_dir, json_marker
-from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.peft_io import write_peft_files
 from hydraopt_mobile.suite.model import MODEL_ID, base_model_dir, load_base_model
 from hydraopt_mobile.suite.prompts import training_ids
 from hydraopt_mobile.suite.tasks import TaskSpec, load_suite
+from hydraopt_mobile.suite.train_config import TrainConfig
 
-INITS = ("shared-seed", "independent-seeds")
-DEFAULT_STEPS: dict[str, int] = {"country": 60, "topic": 60, "currency": 60, "reply": 40}  # per application
 WARMUP_FRACTION = 0.1
 TRAINED = json_marker("trained adapter folder", "training.json", "base_model", MODEL_ID)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How the suite's adapters are trained; the defaults are exactly what made the committed adapters."""
-
-    steps: int | None = None  # None: DEFAULT_STEPS of the task's application
-    batch_size: int = 8
-    lr: float = 4e-3
-    rank: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    seed: int = 0
-    init: str = "shared-seed"  # shared-seed: ``seed`` for every task; independent-seeds: one per task
-
-    def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise UserError(f"--init {self.init!r}: use one of {', '.join(INITS)}")
-
-    def settings(self, task: TaskSpec) -> dict:
-        """What training ``task`` with this config records in training.json (and what a cached
-        adapter must match to be reused)."""
-        return {
-            "steps": self.steps if self.steps is not None else DEFAULT_STEPS[task.app],
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "target_modules": list(self.target_modules),
-            "seed": task_seed(self.seed, task.name, self.init),
-        }
-
-
-
-
-def task_seed(seed: int, task: str, init: str) -> int:
-    """The seed a task trains with: ``seed`` itself (shared-seed) or one derived from the task name."""
-    if init == "shared-seed":
-        return seed
-    if init == "independent-seeds":
-        return (seed * 1_000_003 + zlib.crc32(task.encode())) % 2**31
-    raise UserError(f"unknown init {init!r}; use one of {INITS}")
 
 
 def _batches(task: TaskSpec, tokenizer, steps: int, batch_size: int, generator: torch.Generator):
