@@ -203,7 +203,6 @@ def fused_edge_passes() -> Iterator[None]:
     that running them one by one builds; the program's bytes are compared in
     tests/test_export_program.py. Patches ``_program._get_aten_to_edge_passes``,
     ``_program.OpReplacePass`` and ``_program.MemoryFormatOpsPass``."""
-    from executorch.exir.pass_base import ExportPass
     from executorch.exir.passes import (MemoryFormatOpsPass, NormalizeTransposePass, OpReplacePass,
                                         ReplaceBrokenOpsWithFunctionalOpsPass, ScalarToTensorPass, SymToTensorPass)
     from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators

@@ -29,12 +29,12 @@ from typer.testing import CliRunner
 
 from exporters.backend import Session
 from exporters.targets.device_runner import BankSlots
-from exporters.manifest import MANIFEST, FileEntry, Manifest, ManifestError, TaskFileError, file_entry, verify_all
+from exporters.manifest import MANIFEST, Manifest, ManifestError, TaskFileError, file_entry, verify_all
 from hydraopt_mobile.adapters import AdapterError, TaskAdapter, build_adapter_set, load_adapter
 from hydraopt_mobile.bank import MergedBank, grouped_module
 from hydraopt_mobile.bundle import BundleError, load_bundle, sha256_file, write_bundle
 from hydraopt_mobile.app.cli import app
-from hydraopt_mobile.formats import NumberFormat, StoredFactor
+from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.peft_io import write_peft_folder
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter
 

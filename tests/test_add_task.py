@@ -11,7 +11,7 @@ from hydraopt_mobile.adapters import AdapterError, LoraFactors, build_adapter_se
 from hydraopt_mobile.bank import SHARED, task_file
 from hydraopt_mobile.bundle import open_bundle, write_bundle
 from hydraopt_mobile.formats import NumberFormat, StoredFactor
-from hydraopt_mobile.merge.add import NOTHING, OWN_A, OWN_B, OWN_PAIR, RESIDENT, AddError, add_tasks, least_squares_A, least_squares_B, module_options, resident_fit
+from hydraopt_mobile.merge.add import NOTHING, OWN_B, OWN_PAIR, RESIDENT, AddError, add_tasks, least_squares_A, least_squares_B, module_options, resident_fit
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
 from hydraopt_mobile.synthetic import llama_shapes, planted_factors, write_peft_adapter

@@ -25,7 +25,6 @@ from exporters.et_recipes import RECIPES
 from exporters.export import export_bank
 from exporters.manifest import Manifest, TaskFileError
 from exporters.runtime import greedy, open_export
-from exporters.slots import merge_into
 from hydraopt_mobile.errors import UserError
 from tiny_models import PROMPT, TASKS, make_bank, reference_logits, run_logits, task_errors
 

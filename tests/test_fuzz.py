@@ -5,7 +5,6 @@ Derandomised, so CI runs the same cases every time; a few seconds per target.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 

@@ -16,7 +16,6 @@ activations cost much more (benchmarks/results/device_ethos-u.md: LoRA effect co
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -346,9 +346,9 @@ def test_qnn_htp_qdq_graph_runs_every_node_on_the_npu_and_switches(qnn, tiny, tm
     np.testing.assert_array_equal(alpha, back)  # the switch back to alpha: bit-identical on the NPU
     assert np.abs(alpha - beta).max() > 0.05, "the task slots had no effect on the NPU"
     assert a16["weights"].startswith("per output channel") and a16["linear_convs"] > 0 and "MatMul" in a16["ops"]  # the LoRA MatMuls stay
-    for run in a16["runs"]:
-        assert run["max_err_vs_fp32"] < QNN_A16W8_TOL and run["lora_effect_cosine"] > 0.95, run
-        assert run["max_err_vs_fp32"] < min(run["max_err_vs_other_tasks"].values()) / 4, run
+    for htp_run in a16["runs"]:
+        assert htp_run["max_err_vs_fp32"] < QNN_A16W8_TOL and htp_run["lora_effect_cosine"] > 0.95, htp_run
+        assert htp_run["max_err_vs_fp32"] < min(htp_run["max_err_vs_other_tasks"].values()) / 4, htp_run
     assert [c["htp_arch"] for c in a16["contexts"]] == ["73", "75", "79"]
     for ctx in a16["contexts"]:
         arch = ctx["htp_arch"]
@@ -379,8 +379,8 @@ def test_qnn_htp_runs_prompts_shorter_than_the_static_cache(qnn, tiny, tmp_path)
         full = ex["cached"] + ex["step"]
         torch_rows = reference_logits(tiny["model"], tiny["bank"], "alpha", full)[len(ex["cached"]):]
         np.testing.assert_allclose(report["logits"][f"fp32/alpha/{k}"][: len(ex["step"])], torch_rows, atol=FP32_TOL)
-    for run in a16["runs"]:
-        assert run["max_err_vs_fp32"] < QNN_A16W8_TOL, run
+    for htp_run in a16["runs"]:
+        assert htp_run["max_err_vs_fp32"] < QNN_A16W8_TOL, htp_run
     assert a16["runs"][0]["lora_effect_cosine"] > 0.95 and "lora_effect_cosine" not in a16["runs"][2]  # the LoRA effect: first example only
 
 
