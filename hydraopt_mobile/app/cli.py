@@ -200,8 +200,10 @@ def _print_inspect(path: Path) -> None:
 @app.command()
 def inspect(bundle: Path = typer.Argument(..., help="a bundle (hydraopt merge) or an export (hydraopt export)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Tasks, layouts, exact bytes on disk and per-task reconstruction error of a bundle; for an
-    export, its program and files first, then the same of the bundle inside it."""
+    """Show a bundle's tasks, layouts, bytes on disk and per-task error, or an export's.
+
+    For a bundle: its tasks, layouts, exact bytes on disk and each task's reconstruction error. For
+    an export: its program and files first, then the same of the bundle inside it."""
     from .inspect_bundle import inspect_bundle, inspect_export, is_export
 
     with reported(console):
@@ -264,8 +266,10 @@ def add_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Add tasks to a bundle without changing its files: each new task uses the bundle's shared
-    factors where they fit and its own new file (closed-form least squares, within --allowance)."""
+    """Add tasks to a bundle without changing any of its files.
+
+    Each new task uses the bundle's shared factors where they fit and its own new file
+    (closed-form least squares, within --allowance)."""
     from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
     from hydraopt_mobile.bundle import BUNDLE, read_manifest
     from hydraopt_mobile.merge.add import add_to_bundle

@@ -48,8 +48,10 @@ def export(
         "fast decode; the runtime needs ExecuTorch's LLM custom ops) | portable (standard aten ops, any ExecuTorch runtime)",
     ),
 ) -> None:
-    """Export a bundle: a program (cached by base model, quant and slot signature, reused when they
-    match) plus the bank's own files as the data a device loads (shared once, a task's on a switch)."""
+    """Export a bundle: one program whose task switches at run time, plus the bank's files.
+
+    The program is cached by base model, quant and slot signature and reused when they match; the
+    bank's own files are the data a device loads (shared once, a task's on a switch)."""
     from exporters.export import export_bank
 
     if model is None:

@@ -72,8 +72,10 @@ def eval_(
     against_base: bool = typer.Option(False, "--against-base", help="Also score the base model and give each adapter's gain with a 95 % paired bootstrap interval."),
     json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
 ) -> None:
-    """Score the base model, a folder of adapters or a bundle on each task's own metric; a bundle
-    with --adapters is compared with those adapters (its drop per task, with a 95 % paired interval)."""
+    """Score the base model, a folder of adapters or a bundle on each task's own metric.
+
+    A bundle with --adapters is compared with those adapters (its drop per task, with a 95 %
+    paired interval)."""
     if against_base and adapters is None and bundle is None:
         raise typer.BadParameter("--against-base needs --adapters or --bundle", param_hint="--against-base")
     if against_base and adapters is not None and bundle is not None:

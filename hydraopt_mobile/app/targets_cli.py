@@ -111,9 +111,11 @@ def bench_ethos_u_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
-    """One decoder layer with the bundle's task factors as switchable inputs, compiled for Ethos-U NPUs:
-    Vela's cycle / SRAM / flash ESTIMATE per NPU and quant, and per task the TOSA reference model's
-    integer outputs against fp32. One layer and an estimate: no whole-model figure."""
+    """One decoder layer with switchable task factors on Ethos-U NPUs: an estimate, not a model.
+
+    The layer takes the bundle's task factors as inputs and is compiled for each NPU and quant:
+    Vela's cycle / SRAM / flash ESTIMATE, and per task the TOSA reference model's integer outputs
+    against fp32. One layer and an estimate: no whole-model figure."""
     from .ethos_u_bench import bench_ethos_u, summary_lines, write_reports
 
     with reported(console):
@@ -147,9 +149,11 @@ def bench_qnn_htp_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
-    """Teacher-forced task scores of ONNX exports on the emulated Hexagon NPU (QDQ A16W8, every node on HTP): each
-    example's prompt cache prefilled on the CPU (labelled), its answer rows on HTP; parity with the host's fp32
-    export on the same examples, bytes, task load. Emulated: no phone latency."""
+    """Task scores of ONNX exports on the emulated Hexagon NPU (QDQ A16W8), teacher-forced.
+
+    Every node runs on HTP: each example's prompt cache is prefilled on the CPU (labelled), its
+    answer rows on HTP; parity with the host's fp32 export on the same examples, bytes, task load.
+    Emulated: no phone latency."""
     import sys
     import tempfile
 
