@@ -1,4 +1,4 @@
-"""Every help page of ``hydraopt`` answers without loading torch, ONNX or transformers (they take
+"""Every help page of ``hydraopt`` (and ``--version``) answers without loading torch, ONNX or transformers (they take
 seconds to import: ``hydraopt --help`` took 3.4 s when the command modules imported them)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 HEAVY = ("torch", "onnx", "onnxruntime", "transformers", "executorch", "safetensors")
 
@@ -29,6 +30,8 @@ pages = {}
 for path in paths(typer.main.get_command(app), []):
     r = runner.invoke(app, [*path, "--help"])
     pages[" ".join(path)] = [r.exit_code, r.stdout]
+r = runner.invoke(app, ["--version"])
+pages["--version"] = [r.exit_code, r.stdout]
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 print(json.dumps({"pages": pages, "heavy": heavy}))
 """
@@ -41,6 +44,9 @@ def test_every_help_page_loads_no_heavy_library() -> None:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     pages = out["pages"]
     assert {"", "merge", "export", "bench host", "suite eval", "targets setup", "android"} <= set(pages)
+    code, version = pages.pop("--version")
+    assert code == 0 and version.startswith(f"hydraopt-mobile {metadata.version('hydraopt-mobile')} (Python "), version
+    assert f"torch {metadata.version('torch')}" in version and f"onnxruntime {metadata.version('onnxruntime')}" in version
     for path, (code, text) in pages.items():
         assert code == 0 and "Usage: " in text, f"hydraopt {path} --help: exit {code}: {text[-500:]}"
     assert "int4-mixed" in pages["export"][1] and "8da4w-mixed-qkv-noclip" in pages["export"][1]  # the recipes, listed without ONNX

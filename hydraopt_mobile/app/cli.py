@@ -40,9 +40,30 @@ app = typer.Typer(cls=_HelpAwareGroup, help="Merge many LoRA task adapters of on
 console = Console(soft_wrap=True)  # a line of text stays one line in a pipe or a log (tables still fit the width)
 
 
+# what a bug report needs beside our version: the libraries that lower, run and load the programs
+RUNTIME_PACKAGES = ("torch", "torchao", "executorch", "onnx", "onnxruntime", "transformers", "peft", "safetensors")
+
+
+def _print_version(asked: bool) -> None:
+    if not asked:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+    from platform import python_version
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    print(f"hydraopt-mobile {version('hydraopt-mobile')} (Python {python_version()}; {', '.join(map(installed, RUNTIME_PACKAGES))})")
+    raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the versions of hydraopt-mobile and the libraries it runs on, then exit"),
     threads: int = typer.Option(0, "--threads", envvar="HYDRAOPT_THREADS", help="torch CPU threads; 0: the cores not already busy (oversubscribed cores run many times slower)"),
     verbose: bool = typer.Option(False, "--verbose", help="also show third-party warnings and log messages"),
 ) -> None:
