@@ -118,3 +118,46 @@ def test_inspect_a_merged_export_says_its_bank_is_the_reference(case):
     r = CliRunner().invoke(app, ["inspect", str(merged)], env={"COLUMNS": "300"})
     assert r.exit_code == 0, r.output
     assert "slots none (a task merged in)" in r.stdout and "its task is merged into the weights" in r.stdout
+
+
+def _run(case, *args: str) -> list[dict]:
+    r = CliRunner().invoke(app, ["run", str(case["export"]), "Name a country.", "--max-new-tokens", "4", "--json", *args])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_run_answers_each_task_as_pytorch_does_with_that_task_adapter(case):
+    """``hydraopt run``: one session switching tasks in place gives each task the greedy tokens of
+    the base model with that task's effective adapter from the bank (PyTorch), in either order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hydraopt_mobile.adapter_weights import applied
+    from hydraopt_mobile.app.bench import export_tokenizer
+    from hydraopt_mobile.app.run_export import prompt_ids
+    from hydraopt_mobile.bundle import load_bundle
+
+    records = _run(case)
+    assert [r["task"] for r in records] == TASKS  # default: every task, in the export's order
+    reversed_records = _run(case, "--task", TASKS[1], "--task", TASKS[0])
+    assert [r["task"] for r in reversed_records] == TASKS[::-1]
+    assert {r["task"]: r["tokens"] for r in reversed_records} == {r["task"]: r["tokens"] for r in records}
+
+    bank = load_bundle(case["export"] / "bank")
+    ids = prompt_ids(export_tokenizer(case["export"]), "Name a country.")
+    model = AutoModelForCausalLM.from_pretrained(str(case["model"]), torch_dtype=torch.float32).eval()
+    eos = model.config.eos_token_id
+    for r in records:
+        assert 1 <= len(r["tokens"]) <= 4 and r["switch_ms"] > 0 and r["prefill_ms"] > 0
+        seq, want = list(ids), []
+        with applied(model, bank.task_factors(r["task"])), torch.no_grad():
+            while len(want) < 4 and (not want or want[-1] != eos):
+                want.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(want[-1])
+        assert r["tokens"] == want, r["task"]
+
+
+def test_run_names_the_task_an_export_lacks(case):
+    r = CliRunner().invoke(app, ["run", str(case["export"]), "hi", "--task", "topic-xx"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2
+    assert "no task 'topic-xx'" in r.stderr and "country-de, topic-en" in r.stderr

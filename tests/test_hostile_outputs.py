@@ -298,6 +298,25 @@ def test_cli_boundary_hides_the_libraries_progress_bars(tmp_path, quiet):
     assert ("Loading weights" in r.stdout + r.stderr) is not quiet
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_boundary_hides_torch_warnings_logged_after_torch_loads(quiet):
+    """The commands import torch after the CLI boundary hid third-party logs, and importing torch
+    resets its logger to WARNING: ``hydraopt export`` printed torch.onnx's "torchvision is not
+    installed" warning until the setting survived the import."""
+    code = textwrap.dedent(f"""
+        from hydraopt_mobile.app.quiet import silence_third_party
+        if {quiet}:
+            silence_third_party()
+        import logging
+        import torch
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning("a torch warning")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("a torch warning" in r.stderr) is not quiet
+
+
 def test_error_lines_go_to_standard_error(tmp_path):
     """A refused input is reported on standard error, naming it, so standard output (a ``--json``
     result) never carries an error line."""

@@ -363,6 +363,7 @@ def _register_subsystems() -> None:
 
     app.add_typer(suite_app, name="suite")
     app.command("export")(export_cli.export)
+    app.command("run")(export_cli.run)
     app.add_typer(export_cli.bench_app, name="bench")
     from . import android
 

@@ -1,6 +1,7 @@
-"""Typer commands ``export`` and ``bench host``; the main ``hydraopt`` app registers them:
+"""Typer commands ``export``, ``run`` and ``bench host``; the main ``hydraopt`` app registers them:
 
     app.command("export")(export_cli.export)
+    app.command("run")(export_cli.run)
     app.add_typer(export_cli.bench_app, name="bench")
 """
 
@@ -68,6 +69,37 @@ def export(
         f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, program {m.extra['program_source']}, "
         f"resident {m.resident_bytes() / 1e6:.1f} MB, task files {m.bytes_of('task') / 1e3:.1f} KB in all"
     )
+
+
+def run(
+    export: Path = typer.Argument(..., help="export folder written by `hydraopt export`"),
+    prompt: str = typer.Argument(..., help="the user message (in the model's chat template unless --raw)"),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="answer with this task (repeatable, in this order; default: every task of the export)"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message before the prompt (the suite's adapters were trained with their task's instruction there)"),
+    raw: bool = typer.Option(False, "--raw", help="feed PROMPT as it is, without the chat template"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="stop after this many tokens (or at the end-of-sequence token)"),
+    threads: int = typer.Option(1, "--threads", help="runtime threads"),
+    as_json: bool = typer.Option(False, "--json", help="print the answers and timings as JSON"),
+) -> None:
+    """Answer a prompt with an export on its runtime, each task in turn, switching in place.
+
+    One session: the program loads once; each task's file is read, checked and decoded on its
+    first use, as in the app. Timings are this machine's, not a phone's."""
+    from .run_export import answer_tasks
+
+    with reported(console):
+        records = answer_tasks(export, prompt, tasks, system, raw, max_new_tokens, threads)
+    if as_json:
+        print(json.dumps(records, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table("task", "answer", "switch ms", "prefill ms", "decode ms/token",
+                  caption="switch: the task's first use (read, check, decode its file); host timings, not a phone's")
+    for r in records:
+        per_token = "-" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.1f}"
+        table.add_row(r["task"], r["answer"], f"{r['switch_ms']:.2f}", f"{r['prefill_ms']:.1f}", per_token)
+    console.print(table)
 
 
 @bench_app.command("host")

@@ -19,6 +19,9 @@ def silence_third_party() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # importing torch resets the "torch" logger to WARNING (torch._logging), and the commands import
+    # torch after this runs: its own setting keeps it at ERROR ("-all"), unless the user set one
+    os.environ.setdefault("TORCH_LOGS", "-all")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # transformers' and huggingface_hub's own progress bars ("Loading weights", "Writing model
     # shards"): read when they are imported, so set first, and switched off if already imported
