@@ -32,6 +32,9 @@ checks that change nothing (its docstring: where the lowering's time goes).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -236,6 +239,28 @@ def export_program(
     return path
 
 
+@contextlib.contextmanager
+def _native_log_held_back() -> Iterator[None]:
+    """Hold back what native code writes to the process's standard error during the block, and
+    show it only if the block fails. ExecuTorch's runtime logs its CPU-info probing and thread-pool
+    set-up there when a session opens (six lines: "[threadpool.cpp:66] Resetting threadpool to 1
+    threads.", ...), which no setting turns off; a failed open still shows them, with its error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class ExecuTorchSession(Session):
     """ExecuTorch's Python runtime on ``model.pte``: ``set_task`` runs the program's ``set_slots``
     method with the task's decoded slots. A ``custom-ops`` program (the manifest's
@@ -248,10 +273,11 @@ class ExecuTorchSession(Session):
 
         if self.manifest.model.get("attention", "portable") == "custom-ops":
             register_custom_ops()
-        _unsafe_reset_threadpool(threads)
-        self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
-        self.forward = self.program.load_method("forward")
-        self.setter = self.program.load_method("set_slots") if self.bank is not None else None
+        with _native_log_held_back():
+            _unsafe_reset_threadpool(threads)
+            self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
+            self.forward = self.program.load_method("forward")
+            self.setter = self.program.load_method("set_slots") if self.bank is not None else None
         self.loaded: dict[str, list[torch.Tensor]] = {}  # task -> its slots as set_slots takes them (views of ``decoded``)
         self.max_len = self.manifest.model["max_cache_len"]
 

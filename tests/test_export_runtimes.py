@@ -371,3 +371,23 @@ def test_executorch_mixed_recipe_lowers_switches_and_is_closer_than_8da4w(export
     mixed = Manifest.read(exports("executorch", RECOMMENDED)).bytes_of("program")
     base = Manifest.read(exports("executorch", "8da4w")).bytes_of("program")
     assert abs((mixed - base) - extra) < 0.1 * extra, f"mixed {mixed} - 8da4w {base} = {mixed - base}, expected about {extra:.0f}"
+
+
+def test_executorch_session_keeps_the_runtime_s_native_log_off_standard_error(exports, tmp_path):
+    """ExecuTorch's runtime writes its CPU-info and thread-pool set-up to the process's stderr on
+    every session open ("Resetting threadpool to 1 threads."): held back unless the open fails."""
+    import subprocess
+    import sys
+
+    folder = exports("executorch", "fp32")
+    code = ("import sys\nfrom exporters.runtime import open_export\n"
+            "session = open_export(sys.argv[1])\nsession.set_task(session.tasks[0])\nsession.prefill([1, 2, 3])\nprint('ran')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ran", r.stderr[-2000:]
+    assert "threadpool" not in r.stderr and ".cpp:" not in r.stderr, r.stderr[-2000:]
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    program = broken / Manifest.read(broken).entry("program").path
+    program.write_bytes(program.read_bytes()[:4096])  # a truncated program: the runtime fails to load it
+    r = subprocess.run([sys.executable, "-c", code, str(broken)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "threadpool" in r.stderr, r.stderr[-2000:]  # a failed open shows what the runtime said
