@@ -161,3 +161,22 @@ def test_run_names_the_task_an_export_lacks(case):
     r = CliRunner().invoke(app, ["run", str(case["export"]), "hi", "--task", "topic-xx"], env={"COLUMNS": "200"})
     assert r.exit_code == 2
     assert "no task 'topic-xx'" in r.stderr and "country-de, topic-en" in r.stderr
+
+
+def test_bench_host_output_is_ours_on_an_executorch_export(case):
+    """As a user runs it (a new process): standard error carries no library output. The runtime's
+    process did not inherit the CLI's quieting (torchao's "Failed to load ..." import warnings), and
+    ExecuTorch's runtime logged its thread-pool set-up on every session open."""
+    import subprocess
+    import sys
+
+    export = case["root"] / "export-et"
+    if not export.exists():
+        made = CliRunner().invoke(app, ["export", str(case["root"] / "bank"), "--model", str(case["model"]), "--format", "executorch",
+                                        "--max-cache-len", "128", "--out", str(export)])
+        assert made.exit_code == 0, made.output
+    r = subprocess.run([sys.executable, "-m", "hydraopt_mobile.app.cli", "bench", "host", str(export), "--model", str(case["model"]),
+                        "--examples", "1", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(rec["task"] for rec in json.loads(r.stdout)) == TASKS
+    assert r.stderr.strip() == "", r.stderr[-3000:]  # progress draws on a terminal only; here there is none

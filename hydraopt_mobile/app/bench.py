@@ -98,9 +98,11 @@ def peak_rss(folder: str | Path, prompts: dict[str, list[list[int]]], max_new: d
 def _in_child(folder: Path, prompts: dict, max_new: dict, threads: int, on_step: OnStep | None = None) -> dict:
     """:func:`_measure` in a fresh (spawned) process; its steps come back through a pipe as they
     happen, then its result or its exception."""
+    from .quiet import silenced
+
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(sender, str(folder), prompts, max_new, threads))
+    child = ctx.Process(target=_child, args=(sender, str(folder), prompts, max_new, threads, silenced()))
     child.start()
     sender.close()
     try:
@@ -121,7 +123,11 @@ def _in_child(folder: Path, prompts: dict, max_new: dict, threads: int, on_step:
         child.join()
 
 
-def _child(sender, folder: str, prompts: dict, max_new: dict, threads: int) -> None:
+def _child(sender, folder: str, prompts: dict, max_new: dict, threads: int, quiet: bool) -> None:
+    if quiet:  # as the parent: its logger levels do not cross a spawn (torchao's import warnings did)
+        from .quiet import silence_third_party
+
+        silence_third_party()
     try:
         result = _measure(folder, prompts, max_new, threads, on_step=lambda done, total: sender.send(("step", done, total)))
     except BaseException as e:  # the parent raises it (re-raised as-is when it pickles, as Pool.apply did)

@@ -13,7 +13,17 @@ import warnings
 THIRD_PARTY = ("torch", "torchao", "transformers", "onnxscript", "onnx_ir", "onnxruntime", "executorch", "peft", "accelerate", "coremltools")
 
 
+_silenced = False
+
+
+def silenced() -> bool:
+    """Whether this process hides third-party output: a process the app spawns does the same."""
+    return _silenced
+
+
 def silence_third_party() -> None:
+    global _silenced
+    _silenced = True
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
