@@ -120,41 +120,60 @@ def test_inspect_a_merged_export_says_its_bank_is_the_reference(case):
     assert "slots none (a task merged in)" in r.stdout and "its task is merged into the weights" in r.stdout
 
 
-def _run(case, *args: str) -> list[dict]:
-    r = CliRunner().invoke(app, ["run", str(case["export"]), "Name a country.", "--max-new-tokens", "4", "--json", *args])
+def _run(case, *args: str, prompt: str = "Name a country.") -> list[dict]:
+    r = CliRunner().invoke(app, ["run", str(case["export"]), prompt, "--max-new-tokens", "4", "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
+
+
+def _pytorch_greedy(case, task: str, ids: list[int], n: int = 4) -> list[int]:
+    """Greedy tokens of the base model with ``task``'s effective adapter from the export's bank."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hydraopt_mobile.adapter_weights import applied
+    from hydraopt_mobile.bundle import load_bundle
+
+    model = AutoModelForCausalLM.from_pretrained(str(case["model"]), torch_dtype=torch.float32).eval()
+    eos, seq, out = model.config.eos_token_id, list(ids), []
+    with applied(model, load_bundle(case["export"] / "bank").task_factors(task)), torch.no_grad():
+        while len(out) < n and (not out or out[-1] != eos):
+            out.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(out[-1])
+    return out
 
 
 def test_run_answers_each_task_as_pytorch_does_with_that_task_adapter(case):
     """``hydraopt run``: one session switching tasks in place gives each task the greedy tokens of
     the base model with that task's effective adapter from the bank (PyTorch), in either order."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hydraopt_mobile.adapter_weights import applied
     from hydraopt_mobile.app.bench import export_tokenizer
     from hydraopt_mobile.app.run_export import prompt_ids
-    from hydraopt_mobile.bundle import load_bundle
 
     records = _run(case)
     assert [r["task"] for r in records] == TASKS  # default: every task, in the export's order
     reversed_records = _run(case, "--task", TASKS[1], "--task", TASKS[0])
     assert [r["task"] for r in reversed_records] == TASKS[::-1]
     assert {r["task"]: r["tokens"] for r in reversed_records} == {r["task"]: r["tokens"] for r in records}
-
-    bank = load_bundle(case["export"] / "bank")
     ids = prompt_ids(export_tokenizer(case["export"]), "Name a country.")
-    model = AutoModelForCausalLM.from_pretrained(str(case["model"]), torch_dtype=torch.float32).eval()
-    eos = model.config.eos_token_id
     for r in records:
         assert 1 <= len(r["tokens"]) <= 4 and r["switch_ms"] > 0 and r["prefill_ms"] > 0
-        seq, want = list(ids), []
-        with applied(model, bank.task_factors(r["task"])), torch.no_grad():
-            while len(want) < 4 and (not want or want[-1] != eos):
-                want.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-                seq.append(want[-1])
-        assert r["tokens"] == want, r["task"]
+        assert r["tokens"] == _pytorch_greedy(case, r["task"], ids), r["task"]
+
+
+def test_run_with_suite_instructions_prompts_each_task_as_it_was_trained(case):
+    """``--suite-instructions``: each task's prompt is the suite's own rendering (its instruction as
+    the system message, as in training and evaluation), so the answers are the suite's."""
+    from hydraopt_mobile.app.bench import export_tokenizer
+    from hydraopt_mobile.suite.prompts import render_prompt
+    from hydraopt_mobile.suite.tasks import Example, load_suite
+
+    tokenizer = export_tokenizer(case["export"])
+    records = _run(case, "--suite-instructions", prompt="Armenia")
+    for r, spec in zip(records, load_suite(TASKS)):
+        ids = tokenizer(render_prompt(tokenizer, spec, Example("Armenia", "")), add_special_tokens=False).input_ids
+        assert r["tokens"] == _pytorch_greedy(case, r["task"], ids), r["task"]
+    refused = CliRunner().invoke(app, ["run", str(case["export"]), "Armenia", "--suite-instructions", "--system", "x"], env={"COLUMNS": "200"})
+    assert refused.exit_code == 2 and "not with --system or --raw" in refused.stderr
 
 
 def test_run_names_the_task_an_export_lacks(case):

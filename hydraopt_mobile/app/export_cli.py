@@ -16,6 +16,8 @@ from rich.console import Console
 
 from exporters.registry import BACKENDS
 
+from hydraopt_mobile.errors import UserError
+
 from .failures import reported
 from .records import OUT_HELP, refuse_existing
 
@@ -76,6 +78,7 @@ def run(
     prompt: str = typer.Argument(..., help="the user message (in the model's chat template unless --raw)"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="answer with this task (repeatable, in this order; default: every task of the export)"),
     system: Optional[str] = typer.Option(None, "--system", help="a system message before the prompt (the suite's adapters were trained with their task's instruction there)"),
+    suite: bool = typer.Option(False, "--suite-instructions", help="each suite task's instruction as its system message, as its adapter was trained (PROMPT: Armenia, Saint Helena Pound, a message to classify)"),
     raw: bool = typer.Option(False, "--raw", help="feed PROMPT as it is, without the chat template"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="stop after this many tokens (or at the end-of-sequence token)"),
     threads: int = typer.Option(1, "--threads", help="runtime threads"),
@@ -85,9 +88,15 @@ def run(
 
     One session: the program loads once; each task's file is read, checked and decoded on its
     first use, as in the app. Timings are this machine's, not a phone's."""
-    from .run_export import answer_tasks
+    from .run_export import answer_tasks, suite_instructions
 
     with reported(console):
+        if suite:
+            if system is not None or raw:
+                raise UserError("--suite-instructions gives each task's system message in the chat template: not with --system or --raw")
+            from exporters.manifest import Manifest
+
+            system = suite_instructions(tasks or Manifest.read(export).tasks)
         records = answer_tasks(export, prompt, tasks, system, raw, max_new_tokens, threads)
     if as_json:
         print(json.dumps(records, indent=1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from exporters.manifest import Manifest
@@ -26,12 +27,22 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None, raw: bool = Fa
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def answer_tasks(export: Path, prompt: str, tasks: list[str] | None = None, system: str | None = None, raw: bool = False,
-                 max_new_tokens: int = 64, threads: int = 1) -> list[dict]:
+def suite_instructions(tasks: list[str]) -> dict[str, str]:
+    """Each suite task's instruction, the system message its adapter was trained with."""
+    from hydraopt_mobile.suite.tasks import TASK_NAMES, load_suite
+
+    if unknown := [t for t in tasks if t not in TASK_NAMES]:
+        raise UserError(f"--suite-instructions: {', '.join(map(repr, unknown))} not suite tasks (suite: {', '.join(TASK_NAMES)})")
+    return {t.name: t.instruction for t in load_suite(tasks)}
+
+
+def answer_tasks(export: Path, prompt: str, tasks: list[str] | None = None, system: str | Mapping[str, str] | None = None,
+                 raw: bool = False, max_new_tokens: int = 64, threads: int = 1) -> list[dict]:
     """One greedy answer per task (default: every task of the export, in its order), from one
-    session. Each record: ``task``, ``answer``, ``tokens``, ``switch_ms`` (the task's first
-    activation: read, check and decode its file, then switch), ``prefill_ms`` and
-    ``decode_ms_per_token`` (median over the steps; None for a one-token answer): host timings."""
+    session; ``system``: one system message for all tasks, or one per task. Each record: ``task``,
+    ``answer``, ``tokens``, ``switch_ms`` (the task's first activation: read, check and decode its
+    file, then switch), ``prefill_ms`` and ``decode_ms_per_token`` (median over the steps; None for
+    a one-token answer): host timings."""
     from exporters.runtime import greedy, open_export
 
     from .bench import export_tokenizer
@@ -41,14 +52,14 @@ def answer_tasks(export: Path, prompt: str, tasks: list[str] | None = None, syst
     if unknown := [t for t in tasks if t not in manifest.tasks]:
         raise UserError(f"{export}: no task {', '.join(map(repr, unknown))}; its tasks: {', '.join(manifest.tasks)}")
     tokenizer = export_tokenizer(export)
-    ids = prompt_ids(tokenizer, prompt, system, raw)
+    ids = {task: prompt_ids(tokenizer, prompt, system if not isinstance(system, Mapping) else system[task], raw) for task in tasks}
     session = open_export(export, threads)
     records = []
     for task in tasks:
         t0 = time.perf_counter()
         session.set_task(task)
         switch_ms = (time.perf_counter() - t0) * 1e3
-        gen = greedy(session, list(ids), max_new_tokens)
+        gen = greedy(session, list(ids[task]), max_new_tokens)
         records.append({
             "task": task,
             "answer": tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(),
