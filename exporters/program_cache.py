@@ -99,3 +99,31 @@ def place_program(cached: Path, dest: Path) -> str:
     except OSError:
         shutil.copyfile(cached, dest)
         return "copy"
+
+
+def stale_programs(unfinished_after_s: float = 24 * 3600) -> list[Path]:
+    """Cache entries no export will ask for again: lowered by other tool versions or an older
+    program or runtime format (their key hashes those, so no current export reaches them), or
+    without a readable ``key.json``; and temporary folders of a store that stopped half-way, once
+    older than ``unfinished_after_s`` (a younger one may be an export storing its program now)."""
+    import time
+
+    root = programs_dir()
+    if not root.is_dir():
+        return []
+    tools, stale = _tool_versions(), []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            if time.time() - entry.stat().st_mtime > unfinished_after_s:
+                stale.append(entry)
+            continue
+        try:
+            what = json.loads((entry / "key.json").read_text())
+        except (OSError, ValueError):
+            stale.append(entry)
+            continue
+        current = (what.get("format") == PROGRAM_FORMAT and what.get("tools") == tools
+                   and what.get("runtime_format") == RUNTIME_FORMATS.get(what.get("runtime")))
+        if not current:
+            stale.append(entry)
+    return stale

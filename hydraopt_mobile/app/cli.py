@@ -372,6 +372,9 @@ def _register_subsystems() -> None:
     from . import targets_cli
 
     targets_cli.register(app, export_cli.bench_app)
+    from .cache_cli import cache_app
+
+    app.add_typer(cache_app, name="cache")
 
 
 _register_subsystems()

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.paths import cache_root
 
 
 def cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, console: Console) -> Path:
@@ -23,11 +24,9 @@ def cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, conso
     from exporters.export import bank_digest, export_bank
     from exporters.manifest import SCHEMA, Manifest
 
-    from hydraopt_mobile.suite.model import cache_root
-
     model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file())
     key = hashlib.sha256(json.dumps([bank_digest(bank), model_files, fmt, quant, SCHEMA]).encode()).hexdigest()[:16]
-    folder = cache_root() / "exports" / f"{fmt}-{quant}-{bank.method}-{key}"
+    folder = exports_dir() / f"{fmt}-{quant}-{bank.method}-{key}"
     try:
         Manifest.read(folder)
         readable = True
@@ -54,3 +53,22 @@ def link_tree(src: Path, dst: Path) -> None:
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
+
+
+def exports_dir() -> Path:
+    return cache_root() / "exports"
+
+
+def stale_exports() -> list[Path]:
+    """Cached exports this version cannot read (an older export schema): :func:`cached_export`
+    would make them again under the same key, so their bytes serve nothing until then."""
+    from exporters.manifest import Manifest
+
+    folder = exports_dir()
+    stale = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            Manifest.read(entry)
+        except (UserError, OSError):
+            stale.append(entry)
+    return stale
