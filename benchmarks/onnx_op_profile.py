@@ -37,14 +37,14 @@ class ProfiledSession(OrtSession):
         self.prefix = prefix
         super().__init__(folder)
 
-    def _open(self, rel: str):
+    def _open(self, program: Path):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         options.enable_profiling = True
         options.profile_file_prefix = self.prefix
-        return ort.InferenceSession(str(self.folder / rel), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(program), options, providers=["CPUExecutionProvider"])
 
 
 def profile_once(folder: Path, tokens: int) -> dict:

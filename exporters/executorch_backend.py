@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
+from exporters.manifest import verified_program
 from exporters.et_attention import ATTENTIONS, DEFAULT_ATTENTION, register_custom_ops, use_custom_ops
 from exporters.et_lowering import fast_lowering
 from exporters.et_recipes import FORMAT, GROUP_SIZE, QUANTS, RECIPES, RUNTIME
@@ -275,7 +276,7 @@ class ExecuTorchSession(Session):
             register_custom_ops()
         with _native_log_held_back():
             _unsafe_reset_threadpool(threads)
-            self.program = Runtime.get().load_program(str(self.folder / self.manifest.entry("program").path))
+            self.program = Runtime.get().load_program(str(verified_program(self.manifest, self.folder)))
             self.forward = self.program.load_method("forward")
             self.setter = self.program.load_method("set_slots") if self.bank is not None else None
         self.loaded: dict[str, list[torch.Tensor]] = {}  # task -> its slots as set_slots takes them (views of ``decoded``)

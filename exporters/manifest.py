@@ -27,7 +27,8 @@ SCHEMA = "hydraopt-export/4"
 
 
 class TaskFileError(UserError):
-    """A task file that does not belong to this export, or whose bytes are not the exported ones."""
+    """A file of the export (a task's, the shared one, the program) that is missing, does not belong
+    to this export, or whose bytes are not the exported ones."""
 
 
 class ManifestError(UserError):
@@ -183,6 +184,20 @@ def verified_shared_file(manifest: Manifest, folder: Path) -> tuple[Path, bytes]
     if not isinstance(found, bytes):
         raise TaskFileError(f"{path}: the shared file does not match export {manifest.export_id}'s manifest (missing, truncated or changed)")
     return path, found
+
+
+def verified_program(manifest: Manifest, folder: Path) -> Path:
+    """The program file, once it is there at the size the export wrote. Its SHA-256 is not read on
+    every open (hundreds of MB; the runtime parses it anyway): a missing or truncated program is
+    named here instead of failing inside the runtime's loader."""
+    entry = manifest.entry("program")
+    path = confined(Path(folder), entry.path, TaskFileError)
+    if not path.is_file():
+        raise TaskFileError(f"{path}: the export's program is missing (copy the whole export folder, or export again)")
+    if (size := path.stat().st_size) != entry.bytes:
+        raise TaskFileError(f"{path}: {size:,} bytes, but export {manifest.export_id} wrote {entry.bytes:,}: "
+                            "the program is truncated or replaced (export again)")
+    return path
 
 
 def bank_budget(manifest: Manifest, folder: Path) -> str | None:

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters.backend import ProgramSpec, Session
+from exporters.manifest import verified_program
 from exporters.onnx_fuse import fuse_qkv, stacked_layout
 from exporters.onnx_quant import quantize
 from exporters.onnx_recipes import FORMAT, QUANTS, RECIPES, RUNTIME
@@ -133,12 +134,12 @@ class OrtSession(Session):
 
     def __init__(self, folder: Path, threads: int = 1) -> None:
         super().__init__(folder, threads)
-        self.session = self._open(self.manifest.entry("program").path)
+        self.session = self._open(verified_program(self.manifest, self.folder))
         self.decoder = OrtDecoder(self.session, self.manifest.model)
         self.values: dict[str, dict] = {}  # task -> its slots as ONNX Runtime values (views of ``decoded``)
 
-    def _open(self, rel: str):
-        return open_ort_session(str(self.folder / rel), self.threads)
+    def _open(self, program: Path):
+        return open_ort_session(str(program), self.threads)
 
     def _load(self, task: str, slots: TaskSlots) -> None:
         self.values[task] = OrtDecoder.slot_values(slots)

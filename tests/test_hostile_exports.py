@@ -96,3 +96,17 @@ def test_untouched_export_passes_and_an_explicit_task_file_is_still_checked(copy
     assert verified_task_file(manifest, folder, "gamma", shipped)[0] == shipped
     with pytest.raises(TaskFileError, match="this export's file for 'gamma'"):
         verified_task_file(manifest, folder, "alpha", shipped)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_or_truncated_program_is_named_before_the_runtime_loads_it(copy, damage):
+    """Before, ONNX Runtime's loader failed with a traceback ("INVALID_PROTOBUF", "NO_SUCHFILE")."""
+    folder, _ = copy
+    program = folder / Manifest.read(folder).entry("program").path
+    if damage == "missing":
+        program.unlink()
+    else:
+        program.write_bytes(program.read_bytes()[:1000])
+    with pytest.raises(TaskFileError, match="program is (missing|truncated or replaced)") as e:
+        open_export(folder)
+    assert str(program) in str(e.value)
