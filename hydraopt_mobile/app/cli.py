@@ -163,6 +163,8 @@ def merge_cmd(
 
             _merge_calibrated(adapter_set, config, calibration, model, ObjectiveChoice(choose) if choose is not None else ObjectiveChoice(), out, overwrite, inputs)  # type: ignore[arg-type]
     _print_inspect(out)
+    console.print(f"next: hydraopt export {out} --format onnx|executorch --out EXPORT (a program whose task switches at run time), "
+                  f"hydraopt unpack {out} --task TASK --out DIR (one task as a PEFT adapter)", highlight=False)
 
 
 def _merge_calibrated(adapter_set, config: "MergeConfig", folder: Path, model_dir: Optional[Path], choice: "ObjectiveChoice", out: Path, overwrite: bool, inputs: list[Path]) -> None:
