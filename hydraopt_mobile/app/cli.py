@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from hydraopt_mobile.merge.registry import MergeConfig
     from hydraopt_mobile.objective_choice import ObjectiveChoice
 
+
 class _HelpAwareGroup(TyperGroup):
     """Notes whether the command line asks for a help page anywhere: click runs the app's callback
     (which sets torch's threads, importing torch) before a subcommand reads its own --help."""
