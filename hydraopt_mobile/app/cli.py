@@ -238,7 +238,7 @@ def inspect(bundle: Path = typer.Argument(..., help="a bundle (hydraopt merge) o
             return
         if export:
             b = info["bytes"]
-            console.print(f"[bold]{info['export']}[/]: export {info['export_id']}, {info['runtime']}/{info['quant']}, {len(info['tasks'])} tasks, "
+            console.print(f"[bold]{info['export']}[/]: export {info['export_id']}, {info['runtime']}/{info['quant']}, {len(info['tasks'])} task{'' if len(info['tasks']) == 1 else 's'}, "
                           f"slots {_signature_summary(info['slot_signature'])}, "
                           f"program {info['program_source']}", soft_wrap=True)
             bank = (f"the bank inside it, {bundle / 'bank'}" if info["slot_signature"] else

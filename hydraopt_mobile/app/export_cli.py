@@ -68,7 +68,7 @@ def export(
 
     m = Manifest.read(path)
     console.print(
-        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} tasks, program {m.extra['program_source']}, "
+        f"wrote {path}: {m.runtime}/{m.quant}, {len(m.tasks)} task{'' if len(m.tasks) == 1 else 's'}, program {m.extra['program_source']}, "
         f"resident {m.resident_bytes() / 1e6:.1f} MB, task files {m.bytes_of('task') / 1e3:.1f} KB in all"
     )
     console.print(f"next: hydraopt run {path} \"PROMPT\" (each task's answer), hydraopt bench host {path} (scores, parity, latency), "
