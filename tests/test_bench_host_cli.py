@@ -176,6 +176,16 @@ def test_run_with_suite_instructions_prompts_each_task_as_it_was_trained(case):
     assert refused.exit_code == 2 and "not with --system or --raw" in refused.stderr
 
 
+def test_run_reads_the_prompt_from_standard_input_with_a_dash(case):
+    argv = ["run", str(case["export"]), "-", "--max-new-tokens", "4", "--json"]
+    piped = CliRunner().invoke(app, argv, input="Name a country.\n")
+    assert piped.exit_code == 0, piped.output
+    answers = [(r["task"], r["tokens"], r["answer"]) for r in json.loads(piped.stdout)]
+    assert answers == [(r["task"], r["tokens"], r["answer"]) for r in _run(case)]  # as with the prompt as an argument
+    empty = CliRunner().invoke(app, argv, input="", env={"COLUMNS": "200"})
+    assert empty.exit_code == 2 and "standard input was empty" in empty.stderr
+
+
 def test_run_names_the_task_an_export_lacks(case):
     r = CliRunner().invoke(app, ["run", str(case["export"]), "hi", "--task", "topic-xx"], env={"COLUMNS": "200"})
     assert r.exit_code == 2

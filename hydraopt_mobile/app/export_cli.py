@@ -77,7 +77,7 @@ def export(
 
 def run(
     export: Path = typer.Argument(..., help="export folder written by `hydraopt export`"),
-    prompt: str = typer.Argument(..., help="the user message (in the model's chat template unless --raw)"),
+    prompt: str = typer.Argument(..., help="the user message (in the model's chat template unless --raw); - reads it from standard input"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="answer with this task (repeatable, in this order; default: every task of the export)"),
     system: Optional[str] = typer.Option(None, "--system", help="a system message before the prompt (the suite's adapters were trained with their task's instruction there)"),
     suite: bool = typer.Option(False, "--suite-instructions", help="each suite task's instruction as its system message, as its adapter was trained (PROMPT: Armenia, Saint Helena Pound, a message to classify)"),
@@ -93,6 +93,12 @@ def run(
     from .run_export import answer_tasks, suite_instructions
 
     with reported(console):
+        if prompt == "-":
+            import sys
+
+            prompt = sys.stdin.read().strip()
+            if not prompt:
+                raise UserError("PROMPT -: standard input was empty")
         if suite:
             if system is not None or raw:
                 raise UserError("--suite-instructions gives each task's system message in the chat template: not with --system or --raw")
