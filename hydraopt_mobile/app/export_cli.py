@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -94,8 +95,6 @@ def run(
 
     with reported(console):
         if prompt == "-":
-            import sys
-
             prompt = sys.stdin.read().strip()
             if not prompt:
                 raise UserError("PROMPT -: standard input was empty")
