@@ -32,7 +32,8 @@ from common import RESULTS_DIR  # first: it puts this checkout on sys.path
 
 from exporters.manifest import Manifest
 from exporters.targets.protocol import Response, make_request, run_on_host, run_request
-from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
+from exporters.runtime import export_tokenizer
+from hydraopt_mobile.app.bench import task_prompts
 from hydraopt_mobile.app.records import dict_table, write_record
 from hydraopt_mobile.app.targets_bench import parity, ready_target, reference_answers
 

@@ -40,7 +40,8 @@ import torch
 
 from common import ROOT, SUITE_ADAPTERS, RESULTS_DIR  # first: it puts this checkout on sys.path
 
-from hydraopt_mobile.app.bench import bench_host, export_tokenizer, peak_rss, task_prompts, write_reports
+from exporters.runtime import export_tokenizer
+from hydraopt_mobile.app.bench import bench_host, peak_rss, task_prompts, write_reports
 from exporters.export import bank_digest, export_bank
 from exporters.manifest import Manifest
 from hydraopt_mobile.adapters import load_adapter_folders

@@ -43,7 +43,8 @@ from exporters.et_recipes import RECIPES as ET_RECIPES
 from exporters.onnx_recipes import RECIPES as ONNX_RECIPES
 from exporters.runtime import greedy, open_export
 from hydraopt_mobile.adapters import load_adapter_folders
-from hydraopt_mobile.app.bench import export_tokenizer, task_prompts
+from exporters.runtime import export_tokenizer
+from hydraopt_mobile.app.bench import task_prompts
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.atomic import write_text_atomic
 from hydraopt_mobile.base_model import load_causal_lm

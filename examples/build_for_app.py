@@ -17,11 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from exporters.export import export_bank
-from exporters.manifest import Manifest
-from exporters.runtime import greedy, open_export
+from exporters.runtime import answer_tasks
 from hydraopt_mobile.adapters import load_adapter_set
 from hydraopt_mobile.app.quiet import silence_third_party
 from hydraopt_mobile.bundle import load_bundle
@@ -41,20 +38,6 @@ def build(adapters: list[str], budget: str, out: Path, model: Path, fmt: str, qu
     print(f"merged {len(bank.tasks)} tasks into {bank.total_file_bytes():,} file bytes "
           f"({bank.storage_fraction():.3f} of the adapters in fp16); plan: {plan_label(bank)}")
     return export_bank(bundle, model, fmt, quant, out / "export")
-
-
-def answer_each_task(export: Path, prompt: str, max_new_tokens: int = 16) -> dict[str, str]:
-    """One greedy answer per task from one open session: the program loads once, tasks switch."""
-    manifest = Manifest.read(export)
-    tokenizer = AutoTokenizer.from_pretrained(str(export / manifest.tokenizer_dir))
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    session = open_export(export)
-    answers = {}
-    for task in manifest.tasks:
-        session.set_task(task)  # the task's file is read and checked on its first use
-        answers[task] = tokenizer.decode(greedy(session, list(ids), max_new_tokens).tokens, skip_special_tokens=True).strip()
-    return answers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {export}")
-    for task, text in answer_each_task(export, args.prompt).items():
-        print(f"{task}: {text!r}")
+    for answer in answer_tasks(export, args.prompt, max_new_tokens=16):  # one session; the tasks switch in place
+        print(f"{answer['task']}: {answer['answer']!r}")
     return 0
 
 

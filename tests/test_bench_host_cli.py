@@ -146,8 +146,7 @@ def _pytorch_greedy(case, task: str, ids: list[int], n: int = 4) -> list[int]:
 def test_run_answers_each_task_as_pytorch_does_with_that_task_adapter(case):
     """``hydraopt run``: one session switching tasks in place gives each task the greedy tokens of
     the base model with that task's effective adapter from the bank (PyTorch), in either order."""
-    from hydraopt_mobile.app.bench import export_tokenizer
-    from hydraopt_mobile.app.run_export import prompt_ids
+    from exporters.runtime import export_tokenizer, prompt_ids
 
     records = _run(case)
     assert [r["task"] for r in records] == TASKS  # default: every task, in the export's order
@@ -163,7 +162,7 @@ def test_run_answers_each_task_as_pytorch_does_with_that_task_adapter(case):
 def test_run_with_suite_instructions_prompts_each_task_as_it_was_trained(case):
     """``--suite-instructions``: each task's prompt is the suite's own rendering (its instruction as
     the system message, as in training and evaluation), so the answers are the suite's."""
-    from hydraopt_mobile.app.bench import export_tokenizer
+    from exporters.runtime import export_tokenizer
     from hydraopt_mobile.suite.prompts import render_prompt
     from hydraopt_mobile.suite.tasks import Example, load_suite
 

@@ -66,10 +66,11 @@ def build_apk(args: list[str]) -> Path:
 
 def bench_android_adb(export: Path, tasks: list[str] | None, n_examples: int, threads: int, apk: Path | None,
                       json_out: Path | None, serial: str | None = None) -> list[dict]:
+    from exporters.manifest import Manifest, verify_all
+    from exporters.runtime import export_tokenizer
     from hydraopt_mobile.suite.metrics import score
 
-    from .bench import export_tokenizer, task_prompts
-    from exporters.manifest import Manifest, verify_all
+    from .bench import task_prompts
 
     devices = attached_devices()
     if not devices:

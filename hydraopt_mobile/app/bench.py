@@ -24,7 +24,7 @@ from hydraopt_mobile.merge.method import OnStep
 
 from exporters.backend import Session
 from exporters.manifest import Manifest, verify_all
-from exporters.runtime import greedy, open_export
+from exporters.runtime import export_tokenizer, greedy, open_export
 
 from .progress import advancing, stderr_progress
 
@@ -268,13 +268,6 @@ def bench_host(
     if json is not None:
         write_reports(records, Path(json))
     return records
-
-
-def export_tokenizer(folder: Path):
-    """The tokenizer and chat template shipped in the export."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder / Manifest.read(folder).tokenizer_dir))
 
 
 def task_prompts(tokenizer, names: list[str], n_examples: int) -> tuple[dict, dict, dict]:

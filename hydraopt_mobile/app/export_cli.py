@@ -91,7 +91,8 @@ def run(
 
     One session: the program loads once; each task's file is read, checked and decoded on its
     first use, as in the app. Timings are this machine's, not a phone's."""
-    from .run_export import answer_tasks, suite_instructions
+    from exporters.runtime import answer_tasks
+    from hydraopt_mobile.suite.prompts import suite_instructions
 
     with reported(console):
         if prompt == "-":

@@ -131,7 +131,9 @@ def bench_target(
         raise UserError(f"{export}: none of the tasks asked for ({', '.join(tasks or [])}) is in the export ({', '.join(manifest.tasks)})")
     specs = tokenizer = None
     if prompts is None:
-        from .bench import export_tokenizer, task_prompts
+        from exporters.runtime import export_tokenizer
+
+        from .bench import task_prompts
 
         tokenizer = export_tokenizer(export)
         specs, prompts, max_new = task_prompts(tokenizer, names, n_examples)

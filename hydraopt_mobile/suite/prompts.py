@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hydraopt_mobile.suite.tasks import Example, TaskSpec
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.suite.tasks import TASK_NAMES, Example, TaskSpec, load_suite
 
 
 def render_prompt(tokenizer, task: TaskSpec, example: Example) -> str:
@@ -24,3 +25,10 @@ def training_ids(tokenizer, task: TaskSpec, example: Example) -> tuple[list[int]
     prompt_ids = tokenizer(render_prompt(tokenizer, task, example), add_special_tokens=False).input_ids
     answer_ids = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def suite_instructions(tasks: list[str]) -> dict[str, str]:
+    """Each suite task's instruction, the system message its adapter was trained with."""
+    if unknown := [t for t in tasks if t not in TASK_NAMES]:
+        raise UserError(f"--suite-instructions: {', '.join(map(repr, unknown))} not suite tasks (suite: {', '.join(TASK_NAMES)})")
+    return {t.name: t.instruction for t in load_suite(tasks)}
