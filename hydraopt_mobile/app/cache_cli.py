@@ -21,8 +21,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from exporters.program_cache import programs_dir, stale_programs
+from exporters.targets.target import targets_root
 from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.paths import cache_root
 
+from .export_cache import exports_dir, stale_exports
 from .failures import reported
 
 console = Console(soft_wrap=True)
@@ -38,50 +42,14 @@ class Part:
     stale: Callable[[], list[Path]] = lambda: []  # entries no run can use again
 
 
-def _root() -> Path:
-    from hydraopt_mobile.paths import cache_root
-
-    return cache_root()
-
-
-def _programs() -> Path:
-    from exporters.program_cache import programs_dir
-
-    return programs_dir()
-
-
-def _stale_programs() -> list[Path]:
-    from exporters.program_cache import stale_programs
-
-    return stale_programs()
-
-
-def _exports() -> Path:
-    from .export_cache import exports_dir
-
-    return exports_dir()
-
-
-def _stale_exports() -> list[Path]:
-    from .export_cache import stale_exports
-
-    return stale_exports()
-
-
-def _targets() -> Path:
-    from exporters.targets.target import targets_root
-
-    return targets_root()
-
-
 PARTS: dict[str, Part] = {p.name: p for p in (
-    Part("models", "the base model converted from its PyPI package", lambda: _root() / "models"),
-    Part("programs", "lowered programs by signature; an export of a cached signature links one", _programs, _stale_programs),
-    Part("exports", "the demo's exports", _exports, _stale_exports),
-    Part("answers", "the demo's decoded answers", lambda: _root() / "answers"),
-    Part("adapters", "suite adapters trained with other settings (demo --train-lr)", lambda: _root() / "adapters"),
-    Part("targets", "device targets' set-ups (hydraopt targets setup NAME)", _targets),
-    Part("android", "the Android build tools and the app's runtime (hydraopt android build)", lambda: _root() / "android"),
+    Part("models", "the base model converted from its PyPI package", lambda: cache_root() / "models"),
+    Part("programs", "lowered programs by signature; an export of a cached signature links one", programs_dir, stale_programs),
+    Part("exports", "the demo's exports", exports_dir, stale_exports),
+    Part("answers", "the demo's decoded answers", lambda: cache_root() / "answers"),
+    Part("adapters", "suite adapters trained with other settings (demo --train-lr)", lambda: cache_root() / "adapters"),
+    Part("targets", "device targets' set-ups (hydraopt targets setup NAME)", targets_root),
+    Part("android", "the Android build tools and the app's runtime (hydraopt android build)", lambda: cache_root() / "android"),
 )}
 
 
@@ -134,7 +102,7 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    table = Table("part", "holds", "entries", "MB on disk", "stale (prune)", title=f"cache: {_root()}")
+    table = Table("part", "holds", "entries", "MB on disk", "stale (prune)", title=f"cache: {cache_root()}")
     for r in rows:
         stale = f"{r['stale_entries']} ({r['stale_bytes'] / 1e6:,.0f} MB)" if r["stale_entries"] else "-"
         table.add_row(r["part"], r["holds"], str(r["entries"]), f"{r['bytes'] / 1e6:,.0f}", stale)

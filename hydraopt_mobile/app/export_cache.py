@@ -8,12 +8,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.paths import cache_root
+
+if TYPE_CHECKING:  # the bank module imports torch; `hydraopt cache` reads this module's folders without it
+    from hydraopt_mobile.bank import MergedBank
 
 
 def cached_export(bank: MergedBank, model_dir: Path, fmt: str, quant: str, console: Console) -> Path:
