@@ -23,3 +23,15 @@ def test_every_command_has_a_one_line_summary() -> None:
     for path, cmd in commands[1:]:
         summary = inspect.cleandoc(cmd.help or "").split("\n\n")[0]
         assert summary and "\n" not in summary, f"hydraopt {' '.join(path)}: summary {summary!r}"
+
+
+def test_every_option_and_argument_says_what_it_is() -> None:
+    """A user reads ``--help`` to learn what ``--overwrite`` replaces or what ``--seed`` seeds; an
+    option listed with its type only (``--overwrite <bool>``) says neither."""
+    undocumented = [
+        f"hydraopt {' '.join(path)} {param.opts[0] if param.param_type_name == 'option' else param.name}"
+        for path, cmd in _commands(typer.main.get_command(app))
+        for param in getattr(cmd, "params", [])
+        if param.name != "help" and not (getattr(param, "help", None) or "").strip()
+    ]
+    assert undocumented == []

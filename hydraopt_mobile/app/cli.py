@@ -97,7 +97,7 @@ def analyze(
     adapters: list[str] = typer.Argument(..., help="adapter folders, PATH or NAME=PATH"),
     out: Path = typer.Option(..., "--out", help="output folder (similarity.json + heatmap PNGs)"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="treat modules an adapter lacks as zero updates"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Similarity of the adapters' A's and B's, raw and rotation-invariant, per module and layer type."""
     from hydraopt_mobile.adapters import load_adapter_set
@@ -134,8 +134,8 @@ def merge_cmd(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="hydraopt / per-task: a folder of <task>.jsonl texts ({\"text\": ...} per line; `hydraopt suite calibration` writes the suite's): the data-aware objective"),
     model: Optional[Path] = typer.Option(None, "--model", help="base model folder for --calibration (default: the packaged SmolLM2-135M)"),
     choose: Optional[str] = typer.Option(None, "--choose", help="with --calibration: data-aware (default) = the data-aware plan as is; kl = build the data-aware and the data-free plan and keep the bank closer to the adapters on the texts (KL of next-token distributions; about 4x the time)"),
-    allow_missing: bool = typer.Option(False, "--allow-missing"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="treat modules an adapter lacks as zero updates"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Merge adapters into a bundle."""
     from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
@@ -264,10 +264,10 @@ def _signature_summary(signature: dict[str, int]) -> str:
 
 @app.command()
 def unpack(
-    bundle: Path,
-    task: str = typer.Option(..., "--task"),
-    out: Path = typer.Option(..., "--out"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    bundle: Path = typer.Argument(..., help="bundle folder (hydraopt merge)"),
+    task: str = typer.Option(..., "--task", help="the task whose effective adapter to write"),
+    out: Path = typer.Option(..., "--out", help="PEFT folder to write (adapter_config.json + adapter_model.safetensors)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Write one task's effective adapter as a standard PEFT LoRA folder."""
     from hydraopt_mobile.bundle import load_bundle
@@ -287,7 +287,7 @@ def add_cmd(
     allowance: Optional[str] = typer.Option(None, "--allowance", help="file bytes the new tasks' files may take: a fraction of their fp16 file bytes (0.08) or a size (200KB); default: the bundle's own storage fraction"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="treat bundle modules an adapter lacks as zero updates"),
     slots: Optional[str] = typer.Option(None, "--slots", help="the deployed program's slot signature, as given to `hydraopt export --slots` (q_proj,v_proj:16): new tasks' own factors may use ranks up to it; default: each module's largest rank in the bundle, which every program exported for it has"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Add tasks to a bundle without changing any of its files.
@@ -337,7 +337,7 @@ def demo(
     lr: Optional[float] = typer.Option(None, "--train-lr", help="train with another learning rate (retrains into the cache)"),
     export: str = typer.Option("onnx", "--export", help="onnx | executorch | none: export the bundles and measure them on the runtime"),
     calibrate: bool = typer.Option(False, "--calibrate", help="HydraOpt and per-task compression under the data-aware objective, calibrated on 16 train examples per task (about 2 more minutes)"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """The main job end to end on the packaged SmolLM2-135M and the suite's adapters."""
     import torch

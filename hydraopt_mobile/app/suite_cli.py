@@ -32,7 +32,7 @@ def train(
     steps: int | None = typer.Option(None, "--steps", help="Steps for every task (default: per application)."),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 avoids oversubscribing shared cores)."),
     tasks: str | None = typer.Option(None, "--tasks", help=f"Comma-separated subset of: {','.join(TASK_NAMES)} (or an optional reply-<lang> task)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seed of the LoRA initialisation and the batch order (independent-seeds: each task's is derived from it)."),
 ) -> None:
     """Train one LoRA adapter per task (r 8, alpha 16, q_proj + v_proj, fp16 PEFT folders)."""
     from hydraopt_mobile.suite.train import train_suite
@@ -48,7 +48,7 @@ def calibration_(
     out: Path = typer.Option(..., "--out", help="folder to write <task>.jsonl calibration texts into (for hydraopt merge --calibration)"),
     per_task: int = typer.Option(16, "--per-task", min=1, help="examples per task, from the train split"),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
 ) -> None:
     """Write calibration texts from the suite's train split (never val or test)."""
     from transformers import AutoTokenizer
@@ -67,7 +67,7 @@ def eval_(
     bundle: Path | None = typer.Option(None, "--bundle", help="A bundle (hydraopt merge) whose tasks are suite tasks: each scored with its "
                                        "effective adapter from the bundle; with --adapters too, against those adapters."),
     split: str = typer.Option("test", "--split", help="test or val."),
-    threads: int = typer.Option(1, "--threads"),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 avoids oversubscribing shared cores)."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks (default: every suite task, or the bundle's)."),
     against_base: bool = typer.Option(False, "--against-base", help="Also score the base model and give each adapter's gain with a 95 % paired bootstrap interval."),
     json_out: Path | None = typer.Option(None, "--json", help="Write {task: score} and settings here."),
