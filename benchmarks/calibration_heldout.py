@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests, is_record_of, kl_of_distinct  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS, adapter_digests, is_record_of  # first: it puts this checkout on sys.path
 
 from frontier import CALIBRATION_PER_TASK, INITS
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.records import markdown_table, write_record
 from hydraopt_mobile.calibration import collect, relative_errors
-from hydraopt_mobile.fidelity import mean_kl
+from hydraopt_mobile.fidelity import kl_to_adapters, mean_kl
 from hydraopt_mobile.objective_choice import kept_objective
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge
@@ -146,7 +146,7 @@ def main() -> None:
                     })
                     print(json.dumps(records[-1]), flush=True)
         for key, texts in (("kl_fit", fit_texts), ("kl_heldout", kl_texts)):
-            for record, kl in zip(records[first:], kl_of_distinct(model, tokenizer, adapters, banks, texts)):
+            for record, kl in zip(records[first:], kl_to_adapters(model, tokenizer, adapters, banks, texts)):
                 record[key] = mean_kl(kl)
                 record[key + "_per_task"] = kl
             print(f"{init}: {key} done", flush=True)

@@ -174,17 +174,3 @@ def is_record_of(record: dict | None, bank) -> bool:
     task's relative error within 1e-6 (another CPU type or thread count can round a merge into
     another bank of the same bytes)."""
     return record is not None and record.get("file_bytes") == bank.total_file_bytes() and all(abs(record["rel_errors"][t] - e) <= 1e-6 for t, e in bank.rel_errors.items())
-
-
-def kl_of_distinct(model, tokenizer, adapters, banks: list, texts: dict[str, list[str]], **options) -> list[dict[str, float]]:
-    """``fidelity.kl_to_adapters`` of ``banks``, each distinct bank measured once: benchmarks hold
-    one bank under several point names (a budget equal to a baseline's bytes, a per-task plan that
-    HydraOpt also chose), and a bank's KL pass is its costliest step. Distinct: other file bytes or
-    other relative errors."""
-    from hydraopt_mobile.fidelity import kl_to_adapters
-
-    keys = [(bank.total_file_bytes(), tuple(sorted(bank.rel_errors.items()))) for bank in banks]
-    first = {key: i for i, key in reversed(list(enumerate(keys)))}
-    distinct = sorted(set(first.values()))
-    measured = dict(zip(distinct, kl_to_adapters(model, tokenizer, adapters, [banks[i] for i in distinct], texts, **options)))
-    return [measured[first[key]] for key in keys]

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from common import RESULTS_DIR, SUITE_ADAPTERS, kl_of_distinct  # first: it puts this checkout on sys.path
+from common import RESULTS_DIR, SUITE_ADAPTERS  # first: it puts this checkout on sys.path
 
 from hydraopt_mobile.adapters import load_adapter_folders
 from hydraopt_mobile.app.frontier import Point, banks_for, load_records
 from hydraopt_mobile.calibration import collect, relative_errors
-from hydraopt_mobile.fidelity import mean_kl
+from hydraopt_mobile.fidelity import kl_to_adapters, mean_kl
 from hydraopt_mobile.suite.calibration_texts import calibration_texts
 from hydraopt_mobile.suite.model import load_base_model
 from hydraopt_mobile.suite.tasks import load_suite
@@ -68,7 +68,7 @@ def main() -> None:
                 row[f"data_free_error_{kind}"] = statistics.fmean(v**0.5 for v in free.values())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for row, kl in zip(rows, kl_of_distinct(model, tokenizer, adapters, banks, texts, on_step=lambda done, total: print(f"KL: {done}/{total} tasks", flush=True))):
+    for row, kl in zip(rows, kl_to_adapters(model, tokenizer, adapters, banks, texts, on_step=lambda done, total: print(f"KL: {done}/{total} tasks", flush=True))):
         row["mean_kl"] = mean_kl(kl)
     planner = [x for x in rows if x["method"] in ("hydraopt", "per-task", "compeft", "none")]
 

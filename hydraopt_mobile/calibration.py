@@ -79,13 +79,14 @@ def relative_errors(bank: MergedBank, adapters: AdapterSet, calibration: Calibra
     return {task: float((err[t] / ref[t]).sqrt()) if ref[t] > 0 else 0.0 for t, task in enumerate(adapters.task_names)}
 
 
-def read_texts(folder: Path, tasks: list[str]) -> dict[str, list[str]]:
-    """``folder/<task>.jsonl`` for every task: one ``{"text": "..."}`` per line, at least one."""
+def read_texts(folder: Path, tasks: list[str], option: str = "--calibration") -> dict[str, list[str]]:
+    """``folder/<task>.jsonl`` for every task: one ``{"text": "..."}`` per line, at least one.
+    ``option``: the command-line option that named ``folder``, for the errors."""
     out = {}
     for task in tasks:
         path = Path(folder) / f"{task}.jsonl"
         if not path.is_file():
-            raise UserError(f"--calibration {folder}: no {path.name} for task {task!r} (one JSONL file of texts per task)")
+            raise UserError(f"{option} {folder}: no {path.name} for task {task!r} (one JSONL file of texts per task)")
         texts = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():

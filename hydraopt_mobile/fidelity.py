@@ -14,6 +14,7 @@ same, as in the objective's weights ``w_t``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,16 +37,31 @@ def _log_probs(model, tokenizer, texts: list[str], max_tokens: int) -> list[torc
     return [torch.log_softmax(row[: n - 1].float(), dim=-1) for row, n in zip(logits, enc.attention_mask.sum(1).tolist())]
 
 
-def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
-    """Per bank, ``task -> KL(adapter || bank)`` on ``texts[task]``, for every task of ``adapters``
-    (each bank stores those tasks): the sum over positions divided by their number. Batch by
-    batch, the adapter's distributions first and then each bank's, so that memory holds one
-    batch's, whatever the number of texts; ``on_step(done, total)`` after each task."""
-    out: list[dict[str, float]] = [{} for _ in banks]
+@dataclass(frozen=True)
+class TaskFidelity:
+    """How close a bank keeps one task to its adapter on that task's texts."""
+
+    kl: float  # mean over positions of KL(p_adapter || p_bank)
+    agreement: float  # fraction of positions where both predict the same next token (argmax)
+    positions: int  # next-token positions measured (every text's tokens but the last)
+
+
+def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
+    """Per bank, ``task -> TaskFidelity`` on ``texts[task]``, for every task of ``adapters`` (each
+    bank stores those tasks). Batch by batch, the adapter's distributions first and then each
+    bank's, so that memory holds one batch's, whatever the number of texts; ``on_step(done, total)``
+    after each task. A bank equal to an earlier one of the list (the same file bytes and per-task
+    relative errors: a budget that gave the same plan as another, a HydraOpt plan that shares
+    nothing and so is per-task compression's) is measured once: a forward pass per bank and batch
+    is what this costs."""
+    keys = [(bank.total_file_bytes(), tuple(sorted(bank.rel_errors.items()))) for bank in banks]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    distinct = sorted(set(first.values()))
+    measured: list[dict[str, TaskFidelity]] = [{} for _ in distinct]
     for t, task in enumerate(adapters.task_names):
         own: dict[str, LoraFactors] = {name: adapters.factors(name)[t] for name in adapters.module_names}
-        effective = [bank.task_factors(task) for bank in banks]
-        totals, positions = [0.0] * len(banks), 0
+        effective = [banks[i].task_factors(task) for i in distinct]
+        kl, agree, positions = [0.0] * len(distinct), [0] * len(distinct), 0
         for i in range(0, len(texts[task]), batch_size):
             batch = texts[task][i : i + batch_size]
             with applied(model, own):
@@ -54,12 +70,20 @@ def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBan
             for b, factors in enumerate(effective):
                 with applied(model, factors):
                     got = _log_probs(model, tokenizer, batch, max_tokens)
-                totals[b] += sum(float((r.exp() * (r - g)).sum()) for r, g in zip(reference, got))
-        for b in range(len(banks)):
-            out[b][task] = totals[b] / max(positions, 1)
+                kl[b] += sum(float((r.exp() * (r - g)).sum()) for r, g in zip(reference, got))
+                agree[b] += sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(reference, got))
+        for b in range(len(distinct)):
+            measured[b][task] = TaskFidelity(kl[b] / max(positions, 1), agree[b] / max(positions, 1), positions)
         if on_step is not None:
             on_step(t + 1, len(adapters.task_names))
-    return out
+    by_bank = dict(zip(distinct, measured))
+    return [by_bank[first[key]] for key in keys]
+
+
+def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+    """Per bank, ``task -> KL(adapter || bank)``: :func:`fidelity_to_adapters`' KL."""
+    measured = fidelity_to_adapters(model, tokenizer, adapters, banks, texts, batch_size, max_tokens, on_step)
+    return [{task: f.kl for task, f in per_task.items()} for per_task in measured]
 
 
 def mean_kl(per_task: dict[str, float]) -> float:

@@ -18,6 +18,7 @@ from hydraopt_mobile.merge.budget import Budget
 
 from .failures import reported
 from .progress import progress_bar
+from .sweep_cli import sweep
 
 # The library (torch, safetensors) loads inside the commands that use it, so `hydraopt --help` and
 # every command's --help answer at once (tests/test_cli_startup.py).
@@ -166,6 +167,9 @@ def merge_cmd(
     _print_inspect(out)
     console.print(f"next: hydraopt export {out} --format onnx|executorch --out EXPORT (a program whose task switches at run time), "
                   f"hydraopt unpack {out} --task TASK --out DIR (one task as a PEFT adapter)", highlight=False)
+
+
+app.command("sweep")(sweep)
 
 
 def _merge_calibrated(adapter_set, config: "MergeConfig", folder: Path, model_dir: Optional[Path], choice: "ObjectiveChoice", out: Path, overwrite: bool, inputs: list[Path]) -> None:

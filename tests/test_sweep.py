@@ -1,0 +1,120 @@
+"""Choosing a budget on your own texts (sweep.py, `hydraopt sweep`): every point is the bank
+merge_budgets gives at that budget, measured end to end against the adapters (fidelity.py) on a
+tiny real Llama with real PEFT adapters and a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hydraopt_mobile.adapter_weights import applied
+from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+from hydraopt_mobile.errors import UserError
+from hydraopt_mobile.fidelity import _log_probs, fidelity_to_adapters
+from hydraopt_mobile.merge.budget import Budget
+from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
+from hydraopt_mobile.sweep import default_budgets, sweep
+from tests.test_objective_choice import TEXTS
+from tests.test_calibration import word_tokenizer
+from tests.tiny_models import tiny_llama, tiny_peft_adapter
+
+
+@pytest.fixture
+def setup(tmp_path):
+    folders = {f"t{i}": tiny_peft_adapter(tmp_path / f"t{i}", seed=i + 1) for i in range(3)}
+    aset = build_adapter_set([load_adapter(path, name) for name, path in folders.items()])
+    return aset, folders, tiny_llama(0), word_tokenizer()
+
+
+def test_agreement_is_the_share_of_positions_predicting_the_same_token(setup):
+    aset, _, model, tokenizer = setup
+    [bank] = merge_budgets(aset, MergeConfig("hydraopt"), [Budget(fraction=0.2)])
+    [got] = fidelity_to_adapters(model, tokenizer, aset, [bank], TEXTS, batch_size=2)
+    for t, task in enumerate(aset.task_names):
+        with applied(model, {m: aset.factors(m)[t] for m in aset.module_names}):
+            ref = _log_probs(model, tokenizer, TEXTS[task], 256)
+        with applied(model, bank.task_factors(task)):
+            mine = _log_probs(model, tokenizer, TEXTS[task], 256)
+        same = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(ref, mine))
+        positions = sum(r.shape[0] for r in ref)
+        assert got[task].positions == positions and got[task].agreement == same / positions
+    assert min(f.agreement for f in got.values()) < 1  # the budget changes some prediction: the check above is not of ones
+
+
+def test_an_equal_bank_is_measured_once(setup):
+    """A bank repeated in the list gets the same values from one pass: the model runs once per batch
+    for the adapter and once per distinct bank."""
+    aset, _, model, tokenizer = setup
+    a, b = merge_budgets(aset, MergeConfig("hydraopt"), [Budget(fraction=0.2), Budget(fraction=0.5)])
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = fidelity_to_adapters(model, tokenizer, aset, [a, b, a], TEXTS, batch_size=16)
+    finally:
+        handle.remove()
+    assert len(calls) == len(aset.task_names) * 3  # one batch per task: the adapter, a, b
+    assert got[0] == got[2] and got[0] != got[1]
+
+
+def test_each_point_is_the_bank_of_its_budget(setup):
+    aset, _, model, tokenizer = setup
+    budgets = [Budget(nbytes=64), Budget(fraction=0.2), Budget(fraction=1.0)]
+    points = sweep(aset, ["hydraopt", "per-task"], budgets, model, tokenizer, TEXTS)
+    assert [(p.method, p.budget) for p in points] == [(m, b.label()) for m in ("hydraopt", "per-task") for b in budgets]
+    for method in ("hydraopt", "per-task"):
+        mine = [p for p in points if p.method == method]
+        assert mine[0].infeasible is not None and "smallest" in mine[0].infeasible and mine[0].tasks == {}
+        banks = merge_budgets(aset, MergeConfig(method), budgets[1:])
+        want = fidelity_to_adapters(model, tokenizer, aset, banks, TEXTS)
+        for p, bank, fid in zip(mine[1:], banks, want):
+            assert p.file_bytes == bank.total_file_bytes() and p.tasks == fid
+        assert mine[1].mean_kl > 1e-5 and mine[2].mean_kl < 1e-6 and mine[2].mean_agreement == 1.0  # the whole budget keeps the adapters
+
+
+def test_sweep_refuses_fixed_methods_and_missing_texts(setup):
+    aset, _, model, tokenizer = setup
+    with pytest.raises(UserError, match="--method ties"):
+        sweep(aset, ["ties"], [Budget(fraction=0.2)], model, tokenizer, TEXTS)
+    with pytest.raises(UserError, match="t2"):
+        sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {k: v for k, v in TEXTS.items() if k != "t2"})
+
+
+def test_default_budgets_are_multiples_of_one_merged_adapter():
+    assert [b.fraction for b in default_budgets(12)] == [0.0417, 0.0833, 0.1667, 0.3333]
+    assert [b.fraction for b in default_budgets(2)] == [0.25, 0.5, 1.0]
+
+
+def test_cli_sweep_writes_the_table_and_refuses_what_it_should(setup, tmp_path):
+    from hydraopt_mobile.app.cli import app
+
+    _, folders, model, tokenizer = setup
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for task, rows in TEXTS.items():
+        (texts / f"{task}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    adapters = [f"{name}={path}" for name, path in folders.items()]
+    out = tmp_path / "sweep"
+    args = ["sweep", *adapters, "--texts", str(texts), "--model", str(model_dir), "--budgets", "0.2,0.5", "--out", str(out)]
+    runner = CliRunner()
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "sweep.json").read_text())
+    assert [(p["method"], p["budget"]) for p in record["points"]] == [("hydraopt", "0.2"), ("hydraopt", "0.5"), ("per-task", "0.2"), ("per-task", "0.5")]
+    assert all(set(p["tasks"]) == {"t0", "t1", "t2"} and 0 <= p["mean_agreement"] <= 1 for p in record["points"])
+    assert (out / "sweep.png").stat().st_size > 1000 and "| hydraopt | 0.2 |" in (out / "sweep.md").read_text()
+    assert "same token" in result.output and "next: hydraopt merge" in result.output
+
+    again = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code != 0 and "--overwrite" in again.output
+    same = runner.invoke(app, [*args[:-1], str(tmp_path / "other"), "--calibration", str(texts)], env={"COLUMNS": "200"})
+    assert same.exit_code != 0 and "--calibration and --texts are the same folder" in same.output
+    (texts / "t1.jsonl").unlink()
+    missing = runner.invoke(app, [*args[:-1], str(tmp_path / "other")], env={"COLUMNS": "200"})
+    assert missing.exit_code != 0 and "--texts" in missing.output and "t1.jsonl" in missing.output
+    assert not (tmp_path / "other").exists()
