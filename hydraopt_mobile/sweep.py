@@ -29,7 +29,7 @@ from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.method import OnStep
 from hydraopt_mobile.merge.registry import MergeConfig, get_method, merge_budgets
 from hydraopt_mobile.plotting import figure
-from hydraopt_mobile.sharing import plan_label
+from hydraopt_mobile.sharing import NO_SHARING, plan_label
 
 FORMAT = "hydraopt-sweep"
 SWEEP = json_marker("budget sweep", "sweep.json", "format", FORMAT)
@@ -153,8 +153,10 @@ def _plot(points: list[SweepPoint], png: Path) -> None:
             if not mine:
                 continue
             x = [p.storage_fraction for p in mine]
-            ax_kl.plot(x, [max(p.mean_kl, 1e-6) for p in mine], marker="o", label=method)
-            ax_agree.plot(x, [100 * p.mean_agreement for p in mine], marker="o", label=method)
+            for ax, y in ((ax_kl, [max(p.mean_kl, 1e-6) for p in mine]), (ax_agree, [100 * p.mean_agreement for p in mine])):
+                [line] = ax.plot(x, y, label=method)
+                for xi, yi, p in zip(x, y, mine):  # filled: the plan shares factors; hollow: it shares none
+                    ax.plot([xi], [yi], marker="o", color=line.get_color(), markerfacecolor=line.get_color() if p.plan != NO_SHARING else "none")
         for ax in (ax_kl, ax_agree):
             ax.set_xscale("log")
             ax.set_xlabel("storage (fraction of the fp16 adapters' file bytes)")
@@ -163,6 +165,6 @@ def _plot(points: list[SweepPoint], png: Path) -> None:
         ax_kl.set_ylabel("mean KL to the adapters (lower is closer)")
         ax_agree.set_ylabel("same next token as the adapter (%)")
         ax_kl.legend()
-        ax_kl.set_title("closeness to the adapters on your texts")
+        ax_kl.set_title("closeness to the adapters on your texts\n(filled: the plan shares factors; hollow: it shares none)", fontsize=10)
         ax_agree.set_title("next-token agreement")
 

@@ -131,8 +131,25 @@ def tokenizer_cases(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def apk(tmp_path_factory, exports) -> tuple[Path, subprocess.CompletedProcess]:
+    """Built as a user builds it: `hydraopt android build --export EXPORT --out DIR` (build.sh underneath)."""
     out = tmp_path_factory.mktemp("apk")
-    return out, run_build("--export", str(exports["int4"]), "--out", str(out))
+    r = subprocess.run([sys.executable, "-m", "hydraopt_mobile.app.cli", "android", "build", "--export", str(exports["int4"]), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"hydraopt android build failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return out, r
+
+
+def test_android_build_refuses_conflicting_or_wrong_exports(tmp_path):
+    from typer.testing import CliRunner
+
+    from hydraopt_mobile.app.cli import app
+
+    runner = CliRunner()
+    both = runner.invoke(app, ["android", "build", "--export", str(tmp_path), "--no-export", "--out", str(tmp_path / "apk")], env={"COLUMNS": "200"})
+    assert both.exit_code == 2 and "--export and --no-export" in both.output
+    wrong = runner.invoke(app, ["android", "build", "--export", str(tmp_path), "--out", str(tmp_path / "apk")], env={"COLUMNS": "200"})
+    assert wrong.exit_code == 2 and "not an export folder" in wrong.output
+    assert not (tmp_path / "apk").exists()
 
 
 def test_apk_builds_signed_with_both_abis_the_app_and_the_export(apk, exports):

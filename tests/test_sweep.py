@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter
+from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.fidelity import _log_probs, fidelity_to_adapters
 from hydraopt_mobile.merge.budget import Budget
@@ -72,6 +73,21 @@ def test_each_point_is_the_bank_of_its_budget(setup):
         for p, bank, fid in zip(mine[1:], banks, want):
             assert p.file_bytes == bank.total_file_bytes() and p.tasks == fid
         assert mine[1].mean_kl > 1e-5 and mine[2].mean_kl < 1e-6 and mine[2].mean_agreement == 1.0  # the whole budget keeps the adapters
+
+
+def test_calibrated_points_are_the_data_aware_banks(setup):
+    """With a calibration, the data-aware methods' points are the banks of the data-aware objective
+    (calibration.py); compeft takes no data and gives its data-free bank."""
+    aset, _, model, tokenizer = setup
+    cal = collect(model, tokenizer, aset, TEXTS)
+    budgets = [Budget(fraction=0.2), Budget(fraction=0.4)]
+    points = sweep(aset, ["hydraopt", "compeft"], budgets, model, tokenizer, TEXTS, calibration=cal)
+    aware = merge_budgets(aset, MergeConfig("hydraopt", calibration=cal), budgets)
+    free = merge_budgets(aset, MergeConfig("hydraopt"), budgets)
+    want = fidelity_to_adapters(model, tokenizer, aset, [*aware, *merge_budgets(aset, MergeConfig("compeft"), budgets)], TEXTS)
+    assert [p.tasks for p in points] == want
+    assert [p.file_bytes for p in points[:2]] == [b.total_file_bytes() for b in aware]
+    assert [b.rel_errors for b in aware] != [b.rel_errors for b in free]  # the objectives differ here: the check above can fail
 
 
 def test_sweep_refuses_fixed_methods_and_missing_texts(setup):

@@ -150,8 +150,18 @@ def bench_android_adb_cmd(
     console.print(f"wrote {out}")
 
 
-@android_app.command("build", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def android_build(ctx: typer.Context) -> None:
-    """Build the signed debug APK: android_demo/build.sh [--export DIR | --no-export] [--out DIR]."""
-    r = subprocess.run(["bash", str(BUILD_SH), *ctx.args])
+@android_app.command("build")
+def android_build(
+    export: Optional[Path] = typer.Option(None, "--export", help="ONNX export folder to carry in the APK's assets (hydraopt export --format onnx; default: $HYDRAOPT_ANDROID_EXPORT, else the demo bank's ONNX int4 export in the cache, which benchmarks/android_apk.py makes)"),
+    no_export: bool = typer.Option(False, "--no-export", help="an APK without an export (hydraopt bench android-adb pushes one)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for hydraopt-demo.apk (default: android_demo/build/)"),
+) -> None:
+    """Build the demo app's signed debug APK (android_demo/build.sh; its tools are fetched and cached on first use)."""
+    with reported(console):
+        if export is not None and no_export:
+            raise UserError("--export and --no-export: give one of them")
+        if export is not None and not (export / "manifest.json").is_file():
+            raise UserError(f"--export {export}: not an export folder (no manifest.json; hydraopt export --format onnx writes one)")
+    args = [*(["--export", str(export)] if export is not None else []), *(["--no-export"] if no_export else []), *(["--out", str(out)] if out is not None else [])]
+    r = subprocess.run(["bash", str(BUILD_SH), *args])
     raise typer.Exit(r.returncode)
