@@ -1,6 +1,7 @@
-"""Choosing a budget on your own texts, without labels: budgeted methods' banks at several budgets,
-their file bytes, and how close each keeps every task to its own adapter end to end (fidelity.py:
-the next-token KL and the share of positions predicting the same token, on the task's texts).
+"""Choosing a budget on your own texts, without labels: budgeted methods' banks at several budgets
+(and one merged adapter's, at its own storage, for comparison), their file bytes, and how close
+each keeps every task to its own adapter end to end (fidelity.py: the next-token KL and the share
+of positions predicting the same token, on the task's texts).
 
 Why not the reconstruction error that ``hydraopt inspect`` shows: it is per module and blind to how
 the errors of all modules combine in the model. The KL sees the model's output, and it orders the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -27,13 +29,14 @@ from hydraopt_mobile.fidelity import TaskFidelity, fidelity_to_adapters
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.method import OnStep
-from hydraopt_mobile.merge.registry import MergeConfig, get_method, merge_budgets
+from hydraopt_mobile.merge.registry import MergeConfig, get_method, merge, merge_budgets
 from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.sharing import NO_SHARING, plan_label
 
 FORMAT = "hydraopt-sweep"
 SWEEP = json_marker("budget sweep", "sweep.json", "format", FORMAT)
 DEFAULT_METHODS = ("hydraopt", "per-task")
+FIXED = "fixed"  # the budget of a method whose storage is its own (one merged adapter)
 MERGED_ADAPTERS = (0.5, 1, 2, 4)
 """The default budgets in one merged adapter's bytes (1/T of the fp16 adapters' files): from half
 of it, where only sharing or very low ranks fit, to four times it."""
@@ -49,7 +52,7 @@ class SweepPoint:
     budget is infeasible: ``infeasible`` says why)."""
 
     method: str
-    budget: str
+    budget: str  # Budget.label(), or FIXED
     file_bytes: int | None
     storage_fraction: float | None
     plan: str | None
@@ -58,11 +61,11 @@ class SweepPoint:
 
     @property
     def mean_kl(self) -> float | None:
-        return sum(f.kl for f in self.tasks.values()) / len(self.tasks) if self.tasks else None
+        return statistics.fmean(f.kl for f in self.tasks.values()) if self.tasks else None
 
     @property
     def mean_agreement(self) -> float | None:
-        return sum(f.agreement for f in self.tasks.values()) / len(self.tasks) if self.tasks else None
+        return statistics.fmean(f.agreement for f in self.tasks.values()) if self.tasks else None
 
     @property
     def worst_task(self) -> str | None:
@@ -79,34 +82,34 @@ class SweepPoint:
 
 def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], model, tokenizer, texts: dict[str, list[str]], fmt: NumberFormat | None = None,
           calibration: Calibration | None = None, on_step: OnStep | None = None, on_task: OnStep | None = None) -> list[SweepPoint]:
-    """Each method (budgeted ones: hydraopt, per-task, compeft) merged at every budget, then every
+    """Each budgeted method (hydraopt, per-task, compeft) merged at every budget and each other method
+    (one merged adapter: knots, ties, ...) once at its own storage (budget ``fixed``), then every
     feasible bank's fidelity to the adapters on ``texts`` (one pass of the model per distinct bank
     and batch: a plan two methods or budgets share is measured once). ``calibration``: the
     data-aware objective for the methods that take it. Progress: ``on_step`` over the merges'
     modules, ``on_task`` over the fidelity pass's tasks."""
-    methods = list(dict.fromkeys(methods))
-    for name in methods:
-        method = get_method(name)
-        if not method.budgeted:
-            raise UserError(f"--method {name}: a sweep merges at several budgets; {name} has one fixed storage (budgeted: hydraopt, per-task, compeft)")
-    if not budgets:
+    methods = [get_method(name) for name in dict.fromkeys(methods)]
+    if not budgets and any(m.budgeted for m in methods):
         raise UserError("--budgets: give at least one budget")
     missing = [t for t in adapters.task_names if not texts.get(t)]
     if missing:
         raise UserError(f"--texts: no texts for task(s) {', '.join(missing)}")
-    merged: list[tuple[str, Budget, MergedBank | Exception]] = []
-    for i, name in enumerate(methods):
-        config = MergeConfig(name, fmt=fmt, calibration=calibration if get_method(name).data_aware else None)
+    merged: list[tuple[str, str, MergedBank | Exception]] = []
+    for i, method in enumerate(methods):
+        config = MergeConfig(method.name, fmt=fmt, calibration=calibration if method.data_aware else None)
         part = None if on_step is None else (lambda done, total, i=i: on_step(i * total + done, len(methods) * total))
-        merged += [(name, b, bank) for b, bank in zip(budgets, merge_budgets(adapters, config, budgets, part, strict=False))]
+        if method.budgeted:
+            merged += [(method.name, b.label(), bank) for b, bank in zip(budgets, merge_budgets(adapters, config, budgets, part, strict=False))]
+        else:
+            merged.append((method.name, FIXED, merge(adapters, config, part)))
     banks = [bank for _, _, bank in merged if isinstance(bank, MergedBank)]
     measured = iter(fidelity_to_adapters(model, tokenizer, adapters, banks, texts, on_step=on_task))
     points = []
     for name, budget, bank in merged:
         if isinstance(bank, MergedBank):
-            points.append(SweepPoint(name, budget.label(), bank.total_file_bytes(), bank.storage_fraction(), plan_label(bank), next(measured)))
+            points.append(SweepPoint(name, budget, bank.total_file_bytes(), bank.storage_fraction(), plan_label(bank), next(measured)))
         else:
-            points.append(SweepPoint(name, budget.label(), None, None, None, {}, str(bank)))
+            points.append(SweepPoint(name, budget, None, None, None, {}, str(bank)))
     return points
 
 

@@ -16,7 +16,7 @@ from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.fidelity import _log_probs, fidelity_to_adapters
 from hydraopt_mobile.merge.budget import Budget
-from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
+from hydraopt_mobile.merge.registry import MergeConfig, merge, merge_budgets
 from hydraopt_mobile.sweep import default_budgets, sweep
 from tests.test_objective_choice import TEXTS
 from tests.test_calibration import word_tokenizer
@@ -90,10 +90,17 @@ def test_calibrated_points_are_the_data_aware_banks(setup):
     assert [b.rel_errors for b in aware] != [b.rel_errors for b in free]  # the objectives differ here: the check above can fail
 
 
-def test_sweep_refuses_fixed_methods_and_missing_texts(setup):
+def test_a_one_merged_adapter_method_is_one_point_at_its_own_storage(setup):
     aset, _, model, tokenizer = setup
-    with pytest.raises(UserError, match="--method ties"):
-        sweep(aset, ["ties"], [Budget(fraction=0.2)], model, tokenizer, TEXTS)
+    [point] = sweep(aset, ["ties"], [Budget(fraction=0.2)], model, tokenizer, TEXTS)
+    bank = merge(aset, MergeConfig("ties"))
+    [want] = fidelity_to_adapters(model, tokenizer, aset, [bank], TEXTS)
+    assert (point.method, point.budget, point.plan) == ("ties", "fixed", "one merged adapter")
+    assert point.file_bytes == bank.total_file_bytes() and point.tasks == want and point.mean_kl > 1e-4
+
+
+def test_sweep_refuses_missing_texts(setup):
+    aset, _, model, tokenizer = setup
     with pytest.raises(UserError, match="t2"):
         sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {k: v for k, v in TEXTS.items() if k != "t2"})
 

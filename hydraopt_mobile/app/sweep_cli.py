@@ -25,7 +25,7 @@ def sweep(
     texts: Path = typer.Option(..., "--texts", help="a folder of <task>.jsonl texts ({\"text\": ...} per line) to measure on: texts like the app's inputs for each task, no labels; `hydraopt suite calibration` writes the suite's"),
     out: Path = typer.Option(..., "--out", help="folder to write sweep.json, sweep.md and sweep.png into"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="comma-separated budgets as for merge --budget (0.05, 12MB, ...); default: 0.5, 1, 2 and 4 times one merged adapter's bytes (1/T of the fp16 adapters' files)"),
-    method: list[str] = typer.Option([], "--method", help="a budgeted method (hydraopt, per-task, compeft; repeatable; default: hydraopt and per-task)"),
+    method: list[str] = typer.Option([], "--method", help="merge method (repeatable; default: hydraopt and per-task): budgeted ones (hydraopt, per-task, compeft) at every budget, the others (knots, ties, ...: one merged adapter) once at their own storage"),
     fmt: Optional[str] = typer.Option(None, "--format", help="fp16 | int8 | int4 for every bank (default: the planner chooses per module)"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="merge under the data-aware objective with these texts (as merge --calibration); other texts than --texts, or the KL is measured on what the merge fitted"),
     model: Optional[Path] = typer.Option(None, "--model", help="base model folder the adapters were trained on (default: the packaged SmolLM2-135M)"),
