@@ -113,15 +113,17 @@ def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], m
     return points
 
 
-def write_sweep(points: list[SweepPoint], adapters: AdapterSet, texts: dict[str, list[str]], out: Path, overwrite: bool = False, inputs: Iterable[Path] = (), calibrated: bool = False) -> Path:
+def write_sweep(points: list[SweepPoint], adapters: AdapterSet, texts: dict[str, list[str]], out: Path, overwrite: bool = False, inputs: Iterable[Path] = (), calibrated: bool = False, seconds: float | None = None) -> Path:
     """``sweep.json`` (every point, every task), ``sweep.md`` (one row per point) and ``sweep.png``
-    (mean KL and agreement against storage, one line per method) in ``out``."""
+    (mean KL and agreement against storage, one line per method) in ``out``; ``seconds``: the
+    sweep's wall time, recorded as is."""
     result = {
         "format": FORMAT,
         "measure": "per task, on its texts: kl = mean over next-token positions of KL(p_adapter || p_bank); agreement = share of positions where both predict the same token",
         "tasks": adapters.task_names,
         "texts": {t: len(texts[t]) for t in adapters.task_names},
         "calibration": calibrated,
+        "seconds": seconds,
         "reference_file_bytes": adapters.reference_file_bytes(),
         "points": [p.record() for p in points],
     }

@@ -128,6 +128,7 @@ def test_cli_sweep_writes_the_table_and_refuses_what_it_should(setup, tmp_path):
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     record = json.loads((out / "sweep.json").read_text())
+    assert record["seconds"] > 0 and record["calibration"] is False and record["texts"] == {"t0": 2, "t1": 3, "t2": 2}
     assert [(p["method"], p["budget"]) for p in record["points"]] == [("hydraopt", "0.2"), ("hydraopt", "0.5"), ("per-task", "0.2"), ("per-task", "0.5")]
     assert all(set(p["tasks"]) == {"t0", "t1", "t2"} and 0 <= p["mean_agreement"] <= 1 for p in record["points"])
     assert (out / "sweep.png").stat().st_size > 1000 and "| hydraopt | 0.2 |" in (out / "sweep.md").read_text()

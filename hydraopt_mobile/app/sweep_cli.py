@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,7 @@ def sweep(
         check_output(out, overwrite, SWEEP, inputs)  # before the merges and the passes through the model
         if calibration is not None and calibration.resolve() == texts.resolve():
             raise UserError(f"--calibration and --texts are the same folder ({texts}): the KL would be measured on the texts the merge fitted; give other texts to one of them")
+        start = time.perf_counter()
         adapter_set = load_adapter_set(adapters, allow_missing)
         chosen = [Budget.parse(b, "--budgets") for b in budgets.split(",")] if budgets is not None else default_budgets(len(adapter_set.task_names))
         measured_on = read_texts(texts, adapter_set.task_names, "--texts")
@@ -59,7 +61,7 @@ def sweep(
             points = run_sweep(adapter_set, method or DEFAULT_METHODS, chosen, lm, tokenizer, measured_on, NumberFormat(fmt) if fmt is not None else None, calib,  # type: ignore[arg-type]
                                on_step=advancing(bar, bar.add_task("merges: modules", total=None)),
                                on_task=advancing(bar, bar.add_task("closeness to the adapters: tasks", total=None)))
-        write_sweep(points, adapter_set, measured_on, out, overwrite, inputs, calibrated=calib is not None)
+        write_sweep(points, adapter_set, measured_on, out, overwrite, inputs, calibrated=calib is not None, seconds=time.perf_counter() - start)
     table = Table(title=f"each task's bank against its own adapter, {sum(map(len, measured_on.values()))} texts", caption="KL: mean over tasks (lower is closer); same token: positions where bank and adapter predict the same next token")
     for column in ("method", "budget", "bytes", "storage", "shares", "KL", "worst task", "same token"):
         table.add_column(column, justify="left" if column in ("method", "budget", "shares", "worst task") else "right")
@@ -72,5 +74,5 @@ def sweep(
     for p in points:
         if p.infeasible is not None:
             console.print(f"{p.method} at {p.budget}: {p.infeasible}", highlight=False)
-    console.print(f"wrote {out}/sweep.json, sweep.md, sweep.png (each task's KL and agreement)", highlight=False)
+    console.print(f"wrote {out}/sweep.json, sweep.md, sweep.png (each task's KL and agreement) in {time.perf_counter() - start:.0f} s", highlight=False)
     console.print(f"next: hydraopt merge {adapters[0] if len(adapters) == 1 else 'ADAPTERS...'} --method METHOD --budget BUDGET --out BUNDLE (the row you choose)", highlight=False)
