@@ -5,6 +5,7 @@ choice between the data-aware and the data-free plan (objective_choice.py), in t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,18 @@ def setup(tmp_path):
     folders = {f"t{i}": tiny_peft_adapter(tmp_path / f"t{i}", seed=i + 1) for i in range(3)}
     aset = build_adapter_set([load_adapter(path, name) for name, path in folders.items()])
     return aset, folders, tiny_llama(0), word_tokenizer()
+
+
+def on_disk(tmp_path, model, tokenizer) -> tuple[Path, Path]:
+    """The model folder and the texts folder (``<task>.jsonl`` of :data:`TEXTS`) a command reads."""
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for task, rows in TEXTS.items():
+        (texts / f"{task}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return model_dir, texts
 
 
 def peft_log_probs(folder, tokenizer, text: str) -> torch.Tensor:
@@ -109,13 +122,7 @@ def test_cli_merge_with_calibration_chooses_and_says_so(setup, tmp_path):
     from hydraopt_mobile.app.cli import app
 
     aset, folders, model, tokenizer = setup
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for task, rows in TEXTS.items():
-        (texts / f"{task}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    model_dir, texts = on_disk(tmp_path, model, tokenizer)
     adapters = [f"{name}={path}" for name, path in folders.items()]
     common = ["merge", *adapters, "--budget", "0.3", "--calibration", str(texts), "--model", str(model_dir)]
     runner = CliRunner()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from hydraopt_mobile.adapter_weights import applied
@@ -18,7 +17,7 @@ from hydraopt_mobile.fidelity import _log_probs, fidelity_to_adapters
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge, merge_budgets
 from hydraopt_mobile.sweep import default_budgets, sweep
-from tests.test_objective_choice import TEXTS
+from tests.test_objective_choice import TEXTS, on_disk
 from tests.test_calibration import word_tokenizer
 from tests.tiny_models import tiny_llama, tiny_peft_adapter
 
@@ -114,13 +113,7 @@ def test_cli_sweep_writes_the_table_and_refuses_what_it_should(setup, tmp_path):
     from hydraopt_mobile.app.cli import app
 
     _, folders, model, tokenizer = setup
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for task, rows in TEXTS.items():
-        (texts / f"{task}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    model_dir, texts = on_disk(tmp_path, model, tokenizer)
     adapters = [f"{name}={path}" for name, path in folders.items()]
     out = tmp_path / "sweep"
     args = ["sweep", *adapters, "--texts", str(texts), "--model", str(model_dir), "--budgets", "0.2,0.5", "--out", str(out)]
