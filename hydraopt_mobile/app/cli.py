@@ -204,7 +204,8 @@ def _print_inspect(path: Path) -> None:
 
     info = inspect_bundle(path)
     b, s = info["bytes"], info["saving"]
-    console.print(f"[bold]{info['bundle']}[/]: method {info['method']} {info['params']}, {len(info['tasks'])} tasks, {info['n_modules']} modules")
+    params = "".join(f"; {k} {', '.join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else v}" for k, v in info["params"].items())
+    console.print(f"[bold]{info['bundle']}[/]: method {info['method']}{params}; {len(info['tasks'])} tasks, {info['n_modules']} modules", highlight=False)
     console.print(f"plan: [bold]{info['plan']}[/]; " + ", ".join(f"{k} x{v}" for k, v in info["layout_summary"]["sharing"].items()))
     console.print("layouts: " + "; ".join(f"{k} x{v}" for k, v in info["layouts"].items()))
     fraction = "-" if info["storage_fraction"] is None else f"{info['storage_fraction']:.4f}"  # no reference recorded
