@@ -24,6 +24,9 @@ from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.bank import MergedBank
 
 
+MAX_TOKENS = 256  # a text is measured on its first this many tokens
+
+
 @torch.no_grad()
 def _log_probs(model, tokenizer, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
     """Per text, the next-token log-probabilities at its positions but the last: (n - 1, vocab)."""
@@ -46,7 +49,7 @@ class TaskFidelity:
     positions: int  # next-token positions measured (every text's tokens but the last)
 
 
-def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
+def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
     """Per bank, ``task -> TaskFidelity`` on ``texts[task]``, for every task of ``adapters`` (each
     bank stores those tasks). Batch by batch, the adapter's distributions first and then each
     bank's, so that memory holds one batch's, whatever the number of texts; ``on_step(done, total)``
@@ -80,7 +83,7 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
     return [by_bank[first[key]] for key in keys]
 
 
-def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
     """Per bank, ``task -> KL(adapter || bank)``: :func:`fidelity_to_adapters`' KL."""
     measured = fidelity_to_adapters(model, tokenizer, adapters, banks, texts, batch_size, max_tokens, on_step)
     return [{task: f.kl for task, f in per_task.items()} for per_task in measured]

@@ -24,7 +24,7 @@ from typing import Literal
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.fidelity import kl_to_adapters, mean_kl
+from hydraopt_mobile.fidelity import MAX_TOKENS, kl_to_adapters, mean_kl
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.merge.method import OnStep
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
@@ -40,7 +40,7 @@ class ObjectiveChoice:
 
     by: Choose = "data-aware"
     batch_size: int = 16
-    max_tokens: int = 256
+    max_tokens: int = MAX_TOKENS
 
     def __post_init__(self) -> None:
         if self.by not in CHOICES:

@@ -48,7 +48,7 @@ def sweep(
             raise UserError(f"--calibration and --texts are the same folder ({texts}): the KL would be measured on the texts the merge fitted; give other texts to one of them")
         start = time.perf_counter()
         adapter_set = load_adapter_set(adapters, allow_missing)
-        chosen = [Budget.parse(b, "--budgets") for b in budgets.split(",")] if budgets is not None else default_budgets(len(adapter_set.task_names))
+        chosen = list(dict.fromkeys(Budget.parse(b, "--budgets") for b in budgets.split(","))) if budgets is not None else default_budgets(len(adapter_set.task_names))
         measured_on = read_texts(texts, adapter_set.task_names, "--texts")
         with console.status("loading the base model"):
             lm, tokenizer = load_base_model(model)
