@@ -72,12 +72,7 @@ def _load_bank(bank_or_path: MergedBank | str | Path) -> MergedBank:
 def bank_digest(bank: MergedBank) -> str:
     """SHA-256 (16 hex) over a bank's tasks, layouts and stored factor bytes: which bank an export holds."""
     h = hashlib.sha256(json.dumps([bank.method, bank.tasks]).encode())
-    for name in sorted(bank.modules):
-        m = bank.modules[name]
-        h.update(json.dumps([name, m.a_index, m.b_index]).encode())
-        for factor in m.A + m.B:
-            for key in sorted(factor.data):
-                h.update(factor.data[key].contiguous().view(torch.uint8).numpy().tobytes())
+    bank.hash_factors(h)
     return h.hexdigest()[:16]
 
 

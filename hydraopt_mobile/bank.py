@@ -7,6 +7,8 @@ by ``B[b_index[t]] @ A[a_index[t]]`` in each module.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -95,6 +97,22 @@ class MergedBank:
 
     def payload_bytes(self) -> int:
         return sum(m.nbytes() for m in self.modules.values())
+
+    def hash_factors(self, h: "hashlib._Hash") -> None:
+        """Feed ``h`` every module's name, layout (A and B indices) and stored factor bytes, in
+        module-name order: what the bank stores, whatever method produced it."""
+        for name in sorted(self.modules):
+            m = self.modules[name]
+            h.update(json.dumps([name, m.a_index, m.b_index]).encode())
+            for factor in m.A + m.B:
+                for key in sorted(factor.data):
+                    h.update(factor.data[key].contiguous().view(torch.uint8).numpy().tobytes())
+
+    def content_digest(self) -> str:
+        """SHA-256 of the tasks and :meth:`hash_factors`: equal for two banks that store the same."""
+        h = hashlib.sha256(json.dumps(self.tasks).encode())
+        self.hash_factors(h)
+        return h.hexdigest()
 
     def packed(self) -> Iterator[tuple[str, dict[str, torch.Tensor], list[TensorSpec]]]:
         """``(file, tensors by key, their specs)`` for every stored factor: a factor serving one task

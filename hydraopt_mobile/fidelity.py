@@ -53,11 +53,10 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
     """Per bank, ``task -> TaskFidelity`` on ``texts[task]``, for every task of ``adapters`` (each
     bank stores those tasks). Batch by batch, the adapter's distributions first and then each
     bank's, so that memory holds one batch's, whatever the number of texts; ``on_step(done, total)``
-    after each task. A bank equal to an earlier one of the list (the same file bytes and per-task
-    relative errors: a budget that gave the same plan as another, a HydraOpt plan that shares
-    nothing and so is per-task compression's) is measured once: a forward pass per bank and batch
-    is what this costs."""
-    keys = [(bank.total_file_bytes(), tuple(sorted(bank.rel_errors.items()))) for bank in banks]
+    after each task. A bank that stores what an earlier one of the list stores (``content_digest``:
+    a budget that gave the same plan as another, two methods that reached the same plan) is
+    measured once: a forward pass per bank and batch is what this costs."""
+    keys = [bank.content_digest() for bank in banks]
     first = {key: i for i, key in reversed(list(enumerate(keys)))}
     distinct = sorted(set(first.values()))
     measured: list[dict[str, TaskFidelity]] = [{} for _ in distinct]

@@ -59,6 +59,20 @@ def test_an_equal_bank_is_measured_once(setup):
     assert got[0] == got[2] and got[0] != got[1]
 
 
+
+def test_content_digest_is_what_a_bank_stores(setup, tmp_path):
+    """The key of "measured once": a bank written and read back has the digest it had; another
+    budget's bank has another; the method's name does not enter it."""
+    from hydraopt_mobile.bundle import load_bundle, write_bundle
+
+    aset, *_ = setup
+    a, b = merge_budgets(aset, MergeConfig("hydraopt"), [Budget(fraction=0.2), Budget(fraction=0.5)])
+    again = load_bundle(write_bundle(a, tmp_path / "a"))
+    assert again.content_digest() == a.content_digest() != b.content_digest()
+    again.method = "per-task"
+    assert again.content_digest() == a.content_digest()
+
+
 def test_each_point_is_the_bank_of_its_budget(setup):
     aset, _, model, tokenizer = setup
     budgets = [Budget(nbytes=64), Budget(fraction=0.2), Budget(fraction=1.0)]
