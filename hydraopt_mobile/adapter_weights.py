@@ -9,8 +9,20 @@ from contextlib import contextmanager
 
 import torch
 
-from hydraopt_mobile.adapters import LoraFactors
+from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.errors import UserError
+
+
+def check_fits(model, adapters: AdapterSet, what: str) -> None:
+    """Every module of ``adapters`` is a Linear of its shape in ``model``; else a UserError naming the
+    module (``what``: the step that needs it, for the message). Before minutes of work, not in them."""
+    modules = dict(model.named_modules())
+    for name, (d_out, d_in) in adapters.shapes.items():
+        linear = modules.get(name)
+        if linear is None:
+            raise UserError(f"{what}: adapter module {name!r} is not in the base model (adapters of another model? give it with --model)")
+        if not isinstance(linear, torch.nn.Linear) or (linear.out_features, linear.in_features) != (d_out, d_in):
+            raise UserError(f"{what}: module {name!r} of the base model is not a Linear of the adapters' shape {(d_out, d_in)} (adapters of another model? give it with --model)")
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from hydraopt_mobile.adapter_weights import check_fits
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.errors import UserError
@@ -108,6 +109,7 @@ def read_texts(folder: Path, tasks: list[str], option: str = "--calibration") ->
 def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256) -> Calibration:
     """Run each task's texts through the base ``model`` and project the target Linears' input
     second moments onto each module's ``span(Q)`` (the same Q the solver builds)."""
+    check_fits(model, adapters, "calibration")
     names = adapters.module_names
     bases = {name: factor_space(adapters.factors(name)).basis() for name in names}
     T = len(adapters.tasks)
@@ -125,12 +127,7 @@ def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict
 
         return pre
 
-    handles = []
-    for name in names:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, torch.nn.Linear) or (linear.out_features, linear.in_features) != tuple(adapters.shapes[name]):
-            raise UserError(f"calibration: module {name!r} of the base model is not a Linear of the adapters' shape: another base model?")
-        handles.append(linear.register_forward_pre_hook(hook(name)))
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
     try:
         for t, task in enumerate(adapters.task_names):
             state["t"] = t

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from hydraopt_mobile.adapter_weights import check_fits
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
@@ -94,6 +95,7 @@ def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], m
     missing = [t for t in adapters.task_names if not texts.get(t)]
     if missing:
         raise UserError(f"--texts: no texts for task(s) {', '.join(missing)}")
+    check_fits(model, adapters, "sweep")
     merged: list[tuple[str, str, MergedBank | Exception]] = []
     for i, method in enumerate(methods):
         config = MergeConfig(method.name, fmt=fmt, calibration=calibration if method.data_aware else None)

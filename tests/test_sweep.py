@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from hydraopt_mobile.adapter_weights import applied
@@ -116,6 +117,19 @@ def test_sweep_refuses_missing_texts(setup):
     aset, _, model, tokenizer = setup
     with pytest.raises(UserError, match="t2"):
         sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {k: v for k, v in TEXTS.items() if k != "t2"})
+
+
+def test_adapters_of_another_model_are_refused_before_any_merge(setup):
+    """A module missing from the base model, or of another shape, is named before the merges and
+    the passes through the model (sweep) or the calibration's first batch (collect)."""
+    aset, _, model, tokenizer = setup
+    name = aset.module_names[0]
+    with pytest.raises(UserError, match=f"sweep: adapter module '{name}' is not in the base model"):
+        sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], torch.nn.Sequential(), tokenizer, TEXTS)
+    parent, leaf = name.rsplit(".", 1)
+    setattr(model.get_submodule(parent), leaf, torch.nn.Linear(3, 5))
+    with pytest.raises(UserError, match=f"calibration: module '{name}' of the base model is not a Linear of the adapters' shape"):
+        collect(model, tokenizer, aset, TEXTS)
 
 
 def test_default_budgets_are_multiples_of_one_merged_adapter():
