@@ -33,6 +33,19 @@ def advancing(bar: Progress, task: TaskID) -> OnStep:
     return on_step
 
 
+def appearing(bar: Progress, description: str) -> OnStep:
+    """As :func:`advancing`, for a later stage of one command: its bar is added at its first step,
+    so it is not drawn empty while the stages before it run."""
+    task: list[TaskID] = []
+
+    def on_step(done: int, total: int) -> None:
+        if not task:
+            task.append(bar.add_task(description, total=total))
+        bar.update(task[0], completed=done, total=total)
+
+    return on_step
+
+
 def stderr_progress(disable: bool = False) -> Progress:
     """Transient bars (description, bar, done/total, elapsed) on stderr, for the commands that print
     their result on stdout (``--json``): stdout then holds the result alone."""

@@ -16,7 +16,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.merge.budget import Budget
 
 from .failures import reported
-from .progress import advancing
+from .progress import advancing, appearing
 
 console = Console(soft_wrap=True)
 
@@ -60,7 +60,7 @@ def sweep(
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
             points = run_sweep(adapter_set, method or DEFAULT_METHODS, chosen, lm, tokenizer, measured_on, NumberFormat(fmt) if fmt is not None else None, calib,  # type: ignore[arg-type]
                                on_step=advancing(bar, bar.add_task("merges: modules", total=None)),
-                               on_task=advancing(bar, bar.add_task("closeness to the adapters: tasks", total=None)))
+                               on_task=appearing(bar, "closeness to the adapters: tasks"))
         write_sweep(points, adapter_set, measured_on, out, overwrite, inputs, calibrated=calib is not None, seconds=time.perf_counter() - start)
     table = Table(title=f"each task's bank against its own adapter, {sum(map(len, measured_on.values()))} texts", caption="KL: mean over tasks (lower is closer); same token: positions where bank and adapter predict the same next token")
     for column in ("method", "budget", "bytes", "storage", "shares", "KL", "worst task", "same token"):
