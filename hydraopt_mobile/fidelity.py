@@ -22,6 +22,7 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.errors import UserError
 
 
 MAX_TOKENS = 256  # a text is measured on its first this many tokens
@@ -49,6 +50,14 @@ class TaskFidelity:
     positions: int  # next-token positions measured (every text's tokens but the last)
 
 
+def check_texts(tokenizer, texts: dict[str, list[str]], max_tokens: int = MAX_TOKENS) -> None:
+    """Each task has a text of two tokens or more (a next token to compare); else a UserError
+    naming the task, before any pass through the model."""
+    for task, rows in texts.items():
+        if not any(len(tokenizer(r, add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids) >= 2 for r in rows):
+            raise UserError(f"texts of task {task!r}: none has two tokens, so there is no next token to compare")
+
+
 def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
     """Per bank, ``task -> TaskFidelity`` on ``texts[task]``, for every task of ``adapters`` (each
     bank stores those tasks). Batch by batch, the adapter's distributions first and then each
@@ -56,6 +65,7 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
     after each task. A bank that stores what an earlier one of the list stores (``content_digest``:
     a budget that gave the same plan as another, two methods that reached the same plan) is
     measured once: a forward pass per bank and batch is what this costs."""
+    check_texts(tokenizer, {task: texts[task] for task in adapters.task_names}, max_tokens)
     keys = [bank.content_digest() for bank in banks]
     first = {key: i for i, key in reversed(list(enumerate(keys)))}
     distinct = sorted(set(first.values()))

@@ -26,7 +26,7 @@ from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
 from hydraopt_mobile.calibration import Calibration
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.fidelity import TaskFidelity, fidelity_to_adapters
+from hydraopt_mobile.fidelity import TaskFidelity, check_texts, fidelity_to_adapters
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.method import OnStep
@@ -96,6 +96,7 @@ def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], m
     if missing:
         raise UserError(f"--texts: no texts for task(s) {', '.join(missing)}")
     check_fits(model, adapters, "sweep")
+    check_texts(tokenizer, texts)
     merged: list[tuple[str, str, MergedBank | Exception]] = []
     for i, method in enumerate(methods):
         config = MergeConfig(method.name, fmt=fmt, calibration=calibration if method.data_aware else None)

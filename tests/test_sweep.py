@@ -117,6 +117,8 @@ def test_sweep_refuses_missing_texts(setup):
     aset, _, model, tokenizer = setup
     with pytest.raises(UserError, match="t2"):
         sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {k: v for k, v in TEXTS.items() if k != "t2"})
+    with pytest.raises(UserError, match="task 't1': none has two tokens"):
+        sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {**TEXTS, "t1": ["cat", "dog"]})
 
 
 def test_adapters_of_another_model_are_refused_before_any_merge(setup):
