@@ -66,6 +66,8 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
     a budget that gave the same plan as another, two methods that reached the same plan) is
     measured once: a forward pass per bank and batch is what this costs."""
     check_texts(tokenizer, {task: texts[task] for task in adapters.task_names}, max_tokens)
+    if not banks:
+        return []
     keys = [bank.content_digest() for bank in banks]
     first = {key: i for i, key in reversed(list(enumerate(keys)))}
     distinct = sorted(set(first.values()))

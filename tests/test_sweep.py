@@ -113,6 +113,17 @@ def test_a_one_merged_adapter_method_is_one_point_at_its_own_storage(setup):
     assert point.file_bytes == bank.total_file_bytes() and point.tasks == want and point.mean_kl > 1e-4
 
 
+def test_only_infeasible_budgets_run_no_model_pass(setup):
+    aset, _, model, tokenizer = setup
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        [point] = sweep(aset, ["hydraopt"], [Budget(nbytes=64)], model, tokenizer, TEXTS)
+    finally:
+        handle.remove()
+    assert point.infeasible is not None and calls == []
+
+
 def test_sweep_refuses_missing_texts(setup):
     aset, _, model, tokenizer = setup
     with pytest.raises(UserError, match="t2"):
