@@ -25,7 +25,7 @@ distributions, fidelity.py) than the data-free ones on the suite, and with the s
 
 Inputs are collected with forward pre-hooks on the *base* model's target Linears (one pass over a
 few prompts per task; padding positions are left out). Texts come from ``DIR/<task>.jsonl``, one
-``{"text": ...}`` object per line.
+``{"text": ...}`` (or ``{"prompt": ..., "completion": ...}``, read as one text) object per line.
 """
 
 from __future__ import annotations
@@ -80,15 +80,25 @@ def relative_errors(bank: MergedBank, adapters: AdapterSet, calibration: Calibra
     return {task: float((err[t] / ref[t]).sqrt()) if ref[t] > 0 else 0.0 for t, task in enumerate(adapters.task_names)}
 
 
-def read_texts(folder: Path, tasks: list[str], option: str = "--calibration") -> dict[str, list[str]]:
-    """``folder/<task>.jsonl`` for every task: one ``{"text": "..."}`` per line, at least one.
-    ``option``: the command-line option that named ``folder``, for the errors."""
+Text = str | tuple[str, str]
+"""A text, or a ``(prompt, completion)`` pair: calibration reads the two as one text; the fidelity
+measure (fidelity.py) compares the next tokens of the completion only, given the prompt."""
+
+
+def full_text(text: Text) -> str:
+    return text if isinstance(text, str) else text[0] + text[1]
+
+
+def read_texts(folder: Path, tasks: list[str], option: str = "--calibration") -> dict[str, list[Text]]:
+    """``folder/<task>.jsonl`` for every task, at least one row: ``{"text": "..."}`` or
+    ``{"prompt": "...", "completion": "..."}`` per line. ``option``: the command-line option that
+    named ``folder``, for the errors."""
     out = {}
     for task in tasks:
         path = Path(folder) / f"{task}.jsonl"
         if not path.is_file():
             raise UserError(f"{option} {folder}: no {path.name} for task {task!r} (one JSONL file of texts per task)")
-        texts = []
+        texts: list[Text] = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -96,9 +106,13 @@ def read_texts(folder: Path, tasks: list[str], option: str = "--calibration") ->
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
-                raise UserError(f'{path}:{n}: expected an object with a non-empty string "text"')
-            texts.append(row["text"])
+            keys = set(row) & {"text", "prompt", "completion"} if isinstance(row, dict) else set()
+            if keys == {"text"} and isinstance(row["text"], str) and row["text"]:
+                texts.append(row["text"])
+            elif keys == {"prompt", "completion"} and isinstance(row["prompt"], str) and isinstance(row["completion"], str) and row["completion"]:
+                texts.append((row["prompt"], row["completion"]))
+            else:
+                raise UserError(f'{path}:{n}: expected {{"text": non-empty string}} or {{"prompt": string, "completion": non-empty string}}')
         if not texts:
             raise UserError(f"{path}: no texts")
         out[task] = texts
@@ -106,7 +120,7 @@ def read_texts(folder: Path, tasks: list[str], option: str = "--calibration") ->
 
 
 @torch.no_grad()
-def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = 256) -> Calibration:
+def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict[str, list[Text]], batch_size: int = 16, max_tokens: int = 256) -> Calibration:
     """Run each task's texts through the base ``model`` and project the target Linears' input
     second moments onto each module's ``span(Q)`` (the same Q the solver builds)."""
     check_fits(model, adapters, "calibration")
@@ -132,7 +146,7 @@ def collect(model: torch.nn.Module, tokenizer, adapters: AdapterSet, texts: dict
         for t, task in enumerate(adapters.task_names):
             state["t"] = t
             for i in range(0, len(texts[task]), batch_size):
-                enc = tokenizer(texts[task][i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens, add_special_tokens=False)
+                enc = tokenizer([full_text(x) for x in texts[task][i : i + batch_size]], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens, add_special_tokens=False)
                 state["mask"] = enc.attention_mask.bool()
                 model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
                 tokens[t] += float(enc.attention_mask.sum())

@@ -22,23 +22,35 @@ import torch
 from hydraopt_mobile.adapters import AdapterSet, LoraFactors
 from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.calibration import Text
 from hydraopt_mobile.errors import UserError
 
 
 MAX_TOKENS = 256  # a text is measured on its first this many tokens
 
 
+def _measured(tokenizer, text: Text, max_tokens: int) -> tuple[list[int], int]:
+    """A text's token ids (its first ``max_tokens``) and the first position whose next token is
+    measured: 0 for a text; for ``(prompt, completion)`` the prompt's last, so that the completion's
+    tokens are the ones compared. Prompt and completion are tokenized apart, as a model sees a
+    prompt and then generates."""
+    prompt, completion = ("", text) if isinstance(text, str) else text
+    first = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    ids = (first + tokenizer(completion, add_special_tokens=False).input_ids)[:max_tokens]
+    return ids, max(len(first) - 1, 0)
+
+
 @torch.no_grad()
-def _log_probs(model, tokenizer, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
-    """Per text, the next-token log-probabilities at its positions but the last: (n - 1, vocab)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-    return [torch.log_softmax(row[: n - 1].float(), dim=-1) for row, n in zip(logits, enc.attention_mask.sum(1).tolist())]
+def _log_probs(model, tokenizer, texts: list[Text], max_tokens: int) -> list[torch.Tensor]:
+    """Per text, the next-token log-probabilities at its measured positions (:func:`_measured`, up
+    to its last but one): (positions, vocab)."""
+    measured = [_measured(tokenizer, t, max_tokens) for t in texts]
+    width = max(len(ids) for ids, _ in measured)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in measured])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in measured])
+    logits = model(input_ids=input_ids, attention_mask=mask).logits
+    return [torch.log_softmax(row[start : len(ids) - 1].float(), dim=-1) for row, (ids, start) in zip(logits, measured)]
 
 
 @dataclass(frozen=True)
@@ -50,15 +62,15 @@ class TaskFidelity:
     positions: int  # next-token positions measured (every text's tokens but the last)
 
 
-def check_texts(tokenizer, texts: dict[str, list[str]], max_tokens: int = MAX_TOKENS) -> None:
-    """Each task has a text of two tokens or more (a next token to compare); else a UserError
-    naming the task, before any pass through the model."""
+def check_texts(tokenizer, texts: dict[str, list[Text]], max_tokens: int = MAX_TOKENS) -> None:
+    """Each task has a text with a next token to compare (two tokens, or a prompt and a completion);
+    else a UserError naming the task, before any pass through the model."""
     for task, rows in texts.items():
-        if not any(len(tokenizer(r, add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids) >= 2 for r in rows):
-            raise UserError(f"texts of task {task!r}: none has two tokens, so there is no next token to compare")
+        if not any(len(ids) - 1 > start for ids, start in (_measured(tokenizer, r, max_tokens) for r in rows)):
+            raise UserError(f"texts of task {task!r}: none has a next token to compare (a text of two tokens or more, or a prompt and a completion)")
 
 
-def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
+def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[Text]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
     """Per bank, ``task -> TaskFidelity`` on ``texts[task]``, for every task of ``adapters`` (each
     bank stores those tasks). Batch by batch, the adapter's distributions first and then each
     bank's, so that memory holds one batch's, whatever the number of texts; ``on_step(done, total)``
@@ -94,7 +106,7 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
     return [by_bank[first[key]] for key in keys]
 
 
-def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[str]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+def kl_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[Text]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
     """Per bank, ``task -> KL(adapter || bank)``: :func:`fidelity_to_adapters`' KL."""
     measured = fidelity_to_adapters(model, tokenizer, adapters, banks, texts, batch_size, max_tokens, on_step)
     return [{task: f.kl for task, f in per_task.items()} for per_task in measured]

@@ -23,6 +23,7 @@ from typing import Literal
 
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.bank import MergedBank
+from hydraopt_mobile.calibration import Text
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.fidelity import MAX_TOKENS, kl_to_adapters, mean_kl
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
@@ -47,7 +48,7 @@ class ObjectiveChoice:
             raise UserError(f"--choose {self.by!r}: expected one of {', '.join(CHOICES)}")
 
 
-def merge_choosing(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], model, tokenizer, texts: dict[str, list[str]], choice: ObjectiveChoice = ObjectiveChoice(), on_step: OnStep | None = None, on_task: OnStep | None = None) -> list[MergedBank | InfeasibleBudget]:
+def merge_choosing(adapters: AdapterSet, config: MergeConfig, budgets: list[Budget], model, tokenizer, texts: dict[str, list[Text]], choice: ObjectiveChoice = ObjectiveChoice(), on_step: OnStep | None = None, on_task: OnStep | None = None) -> list[MergedBank | InfeasibleBudget]:
     """:func:`merge_budgets` with ``config.calibration`` (required), each budget's bank chosen as
     ``choice`` says. A chosen bank's ``params["choice"]`` records the objective kept and both banks'
     mean KL; an infeasible budget stays in the list (it is infeasible under either objective: the

@@ -24,7 +24,7 @@ from hydraopt_mobile.adapter_weights import check_fits
 from hydraopt_mobile.adapters import AdapterSet
 from hydraopt_mobile.atomic import atomic_dir, json_marker
 from hydraopt_mobile.bank import MergedBank
-from hydraopt_mobile.calibration import Calibration
+from hydraopt_mobile.calibration import Calibration, Text
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.fidelity import TaskFidelity, check_texts, fidelity_to_adapters
 from hydraopt_mobile.formats import NumberFormat
@@ -81,7 +81,7 @@ class SweepPoint:
         }
 
 
-def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], model, tokenizer, texts: dict[str, list[str]], fmt: NumberFormat | None = None,
+def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], model, tokenizer, texts: dict[str, list[Text]], fmt: NumberFormat | None = None,
           calibration: Calibration | None = None, on_step: OnStep | None = None, on_task: OnStep | None = None) -> list[SweepPoint]:
     """Each budgeted method (hydraopt, per-task, compeft) merged at every budget and each other method
     (one merged adapter: knots, ties, ...) once at its own storage (budget ``fixed``), then every
@@ -116,13 +116,13 @@ def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], m
     return points
 
 
-def write_sweep(points: list[SweepPoint], adapters: AdapterSet, texts: dict[str, list[str]], out: Path, overwrite: bool = False, inputs: Iterable[Path] = (), calibrated: bool = False, seconds: float | None = None) -> Path:
+def write_sweep(points: list[SweepPoint], adapters: AdapterSet, texts: dict[str, list[Text]], out: Path, overwrite: bool = False, inputs: Iterable[Path] = (), calibrated: bool = False, seconds: float | None = None) -> Path:
     """``sweep.json`` (every point, every task), ``sweep.md`` (one row per point) and ``sweep.png``
     (mean KL and agreement against storage, one line per method) in ``out``; ``seconds``: the
     sweep's wall time, recorded as is."""
     result = {
         "format": FORMAT,
-        "measure": "per task, on its texts: kl = mean over next-token positions of KL(p_adapter || p_bank); agreement = share of positions where both predict the same token",
+        "measure": "per task, on its texts (a prompt/completion row: the completion's tokens only, given the prompt): kl = mean over next-token positions of KL(p_adapter || p_bank); agreement = share of positions where both predict the same token",
         "tasks": adapters.task_names,
         "texts": {t: len(texts[t]) for t in adapters.task_names},
         "calibration": calibrated,

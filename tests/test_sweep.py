@@ -45,6 +45,41 @@ def test_agreement_is_the_share_of_positions_predicting_the_same_token(setup):
     assert min(f.agreement for f in got.values()) < 1  # the budget changes some prediction: the check above is not of ones
 
 
+def test_a_prompt_and_completion_is_measured_on_the_completion(setup):
+    """A ``(prompt, completion)`` row compares the completion's next tokens only, given the prompt:
+    the last positions of the same sequence run whole; a plain text compares every position."""
+    aset, _, model, tokenizer = setup
+    [bank] = merge_budgets(aset, MergeConfig("hydraopt"), [Budget(fraction=0.2)])
+    prompt, completion = "the cat sat on", " the mat under a tree"
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    n_completion = len(tokenizer(completion, add_special_tokens=False).input_ids)
+    pair, whole = ({t: [x] for t in aset.task_names} for x in ((prompt, completion), prompt + completion))
+    [got_pair], [got_whole] = (fidelity_to_adapters(model, tokenizer, aset, [bank], texts) for texts in (pair, whole))
+    t = 0
+    task = aset.task_names[t]
+    with applied(model, {m: aset.factors(m)[t] for m in aset.module_names}):
+        [ref] = _log_probs(model, tokenizer, whole[task], 256)
+    with applied(model, bank.task_factors(task)):
+        [mine] = _log_probs(model, tokenizer, whole[task], 256)
+    tail = slice(n_prompt - 1, None)
+    assert got_pair[task].positions == n_completion and got_whole[task].positions == n_prompt + n_completion - 1
+    assert got_pair[task].kl == pytest.approx(float((ref[tail].exp() * (ref[tail] - mine[tail])).sum()) / n_completion, rel=1e-5)
+    assert got_pair[task].kl != pytest.approx(got_whole[task].kl, rel=1e-3)  # the prompt's positions count in one and not the other
+
+
+def test_texts_files_hold_texts_or_prompt_completion_rows(tmp_path):
+    from hydraopt_mobile.calibration import full_text, read_texts
+
+    (tmp_path / "a.jsonl").write_text('{"text": "the cat", "id": 3}\n\n{"prompt": "the", "completion": " dog"}\n')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "the", "completion": ""}\n')
+    (tmp_path / "c.jsonl").write_text('{"text": "a", "completion": "b"}\n')
+    assert read_texts(tmp_path, ["a"], "--texts") == {"a": ["the cat", ("the", " dog")]}
+    assert [full_text(x) for x in read_texts(tmp_path, ["a"])["a"]] == ["the cat", "the dog"]
+    for bad in ("b", "c"):
+        with pytest.raises(UserError, match=f"{bad}.jsonl:1: expected"):
+            read_texts(tmp_path, [bad], "--texts")
+
+
 def test_an_equal_bank_is_measured_once(setup):
     """A bank repeated in the list gets the same values from one pass: the model runs once per batch
     for the adapter and once per distinct bank."""
@@ -128,7 +163,7 @@ def test_sweep_refuses_missing_texts(setup):
     aset, _, model, tokenizer = setup
     with pytest.raises(UserError, match="t2"):
         sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {k: v for k, v in TEXTS.items() if k != "t2"})
-    with pytest.raises(UserError, match="task 't1': none has two tokens"):
+    with pytest.raises(UserError, match="task 't1': none has a next token to compare"):
         sweep(aset, ["hydraopt"], [Budget(fraction=0.2)], model, tokenizer, {**TEXTS, "t1": ["cat", "dog"]})
 
 

@@ -14,9 +14,14 @@ from hydraopt_mobile.suite.tasks import TaskSpec
 CALIBRATION = json_marker("calibration folder", "calibration.json", "format", "hydraopt-calibration-texts")
 
 
+def training_example(tokenizer, task: TaskSpec, example) -> tuple[str, str]:
+    """One example as the adapter was trained on it: the chat-formatted prompt, and the answer with
+    the end-of-turn token."""
+    return render_prompt(tokenizer, task, example), example.target + tokenizer.eos_token
+
+
 def training_sequence(tokenizer, task: TaskSpec, example) -> str:
-    """One example as the adapter was trained on it: chat-formatted prompt, answer, end of turn."""
-    return render_prompt(tokenizer, task, example) + example.target + tokenizer.eos_token
+    return "".join(training_example(tokenizer, task, example))
 
 
 def calibration_texts(tasks: list[TaskSpec], tokenizer, per_task: int = 16) -> dict[str, list[str]]:
@@ -24,10 +29,12 @@ def calibration_texts(tasks: list[TaskSpec], tokenizer, per_task: int = 16) -> d
 
 
 def write_calibration_dir(out: Path, tasks: list[TaskSpec], tokenizer, per_task: int = 16, overwrite: bool = False) -> Path:
-    """``out/<task>.jsonl`` (one ``{"text": ...}`` per line) and ``out/calibration.json`` saying what they are."""
-    texts = calibration_texts(tasks, tokenizer, per_task)
+    """``out/<task>.jsonl`` (one ``{"prompt": ..., "completion": ...}`` per line: calibration reads
+    the two as one text, ``hydraopt sweep --texts`` measures the completion) and
+    ``out/calibration.json`` saying what they are."""
     with atomic_dir(Path(out), overwrite, kind=CALIBRATION) as tmp:
-        for task, rows in texts.items():
-            (tmp / f"{task}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows), encoding="utf-8")
-        (tmp / "calibration.json").write_text(json.dumps({"format": "hydraopt-calibration-texts", "split": "train", "per_task": per_task, "tasks": sorted(texts)}))
+        for task in tasks:
+            rows = [training_example(tokenizer, task, ex) for ex in task.train[:per_task]]
+            (tmp / f"{task.name}.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n" for p, c in rows), encoding="utf-8")
+        (tmp / "calibration.json").write_text(json.dumps({"format": "hydraopt-calibration-texts", "split": "train", "per_task": per_task, "tasks": sorted(t.name for t in tasks)}))
     return Path(out)
