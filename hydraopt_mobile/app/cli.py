@@ -132,7 +132,7 @@ def merge_cmd(
     group_size: int = typer.Option(32, "--group-size", help="int4 group size: 32, 64 or 128"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (repeatable)"),
     out: Path = typer.Option(..., "--out", help="bundle folder to write"),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="hydraopt / per-task: a folder of <task>.jsonl texts ({\"text\": ...} per line; `hydraopt suite calibration` writes the suite's): the data-aware objective"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="hydraopt / per-task: a folder of <task>.jsonl texts ({\"text\": ...} or {\"prompt\": ..., \"completion\": ...} per line; `hydraopt suite calibration` writes the suite's): the data-aware objective"),
     model: Optional[Path] = typer.Option(None, "--model", help="base model folder for --calibration (default: the packaged SmolLM2-135M)"),
     choose: Optional[str] = typer.Option(None, "--choose", help="with --calibration: data-aware (default) = the data-aware plan as is; kl = build the data-aware and the data-free plan and keep the bank closer to the adapters on the texts (KL of next-token distributions; about 4x the time)"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="treat modules an adapter lacks as zero updates"),

@@ -23,7 +23,7 @@ console = Console(soft_wrap=True)
 
 def sweep(
     adapters: list[str] = typer.Argument(..., help="adapter folders, PATH or NAME=PATH"),
-    texts: Path = typer.Option(..., "--texts", help="a folder of <task>.jsonl texts ({\"text\": ...} per line) to measure on: texts like the app's inputs for each task, no labels; `hydraopt suite calibration` writes the suite's"),
+    texts: Path = typer.Option(..., "--texts", help="a folder of <task>.jsonl texts to measure on, like the app's for each task, no labels: {\"prompt\": ..., \"completion\": ...} per line compares the completion's tokens (an answer), {\"text\": ...} every token; `hydraopt suite calibration` writes the suite's"),
     out: Path = typer.Option(..., "--out", help="folder to write sweep.json, sweep.md and sweep.png into"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="comma-separated budgets as for merge --budget (0.05, 12MB, ...); default: 0.5, 1, 2 and 4 times one merged adapter's bytes (1/T of the fp16 adapters' files)"),
     method: list[str] = typer.Option([], "--method", help="merge method (repeatable; default: hydraopt and per-task): budgeted ones (hydraopt, per-task, compeft) at every budget, the others (knots, ties, ...: one merged adapter) once at their own storage"),
