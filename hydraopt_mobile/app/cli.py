@@ -176,14 +176,14 @@ def _merge_calibrated(adapter_set, config: "MergeConfig", folder: Path, model_di
     """The tasks' input moments from ``folder``'s texts (calibration.py), the merge, and the plan
     kept as ``choice`` says (objective_choice.py)."""
     from hydraopt_mobile.bundle import write_bundle
-    from hydraopt_mobile.calibration import collect, read_texts
+    from hydraopt_mobile.calibration import collect, full_text, read_texts
     from hydraopt_mobile.merge.registry import DEFAULT_BUDGET, METHODS, get_method
     from hydraopt_mobile.objective_choice import merge_choosing
     from hydraopt_mobile.suite.model import load_base_model
 
     if not get_method(config.method).data_aware:  # before the pass through the model, which takes minutes
         raise UserError(f"--calibration applies to {', '.join(m.name for m in METHODS.values() if m.data_aware)}; {config.method!r} does not use data")
-    texts = read_texts(folder, adapter_set.task_names)
+    texts = {task: [full_text(x) for x in rows] for task, rows in read_texts(folder, adapter_set.task_names).items()}  # one text per row, as the frontier's KL choice measured
     with console.status(f"calibration: {sum(map(len, texts.values()))} texts through the base model"):
         lm, tokenizer = load_base_model(model_dir)
         config = dataclasses.replace(config, calibration=collect(lm, tokenizer, adapter_set, texts))
