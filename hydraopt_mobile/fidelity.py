@@ -7,9 +7,12 @@ layer-wise, each module's output error on the base model's inputs, blind to how 
 modules combine downstream; before its per-module scaling it ranked the suite's banks otherwise
 than their scores (benchmarks/results/calibration_heldout.md: calibrated banks with half the
 objective of data-free ones scored lower in 6 of 8 pairs), and this KL showed those banks 1.8-4.5x
-further from their adapters. The KL sees what the model does with all modules' errors together. It needs no labels: every position of a text predicts
-its next token, the last excepted. A bank's value is the mean over tasks, so every task counts the
-same, as in the objective's weights ``w_t``.
+further from their adapters. The KL sees what the model does with all modules' errors together.
+It needs no labels: every position of a text predicts its next token, the last excepted; of a
+``(prompt, completion)`` pair only the positions that predict the completion's tokens count
+(calibration.Text). A bank's value is the mean over tasks, so every task counts the same, as in the
+objective's weights ``w_t``. Beside the KL, the share of positions whose most likely next token is
+the adapter's (``agreement``): the same comparison in a unit a person reads.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class TaskFidelity:
 
     kl: float  # mean over positions of KL(p_adapter || p_bank)
     agreement: float  # fraction of positions where both predict the same next token (argmax)
-    positions: int  # next-token positions measured (every text's tokens but the last)
+    positions: int  # next-token positions measured: a text's tokens but the first, or a completion's tokens
 
 
 def check_texts(tokenizer, texts: dict[str, list[Text]], max_tokens: int = MAX_TOKENS) -> None:
