@@ -44,10 +44,9 @@ def _measured(tokenizer, text: Text, max_tokens: int) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def _log_probs(model, tokenizer, texts: list[Text], max_tokens: int) -> list[torch.Tensor]:
-    """Per text, the next-token log-probabilities at its measured positions (:func:`_measured`, up
-    to its last but one): (positions, vocab)."""
-    measured = [_measured(tokenizer, t, max_tokens) for t in texts]
+def _log_probs(model, tokenizer, measured: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+    """Per text tokenized by :func:`_measured`, the next-token log-probabilities at its measured
+    positions (up to its last but one): (positions, vocab)."""
     width = max(len(ids) for ids, _ in measured)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in measured])
@@ -68,9 +67,14 @@ class TaskFidelity:
 def check_texts(tokenizer, texts: dict[str, list[Text]], max_tokens: int = MAX_TOKENS) -> None:
     """Each task has a text with a next token to compare (two tokens, or a prompt and a completion);
     else a UserError naming the task, before any pass through the model."""
-    for task, rows in texts.items():
-        if not any(len(ids) - 1 > start for ids, start in (_measured(tokenizer, r, max_tokens) for r in rows)):
+    _checked({task: [_measured(tokenizer, r, max_tokens) for r in rows] for task, rows in texts.items()})
+
+
+def _checked(tokenized: dict[str, list[tuple[list[int], int]]]) -> dict[str, list[tuple[list[int], int]]]:
+    for task, rows in tokenized.items():
+        if not any(len(ids) - 1 > start for ids, start in rows):
             raise UserError(f"texts of task {task!r}: none has a next token to compare (a text of two tokens or more, or a prompt and a completion)")
+    return tokenized
 
 
 def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[MergedBank], texts: dict[str, list[Text]], batch_size: int = 16, max_tokens: int = MAX_TOKENS, on_step: Callable[[int, int], None] | None = None) -> list[dict[str, TaskFidelity]]:
@@ -80,7 +84,7 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
     after each task. A bank that stores what an earlier one of the list stores (``content_digest``:
     a budget that gave the same plan as another, two methods that reached the same plan) is
     measured once: a forward pass per bank and batch is what this costs."""
-    check_texts(tokenizer, {task: texts[task] for task in adapters.task_names}, max_tokens)
+    tokenized = _checked({task: [_measured(tokenizer, x, max_tokens) for x in texts[task]] for task in adapters.task_names})  # once, for every pass
     if not banks:
         return []
     keys = [bank.content_digest() for bank in banks]
@@ -91,14 +95,14 @@ def fidelity_to_adapters(model, tokenizer, adapters: AdapterSet, banks: list[Mer
         own: dict[str, LoraFactors] = {name: adapters.factors(name)[t] for name in adapters.module_names}
         effective = [banks[i].task_factors(task) for i in distinct]
         kl, agree, positions = [0.0] * len(distinct), [0] * len(distinct), 0
-        for i in range(0, len(texts[task]), batch_size):
-            batch = texts[task][i : i + batch_size]
+        for i in range(0, len(tokenized[task]), batch_size):
+            batch = tokenized[task][i : i + batch_size]
             with applied(model, own):
-                reference = _log_probs(model, tokenizer, batch, max_tokens)
+                reference = _log_probs(model, tokenizer, batch)
             positions += sum(r.shape[0] for r in reference)
             for b, factors in enumerate(effective):
                 with applied(model, factors):
-                    got = _log_probs(model, tokenizer, batch, max_tokens)
+                    got = _log_probs(model, tokenizer, batch)
                 kl[b] += sum(float((r.exp() * (r - g)).sum()) for r, g in zip(reference, got))
                 agree[b] += sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(reference, got))
         for b in range(len(distinct)):

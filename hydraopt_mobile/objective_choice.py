@@ -27,7 +27,7 @@ from hydraopt_mobile.calibration import Text
 from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.fidelity import MAX_TOKENS, kl_to_adapters, mean_kl
 from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
-from hydraopt_mobile.merge.method import OnStep
+from hydraopt_mobile.merge.method import OnStep, part_of
 from hydraopt_mobile.merge.registry import MergeConfig, merge_budgets
 
 Choose = Literal["kl", "data-aware"]
@@ -57,10 +57,10 @@ def merge_choosing(adapters: AdapterSet, config: MergeConfig, budgets: list[Budg
     if config.calibration is None:
         raise UserError("choosing an objective needs --calibration")
     kl_choice = choice.by == "kl"
-    aware = merge_budgets(adapters, config, budgets, _part(on_step, 0, 1 + kl_choice), strict=False)
+    aware = merge_budgets(adapters, config, budgets, part_of(on_step, 0, 1 + kl_choice), strict=False)
     if not kl_choice:
         return aware
-    free = merge_budgets(adapters, dataclasses.replace(config, calibration=None), budgets, _part(on_step, 1, 2), strict=False)
+    free = merge_budgets(adapters, dataclasses.replace(config, calibration=None), budgets, part_of(on_step, 1, 2), strict=False)
     pairs = [(a, f) for a, f in zip(aware, free) if isinstance(a, MergedBank) and isinstance(f, MergedBank)]
     kls = iter(kl_to_adapters(model, tokenizer, adapters, [b for pair in pairs for b in pair], texts, choice.batch_size, choice.max_tokens, on_task))
     out: list[MergedBank | InfeasibleBudget] = []
@@ -81,9 +81,3 @@ def kept_objective(mean_kl: dict[str, float]) -> str:
     the lower; a tie keeps the data-free plan."""
     return "data-aware" if mean_kl["data-aware"] < mean_kl["data-free"] else "data-free"
 
-
-def _part(on_step: OnStep | None, index: int, parts: int) -> OnStep | None:
-    """``on_step`` for the ``index``-th of ``parts`` passes of equal length, reported as one."""
-    if on_step is None:
-        return None
-    return lambda done, total: on_step(index * total + done, parts * total)

@@ -29,7 +29,7 @@ from hydraopt_mobile.errors import UserError
 from hydraopt_mobile.fidelity import TaskFidelity, check_texts, fidelity_to_adapters
 from hydraopt_mobile.formats import NumberFormat
 from hydraopt_mobile.merge.budget import Budget
-from hydraopt_mobile.merge.method import OnStep
+from hydraopt_mobile.merge.method import OnStep, part_of
 from hydraopt_mobile.merge.registry import MergeConfig, get_method, merge, merge_budgets
 from hydraopt_mobile.plotting import figure
 from hydraopt_mobile.sharing import NO_SHARING, plan_label
@@ -69,6 +69,10 @@ class SweepPoint:
         return statistics.fmean(f.agreement for f in self.tasks.values()) if self.tasks else None
 
     @property
+    def shares_factors(self) -> bool:
+        return self.plan is not None and self.plan != NO_SHARING
+
+    @property
     def worst_task(self) -> str | None:
         """The task its bank keeps furthest from its adapter (highest KL)."""
         return max(self.tasks, key=lambda t: self.tasks[t].kl) if self.tasks else None
@@ -100,7 +104,7 @@ def sweep(adapters: AdapterSet, methods: Iterable[str], budgets: list[Budget], m
     merged: list[tuple[str, str, MergedBank | Exception]] = []
     for i, method in enumerate(methods):
         config = MergeConfig(method.name, fmt=fmt, calibration=calibration if method.data_aware else None)
-        part = None if on_step is None else (lambda done, total, i=i: on_step(i * total + done, len(methods) * total))
+        part = part_of(on_step, i, len(methods))
         if method.budgeted:
             merged += [(method.name, b.label(), bank) for b, bank in zip(budgets, merge_budgets(adapters, config, budgets, part, strict=False))]
         else:
@@ -164,7 +168,7 @@ def _plot(points: list[SweepPoint], png: Path) -> None:
             for ax, y in ((ax_kl, [max(p.mean_kl, 1e-6) for p in mine]), (ax_agree, [100 * p.mean_agreement for p in mine])):
                 [line] = ax.plot(x, y, label=method)
                 for xi, yi, p in zip(x, y, mine):  # filled: the plan shares factors; hollow: it shares none
-                    ax.plot([xi], [yi], marker="o", color=line.get_color(), markerfacecolor=line.get_color() if p.plan != NO_SHARING else "none")
+                    ax.plot([xi], [yi], marker="o", color=line.get_color(), markerfacecolor=line.get_color() if p.shares_factors else "none")
         for ax in (ax_kl, ax_agree):
             ax.set_xscale("log")
             ax.set_xlabel("storage (fraction of the fp16 adapters' file bytes)")

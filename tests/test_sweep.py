@@ -14,7 +14,7 @@ from hydraopt_mobile.adapter_weights import applied
 from hydraopt_mobile.adapters import build_adapter_set, load_adapter
 from hydraopt_mobile.calibration import collect
 from hydraopt_mobile.errors import UserError
-from hydraopt_mobile.fidelity import _log_probs, fidelity_to_adapters
+from hydraopt_mobile.fidelity import _log_probs, _measured, fidelity_to_adapters
 from hydraopt_mobile.merge.budget import Budget
 from hydraopt_mobile.merge.registry import MergeConfig, merge, merge_budgets
 from hydraopt_mobile.sweep import default_budgets, sweep
@@ -36,9 +36,9 @@ def test_agreement_is_the_share_of_positions_predicting_the_same_token(setup):
     [got] = fidelity_to_adapters(model, tokenizer, aset, [bank], TEXTS, batch_size=2)
     for t, task in enumerate(aset.task_names):
         with applied(model, {m: aset.factors(m)[t] for m in aset.module_names}):
-            ref = _log_probs(model, tokenizer, TEXTS[task], 256)
+            ref = _log_probs(model, tokenizer, [_measured(tokenizer, x, 256) for x in TEXTS[task]])
         with applied(model, bank.task_factors(task)):
-            mine = _log_probs(model, tokenizer, TEXTS[task], 256)
+            mine = _log_probs(model, tokenizer, [_measured(tokenizer, x, 256) for x in TEXTS[task]])
         same = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(ref, mine))
         positions = sum(r.shape[0] for r in ref)
         assert got[task].positions == positions and got[task].agreement == same / positions
@@ -58,9 +58,9 @@ def test_a_prompt_and_completion_is_measured_on_the_completion(setup):
     t = 0
     task = aset.task_names[t]
     with applied(model, {m: aset.factors(m)[t] for m in aset.module_names}):
-        [ref] = _log_probs(model, tokenizer, whole[task], 256)
+        [ref] = _log_probs(model, tokenizer, [_measured(tokenizer, x, 256) for x in whole[task]])
     with applied(model, bank.task_factors(task)):
-        [mine] = _log_probs(model, tokenizer, whole[task], 256)
+        [mine] = _log_probs(model, tokenizer, [_measured(tokenizer, x, 256) for x in whole[task]])
     tail = slice(n_prompt - 1, None)
     assert got_pair[task].positions == n_completion and got_whole[task].positions == n_prompt + n_completion - 1
     assert got_pair[task].kl == pytest.approx(float((ref[tail].exp() * (ref[tail] - mine[tail])).sum()) / n_completion, rel=1e-5)

@@ -37,7 +37,6 @@ def sweep(
     from hydraopt_mobile.adapters import load_adapter_set, parse_task_spec
     from hydraopt_mobile.calibration import collect, read_texts
     from hydraopt_mobile.formats import NumberFormat
-    from hydraopt_mobile.sharing import NO_SHARING
     from hydraopt_mobile.suite.model import load_base_model
     from hydraopt_mobile.sweep import DEFAULT_METHODS, SWEEP, default_budgets, sweep as run_sweep, write_sweep
 
@@ -69,7 +68,7 @@ def sweep(
         if p.infeasible is not None:
             table.add_row(p.method, p.budget, "", "", "", "[yellow]infeasible[/]", "", "")
             continue
-        table.add_row(p.method, p.budget, f"{p.file_bytes:,}", f"{p.storage_fraction:.4f}", "yes" if p.plan != NO_SHARING else "no", f"{p.mean_kl:.3g}", p.worst_task, f"{p.mean_agreement:.1%}")
+        table.add_row(p.method, p.budget, f"{p.file_bytes:,}", f"{p.storage_fraction:.4f}", "yes" if p.shares_factors else "no", f"{p.mean_kl:.3g}", p.worst_task, f"{p.mean_agreement:.1%}")
     console.print(table)
     for p in points:
         if p.infeasible is not None:

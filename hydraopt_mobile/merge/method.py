@@ -23,6 +23,13 @@ from hydraopt_mobile.merge.budget import Budget, InfeasibleBudget
 from hydraopt_mobile.parallel import map_in_order
 
 OnStep = Callable[[int, int], None]
+
+
+def part_of(on_step: OnStep | None, index: int, parts: int) -> OnStep | None:
+    """``on_step`` for the ``index``-th of ``parts`` passes of equal length, reported as one."""
+    if on_step is None:
+        return None
+    return lambda done, total: on_step(index * total + done, parts * total)
 """Progress callback: ``on_step(done, total)`` after each step (a module, or a module's candidates)."""
 
 P = TypeVar("P", bound="MethodParams")
